@@ -1,0 +1,87 @@
+//! Where btm keeps its own small files: locks and view mountpoints under a
+//! runtime directory (gone at reboot, like the locks they hold), and files
+//! carried across a rollback under a state directory (kept across a crash).
+//!
+//! Both can be moved with `$BTM_RUNTIME_DIR` and `$BTM_STATE_DIR`, which the
+//! tests use to stay out of the machine's real `/run/btm`.
+
+use std::io;
+use std::path::PathBuf;
+
+/// A directory btm needs could not be created.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub struct Error {
+    /// The directory.
+    pub path: PathBuf,
+    /// The underlying error.
+    pub source: io::Error,
+}
+
+/// `$BTM_RUNTIME_DIR`, or `/run/btm`.
+pub fn runtime_dir() -> PathBuf {
+    std::env::var_os("BTM_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/btm"))
+}
+
+/// `$BTM_STATE_DIR`, or `/var/lib/btm`.
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("BTM_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/btm"))
+}
+
+/// A file-name-safe rendering of a volume name (`pool/data` → `pool%2Fdata`).
+/// Injective, so two volumes never share a lock.
+pub fn escape(volume: &str) -> String {
+    let mut out = String::with_capacity(volume.len());
+    for c in volume.chars() {
+        match c {
+            '/' => out.push_str("%2F"),
+            '%' => out.push_str("%25"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn ensure(path: PathBuf) -> Result<PathBuf, Error> {
+    std::fs::create_dir_all(&path).map_err(|source| Error {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
+}
+
+/// The lock file for `volume`, its directory created if needed.
+pub fn lock_file(volume: &str) -> Result<PathBuf, Error> {
+    Ok(ensure(runtime_dir().join("locks"))?.join(format!("{}.lock", escape(volume))))
+}
+
+/// A fresh, empty mountpoint for a temporary snapshot view.
+pub fn view_mountpoint(leaf: &str) -> Result<PathBuf, Error> {
+    ensure(runtime_dir().join("views").join(leaf))
+}
+
+/// A fresh directory to hold preserved files during a rollback of `volume`.
+pub fn preserve_stash(volume: &str) -> Result<PathBuf, Error> {
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+    ensure(
+        state_dir()
+            .join("preserve")
+            .join(format!("{}-{stamp}-{}", escape(volume), std::process::id())),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_is_injective_on_separators() {
+        assert_eq!(escape("pool/data"), "pool%2Fdata");
+        assert_ne!(escape("a/b"), escape("a%2Fb"));
+        assert_eq!(escape("/data/chain"), "%2Fdata%2Fchain");
+    }
+}

@@ -1,0 +1,42 @@
+//! btm, the Blockchain Time Machine: block-height snapshots of a node's
+//! data volume (ZFS dataset or btrfs subvolume), pruned by the fair and fade
+//! retention policies, with rollback that can keep a validator's signing
+//! state.
+//!
+//! The library is usable without the CLI:
+//!
+//! ```no_run
+//! use btm::{BtmCfg, SnapAlgo, SnapMode};
+//!
+//! let cfg = BtmCfg {
+//!     itv: 10,
+//!     cap: 100,
+//!     mode: SnapMode::Zfs,
+//!     algo: SnapAlgo::Fade,
+//!     volume: "zroot/data".to_owned(),
+//! };
+//! cfg.snapshot(10)?; // snapshot at height 10, then prune
+//! for s in cfg.list_snapshots()? {
+//!     println!("{} {:?}", s.height, s.created);
+//! }
+//! cfg.rollback(Some(10), true)?;
+//! # Ok::<(), btm::Error>(())
+//! ```
+//!
+//! Layers, each depending only on those below it: [`config`] (the
+//! [`BtmCfg`] façade) → [`pruner`], [`retention`] (pure), [`volume`]
+//! (drivers, one command wrapper) → [`lock`], [`preserve`], [`dirs`].
+
+pub mod config;
+pub mod dirs;
+pub mod error;
+pub mod lock;
+pub mod preserve;
+pub mod pruner;
+pub mod retention;
+pub mod volume;
+
+pub use config::{BtmCfg, PreparedRollback, SnapshotReport};
+pub use error::Error;
+pub use retention::{Algo as SnapAlgo, Plan, Policy};
+pub use volume::{SnapMode, Snapshot, SnapshotOutcome};

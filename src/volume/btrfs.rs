@@ -1,0 +1,325 @@
+//! btrfs subvolumes, through `btrfs-progs`.
+//!
+//! A snapshot of `/data/chain` at height 120 is the read-only sibling
+//! subvolume `/data/chain@120`, as in the original btm. Listing reads the
+//! parent directory (no command needed just for heights); details come from
+//! `btrfs subvolume show`, and space used from quota groups when enabled.
+//!
+//! Rollback never leaves the volume path missing: a writable snapshot of the
+//! target is prepared beside the live subvolume, preserved files are copied
+//! into it, and the two are swapped with one atomic
+//! `renameat2(RENAME_EXCHANGE)` before the old live subvolume is deleted.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use nix::fcntl::{renameat2, RenameFlags};
+
+use super::cmd::{self, CmdError, CmdErrorKind};
+use super::{
+    parse_height, DestroyReport, Error, RollbackEffects, SnapMode, Snapshot, SnapshotOutcome,
+    SnapshotView, Volume,
+};
+use crate::preserve::{self, RelPath};
+
+/// The inode number of every btrfs subvolume's root directory.
+const SUBVOLUME_ROOT_INO: u64 = 256;
+
+fn btrfs<S: AsRef<str>>(args: &[S]) -> Result<String, CmdError> {
+    cmd::run("btrfs", args)
+}
+
+fn path_str(p: &Path) -> Result<&str, Error> {
+    p.to_str().ok_or_else(|| Error::InvalidName {
+        name: p.display().to_string(),
+        reason: "it is not valid UTF-8".into(),
+    })
+}
+
+/// A btrfs subvolume.
+#[derive(Debug, Clone)]
+pub struct BtrfsVolume {
+    path: PathBuf,
+    name: String,
+    parent: PathBuf,
+    base: String,
+}
+
+impl BtrfsVolume {
+    /// Open an existing subvolume by path. Only reads.
+    pub fn open(volume: &str) -> Result<Self, Error> {
+        let path = fs::canonicalize(volume).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound(volume.to_owned()),
+            _ => Error::io(volume, e),
+        })?;
+        let name = path_str(&path)?.to_owned();
+        super::validate_name(&name)?;
+        let wrong = |detail: String| Error::WrongType {
+            volume: volume.to_owned(),
+            mode: SnapMode::Btrfs,
+            detail,
+        };
+        let (Some(parent), Some(base)) = (path.parent(), path.file_name()) else {
+            return Err(wrong("the filesystem root has no sibling directory for snapshots".into()));
+        };
+        let base = base.to_string_lossy().into_owned();
+        if let Some((_, h)) = base.rsplit_once('@') {
+            if parse_height(h).is_some() {
+                return Err(wrong("it is itself a btm snapshot".into()));
+            }
+        }
+        let meta = fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+        if !meta.is_dir() {
+            return Err(wrong("it is not a directory".into()));
+        }
+        btrfs(&["subvolume", "show", &name]).map_err(|e| match e.kind {
+            CmdErrorKind::Other | CmdErrorKind::WrongType | CmdErrorKind::NotFound => {
+                wrong(e.stderr.lines().next().unwrap_or("not a subvolume").to_owned())
+            }
+            _ => Error::Command(e),
+        })?;
+        Ok(BtrfsVolume {
+            parent: parent.to_owned(),
+            base,
+            path,
+            name,
+        })
+    }
+
+    /// The snapshot subvolume's path for `height`.
+    pub fn snapshot_path(&self, height: u64) -> PathBuf {
+        self.parent.join(format!("{}@{height}", self.base))
+    }
+
+    fn is_subvolume(path: &Path) -> Option<bool> {
+        fs::symlink_metadata(path)
+            .ok()
+            .map(|m| m.is_dir() && m.ino() == SUBVOLUME_ROOT_INO)
+    }
+
+    /// The name reserved for the subvolume prepared during a rollback.
+    fn rollback_scratch(&self) -> PathBuf {
+        self.parent.join(format!(".{}.btm-rollback", self.base))
+    }
+
+    fn delete_subvolumes(paths: &[&str]) -> Result<(), CmdError> {
+        let mut args = vec!["subvolume", "delete"];
+        args.extend_from_slice(paths);
+        btrfs(&args).map(|_| ())
+    }
+
+    /// Per-subvolume exclusive bytes from quota groups; empty when quotas
+    /// are off, which is the common case.
+    fn qgroup_exclusive(&self) -> HashMap<u64, u64> {
+        let Ok(out) = btrfs(&["qgroup", "show", "--raw", &self.name]) else {
+            return HashMap::new();
+        };
+        out.lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let id = f.next()?.strip_prefix("0/")?.parse().ok()?;
+                let _rfer = f.next()?;
+                Some((id, f.next()?.parse().ok()?))
+            })
+            .collect()
+    }
+}
+
+/// Parse `btrfs subvolume show` output into (creation time, subvolume id).
+fn parse_show(out: &str) -> (Option<DateTime<Utc>>, Option<u64>) {
+    let mut created = None;
+    let mut id = None;
+    for line in out.lines() {
+        let Some((key, value)) = line.split_once(':') else { continue };
+        let value = value.trim();
+        match key.trim() {
+            "Creation time" => {
+                created = DateTime::parse_from_str(value, "%Y-%m-%d %H:%M:%S %z")
+                    .ok()
+                    .map(|t| t.with_timezone(&Utc))
+            }
+            "Subvolume ID" => id = value.parse().ok(),
+            _ => {}
+        }
+    }
+    (created, id)
+}
+
+impl Volume for BtrfsVolume {
+    fn mode(&self) -> SnapMode {
+        SnapMode::Btrfs
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn root(&self) -> Result<PathBuf, Error> {
+        Ok(self.path.clone())
+    }
+
+    fn heights(&self) -> Result<Vec<u64>, Error> {
+        let prefix = format!("{}@", self.base);
+        let mut hs = Vec::new();
+        for entry in fs::read_dir(&self.parent).map_err(|e| Error::io(&self.parent, e))? {
+            let entry = entry.map_err(|e| Error::io(&self.parent, e))?;
+            let file_name = entry.file_name();
+            let Some(h) = file_name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(parse_height)
+            else {
+                continue;
+            };
+            if Self::is_subvolume(&entry.path()) == Some(true) {
+                hs.push(h);
+            }
+        }
+        hs.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(hs)
+    }
+
+    fn list(&self) -> Result<Vec<Snapshot>, Error> {
+        let heights = self.heights()?;
+        let exclusive = if heights.is_empty() { HashMap::new() } else { self.qgroup_exclusive() };
+        let mut snaps = Vec::with_capacity(heights.len());
+        for h in heights {
+            let path = self.snapshot_path(h);
+            let name = path_str(&path)?.to_owned();
+            let (created, id) = match btrfs(&["subvolume", "show", &name]) {
+                Ok(out) => parse_show(&out),
+                // Deleted between the directory read and now.
+                Err(e) if e.kind == CmdErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            };
+            snaps.push(Snapshot {
+                height: h,
+                name,
+                created,
+                used: id.and_then(|id| exclusive.get(&id).copied()),
+            });
+        }
+        Ok(snaps)
+    }
+
+    fn snapshot(&self, height: u64) -> Result<SnapshotOutcome, Error> {
+        let dst = self.snapshot_path(height);
+        match Self::is_subvolume(&dst) {
+            Some(true) => return Ok(SnapshotOutcome::AlreadyExists),
+            Some(false) => return Err(Error::Obstructed(dst)),
+            None => {}
+        }
+        match btrfs(&["subvolume", "snapshot", "-r", &self.name, path_str(&dst)?]) {
+            Ok(_) => Ok(SnapshotOutcome::Created),
+            Err(e) if e.kind == CmdErrorKind::AlreadyExists => Ok(SnapshotOutcome::AlreadyExists),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn destroy(&self, heights: &[u64]) -> DestroyReport {
+        let mut report = DestroyReport::default();
+        let mut todo: Vec<(u64, String)> = Vec::new();
+        for &h in heights {
+            let p = self.snapshot_path(h);
+            match Self::is_subvolume(&p) {
+                None => report.destroyed.push(h),
+                Some(false) => report.failed.push((h, Error::Obstructed(p))),
+                Some(true) => match path_str(&p) {
+                    Ok(s) => todo.push((h, s.to_owned())),
+                    Err(e) => report.failed.push((h, e)),
+                },
+            }
+        }
+        if todo.is_empty() {
+            return report;
+        }
+        let all: Vec<&str> = todo.iter().map(|(_, p)| p.as_str()).collect();
+        if Self::delete_subvolumes(&all).is_ok() {
+            report.destroyed.extend(todo.iter().map(|(h, _)| *h));
+            return report;
+        }
+        for (h, p) in &todo {
+            match Self::delete_subvolumes(&[p]) {
+                Ok(()) => report.destroyed.push(*h),
+                Err(e) if e.kind == CmdErrorKind::NotFound => report.destroyed.push(*h),
+                Err(e) => report.failed.push((*h, e.into())),
+            }
+        }
+        report
+    }
+
+    fn rollback_effects(&self, target: u64) -> Result<RollbackEffects, Error> {
+        let heights = self.heights()?;
+        if !heights.contains(&target) {
+            return Err(Error::NoSuchSnapshot(target));
+        }
+        Ok(RollbackEffects {
+            target,
+            destroys: heights.into_iter().filter(|&h| h > target).collect(),
+            foreign_blockers: Vec::new(),
+        })
+    }
+
+    fn rollback(&self, target: u64, preserve: &[RelPath]) -> Result<(), Error> {
+        let effects = self.rollback_effects(target)?;
+        preserve::check_sources(&self.path, preserve)?;
+        let scratch = self.rollback_scratch();
+        let scratch_s = path_str(&scratch)?.to_owned();
+        match Self::is_subvolume(&scratch) {
+            // Left by an interrupted rollback; the name is reserved for btm.
+            Some(true) => Self::delete_subvolumes(&[&scratch_s])?,
+            Some(false) => return Err(Error::Obstructed(scratch)),
+            None => {}
+        }
+        let source = self.snapshot_path(target);
+        btrfs(&["subvolume", "snapshot", path_str(&source)?, &scratch_s])?;
+        let swap = preserve::copy_into(&self.path, &scratch, preserve)
+            .map_err(Error::from)
+            .and_then(|()| {
+                let dir = File::open(&self.parent).map_err(|e| Error::io(&self.parent, e))?;
+                let new_name = scratch.file_name().unwrap_or_default();
+                renameat2(&dir, new_name, &dir, self.base.as_str(), RenameFlags::RENAME_EXCHANGE)
+                    .map_err(|errno| Error::io(&self.path, std::io::Error::from(errno)))
+            });
+        if let Err(e) = swap {
+            let _ = Self::delete_subvolumes(&[&scratch_s]);
+            return Err(e);
+        }
+        // The scratch name now holds the pre-rollback contents.
+        if let Err(e) = Self::delete_subvolumes(&[&scratch_s]) {
+            tracing::warn!(error = %e, path = %scratch.display(), "rolled back, but the previous live subvolume could not be deleted; it will be removed by the next rollback");
+        }
+        let report = self.destroy(&effects.destroys);
+        for (h, e) in &report.failed {
+            tracing::warn!(height = h, error = %e, "rolled back, but a newer snapshot could not be destroyed");
+        }
+        Ok(())
+    }
+
+    fn view(&self, height: u64) -> Result<SnapshotView, Error> {
+        let path = self.snapshot_path(height);
+        match Self::is_subvolume(&path) {
+            Some(true) => Ok(SnapshotView::borrowed(path)),
+            _ => Err(Error::NoSuchSnapshot(height)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_subvolume_show() {
+        let out = "data@10\n\tName: \t\t\tdata@10\n\tUUID: \t\t\t5314ae5c\n\tCreation time: \t\t2026-11-22 03:01:37 +0000\n\tSubvolume ID: \t\t257\n\tFlags: \t\t\treadonly\n";
+        let (created, id) = parse_show(out);
+        assert_eq!(id, Some(257));
+        assert_eq!(
+            created.map(|c| c.to_rfc3339()),
+            Some("2026-11-22T03:01:37+00:00".to_owned())
+        );
+    }
+}

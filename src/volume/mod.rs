@@ -1,0 +1,413 @@
+//! Volumes: the node's data, held in a ZFS dataset or a btrfs subvolume.
+//!
+//! One trait, [`Volume`], with a driver per filesystem. Drivers own the
+//! naming scheme (`<volume>@<height>`), and they only ever see, list or
+//! destroy snapshots whose name matches it exactly, so snapshots made by
+//! other tools are never touched. Opening a volume only reads: nothing is
+//! created or changed to "help" a mistyped name along.
+
+pub mod btrfs;
+pub mod cmd;
+pub mod zfs;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+pub use cmd::{CmdError, CmdErrorKind};
+
+/// Which filesystem holds the volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapMode {
+    /// A ZFS filesystem dataset, driven through the `zfs` CLI.
+    Zfs,
+    /// A btrfs subvolume, driven through `btrfs-progs`.
+    Btrfs,
+}
+
+impl fmt::Display for SnapMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SnapMode::Zfs => "zfs",
+            SnapMode::Btrfs => "btrfs",
+        })
+    }
+}
+
+impl FromStr for SnapMode {
+    type Err = String;
+    /// Case-insensitive `zfs` or `btrfs`, as the original btm accepted.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "zfs" => Ok(SnapMode::Zfs),
+            "btrfs" => Ok(SnapMode::Btrfs),
+            _ => Err(format!("unknown mode '{s}' (expected zfs or btrfs)")),
+        }
+    }
+}
+
+/// One btm snapshot of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Snapshot {
+    /// The block height in the snapshot's name.
+    pub height: u64,
+    /// The full name: `<dataset>@<height>` or the snapshot subvolume's path.
+    pub name: String,
+    /// When the filesystem created it, if it reports that.
+    pub created: Option<DateTime<Utc>>,
+    /// Bytes held only by this snapshot, where the filesystem reports it
+    /// (ZFS `used`; btrfs only with quotas enabled).
+    pub used: Option<u64>,
+}
+
+/// What [`Volume::snapshot`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotOutcome {
+    /// A new snapshot was created.
+    Created,
+    /// A snapshot at that height already existed and was left untouched.
+    AlreadyExists,
+}
+
+/// Result of destroying a batch: what went and what did not, with why.
+#[derive(Debug, Default)]
+pub struct DestroyReport {
+    /// Heights whose snapshots are gone.
+    pub destroyed: Vec<u64>,
+    /// Heights whose snapshots could not be destroyed.
+    pub failed: Vec<(u64, Error)>,
+}
+
+impl DestroyReport {
+    /// True when every requested snapshot was destroyed.
+    pub fn is_complete(&self) -> bool {
+        self.failed.is_empty()
+    }
+}
+
+/// What rolling back to a height would do, computed before acting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RollbackEffects {
+    /// The snapshot the volume will be returned to.
+    pub target: u64,
+    /// btm snapshots newer than the target that the rollback destroys.
+    pub destroys: Vec<u64>,
+    /// Snapshots not made by btm that stand in the way; a rollback is
+    /// refused while this is non-empty, because it would destroy them.
+    pub foreign_blockers: Vec<String>,
+}
+
+/// Errors from the volume layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The volume name is unusable; nothing was run.
+    #[error("invalid volume name '{name}': {reason}")]
+    InvalidName {
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The volume does not exist.
+    #[error("volume '{0}' does not exist")]
+    NotFound(String),
+    /// The volume exists but is not what the mode needs.
+    #[error("'{volume}' is not a {mode} volume: {detail}")]
+    WrongType {
+        /// The volume name.
+        volume: String,
+        /// The mode that was required or tried.
+        mode: SnapMode,
+        /// Why not.
+        detail: String,
+    },
+    /// Auto-detection found neither a ZFS dataset nor a btrfs subvolume.
+    #[error("cannot tell whether '{0}' is ZFS or btrfs: it is neither a ZFS dataset nor a btrfs subvolume (use -m to say which)")]
+    Undetected(String),
+    /// No btm snapshot exists at this height.
+    #[error("no snapshot at height {0}")]
+    NoSuchSnapshot(u64),
+    /// Something that looks like a snapshot is in the way.
+    #[error("'{0}' exists but is not a btrfs snapshot subvolume; refusing to touch it")]
+    Obstructed(PathBuf),
+    /// A rollback would destroy snapshots btm did not make.
+    #[error("rolling back to height {target} would destroy snapshots not made by btm: {}; move or destroy them first", names.join(", "))]
+    ForeignSnapshots {
+        /// The requested rollback height.
+        target: u64,
+        /// The foreign snapshots in the way.
+        names: Vec<String>,
+    },
+    /// An external command failed.
+    #[error(transparent)]
+    Command(#[from] CmdError),
+    /// A filesystem call failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A tool printed something btm could not understand.
+    #[error("cannot parse output of {tool}: {detail}")]
+    Parse {
+        /// Which command.
+        tool: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+    /// A directory btm needs could not be created.
+    #[error(transparent)]
+    Dir(#[from] crate::dirs::Error),
+    /// A preserved file could not be carried across a rollback.
+    #[error(transparent)]
+    Preserve(#[from] crate::preserve::Error),
+}
+
+impl Error {
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_temporary(&self) -> bool {
+        matches!(self, Error::Command(c) if c.kind.is_temporary())
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// A read-only view of a snapshot's contents.
+///
+/// The path stays valid while this value lives. If the driver had to create
+/// a temporary clone to provide it, the clone is destroyed on drop (and by
+/// [`SnapshotView::close`], which reports failures).
+pub struct SnapshotView {
+    path: PathBuf,
+    cleanup: Option<Box<dyn FnOnce() -> Result<(), Error> + Send>>,
+}
+
+impl SnapshotView {
+    pub(crate) fn borrowed(path: PathBuf) -> Self {
+        SnapshotView {
+            path,
+            cleanup: None,
+        }
+    }
+
+    pub(crate) fn with_cleanup(
+        path: PathBuf,
+        cleanup: Box<dyn FnOnce() -> Result<(), Error> + Send>,
+    ) -> Self {
+        SnapshotView {
+            path,
+            cleanup: Some(cleanup),
+        }
+    }
+
+    /// Where the snapshot's files can be read.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Release the view now and report whether cleanup succeeded.
+    pub fn close(mut self) -> Result<(), Error> {
+        match self.cleanup.take() {
+            Some(f) => f(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for SnapshotView {
+    fn drop(&mut self) {
+        if let Some(f) = self.cleanup.take() {
+            if let Err(e) = f() {
+                tracing::error!(error = %e, path = %self.path.display(), "could not remove temporary snapshot view");
+            }
+        }
+    }
+}
+
+/// Operations btm needs from a snapshotting filesystem.
+///
+/// Contract shared by all drivers:
+/// - only snapshots named exactly `<volume>@<height>` (canonical decimal,
+///   see [`parse_height`]) are btm's; everything else is invisible here;
+/// - lists are sorted newest (highest height) first;
+/// - no method ever replaces an existing snapshot.
+pub trait Volume: Send + Sync {
+    /// Which filesystem this is.
+    fn mode(&self) -> SnapMode;
+    /// The volume as named by the user (dataset name or canonical path).
+    fn name(&self) -> &str;
+    /// The directory where the live contents are mounted.
+    fn root(&self) -> Result<PathBuf, Error>;
+    /// Heights of btm snapshots, newest first; cheaper than [`Volume::list`].
+    fn heights(&self) -> Result<Vec<u64>, Error>;
+    /// btm snapshots with details, newest first.
+    fn list(&self) -> Result<Vec<Snapshot>, Error>;
+    /// Take a snapshot at `height`. The caller has already called `sync()`.
+    /// An existing snapshot at that height is left as it is.
+    fn snapshot(&self, height: u64) -> Result<SnapshotOutcome, Error>;
+    /// Destroy the snapshots at `heights`: one command for the batch where
+    /// the tool allows, else (or on failure) one at a time, reporting each.
+    fn destroy(&self, heights: &[u64]) -> DestroyReport;
+    /// What a rollback to `target` would do. Errors if `target` is missing.
+    fn rollback_effects(&self, target: u64) -> Result<RollbackEffects, Error>;
+    /// Return the live volume to the snapshot at `target`, destroying the
+    /// newer btm snapshots listed by [`Volume::rollback_effects`] and
+    /// carrying the current content of each `preserve` path across.
+    fn rollback(&self, target: u64, preserve: &[crate::preserve::RelPath]) -> Result<(), Error>;
+    /// A read-only path to the contents of the snapshot at `height`.
+    fn view(&self, height: u64) -> Result<SnapshotView, Error>;
+}
+
+/// Parse the part after `@` of a snapshot name as a btm height.
+///
+/// Only the canonical decimal spelling counts (`"0"`, `"120"`; not `"012"`,
+/// `"+5"`, `"1e3"` or anything that overflows `u64`). That way a height has
+/// exactly one name, and every other name belongs to someone else.
+pub fn parse_height(suffix: &str) -> Option<u64> {
+    if suffix.is_empty() || !suffix.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if suffix.len() > 1 && suffix.starts_with('0') {
+        return None;
+    }
+    suffix.parse().ok()
+}
+
+/// Check a volume name before anything is run with it.
+///
+/// Accepted: ASCII letters, digits and `_ . - : / +`, not starting with `-`
+/// (which a tool would read as an option), no `@` (which starts a snapshot
+/// name), no empty or `..` path components. Everything else, spaces and
+/// shell metacharacters included, is rejected with the offending character.
+pub fn validate_name(name: &str) -> Result<(), Error> {
+    let bad = |reason: String| Error::InvalidName {
+        name: name.to_owned(),
+        reason,
+    };
+    if name.is_empty() {
+        return Err(bad("it is empty".into()));
+    }
+    if name.len() > 4000 {
+        return Err(bad("it is too long".into()));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "_.-:/+".contains(*c)))
+    {
+        let what = match c {
+            ' ' => "a space".to_owned(),
+            c if c.is_control() => format!("control character {:?}", c),
+            c => format!("'{c}'"),
+        };
+        return Err(bad(format!("it contains {what}; only letters, digits and _ . - : / + are allowed")));
+    }
+    if name.starts_with('-') {
+        return Err(bad("it starts with '-'".into()));
+    }
+    let body = name.trim_matches('/');
+    if name.len() > 1 && body.split('/').any(|c| c.is_empty() || c == "..") {
+        return Err(bad("it has an empty or '..' path component".into()));
+    }
+    Ok(())
+}
+
+/// Open `volume` as the given mode, or detect the mode if `None`.
+///
+/// Detection and opening only read: a name that is neither a ZFS dataset nor
+/// a btrfs subvolume is an error, never a reason to create something.
+pub fn open(volume: &str, mode: Option<SnapMode>) -> Result<Box<dyn Volume>, Error> {
+    validate_name(volume)?;
+    match mode {
+        Some(SnapMode::Zfs) => Ok(Box::new(zfs::ZfsVolume::open(volume)?)),
+        Some(SnapMode::Btrfs) => Ok(Box::new(btrfs::BtrfsVolume::open(volume)?)),
+        None => detect(volume),
+    }
+}
+
+fn detect(volume: &str) -> Result<Box<dyn Volume>, Error> {
+    // A path that exists is tried as btrfs first; a ZFS dataset is named
+    // without a leading '/', but a ZFS mountpoint path is accepted too.
+    if Path::new(volume).is_absolute() && Path::new(volume).exists() {
+        match btrfs::BtrfsVolume::open(volume) {
+            Ok(v) => return Ok(Box::new(v)),
+            Err(Error::WrongType { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    match zfs::ZfsVolume::open(volume) {
+        Ok(v) => Ok(Box::new(v)),
+        Err(Error::NotFound(_)) | Err(Error::WrongType { .. }) => {
+            if Path::new(volume).is_absolute() && !Path::new(volume).exists() {
+                Err(Error::NotFound(volume.to_owned()))
+            } else {
+                Err(Error::Undetected(volume.to_owned()))
+            }
+        }
+        // No zfs tool installed: the volume is not ZFS, as far as we can tell.
+        Err(Error::Command(c)) if c.kind == CmdErrorKind::Spawn => {
+            Err(Error::Undetected(volume.to_owned()))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heights_are_canonical_decimals_only() {
+        assert_eq!(parse_height("0"), Some(0));
+        assert_eq!(parse_height("120"), Some(120));
+        assert_eq!(parse_height("18446744073709551615"), Some(u64::MAX));
+        for bad in ["", "012", "+5", "-1", "1e3", "12a", "manual", "18446744073709551616", " 1", "１"] {
+            assert_eq!(parse_height(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hostile_names_are_rejected() {
+        for bad in [
+            "",
+            "pool/data; rm -rf /",
+            "pool/da ta",
+            "$(touch /tmp/x)",
+            "`id`",
+            "a|b",
+            "a&b",
+            "a>b",
+            "-rf",
+            "pool/data@5",
+            "a\nb",
+            "/data/../etc",
+            "pool//data",
+            "a'b",
+            "a\"b",
+            "a*b",
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["zroot/data", "/data/chain", "pool", "/", "tank/a-b_c.d:e+f", "/mnt/x/"] {
+            assert!(validate_name(good).is_ok(), "{good:?} rejected");
+        }
+    }
+
+    #[test]
+    fn mode_parses_case_insensitively() {
+        assert_eq!("ZFS".parse::<SnapMode>(), Ok(SnapMode::Zfs));
+        assert_eq!("Btrfs".parse::<SnapMode>(), Ok(SnapMode::Btrfs));
+        assert!("ext4".parse::<SnapMode>().is_err());
+    }
+}

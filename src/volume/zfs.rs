@@ -1,0 +1,384 @@
+//! ZFS datasets, through the `zfs` command.
+//!
+//! The `zfs` CLI is the stable interface of ZFS; libzfs has no stable ABI.
+//! Commands are written for modern OpenZFS and fall back where the installed
+//! tool lacks a feature (zfs-fuse, pool version 23, has no `list -p`, no
+//! comma-separated batch destroy and no `.zfs` directory); each fallback is
+//! exercised by the test suite on zfs-fuse.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::thread::sleep;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::cmd::{self, CmdError, CmdErrorKind};
+use super::{
+    parse_height, DestroyReport, Error, RollbackEffects, SnapMode, Snapshot, SnapshotOutcome,
+    SnapshotView, Volume,
+};
+use crate::preserve::{self, RelPath};
+
+/// How many snapshot names go into one `zfs destroy a@1,2,3` call.
+const DESTROY_BATCH: usize = 64;
+/// Prefix of the temporary clones that serve as read-only snapshot views.
+const VIEW_PREFIX: &str = "btm-view.";
+
+fn zfs<S: AsRef<str>>(args: &[S]) -> Result<String, CmdError> {
+    cmd::run("zfs", args)
+}
+
+/// A ZFS filesystem dataset.
+#[derive(Debug, Clone)]
+pub struct ZfsVolume {
+    dataset: String,
+}
+
+impl ZfsVolume {
+    /// Open an existing filesystem dataset by name (`pool/data`) or by its
+    /// mountpoint (`/pool/data`). Only reads.
+    pub fn open(volume: &str) -> Result<Self, Error> {
+        let dataset = if Path::new(volume).is_absolute() {
+            Self::dataset_for_mountpoint(volume)?
+        } else {
+            volume.to_owned()
+        };
+        let out = zfs(&["get", "-H", "-o", "value", "type", &dataset]).map_err(|e| match e.kind {
+            CmdErrorKind::NotFound => Error::NotFound(volume.to_owned()),
+            _ => Error::Command(e),
+        })?;
+        match out.trim() {
+            "filesystem" => Ok(ZfsVolume { dataset }),
+            other => Err(Error::WrongType {
+                volume: volume.to_owned(),
+                mode: SnapMode::Zfs,
+                detail: format!("it is a ZFS {other}, not a filesystem"),
+            }),
+        }
+    }
+
+    fn dataset_for_mountpoint(path: &str) -> Result<String, Error> {
+        let wanted = Path::new(path);
+        let out = zfs(&["list", "-H", "-o", "name,mountpoint", "-t", "filesystem"])?;
+        out.lines()
+            .filter_map(|l| l.split_once('\t'))
+            .find(|(_, mp)| Path::new(mp) == wanted)
+            .map(|(name, _)| name.to_owned())
+            .ok_or_else(|| Error::WrongType {
+                volume: path.to_owned(),
+                mode: SnapMode::Zfs,
+                detail: "no ZFS dataset is mounted there".into(),
+            })
+    }
+
+    /// The dataset name, e.g. `pool/data`.
+    pub fn dataset(&self) -> &str {
+        &self.dataset
+    }
+
+    fn snap_name(&self, height: u64) -> String {
+        format!("{}@{height}", self.dataset)
+    }
+
+    fn height_of(&self, name: &str) -> Option<u64> {
+        name.strip_prefix(&self.dataset)?
+            .strip_prefix('@')
+            .and_then(parse_height)
+    }
+
+    /// All snapshots of this dataset (btm's and others'), oldest first by
+    /// creation transaction group: the order `zfs rollback` cares about.
+    fn all_snapshots_by_txg(&self) -> Result<Vec<String>, Error> {
+        let out = zfs(&[
+            "list", "-H", "-t", "snapshot", "-o", "name", "-s", "createtxg", "-d", "1",
+            &self.dataset,
+        ])?;
+        Ok(out.lines().map(|l| l.trim().to_owned()).filter(|l| !l.is_empty()).collect())
+    }
+
+    fn details_modern(&self) -> Result<Vec<Snapshot>, CmdError> {
+        let out = zfs(&[
+            "list", "-Hp", "-t", "snapshot", "-o", "name,creation,used", "-d", "1", &self.dataset,
+        ])?;
+        let mut snaps = Vec::new();
+        for line in out.lines() {
+            let mut f = line.split('\t');
+            let (Some(name), Some(created), Some(used)) = (f.next(), f.next(), f.next()) else {
+                continue;
+            };
+            if let Some(height) = self.height_of(name) {
+                snaps.push(Snapshot {
+                    height,
+                    name: name.to_owned(),
+                    created: epoch(created),
+                    used: used.parse().ok(),
+                });
+            }
+        }
+        Ok(snaps)
+    }
+
+    /// zfs-fuse: names from `list`, then exact numbers from one `get -Hp`.
+    fn details_fallback(&self) -> Result<Vec<Snapshot>, Error> {
+        let names: Vec<String> = self
+            .heights()?
+            .into_iter()
+            .map(|h| self.snap_name(h))
+            .collect();
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args = vec!["get", "-Hp", "-o", "name,property,value", "creation,used"];
+        args.extend(names.iter().map(String::as_str));
+        let out = zfs(&args)?;
+        let mut props: HashMap<&str, (Option<DateTime<Utc>>, Option<u64>)> = HashMap::new();
+        for line in out.lines() {
+            let mut f = line.split('\t');
+            let (Some(name), Some(prop), Some(value)) = (f.next(), f.next(), f.next()) else {
+                continue;
+            };
+            let entry = props.entry(name).or_default();
+            match prop {
+                "creation" => entry.0 = epoch(value),
+                "used" => entry.1 = value.parse().ok(),
+                _ => {}
+            }
+        }
+        Ok(names
+            .iter()
+            .filter_map(|n| {
+                let (created, used) = props.get(n.as_str()).copied().unwrap_or_default();
+                Some(Snapshot {
+                    height: self.height_of(n)?,
+                    name: n.clone(),
+                    created,
+                    used,
+                })
+            })
+            .collect())
+    }
+
+    fn destroy_one(&self, height: u64) -> Result<(), Error> {
+        match zfs(&["destroy", &self.snap_name(height)]) {
+            Ok(_) => Ok(()),
+            // Already gone is the state we wanted.
+            Err(e) if e.kind == CmdErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn pool(&self) -> &str {
+        self.dataset.split('/').next().unwrap_or(&self.dataset)
+    }
+
+    fn view_clone_prefix(&self) -> String {
+        format!("{}/{VIEW_PREFIX}{}.", self.pool(), self.dataset.replace('/', "."))
+    }
+
+    /// Destroy read-only view clones of this dataset left behind by a btm
+    /// process that no longer runs (crashed or killed). Clones of live
+    /// processes, and anything whose origin is not one of this dataset's
+    /// btm snapshots, are left alone.
+    pub fn cleanup_stale_views(&self) -> Result<(), Error> {
+        let out = zfs(&["list", "-H", "-o", "name,origin", "-t", "filesystem", "-d", "1", self.pool()])?;
+        let prefix = self.view_clone_prefix();
+        for line in out.lines() {
+            let Some((name, origin)) = line.split_once('\t') else { continue };
+            let Some(rest) = name.strip_prefix(&prefix) else { continue };
+            let Some((h, pid)) = rest.split_once('.') else { continue };
+            let (Some(h), Ok(pid)) = (parse_height(h), pid.parse::<u32>()) else { continue };
+            if origin != self.snap_name(h) || Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            tracing::warn!(clone = name, "removing stale snapshot view left by a dead btm process");
+            destroy_clone(name)?;
+        }
+        Ok(())
+    }
+}
+
+/// Destroy a view clone, retrying while it is busy: a FUSE-backed or
+/// just-used mount can stay busy for a moment after the last reader.
+fn destroy_clone(name: &str) -> Result<(), Error> {
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        match zfs(&["destroy", name]) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind == CmdErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind.is_temporary() && attempt < 12 => {
+                tracing::debug!(clone = name, attempt, "view clone busy, retrying");
+                sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(2));
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn epoch(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(s.trim().parse().ok()?, 0)
+}
+
+impl Volume for ZfsVolume {
+    fn mode(&self) -> SnapMode {
+        SnapMode::Zfs
+    }
+
+    fn name(&self) -> &str {
+        &self.dataset
+    }
+
+    fn root(&self) -> Result<PathBuf, Error> {
+        let mp = zfs(&["get", "-H", "-o", "value", "mountpoint", &self.dataset])?;
+        let mp = mp.trim();
+        if !mp.starts_with('/') {
+            return Err(Error::WrongType {
+                volume: self.dataset.clone(),
+                mode: SnapMode::Zfs,
+                detail: format!("its mountpoint is '{mp}', so its files cannot be reached"),
+            });
+        }
+        Ok(PathBuf::from(mp))
+    }
+
+    fn heights(&self) -> Result<Vec<u64>, Error> {
+        let out = zfs(&["list", "-H", "-t", "snapshot", "-o", "name", "-d", "1", &self.dataset])?;
+        let mut hs: Vec<u64> = out.lines().filter_map(|l| self.height_of(l.trim())).collect();
+        hs.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(hs)
+    }
+
+    fn list(&self) -> Result<Vec<Snapshot>, Error> {
+        let mut snaps = match self.details_modern() {
+            Ok(s) => s,
+            Err(e) if e.kind == CmdErrorKind::Unsupported => self.details_fallback()?,
+            Err(e) => return Err(e.into()),
+        };
+        snaps.sort_unstable_by(|a, b| b.height.cmp(&a.height));
+        Ok(snaps)
+    }
+
+    fn snapshot(&self, height: u64) -> Result<SnapshotOutcome, Error> {
+        if self.heights()?.contains(&height) {
+            return Ok(SnapshotOutcome::AlreadyExists);
+        }
+        match zfs(&["snapshot", &self.snap_name(height)]) {
+            Ok(_) => Ok(SnapshotOutcome::Created),
+            Err(e) if e.kind == CmdErrorKind::AlreadyExists => Ok(SnapshotOutcome::AlreadyExists),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn destroy(&self, heights: &[u64]) -> DestroyReport {
+        let mut report = DestroyReport::default();
+        for batch in heights.chunks(DESTROY_BATCH) {
+            // OpenZFS destroys `ds@a,b,c` atomically: all or none.
+            let list = batch.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+            let batched = batch.len() > 1 && zfs(&["destroy", &format!("{}@{list}", self.dataset)]).is_ok();
+            if batched {
+                report.destroyed.extend_from_slice(batch);
+                continue;
+            }
+            for &h in batch {
+                match self.destroy_one(h) {
+                    Ok(()) => report.destroyed.push(h),
+                    Err(e) => report.failed.push((h, e)),
+                }
+            }
+        }
+        report
+    }
+
+    fn rollback_effects(&self, target: u64) -> Result<RollbackEffects, Error> {
+        let all = self.all_snapshots_by_txg()?;
+        let target_name = self.snap_name(target);
+        let pos = all
+            .iter()
+            .position(|n| *n == target_name)
+            .ok_or(Error::NoSuchSnapshot(target))?;
+        let mut effects = RollbackEffects {
+            target,
+            destroys: Vec::new(),
+            foreign_blockers: Vec::new(),
+        };
+        for name in &all[pos + 1..] {
+            match self.height_of(name) {
+                Some(h) => effects.destroys.push(h),
+                None => effects.foreign_blockers.push(name.clone()),
+            }
+        }
+        effects.destroys.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(effects)
+    }
+
+    fn rollback(&self, target: u64, preserve: &[RelPath]) -> Result<(), Error> {
+        let effects = self.rollback_effects(target)?;
+        if !effects.foreign_blockers.is_empty() {
+            return Err(Error::ForeignSnapshots {
+                target,
+                names: effects.foreign_blockers,
+            });
+        }
+        // View clones of newer snapshots would block `rollback -r`.
+        self.cleanup_stale_views()?;
+        let root = self.root()?;
+        let stash = if preserve.is_empty() {
+            None
+        } else {
+            let dir = crate::dirs::preserve_stash(&self.dataset)?;
+            preserve::copy_into(&root, &dir, preserve)?;
+            Some(dir)
+        };
+        let mut args = vec!["rollback"];
+        if !effects.destroys.is_empty() {
+            args.push("-r");
+        }
+        let target_name = self.snap_name(target);
+        args.push(&target_name);
+        if let Err(e) = zfs(&args) {
+            if let Some(dir) = &stash {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            return Err(e.into());
+        }
+        if let Some(dir) = stash {
+            // On failure the stash stays on disk and the error names it, so
+            // the operator can copy the files back by hand.
+            preserve::copy_into(&dir, &root, preserve)?;
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        Ok(())
+    }
+
+    fn view(&self, height: u64) -> Result<SnapshotView, Error> {
+        if !self.heights()?.contains(&height) {
+            return Err(Error::NoSuchSnapshot(height));
+        }
+        let root = self.root()?;
+        let snapdir = root.join(".zfs/snapshot").join(height.to_string());
+        if snapdir.is_dir() {
+            return Ok(SnapshotView::borrowed(snapdir));
+        }
+        self.cleanup_stale_views()?;
+        let clone = format!("{}{height}.{}", self.view_clone_prefix(), std::process::id());
+        let leaf = clone.rsplit('/').next().unwrap_or(&clone).to_owned();
+        let mountpoint = crate::dirs::view_mountpoint(&leaf)?;
+        let mp_opt = format!("mountpoint={}", mountpoint.display());
+        if let Err(e) = zfs(&["clone", "-o", "readonly=on", "-o", &mp_opt, &self.snap_name(height), &clone]) {
+            let _ = std::fs::remove_dir(&mountpoint);
+            return Err(e.into());
+        }
+        let mp = mountpoint.clone();
+        Ok(SnapshotView::with_cleanup(
+            mountpoint,
+            Box::new(move || {
+                destroy_clone(&clone)?;
+                let _ = std::fs::remove_dir(&mp);
+                Ok(())
+            }),
+        ))
+    }
+}
