@@ -12,7 +12,9 @@ use crate::lock::{self, VolumeLock};
 use crate::preserve::RelPath;
 use crate::pruner;
 use crate::retention::{Algo, Plan, Policy};
-use crate::volume::{self, DestroyReport, RollbackEffects, SnapMode, Snapshot, SnapshotOutcome, Volume};
+use crate::volume::{
+    self, DestroyReport, RollbackEffects, SnapMode, Snapshot, SnapshotOutcome, Volume,
+};
 
 /// Default snapshot interval in blocks (as the original btm).
 pub const DEFAULT_ITV: u64 = 10;
@@ -153,7 +155,11 @@ impl BtmCfg {
     /// Resolve the rollback target and compute what the rollback would do,
     /// holding the volume's lock until the result is executed or dropped,
     /// so nothing changes between showing the effects and acting.
-    pub fn prepare_rollback(&self, target: Option<u64>, strict: bool) -> Result<PreparedRollback, Error> {
+    pub fn prepare_rollback(
+        &self,
+        target: Option<u64>,
+        strict: bool,
+    ) -> Result<PreparedRollback, Error> {
         let vol = self.open()?;
         let lock = self.lock(vol.as_ref())?;
         let heights = vol.heights()?;
@@ -201,7 +207,11 @@ fn take(vol: &dyn Volume, height: u64) -> Result<SnapshotOutcome, Error> {
     match outcome {
         SnapshotOutcome::Created => tracing::info!(volume = vol.name(), height, "snapshot taken"),
         SnapshotOutcome::AlreadyExists => {
-            tracing::info!(volume = vol.name(), height, "snapshot already exists; left as it is")
+            tracing::info!(
+                volume = vol.name(),
+                height,
+                "snapshot already exists; left as it is"
+            )
         }
     }
     Ok(outcome)
@@ -269,9 +279,18 @@ mod tests {
         assert_eq!(resolve_target(&hs, None, false).ok(), Some(300));
         assert_eq!(resolve_target(&hs, Some(250), false).ok(), Some(200));
         assert_eq!(resolve_target(&hs, Some(200), true).ok(), Some(200));
-        assert!(matches!(resolve_target(&hs, Some(250), true), Err(Error::NoExactSnapshot(250))));
-        assert!(matches!(resolve_target(&hs, Some(99), false), Err(Error::NothingAtOrBelow(99))));
-        assert!(matches!(resolve_target(&[], None, false), Err(Error::NoSnapshots(_))));
+        assert!(matches!(
+            resolve_target(&hs, Some(250), true),
+            Err(Error::NoExactSnapshot(250))
+        ));
+        assert!(matches!(
+            resolve_target(&hs, Some(99), false),
+            Err(Error::NothingAtOrBelow(99))
+        ));
+        assert!(matches!(
+            resolve_target(&[], None, false),
+            Err(Error::NoSnapshots(_))
+        ));
         assert_eq!(resolve_target(&hs, Some(u64::MAX), false).ok(), Some(300));
     }
 }

@@ -67,11 +67,11 @@ pub fn view_mountpoint(leaf: &str) -> Result<PathBuf, Error> {
 /// A fresh directory to hold preserved files during a rollback of `volume`.
 pub fn preserve_stash(volume: &str) -> Result<PathBuf, Error> {
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
-    ensure(
-        state_dir()
-            .join("preserve")
-            .join(format!("{}-{stamp}-{}", escape(volume), std::process::id())),
-    )
+    ensure(state_dir().join("preserve").join(format!(
+        "{}-{stamp}-{}",
+        escape(volume),
+        std::process::id()
+    )))
 }
 
 #[cfg(test)]

@@ -101,7 +101,10 @@ impl VolumeLock {
                         });
                     }
                     if !announced {
-                        tracing::warn!(volume, "waiting for another btm process{holder} to release the volume");
+                        tracing::warn!(
+                            volume,
+                            "waiting for another btm process{holder} to release the volume"
+                        );
                         announced = true;
                     }
                     sleep(Duration::from_millis(100));

@@ -179,7 +179,10 @@ mod tests {
         let (a, b) = (fs::metadata(&f).expect("m"), fs::metadata(&out).expect("m"));
         assert_eq!(b.mode() & 0o7777, 0o640);
         assert_eq!(a.mtime(), b.mtime());
-        assert_eq!(fs::read_dir(dst.path().join("data")).expect("ls").count(), 1);
+        assert_eq!(
+            fs::read_dir(dst.path().join("data")).expect("ls").count(),
+            1
+        );
 
         let missing = vec!["nope".parse::<RelPath>().expect("rel")];
         assert!(matches!(

@@ -16,7 +16,8 @@ pub fn execute(volume: &dyn Volume, plan: &Plan) -> DestroyReport {
     for v in plan
         .verdicts
         .iter()
-        .filter(|v| matches!(v.decision, Decision::Delete(_))) {
+        .filter(|v| matches!(v.decision, Decision::Delete(_)))
+    {
         tracing::info!(volume = volume.name(), height = v.height, reason = %v.decision, "pruning snapshot");
     }
     let report = volume.destroy(&doomed);

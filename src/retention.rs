@@ -135,7 +135,10 @@ impl fmt::Display for Decision {
                 write!(f, "delete: position {rank} is past the {limit} kept")
             }
             Decision::Delete(DeleteReason::SlotTaken { tier, slot, kept }) => {
-                write!(f, "delete: tier {tier}, slot {slot} is kept by older {kept}")
+                write!(
+                    f,
+                    "delete: tier {tier}, slot {slot} is kept by older {kept}"
+                )
             }
         }
     }
@@ -413,7 +416,11 @@ mod tests {
         let p = policy(Algo::Fade, 10, 20);
         let all: Vec<u64> = (1..=100).map(|i| i * 10).collect();
         let once = one_pass(&p, &all);
-        assert_ne!(one_pass(&p, &once), once, "the literal rule needs iteration");
+        assert_ne!(
+            one_pass(&p, &once),
+            once,
+            "the literal rule needs iteration"
+        );
         let kept = p.plan(&all).kept();
         assert_eq!(p.plan(&kept).kept(), kept);
     }
@@ -421,7 +428,23 @@ mod tests {
     #[test]
     fn huge_itv_saturates() {
         let p = policy(Algo::Fade, u64::MAX, 100);
-        let hs = [u64::MAX, u64::MAX - 1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+        let hs = [
+            u64::MAX,
+            u64::MAX - 1,
+            0,
+            1,
+            2,
+            3,
+            4,
+            5,
+            6,
+            7,
+            8,
+            9,
+            10,
+            11,
+            12,
+        ];
         let kept = p.plan(&hs).kept();
         assert_eq!(kept[0], u64::MAX);
         assert!(kept.len() <= 100);
@@ -437,7 +460,11 @@ mod tests {
     }
 
     fn any_policy() -> impl Strategy<Value = Policy> {
-        (prop_oneof![Just(Algo::Fair), Just(Algo::Fade)], 1u64..=20, 1u64..=130)
+        (
+            prop_oneof![Just(Algo::Fair), Just(Algo::Fade)],
+            1u64..=20,
+            1u64..=130,
+        )
             .prop_map(|(a, i, c)| policy(a, i, c))
     }
 

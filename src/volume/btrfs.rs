@@ -63,7 +63,9 @@ impl BtrfsVolume {
             detail,
         };
         let (Some(parent), Some(base)) = (path.parent(), path.file_name()) else {
-            return Err(wrong("the filesystem root has no sibling directory for snapshots".into()));
+            return Err(wrong(
+                "the filesystem root has no sibling directory for snapshots".into(),
+            ));
         };
         let base = base.to_string_lossy().into_owned();
         if let Some((_, h)) = base.rsplit_once('@') {
@@ -76,9 +78,13 @@ impl BtrfsVolume {
             return Err(wrong("it is not a directory".into()));
         }
         btrfs(&["subvolume", "show", &name]).map_err(|e| match e.kind {
-            CmdErrorKind::Other | CmdErrorKind::WrongType | CmdErrorKind::NotFound => {
-                wrong(e.stderr.lines().next().unwrap_or("not a subvolume").to_owned())
-            }
+            CmdErrorKind::Other | CmdErrorKind::WrongType | CmdErrorKind::NotFound => wrong(
+                e.stderr
+                    .lines()
+                    .next()
+                    .unwrap_or("not a subvolume")
+                    .to_owned(),
+            ),
             _ => Error::Command(e),
         })?;
         Ok(BtrfsVolume {
@@ -133,7 +139,9 @@ fn parse_show(out: &str) -> (Option<DateTime<Utc>>, Option<u64>) {
     let mut created = None;
     let mut id = None;
     for line in out.lines() {
-        let Some((key, value)) = line.split_once(':') else { continue };
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
         let value = value.trim();
         match key.trim() {
             "Creation time" => {
@@ -184,7 +192,11 @@ impl Volume for BtrfsVolume {
 
     fn list(&self) -> Result<Vec<Snapshot>, Error> {
         let heights = self.heights()?;
-        let exclusive = if heights.is_empty() { HashMap::new() } else { self.qgroup_exclusive() };
+        let exclusive = if heights.is_empty() {
+            HashMap::new()
+        } else {
+            self.qgroup_exclusive()
+        };
         let mut snaps = Vec::with_capacity(heights.len());
         for h in heights {
             let path = self.snapshot_path(h);
@@ -281,8 +293,14 @@ impl Volume for BtrfsVolume {
             .and_then(|()| {
                 let dir = File::open(&self.parent).map_err(|e| Error::io(&self.parent, e))?;
                 let new_name = scratch.file_name().unwrap_or_default();
-                renameat2(&dir, new_name, &dir, self.base.as_str(), RenameFlags::RENAME_EXCHANGE)
-                    .map_err(|errno| Error::io(&self.path, std::io::Error::from(errno)))
+                renameat2(
+                    &dir,
+                    new_name,
+                    &dir,
+                    self.base.as_str(),
+                    RenameFlags::RENAME_EXCHANGE,
+                )
+                .map_err(|errno| Error::io(&self.path, std::io::Error::from(errno)))
             });
         if let Err(e) = swap {
             let _ = Self::delete_subvolumes(&[&scratch_s]);

@@ -136,7 +136,8 @@ pub fn classify(stderr: &str) -> CmdErrorKind {
         || has("invalid dataset name")
     {
         CmdErrorKind::Unsupported
-    } else if has("more recent snapshots exist") || has("more recent snapshots or bookmarks exist") {
+    } else if has("more recent snapshots exist") || has("more recent snapshots or bookmarks exist")
+    {
         CmdErrorKind::NewerSnapshotsExist
     } else if has("dependent clones") || has("clones of previous snapshots exist") {
         CmdErrorKind::HasClones
@@ -166,14 +167,23 @@ mod tests {
     #[test]
     fn classifies_real_messages() {
         let cases = [
-            ("cannot open 'p/x': dataset does not exist", CmdErrorKind::NotFound),
+            (
+                "cannot open 'p/x': dataset does not exist",
+                CmdErrorKind::NotFound,
+            ),
             ("cannot destroy 'p/v': dataset is busy", CmdErrorKind::Busy),
             (
                 "cannot create snapshot 'p/d@30': dataset already exists",
                 CmdErrorKind::AlreadyExists,
             ),
-            ("invalid option 'p'\nusage:\n\tlist [-rH]", CmdErrorKind::Unsupported),
-            ("cannot open 'p/d@10,20': invalid dataset name", CmdErrorKind::Unsupported),
+            (
+                "invalid option 'p'\nusage:\n\tlist [-rH]",
+                CmdErrorKind::Unsupported,
+            ),
+            (
+                "cannot open 'p/d@10,20': invalid dataset name",
+                CmdErrorKind::Unsupported,
+            ),
             (
                 "cannot rollback to 'p/d@30': more recent snapshots exist\nuse '-r' to force",
                 CmdErrorKind::NewerSnapshotsExist,
@@ -182,8 +192,14 @@ mod tests {
                 "cannot destroy 'p/d@20': snapshot has dependent clones",
                 CmdErrorKind::HasClones,
             ),
-            ("ERROR: Not a Btrfs subvolume: Invalid argument", CmdErrorKind::WrongType),
-            ("ERROR: Could not statfs: No such file or directory", CmdErrorKind::NotFound),
+            (
+                "ERROR: Not a Btrfs subvolume: Invalid argument",
+                CmdErrorKind::WrongType,
+            ),
+            (
+                "ERROR: Could not statfs: No such file or directory",
+                CmdErrorKind::NotFound,
+            ),
             ("something odd", CmdErrorKind::Other),
         ];
         for (msg, kind) in cases {
@@ -199,7 +215,9 @@ mod tests {
         let err = run("ls", &["/definitely/not/here/btm"]).expect_err("ls fails");
         assert_eq!(err.kind, CmdErrorKind::NotFound);
         assert_eq!(err.status, Some(2));
-        assert!(err.to_string().starts_with("`ls /definitely/not/here/btm` failed (exit 2)"));
+        assert!(err
+            .to_string()
+            .starts_with("`ls /definitely/not/here/btm` failed (exit 2)"));
         let err = run("btm-no-such-program", &[] as &[&str]).expect_err("cannot spawn");
         assert_eq!(err.kind, CmdErrorKind::Spawn);
     }

@@ -311,7 +311,9 @@ pub fn validate_name(name: &str) -> Result<(), Error> {
             c if c.is_control() => format!("control character {:?}", c),
             c => format!("'{c}'"),
         };
-        return Err(bad(format!("it contains {what}; only letters, digits and _ . - : / + are allowed")));
+        return Err(bad(format!(
+            "it contains {what}; only letters, digits and _ . - : / + are allowed"
+        )));
     }
     if name.starts_with('-') {
         return Err(bad("it starts with '-'".into()));
@@ -372,7 +374,18 @@ mod tests {
         assert_eq!(parse_height("0"), Some(0));
         assert_eq!(parse_height("120"), Some(120));
         assert_eq!(parse_height("18446744073709551615"), Some(u64::MAX));
-        for bad in ["", "012", "+5", "-1", "1e3", "12a", "manual", "18446744073709551616", " 1", "１"] {
+        for bad in [
+            "",
+            "012",
+            "+5",
+            "-1",
+            "1e3",
+            "12a",
+            "manual",
+            "18446744073709551616",
+            " 1",
+            "１",
+        ] {
             assert_eq!(parse_height(bad), None, "{bad:?}");
         }
     }
@@ -399,7 +412,14 @@ mod tests {
         ] {
             assert!(validate_name(bad).is_err(), "{bad:?} accepted");
         }
-        for good in ["zroot/data", "/data/chain", "pool", "/", "tank/a-b_c.d:e+f", "/mnt/x/"] {
+        for good in [
+            "zroot/data",
+            "/data/chain",
+            "pool",
+            "/",
+            "tank/a-b_c.d:e+f",
+            "/mnt/x/",
+        ] {
             assert!(validate_name(good).is_ok(), "{good:?} rejected");
         }
     }

@@ -44,10 +44,11 @@ impl ZfsVolume {
         } else {
             volume.to_owned()
         };
-        let out = zfs(&["get", "-H", "-o", "value", "type", &dataset]).map_err(|e| match e.kind {
-            CmdErrorKind::NotFound => Error::NotFound(volume.to_owned()),
-            _ => Error::Command(e),
-        })?;
+        let out =
+            zfs(&["get", "-H", "-o", "value", "type", &dataset]).map_err(|e| match e.kind {
+                CmdErrorKind::NotFound => Error::NotFound(volume.to_owned()),
+                _ => Error::Command(e),
+            })?;
         match out.trim() {
             "filesystem" => Ok(ZfsVolume { dataset }),
             other => Err(Error::WrongType {
@@ -91,15 +92,36 @@ impl ZfsVolume {
     /// creation transaction group: the order `zfs rollback` cares about.
     fn all_snapshots_by_txg(&self) -> Result<Vec<String>, Error> {
         let out = zfs(&[
-            "list", "-H", "-t", "snapshot", "-o", "name", "-s", "createtxg", "-d", "1",
+            "list",
+            "-H",
+            "-t",
+            "snapshot",
+            "-o",
+            "name",
+            "-s",
+            "createtxg",
+            "-d",
+            "1",
             &self.dataset,
         ])?;
-        Ok(out.lines().map(|l| l.trim().to_owned()).filter(|l| !l.is_empty()).collect())
+        Ok(out
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect())
     }
 
     fn details_modern(&self) -> Result<Vec<Snapshot>, CmdError> {
         let out = zfs(&[
-            "list", "-Hp", "-t", "snapshot", "-o", "name,creation,used", "-d", "1", &self.dataset,
+            "list",
+            "-Hp",
+            "-t",
+            "snapshot",
+            "-o",
+            "name,creation,used",
+            "-d",
+            "1",
+            &self.dataset,
         ])?;
         let mut snaps = Vec::new();
         for line in out.lines() {
@@ -173,7 +195,11 @@ impl ZfsVolume {
     }
 
     fn view_clone_prefix(&self) -> String {
-        format!("{}/{VIEW_PREFIX}{}.", self.pool(), self.dataset.replace('/', "."))
+        format!(
+            "{}/{VIEW_PREFIX}{}.",
+            self.pool(),
+            self.dataset.replace('/', ".")
+        )
     }
 
     /// Destroy read-only view clones of this dataset left behind by a btm
@@ -181,17 +207,38 @@ impl ZfsVolume {
     /// processes, and anything whose origin is not one of this dataset's
     /// btm snapshots, are left alone.
     pub fn cleanup_stale_views(&self) -> Result<(), Error> {
-        let out = zfs(&["list", "-H", "-o", "name,origin", "-t", "filesystem", "-d", "1", self.pool()])?;
+        let out = zfs(&[
+            "list",
+            "-H",
+            "-o",
+            "name,origin",
+            "-t",
+            "filesystem",
+            "-d",
+            "1",
+            self.pool(),
+        ])?;
         let prefix = self.view_clone_prefix();
         for line in out.lines() {
-            let Some((name, origin)) = line.split_once('\t') else { continue };
-            let Some(rest) = name.strip_prefix(&prefix) else { continue };
-            let Some((h, pid)) = rest.split_once('.') else { continue };
-            let (Some(h), Ok(pid)) = (parse_height(h), pid.parse::<u32>()) else { continue };
+            let Some((name, origin)) = line.split_once('\t') else {
+                continue;
+            };
+            let Some(rest) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            let Some((h, pid)) = rest.split_once('.') else {
+                continue;
+            };
+            let (Some(h), Ok(pid)) = (parse_height(h), pid.parse::<u32>()) else {
+                continue;
+            };
             if origin != self.snap_name(h) || Path::new(&format!("/proc/{pid}")).exists() {
                 continue;
             }
-            tracing::warn!(clone = name, "removing stale snapshot view left by a dead btm process");
+            tracing::warn!(
+                clone = name,
+                "removing stale snapshot view left by a dead btm process"
+            );
             destroy_clone(name)?;
         }
         Ok(())
@@ -245,8 +292,21 @@ impl Volume for ZfsVolume {
     }
 
     fn heights(&self) -> Result<Vec<u64>, Error> {
-        let out = zfs(&["list", "-H", "-t", "snapshot", "-o", "name", "-d", "1", &self.dataset])?;
-        let mut hs: Vec<u64> = out.lines().filter_map(|l| self.height_of(l.trim())).collect();
+        let out = zfs(&[
+            "list",
+            "-H",
+            "-t",
+            "snapshot",
+            "-o",
+            "name",
+            "-d",
+            "1",
+            &self.dataset,
+        ])?;
+        let mut hs: Vec<u64> = out
+            .lines()
+            .filter_map(|l| self.height_of(l.trim()))
+            .collect();
         hs.sort_unstable_by(|a, b| b.cmp(a));
         Ok(hs)
     }
@@ -276,8 +336,13 @@ impl Volume for ZfsVolume {
         let mut report = DestroyReport::default();
         for batch in heights.chunks(DESTROY_BATCH) {
             // OpenZFS destroys `ds@a,b,c` atomically: all or none.
-            let list = batch.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
-            let batched = batch.len() > 1 && zfs(&["destroy", &format!("{}@{list}", self.dataset)]).is_ok();
+            let list = batch
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            let batched =
+                batch.len() > 1 && zfs(&["destroy", &format!("{}@{list}", self.dataset)]).is_ok();
             if batched {
                 report.destroyed.extend_from_slice(batch);
                 continue;
@@ -363,11 +428,23 @@ impl Volume for ZfsVolume {
             return Ok(SnapshotView::borrowed(snapdir));
         }
         self.cleanup_stale_views()?;
-        let clone = format!("{}{height}.{}", self.view_clone_prefix(), std::process::id());
+        let clone = format!(
+            "{}{height}.{}",
+            self.view_clone_prefix(),
+            std::process::id()
+        );
         let leaf = clone.rsplit('/').next().unwrap_or(&clone).to_owned();
         let mountpoint = crate::dirs::view_mountpoint(&leaf)?;
         let mp_opt = format!("mountpoint={}", mountpoint.display());
-        if let Err(e) = zfs(&["clone", "-o", "readonly=on", "-o", &mp_opt, &self.snap_name(height), &clone]) {
+        if let Err(e) = zfs(&[
+            "clone",
+            "-o",
+            "readonly=on",
+            "-o",
+            &mp_opt,
+            &self.snap_name(height),
+            &clone,
+        ]) {
             let _ = std::fs::remove_dir(&mountpoint);
             return Err(e.into());
         }

@@ -1,0 +1,185 @@
+//! The `btm` command line: argument definitions shared by the verbs, and
+//! dispatch to one module per verb. Flags keep the original btm's spelling
+//! (`-p/--volume`, `$BTM_VOLUME`, `-m`, `-i`, `-c`, `-a`, `-s`, `-S`, `-k`).
+
+mod clean;
+mod list;
+mod prune;
+mod rollback;
+mod simulate;
+mod snapshot;
+
+use std::io::{self, Write};
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use btm::retention::Algo;
+use btm::volume::{self, SnapMode};
+use btm::BtmCfg;
+
+/// Blockchain Time Machine: block-height snapshots of a node's ZFS or btrfs
+/// volume, with fair/fade retention and rollback.
+#[derive(Debug, Parser)]
+#[command(name = "btm", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log level (error, warn, info, debug, trace); `RUST_LOG` also works.
+    #[arg(long, global = true, value_name = "LEVEL", value_parser = parse_log_level)]
+    pub log_level: Option<String>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List btm snapshots, newest first
+    List(list::ListArgs),
+    /// Take one snapshot at a block height
+    Snapshot(snapshot::SnapshotArgs),
+    /// Apply a retention policy to the existing snapshots
+    Prune(prune::PruneArgs),
+    /// Roll the volume back to a snapshot
+    Rollback(rollback::RollbackArgs),
+    /// Destroy all btm snapshots except the newest KEPT
+    Clean(clean::CleanArgs),
+    /// Preview which heights a policy keeps, without touching any volume
+    Simulate(simulate::SimulateArgs),
+}
+
+/// Which volume to act on.
+#[derive(Debug, Args)]
+pub struct VolumeArgs {
+    /// The volume: a ZFS dataset (zroot/data) or a btrfs subvolume path (/data)
+    #[arg(short = 'p', long, env = "BTM_VOLUME", value_parser = parse_volume)]
+    pub volume: String,
+
+    /// `zfs` or `btrfs`, case-insensitive; detected (read-only) if omitted
+    #[arg(short = 'm', long, value_parser = parse_mode)]
+    pub mode: Option<SnapMode>,
+}
+
+/// A retention policy given on the command line.
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    /// Snapshot interval in blocks (fade's slot base)
+    #[arg(short = 'i', long, default_value_t = btm::config::DEFAULT_ITV, value_parser = clap::value_parser!(u64).range(1..))]
+    pub itv: u64,
+
+    /// Most snapshots kept
+    #[arg(short = 'c', long, default_value_t = btm::config::DEFAULT_CAP, value_parser = clap::value_parser!(u64).range(1..))]
+    pub cap: u64,
+
+    /// `fair` (newest CAP) or `fade` (thinning with age), case-insensitive
+    #[arg(short = 'a', long, default_value = "fair", value_parser = parse_algo)]
+    pub algo: Algo,
+}
+
+fn parse_log_level(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(s).map_err(|e| format!("bad log level '{s}': {e}"))?;
+    Ok(s.to_owned())
+}
+
+fn parse_volume(s: &str) -> Result<String, String> {
+    volume::validate_name(s).map_err(|e| e.to_string())?;
+    Ok(s.to_owned())
+}
+
+fn parse_mode(s: &str) -> Result<SnapMode, String> {
+    s.parse()
+}
+
+fn parse_algo(s: &str) -> Result<Algo, String> {
+    s.parse()
+}
+
+impl VolumeArgs {
+    /// A [`BtmCfg`] for this volume with the given policy parameters.
+    fn cfg(&self, itv: u64, cap: u64, algo: Algo) -> Result<BtmCfg> {
+        BtmCfg::new(&self.volume, self.mode, itv, cap, algo)
+            .with_context(|| format!("volume '{}'", self.volume))
+    }
+
+    /// A [`BtmCfg`] for commands that do not use a policy.
+    fn plain_cfg(&self) -> Result<BtmCfg> {
+        self.cfg(
+            btm::config::DEFAULT_ITV,
+            btm::config::DEFAULT_CAP,
+            Algo::Fair,
+        )
+    }
+}
+
+/// Run the parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    let out = &mut io::stdout().lock();
+    match cli.command {
+        Command::List(a) => list::run(a, out),
+        Command::Snapshot(a) => snapshot::run(a, out),
+        Command::Prune(a) => prune::run(a, out),
+        Command::Rollback(a) => rollback::run(a, out),
+        Command::Clean(a) => clean::run(a, out),
+        Command::Simulate(a) => simulate::run(a, out),
+    }
+}
+
+/// Print a value as one line of JSON.
+fn print_json(out: &mut dyn Write, value: &impl serde::Serialize) -> Result<()> {
+    serde_json::to_writer(&mut *out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Turn a batch destroy's failures into one error line.
+fn destroy_failures(report: &btm::volume::DestroyReport) -> Result<()> {
+    if report.failed.is_empty() {
+        return Ok(());
+    }
+    let detail: Vec<String> = report
+        .failed
+        .iter()
+        .map(|(h, e)| format!("{h} ({e})"))
+        .collect();
+    anyhow::bail!(
+        "could not destroy {} snapshot(s): {}",
+        report.failed.len(),
+        detail.join("; ")
+    )
+}
+
+/// Render a byte count the way `zfs list` does (1024-based, one decimal).
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "K", "M", "G", "T", "P"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.1}{}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bytes_render_like_zfs() {
+        assert_eq!(human_bytes(0), "0B");
+        assert_eq!(human_bytes(1023), "1023B");
+        assert_eq!(human_bytes(1536), "1.5K");
+        assert_eq!(human_bytes(5 * 1024 * 1024 * 1024), "5.0G");
+    }
+}

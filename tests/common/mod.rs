@@ -1,0 +1,371 @@
+//! Throwaway real filesystems for integration tests, and helpers to run the
+//! `btm` binary against them.
+//!
+//! Each fixture creates its own loop-mounted btrfs image or zfs-fuse pool in
+//! a fresh temporary directory and destroys it on drop, also when the test
+//! panics. These tests need root, btrfs-progs and a running zfs-fuse; if
+//! any is missing they fail loudly rather than skip (see `.ci/run`).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::sleep;
+use std::time::Duration;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Run a setup command and panic with its stderr if it fails.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "real-filesystem tests need root (loop devices, zfs-fuse); run them as root, e.g. via .ci/run"
+    );
+}
+
+/// The result of one `btm` run.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(out: Output) -> Self {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Panic unless the run succeeded; return stdout.
+    #[track_caller]
+    pub fn ok(self) -> String {
+        assert_eq!(self.code, 0, "btm failed: {}{}", self.stdout, self.stderr);
+        self.stdout
+    }
+
+    /// Panic unless the run failed with `code` and a single-line error.
+    #[track_caller]
+    pub fn fails(self, code: i32) -> String {
+        assert_eq!(
+            self.code, code,
+            "stdout: {} stderr: {}",
+            self.stdout, self.stderr
+        );
+        assert_eq!(
+            self.stderr.trim().lines().count(),
+            1,
+            "not one line: {}",
+            self.stderr
+        );
+        assert!(self.stderr.starts_with("btm: error: "), "{}", self.stderr);
+        assert!(!self.stderr.contains("panicked"), "{}", self.stderr);
+        self.stderr
+    }
+}
+
+/// Run the `btm` binary with a private runtime and state directory.
+pub fn btm(runtime: &Path, args: &[&str]) -> Run {
+    btm_cmd(runtime, args)
+        .output()
+        .map(Run::from)
+        .expect("btm binary runs")
+}
+
+/// A `btm` command ready to spawn, with private directories and no terminal.
+pub fn btm_cmd(runtime: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_btm"));
+    c.args(args)
+        .env("BTM_RUNTIME_DIR", runtime.join("run"))
+        .env("BTM_STATE_DIR", runtime.join("state"))
+        .env_remove("BTM_VOLUME")
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null());
+    c
+}
+
+/// What scenarios need from a filesystem under test.
+pub trait Fixture {
+    /// The `-p` argument for the volume.
+    fn volume(&self) -> String;
+    /// `zfs` or `btrfs`.
+    fn mode(&self) -> &'static str;
+    /// Where the live files are.
+    fn root(&self) -> PathBuf;
+    /// A private directory for btm's runtime and state files.
+    fn scratch(&self) -> &Path;
+    /// Make a snapshot the way another tool would, with this suffix.
+    fn foreign_snapshot(&self, suffix: &str);
+    /// Whether a snapshot with this suffix exists (btm's or not).
+    fn has_snapshot(&self, suffix: &str) -> bool;
+    /// Make the btm snapshot at `height` impossible to destroy until the
+    /// returned guard is dropped.
+    fn pin(&self, height: u64) -> Guard;
+
+    /// Run `btm ARGS -p VOLUME -m MODE`.
+    fn btm(&self, args: &[&str]) -> Run {
+        let vol = self.volume();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["-p", &vol, "-m", self.mode()]);
+        btm(self.scratch(), &all)
+    }
+
+    /// Heights from `btm list --json`, newest first.
+    fn heights(&self) -> Vec<u64> {
+        let out = self.btm(&["list", "--json"]).ok();
+        let v: serde_json::Value = serde_json::from_str(&out).expect("list --json is JSON");
+        v["snapshots"]
+            .as_array()
+            .expect("snapshots array")
+            .iter()
+            .map(|s| s["height"].as_u64().expect("height"))
+            .collect()
+    }
+
+    fn write(&self, rel: &str, content: &str) {
+        let p = self.root().join(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, content).expect("write");
+    }
+
+    fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.root().join(rel)).expect("read")
+    }
+}
+
+/// A btrfs filesystem in a loop-mounted image, with a subvolume `data`.
+pub struct Btrfs {
+    dir: tempfile::TempDir,
+    mnt: PathBuf,
+}
+
+impl Btrfs {
+    pub fn new() -> Self {
+        require_root();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("fs.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mkdir");
+        sh("truncate", &["-s", "256M", img.to_str().expect("utf8")]);
+        sh("mkfs.btrfs", &["-q", img.to_str().expect("utf8")]);
+        sh(
+            "mount",
+            &[
+                "-o",
+                "loop",
+                img.to_str().expect("utf8"),
+                mnt.to_str().expect("utf8"),
+            ],
+        );
+        let fx = Btrfs { dir, mnt };
+        sh(
+            "btrfs",
+            &["subvolume", "create", fx.root().to_str().expect("utf8")],
+        );
+        fx
+    }
+
+    pub fn sibling(&self, suffix: &str) -> PathBuf {
+        self.mnt.join(format!("data@{suffix}"))
+    }
+}
+
+impl Drop for Btrfs {
+    fn drop(&mut self) {
+        let mnt = self.mnt.to_str().unwrap_or_default().to_owned();
+        for attempt in 0..20 {
+            let ok = Command::new("umount")
+                .arg(&mnt)
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return;
+            }
+            if attempt == 19 {
+                let _ = Command::new("umount").args(["-l", &mnt]).status();
+            }
+            sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Fixture for Btrfs {
+    fn volume(&self) -> String {
+        self.root().to_str().expect("utf8").to_owned()
+    }
+    fn mode(&self) -> &'static str {
+        "btrfs"
+    }
+    fn root(&self) -> PathBuf {
+        self.mnt.join("data")
+    }
+    fn scratch(&self) -> &Path {
+        self.dir.path()
+    }
+    fn foreign_snapshot(&self, suffix: &str) {
+        sh(
+            "btrfs",
+            &[
+                "subvolume",
+                "snapshot",
+                "-r",
+                &self.volume(),
+                self.sibling(suffix).to_str().expect("utf8"),
+            ],
+        );
+    }
+    fn has_snapshot(&self, suffix: &str) -> bool {
+        self.sibling(suffix).exists()
+    }
+    fn pin(&self, height: u64) -> Guard {
+        // btrfs refuses to delete the default subvolume.
+        let target = self.sibling(&height.to_string());
+        sh(
+            "btrfs",
+            &["subvolume", "set-default", target.to_str().expect("utf8")],
+        );
+        let mnt = self.mnt.clone();
+        Guard::new(move || {
+            let _ = Command::new("btrfs")
+                .args(["subvolume", "set-default", "5"])
+                .arg(&mnt)
+                .status();
+        })
+    }
+}
+
+/// Runs its closure when dropped, also on panic.
+pub struct Guard(Option<Box<dyn FnOnce()>>);
+
+impl Guard {
+    pub fn new(f: impl FnOnce() + 'static) -> Self {
+        Guard(Some(Box::new(f)))
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
+/// A zfs-fuse pool in a file, with a filesystem dataset `<pool>/data`.
+pub struct Zfs {
+    dir: tempfile::TempDir,
+    pub pool: String,
+}
+
+impl Zfs {
+    pub fn new() -> Self {
+        require_root();
+        let ready = Command::new("zpool").arg("list").output();
+        assert!(
+            ready.as_ref().is_ok_and(|o| o.status.success()),
+            "zfs-fuse is not running or zfs tools are missing ({:?}); start it as root: `zfs-fuse` (see .ci/run)",
+            ready.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let pool = format!("btmtest{}x{n}", std::process::id());
+        let img = dir.path().join("pool.img");
+        sh("truncate", &["-s", "128M", img.to_str().expect("utf8")]);
+        let mp = dir.path().join("mnt");
+        sh(
+            "zpool",
+            &[
+                "create",
+                "-m",
+                mp.to_str().expect("utf8"),
+                &pool,
+                img.to_str().expect("utf8"),
+            ],
+        );
+        let fx = Zfs { dir, pool };
+        sh("zfs", &["create", &fx.volume()]);
+        fx
+    }
+}
+
+impl Drop for Zfs {
+    fn drop(&mut self) {
+        for _ in 0..40 {
+            let ok = Command::new("zpool")
+                .args(["destroy", "-f", &self.pool])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return;
+            }
+            sleep(Duration::from_millis(250));
+        }
+        eprintln!("warning: could not destroy test pool {}", self.pool);
+    }
+}
+
+impl Fixture for Zfs {
+    fn volume(&self) -> String {
+        format!("{}/data", self.pool)
+    }
+    fn mode(&self) -> &'static str {
+        "zfs"
+    }
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("mnt/data")
+    }
+    fn scratch(&self) -> &Path {
+        self.dir.path()
+    }
+    fn foreign_snapshot(&self, suffix: &str) {
+        sh("zfs", &["snapshot", &format!("{}@{suffix}", self.volume())]);
+    }
+    fn has_snapshot(&self, suffix: &str) -> bool {
+        Command::new("zfs")
+            .args([
+                "list",
+                "-H",
+                "-o",
+                "name",
+                &format!("{}@{suffix}", self.volume()),
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+    fn pin(&self, height: u64) -> Guard {
+        // A dependent clone makes `zfs destroy` of the snapshot fail.
+        let clone = format!("{}/pin{height}", self.pool);
+        sh(
+            "zfs",
+            &["clone", &format!("{}@{height}", self.volume()), &clone],
+        );
+        Guard::new(move || {
+            for _ in 0..40 {
+                let ok = Command::new("zfs")
+                    .args(["destroy", &clone])
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                if ok {
+                    return;
+                }
+                sleep(Duration::from_millis(250));
+            }
+        })
+    }
+}

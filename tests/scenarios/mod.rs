@@ -1,0 +1,343 @@
+//! Scenarios run identically on btrfs and ZFS: every command, driven
+//! through the real `btm` binary against a real filesystem.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Stdio;
+use std::thread::sleep;
+use std::time::Duration;
+
+use crate::common::{btm, Fixture};
+
+fn snapshot(fx: &impl Fixture, h: u64) -> String {
+    fx.btm(&["snapshot", "--height", &h.to_string()]).ok()
+}
+
+/// Point the library (used directly by some scenarios) at a private dir.
+fn lib_runtime() {
+    std::env::set_var(
+        "BTM_RUNTIME_DIR",
+        std::env::temp_dir().join("btm-test-lib-run"),
+    );
+    std::env::set_var(
+        "BTM_STATE_DIR",
+        std::env::temp_dir().join("btm-test-lib-state"),
+    );
+}
+
+fn open(fx: &impl Fixture) -> Box<dyn btm::volume::Volume> {
+    lib_runtime();
+    btm::volume::open(&fx.volume(), Some(fx.mode().parse().expect("mode"))).expect("open volume")
+}
+
+pub fn snapshot_list_and_existing_height(fx: &impl Fixture) {
+    fx.write("f", "ten");
+    assert!(snapshot(fx, 10).contains("created snapshot at height 10"));
+    fx.write("f", "twenty");
+    snapshot(fx, 20);
+    fx.write("f", "changed");
+    let again = snapshot(fx, 10);
+    assert!(again.contains("already exists"), "{again}");
+    assert_eq!(fx.heights(), vec![20, 10]);
+
+    let json: serde_json::Value =
+        serde_json::from_str(&fx.btm(&["list", "--json"]).ok()).expect("json");
+    assert_eq!(json["mode"], fx.mode());
+    let first = &json["snapshots"][0];
+    assert_eq!(first["name"], format!("{}@20", fx.volume()));
+    assert!(
+        first["created"].is_string(),
+        "creation time reported: {first}"
+    );
+    if fx.mode() == "zfs" {
+        assert!(first["used"].is_u64(), "zfs reports space used: {first}");
+    }
+    let table = fx.btm(&["list"]).ok();
+    let (p20, p10) = (
+        table.find("@20").expect("20"),
+        table.find("@10").expect("10"),
+    );
+    assert!(p20 < p10, "newest first:\n{table}");
+
+    // The existing snapshot was not replaced: it still holds "ten".
+    let vol = open(fx);
+    let view = vol.view(10).expect("view");
+    assert_eq!(
+        std::fs::read_to_string(view.path().join("f")).expect("read"),
+        "ten"
+    );
+    assert!(
+        std::fs::write(view.path().join("g"), "x").is_err(),
+        "snapshot view must be read-only"
+    );
+    let path = view.path().to_owned();
+    view.close().expect("close view");
+    if fx.mode() == "zfs" {
+        let datasets = crate::common::sh("zfs", &["list", "-H", "-o", "name"]);
+        assert!(
+            !datasets.contains("btm-view"),
+            "temporary clone left: {datasets}"
+        );
+        assert!(!path.exists(), "view mountpoint left: {}", path.display());
+    }
+    assert!(matches!(
+        vol.view(999),
+        Err(btm::volume::Error::NoSuchSnapshot(999))
+    ));
+}
+
+pub fn foreign_snapshots_survive_every_command(fx: &impl Fixture) {
+    snapshot(fx, 10);
+    fx.foreign_snapshot("manual");
+    fx.foreign_snapshot("010");
+    fx.foreign_snapshot("7x");
+    snapshot(fx, 20);
+    snapshot(fx, 30);
+    assert_eq!(
+        fx.heights(),
+        vec![30, 20, 10],
+        "foreign snapshots are not listed"
+    );
+
+    fx.btm(&["prune", "-c", "1"]).ok();
+    assert_eq!(fx.heights(), vec![30]);
+    fx.btm(&["clean"]).ok();
+    assert!(fx.heights().is_empty());
+
+    snapshot(fx, 40);
+    snapshot(fx, 50);
+    fx.btm(&["rollback", "-s", "40", "--yes"]).ok();
+    assert_eq!(fx.heights(), vec![40]);
+
+    fx.write("f", "live");
+    fx.foreign_snapshot("later");
+    let r = fx.btm(&["rollback", "-s", "40", "--yes"]);
+    if fx.mode() == "zfs" {
+        // `zfs rollback -r` would destroy @later: refuse, change nothing.
+        let err = r.fails(1);
+        assert!(err.contains("@later"), "{err}");
+        assert_eq!(fx.read("f"), "live");
+    } else {
+        r.ok();
+    }
+    fx.btm(&["clean"]).ok();
+    for s in ["manual", "010", "7x", "later"] {
+        assert!(fx.has_snapshot(s), "foreign snapshot @{s} was destroyed");
+    }
+}
+
+pub fn retention_matches_simulate(fx: &impl Fixture) {
+    for h in (2..=200).step_by(2) {
+        fx.btm(&[
+            "snapshot",
+            "--height",
+            &h.to_string(),
+            "--prune",
+            "-i",
+            "2",
+            "-c",
+            "20",
+            "-a",
+            "fade",
+        ])
+        .ok();
+    }
+    let sim = btm(
+        fx.scratch(),
+        &[
+            "simulate", "-i", "2", "-c", "20", "-a", "fade", "--blocks", "200", "--json",
+        ],
+    )
+    .ok();
+    let sim: serde_json::Value = serde_json::from_str(&sim).expect("json");
+    let kept: Vec<u64> = sim["kept"]
+        .as_array()
+        .expect("kept")
+        .iter()
+        .map(|v| v.as_u64().expect("u64"))
+        .collect();
+    assert_eq!(
+        fx.heights(),
+        kept,
+        "the volume holds exactly what simulate predicts"
+    );
+
+    let dry = fx.btm(&["prune", "-c", "2", "--dry-run"]).ok();
+    assert!(dry.contains("would delete"), "{dry}");
+    assert_eq!(fx.heights(), kept, "--dry-run destroys nothing");
+    fx.btm(&["prune", "-c", "2", "-a", "FAIR"]).ok();
+    assert_eq!(fx.heights(), kept[..2].to_vec());
+}
+
+pub fn rollback_behaviour(fx: &impl Fixture) {
+    for (h, v) in [(10, "v10"), (20, "v20"), (30, "v30")] {
+        fx.write("f", v);
+        snapshot(fx, h);
+    }
+    fx.write("f", "live");
+
+    let err = fx.btm(&["rollback", "-s", "20"]).fails(1);
+    assert!(err.contains("--yes"), "{err}");
+    assert_eq!(fx.read("f"), "live", "nothing happens without confirmation");
+
+    let err = fx.btm(&["rollback", "-s", "25", "-S", "--yes"]).fails(1);
+    assert!(err.contains("exactly height 25"), "{err}");
+
+    let state = "data/priv_validator_state.json";
+    fx.write(state, "{\"height\":\"31\",\"round\":0}");
+    std::fs::set_permissions(
+        fx.root().join(state),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
+    let err = fx
+        .btm(&[
+            "rollback",
+            "-s",
+            "25",
+            "--yes",
+            "--preserve",
+            "data/missing.json",
+        ])
+        .fails(1);
+    assert!(err.contains("data/missing.json"), "{err}");
+    assert_eq!(
+        fx.heights(),
+        vec![30, 20, 10],
+        "a bad --preserve changes nothing"
+    );
+
+    let out = fx
+        .btm(&["rollback", "-s", "25", "--yes", "--preserve", state])
+        .ok();
+    assert!(out.contains("closest below is 20"), "{out}");
+    assert!(out.contains("destroys 1 newer snapshot(s): 30"), "{out}");
+    assert_eq!(fx.read("f"), "v20");
+    assert_eq!(fx.read(state), "{\"height\":\"31\",\"round\":0}");
+    let mode = std::fs::metadata(fx.root().join(state))
+        .expect("meta")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(fx.heights(), vec![20, 10]);
+
+    fx.write("f", "dirty");
+    fx.btm(&["rollback", "-s", "-1", "--yes"]).ok();
+    assert_eq!(fx.read("f"), "v20", "negative -s means the latest snapshot");
+
+    fx.btm(&["rollback", "-s", "10", "-S", "--yes"]).ok();
+    assert_eq!(fx.read("f"), "v10");
+    assert_eq!(fx.heights(), vec![10]);
+
+    fx.btm(&["clean"]).ok();
+    let err = fx.btm(&["rollback", "--yes"]).fails(1);
+    assert!(err.contains("no btm snapshots"), "{err}");
+}
+
+pub fn clean_keeps_newest(fx: &impl Fixture) {
+    for h in [10, 20, 30, 40, 50] {
+        snapshot(fx, h);
+    }
+    let dry = fx.btm(&["clean", "-k", "2", "--dry-run"]).ok();
+    assert!(
+        dry.contains("would destroy 3 snapshot(s): 30 20 10"),
+        "{dry}"
+    );
+    assert_eq!(fx.heights().len(), 5);
+    fx.btm(&["clean", "-k", "2"]).ok();
+    assert_eq!(fx.heights(), vec![50, 40]);
+    fx.btm(&["clean"]).ok();
+    assert!(fx.heights().is_empty());
+    assert!(fx.btm(&["clean"]).ok().contains("destroyed 0"));
+}
+
+pub fn destroy_failures_are_reported_one_by_one(fx: &impl Fixture) {
+    for h in [10, 20, 30] {
+        snapshot(fx, h);
+    }
+    let pin = fx.pin(20);
+    let err = fx.btm(&["clean"]).fails(1);
+    assert!(err.contains("could not destroy 1 snapshot(s): 20"), "{err}");
+    assert_eq!(
+        fx.heights(),
+        vec![20],
+        "the batch fell back to one at a time"
+    );
+    drop(pin);
+    // Unmounting a FUSE or tmpfs pin can leave the snapshot busy briefly.
+    for _ in 0..20 {
+        if fx.btm(&["clean"]).code == 0 {
+            break;
+        }
+        sleep(Duration::from_millis(250));
+    }
+    assert!(fx.heights().is_empty());
+}
+
+pub fn detection_only_reads(fx: &impl Fixture) {
+    let vol = fx.volume();
+    let detected = btm(fx.scratch(), &["list", "--json", "-p", &vol]).ok();
+    assert!(
+        detected.contains(&format!("\"mode\":\"{}\"", fx.mode())),
+        "{detected}"
+    );
+
+    let typo = format!("{vol}typo");
+    let err = btm(fx.scratch(), &["list", "-p", &typo]).fails(1);
+    assert!(err.contains("typo"), "{err}");
+    btm(fx.scratch(), &["snapshot", "--height", "1", "-p", &typo]).fails(1);
+    let other = if fx.mode() == "zfs" { "btrfs" } else { "zfs" };
+    btm(fx.scratch(), &["list", "-p", &vol, "-m", other]).fails(1);
+    // Nothing was created for the typo.
+    let exists = if fx.mode() == "zfs" {
+        std::process::Command::new("zfs")
+            .args(["list", &typo])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    } else {
+        std::path::Path::new(&typo).exists()
+    };
+    assert!(!exists, "detection created {typo}");
+}
+
+pub fn lock_serialises_processes(fx: &impl Fixture) {
+    snapshot(fx, 10);
+    // The name the lock is keyed on: the dataset, or the canonical path.
+    let key = std::fs::canonicalize(fx.volume())
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| fx.volume());
+    let lock_path = fx
+        .scratch()
+        .join("run/locks")
+        .join(format!("{}.lock", btm::dirs::escape(&key)));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .expect("lock file exists after a command");
+    let held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("flock");
+
+    let vol = fx.volume();
+    let mut child = crate::common::btm_cmd(
+        fx.scratch(),
+        &["snapshot", "--height", "20", "-p", &vol, "-m", fx.mode()],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("spawn");
+    sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "btm did not wait for the lock"
+    );
+    assert!(
+        !fx.has_snapshot("20"),
+        "snapshot taken while another process held the lock"
+    );
+    drop(held);
+    assert!(child.wait().expect("wait").success());
+    assert!(fx.has_snapshot("20"));
+}
