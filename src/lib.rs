@@ -36,6 +36,11 @@ pub mod pruner;
 pub mod retention;
 pub mod volume;
 
+/// The README's examples, compiled by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub use config::{BtmCfg, PreparedRollback, SnapshotReport};
 pub use error::Error;
 pub use retention::{Algo as SnapAlgo, Plan, Policy};

@@ -47,12 +47,14 @@ fn usage_error(e: clap::Error) -> ExitCode {
             }
         }
         _ => {
+            // Clap's first paragraph is the message; the rest is usage and
+            // tips. A hostile value may itself hold a newline: escape it.
             let rendered = e.render().to_string();
-            let first = rendered
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid arguments");
-            let msg = first.trim_start_matches("error: ");
+            let paragraph = rendered.split("\n\n").next().unwrap_or("invalid arguments");
+            let msg = paragraph
+                .trim()
+                .trim_start_matches("error: ")
+                .replace('\n', "\\n");
             eprintln!("btm: error: {msg}");
             ExitCode::from(EXIT_USAGE)
         }

@@ -317,7 +317,7 @@ impl Volume for ZfsVolume {
             Err(e) if e.kind == CmdErrorKind::Unsupported => self.details_fallback()?,
             Err(e) => return Err(e.into()),
         };
-        snaps.sort_unstable_by(|a, b| b.height.cmp(&a.height));
+        snaps.sort_unstable_by_key(|s| std::cmp::Reverse(s.height));
         Ok(snaps)
     }
 

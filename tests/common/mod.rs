@@ -11,10 +11,38 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::thread::sleep;
 use std::time::Duration;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// zfs-fuse can deadlock when pools are created and mounted concurrently
+/// right after it starts, so ZFS tests in one process take turns.
+static ZFS_SERIAL: Mutex<()> = Mutex::new(());
+
+/// Pools are named `btmtest<pid>x<n>`; destroy those whose test process is
+/// gone (killed before its fixtures could drop).
+fn sweep_dead_test_pools() {
+    let Ok(out) = Command::new("zpool")
+        .args(["list", "-H", "-o", "name"])
+        .output()
+    else {
+        return;
+    };
+    for pool in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(pid) = pool
+            .strip_prefix("btmtest")
+            .and_then(|r| r.split_once('x'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("zpool").args(["destroy", "-f", pool]).status();
+        }
+    }
+}
 
 /// Run a setup command and panic with its stderr if it fails.
 pub fn sh(program: &str, args: &[&str]) -> String {
@@ -271,17 +299,22 @@ impl Drop for Guard {
 pub struct Zfs {
     dir: tempfile::TempDir,
     pub pool: String,
+    _serial: MutexGuard<'static, ()>,
 }
 
 impl Zfs {
     pub fn new() -> Self {
         require_root();
+        let serial = ZFS_SERIAL
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let ready = Command::new("zpool").arg("list").output();
         assert!(
             ready.as_ref().is_ok_and(|o| o.status.success()),
             "zfs-fuse is not running or zfs tools are missing ({:?}); start it as root: `zfs-fuse` (see .ci/run)",
             ready.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
         );
+        sweep_dead_test_pools();
         let dir = tempfile::tempdir().expect("tempdir");
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let pool = format!("btmtest{}x{n}", std::process::id());
@@ -298,7 +331,11 @@ impl Zfs {
                 img.to_str().expect("utf8"),
             ],
         );
-        let fx = Zfs { dir, pool };
+        let fx = Zfs {
+            dir,
+            pool,
+            _serial: serial,
+        };
         sh("zfs", &["create", &fx.volume()]);
         fx
     }

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Run the whole test suite, real filesystems included, on a fresh machine.
+#
+# Installs what the tests need (btrfs-progs, zfs-fuse) if it is missing,
+# starts zfs-fuse if it is not running (and stops it again afterwards, by
+# the PID it started), then runs every test. Needs root: the tests create
+# loop-mounted btrfs images and zfs-fuse pools, and they fail rather than
+# skip when they cannot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/test.sh: the real-filesystem tests need root (loop devices, zfs-fuse)" >&2
+    exit 1
+fi
+
+missing=()
+command -v mkfs.btrfs >/dev/null || missing+=(btrfs-progs)
+command -v zfs-fuse >/dev/null || missing+=(zfs-fuse)
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "== installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+modprobe loop 2>/dev/null || true
+
+started_pid=""
+stop_zfs_fuse() {
+    if [ -n "$started_pid" ] && kill -0 "$started_pid" 2>/dev/null; then
+        kill "$started_pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$started_pid" 2>/dev/null || break; sleep 0.1; done
+    fi
+}
+trap stop_zfs_fuse EXIT
+trap 'exit 130' INT TERM
+
+if ! zpool list >/dev/null 2>&1; then
+    echo "== starting zfs-fuse"
+    pidfile=$(mktemp -u /run/btm-test-zfs-fuse.XXXXXX.pid)
+    zfs-fuse --pidfile "$pidfile"
+    for _ in $(seq 100); do
+        zpool list >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    started_pid=$(cat "$pidfile")
+    rm -f "$pidfile"
+    zpool list >/dev/null 2>&1 || { echo "zfs-fuse did not come up" >&2; exit 1; }
+fi
+
+echo "== cargo test (unit, property, CLI and real btrfs + zfs-fuse tests)"
+# A wedged filesystem must fail the run, not hang it until CI's limit.
+timeout --signal=KILL 1800 cargo test --locked --all-targets --no-fail-fast -- --test-threads=2
+cargo test --locked --doc

@@ -1,0 +1,201 @@
+//! Bad input never panics, never runs anything, and gets one line and a
+//! non-zero exit; `simulate` matches the fade definition; output to a
+//! closed pipe is not an error. None of this needs a filesystem.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Stdio;
+
+use common::{btm, btm_cmd};
+
+fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+#[test]
+fn hostile_volume_names_run_nothing() {
+    let dir = scratch();
+    let marker = dir.path().join("pwned");
+    let m = marker.to_str().expect("utf8");
+    let hostile = [
+        format!("pool/x; touch {m}"),
+        format!("$(touch {m})"),
+        format!("`touch {m}`"),
+        format!("pool/x|touch {m}"),
+        format!("pool/x && touch {m}"),
+        format!("pool/x\ntouch {m}"),
+        "-rf".to_owned(),
+        "pool/data@5".to_owned(),
+        "pool/da ta".to_owned(),
+    ];
+    for name in &hostile {
+        for verb in [
+            vec!["list"],
+            vec!["snapshot", "--height", "1"],
+            vec!["prune"],
+            vec!["rollback", "--yes"],
+            vec!["clean"],
+        ] {
+            let mut args = verb.clone();
+            let flag = format!("--volume={name}");
+            args.push(&flag);
+            let err = btm(dir.path(), &args).fails(2);
+            assert!(err.contains("invalid volume name"), "{name:?}: {err}");
+        }
+        // Through the environment too.
+        let out = btm_cmd(dir.path(), &["list"])
+            .env("BTM_VOLUME", name)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(2), "{name:?}");
+    }
+    assert!(!marker.exists(), "a hostile name executed a command");
+}
+
+#[test]
+fn bad_arguments_get_one_line_and_exit_2() {
+    let dir = scratch();
+    let cases: &[&[&str]] = &[
+        &["list"],                                           // no volume
+        &["snapshot", "-p", "pool/data"],                    // no height
+        &["snapshot", "-p", "pool/data", "--height", "abc"], // non-numeric
+        &["snapshot", "-p", "pool/data", "--height", "-5"],
+        &[
+            "snapshot",
+            "-p",
+            "pool/data",
+            "--height",
+            "18446744073709551616",
+        ],
+        &["prune", "-p", "pool/data", "-i", "0"],
+        &["prune", "-p", "pool/data", "-c", "0"],
+        &["prune", "-p", "pool/data", "-a", "lifo"],
+        &["list", "-p", "pool/data", "-m", "ext4"],
+        &["snapshot", "-p", "pool/data", "--height", "5", "-c", "3"], // -c needs --prune
+        &["rollback", "-p", "pool/data", "-s", "x"],
+        &["rollback", "-p", "pool/data", "--preserve", "/etc/passwd"],
+        &["rollback", "-p", "pool/data", "--preserve", "../escape"],
+        &["clean", "-p", "pool/data", "-k", "-1"],
+        &["simulate", "--itv", "0", "--cap", "5", "--blocks", "100"],
+        &["simulate", "--itv", "10", "--cap", "0", "--blocks", "100"],
+        &["simulate", "--itv", "10"],
+        &["frobnicate"],
+        &["list", "-p", "pool/data", "--log-level", "loud[["],
+    ];
+    for args in cases {
+        btm(dir.path(), args).fails(2);
+    }
+}
+
+#[test]
+fn missing_volumes_fail_cleanly() {
+    let dir = scratch();
+    let err = btm(dir.path(), &["list", "-p", "/nonexistent/btm/volume"]).fails(1);
+    assert!(err.contains("does not exist"), "{err}");
+    let err = btm(
+        dir.path(),
+        &["list", "-p", "/nonexistent/btm/volume", "-m", "btrfs"],
+    )
+    .fails(1);
+    assert!(err.contains("does not exist"), "{err}");
+    // A directory that is not a subvolume (the temp dir is not btrfs here,
+    // or if it is, it is not a subvolume root).
+    let err = btm(
+        dir.path(),
+        &[
+            "list",
+            "-p",
+            dir.path().to_str().expect("utf8"),
+            "-m",
+            "btrfs",
+        ],
+    )
+    .fails(1);
+    assert!(err.contains("not a btrfs volume"), "{err}");
+}
+
+fn simulate_kept(args: &[&str]) -> Vec<u64> {
+    let dir = scratch();
+    let mut all = vec!["simulate", "--json"];
+    all.extend_from_slice(args);
+    let out = btm(dir.path(), &all).ok();
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    v["kept"]
+        .as_array()
+        .expect("kept")
+        .iter()
+        .map(|h| h.as_u64().expect("u64"))
+        .collect()
+}
+
+#[test]
+fn simulate_matches_the_definitions() {
+    // fade, itv 10, cap 20: T = 10 tiers of q = 2 (worked example in README).
+    assert_eq!(
+        simulate_kept(&["-i", "10", "-c", "20", "-a", "fade", "--blocks", "2000"]),
+        vec![2000, 1990, 1900, 1000, 10]
+    );
+    assert_eq!(
+        simulate_kept(&["--itv", "10", "--cap", "3", "--algo", "fair", "--blocks", "95"]),
+        vec![90, 80, 70]
+    );
+    assert!(simulate_kept(&["-i", "10", "-c", "5", "--blocks", "9"]).is_empty());
+    let dir = scratch();
+    let text = btm(
+        dir.path(),
+        &[
+            "simulate", "-i", "10", "-c", "20", "-a", "fade", "--blocks", "2000",
+        ],
+    )
+    .ok();
+    assert!(text.contains("keep: tier 2, slot 19"), "{text}");
+    let err = btm(
+        dir.path(),
+        &["simulate", "-i", "1", "-c", "5", "--blocks", "99999999999"],
+    )
+    .fails(1);
+    assert!(err.contains("limit"), "{err}");
+}
+
+#[test]
+fn closed_stdout_is_not_an_error() {
+    let dir = scratch();
+    let mut child = btm_cmd(
+        dir.path(),
+        &["simulate", "-i", "1", "-c", "5000", "--blocks", "5000"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("read");
+    // The reader is dropped here, like `btm … | head -1`.
+    let out = child.wait_with_output().expect("wait");
+    assert!(first.contains("keep"), "{first}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn help_and_version_succeed() {
+    let dir = scratch();
+    for args in [&["--help"][..], &["--version"], &["rollback", "--help"]] {
+        let r = btm(dir.path(), args);
+        assert_eq!(r.code, 0, "{args:?}");
+    }
+    assert!(Path::new(env!("CARGO_BIN_EXE_btm")).exists());
+}
