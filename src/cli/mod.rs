@@ -137,16 +137,20 @@ fn destroy_failures(report: &btm::volume::DestroyReport) -> Result<()> {
     if report.failed.is_empty() {
         return Ok(());
     }
-    let detail: Vec<String> = report
-        .failed
-        .iter()
-        .map(|(h, e)| format!("{h} ({e})"))
-        .collect();
     anyhow::bail!(
         "could not destroy {} snapshot(s): {}",
         report.failed.len(),
-        detail.join("; ")
+        describe_failures(&report.failed)
     )
+}
+
+/// `"20 (reason); 30 (reason)"` for per-height failures.
+fn describe_failures<E: std::fmt::Display>(failed: &[(u64, E)]) -> String {
+    failed
+        .iter()
+        .map(|(h, e)| format!("{h} ({e})"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Render a byte count the way `zfs list` does (1024-based, one decimal).

@@ -9,7 +9,7 @@ use clap::Args;
 use btm::retention::Algo;
 use btm::SnapshotOutcome;
 
-use super::{print_json, VolumeArgs};
+use super::{describe_failures, print_json, VolumeArgs};
 
 /// Arguments of `btm snapshot`.
 #[derive(Debug, Args)]
@@ -71,14 +71,9 @@ pub fn run(args: SnapshotArgs, out: &mut dyn Write) -> Result<()> {
         }
     }
     if !report.prune_failures.is_empty() {
-        let detail: Vec<String> = report
-            .prune_failures
-            .iter()
-            .map(|(h, e)| format!("{h} ({e})"))
-            .collect();
         anyhow::bail!(
             "snapshot taken, but pruning failed for: {}",
-            detail.join("; ")
+            describe_failures(&report.prune_failures)
         );
     }
     Ok(())

@@ -300,7 +300,17 @@ impl Volume for BtrfsVolume {
                     self.base.as_str(),
                     RenameFlags::RENAME_EXCHANGE,
                 )
-                .map_err(|errno| Error::io(&self.path, std::io::Error::from(errno)))
+                .map_err(|errno| match errno {
+                    nix::errno::Errno::EBUSY => Error::WrongType {
+                        volume: self.name.clone(),
+                        mode: SnapMode::Btrfs,
+                        detail: "it is a mount point, so it cannot be swapped for the \
+                                 rolled-back subvolume; mount its parent and use the \
+                                 subvolume below it"
+                            .into(),
+                    },
+                    errno => Error::io(&self.path, std::io::Error::from(errno)),
+                })
             });
         if let Err(e) = swap {
             let _ = Self::delete_subvolumes(&[&scratch_s]);

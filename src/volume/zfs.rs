@@ -292,20 +292,10 @@ impl Volume for ZfsVolume {
     }
 
     fn heights(&self) -> Result<Vec<u64>, Error> {
-        let out = zfs(&[
-            "list",
-            "-H",
-            "-t",
-            "snapshot",
-            "-o",
-            "name",
-            "-d",
-            "1",
-            &self.dataset,
-        ])?;
-        let mut hs: Vec<u64> = out
-            .lines()
-            .filter_map(|l| self.height_of(l.trim()))
+        let mut hs: Vec<u64> = self
+            .all_snapshots_by_txg()?
+            .iter()
+            .filter_map(|n| self.height_of(n))
             .collect();
         hs.sort_unstable_by(|a, b| b.cmp(a));
         Ok(hs)

@@ -8,6 +8,31 @@ use std::time::Duration;
 
 use crate::common::{btm, Fixture};
 
+/// Instantiate every scenario as a `#[test]` on fixtures made by `$new`.
+macro_rules! all_scenarios {
+    ($new:path) => {
+        all_scenarios!(@each $new;
+            snapshot_list_and_existing_height,
+            foreign_snapshots_survive_every_command,
+            retention_matches_simulate,
+            rollback_behaviour,
+            clean_keeps_newest,
+            destroy_failures_are_reported_one_by_one,
+            detection_only_reads,
+            lock_serialises_processes,
+        );
+    };
+    (@each $new:path; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                let fx = $new();
+                scenarios::$name(&fx);
+            }
+        )*
+    };
+}
+
 fn snapshot(fx: &impl Fixture, h: u64) -> String {
     fx.btm(&["snapshot", "--height", &h.to_string()]).ok()
 }
