@@ -23,18 +23,26 @@
 //! # Ok::<(), btm::Error>(())
 //! ```
 //!
-//! Layers, each depending only on those below it: [`config`] (the
-//! [`BtmCfg`] façade) → [`pruner`], [`retention`] (pure), [`volume`]
-//! (drivers, one command wrapper) → [`lock`], [`preserve`], [`dirs`].
+//! Layers, each depending only on those below it: [`daemon`] →
+//! [`config`] (the [`BtmCfg`] façade, the daemon's settings), [`height`]
+//! (polled sources) → [`pruner`], [`retention`] (pure), [`volume`] (drivers,
+//! one command wrapper) → [`lock`], [`preserve`], [`window`], [`exec`],
+//! [`dirs`]. [`client`] and [`protocol`] let a node talk to the daemon.
 
+pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod dirs;
 pub mod error;
+pub mod exec;
+pub mod height;
 pub mod lock;
 pub mod preserve;
+pub mod protocol;
 pub mod pruner;
 pub mod retention;
 pub mod volume;
+pub mod window;
 
 /// The README's examples, compiled by `cargo test --doc`.
 #[cfg(doctest)]

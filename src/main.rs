@@ -20,7 +20,6 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
-    init_logging(cli.log_level.as_deref());
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
@@ -72,16 +71,30 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
-fn init_logging(level: Option<&str>) {
+/// Log to journald when running under systemd (`JOURNAL_STREAM` is set),
+/// with structured fields (`HEIGHT`, `VOLUME`, `SNAPSHOT`, `DURATION_MS`);
+/// otherwise to stderr in human-readable form. `level` (from `--log-level`
+/// or the config file) wins over `RUST_LOG`, which wins over `default`.
+pub(crate) fn init_logging(level: Option<&str>, default: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = match level {
         Some(l) => EnvFilter::try_new(l).ok(),
         None => EnvFilter::try_from_default_env().ok(),
     }
-    .unwrap_or_else(|| EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(io::stderr)
-        .with_target(false)
-        .without_time()
-        .init();
+    .unwrap_or_else(|| EnvFilter::new(default));
+    let journald = std::env::var_os("JOURNAL_STREAM")
+        .and_then(|_| tracing_journald::layer().ok())
+        .map(|l| l.with_field_prefix(None));
+    let registry = tracing_subscriber::registry().with(filter);
+    match journald {
+        Some(layer) => registry.with(layer).init(),
+        None => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(io::stderr)
+                    .with_target(false),
+            )
+            .init(),
+    }
 }

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The largest number of tiers fade uses.
 pub const MAX_TIERS: u64 = 10;
@@ -17,7 +17,7 @@ pub const MAX_TIERS: u64 = 10;
 pub const MAX_SIMULATE_STEPS: u64 = 10_000_000;
 
 /// Which retention rule to apply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Algo {
     /// Keep the newest `cap` snapshots.

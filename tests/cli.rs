@@ -199,3 +199,42 @@ fn help_and_version_succeed() {
     }
     assert!(Path::new(env!("CARGO_BIN_EXE_btm")).exists());
 }
+
+#[test]
+fn daemon_config_typos_fail_at_start_naming_the_key() {
+    let dir = scratch();
+    let conf = dir.path().join("btm.toml");
+    let c = conf.to_str().expect("utf8");
+    for (text, key) in [
+        ("volume = \"tank/data\"\nitvv = 10\n", "itvv"),
+        ("volume = \"tank/data\"\nalgo = \"fadee\"\n", "fadee"),
+        ("volume = \"tank/data\"\nsource = \"ethereum\"\n", "rpc_url"),
+        ("volume = \"tank/data\"\npoll_interval = 5\n", "line 2"),
+        (
+            "volume = \"tank/data\"\n[hooks]\npre_snapshot = \"x\"\n",
+            "line 3",
+        ),
+    ] {
+        std::fs::write(&conf, text).expect("write");
+        let err = btm(dir.path(), &["daemon", "--config", c]).fails(1);
+        assert!(err.contains(key), "{text:?}: {err}");
+    }
+    let err = btm(dir.path(), &["daemon", "--config", "/nonexistent/btm.toml"]).fails(1);
+    assert!(err.contains("/nonexistent/btm.toml"), "{err}");
+    btm(
+        dir.path(),
+        &["daemon", "--poll-interval", "soon", "-p", "x"],
+    )
+    .fails(2);
+}
+
+#[test]
+fn notify_and_status_without_a_daemon_fail_cleanly() {
+    let dir = scratch();
+    let sock = dir.path().join("none.sock");
+    let s = sock.to_str().expect("utf8");
+    let err = btm(dir.path(), &["notify", "--height", "10", "--socket", s]).fails(1);
+    assert!(err.contains("is `btm daemon` running?"), "{err}");
+    btm(dir.path(), &["status", "--socket", s]).fails(1);
+    btm(dir.path(), &["notify", "--height", "ten"]).fails(2);
+}

@@ -3,11 +3,14 @@
 //! (`-p/--volume`, `$BTM_VOLUME`, `-m`, `-i`, `-c`, `-a`, `-s`, `-S`, `-k`).
 
 mod clean;
+mod daemon;
 mod list;
+mod notify;
 mod prune;
 mod rollback;
 mod simulate;
 mod snapshot;
+mod status;
 
 use std::io::{self, Write};
 
@@ -47,6 +50,12 @@ pub enum Command {
     Clean(clean::CleanArgs),
     /// Preview which heights a policy keeps, without touching any volume
     Simulate(simulate::SimulateArgs),
+    /// Run the daemon: follow the node's height and snapshot at intervals
+    Daemon(daemon::DaemonArgs),
+    /// Tell the daemon the node reached a height (push mode); waits for the snapshot
+    Notify(notify::NotifyArgs),
+    /// Show what the running daemon is doing
+    Status(status::StatusArgs),
 }
 
 /// Which volume to act on.
@@ -114,8 +123,16 @@ impl VolumeArgs {
 
 /// Run the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
+    if let Command::Daemon(args) = cli.command {
+        // The daemon sets up its own logging once its configuration is read.
+        return daemon::run(args, cli.log_level);
+    }
+    crate::init_logging(cli.log_level.as_deref(), "warn");
     let out = &mut io::stdout().lock();
     match cli.command {
+        Command::Daemon(_) => unreachable!("handled above"),
+        Command::Notify(a) => notify::run(a, out),
+        Command::Status(a) => status::run(a, out),
         Command::List(a) => list::run(a, out),
         Command::Snapshot(a) => snapshot::run(a, out),
         Command::Prune(a) => prune::run(a, out),

@@ -212,6 +212,7 @@ impl Volume for BtrfsVolume {
                 name,
                 created,
                 used: id.and_then(|id| exclusive.get(&id).copied()),
+                height_after: None,
             });
         }
         Ok(snaps)

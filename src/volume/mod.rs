@@ -15,12 +15,12 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use cmd::{CmdError, CmdErrorKind};
 
 /// Which filesystem holds the volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SnapMode {
     /// A ZFS filesystem dataset, driven through the `zfs` CLI.
@@ -62,6 +62,10 @@ pub struct Snapshot {
     /// Bytes held only by this snapshot, where the filesystem reports it
     /// (ZFS `used`; btrfs only with quotas enabled).
     pub used: Option<u64>,
+    /// For snapshots taken by a polling daemon: the height read just after
+    /// the snapshot, so its state lies in `[height, height_after]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub height_after: Option<u64>,
 }
 
 /// What [`Volume::snapshot`] did.

@@ -135,6 +135,7 @@ impl ZfsVolume {
                     name: name.to_owned(),
                     created: epoch(created),
                     used: used.parse().ok(),
+                    height_after: None,
                 });
             }
         }
@@ -176,6 +177,7 @@ impl ZfsVolume {
                     name: n.clone(),
                     created,
                     used,
+                    height_after: None,
                 })
             })
             .collect())

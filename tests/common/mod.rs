@@ -406,3 +406,174 @@ impl Fixture for Zfs {
         })
     }
 }
+
+/// A `btm daemon` child process, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct DaemonProc {
+    pub child: std::process::Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl DaemonProc {
+    /// Start `btm daemon ARGS` with private directories; wait until its
+    /// socket answers `status`.
+    pub fn start(scratch: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let socket = scratch.join("run/btm.sock");
+        let log = scratch.join(format!(
+            "daemon-{}.log",
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        let mut all = vec!["daemon", "--log-level", "debug"];
+        all.extend_from_slice(args);
+        let mut cmd = btm_cmd(scratch, &all);
+        cmd.envs(env.iter().copied())
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .stderr(
+                std::fs::File::options()
+                    .append(true)
+                    .open(&log)
+                    .expect("log"),
+            );
+        let child = cmd.spawn().expect("spawn daemon");
+        let mut d = DaemonProc { child, socket, log };
+        for _ in 0..200 {
+            if d.status().is_some() {
+                return d;
+            }
+            if let Ok(Some(code)) = d.child.try_wait() {
+                panic!("daemon exited early ({code}): {}", d.log_text());
+            }
+            sleep(Duration::from_millis(50));
+        }
+        panic!("daemon did not come up: {}", d.log_text());
+    }
+
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let out = Command::new(env!("CARGO_BIN_EXE_btm"))
+            .args(["status", "--json", "--socket", self.socket.to_str()?])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())?
+    }
+
+    pub fn notify(&self, height: u64) -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_btm"))
+            .args([
+                "notify",
+                "--json",
+                "--height",
+                &height.to_string(),
+                "--socket",
+            ])
+            .arg(&self.socket)
+            .output()
+            .expect("notify runs");
+        assert!(
+            out.status.success(),
+            "notify {height}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("notify --json")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, sig);
+    }
+
+    /// SIGTERM and wait; the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..400 {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s.code();
+            }
+            sleep(Duration::from_millis(25));
+        }
+        let _ = self.child.kill();
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// A tiny HTTP server on loopback answering every request with whatever
+/// `respond` returns for the request's first line; for fake node RPCs.
+pub struct FakeRpc {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeRpc {
+    pub fn start(respond: impl Fn(&str) -> (u16, String) + Send + 'static) -> Self {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("addr").port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                let Ok((stream, _)) = listener.accept() else {
+                    sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut reader = BufReader::new(&stream);
+                let mut first = String::new();
+                let _ = reader.read_line(&mut first);
+                let mut len = 0usize;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; len];
+                let _ = reader.read_exact(&mut body);
+                let (code, text) = respond(first.trim());
+                let mut w = &stream;
+                let _ = write!(
+                    w,
+                    "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+            }
+        });
+        FakeRpc {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for FakeRpc {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

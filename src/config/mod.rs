@@ -4,6 +4,12 @@
 //! [`BtmCfg::snapshot`] at its commit boundary; the CLI is built on the same
 //! calls. Every mutating call takes the volume's lock first, so a node, the
 //! daemon and an operator at the CLI can never interleave on one volume.
+//!
+//! The daemon's own settings (the TOML file and its flags) are in [`daemon`].
+
+pub mod daemon;
+
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -93,9 +99,18 @@ impl BtmCfg {
     /// is and reported. Pruning failures are reported, never raised: losing
     /// a prune must not lose the snapshot.
     pub fn snapshot(&self, height: u64) -> Result<SnapshotReport, Error> {
+        self.snapshot_waiting(height, lock::DEFAULT_WAIT)
+    }
+
+    /// [`BtmCfg::snapshot`], waiting at most `lock_wait` for the volume lock.
+    pub fn snapshot_waiting(
+        &self,
+        height: u64,
+        lock_wait: Duration,
+    ) -> Result<SnapshotReport, Error> {
         let policy = self.policy()?;
         let vol = self.open()?;
-        let _lock = self.lock(vol.as_ref())?;
+        let _lock = VolumeLock::acquire(vol.name(), lock_wait)?;
         let outcome = take(vol.as_ref(), height)?;
         let plan = policy.plan(&vol.heights()?);
         let report = pruner::execute(vol.as_ref(), &plan);
@@ -137,9 +152,16 @@ impl BtmCfg {
         Ok(self.open()?.heights()?)
     }
 
-    /// btm snapshots with creation time and space used, newest first.
+    /// btm snapshots with creation time, space used and, for snapshots a
+    /// polling daemon took, the recorded height window; newest first.
     pub fn list_snapshots(&self) -> Result<Vec<Snapshot>, Error> {
-        Ok(self.open()?.list()?)
+        let vol = self.open()?;
+        let windows = crate::window::load(vol.name());
+        let mut snaps = vol.list()?;
+        for s in &mut snaps {
+            s.height_after = windows.get(&s.height).copied();
+        }
+        Ok(snaps)
     }
 
     /// Roll back to `target` (`None`: the latest snapshot). Non-strict picks
@@ -205,9 +227,9 @@ fn take(vol: &dyn Volume, height: u64) -> Result<SnapshotOutcome, Error> {
     nix::unistd::sync();
     let outcome = vol.snapshot(height)?;
     match outcome {
-        SnapshotOutcome::Created => tracing::info!(volume = vol.name(), height, "snapshot taken"),
+        SnapshotOutcome::Created => tracing::debug!(volume = vol.name(), height, "snapshot taken"),
         SnapshotOutcome::AlreadyExists => {
-            tracing::info!(
+            tracing::debug!(
                 volume = vol.name(),
                 height,
                 "snapshot already exists; left as it is"

@@ -1,0 +1,114 @@
+//! `btm daemon`: load the configuration (file, then flags), set up logging
+//! (journald under systemd), and hand over to [`btm::daemon::supervise`].
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use btm::config::daemon::{parse_duration, DaemonOptions, DaemonSettings, DEFAULT_CONFIG};
+use btm::retention::Algo;
+use btm::SnapMode;
+
+/// Arguments of `btm daemon`. Each has a key of the same name in the file.
+#[derive(Debug, Clone, Args)]
+pub struct DaemonArgs {
+    /// Configuration file [default: /etc/btm/btm.toml when it exists]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The volume (ZFS dataset or btrfs subvolume path)
+    #[arg(short = 'p', long, env = "BTM_VOLUME", value_parser = super::parse_volume)]
+    volume: Option<String>,
+    /// Snapshot interval in blocks [default: 10]
+    #[arg(short = 'i', long, value_parser = clap::value_parser!(u64).range(1..))]
+    itv: Option<u64>,
+    /// Most snapshots kept [default: 100]
+    #[arg(short = 'c', long, value_parser = clap::value_parser!(u64).range(1..))]
+    cap: Option<u64>,
+    /// zfs or btrfs [default: detected]
+    #[arg(short = 'm', long, value_parser = super::parse_mode)]
+    mode: Option<SnapMode>,
+    /// fair or fade [default: fair]
+    #[arg(short = 'a', long, value_parser = super::parse_algo)]
+    algo: Option<Algo>,
+    /// push, cometbft, ethereum, file or command [default: push]
+    #[arg(long, value_name = "SOURCE")]
+    source: Option<String>,
+    /// Node RPC URL for cometbft and ethereum (http://…)
+    #[arg(long, value_name = "URL")]
+    rpc_url: Option<String>,
+    /// File holding the height, for source file
+    #[arg(long, value_name = "PATH")]
+    height_file: Option<PathBuf>,
+    /// Command printing the height, for source command (split on spaces;
+    /// use the config file for arguments with spaces)
+    #[arg(long, value_name = "CMD")]
+    height_command: Option<String>,
+    /// Time between polls, e.g. 1s, 500ms [default: 1s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    poll_interval: Option<std::time::Duration>,
+    /// Control socket [default: /run/btm/btm.sock]
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Prometheus endpoint address, e.g. 127.0.0.1:9375
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
+}
+
+impl DaemonArgs {
+    fn options(&self, log_level: Option<String>) -> DaemonOptions {
+        DaemonOptions {
+            volume: self.volume.clone(),
+            mode: self.mode,
+            itv: self.itv,
+            cap: self.cap,
+            algo: self.algo,
+            source: self.source.clone(),
+            rpc_url: self.rpc_url.clone(),
+            height_file: self.height_file.clone(),
+            height_command: self
+                .height_command
+                .as_ref()
+                .map(|c| c.split_whitespace().map(str::to_owned).collect()),
+            poll_interval: self.poll_interval,
+            socket: self.socket.clone(),
+            metrics_listen: self.metrics_listen.clone(),
+            log_level,
+            ..DaemonOptions::default()
+        }
+    }
+
+    /// The file's options (if any) overlaid by the flags, resolved.
+    fn load(&self, log_level: Option<String>) -> Result<DaemonSettings> {
+        let file = match &self.config {
+            Some(path) => DaemonOptions::load(path)?,
+            None if Path::new(DEFAULT_CONFIG).exists() => {
+                DaemonOptions::load(Path::new(DEFAULT_CONFIG))?
+            }
+            None => DaemonOptions::default(),
+        };
+        Ok(file.overlay(self.options(log_level)).resolve()?)
+    }
+}
+
+pub fn run(args: DaemonArgs, log_level: Option<String>) -> Result<()> {
+    let settings = args.load(log_level.clone())?;
+    crate::init_logging(settings.log_level.as_deref(), "info");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(btm::daemon::supervise(settings, || {
+        args.load(log_level.clone()).map_err(|e| {
+            // The library wants its own error type; anything from loading
+            // is a configuration problem, reported as such.
+            btm::config::daemon::ConfigError::Invalid {
+                key: "config",
+                message: format!("{e:#}"),
+            }
+        })
+    }))?;
+    Ok(())
+}

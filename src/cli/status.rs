@@ -1,0 +1,117 @@
+//! `btm status`: what the running daemon is doing, from its socket.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use chrono::{DateTime, Utc};
+use clap::Args;
+
+use super::print_json;
+
+/// Arguments of `btm status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Control socket [default: /run/btm/btm.sock]
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Print the status as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+fn ago(t: Option<DateTime<Utc>>) -> String {
+    match t {
+        None => "never".into(),
+        Some(t) => {
+            let secs = (Utc::now() - t).num_seconds().max(0) as u64;
+            format!(
+                "{} ({} ago)",
+                t.format("%Y-%m-%d %H:%M:%S UTC"),
+                humantime::format_duration(Duration::from_secs(secs))
+            )
+        }
+    }
+}
+
+pub fn run(args: StatusArgs, out: &mut dyn Write) -> Result<()> {
+    let socket = args.socket.unwrap_or_else(btm::client::default_socket);
+    let s = btm::client::status(&socket, Duration::from_secs(10))?;
+    if args.json {
+        return print_json(out, &s);
+    }
+    let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+    writeln!(
+        out,
+        "btm daemon {} (pid {}), up since {}",
+        s.version,
+        s.pid,
+        ago(Some(s.started_at))
+    )?;
+    writeln!(out, "volume:         {} ({})", s.volume, s.mode)?;
+    writeln!(
+        out,
+        "policy:         {} itv {} cap {}",
+        s.algo, s.itv, s.cap
+    )?;
+    writeln!(
+        out,
+        "source:         {}{}",
+        s.source,
+        match s.source_failing_since {
+            Some(t) => format!(", FAILING since {}", ago(Some(t))),
+            None => String::new(),
+        }
+    )?;
+    writeln!(
+        out,
+        "last height:    {} at {}",
+        opt(s.last_height),
+        ago(s.last_height_at)
+    )?;
+    match &s.last_snapshot {
+        Some(l) => writeln!(
+            out,
+            "last snapshot:  {}{} at {}, took {} ms",
+            l.height,
+            l.height_after.map_or(String::new(), |a| format!(
+                " (node was at {}..{a})",
+                l.height
+            )),
+            ago(Some(l.at)),
+            l.duration_ms
+        )?,
+        None => writeln!(out, "last snapshot:  none since start")?,
+    }
+    if let Some(h) = s.in_progress {
+        writeln!(out, "in progress:    snapshot at {h}")?;
+    }
+    writeln!(
+        out,
+        "snapshots:      {} on the volume; next due at {}",
+        s.snapshot_count,
+        opt(s.next_due)
+    )?;
+    let c = &s.counters;
+    writeln!(
+        out,
+        "since start:    {} taken, {} skipped, {} failed, {} prune failures, {} source errors",
+        c.snapshots, c.skipped, c.snapshot_failures, c.prune_failures, c.source_errors
+    )?;
+    if s.recent_errors.is_empty() {
+        writeln!(out, "recent errors:  none")?;
+    } else {
+        writeln!(out, "recent errors:")?;
+        for e in &s.recent_errors {
+            writeln!(
+                out,
+                "  {} [{}] {}",
+                e.at.format("%Y-%m-%d %H:%M:%S"),
+                e.kind,
+                e.message
+            )?;
+        }
+    }
+    Ok(())
+}

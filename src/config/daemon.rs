@@ -1,0 +1,488 @@
+//! The daemon's configuration: `/etc/btm/btm.toml` overlaid by flags.
+//!
+//! Every `btm daemon` flag has a key of the same name here (`--rpc-url` is
+//! `rpc_url`). Unknown keys, wrong types and bad values are errors that name
+//! the key, on one line, so a typo never silently changes what the daemon
+//! does; SIGHUP relies on this to refuse a broken file and keep the old one.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::height::SourceSpec;
+use crate::retention::Algo;
+use crate::volume::{self, SnapMode};
+
+/// Where the daemon looks for its file when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/btm/btm.toml";
+
+/// Errors in the daemon's configuration. Each names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key or a wrong type.
+    #[error("config {path} line {line}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the problem.
+        line: usize,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A key has an unusable value.
+    #[error("invalid {key}: {message}")]
+    Invalid {
+        /// The key (flag names use the same words).
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A required key is missing.
+    #[error("{key} is required{hint}")]
+    Missing {
+        /// The key.
+        key: &'static str,
+        /// How to give it.
+        hint: &'static str,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn de_mode<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SnapMode>, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn de_algo<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Algo>, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// A positive duration such as `1s`, `500ms`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("'{s}' is not a duration like 1s, 500ms or 2m ({e})"))?;
+    if d.is_zero() {
+        return Err(format!("'{s}' must be longer than zero"));
+    }
+    Ok(d)
+}
+
+/// Snapshot hooks: commands run around each snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookOptions {
+    /// Run before each snapshot; a failure skips that snapshot.
+    pub pre_snapshot: Option<Vec<String>>,
+    /// Run after each snapshot; a failure is logged.
+    pub post_snapshot: Option<Vec<String>>,
+    /// How long a hook may run before it is killed (default 30s).
+    #[serde(default, deserialize_with = "de_duration")]
+    pub timeout: Option<Duration>,
+}
+
+/// Everything the daemon can be told, all optional: the file's keys, and
+/// the flags, which are overlaid on the file with [`DaemonOptions::overlay`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonOptions {
+    /// `-p/--volume`.
+    pub volume: Option<String>,
+    /// `-m/--mode`.
+    #[serde(default, deserialize_with = "de_mode")]
+    pub mode: Option<SnapMode>,
+    /// `-i/--itv`.
+    pub itv: Option<u64>,
+    /// `-c/--cap`.
+    pub cap: Option<u64>,
+    /// `-a/--algo`.
+    #[serde(default, deserialize_with = "de_algo")]
+    pub algo: Option<Algo>,
+    /// `--source`: push, cometbft, ethereum, file or command.
+    pub source: Option<String>,
+    /// `--rpc-url`.
+    pub rpc_url: Option<String>,
+    /// `--height-file`.
+    pub height_file: Option<PathBuf>,
+    /// `--height-command` (an argument vector in the file).
+    pub height_command: Option<Vec<String>>,
+    /// `--poll-interval`.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub poll_interval: Option<Duration>,
+    /// Timeout of one height read (HTTP request or command).
+    #[serde(default, deserialize_with = "de_duration")]
+    pub source_timeout: Option<Duration>,
+    /// How long a snapshot waits for the volume lock.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub lock_timeout: Option<Duration>,
+    /// `--socket`.
+    pub socket: Option<PathBuf>,
+    /// Group owning the socket (root owns it).
+    pub socket_group: Option<String>,
+    /// Socket permissions, octal (default "0660").
+    pub socket_mode: Option<String>,
+    /// `--log-level`.
+    pub log_level: Option<String>,
+    /// `--metrics-listen`: address for the Prometheus text endpoint.
+    pub metrics_listen: Option<String>,
+    /// Snapshot hooks.
+    pub hooks: Option<HookOptions>,
+}
+
+macro_rules! overlay_fields {
+    ($base:ident, $top:ident; $($f:ident),*) => {
+        DaemonOptions { $($f: $top.$f.or($base.$f)),* }
+    };
+}
+
+impl DaemonOptions {
+    /// Parse a TOML document; `path` is only used in error messages.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+                .unwrap_or(1);
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                message: e.message().replace('\n', " ").trim().to_owned(),
+            }
+        })
+    }
+
+    /// Read and parse a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// `self` with every key set in `top` replaced by `top`'s value.
+    pub fn overlay(self, top: DaemonOptions) -> DaemonOptions {
+        let base = self;
+        overlay_fields!(base, top;
+            volume, mode, itv, cap, algo, source, rpc_url, height_file, height_command,
+            poll_interval, source_timeout, lock_timeout, socket, socket_group, socket_mode,
+            log_level, metrics_listen, hooks)
+    }
+
+    /// Fill in defaults and check every value.
+    pub fn resolve(self) -> Result<DaemonSettings, ConfigError> {
+        let volume = self.volume.ok_or(ConfigError::Missing {
+            key: "volume",
+            hint: " (-p, $BTM_VOLUME, or `volume` in the config file)",
+        })?;
+        volume::validate_name(&volume).map_err(|e| invalid("volume", e.to_string()))?;
+        let itv = self.itv.unwrap_or(crate::config::DEFAULT_ITV);
+        if itv == 0 {
+            return Err(invalid("itv", "must be at least 1"));
+        }
+        let cap = self.cap.unwrap_or(crate::config::DEFAULT_CAP);
+        if cap == 0 {
+            return Err(invalid("cap", "must be at least 1"));
+        }
+        let source = resolve_source(
+            self.source.as_deref().unwrap_or("push"),
+            self.rpc_url,
+            self.height_file,
+            self.height_command,
+        )?;
+        let socket_mode = match self.socket_mode.as_deref() {
+            None => 0o660,
+            Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| {
+                    invalid(
+                        "socket_mode",
+                        format!("'{s}' is not an octal mode like 0660"),
+                    )
+                })?,
+        };
+        if let Some(group) = &self.socket_group {
+            if group.is_empty() || group.contains(|c: char| c.is_whitespace() || c == ':') {
+                return Err(invalid(
+                    "socket_group",
+                    format!("'{group}' is not a group name"),
+                ));
+            }
+        }
+        let metrics_listen = match &self.metrics_listen {
+            None => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "metrics_listen",
+                    format!("'{a}' is not an address like 127.0.0.1:9375"),
+                )
+            })?),
+        };
+        if let Some(level) = &self.log_level {
+            tracing_subscriber::EnvFilter::try_new(level)
+                .map_err(|e| invalid("log_level", format!("'{level}': {e}")))?;
+        }
+        let hooks = self.hooks.unwrap_or_default();
+        for (key, argv) in [
+            ("hooks.pre_snapshot", &hooks.pre_snapshot),
+            ("hooks.post_snapshot", &hooks.post_snapshot),
+        ] {
+            if argv
+                .as_ref()
+                .is_some_and(|a| a.first().is_none_or(|p| p.is_empty()))
+            {
+                return Err(invalid(key, "the command is empty"));
+            }
+        }
+        Ok(DaemonSettings {
+            volume,
+            mode: self.mode,
+            itv,
+            cap,
+            algo: self.algo.unwrap_or(Algo::Fair),
+            source,
+            poll_interval: self.poll_interval.unwrap_or(Duration::from_secs(1)),
+            source_timeout: self.source_timeout.unwrap_or(Duration::from_secs(5)),
+            lock_timeout: self.lock_timeout.unwrap_or(Duration::from_secs(60)),
+            socket: self.socket.unwrap_or_else(crate::client::default_socket),
+            socket_group: self.socket_group,
+            socket_mode,
+            log_level: self.log_level,
+            metrics_listen,
+            pre_snapshot: hooks.pre_snapshot,
+            post_snapshot: hooks.post_snapshot,
+            hook_timeout: hooks.timeout.unwrap_or(Duration::from_secs(30)),
+        })
+    }
+}
+
+fn resolve_source(
+    kind: &str,
+    rpc_url: Option<String>,
+    height_file: Option<PathBuf>,
+    height_command: Option<Vec<String>>,
+) -> Result<SourceSpec, ConfigError> {
+    let unused = |key: &'static str| {
+        invalid(
+            key,
+            format!("is set, but source is '{kind}', which does not use it"),
+        )
+    };
+    let url = |rpc_url: Option<String>| -> Result<String, ConfigError> {
+        let url = rpc_url.ok_or(ConfigError::Missing {
+            key: "rpc_url",
+            hint: " for this source (--rpc-url)",
+        })?;
+        if url.starts_with("https://") {
+            return Err(invalid(
+                "rpc_url",
+                "https is not supported: the daemon runs on the node's machine; use the node's local http:// endpoint",
+            ));
+        }
+        if !url.starts_with("http://") || url.len() <= "http://".len() {
+            return Err(invalid("rpc_url", format!("'{url}' is not an http:// URL")));
+        }
+        Ok(url)
+    };
+    let spec = match kind {
+        "push" => SourceSpec::Push,
+        "cometbft" => SourceSpec::Cometbft {
+            url: url(rpc_url.clone())?,
+        },
+        "ethereum" => SourceSpec::Ethereum {
+            url: url(rpc_url.clone())?,
+        },
+        "file" => SourceSpec::File {
+            path: height_file.clone().ok_or(ConfigError::Missing {
+                key: "height_file",
+                hint: " for source 'file' (--height-file)",
+            })?,
+        },
+        "command" => {
+            let argv = height_command.clone().ok_or(ConfigError::Missing {
+                key: "height_command",
+                hint: " for source 'command' (--height-command)",
+            })?;
+            if argv.first().is_none_or(|p| p.is_empty()) {
+                return Err(invalid("height_command", "the command is empty"));
+            }
+            SourceSpec::Command { argv }
+        }
+        other => {
+            return Err(invalid(
+                "source",
+                format!(
+                    "unknown source '{other}' (expected push, cometbft, ethereum, file or command)"
+                ),
+            ))
+        }
+    };
+    let uses_url = matches!(
+        spec,
+        SourceSpec::Cometbft { .. } | SourceSpec::Ethereum { .. }
+    );
+    if rpc_url.is_some() && !uses_url {
+        return Err(unused("rpc_url"));
+    }
+    if height_file.is_some() && !matches!(spec, SourceSpec::File { .. }) {
+        return Err(unused("height_file"));
+    }
+    if height_command.is_some() && !matches!(spec, SourceSpec::Command { .. }) {
+        return Err(unused("height_command"));
+    }
+    Ok(spec)
+}
+
+/// The daemon's resolved, validated settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonSettings {
+    /// The volume.
+    pub volume: String,
+    /// Its mode, or `None` to detect.
+    pub mode: Option<SnapMode>,
+    /// Snapshot interval in blocks.
+    pub itv: u64,
+    /// Retention cap.
+    pub cap: u64,
+    /// Retention rule.
+    pub algo: Algo,
+    /// Where heights come from.
+    pub source: SourceSpec,
+    /// Time between polls (polled sources).
+    pub poll_interval: Duration,
+    /// Timeout of one height read.
+    pub source_timeout: Duration,
+    /// How long a snapshot waits for the volume lock.
+    pub lock_timeout: Duration,
+    /// The control socket.
+    pub socket: PathBuf,
+    /// Group owning the socket.
+    pub socket_group: Option<String>,
+    /// Socket permission bits.
+    pub socket_mode: u32,
+    /// Log filter.
+    pub log_level: Option<String>,
+    /// Prometheus endpoint address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Pre-snapshot hook.
+    pub pre_snapshot: Option<Vec<String>>,
+    /// Post-snapshot hook.
+    pub post_snapshot: Option<Vec<String>>,
+    /// Hook timeout.
+    pub hook_timeout: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<DaemonSettings, ConfigError> {
+        DaemonOptions::from_toml(text, Path::new("t.toml"))?.resolve()
+    }
+
+    #[test]
+    fn minimal_file_gets_the_seed_defaults() {
+        let s = parse("volume = \"tank/data\"\n").expect("valid");
+        assert_eq!((s.itv, s.cap, s.algo), (10, 100, Algo::Fair));
+        assert_eq!(s.source, SourceSpec::Push);
+        assert_eq!(s.poll_interval, Duration::from_secs(1));
+        assert_eq!(s.socket_mode, 0o660);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("volume = \"a\"\nitvv = 5\n", "itvv"),
+            ("volume = \"a\"\nitv = \"ten\"\n", "line 2"),
+            ("volume = \"a\"\nmode = \"ext4\"\n", "ext4"),
+            ("volume = \"a\"\nalgo = \"lifo\"\n", "lifo"),
+            ("volume = \"a\"\nitv = 0\n", "itv"),
+            ("volume = \"a\"\ncap = 0\n", "cap"),
+            ("volume = \"a b\"\n", "volume"),
+            ("itv = 5\n", "volume is required"),
+            (
+                "volume = \"a\"\nsource = \"ethereum\"\n",
+                "rpc_url is required",
+            ),
+            (
+                "volume = \"a\"\nsource = \"ethereum\"\nrpc_url = \"https://x\"\n",
+                "https",
+            ),
+            ("volume = \"a\"\nsource = \"carrier-pigeon\"\n", "source"),
+            ("volume = \"a\"\nrpc_url = \"http://x\"\n", "rpc_url"),
+            ("volume = \"a\"\npoll_interval = \"soon\"\n", "soon"),
+            ("volume = \"a\"\npoll_interval = \"0s\"\n", "zero"),
+            ("volume = \"a\"\nsocket_mode = \"999\"\n", "socket_mode"),
+            (
+                "volume = \"a\"\nsource = \"command\"\nheight_command = []\n",
+                "height_command",
+            ),
+            ("volume = \"a\"\n[hooks]\npre = [\"x\"]\n", "pre"),
+            (
+                "volume = \"a\"\nmetrics_listen = \"localhost\"\n",
+                "metrics_listen",
+            ),
+        ];
+        for (text, needle) in cases {
+            let e = parse(text).expect_err(text).to_string();
+            assert!(e.contains(needle), "{text:?} gave {e:?}");
+            assert!(!e.contains('\n'), "multi-line error: {e:?}");
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = DaemonOptions::from_toml(
+            "volume = \"tank/a\"\nitv = 5\nalgo = \"fade\"\n",
+            Path::new("t.toml"),
+        )
+        .expect("valid");
+        let flags = DaemonOptions {
+            itv: Some(20),
+            ..DaemonOptions::default()
+        };
+        let s = file.overlay(flags).resolve().expect("valid");
+        assert_eq!(
+            (s.volume.as_str(), s.itv, s.algo),
+            ("tank/a", 20, Algo::Fade)
+        );
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("btm.toml.example");
+        let s = DaemonOptions::load(&path)
+            .expect("example parses")
+            .resolve()
+            .expect("example valid");
+        assert_eq!(s.volume, "tank/chain");
+    }
+}

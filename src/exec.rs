@@ -1,0 +1,208 @@
+//! Running commands the operator configured: snapshot hooks and the
+//! `command` height source. Unlike `zfs`/`btrfs` calls these are arbitrary
+//! programs, so each gets a timeout after which it is killed; a hung hook
+//! must never hang the daemon.
+
+use std::fmt;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+/// Most bytes kept from a command's stdout or stderr.
+const OUTPUT_LIMIT: u64 = 64 * 1024;
+
+/// How an operator command failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ExecError {
+    /// The argument vector.
+    pub argv: Vec<String>,
+    /// What happened.
+    pub kind: ExecErrorKind,
+}
+
+/// The ways an operator command can fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecErrorKind {
+    /// The argument vector was empty.
+    Empty,
+    /// It could not be started.
+    Spawn(String),
+    /// It ran longer than allowed and was killed.
+    Timeout(Duration),
+    /// It exited unsuccessfully.
+    Failed {
+        /// Exit code, or `None` if killed by a signal.
+        code: Option<i32>,
+        /// First line of its stderr.
+        stderr: String,
+    },
+}
+
+impl fmt::Display for ExecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let cmd = self.argv.join(" ");
+        match &self.kind {
+            ExecErrorKind::Empty => write!(f, "empty command"),
+            ExecErrorKind::Spawn(e) => write!(f, "`{cmd}` could not start: {e}"),
+            ExecErrorKind::Timeout(d) => write!(f, "`{cmd}` timed out after {d:?} and was killed"),
+            ExecErrorKind::Failed {
+                code: Some(c),
+                stderr,
+            } if stderr.is_empty() => {
+                write!(f, "`{cmd}` failed (exit {c})")
+            }
+            ExecErrorKind::Failed {
+                code: Some(c),
+                stderr,
+            } => {
+                write!(f, "`{cmd}` failed (exit {c}): {stderr}")
+            }
+            ExecErrorKind::Failed { code: None, .. } => write!(f, "`{cmd}` was killed by a signal"),
+        }
+    }
+}
+
+/// Run `argv` with extra environment `env`, no stdin, and at most
+/// `timeout`; return its stdout (first 64 KiB) on success. On timeout the
+/// process is killed and reaped before this returns.
+pub fn run(
+    argv: &[String],
+    env: &[(&str, String)],
+    timeout: Duration,
+) -> Result<String, ExecError> {
+    let err = |kind| ExecError {
+        argv: argv.to_vec(),
+        kind,
+    };
+    let (program, args) = argv
+        .split_first()
+        .ok_or_else(|| err(ExecErrorKind::Empty))?;
+    let mut child = Command::new(program)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| err(ExecErrorKind::Spawn(e.to_string())))?;
+    // Drain both pipes on threads so a chatty command cannot block on a
+    // full pipe. Results come back over channels, so a grandchild that
+    // keeps a pipe open cannot make us wait past the deadline either.
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(r) = r {
+                let _ = r.take(OUTPUT_LIMIT).read_to_end(&mut buf);
+            }
+            let _ = tx.send(String::from_utf8_lossy(&buf).into_owned());
+        });
+        rx
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let errs = drain(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() >= timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(err(ExecErrorKind::Timeout(timeout)));
+            }
+            Ok(None) => sleep(Duration::from_millis(5)),
+            Err(e) => return Err(err(ExecErrorKind::Spawn(e.to_string()))),
+        }
+    };
+    let grace = Duration::from_millis(500);
+    let stdout = out.recv_timeout(grace).unwrap_or_default();
+    let stderr = errs.recv_timeout(grace).unwrap_or_default();
+    if status.success() {
+        Ok(stdout)
+    } else {
+        Err(err(ExecErrorKind::Failed {
+            code: status.code(),
+            stderr: stderr.lines().next().unwrap_or_default().trim().to_owned(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn passes_env_and_returns_stdout() {
+        let out = run(
+            &argv(&["sh", "-c", "echo $BTM_HEIGHT"]),
+            &[("BTM_HEIGHT", "42".into())],
+            Duration::from_secs(5),
+        )
+        .expect("runs");
+        assert_eq!(out.trim(), "42");
+    }
+
+    #[test]
+    fn kills_on_timeout() {
+        let started = Instant::now();
+        let e =
+            run(&argv(&["sleep", "10"]), &[], Duration::from_millis(200)).expect_err("times out");
+        assert!(matches!(e.kind, ExecErrorKind::Timeout(_)));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_lingering_grandchild_does_not_block() {
+        let started = Instant::now();
+        let out = run(
+            &argv(&["sh", "-c", "echo hi; sleep 30 &"]),
+            &[],
+            Duration::from_secs(5),
+        )
+        .expect("runs");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(out.is_empty() || out.trim() == "hi");
+    }
+
+    #[test]
+    fn reports_failures() {
+        let e = run(
+            &argv(&["sh", "-c", "echo nope >&2; exit 3"]),
+            &[],
+            Duration::from_secs(5),
+        )
+        .expect_err("fails");
+        assert_eq!(
+            e.to_string(),
+            "`sh -c echo nope >&2; exit 3` failed (exit 3): nope"
+        );
+        assert!(matches!(
+            run(&[], &[], Duration::from_secs(1)).map_err(|e| e.kind),
+            Err(ExecErrorKind::Empty)
+        ));
+        assert!(matches!(
+            run(
+                &argv(&["/nonexistent/btm-hook"]),
+                &[],
+                Duration::from_secs(1)
+            )
+            .map_err(|e| e.kind),
+            Err(ExecErrorKind::Spawn(_))
+        ));
+    }
+}

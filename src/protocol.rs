@@ -1,0 +1,224 @@
+//! The control socket's wire protocol, shared by the daemon and clients.
+//!
+//! One JSON object per line each way over a Unix stream socket; the daemon
+//! answers one request per connection and closes it:
+//!
+//! ```text
+//! → {"cmd":"notify","height":120}
+//! ← {"ok":true,"result":{"height":120,"outcome":"created","snapshot":"tank/data@120","duration_ms":14,"pruned":[20]}}
+//! → {"cmd":"status"}
+//! ← {"ok":true,"result":{"volume":"tank/data", …}}
+//! ← {"ok":false,"error":"bad request: …"}
+//! ```
+//!
+//! A `notify` answer is sent only after the snapshot exists (or was skipped,
+//! with the reason), so a node that notifies at its commit boundary gets a
+//! snapshot of exactly that height.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::retention::Algo;
+use crate::volume::SnapMode;
+
+/// The longest request line the daemon reads.
+pub const MAX_LINE: usize = 4096;
+
+/// A request to the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    /// The node reached `height`; snapshot it if it is due.
+    Notify {
+        /// The block height just committed.
+        height: u64,
+    },
+    /// Report the daemon's state.
+    Status,
+}
+
+/// The envelope of every answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Reply<T> {
+    /// Success, with the result.
+    Ok {
+        /// Always `true`.
+        ok: bool,
+        /// The answer.
+        result: T,
+    },
+    /// Failure, with a one-line reason.
+    Err {
+        /// Always `false`.
+        ok: bool,
+        /// Why.
+        error: String,
+    },
+}
+
+impl<T> Reply<T> {
+    /// A successful reply.
+    pub fn ok(result: T) -> Self {
+        Reply::Ok { ok: true, result }
+    }
+    /// A failed reply.
+    pub fn err(error: impl Into<String>) -> Self {
+        Reply::Err {
+            ok: false,
+            error: error.into(),
+        }
+    }
+}
+
+/// What became of a notified height.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// A snapshot was taken.
+    Created,
+    /// A snapshot at that height already existed; nothing was changed.
+    Exists,
+    /// No snapshot was due, or a pre-hook declined; see the reason.
+    Skipped,
+    /// The snapshot was attempted and failed; see the reason.
+    Failed,
+}
+
+/// The answer to `notify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyReply {
+    /// The height notified.
+    pub height: u64,
+    /// What happened.
+    pub outcome: Outcome,
+    /// Why it was skipped or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The snapshot's name, when one exists now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// How long the snapshot (with pruning and hooks) took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Heights pruned afterwards.
+    #[serde(default)]
+    pub pruned: Vec<u64>,
+}
+
+/// The most recent snapshot the daemon took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastSnapshot {
+    /// Its height (name).
+    pub height: u64,
+    /// The height read just after it, for polled sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height_after: Option<u64>,
+    /// When it finished.
+    pub at: DateTime<Utc>,
+    /// How long it took.
+    pub duration_ms: u64,
+}
+
+/// One recent error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorEntry {
+    /// When it happened.
+    pub at: DateTime<Utc>,
+    /// A stable label: `source`, `snapshot`, `prune`, `hook`, …
+    pub kind: String,
+    /// The one-line message.
+    pub message: String,
+}
+
+/// Counters since the daemon started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Snapshots created.
+    pub snapshots: u64,
+    /// Heights skipped (not due, existing, pre-hook).
+    pub skipped: u64,
+    /// Snapshot attempts that failed.
+    pub snapshot_failures: u64,
+    /// Snapshots retention failed to destroy.
+    pub prune_failures: u64,
+    /// Failed height reads.
+    pub source_errors: u64,
+}
+
+/// The daemon's state, as `btm status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// btm version.
+    pub version: String,
+    /// The daemon's process id.
+    pub pid: u32,
+    /// When the daemon started.
+    pub started_at: DateTime<Utc>,
+    /// The volume.
+    pub volume: String,
+    /// Its filesystem.
+    pub mode: SnapMode,
+    /// The height source (`push`, `cometbft`, …).
+    pub source: String,
+    /// Snapshot interval.
+    pub itv: u64,
+    /// Retention cap.
+    pub cap: u64,
+    /// Retention rule.
+    pub algo: Algo,
+    /// The last height seen (pushed or polled).
+    pub last_height: Option<u64>,
+    /// When it was seen.
+    pub last_height_at: Option<DateTime<Utc>>,
+    /// Since when the source has been failing, if it is.
+    pub source_failing_since: Option<DateTime<Utc>>,
+    /// The last snapshot taken.
+    pub last_snapshot: Option<LastSnapshot>,
+    /// A snapshot being taken right now, by height.
+    pub in_progress: Option<u64>,
+    /// btm snapshots on the volume.
+    pub snapshot_count: usize,
+    /// The next height at which a snapshot is due.
+    pub next_due: Option<u64>,
+    /// The most recent errors, newest last (at most 20).
+    pub recent_errors: Vec<ErrorEntry>,
+    /// Counters since start.
+    pub counters: Counters,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_reject_junk() {
+        let r: Request = serde_json::from_str(r#"{"cmd":"notify","height":120}"#).expect("parse");
+        assert_eq!(r, Request::Notify { height: 120 });
+        let r: Request = serde_json::from_str(r#"{"cmd":"status"}"#).expect("parse");
+        assert_eq!(r, Request::Status);
+        for junk in [
+            r#"{"cmd":"notify"}"#,
+            r#"{"cmd":"notify","height":-1}"#,
+            r#"{"cmd":"notify","height":"12"}"#,
+            r#"{"cmd":"rm -rf"}"#,
+            r#"{"cmd":"notify","height":1,"extra":2}"#,
+            "120",
+            "",
+        ] {
+            assert!(serde_json::from_str::<Request>(junk).is_err(), "{junk}");
+        }
+    }
+
+    #[test]
+    fn replies_are_distinguishable() {
+        let ok: Reply<NotifyReply> = serde_json::from_str(
+            r#"{"ok":true,"result":{"height":5,"outcome":"skipped","reason":"not due"}}"#,
+        )
+        .expect("parse");
+        assert!(matches!(ok, Reply::Ok { result, .. } if result.outcome == Outcome::Skipped));
+        let err: Reply<NotifyReply> =
+            serde_json::from_str(r#"{"ok":false,"error":"bad request"}"#).expect("parse");
+        assert!(matches!(err, Reply::Err { error, .. } if error == "bad request"));
+    }
+}

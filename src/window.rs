@@ -1,0 +1,43 @@
+//! Height windows of polled snapshots.
+//!
+//! A polling daemon cannot know the exact height on disk at the instant of
+//! a snapshot: it names the snapshot by the height read just before and
+//! records the height read just after, so the snapshot holds a state
+//! somewhere in `[height, height_after]`. (Push mode gives exact heights.)
+//! The windows live in a small JSON file per volume under the state
+//! directory, pruned to the snapshots that still exist whenever written.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+fn path(volume: &str) -> PathBuf {
+    crate::dirs::state_dir()
+        .join("windows")
+        .join(format!("{}.json", crate::dirs::escape(volume)))
+}
+
+/// The recorded `height → height_after` pairs for `volume`; empty when
+/// none were recorded or the file is unreadable.
+pub fn load(volume: &str) -> BTreeMap<u64, u64> {
+    std::fs::read(path(volume))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Record that the snapshot at `height` was followed by `after`, keeping
+/// only entries for `existing` heights. Written atomically.
+pub fn record(volume: &str, height: u64, after: u64, existing: &[u64]) -> std::io::Result<()> {
+    let mut all = load(volume);
+    all.insert(height, after);
+    all.retain(|h, _| existing.contains(h));
+    let file = path(volume);
+    let dir = file.parent().map(PathBuf::from).unwrap_or_default();
+    std::fs::create_dir_all(&dir)?;
+    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec(&all).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &file)
+}

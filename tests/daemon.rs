@@ -1,0 +1,435 @@
+//! `btm daemon` against real volumes: push and polled sources, systemd
+//! notifications, bad inputs, reload and shutdown. Needs root.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use common::{btm, Btrfs, DaemonProc, FakeRpc, Fixture, Zfs};
+use nix::sys::signal::Signal;
+
+fn kept_by_simulate(fx: &impl Fixture, args: &[&str]) -> Vec<u64> {
+    let mut all = vec!["simulate", "--json"];
+    all.extend_from_slice(args);
+    let v: serde_json::Value = serde_json::from_str(&btm(fx.scratch(), &all).ok()).expect("json");
+    v["kept"]
+        .as_array()
+        .expect("kept")
+        .iter()
+        .map(|h| h.as_u64().expect("u64"))
+        .collect()
+}
+
+fn push_policies(fx: &impl Fixture) {
+    let vol = fx.volume();
+    // fair: cap 3, every answer arrives after its snapshot exists.
+    let d = DaemonProc::start(
+        fx.scratch(),
+        &["-p", &vol, "-m", fx.mode(), "-i", "10", "-c", "3"],
+        &[],
+    );
+    let skipped = d.notify(15);
+    assert_eq!(skipped["outcome"], "skipped");
+    assert!(skipped["reason"]
+        .as_str()
+        .expect("reason")
+        .contains("not a multiple"));
+    for h in (10..=60).step_by(10) {
+        let r = d.notify(h);
+        assert_eq!(r["outcome"], "created", "{r}");
+        assert!(
+            fx.has_snapshot(&h.to_string()),
+            "answer for {h} came before the snapshot"
+        );
+    }
+    assert_eq!(d.notify(60)["outcome"], "exists");
+    assert_eq!(fx.heights(), vec![60, 50, 40]);
+    let st = d.status().expect("status");
+    assert_eq!(st["last_snapshot"]["height"], 60);
+    assert_eq!(st["snapshot_count"], 3);
+    assert_eq!(st["next_due"], 70);
+    drop(d);
+    fx.btm(&["clean"]).ok();
+
+    // fade: the volume ends up exactly as `btm simulate` predicts.
+    let d = DaemonProc::start(
+        fx.scratch(),
+        &[
+            "-p",
+            &vol,
+            "-m",
+            fx.mode(),
+            "-i",
+            "2",
+            "-c",
+            "20",
+            "-a",
+            "fade",
+        ],
+        &[],
+    );
+    for h in (2..=120).step_by(2) {
+        d.notify(h);
+    }
+    assert_eq!(
+        fx.heights(),
+        kept_by_simulate(
+            fx,
+            &["-i", "2", "-c", "20", "-a", "fade", "--blocks", "120"]
+        )
+    );
+}
+
+#[test]
+fn push_on_btrfs() {
+    push_policies(&Btrfs::new());
+}
+
+#[test]
+fn push_on_zfs() {
+    push_policies(&Zfs::new());
+}
+
+/// READY=1, then WATCHDOG=1 at half of WATCHDOG_USEC, then STOPPING=1.
+#[test]
+fn tells_systemd_the_truth() {
+    let fx = Btrfs::new();
+    let sock_path = fx.scratch().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let vol = fx.volume();
+    let started = Instant::now();
+    let mut d = DaemonProc::start(
+        fx.scratch(),
+        &["-p", &vol],
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().expect("utf8")),
+            ("WATCHDOG_USEC", "600000"),
+        ],
+    );
+    let mut buf = [0u8; 4096];
+    let mut recv = || {
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = recv();
+    assert!(first.contains("READY=1"), "{first}");
+    assert!(first.contains("STATUS="), "{first}");
+    let mut pings = Vec::new();
+    while pings.len() < 3 {
+        let m = recv();
+        if m.contains("WATCHDOG=1") {
+            pings.push(started.elapsed());
+        }
+    }
+    // Three pings at ~300 ms intervals: neither missing nor flooding.
+    let span = pings[2] - pings[0];
+    assert!(
+        span >= Duration::from_millis(400) && span <= Duration::from_millis(1500),
+        "{pings:?}"
+    );
+    d.signal(Signal::SIGTERM);
+    let mut stopping = false;
+    for _ in 0..10 {
+        if recv().contains("STOPPING=1") {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "no STOPPING=1");
+    assert_eq!(d.stop(), Some(0));
+}
+
+/// A fake CometBFT node: heights advance, then garbage, an outage, a
+/// backwards step; the daemon snapshots each new bucket once, records the
+/// height window, stays up and says what is wrong.
+#[test]
+fn follows_cometbft_through_bad_answers() {
+    let fx = Btrfs::new();
+    let height = Arc::new(AtomicU64::new(3));
+    let mode = Arc::new(AtomicU64::new(0)); // 0 ok, 1 garbage, 2 truncated, 3 http 500
+    let (h2, m2) = (height.clone(), mode.clone());
+    let rpc = FakeRpc::start(move |req| {
+        assert!(req.starts_with("GET /status "), "{req}");
+        let h = h2.load(Ordering::SeqCst);
+        match m2.load(Ordering::SeqCst) {
+            1 => (200, "<html>bad gateway</html>".into()),
+            2 => (200, format!("{{\"result\":{{\"sync_info\":{{\"latest_block_height\":\"{h}")),
+            3 => (500, "{}".into()),
+            _ => (
+                200,
+                format!(
+                    "{{\"jsonrpc\":\"2.0\",\"id\":-1,\"result\":{{\"node_info\":{{\"network\":\"test\"}},\"sync_info\":{{\"latest_block_height\":\"{h}\",\"catching_up\":false}}}}}}"
+                ),
+            ),
+        }
+    });
+    let vol = fx.volume();
+    let d = DaemonProc::start(
+        fx.scratch(),
+        &[
+            "-p",
+            &vol,
+            "-i",
+            "10",
+            "--source",
+            "cometbft",
+            "--rpc-url",
+            &rpc.url(),
+            "--poll-interval",
+            "50ms",
+        ],
+        &[],
+    );
+    let wait_for = |pred: &dyn Fn(&serde_json::Value) -> bool, what: &str| {
+        for _ in 0..200 {
+            if d.status().is_some_and(|s| pred(&s)) {
+                return;
+            }
+            sleep(Duration::from_millis(25));
+        }
+        panic!(
+            "timed out waiting for {what}: {:?}\n{}",
+            d.status(),
+            d.log_text()
+        );
+    };
+    wait_for(&|s| s["last_snapshot"]["height"] == 3, "first snapshot");
+    for h in 4..=35 {
+        height.store(h, Ordering::SeqCst);
+        sleep(Duration::from_millis(30));
+    }
+    wait_for(&|s| s["last_height"] == 35, "height 35");
+    wait_for(&|s| s["in_progress"].is_null(), "idle");
+    let heights = fx.heights();
+    let buckets: Vec<u64> = heights.iter().map(|h| h / 10).collect();
+    assert_eq!(
+        buckets,
+        vec![3, 2, 1, 0],
+        "one snapshot per bucket: {heights:?}"
+    );
+    let listing: serde_json::Value =
+        serde_json::from_str(&fx.btm(&["list", "--json"]).ok()).expect("json");
+    for s in listing["snapshots"].as_array().expect("array") {
+        let (h, after) = (s["height"].as_u64().expect("h"), s["height_after"].as_u64());
+        assert!(after.is_some_and(|a| a >= h), "window recorded for {s}");
+    }
+
+    for bad in [1, 2, 3] {
+        mode.store(bad, Ordering::SeqCst);
+        wait_for(&|s| !s["source_failing_since"].is_null(), "source failure");
+        mode.store(0, Ordering::SeqCst);
+        wait_for(&|s| s["source_failing_since"].is_null(), "recovery");
+    }
+    let st = d.status().expect("status");
+    let kinds: Vec<&str> = st["recent_errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .map(|e| e["kind"].as_str().expect("kind"))
+        .collect();
+    assert!(kinds.contains(&"source"), "{st}");
+
+    // Backwards: no snapshot, no crash, then onwards again.
+    height.store(12, Ordering::SeqCst);
+    wait_for(&|s| s["last_height"] == 12, "backwards height");
+    sleep(Duration::from_millis(300));
+    assert_eq!(fx.heights().len(), 4, "no snapshot while going backwards");
+    height.store(41, Ordering::SeqCst);
+    wait_for(
+        &|s| s["last_snapshot"]["height"] == 41,
+        "snapshot after recovering",
+    );
+    assert!(d.log_text().contains("height went backwards"));
+}
+
+#[test]
+fn unreachable_rpc_keeps_the_daemon_up() {
+    let fx = Btrfs::new();
+    // Bind and drop to find a port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("a")
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let vol = fx.volume();
+    let mut d = DaemonProc::start(
+        fx.scratch(),
+        &[
+            "-p",
+            &vol,
+            "--source",
+            "ethereum",
+            "--rpc-url",
+            &url,
+            "--poll-interval",
+            "50ms",
+        ],
+        &[],
+    );
+    sleep(Duration::from_millis(500));
+    let st = d.status().expect("still answering");
+    assert!(!st["source_failing_since"].is_null(), "{st}");
+    assert!(st["counters"]["source_errors"].as_u64().expect("n") >= 1);
+    // Rate-limited: the first failure is logged, the rest are counted.
+    let logged = d
+        .log_text()
+        .matches("cannot read the node's height")
+        .count();
+    assert!(logged <= 2, "log flooded: {logged} lines");
+    assert_eq!(d.stop(), Some(0));
+}
+
+/// Clients that send nothing or garbage never wedge the socket.
+#[test]
+fn silent_and_garbage_clients_do_not_wedge_the_socket() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let fx = Btrfs::new();
+    let vol = fx.volume();
+    let d = DaemonProc::start(fx.scratch(), &["-p", &vol], &[]);
+    let silent: Vec<UnixStream> = (0..5)
+        .map(|_| UnixStream::connect(&d.socket).expect("connect"))
+        .collect();
+    for garbage in [
+        &b"garbage\n"[..],
+        b"{\"cmd\":\"notify\",\"height\":-4}\n",
+        &[0xff; 10000][..],
+        b"{}",
+    ] {
+        let mut s = UnixStream::connect(&d.socket).expect("connect");
+        let _ = s.write_all(garbage);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut answer = String::new();
+        s.set_read_timeout(Some(Duration::from_secs(15)))
+            .expect("timeout");
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.contains("\"ok\":false"), "{answer:?}");
+    }
+    assert_eq!(d.notify(10)["outcome"], "created");
+    drop(silent);
+    assert_eq!(d.notify(20)["outcome"], "created");
+}
+
+/// SIGTERM while a snapshot is in flight: it completes, its client gets the
+/// answer, and the daemon exits 0.
+#[test]
+fn sigterm_finishes_the_snapshot_in_flight() {
+    let fx = Btrfs::new();
+    let conf = fx.scratch().join("btm.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "volume = \"{}\"\n[hooks]\npre_snapshot = [\"sleep\", \"1\"]\ntimeout = \"10s\"\n",
+            fx.volume()
+        ),
+    )
+    .expect("write");
+    let mut d = DaemonProc::start(
+        fx.scratch(),
+        &["--config", conf.to_str().expect("utf8")],
+        &[],
+    );
+    let socket = d.socket.clone();
+    let client = std::thread::spawn(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_btm"))
+            .args(["notify", "--json", "--height", "10", "--socket"])
+            .arg(&socket)
+            .output()
+            .expect("notify")
+    });
+    sleep(Duration::from_millis(400));
+    assert_eq!(d.status().expect("status")["in_progress"], 10);
+    assert_eq!(d.stop(), Some(0));
+    let out = client.join().expect("client");
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(reply["outcome"], "created");
+    assert!(fx.has_snapshot("10"));
+    assert!(!d.socket.exists(), "socket file removed");
+}
+
+/// A failing pre-snapshot hook skips that snapshot and says why; the
+/// hook sees BTM_HEIGHT and BTM_VOLUME.
+#[test]
+fn hooks() {
+    let fx = Btrfs::new();
+    let conf = fx.scratch().join("btm.toml");
+    let marker = fx.scratch().join("post");
+    std::fs::write(
+        &conf,
+        format!(
+            "volume = \"{}\"\n[hooks]\npre_snapshot = [\"sh\", \"-c\", \"test $BTM_HEIGHT != 20\"]\npost_snapshot = [\"sh\", \"-c\", \"echo $BTM_HEIGHT $BTM_VOLUME >> {}\"]\n",
+            fx.volume(),
+            marker.display()
+        ),
+    )
+    .expect("write");
+    let d = DaemonProc::start(
+        fx.scratch(),
+        &["--config", conf.to_str().expect("utf8")],
+        &[],
+    );
+    assert_eq!(d.notify(10)["outcome"], "created");
+    let r = d.notify(20);
+    assert_eq!(r["outcome"], "skipped");
+    assert!(
+        r["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("pre-snapshot hook"),
+        "{r}"
+    );
+    assert_eq!(fx.heights(), vec![10]);
+    assert_eq!(
+        std::fs::read_to_string(&marker)
+            .expect("post hook ran")
+            .trim(),
+        format!("10 {}", fx.volume())
+    );
+}
+
+/// SIGHUP: a broken file is refused and the old settings stay; a good one
+/// takes over.
+#[test]
+fn sighup_reloads_only_a_valid_config() {
+    let fx = Btrfs::new();
+    let conf = fx.scratch().join("btm.toml");
+    let write = |itv: &str| {
+        std::fs::write(
+            &conf,
+            format!("volume = \"{}\"\nitv = {itv}\n", fx.volume()),
+        )
+        .expect("write")
+    };
+    write("10");
+    let d = DaemonProc::start(
+        fx.scratch(),
+        &["--config", conf.to_str().expect("utf8")],
+        &[],
+    );
+    assert_eq!(d.notify(10)["outcome"], "created");
+    write("\"ten\"");
+    d.signal(Signal::SIGHUP);
+    sleep(Duration::from_millis(500));
+    assert_eq!(d.status().expect("still up")["itv"], 10);
+    assert!(
+        d.log_text().contains("new configuration rejected"),
+        "{}",
+        d.log_text()
+    );
+    write("5");
+    d.signal(Signal::SIGHUP);
+    for _ in 0..100 {
+        if d.status().is_some_and(|s| s["itv"] == 5) {
+            break;
+        }
+        sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.notify(15)["outcome"], "created");
+}
