@@ -17,12 +17,24 @@ fi
 missing=()
 command -v mkfs.btrfs >/dev/null || missing+=(btrfs-progs)
 command -v zfs-fuse >/dev/null || missing+=(zfs-fuse)
+command -v curl >/dev/null || missing+=(curl)
+command -v npm >/dev/null || missing+=(nodejs npm)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "== installing ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 modprobe loop 2>/dev/null || true
+
+# ganache: a real Ethereum node for the polled-chain tests, from npm, kept
+# in a cache directory between runs.
+npm_prefix=${BTM_TEST_NPM_PREFIX:-/var/cache/btm-test/npm}
+export GANACHE_BIN="$npm_prefix/node_modules/.bin/ganache"
+if [ ! -x "$GANACHE_BIN" ]; then
+    echo "== installing ganache (npm) into $npm_prefix"
+    mkdir -p "$npm_prefix"
+    npm install --no-audit --no-fund --silent --prefix "$npm_prefix" ganache@7.9.2 >/dev/null
+fi
 
 started_pid=""
 stop_zfs_fuse() {
@@ -47,7 +59,7 @@ if ! zpool list >/dev/null 2>&1; then
     zpool list >/dev/null 2>&1 || { echo "zfs-fuse did not come up" >&2; exit 1; }
 fi
 
-echo "== cargo test (unit, property, CLI and real btrfs + zfs-fuse tests)"
+echo "== cargo test (unit, property, CLI, daemon, ganache chain, real btrfs + zfs-fuse tests)"
 # A wedged filesystem must fail the run, not hang it until CI's limit.
 timeout --signal=KILL 1800 cargo test --locked --all-targets --no-fail-fast -- --test-threads=2
 cargo test --locked --doc
