@@ -144,6 +144,18 @@ pub struct Counters {
     pub prune_failures: u64,
     /// Failed height reads.
     pub source_errors: u64,
+    /// Failed or timed-out hooks.
+    #[serde(default)]
+    pub hook_failures: u64,
+    /// Total time spent taking snapshots, in milliseconds.
+    #[serde(default)]
+    pub snapshot_ms_total: u64,
+    /// Total time spent pruning, in milliseconds.
+    #[serde(default)]
+    pub prune_ms_total: u64,
+    /// Prune runs.
+    #[serde(default)]
+    pub prunes: u64,
 }
 
 /// The daemon's state, as `btm status` shows it.

@@ -44,7 +44,12 @@ impl Ganache {
         let child = Command::new(ganache_bin())
             .args(["--database.dbPath", db.to_str().expect("utf8")])
             .args(["--miner.blockTime", block_time])
-            .args(["--server.host", "127.0.0.1", "--server.port", &port.to_string()])
+            .args([
+                "--server.host",
+                "127.0.0.1",
+                "--server.port",
+                &port.to_string(),
+            ])
             .args(["--logging.quiet", "--wallet.seed", "btm-test"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -67,8 +72,19 @@ impl Ganache {
 
     fn block_number(&self) -> Option<u64> {
         let out = Command::new("curl")
-            .args(["-s", "-m", "2", "-X", "POST", "-H", "content-type: application/json"])
-            .args(["--data", r#"{"jsonrpc":"2.0","id":1,"method":"eth_blockNumber","params":[]}"#])
+            .args([
+                "-s",
+                "-m",
+                "2",
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+            ])
+            .args([
+                "--data",
+                r#"{"jsonrpc":"2.0","id":1,"method":"eth_blockNumber","params":[]}"#,
+            ])
             .arg(self.url())
             .output()
             .ok()?;
@@ -104,8 +120,18 @@ fn rollback_lands_in_the_recorded_window(fx: &impl Fixture) {
     let mut daemon = DaemonProc::start(
         fx.scratch(),
         &[
-            "-p", &vol, "-m", fx.mode(), "-i", "10", "--source", "ethereum",
-            "--rpc-url", &node.url(), "--poll-interval", "100ms",
+            "-p",
+            &vol,
+            "-m",
+            fx.mode(),
+            "-i",
+            "10",
+            "--source",
+            "ethereum",
+            "--rpc-url",
+            &node.url(),
+            "--poll-interval",
+            "100ms",
         ],
         &[],
     );
@@ -121,14 +147,19 @@ fn rollback_lands_in_the_recorded_window(fx: &impl Fixture) {
     let listing: serde_json::Value =
         serde_json::from_str(&fx.btm(&["list", "--json"]).ok()).expect("json");
     let snaps = listing["snapshots"].as_array().expect("array");
-    assert!(snaps.len() >= 4, "too few snapshots: {listing}\n{}", daemon.log_text());
+    assert!(
+        snaps.len() >= 4,
+        "too few snapshots: {listing}\n{}",
+        daemon.log_text()
+    );
     // A snapshot from the middle, with its window.
     let target = &snaps[1];
     let h = target["height"].as_u64().expect("height");
     let after = target["height_after"].as_u64().expect("window recorded");
     assert!(after >= h);
 
-    fx.btm(&["rollback", "-s", &h.to_string(), "-S", "--yes"]).ok();
+    fx.btm(&["rollback", "-s", &h.to_string(), "-S", "--yes"])
+        .ok();
     // Restart without automatic mining, so the height is what was restored.
     let node = Ganache::start(&db, "0");
     let n = node.block_number().expect("block number");

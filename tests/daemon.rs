@@ -433,3 +433,43 @@ fn sighup_reloads_only_a_valid_config() {
     }
     assert_eq!(d.notify(15)["outcome"], "created");
 }
+
+/// The Prometheus endpoint reports heights, snapshots and errors by kind.
+#[test]
+fn metrics_endpoint() {
+    let fx = Btrfs::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("a")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let vol = fx.volume();
+    let d = DaemonProc::start(fx.scratch(), &["-p", &vol, "--metrics-listen", &addr], &[]);
+    d.notify(10);
+    d.notify(20);
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-m", "5", &format!("http://{addr}/metrics")])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "btm_last_height 20",
+        "btm_last_snapshot_height 20",
+        "btm_snapshots_taken_total 2",
+        "btm_snapshots 2",
+        "btm_prunes_total 2",
+        "btm_errors_total{kind=\"source\"} 0",
+        "# TYPE btm_snapshot_duration_seconds_sum counter",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
+    // A second daemon cannot take the same metrics port: clear error, exit 1.
+    let other = fx.scratch().join("other");
+    let r = btm(&other, &["daemon", "-p", &vol, "--metrics-listen", &addr]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("metrics_listen"), "{}", r.stderr);
+}

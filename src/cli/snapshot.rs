@@ -45,11 +45,15 @@ pub fn run(args: SnapshotArgs, out: &mut dyn Write) -> Result<()> {
     let report = if args.prune {
         cfg.snapshot(args.height)?
     } else {
+        let started = std::time::Instant::now();
+        let outcome = cfg.snapshot_only(args.height)?;
         btm::SnapshotReport {
             height: args.height,
-            outcome: cfg.snapshot_only(args.height)?,
+            outcome,
             pruned: Vec::new(),
             prune_failures: Vec::new(),
+            snapshot_ms: started.elapsed().as_millis() as u64,
+            prune_ms: 0,
         }
     };
     if args.json {

@@ -53,6 +53,10 @@ pub struct SnapshotReport {
     pub pruned: Vec<u64>,
     /// Heights retention wanted gone but could not destroy, with why.
     pub prune_failures: Vec<(u64, String)>,
+    /// How long taking the snapshot took (lock wait excluded).
+    pub snapshot_ms: u64,
+    /// How long pruning took.
+    pub prune_ms: u64,
 }
 
 impl BtmCfg {
@@ -111,12 +115,17 @@ impl BtmCfg {
         let policy = self.policy()?;
         let vol = self.open()?;
         let _lock = VolumeLock::acquire(vol.name(), lock_wait)?;
+        let started = std::time::Instant::now();
         let outcome = take(vol.as_ref(), height)?;
+        let snapshot_ms = started.elapsed().as_millis() as u64;
+        let started = std::time::Instant::now();
         let plan = policy.plan(&vol.heights()?);
         let report = pruner::execute(vol.as_ref(), &plan);
         Ok(SnapshotReport {
             height,
             outcome,
+            snapshot_ms,
+            prune_ms: started.elapsed().as_millis() as u64,
             pruned: report.destroyed,
             prune_failures: report
                 .failed

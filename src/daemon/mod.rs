@@ -11,6 +11,7 @@
 //! generation with a new one (a bad file is logged and ignored).
 
 mod control;
+mod metrics;
 mod poll;
 mod scheduler;
 mod state;
@@ -53,6 +54,14 @@ pub enum DaemonError {
     /// Another daemon already answers on the socket.
     #[error("another btm daemon is already listening on {0}")]
     SocketInUse(PathBuf),
+    /// The metrics address could not be bound.
+    #[error("metrics_listen {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
     /// The configured socket group does not exist.
     #[error("invalid socket_group: no group named '{0}'")]
     Group(String),
@@ -137,6 +146,14 @@ pub async fn run(
         }
     }
 
+    let metrics_listener = match settings.metrics_listen {
+        Some(addr) => Some(
+            metrics::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
     let listener = control::bind(
         &settings.socket,
         settings.socket_group.as_deref(),
@@ -157,6 +174,13 @@ pub async fn run(
             Arc::clone(&scheduler),
             Arc::clone(&state),
             settings.poll_interval,
+            shutdown.resubscribe(),
+        ));
+    }
+    if let Some(listener) = metrics_listener {
+        tasks.spawn(metrics::serve(
+            listener,
+            Arc::clone(&state),
             shutdown.resubscribe(),
         ));
     }

@@ -153,13 +153,17 @@ impl Scheduler {
         if let Some(e) = &took.post_hook_error {
             tracing::warn!(height, error = %e, "post-snapshot hook failed");
             self.state.error("hook", e);
+            self.state.count(|c| c.hook_failures += 1);
         }
         let report = match took.outcome {
             Ok(r) => r,
             Err(reason) if reason.starts_with(PRE_HOOK) => {
                 tracing::warn!(height, reason = %reason, "snapshot skipped");
                 self.state.error("hook", &reason);
-                self.state.count(|c| c.skipped += 1);
+                self.state.count(|c| {
+                    c.skipped += 1;
+                    c.hook_failures += 1;
+                });
                 return skipped(height, &reason);
             }
             Err(reason) => {
@@ -176,6 +180,11 @@ impl Scheduler {
                 };
             }
         };
+        self.state.count(|c| {
+            c.snapshot_ms_total += report.snapshot_ms;
+            c.prune_ms_total += report.prune_ms;
+            c.prunes += 1;
+        });
         for (h, e) in &report.prune_failures {
             self.state
                 .error("prune", &format!("could not prune {h}: {e}"));

@@ -1,0 +1,154 @@
+//! The optional Prometheus text endpoint (`metrics_listen`): `GET /metrics`
+//! renders the daemon's state in the text exposition format. Deliberately a
+//! few lines over a TCP socket rather than an HTTP framework: one route,
+//! read-only, bounded request size and time.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+
+use crate::protocol::Status;
+
+use super::state::State;
+
+/// Render `s` in the Prometheus text format.
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, kind: &str, value: Option<f64>| {
+        if let Some(v) = value {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+    };
+    let c = &s.counters;
+    gauge(
+        "btm_last_height",
+        "Last block height seen from the source.",
+        "gauge",
+        s.last_height.map(|h| h as f64),
+    );
+    gauge(
+        "btm_source_lag_seconds",
+        "Seconds since the source last gave a height.",
+        "gauge",
+        s.last_height_at
+            .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0),
+    );
+    let last = s.last_snapshot.as_ref();
+    gauge(
+        "btm_last_snapshot_height",
+        "Height of the last snapshot taken.",
+        "gauge",
+        last.map(|l| l.height as f64),
+    );
+    gauge(
+        "btm_last_snapshot_timestamp_seconds",
+        "Unix time of the last snapshot taken.",
+        "gauge",
+        last.map(|l| l.at.timestamp() as f64),
+    );
+    gauge(
+        "btm_last_snapshot_duration_seconds",
+        "Duration of the last snapshot, with hooks and pruning.",
+        "gauge",
+        last.map(|l| l.duration_ms as f64 / 1000.0),
+    );
+    gauge(
+        "btm_snapshots",
+        "btm snapshots on the volume.",
+        "gauge",
+        Some(s.snapshot_count as f64),
+    );
+    gauge(
+        "btm_snapshots_taken_total",
+        "Snapshots taken since start.",
+        "counter",
+        Some(c.snapshots as f64),
+    );
+    gauge(
+        "btm_snapshot_duration_seconds_sum",
+        "Total time spent taking snapshots.",
+        "counter",
+        Some(c.snapshot_ms_total as f64 / 1000.0),
+    );
+    gauge(
+        "btm_prune_duration_seconds_sum",
+        "Total time spent pruning.",
+        "counter",
+        Some(c.prune_ms_total as f64 / 1000.0),
+    );
+    gauge(
+        "btm_prunes_total",
+        "Prune runs since start.",
+        "counter",
+        Some(c.prunes as f64),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP btm_errors_total Errors since start, by kind.\n# TYPE btm_errors_total counter"
+    );
+    for (kind, n) in [
+        ("source", c.source_errors),
+        ("snapshot", c.snapshot_failures),
+        ("prune", c.prune_failures),
+        ("hook", c.hook_failures),
+    ] {
+        let _ = writeln!(out, "btm_errors_total{{kind=\"{kind}\"}} {n}");
+    }
+    out
+}
+
+/// Serve `GET /metrics` on `addr` until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    mut shutdown: broadcast::Receiver<()>,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.recv() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let state = Arc::clone(&state);
+        // Answered inline: rendering is microseconds, and a slow client is
+        // cut off by the timeout.
+        let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, &state)).await;
+    }
+}
+
+/// Bind the metrics address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+async fn answer(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
+    let mut buf = [0u8; 8192];
+    let n = stream.read(&mut buf).await?;
+    let request = String::from_utf8_lossy(&buf[..n]);
+    let (status, body) = if request.starts_with("GET /metrics ") || request.starts_with("GET / ") {
+        ("200 OK", render(&state.status()))
+    } else {
+        ("404 Not Found", "only GET /metrics is served\n".to_owned())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
