@@ -79,10 +79,17 @@ impl VolumeLock {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(mut lock) => {
                     // Record the holder for the error message of the next
-                    // process that has to wait.
-                    let _ = lock.set_len(0);
-                    let _ = lock.rewind();
-                    let _ = write!(lock, "{}", std::process::id());
+                    // process that has to wait. A daemon re-locks at every
+                    // height: skip the write (and the dirty page that the
+                    // next sync() would flush) when our pid is there already.
+                    let pid = std::process::id().to_string();
+                    let mut current = String::new();
+                    let _ = lock.read_to_string(&mut current);
+                    if current != pid {
+                        let _ = lock.set_len(0);
+                        let _ = lock.rewind();
+                        let _ = lock.write_all(pid.as_bytes());
+                    }
                     return Ok(VolumeLock { _lock: lock });
                 }
                 Err((mut file, Errno::EWOULDBLOCK)) => {

@@ -54,6 +54,7 @@ pub fn run(args: SnapshotArgs, out: &mut dyn Write) -> Result<()> {
             prune_failures: Vec::new(),
             snapshot_ms: started.elapsed().as_millis() as u64,
             prune_ms: 0,
+            heights: Vec::new(),
         }
     };
     if args.json {

@@ -57,6 +57,8 @@ pub struct SnapshotReport {
     pub snapshot_ms: u64,
     /// How long pruning took.
     pub prune_ms: u64,
+    /// btm snapshot heights on the volume afterwards, newest first.
+    pub heights: Vec<u64>,
 }
 
 impl BtmCfg {
@@ -112,16 +114,30 @@ impl BtmCfg {
         height: u64,
         lock_wait: Duration,
     ) -> Result<SnapshotReport, Error> {
+        self.snapshot_on(self.open()?.as_ref(), height, lock_wait)
+    }
+
+    /// [`BtmCfg::snapshot_waiting`] on a volume the caller already opened
+    /// (the daemon opens it once, not at every height).
+    pub fn snapshot_on(
+        &self,
+        vol: &dyn Volume,
+        height: u64,
+        lock_wait: Duration,
+    ) -> Result<SnapshotReport, Error> {
         let policy = self.policy()?;
-        let vol = self.open()?;
         let _lock = VolumeLock::acquire(vol.name(), lock_wait)?;
         let started = std::time::Instant::now();
-        let outcome = take(vol.as_ref(), height)?;
+        let outcome = take(vol, height)?;
         let snapshot_ms = started.elapsed().as_millis() as u64;
         let started = std::time::Instant::now();
         let plan = policy.plan(&vol.heights()?);
-        let report = pruner::execute(vol.as_ref(), &plan);
+        let report = pruner::execute(vol, &plan);
+        let mut heights = plan.kept();
+        heights.extend(report.failed.iter().map(|(h, _)| *h));
+        heights.sort_unstable_by(|a, b| b.cmp(a));
         Ok(SnapshotReport {
+            heights,
             height,
             outcome,
             snapshot_ms,

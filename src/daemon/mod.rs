@@ -82,12 +82,13 @@ pub async fn run(
     settings: DaemonSettings,
     shutdown: broadcast::Receiver<()>,
 ) -> Result<(), DaemonError> {
-    let (cfg, heights) = {
+    let (cfg, volume, heights) = {
         let s = settings.clone();
         tokio::task::spawn_blocking(move || -> Result<_, crate::Error> {
             let cfg = BtmCfg::new(&s.volume, s.mode, s.itv, s.cap, s.algo)?;
-            let heights = cfg.get_sorted_snapshots()?;
-            Ok((cfg, heights))
+            let volume: Arc<dyn crate::volume::Volume> = Arc::from(cfg.open()?);
+            let heights = volume.heights()?;
+            Ok((cfg, volume, heights))
         })
         .await
         .map_err(|e| DaemonError::Internal(e.to_string()))??
@@ -114,6 +115,7 @@ pub async fn run(
     }));
     let scheduler = Arc::new(scheduler::Scheduler::new(
         cfg.clone(),
+        volume,
         settings.clone(),
         Arc::clone(&state),
         &heights,

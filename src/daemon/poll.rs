@@ -123,11 +123,11 @@ pub async fn run(
                         Ok(after) => {
                             state.height_seen(after);
                             state.window_closed(height, after);
-                            let vol = volume.clone();
-                            let existing = scheduler.cfg().clone();
+                            let name = volume.clone();
+                            let vol = Arc::clone(scheduler.volume());
                             let recorded = tokio::task::spawn_blocking(move || {
-                                let heights = existing.get_sorted_snapshots().unwrap_or_default();
-                                crate::window::record(&vol, height, after, &heights)
+                                let heights = vol.heights().unwrap_or_default();
+                                crate::window::record(&name, height, after, &heights)
                             })
                             .await;
                             if let Ok(Err(e)) = recorded {

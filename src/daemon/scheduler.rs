@@ -15,6 +15,7 @@ use chrono::Utc;
 
 use crate::config::daemon::DaemonSettings;
 use crate::protocol::{LastSnapshot, NotifyReply, Outcome};
+use crate::volume::Volume;
 use crate::{BtmCfg, SnapshotOutcome};
 
 use super::state::State;
@@ -64,6 +65,8 @@ pub fn poll_due(height: u64, newest: Option<u64>, itv: u64) -> PollDecision {
 /// Runs snapshots for one daemon generation.
 pub struct Scheduler {
     cfg: BtmCfg,
+    /// Opened once per generation: re-opening runs commands at every height.
+    volume: Arc<dyn Volume>,
     settings: DaemonSettings,
     state: Arc<State>,
     /// Serialises takes; holds the newest snapshot height on the volume.
@@ -80,11 +83,18 @@ struct Took {
 
 impl Scheduler {
     /// A scheduler for `cfg`, whose volume currently holds `heights`.
-    pub fn new(cfg: BtmCfg, settings: DaemonSettings, state: Arc<State>, heights: &[u64]) -> Self {
+    pub fn new(
+        cfg: BtmCfg,
+        volume: Arc<dyn Volume>,
+        settings: DaemonSettings,
+        state: Arc<State>,
+        heights: &[u64],
+    ) -> Self {
         let newest = heights.first().copied();
         state.volume_seen(heights.len(), next_due(&settings, newest));
         Scheduler {
             cfg,
+            volume,
             settings,
             state,
             gate: tokio::sync::Mutex::new(newest),
@@ -95,6 +105,11 @@ impl Scheduler {
     /// The volume's configuration.
     pub fn cfg(&self) -> &BtmCfg {
         &self.cfg
+    }
+
+    /// The opened volume.
+    pub fn volume(&self) -> &Arc<dyn Volume> {
+        &self.volume
     }
 
     /// The newest snapshot height (waits for an in-flight take).
@@ -132,9 +147,12 @@ impl Scheduler {
         self.state.in_progress(Some(height));
         let started = Instant::now();
         let cfg = self.cfg.clone();
+        let vol = Arc::clone(&self.volume);
         let settings = self.settings.clone();
-        let took =
-            tokio::task::spawn_blocking(move || take_blocking(&cfg, &settings, height)).await;
+        let took = tokio::task::spawn_blocking(move || {
+            take_blocking(&cfg, vol.as_ref(), &settings, height)
+        })
+        .await;
         self.state.in_progress(None);
         let duration_ms = started.elapsed().as_millis() as u64;
         let took = match took {
@@ -222,7 +240,7 @@ impl Scheduler {
 
 const PRE_HOOK: &str = "pre-snapshot hook";
 
-fn take_blocking(cfg: &BtmCfg, settings: &DaemonSettings, height: u64) -> Took {
+fn take_blocking(cfg: &BtmCfg, vol: &dyn Volume, settings: &DaemonSettings, height: u64) -> Took {
     let env = [
         ("BTM_HEIGHT", height.to_string()),
         ("BTM_VOLUME", cfg.volume.clone()),
@@ -237,9 +255,14 @@ fn take_blocking(cfg: &BtmCfg, settings: &DaemonSettings, height: u64) -> Took {
         }
     }
     let outcome = cfg
-        .snapshot_waiting(height, settings.lock_timeout)
+        .snapshot_on(vol, height, settings.lock_timeout)
         .map_err(|e| e.to_string());
-    let heights = cfg.get_sorted_snapshots().unwrap_or_default();
+    // On failure the volume may still have changed (e.g. a lock timeout
+    // after another process pruned): list it; on success the report has it.
+    let heights = match &outcome {
+        Ok(r) => r.heights.clone(),
+        Err(_) => vol.heights().unwrap_or_default(),
+    };
     let post_hook_error = match (&settings.post_snapshot, &outcome) {
         (Some(argv), Ok(_)) => crate::exec::run(argv, &env, settings.hook_timeout)
             .err()
