@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build test lint demo clean
+.PHONY: all build test lint demo bench clean
 
 all: build
 
@@ -19,6 +19,9 @@ lint:
 
 demo:
 	./scripts/demo.sh
+
+bench:
+	./scripts/bench-daemon.sh
 
 clean:
 	$(CARGO) clean

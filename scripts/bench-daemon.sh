@@ -55,6 +55,18 @@ lib=$("$PWD/target/release/examples/notify_latency" "$work/mnt/chain" "$work/mnt
 lbare=($(awk '{print $1}' <<<"$lib")); lpush=($(awk '{print $2}' <<<"$lib"))
 sleep 2
 rss_idle=$(rss)
+fds() { ls "/proc/$daemon_pid/fd" | wc -l; }
+fds_before=$(fds)
+
+# Soak: many more heights (and status calls); memory and open files must
+# stay flat.
+soak=${BENCH_SOAK:-1000}
+for i in $(seq $((2 * n + 1)) $((2 * n + soak))); do
+    "$btm" notify --height "$i" >/dev/null
+    [ $((i % 100)) -eq 0 ] && "$btm" status >/dev/null
+done
+sleep 2
+rss_soak=$(rss); fds_after=$(fds)
 
 stats() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {printf "median %.1f ms, p90 %.1f ms", a[int((NR+1)/2)]/1000, a[int(NR*0.9)]/1000}'; }
 med() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
@@ -71,3 +83,4 @@ echo "  btm notify:                      $(stats "${push[@]}")"
 awk -v b="$mb" -v p="$mp" 'BEGIN {printf "  overhead (median):               %+.1f%%\n", (p-b)*100/b}'
 echo "daemon RSS after start:            $((rss_start / 1024)).$(( (rss_start % 1024) * 10 / 1024 )) MiB"
 echo "daemon RSS idle after $((2 * n)) snapshots: $((rss_idle / 1024)).$(( (rss_idle % 1024) * 10 / 1024 )) MiB (target: under 20 MB)"
+echo "after $soak more snapshots:        RSS $((rss_soak / 1024)).$(( (rss_soak % 1024) * 10 / 1024 )) MiB, open fds $fds_before -> $fds_after"

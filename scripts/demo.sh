@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job on an embedded default: a throwaway btrfs volume in a
-# loop-mounted image, snapshots at block heights under the fade policy,
-# list, a preview with simulate, and a rollback that keeps a validator's
-# signing state. Everything is removed at the end, also on failure.
+# The main job on an embedded default: `btm daemon` in push mode on a
+# throwaway btrfs volume in a loop-mounted image; a pretend node notifies
+# each committed height; then `btm status`, `btm list`, a preview with
+# `btm simulate`, and a rollback that keeps a validator's signing state.
+# Everything is removed at the end, also on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,11 +18,14 @@ cargo build --release --locked --quiet
 btm="$PWD/target/release/btm"
 
 work=$(mktemp -d /tmp/btm-demo.XXXXXX)
+daemon_pid=""
 cleanup() {
+    if [ -n "$daemon_pid" ]; then kill "$daemon_pid" 2>/dev/null; wait "$daemon_pid" 2>/dev/null || true; fi
     umount "$work/mnt" 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 export BTM_RUNTIME_DIR="$work/run" BTM_STATE_DIR="$work/state"
 
 truncate -s 256M "$work/fs.img"
@@ -34,18 +38,29 @@ mkdir -p "$BTM_VOLUME/data"
 
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
 
-echo "A pretend node commits blocks 1..1000; btm snapshots every 10 (fade, cap 100)."
+echo "Starting btm daemon (push mode, fade, itv 10, cap 100) on a throwaway btrfs volume."
+"$btm" daemon -i 10 -c 100 -a fade --log-level warn &
+daemon_pid=$!
+for _ in $(seq 100); do "$btm" status >/dev/null 2>&1 && break; sleep 0.05; done
+
+echo "A pretend node commits blocks 1..1000 and notifies btm at each commit;"
+echo "btm answers after the snapshot exists (or says why there is none)."
 for h in $(seq 1 1000); do
     echo "state at block $h" > "$BTM_VOLUME/data/state.db"
     echo "{\"height\":\"$h\"}" > "$BTM_VOLUME/data/priv_validator_state.json"
-    if [ $((h % 10)) -eq 0 ]; then
-        "$btm" snapshot --height "$h" --prune -i 10 -c 100 -a fade >/dev/null
+    if [ "$h" -le 3 ] || [ "$h" -eq 10 ]; then
+        step "$btm" notify --height "$h"
+    else
+        "$btm" notify --height "$h" >/dev/null
     fi
 done
+step "$btm" status
 step "$btm" list
 step "$btm" simulate -i 10 -c 100 -a fade --blocks 1000
+echo
+echo "Stopping the node and the daemon, then rolling back to block 555 (closest: 500)."
+kill -TERM "$daemon_pid"; wait "$daemon_pid"; daemon_pid=""
 step "$btm" rollback -s 555 --yes --preserve data/priv_validator_state.json
 step cat "$BTM_VOLUME/data/state.db" "$BTM_VOLUME/data/priv_validator_state.json"
-step "$btm" list
 echo
 echo "demo done: the volume is back at block 500, and the signing state still says 1000."
