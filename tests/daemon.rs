@@ -473,3 +473,61 @@ fn metrics_endpoint() {
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("metrics_listen"), "{}", r.stderr);
 }
+
+/// The `file` and `command` sources, end to end: the command source reads
+/// the same file through `cat`, so both follow the same heights.
+#[test]
+fn file_and_command_sources() {
+    for source in ["file", "command"] {
+        let fx = Btrfs::new();
+        let hfile = fx.scratch().join("height");
+        std::fs::write(&hfile, "7\n").expect("write");
+        let h = hfile.to_str().expect("utf8");
+        let vol = fx.volume();
+        let cmd = format!("cat {h}");
+        let mut args = vec![
+            "-p",
+            vol.as_str(),
+            "-i",
+            "10",
+            "--poll-interval",
+            "50ms",
+            "--source",
+            source,
+        ];
+        if source == "file" {
+            args.extend(["--height-file", h]);
+        } else {
+            args.extend(["--height-command", cmd.as_str()]);
+        }
+        let d = DaemonProc::start(fx.scratch(), &args, &[]);
+        for height in [7, 12, 25, 26, 31] {
+            std::fs::write(&hfile, format!("{height}\n")).expect("write");
+            for _ in 0..100 {
+                if d.status()
+                    .is_some_and(|s| s["last_height"] == height && s["in_progress"].is_null())
+                {
+                    break;
+                }
+                sleep(Duration::from_millis(20));
+            }
+        }
+        // Garbage in the file: reported, not fatal.
+        std::fs::write(&hfile, "not a height\n").expect("write");
+        for _ in 0..100 {
+            if d.status()
+                .is_some_and(|s| !s["source_failing_since"].is_null())
+            {
+                break;
+            }
+            sleep(Duration::from_millis(20));
+        }
+        let st = d.status().expect("status");
+        assert!(!st["source_failing_since"].is_null(), "{source}: {st}");
+        assert_eq!(
+            fx.heights(),
+            vec![31, 25, 12, 7],
+            "{source}: one snapshot per bucket"
+        );
+    }
+}

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 
-use btm::config::daemon::{parse_duration, DaemonOptions, DaemonSettings, DEFAULT_CONFIG};
+use btm::config::daemon::{
+    parse_duration, ConfigError, DaemonOptions, DaemonSettings, DEFAULT_CONFIG,
+};
 use btm::retention::Algo;
 use btm::SnapMode;
 
@@ -79,7 +81,7 @@ impl DaemonArgs {
     }
 
     /// The file's options (if any) overlaid by the flags, resolved.
-    fn load(&self, log_level: Option<String>) -> Result<DaemonSettings> {
+    fn load(&self, log_level: Option<String>) -> Result<DaemonSettings, ConfigError> {
         let file = match &self.config {
             Some(path) => DaemonOptions::load(path)?,
             None if Path::new(DEFAULT_CONFIG).exists() => {
@@ -87,7 +89,7 @@ impl DaemonArgs {
             }
             None => DaemonOptions::default(),
         };
-        Ok(file.overlay(self.options(log_level)).resolve()?)
+        file.overlay(self.options(log_level)).resolve()
     }
 }
 
@@ -101,14 +103,7 @@ pub fn run(args: DaemonArgs, log_level: Option<String>) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(btm::daemon::supervise(settings, || {
-        args.load(log_level.clone()).map_err(|e| {
-            // The library wants its own error type; anything from loading
-            // is a configuration problem, reported as such.
-            btm::config::daemon::ConfigError::Invalid {
-                key: "config",
-                message: format!("{e:#}"),
-            }
-        })
+        args.load(log_level.clone())
     }))?;
     Ok(())
 }

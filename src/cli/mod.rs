@@ -123,14 +123,13 @@ impl VolumeArgs {
 
 /// Run the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
-    if let Command::Daemon(args) = cli.command {
-        // The daemon sets up its own logging once its configuration is read.
-        return daemon::run(args, cli.log_level);
+    // The daemon sets up its own logging once its configuration is read.
+    if !matches!(cli.command, Command::Daemon(_)) {
+        crate::init_logging(cli.log_level.as_deref(), "warn");
     }
-    crate::init_logging(cli.log_level.as_deref(), "warn");
     let out = &mut io::stdout().lock();
     match cli.command {
-        Command::Daemon(_) => unreachable!("handled above"),
+        Command::Daemon(a) => daemon::run(a, cli.log_level),
         Command::Notify(a) => notify::run(a, out),
         Command::Status(a) => status::run(a, out),
         Command::List(a) => list::run(a, out),
