@@ -36,11 +36,7 @@ struct Ganache {
 
 impl Ganache {
     fn start(db: &Path, block_time: &str) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
+        let port = common::free_port();
         let child = Command::new(ganache_bin())
             .args(["--database.dbPath", db.to_str().expect("utf8")])
             .args(["--miner.blockTime", block_time])

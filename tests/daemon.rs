@@ -186,26 +186,13 @@ fn follows_cometbft_through_bad_answers() {
         ],
         &[],
     );
-    let wait_for = |pred: &dyn Fn(&serde_json::Value) -> bool, what: &str| {
-        for _ in 0..200 {
-            if d.status().is_some_and(|s| pred(&s)) {
-                return;
-            }
-            sleep(Duration::from_millis(25));
-        }
-        panic!(
-            "timed out waiting for {what}: {:?}\n{}",
-            d.status(),
-            d.log_text()
-        );
-    };
-    wait_for(&|s| s["last_snapshot"]["height"] == 3, "first snapshot");
+    d.wait_status("first snapshot", |s| s["last_snapshot"]["height"] == 3);
     for h in 4..=35 {
         height.store(h, Ordering::SeqCst);
         sleep(Duration::from_millis(30));
     }
-    wait_for(&|s| s["last_height"] == 35, "height 35");
-    wait_for(&|s| s["in_progress"].is_null(), "idle");
+    d.wait_status("height 35", |s| s["last_height"] == 35);
+    d.wait_status("idle", |s| s["in_progress"].is_null());
     let heights = fx.heights();
     let buckets: Vec<u64> = heights.iter().map(|h| h / 10).collect();
     assert_eq!(
@@ -222,9 +209,9 @@ fn follows_cometbft_through_bad_answers() {
 
     for bad in [1, 2, 3] {
         mode.store(bad, Ordering::SeqCst);
-        wait_for(&|s| !s["source_failing_since"].is_null(), "source failure");
+        d.wait_status("source failure", |s| !s["source_failing_since"].is_null());
         mode.store(0, Ordering::SeqCst);
-        wait_for(&|s| s["source_failing_since"].is_null(), "recovery");
+        d.wait_status("recovery", |s| s["source_failing_since"].is_null());
     }
     let st = d.status().expect("status");
     let kinds: Vec<&str> = st["recent_errors"]
@@ -237,14 +224,13 @@ fn follows_cometbft_through_bad_answers() {
 
     // Backwards: no snapshot, no crash, then onwards again.
     height.store(12, Ordering::SeqCst);
-    wait_for(&|s| s["last_height"] == 12, "backwards height");
+    d.wait_status("backwards height", |s| s["last_height"] == 12);
     sleep(Duration::from_millis(300));
     assert_eq!(fx.heights().len(), 4, "no snapshot while going backwards");
     height.store(41, Ordering::SeqCst);
-    wait_for(
-        &|s| s["last_snapshot"]["height"] == 41,
-        "snapshot after recovering",
-    );
+    d.wait_status("snapshot after recovering", |s| {
+        s["last_snapshot"]["height"] == 41
+    });
     assert!(d.log_text().contains("height went backwards"));
 }
 
@@ -252,11 +238,7 @@ fn follows_cometbft_through_bad_answers() {
 fn unreachable_rpc_keeps_the_daemon_up() {
     let fx = Btrfs::new();
     // Bind and drop to find a port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("a")
-        .port();
+    let port = common::free_port();
     let url = format!("http://127.0.0.1:{port}");
     let vol = fx.volume();
     let mut d = DaemonProc::start(
@@ -425,12 +407,7 @@ fn sighup_reloads_only_a_valid_config() {
     );
     write("5");
     d.signal(Signal::SIGHUP);
-    for _ in 0..100 {
-        if d.status().is_some_and(|s| s["itv"] == 5) {
-            break;
-        }
-        sleep(Duration::from_millis(50));
-    }
+    d.wait_status("the reloaded itv", |s| s["itv"] == 5);
     assert_eq!(d.notify(15)["outcome"], "created");
 }
 
@@ -438,11 +415,7 @@ fn sighup_reloads_only_a_valid_config() {
 #[test]
 fn metrics_endpoint() {
     let fx = Btrfs::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("a")
-        .port();
+    let port = common::free_port();
     let addr = format!("127.0.0.1:{port}");
     let vol = fx.volume();
     let d = DaemonProc::start(fx.scratch(), &["-p", &vol, "--metrics-listen", &addr], &[]);

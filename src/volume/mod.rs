@@ -343,9 +343,15 @@ pub fn open(volume: &str, mode: Option<SnapMode>) -> Result<Box<dyn Volume>, Err
 }
 
 fn detect(volume: &str) -> Result<Box<dyn Volume>, Error> {
+    let path = Path::new(volume);
+    // A missing path is missing whatever the filesystem; asking `zfs` would
+    // only add noise (or its daemon's complaints) to the error.
+    if path.is_absolute() && !path.exists() {
+        return Err(Error::NotFound(volume.to_owned()));
+    }
     // A path that exists is tried as btrfs first; a ZFS dataset is named
     // without a leading '/', but a ZFS mountpoint path is accepted too.
-    if Path::new(volume).is_absolute() && Path::new(volume).exists() {
+    if path.is_absolute() {
         match btrfs::BtrfsVolume::open(volume) {
             Ok(v) => return Ok(Box::new(v)),
             Err(Error::WrongType { .. }) => {}
@@ -355,11 +361,7 @@ fn detect(volume: &str) -> Result<Box<dyn Volume>, Error> {
     match zfs::ZfsVolume::open(volume) {
         Ok(v) => Ok(Box::new(v)),
         Err(Error::NotFound(_)) | Err(Error::WrongType { .. }) => {
-            if Path::new(volume).is_absolute() && !Path::new(volume).exists() {
-                Err(Error::NotFound(volume.to_owned()))
-            } else {
-                Err(Error::Undetected(volume.to_owned()))
-            }
+            Err(Error::Undetected(volume.to_owned()))
         }
         // No zfs tool installed: the volume is not ZFS, as far as we can tell.
         Err(Error::Command(c)) if c.kind == CmdErrorKind::Spawn => {

@@ -407,6 +407,14 @@ impl Fixture for Zfs {
     }
 }
 
+/// A loopback TCP port nobody listens on right now (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
 /// A `btm daemon` child process, stopped (SIGTERM, then SIGKILL) on drop.
 pub struct DaemonProc {
     pub child: std::process::Child,
@@ -456,6 +464,22 @@ impl DaemonProc {
         out.status
             .success()
             .then(|| serde_json::from_slice(&out.stdout).ok())?
+    }
+
+    /// Wait (up to 5 s) until the daemon's status satisfies `pred`.
+    #[track_caller]
+    pub fn wait_status(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+        for _ in 0..200 {
+            if self.status().is_some_and(|s| pred(&s)) {
+                return;
+            }
+            sleep(Duration::from_millis(25));
+        }
+        panic!(
+            "timed out waiting for {what}: {:?}\n{}",
+            self.status(),
+            self.log_text()
+        );
     }
 
     pub fn notify(&self, height: u64) -> serde_json::Value {
