@@ -29,6 +29,7 @@
 //! one command wrapper) → [`lock`], [`preserve`], [`window`], [`exec`],
 //! [`dirs`]. [`client`] and [`protocol`] let a node talk to the daemon.
 
+pub mod chunk;
 pub mod client;
 pub mod config;
 pub mod daemon;
@@ -41,6 +42,7 @@ pub mod preserve;
 pub mod protocol;
 pub mod pruner;
 pub mod retention;
+pub mod store;
 pub mod volume;
 pub mod window;
 

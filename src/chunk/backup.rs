@@ -1,0 +1,534 @@
+//! Backing up a directory tree into a store.
+//!
+//! The main thread walks the tree, plans each file ([`plan_backup`]) and
+//! feeds the chunks to read into a bounded channel; `workers` threads each
+//! `pread` a chunk (no lock around the file), skip it if all zeros, hash it
+//! with BLAKE3, and if the store does not have it yet, compress it with
+//! zstd, check the round trip, and put it. Peak memory is about
+//! `workers × 3 × chunk_size` plus the channel, whatever the data size.
+//! The index is written last, only after every chunk it names is stored.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::sleep;
+use std::time::Duration;
+
+use chrono::Utc;
+use regex::Regex;
+use serde::Serialize;
+
+use super::index::{
+    validate_tag, ChunkHash, ChunkRef, Entry, EntryKind, Index, IndexName, FORMAT_VERSION,
+};
+use super::plan::{plan_backup, BackupStep, Previous};
+use super::{latest_index, ChunkError};
+use crate::store::{LocalStore, Store, StoreError};
+
+/// Default chunk size; see `docs/format.md` for the benchmark behind it.
+pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
+
+/// How a backup is made.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// The tag (exact match when finding the previous backup).
+    pub tag: String,
+    /// Free-form metadata stored in the index.
+    pub meta: serde_json::Map<String, serde_json::Value>,
+    /// Only paths matching this are backed up (directories leading to them
+    /// are kept).
+    pub filter: Option<Regex>,
+    /// Relative paths of append-only files (block logs).
+    pub append_only: Vec<String>,
+    /// Chunk size in bytes.
+    pub chunk_size: u64,
+    /// Worker threads.
+    pub workers: usize,
+    /// zstd level.
+    pub zstd_level: i32,
+    /// Read every file even if unchanged since the previous backup.
+    pub force_read: bool,
+    /// Keep a copy of uploaded chunks here.
+    pub cache: Option<PathBuf>,
+}
+
+impl BackupOptions {
+    /// Defaults: tag `default`, 4 MiB chunks, one worker per core (at
+    /// least two), zstd level 1.
+    pub fn new(tag: &str) -> Self {
+        BackupOptions {
+            tag: tag.to_owned(),
+            meta: serde_json::Map::new(),
+            filter: None,
+            append_only: Vec::new(),
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            workers: std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .max(2),
+            zstd_level: 1,
+            force_read: false,
+            cache: None,
+        }
+    }
+}
+
+/// What a backup did.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct BackupSummary {
+    /// The new backup's name.
+    pub name: String,
+    /// Files, directories and symlinks recorded.
+    pub files: u64,
+    /// Directories recorded.
+    pub dirs: u64,
+    /// Symlinks recorded.
+    pub symlinks: u64,
+    /// Files reused whole from the previous backup without reading.
+    pub files_unchanged: u64,
+    /// Logical bytes of all files.
+    pub bytes_scanned: u64,
+    /// Bytes read from disk.
+    pub bytes_read: u64,
+    /// Bytes hashed (read minus all-zero chunks).
+    pub bytes_hashed: u64,
+    /// Compressed bytes uploaded.
+    pub bytes_uploaded: u64,
+    /// Chunks uploaded.
+    pub chunks_uploaded: u64,
+    /// Chunks the store already had, or reused from the previous backup.
+    pub chunks_reused: u64,
+    /// Empty chunks (holes and zeros), never stored.
+    pub chunks_empty: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    read: AtomicU64,
+    hashed: AtomicU64,
+    uploaded: AtomicU64,
+    chunks_uploaded: AtomicU64,
+    chunks_known: AtomicU64,
+    zero: AtomicU64,
+}
+
+/// Retry a store call on temporary failures: 5 attempts, backoff from
+/// 200 ms.
+pub(crate) fn with_retry<T>(mut f: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    let mut delay = Duration::from_millis(200);
+    let mut attempt = 1;
+    loop {
+        match f() {
+            Err(e) if e.is_temporary() && attempt < 5 => {
+                tracing::warn!(error = %e, attempt, "store call failed; retrying");
+                sleep(delay);
+                delay *= 2;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+struct Work {
+    file: Arc<File>,
+    path: Arc<str>,
+    file_idx: usize,
+    step_idx: usize,
+    off: u64,
+    len: u64,
+}
+
+struct Done {
+    file_idx: usize,
+    step_idx: usize,
+    result: Result<Option<ChunkHash>, ChunkError>,
+}
+
+/// A regular file being backed up.
+struct PendingFile {
+    entry: Entry,
+    steps: Vec<BackupStep>,
+    chunks: Vec<Option<ChunkRef>>,
+}
+
+fn meta_entry(path: String, kind: EntryKind, m: &fs::Metadata) -> Entry {
+    Entry {
+        path,
+        kind,
+        mode: m.mode() & 0o7777,
+        uid: m.uid(),
+        gid: m.gid(),
+        mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        ino: m.ino(),
+        append_only: false,
+    }
+}
+
+/// Walk `root` without following symlinks, parents before children, names
+/// sorted; returns (relative path, metadata) pairs.
+fn walk(root: &Path) -> Result<Vec<(String, fs::Metadata)>, ChunkError> {
+    let mut out = Vec::new();
+    let mut stack = vec![(root.to_owned(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .map_err(|e| ChunkError::io(&dir, e))?
+            .map(|e| {
+                e.map(|e| e.file_name())
+                    .map_err(|err| ChunkError::io(&dir, err))
+            })
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        let mut subdirs = Vec::new();
+        for name in names {
+            let name_s = name.to_str().ok_or_else(|| ChunkError::Unsupported {
+                path: dir.join(&name),
+                detail: "the name is not valid UTF-8".into(),
+            })?;
+            let rel_path = if rel.is_empty() {
+                name_s.to_owned()
+            } else {
+                format!("{rel}/{name_s}")
+            };
+            let full = dir.join(&name);
+            let m = fs::symlink_metadata(&full).map_err(|e| ChunkError::io(&full, e))?;
+            if m.is_dir() {
+                subdirs.push((full, rel_path.clone()));
+            }
+            out.push((rel_path, m));
+        }
+        // Reverse so the stack pops them in sorted order.
+        stack.extend(subdirs.into_iter().rev());
+    }
+    Ok(out)
+}
+
+/// Back up `root` into `store`. Returns once the index is written.
+pub fn backup(
+    store: &dyn Store,
+    root: &Path,
+    opts: &BackupOptions,
+) -> Result<BackupSummary, ChunkError> {
+    validate_tag(&opts.tag).map_err(ChunkError::Invalid)?;
+    if opts.chunk_size < 4096 || opts.chunk_size > 256 << 20 {
+        return Err(ChunkError::Invalid(format!(
+            "chunk size {} must be between 4 KiB and 256 MiB",
+            opts.chunk_size
+        )));
+    }
+    let root_meta = fs::metadata(root).map_err(|e| ChunkError::io(root, e))?;
+    if !root_meta.is_dir() {
+        return Err(ChunkError::Invalid(format!(
+            "{} is not a directory",
+            root.display()
+        )));
+    }
+    let started = Utc::now();
+    let name = IndexName::new(started, &opts.tag).to_string();
+
+    let previous = latest_index(store, &opts.tag, None)?;
+    let prev_files: HashMap<&str, &Entry> = previous
+        .as_ref()
+        .filter(|(_, idx)| idx.chunk_size == opts.chunk_size)
+        .map(|(_, idx)| idx.entries.iter().map(|e| (e.path.as_str(), e)).collect())
+        .unwrap_or_default();
+    let known: Arc<Mutex<HashSet<ChunkHash>>> = Arc::new(Mutex::new(
+        with_retry(|| store.list_chunks())?.into_iter().collect(),
+    ));
+    let cache = match &opts.cache {
+        Some(dir) => Some(LocalStore::open(&dir.display().to_string())?),
+        None => None,
+    };
+
+    let mut all = walk(root)?;
+    if let Some(re) = &opts.filter {
+        let keep: HashSet<String> = all
+            .iter()
+            .filter(|(p, m)| !m.is_dir() && re.is_match(p))
+            .flat_map(|(p, _)| {
+                let mut v = vec![p.clone()];
+                let mut cur = p.as_str();
+                while let Some((parent, _)) = cur.rsplit_once('/') {
+                    v.push(parent.to_owned());
+                    cur = parent;
+                }
+                v
+            })
+            .collect();
+        all.retain(|(p, m)| keep.contains(p) || (m.is_dir() && re.is_match(p)));
+    }
+
+    let mut summary = BackupSummary {
+        name: name.clone(),
+        ..BackupSummary::default()
+    };
+    let counters = Counters::default();
+    let abort = AtomicBool::new(false);
+    let mut entries: Vec<Entry> = Vec::with_capacity(all.len());
+    let mut files: Vec<(usize, PendingFile)> = Vec::new();
+
+    let (work_tx, work_rx) = mpsc::sync_channel::<Work>(opts.workers * 2);
+    let work_rx = Arc::new(Mutex::new(work_rx));
+    let (done_tx, done_rx) = mpsc::channel::<Done>();
+    std::thread::scope(|scope| -> Result<(), ChunkError> {
+        for _ in 0..opts.workers {
+            let rx = Arc::clone(&work_rx);
+            let done = done_tx.clone();
+            let known = Arc::clone(&known);
+            let (counters, abort, cache) = (&counters, &abort, cache.as_ref());
+            scope.spawn(move || {
+                let mut buf = Vec::new();
+                loop {
+                    let item = {
+                        let guard = rx.lock().unwrap_or_else(|p| p.into_inner());
+                        guard.recv()
+                    };
+                    let Ok(item) = item else { return };
+                    let result = if abort.load(Ordering::Relaxed) {
+                        Err(ChunkError::Aborted)
+                    } else {
+                        process_chunk(
+                            store,
+                            cache,
+                            &item,
+                            &mut buf,
+                            opts.zstd_level,
+                            &known,
+                            counters,
+                        )
+                    };
+                    if result.is_err() {
+                        abort.store(true, Ordering::Relaxed);
+                    }
+                    let _ = done.send(Done {
+                        file_idx: item.file_idx,
+                        step_idx: item.step_idx,
+                        result,
+                    });
+                }
+            });
+        }
+        drop(done_tx);
+
+        let produce = (|| -> Result<(), ChunkError> {
+            for (rel, m) in &all {
+                if abort.load(Ordering::Relaxed) {
+                    break;
+                }
+                let full = root.join(rel);
+                if m.is_dir() {
+                    summary.dirs += 1;
+                    entries.push(meta_entry(rel.clone(), EntryKind::Dir, m));
+                } else if m.file_type().is_symlink() {
+                    summary.symlinks += 1;
+                    let target = fs::read_link(&full).map_err(|e| ChunkError::io(&full, e))?;
+                    let target = target.to_str().ok_or_else(|| ChunkError::Unsupported {
+                        path: full.clone(),
+                        detail: "the symlink target is not valid UTF-8".into(),
+                    })?;
+                    entries.push(meta_entry(
+                        rel.clone(),
+                        EntryKind::Symlink {
+                            target: target.to_owned(),
+                        },
+                        m,
+                    ));
+                } else if m.is_file() {
+                    summary.files += 1;
+                    let file = Arc::new(File::open(&full).map_err(|e| ChunkError::io(&full, e))?);
+                    // Metadata from the open file, so it matches what we read.
+                    let m = file.metadata().map_err(|e| ChunkError::io(&full, e))?;
+                    let size = m.len();
+                    summary.bytes_scanned += size;
+                    let prev = prev_files.get(rel.as_str()).and_then(|e| match &e.kind {
+                        EntryKind::File {
+                            size: psize,
+                            chunks,
+                        } => Some(Previous {
+                            size: *psize,
+                            chunks,
+                            unchanged: !opts.force_read
+                                && e.mtime_ns == m.mtime() * 1_000_000_000 + m.mtime_nsec()
+                                && e.ctime_ns == m.ctime() * 1_000_000_000 + m.ctime_nsec()
+                                && e.ino == m.ino(),
+                        }),
+                        _ => None,
+                    });
+                    let append_only = opts.append_only.iter().any(|a| a == rel);
+                    let regions = super::sparse::data_regions(&file, size);
+                    let steps =
+                        plan_backup(size, opts.chunk_size, regions.as_deref(), prev, append_only);
+                    if prev.is_some_and(|p| p.unchanged && p.size == size) {
+                        summary.files_unchanged += 1;
+                    }
+                    let file_idx = files.len();
+                    let path: Arc<str> = Arc::from(rel.as_str());
+                    let mut chunks = vec![None; steps.len()];
+                    for (step_idx, step) in steps.iter().enumerate() {
+                        match *step {
+                            BackupStep::Reuse(c) => {
+                                chunks[step_idx] = Some(c);
+                                if c.hash.is_some() {
+                                    summary.chunks_reused += 1;
+                                } else {
+                                    summary.chunks_empty += 1;
+                                }
+                            }
+                            BackupStep::Hole { off, len } => {
+                                chunks[step_idx] = Some(ChunkRef {
+                                    off,
+                                    len,
+                                    hash: None,
+                                });
+                                summary.chunks_empty += 1;
+                            }
+                            BackupStep::Read { off, len } => {
+                                let work = Work {
+                                    file: Arc::clone(&file),
+                                    path: Arc::clone(&path),
+                                    file_idx,
+                                    step_idx,
+                                    off,
+                                    len,
+                                };
+                                if work_tx.send(work).is_err() {
+                                    return Err(ChunkError::Aborted);
+                                }
+                            }
+                        }
+                    }
+                    let mut entry = meta_entry(
+                        rel.clone(),
+                        EntryKind::File {
+                            size,
+                            chunks: Vec::new(),
+                        },
+                        &m,
+                    );
+                    entry.append_only = append_only;
+                    files.push((
+                        entries.len(),
+                        PendingFile {
+                            entry,
+                            steps,
+                            chunks,
+                        },
+                    ));
+                    // Placeholder, replaced once the chunks are known.
+                    entries.push(meta_entry(rel.clone(), EntryKind::Dir, &m));
+                } else {
+                    tracing::warn!(path = %full.display(), "skipping special file (socket, fifo or device)");
+                }
+            }
+            Ok(())
+        })();
+        drop(work_tx);
+        let mut first_error: Option<ChunkError> = produce.err();
+        for done in done_rx {
+            match done.result {
+                Ok(hash) => {
+                    let pending = &mut files[done.file_idx].1;
+                    let BackupStep::Read { off, len } = pending.steps[done.step_idx] else {
+                        continue;
+                    };
+                    pending.chunks[done.step_idx] = Some(ChunkRef { off, len, hash });
+                }
+                Err(ChunkError::Aborted) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    })?;
+
+    for (pos, pending) in files {
+        let mut entry = pending.entry;
+        let chunks: Option<Vec<ChunkRef>> = pending.chunks.into_iter().collect();
+        let chunks = chunks.ok_or(ChunkError::Aborted)?;
+        if let EntryKind::File { size, .. } = entry.kind {
+            entry.kind = EntryKind::File { size, chunks };
+        }
+        entries[pos] = entry;
+    }
+    summary.bytes_read = counters.read.load(Ordering::Relaxed);
+    summary.bytes_hashed = counters.hashed.load(Ordering::Relaxed);
+    summary.bytes_uploaded = counters.uploaded.load(Ordering::Relaxed);
+    summary.chunks_uploaded = counters.chunks_uploaded.load(Ordering::Relaxed);
+    summary.chunks_reused += counters.chunks_known.load(Ordering::Relaxed);
+    summary.chunks_empty += counters.zero.load(Ordering::Relaxed);
+
+    let index = Index {
+        format: FORMAT_VERSION,
+        chunk_size: opts.chunk_size,
+        created: started,
+        tag: opts.tag.clone(),
+        meta: opts.meta.clone(),
+        entries,
+    };
+    let encoded = index.encode();
+    with_retry(|| store.put_index(&name, &encoded))?;
+    Ok(summary)
+}
+
+fn process_chunk(
+    store: &dyn Store,
+    cache: Option<&LocalStore>,
+    item: &Work,
+    buf: &mut Vec<u8>,
+    level: i32,
+    known: &Mutex<HashSet<ChunkHash>>,
+    counters: &Counters,
+) -> Result<Option<ChunkHash>, ChunkError> {
+    buf.resize(item.len as usize, 0);
+    item.file
+        .read_exact_at(buf, item.off)
+        .map_err(|e| ChunkError::io(Path::new(&*item.path), e))?;
+    counters.read.fetch_add(item.len, Ordering::Relaxed);
+    if buf.iter().all(|&b| b == 0) {
+        counters.zero.fetch_add(1, Ordering::Relaxed);
+        return Ok(None);
+    }
+    counters.hashed.fetch_add(item.len, Ordering::Relaxed);
+    let hash = ChunkHash::of(buf);
+    let is_known = known
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&hash);
+    if is_known {
+        counters.chunks_known.fetch_add(1, Ordering::Relaxed);
+        return Ok(Some(hash));
+    }
+    let compressed =
+        zstd::bulk::compress(buf, level).map_err(|e| ChunkError::Compress(e.to_string()))?;
+    // Round trip before upload: a compressor bug must not become a backup
+    // that cannot be restored.
+    let back = zstd::bulk::decompress(&compressed, buf.len())
+        .map_err(|e| ChunkError::Compress(e.to_string()))?;
+    if back != *buf {
+        return Err(ChunkError::Compress(format!(
+            "round trip of chunk {hash} differs"
+        )));
+    }
+    with_retry(|| store.put_chunk(&hash, &compressed)).map_err(|e| ChunkError::Store {
+        context: format!("uploading chunk {hash} of {}", item.path),
+        source: e,
+    })?;
+    if let Some(c) = cache {
+        if let Err(e) = c.put_chunk(&hash, &compressed) {
+            tracing::warn!(error = %e, "could not write to the chunk cache");
+        }
+    }
+    known.lock().unwrap_or_else(|p| p.into_inner()).insert(hash);
+    counters
+        .uploaded
+        .fetch_add(compressed.len() as u64, Ordering::Relaxed);
+    counters.chunks_uploaded.fetch_add(1, Ordering::Relaxed);
+    Ok(Some(hash))
+}

@@ -1,0 +1,168 @@
+//! A store in a local directory (or a mounted network filesystem).
+//!
+//! Every put writes a temporary file in the destination directory, fsyncs
+//! it, then `link()`s it into place: `link` fails if the name exists, which
+//! gives create-if-absent without a race, and the object is either fully
+//! there or not there at all. The directory is fsynced before returning.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::{chunk_path, Store, StoreError};
+use crate::chunk::index::ChunkHash;
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A store rooted at a local directory.
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+fn io_err(what: &str, e: std::io::Error) -> StoreError {
+    match e.kind() {
+        ErrorKind::NotFound => StoreError::NotFound(what.to_owned()),
+        ErrorKind::Interrupted | ErrorKind::TimedOut | ErrorKind::WouldBlock => {
+            StoreError::Temporary {
+                what: what.to_owned(),
+                detail: e.to_string(),
+            }
+        }
+        _ => StoreError::Permanent {
+            what: what.to_owned(),
+            detail: e.to_string(),
+        },
+    }
+}
+
+impl LocalStore {
+    /// A store at `path`. The directory is created at the first write;
+    /// an existing non-directory is refused.
+    pub fn open(path: &str) -> Result<Self, StoreError> {
+        let root = PathBuf::from(path);
+        if root.exists() && !root.is_dir() {
+            return Err(StoreError::InvalidUrl {
+                url: path.to_owned(),
+                detail: "it exists and is not a directory".into(),
+            });
+        }
+        Ok(LocalStore { root })
+    }
+
+    /// Write `data` to `rel` unless it exists; `Ok(false)` if it existed.
+    fn create(&self, rel: &str, data: &[u8]) -> Result<bool, StoreError> {
+        let dest = self.root.join(rel);
+        let dir = dest.parent().unwrap_or(&self.root).to_owned();
+        fs::create_dir_all(&dir).map_err(|e| io_err(rel, e))?;
+        if dest.exists() {
+            return Ok(false);
+        }
+        let tmp = dir.join(format!(
+            ".tmp-{}-{}",
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let result = (|| -> std::io::Result<bool> {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            let created = match fs::hard_link(&tmp, &dest) {
+                Ok(()) => true,
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(e),
+            };
+            File::open(&dir)?.sync_all()?;
+            Ok(created)
+        })();
+        let _ = fs::remove_file(&tmp);
+        result.map_err(|e| io_err(rel, e))
+    }
+
+    fn read(&self, rel: &str) -> Result<Vec<u8>, StoreError> {
+        fs::read(self.root.join(rel)).map_err(|e| io_err(rel, e))
+    }
+
+    fn remove(&self, rel: &str) -> Result<(), StoreError> {
+        match fs::remove_file(self.root.join(rel)) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(io_err(rel, e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn names(dir: &Path) -> Result<Vec<String>, StoreError> {
+        let rd = match fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&dir.display().to_string(), e)),
+        };
+        let mut out = Vec::new();
+        for entry in rd {
+            let entry = entry.map_err(|e| io_err(&dir.display().to_string(), e))?;
+            if let Some(n) = entry.file_name().to_str().filter(|n| !n.starts_with('.')) {
+                out.push(n.to_owned());
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Store for LocalStore {
+    fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn put_chunk(&self, hash: &ChunkHash, data: &[u8]) -> Result<(), StoreError> {
+        self.create(&chunk_path(hash), data).map(|_| ())
+    }
+
+    fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, StoreError> {
+        self.read(&chunk_path(hash)).map_err(|e| match e {
+            StoreError::NotFound(_) => StoreError::NotFound(format!("chunk {hash}")),
+            e => e,
+        })
+    }
+
+    fn list_chunks(&self) -> Result<Vec<ChunkHash>, StoreError> {
+        let mut out = Vec::new();
+        for sub in Self::names(&self.root.join("chunks"))? {
+            for name in Self::names(&self.root.join("chunks").join(&sub))? {
+                if let Ok(h) = name.parse::<ChunkHash>() {
+                    out.push(h);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete_chunk(&self, hash: &ChunkHash) -> Result<(), StoreError> {
+        self.remove(&chunk_path(hash))
+    }
+
+    fn put_index(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
+        if self.create(&format!("indexes/{name}"), data)? {
+            Ok(())
+        } else {
+            Err(StoreError::Permanent {
+                what: format!("index {name}"),
+                detail: "an index with this name already exists".into(),
+            })
+        }
+    }
+
+    fn get_index(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        self.read(&format!("indexes/{name}")).map_err(|e| match e {
+            StoreError::NotFound(_) => StoreError::NotFound(format!("backup {name}")),
+            e => e,
+        })
+    }
+
+    fn list_indexes(&self) -> Result<Vec<String>, StoreError> {
+        Self::names(&self.root.join("indexes"))
+    }
+
+    fn delete_index(&self, name: &str) -> Result<(), StoreError> {
+        self.remove(&format!("indexes/{name}"))
+    }
+}
