@@ -393,8 +393,8 @@ fn run_task(
 ) -> Result<(), ChunkError> {
     let io = |e| ChunkError::io(Path::new(&*task.path), e);
     let write = |c: &ChunkRef, data: &[u8]| -> Result<(), ChunkError> {
-        task.file.write_all_at(data, c.off).map_err(io)?;
-        counters.written.fetch_add(c.len, Ordering::Relaxed);
+        let written = write_sparse(&task.file, c.off, data, task.local_size).map_err(io)?;
+        counters.written.fetch_add(written, Ordering::Relaxed);
         counters.fetched.fetch_add(1, Ordering::Relaxed);
         Ok(())
     };
@@ -437,6 +437,44 @@ fn run_task(
         }
     }
     Ok(())
+}
+
+/// Block size for keeping restored files as sparse as their originals.
+const SPARSE_BLOCK: usize = 4096;
+
+/// Write `data` at `off`, leaving all-zero 4 KiB blocks unallocated: they
+/// are skipped past the file's old end (already a hole after `set_len`) and
+/// punched below it (zeros written where punching is unsupported). Returns
+/// the bytes actually written.
+fn write_sparse(file: &File, off: u64, data: &[u8], local_size: u64) -> std::io::Result<u64> {
+    let mut written = 0;
+    let mut i = 0;
+    while i < data.len() {
+        let zero = |j: usize| {
+            data[j..(j + SPARSE_BLOCK).min(data.len())]
+                .iter()
+                .all(|&b| b == 0)
+        };
+        let is_zero = zero(i);
+        let mut j = i;
+        while j < data.len() && zero(j) == is_zero {
+            j += SPARSE_BLOCK;
+        }
+        let j = j.min(data.len());
+        let (run_off, run) = (off + i as u64, &data[i..j]);
+        if !is_zero {
+            file.write_all_at(run, run_off)?;
+            written += run.len() as u64;
+        } else if run_off < local_size {
+            let len = (run.len() as u64).min(local_size - run_off);
+            if !super::sparse::punch_hole(file, run_off, len) {
+                file.write_all_at(&run[..len as usize], run_off)?;
+                written += len;
+            }
+        }
+        i = j;
+    }
+    Ok(written)
 }
 
 fn apply_metadata(dest: &Path, e: &Entry) -> Result<(), ChunkError> {

@@ -2,6 +2,7 @@
 //! dispatch to one module per verb. Flags keep the original btm's spelling
 //! (`-p/--volume`, `$BTM_VOLUME`, `-m`, `-i`, `-c`, `-a`, `-s`, `-S`, `-k`).
 
+mod backup;
 mod clean;
 mod daemon;
 mod list;
@@ -56,6 +57,14 @@ pub enum Command {
     Notify(notify::NotifyArgs),
     /// Show what the running daemon is doing
     Status(status::StatusArgs),
+    /// Back up a directory to a chunk store (sparse, incremental)
+    Backup(backup::BackupArgs),
+    /// List the backups in a store, or show one
+    Backups(backup::BackupsArgs),
+    /// Restore a backup into a directory, in place
+    Restore(backup::RestoreArgs),
+    /// Verify a store: indexes parse and every chunk exists (or re-hashes)
+    Check(backup::CheckArgs),
 }
 
 /// Which volume to act on.
@@ -138,6 +147,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Rollback(a) => rollback::run(a, out),
         Command::Clean(a) => clean::run(a, out),
         Command::Simulate(a) => simulate::run(a, out),
+        Command::Backup(a) => backup::backup(a, out),
+        Command::Backups(a) => backup::backups(a, out),
+        Command::Restore(a) => backup::restore(a, out),
+        Command::Check(a) => backup::check(a, out),
     }
 }
 
