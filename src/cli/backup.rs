@@ -20,13 +20,22 @@ use super::{human_bytes, print_json};
 pub struct StoreArgs {
     /// Store: a path, file://…, s3://bucket/prefix, gs://bucket/prefix or
     /// az://container/prefix [default: $BTM_STORE]
-    #[arg(short = 's', long, env = "BTM_STORE", value_name = "STORE")]
-    store: String,
+    #[arg(
+        short = 's',
+        long,
+        env = "BTM_STORE",
+        value_name = "STORE",
+        global = true
+    )]
+    store: Option<String>,
 }
 
 impl StoreArgs {
     fn open(&self) -> Result<Box<dyn Store>> {
-        Ok(btm::store::open(&self.store)?)
+        let Some(url) = &self.store else {
+            bail!("no store given: use -s STORE or set $BTM_STORE");
+        };
+        Ok(btm::store::open(url)?)
     }
 }
 
