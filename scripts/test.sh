@@ -59,7 +59,13 @@ if ! zpool list >/dev/null 2>&1; then
     zpool list >/dev/null 2>&1 || { echo "zfs-fuse did not come up" >&2; exit 1; }
 fi
 
-echo "== cargo test (unit, property, CLI, daemon, ganache chain, real btrfs + zfs-fuse tests)"
+# s3s-fs: a real S3-compatible server for the S3 store tests.
+if ! command -v s3s-fs >/dev/null; then
+    echo "== installing s3s-fs (cargo install; a few minutes the first time)"
+    cargo install --locked --quiet s3s-fs --version 0.14.1 --features binary
+fi
+
+echo "== cargo test (unit, property, CLI, daemon, ganache chain, chunk engine, S3, real btrfs + zfs-fuse tests)"
 # A wedged filesystem must fail the run, not hang it until CI's limit.
 timeout --signal=KILL 1800 cargo test --locked --all-targets --no-fail-fast -- --test-threads=2
 cargo test --locked --doc

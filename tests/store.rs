@@ -1,0 +1,218 @@
+//! The store contract (see `src/store/mod.rs`), one suite run against every
+//! backend: the local directory store, and S3 through a real S3-compatible
+//! server (`s3s-fs`, installed by scripts/test.sh) started on loopback.
+//! A backend that cannot be set up fails the run; nothing is skipped.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::Duration;
+
+use btm::chunk::index::ChunkHash;
+use btm::store::{LocalStore, Store, StoreError};
+
+fn contract(store: &dyn Store) {
+    assert!(store.list_chunks().expect("list").is_empty());
+    assert!(store.list_indexes().expect("list").is_empty());
+
+    // Write-once chunks: a second put under the same hash keeps the first.
+    let h = ChunkHash::of(b"chunk one");
+    store.put_chunk(&h, b"first").expect("put");
+    store
+        .put_chunk(&h, b"second")
+        .expect("put again is not an error");
+    assert_eq!(store.get_chunk(&h).expect("get"), b"first");
+    assert_eq!(store.list_chunks().expect("list"), vec![h]);
+    let missing = ChunkHash::of(b"never stored");
+    assert!(matches!(
+        store.get_chunk(&missing),
+        Err(StoreError::NotFound(_))
+    ));
+
+    // Racing writers of one chunk leave one valid copy.
+    let h2 = ChunkHash::of(b"raced");
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| store.put_chunk(&h2, b"same bytes").expect("racing put"));
+        }
+    });
+    assert_eq!(store.get_chunk(&h2).expect("get"), b"same bytes");
+
+    // Indexes: atomic, write-once, listable, deletable.
+    let name = "20260101T000000.000000000Z--suite";
+    store.put_index(name, b"index bytes").expect("put index");
+    assert!(
+        store.put_index(name, b"other").is_err(),
+        "an index must never be replaced"
+    );
+    assert_eq!(store.get_index(name).expect("get"), b"index bytes");
+    assert_eq!(store.list_indexes().expect("list"), vec![name.to_owned()]);
+    assert!(matches!(
+        store.get_index("nope"),
+        Err(StoreError::NotFound(_))
+    ));
+    store.delete_index(name).expect("delete");
+    store.delete_index(name).expect("deleting twice is fine");
+    assert!(store.list_indexes().expect("list").is_empty());
+
+    store.delete_chunk(&h).expect("delete");
+    store.delete_chunk(&h).expect("deleting twice is fine");
+    assert_eq!(store.list_chunks().expect("list"), vec![h2]);
+
+    // Many chunks are listed in one go (pagination on object stores).
+    let many: Vec<ChunkHash> = (0..1200u32)
+        .map(|i| ChunkHash::of(&i.to_le_bytes()))
+        .collect();
+    std::thread::scope(|s| {
+        for part in many.chunks(150) {
+            s.spawn(move || {
+                for h in part {
+                    store.put_chunk(h, b"x").expect("put");
+                }
+            });
+        }
+    });
+    assert_eq!(store.list_chunks().expect("list").len(), 1201);
+}
+
+#[test]
+fn local_store_meets_the_contract() {
+    let dir = tempfile::tempdir().expect("tmp");
+    contract(&LocalStore::open(&dir.path().join("s").display().to_string()).expect("open"));
+}
+
+/// An s3s-fs server on a free loopback port, killed by PID on drop.
+struct S3 {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl S3 {
+    fn start(buckets: &[&str]) -> Self {
+        let bin = std::env::var_os("S3S_FS_BIN").unwrap_or_else(|| "s3s-fs".into());
+        let dir = tempfile::tempdir().expect("tmp");
+        for b in buckets {
+            std::fs::create_dir(dir.path().join(b)).expect("bucket");
+        }
+        let port = common::free_port();
+        let child = Command::new(&bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", "btmtest", "--secret-key", "btmtestsecret"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start s3s-fs ({bin:?}): {e}; scripts/test.sh installs it")
+            });
+        let s3 = S3 {
+            child,
+            port,
+            _dir: dir,
+        };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return s3;
+            }
+            sleep(Duration::from_millis(50));
+        }
+        panic!("s3s-fs did not listen on port {port}");
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", "btmtest".into()),
+            ("AWS_SECRET_ACCESS_KEY", "btmtestsecret".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            (
+                "AWS_ENDPOINT_URL",
+                format!("http://127.0.0.1:{}", self.port),
+            ),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn s3_store_meets_the_contract_and_round_trips_a_backup() {
+    let s3 = S3::start(&["btm"]);
+    for (k, v) in s3.env() {
+        std::env::set_var(k, v);
+    }
+    contract(
+        btm::store::open("s3://btm/suite")
+            .expect("open s3")
+            .as_ref(),
+    );
+
+    // A sparse tree through S3 with the CLI, byte- and hole-exact.
+    let dir = tempfile::tempdir().expect("tmp");
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).expect("mkdir");
+    let f = std::fs::File::create(src.join("state.db")).expect("create");
+    f.set_len(32 << 20).expect("len");
+    std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; 100_000], 5 << 20).expect("write");
+    std::fs::write(src.join("small"), b"hello").expect("w");
+    let run = |args: &[&str]| {
+        let mut c = common::btm_cmd(dir.path(), args);
+        c.envs(s3.env());
+        let out = c.output().expect("btm");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let store = "s3://btm/backups";
+    run(&[
+        "backup",
+        src.to_str().expect("utf8"),
+        "-s",
+        store,
+        "-t",
+        "s3",
+    ]);
+    let dst = dir.path().join("dst");
+    run(&[
+        "restore",
+        "latest",
+        dst.to_str().expect("utf8"),
+        "-s",
+        store,
+        "-t",
+        "s3",
+    ]);
+    assert_eq!(std::fs::read(dst.join("small")).expect("read"), b"hello");
+    let (a, b) = (
+        std::fs::read(src.join("state.db")).expect("a"),
+        std::fs::read(dst.join("state.db")).expect("b"),
+    );
+    assert!(a == b, "state.db differs after the S3 round trip");
+    use std::os::unix::fs::MetadataExt;
+    let blocks = |p: &Path| std::fs::metadata(p).expect("m").blocks();
+    assert!(blocks(&dst.join("state.db")) <= blocks(&src.join("state.db")));
+    let check = run(&["check", "-s", store, "--read-data"]);
+    assert!(check.contains("0 problems"), "{check}");
+    // A bucket that does not exist is a clear failure, not a hang.
+    let mut c = common::btm_cmd(dir.path(), &["backups", "-s", "s3://no-such-bucket/x"]);
+    c.envs(s3.env());
+    let out = c.output().expect("btm");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
