@@ -22,6 +22,7 @@ demo:
 
 bench:
 	./scripts/bench-daemon.sh
+	./scripts/bench-chunk.sh
 
 clean:
 	$(CARGO) clean
