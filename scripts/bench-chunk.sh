@@ -62,6 +62,9 @@ results+=("$(measure "restic incremental" restic -q -r "$work/restic" backup "$s
 results+=("$(measure "btm incremental" "$btm" backup "$src" -s "$work/btm" --appendonly blocks.log)")
 results+=("$(measure "restic restore (empty dir)" restic -q -r "$work/restic" restore latest --target "$work/r-restic")")
 results+=("$(measure "btm restore (empty dir)" "$btm" restore latest "$work/r-btm" -s "$work/btm")")
+# The write floor: copying the same tree, sparse, with cp.
+results+=("$(measure "cp --sparse=always (write floor)" cp -a --sparse=always "$src" "$work/r-cp")")
+rm -rf "$work/r-cp"
 # Over the previous version: put v1 in place, restore the latest over it.
 rm -rf "$work/r-restic" "$work/r-btm"
 cp -a --sparse=always "$work/src-v1" "$work/r-restic-over"

@@ -418,6 +418,9 @@ impl Store for Flaky {
     fn delete_index(&self, n: &str) -> Result<(), StoreError> {
         self.inner.delete_index(n)
     }
+    fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush()
+    }
 }
 
 #[test]

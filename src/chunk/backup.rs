@@ -65,9 +65,7 @@ impl BackupOptions {
             filter: None,
             append_only: Vec::new(),
             chunk_size: DEFAULT_CHUNK_SIZE,
-            workers: std::thread::available_parallelism()
-                .map_or(2, |n| n.get())
-                .max(2),
+            workers: super::default_workers(),
             zstd_level: 1,
             force_read: false,
             cache: None,
@@ -473,6 +471,8 @@ pub fn backup(
         entries,
     };
     let encoded = index.encode();
+    // Every chunk durable before the index that names them.
+    with_retry(|| store.flush())?;
     with_retry(|| store.put_index(&name, &encoded))?;
     Ok(summary)
 }
@@ -508,10 +508,13 @@ fn process_chunk(
     let compressed =
         zstd::bulk::compress(buf, level).map_err(|e| ChunkError::Compress(e.to_string()))?;
     // Round trip before upload: a compressor bug must not become a backup
-    // that cannot be restored.
-    let back = zstd::bulk::decompress(&compressed, buf.len())
+    // that cannot be restored. Streaming the decompression into the hasher
+    // checks it without a third chunk-sized buffer per worker.
+    let mut hasher = blake3::Hasher::new();
+    let n = zstd::stream::read::Decoder::new(&compressed[..])
+        .and_then(|mut d| std::io::copy(&mut d, &mut hasher))
         .map_err(|e| ChunkError::Compress(e.to_string()))?;
-    if back != *buf {
+    if n != item.len || ChunkHash(*hasher.finalize().as_bytes()) != hash {
         return Err(ChunkError::Compress(format!(
             "round trip of chunk {hash} differs"
         )));

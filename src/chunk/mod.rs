@@ -23,6 +23,14 @@ use serde::Serialize;
 use crate::store::{Store, StoreError};
 use index::{ChunkHash, EntryKind, Index, IndexError, IndexName};
 
+/// Default worker threads: twice the cores (chunk work waits on I/O as
+/// much as it computes), at least 4, at most 8 so peak memory stays well
+/// under 128 MiB at the default chunk size.
+pub fn default_workers() -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (cores * 2).clamp(4, 8)
+}
+
 /// Errors of the chunk engine.
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {

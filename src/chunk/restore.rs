@@ -45,9 +45,7 @@ impl Default for RestoreOptions {
             filter: None,
             delete: false,
             cache: None,
-            workers: std::thread::available_parallelism()
-                .map_or(2, |n| n.get())
-                .max(2),
+            workers: super::default_workers(),
         }
     }
 }

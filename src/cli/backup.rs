@@ -73,9 +73,7 @@ fn workers(n: Option<usize>) -> Result<usize> {
     match n {
         Some(0) => bail!("--workers must be at least 1"),
         Some(n) => Ok(n),
-        None => Ok(std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .max(2)),
+        None => Ok(chunk::default_workers()),
     }
 }
 
@@ -107,7 +105,7 @@ pub struct BackupArgs {
     /// Keep a copy of uploaded chunks in this directory
     #[arg(long, value_name = "DIR")]
     cache: Option<PathBuf>,
-    /// Worker threads [default: one per core]
+    /// Worker threads [default: twice the cores, 4 to 8]
     #[arg(long)]
     workers: Option<usize>,
     /// zstd level
@@ -306,7 +304,7 @@ pub struct RestoreArgs {
     /// Chunk cache directory (read first, filled with what is fetched)
     #[arg(long, value_name = "DIR")]
     cache: Option<PathBuf>,
-    /// Worker threads [default: one per core]
+    /// Worker threads [default: twice the cores, 4 to 8]
     #[arg(long)]
     workers: Option<usize>,
     /// Print the summary as JSON

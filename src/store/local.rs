@@ -3,12 +3,17 @@
 //! Every put writes a temporary file in the destination directory, fsyncs
 //! it, then `link()`s it into place: `link` fails if the name exists, which
 //! gives create-if-absent without a race, and the object is either fully
-//! there or not there at all. The directory is fsynced before returning.
+//! there or not there at all. Index puts fsync their directory before
+//! returning; chunk puts leave that to [`Store::flush`], which fsyncs every
+//! directory touched since, once (a crash before it can only lose a link,
+//! and a lost chunk is simply uploaded again).
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use super::{chunk_path, Store, StoreError};
 use crate::chunk::index::ChunkHash;
@@ -16,9 +21,11 @@ use crate::chunk::index::ChunkHash;
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A store rooted at a local directory.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LocalStore {
     root: PathBuf,
+    /// Directories with links not yet made durable.
+    unsynced: Mutex<HashSet<PathBuf>>,
 }
 
 fn io_err(what: &str, e: std::io::Error) -> StoreError {
@@ -48,14 +55,31 @@ impl LocalStore {
                 detail: "it exists and is not a directory".into(),
             });
         }
-        Ok(LocalStore { root })
+        Ok(LocalStore {
+            root,
+            unsynced: Mutex::new(HashSet::new()),
+        })
     }
 
     /// Write `data` to `rel` unless it exists; `Ok(false)` if it existed.
-    fn create(&self, rel: &str, data: &[u8]) -> Result<bool, StoreError> {
+    /// With `sync_dir`, the directory entry is durable on return;
+    /// otherwise it is recorded for [`Store::flush`].
+    fn create(&self, rel: &str, data: &[u8], sync_dir: bool) -> Result<bool, StoreError> {
         let dest = self.root.join(rel);
         let dir = dest.parent().unwrap_or(&self.root).to_owned();
-        fs::create_dir_all(&dir).map_err(|e| io_err(rel, e))?;
+        if !dir.is_dir() {
+            fs::create_dir_all(&dir).map_err(|e| io_err(rel, e))?;
+            // New directories need their own entries made durable too.
+            let mut pending = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
+            let mut d = dir.as_path();
+            while let Some(parent) = d.parent() {
+                pending.insert(parent.to_owned());
+                if parent == self.root || !parent.starts_with(&self.root) {
+                    break;
+                }
+                d = parent;
+            }
+        }
         if dest.exists() {
             return Ok(false);
         }
@@ -73,7 +97,14 @@ impl LocalStore {
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => false,
                 Err(e) => return Err(e),
             };
-            File::open(&dir)?.sync_all()?;
+            if sync_dir {
+                File::open(&dir)?.sync_all()?;
+            } else {
+                self.unsynced
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(dir.clone());
+            }
             Ok(created)
         })();
         let _ = fs::remove_file(&tmp);
@@ -114,7 +145,7 @@ impl Store for LocalStore {
     }
 
     fn put_chunk(&self, hash: &ChunkHash, data: &[u8]) -> Result<(), StoreError> {
-        self.create(&chunk_path(hash), data).map(|_| ())
+        self.create(&chunk_path(hash), data, false).map(|_| ())
     }
 
     fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, StoreError> {
@@ -141,7 +172,8 @@ impl Store for LocalStore {
     }
 
     fn put_index(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
-        if self.create(&format!("indexes/{name}"), data)? {
+        self.flush()?;
+        if self.create(&format!("indexes/{name}"), data, true)? {
             Ok(())
         } else {
             Err(StoreError::Permanent {
@@ -164,5 +196,25 @@ impl Store for LocalStore {
 
     fn delete_index(&self, name: &str) -> Result<(), StoreError> {
         self.remove(&format!("indexes/{name}"))
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        let dirs: Vec<PathBuf> = self
+            .unsynced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        for d in dirs {
+            if let Err(e) = File::open(&d).and_then(|f| f.sync_all()) {
+                // Keep it pending so a retry syncs it.
+                self.unsynced
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(d.clone());
+                return Err(io_err(&d.display().to_string(), e));
+            }
+        }
+        Ok(())
     }
 }

@@ -9,9 +9,11 @@
 //!   leave one valid copy.
 //! - **Atomic, write-once indexes.** `put_index` makes the whole index
 //!   visible at once or not at all, and fails if the name exists.
-//! - **Durability before return.** When a put returns, the object survives
-//!   a crash; the chunk engine writes the index only after every chunk it
-//!   references was put, so an index never points at a missing chunk.
+//! - **Durability.** An index is durable when `put_index` returns; chunks
+//!   are durable once [`Store::flush`] returns. Before that a crash may
+//!   lose a chunk, but never leave a truncated one under its name. The
+//!   chunk engine flushes after the last chunk and only then writes the
+//!   index, so an index never points at a missing chunk.
 //! - **Typed failures.** [`StoreError::NotFound`] for a missing object,
 //!   `Temporary` for what may work on retry, `Permanent` for the rest.
 
@@ -83,6 +85,11 @@ pub trait Store: Send + Sync {
     fn list_indexes(&self) -> Result<Vec<String>, StoreError>;
     /// Delete index `name`; absent is not an error.
     fn delete_index(&self, name: &str) -> Result<(), StoreError>;
+    /// Make every chunk put so far durable. Object stores are durable at
+    /// put already; the default does nothing.
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Relative object path of a chunk: `chunks/<first 2 hex>/<hex>`.
