@@ -53,6 +53,8 @@ pub struct BackupOptions {
     pub force_read: bool,
     /// Keep a copy of uploaded chunks here.
     pub cache: Option<PathBuf>,
+    /// Updated as chunks are planned and processed.
+    pub progress: Arc<super::Progress>,
 }
 
 impl BackupOptions {
@@ -69,6 +71,7 @@ impl BackupOptions {
             zstd_level: 1,
             force_read: false,
             cache: None,
+            progress: Arc::default(),
         }
     }
 }
@@ -298,6 +301,7 @@ pub fn backup(
                             counters,
                         )
                     };
+                    opts.progress.done.fetch_add(item.len, Ordering::Relaxed);
                     if result.is_err() {
                         abort.store(true, Ordering::Relaxed);
                     }
@@ -384,6 +388,7 @@ pub fn backup(
                                 summary.chunks_empty += 1;
                             }
                             BackupStep::Read { off, len } => {
+                                opts.progress.total.fetch_add(len, Ordering::Relaxed);
                                 let work = Work {
                                     file: Arc::clone(&file),
                                     path: Arc::clone(&path),

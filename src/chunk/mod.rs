@@ -31,6 +31,16 @@ pub fn default_workers() -> usize {
     (cores * 2).clamp(4, 8)
 }
 
+/// Live progress of a backup or restore, for a progress bar: bytes to
+/// process (grows while files are planned) and bytes processed.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes planned for reading (backup) or checking/fetching (restore).
+    pub total: std::sync::atomic::AtomicU64,
+    /// Bytes done so far.
+    pub done: std::sync::atomic::AtomicU64,
+}
+
 /// Errors of the chunk engine.
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {

@@ -37,6 +37,8 @@ pub struct RestoreOptions {
     pub cache: Option<PathBuf>,
     /// Worker threads.
     pub workers: usize,
+    /// Updated as chunks are planned and processed.
+    pub progress: Arc<super::Progress>,
 }
 
 impl Default for RestoreOptions {
@@ -46,6 +48,7 @@ impl Default for RestoreOptions {
             delete: false,
             cache: None,
             workers: super::default_workers(),
+            progress: Arc::default(),
         }
     }
 }
@@ -219,6 +222,13 @@ pub fn restore(
                         abort.store(true, Ordering::Relaxed);
                         let _ = err_tx.send(e);
                     }
+                    let len = match task.step {
+                        RestoreStep::Keep(c)
+                        | RestoreStep::Verify(c)
+                        | RestoreStep::Fetch(c)
+                        | RestoreStep::Empty(c) => c.len,
+                    };
+                    opts.progress.done.fetch_add(len, Ordering::Relaxed);
                 }
             });
         }
@@ -273,6 +283,7 @@ pub fn restore(
                         }
                         let file = Arc::new(file);
                         let path: Arc<str> = Arc::from(e.path.as_str());
+                        opts.progress.total.fetch_add(*size, Ordering::Relaxed);
                         for step in
                             plan_restore(chunks, local_size, e.append_only, index.chunk_size)
                         {

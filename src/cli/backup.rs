@@ -3,6 +3,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -127,14 +128,18 @@ pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
     opts.cache = args.cache;
     opts.workers = workers(args.workers)?;
     opts.zstd_level = args.level;
-    let spinner = progress(&format!("backing up {}", args.dir.display()));
-    let summary = chunk::backup::backup(store.as_ref(), &args.dir, &opts).with_context(|| {
+    let reporter = Reporter::start(
+        format!("backing up {}", args.dir.display()),
+        Arc::clone(&opts.progress),
+    );
+    let result = chunk::backup::backup(store.as_ref(), &args.dir, &opts);
+    drop(reporter);
+    let summary = result.with_context(|| {
         format!(
             "backup of {} failed; no backup was written",
             args.dir.display()
         )
     })?;
-    spinner.finish_and_clear();
     if args.json {
         return print_json(out, &summary);
     }
@@ -153,15 +158,66 @@ pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-/// A spinner on a terminal, nothing otherwise.
-fn progress(msg: &str) -> indicatif::ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
+/// Shows `progress`: a bar on a terminal, a plain line every 10 s
+/// otherwise. Stops when dropped.
+struct Reporter {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Reporter {
+    fn start(what: String, progress: Arc<chunk::Progress>) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let tty = std::io::stderr().is_terminal();
+            let bar = if tty {
+                let bar = indicatif::ProgressBar::new(0);
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                ) {
+                    bar.set_style(style.progress_chars("=> "));
+                }
+                bar.set_message(what.clone());
+                bar
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            let mut last_line = std::time::Instant::now();
+            while !flag.load(Ordering::Relaxed) {
+                let (done, total) = (
+                    progress.done.load(Ordering::Relaxed),
+                    progress.total.load(Ordering::Relaxed),
+                );
+                bar.set_length(total);
+                bar.set_position(done);
+                if !tty && last_line.elapsed() >= std::time::Duration::from_secs(10) {
+                    eprintln!(
+                        "{what}: {} of {} processed",
+                        human_bytes(done),
+                        human_bytes(total)
+                    );
+                    last_line = std::time::Instant::now();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            bar.finish_and_clear();
+        });
+        Reporter {
+            stop,
+            thread: Some(thread),
+        }
     }
-    let pb = indicatif::ProgressBar::new_spinner();
-    pb.set_message(msg.to_owned());
-    pb.enable_steady_tick(std::time::Duration::from_millis(120));
-    pb
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Arguments of `btm backups`.
@@ -338,11 +394,13 @@ pub fn restore(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
         delete: args.delete,
         cache: args.cache,
         workers: workers(args.workers)?,
+        progress: Arc::default(),
     };
-    let spinner = progress(&format!("restoring {name}"));
-    let summary = chunk::restore::restore(store.as_ref(), &name, &idx, &args.dir, &opts)
-        .with_context(|| format!("restore of {name} into {} failed", args.dir.display()))?;
-    spinner.finish_and_clear();
+    let reporter = Reporter::start(format!("restoring {name}"), Arc::clone(&opts.progress));
+    let result = chunk::restore::restore(store.as_ref(), &name, &idx, &args.dir, &opts);
+    drop(reporter);
+    let summary =
+        result.with_context(|| format!("restore of {name} into {} failed", args.dir.display()))?;
     if args.json {
         return print_json(
             out,
