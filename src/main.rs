@@ -24,7 +24,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("btm: error: {}", one_line(&format!("{e:#}")));
+            eprintln!("btm: error: {}", one_line(&render_chain(&e)));
             ExitCode::from(EXIT_FAILURE)
         }
     }
@@ -58,6 +58,29 @@ fn usage_error(e: clap::Error) -> ExitCode {
             ExitCode::from(EXIT_USAGE)
         }
     }
+}
+
+/// The error and its causes, joined with ": ". Many errors already include
+/// their cause in their own message (`{path}: {source}`); a cause whose
+/// text is already there is not repeated.
+fn render_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        // A cause that restates the context in full says it better.
+        if !out.is_empty() && text.contains(&out) {
+            out = text;
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn one_line(s: &str) -> String {

@@ -33,7 +33,9 @@ pub struct ObjectStoreBackend {
 fn classify(what: &str, e: object_store::Error) -> StoreError {
     match e {
         object_store::Error::NotFound { .. } => StoreError::NotFound(what.to_owned()),
-        object_store::Error::Generic { source, .. } => StoreError::Temporary {
+        // object_store has already retried transient HTTP failures with
+        // backoff before returning; what reaches us is final.
+        object_store::Error::Generic { source, .. } => StoreError::Permanent {
             what: what.to_owned(),
             detail: source.to_string(),
         },

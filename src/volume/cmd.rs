@@ -32,6 +32,9 @@ pub enum CmdErrorKind {
     PermissionDenied,
     /// The program could not be started at all (not installed?).
     Spawn,
+    /// The tool runs but its subsystem is not usable (no ZFS kernel module,
+    /// zfs-fuse daemon not running): nothing can be said about the object.
+    Unavailable,
     /// Any other failure.
     Other,
 }
@@ -130,7 +133,12 @@ pub fn run<S: AsRef<str>>(program: &str, args: &[S]) -> Result<String, CmdError>
 pub fn classify(stderr: &str) -> CmdErrorKind {
     let s = stderr.to_ascii_lowercase();
     let has = |needle: &str| s.contains(needle);
-    if has("invalid option")
+    if has("failed to initialize zfs library")
+        || has("zfs-fuse daemon is running")
+        || has("/dev/zfs")
+    {
+        CmdErrorKind::Unavailable
+    } else if has("invalid option")
         || has("unrecognized option")
         || has("unknown option")
         || has("invalid dataset name")
@@ -201,6 +209,11 @@ mod tests {
                 CmdErrorKind::NotFound,
             ),
             ("something odd", CmdErrorKind::Other),
+            (
+                "connect: No such file or directory\nPlease make sure that the zfs-fuse daemon is running.\ninternal error: failed to initialize ZFS library",
+                CmdErrorKind::Unavailable,
+            ),
+            ("The ZFS modules are not loaded.\nTry running '/sbin/modprobe zfs' as root to load them.\n/dev/zfs and /proc/self/mounts are required.", CmdErrorKind::Unavailable),
         ];
         for (msg, kind) in cases {
             assert_eq!(classify(msg), kind, "{msg}");

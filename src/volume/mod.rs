@@ -364,7 +364,9 @@ fn detect(volume: &str) -> Result<Box<dyn Volume>, Error> {
             Err(Error::Undetected(volume.to_owned()))
         }
         // No zfs tool installed: the volume is not ZFS, as far as we can tell.
-        Err(Error::Command(c)) if c.kind == CmdErrorKind::Spawn => {
+        Err(Error::Command(c))
+            if matches!(c.kind, CmdErrorKind::Spawn | CmdErrorKind::Unavailable) =>
+        {
             Err(Error::Undetected(volume.to_owned()))
         }
         Err(e) => Err(e),
