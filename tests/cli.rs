@@ -117,17 +117,7 @@ fn missing_volumes_fail_cleanly() {
 }
 
 fn simulate_kept(args: &[&str]) -> Vec<u64> {
-    let dir = scratch();
-    let mut all = vec!["simulate", "--json"];
-    all.extend_from_slice(args);
-    let out = btm(dir.path(), &all).ok();
-    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
-    v["kept"]
-        .as_array()
-        .expect("kept")
-        .iter()
-        .map(|h| h.as_u64().expect("u64"))
-        .collect()
+    common::simulate_kept(scratch().path(), args)
 }
 
 #[test]

@@ -12,18 +12,6 @@ use std::time::{Duration, Instant};
 use common::{btm, Btrfs, DaemonProc, FakeRpc, Fixture, Zfs};
 use nix::sys::signal::Signal;
 
-fn kept_by_simulate(fx: &impl Fixture, args: &[&str]) -> Vec<u64> {
-    let mut all = vec!["simulate", "--json"];
-    all.extend_from_slice(args);
-    let v: serde_json::Value = serde_json::from_str(&btm(fx.scratch(), &all).ok()).expect("json");
-    v["kept"]
-        .as_array()
-        .expect("kept")
-        .iter()
-        .map(|h| h.as_u64().expect("u64"))
-        .collect()
-}
-
 fn push_policies(fx: &impl Fixture) {
     let vol = fx.volume();
     // fair: cap 3, every answer arrives after its snapshot exists.
@@ -77,8 +65,8 @@ fn push_policies(fx: &impl Fixture) {
     }
     assert_eq!(
         fx.heights(),
-        kept_by_simulate(
-            fx,
+        common::simulate_kept(
+            fx.scratch(),
             &["-i", "2", "-c", "20", "-a", "fade", "--blocks", "120"]
         )
     );

@@ -116,6 +116,19 @@ pub fn btm(runtime: &Path, args: &[&str]) -> Run {
         .expect("btm binary runs")
 }
 
+/// The heights `btm simulate --json ARGS` keeps, newest first.
+pub fn simulate_kept(scratch: &Path, args: &[&str]) -> Vec<u64> {
+    let mut all = vec!["simulate", "--json"];
+    all.extend_from_slice(args);
+    let v: serde_json::Value = serde_json::from_str(&btm(scratch, &all).ok()).expect("json");
+    v["kept"]
+        .as_array()
+        .expect("kept")
+        .iter()
+        .map(|h| h.as_u64().expect("u64"))
+        .collect()
+}
+
 /// A `btm` command ready to spawn, with private directories and no terminal.
 pub fn btm_cmd(runtime: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_btm"));

@@ -166,20 +166,10 @@ pub fn retention_matches_simulate(fx: &impl Fixture) {
         ])
         .ok();
     }
-    let sim = btm(
+    let kept = crate::common::simulate_kept(
         fx.scratch(),
-        &[
-            "simulate", "-i", "2", "-c", "20", "-a", "fade", "--blocks", "200", "--json",
-        ],
-    )
-    .ok();
-    let sim: serde_json::Value = serde_json::from_str(&sim).expect("json");
-    let kept: Vec<u64> = sim["kept"]
-        .as_array()
-        .expect("kept")
-        .iter()
-        .map(|v| v.as_u64().expect("u64"))
-        .collect();
+        &["-i", "2", "-c", "20", "-a", "fade", "--blocks", "200"],
+    );
     assert_eq!(
         fx.heights(),
         kept,
