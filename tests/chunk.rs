@@ -308,7 +308,9 @@ fn put_index(store: &LocalStore, tag: &str, entries: Vec<Entry>) -> String {
         meta: serde_json::Map::new(),
         entries,
     };
-    store.put_index(&name, &idx.encode()).expect("put");
+    store
+        .put_index(&name, &idx.encode().expect("encode"))
+        .expect("put");
     name
 }
 

@@ -475,7 +475,9 @@ pub fn backup(
         meta: opts.meta.clone(),
         entries,
     };
-    let encoded = index.encode();
+    let encoded = index
+        .encode()
+        .map_err(|e| ChunkError::Compress(format!("index: {e}")))?;
     // Every chunk durable before the index that names them.
     with_retry(|| store.flush())?;
     with_retry(|| store.put_index(&name, &encoded))?;

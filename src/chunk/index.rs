@@ -178,10 +178,11 @@ pub enum IndexError {
 }
 
 impl Index {
-    /// Serialize: JSON, zstd-compressed.
-    pub fn encode(&self) -> Vec<u8> {
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        zstd::bulk::compress(&json, 3).unwrap_or(json)
+    /// Serialize: JSON, zstd-compressed. Fails only if compression does;
+    /// an index is never written in any other form.
+    pub fn encode(&self) -> std::io::Result<Vec<u8>> {
+        let json = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        zstd::bulk::compress(&json, 3)
     }
 
     /// Parse what [`Index::encode`] wrote; `name` is for errors.
@@ -338,7 +339,10 @@ mod tests {
                 append_only: false,
             }],
         };
-        assert_eq!(Index::decode("n", &idx.encode()).expect("decodes"), idx);
+        assert_eq!(
+            Index::decode("n", &idx.encode().expect("encodes")).expect("decodes"),
+            idx
+        );
         assert!(matches!(
             Index::decode("n", b"junk"),
             Err(IndexError::Corrupt { .. })

@@ -216,9 +216,7 @@ pub fn restore(
                     if abort.load(Ordering::Relaxed) {
                         continue;
                     }
-                    if let Err(e) =
-                        run_task(store, cache, &task, &mut buf, index.chunk_size, counters)
-                    {
+                    if let Err(e) = run_task(store, cache, &task, &mut buf, counters) {
                         abort.store(true, Ordering::Relaxed);
                         let _ = err_tx.send(e);
                     }
@@ -397,7 +395,6 @@ fn run_task(
     cache: Option<&LocalStore>,
     task: &Task,
     buf: &mut Vec<u8>,
-    _chunk_size: u64,
     counters: &Counters,
 ) -> Result<(), ChunkError> {
     let io = |e| ChunkError::io(Path::new(&*task.path), e);
