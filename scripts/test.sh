@@ -35,6 +35,12 @@ if [ ! -x "$GANACHE_BIN" ]; then
     mkdir -p "$npm_prefix"
     npm install --no-audit --no-fund --silent --prefix "$npm_prefix" ganache@7.9.2 >/dev/null
 fi
+# Azurite: Microsoft's Azure Blob Storage emulator, for the Azure store tests.
+export AZURITE_BIN="$npm_prefix/node_modules/.bin/azurite-blob"
+if [ ! -x "$AZURITE_BIN" ]; then
+    echo "== installing azurite (npm) into $npm_prefix"
+    npm install --no-audit --no-fund --silent --prefix "$npm_prefix" azurite@3.37.0 >/dev/null
+fi
 
 started_pid=""
 stop_zfs_fuse() {
@@ -65,7 +71,7 @@ if ! command -v s3s-fs >/dev/null; then
     cargo install --locked --quiet s3s-fs --version 0.14.1 --features binary
 fi
 
-echo "== cargo test (unit, property, CLI, daemon, ganache chain, chunk engine, S3, real btrfs + zfs-fuse tests)"
+echo "== cargo test (unit, property, CLI, daemon, ganache chain, chunk engine, S3, Azure, real btrfs + zfs-fuse tests)"
 # A wedged filesystem must fail the run, not hang it until CI's limit.
 timeout --signal=KILL 1800 cargo test --locked --all-targets --no-fail-fast -- --test-threads=2
 cargo test --locked --doc
