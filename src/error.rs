@@ -1,7 +1,7 @@
 //! The library's top-level error: one enum wrapping each layer's, plus the
 //! failures that only make sense at the [`crate::BtmCfg`] level.
 
-use crate::{lock, retention, volume};
+use crate::{lock, pin, retention, volume};
 
 /// Anything a [`crate::BtmCfg`] operation can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +15,12 @@ pub enum Error {
     /// The retention parameters.
     #[error(transparent)]
     Policy(#[from] retention::PolicyError),
+    /// Reading the snapshot pins.
+    #[error(transparent)]
+    Pin(#[from] pin::Error),
+    /// The operation would destroy snapshots that a running export reads.
+    #[error("snapshot(s) at height {} are pinned by a running export; try again when it ends", .0.iter().map(u64::to_string).collect::<Vec<_>>().join(", "))]
+    Pinned(Vec<u64>),
     /// The volume has no btm snapshot at all.
     #[error("volume '{0}' has no btm snapshots")]
     NoSnapshots(String),
@@ -32,6 +38,7 @@ impl Error {
         match self {
             Error::Volume(e) => e.is_temporary(),
             Error::Lock(e) => e.is_temporary(),
+            Error::Pinned(_) => true,
             _ => false,
         }
     }

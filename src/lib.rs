@@ -36,13 +36,16 @@ pub mod daemon;
 pub mod dirs;
 pub mod error;
 pub mod exec;
+pub mod export;
 pub mod height;
 pub mod lock;
+pub mod pin;
 pub mod preserve;
 pub mod protocol;
 pub mod pruner;
 pub mod retention;
 pub mod store;
+pub mod sys;
 pub mod volume;
 pub mod window;
 

@@ -120,6 +120,40 @@ pub struct LastSnapshot {
     pub duration_ms: u64,
 }
 
+/// The last export that finished successfully.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastExport {
+    /// The exported snapshot's height.
+    pub height: u64,
+    /// The backup's name in the store.
+    pub backup: String,
+    /// When it finished.
+    pub at: DateTime<Utc>,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// Bytes read from the snapshot.
+    pub bytes_read: u64,
+    /// Compressed bytes uploaded.
+    pub bytes_uploaded: u64,
+    /// Files reused from the previous backup without reading.
+    pub files_unchanged: u64,
+}
+
+/// An export in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningExport {
+    /// The snapshot's height.
+    pub height: u64,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// Bytes to read (grows while files are planned).
+    pub bytes_total: u64,
+    /// Bytes read so far.
+    pub bytes_read: u64,
+    /// Compressed bytes uploaded so far.
+    pub bytes_uploaded: u64,
+}
+
 /// One recent error.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorEntry {
@@ -156,6 +190,15 @@ pub struct Counters {
     /// Prune runs.
     #[serde(default)]
     pub prunes: u64,
+    /// Exports finished (including "already exported").
+    #[serde(default)]
+    pub exports: u64,
+    /// Exports that failed.
+    #[serde(default)]
+    pub export_failures: u64,
+    /// Due exports skipped because one was still running.
+    #[serde(default)]
+    pub exports_skipped: u64,
 }
 
 /// The daemon's state, as `btm status` shows it.
@@ -193,6 +236,15 @@ pub struct Status {
     pub snapshot_count: usize,
     /// The next height at which a snapshot is due.
     pub next_due: Option<u64>,
+    /// The export store, when exports are configured.
+    #[serde(default)]
+    pub export_store: Option<String>,
+    /// The last successful export.
+    #[serde(default)]
+    pub last_export: Option<LastExport>,
+    /// The export running now.
+    #[serde(default)]
+    pub export: Option<RunningExport>,
     /// The most recent errors, newest last (at most 20).
     pub recent_errors: Vec<ErrorEntry>,
     /// Counters since start.

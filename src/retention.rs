@@ -89,6 +89,9 @@ pub enum KeepReason {
         /// `floor(height / itv^tier)`.
         slot: u64,
     },
+    /// The policy would delete it, but it is pinned (an export is reading
+    /// it); it goes at the first prune after the pin is released.
+    Pinned,
 }
 
 /// Why a snapshot is deleted.
@@ -131,6 +134,7 @@ impl fmt::Display for Decision {
             Decision::Keep(KeepReason::Slot { tier, slot }) => {
                 write!(f, "keep: tier {tier}, slot {slot}")
             }
+            Decision::Keep(KeepReason::Pinned) => write!(f, "keep: pinned by a running export"),
             Decision::Delete(DeleteReason::BeyondCap { rank, limit }) => {
                 write!(f, "delete: position {rank} is past the {limit} kept")
             }
@@ -170,6 +174,17 @@ impl Plan {
     /// Heights to delete, newest first.
     pub fn deleted(&self) -> Vec<u64> {
         self.select(|d| matches!(d, Decision::Delete(_)))
+    }
+
+    /// This plan with every deletion of a `pinned` height turned into
+    /// [`KeepReason::Pinned`].
+    pub fn pin(mut self, pinned: &std::collections::BTreeSet<u64>) -> Plan {
+        for v in &mut self.verdicts {
+            if matches!(v.decision, Decision::Delete(_)) && pinned.contains(&v.height) {
+                v.decision = Decision::Keep(KeepReason::Pinned);
+            }
+        }
+        self
     }
 
     fn select(&self, f: impl Fn(&Decision) -> bool) -> Vec<u64> {

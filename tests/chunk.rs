@@ -9,7 +9,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use btm::chunk::index::{Entry, EntryKind, Index, IndexName, FORMAT_VERSION};
-use btm::store::{LocalStore, Store, StoreError};
+use btm::store::{LocalStore, Store};
 use common::btm;
 
 const MB: u64 = 1 << 20;
@@ -376,62 +376,10 @@ fn hostile_indexes_write_nothing_outside() {
     assert!(!t.p("escape").exists() && !Path::new("/etc/btm-pwned").exists());
 }
 
-/// A store whose chunk uploads start failing after a few succeed.
-struct Flaky {
-    inner: LocalStore,
-    ok_puts: std::sync::atomic::AtomicI64,
-}
-
-impl Store for Flaky {
-    fn describe(&self) -> String {
-        "flaky".into()
-    }
-    fn put_chunk(&self, h: &btm::chunk::index::ChunkHash, d: &[u8]) -> Result<(), StoreError> {
-        if self
-            .ok_puts
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
-            <= 0
-        {
-            return Err(StoreError::Temporary {
-                what: format!("chunk {h}"),
-                detail: "connection reset".into(),
-            });
-        }
-        self.inner.put_chunk(h, d)
-    }
-    fn get_chunk(&self, h: &btm::chunk::index::ChunkHash) -> Result<Vec<u8>, StoreError> {
-        self.inner.get_chunk(h)
-    }
-    fn list_chunks(&self) -> Result<Vec<btm::chunk::index::ChunkHash>, StoreError> {
-        self.inner.list_chunks()
-    }
-    fn delete_chunk(&self, h: &btm::chunk::index::ChunkHash) -> Result<(), StoreError> {
-        self.inner.delete_chunk(h)
-    }
-    fn put_index(&self, n: &str, d: &[u8]) -> Result<(), StoreError> {
-        self.inner.put_index(n, d)
-    }
-    fn get_index(&self, n: &str) -> Result<Vec<u8>, StoreError> {
-        self.inner.get_index(n)
-    }
-    fn list_indexes(&self) -> Result<Vec<String>, StoreError> {
-        self.inner.list_indexes()
-    }
-    fn delete_index(&self, n: &str) -> Result<(), StoreError> {
-        self.inner.delete_index(n)
-    }
-    fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush()
-    }
-}
-
 #[test]
 fn a_failing_store_leaves_no_index() {
     let t = Tree::new();
-    let flaky = Flaky {
-        inner: LocalStore::open(&t.store()).expect("store"),
-        ok_puts: 2.into(),
-    };
+    let flaky = common::FaultyStore::new(Path::new(&t.store()), 2, i64::MAX);
     let mut opts = btm::chunk::backup::BackupOptions::new("prod");
     opts.chunk_size = MB;
     let err = btm::chunk::backup::backup(&flaky, &t.src(), &opts).expect_err("must fail");

@@ -75,6 +75,38 @@ fn contract(store: &dyn Store) {
         }
     });
     assert_eq!(store.list_chunks().expect("list").len(), 1201);
+
+    // Markers: replaceable, listed with the store's time, never mixed up
+    // with chunks or indexes.
+    let before = chrono::Utc::now() - chrono::Duration::seconds(60);
+    assert!(store.list_markers("locks").expect("list").is_empty());
+    store.put_marker("locks/export-a", b"one").expect("put");
+    store.put_marker("locks/export-a", b"two").expect("replace");
+    store.put_marker("gc/marks/m1", b"mark").expect("put");
+    assert_eq!(store.get_marker("locks/export-a").expect("get"), b"two");
+    let locks = store.list_markers("locks").expect("list");
+    assert_eq!(locks.len(), 1, "{locks:?}");
+    assert_eq!(locks[0].name, "locks/export-a");
+    assert!(locks[0].modified > before, "{locks:?}");
+    let gc = store.list_markers("gc").expect("list");
+    assert_eq!(
+        gc.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+        ["gc/marks/m1"]
+    );
+    assert!(matches!(
+        store.get_marker("locks/none"),
+        Err(StoreError::NotFound(_))
+    ));
+    for bad in ["indexes/x", "locks/../chunks/x", "locks/", "gc/a b"] {
+        assert!(store.put_marker(bad, b"x").is_err(), "{bad}");
+    }
+    store.delete_marker("locks/export-a").expect("delete");
+    store.delete_marker("locks/export-a").expect("twice");
+    store.delete_marker("gc/marks/m1").expect("delete");
+    assert!(store.list_markers("locks").expect("list").is_empty());
+    assert!(store.list_markers("gc").expect("list").is_empty());
+    assert_eq!(store.list_indexes().expect("list"), Vec::<String>::new());
+    assert_eq!(store.list_chunks().expect("list").len(), 1201);
 }
 
 #[test]

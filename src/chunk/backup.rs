@@ -24,7 +24,9 @@ use serde::Serialize;
 use super::index::{
     validate_tag, ChunkHash, ChunkRef, Entry, EntryKind, Index, IndexName, FORMAT_VERSION,
 };
+use super::lease::{Lease, LeaseKind};
 use super::plan::{plan_backup, BackupStep, Previous};
+use super::throttle::Throttle;
 use super::{latest_index, ChunkError};
 use crate::store::{LocalStore, Store, StoreError};
 
@@ -51,6 +53,9 @@ pub struct BackupOptions {
     pub zstd_level: i32,
     /// Read every file even if unchanged since the previous backup.
     pub force_read: bool,
+    /// Most bytes read from disk per second, so a backup never starves the
+    /// node; `None` for no limit.
+    pub max_rate: Option<u64>,
     /// Keep a copy of uploaded chunks here.
     pub cache: Option<PathBuf>,
     /// Updated as chunks are planned and processed.
@@ -70,6 +75,7 @@ impl BackupOptions {
             workers: super::default_workers(),
             zstd_level: 1,
             force_read: false,
+            max_rate: None,
             cache: None,
             progress: Arc::default(),
         }
@@ -227,8 +233,22 @@ pub fn backup(
             root.display()
         )));
     }
+    super::lease::with_lease(store, LeaseKind::Backup, Some(&opts.tag), |lease| {
+        run(store, root, opts, lease)
+    })
+}
+
+/// The backup proper, under a backup lease so that no GC sweep runs until
+/// the index is written (see [`super::lease`]).
+fn run(
+    store: &dyn Store,
+    root: &Path,
+    opts: &BackupOptions,
+    lease: &Lease<'_>,
+) -> Result<BackupSummary, ChunkError> {
     let started = Utc::now();
     let name = IndexName::new(started, &opts.tag).to_string();
+    let throttle = opts.max_rate.map(Throttle::new);
 
     let previous = latest_index(store, &opts.tag, None)?;
     let prev_files: HashMap<&str, &Entry> = previous
@@ -280,6 +300,7 @@ pub fn backup(
             let done = done_tx.clone();
             let known = Arc::clone(&known);
             let (counters, abort, cache) = (&counters, &abort, cache.as_ref());
+            let throttle = throttle.as_ref();
             scope.spawn(move || {
                 let mut buf = Vec::new();
                 loop {
@@ -288,18 +309,15 @@ pub fn backup(
                         guard.recv()
                     };
                     let Ok(item) = item else { return };
-                    let result = if abort.load(Ordering::Relaxed) {
+                    let result = if abort.load(Ordering::Relaxed)
+                        || opts.progress.cancel.load(Ordering::Relaxed)
+                    {
                         Err(ChunkError::Aborted)
                     } else {
-                        process_chunk(
-                            store,
-                            cache,
-                            &item,
-                            &mut buf,
-                            opts.zstd_level,
-                            &known,
-                            counters,
-                        )
+                        if let Some(t) = throttle {
+                            t.take(item.len);
+                        }
+                        process_chunk(store, cache, &item, &mut buf, opts, &known, counters)
                     };
                     opts.progress.done.fetch_add(item.len, Ordering::Relaxed);
                     if result.is_err() {
@@ -319,6 +337,9 @@ pub fn backup(
             for (rel, m) in &all {
                 if abort.load(Ordering::Relaxed) {
                     break;
+                }
+                if opts.progress.cancel.load(Ordering::Relaxed) {
+                    return Err(ChunkError::Cancelled);
                 }
                 let full = root.join(rel);
                 if m.is_dir() {
@@ -480,6 +501,9 @@ pub fn backup(
         .map_err(|e| ChunkError::Compress(format!("index: {e}")))?;
     // Every chunk durable before the index that names them.
     with_retry(|| store.flush())?;
+    // The chunks we took as known must still be there: only true while our
+    // lease kept sweeps away.
+    lease.check()?;
     with_retry(|| store.put_index(&name, &encoded))?;
     Ok(summary)
 }
@@ -489,7 +513,7 @@ fn process_chunk(
     cache: Option<&LocalStore>,
     item: &Work,
     buf: &mut Vec<u8>,
-    level: i32,
+    opts: &BackupOptions,
     known: &Mutex<HashSet<ChunkHash>>,
     counters: &Counters,
 ) -> Result<Option<ChunkHash>, ChunkError> {
@@ -512,8 +536,8 @@ fn process_chunk(
         counters.chunks_known.fetch_add(1, Ordering::Relaxed);
         return Ok(Some(hash));
     }
-    let compressed =
-        zstd::bulk::compress(buf, level).map_err(|e| ChunkError::Compress(e.to_string()))?;
+    let compressed = zstd::bulk::compress(buf, opts.zstd_level)
+        .map_err(|e| ChunkError::Compress(e.to_string()))?;
     // Round trip before upload: a compressor bug must not become a backup
     // that cannot be restored. Streaming the decompression into the hasher
     // checks it without a third chunk-sized buffer per worker.
@@ -537,6 +561,9 @@ fn process_chunk(
     }
     known.lock().unwrap_or_else(|p| p.into_inner()).insert(hash);
     counters
+        .uploaded
+        .fetch_add(compressed.len() as u64, Ordering::Relaxed);
+    opts.progress
         .uploaded
         .fetch_add(compressed.len() as u64, Ordering::Relaxed);
     counters.chunks_uploaded.fetch_add(1, Ordering::Relaxed);

@@ -10,10 +10,14 @@
 //! [`restore`] execute plans.
 
 pub mod backup;
+pub mod gc;
 pub mod index;
+pub mod keep;
+pub mod lease;
 pub mod plan;
 pub mod restore;
 pub mod sparse;
+pub mod throttle;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -31,14 +35,19 @@ pub fn default_workers() -> usize {
     (cores * 2).clamp(4, 8)
 }
 
-/// Live progress of a backup or restore, for a progress bar: bytes to
-/// process (grows while files are planned) and bytes processed.
+/// Live progress of a backup or restore, shared with whoever watches it
+/// (a progress bar, the daemon's status), and a way to cancel it.
 #[derive(Debug, Default)]
 pub struct Progress {
     /// Bytes planned for reading (backup) or checking/fetching (restore).
     pub total: std::sync::atomic::AtomicU64,
     /// Bytes done so far.
     pub done: std::sync::atomic::AtomicU64,
+    /// Compressed bytes uploaded so far (backup).
+    pub uploaded: std::sync::atomic::AtomicU64,
+    /// Set to stop a backup early; it then fails with
+    /// [`ChunkError::Cancelled`] and writes no index.
+    pub cancel: std::sync::atomic::AtomicBool,
 }
 
 /// Errors of the chunk engine.
@@ -100,6 +109,12 @@ pub enum ChunkError {
     /// No backup matched.
     #[error("{0}")]
     NoBackup(String),
+    /// A store lease could not be taken or kept (see [`lease`]).
+    #[error(transparent)]
+    Lease(#[from] lease::LeaseError),
+    /// Stopped on request ([`Progress::cancel`]); nothing was written.
+    #[error("cancelled")]
+    Cancelled,
     /// Stopped because another part of the job failed.
     #[error("aborted")]
     Aborted,

@@ -12,13 +12,14 @@ use regex::Regex;
 use btm::chunk::backup::{BackupOptions, DEFAULT_CHUNK_SIZE};
 use btm::chunk::restore::RestoreOptions;
 use btm::chunk::{self, BackupInfo};
+use btm::config::daemon::DEFAULT_CONFIG;
 use btm::store::Store;
 
 use super::{human_bytes, print_json};
 
 /// Which store to use.
 #[derive(Debug, Args)]
-pub struct StoreArgs {
+pub(super) struct StoreArgs {
     /// Store: a path, file://…, s3://bucket/prefix, gs://bucket/prefix or
     /// az://container/prefix [default: $BTM_STORE]
     #[arg(
@@ -32,11 +33,20 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
-    fn open(&self) -> Result<Box<dyn Store>> {
-        let Some(url) = &self.store else {
-            bail!("no store given: use -s STORE or set $BTM_STORE");
+    /// Open the store: `-s`, else `$BTM_STORE`, else `[export] store` of
+    /// /etc/btm/btm.toml.
+    pub(super) fn open(&self) -> Result<Box<dyn Store>> {
+        let url = match &self.store {
+            Some(url) => url.clone(),
+            None => super::daemon::load_file(None)
+                .ok()
+                .and_then(|o| o.export)
+                .and_then(|e| e.store)
+                .with_context(|| {
+                    format!("no store given: use -s STORE, set $BTM_STORE, or set [export] store in {DEFAULT_CONFIG}")
+                })?,
         };
-        Ok(btm::store::open(url)?)
+        Ok(btm::store::open(&url)?)
     }
 }
 
@@ -144,6 +154,12 @@ pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
         return print_json(out, &summary);
     }
     writeln!(out, "{}", summary.name)?;
+    print_summary(&summary);
+    Ok(())
+}
+
+/// The one-line human summary of a backup, on stderr.
+pub(super) fn print_summary(summary: &chunk::backup::BackupSummary) {
     eprintln!(
         "{} files ({} unchanged), {} scanned, {} read, {} uploaded in {} new chunks; {} chunks reused, {} empty",
         summary.files,
@@ -155,18 +171,17 @@ pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
         summary.chunks_reused,
         summary.chunks_empty
     );
-    Ok(())
 }
 
 /// Shows `progress`: a bar on a terminal, a plain line every 10 s
 /// otherwise. Stops when dropped.
-struct Reporter {
+pub(super) struct Reporter {
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Reporter {
-    fn start(what: String, progress: Arc<chunk::Progress>) -> Self {
+    pub(super) fn start(what: String, progress: Arc<chunk::Progress>) -> Self {
         use std::sync::atomic::Ordering;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = Arc::clone(&stop);

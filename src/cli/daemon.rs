@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use btm::config::daemon::{
-    parse_duration, ConfigError, DaemonOptions, DaemonSettings, DEFAULT_CONFIG,
+    parse_duration, ConfigError, DaemonOptions, DaemonSettings, ExportOptions, DEFAULT_CONFIG,
 };
 use btm::retention::Algo;
 use btm::SnapMode;
@@ -55,6 +55,43 @@ pub struct DaemonArgs {
     /// Prometheus endpoint address, e.g. 127.0.0.1:9375
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    #[command(flatten)]
+    export: ExportFlags,
+}
+
+/// The `[export]` keys as flags, shared by `btm daemon` and `btm export`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ExportFlags {
+    /// Export store: a path, file://…, s3://…, gs://… or az://…
+    #[arg(long, value_name = "STORE")]
+    pub export_store: Option<String>,
+    /// Export at each new multiple of this many blocks [default: 100 × itv]
+    #[arg(long, value_name = "BLOCKS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub export_every: Option<u64>,
+    /// Backup tag [default: the host name]
+    #[arg(long, value_name = "TAG")]
+    pub export_tag: Option<String>,
+    /// Backups of the tag kept after each export [default: 7]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub export_keep: Option<u64>,
+    /// Local chunk cache directory
+    #[arg(long, value_name = "DIR")]
+    pub export_cache: Option<PathBuf>,
+}
+
+impl ExportFlags {
+    /// The flags as `[export]` options; `None` when no flag was given.
+    pub fn options(&self) -> Option<ExportOptions> {
+        let o = ExportOptions {
+            store: self.export_store.clone(),
+            every: self.export_every,
+            tag: self.export_tag.clone(),
+            keep: self.export_keep,
+            cache: self.export_cache.clone(),
+            ..ExportOptions::default()
+        };
+        (o != ExportOptions::default()).then_some(o)
+    }
 }
 
 impl DaemonArgs {
@@ -76,20 +113,28 @@ impl DaemonArgs {
             socket: self.socket.clone(),
             metrics_listen: self.metrics_listen.clone(),
             log_level,
+            export: self.export.options(),
             ..DaemonOptions::default()
         }
     }
 
     /// The file's options (if any) overlaid by the flags, resolved.
     fn load(&self, log_level: Option<String>) -> Result<DaemonSettings, ConfigError> {
-        let file = match &self.config {
-            Some(path) => DaemonOptions::load(path)?,
-            None if Path::new(DEFAULT_CONFIG).exists() => {
-                DaemonOptions::load(Path::new(DEFAULT_CONFIG))?
-            }
-            None => DaemonOptions::default(),
-        };
-        file.overlay(self.options(log_level)).resolve()
+        load_file(self.config.as_deref())?
+            .overlay(self.options(log_level))
+            .resolve()
+    }
+}
+
+/// The configuration file's options: `path`, else /etc/btm/btm.toml when
+/// it exists, else nothing.
+pub fn load_file(path: Option<&Path>) -> Result<DaemonOptions, ConfigError> {
+    match path {
+        Some(path) => DaemonOptions::load(path),
+        None if Path::new(DEFAULT_CONFIG).exists() => {
+            DaemonOptions::load(Path::new(DEFAULT_CONFIG))
+        }
+        None => Ok(DaemonOptions::default()),
     }
 }
 

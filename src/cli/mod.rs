@@ -5,6 +5,8 @@
 mod backup;
 mod clean;
 mod daemon;
+mod export;
+mod gc;
 mod list;
 mod notify;
 mod prune;
@@ -65,6 +67,10 @@ pub enum Command {
     Restore(backup::RestoreArgs),
     /// Verify a store: indexes parse and every chunk exists (or re-hashes)
     Check(backup::CheckArgs),
+    /// Export a snapshot to the export store now (what the daemon does periodically)
+    Export(export::ExportArgs),
+    /// Delete chunks no backup references (two-phase, safe alongside exports)
+    Gc(gc::GcArgs),
 }
 
 /// Which volume to act on.
@@ -151,6 +157,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Backups(a) => backup::backups(a, out),
         Command::Restore(a) => backup::restore(a, out),
         Command::Check(a) => backup::check(a, out),
+        Command::Export(a) => export::run(a, out),
+        Command::Gc(a) => gc::run(a, out),
     }
 }
 

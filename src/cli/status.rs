@@ -93,12 +93,47 @@ pub fn run(args: StatusArgs, out: &mut dyn Write) -> Result<()> {
         s.snapshot_count,
         opt(s.next_due)
     )?;
+    if let Some(store) = &s.export_store {
+        writeln!(out, "export store:   {store}")?;
+        match &s.last_export {
+            Some(l) => writeln!(
+                out,
+                "last export:    height {} as {} at {}, took {}; read {}, uploaded {}, {} files unchanged",
+                l.height,
+                l.backup,
+                ago(Some(l.at)),
+                ms(l.duration_ms),
+                super::human_bytes(l.bytes_read),
+                super::human_bytes(l.bytes_uploaded),
+                l.files_unchanged
+            )?,
+            None => writeln!(out, "last export:    none since start")?,
+        }
+        if let Some(r) = &s.export {
+            writeln!(
+                out,
+                "exporting:      height {} since {}; read {} of {}, uploaded {}",
+                r.height,
+                ago(Some(r.started_at)),
+                super::human_bytes(r.bytes_read),
+                super::human_bytes(r.bytes_total),
+                super::human_bytes(r.bytes_uploaded)
+            )?;
+        }
+    }
     let c = &s.counters;
     writeln!(
         out,
         "since start:    {} taken, {} skipped, {} failed, {} prune failures, {} source errors",
         c.snapshots, c.skipped, c.snapshot_failures, c.prune_failures, c.source_errors
     )?;
+    if s.export_store.is_some() {
+        writeln!(
+            out,
+            "exports:        {} done, {} failed, {} skipped (one still running)",
+            c.exports, c.export_failures, c.exports_skipped
+        )?;
+    }
     if s.recent_errors.is_empty() {
         writeln!(out, "recent errors:  none")?;
     } else {
@@ -114,4 +149,12 @@ pub fn run(args: StatusArgs, out: &mut dyn Write) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn ms(d: u64) -> String {
+    if d < 10_000 {
+        format!("{d} ms")
+    } else {
+        format!("{:.1} s", d as f64 / 1000.0)
+    }
 }

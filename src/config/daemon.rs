@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::export::ExportSettings;
 use crate::height::SourceSpec;
 use crate::retention::Algo;
 use crate::volume::{self, SnapMode};
@@ -108,6 +109,145 @@ pub struct HookOptions {
     pub timeout: Option<Duration>,
 }
 
+/// Periodic export of snapshots (`[export]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportOptions {
+    /// `--export-store`: where backups go.
+    pub store: Option<String>,
+    /// `--export-every`: export at each new multiple of this many blocks.
+    pub every: Option<u64>,
+    /// `--export-tag` (default: the host name).
+    pub tag: Option<String>,
+    /// `--export-keep`: backups of the tag kept.
+    pub keep: Option<u64>,
+    /// `--export-cache`: local chunk cache directory.
+    pub cache: Option<PathBuf>,
+    /// Worker threads.
+    pub concurrency: Option<usize>,
+    /// Most bytes read per second: a number, or a size like "50MiB".
+    #[serde(default, deserialize_with = "de_size")]
+    pub max_rate: Option<u64>,
+    /// Append-only files (block logs), relative to the volume root.
+    pub append_only: Option<Vec<String>>,
+    /// Run garbage collection after each export (default true).
+    pub gc: Option<bool>,
+    /// Grace period of garbage collection (default "24h").
+    #[serde(default, deserialize_with = "de_duration")]
+    pub gc_grace: Option<Duration>,
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumOrStr {
+        Num(u64),
+        Str(String),
+    }
+    match NumOrStr::deserialize(d)? {
+        NumOrStr::Num(n) => Ok(Some(n)),
+        NumOrStr::Str(s) => parse_size(&s).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+/// A byte size: a number with an optional K/M/G (powers of 1024, with or
+/// without "iB") or KB/MB/GB (powers of 1000) suffix.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size like 50MiB or 1000000"))?;
+    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KIB" => 1 << 10,
+        "M" | "MIB" => 1 << 20,
+        "G" | "GIB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => {
+            return Err(format!(
+                "'{s}' has an unknown unit (use K, M, G, KiB, MB, …)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("'{s}' must be between 1 byte and 16 EiB"))
+}
+
+impl ExportOptions {
+    /// `self` with every key set in `top` replaced by `top`'s value.
+    pub fn overlay(self, top: ExportOptions) -> ExportOptions {
+        let base = self;
+        ExportOptions {
+            store: top.store.or(base.store),
+            every: top.every.or(base.every),
+            tag: top.tag.or(base.tag),
+            keep: top.keep.or(base.keep),
+            cache: top.cache.or(base.cache),
+            concurrency: top.concurrency.or(base.concurrency),
+            max_rate: top.max_rate.or(base.max_rate),
+            append_only: top.append_only.or(base.append_only),
+            gc: top.gc.or(base.gc),
+            gc_grace: top.gc_grace.or(base.gc_grace),
+        }
+    }
+
+    /// Fill in defaults and check every value; `itv` is the snapshot
+    /// interval, which `every` must be a multiple of.
+    pub fn resolve(self, itv: u64) -> Result<ExportSettings, ConfigError> {
+        let store = self
+            .store
+            .filter(|s| !s.is_empty())
+            .ok_or(ConfigError::Missing {
+                key: "export.store",
+                hint: " when [export] is configured (--export-store)",
+            })?;
+        if let Err(e) = crate::store::check_url(&store) {
+            return Err(invalid("export.store", e.to_string()));
+        }
+        let every = self.every.unwrap_or(itv.saturating_mul(100));
+        if every == 0 || every % itv != 0 {
+            return Err(invalid(
+                "export.every",
+                format!("{every} must be a positive multiple of itv ({itv})"),
+            ));
+        }
+        let tag = self.tag.unwrap_or_else(crate::chunk::lease::host_name);
+        crate::chunk::index::validate_tag(&tag).map_err(|e| invalid("export.tag", e))?;
+        let keep = self.keep.unwrap_or(crate::export::DEFAULT_KEEP);
+        if keep == 0 {
+            return Err(invalid("export.keep", "must be at least 1"));
+        }
+        let concurrency = self
+            .concurrency
+            .unwrap_or_else(crate::chunk::default_workers);
+        if !(1..=64).contains(&concurrency) {
+            return Err(invalid("export.concurrency", "must be between 1 and 64"));
+        }
+        let append_only = self.append_only.unwrap_or_default();
+        for p in &append_only {
+            crate::chunk::restore::safe_components(p)
+                .map_err(|e| invalid("export.append_only", e.to_string()))?;
+        }
+        Ok(ExportSettings {
+            store,
+            every,
+            tag,
+            keep,
+            cache: self.cache,
+            concurrency,
+            max_rate: self.max_rate,
+            append_only,
+            gc: self.gc.unwrap_or(true),
+            gc_grace: self.gc_grace.unwrap_or(crate::chunk::gc::DEFAULT_GRACE),
+        })
+    }
+}
+
 /// Everything the daemon can be told, all optional: the file's keys, and
 /// the flags, which are overlaid on the file with [`DaemonOptions::overlay`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -154,6 +294,8 @@ pub struct DaemonOptions {
     pub metrics_listen: Option<String>,
     /// Snapshot hooks.
     pub hooks: Option<HookOptions>,
+    /// Periodic export.
+    pub export: Option<ExportOptions>,
 }
 
 macro_rules! overlay_fields {
@@ -187,13 +329,21 @@ impl DaemonOptions {
         Self::from_toml(&text, path)
     }
 
-    /// `self` with every key set in `top` replaced by `top`'s value.
-    pub fn overlay(self, top: DaemonOptions) -> DaemonOptions {
+    /// `self` with every key set in `top` replaced by `top`'s value
+    /// (`[export]` key by key).
+    pub fn overlay(mut self, mut top: DaemonOptions) -> DaemonOptions {
+        let export = match (self.export.take(), top.export.take()) {
+            (Some(b), Some(t)) => Some(b.overlay(t)),
+            (b, t) => t.or(b),
+        };
         let base = self;
-        overlay_fields!(base, top;
-            volume, mode, itv, cap, algo, source, rpc_url, height_file, height_command,
-            poll_interval, source_timeout, lock_timeout, socket, socket_group, socket_mode,
-            log_level, metrics_listen, hooks)
+        DaemonOptions {
+            export,
+            ..overlay_fields!(base, top;
+                volume, mode, itv, cap, algo, source, rpc_url, height_file, height_command,
+                poll_interval, source_timeout, lock_timeout, socket, socket_group, socket_mode,
+                log_level, metrics_listen, hooks, export)
+        }
     }
 
     /// Fill in defaults and check every value.
@@ -262,7 +412,12 @@ impl DaemonOptions {
                 return Err(invalid(key, "the command is empty"));
             }
         }
+        let export = match self.export {
+            Some(e) => Some(e.resolve(itv)?),
+            None => None,
+        };
         Ok(DaemonSettings {
+            export,
             volume,
             mode: self.mode,
             itv,
@@ -398,6 +553,8 @@ pub struct DaemonSettings {
     pub post_snapshot: Option<Vec<String>>,
     /// Hook timeout.
     pub hook_timeout: Duration,
+    /// Periodic export, when configured.
+    pub export: Option<ExportSettings>,
 }
 
 #[cfg(test)]

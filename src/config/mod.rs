@@ -16,11 +16,11 @@ use serde::Serialize;
 use crate::error::Error;
 use crate::lock::{self, VolumeLock};
 use crate::preserve::RelPath;
-use crate::pruner;
 use crate::retention::{Algo, Plan, Policy};
 use crate::volume::{
     self, DestroyReport, RollbackEffects, SnapMode, Snapshot, SnapshotOutcome, Volume,
 };
+use crate::{pin, pruner};
 
 /// Default snapshot interval in blocks (as the original btm).
 pub const DEFAULT_ITV: u64 = 10;
@@ -131,7 +131,7 @@ impl BtmCfg {
         let outcome = take(vol, height)?;
         let snapshot_ms = started.elapsed().as_millis() as u64;
         let started = std::time::Instant::now();
-        let plan = policy.plan(&vol.heights()?);
+        let plan = policy.plan(&vol.heights()?).pin(&pin::pinned(vol.name())?);
         let report = pruner::execute(vol, &plan);
         let mut heights = plan.kept();
         heights.extend(report.failed.iter().map(|(h, _)| *h));
@@ -163,11 +163,12 @@ impl BtmCfg {
     pub fn prune(&self, execute: bool) -> Result<(Plan, Option<DestroyReport>), Error> {
         let policy = self.policy()?;
         let vol = self.open()?;
+        let pinned = pin::pinned(vol.name())?;
         if !execute {
-            return Ok((policy.plan(&vol.heights()?), None));
+            return Ok((policy.plan(&vol.heights()?).pin(&pinned), None));
         }
         let _lock = self.lock(vol.as_ref())?;
-        let plan = policy.plan(&vol.heights()?);
+        let plan = policy.plan(&vol.heights()?).pin(&pin::pinned(vol.name())?);
         let report = pruner::execute(vol.as_ref(), &plan);
         Ok((plan, Some(report)))
     }
@@ -215,6 +216,7 @@ impl BtmCfg {
             e => e,
         })?;
         let effects = vol.rollback_effects(h)?;
+        refuse_pinned(vol.name(), &effects.destroys)?;
         if !effects.foreign_blockers.is_empty() {
             return Err(volume::Error::ForeignSnapshots {
                 target: h,
@@ -243,7 +245,23 @@ impl BtmCfg {
             .into_iter()
             .skip(usize::try_from(kept).unwrap_or(usize::MAX))
             .collect();
+        refuse_pinned(vol.name(), &doomed)?;
         Ok(vol.destroy(&doomed))
+    }
+}
+
+/// Fail, touching nothing, if any of `doomed` is pinned by an export.
+fn refuse_pinned(volume: &str, doomed: &[u64]) -> Result<(), Error> {
+    let pinned = pin::pinned(volume)?;
+    let hit: Vec<u64> = doomed
+        .iter()
+        .copied()
+        .filter(|h| pinned.contains(h))
+        .collect();
+    if hit.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Pinned(hit))
     }
 }
 

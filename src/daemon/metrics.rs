@@ -91,6 +91,75 @@ pub fn render(s: &Status) -> String {
         "counter",
         Some(c.prunes as f64),
     );
+    let le = s.last_export.as_ref();
+    for (name, help, v) in [
+        (
+            "btm_last_export_height",
+            "Height of the last successful export.",
+            le.map(|l| l.height as f64),
+        ),
+        (
+            "btm_last_export_timestamp_seconds",
+            "Unix time of the last successful export.",
+            le.map(|l| l.at.timestamp() as f64),
+        ),
+        (
+            "btm_last_export_duration_seconds",
+            "Duration of the last successful export.",
+            le.map(|l| l.duration_ms as f64 / 1000.0),
+        ),
+        (
+            "btm_last_export_read_bytes",
+            "Bytes read by the last successful export.",
+            le.map(|l| l.bytes_read as f64),
+        ),
+        (
+            "btm_last_export_uploaded_bytes",
+            "Bytes uploaded by the last successful export.",
+            le.map(|l| l.bytes_uploaded as f64),
+        ),
+    ] {
+        gauge(name, help, "gauge", v);
+    }
+    let running = s.export.as_ref();
+    gauge(
+        "btm_export_running",
+        "1 while an export runs.",
+        "gauge",
+        s.export_store
+            .as_ref()
+            .map(|_| f64::from(u8::from(running.is_some()))),
+    );
+    gauge(
+        "btm_export_progress_read_bytes",
+        "Bytes read so far by the running export.",
+        "gauge",
+        running.map(|r| r.bytes_read as f64),
+    );
+    gauge(
+        "btm_export_progress_total_bytes",
+        "Bytes the running export plans to read.",
+        "gauge",
+        running.map(|r| r.bytes_total as f64),
+    );
+    gauge(
+        "btm_export_progress_uploaded_bytes",
+        "Bytes uploaded so far by the running export.",
+        "gauge",
+        running.map(|r| r.bytes_uploaded as f64),
+    );
+    gauge(
+        "btm_exports_total",
+        "Exports finished since start.",
+        "counter",
+        Some(c.exports as f64),
+    );
+    gauge(
+        "btm_exports_skipped_total",
+        "Due exports skipped because one was still running.",
+        "counter",
+        Some(c.exports_skipped as f64),
+    );
     let _ = writeln!(
         out,
         "# HELP btm_errors_total Errors since start, by kind.\n# TYPE btm_errors_total counter"
@@ -100,6 +169,7 @@ pub fn render(s: &Status) -> String {
         ("snapshot", c.snapshot_failures),
         ("prune", c.prune_failures),
         ("hook", c.hook_failures),
+        ("export", c.export_failures),
     ] {
         let _ = writeln!(out, "btm_errors_total{{kind=\"{kind}\"}} {n}");
     }

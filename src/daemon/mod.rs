@@ -11,6 +11,7 @@
 //! generation with a new one (a bad file is logged and ignored).
 
 mod control;
+mod exporter;
 mod metrics;
 mod poll;
 mod scheduler;
@@ -88,6 +89,10 @@ pub async fn run(
             let cfg = BtmCfg::new(&s.volume, s.mode, s.itv, s.cap, s.algo)?;
             let volume: Arc<dyn crate::volume::Volume> = Arc::from(cfg.open()?);
             let heights = volume.heights()?;
+            // Views left by a daemon killed mid-export (ZFS clones).
+            if let Err(e) = volume.cleanup_stale_views() {
+                tracing::warn!(error = %e, "could not remove stale snapshot views");
+            }
             Ok((cfg, volume, heights))
         })
         .await
@@ -110,15 +115,28 @@ pub async fn run(
         in_progress: None,
         snapshot_count: heights.len(),
         next_due: None,
+        export_store: settings.export.as_ref().map(|e| e.store.clone()),
+        last_export: None,
+        export: None,
         recent_errors: Vec::new(),
         counters: Counters::default(),
     }));
+    let exporter = settings.export.clone().map(|e| {
+        Arc::new(exporter::Exporter::new(
+            cfg.clone(),
+            Arc::clone(&volume),
+            e,
+            settings.lock_timeout,
+            Arc::clone(&state),
+        ))
+    });
     let scheduler = Arc::new(scheduler::Scheduler::new(
         cfg.clone(),
         volume,
         settings.clone(),
         Arc::clone(&state),
         &heights,
+        exporter.clone(),
     ));
 
     let poller = settings.source.is_polled().then(|| {
@@ -201,6 +219,8 @@ pub async fn run(
         cap = cfg.cap,
         algo = %cfg.algo,
         socket = %settings.socket.display(),
+        export_store = settings.export.as_ref().map(|e| e.store.as_str()),
+        export_every = settings.export.as_ref().map(|e| e.every),
         "btm daemon ready"
     );
     systemd::ready(&state.summary());
@@ -208,6 +228,9 @@ pub async fn run(
     let mut shutdown = shutdown;
     let _ = shutdown.recv().await;
     scheduler.stop().await;
+    if let Some(x) = &exporter {
+        x.stop().await;
+    }
     let mut result = Ok(());
     while let Some(done) = tasks.join_next().await {
         if let Err(e) = done {

@@ -18,6 +18,7 @@ use crate::protocol::{LastSnapshot, NotifyReply, Outcome};
 use crate::volume::Volume;
 use crate::{BtmCfg, SnapshotOutcome};
 
+use super::exporter::Exporter;
 use super::state::State;
 
 /// Whether a pushed height is due: only exact multiples of `itv`.
@@ -72,6 +73,8 @@ pub struct Scheduler {
     /// Serialises takes; holds the newest snapshot height on the volume.
     gate: tokio::sync::Mutex<Option<u64>>,
     stopping: AtomicBool,
+    /// Starts exports after snapshots, when exports are configured.
+    exporter: Option<Arc<Exporter>>,
 }
 
 /// What the blocking part of a take produced.
@@ -89,6 +92,7 @@ impl Scheduler {
         settings: DaemonSettings,
         state: Arc<State>,
         heights: &[u64],
+        exporter: Option<Arc<Exporter>>,
     ) -> Self {
         let newest = heights.first().copied();
         state.volume_seen(heights.len(), next_due(&settings, newest));
@@ -99,6 +103,7 @@ impl Scheduler {
             state,
             gate: tokio::sync::Mutex::new(newest),
             stopping: AtomicBool::new(false),
+            exporter,
         }
     }
 
@@ -227,6 +232,9 @@ impl Scheduler {
             }
         };
         super::systemd::status(&self.state.summary());
+        if let Some(x) = &self.exporter {
+            x.consider(height);
+        }
         NotifyReply {
             height,
             outcome,

@@ -3,11 +3,13 @@
 //! keeps the last [`MAX_ERRORS`], counters are plain integers.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
-use crate::protocol::{Counters, ErrorEntry, LastSnapshot, Status};
+use crate::chunk::Progress;
+use crate::protocol::{Counters, ErrorEntry, LastExport, LastSnapshot, RunningExport, Status};
 
 /// How many recent errors are kept.
 pub const MAX_ERRORS: usize = 20;
@@ -22,6 +24,8 @@ pub struct State {
 struct Inner {
     status: Status,
     errors: VecDeque<ErrorEntry>,
+    /// The running export: height, start, live progress.
+    export: Option<(u64, DateTime<Utc>, Arc<Progress>)>,
 }
 
 impl State {
@@ -31,6 +35,7 @@ impl State {
             inner: Mutex::new(Inner {
                 status,
                 errors: VecDeque::with_capacity(MAX_ERRORS),
+                export: None,
             }),
         }
     }
@@ -47,6 +52,13 @@ impl State {
         self.with(|i| {
             let mut s = i.status.clone();
             s.recent_errors = i.errors.iter().cloned().collect();
+            s.export = i.export.as_ref().map(|(height, at, p)| RunningExport {
+                height: *height,
+                started_at: *at,
+                bytes_total: p.total.load(Ordering::Relaxed),
+                bytes_read: p.done.load(Ordering::Relaxed),
+                bytes_uploaded: p.uploaded.load(Ordering::Relaxed),
+            });
             s
         })
     }
@@ -114,6 +126,21 @@ impl State {
                 .filter(|l| l.height == height)
             {
                 last.height_after = Some(after);
+            }
+        });
+    }
+
+    /// An export of `height` started (`Some`) or ended (`None`).
+    pub fn export_running(&self, running: Option<(u64, Arc<Progress>)>) {
+        self.with(|i| i.export = running.map(|(h, p)| (h, Utc::now(), p)));
+    }
+
+    /// An export finished successfully.
+    pub fn export_done(&self, last: Option<LastExport>) {
+        self.with(|i| {
+            i.status.counters.exports += 1;
+            if last.is_some() {
+                i.status.last_export = last;
             }
         });
     }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::{chunk_path, Store, StoreError};
+use super::{check_marker_name, chunk_path, Marker, Store, StoreError};
 use crate::chunk::index::ChunkHash;
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -196,6 +196,63 @@ impl Store for LocalStore {
 
     fn delete_index(&self, name: &str) -> Result<(), StoreError> {
         self.remove(&format!("indexes/{name}"))
+    }
+
+    fn put_marker(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
+        check_marker_name(name)?;
+        let dest = self.root.join(name);
+        let dir = dest.parent().unwrap_or(&self.root).to_owned();
+        let tmp = dir.join(format!(
+            ".tmp-{}-{}",
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let result = (|| -> std::io::Result<()> {
+            fs::create_dir_all(&dir)?;
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &dest)?;
+            File::open(&dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(|e| io_err(name, e))
+    }
+
+    fn get_marker(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        check_marker_name(name)?;
+        self.read(name)
+    }
+
+    fn list_markers(&self, dir: &str) -> Result<Vec<Marker>, StoreError> {
+        let mut out = Vec::new();
+        let mut pending = vec![dir.trim_end_matches('/').to_owned()];
+        while let Some(rel) = pending.pop() {
+            for n in Self::names(&self.root.join(&rel))? {
+                let rel = format!("{rel}/{n}");
+                let meta = match fs::symlink_metadata(self.root.join(&rel)) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_err(&rel, e)),
+                };
+                if meta.is_dir() {
+                    pending.push(rel);
+                } else if let Ok(t) = meta.modified() {
+                    out.push(Marker {
+                        name: rel,
+                        modified: t.into(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete_marker(&self, name: &str) -> Result<(), StoreError> {
+        check_marker_name(name)?;
+        self.remove(name)
     }
 
     fn flush(&self) -> Result<(), StoreError> {

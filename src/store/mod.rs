@@ -14,6 +14,10 @@
 //!   lose a chunk, but never leave a truncated one under its name. The
 //!   chunk engine flushes after the last chunk and only then writes the
 //!   index, so an index never points at a missing chunk.
+//! - **Markers.** Small coordination objects under `locks/` and `gc/` (see
+//!   `docs/format.md`, "Garbage collection"): put replaces atomically, and
+//!   a listing reports each marker's modification time *as the store
+//!   records it*, so protocols compare times on one clock, the store's.
 //! - **Typed failures.** [`StoreError::NotFound`] for a missing object,
 //!   `Temporary` for what may work on retry, `Permanent` for the rest.
 
@@ -85,6 +89,14 @@ pub trait Store: Send + Sync {
     fn list_indexes(&self) -> Result<Vec<String>, StoreError>;
     /// Delete index `name`; absent is not an error.
     fn delete_index(&self, name: &str) -> Result<(), StoreError>;
+    /// Create or atomically replace marker `name` (see [`Marker`]).
+    fn put_marker(&self, name: &str, data: &[u8]) -> Result<(), StoreError>;
+    /// The bytes of marker `name`.
+    fn get_marker(&self, name: &str) -> Result<Vec<u8>, StoreError>;
+    /// Markers whose name starts with `dir` + `/`, with their store times.
+    fn list_markers(&self, dir: &str) -> Result<Vec<Marker>, StoreError>;
+    /// Delete marker `name`; absent is not an error.
+    fn delete_marker(&self, name: &str) -> Result<(), StoreError>;
     /// Make every chunk put so far durable. Object stores are durable at
     /// put already; the default does nothing.
     fn flush(&self) -> Result<(), StoreError> {
@@ -92,10 +104,65 @@ pub trait Store: Send + Sync {
     }
 }
 
+/// A marker as listed: its name relative to the store root, and when the
+/// store last wrote it (the store's clock, not ours).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marker {
+    /// For example `locks/export-...` or `gc/marks/...`.
+    pub name: String,
+    /// Last write, by the store's clock.
+    pub modified: chrono::DateTime<chrono::Utc>,
+}
+
+/// Check a marker name: `locks/` or `gc/` then `[A-Za-z0-9._-/]`, no `..`.
+pub(crate) fn check_marker_name(name: &str) -> Result<(), StoreError> {
+    let ok = (name.starts_with("locks/") || name.starts_with("gc/"))
+        && !name.ends_with('/')
+        && name
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.starts_with('.'))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Permanent {
+            what: format!("marker {name:?}"),
+            detail: "not a valid marker name".into(),
+        })
+    }
+}
+
 /// Relative object path of a chunk: `chunks/<first 2 hex>/<hex>`.
 pub fn chunk_path(hash: &ChunkHash) -> String {
     let hex = hash.to_hex();
     format!("chunks/{}/{hex}", &hex[..2])
+}
+
+/// Check the form of a store URL without opening it (no network, no
+/// runtime): what [`open`] would reject for its syntax.
+pub fn check_url(url: &str) -> Result<(), StoreError> {
+    let invalid = |detail: &str| StoreError::InvalidUrl {
+        url: url.to_owned(),
+        detail: detail.to_owned(),
+    };
+    if url.is_empty() {
+        return Err(invalid("it is empty"));
+    }
+    match url.split_once("://") {
+        None | Some(("file", _)) => Ok(()),
+        Some(("s3" | "gs" | "az", rest)) => {
+            if rest.split('/').next().is_none_or(str::is_empty) {
+                Err(invalid("no bucket or container name"))
+            } else {
+                Ok(())
+            }
+        }
+        Some((scheme, _)) => Err(invalid(&format!(
+            "unknown scheme '{scheme}://' (use a path, file://, s3://, gs:// or az://)"
+        ))),
+    }
 }
 
 /// Open the store named by `url`: a path or `file://…` (local), or

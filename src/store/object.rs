@@ -18,7 +18,7 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
-use super::{chunk_path, Store, StoreError};
+use super::{check_marker_name, chunk_path, Marker, Store, StoreError};
 use crate::chunk::index::ChunkHash;
 
 /// A cloud store.
@@ -149,13 +149,16 @@ impl ObjectStoreBackend {
             .map_err(|e| classify(what, e))
     }
 
-    fn list_names(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+    fn list_metas(&self, dir: &str) -> Result<Vec<object_store::ObjectMeta>, StoreError> {
         let prefix = self.path(dir);
-        let metas: Vec<object_store::ObjectMeta> = self
-            .runtime
+        self.runtime
             .block_on(self.inner.list(Some(&prefix)).try_collect())
-            .map_err(|e| classify(dir, e))?;
-        Ok(metas
+            .map_err(|e| classify(dir, e))
+    }
+
+    fn list_names(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .list_metas(dir)?
             .into_iter()
             .filter_map(|m| m.location.filename().map(str::to_owned))
             .collect())
@@ -228,5 +231,46 @@ impl Store for ObjectStoreBackend {
 
     fn delete_index(&self, name: &str) -> Result<(), StoreError> {
         self.delete(&format!("indexes/{name}"))
+    }
+
+    fn put_marker(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
+        check_marker_name(name)?;
+        self.runtime
+            .block_on(
+                self.inner
+                    .put(&self.path(name), PutPayload::from(data.to_vec())),
+            )
+            .map(|_| ())
+            .map_err(|e| classify(name, e))
+    }
+
+    fn get_marker(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        check_marker_name(name)?;
+        self.read(name, name.to_owned())
+    }
+
+    fn list_markers(&self, dir: &str) -> Result<Vec<Marker>, StoreError> {
+        let strip = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        Ok(self
+            .list_metas(dir.trim_end_matches('/'))?
+            .into_iter()
+            .filter_map(|m| {
+                let full = m.location.to_string();
+                let name = full.strip_prefix(&strip)?.to_owned();
+                Some(Marker {
+                    name,
+                    modified: m.last_modified,
+                })
+            })
+            .collect())
+    }
+
+    fn delete_marker(&self, name: &str) -> Result<(), StoreError> {
+        check_marker_name(name)?;
+        self.delete(name)
     }
 }

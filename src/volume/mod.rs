@@ -272,6 +272,11 @@ pub trait Volume: Send + Sync {
     fn rollback(&self, target: u64, preserve: &[crate::preserve::RelPath]) -> Result<(), Error>;
     /// A read-only path to the contents of the snapshot at `height`.
     fn view(&self, height: u64) -> Result<SnapshotView, Error>;
+    /// Remove temporary views left by btm processes that died (the daemon
+    /// calls this at start). Drivers whose views need no cleanup do nothing.
+    fn cleanup_stale_views(&self) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// Parse the part after `@` of a snapshot name as a btm height.

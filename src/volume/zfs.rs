@@ -208,7 +208,7 @@ impl ZfsVolume {
     /// process that no longer runs (crashed or killed). Clones of live
     /// processes, and anything whose origin is not one of this dataset's
     /// btm snapshots, are left alone.
-    pub fn cleanup_stale_views(&self) -> Result<(), Error> {
+    pub fn sweep_stale_views(&self) -> Result<(), Error> {
         let out = zfs(&[
             "list",
             "-H",
@@ -380,7 +380,7 @@ impl Volume for ZfsVolume {
             });
         }
         // View clones of newer snapshots would block `rollback -r`.
-        self.cleanup_stale_views()?;
+        self.sweep_stale_views()?;
         let root = self.root()?;
         let stash = if preserve.is_empty() {
             None
@@ -410,6 +410,10 @@ impl Volume for ZfsVolume {
         Ok(())
     }
 
+    fn cleanup_stale_views(&self) -> Result<(), Error> {
+        self.sweep_stale_views()
+    }
+
     fn view(&self, height: u64) -> Result<SnapshotView, Error> {
         if !self.heights()?.contains(&height) {
             return Err(Error::NoSuchSnapshot(height));
@@ -419,7 +423,7 @@ impl Volume for ZfsVolume {
         if snapdir.is_dir() {
             return Ok(SnapshotView::borrowed(snapdir));
         }
-        self.cleanup_stale_views()?;
+        self.sweep_stale_views()?;
         let clone = format!(
             "{}{height}.{}",
             self.view_clone_prefix(),

@@ -614,3 +614,88 @@ impl Drop for FakeRpc {
         }
     }
 }
+
+/// A local store with injected faults: chunk puts, and chunk deletes, fail
+/// (temporarily) once their budget is spent. `i64::MAX` means never.
+pub struct FaultyStore {
+    pub inner: btm::store::LocalStore,
+    pub puts_left: std::sync::atomic::AtomicI64,
+    pub deletes_left: std::sync::atomic::AtomicI64,
+}
+
+impl FaultyStore {
+    pub fn new(path: &Path, puts: i64, deletes: i64) -> Self {
+        FaultyStore {
+            inner: btm::store::LocalStore::open(path.to_str().expect("utf8")).expect("open"),
+            puts_left: puts.into(),
+            deletes_left: deletes.into(),
+        }
+    }
+}
+
+fn spend(
+    budget: &std::sync::atomic::AtomicI64,
+    what: String,
+) -> Result<(), btm::store::StoreError> {
+    if budget.fetch_sub(1, Ordering::SeqCst) <= 0 {
+        return Err(btm::store::StoreError::Temporary {
+            what,
+            detail: "connection reset (injected)".into(),
+        });
+    }
+    Ok(())
+}
+
+impl btm::store::Store for FaultyStore {
+    fn describe(&self) -> String {
+        "faulty".into()
+    }
+    fn put_chunk(
+        &self,
+        h: &btm::chunk::index::ChunkHash,
+        d: &[u8],
+    ) -> Result<(), btm::store::StoreError> {
+        spend(&self.puts_left, format!("chunk {h}"))?;
+        self.inner.put_chunk(h, d)
+    }
+    fn get_chunk(
+        &self,
+        h: &btm::chunk::index::ChunkHash,
+    ) -> Result<Vec<u8>, btm::store::StoreError> {
+        self.inner.get_chunk(h)
+    }
+    fn list_chunks(&self) -> Result<Vec<btm::chunk::index::ChunkHash>, btm::store::StoreError> {
+        self.inner.list_chunks()
+    }
+    fn delete_chunk(&self, h: &btm::chunk::index::ChunkHash) -> Result<(), btm::store::StoreError> {
+        spend(&self.deletes_left, format!("chunk {h}"))?;
+        self.inner.delete_chunk(h)
+    }
+    fn put_index(&self, n: &str, d: &[u8]) -> Result<(), btm::store::StoreError> {
+        self.inner.put_index(n, d)
+    }
+    fn get_index(&self, n: &str) -> Result<Vec<u8>, btm::store::StoreError> {
+        self.inner.get_index(n)
+    }
+    fn list_indexes(&self) -> Result<Vec<String>, btm::store::StoreError> {
+        self.inner.list_indexes()
+    }
+    fn delete_index(&self, n: &str) -> Result<(), btm::store::StoreError> {
+        self.inner.delete_index(n)
+    }
+    fn put_marker(&self, n: &str, d: &[u8]) -> Result<(), btm::store::StoreError> {
+        self.inner.put_marker(n, d)
+    }
+    fn get_marker(&self, n: &str) -> Result<Vec<u8>, btm::store::StoreError> {
+        self.inner.get_marker(n)
+    }
+    fn list_markers(&self, dir: &str) -> Result<Vec<btm::store::Marker>, btm::store::StoreError> {
+        self.inner.list_markers(dir)
+    }
+    fn delete_marker(&self, n: &str) -> Result<(), btm::store::StoreError> {
+        self.inner.delete_marker(n)
+    }
+    fn flush(&self) -> Result<(), btm::store::StoreError> {
+        self.inner.flush()
+    }
+}

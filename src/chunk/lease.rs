@@ -1,0 +1,352 @@
+//! Leases: how backups and the garbage collector's sweep keep out of each
+//! other's way in a store shared by many nodes.
+//!
+//! A backup trusts a listing of the store's chunks ("known chunks") and
+//! never re-uploads those; a sweep deletes chunks. If both ran at once, a
+//! backup could write an index pointing at a chunk the sweep had just
+//! deleted. So each side first writes its own lease marker under `locks/`,
+//! then lists the other side's: a backup waits while a sweep is live, and a
+//! sweep gives up while a backup is live. Because each writes before it
+//! reads, at least one of two racing parties sees the other (the stores
+//! btm supports list with read-after-write consistency).
+//!
+//! A lease is live while its marker was written less than [`LEASE_TTL`] ago
+//! *by the store's clock*: the holder's own marker's listed time is "now",
+//! so clocks of different machines never need to agree. Holders refresh
+//! their marker every [`REFRESH`]; a holder whose refreshes failed for
+//! longer than [`SAFE_AGE`] must not act on the lease any more (a backup
+//! then fails without writing its index). A crashed holder's marker simply
+//! expires. See `docs/format.md`, "Garbage collection".
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Marker, Store, StoreError};
+
+/// A marker older than this (store time) belongs to a dead holder.
+pub const LEASE_TTL: Duration = Duration::from_secs(600);
+/// How often a holder rewrites its marker.
+pub const REFRESH: Duration = Duration::from_secs(60);
+/// A holder may act on its lease only while its last successful refresh is
+/// younger than this: half the TTL, so clock-rate differences and a slow
+/// final request cannot let the lease lapse in another party's eyes first.
+pub const SAFE_AGE: Duration = Duration::from_secs(300);
+/// How long a backup waits for a live sweep before giving up.
+pub const MAX_WAIT: Duration = Duration::from_secs(1200);
+
+/// What a lease is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseKind {
+    /// A backup writing chunks and, at the end, an index.
+    Backup,
+    /// A garbage-collection sweep deleting chunks.
+    Sweep,
+}
+
+impl LeaseKind {
+    fn prefix(self) -> &'static str {
+        match self {
+            LeaseKind::Backup => "locks/backup-",
+            LeaseKind::Sweep => "locks/sweep-",
+        }
+    }
+
+    fn of(name: &str) -> Option<LeaseKind> {
+        if name.starts_with(LeaseKind::Backup.prefix()) {
+            Some(LeaseKind::Backup)
+        } else if name.starts_with(LeaseKind::Sweep.prefix()) {
+            Some(LeaseKind::Sweep)
+        } else {
+            None
+        }
+    }
+}
+
+/// The body of a lease marker: who holds it, for humans and logs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    /// What the lease is for.
+    pub kind: LeaseKind,
+    /// Host name of the holder.
+    pub host: String,
+    /// Process id of the holder.
+    pub pid: u32,
+    /// When the holder took it (holder's clock, informational).
+    pub started: DateTime<Utc>,
+    /// The backup's tag, for backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+/// Why a lease could not be taken or kept.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// A store call failed.
+    #[error("lease: {0}")]
+    Store(#[from] StoreError),
+    /// Another party holds a conflicting live lease.
+    #[error("{0}")]
+    Conflict(String),
+    /// Refreshing failed for too long; the lease can no longer be trusted.
+    #[error("lease {name} could not be refreshed for {age:?}; giving up")]
+    Lapsed {
+        /// The marker.
+        name: String,
+        /// Time since the last successful refresh.
+        age: Duration,
+    },
+}
+
+/// The host name, reduced to marker-safe characters.
+pub fn host_name() -> String {
+    let raw = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let clean: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean.is_empty() {
+        "localhost".into()
+    } else {
+        clean
+    }
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A lease held in a store; refreshed by [`with_lease`] and removed when
+/// the closure returns (a crash leaves it to expire).
+pub struct Lease<'s> {
+    store: &'s dyn Store,
+    name: String,
+    body: Vec<u8>,
+    last_ok: Mutex<Instant>,
+}
+
+impl Lease<'_> {
+    /// The marker's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Fails if the lease may have lapsed in other parties' eyes.
+    pub fn check(&self) -> Result<(), LeaseError> {
+        let age = self
+            .last_ok
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed();
+        if age >= SAFE_AGE {
+            return Err(LeaseError::Lapsed {
+                name: self.name.clone(),
+                age,
+            });
+        }
+        Ok(())
+    }
+
+    fn write(&self) -> Result<(), StoreError> {
+        let started = Instant::now();
+        self.store.put_marker(&self.name, &self.body)?;
+        *self.last_ok.lock().unwrap_or_else(|p| p.into_inner()) = started;
+        Ok(())
+    }
+
+    /// Rewrite the marker and list every lease, returning the live ones
+    /// other than ours. "Now" is our own marker's store time.
+    fn live_others(&self) -> Result<Vec<(LeaseKind, Marker)>, StoreError> {
+        self.write()?;
+        let markers = self.store.list_markers("locks")?;
+        let now = markers
+            .iter()
+            .find(|m| m.name == self.name)
+            .map(|m| m.modified)
+            .ok_or_else(|| StoreError::Permanent {
+                what: self.name.clone(),
+                detail: "the lease marker just written is not listed; the store's listing is not consistent".into(),
+            })?;
+        Ok(live(&markers, now)
+            .filter(|(_, m)| m.name != self.name)
+            .collect())
+    }
+}
+
+/// Markers in `markers` that are live leases at store time `now`.
+pub fn live(
+    markers: &[Marker],
+    now: DateTime<Utc>,
+) -> impl Iterator<Item = (LeaseKind, Marker)> + '_ {
+    markers.iter().filter_map(move |m| {
+        let kind = LeaseKind::of(&m.name)?;
+        let age = (now - m.modified).to_std().unwrap_or_default();
+        (age < LEASE_TTL).then(|| (kind, m.clone()))
+    })
+}
+
+fn describe(store: &dyn Store, m: &Marker) -> String {
+    match store
+        .get_marker(&m.name)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<LeaseInfo>(&b).ok())
+    {
+        Some(i) => format!("{} on {} (pid {})", m.name, i.host, i.pid),
+        None => m.name.clone(),
+    }
+}
+
+/// Take a lease of `kind`, run `f` while a background thread refreshes
+/// it, and release it.
+///
+/// - A `Backup` lease waits (up to [`MAX_WAIT`]) while a sweep is live.
+/// - A `Sweep` lease fails with [`LeaseError::Conflict`] at once if any
+///   other lease is live: garbage collection can wait for a quieter time.
+pub fn with_lease<T, E: From<LeaseError>>(
+    store: &dyn Store,
+    kind: LeaseKind,
+    tag: Option<&str>,
+    f: impl FnOnce(&Lease<'_>) -> Result<T, E>,
+) -> Result<T, E> {
+    let info = LeaseInfo {
+        kind,
+        host: host_name(),
+        pid: std::process::id(),
+        started: Utc::now(),
+        tag: tag.map(str::to_owned),
+    };
+    let lease = Lease {
+        store,
+        name: format!(
+            "{}{}-{}-{}-{}",
+            kind.prefix(),
+            info.host,
+            info.pid,
+            Utc::now().timestamp_nanos_opt().unwrap_or_default(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ),
+        body: serde_json::to_vec(&info).unwrap_or_default(),
+        last_ok: Mutex::new(Instant::now()),
+    };
+    let result = acquire(&lease, kind)
+        .map_err(E::from)
+        .and_then(|()| run_refreshed(&lease, f));
+    if let Err(e) = store.delete_marker(&lease.name) {
+        tracing::warn!(lease = %lease.name, error = %e, "could not remove lease marker; it will expire");
+    }
+    result
+}
+
+fn acquire(lease: &Lease<'_>, kind: LeaseKind) -> Result<(), LeaseError> {
+    let started = Instant::now();
+    let mut announced = false;
+    loop {
+        let others = lease.live_others()?;
+        let blocking: Vec<&Marker> = others
+            .iter()
+            .filter(|(k, _)| kind == LeaseKind::Sweep || *k == LeaseKind::Sweep)
+            .map(|(_, m)| m)
+            .collect();
+        let Some(first) = blocking.first() else {
+            return Ok(());
+        };
+        let who = describe(lease.store, first);
+        if kind == LeaseKind::Sweep {
+            return Err(LeaseError::Conflict(format!(
+                "{} other lease(s) live, e.g. {who}",
+                blocking.len()
+            )));
+        }
+        if started.elapsed() >= MAX_WAIT {
+            return Err(LeaseError::Conflict(format!(
+                "a garbage-collection sweep has held the store for {:?}: {who}",
+                started.elapsed()
+            )));
+        }
+        if !announced {
+            tracing::info!(sweep = %who, "waiting for a garbage-collection sweep to finish");
+            announced = true;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+fn run_refreshed<T, E>(
+    lease: &Lease<'_>,
+    f: impl FnOnce(&Lease<'_>) -> Result<T, E>,
+) -> Result<T, E> {
+    let stop = (Mutex::new(false), Condvar::new());
+    let failing = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let (lock, cv) = &stop;
+            let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                let wait = if failing.load(Ordering::Relaxed) {
+                    REFRESH / 6
+                } else {
+                    REFRESH
+                };
+                let (guard, _) = cv
+                    .wait_timeout(stopped, wait)
+                    .unwrap_or_else(|p| p.into_inner());
+                stopped = guard;
+                if *stopped {
+                    return;
+                }
+                match lease.write() {
+                    Ok(()) => failing.store(false, Ordering::Relaxed),
+                    Err(e) => {
+                        tracing::warn!(lease = %lease.name, error = %e, "could not refresh lease");
+                        failing.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        let result = f(lease);
+        let (lock, cv) = &stop;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+        result
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marker(name: &str, secs_ago: i64, now: DateTime<Utc>) -> Marker {
+        Marker {
+            name: name.into(),
+            modified: now - chrono::Duration::seconds(secs_ago),
+        }
+    }
+
+    #[test]
+    fn liveness_is_judged_on_the_store_clock() {
+        let now = Utc::now();
+        let markers = [
+            marker("locks/backup-a", 10, now),
+            marker("locks/backup-b", 601, now),
+            marker("locks/sweep-c", 599, now),
+            marker("locks/other", 0, now),
+        ];
+        let names: Vec<String> = live(&markers, now).map(|(_, m)| m.name).collect();
+        assert_eq!(names, ["locks/backup-a", "locks/sweep-c"]);
+        // A marker "from the future" (store clocks differ per object on
+        // some services) counts as live, never as expired.
+        let future = [marker("locks/backup-f", -30, now)];
+        assert_eq!(live(&future, now).count(), 1);
+    }
+}
