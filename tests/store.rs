@@ -115,70 +115,9 @@ fn local_store_meets_the_contract() {
     contract(&LocalStore::open(&dir.path().join("s").display().to_string()).expect("open"));
 }
 
-/// An s3s-fs server on a free loopback port, killed by PID on drop.
-struct S3 {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl S3 {
-    fn start(buckets: &[&str]) -> Self {
-        let bin = std::env::var_os("S3S_FS_BIN").unwrap_or_else(|| "s3s-fs".into());
-        let dir = tempfile::tempdir().expect("tmp");
-        for b in buckets {
-            std::fs::create_dir(dir.path().join(b)).expect("bucket");
-        }
-        let port = common::free_port();
-        let child = Command::new(&bin)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", "btmtest", "--secret-key", "btmtestsecret"])
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start s3s-fs ({bin:?}): {e}; scripts/test.sh installs it")
-            });
-        let s3 = S3 {
-            child,
-            port,
-            _dir: dir,
-        };
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return s3;
-            }
-            sleep(Duration::from_millis(50));
-        }
-        panic!("s3s-fs did not listen on port {port}");
-    }
-
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ACCESS_KEY_ID", "btmtest".into()),
-            ("AWS_SECRET_ACCESS_KEY", "btmtestsecret".into()),
-            ("AWS_REGION", "us-east-1".into()),
-            (
-                "AWS_ENDPOINT_URL",
-                format!("http://127.0.0.1:{}", self.port),
-            ),
-            ("AWS_ALLOW_HTTP", "true".into()),
-        ]
-    }
-}
-
-impl Drop for S3 {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn s3_store_meets_the_contract_and_round_trips_a_backup() {
-    let s3 = S3::start(&["btm"]);
+    let s3 = common::S3::start(&["btm"]);
     for (k, v) in s3.env() {
         std::env::set_var(k, v);
     }

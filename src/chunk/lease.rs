@@ -293,6 +293,11 @@ fn run_refreshed<T, E>(
             let (lock, cv) = &stop;
             let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
             loop {
+                // Checked before each wait: a stop signalled before this
+                // thread first took the lock must not be missed.
+                if *stopped {
+                    return;
+                }
                 let wait = if failing.load(Ordering::Relaxed) {
                     REFRESH / 6
                 } else {

@@ -2,7 +2,7 @@
 //! starves the node's disk or network.
 //!
 //! A virtual clock: each `take(n)` books `n / rate` seconds after the later
-//! of "now" and the previous booking, then sleeps until its slot starts.
+//! of "now" and the previous booking, then sleeps until its slot ends.
 //! Idle time is not saved up beyond [`BURST`], so a pause is not followed
 //! by a flood. [`book`] is the pure rule; [`Throttle`] adds the clock.
 
@@ -39,19 +39,19 @@ impl Throttle {
         }
     }
 
-    /// Wait until `n` more bytes fit in the rate.
+    /// Wait until `n` more bytes fit in the rate: until the end of their
+    /// booked slot, so even the first transfer is paid for (a single
+    /// 4 MiB chunk at 1 MiB/s waits 4 s, less any saved-up burst).
     pub fn take(&self, n: u64) {
         let now = Instant::now();
-        let start = {
+        let end = {
             let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
-            let (start, end) = book(*next, now, n, self.rate);
+            let (_, end) = book(*next, now, n, self.rate);
             *next = end;
-            start
+            end
         };
-        // The slot is paid for up front: sleep until the previous bookings
-        // are over, i.e. until this one starts.
-        if start > now {
-            std::thread::sleep(start - now);
+        if end > now {
+            std::thread::sleep(end - now);
         }
     }
 }

@@ -9,7 +9,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::thread::sleep;
@@ -482,7 +482,18 @@ impl DaemonProc {
     /// Wait (up to 5 s) until the daemon's status satisfies `pred`.
     #[track_caller]
     pub fn wait_status(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
-        for _ in 0..200 {
+        self.wait_status_for(what, Duration::from_secs(5), pred)
+    }
+
+    /// Wait up to `limit` until the daemon's status satisfies `pred`.
+    #[track_caller]
+    pub fn wait_status_for(
+        &self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) {
+        for _ in 0..(limit.as_millis() / 25).max(1) {
             if self.status().is_some_and(|s| pred(&s)) {
                 return;
             }
@@ -697,5 +708,66 @@ impl btm::store::Store for FaultyStore {
     }
     fn flush(&self) -> Result<(), btm::store::StoreError> {
         self.inner.flush()
+    }
+}
+
+/// An s3s-fs server on a free loopback port, killed by PID on drop.
+pub struct S3 {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl S3 {
+    pub fn start(buckets: &[&str]) -> Self {
+        let bin = std::env::var_os("S3S_FS_BIN").unwrap_or_else(|| "s3s-fs".into());
+        let dir = tempfile::tempdir().expect("tmp");
+        for b in buckets {
+            std::fs::create_dir(dir.path().join(b)).expect("bucket");
+        }
+        let port = free_port();
+        let child = Command::new(&bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", "btmtest", "--secret-key", "btmtestsecret"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start s3s-fs ({bin:?}): {e}; scripts/test.sh installs it")
+            });
+        let s3 = S3 {
+            child,
+            port,
+            _dir: dir,
+        };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return s3;
+            }
+            sleep(Duration::from_millis(50));
+        }
+        panic!("s3s-fs did not listen on port {port}");
+    }
+
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", "btmtest".into()),
+            ("AWS_SECRET_ACCESS_KEY", "btmtestsecret".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            (
+                "AWS_ENDPOINT_URL",
+                format!("http://127.0.0.1:{}", self.port),
+            ),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -1,0 +1,562 @@
+//! Exports and garbage collection.
+//!
+//! - GC safety against a concurrent backup, the grace period, and a GC that
+//!   dies half-way (library level, on a local store).
+//! - `btm export` on real btrfs and zfs-fuse volumes: reads the snapshot,
+//!   not the live files; incremental across snapshots (the unchanged-file
+//!   rule holds on both filesystems); pins the snapshot against pruning;
+//!   one export at a time.
+//! - The daemon: periodic exports, status and metrics, SIGKILL mid-export,
+//!   and a store that is down.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use btm::chunk::backup::{backup, BackupOptions};
+use btm::chunk::gc::{gc, GcOptions};
+use btm::store::{LocalStore, Store};
+use common::{btm, Btrfs, DaemonProc, FaultyStore, Fixture, Zfs};
+
+const MIB: usize = 1 << 20;
+
+/// Deterministic incompressible bytes.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn tree(dir: &Path, files: &[(&str, u64, usize)]) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    for (name, seed, len) in files {
+        std::fs::write(dir.join(name), noise(*seed, *len)).expect("write");
+    }
+}
+
+fn store_at(dir: &Path) -> LocalStore {
+    LocalStore::open(dir.to_str().expect("utf8")).expect("store")
+}
+
+fn now_gc() -> GcOptions {
+    GcOptions {
+        grace: Duration::ZERO,
+        dry_run: false,
+    }
+}
+
+fn restore_equals(store: &str, name: &str, expected: &Path, scratch: &Path) {
+    let dst = scratch.join(format!("restore-{}", name.replace(':', "")));
+    btm(
+        scratch,
+        &["restore", name, dst.to_str().expect("utf8"), "-s", store],
+    )
+    .ok();
+    common::sh(
+        "diff",
+        &[
+            "-r",
+            expected.to_str().expect("utf8"),
+            dst.to_str().expect("utf8"),
+        ],
+    );
+}
+
+#[test]
+fn gc_never_deletes_chunks_a_running_backup_relies_on() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let src = dir.path().join("src");
+    tree(&src, &[("a", 1, 2 * MIB), ("b", 2, 2 * MIB)]);
+    let store = store_at(&dir.path().join("store"));
+
+    // Another node's backup of the same bytes, then deleted by retention:
+    // its chunks are garbage, and GC marks them.
+    let mut opts = BackupOptions::new("other");
+    opts.chunk_size = MIB as u64;
+    let first = backup(&store, &src, &opts).expect("backup");
+    store.delete_index(&first.name).expect("delete");
+    let r = gc(&store, &now_gc()).expect("gc");
+    assert_eq!((r.marked, r.deleted), (4, 0), "{r:?}");
+
+    // A slow backup now finds those chunks in the store and relies on them
+    // without uploading. A sweep while it runs must not delete them.
+    let mut slow = BackupOptions::new("node");
+    slow.chunk_size = MIB as u64;
+    slow.max_rate = Some(MIB as u64);
+    let running = std::thread::scope(|s| {
+        let h = s.spawn(|| backup(&store, &src, &slow));
+        sleep(Duration::from_millis(800));
+        let during = gc(&store, &now_gc()).expect("gc during backup");
+        let summary = h.join().expect("join").expect("backup");
+        (during, summary)
+    });
+    let (during, summary) = running;
+    assert!(during.deferred.is_some(), "sweep must wait: {during:?}");
+    assert_eq!(during.deleted, 0);
+    assert_eq!(summary.chunks_uploaded, 0, "the chunks were known");
+
+    // Afterwards the sweep runs, re-checks against the new index, and
+    // deletes nothing that it references.
+    let after = gc(&store, &now_gc()).expect("gc after");
+    assert!(after.deferred.is_none(), "{after:?}");
+    assert_eq!((after.marks_swept, after.deleted), (1, 0), "{after:?}");
+    let check = btm::chunk::check(&store, true).expect("check");
+    assert!(check.problems.is_empty(), "{:?}", check.problems);
+    restore_equals(
+        dir.path().join("store").to_str().expect("utf8"),
+        &summary.name,
+        &src,
+        dir.path(),
+    );
+}
+
+#[test]
+fn a_live_sweep_makes_backups_wait_for_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let src = dir.path().join("src");
+    tree(&src, &[("a", 3, 100_000)]);
+    let store = Arc::new(store_at(&dir.path().join("store")));
+    store
+        .put_marker("locks/sweep-othernode-1-1-0", b"{}")
+        .expect("marker");
+    let remover = {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || {
+            sleep(Duration::from_secs(3));
+            store
+                .delete_marker("locks/sweep-othernode-1-1-0")
+                .expect("delete");
+        })
+    };
+    let started = Instant::now();
+    backup(store.as_ref(), &src, &BackupOptions::new("t")).expect("backup");
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "the backup did not wait for the sweep ({:?})",
+        started.elapsed()
+    );
+    remover.join().expect("join");
+    assert!(store.list_markers("locks").expect("list").is_empty());
+}
+
+#[test]
+fn gc_waits_out_the_grace_period_and_keeps_referenced_chunks() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store_dir = dir.path().join("store");
+    let store = store_at(&store_dir);
+    let (v1, v2) = (dir.path().join("v1"), dir.path().join("v2"));
+    tree(&v1, &[("a", 10, MIB), ("b", 11, MIB)]);
+    tree(&v2, &[("a", 10, MIB), ("c", 12, MIB)]);
+    let mut opts = BackupOptions::new("t");
+    opts.chunk_size = MIB as u64;
+    let b1 = backup(&store, &v1, &opts).expect("b1");
+    let b2 = backup(&store, &v2, &opts).expect("b2");
+    assert_eq!(store.list_chunks().expect("list").len(), 3);
+    store.delete_index(&b1.name).expect("retention");
+
+    let day = GcOptions::default();
+    let r = gc(&store, &day).expect("gc");
+    assert_eq!((r.marked, r.deleted, r.pending), (1, 0, 0), "{r:?}");
+    let r = gc(&store, &day).expect("gc again");
+    assert_eq!((r.marked, r.deleted, r.pending), (0, 0, 1), "{r:?}");
+    let dry = gc(
+        &store,
+        &GcOptions {
+            grace: Duration::ZERO,
+            dry_run: true,
+        },
+    )
+    .expect("dry run");
+    assert_eq!(dry.deleted, 1);
+    assert_eq!(
+        store.list_chunks().expect("list").len(),
+        3,
+        "dry run deleted"
+    );
+    let r = gc(&store, &now_gc()).expect("gc after grace");
+    assert_eq!((r.deleted, r.marks_swept), (1, 1), "{r:?}");
+    assert_eq!(store.list_chunks().expect("list").len(), 2);
+    assert!(store.list_markers("gc").expect("list").is_empty());
+    restore_equals(store_dir.to_str().expect("utf8"), &b2.name, &v2, dir.path());
+
+    // The CLI runs the same code and reports it.
+    let out = btm(
+        dir.path(),
+        &["gc", "-s", store_dir.to_str().expect("utf8"), "--json"],
+    )
+    .ok();
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["referenced"], 2);
+    btm(
+        dir.path(),
+        &[
+            "gc",
+            "-s",
+            store_dir.to_str().expect("utf8"),
+            "--grace",
+            "soon",
+        ],
+    )
+    .fails(2);
+}
+
+#[test]
+fn a_gc_that_dies_half_way_leaves_a_valid_store() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store_dir = dir.path().join("store");
+    let src = dir.path().join("src");
+    tree(&src, &[("a", 20, MIB), ("b", 21, MIB), ("c", 22, MIB)]);
+    let store = store_at(&store_dir);
+    let mut opts = BackupOptions::new("t");
+    opts.chunk_size = MIB as u64;
+    let old = backup(&store, &src, &opts).expect("old");
+    tree(&src, &[("a", 30, MIB), ("b", 31, MIB), ("c", 32, MIB)]);
+    let new = backup(&store, &src, &opts).expect("new");
+    store.delete_index(&old.name).expect("retention");
+    gc(&store, &now_gc()).expect("mark");
+
+    let faulty = FaultyStore::new(&store_dir, i64::MAX, 1);
+    let err = gc(&faulty, &now_gc()).expect_err("the second delete fails");
+    assert!(err.to_string().contains("injected"), "{err}");
+    let check = btm::chunk::check(&store, true).expect("check");
+    assert!(check.problems.is_empty(), "{:?}", check.problems);
+    assert!(
+        faulty.list_markers("locks").expect("list").is_empty(),
+        "lease left behind"
+    );
+
+    let r = gc(&store, &now_gc()).expect("finish");
+    assert_eq!(r.marks_swept, 1, "{r:?}");
+    assert_eq!(store.list_chunks().expect("list").len(), 3);
+    restore_equals(
+        store_dir.to_str().expect("utf8"),
+        &new.name,
+        &src,
+        dir.path(),
+    );
+}
+
+/// Files for export tests: random data, a sparse file, a block log.
+fn fill(root: &Path) {
+    tree(root, &[("state.db", 40, 3 * MIB), ("peers", 41, 1000)]);
+    let sparse = std::fs::File::create(root.join("sparse.img")).expect("create");
+    sparse.set_len(64 << 20).expect("len");
+    std::os::unix::fs::FileExt::write_all_at(&sparse, &noise(42, 100_000), 10 << 20)
+        .expect("write");
+    std::fs::create_dir_all(root.join("blocks")).expect("mkdir");
+    std::fs::write(root.join("blocks/log"), noise(43, 2 * MIB)).expect("log");
+}
+
+/// The second state: `peers` rewritten, one block appended to the log.
+fn change(root: &Path) {
+    std::fs::write(root.join("peers"), b"live change").expect("write");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(root.join("blocks/log"))
+        .expect("open");
+    std::io::Write::write_all(&mut f, b"one more block").expect("append");
+}
+
+fn export_json(fx: &impl Fixture, store: &str, extra: &[&str]) -> serde_json::Value {
+    let vol = fx.volume();
+    let mut args = vec![
+        "export",
+        "-p",
+        &vol,
+        "-m",
+        fx.mode(),
+        "--export-store",
+        store,
+        "--export-tag",
+        "node1",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&btm(fx.scratch(), &args).ok()).expect("export --json")
+}
+
+fn export_is_incremental_and_reads_the_snapshot(fx: &impl Fixture) {
+    let store = fx.scratch().join("store");
+    let store = store.to_str().expect("utf8");
+    let (v1, v2) = (fx.scratch().join("v1"), fx.scratch().join("v2"));
+    fill(&v1);
+    fill(&v2);
+    change(&v2);
+    fill(&fx.root());
+    fx.btm(&["snapshot", "--height", "100"]).ok();
+    // Changes after the snapshot must not reach its export.
+    std::fs::write(fx.root().join("peers"), b"live change").expect("write");
+
+    let first = export_json(fx, store, &["--height", "100"]);
+    let b = &first["backup"];
+    // Holes and zeros are never uploaded (zfs-fuse may not report holes,
+    // so reads are not checked here).
+    assert!(
+        b["bytes_uploaded"].as_u64().expect("n") < 6 * MIB as u64,
+        "{first}"
+    );
+    let name1 = b["name"].as_str().expect("name").to_owned();
+    restore_equals(store, &name1, &v1, fx.scratch());
+
+    // A small change, a new snapshot: only the changed files are read.
+    change(&fx.root());
+    fx.btm(&["snapshot", "--height", "200"]).ok();
+    let second = export_json(fx, store, &[]);
+    let b = &second["backup"];
+    assert_eq!(second["height"], 200);
+    // state.db and the sparse file are reused unread: the unchanged-file
+    // rule (size, mtime, ctime, inode) holds across snapshots.
+    assert_eq!(b["files_unchanged"], 2, "{second}");
+    assert!(
+        b["bytes_read"].as_u64().expect("n") <= 2 * MIB as u64 + 100,
+        "{second}"
+    );
+    let name2 = b["name"].as_str().expect("name").to_owned();
+    restore_equals(store, &name2, &v2, fx.scratch());
+
+    // The metadata says where the backup came from.
+    let list: serde_json::Value =
+        serde_json::from_str(&btm(fx.scratch(), &["backups", "-s", store, "--json"]).ok())
+            .expect("json");
+    let meta = &list[0]["meta"];
+    assert_eq!(meta["height"], 200, "{list}");
+    assert_eq!(meta["volume"], fx.volume());
+    assert_eq!(meta["mode"], fx.mode());
+    assert_eq!(meta["snapshot"], format!("{}@200", fx.volume()));
+    assert!(meta["host"].is_string() && meta["btm_version"].is_string());
+
+    // Exporting the same snapshot again does nothing.
+    let again = export_json(fx, store, &["--height", "200"]);
+    assert_eq!(again["already_exported"], name2.as_str());
+    // A missing snapshot is a clear error.
+    let vol = fx.volume();
+    btm(
+        fx.scratch(),
+        &[
+            "export",
+            "-p",
+            &vol,
+            "--export-store",
+            store,
+            "--height",
+            "150",
+        ],
+    )
+    .fails(1);
+    // No view clone or pin is left behind.
+    assert!(!common::sh("sh", &["-c", "mount"]).contains("btm-view"));
+    let pins = fx.scratch().join("run/pins");
+    assert_eq!(std::fs::read_dir(pins).map(|d| d.count()).unwrap_or(0), 0);
+}
+
+#[test]
+fn export_on_btrfs() {
+    export_is_incremental_and_reads_the_snapshot(&Btrfs::new());
+}
+
+#[test]
+fn export_on_zfs() {
+    export_is_incremental_and_reads_the_snapshot(&Zfs::new());
+}
+
+/// A config file with a slow export (so tests can act while it runs).
+fn slow_config(fx: &impl Fixture, store: &str, rate: &str) -> PathBuf {
+    let path = fx.scratch().join("btm.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "volume = \"{}\"\nmode = \"{}\"\nitv = 10\ncap = 1\n\n[export]\nstore = \"{store}\"\nevery = 10\ntag = \"node1\"\nmax_rate = \"{rate}\"\nconcurrency = 2\n",
+            fx.volume(),
+            fx.mode()
+        ),
+    )
+    .expect("config");
+    path
+}
+
+#[test]
+fn a_running_export_pins_its_snapshot_and_runs_alone() {
+    let fx = Btrfs::new();
+    let store = fx.scratch().join("store");
+    let store = store.to_str().expect("utf8").to_owned();
+    tree(&fx.root(), &[("state.db", 50, 4 * MIB)]);
+    fx.btm(&["snapshot", "--height", "10"]).ok();
+    let config = slow_config(&fx, &store, "1MiB");
+    let config = config.to_str().expect("utf8");
+    let exporter = common::btm_cmd(fx.scratch(), &["export", "--config", config])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn export");
+    let pins = fx.scratch().join("run/pins");
+    for _ in 0..100 {
+        if std::fs::read_dir(&pins).is_ok_and(|mut d| d.next().is_some()) {
+            break;
+        }
+        sleep(Duration::from_millis(50));
+    }
+    fx.btm(&["snapshot", "--height", "20"]).ok();
+    // cap 1 would delete 10, but it is being exported.
+    let plan = fx.btm(&["prune", "-c", "1", "--dry-run"]).ok();
+    assert!(plan.contains("pinned"), "{plan}");
+    fx.btm(&["prune", "-c", "1"]).ok();
+    assert_eq!(fx.heights(), vec![20, 10]);
+    let err = fx.btm(&["clean", "-k", "1"]).fails(1);
+    assert!(err.contains("pinned"), "{err}");
+    let err = btm(fx.scratch(), &["export", "--config", config]).fails(1);
+    assert!(err.contains("another export"), "{err}");
+
+    let out = exporter.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fx.btm(&["prune", "-c", "1"]).ok();
+    assert_eq!(
+        fx.heights(),
+        vec![20],
+        "the pin is gone once the export ends"
+    );
+}
+
+fn daemon_args<'a>(fx: &'a impl Fixture, vol: &'a str, store: &'a str) -> Vec<&'a str> {
+    vec![
+        "-p",
+        vol,
+        "-m",
+        fx.mode(),
+        "-i",
+        "10",
+        "-c",
+        "20",
+        "--export-store",
+        store,
+        "--export-every",
+        "20",
+        "--export-tag",
+        "node1",
+        "--export-keep",
+        "2",
+    ]
+}
+
+#[test]
+fn the_daemon_exports_every_n_blocks_and_keeps_k() {
+    let fx = Btrfs::new();
+    tree(&fx.root(), &[("state.db", 60, MIB)]);
+    let store = fx.scratch().join("store");
+    let store = store.to_str().expect("utf8").to_owned();
+    let vol = fx.volume();
+    let daemon = DaemonProc::start(fx.scratch(), &daemon_args(&fx, &vol, &store), &[]);
+    let exported = |h: u64| {
+        move |s: &serde_json::Value| s["last_export"]["height"] == h && s["export"].is_null()
+    };
+    for h in [10, 20, 30, 40, 50, 60] {
+        std::fs::write(fx.root().join("height"), h.to_string()).expect("write");
+        daemon.notify(h);
+        if h % 20 == 0 || h == 10 {
+            daemon.wait_status_for(
+                &format!("export of {h}"),
+                Duration::from_secs(30),
+                exported(h),
+            );
+        }
+    }
+    let s = daemon.status().expect("status");
+    assert_eq!(s["counters"]["exports"], 4, "{s}");
+    assert_eq!(s["counters"]["export_failures"], 0, "{s}");
+    let names: Vec<serde_json::Value> =
+        serde_json::from_str(&btm(fx.scratch(), &["backups", "-s", &store, "--json"]).ok())
+            .expect("json");
+    let heights: Vec<u64> = names
+        .iter()
+        .map(|b| b["meta"]["height"].as_u64().expect("height"))
+        .collect();
+    assert_eq!(heights, vec![60, 40], "keep 2");
+    let text = common::btm(
+        fx.scratch(),
+        &["status", "--socket", daemon.socket.to_str().expect("utf8")],
+    )
+    .ok();
+    assert!(text.contains("last export:    height 60"), "{text}");
+}
+
+#[test]
+fn sigkill_mid_export_leaves_no_index_and_the_next_export_resumes() {
+    let fx = Btrfs::new();
+    tree(&fx.root(), &[("a", 70, 3 * MIB), ("b", 71, 3 * MIB)]);
+    let store = fx.scratch().join("store");
+    let store = store.to_str().expect("utf8").to_owned();
+    let config = slow_config(&fx, &store, "1MiB");
+    let config = config.to_str().expect("utf8").to_owned();
+    let daemon = DaemonProc::start(fx.scratch(), &["--config", &config], &[]);
+    daemon.notify(10);
+    daemon.wait_status_for("some upload", Duration::from_secs(20), |s| {
+        s["export"]["bytes_uploaded"].as_u64().unwrap_or(0) > 0
+    });
+    daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    drop(daemon);
+    let listed = btm(fx.scratch(), &["backups", "-s", &store, "--json"]).ok();
+    assert_eq!(listed.trim(), "[]", "a partial export left an index");
+    let uploaded_before = std::fs::read_dir(Path::new(&store).join("chunks"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(uploaded_before > 0);
+
+    // Restart at full speed: the same bucket is due again and reuses what
+    // was uploaded.
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config)
+            .expect("read")
+            .replace("1MiB", "1GiB"),
+    )
+    .expect("config");
+    let daemon = DaemonProc::start(fx.scratch(), &["--config", &config], &[]);
+    daemon.notify(20);
+    daemon.wait_status_for("export after restart", Duration::from_secs(30), |s| {
+        s["last_export"]["height"] == 20
+    });
+    let s = daemon.status().expect("status");
+    let uploaded = s["last_export"]["bytes_uploaded"].as_u64().expect("n");
+    assert!(
+        uploaded < 6 * MIB as u64,
+        "uploaded {uploaded}: chunks of the killed export were not reused"
+    );
+    let check = btm(fx.scratch(), &["check", "-s", &store, "--read-data"]).ok();
+    assert!(check.contains("0 problems"), "{check}");
+}
+
+#[test]
+fn a_store_that_is_down_fails_exports_but_never_snapshots() {
+    let fx = Btrfs::new();
+    tree(&fx.root(), &[("a", 80, 100_000)]);
+    let vol = fx.volume();
+    // A path under a regular file can never be created.
+    let store = "/dev/null/btm-store";
+    let daemon = DaemonProc::start(fx.scratch(), &daemon_args(&fx, &vol, store), &[]);
+    for h in [10, 20, 30, 40] {
+        let reply = daemon.notify(h);
+        assert_eq!(reply["outcome"], "created", "{reply}");
+    }
+    daemon.wait_status("export failures", |s| {
+        s["counters"]["export_failures"].as_u64() == Some(3) && s["export"].is_null()
+    });
+    let s = daemon.status().expect("status");
+    assert_eq!(s["counters"]["snapshots"], 4, "{s}");
+    let errors = s["recent_errors"].to_string();
+    assert!(errors.contains("export of 40"), "{errors}");
+    assert!(daemon
+        .log_text()
+        .contains("export failed; will retry at the next due height"));
+}
