@@ -30,6 +30,9 @@ pub struct Exporter {
     volume: Arc<dyn Volume>,
     settings: ExportSettings,
     lock_timeout: Duration,
+    /// Polled sources: how long to wait for the snapshot's height window
+    /// (recorded at the next poll) so the export's metadata carries it.
+    window_wait: Option<Duration>,
     state: Arc<State>,
     job: Mutex<Job>,
     /// Last successful export and last attempt, updated by the job thread.
@@ -56,6 +59,7 @@ impl Exporter {
         volume: Arc<dyn Volume>,
         settings: ExportSettings,
         lock_timeout: Duration,
+        window_wait: Option<Duration>,
         state: Arc<State>,
     ) -> Self {
         Exporter {
@@ -63,6 +67,7 @@ impl Exporter {
             volume,
             settings,
             lock_timeout,
+            window_wait,
             state,
             job: Mutex::new(Job::default()),
             heights: Arc::default(),
@@ -102,6 +107,7 @@ impl Exporter {
             volume: Arc::clone(&self.volume),
             settings: self.settings.clone(),
             lock_timeout: self.lock_timeout,
+            window_wait: self.window_wait,
             state: Arc::clone(&self.state),
             heights: Arc::clone(&self.heights),
             progress: Arc::clone(&progress),
@@ -146,6 +152,7 @@ struct Run {
     volume: Arc<dyn Volume>,
     settings: ExportSettings,
     lock_timeout: Duration,
+    window_wait: Option<Duration>,
     state: Arc<State>,
     heights: Arc<Mutex<Heights>>,
     progress: Arc<Progress>,
@@ -160,6 +167,15 @@ impl Run {
         }
         self.state
             .export_running(Some((height, Arc::clone(&self.progress))));
+        if let Some(wait) = self.window_wait {
+            let deadline = std::time::Instant::now() + wait;
+            while !crate::window::load(self.volume.name()).contains_key(&height)
+                && std::time::Instant::now() < deadline
+                && !self.progress.cancel.load(Ordering::Relaxed)
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let result = export::export(
             &self.cfg,
             self.volume.as_ref(),

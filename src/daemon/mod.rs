@@ -127,6 +127,10 @@ pub async fn run(
             Arc::clone(&volume),
             e,
             settings.lock_timeout,
+            settings
+                .source
+                .is_polled()
+                .then(|| settings.poll_interval * 2 + settings.source_timeout),
             Arc::clone(&state),
         ))
     });

@@ -158,6 +158,8 @@ pub trait Fixture {
     /// Make the btm snapshot at `height` impossible to destroy until the
     /// returned guard is dropped.
     fn pin(&self, height: u64) -> Guard;
+    /// Destroy the volume and all its snapshots, and create it again empty.
+    fn recreate(&self);
 
     /// Run `btm ARGS -p VOLUME -m MODE`.
     fn btm(&self, args: &[&str]) -> Run {
@@ -247,6 +249,21 @@ impl Drop for Btrfs {
 }
 
 impl Fixture for Btrfs {
+    fn recreate(&self) {
+        for entry in std::fs::read_dir(&self.mnt).expect("ls").flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == "data" || name.starts_with("data@") {
+                sh(
+                    "btrfs",
+                    &["subvolume", "delete", entry.path().to_str().expect("utf8")],
+                );
+            }
+        }
+        sh(
+            "btrfs",
+            &["subvolume", "create", self.root().to_str().expect("utf8")],
+        );
+    }
     fn volume(&self) -> String {
         self.root().to_str().expect("utf8").to_owned()
     }
@@ -371,6 +388,19 @@ impl Drop for Zfs {
 }
 
 impl Fixture for Zfs {
+    fn recreate(&self) {
+        for _ in 0..40 {
+            let ok = Command::new("zfs")
+                .args(["destroy", "-r", &self.volume()])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                break;
+            }
+            sleep(Duration::from_millis(250));
+        }
+        sh("zfs", &["create", &self.volume()]);
+    }
     fn volume(&self) -> String {
         format!("{}/data", self.pool)
     }
