@@ -23,6 +23,7 @@ demo:
 bench:
 	./scripts/bench-daemon.sh
 	./scripts/bench-chunk.sh
+	./scripts/bench-export.sh
 
 clean:
 	$(CARGO) clean

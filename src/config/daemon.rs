@@ -145,6 +145,9 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
         Str(String),
     }
     match NumOrStr::deserialize(d)? {
+        NumOrStr::Num(0) => Err(serde::de::Error::custom(
+            "max_rate must be at least 1 byte/s",
+        )),
         NumOrStr::Num(n) => Ok(Some(n)),
         NumOrStr::Str(s) => parse_size(&s).map(Some).map_err(serde::de::Error::custom),
     }
@@ -607,6 +610,54 @@ mod tests {
                 "volume = \"a\"\nmetrics_listen = \"localhost\"\n",
                 "metrics_listen",
             ),
+            (
+                "volume = \"a\"\n[export]\nevery = 100\n",
+                "export.store is required",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"ftp://x\"\n",
+                "export.store",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"s3://\"\n",
+                "export.store",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\nevery = 15\n",
+                "export.every",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\nkeep = 0\n",
+                "export.keep",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\ntag = \"a/b\"\n",
+                "export.tag",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\nmax_rate = \"fast\"\n",
+                "fast",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\nmax_rate = 0\n",
+                "max_rate",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\nconcurrency = 0\n",
+                "export.concurrency",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\nappend_only = [\"../x\"]\n",
+                "export.append_only",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\ngc_grace = \"0s\"\n",
+                "zero",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\nstor = 1\n",
+                "stor",
+            ),
         ];
         for (text, needle) in cases {
             let e = parse(text).expect_err(text).to_string();
@@ -641,5 +692,38 @@ mod tests {
             .resolve()
             .expect("example valid");
         assert_eq!(s.volume, "tank/chain");
+        let e = s.export.expect("the example exports");
+        assert_eq!((e.every, e.keep, e.max_rate), (1000, 7, Some(100 << 20)));
+        assert!(e.gc);
+    }
+
+    #[test]
+    fn export_flags_override_the_file_key_by_key() {
+        let file = DaemonOptions::from_toml(
+            "volume = \"a\"\nitv = 10\n[export]\nstore = \"/b\"\nkeep = 3\nmax_rate = 1000\n",
+            Path::new("t.toml"),
+        )
+        .expect("valid");
+        let flags = DaemonOptions {
+            export: Some(ExportOptions {
+                every: Some(50),
+                ..ExportOptions::default()
+            }),
+            ..DaemonOptions::default()
+        };
+        let e = file
+            .overlay(flags)
+            .resolve()
+            .expect("valid")
+            .export
+            .expect("export");
+        assert_eq!(
+            (e.store.as_str(), e.every, e.keep, e.max_rate),
+            ("/b", 50, 3, Some(1000))
+        );
+        let none = parse("volume = \"a\"\n").expect("valid");
+        assert!(none.export.is_none());
+        assert_eq!(parse_size("50MiB"), Ok(50 << 20));
+        assert_eq!(parse_size("2MB"), Ok(2_000_000));
     }
 }
