@@ -504,6 +504,14 @@ fn sigkill_mid_export_leaves_no_index_and_the_next_export_resumes() {
     daemon.wait_status_for("some upload", Duration::from_secs(20), |s| {
         s["export"]["bytes_uploaded"].as_u64().unwrap_or(0) > 0
     });
+    // Snapshots stay on time during an export, and a due export finding
+    // one running is skipped, not queued.
+    let reply = daemon.notify(20);
+    assert_eq!(reply["outcome"], "created", "{reply}");
+    assert!(reply["duration_ms"].as_u64().expect("ms") < 2000, "{reply}");
+    let s = daemon.status().expect("status");
+    assert_eq!(s["counters"]["exports_skipped"], 1, "{s}");
+    assert_eq!(s["export"]["height"], 10, "{s}");
     daemon.signal(nix::sys::signal::Signal::SIGKILL);
     drop(daemon);
     let listed = btm(fx.scratch(), &["backups", "-s", &store, "--json"]).ok();
@@ -523,7 +531,7 @@ fn sigkill_mid_export_leaves_no_index_and_the_next_export_resumes() {
     )
     .expect("config");
     let daemon = DaemonProc::start(fx.scratch(), &["--config", &config], &[]);
-    daemon.notify(20);
+    assert_eq!(daemon.notify(20)["outcome"], "exists");
     daemon.wait_status_for("export after restart", Duration::from_secs(30), |s| {
         s["last_export"]["height"] == 20
     });
