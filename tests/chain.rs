@@ -248,17 +248,7 @@ fn a_destroyed_node_is_rebuilt_from_the_store(fx: &impl Fixture) {
         .collect();
     node.stop();
 
-    let run = |args: &[&str]| {
-        let mut c = common::btm_cmd(fx.scratch(), args);
-        c.envs(env.iter().copied());
-        let out = c.output().expect("btm");
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let run = |args: &[&str]| common::btm_env_ok(fx.scratch(), args, &env);
     let backups: serde_json::Value =
         serde_json::from_str(&run(&["backups", "-s", store, "--json"])).expect("json");
     let meta = &backups[0]["meta"];

@@ -26,17 +26,7 @@ fn write_at(path: &Path, off: u64, data: &[u8]) {
 }
 
 fn random(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    common::noise(seed, n)
 }
 
 /// Byte-exact comparison of two trees (files, symlinks, modes, mtimes),

@@ -19,22 +19,9 @@ use std::time::{Duration, Instant};
 use btm::chunk::backup::{backup, BackupOptions};
 use btm::chunk::gc::{gc, GcOptions};
 use btm::store::{LocalStore, Store};
-use common::{btm, Btrfs, DaemonProc, FaultyStore, Fixture, Zfs};
+use common::{btm, noise, Btrfs, DaemonProc, FaultyStore, Fixture, Zfs};
 
 const MIB: usize = 1 << 20;
-
-/// Deterministic incompressible bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn tree(dir: &Path, files: &[(&str, u64, usize)]) {
     std::fs::create_dir_all(dir).expect("mkdir");

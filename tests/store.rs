@@ -151,17 +151,8 @@ fn round_trip_through_cli(store: &str, env: &[(&'static str, String)]) {
     f.set_len(32 << 20).expect("len");
     std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; 100_000], 5 << 20).expect("write");
     std::fs::write(src.join("small"), b"hello").expect("w");
-    let run = |args: &[&str]| {
-        let mut c = common::btm_cmd(dir.path(), args);
-        c.envs(env.iter().cloned());
-        let out = c.output().expect("btm");
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let run = |args: &[&str]| common::btm_env_ok(dir.path(), args, &env);
     run(&[
         "backup",
         src.to_str().expect("utf8"),

@@ -26,6 +26,12 @@ use super::state::State;
 
 /// Runs exports for one daemon generation.
 pub struct Exporter {
+    ctx: Arc<Context>,
+    job: Mutex<Job>,
+}
+
+/// What every export of this generation needs, shared with its thread.
+struct Context {
     cfg: BtmCfg,
     volume: Arc<dyn Volume>,
     settings: ExportSettings,
@@ -34,9 +40,8 @@ pub struct Exporter {
     /// (recorded at the next poll) so the export's metadata carries it.
     window_wait: Option<Duration>,
     state: Arc<State>,
-    job: Mutex<Job>,
     /// Last successful export and last attempt, updated by the job thread.
-    heights: Arc<Mutex<Heights>>,
+    heights: Mutex<Heights>,
 }
 
 #[derive(Default)]
@@ -63,14 +68,16 @@ impl Exporter {
         state: Arc<State>,
     ) -> Self {
         Exporter {
-            cfg,
-            volume,
-            settings,
-            lock_timeout,
-            window_wait,
-            state,
+            ctx: Arc::new(Context {
+                cfg,
+                volume,
+                settings,
+                lock_timeout,
+                window_wait,
+                state,
+                heights: Mutex::default(),
+            }),
             job: Mutex::new(Job::default()),
-            heights: Arc::default(),
         }
     }
 
@@ -81,8 +88,8 @@ impl Exporter {
         if job.stopping {
             return;
         }
-        let h = *self.heights.lock().unwrap_or_else(|p| p.into_inner());
-        if !export::export_due(height, self.settings.every, h.exported, h.attempted) {
+        let h = *self.ctx.heights.lock().unwrap_or_else(|p| p.into_inner());
+        if !export::export_due(height, self.ctx.settings.every, h.exported, h.attempted) {
             return;
         }
         if let Some(handle) = job.handle.take() {
@@ -92,24 +99,19 @@ impl Exporter {
                     height,
                     "export due but the previous export is still running; skipped"
                 );
-                self.state.count(|c| c.exports_skipped += 1);
+                self.ctx.state.count(|c| c.exports_skipped += 1);
                 return;
             }
             let _ = handle.join();
         }
-        self.heights
+        self.ctx
+            .heights
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .attempted = Some(height);
         let progress = Arc::new(Progress::default());
         let run = Run {
-            cfg: self.cfg.clone(),
-            volume: Arc::clone(&self.volume),
-            settings: self.settings.clone(),
-            lock_timeout: self.lock_timeout,
-            window_wait: self.window_wait,
-            state: Arc::clone(&self.state),
-            heights: Arc::clone(&self.heights),
+            ctx: Arc::clone(&self.ctx),
             progress: Arc::clone(&progress),
             height,
         };
@@ -123,9 +125,10 @@ impl Exporter {
             }
             Err(e) => {
                 tracing::error!(height, error = %e, "cannot start the export thread");
-                self.state
+                self.ctx
+                    .state
                     .error("export", &format!("cannot start the export thread: {e}"));
-                self.state.count(|c| c.export_failures += 1);
+                self.ctx.state.count(|c| c.export_failures += 1);
             }
         }
     }
@@ -148,13 +151,7 @@ impl Exporter {
 
 /// One export, owned by its thread.
 struct Run {
-    cfg: BtmCfg,
-    volume: Arc<dyn Volume>,
-    settings: ExportSettings,
-    lock_timeout: Duration,
-    window_wait: Option<Duration>,
-    state: Arc<State>,
-    heights: Arc<Mutex<Heights>>,
+    ctx: Arc<Context>,
     progress: Arc<Progress>,
     height: u64,
 }
@@ -165,11 +162,12 @@ impl Run {
         if let Err(e) = crate::sys::lower_thread_priority() {
             tracing::warn!(error = %e, "could not lower the export's CPU and IO priority");
         }
-        self.state
+        self.ctx
+            .state
             .export_running(Some((height, Arc::clone(&self.progress))));
-        if let Some(wait) = self.window_wait {
+        if let Some(wait) = self.ctx.window_wait {
             let deadline = std::time::Instant::now() + wait;
-            while !crate::window::load(self.volume.name()).contains_key(&height)
+            while !crate::window::load(self.ctx.volume.name()).contains_key(&height)
                 && std::time::Instant::now() < deadline
                 && !self.progress.cancel.load(Ordering::Relaxed)
             {
@@ -177,23 +175,24 @@ impl Run {
             }
         }
         let result = export::export(
-            &self.cfg,
-            self.volume.as_ref(),
+            &self.ctx.cfg,
+            self.ctx.volume.as_ref(),
             Which::DueHeight(height),
-            &self.settings,
+            &self.ctx.settings,
             Arc::clone(&self.progress),
-            self.lock_timeout,
+            self.ctx.lock_timeout,
         );
-        self.state.export_running(None);
+        self.ctx.state.export_running(None);
         match result {
             Ok(report) => {
-                self.heights
+                self.ctx
+                    .heights
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .exported = Some(height);
                 for w in &report.warnings {
                     tracing::warn!(height, warning = %w, "export finished with a warning");
-                    self.state.error("export", w);
+                    self.ctx.state.error("export", w);
                 }
                 let last = report.backup.as_ref().map(|b| LastExport {
                     height,
@@ -216,7 +215,7 @@ impl Run {
                         "export finished"
                     );
                 }
-                self.state.export_done(last);
+                self.ctx.state.export_done(last);
             }
             Err(ExportError::Chunk(ChunkError::Cancelled)) => {
                 tracing::info!(
@@ -230,13 +229,14 @@ impl Run {
                     volume = %v,
                     "export skipped: another export of this volume (btm export?) is running"
                 );
-                self.state.count(|c| c.exports_skipped += 1);
+                self.ctx.state.count(|c| c.exports_skipped += 1);
             }
             Err(e) => {
-                tracing::error!(height, store = %self.settings.store, error = %e, "export failed; will retry at the next due height");
-                self.state
+                tracing::error!(height, store = %self.ctx.settings.store, error = %e, "export failed; will retry at the next due height");
+                self.ctx
+                    .state
                     .error("export", &format!("export of {height}: {e}"));
-                self.state.count(|c| c.export_failures += 1);
+                self.ctx.state.count(|c| c.export_failures += 1);
             }
         }
     }

@@ -801,3 +801,34 @@ impl Drop for S3 {
         let _ = self.child.wait();
     }
 }
+
+/// Deterministic, incompressible test bytes.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Run `btm ARGS` with extra environment (store credentials); panic
+/// unless it succeeds; return stdout.
+#[track_caller]
+pub fn btm_env_ok(scratch: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = btm_cmd(scratch, args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("btm runs");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
