@@ -444,7 +444,10 @@ fn the_daemon_exports_every_n_blocks_and_keeps_k() {
     let store = fx.scratch().join("store");
     let store = store.to_str().expect("utf8").to_owned();
     let vol = fx.volume();
-    let daemon = DaemonProc::start(fx.scratch(), &daemon_args(&fx, &vol, &store), &[]);
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    let mut args = daemon_args(&fx, &vol, &store);
+    args.extend(["--metrics-listen", &addr]);
+    let daemon = DaemonProc::start(fx.scratch(), &args, &[]);
     let exported = |h: u64| {
         move |s: &serde_json::Value| s["last_export"]["height"] == h && s["export"].is_null()
     };
@@ -476,6 +479,58 @@ fn the_daemon_exports_every_n_blocks_and_keeps_k() {
     )
     .ok();
     assert!(text.contains("last export:    height 60"), "{text}");
+    let metrics = common::sh(
+        "curl",
+        &["-s", "-m", "5", &format!("http://{addr}/metrics")],
+    );
+    for line in [
+        "btm_last_export_height 60",
+        "btm_exports_total 4",
+        "btm_export_running 0",
+        "btm_errors_total{kind=\"export\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+}
+
+#[test]
+fn the_daemon_removes_views_left_by_a_killed_exporter() {
+    let fx = Zfs::new();
+    tree(&fx.root(), &[("a", 90, 1000)]);
+    fx.btm(&["snapshot", "--height", "10"]).ok();
+    // What a daemon killed mid-export leaves: a read-only clone named after
+    // its (now dead) pid.
+    let dead_pid = 4_194_000 + std::process::id() % 100;
+    let stale = format!(
+        "{}/btm-view.{}.10.{dead_pid}",
+        fx.pool,
+        fx.volume().replace('/', ".")
+    );
+    common::sh(
+        "zfs",
+        &[
+            "clone",
+            "-o",
+            "readonly=on",
+            &format!("{}@10", fx.volume()),
+            &stale,
+        ],
+    );
+    let exists = |name: &str| {
+        std::process::Command::new("zfs")
+            .args(["list", "-H", "-o", "name", name])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(exists(&stale));
+    let vol = fx.volume();
+    let mut daemon = DaemonProc::start(fx.scratch(), &["-p", &vol, "-m", "zfs"], &[]);
+    assert!(
+        !exists(&stale),
+        "stale view clone survived the daemon's start"
+    );
+    assert!(fx.has_snapshot("10"));
+    assert_eq!(daemon.stop(), Some(0));
 }
 
 #[test]
