@@ -1,11 +1,19 @@
-# btm: build, test, lint, demo. `make test` and `make demo` need root
-# (loop devices, zfs-fuse) and install their prerequisites themselves.
+# btm: `make` (= `make pack`) builds btm_package.tar.gz; also build, deb,
+# test, lint, demo, bench, clean. `make test` and `make demo` need root
+# (loop devices, zfs-fuse, a systemd container) and install their
+# prerequisites themselves.
 
 CARGO ?= cargo
 
-.PHONY: all build test lint demo bench clean
+.PHONY: all pack deb build test lint demo bench clean
 
-all: build
+all: pack
+
+pack:
+	./scripts/pack.sh
+
+deb:
+	./packaging/build-deb.sh
 
 build:
 	$(CARGO) build --release --locked
@@ -16,6 +24,7 @@ test:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	shellcheck install.sh scripts/*.sh packaging/*.sh packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm .ci/run
 
 demo:
 	./scripts/demo.sh
@@ -27,4 +36,4 @@ bench:
 
 clean:
 	$(CARGO) clean
-	rm -f btm_package.tar.gz
+	rm -f btm_package.tar.gz btm_*.deb

@@ -79,7 +79,6 @@ echo "restic's restored state.db allocated: $(du -h "$restic_over" | cut -f1)"
 echo
 printf '%-32s %10s %12s\n' "operation" "seconds" "peak RSS MB"
 for r in "${results[@]}"; do
-    read -r a b c d e f <<<"$r"
     label=$(sed -E 's/ [0-9.]+ [0-9]+$//' <<<"$r"); secs=$(awk '{print $(NF-1)}' <<<"$r"); mb=$(awk '{print $NF}' <<<"$r")
     printf '%-32s %10s %12s\n' "$label" "$secs" "$mb"
 done

@@ -52,10 +52,10 @@ done
 cargo build --release --locked --quiet --example notify_latency
 lib=$("$PWD/target/release/examples/notify_latency" "$work/mnt/chain" "$work/mnt/bare" \
     "$BTM_RUNTIME_DIR/btm.sock" "$n" $((n + 1)))
-lbare=($(awk '{print $1}' <<<"$lib")); lpush=($(awk '{print $2}' <<<"$lib"))
+mapfile -t lbare < <(awk '{print $1}' <<<"$lib"); mapfile -t lpush < <(awk '{print $2}' <<<"$lib")
 sleep 2
 rss_idle=$(rss)
-fds() { ls "/proc/$daemon_pid/fd" | wc -l; }
+fds() { find "/proc/$daemon_pid/fd" -mindepth 1 -maxdepth 1 | wc -l; }
 fds_before=$(fds)
 
 # Soak: many more heights (and status calls); memory and open files must

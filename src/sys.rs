@@ -1,7 +1,12 @@
-//! The few system calls btm needs that no safe wrapper offers. This is the
-//! only module allowed `unsafe`; each call is a plain integer syscall with
-//! no pointers, so it cannot break memory safety.
+//! The few system calls btm needs that no safe wrapper offers on every
+//! target (nix has no `setpriority` or `ioprio_set`, and offers `renameat2`
+//! only with glibc, not musl). This is the only module allowed `unsafe`;
+//! each call passes integers or NUL-terminated strings that outlive it.
 #![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 
 /// Lowest CPU niceness.
 const NICE_LOW: libc::c_int = 19;
@@ -29,6 +34,35 @@ pub fn lower_thread_priority() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Atomically swap the entries `a` and `b` in directory `dir`
+/// (`renameat2(RENAME_EXCHANGE)`). Both must exist.
+pub fn rename_exchange(
+    dir: &std::fs::File,
+    a: &std::ffi::OsStr,
+    b: &std::ffi::OsStr,
+) -> Result<(), nix::errno::Errno> {
+    let a = CString::new(a.as_bytes()).map_err(|_| nix::errno::Errno::EINVAL)?;
+    let b = CString::new(b.as_bytes()).map_err(|_| nix::errno::Errno::EINVAL)?;
+    let fd = dir.as_raw_fd();
+    // SAFETY: both strings are valid and NUL-terminated for the call's
+    // duration; `fd` is an open directory borrowed from `dir`.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            fd,
+            a.as_ptr(),
+            fd,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(nix::errno::Errno::last())
+    }
+}
+
 /// The calling thread's (niceness, ioprio) as the kernel reports them.
 pub fn thread_priority() -> std::io::Result<(i32, i32)> {
     let tid = nix::unistd::gettid().as_raw();
@@ -48,6 +82,24 @@ pub fn thread_priority() -> std::io::Result<(i32, i32)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rename_exchange_swaps_atomically() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(dir.path().join("a"), "A").expect("w");
+        std::fs::create_dir(dir.path().join("b")).expect("mkdir");
+        let d = std::fs::File::open(dir.path()).expect("open");
+        super::rename_exchange(&d, "a".as_ref(), "b".as_ref()).expect("swap");
+        assert!(dir.path().join("a").is_dir());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("b")).expect("r"),
+            "A"
+        );
+        assert_eq!(
+            super::rename_exchange(&d, "a".as_ref(), "missing".as_ref()),
+            Err(nix::errno::Errno::ENOENT)
+        );
+    }
+
     #[test]
     fn lowering_applies_to_this_thread_and_its_children_only() {
         std::thread::spawn(|| {

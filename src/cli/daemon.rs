@@ -57,6 +57,9 @@ pub struct DaemonArgs {
     metrics_listen: Option<String>,
     #[command(flatten)]
     export: ExportFlags,
+    /// Check the configuration and the volume, print a summary, and exit
+    #[arg(long)]
+    check_config: bool,
 }
 
 /// The `[export]` keys as flags, shared by `btm daemon` and `btm export`.
@@ -140,6 +143,9 @@ pub fn load_file(path: Option<&Path>) -> Result<DaemonOptions, ConfigError> {
 
 pub fn run(args: DaemonArgs, log_level: Option<String>) -> Result<()> {
     let settings = args.load(log_level.clone())?;
+    if args.check_config {
+        return check(&settings);
+    }
     crate::init_logging(settings.log_level.as_deref(), "info");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -150,5 +156,26 @@ pub fn run(args: DaemonArgs, log_level: Option<String>) -> Result<()> {
     runtime.block_on(btm::daemon::supervise(settings, || {
         args.load(log_level.clone())
     }))?;
+    Ok(())
+}
+
+/// `--check-config`: everything the daemon checks before it starts, without
+/// starting (the volume is opened read-only).
+fn check(s: &DaemonSettings) -> Result<()> {
+    let cfg = btm::BtmCfg::new(&s.volume, s.mode, s.itv, s.cap, s.algo)
+        .with_context(|| format!("volume '{}'", s.volume))?;
+    println!(
+        "configuration OK: volume {} ({}), itv {}, cap {}, {}, source {}{}",
+        cfg.volume,
+        cfg.mode,
+        cfg.itv,
+        cfg.cap,
+        cfg.algo,
+        s.source.name(),
+        s.export.as_ref().map_or(String::new(), |e| format!(
+            ", export to {} every {} blocks as '{}', keep {}",
+            e.store, e.every, e.tag, e.keep
+        ))
+    );
     Ok(())
 }

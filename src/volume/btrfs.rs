@@ -16,7 +16,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
-use nix::fcntl::{renameat2, RenameFlags};
 
 use super::cmd::{self, CmdError, CmdErrorKind};
 use super::{
@@ -294,23 +293,18 @@ impl Volume for BtrfsVolume {
             .and_then(|()| {
                 let dir = File::open(&self.parent).map_err(|e| Error::io(&self.parent, e))?;
                 let new_name = scratch.file_name().unwrap_or_default();
-                renameat2(
-                    &dir,
-                    new_name,
-                    &dir,
-                    self.base.as_str(),
-                    RenameFlags::RENAME_EXCHANGE,
-                )
-                .map_err(|errno| match errno {
-                    nix::errno::Errno::EBUSY => Error::WrongType {
-                        volume: self.name.clone(),
-                        mode: SnapMode::Btrfs,
-                        detail: "it is a mount point, so it cannot be swapped for the \
+                crate::sys::rename_exchange(&dir, new_name, self.base.as_ref()).map_err(|errno| {
+                    match errno {
+                        nix::errno::Errno::EBUSY => Error::WrongType {
+                            volume: self.name.clone(),
+                            mode: SnapMode::Btrfs,
+                            detail: "it is a mount point, so it cannot be swapped for the \
                                  rolled-back subvolume; mount its parent and use the \
                                  subvolume below it"
-                            .into(),
-                    },
-                    errno => Error::io(&self.path, std::io::Error::from(errno)),
+                                .into(),
+                        },
+                        errno => Error::io(&self.path, std::io::Error::from(errno)),
+                    }
                 })
             });
         if let Err(e) = swap {

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Build btm_<version>_amd64.deb from packaging/deb: /usr/bin/btm, the unit
+# in /lib/systemd/system (ExecStart pointing at /usr/bin/btm), the example
+# configuration as the conffile /etc/btm/btm.toml, and maintainer scripts
+# that reload systemd without starting anything.
+#   packaging/build-deb.sh [--bin PATH] [--out DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=""
+out=$PWD
+while [ $# -gt 0 ]; do
+    case $1 in
+        --bin) bin=$2; shift 2 ;;
+        --out) out=$2; shift 2 ;;
+        *) echo "build-deb.sh: unknown argument '$1'" >&2; exit 2 ;;
+    esac
+done
+if [ -z "$bin" ]; then
+    bin=$(scripts/build-release.sh | tail -n 1)
+fi
+version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+root=$stage/btm
+install -D -m 0755 "$bin" "$root/usr/bin/btm"
+install -d "$root/lib/systemd/system"
+sed 's#/usr/local/bin/btm#/usr/bin/btm#g' systemd/btm-daemon.service >"$root/lib/systemd/system/btm-daemon.service"
+chmod 0644 "$root/lib/systemd/system/btm-daemon.service"
+install -D -m 0644 btm.toml.example "$root/etc/btm/btm.toml"
+install -D -m 0644 README.md "$root/usr/share/doc/btm/README.md"
+install -D -m 0644 docs/format.md "$root/usr/share/doc/btm/format.md"
+install -d "$root/DEBIAN"
+sed "s/@VERSION@/$version/" packaging/deb/control.in >"$root/DEBIAN/control"
+echo "Installed-Size: $(du -sk "$root" | cut -f1)" >>"$root/DEBIAN/control"
+install -m 0644 packaging/deb/conffiles "$root/DEBIAN/conffiles"
+for s in postinst prerm postrm; do
+    install -m 0755 "packaging/deb/$s" "$root/DEBIAN/$s"
+done
+deb="$out/btm_${version}_amd64.deb"
+dpkg-deb --root-owner-group --build "$root" "$deb" >/dev/null
+echo "== $deb"
+dpkg-deb --info "$deb" | sed -n '/Package:/,$p'
