@@ -19,6 +19,10 @@ command -v mkfs.btrfs >/dev/null || missing+=(btrfs-progs)
 command -v zfs-fuse >/dev/null || missing+=(zfs-fuse)
 command -v curl >/dev/null || missing+=(curl)
 command -v npm >/dev/null || missing+=(nodejs npm)
+command -v debootstrap >/dev/null || missing+=(debootstrap)
+command -v shellcheck >/dev/null || missing+=(shellcheck)
+command -v musl-gcc >/dev/null || missing+=(musl-tools)
+command -v dpkg-deb >/dev/null || missing+=(dpkg)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "== installing ${missing[*]}"
     apt-get update -qq
@@ -41,6 +45,28 @@ if [ ! -x "$AZURITE_BIN" ]; then
     echo "== installing azurite (npm) into $npm_prefix"
     npm install --no-audit --no-fund --silent --prefix "$npm_prefix" azurite@3.37.0 >/dev/null
 fi
+
+# A minimal Debian root with systemd, for the real-systemd test; built once
+# with debootstrap (under a minute) and cached as a tarball.
+export BTM_TEST_ROOTFS=${BTM_TEST_ROOTFS:-/var/cache/btm-test/bookworm-systemd.tar}
+if [ ! -f "$BTM_TEST_ROOTFS" ]; then
+    echo "== bootstrapping a Debian root with systemd into $BTM_TEST_ROOTFS"
+    rootfs_dir=$(mktemp -d /var/tmp/btm-rootfs.XXXXXX)
+    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,btrfs-progs \
+        bookworm "$rootfs_dir" http://deb.debian.org/debian >/dev/null
+    mkdir -p "$(dirname "$BTM_TEST_ROOTFS")"
+    tar -C "$rootfs_dir" -cf "$BTM_TEST_ROOTFS.partial" .
+    mv "$BTM_TEST_ROOTFS.partial" "$BTM_TEST_ROOTFS"
+    rm -rf "$rootfs_dir"
+fi
+
+# The artifacts operators get, so the systemd test installs exactly them.
+echo "== make pack, make deb"
+make --no-print-directory pack >/dev/null
+make --no-print-directory deb >/dev/null
+export BTM_PACKAGE="$PWD/btm_package.tar.gz"
+version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
+export BTM_DEB="$PWD/btm_${version}_amd64.deb"
 
 started_pid=""
 stop_zfs_fuse() {
@@ -71,7 +97,7 @@ if ! command -v s3s-fs >/dev/null; then
     cargo install --locked --quiet s3s-fs --version 0.14.1 --features binary
 fi
 
-echo "== cargo test (unit, property, CLI, daemon, ganache chain, chunk engine, S3, Azure, real btrfs + zfs-fuse tests)"
+echo "== cargo test (unit, property, CLI, daemon, exports, ganache chain, chunk engine, S3, Azure, real btrfs + zfs-fuse, install.sh, real systemd)"
 # A wedged filesystem must fail the run, not hang it until CI's limit.
 timeout --signal=KILL 1800 cargo test --locked --all-targets --no-fail-fast -- --test-threads=2
 cargo test --locked --doc

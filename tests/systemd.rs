@@ -460,6 +460,31 @@ fn the_package_installs_and_runs_under_systemd() {
         "cd /root/btm_package && ./install.sh -i=10 -c=2 -m=btrfs -a=fair -p=/srv/chain-fs/data",
     );
     assert!(again.contains("already up to date"), "{again}");
+    // A different value: the existing configuration is kept, the change shown.
+    let config = c.ok("cat /etc/btm/btm.toml");
+    let kept = c.ok(
+        "cd /root/btm_package && ./install.sh -i=10 -c=5 -m=btrfs -a=fair -p=/srv/chain-fs/data",
+    );
+    assert!(kept.contains("exists and is kept"), "{kept}");
+    assert!(
+        kept.contains("-cap = 2") && kept.contains("+cap = 5"),
+        "{kept}"
+    );
+    assert_eq!(c.ok("cat /etc/btm/btm.toml"), config);
+    let dry = c.ok(
+        "cd /root/btm_package && ./install.sh -i=10 -c=5 -m=btrfs -a=fair -p=/srv/chain-fs/data --force --dry-run",
+    );
+    assert!(dry.contains("+ install -m 0644"), "{dry}");
+    assert_eq!(c.ok("cat /etc/btm/btm.toml"), config, "a dry run wrote");
+    let forced = c.ok(
+        "cd /root/btm_package && ./install.sh --snapshot-itv=10 --snapshot-cap=5 --snapshot-mode=btrfs --snapshot-algo=fair --snapshot-target=/srv/chain-fs/data --force",
+    );
+    assert!(forced.contains("will change"), "{forced}");
+    c.wait_for(
+        "the restart into the new configuration",
+        Duration::from_secs(10),
+        "btm status --json | grep -q '\"cap\":5'",
+    );
     c.ok("cd /root/btm_package && ./install.sh --uninstall");
     assert!(!c.root().join("usr/local/bin/btm").exists());
     assert!(!c
