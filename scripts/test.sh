@@ -52,6 +52,9 @@ export BTM_TEST_ROOTFS=${BTM_TEST_ROOTFS:-/var/cache/btm-test/bookworm-systemd.t
 if [ ! -f "$BTM_TEST_ROOTFS" ]; then
     echo "== bootstrapping a Debian root with systemd into $BTM_TEST_ROOTFS"
     rootfs_dir=$(mktemp -d /var/tmp/btm-rootfs.XXXXXX)
+    # mktemp makes it 0700; as the container's / that would lock out every
+    # non-root service (dbus).
+    chmod 0755 "$rootfs_dir"
     debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,btrfs-progs \
         bookworm "$rootfs_dir" http://deb.debian.org/debian >/dev/null
     mkdir -p "$(dirname "$BTM_TEST_ROOTFS")"

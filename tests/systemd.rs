@@ -97,6 +97,10 @@ impl Container {
                 root.to_str().expect("utf8"),
             ],
         );
+        // The container's / must be traversable by its non-root services
+        // (dbus), whatever mode the tarball's top entry carried.
+        std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
 
         // The node's volume: a btrfs loop image mounted inside the root.
         let img = dir.path().join("vol.img");
@@ -184,7 +188,10 @@ impl Container {
         }
         panic!(
             "systemd did not finish booting: {}\n{}",
-            String::from_utf8_lossy(&c.exec("systemctl list-jobs; systemctl --failed").stdout),
+            String::from_utf8_lossy(
+                &c.exec("systemctl list-jobs; systemctl --failed; ls -ld / /usr /usr/share /usr/share/dbus-1 /usr/share/dbus-1/system.d; journalctl -b -u dbus --no-pager | tail -5")
+                    .stdout
+            ),
             c.boot_log()
         );
     }
