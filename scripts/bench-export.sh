@@ -7,9 +7,9 @@
 # block log, a small file rewritten; snapshot 200 is exported. Prints what
 # each export read and uploaded and how long it took: the second export
 # should read little more than the change. A last case rewrites 1 MiB in
-# place inside the big sparse file, which makes that whole file be read
-# (the unchanged-file rule works per file) though only the changed chunk is
-# uploaded.
+# place inside the big sparse file: on btrfs only the chunk holding it is
+# read, because the file's extents are compared with the previous
+# snapshot's (FIEMAP).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then echo "needs root (loop device)" >&2; exit 1; fi

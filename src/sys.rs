@@ -1,6 +1,6 @@
 //! The few system calls btm needs that no safe wrapper offers on every
-//! target (nix has no `setpriority` or `ioprio_set`, and offers `renameat2`
-//! only with glibc, not musl). This is the only module allowed `unsafe`;
+//! target (nix has no `setpriority`, `ioprio_set` or `FS_IOC_FIEMAP`, and
+//! offers `renameat2` only with glibc, not musl). This is the only module allowed `unsafe`;
 //! each call passes integers or NUL-terminated strings that outlive it.
 #![allow(unsafe_code)]
 
@@ -60,6 +60,110 @@ pub fn rename_exchange(
         Ok(())
     } else {
         Err(nix::errno::Errno::last())
+    }
+}
+
+/// One extent of a file as `FS_IOC_FIEMAP` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Offset in the file.
+    pub logical: u64,
+    /// Offset on the device (for btrfs, in its logical address space).
+    pub physical: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// `FIEMAP_EXTENT_*` flags.
+    pub flags: u32,
+}
+
+/// `FIEMAP_EXTENT_LAST`: no extents follow.
+pub const FIEMAP_EXTENT_LAST: u32 = 0x1;
+
+const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+/// Extents asked for per call.
+const FIEMAP_BATCH: usize = 256;
+
+/// `struct fiemap` followed by room for [`FIEMAP_BATCH`] extents, laid out
+/// as the kernel expects (`linux/fiemap.h`).
+#[repr(C)]
+struct FiemapBuf {
+    fm_start: u64,
+    fm_length: u64,
+    fm_flags: u32,
+    fm_mapped_extents: u32,
+    fm_extent_count: u32,
+    fm_reserved: u32,
+    extents: [FiemapExtent; FIEMAP_BATCH],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FiemapExtent {
+    fe_logical: u64,
+    fe_physical: u64,
+    fe_length: u64,
+    fe_reserved64: [u64; 2],
+    fe_flags: u32,
+    fe_reserved: [u32; 3],
+}
+
+/// Every extent of `file`, in file order. Fails with `EOPNOTSUPP` (or
+/// similar) on filesystems without FIEMAP, such as ZFS.
+pub fn fiemap(file: &std::fs::File) -> std::io::Result<Vec<Extent>> {
+    let empty = FiemapExtent {
+        fe_logical: 0,
+        fe_physical: 0,
+        fe_length: 0,
+        fe_reserved64: [0; 2],
+        fe_flags: 0,
+        fe_reserved: [0; 3],
+    };
+    let mut buf = Box::new(FiemapBuf {
+        fm_start: 0,
+        fm_length: u64::MAX,
+        fm_flags: 0,
+        fm_mapped_extents: 0,
+        fm_extent_count: FIEMAP_BATCH as u32,
+        fm_reserved: 0,
+        extents: [empty; FIEMAP_BATCH],
+    });
+    let mut out = Vec::new();
+    loop {
+        buf.fm_length = u64::MAX - buf.fm_start;
+        buf.fm_mapped_extents = 0;
+        // SAFETY: `buf` is a properly laid out, writable `struct fiemap`
+        // with room for `fm_extent_count` extents, alive for the call.
+        let r = unsafe {
+            libc::ioctl(
+                file.as_raw_fd(),
+                FS_IOC_FIEMAP as _,
+                &mut *buf as *mut FiemapBuf,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = (buf.fm_mapped_extents as usize).min(FIEMAP_BATCH);
+        if n == 0 {
+            return Ok(out);
+        }
+        for e in &buf.extents[..n] {
+            out.push(Extent {
+                logical: e.fe_logical,
+                physical: e.fe_physical,
+                length: e.fe_length,
+                flags: e.fe_flags,
+            });
+        }
+        let last = &buf.extents[n - 1];
+        if last.fe_flags & FIEMAP_EXTENT_LAST != 0 {
+            return Ok(out);
+        }
+        let next = last.fe_logical.saturating_add(last.fe_length);
+        if next <= buf.fm_start {
+            return Ok(out);
+        }
+        buf.fm_start = next;
     }
 }
 

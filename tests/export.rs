@@ -610,3 +610,60 @@ fn a_store_that_is_down_fails_exports_but_never_snapshots() {
         .log_text()
         .contains("export failed; will retry at the next due height"));
 }
+
+#[test]
+fn on_btrfs_a_file_changed_in_place_is_read_only_where_it_changed() {
+    let fx = Btrfs::new();
+    let store = fx.scratch().join("store");
+    let store = store.to_str().expect("utf8").to_owned();
+    let expected = fx.scratch().join("expected");
+    let mut content = noise(95, 16 * MIB);
+    let write_both = |content: &[u8]| {
+        std::fs::create_dir_all(&expected).expect("mkdir");
+        std::fs::write(expected.join("big.db"), content).expect("write");
+    };
+    std::fs::write(fx.root().join("big.db"), &content).expect("write");
+    write_both(&content);
+    fx.btm(&["snapshot", "--height", "100"]).ok();
+    export_json(&fx, &store, &[]);
+
+    // 1 MiB rewritten in place (same inode, no truncation), as a database
+    // page cache would.
+    let patch = noise(96, MIB);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(fx.root().join("big.db"))
+        .expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&f, &patch, 5 * MIB as u64).expect("pwrite");
+    f.sync_all().expect("sync");
+    drop(f);
+    content[5 * MIB..6 * MIB].copy_from_slice(&patch);
+    write_both(&content);
+    fx.btm(&["snapshot", "--height", "200"]).ok();
+    let second = export_json(&fx, &store, &[]);
+    let b = &second["backup"];
+    assert!(
+        b["bytes_read"].as_u64().expect("n") <= 4 * MIB as u64,
+        "only the changed chunk should be read: {second}"
+    );
+    let name = b["name"].as_str().expect("name").to_owned();
+    restore_equals(&store, &name, &expected, fx.scratch());
+
+    // Without the previous snapshot there is nothing to compare with: the
+    // changed file is read whole, and the result is just as right.
+    fx.btm(&["clean", "-k", "0"]).ok();
+    let patch = noise(97, 10);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(fx.root().join("big.db"))
+        .expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&f, &patch, 100).expect("pwrite");
+    drop(f);
+    content[100..110].copy_from_slice(&patch);
+    write_both(&content);
+    fx.btm(&["snapshot", "--height", "300"]).ok();
+    let third = export_json(&fx, &store, &[]);
+    assert_eq!(third["backup"]["bytes_read"], 16 * MIB, "{third}");
+    let name = third["backup"]["name"].as_str().expect("name").to_owned();
+    restore_equals(&store, &name, &expected, fx.scratch());
+}

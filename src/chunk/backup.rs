@@ -56,6 +56,14 @@ pub struct BackupOptions {
     /// Most bytes read from disk per second, so a backup never starves the
     /// node; `None` for no limit.
     pub max_rate: Option<u64>,
+    /// The directory the previous backup of this tag was made from, if it
+    /// is still there unchanged (a read-only snapshot). A changed file is
+    /// then compared with its previous version extent by extent (FIEMAP):
+    /// chunks whose bytes are shared on disk are reused without reading.
+    /// Only files whose inode, size, mtime and ctime there match the
+    /// previous index are compared, so a wrong directory costs reads, never
+    /// correctness.
+    pub parent: Option<PathBuf>,
     /// Keep a copy of uploaded chunks here.
     pub cache: Option<PathBuf>,
     /// Updated as chunks are planned and processed.
@@ -76,6 +84,7 @@ impl BackupOptions {
             zstd_level: 1,
             force_read: false,
             max_rate: None,
+            parent: None,
             cache: None,
             progress: Arc::default(),
         }
@@ -366,17 +375,28 @@ fn run(
                     let m = file.metadata().map_err(|e| ChunkError::io(&full, e))?;
                     let size = m.len();
                     summary.bytes_scanned += size;
-                    let prev = prev_files.get(rel.as_str()).and_then(|e| match &e.kind {
+                    let prev_entry = prev_files.get(rel.as_str()).copied();
+                    let unchanged = prev_entry.is_some_and(|e| {
+                        !opts.force_read
+                            && e.mtime_ns == m.mtime() * 1_000_000_000 + m.mtime_nsec()
+                            && e.ctime_ns == m.ctime() * 1_000_000_000 + m.ctime_nsec()
+                            && e.ino == m.ino()
+                    });
+                    let same = match (prev_entry, &opts.parent) {
+                        (Some(e), Some(parent)) if !unchanged && !opts.force_read => {
+                            shared_ranges(parent, rel, e, &file, size)
+                        }
+                        _ => Vec::new(),
+                    };
+                    let prev = prev_entry.and_then(|e| match &e.kind {
                         EntryKind::File {
                             size: psize,
                             chunks,
                         } => Some(Previous {
                             size: *psize,
                             chunks,
-                            unchanged: !opts.force_read
-                                && e.mtime_ns == m.mtime() * 1_000_000_000 + m.mtime_nsec()
-                                && e.ctime_ns == m.ctime() * 1_000_000_000 + m.ctime_nsec()
-                                && e.ino == m.ino(),
+                            unchanged,
+                            same: &same,
                         }),
                         _ => None,
                     });
@@ -506,6 +526,48 @@ fn run(
     lease.check()?;
     with_retry(|| store.put_index(&name, &encoded))?;
     Ok(summary)
+}
+
+/// Byte ranges of `file` (now `size` bytes) that hold the same bytes as
+/// `rel` under `parent`, the file the previous index recorded as `prev`.
+/// Empty when anything does not match or FIEMAP is unavailable (ZFS): the
+/// caller then reads, as it would have anyway.
+fn shared_ranges(
+    parent: &Path,
+    rel: &str,
+    prev: &Entry,
+    file: &File,
+    size: u64,
+) -> Vec<(u64, u64)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let EntryKind::File {
+        size: prev_size, ..
+    } = prev.kind
+    else {
+        return Vec::new();
+    };
+    let Ok(old) = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(parent.join(rel))
+    else {
+        return Vec::new();
+    };
+    let Ok(om) = old.metadata() else {
+        return Vec::new();
+    };
+    let recorded = om.is_file()
+        && om.ino() == prev.ino
+        && om.len() == prev_size
+        && om.mtime() * 1_000_000_000 + om.mtime_nsec() == prev.mtime_ns
+        && om.ctime() * 1_000_000_000 + om.ctime_nsec() == prev.ctime_ns;
+    if !recorded {
+        return Vec::new();
+    }
+    match (crate::sys::fiemap(&old), crate::sys::fiemap(file)) {
+        (Ok(a), Ok(b)) => super::plan::identical_ranges(&a, &b, prev_size.min(size)),
+        _ => Vec::new(),
+    }
 }
 
 fn process_chunk(

@@ -4,6 +4,7 @@
 //! the property tests below pin the rules.
 
 use super::index::ChunkRef;
+use crate::sys::Extent;
 
 /// What a backup does with one chunk-sized range of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +36,71 @@ pub struct Previous<'a> {
     pub chunks: &'a [ChunkRef],
     /// Whether size, mtime, ctime and inode are all unchanged.
     pub unchanged: bool,
+    /// Byte ranges (sorted, disjoint) known to hold the same bytes as when
+    /// `chunks` were recorded, from [`identical_ranges`]; empty if unknown.
+    pub same: &'a [(u64, u64)],
+}
+
+/// `FIEMAP_EXTENT_*` flags under which an extent's physical address does
+/// not identify its bytes: unknown or delayed location, compressed or
+/// encrypted or inline or tail-packed data, and preallocated space.
+const UNSAFE_EXTENT: u32 = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800;
+
+/// Where `at` lies in `extents` (sorted by offset): `Ok(physical)` if
+/// mapped by a trustworthy extent, `Err(true)` if unmapped (a hole),
+/// `Err(false)` if mapped by an extent whose address cannot be trusted.
+fn locate(extents: &[Extent], at: u64) -> Result<u64, bool> {
+    let i = extents.partition_point(|e| e.logical.saturating_add(e.length) <= at);
+    match extents.get(i) {
+        Some(e) if e.logical <= at => {
+            if e.flags & UNSAFE_EXTENT == 0 {
+                Ok(e.physical + (at - e.logical))
+            } else {
+                Err(false)
+            }
+        }
+        _ => Err(true),
+    }
+}
+
+/// Byte ranges of `0..size` where two files are known to hold the same
+/// bytes because their extent maps agree: both unmapped (holes read as
+/// zeros), or both mapped to the same physical bytes by trustworthy
+/// extents. On a copy-on-write filesystem (btrfs) that is what an unchanged
+/// region of a file looks like across snapshots: a changed block gets a new
+/// extent. Sorted, disjoint, merged.
+pub fn identical_ranges(a: &[Extent], b: &[Extent], size: u64) -> Vec<(u64, u64)> {
+    let mut cuts: Vec<u64> = vec![0, size];
+    for e in a.iter().chain(b) {
+        for p in [e.logical, e.logical.saturating_add(e.length)] {
+            if p < size {
+                cuts.push(p);
+            }
+        }
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for w in cuts.windows(2) {
+        let (x, y) = (w[0], w[1]);
+        let same = match (locate(a, x), locate(b, x)) {
+            (Err(true), Err(true)) => true,
+            (Ok(pa), Ok(pb)) => pa == pb,
+            _ => false,
+        };
+        if same {
+            match out.last_mut() {
+                Some(last) if last.1 == x => last.1 = y,
+                _ => out.push((x, y)),
+            }
+        }
+    }
+    out
+}
+
+fn within(ranges: &[(u64, u64)], off: u64, end: u64) -> bool {
+    let i = ranges.partition_point(|&(_, e)| e <= off);
+    ranges.get(i).is_some_and(|&(s, e)| s <= off && end <= e)
 }
 
 fn overlaps(regions: &[(u64, u64)], off: u64, end: u64) -> bool {
@@ -51,6 +117,9 @@ fn overlaps(regions: &[(u64, u64)], off: u64, end: u64) -> bool {
 /// - an append-only file that did not shrink reuses every previous chunk
 ///   that was full-length, and re-reads from the previous last, partial
 ///   chunk on, so growth by even one byte inside it is captured;
+/// - a chunk whose range the previous record describes with exactly the
+///   same offset and length, and that lies wholly in a range known to be
+///   unchanged (`Previous::same`), is reused without reading;
 /// - otherwise a chunk is read if it overlaps a data region, and recorded
 ///   as a hole if not (`regions == None` means "read everything").
 pub fn plan_backup(
@@ -79,6 +148,17 @@ pub fn plan_backup(
     }
     while off < size {
         let len = chunk_size.min(size - off);
+        if let Some(c) = previous.and_then(|p| {
+            if !within(p.same, off, off + len) {
+                return None;
+            }
+            let i = p.chunks.partition_point(|c| c.off < off);
+            p.chunks.get(i).filter(|c| c.off == off && c.len == len)
+        }) {
+            steps.push(BackupStep::Reuse(*c));
+            off += len;
+            continue;
+        }
         let data = regions.is_none_or(|r| overlaps(r, off, off + len));
         steps.push(if data {
             BackupStep::Read { off, len }
@@ -181,6 +261,7 @@ mod tests {
                 size: 10,
                 chunks: &prev,
                 unchanged: false,
+                same: &[],
             }),
             true,
         );
@@ -239,7 +320,7 @@ mod tests {
         ) {
             let regions: Vec<(u64, u64)> = regions.into_iter().filter(|&(s, _)| s < size).map(|(s, e)| (s, e.min(size))).collect();
             let prev = full(prev_size, cs);
-            let prev_arg = Some(Previous { size: prev_size, chunks: &prev, unchanged });
+            let prev_arg = Some(Previous { size: prev_size, chunks: &prev, unchanged, same: &[] });
             let steps = plan_backup(size, cs, use_regions.then_some(&regions[..]), prev_arg, append_only);
             // Contiguous cover of 0..size.
             let mut off = 0;
@@ -270,6 +351,84 @@ mod tests {
                         prop_assert!(c.off + c.len <= reused_end);
                     }
                 }
+            }
+        }
+
+        /// Whatever happened to a file between two snapshots (blocks
+        /// rewritten copy-on-write, holes punched, the file grown), every
+        /// byte in a range `identical_ranges` reports is the same in both.
+        #[test]
+        fn identical_ranges_only_claim_identical_bytes(
+            blocks in 1u64..40,
+            ops in prop::collection::vec((0u8..3, 0u64..40, 1u64..6), 0..8),
+            encoded in 0u64..40,
+        ) {
+            const B: u64 = 16;
+            // Block-granular model: each file block is a hole or a disk block.
+            let mut a: Vec<Option<u64>> = (0..blocks).map(|i| (i % 7 != 3).then_some(100 + i)).collect();
+            let mut next_free = 1000;
+            let mut b = a.clone();
+            for (op, at, n) in ops {
+                for i in at..at + n {
+                    let i = i as usize;
+                    match op {
+                        0 if i < b.len() => { b[i] = Some(next_free); next_free += 1; }
+                        1 if i < b.len() => b[i] = None,
+                        2 => { while b.len() <= i { b.push(None); } b[i] = Some(next_free); next_free += 1; }
+                        _ => {}
+                    }
+                }
+            }
+            // One block of `a` is compressed: its address means nothing.
+            let enc = (encoded < blocks).then_some(encoded as usize);
+            let to_extents = |f: &[Option<u64>], enc: Option<usize>| -> Vec<Extent> {
+                f.iter().enumerate().filter_map(|(i, p)| p.map(|p| Extent {
+                    logical: i as u64 * B, physical: p * B, length: B,
+                    flags: if Some(i) == enc { 0x8 } else { 0 },
+                })).collect()
+            };
+            // Content of byte x: its disk address, or 0 for a hole.
+            let byte = |f: &[Option<u64>], x: u64| f.get((x / B) as usize).copied().flatten().map_or(0, |p| p * B + x % B + 1);
+            if let Some(e) = enc { a[e] = Some(5000); }
+            let size = (a.len().min(b.len()) as u64) * B;
+            let ranges = identical_ranges(&to_extents(&a, enc), &to_extents(&b, None), size);
+            for &(s, e) in &ranges {
+                prop_assert!(s < e && e <= size);
+                for x in s..e {
+                    prop_assert_eq!(byte(&a, x), byte(&b, x), "byte {} claimed identical", x);
+                    prop_assert!(enc.is_none_or(|i| x / B != i as u64), "compressed block claimed");
+                }
+            }
+            prop_assert!(ranges.windows(2).all(|w| w[0].1 < w[1].0), "not merged: {:?}", ranges);
+            // A file compared with itself is identical wherever addresses are trustworthy.
+            let same = identical_ranges(&to_extents(&b, None), &to_extents(&b, None), b.len() as u64 * B);
+            prop_assert_eq!(same, if b.is_empty() { vec![] } else { vec![(0, b.len() as u64 * B)] });
+        }
+
+        /// With known-identical ranges, exactly the previous chunks that
+        /// lie wholly inside them are reused, and nothing else is.
+        #[test]
+        fn unchanged_ranges_reuse_exactly_their_chunks(
+            chunks in 1u64..30,
+            same in prop::collection::vec((0u64..120, 1u64..40), 0..5),
+        ) {
+            let cs = 4;
+            let size = chunks * cs - 1;
+            let prev = full(size, cs);
+            let mut ranges: Vec<(u64, u64)> = same.into_iter().map(|(s, l)| (s, (s + l).min(size))).filter(|(s, e)| s < e).collect();
+            ranges.sort_unstable();
+            let mut merged: Vec<(u64, u64)> = Vec::new();
+            for (s, e) in ranges {
+                match merged.last_mut() {
+                    Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                    _ => merged.push((s, e)),
+                }
+            }
+            let p = Previous { size, chunks: &prev, unchanged: false, same: &merged };
+            let steps = plan_backup(size, cs, None, Some(p), false);
+            for (step, c) in steps.iter().zip(&prev) {
+                let inside = merged.iter().any(|&(s, e)| s <= c.off && c.off + c.len <= e);
+                prop_assert_eq!(matches!(step, BackupStep::Reuse(r) if r == c), inside);
             }
         }
 
