@@ -218,14 +218,8 @@ pub fn export(
     // it stays while we compare; any doubt about it only costs reads.
     let parent_view = parent
         .as_ref()
-        .and_then(|(_, idx)| idx.height())
+        .and_then(|(_, idx)| parent_snapshot(idx, vol.name()))
         .filter(|&h| h != height && cfg.mode == crate::volume::SnapMode::Btrfs)
-        .filter(|&h| {
-            parent
-                .as_ref()
-                .and_then(|(_, idx)| idx.meta.get("snapshot"))
-                == Some(&serde_json::Value::from(format!("{}@{h}", vol.name())))
-        })
         .and_then(|h| {
             let pin = Pin::acquire(vol.name(), h).ok()?;
             let view = vol.view(h).ok()?;
@@ -264,6 +258,14 @@ pub fn export(
     }
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// The height of the snapshot of `volume` that the backup `idx` was made
+/// from, according to its metadata.
+fn parent_snapshot(idx: &crate::chunk::index::Index, volume: &str) -> Option<u64> {
+    let h = idx.height()?;
+    let made_from = idx.meta.get("snapshot")?.as_str()?;
+    (made_from == format!("{volume}@{h}")).then_some(h)
 }
 
 #[cfg(test)]
