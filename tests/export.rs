@@ -133,6 +133,32 @@ fn a_live_sweep_makes_backups_wait_for_it() {
     );
     remover.join().expect("join");
     assert!(store.list_markers("locks").expect("list").is_empty());
+
+    // A backup waiting for a sweep can be cancelled (the daemon stopping).
+    store
+        .put_marker("locks/sweep-othernode-1-1-1", b"{}")
+        .expect("marker");
+    let opts = BackupOptions::new("t");
+    let cancel = Arc::clone(&opts.progress);
+    let started = Instant::now();
+    let result = std::thread::scope(|s| {
+        let h = s.spawn(|| backup(store.as_ref(), &src, &opts));
+        sleep(Duration::from_millis(500));
+        cancel
+            .cancel
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        h.join().expect("join")
+    });
+    assert!(
+        matches!(result, Err(btm::chunk::ChunkError::Cancelled)),
+        "{result:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(
+        store.list_markers("locks").expect("list").len(),
+        1,
+        "only the sweep's"
+    );
 }
 
 #[test]

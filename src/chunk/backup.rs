@@ -242,8 +242,16 @@ pub fn backup(
             root.display()
         )));
     }
-    super::lease::with_lease(store, LeaseKind::Backup, Some(&opts.tag), |lease| {
-        run(store, root, opts, lease)
+    super::lease::with_lease(
+        store,
+        LeaseKind::Backup,
+        Some(&opts.tag),
+        &opts.progress.cancel,
+        |lease| run(store, root, opts, lease),
+    )
+    .map_err(|e| match e {
+        ChunkError::Lease(super::lease::LeaseError::Cancelled) => ChunkError::Cancelled,
+        e => e,
     })
 }
 

@@ -198,7 +198,9 @@ fn sweep(
     opts: &GcOptions,
     report: &mut GcReport,
 ) -> Result<HashSet<String>, ChunkError> {
-    lease::with_lease(store, LeaseKind::Sweep, None, |lease| {
+    // A sweep never waits, so there is nothing to cancel.
+    let never = std::sync::atomic::AtomicBool::new(false);
+    lease::with_lease(store, LeaseKind::Sweep, None, &never, |lease| {
         // "Now" on the store's clock: our lease marker was just written.
         let now = with_retry(|| store.list_markers("locks"))?
             .into_iter()

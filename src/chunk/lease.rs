@@ -92,6 +92,9 @@ pub enum LeaseError {
     /// Another party holds a conflicting live lease.
     #[error("{0}")]
     Conflict(String),
+    /// Cancelled while waiting for a sweep.
+    #[error("cancelled while waiting for a garbage-collection sweep")]
+    Cancelled,
     /// Refreshing failed for too long; the lease can no longer be trusted.
     #[error("lease {name} could not be refreshed for {age:?}; giving up")]
     Lapsed {
@@ -210,13 +213,15 @@ fn describe(store: &dyn Store, m: &Marker) -> String {
 /// Take a lease of `kind`, run `f` while a background thread refreshes
 /// it, and release it.
 ///
-/// - A `Backup` lease waits (up to [`MAX_WAIT`]) while a sweep is live.
+/// - A `Backup` lease waits (up to [`MAX_WAIT`], or until `cancel` is set)
+///   while a sweep is live.
 /// - A `Sweep` lease fails with [`LeaseError::Conflict`] at once if any
 ///   other lease is live: garbage collection can wait for a quieter time.
 pub fn with_lease<T, E: From<LeaseError>>(
     store: &dyn Store,
     kind: LeaseKind,
     tag: Option<&str>,
+    cancel: &AtomicBool,
     f: impl FnOnce(&Lease<'_>) -> Result<T, E>,
 ) -> Result<T, E> {
     let info = LeaseInfo {
@@ -239,7 +244,7 @@ pub fn with_lease<T, E: From<LeaseError>>(
         body: serde_json::to_vec(&info).unwrap_or_default(),
         last_ok: Mutex::new(Instant::now()),
     };
-    let result = acquire(&lease, kind)
+    let result = acquire(&lease, kind, cancel)
         .map_err(E::from)
         .and_then(|()| run_refreshed(&lease, f));
     if let Err(e) = store.delete_marker(&lease.name) {
@@ -248,7 +253,7 @@ pub fn with_lease<T, E: From<LeaseError>>(
     result
 }
 
-fn acquire(lease: &Lease<'_>, kind: LeaseKind) -> Result<(), LeaseError> {
+fn acquire(lease: &Lease<'_>, kind: LeaseKind, cancel: &AtomicBool) -> Result<(), LeaseError> {
     let started = Instant::now();
     let mut announced = false;
     loop {
@@ -278,7 +283,12 @@ fn acquire(lease: &Lease<'_>, kind: LeaseKind) -> Result<(), LeaseError> {
             tracing::info!(sweep = %who, "waiting for a garbage-collection sweep to finish");
             announced = true;
         }
-        std::thread::sleep(Duration::from_secs(2));
+        for _ in 0..20 {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(LeaseError::Cancelled);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
