@@ -220,6 +220,10 @@ fn gc_waits_out_the_grace_period_and_keeps_referenced_chunks() {
         ],
     )
     .fails(2);
+    // A mistyped store is an error, not an empty store.
+    let err = btm(dir.path(), &["gc", "-s", "/nonexistent/store"]).fails(1);
+    assert!(err.contains("no such directory"), "{err}");
+    btm(dir.path(), &["backups", "-s", "/nonexistent/store"]).fails(1);
 }
 
 #[test]

@@ -33,9 +33,19 @@ pub(super) struct StoreArgs {
 }
 
 impl StoreArgs {
-    /// Open the store: `-s`, else `$BTM_STORE`, else `[export] store` of
-    /// /etc/btm/btm.toml.
+    /// Open the store to write to it (created if it is a new directory).
     pub(super) fn open(&self) -> Result<Box<dyn Store>> {
+        Ok(btm::store::open(&self.url()?)?)
+    }
+
+    /// Open a store that must already exist (listing, restore, check, gc).
+    pub(super) fn open_existing(&self) -> Result<Box<dyn Store>> {
+        Ok(btm::store::open_existing(&self.url()?)?)
+    }
+
+    /// The store: `-s`, else `$BTM_STORE`, else `[export] store` of
+    /// /etc/btm/btm.toml.
+    fn url(&self) -> Result<String> {
         let url = match &self.store {
             Some(url) => url.clone(),
             None => super::daemon::load_file(None)
@@ -46,7 +56,7 @@ impl StoreArgs {
                     format!("no store given: use -s STORE, set $BTM_STORE, or set [export] store in {DEFAULT_CONFIG}")
                 })?,
         };
-        Ok(btm::store::open(&url)?)
+        Ok(url)
     }
 }
 
@@ -270,7 +280,7 @@ pub enum BackupsCommand {
 }
 
 pub fn backups(args: BackupsArgs, out: &mut dyn Write) -> Result<()> {
-    let store = args.store.open()?;
+    let store = args.store.open_existing()?;
     if let Some(BackupsCommand::Show { name, json }) = args.show {
         let idx = chunk::read_index(store.as_ref(), &name)?;
         if json {
@@ -384,7 +394,7 @@ pub struct RestoreArgs {
 }
 
 pub fn restore(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
-    let store = args.store.open()?;
+    let store = args.store.open_existing()?;
     let (name, idx) = if args.name == "latest" {
         chunk::latest_index(store.as_ref(), &args.tag, args.height)?.ok_or_else(|| {
             anyhow::anyhow!(
@@ -451,7 +461,7 @@ pub struct CheckArgs {
 }
 
 pub fn check(args: CheckArgs, out: &mut dyn Write) -> Result<()> {
-    let store = args.store.open()?;
+    let store = args.store.open_existing()?;
     let report = chunk::check(store.as_ref(), args.read_data)?;
     if args.json {
         print_json(out, &report)?;

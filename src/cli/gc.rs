@@ -30,7 +30,7 @@ pub struct GcArgs {
 }
 
 pub fn run(args: GcArgs, out: &mut dyn Write) -> Result<()> {
-    let store = args.store.open()?;
+    let store = args.store.open_existing()?;
     let opts = GcOptions {
         grace: args.grace,
         dry_run: args.dry_run,

@@ -165,6 +165,26 @@ pub fn check_url(url: &str) -> Result<(), StoreError> {
     }
 }
 
+/// [`open`] for commands that only read or prune an existing store: a
+/// local store that does not exist is an error (a mistyped path must not
+/// look like an empty store), not something created on first write.
+pub fn open_existing(url: &str) -> Result<Box<dyn Store>, StoreError> {
+    let local = match url.split_once("://") {
+        None => Some(url),
+        Some(("file", path)) => Some(path),
+        Some(_) => None,
+    };
+    if let Some(path) = local.filter(|p| !p.is_empty()) {
+        if !std::path::Path::new(path).is_dir() {
+            return Err(StoreError::InvalidUrl {
+                url: url.to_owned(),
+                detail: "no such directory".into(),
+            });
+        }
+    }
+    open(url)
+}
+
 /// Open the store named by `url`: a path or `file://…` (local), or
 /// `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`.
 /// Cloud credentials come from the usual environment variables
