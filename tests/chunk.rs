@@ -414,6 +414,18 @@ fn tags_match_exactly_and_height_selects() {
     let name = r["name"].as_str().expect("name");
     let show = json(t.btm(&["backups", "show", name, "--json"]));
     assert_eq!(show["meta"]["height"], 200);
+    // With only a directory, `latest` is implied: `btm restore --height H DIR`.
+    let r2 = json(t.btm(&[
+        "restore",
+        "--height",
+        "250",
+        "-t",
+        "prod",
+        dst.to_str().expect("utf8"),
+        "--json",
+    ]));
+    assert_eq!(r2["name"], r["name"]);
+    t.btm(&["restore", "a", "b", "c"]).fails(2);
     let err = t
         .btm(&[
             "restore",

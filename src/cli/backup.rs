@@ -364,10 +364,11 @@ pub fn backups(args: BackupsArgs, out: &mut dyn Write) -> Result<()> {
 /// Arguments of `btm restore`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// A backup name, or `latest` (newest with --tag)
-    name: String,
-    /// The directory to restore into (created if missing; restored in place)
-    dir: PathBuf,
+    /// [NAME|latest] DIR: a backup name, or `latest` (the default: the
+    /// newest with --tag, at most --height), then the directory to restore
+    /// into (created if missing; restored in place)
+    #[arg(value_name = "NAME|latest> <DIR", num_args = 1..=2, required = true)]
+    target: Vec<PathBuf>,
     #[command(flatten)]
     store: StoreArgs,
     /// With `latest`: the tag, matched exactly
@@ -393,9 +394,26 @@ pub struct RestoreArgs {
     json: bool,
 }
 
+impl RestoreArgs {
+    /// (name, dir): one argument is the directory, with `latest` implied.
+    fn name_and_dir(&self) -> Result<(String, PathBuf)> {
+        match self.target.as_slice() {
+            [dir] => Ok(("latest".to_owned(), dir.clone())),
+            [name, dir] => Ok((
+                name.to_str()
+                    .context("the backup name is not valid UTF-8")?
+                    .to_owned(),
+                dir.clone(),
+            )),
+            _ => bail!("restore takes [NAME|latest] DIR"),
+        }
+    }
+}
+
 pub fn restore(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
+    let (wanted, dir) = args.name_and_dir()?;
     let store = args.store.open_existing()?;
-    let (name, idx) = if args.name == "latest" {
+    let (name, idx) = if wanted == "latest" {
         chunk::latest_index(store.as_ref(), &args.tag, args.height)?.ok_or_else(|| {
             anyhow::anyhow!(
                 "no backup with tag '{}'{} in {}",
@@ -409,10 +427,7 @@ pub fn restore(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
         if args.height.is_some() {
             bail!("--height only applies to `latest`");
         }
-        (
-            args.name.clone(),
-            chunk::read_index(store.as_ref(), &args.name)?,
-        )
+        (wanted.clone(), chunk::read_index(store.as_ref(), &wanted)?)
     };
     let opts = RestoreOptions {
         filter: args.filter,
@@ -422,10 +437,10 @@ pub fn restore(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
         progress: Arc::default(),
     };
     let reporter = Reporter::start(format!("restoring {name}"), Arc::clone(&opts.progress));
-    let result = chunk::restore::restore(store.as_ref(), &name, &idx, &args.dir, &opts);
+    let result = chunk::restore::restore(store.as_ref(), &name, &idx, &dir, &opts);
     drop(reporter);
     let summary =
-        result.with_context(|| format!("restore of {name} into {} failed", args.dir.display()))?;
+        result.with_context(|| format!("restore of {name} into {} failed", dir.display()))?;
     if args.json {
         return print_json(
             out,
