@@ -697,3 +697,32 @@ fn on_btrfs_a_file_changed_in_place_is_read_only_where_it_changed() {
     let name = third["backup"]["name"].as_str().expect("name").to_owned();
     restore_equals(&store, &name, &expected, fx.scratch());
 }
+
+#[test]
+fn a_reload_lets_a_running_export_finish() {
+    let fx = Btrfs::new();
+    tree(&fx.root(), &[("a", 98, 3 * MIB), ("b", 99, 3 * MIB)]);
+    let store = fx.scratch().join("store");
+    let store = store.to_str().expect("utf8").to_owned();
+    let config = slow_config(&fx, &store, "2MiB");
+    let config = config.to_str().expect("utf8").to_owned();
+    let mut daemon = DaemonProc::start(fx.scratch(), &["--config", &config], &[]);
+    daemon.notify(10);
+    daemon.wait_status("the export to start", |s| s["export"]["height"] == 10);
+    let before = daemon.status().expect("status")["started_at"].clone();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    // The new generation reports the export that is still running...
+    daemon.wait_status("the reload", |s| {
+        s["started_at"] != before && s["export"]["height"] == 10
+    });
+    // ...and it finishes, with its backup written.
+    daemon.wait_status_for("the export to finish", Duration::from_secs(20), |s| {
+        s["last_export"]["height"] == 10 && s["export"].is_null()
+    });
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&btm(fx.scratch(), &["backups", "-s", &store, "--json"]).ok())
+            .expect("json");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(!daemon.log_text().contains("export cancelled"));
+    assert_eq!(daemon.stop(), Some(0));
+}

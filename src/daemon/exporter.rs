@@ -5,11 +5,15 @@
 //! At most one export runs: a due export finding the previous one still
 //! running is skipped and logged, never queued. Snapshots go on being
 //! taken meanwhile (the export holds the volume lock only while pinning).
-//! A failed export is retried at the next due height. Stopping the daemon
-//! cancels a running export, which then writes no index; the chunks it
-//! uploaded are reused by the next one.
+//! A failed export is retried at the next due height.
+//!
+//! The running export and the record of what was exported live in a
+//! [`Carry`] that outlives a generation: a reload (SIGHUP) lets a running
+//! export finish, reporting to the new generation's status. Stopping the
+//! daemon cancels it ([`Carry::cancel`]); it then writes no index, and the
+//! chunks it uploaded are reused by the next export.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -27,10 +31,11 @@ use super::state::State;
 /// Runs exports for one daemon generation.
 pub struct Exporter {
     ctx: Arc<Context>,
-    job: Mutex<Job>,
+    carry: Arc<Carry>,
+    stopping: AtomicBool,
 }
 
-/// What every export of this generation needs, shared with its thread.
+/// What the exports of one generation need, shared with their thread.
 struct Context {
     cfg: BtmCfg,
     volume: Arc<dyn Volume>,
@@ -39,105 +44,33 @@ struct Context {
     /// Polled sources: how long to wait for the snapshot's height window
     /// (recorded at the next poll) so the export's metadata carries it.
     window_wait: Option<Duration>,
-    state: Arc<State>,
+}
+
+/// Export state that outlives a daemon generation.
+#[derive(Default)]
+pub struct Carry {
+    job: Mutex<Job>,
     /// Last successful export and last attempt, updated by the job thread.
     heights: Mutex<Heights>,
+    /// The status the running job reports to: the current generation's.
+    state: Mutex<Option<Arc<State>>>,
 }
 
-#[derive(Default)]
-struct Job {
-    handle: Option<JoinHandle<()>>,
-    progress: Option<Arc<Progress>>,
-    stopping: bool,
-}
-
-#[derive(Default, Clone, Copy)]
-struct Heights {
-    exported: Option<u64>,
-    attempted: Option<u64>,
-}
-
-impl Exporter {
-    /// An exporter for `volume`; nothing runs until [`Exporter::consider`].
-    pub fn new(
-        cfg: BtmCfg,
-        volume: Arc<dyn Volume>,
-        settings: ExportSettings,
-        lock_timeout: Duration,
-        window_wait: Option<Duration>,
-        state: Arc<State>,
-    ) -> Self {
-        Exporter {
-            ctx: Arc::new(Context {
-                cfg,
-                volume,
-                settings,
-                lock_timeout,
-                window_wait,
-                state,
-                heights: Mutex::default(),
-            }),
-            job: Mutex::new(Job::default()),
-        }
+impl Carry {
+    fn state(&self) -> Option<Arc<State>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// A snapshot at `height` exists now: start its export if it is due.
-    #[tracing::instrument(skip(self))]
-    pub fn consider(&self, height: u64) {
-        let mut job = self.job.lock().unwrap_or_else(|p| p.into_inner());
-        if job.stopping {
-            return;
-        }
-        let h = *self.ctx.heights.lock().unwrap_or_else(|p| p.into_inner());
-        if !export::export_due(height, self.ctx.settings.every, h.exported, h.attempted) {
-            return;
-        }
-        if let Some(handle) = job.handle.take() {
-            if !handle.is_finished() {
-                job.handle = Some(handle);
-                tracing::warn!(
-                    height,
-                    "export due but the previous export is still running; skipped"
-                );
-                self.ctx.state.count(|c| c.exports_skipped += 1);
-                return;
-            }
-            let _ = handle.join();
-        }
-        self.ctx
-            .heights
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .attempted = Some(height);
-        let progress = Arc::new(Progress::default());
-        let run = Run {
-            ctx: Arc::clone(&self.ctx),
-            progress: Arc::clone(&progress),
-            height,
-        };
-        match std::thread::Builder::new()
-            .name("btm-export".into())
-            .spawn(move || run.run())
-        {
-            Ok(handle) => {
-                job.handle = Some(handle);
-                job.progress = Some(progress);
-            }
-            Err(e) => {
-                tracing::error!(height, error = %e, "cannot start the export thread");
-                self.ctx
-                    .state
-                    .error("export", &format!("cannot start the export thread: {e}"));
-                self.ctx.state.count(|c| c.export_failures += 1);
-            }
+    fn report(&self, f: impl FnOnce(&State)) {
+        if let Some(s) = self.state() {
+            f(&s);
         }
     }
 
     /// Cancel a running export and wait for its thread to end.
-    pub async fn stop(&self) {
+    pub async fn cancel(&self) {
         let handle = {
-            let mut job = self.job.lock().unwrap_or_else(|p| p.into_inner());
-            job.stopping = true;
+            let job = &mut *self.job.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(p) = &job.progress {
                 p.cancel.store(true, Ordering::SeqCst);
             }
@@ -149,9 +82,122 @@ impl Exporter {
     }
 }
 
+#[derive(Default)]
+struct Job {
+    handle: Option<JoinHandle<()>>,
+    progress: Option<Arc<Progress>>,
+    height: u64,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Heights {
+    exported: Option<u64>,
+    attempted: Option<u64>,
+}
+
+impl Exporter {
+    /// An exporter for `volume`; nothing runs until [`Exporter::consider`].
+    /// A running export in `carry` (from before a reload) now reports to
+    /// `state`.
+    pub fn new(
+        cfg: BtmCfg,
+        volume: Arc<dyn Volume>,
+        settings: ExportSettings,
+        lock_timeout: Duration,
+        window_wait: Option<Duration>,
+        state: Arc<State>,
+        carry: Arc<Carry>,
+    ) -> Self {
+        {
+            let job = carry.job.lock().unwrap_or_else(|p| p.into_inner());
+            if let (Some(h), Some(p)) = (&job.handle, &job.progress) {
+                if !h.is_finished() {
+                    state.export_running(Some((job.height, Arc::clone(p))));
+                }
+            }
+            *carry.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+        }
+        Exporter {
+            ctx: Arc::new(Context {
+                cfg,
+                volume,
+                settings,
+                lock_timeout,
+                window_wait,
+            }),
+            carry,
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// A snapshot at `height` exists now: start its export if it is due.
+    #[tracing::instrument(skip(self))]
+    pub fn consider(&self, height: u64) {
+        let mut job = self.carry.job.lock().unwrap_or_else(|p| p.into_inner());
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let h = *self.carry.heights.lock().unwrap_or_else(|p| p.into_inner());
+        if !export::export_due(height, self.ctx.settings.every, h.exported, h.attempted) {
+            return;
+        }
+        if let Some(handle) = job.handle.take() {
+            if !handle.is_finished() {
+                job.handle = Some(handle);
+                tracing::warn!(
+                    height,
+                    running = job.height,
+                    "export due but the previous export is still running; skipped"
+                );
+                self.carry.report(|s| s.count(|c| c.exports_skipped += 1));
+                return;
+            }
+            let _ = handle.join();
+        }
+        self.carry
+            .heights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .attempted = Some(height);
+        let progress = Arc::new(Progress::default());
+        let run = Run {
+            ctx: Arc::clone(&self.ctx),
+            carry: Arc::clone(&self.carry),
+            progress: Arc::clone(&progress),
+            height,
+        };
+        match std::thread::Builder::new()
+            .name("btm-export".into())
+            .spawn(move || run.run())
+        {
+            Ok(handle) => {
+                job.handle = Some(handle);
+                job.progress = Some(progress);
+                job.height = height;
+            }
+            Err(e) => {
+                tracing::error!(height, error = %e, "cannot start the export thread");
+                self.carry.report(|s| {
+                    s.error("export", &format!("cannot start the export thread: {e}"));
+                    s.count(|c| c.export_failures += 1);
+                });
+            }
+        }
+    }
+
+    /// Start no more exports in this generation. A running one goes on
+    /// (see [`Carry::cancel`]).
+    pub fn stop(&self) {
+        // Taken under the job lock, so no `consider` is half-way through.
+        let _job = self.carry.job.lock().unwrap_or_else(|p| p.into_inner());
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+}
+
 /// One export, owned by its thread.
 struct Run {
     ctx: Arc<Context>,
+    carry: Arc<Carry>,
     progress: Arc<Progress>,
     height: u64,
 }
@@ -162,9 +208,8 @@ impl Run {
         if let Err(e) = crate::sys::lower_thread_priority() {
             tracing::warn!(error = %e, "could not lower the export's CPU and IO priority");
         }
-        self.ctx
-            .state
-            .export_running(Some((height, Arc::clone(&self.progress))));
+        self.carry
+            .report(|s| s.export_running(Some((height, Arc::clone(&self.progress)))));
         if let Some(wait) = self.ctx.window_wait {
             let deadline = std::time::Instant::now() + wait;
             while !crate::window::load(self.ctx.volume.name()).contains_key(&height)
@@ -182,17 +227,17 @@ impl Run {
             Arc::clone(&self.progress),
             self.ctx.lock_timeout,
         );
-        self.ctx.state.export_running(None);
+        self.carry.report(|s| s.export_running(None));
         match result {
             Ok(report) => {
-                self.ctx
+                self.carry
                     .heights
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .exported = Some(height);
                 for w in &report.warnings {
                     tracing::warn!(height, warning = %w, "export finished with a warning");
-                    self.ctx.state.error("export", w);
+                    self.carry.report(|s| s.error("export", w));
                 }
                 let last = report.backup.as_ref().map(|b| LastExport {
                     height,
@@ -215,7 +260,7 @@ impl Run {
                         "export finished"
                     );
                 }
-                self.ctx.state.export_done(last);
+                self.carry.report(|s| s.export_done(last));
             }
             Err(ExportError::Chunk(ChunkError::Cancelled)) => {
                 tracing::info!(
@@ -229,14 +274,14 @@ impl Run {
                     volume = %v,
                     "export skipped: another export of this volume (btm export?) is running"
                 );
-                self.ctx.state.count(|c| c.exports_skipped += 1);
+                self.carry.report(|s| s.count(|c| c.exports_skipped += 1));
             }
             Err(e) => {
                 tracing::error!(height, store = %self.ctx.settings.store, error = %e, "export failed; will retry at the next due height");
-                self.ctx
-                    .state
-                    .error("export", &format!("export of {height}: {e}"));
-                self.ctx.state.count(|c| c.export_failures += 1);
+                self.carry.report(|s| {
+                    s.error("export", &format!("export of {height}: {e}"));
+                    s.count(|c| c.export_failures += 1);
+                });
             }
         }
     }

@@ -8,7 +8,8 @@
 //! in flight finish, and waits for every task. [`supervise`] owns the
 //! signals: SIGTERM/SIGINT end the generation and the process; SIGHUP
 //! re-reads the configuration and, only if it is valid, replaces the
-//! generation with a new one (a bad file is logged and ignored).
+//! generation with a new one (a bad file is logged and ignored). A running
+//! export outlives a reload and is cancelled only when the process ends.
 
 mod control;
 mod exporter;
@@ -83,6 +84,19 @@ pub async fn run(
     settings: DaemonSettings,
     shutdown: broadcast::Receiver<()>,
 ) -> Result<(), DaemonError> {
+    let carry = Arc::new(exporter::Carry::default());
+    let result = run_generation(settings, shutdown, Arc::clone(&carry)).await;
+    carry.cancel().await;
+    result
+}
+
+/// One generation whose running export, if any, outlives it in `carry`:
+/// the caller cancels it, or hands `carry` to the next generation.
+async fn run_generation(
+    settings: DaemonSettings,
+    shutdown: broadcast::Receiver<()>,
+    carry: Arc<exporter::Carry>,
+) -> Result<(), DaemonError> {
     let (cfg, volume, heights) = {
         let s = settings.clone();
         tokio::task::spawn_blocking(move || -> Result<_, crate::Error> {
@@ -132,6 +146,7 @@ pub async fn run(
                 .is_polled()
                 .then(|| settings.poll_interval * 2 + settings.source_timeout),
             Arc::clone(&state),
+            Arc::clone(&carry),
         ))
     });
     let scheduler = Arc::new(scheduler::Scheduler::new(
@@ -233,7 +248,7 @@ pub async fn run(
     let _ = shutdown.recv().await;
     scheduler.stop().await;
     if let Some(x) = &exporter {
-        x.stop().await;
+        x.stop();
     }
     let mut result = Ok(());
     while let Some(done) = tasks.join_next().await {
@@ -250,23 +265,45 @@ pub async fn run(
 /// running generation continues untouched.
 pub async fn supervise(
     initial: DaemonSettings,
-    mut reload: impl FnMut() -> Result<DaemonSettings, ConfigError>,
+    reload: impl FnMut() -> Result<DaemonSettings, ConfigError>,
 ) -> Result<(), DaemonError> {
-    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
-    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
-    let mut settings = initial;
+    let signals = Signals {
+        term: signal(SignalKind::terminate()).map_err(DaemonError::Signals)?,
+        int: signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?,
+        hup: signal(SignalKind::hangup()).map_err(DaemonError::Signals)?,
+    };
+    // A running export survives reloads; it is cancelled when the daemon
+    // ends, however it ends.
+    let carry = Arc::new(exporter::Carry::default());
+    let result = generations(initial, reload, signals, &carry).await;
+    carry.cancel().await;
+    result
+}
+
+/// The signals [`supervise`] acts on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+async fn generations(
+    mut settings: DaemonSettings,
+    mut reload: impl FnMut() -> Result<DaemonSettings, ConfigError>,
+    mut signals: Signals,
+    carry: &Arc<exporter::Carry>,
+) -> Result<(), DaemonError> {
     loop {
         let (tx, rx) = broadcast::channel(1);
-        let mut generation = tokio::spawn(run(settings.clone(), rx));
+        let mut generation = tokio::spawn(run_generation(settings.clone(), rx, Arc::clone(carry)));
         let next = loop {
             tokio::select! {
                 ended = &mut generation => {
                     return ended.map_err(|e| DaemonError::Internal(e.to_string()))?;
                 }
-                _ = term.recv() => break None,
-                _ = int.recv() => break None,
-                _ = hup.recv() => match reload() {
+                _ = signals.term.recv() => break None,
+                _ = signals.int.recv() => break None,
+                _ = signals.hup.recv() => match reload() {
                     Ok(new) => {
                         tracing::info!("configuration reloaded; restarting with it");
                         break Some(new);
