@@ -103,20 +103,8 @@ impl Container {
             .expect("chmod");
 
         // The node's volume: a btrfs loop image mounted inside the root.
-        let img = dir.path().join("vol.img");
         let mnt = root.join("srv/chain-fs");
-        std::fs::create_dir_all(&mnt).expect("mkdir");
-        sh("truncate", &["-s", "256M", img.to_str().expect("utf8")]);
-        sh("mkfs.btrfs", &["-q", img.to_str().expect("utf8")]);
-        sh(
-            "mount",
-            &[
-                "-o",
-                "loop",
-                img.to_str().expect("utf8"),
-                mnt.to_str().expect("utf8"),
-            ],
-        );
+        common::mount_btrfs_image(&dir.path().join("vol.img"), &mnt);
         sh(
             "btrfs",
             &[

@@ -192,6 +192,23 @@ pub trait Fixture {
     }
 }
 
+/// Create a 256 MiB btrfs image at `img` and loop-mount it on `mnt`
+/// (created if missing). The caller unmounts it.
+pub fn mount_btrfs_image(img: &Path, mnt: &Path) {
+    std::fs::create_dir_all(mnt).expect("mkdir");
+    sh("truncate", &["-s", "256M", img.to_str().expect("utf8")]);
+    sh("mkfs.btrfs", &["-q", img.to_str().expect("utf8")]);
+    sh(
+        "mount",
+        &[
+            "-o",
+            "loop",
+            img.to_str().expect("utf8"),
+            mnt.to_str().expect("utf8"),
+        ],
+    );
+}
+
 /// A btrfs filesystem in a loop-mounted image, with a subvolume `data`.
 pub struct Btrfs {
     dir: tempfile::TempDir,
@@ -202,20 +219,8 @@ impl Btrfs {
     pub fn new() -> Self {
         require_root();
         let dir = tempfile::tempdir().expect("tempdir");
-        let img = dir.path().join("fs.img");
         let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).expect("mkdir");
-        sh("truncate", &["-s", "256M", img.to_str().expect("utf8")]);
-        sh("mkfs.btrfs", &["-q", img.to_str().expect("utf8")]);
-        sh(
-            "mount",
-            &[
-                "-o",
-                "loop",
-                img.to_str().expect("utf8"),
-                mnt.to_str().expect("utf8"),
-            ],
-        );
+        mount_btrfs_image(&dir.path().join("fs.img"), &mnt);
         let fx = Btrfs { dir, mnt };
         sh(
             "btrfs",
