@@ -319,7 +319,18 @@ fn run(
             let (counters, abort, cache) = (&counters, &abort, cache.as_ref());
             let throttle = throttle.as_ref();
             scope.spawn(move || {
-                let mut buf = Vec::new();
+                let mut scratch = match Scratch::new(opts.zstd_level) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        abort.store(true, Ordering::Relaxed);
+                        let _ = done.send(Done {
+                            file_idx: usize::MAX,
+                            step_idx: 0,
+                            result: Err(e),
+                        });
+                        return;
+                    }
+                };
                 loop {
                     let item = {
                         let guard = rx.lock().unwrap_or_else(|p| p.into_inner());
@@ -334,7 +345,7 @@ fn run(
                         if let Some(t) = throttle {
                             t.take(item.len);
                         }
-                        process_chunk(store, cache, &item, &mut buf, opts, &known, counters)
+                        process_chunk(store, cache, &item, &mut scratch, opts, &known, counters)
                     };
                     opts.progress.done.fetch_add(item.len, Ordering::Relaxed);
                     if result.is_err() {
@@ -349,6 +360,9 @@ fn run(
             });
         }
         drop(done_tx);
+        // Only the workers hold the receiver now: if they all stop, a send
+        // fails instead of blocking.
+        drop(work_rx);
 
         let produce = (|| -> Result<(), ChunkError> {
             for (rel, m) in &all {
@@ -578,15 +592,36 @@ fn shared_ranges(
     }
 }
 
+/// A worker's reusable buffers and compression context: allocating a
+/// chunk-sized output buffer and a zstd context per chunk costs page faults
+/// (and, with musl's allocator, an mmap/munmap pair) for every chunk.
+struct Scratch {
+    read: Vec<u8>,
+    compressed: Vec<u8>,
+    compressor: zstd::bulk::Compressor<'static>,
+}
+
+impl Scratch {
+    fn new(level: i32) -> Result<Self, ChunkError> {
+        Ok(Scratch {
+            read: Vec::new(),
+            compressed: Vec::new(),
+            compressor: zstd::bulk::Compressor::new(level)
+                .map_err(|e| ChunkError::Compress(e.to_string()))?,
+        })
+    }
+}
+
 fn process_chunk(
     store: &dyn Store,
     cache: Option<&LocalStore>,
     item: &Work,
-    buf: &mut Vec<u8>,
+    scratch: &mut Scratch,
     opts: &BackupOptions,
     known: &Mutex<HashSet<ChunkHash>>,
     counters: &Counters,
 ) -> Result<Option<ChunkHash>, ChunkError> {
+    let buf = &mut scratch.read;
     buf.resize(item.len as usize, 0);
     item.file
         .read_exact_at(buf, item.off)
@@ -606,7 +641,12 @@ fn process_chunk(
         counters.chunks_known.fetch_add(1, Ordering::Relaxed);
         return Ok(Some(hash));
     }
-    let compressed = zstd::bulk::compress(buf, opts.zstd_level)
+    let compressed = &mut scratch.compressed;
+    compressed.clear();
+    compressed.reserve(zstd::zstd_safe::compress_bound(buf.len()));
+    scratch
+        .compressor
+        .compress_to_buffer(&buf[..], compressed)
         .map_err(|e| ChunkError::Compress(e.to_string()))?;
     // Round trip before upload: a compressor bug must not become a backup
     // that cannot be restored. Streaming the decompression into the hasher
@@ -620,12 +660,12 @@ fn process_chunk(
             "round trip of chunk {hash} differs"
         )));
     }
-    with_retry(|| store.put_chunk(&hash, &compressed)).map_err(|e| ChunkError::Store {
+    with_retry(|| store.put_chunk(&hash, compressed)).map_err(|e| ChunkError::Store {
         context: format!("uploading chunk {hash} of {}", item.path),
         source: e,
     })?;
     if let Some(c) = cache {
-        if let Err(e) = c.put_chunk(&hash, &compressed) {
+        if let Err(e) = c.put_chunk(&hash, compressed) {
             tracing::warn!(error = %e, "could not write to the chunk cache");
         }
     }

@@ -210,13 +210,21 @@ pub fn restore(
             let (counters, abort, cache) = (&counters, &abort, cache.as_ref());
             scope.spawn(move || {
                 let mut buf = Vec::new();
+                let mut dctx = match zstd::bulk::Decompressor::new() {
+                    Ok(d) => d,
+                    Err(e) => {
+                        abort.store(true, Ordering::Relaxed);
+                        let _ = err_tx.send(ChunkError::Compress(e.to_string()));
+                        return;
+                    }
+                };
                 loop {
                     let task = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     let Ok(task) = task else { return };
                     if abort.load(Ordering::Relaxed) {
                         continue;
                     }
-                    if let Err(e) = run_task(store, cache, &task, &mut buf, counters) {
+                    if let Err(e) = run_task(store, cache, &task, &mut buf, &mut dctx, counters) {
                         abort.store(true, Ordering::Relaxed);
                         let _ = err_tx.send(e);
                     }
@@ -340,15 +348,22 @@ pub fn restore(
     Ok(summary)
 }
 
+/// Fetch chunk `c` (cache first), verify it against its hash, and leave its
+/// bytes in `out`. `out` and `dctx` are the worker's, reused for every
+/// chunk: a fresh chunk-sized buffer per chunk costs page faults.
 fn fetch(
     store: &dyn Store,
     cache: Option<&LocalStore>,
     c: &ChunkRef,
     path: &str,
     counters: &Counters,
-) -> Result<Vec<u8>, ChunkError> {
+    out: &mut Vec<u8>,
+    dctx: &mut zstd::bulk::Decompressor<'static>,
+) -> Result<(), ChunkError> {
     let Some(hash) = c.hash else {
-        return Ok(vec![0; c.len as usize]);
+        out.clear();
+        out.resize(c.len as usize, 0);
+        return Ok(());
     };
     let corrupt = |detail: String| ChunkError::Corrupt {
         path: path.to_owned(),
@@ -356,18 +371,20 @@ fn fetch(
         off: c.off,
         detail,
     };
-    let decode = |data: &[u8]| -> Result<Vec<u8>, String> {
-        let raw = zstd::bulk::decompress(data, c.len as usize)
+    let mut decode = |data: &[u8], out: &mut Vec<u8>| -> Result<(), String> {
+        out.clear();
+        out.reserve(c.len as usize);
+        dctx.decompress_to_buffer(data, out)
             .map_err(|e| format!("cannot decompress: {e}"))?;
-        if raw.len() as u64 != c.len || super::index::ChunkHash::of(&raw) != hash {
+        if out.len() as u64 != c.len || super::index::ChunkHash::of(out) != hash {
             return Err("content does not match its hash".into());
         }
-        Ok(raw)
+        Ok(())
     };
     if let Some(cache) = cache {
         if let Ok(data) = cache.get_chunk(&hash) {
-            if let Ok(raw) = decode(&data) {
-                return Ok(raw);
+            if decode(&data, out).is_ok() {
+                return Ok(());
             }
             // A bad cache entry is not fatal: fall through to the store.
             let _ = cache.delete_chunk(&hash);
@@ -383,11 +400,11 @@ fn fetch(
     counters
         .downloaded
         .fetch_add(data.len() as u64, Ordering::Relaxed);
-    let raw = decode(&data).map_err(corrupt)?;
+    decode(&data, out).map_err(corrupt)?;
     if let Some(cache) = cache {
         let _ = cache.put_chunk(&hash, &data);
     }
-    Ok(raw)
+    Ok(())
 }
 
 fn run_task(
@@ -395,6 +412,7 @@ fn run_task(
     cache: Option<&LocalStore>,
     task: &Task,
     buf: &mut Vec<u8>,
+    dctx: &mut zstd::bulk::Decompressor<'static>,
     counters: &Counters,
 ) -> Result<(), ChunkError> {
     let io = |e| ChunkError::io(Path::new(&*task.path), e);
@@ -409,8 +427,8 @@ fn run_task(
             counters.reused.fetch_add(1, Ordering::Relaxed);
         }
         RestoreStep::Fetch(c) => {
-            let data = fetch(store, cache, &c, &task.path, counters)?;
-            write(&c, &data)?;
+            fetch(store, cache, &c, &task.path, counters, buf, dctx)?;
+            write(&c, buf)?;
         }
         RestoreStep::Verify(c) => {
             // Only the part that existed before the resize can match.
@@ -424,8 +442,8 @@ fn run_task(
             if c.hash == Some(super::index::ChunkHash::of(buf)) {
                 counters.reused.fetch_add(1, Ordering::Relaxed);
             } else {
-                let data = fetch(store, cache, &c, &task.path, counters)?;
-                write(&c, &data)?;
+                fetch(store, cache, &c, &task.path, counters, buf, dctx)?;
+                write(&c, buf)?;
             }
         }
         RestoreStep::Empty(c) => {
