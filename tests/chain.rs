@@ -130,29 +130,44 @@ impl Drop for Ganache {
     }
 }
 
-fn rollback_lands_in_the_recorded_window(fx: &impl Fixture) {
+/// A ganache node mining every 0.2 s into `<volume>/ganache`.
+fn chain_in_volume(fx: &impl Fixture) -> (PathBuf, Ganache) {
     let db = fx.root().join("ganache");
     std::fs::create_dir_all(&db).expect("mkdir");
     let node = Ganache::start(&db, "0.2");
+    (db, node)
+}
+
+/// `btm daemon` polling `node` every 100 ms, itv 10, plus `extra` flags.
+fn polling_daemon(
+    fx: &impl Fixture,
+    node: &Ganache,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> DaemonProc {
     let vol = fx.volume();
-    let mut daemon = DaemonProc::start(
-        fx.scratch(),
-        &[
-            "-p",
-            &vol,
-            "-m",
-            fx.mode(),
-            "-i",
-            "10",
-            "--source",
-            "ethereum",
-            "--rpc-url",
-            &node.url(),
-            "--poll-interval",
-            "100ms",
-        ],
-        &[],
-    );
+    let url = node.url();
+    let mut args = vec![
+        "-p",
+        &vol,
+        "-m",
+        fx.mode(),
+        "-i",
+        "10",
+        "--source",
+        "ethereum",
+        "--rpc-url",
+        &url,
+        "--poll-interval",
+        "100ms",
+    ];
+    args.extend_from_slice(extra);
+    DaemonProc::start(fx.scratch(), &args, env)
+}
+
+fn rollback_lands_in_the_recorded_window(fx: &impl Fixture) {
+    let (db, node) = chain_in_volume(fx);
+    let mut daemon = polling_daemon(fx, &node, &[], &[]);
     for _ in 0..300 {
         if fx.heights().len() >= 4 {
             break;
@@ -203,41 +218,22 @@ fn ganache_on_zfs() {
 /// the store. The rebuilt node must be inside the exported height window
 /// with the very same block hash as before the loss.
 fn a_destroyed_node_is_rebuilt_from_the_store(fx: &impl Fixture) {
-    let db = fx.root().join("ganache");
-    std::fs::create_dir_all(&db).expect("mkdir");
-    let node = Ganache::start(&db, "0.2");
+    let (db, node) = chain_in_volume(fx);
     let s3 = common::S3::start(&["btm"]);
     let env = s3.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let store = "s3://btm/nodes";
-    let vol = fx.volume();
-    let url = node.url();
-    let mut daemon = DaemonProc::start(
-        fx.scratch(),
-        &[
-            "-p",
-            &vol,
-            "-m",
-            fx.mode(),
-            "-i",
-            "10",
-            "-c",
-            "50",
-            "--source",
-            "ethereum",
-            "--rpc-url",
-            &url,
-            "--poll-interval",
-            "100ms",
-            "--export-store",
-            store,
-            "--export-every",
-            "20",
-            "--export-tag",
-            "node1",
-        ],
-        &env,
-    );
+    let export = [
+        "-c",
+        "50",
+        "--export-store",
+        store,
+        "--export-every",
+        "20",
+        "--export-tag",
+        "node1",
+    ];
+    let mut daemon = polling_daemon(fx, &node, &export, &env);
     daemon.wait_status_for("two exports", Duration::from_secs(90), |s| {
         s["counters"]["exports"].as_u64().unwrap_or(0) >= 2 && s["export"].is_null()
     });
