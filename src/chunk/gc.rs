@@ -138,31 +138,36 @@ fn read_mark(store: &dyn Store, name: &str) -> Result<Mark, ChunkError> {
 pub fn gc(store: &dyn Store, opts: &GcOptions) -> Result<GcReport, ChunkError> {
     let mut report = GcReport::default();
     let marks = with_retry(|| store.list_markers(MARKS))?;
-    let swept: HashSet<String> = if marks.is_empty() {
-        HashSet::new()
-    } else {
-        match sweep(store, opts, &mut report) {
-            Ok(s) => s,
+    let mut swept = Swept::default();
+    if !marks.is_empty() {
+        match sweep(store, opts, &marks, &mut report) {
+            Ok(s) => swept = s,
             Err(ChunkError::Lease(LeaseError::Conflict(why))) => {
                 tracing::info!(reason = %why, "GC sweep deferred");
                 report.deferred = Some(why);
-                HashSet::new()
             }
             Err(e) => return Err(e),
         }
-    };
+    }
 
-    // Mark phase: the indexes may have changed since the sweep; read them
-    // again (a stale view could only mark too much, which the sweep's own
-    // re-check makes harmless, but the report should be exact).
-    let (referenced, indexes) = referenced_chunks(store)?;
+    // Mark phase. The sweep's view of the indexes, if it read them, is
+    // reused: an index written since can only make us mark too much, which
+    // the next sweep's own re-check makes harmless.
+    let (referenced, indexes) = match swept.referenced {
+        Some(r) => r,
+        None => referenced_chunks(store)?,
+    };
     let present = with_retry(|| store.list_chunks())?;
     let mut already = HashSet::new();
-    for m in with_retry(|| store.list_markers(MARKS))? {
-        if swept.contains(&m.name) {
-            continue;
-        }
-        let mark = read_mark(store, &m.name)?;
+    for m in marks.iter().filter(|m| !swept.marks.contains(&m.name)) {
+        let mark = match read_mark(store, &m.name) {
+            // Another GC's sweep processed it meanwhile.
+            Err(ChunkError::Store {
+                source: crate::store::StoreError::NotFound(_),
+                ..
+            }) => continue,
+            r => r?,
+        };
         report.pending += mark.chunks.len() as u64;
         already.extend(mark.chunks);
     }
@@ -192,29 +197,37 @@ pub fn gc(store: &dyn Store, opts: &GcOptions) -> Result<GcReport, ChunkError> {
     Ok(report)
 }
 
-/// The sweep phase; returns the names of the marks it processed.
+/// What the sweep did that the mark phase builds on.
+#[derive(Default)]
+struct Swept {
+    /// Names of the marks processed (and deleted).
+    marks: HashSet<String>,
+    /// The indexes' references as read under the lease, with the index
+    /// count, if the sweep read them.
+    referenced: Option<(HashSet<ChunkHash>, u64)>,
+}
+
+/// The sweep phase over `marks` (listed by the caller: marks only ever
+/// appear with a fresh time, so one listed later cannot be due).
 fn sweep(
     store: &dyn Store,
     opts: &GcOptions,
+    marks: &[Marker],
     report: &mut GcReport,
-) -> Result<HashSet<String>, ChunkError> {
+) -> Result<Swept, ChunkError> {
     // A sweep never waits, so there is nothing to cancel.
     let never = std::sync::atomic::AtomicBool::new(false);
     lease::with_lease(store, LeaseKind::Sweep, None, &never, |lease| {
-        // "Now" on the store's clock: our lease marker was just written.
-        let now = with_retry(|| store.list_markers("locks"))?
-            .into_iter()
-            .find(|m| m.name == lease.name())
-            .map_or_else(Utc::now, |m| m.modified);
-        let marks = with_retry(|| store.list_markers(MARKS))?;
-        let due = plan_sweep(&marks, now, opts.grace);
-        let mut processed = HashSet::new();
+        // "Now" on the store's clock: our lease marker's listed time.
+        let now = lease.store_now().unwrap_or_else(Utc::now);
+        let due = plan_sweep(marks, now, opts.grace);
+        let mut swept = Swept::default();
         if due.is_empty() {
-            return Ok(processed);
+            return Ok(swept);
         }
         // Read the indexes only now, under the lease: any backup that
         // finished before we took it has its index here.
-        let (referenced, _) = referenced_chunks(store)?;
+        let (referenced, count) = referenced_chunks(store)?;
         for m in due {
             let mark = read_mark(store, &m.name)?;
             for h in mark.chunks.iter().filter(|h| !referenced.contains(h)) {
@@ -228,9 +241,10 @@ fn sweep(
                 with_retry(|| store.delete_marker(&m.name))?;
             }
             report.marks_swept += 1;
-            processed.insert(m.name.clone());
+            swept.marks.insert(m.name.clone());
         }
-        Ok(processed)
+        swept.referenced = Some((referenced, count));
+        Ok(swept)
     })
 }
 

@@ -137,12 +137,20 @@ pub struct Lease<'s> {
     name: String,
     body: Vec<u8>,
     last_ok: Mutex<Instant>,
+    /// Store time of our marker at the last check of the other leases.
+    store_now: Mutex<Option<DateTime<Utc>>>,
 }
 
 impl Lease<'_> {
     /// The marker's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// "Now" by the store's clock, as of taking the lease: our marker's
+    /// listed time.
+    pub fn store_now(&self) -> Option<DateTime<Utc>> {
+        *self.store_now.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Fails if the lease may have lapsed in other parties' eyes.
@@ -181,6 +189,7 @@ impl Lease<'_> {
                 what: self.name.clone(),
                 detail: "the lease marker just written is not listed; the store's listing is not consistent".into(),
             })?;
+        *self.store_now.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
         Ok(live(&markers, now)
             .filter(|(_, m)| m.name != self.name)
             .collect())
@@ -243,6 +252,7 @@ pub fn with_lease<T, E: From<LeaseError>>(
         ),
         body: serde_json::to_vec(&info).unwrap_or_default(),
         last_ok: Mutex::new(Instant::now()),
+        store_now: Mutex::new(None),
     };
     let result = acquire(&lease, kind, cancel)
         .map_err(E::from)
