@@ -178,6 +178,10 @@ pub fn export(
     };
 
     let store = store::open(&s.store)?;
+    // Read here only to decide whether to export and which snapshot to
+    // compare with. The backup reads the parent index again on purpose:
+    // it relies on the parent's chunks, which is safe only for an index
+    // read under its lease (see chunk::lease).
     let parent = chunk::latest_index(store.as_ref(), &s.tag, None)?;
     if let Some((name, idx)) = &parent {
         let prev = idx.height();
