@@ -163,9 +163,9 @@ impl BtmCfg {
     pub fn prune(&self, execute: bool) -> Result<(Plan, Option<DestroyReport>), Error> {
         let policy = self.policy()?;
         let vol = self.open()?;
-        let pinned = pin::pinned(vol.name())?;
         if !execute {
-            return Ok((policy.plan(&vol.heights()?).pin(&pinned), None));
+            let plan = policy.plan(&vol.heights()?).pin(&pin::pinned(vol.name())?);
+            return Ok((plan, None));
         }
         let _lock = self.lock(vol.as_ref())?;
         let plan = policy.plan(&vol.heights()?).pin(&pin::pinned(vol.name())?);
