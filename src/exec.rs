@@ -78,12 +78,17 @@ pub fn run(
     let (program, args) = argv
         .split_first()
         .ok_or_else(|| err(ExecErrorKind::Empty))?;
-    let mut child = Command::new(program)
-        .args(args)
+    let mut cmd = Command::new(program);
+    cmd.args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::piped());
+    // This thread waits for the command; if the daemon exits first (a stop
+    // does not wait for a hung hook or height command), the command is
+    // killed rather than left orphaned.
+    crate::sys::kill_when_parent_thread_exits(&mut cmd);
+    let mut child = cmd
         .spawn()
         .map_err(|e| err(ExecErrorKind::Spawn(e.to_string())))?;
     // Drain both pipes on threads so a chatty command cannot block on a

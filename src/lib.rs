@@ -32,6 +32,7 @@
 pub mod chunk;
 pub mod client;
 pub mod config;
+pub mod confined;
 pub mod daemon;
 pub mod dirs;
 pub mod error;

@@ -5,13 +5,15 @@
 //! rollback --preserve PATH` therefore carries the *current* content of such
 //! files (with mode, owner and mtime) into the rolled-back volume. Copies are
 //! atomic (temporary file, fsync, rename), so a crash leaves either the old
-//! or the new file, never a torn one.
+//! or the new file, never a torn one. Both sides are resolved with
+//! [`crate::confined`]: a symlink in the live volume or in the snapshot is
+//! refused, never followed, so a preserve can neither read nor write a file
+//! outside the volume.
 
-use std::fs::{self, File, OpenOptions};
-use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
+
+use crate::confined::{self, Tree};
 
 /// Errors while carrying files across a rollback.
 #[derive(Debug, thiserror::Error)]
@@ -30,13 +32,22 @@ pub enum Error {
     /// Only regular files are carried across.
     #[error("--preserve {0}: not a regular file")]
     NotAFile(PathBuf),
+    /// A symlink on the way (in the live volume or in the snapshot) could
+    /// lead outside the volume; nothing was changed.
+    #[error("--preserve {path}: {detail}")]
+    Escape {
+        /// The preserved path.
+        path: PathBuf,
+        /// Which component is a symlink, and where.
+        detail: crate::confined::Error,
+    },
     /// Copying failed.
-    #[error("preserving {path}: {source}")]
+    #[error("preserving {path}: {detail}")]
     Io {
         /// The file being copied.
         path: PathBuf,
-        /// The underlying error.
-        source: io::Error,
+        /// What failed.
+        detail: crate::confined::Error,
     },
 }
 
@@ -80,18 +91,61 @@ impl FromStr for RelPath {
     }
 }
 
-/// Check that every path is a regular file under `root` (symlinks are not
-/// followed: a link could point outside the volume).
+fn classify(path: &RelPath, e: confined::Error) -> Error {
+    let path = path.0.clone();
+    match e {
+        e if e.is_not_found() => Error::Missing(path),
+        e @ (confined::Error::Symlink { .. } | confined::Error::NotDir { .. }) => {
+            Error::Escape { path, detail: e }
+        }
+        confined::Error::NotAFile { .. } => Error::NotAFile(path),
+        e => Error::Io { path, detail: e },
+    }
+}
+
+fn open_tree(root: &Path, first: Option<&RelPath>) -> Result<Tree, Error> {
+    Tree::open(root).map_err(|detail| Error::Io {
+        path: first.map(|p| p.0.clone()).unwrap_or_default(),
+        detail,
+    })
+}
+
+/// Check that every path is a regular file under `root`, reached without
+/// following any symlink (a link could point outside the volume).
 pub fn check_sources(root: &Path, paths: &[RelPath]) -> Result<(), Error> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let tree = open_tree(root, paths.first())?;
     for p in paths {
-        let full = root.join(&p.0);
-        match fs::symlink_metadata(&full) {
-            Ok(m) if m.file_type().is_file() => {}
-            Ok(_) => return Err(Error::NotAFile(p.0.clone())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(Error::Missing(p.0.clone()))
+        tree.open_file(&p.0).map_err(|e| classify(p, e))?;
+    }
+    Ok(())
+}
+
+/// Check that each path can be written under `root` (a snapshot about to
+/// become the live volume) without following a symlink: every existing
+/// parent is a real directory, and the name itself is not a directory.
+/// Run before anything changes, so a refusal changes nothing.
+pub fn check_destination(root: &Path, paths: &[RelPath]) -> Result<(), Error> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let tree = open_tree(root, paths.first())?;
+    for p in paths {
+        let comps = confined::components(&p.0).map_err(|e| classify(p, e))?;
+        let parents = &comps[..comps.len() - 1];
+        // The deepest existing parent decides: everything above it was
+        // opened without following, and what is missing gets created.
+        for depth in (0..=parents.len()).rev() {
+            match tree.dir(&parents[..depth], false) {
+                Ok(_) => break,
+                Err(e) if e.is_not_found() && depth > 0 => continue,
+                Err(e) => return Err(classify(p, e)),
             }
-            Err(source) => return Err(Error::Io { path: full, source }),
+        }
+        if tree.kind(&p.0).map_err(|e| classify(p, e))? == Some(confined::Kind::Dir) {
+            return Err(Error::NotAFile(p.0.clone()));
         }
     }
     Ok(())
@@ -99,58 +153,30 @@ pub fn check_sources(root: &Path, paths: &[RelPath]) -> Result<(), Error> {
 
 /// Copy each `paths` entry from `src_root` to `dst_root`, replacing what is
 /// there atomically and keeping mode, owner and mtime. Missing parent
-/// directories in the destination are created.
+/// directories in the destination are created. Neither side follows a
+/// symlink: one on the way is refused.
 pub fn copy_into(src_root: &Path, dst_root: &Path, paths: &[RelPath]) -> Result<(), Error> {
-    check_sources(src_root, paths)?;
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let src = open_tree(src_root, paths.first())?;
+    let dst = open_tree(dst_root, paths.first())?;
+    let mut files = Vec::with_capacity(paths.len());
     for p in paths {
-        let src = src_root.join(&p.0);
-        let dst = dst_root.join(&p.0);
-        copy_one(&src, &dst).map_err(|source| Error::Io {
-            path: p.0.clone(),
-            source,
-        })?;
+        files.push(src.open_file(&p.0).map_err(|e| classify(p, e))?);
+    }
+    for (p, mut file) in paths.iter().zip(files) {
+        dst.replace_with_copy(&p.0, &mut file)
+            .map_err(|e| classify(p, e))?;
     }
     Ok(())
-}
-
-fn copy_one(src: &Path, dst: &Path) -> io::Result<()> {
-    let meta = fs::symlink_metadata(src)?;
-    let parent = dst
-        .parent()
-        .ok_or_else(|| io::Error::other("destination has no parent directory"))?;
-    fs::create_dir_all(parent)?;
-    let file_name = dst
-        .file_name()
-        .ok_or_else(|| io::Error::other("destination has no file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(".btm-preserve.tmp");
-    let tmp = parent.join(tmp_name);
-    let result = (|| {
-        let mut input = File::open(src)?;
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        io::copy(&mut input, &mut out)?;
-        std::os::unix::fs::fchown(&out, Some(meta.uid()), Some(meta.gid()))?;
-        out.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-        out.set_modified(meta.modified()?)?;
-        out.sync_all()?;
-        fs::rename(&tmp, dst)?;
-        File::open(parent)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     #[test]
     fn relpaths_are_checked() {

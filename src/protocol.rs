@@ -57,6 +57,13 @@ pub enum Reply<T> {
     },
 }
 
+impl<T: Serialize> Reply<T> {
+    /// The reply as one JSON line (without the newline).
+    pub fn to_line(&self) -> Option<String> {
+        serde_json::to_string(self).ok()
+    }
+}
+
 impl<T> Reply<T> {
     /// A successful reply.
     pub fn ok(result: T) -> Self {
@@ -81,8 +88,19 @@ pub enum Outcome {
     Exists,
     /// No snapshot was due, or a pre-hook declined; see the reason.
     Skipped,
-    /// The snapshot was attempted and failed; see the reason.
+    /// The height was not believed (it went backwards, or jumped too far
+    /// ahead); no snapshot. See the reason.
+    Refused,
+    /// No snapshot: the attempt failed, or the daemon shut down first.
+    /// See the reason.
     Failed,
+}
+
+impl Outcome {
+    /// Whether the notified height has its snapshot, or needed none.
+    pub fn is_success(self) -> bool {
+        matches!(self, Outcome::Created | Outcome::Exists | Outcome::Skipped)
+    }
 }
 
 /// The answer to `notify`.
@@ -199,6 +217,9 @@ pub struct Counters {
     /// Due exports skipped because one was still running.
     #[serde(default)]
     pub exports_skipped: u64,
+    /// Heights refused as implausible (backwards, or too far ahead).
+    #[serde(default)]
+    pub refused: u64,
 }
 
 /// The daemon's state, as `btm status` shows it.

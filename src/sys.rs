@@ -1,6 +1,7 @@
 //! The few system calls btm needs that no safe wrapper offers on every
 //! target (nix has no `setpriority`, `ioprio_set` or `FS_IOC_FIEMAP`, and
-//! offers `renameat2` only with glibc, not musl). This is the only module allowed `unsafe`;
+//! offers `renameat2` only with glibc, not musl), and the one `pre_exec`
+//! hook (a parent-death signal for operator commands). This is the only module allowed `unsafe`;
 //! each call passes integers or NUL-terminated strings that outlive it.
 #![allow(unsafe_code)]
 
@@ -60,6 +61,24 @@ pub fn rename_exchange(
         Ok(())
     } else {
         Err(nix::errno::Errno::last())
+    }
+}
+
+/// Have `cmd`'s process killed (SIGKILL) when the thread that spawns it
+/// exits, which for a process that exits includes every thread.
+/// `PR_SET_PDEATHSIG` follows the spawning *thread*, so the caller must be
+/// the thread that waits for the command.
+pub fn kill_when_parent_thread_exits(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls prctl(2), which is async-signal-safe, with integer arguments.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

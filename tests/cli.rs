@@ -114,6 +114,46 @@ fn missing_volumes_fail_cleanly() {
     )
     .fails(1);
     assert!(err.contains("not a btrfs volume"), "{err}");
+    // Issue 10.11: a relative path that is nothing says what to do.
+    let err = btm(dir.path(), &["list", "-p", "relative/not/here"]).fails(1);
+    assert!(err.contains("absolute path"), "{err}");
+    assert!(err.contains("current directory"), "{err}");
+}
+
+/// Issue 10.9: `--check-config` checks the volume as the daemon would.
+#[test]
+fn check_config_checks_the_volume() {
+    let dir = scratch();
+    for args in [
+        &[
+            "daemon",
+            "--check-config",
+            "-m",
+            "btrfs",
+            "-p",
+            "/does/not/exist",
+        ][..],
+        &["daemon", "--check-config", "-m", "zfs", "-p", "nopool/none"][..],
+        &["daemon", "--check-config", "-p", "/does/not/exist"][..],
+    ] {
+        let err = btm(dir.path(), args).fails(1);
+        assert!(!err.contains("configuration OK"), "{args:?}: {err}");
+    }
+}
+
+/// Issue 10.11: a store path that is a file is called a file.
+#[test]
+fn a_store_that_is_a_file_is_named_as_such() {
+    let dir = scratch();
+    let file = dir.path().join("store");
+    std::fs::write(&file, b"x").expect("w");
+    let f = file.to_str().expect("utf8");
+    for args in [&["backups", "-s", f][..], &["check", "-s", f][..]] {
+        let err = btm(dir.path(), args).fails(1);
+        assert!(err.contains("is a file"), "{args:?}: {err}");
+    }
+    let err = btm(dir.path(), &["backups", "-s", &format!("{f}-missing")]).fails(1);
+    assert!(err.contains("no such directory"), "{err}");
 }
 
 fn simulate_kept(args: &[&str]) -> Vec<u64> {

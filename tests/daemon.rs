@@ -130,7 +130,8 @@ fn tells_systemd_the_truth() {
         }
     }
     assert!(stopping, "no STOPPING=1");
-    assert_eq!(d.stop(), Some(0));
+    // One signal: a second would mean "stop waiting".
+    assert_eq!(d.wait_exit(), Some(0));
 }
 
 /// A fake CometBFT node: heights advance, then garbage, an outage, a
@@ -491,4 +492,285 @@ fn file_and_command_sources() {
             "{source}: one snapshot per bucket"
         );
     }
+}
+
+/// Start `btm daemon ARGS` without waiting for it to be ready.
+fn spawn_daemon(scratch: &std::path::Path, args: &[&str]) -> std::process::Child {
+    let log = std::fs::File::create(scratch.join("spawned.log")).expect("log");
+    let mut all = vec!["daemon", "--log-level", "debug"];
+    all.extend_from_slice(args);
+    common::btm_cmd(scratch, &all)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn daemon")
+}
+
+fn send(child: &std::process::Child, sig: Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig);
+}
+
+/// Wait up to `limit` for `child` to exit; kill it and fail if it does not.
+#[track_caller]
+fn exits_within(child: &mut std::process::Child, limit: Duration, what: &str) -> Option<i32> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status.code();
+        }
+        sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the daemon did not exit within {limit:?} after {what}");
+}
+
+/// Issue 10.3: a SIGTERM, or a SIGHUP then a SIGTERM, at any moment of
+/// start-up ends the daemon. The height source here never answers: a
+/// command that sleeps, and an RPC endpoint that accepts connections and
+/// says nothing; the first read would block for a minute.
+#[test]
+fn a_signal_during_start_up_is_never_lost() {
+    let fx = Btrfs::new();
+    let vol = fx.volume();
+    let socket = fx.scratch().join("run/btm.sock");
+    // Bound but never accepted: the kernel completes the handshake, and the
+    // request is never answered.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let rpc = format!("http://{}", silent.local_addr().expect("addr"));
+    let configs = [
+        (
+            "command",
+            format!("volume = \"{vol}\"\nsource = \"command\"\nheight_command = [\"sleep\", \"100\"]\nsource_timeout = \"60s\"\n"),
+        ),
+        (
+            "cometbft",
+            format!("volume = \"{vol}\"\nsource = \"cometbft\"\nrpc_url = \"{rpc}\"\nsource_timeout = \"60s\"\n"),
+        ),
+    ];
+    for (name, text) in configs {
+        let conf = fx.scratch().join(format!("{name}.toml"));
+        std::fs::write(&conf, text).expect("write");
+        let conf = conf.to_str().expect("utf8");
+        let delays: &[u64] = if name == "command" {
+            &[50, 300, 1000, 3000]
+        } else {
+            &[1000]
+        };
+        for &delay in delays {
+            for reload_first in [false, true] {
+                let what =
+                    format!("{name} source, signal at {delay} ms, reload first: {reload_first}");
+                let mut child = spawn_daemon(fx.scratch(), &["--config", conf]);
+                sleep(Duration::from_millis(delay));
+                if reload_first {
+                    send(&child, Signal::SIGHUP);
+                    sleep(Duration::from_millis(300));
+                }
+                send(&child, Signal::SIGTERM);
+                // Before its handlers are installed the signal's default
+                // action ends the process: no code. Otherwise a clean 0.
+                let code = exits_within(&mut child, Duration::from_secs(10), &what);
+                assert!(code.is_none() || code == Some(0), "{what}: exit {code:?}");
+                assert!(!socket.exists(), "{what}: socket left behind");
+            }
+        }
+    }
+    drop(silent);
+}
+
+/// Issue 10.4: connections that never send anything do not make a notify
+/// wait; when too many are idle, the oldest are dropped to make room.
+#[test]
+fn idle_clients_never_delay_a_notify() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let fx = Btrfs::new();
+    let vol = fx.volume();
+    let d = DaemonProc::start(fx.scratch(), &["-p", &vol], &[]);
+    let mut idle: Vec<UnixStream> = (0..200)
+        .map(|_| UnixStream::connect(&d.socket).expect("connect"))
+        .collect();
+    let started = Instant::now();
+    assert_eq!(d.notify(10)["outcome"], "created");
+    let waited = started.elapsed();
+    // The bug made every notify wait out the idle clients' 10 s read
+    // timeout; half of it separates the two without timing anything.
+    assert!(
+        waited < Duration::from_secs(5),
+        "notify waited {waited:?} behind idle clients"
+    );
+    // The oldest idle connection was dropped: it reads end-of-file.
+    idle[0]
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        idle[0].read(&mut buf).expect("read"),
+        0,
+        "oldest idle client not evicted"
+    );
+    assert_eq!(d.notify(20)["outcome"], "created");
+}
+
+/// `btm notify --json` as a process: (exit code, parsed answer if any, stderr).
+fn notify_cli(socket: &std::path::Path, height: u64) -> (i32, Option<serde_json::Value>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_btm"))
+        .args([
+            "notify",
+            "--json",
+            "--height",
+            &height.to_string(),
+            "--socket",
+        ])
+        .arg(socket)
+        .output()
+        .expect("notify runs");
+    (
+        out.status.code().unwrap_or(-1),
+        serde_json::from_slice(&out.stdout).ok(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Issue 10.5: reloads keep the socket and hand waiting notifies to the
+/// next generation: 200 notifies, 4 at a time, during a storm of SIGHUPs,
+/// all get their snapshot. A SIGTERM with notifies in flight: each either
+/// has its snapshot or fails with "shutting down"; none exits 0 without one.
+#[test]
+fn a_reload_never_drops_or_fakes_a_notify() {
+    let fx = Btrfs::new();
+    let conf = fx.scratch().join("btm.toml");
+    let base = format!("volume = \"{}\"\nitv = 10\ncap = 100\n", fx.volume());
+    std::fs::write(&conf, &base).expect("write");
+    let mut d = DaemonProc::start(
+        fx.scratch(),
+        &["--config", conf.to_str().expect("utf8")],
+        &[],
+    );
+    let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm = {
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let mut sent = 0;
+            while sent < 20 || !done.load(Ordering::SeqCst) {
+                let _ = nix::sys::signal::kill(pid, Signal::SIGHUP);
+                sent += 1;
+                sleep(Duration::from_millis(20));
+            }
+            sent
+        })
+    };
+    for round in 1..=50u64 {
+        let h = round * 10;
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                let socket = d.socket.clone();
+                std::thread::spawn(move || notify_cli(&socket, h))
+            })
+            .collect();
+        let mut created = 0;
+        for c in clients {
+            let (code, reply, err) = c.join().expect("client");
+            assert_eq!(code, 0, "notify {h} failed during reloads: {err}");
+            let outcome = reply.as_ref().map(|r| r["outcome"].clone());
+            assert!(
+                matches!(
+                    outcome.as_ref().and_then(|o| o.as_str()),
+                    Some("created" | "exists")
+                ),
+                "notify {h}: {reply:?}"
+            );
+            created += usize::from(outcome.as_ref().and_then(|o| o.as_str()) == Some("created"));
+        }
+        assert_eq!(created, 1, "height {h} created exactly once");
+    }
+    done.store(true, Ordering::SeqCst);
+    assert!(storm.join().expect("storm") >= 20);
+    assert_eq!(fx.heights().len(), 50);
+
+    // Slow snapshots, so that several notifies are queued at SIGTERM.
+    std::fs::write(
+        &conf,
+        format!("{base}[hooks]\npre_snapshot = [\"sleep\", \"0.5\"]\ntimeout = \"10s\"\n"),
+    )
+    .expect("write");
+    let reloads = |d: &DaemonProc| d.log_text().matches("configuration reloaded").count();
+    let before = reloads(&d);
+    d.signal(Signal::SIGHUP);
+    d.wait_status_for("the reload", Duration::from_secs(10), |_| {
+        reloads(&d) > before
+    });
+    sleep(Duration::from_millis(300));
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let socket = d.socket.clone();
+            std::thread::spawn(move || notify_cli(&socket, 510))
+        })
+        .collect();
+    sleep(Duration::from_millis(200));
+    assert_eq!(d.stop(), Some(0));
+    let (mut ok, mut failed) = (0, 0);
+    for c in clients {
+        let (code, reply, err) = c.join().expect("client");
+        if code == 0 {
+            let outcome = reply.as_ref().map(|r| r["outcome"].clone());
+            assert!(
+                matches!(
+                    outcome.as_ref().and_then(|o| o.as_str()),
+                    Some("created" | "exists")
+                ),
+                "exit 0 without a snapshot: {reply:?}"
+            );
+            ok += 1;
+        } else {
+            assert!(err.contains("shutting down"), "{err}");
+            failed += 1;
+        }
+    }
+    assert!(ok >= 1 && failed >= 1, "{ok} succeeded, {failed} failed");
+    assert!(fx.has_snapshot("510"));
+}
+
+/// Issue 10.6: in push mode a height below the newest snapshot, above
+/// 2^53-1, or too far ahead is refused with a reason and no snapshot. After
+/// a rollback the newer snapshots are gone, so the restarted node's lower
+/// heights are taken again.
+#[test]
+fn push_refuses_heights_that_go_backwards_or_are_absurd() {
+    let fx = Btrfs::new();
+    let vol = fx.volume();
+    let d = DaemonProc::start(fx.scratch(), &["-p", &vol, "-i", "10", "-a", "fair"], &[]);
+    for h in (10..=200).step_by(10) {
+        assert_eq!(d.notify(h)["outcome"], "created");
+    }
+    for (h, why) in [
+        (0, "backwards"),
+        (150, "backwards"),
+        (u64::MAX, "which no chain reaches"),
+        (1u64 << 53, "which no chain reaches"),
+        (200 + 10_000_010, "max_height_jump"),
+    ] {
+        let (code, reply, err) = notify_cli(&d.socket, h);
+        assert_ne!(code, 0, "notify {h} succeeded: {reply:?}");
+        assert_eq!(
+            reply.as_ref().map(|r| r["outcome"].clone()),
+            Some("refused".into()),
+            "{h}"
+        );
+        assert!(err.contains("refused") && err.contains(why), "{h}: {err}");
+        assert_eq!(fx.heights().len(), 20, "a snapshot at refused height {h}");
+        assert_eq!(fx.heights()[0], 200);
+    }
+    assert!(!fx.has_snapshot("0"));
+    let st = d.status().expect("status");
+    assert_eq!(st["next_due"], 210);
+    assert_eq!(st["counters"]["refused"], 5);
+    assert!(d.log_text().contains("height refused"), "{}", d.log_text());
+
+    // A rollback (while the daemon runs) makes 160 legitimate again.
+    fx.btm(&["rollback", "-s", "150", "--yes"]).ok();
+    assert_eq!(d.notify(160)["outcome"], "created");
+    assert_eq!(fx.heights()[0], 160);
 }

@@ -370,7 +370,10 @@ fn export_is_incremental_and_reads_the_snapshot(fx: &impl Fixture) {
     )
     .fails(1);
     // No view clone or pin is left behind.
-    assert!(!common::sh("sh", &["-c", "mount"]).contains("btm-view"));
+    // (Only this fixture's: other tests run beside this one.)
+    let views = fx.scratch().join("run/views");
+    assert!(!common::sh("sh", &["-c", "mount"]).contains(views.to_str().expect("utf8")));
+    assert_eq!(std::fs::read_dir(&views).map(|d| d.count()).unwrap_or(0), 0);
     let pins = fx.scratch().join("run/pins");
     assert_eq!(std::fs::read_dir(pins).map(|d| d.count()).unwrap_or(0), 0);
 }

@@ -241,8 +241,10 @@ impl Azurite {
             port,
             _dir: dir,
         };
+        // Node starts slowly on a loaded machine; this waits for it, it
+        // does not time anything.
         let mut up = false;
-        for _ in 0..200 {
+        for _ in 0..1200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 up = true;
                 break;

@@ -153,9 +153,13 @@ pub fn run(args: DaemonArgs, log_level: Option<String>) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(btm::daemon::supervise(settings, || {
+    let result = runtime.block_on(btm::daemon::supervise(settings, || {
         args.load(log_level.clone())
-    }))?;
+    }));
+    // A blocking call still running (a source read up to its timeout, a
+    // hung `zfs`) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result?;
     Ok(())
 }
 
@@ -164,9 +168,13 @@ pub fn run(args: DaemonArgs, log_level: Option<String>) -> Result<()> {
 fn check(s: &DaemonSettings) -> Result<()> {
     let cfg = btm::BtmCfg::new(&s.volume, s.mode, s.itv, s.cap, s.algo)
         .with_context(|| format!("volume '{}'", s.volume))?;
+    // Open it too: with the mode given, nothing above looked at the volume.
+    let vol = cfg
+        .open()
+        .with_context(|| format!("volume '{}'", s.volume))?;
     println!(
         "configuration OK: volume {} ({}), itv {}, cap {}, {}, source {}{}",
-        cfg.volume,
+        vol.name(),
         cfg.mode,
         cfg.itv,
         cfg.cap,

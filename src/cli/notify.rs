@@ -44,15 +44,21 @@ pub fn run(args: NotifyArgs, out: &mut dyn Write) -> Result<()> {
             )?,
             Outcome::Exists => writeln!(out, "snapshot at height {} already exists", reply.height)?,
             Outcome::Skipped => writeln!(out, "no snapshot at height {}: {reason}", reply.height)?,
-            Outcome::Failed => {}
+            Outcome::Refused | Outcome::Failed => {}
         }
     }
-    if reply.outcome == Outcome::Failed {
-        bail!(
-            "snapshot at height {} failed: {}",
+    match reply.outcome {
+        Outcome::Refused => bail!(
+            "height {} refused: {}",
             reply.height,
             reply.reason.unwrap_or_default()
-        );
+        ),
+        Outcome::Failed => bail!(
+            "no snapshot at height {}: {}",
+            reply.height,
+            reply.reason.unwrap_or_default()
+        ),
+        _ => {}
     }
     Ok(())
 }

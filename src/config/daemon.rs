@@ -285,6 +285,9 @@ pub struct DaemonOptions {
     /// How long a snapshot waits for the volume lock.
     #[serde(default, deserialize_with = "de_duration")]
     pub lock_timeout: Option<Duration>,
+    /// Most blocks a height may be ahead of the newest snapshot (0: no
+    /// limit).
+    pub max_height_jump: Option<u64>,
     /// `--socket`.
     pub socket: Option<PathBuf>,
     /// Group owning the socket (root owns it).
@@ -344,7 +347,7 @@ impl DaemonOptions {
             export,
             ..overlay_fields!(base, top;
                 volume, mode, itv, cap, algo, source, rpc_url, height_file, height_command,
-                poll_interval, source_timeout, lock_timeout, socket, socket_group, socket_mode,
+                poll_interval, source_timeout, lock_timeout, max_height_jump, socket, socket_group, socket_mode,
                 log_level, metrics_listen, hooks, export)
         }
     }
@@ -430,6 +433,9 @@ impl DaemonOptions {
             poll_interval: self.poll_interval.unwrap_or(Duration::from_secs(1)),
             source_timeout: self.source_timeout.unwrap_or(Duration::from_secs(5)),
             lock_timeout: self.lock_timeout.unwrap_or(Duration::from_secs(60)),
+            max_height_jump: self
+                .max_height_jump
+                .unwrap_or(crate::daemon::DEFAULT_MAX_HEIGHT_JUMP),
             socket: self.socket.unwrap_or_else(crate::client::default_socket),
             socket_group: self.socket_group,
             socket_mode,
@@ -540,6 +546,9 @@ pub struct DaemonSettings {
     pub source_timeout: Duration,
     /// How long a snapshot waits for the volume lock.
     pub lock_timeout: Duration,
+    /// Most blocks a height may be ahead of the newest snapshot; 0 for no
+    /// limit (see [`crate::daemon::check_height`]).
+    pub max_height_jump: u64,
     /// The control socket.
     pub socket: PathBuf,
     /// Group owning the socket.

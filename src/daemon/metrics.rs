@@ -8,14 +8,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::protocol::Status;
 use chrono::Utc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::broadcast;
 
-use crate::protocol::Status;
-
+use super::shutdown::{self, Shutdown, Trigger};
 use super::state::State;
+use super::{Current, DaemonError};
 
 /// Render `s` in the Prometheus text format.
 pub fn render(s: &Status) -> String {
@@ -170,47 +170,94 @@ pub fn render(s: &Status) -> String {
         ("prune", c.prune_failures),
         ("hook", c.hook_failures),
         ("export", c.export_failures),
+        ("height", c.refused),
     ] {
         let _ = writeln!(out, "btm_errors_total{{kind=\"{kind}\"}} {n}");
     }
     out
 }
 
-/// Serve `GET /metrics` on `addr` until `shutdown` fires.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<State>,
-    mut shutdown: broadcast::Receiver<()>,
-) {
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.recv() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let state = Arc::clone(&state);
-        // Answered inline: rendering is microseconds, and a slow client is
-        // cut off by the timeout.
-        let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, &state)).await;
+/// The running metrics endpoint; it outlives reloads and serves the
+/// current generation's state.
+pub struct Server {
+    addr: SocketAddr,
+    stop: Trigger,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Bind `addr` and serve until stopped.
+    pub fn start(
+        addr: SocketAddr,
+        current: Current,
+        process: Shutdown,
+    ) -> Result<Server, DaemonError> {
+        let std_listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| DaemonError::Metrics { addr, source })?;
+        let listener = TcpListener::from_std(std_listener)
+            .map_err(|source| DaemonError::Metrics { addr, source })?;
+        let (stop, stopped) = shutdown::channel();
+        let task = tokio::spawn(serve(listener, current, process, stopped));
+        Ok(Server { addr, stop, task })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stop and wait.
+    pub async fn stop(self) {
+        self.stop.fire();
+        let _ = self.task.await;
+    }
+
+    /// Stop (another server took over).
+    pub fn retire(self) {
+        self.stop.fire();
     }
 }
 
-/// Bind the metrics address.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+async fn serve(
+    listener: TcpListener,
+    current: Current,
+    mut process: Shutdown,
+    mut stopped: Shutdown,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = process.wait() => return,
+            _ = stopped.wait() => return,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let state = current.borrow().as_ref().map(|g| Arc::clone(&g.state));
+        // Answered inline: rendering is microseconds, and a slow client is
+        // cut off by the timeout.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), answer(stream, state.as_deref())).await;
+    }
 }
 
-async fn answer(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, state: Option<&State>) -> std::io::Result<()> {
     let mut buf = [0u8; 8192];
     let n = stream.read(&mut buf).await?;
     let request = String::from_utf8_lossy(&buf[..n]);
     let (status, body) = if request.starts_with("GET /metrics ") || request.starts_with("GET / ") {
-        ("200 OK", render(&state.status()))
+        match state {
+            Some(state) => ("200 OK", render(&state.status())),
+            None => (
+                "503 Service Unavailable",
+                "the daemon is starting\n".to_owned(),
+            ),
+        }
     } else {
         ("404 Not Found", "only GET /metrics is served\n".to_owned())
     };

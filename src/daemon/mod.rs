@@ -1,31 +1,40 @@
 //! `btm daemon`: follow the node's height and snapshot at block-height
 //! intervals, for months, without attention.
 //!
-//! [`run`] is one *generation*: it checks the volume and the source, binds
-//! the control socket, tells systemd it is ready, and runs its tasks (the
-//! control server, the poller for polled sources, the watchdog) until the
-//! shutdown broadcast fires; then it stops taking new snapshots, lets the one
-//! in flight finish, and waits for every task. [`supervise`] owns the
-//! signals: SIGTERM/SIGINT end the generation and the process; SIGHUP
-//! re-reads the configuration and, only if it is valid, replaces the
-//! generation with a new one (a bad file is logged and ignored). A running
-//! export outlives a reload and is cancelled only when the process ends.
+//! The process has long-lived parts and *generations*. The control socket,
+//! the metrics endpoint, the systemd watchdog and a running export live as
+//! long as the process: a reload never closes the socket, so a node's
+//! notify is never refused or dropped by one. A generation holds what a
+//! configuration decides: the opened volume, the scheduler, the poller. It
+//! starts in stages (open the volume, check the source), each of which
+//! gives way at once to a stop, then publishes itself to the servers and
+//! runs until its stop fires; then it refuses new takes, lets the one in
+//! flight finish, and waits for its tasks. A notify that reaches a stopping
+//! generation is handed to the next one, or fails if the daemon is shutting
+//! down.
+//!
+//! Every task observes stops through [`Shutdown`], which also reports a stop
+//! fired before the task began. [`run`] runs one configuration until its
+//! stop; [`supervise`] owns the signals: SIGTERM/SIGINT stop the process
+//! (a second one exits without waiting), SIGHUP re-reads the configuration
+//! and, only if it is valid, replaces the generation.
 
 mod control;
 mod exporter;
 mod metrics;
 mod poll;
 mod scheduler;
+mod shutdown;
 mod state;
 mod systemd;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::broadcast;
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 
 use crate::config::daemon::{ConfigError, DaemonSettings};
 use crate::height::Poller;
@@ -34,7 +43,11 @@ use crate::protocol::{Counters, Status};
 use crate::BtmCfg;
 use state::State;
 
-pub use scheduler::{poll_due, push_due, PollDecision};
+pub use scheduler::{
+    check_height, poll_due, push_due, PollDecision, Refusal, Taken, DEFAULT_MAX_HEIGHT_JUMP,
+    MAX_HEIGHT,
+};
+pub use shutdown::{channel as shutdown_channel, Shutdown, Trigger};
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -73,46 +86,247 @@ pub enum DaemonError {
     /// A task of the daemon panicked (a bug).
     #[error("internal error: {0}")]
     Internal(String),
+    /// A second SIGTERM or SIGINT arrived while the daemon was stopping.
+    #[error("stopped by a second signal before the snapshot in flight finished")]
+    Interrupted,
 }
 
-/// Run one daemon generation with `settings` until `shutdown` fires.
-///
-/// Contract: returns only after every task it started has ended and any
-/// snapshot in flight has finished; the socket file is removed. Startup
-/// errors (volume missing, socket in use, …) are returned before READY=1.
-pub async fn run(
-    settings: DaemonSettings,
-    shutdown: broadcast::Receiver<()>,
-) -> Result<(), DaemonError> {
-    let carry = Arc::new(exporter::Carry::default());
-    let result = run_generation(settings, shutdown, Arc::clone(&carry)).await;
-    carry.cancel().await;
-    result
+/// One running configuration, as the long-lived servers see it.
+pub(crate) struct Generation {
+    /// Distinguishes generations, so a notify handed back by a stopping
+    /// one waits for the next.
+    id: u64,
+    scheduler: Arc<scheduler::Scheduler>,
+    state: Arc<State>,
+    /// Push mode: notifies are taken; otherwise they are refused.
+    push: bool,
 }
 
-/// One generation whose running export, if any, outlives it in `carry`:
-/// the caller cancels it, or hands `carry` to the next generation.
-async fn run_generation(
-    settings: DaemonSettings,
-    shutdown: broadcast::Receiver<()>,
+/// The newest generation that finished starting (`None` before the first):
+/// what the servers dispatch to.
+type Current = watch::Receiver<Option<Arc<Generation>>>;
+
+/// The parts of the daemon that outlive generations.
+struct Daemon {
+    current: watch::Sender<Option<Arc<Generation>>>,
+    control: Mutex<Option<control::Server>>,
+    metrics: Mutex<Option<metrics::Server>>,
     carry: Arc<exporter::Carry>,
-) -> Result<(), DaemonError> {
-    let (cfg, volume, heights) = {
-        let s = settings.clone();
-        tokio::task::spawn_blocking(move || -> Result<_, crate::Error> {
-            let cfg = BtmCfg::new(&s.volume, s.mode, s.itv, s.cap, s.algo)?;
-            let volume: Arc<dyn crate::volume::Volume> = Arc::from(cfg.open()?);
-            let heights = volume.heights()?;
-            // Views left by a daemon killed mid-export (ZFS clones).
-            if let Err(e) = volume.cleanup_stale_views() {
-                tracing::warn!(error = %e, "could not remove stale snapshot views");
+    /// The process's stop, seen by the servers and their clients.
+    stopped: Shutdown,
+    watchdog: Option<tokio::task::JoinHandle<()>>,
+    generations: AtomicU64,
+}
+
+impl Daemon {
+    /// Bind the control socket (and the metrics endpoint) for `settings`
+    /// and start the watchdog. Nothing is dispatched until a generation is
+    /// published.
+    fn start(settings: &DaemonSettings, stopped: Shutdown) -> Result<Daemon, DaemonError> {
+        let (current, rx) = watch::channel(None);
+        let watchdog = systemd::watchdog_period()
+            .map(|period| tokio::spawn(systemd::watchdog(period, rx, stopped.clone())));
+        let daemon = Daemon {
+            current,
+            control: Mutex::new(None),
+            metrics: Mutex::new(None),
+            carry: Arc::new(exporter::Carry::default()),
+            stopped,
+            watchdog,
+            generations: AtomicU64::new(0),
+        };
+        daemon.configure_servers(settings)?;
+        Ok(daemon)
+    }
+
+    /// Make the control socket and the metrics endpoint match `settings`:
+    /// kept as they are when unchanged (a reload never closes them), the
+    /// socket's owner and mode updated in place, rebound when the address
+    /// changed.
+    fn configure_servers(&self, settings: &DaemonSettings) -> Result<(), DaemonError> {
+        let binding = control::Binding::of(settings);
+        let mut control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        match control.as_mut() {
+            Some(server) if server.binding().path == binding.path => server.rebind(binding)?,
+            _ => {
+                let new = control::Server::start(
+                    binding,
+                    self.current.subscribe(),
+                    self.stopped.clone(),
+                )?;
+                if let Some(old) = control.replace(new) {
+                    old.retire();
+                }
             }
-            Ok((cfg, volume, heights))
-        })
-        .await
-        .map_err(|e| DaemonError::Internal(e.to_string()))??
-    };
-    let state = Arc::new(State::new(Status {
+        }
+        drop(control);
+        let mut metrics = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        let same = metrics.as_ref().map(|m| m.addr()) == settings.metrics_listen;
+        if !same {
+            if let Some(old) = metrics.take() {
+                old.retire();
+            }
+            if let Some(addr) = settings.metrics_listen {
+                *metrics = Some(metrics::Server::start(
+                    addr,
+                    self.current.subscribe(),
+                    self.stopped.clone(),
+                )?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop the servers (clients being served get their answers), cancel a
+    /// running export, and wait for all of it.
+    async fn finish(self) {
+        let control = self
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(c) = control {
+            c.stop().await;
+        }
+        let metrics = self
+            .metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(m) = metrics {
+            m.stop().await;
+        }
+        self.carry.cancel().await;
+        if let Some(w) = self.watchdog {
+            let _ = w.await;
+        }
+    }
+
+    /// Run one generation with `settings` until `stop` fires (see the
+    /// module documentation). A stop during start-up returns at once.
+    async fn generation(
+        &self,
+        settings: DaemonSettings,
+        mut stop: Shutdown,
+    ) -> Result<(), DaemonError> {
+        let opening = {
+            let s = settings.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, crate::Error> {
+                let cfg = BtmCfg::new(&s.volume, s.mode, s.itv, s.cap, s.algo)?;
+                let volume: Arc<dyn crate::volume::Volume> = Arc::from(cfg.open()?);
+                let heights = volume.heights()?;
+                // Views left by a daemon killed mid-export (ZFS clones).
+                if let Err(e) = volume.cleanup_stale_views() {
+                    tracing::warn!(error = %e, "could not remove stale snapshot views");
+                }
+                Ok((cfg, volume, heights))
+            })
+        };
+        let Some(opened) = stop.until(opening).await else {
+            return Ok(());
+        };
+        let (cfg, volume, heights) = opened.map_err(|e| DaemonError::Internal(e.to_string()))??;
+        let state = Arc::new(State::new(initial_status(&cfg, &settings, heights.len())));
+        let exporter = settings.export.clone().map(|e| {
+            Arc::new(exporter::Exporter::new(
+                cfg.clone(),
+                Arc::clone(&volume),
+                e,
+                settings.lock_timeout,
+                settings
+                    .source
+                    .is_polled()
+                    .then(|| settings.poll_interval * 2 + settings.source_timeout),
+                Arc::clone(&state),
+                Arc::clone(&self.carry),
+            ))
+        });
+        let scheduler = Arc::new(scheduler::Scheduler::new(
+            cfg.clone(),
+            volume,
+            settings.clone(),
+            Arc::clone(&state),
+            &heights,
+            exporter.clone(),
+        ));
+        let poller = match settings.source.is_polled() {
+            false => None,
+            true => {
+                let p = Arc::new(Poller::new(
+                    settings.source.clone(),
+                    settings.source_timeout,
+                ));
+                let first = poll::fetch(&p);
+                let Some(first) = stop.until(first).await else {
+                    return Ok(());
+                };
+                // A node that is down is not fatal (the daemon waits for
+                // it), but the operator hears of it now.
+                match first {
+                    Ok(h) => {
+                        state.height_seen(h);
+                        tracing::info!(
+                            source = settings.source.name(),
+                            height = h,
+                            "height source answers"
+                        );
+                    }
+                    Err(e) => {
+                        state.source_failed(&e.to_string());
+                        tracing::warn!(source = settings.source.name(), error = %e, "height source does not answer yet; will keep trying");
+                    }
+                }
+                Some(p)
+            }
+        };
+        self.configure_servers(&settings)?;
+        let generation = Arc::new(Generation {
+            id: self.generations.fetch_add(1, Ordering::Relaxed),
+            scheduler: Arc::clone(&scheduler),
+            state: Arc::clone(&state),
+            push: !settings.source.is_polled(),
+        });
+        self.current.send_replace(Some(generation));
+        let polling = poller.map(|p| {
+            tokio::spawn(poll::run(
+                p,
+                Arc::clone(&scheduler),
+                Arc::clone(&state),
+                settings.poll_interval,
+                stop.clone(),
+            ))
+        });
+        tracing::info!(
+            volume = %cfg.volume,
+            mode = %cfg.mode,
+            source = settings.source.name(),
+            itv = cfg.itv,
+            cap = cfg.cap,
+            algo = %cfg.algo,
+            socket = %settings.socket.display(),
+            export_store = settings.export.as_ref().map(|e| e.store.as_str()),
+            export_every = settings.export.as_ref().map(|e| e.every),
+            "btm daemon ready"
+        );
+        systemd::ready(&state.summary());
+
+        stop.wait().await;
+        scheduler.stop().await;
+        if let Some(x) = &exporter {
+            x.stop();
+        }
+        let mut result = Ok(());
+        if let Some(task) = polling {
+            if let Err(e) = task.await {
+                result = Err(DaemonError::Internal(e.to_string()));
+            }
+        }
+        result
+    }
+}
+
+fn initial_status(cfg: &BtmCfg, settings: &DaemonSettings, snapshots: usize) -> Status {
+    Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         pid: std::process::id(),
         started_at: Utc::now(),
@@ -127,135 +341,27 @@ async fn run_generation(
         source_failing_since: None,
         last_snapshot: None,
         in_progress: None,
-        snapshot_count: heights.len(),
+        snapshot_count: snapshots,
         next_due: None,
         export_store: settings.export.as_ref().map(|e| e.store.clone()),
         last_export: None,
         export: None,
         recent_errors: Vec::new(),
         counters: Counters::default(),
-    }));
-    let exporter = settings.export.clone().map(|e| {
-        Arc::new(exporter::Exporter::new(
-            cfg.clone(),
-            Arc::clone(&volume),
-            e,
-            settings.lock_timeout,
-            settings
-                .source
-                .is_polled()
-                .then(|| settings.poll_interval * 2 + settings.source_timeout),
-            Arc::clone(&state),
-            Arc::clone(&carry),
-        ))
-    });
-    let scheduler = Arc::new(scheduler::Scheduler::new(
-        cfg.clone(),
-        volume,
-        settings.clone(),
-        Arc::clone(&state),
-        &heights,
-        exporter.clone(),
-    ));
+    }
+}
 
-    let poller = settings.source.is_polled().then(|| {
-        Arc::new(Poller::new(
-            settings.source.clone(),
-            settings.source_timeout,
-        ))
-    });
-    if let Some(p) = &poller {
-        // Check the source once before READY=1. A node that is down is not
-        // fatal (the daemon waits for it), but the operator hears of it now.
-        let p2 = Arc::clone(p);
-        match tokio::task::spawn_blocking(move || p2.fetch()).await {
-            Ok(Ok(h)) => {
-                state.height_seen(h);
-                tracing::info!(
-                    source = settings.source.name(),
-                    height = h,
-                    "height source answers"
-                );
-            }
-            Ok(Err(e)) => {
-                state.source_failed(&e.to_string());
-                tracing::warn!(source = settings.source.name(), error = %e, "height source does not answer yet; will keep trying");
-            }
-            Err(e) => return Err(DaemonError::Internal(e.to_string())),
-        }
-    }
-
-    let metrics_listener = match settings.metrics_listen {
-        Some(addr) => Some(
-            metrics::bind(addr)
-                .await
-                .map_err(|source| DaemonError::Metrics { addr, source })?,
-        ),
-        None => None,
-    };
-    let listener = control::bind(
-        &settings.socket,
-        settings.socket_group.as_deref(),
-        settings.socket_mode,
-    )?;
-    let mut tasks = JoinSet::new();
-    tasks.spawn(control::serve(
-        listener,
-        settings.socket.clone(),
-        Arc::clone(&scheduler),
-        Arc::clone(&state),
-        !settings.source.is_polled(),
-        shutdown.resubscribe(),
-    ));
-    if let Some(p) = poller {
-        tasks.spawn(poll::run(
-            p,
-            Arc::clone(&scheduler),
-            Arc::clone(&state),
-            settings.poll_interval,
-            shutdown.resubscribe(),
-        ));
-    }
-    if let Some(listener) = metrics_listener {
-        tasks.spawn(metrics::serve(
-            listener,
-            Arc::clone(&state),
-            shutdown.resubscribe(),
-        ));
-    }
-    if let Some(period) = systemd::watchdog_period() {
-        tasks.spawn(systemd::watchdog(
-            period,
-            Arc::clone(&state),
-            shutdown.resubscribe(),
-        ));
-    }
-    tracing::info!(
-        volume = %cfg.volume,
-        mode = %cfg.mode,
-        source = settings.source.name(),
-        itv = cfg.itv,
-        cap = cfg.cap,
-        algo = %cfg.algo,
-        socket = %settings.socket.display(),
-        export_store = settings.export.as_ref().map(|e| e.store.as_str()),
-        export_every = settings.export.as_ref().map(|e| e.every),
-        "btm daemon ready"
-    );
-    systemd::ready(&state.summary());
-
-    let mut shutdown = shutdown;
-    let _ = shutdown.recv().await;
-    scheduler.stop().await;
-    if let Some(x) = &exporter {
-        x.stop();
-    }
-    let mut result = Ok(());
-    while let Some(done) = tasks.join_next().await {
-        if let Err(e) = done {
-            result = Err(DaemonError::Internal(e.to_string()));
-        }
-    }
+/// Run the daemon with `settings` until `shutdown` fires.
+///
+/// Contract: a stop fired before or during start-up is honoured; returns
+/// only after every task it started has ended, the snapshot in flight (if
+/// any) has finished, every client has had its answer, and a running
+/// export was cancelled; the socket file is removed. Start-up errors
+/// (volume missing, socket in use, …) are returned before READY=1.
+pub async fn run(settings: DaemonSettings, shutdown: Shutdown) -> Result<(), DaemonError> {
+    let daemon = Daemon::start(&settings, shutdown.clone())?;
+    let result = daemon.generation(settings, shutdown).await;
+    daemon.finish().await;
     tracing::info!("btm daemon stopped");
     result
 }
@@ -267,16 +373,25 @@ pub async fn supervise(
     initial: DaemonSettings,
     reload: impl FnMut() -> Result<DaemonSettings, ConfigError>,
 ) -> Result<(), DaemonError> {
-    let signals = Signals {
+    let mut signals = Signals {
         term: signal(SignalKind::terminate()).map_err(DaemonError::Signals)?,
         int: signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?,
         hup: signal(SignalKind::hangup()).map_err(DaemonError::Signals)?,
     };
-    // A running export survives reloads; it is cancelled when the daemon
-    // ends, however it ends.
-    let carry = Arc::new(exporter::Carry::default());
-    let result = generations(initial, reload, signals, &carry).await;
-    carry.cancel().await;
+    let (stop, stopped) = shutdown::channel();
+    let daemon = Daemon::start(&initial, stopped)?;
+    let result = generations(&daemon, initial, reload, &mut signals, &stop).await;
+    stop.fire();
+    let finished = daemon.finish();
+    tokio::pin!(finished);
+    // Clients waiting for the snapshot in flight get their answers; a
+    // second signal stops waiting.
+    tokio::select! {
+        _ = &mut finished => {}
+        _ = signals.term.recv() => return Err(DaemonError::Interrupted),
+        _ = signals.int.recv() => return Err(DaemonError::Interrupted),
+    }
+    tracing::info!("btm daemon stopped");
     result
 }
 
@@ -288,19 +403,19 @@ struct Signals {
 }
 
 async fn generations(
+    daemon: &Daemon,
     mut settings: DaemonSettings,
     mut reload: impl FnMut() -> Result<DaemonSettings, ConfigError>,
-    mut signals: Signals,
-    carry: &Arc<exporter::Carry>,
+    signals: &mut Signals,
+    stop: &Trigger,
 ) -> Result<(), DaemonError> {
     loop {
-        let (tx, rx) = broadcast::channel(1);
-        let mut generation = tokio::spawn(run_generation(settings.clone(), rx, Arc::clone(carry)));
+        let (gen_stop, gen_stopped) = shutdown::channel();
+        let generation = daemon.generation(settings.clone(), gen_stopped);
+        tokio::pin!(generation);
         let next = loop {
             tokio::select! {
-                ended = &mut generation => {
-                    return ended.map_err(|e| DaemonError::Internal(e.to_string()))?;
-                }
+                ended = &mut generation => return ended,
                 _ = signals.term.recv() => break None,
                 _ = signals.int.recv() => break None,
                 _ = signals.hup.recv() => match reload() {
@@ -315,13 +430,18 @@ async fn generations(
             }
         };
         match &next {
-            None => systemd::stopping(),
+            None => {
+                systemd::stopping();
+                stop.fire();
+            }
             Some(_) => systemd::reloading(),
         }
-        let _ = tx.send(());
-        generation
-            .await
-            .map_err(|e| DaemonError::Internal(e.to_string()))??;
+        gen_stop.fire();
+        tokio::select! {
+            ended = &mut generation => ended?,
+            _ = signals.term.recv() => return Err(DaemonError::Interrupted),
+            _ = signals.int.recv() => return Err(DaemonError::Interrupted),
+        }
         match next {
             None => return Ok(()),
             Some(new) => settings = new,

@@ -7,12 +7,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::broadcast;
-
 use crate::height::{HeightError, Poller};
 use crate::protocol::Outcome;
 
-use super::scheduler::{backoff, poll_due, PollDecision, Scheduler};
+use super::scheduler::{backoff, poll_due, PollDecision, Scheduler, Taken};
+use super::shutdown::Shutdown;
 use super::state::State;
 
 /// How often a persisting problem is logged again.
@@ -49,7 +48,8 @@ impl RateLimit {
     }
 }
 
-async fn fetch(poller: &Arc<Poller>) -> Result<u64, HeightError> {
+/// Read the height once, on a blocking thread.
+pub async fn fetch(poller: &Arc<Poller>) -> Result<u64, HeightError> {
     let p = Arc::clone(poller);
     tokio::task::spawn_blocking(move || p.fetch())
         .await
@@ -67,7 +67,7 @@ pub async fn run(
     scheduler: Arc<Scheduler>,
     state: Arc<State>,
     interval: Duration,
-    mut shutdown: broadcast::Receiver<()>,
+    mut shutdown: Shutdown,
 ) {
     let itv = scheduler.cfg().itv;
     let volume = scheduler.cfg().volume.clone();
@@ -77,11 +77,14 @@ pub async fn run(
     let mut backwards = RateLimit::default();
     let mut delay = Duration::ZERO;
     loop {
-        tokio::select! {
-            _ = shutdown.recv() => return,
-            _ = tokio::time::sleep(delay) => {}
+        if shutdown.until(tokio::time::sleep(delay)).await.is_none() {
+            return;
         }
-        let height = match fetch(&poller).await {
+        // A source that hangs until its timeout must not delay a stop.
+        let Some(fetched) = shutdown.until(fetch(&poller)).await else {
+            return;
+        };
+        let height = match fetched {
             Ok(h) => h,
             Err(e) => {
                 failures = failures.saturating_add(1);
@@ -115,11 +118,16 @@ pub async fn run(
             }
             PollDecision::Take => {
                 backwards.reset();
-                let reply = scheduler.take(height).await;
+                let Taken::Reply(reply) = scheduler.take(height).await else {
+                    return;
+                };
                 if reply.outcome == Outcome::Created {
                     // Close the window: the snapshot's state is somewhere in
                     // [height, after].
-                    match fetch(&poller).await {
+                    let Some(after) = shutdown.until(fetch(&poller)).await else {
+                        return;
+                    };
+                    match after {
                         Ok(after) => {
                             state.height_seen(after);
                             state.window_closed(height, after);

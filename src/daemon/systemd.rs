@@ -7,10 +7,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::shutdown::Shutdown;
+use super::Current;
 use sd_notify::NotifyState;
-use tokio::sync::broadcast;
-
-use super::state::State;
 
 fn send(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
@@ -49,17 +48,24 @@ pub fn watchdog_period() -> Option<Duration> {
     sd_notify::watchdog_enabled()
 }
 
-/// Send WATCHDOG=1 every `period / 2` and refresh STATUS=, unless one
+/// Send WATCHDOG=1 every `period / 2` and refresh STATUS= from the
+/// current generation, unless one
 /// snapshot has been in progress for longer than `period`: then the pings
 /// stop and systemd restarts the daemon instead of trusting a hung `zfs`.
-pub async fn watchdog(period: Duration, state: Arc<State>, mut shutdown: broadcast::Receiver<()>) {
+pub async fn watchdog(period: Duration, current: Current, mut shutdown: Shutdown) {
     let mut tick = tokio::time::interval(period / 2);
     let mut stuck_since: Option<(u64, Instant)> = None;
     loop {
-        tokio::select! {
-            _ = shutdown.recv() => return,
-            _ = tick.tick() => {}
+        if shutdown.until(tick.tick()).await.is_none() {
+            return;
         }
+        // systemd arms the watchdog at READY=1, which the first
+        // generation sends; until then there is nothing to ping. A reload
+        // keeps the previous generation current until the next is ready.
+        let state = current.borrow().as_ref().map(|g| Arc::clone(&g.state));
+        let Some(state) = state else {
+            continue;
+        };
         let in_progress = state.status().in_progress;
         stuck_since = match (in_progress, stuck_since) {
             (None, _) => None,

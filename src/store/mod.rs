@@ -175,10 +175,15 @@ pub fn open_existing(url: &str) -> Result<Box<dyn Store>, StoreError> {
         Some(_) => None,
     };
     if let Some(path) = local.filter(|p| !p.is_empty()) {
-        if !std::path::Path::new(path).is_dir() {
+        let detail = match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => None,
+            Ok(_) => Some("it is a file, not a store directory"),
+            Err(_) => Some("no such directory"),
+        };
+        if let Some(detail) = detail {
             return Err(StoreError::InvalidUrl {
                 url: url.to_owned(),
-                detail: "no such directory".into(),
+                detail: detail.into(),
             });
         }
     }

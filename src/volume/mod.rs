@@ -133,6 +133,14 @@ pub enum Error {
     /// Auto-detection found neither a ZFS dataset nor a btrfs subvolume.
     #[error("cannot tell whether '{0}' is ZFS or btrfs: it is neither a ZFS dataset nor a btrfs subvolume (use -m to say which)")]
     Undetected(String),
+    /// A relative name that is neither a ZFS dataset nor an existing path.
+    #[error("'{name}' is neither a ZFS dataset nor an existing path below the current directory ({}); give a btrfs subvolume as an absolute path", cwd.display())]
+    RelativeUndetected {
+        /// The name as given.
+        name: String,
+        /// The directory it was resolved against.
+        cwd: PathBuf,
+    },
     /// No btm snapshot exists at this height.
     #[error("no snapshot at height {0}")]
     NoSuchSnapshot(u64),
@@ -349,30 +357,53 @@ pub fn open(volume: &str, mode: Option<SnapMode>) -> Result<Box<dyn Volume>, Err
 
 fn detect(volume: &str) -> Result<Box<dyn Volume>, Error> {
     let path = Path::new(volume);
+    if !path.is_absolute() {
+        return detect_relative(volume);
+    }
     // A missing path is missing whatever the filesystem; asking `zfs` would
     // only add noise (or its daemon's complaints) to the error.
-    if path.is_absolute() && !path.exists() {
+    if !path.exists() {
         return Err(Error::NotFound(volume.to_owned()));
     }
     // A path that exists is tried as btrfs first; a ZFS dataset is named
     // without a leading '/', but a ZFS mountpoint path is accepted too.
-    if path.is_absolute() {
-        match btrfs::BtrfsVolume::open(volume) {
-            Ok(v) => return Ok(Box::new(v)),
-            Err(Error::WrongType { .. }) => {}
-            Err(e) => return Err(e),
-        }
+    match btrfs::BtrfsVolume::open(volume) {
+        Ok(v) => return Ok(Box::new(v)),
+        Err(Error::WrongType { .. }) => {}
+        Err(e) => return Err(e),
     }
+    match try_zfs(volume)? {
+        Some(v) => Ok(v),
+        None => Err(Error::Undetected(volume.to_owned())),
+    }
+}
+
+/// A relative name is a ZFS dataset (`tank/chain`) or, failing that, a
+/// path below the current directory, resolved to an absolute one.
+fn detect_relative(volume: &str) -> Result<Box<dyn Volume>, Error> {
+    if let Some(v) = try_zfs(volume)? {
+        return Ok(v);
+    }
+    if Path::new(volume).exists() {
+        return Ok(Box::new(btrfs::BtrfsVolume::open(volume)?));
+    }
+    Err(Error::RelativeUndetected {
+        name: volume.to_owned(),
+        cwd: std::env::current_dir().unwrap_or_default(),
+    })
+}
+
+/// `volume` as a ZFS dataset; `None` when it is not one (or there is no
+/// usable ZFS here).
+fn try_zfs(volume: &str) -> Result<Option<Box<dyn Volume>>, Error> {
     match zfs::ZfsVolume::open(volume) {
-        Ok(v) => Ok(Box::new(v)),
-        Err(Error::NotFound(_)) | Err(Error::WrongType { .. }) => {
-            Err(Error::Undetected(volume.to_owned()))
-        }
+        Ok(v) => Ok(Some(Box::new(v))),
+        Err(Error::NotFound(_)) | Err(Error::WrongType { .. }) => Ok(None),
         // No zfs tool installed: the volume is not ZFS, as far as we can tell.
         Err(Error::Command(c))
             if matches!(c.kind, CmdErrorKind::Spawn | CmdErrorKind::Unavailable) =>
         {
-            Err(Error::Undetected(volume.to_owned()))
+            Ok(None)
         }
         Err(e) => Err(e),
     }

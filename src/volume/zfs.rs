@@ -385,8 +385,19 @@ impl Volume for ZfsVolume {
         let stash = if preserve.is_empty() {
             None
         } else {
+            preserve::check_sources(&root, preserve)?;
+            // The files are written into the rolled-back dataset after the
+            // rollback, which cannot be undone: check now, in the target
+            // snapshot, that no symlink would take them elsewhere.
+            let view = self.view(target)?;
+            let checked = preserve::check_destination(view.path(), preserve);
+            view.close()?;
+            checked?;
             let dir = crate::dirs::preserve_stash(&self.dataset)?;
-            preserve::copy_into(&root, &dir, preserve)?;
+            if let Err(e) = preserve::copy_into(&root, &dir, preserve) {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e.into());
+            }
             Some(dir)
         };
         let mut args = vec!["rollback"];

@@ -573,6 +573,11 @@ impl DaemonProc {
     /// SIGTERM and wait; the exit code.
     pub fn stop(&mut self) -> Option<i32> {
         self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait_exit()
+    }
+
+    /// Wait (up to 10 s, then SIGKILL) for the daemon to exit; the code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
         for _ in 0..400 {
             if let Ok(Some(s)) = self.child.try_wait() {
                 return s.code();

@@ -16,6 +16,7 @@ macro_rules! all_scenarios {
             foreign_snapshots_survive_every_command,
             retention_matches_simulate,
             rollback_behaviour,
+            rollback_preserve_never_follows_symlinks,
             clean_keeps_newest,
             destroy_failures_are_reported_one_by_one,
             detection_only_reads,
@@ -246,6 +247,65 @@ pub fn rollback_behaviour(fx: &impl Fixture) {
     fx.btm(&["clean"]).ok();
     let err = fx.btm(&["rollback", "--yes"]).fails(1);
     assert!(err.contains("no btm snapshots"), "{err}");
+}
+
+/// Issue 10.2: `--preserve` resolves every component without following a
+/// symlink, on both sides. A `data` symlink in the target snapshot must not
+/// make the preserve write outside the volume; a `data` symlink in the live
+/// volume must not make it read a file from outside. Either is refused with
+/// nothing changed.
+pub fn rollback_preserve_never_follows_symlinks(fx: &impl Fixture) {
+    let state = "data/priv_validator_state.json";
+    let outside = fx.scratch().join("outside");
+    std::fs::create_dir_all(&outside).expect("mkdir");
+    std::fs::write(outside.join("priv_validator_state.json"), "victim").expect("w");
+    std::fs::write(outside.join("secret"), "root-only secret").expect("w");
+
+    // The target snapshot has `data` -> outside.
+    std::os::unix::fs::symlink(&outside, fx.root().join("data")).expect("ln");
+    snapshot(fx, 10);
+    std::fs::remove_file(fx.root().join("data")).expect("rm");
+    fx.write(state, "{\"height\":\"99\"}");
+    fx.write("f", "live");
+    snapshot(fx, 20);
+    let err = fx
+        .btm(&["rollback", "-s", "10", "-S", "--yes", "--preserve", state])
+        .fails(1);
+    assert!(err.contains("symlink"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(outside.join("priv_validator_state.json")).expect("r"),
+        "victim",
+        "nothing written outside the volume"
+    );
+    assert_eq!(std::fs::read_dir(&outside).expect("ls").count(), 2);
+    assert_eq!(fx.read("f"), "live", "nothing changed");
+    assert_eq!(fx.heights(), vec![20, 10]);
+
+    // The live volume has `data` -> outside: the preserve would read it.
+    std::fs::remove_dir_all(fx.root().join("data")).expect("rm");
+    std::os::unix::fs::symlink(&outside, fx.root().join("data")).expect("ln");
+    let err = fx
+        .btm(&[
+            "rollback",
+            "-s",
+            "20",
+            "-S",
+            "--yes",
+            "--preserve",
+            "data/secret",
+        ])
+        .fails(1);
+    assert!(err.contains("symlink"), "{err}");
+    assert!(
+        !fx.root().join("data").is_dir()
+            || std::fs::symlink_metadata(fx.root().join("data"))
+                .expect("m")
+                .file_type()
+                .is_symlink(),
+        "volume unchanged"
+    );
+    assert_eq!(fx.heights(), vec![20, 10]);
+    assert_eq!(fx.read("f"), "live");
 }
 
 pub fn clean_keeps_newest(fx: &impl Fixture) {
