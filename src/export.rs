@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::chunk::backup::{BackupOptions, BackupSummary};
+use crate::chunk::cache::Cache;
+use crate::chunk::format::head::Decoded;
 use crate::chunk::gc::{GcOptions, GcReport};
 use crate::chunk::{self, ChunkError, Progress};
 use crate::lock::VolumeLock;
@@ -41,10 +43,14 @@ pub struct ExportSettings {
     pub tag: String,
     /// Backups of this tag kept after each export.
     pub keep: u64,
-    /// Local chunk cache directory.
+    /// Local metadata cache directory (default: see [`Cache::default_dir`]).
     pub cache: Option<PathBuf>,
     /// Worker threads.
     pub concurrency: usize,
+    /// Store requests in flight; `None` for the store's default.
+    pub connections: Option<usize>,
+    /// Pack size; `None` for the default.
+    pub pack_size: Option<usize>,
     /// Most bytes read per second.
     pub max_rate: Option<u64>,
     /// Relative paths of append-only files (block logs).
@@ -182,7 +188,7 @@ pub fn export(
     // compare with. The backup reads the parent index again on purpose:
     // it relies on the parent's chunks, which is safe only for an index
     // read under its lease (see chunk::lease).
-    let parent = chunk::latest_index(store.as_ref(), &s.tag, None)?;
+    let parent = chunk::catalog::latest(store.as_ref(), &s.tag, None)?;
     if let Some((name, idx)) = &parent {
         let prev = idx.height();
         let done = match which {
@@ -213,8 +219,14 @@ pub fn export(
     opts.meta = meta;
     opts.append_only = s.append_only.clone();
     opts.workers = s.concurrency.max(1);
+    opts.connections = s.connections;
+    if let Some(p) = s.pack_size {
+        opts.pack_size = p;
+    }
     opts.max_rate = s.max_rate;
-    opts.cache = s.cache.clone();
+    if let Some(dir) = &s.cache {
+        opts.cache = Some(Cache::new(dir.clone()));
+    }
     opts.progress = progress;
 
     // On btrfs the previous export's snapshot, if still there, lets changed
@@ -252,6 +264,10 @@ pub fn export(
         let opts = GcOptions {
             grace: s.gc_grace,
             dry_run: false,
+            connections: s
+                .connections
+                .unwrap_or_else(|| chunk::backup::default_connections(store.as_ref())),
+            cache: opts.cache.clone(),
         };
         match chunk::gc::gc(store.as_ref(), &opts) {
             Ok(g) => report.gc = Some(g),
@@ -266,9 +282,9 @@ pub fn export(
 
 /// The height of the snapshot of `volume` that the backup `idx` was made
 /// from, according to its metadata.
-fn parent_snapshot(idx: &crate::chunk::index::Index, volume: &str) -> Option<u64> {
+fn parent_snapshot(idx: &Decoded, volume: &str) -> Option<u64> {
     let h = idx.height()?;
-    let made_from = idx.meta.get("snapshot")?.as_str()?;
+    let made_from = idx.meta().get("snapshot")?.as_str()?;
     (made_from == format!("{volume}@{h}")).then_some(h)
 }
 

@@ -1,7 +1,5 @@
-//! Exports and garbage collection.
+//! Exports (garbage collection is tested in `gc.rs`).
 //!
-//! - GC safety against a concurrent backup, the grace period, and a GC that
-//!   dies half-way (library level, on a local store).
 //! - `btm export` on real btrfs and zfs-fuse volumes: reads the snapshot,
 //!   not the live files; incremental across snapshots (the unchanged-file
 //!   rule holds on both filesystems); pins the snapshot against pruning;
@@ -12,14 +10,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use btm::chunk::backup::{backup, BackupOptions};
-use btm::chunk::gc::{gc, GcOptions};
-use btm::store::{LocalStore, Store};
-use common::{btm, noise, Btrfs, DaemonProc, FaultyStore, Fixture, Zfs};
+use common::{btm, noise, Btrfs, DaemonProc, Fixture, Zfs};
 
 const MIB: usize = 1 << 20;
 
@@ -27,17 +21,6 @@ fn tree(dir: &Path, files: &[(&str, u64, usize)]) {
     std::fs::create_dir_all(dir).expect("mkdir");
     for (name, seed, len) in files {
         std::fs::write(dir.join(name), noise(*seed, *len)).expect("write");
-    }
-}
-
-fn store_at(dir: &Path) -> LocalStore {
-    LocalStore::open(dir.to_str().expect("utf8")).expect("store")
-}
-
-fn now_gc() -> GcOptions {
-    GcOptions {
-        grace: Duration::ZERO,
-        dry_run: false,
     }
 }
 
@@ -55,210 +38,6 @@ fn restore_equals(store: &str, name: &str, expected: &Path, scratch: &Path) {
             expected.to_str().expect("utf8"),
             dst.to_str().expect("utf8"),
         ],
-    );
-}
-
-#[test]
-fn gc_never_deletes_chunks_a_running_backup_relies_on() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let src = dir.path().join("src");
-    tree(&src, &[("a", 1, 2 * MIB), ("b", 2, 2 * MIB)]);
-    let store = store_at(&dir.path().join("store"));
-
-    // Another node's backup of the same bytes, then deleted by retention:
-    // its chunks are garbage, and GC marks them.
-    let mut opts = BackupOptions::new("other");
-    opts.chunk_size = MIB as u64;
-    let first = backup(&store, &src, &opts).expect("backup");
-    store.delete_index(&first.name).expect("delete");
-    let r = gc(&store, &now_gc()).expect("gc");
-    assert_eq!((r.marked, r.deleted), (4, 0), "{r:?}");
-
-    // A slow backup now finds those chunks in the store and relies on them
-    // without uploading. A sweep while it runs must not delete them.
-    let mut slow = BackupOptions::new("node");
-    slow.chunk_size = MIB as u64;
-    slow.max_rate = Some(MIB as u64);
-    let running = std::thread::scope(|s| {
-        let h = s.spawn(|| backup(&store, &src, &slow));
-        sleep(Duration::from_millis(800));
-        let during = gc(&store, &now_gc()).expect("gc during backup");
-        let summary = h.join().expect("join").expect("backup");
-        (during, summary)
-    });
-    let (during, summary) = running;
-    assert!(during.deferred.is_some(), "sweep must wait: {during:?}");
-    assert_eq!(during.deleted, 0);
-    assert_eq!(summary.chunks_uploaded, 0, "the chunks were known");
-
-    // Afterwards the sweep runs, re-checks against the new index, and
-    // deletes nothing that it references.
-    let after = gc(&store, &now_gc()).expect("gc after");
-    assert!(after.deferred.is_none(), "{after:?}");
-    assert_eq!((after.marks_swept, after.deleted), (1, 0), "{after:?}");
-    let check = btm::chunk::check(&store, true).expect("check");
-    assert!(check.problems.is_empty(), "{:?}", check.problems);
-    restore_equals(
-        dir.path().join("store").to_str().expect("utf8"),
-        &summary.name,
-        &src,
-        dir.path(),
-    );
-}
-
-#[test]
-fn a_live_sweep_makes_backups_wait_for_it() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let src = dir.path().join("src");
-    tree(&src, &[("a", 3, 100_000)]);
-    let store = Arc::new(store_at(&dir.path().join("store")));
-    store
-        .put_marker("locks/sweep-othernode-1-1-0", b"{}")
-        .expect("marker");
-    let remover = {
-        let store = Arc::clone(&store);
-        std::thread::spawn(move || {
-            sleep(Duration::from_secs(3));
-            store
-                .delete_marker("locks/sweep-othernode-1-1-0")
-                .expect("delete");
-        })
-    };
-    let started = Instant::now();
-    backup(store.as_ref(), &src, &BackupOptions::new("t")).expect("backup");
-    assert!(
-        started.elapsed() >= Duration::from_secs(3),
-        "the backup did not wait for the sweep ({:?})",
-        started.elapsed()
-    );
-    remover.join().expect("join");
-    assert!(store.list_markers("locks").expect("list").is_empty());
-
-    // A backup waiting for a sweep can be cancelled (the daemon stopping).
-    store
-        .put_marker("locks/sweep-othernode-1-1-1", b"{}")
-        .expect("marker");
-    let opts = BackupOptions::new("t");
-    let cancel = Arc::clone(&opts.progress);
-    let started = Instant::now();
-    let result = std::thread::scope(|s| {
-        let h = s.spawn(|| backup(store.as_ref(), &src, &opts));
-        sleep(Duration::from_millis(500));
-        cancel
-            .cancel
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        h.join().expect("join")
-    });
-    assert!(
-        matches!(result, Err(btm::chunk::ChunkError::Cancelled)),
-        "{result:?}"
-    );
-    assert!(started.elapsed() < Duration::from_secs(3));
-    assert_eq!(
-        store.list_markers("locks").expect("list").len(),
-        1,
-        "only the sweep's"
-    );
-}
-
-#[test]
-fn gc_waits_out_the_grace_period_and_keeps_referenced_chunks() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let store_dir = dir.path().join("store");
-    let store = store_at(&store_dir);
-    let (v1, v2) = (dir.path().join("v1"), dir.path().join("v2"));
-    tree(&v1, &[("a", 10, MIB), ("b", 11, MIB)]);
-    tree(&v2, &[("a", 10, MIB), ("c", 12, MIB)]);
-    let mut opts = BackupOptions::new("t");
-    opts.chunk_size = MIB as u64;
-    let b1 = backup(&store, &v1, &opts).expect("b1");
-    let b2 = backup(&store, &v2, &opts).expect("b2");
-    assert_eq!(store.list_chunks().expect("list").len(), 3);
-    store.delete_index(&b1.name).expect("retention");
-
-    let day = GcOptions::default();
-    let r = gc(&store, &day).expect("gc");
-    assert_eq!((r.marked, r.deleted, r.pending), (1, 0, 0), "{r:?}");
-    let r = gc(&store, &day).expect("gc again");
-    assert_eq!((r.marked, r.deleted, r.pending), (0, 0, 1), "{r:?}");
-    let dry = gc(
-        &store,
-        &GcOptions {
-            grace: Duration::ZERO,
-            dry_run: true,
-        },
-    )
-    .expect("dry run");
-    assert_eq!(dry.deleted, 1);
-    assert_eq!(
-        store.list_chunks().expect("list").len(),
-        3,
-        "dry run deleted"
-    );
-    let r = gc(&store, &now_gc()).expect("gc after grace");
-    assert_eq!((r.deleted, r.marks_swept), (1, 1), "{r:?}");
-    assert_eq!(store.list_chunks().expect("list").len(), 2);
-    assert!(store.list_markers("gc").expect("list").is_empty());
-    restore_equals(store_dir.to_str().expect("utf8"), &b2.name, &v2, dir.path());
-
-    // The CLI runs the same code and reports it.
-    let out = btm(
-        dir.path(),
-        &["gc", "-s", store_dir.to_str().expect("utf8"), "--json"],
-    )
-    .ok();
-    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
-    assert_eq!(v["referenced"], 2);
-    btm(
-        dir.path(),
-        &[
-            "gc",
-            "-s",
-            store_dir.to_str().expect("utf8"),
-            "--grace",
-            "soon",
-        ],
-    )
-    .fails(2);
-    // A mistyped store is an error, not an empty store.
-    let err = btm(dir.path(), &["gc", "-s", "/nonexistent/store"]).fails(1);
-    assert!(err.contains("no such directory"), "{err}");
-    btm(dir.path(), &["backups", "-s", "/nonexistent/store"]).fails(1);
-}
-
-#[test]
-fn a_gc_that_dies_half_way_leaves_a_valid_store() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let store_dir = dir.path().join("store");
-    let src = dir.path().join("src");
-    tree(&src, &[("a", 20, MIB), ("b", 21, MIB), ("c", 22, MIB)]);
-    let store = store_at(&store_dir);
-    let mut opts = BackupOptions::new("t");
-    opts.chunk_size = MIB as u64;
-    let old = backup(&store, &src, &opts).expect("old");
-    tree(&src, &[("a", 30, MIB), ("b", 31, MIB), ("c", 32, MIB)]);
-    let new = backup(&store, &src, &opts).expect("new");
-    store.delete_index(&old.name).expect("retention");
-    gc(&store, &now_gc()).expect("mark");
-
-    let faulty = FaultyStore::new(&store_dir, i64::MAX, 1);
-    let err = gc(&faulty, &now_gc()).expect_err("the second delete fails");
-    assert!(err.to_string().contains("injected"), "{err}");
-    let check = btm::chunk::check(&store, true).expect("check");
-    assert!(check.problems.is_empty(), "{:?}", check.problems);
-    assert!(
-        faulty.list_markers("locks").expect("list").is_empty(),
-        "lease left behind"
-    );
-
-    let r = gc(&store, &now_gc()).expect("finish");
-    assert_eq!(r.marks_swept, 1, "{r:?}");
-    assert_eq!(store.list_chunks().expect("list").len(), 3);
-    restore_equals(
-        store_dir.to_str().expect("utf8"),
-        &new.name,
-        &src,
-        dir.path(),
     );
 }
 
@@ -394,7 +173,7 @@ fn slow_config(fx: &impl Fixture, store: &str, rate: &str) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "volume = \"{}\"\nmode = \"{}\"\nitv = 10\ncap = 1\n\n[export]\nstore = \"{store}\"\nevery = 10\ntag = \"node1\"\nmax_rate = \"{rate}\"\nconcurrency = 2\n",
+            "volume = \"{}\"\nmode = \"{}\"\nitv = 10\ncap = 1\n\n[export]\nstore = \"{store}\"\nevery = 10\ntag = \"node1\"\nmax_rate = \"{rate}\"\nconcurrency = 2\npack_size = \"1MiB\"\n",
             fx.volume(),
             fx.mode()
         ),
@@ -591,10 +370,10 @@ fn sigkill_mid_export_leaves_no_index_and_the_next_export_resumes() {
     drop(daemon);
     let listed = btm(fx.scratch(), &["backups", "-s", &store, "--json"]).ok();
     assert_eq!(listed.trim(), "[]", "a partial export left an index");
-    let uploaded_before = std::fs::read_dir(Path::new(&store).join("chunks"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    assert!(uploaded_before > 0);
+    let uploaded_before = common::sh("find", &[&format!("{store}/packs"), "-type", "f"])
+        .lines()
+        .count();
+    assert!(uploaded_before > 0, "nothing was uploaded before the kill");
 
     // Restart at full speed: the same bucket is due again and reuses what
     // was uploaded.

@@ -10,35 +10,67 @@ use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::Duration;
 
-use btm::chunk::index::ChunkHash;
-use btm::store::{LocalStore, Store, StoreError};
+use btm::store::{Id, Kind, LocalStore, Store, StoreError};
 
 fn contract(store: &dyn Store) {
-    assert!(store.list_chunks().expect("list").is_empty());
+    for kind in Kind::ALL {
+        assert!(store.list(kind).expect("list").is_empty(), "{kind:?}");
+    }
     assert!(store.list_indexes().expect("list").is_empty());
 
-    // Write-once chunks: a second put under the same hash keeps the first.
-    let h = ChunkHash::of(b"chunk one");
-    store.put_chunk(&h, b"first").expect("put");
-    store
-        .put_chunk(&h, b"second")
-        .expect("put again is not an error");
-    assert_eq!(store.get_chunk(&h).expect("get"), b"first");
-    assert_eq!(store.list_chunks().expect("list"), vec![h]);
-    let missing = ChunkHash::of(b"never stored");
+    // Write-once objects: a second put under the same id keeps the first,
+    // and kinds do not mix.
+    let h = Id::of(b"object one");
+    for kind in Kind::ALL {
+        store.put(kind, &h, b"first").expect("put");
+        store
+            .put(kind, &h, b"second")
+            .expect("put again is not an error");
+        assert_eq!(store.get(kind, &h).expect("get"), b"first", "{kind:?}");
+        assert_eq!(store.list(kind).expect("list"), vec![(h, 5)], "{kind:?}");
+    }
+    let missing = Id::of(b"never stored");
     assert!(matches!(
-        store.get_chunk(&missing),
+        store.get(Kind::Pack, &missing),
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.size(Kind::Pack, &h).expect("size"), 5);
+    assert!(matches!(
+        store.size(Kind::Pack, &missing),
         Err(StoreError::NotFound(_))
     ));
 
-    // Racing writers of one chunk leave one valid copy.
-    let h2 = ChunkHash::of(b"raced");
+    // Ranged reads: exactly the bytes asked for, or an error.
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let p = Id::of(&data);
+    store.put(Kind::Pack, &p, &data).expect("put pack");
+    for (off, len) in [(0, 1), (99_999, 1), (12_345, 40_000), (0, 100_000)] {
+        assert_eq!(
+            store.get_range(Kind::Pack, &p, off, len).expect("range"),
+            &data[off as usize..(off + len) as usize]
+        );
+    }
+    assert!(
+        store.get_range(Kind::Pack, &p, 99_990, 20).is_err(),
+        "a range past the end"
+    );
+    assert!(matches!(
+        store.get_range(Kind::Pack, &missing, 0, 1),
+        Err(StoreError::NotFound(_))
+    ));
+
+    // Racing writers of one object leave one valid copy.
+    let h2 = Id::of(b"raced");
     std::thread::scope(|s| {
         for _ in 0..8 {
-            s.spawn(|| store.put_chunk(&h2, b"same bytes").expect("racing put"));
+            s.spawn(|| {
+                store
+                    .put(Kind::Pack, &h2, b"same bytes")
+                    .expect("racing put")
+            });
         }
     });
-    assert_eq!(store.get_chunk(&h2).expect("get"), b"same bytes");
+    assert_eq!(store.get(Kind::Pack, &h2).expect("get"), b"same bytes");
 
     // Indexes: atomic, write-once, listable, deletable.
     let name = "20260101T000000.000000000Z--suite";
@@ -57,27 +89,35 @@ fn contract(store: &dyn Store) {
     store.delete_index(name).expect("deleting twice is fine");
     assert!(store.list_indexes().expect("list").is_empty());
 
-    store.delete_chunk(&h).expect("delete");
-    store.delete_chunk(&h).expect("deleting twice is fine");
-    assert_eq!(store.list_chunks().expect("list"), vec![h2]);
+    for kind in Kind::ALL {
+        store.delete(kind, &h).expect("delete");
+        store.delete(kind, &h).expect("deleting twice is fine");
+    }
+    let mut packs = store.list(Kind::Pack).expect("list");
+    packs.sort();
+    let mut want = vec![(p, 100_000), (h2, 10)];
+    want.sort();
+    assert_eq!(packs, want);
+    assert!(store.list(Kind::Tree).expect("list").is_empty());
 
-    // Many chunks are listed in one go (pagination on object stores).
-    let many: Vec<ChunkHash> = (0..1200u32)
-        .map(|i| ChunkHash::of(&i.to_le_bytes()))
-        .collect();
-    std::thread::scope(|s| {
-        for part in many.chunks(150) {
-            s.spawn(move || {
-                for h in part {
-                    store.put_chunk(h, b"x").expect("put");
-                }
-            });
-        }
-    });
-    assert_eq!(store.list_chunks().expect("list").len(), 1201);
+    // Many objects are listed in one go (pagination on object stores), and
+    // a flat kind (pack indexes) lists as well as a fanned-out one.
+    for kind in [Kind::Tree, Kind::PackIndex] {
+        let many: Vec<Id> = (0..1200u32).map(|i| Id::of(&i.to_le_bytes())).collect();
+        std::thread::scope(|s| {
+            for part in many.chunks(150) {
+                s.spawn(move || {
+                    for h in part {
+                        store.put(kind, h, b"x").expect("put");
+                    }
+                });
+            }
+        });
+        assert_eq!(store.list(kind).expect("list").len(), 1200, "{kind:?}");
+    }
 
     // Markers: replaceable, listed with the store's time, never mixed up
-    // with chunks or indexes.
+    // with objects or indexes.
     let before = chrono::Utc::now() - chrono::Duration::seconds(60);
     assert!(store.list_markers("locks").expect("list").is_empty());
     store.put_marker("locks/export-a", b"one").expect("put");
@@ -97,7 +137,7 @@ fn contract(store: &dyn Store) {
         store.get_marker("locks/none"),
         Err(StoreError::NotFound(_))
     ));
-    for bad in ["indexes/x", "locks/../chunks/x", "locks/", "gc/a b"] {
+    for bad in ["indexes/x", "locks/../packs/x", "locks/", "gc/a b"] {
         assert!(store.put_marker(bad, b"x").is_err(), "{bad}");
     }
     store.delete_marker("locks/export-a").expect("delete");
@@ -106,7 +146,7 @@ fn contract(store: &dyn Store) {
     assert!(store.list_markers("locks").expect("list").is_empty());
     assert!(store.list_markers("gc").expect("list").is_empty());
     assert_eq!(store.list_indexes().expect("list"), Vec::<String>::new());
-    assert_eq!(store.list_chunks().expect("list").len(), 1201);
+    assert_eq!(store.list(Kind::Tree).expect("list").len(), 1200);
 }
 
 #[test]

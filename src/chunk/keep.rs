@@ -2,9 +2,10 @@
 //! rest. Deleting an index only makes its chunks unreferenced; the garbage
 //! collector ([`super::gc`]) removes them later, safely.
 
-use super::backup::with_retry;
-use super::index::IndexName;
-use super::{list_backups, ChunkError};
+use super::catalog::list_backups;
+use super::format::head::IndexName;
+use super::with_retry;
+use super::ChunkError;
 use crate::store::Store;
 
 /// Of `names` (any order), those with exactly `tag` beyond the newest

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Marker, Store, StoreError};
+use crate::store::{Id, Marker, Store, StoreError};
 
 /// A marker older than this (store time) belongs to a dead holder.
 pub const LEASE_TTL: Duration = Duration::from_secs(600);
@@ -42,9 +42,11 @@ pub const MAX_WAIT: Duration = Duration::from_secs(1200);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LeaseKind {
-    /// A backup writing chunks and, at the end, an index.
+    /// A backup writing packs and, at the end, a head.
     Backup,
-    /// A garbage-collection sweep deleting chunks.
+    /// A restore (or a check) reading packs.
+    Restore,
+    /// A garbage-collection sweep deleting or moving data.
     Sweep,
 }
 
@@ -52,17 +54,24 @@ impl LeaseKind {
     fn prefix(self) -> &'static str {
         match self {
             LeaseKind::Backup => "locks/backup-",
+            LeaseKind::Restore => "locks/restore-",
             LeaseKind::Sweep => "locks/sweep-",
         }
     }
 
-    fn of(name: &str) -> Option<LeaseKind> {
-        if name.starts_with(LeaseKind::Backup.prefix()) {
-            Some(LeaseKind::Backup)
-        } else if name.starts_with(LeaseKind::Sweep.prefix()) {
-            Some(LeaseKind::Sweep)
-        } else {
-            None
+    /// The kind of lease marker `name`, if it is one.
+    pub fn of(name: &str) -> Option<LeaseKind> {
+        [LeaseKind::Backup, LeaseKind::Restore, LeaseKind::Sweep]
+            .into_iter()
+            .find(|k| name.starts_with(k.prefix()))
+    }
+
+    /// Whether a live lease of `other` keeps a lease of this kind waiting
+    /// (or, for a sweep, from starting).
+    fn blocked_by(self, other: LeaseKind) -> bool {
+        match self {
+            LeaseKind::Sweep => true,
+            LeaseKind::Backup | LeaseKind::Restore => other == LeaseKind::Sweep,
         }
     }
 }
@@ -81,6 +90,10 @@ pub struct LeaseInfo {
     /// The backup's tag, for backups.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
+    /// Packs written (or being written) that no pack index names yet: if
+    /// the holder dies, GC finds them here (`docs/format.md`, "Leases").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<Id>,
 }
 
 /// Why a lease could not be taken or kept.
@@ -135,10 +148,19 @@ static SEQ: AtomicU64 = AtomicU64::new(0);
 pub struct Lease<'s> {
     store: &'s dyn Store,
     name: String,
-    body: Vec<u8>,
+    info: Mutex<Pending>,
+    /// Serialises marker writes, so a write never replaces a newer body.
+    writing: Mutex<u64>,
     last_ok: Mutex<Instant>,
     /// Store time of our marker at the last check of the other leases.
     store_now: Mutex<Option<DateTime<Utc>>>,
+}
+
+/// The lease's body and a generation counter: bumped at each change, so a
+/// writer can tell whether a write already covered its change.
+struct Pending {
+    info: LeaseInfo,
+    generation: u64,
 }
 
 impl Lease<'_> {
@@ -169,11 +191,48 @@ impl Lease<'_> {
         Ok(())
     }
 
-    fn write(&self) -> Result<(), StoreError> {
+    /// Write the marker with the current body; if another write since the
+    /// body reached generation `at_least` already did, do nothing.
+    fn write_from(&self, at_least: u64) -> Result<(), StoreError> {
+        let mut written = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        if *written >= at_least && at_least > 0 {
+            return Ok(());
+        }
+        let (body, generation) = {
+            let p = self.info.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                serde_json::to_vec(&p.info).unwrap_or_default(),
+                p.generation,
+            )
+        };
         let started = Instant::now();
-        self.store.put_marker(&self.name, &self.body)?;
+        self.store.put_marker(&self.name, &body)?;
+        *written = generation;
         *self.last_ok.lock().unwrap_or_else(|p| p.into_inner()) = started;
         Ok(())
+    }
+
+    fn write(&self) -> Result<(), StoreError> {
+        self.write_from(0)
+    }
+
+    /// Record that pack `id` is about to be written, durably, before it is:
+    /// returns once the marker lists it. Concurrent callers share writes.
+    pub fn add_pending(&self, id: Id) -> Result<(), StoreError> {
+        let generation = {
+            let mut p = self.info.lock().unwrap_or_else(|p| p.into_inner());
+            p.info.pending.push(id);
+            p.generation += 1;
+            p.generation
+        };
+        self.write_from(generation)
+    }
+
+    /// Packs that a pack index now names; the next refresh drops them.
+    pub fn settle(&self, ids: &[Id]) {
+        let mut p = self.info.lock().unwrap_or_else(|p| p.into_inner());
+        p.info.pending.retain(|x| !ids.contains(x));
+        p.generation += 1;
     }
 
     /// Rewrite the marker and list every lease, returning the live ones
@@ -208,6 +267,35 @@ pub fn live(
     })
 }
 
+/// Backup leases whose holders are dead, with their bodies: expired by
+/// the store's clock (`now`; without it, only the next rule applies), or
+/// taken on `host` by a process that no longer exists.
+pub fn dead_holders(
+    store: &dyn Store,
+    now: Option<DateTime<Utc>>,
+    host: &str,
+) -> Vec<(String, LeaseInfo)> {
+    let Ok(markers) = store.list_markers("locks") else {
+        return Vec::new();
+    };
+    let live: Vec<String> = match now {
+        Some(now) => live(&markers, now).map(|(_, m)| m.name).collect(),
+        None => markers.iter().map(|m| m.name.clone()).collect(),
+    };
+    markers
+        .iter()
+        .filter(|m| LeaseKind::of(&m.name).is_some())
+        .filter_map(|m| {
+            let info: LeaseInfo = serde_json::from_slice(&store.get_marker(&m.name).ok()?).ok()?;
+            let gone = !live.contains(&m.name)
+                || (info.host == host
+                    && info.pid != std::process::id()
+                    && !std::path::Path::new(&format!("/proc/{}", info.pid)).exists());
+            (gone && !info.pending.is_empty()).then(|| (m.name.clone(), info))
+        })
+        .collect()
+}
+
 fn describe(store: &dyn Store, m: &Marker) -> String {
     match store
         .get_marker(&m.name)
@@ -222,8 +310,8 @@ fn describe(store: &dyn Store, m: &Marker) -> String {
 /// Take a lease of `kind`, run `f` while a background thread refreshes
 /// it, and release it.
 ///
-/// - A `Backup` lease waits (up to [`MAX_WAIT`], or until `cancel` is set)
-///   while a sweep is live.
+/// - A `Backup` or `Restore` lease waits (up to [`MAX_WAIT`], or until
+///   `cancel` is set) while a sweep is live.
 /// - A `Sweep` lease fails with [`LeaseError::Conflict`] at once if any
 ///   other lease is live: garbage collection can wait for a quieter time.
 pub fn with_lease<T, E: From<LeaseError>>(
@@ -239,6 +327,7 @@ pub fn with_lease<T, E: From<LeaseError>>(
         pid: std::process::id(),
         started: Utc::now(),
         tag: tag.map(str::to_owned),
+        pending: Vec::new(),
     };
     let lease = Lease {
         store,
@@ -250,14 +339,32 @@ pub fn with_lease<T, E: From<LeaseError>>(
             Utc::now().timestamp_nanos_opt().unwrap_or_default(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ),
-        body: serde_json::to_vec(&info).unwrap_or_default(),
+        info: Mutex::new(Pending {
+            info,
+            generation: 0,
+        }),
+        writing: Mutex::new(0),
         last_ok: Mutex::new(Instant::now()),
         store_now: Mutex::new(None),
     };
     let result = acquire(&lease, kind, cancel)
         .map_err(E::from)
         .and_then(|()| run_refreshed(&lease, f));
-    if let Err(e) = store.delete_marker(&lease.name) {
+    let unindexed = lease
+        .info
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .info
+        .pending
+        .len();
+    if unindexed > 0 {
+        // Packs no pack index names: the marker is the only record of
+        // them. Left to expire, it tells GC where they are.
+        if let Err(e) = lease.write() {
+            tracing::warn!(lease = %lease.name, error = %e, "could not record unindexed packs in the lease");
+        }
+        tracing::warn!(lease = %lease.name, packs = unindexed, "leaving the lease to expire, so that garbage collection finds the packs this run wrote but did not index");
+    } else if let Err(e) = store.delete_marker(&lease.name) {
         tracing::warn!(lease = %lease.name, error = %e, "could not remove lease marker; it will expire");
     }
     result
@@ -270,7 +377,7 @@ fn acquire(lease: &Lease<'_>, kind: LeaseKind, cancel: &AtomicBool) -> Result<()
         let others = lease.live_others()?;
         let blocking: Vec<&Marker> = others
             .iter()
-            .filter(|(k, _)| kind == LeaseKind::Sweep || *k == LeaseKind::Sweep)
+            .filter(|(k, _)| kind.blocked_by(*k))
             .map(|(_, m)| m)
             .collect();
         let Some(first) = blocking.first() else {
@@ -339,11 +446,18 @@ fn run_refreshed<T, E>(
                 }
             }
         });
-        let result = f(lease);
-        let (lock, cv) = &stop;
-        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        cv.notify_all();
-        result
+        // Stops the refresher however `f` ends, a panic included: the
+        // scope would otherwise wait for it forever.
+        struct StopOnDrop<'a>(&'a (Mutex<bool>, Condvar));
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                let (lock, cv) = self.0;
+                *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                cv.notify_all();
+            }
+        }
+        let _stop = StopOnDrop(&stop);
+        f(lease)
     })
 }
 

@@ -1,9 +1,15 @@
-//! Pure planning for backup and restore: given sizes, data regions and the
-//! previous backup's chunk list, decide per chunk what to do. No I/O here;
-//! the executors in `backup.rs` and `restore.rs` carry the plans out, and
-//! the property tests below pin the rules.
+//! Pure planning for backup, restore and fetching: given sizes, data
+//! regions and the previous backup's chunks, decide per chunk what to do;
+//! given the chunks a restore needs, decide which ranged reads fetch them.
+//! No I/O here; the executors in `backup.rs` and `restore.rs` carry the
+//! plans out, and the property tests below pin the rules.
+//!
+//! Decisions are made one chunk at a time ([`backup_step`],
+//! [`restore_step`]), with the previous backup's chunk at the same offset
+//! as input, so the executors can stream a file's chunk list instead of
+//! holding it: a 2 TiB database file has two million of them.
 
-use super::index::ChunkRef;
+use super::format::tree::ChunkRef;
 use crate::sys::Extent;
 
 /// What a backup does with one chunk-sized range of a file.
@@ -27,18 +33,36 @@ pub enum BackupStep {
     },
 }
 
-/// The previous backup's record of a file, for reuse.
+impl BackupStep {
+    /// The byte range the step covers.
+    pub fn range(&self) -> (u64, u64) {
+        match *self {
+            BackupStep::Reuse(c) => (c.off, c.len),
+            BackupStep::Hole { off, len } | BackupStep::Read { off, len } => (off, len),
+        }
+    }
+}
+
+/// Everything about a file that the per-chunk backup rule needs, besides
+/// the previous chunk at the same offset.
 #[derive(Debug, Clone, Copy)]
-pub struct Previous<'a> {
-    /// Its size then.
+pub struct FileRule<'a> {
+    /// The file's size now.
     pub size: u64,
-    /// Its chunks then.
-    pub chunks: &'a [ChunkRef],
-    /// Whether size, mtime, ctime and inode are all unchanged.
-    pub unchanged: bool,
+    /// The chunk size.
+    pub chunk_size: u64,
+    /// The previous backup's record of this path: its size, and whether
+    /// size, mtime, ctime and inode are all unchanged since. `None` when
+    /// there is no usable previous record.
+    pub previous: Option<(u64, bool)>,
+    /// Backed up as append-only (block logs).
+    pub append_only: bool,
     /// Byte ranges (sorted, disjoint) known to hold the same bytes as when
-    /// `chunks` were recorded, from [`identical_ranges`]; empty if unknown.
+    /// the previous chunks were recorded ([`identical_ranges`]).
     pub same: &'a [(u64, u64)],
+    /// Ranges that may hold data (sorted, disjoint); `None` to read
+    /// everything.
+    pub regions: Option<&'a [(u64, u64)]>,
 }
 
 /// `FIEMAP_EXTENT_*` flags under which an extent's physical address does
@@ -109,83 +133,63 @@ fn overlaps(regions: &[(u64, u64)], off: u64, end: u64) -> bool {
     regions.get(i).is_some_and(|&(s, _)| s < end)
 }
 
-/// Plan the backup of a file of `size` bytes in chunks of `chunk_size`.
+/// The chunk of a file at `off` (of length `len`; chunks are at multiples
+/// of the chunk size), given `prev`, the previous backup's chunk at the
+/// same offset if there was one.
 ///
 /// Rules:
-/// - an unchanged file (same size, mtime, ctime, inode as in the previous
-///   backup) reuses the previous chunk list whole;
+/// - an unchanged file (same size, mtime, ctime, inode) reuses every
+///   previous chunk;
 /// - an append-only file that did not shrink reuses every previous chunk
 ///   that was full-length, and re-reads from the previous last, partial
 ///   chunk on, so growth by even one byte inside it is captured;
-/// - a chunk whose range the previous record describes with exactly the
-///   same offset and length, and that lies wholly in a range known to be
-///   unchanged (`Previous::same`), is reused without reading;
+/// - a chunk whose previous record has the same offset and length, and that
+///   lies wholly in a range known to be unchanged, is reused unread;
 /// - otherwise a chunk is read if it overlaps a data region, and recorded
-///   as a hole if not (`regions == None` means "read everything").
-pub fn plan_backup(
-    size: u64,
-    chunk_size: u64,
-    regions: Option<&[(u64, u64)]>,
-    previous: Option<Previous<'_>>,
-    append_only: bool,
-) -> Vec<BackupStep> {
-    if let Some(p) = previous {
-        if p.unchanged && p.size == size && covers(p.chunks, size) {
-            return p.chunks.iter().copied().map(BackupStep::Reuse).collect();
+///   as a hole if not.
+pub fn backup_step(rule: &FileRule<'_>, off: u64, len: u64, prev: Option<&ChunkRef>) -> BackupStep {
+    let same_place = prev.filter(|c| c.off == off && c.len == len);
+    if let (Some((psize, unchanged)), Some(c)) = (rule.previous, same_place) {
+        if unchanged && psize == rule.size {
+            return BackupStep::Reuse(*c);
+        }
+        let full_end = psize / rule.chunk_size.max(1) * rule.chunk_size;
+        if rule.append_only && psize <= rule.size && len == rule.chunk_size && off + len <= full_end
+        {
+            return BackupStep::Reuse(*c);
+        }
+        if within(rule.same, off, off + len) {
+            return BackupStep::Reuse(*c);
         }
     }
-    let mut steps = Vec::with_capacity(size.div_ceil(chunk_size.max(1)) as usize);
-    let mut off = 0;
-    if let Some(p) = previous.filter(|p| append_only && p.size <= size && covers(p.chunks, p.size))
-    {
-        for c in p.chunks {
-            if c.len != chunk_size || c.off != off {
-                break;
-            }
-            steps.push(BackupStep::Reuse(*c));
-            off += c.len;
-        }
+    if rule.regions.is_none_or(|r| overlaps(r, off, off + len)) {
+        BackupStep::Read { off, len }
+    } else {
+        BackupStep::Hole { off, len }
     }
-    while off < size {
-        let len = chunk_size.min(size - off);
-        if let Some(c) = previous.and_then(|p| {
-            if !within(p.same, off, off + len) {
-                return None;
-            }
-            let i = p.chunks.partition_point(|c| c.off < off);
-            p.chunks.get(i).filter(|c| c.off == off && c.len == len)
-        }) {
-            steps.push(BackupStep::Reuse(*c));
-            off += len;
-            continue;
-        }
-        let data = regions.is_none_or(|r| overlaps(r, off, off + len));
-        steps.push(if data {
-            BackupStep::Read { off, len }
-        } else {
-            BackupStep::Hole { off, len }
-        });
-        off += len;
-    }
-    steps
 }
 
-/// Whether `chunks` cover `0..size` contiguously.
-pub fn covers(chunks: &[ChunkRef], size: u64) -> bool {
+/// The whole plan of a file at once (what the executor does chunk by
+/// chunk), with the previous record's chunks as a slice.
+pub fn plan_backup(rule: &FileRule<'_>, previous: &[ChunkRef]) -> Vec<BackupStep> {
+    let cs = rule.chunk_size.max(1);
+    let mut out = Vec::with_capacity(rule.size.div_ceil(cs) as usize);
     let mut off = 0;
-    for c in chunks {
-        if c.off != off || c.len == 0 {
-            return false;
-        }
-        off += c.len;
+    let mut i = 0;
+    while off < rule.size {
+        let len = cs.min(rule.size - off);
+        out.push(backup_step(rule, off, len, previous.get(i)));
+        off += len;
+        i += 1;
     }
-    off == size
+    out
 }
 
 /// What a restore does with one chunk of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestoreStep {
-    /// Trusted as it is (append-only prefix already present locally).
+    /// Known to be right locally already (journal, or a trusted
+    /// append-only prefix): not even read.
     Keep(ChunkRef),
     /// Hash the local bytes; fetch and write only if they differ.
     Verify(ChunkRef),
@@ -195,37 +199,97 @@ pub enum RestoreStep {
     Empty(ChunkRef),
 }
 
-/// Plan restoring `chunks` over a local file that was `local_size` bytes
-/// before it was resized. Append-only files trust every full-length chunk
-/// that lies wholly inside the local size and only fix their tail.
-pub fn plan_restore(
-    chunks: &[ChunkRef],
-    local_size: u64,
-    append_only: bool,
-    chunk_size: u64,
-) -> Vec<RestoreStep> {
-    let mut trusting = append_only;
-    chunks
-        .iter()
-        .map(|&c| {
-            let inside = c.off + c.len <= local_size;
-            if trusting && inside && c.len == chunk_size && c.hash.is_some() {
-                return RestoreStep::Keep(c);
+impl RestoreStep {
+    /// The chunk concerned.
+    pub fn chunk(&self) -> ChunkRef {
+        match *self {
+            RestoreStep::Keep(c)
+            | RestoreStep::Verify(c)
+            | RestoreStep::Fetch(c)
+            | RestoreStep::Empty(c) => c,
+        }
+    }
+}
+
+/// What to do with chunk `c` of a file that was `local_size` bytes before
+/// it was resized, of which `0..trusted_end` is known to be right.
+pub fn restore_step(c: &ChunkRef, local_size: u64, trusted_end: u64) -> RestoreStep {
+    if c.off + c.len <= trusted_end {
+        return RestoreStep::Keep(*c);
+    }
+    match c.hash {
+        None => RestoreStep::Empty(*c),
+        Some(_) if c.off >= local_size => RestoreStep::Fetch(*c),
+        Some(_) => RestoreStep::Verify(*c),
+    }
+}
+
+/// How much of a local append-only file is trusted when there is no restore
+/// journal (the node's own block log): whole chunks of the backup's file
+/// that lie inside the local file and before its first hole. The caller
+/// still hashes the last of those chunks and trusts nothing if it differs.
+pub fn append_trusted_end(local_size: u64, first_hole: u64, size: u64, chunk_size: u64) -> u64 {
+    let end = local_size.min(first_hole).min(size);
+    end / chunk_size.max(1) * chunk_size
+}
+
+/// A chunk a restore must fetch from a pack: its frame's place, and which
+/// of the caller's slots wants it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Need {
+    /// The pack.
+    pub pack: u32,
+    /// Frame offset in the pack.
+    pub offset: u32,
+    /// Frame length.
+    pub len: u32,
+    /// The caller's reference.
+    pub slot: usize,
+}
+
+/// One ranged read of a pack, and the needs it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadRange {
+    /// The pack.
+    pub pack: u32,
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// The needs inside, by offset.
+    pub needs: Vec<Need>,
+}
+
+/// Group `needs` into ranged reads: needs of one pack whose frames are
+/// adjacent, or separated by at most `max_gap` unneeded bytes, share one
+/// read, as long as the read stays within `max_len` (a single frame longer
+/// than that gets a read of its own).
+pub fn coalesce(mut needs: Vec<Need>, max_gap: u64, max_len: u64) -> Vec<ReadRange> {
+    needs.sort_unstable_by_key(|n| (n.pack, n.offset));
+    let mut out: Vec<ReadRange> = Vec::new();
+    for n in needs {
+        let (start, end) = (u64::from(n.offset), u64::from(n.offset) + u64::from(n.len));
+        if let Some(r) = out.last_mut() {
+            if r.pack == n.pack && start <= r.end + max_gap && end.max(r.end) - r.start <= max_len {
+                r.end = r.end.max(end);
+                r.needs.push(n);
+                continue;
             }
-            trusting = false;
-            match c.hash {
-                None => RestoreStep::Empty(c),
-                Some(_) if c.off >= local_size => RestoreStep::Fetch(c),
-                Some(_) => RestoreStep::Verify(c),
-            }
-        })
-        .collect()
+        }
+        out.push(ReadRange {
+            pack: n.pack,
+            start,
+            end,
+            needs: vec![n],
+        });
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::index::ChunkHash;
+    use crate::store::Id;
     use proptest::prelude::*;
 
     fn full(size: u64, cs: u64) -> Vec<ChunkRef> {
@@ -236,37 +300,34 @@ mod tests {
             out.push(ChunkRef {
                 off,
                 len,
-                hash: Some(ChunkHash::of(&off.to_le_bytes())),
+                hash: Some(Id::of(&off.to_le_bytes())),
             });
             off += len;
         }
         out
     }
 
-    fn range(s: &BackupStep) -> (u64, u64) {
-        match *s {
-            BackupStep::Reuse(c) => (c.off, c.len),
-            BackupStep::Hole { off, len } | BackupStep::Read { off, len } => (off, len),
+    fn rule(size: u64, cs: u64) -> FileRule<'static> {
+        FileRule {
+            size,
+            chunk_size: cs,
+            previous: None,
+            append_only: false,
+            same: &[],
+            regions: None,
         }
     }
 
     #[test]
     fn one_byte_of_growth_is_read() {
         let prev = full(10, 4);
-        let steps = plan_backup(
-            11,
-            4,
-            None,
-            Some(Previous {
-                size: 10,
-                chunks: &prev,
-                unchanged: false,
-                same: &[],
-            }),
-            true,
-        );
+        let r = FileRule {
+            previous: Some((10, false)),
+            append_only: true,
+            ..rule(11, 4)
+        };
         assert_eq!(
-            steps,
+            plan_backup(&r, &prev),
             vec![
                 BackupStep::Reuse(prev[0]),
                 BackupStep::Reuse(prev[1]),
@@ -277,9 +338,12 @@ mod tests {
 
     #[test]
     fn holes_are_not_read() {
-        let steps = plan_backup(16, 4, Some(&[(5, 6)]), None, false);
+        let r = FileRule {
+            regions: Some(&[(5, 6)]),
+            ..rule(16, 4)
+        };
         assert_eq!(
-            steps,
+            plan_backup(&r, &[]),
             vec![
                 BackupStep::Hole { off: 0, len: 4 },
                 BackupStep::Read { off: 4, len: 4 },
@@ -289,23 +353,21 @@ mod tests {
         );
     }
 
-    fn regions_strategy(size: u64) -> impl Strategy<Value = Vec<(u64, u64)>> {
-        prop::collection::vec((0..size.max(1), 1u64..50), 0..8).prop_map(move |v| {
-            let mut r: Vec<(u64, u64)> = v
-                .into_iter()
-                .map(|(s, l)| (s, (s + l).min(size)))
-                .filter(|(s, e)| s < e)
-                .collect();
-            r.sort();
-            let mut merged: Vec<(u64, u64)> = Vec::new();
-            for (s, e) in r {
-                match merged.last_mut() {
-                    Some(last) if s <= last.1 => last.1 = last.1.max(e),
-                    _ => merged.push((s, e)),
-                }
+    fn merged(v: Vec<(u64, u64)>, size: u64) -> Vec<(u64, u64)> {
+        let mut r: Vec<(u64, u64)> = v
+            .into_iter()
+            .map(|(s, l)| (s, (s + l).min(size)))
+            .filter(|(s, e)| s < e)
+            .collect();
+        r.sort();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in r {
+            match out.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => out.push((s, e)),
             }
-            merged
-        })
+        }
+        out
     }
 
     proptest! {
@@ -313,43 +375,46 @@ mod tests {
         fn backup_plan_covers_the_file_and_never_skips_data(
             size in 0u64..400,
             cs in 1u64..64,
-            (regions, use_regions) in (0u64..400).prop_flat_map(|s| (regions_strategy(s.max(1)), any::<bool>())),
+            regions in prop::collection::vec((0u64..400, 1u64..50), 0..8),
+            use_regions in any::<bool>(),
             prev_size in 0u64..400,
+            has_prev in any::<bool>(),
             append_only in any::<bool>(),
             unchanged in any::<bool>(),
         ) {
-            let regions: Vec<(u64, u64)> = regions.into_iter().filter(|&(s, _)| s < size).map(|(s, e)| (s, e.min(size))).collect();
+            let regions = merged(regions, size);
             let prev = full(prev_size, cs);
-            let prev_arg = Some(Previous { size: prev_size, chunks: &prev, unchanged, same: &[] });
-            let steps = plan_backup(size, cs, use_regions.then_some(&regions[..]), prev_arg, append_only);
-            // Contiguous cover of 0..size.
+            let r = FileRule {
+                size,
+                chunk_size: cs,
+                previous: has_prev.then_some((prev_size, unchanged)),
+                append_only,
+                same: &[],
+                regions: use_regions.then_some(&regions[..]),
+            };
+            let steps = plan_backup(&r, if has_prev { &prev } else { &[] });
+            // Contiguous cover of 0..size, in chunk-size pieces.
             let mut off = 0;
             for s in &steps {
-                let (o, l) = range(s);
+                let (o, l) = s.range();
                 prop_assert_eq!(o, off);
-                prop_assert!(l > 0);
+                prop_assert!(l > 0 && l <= cs);
                 off += l;
             }
             prop_assert_eq!(off, size);
             for s in &steps {
                 match *s {
                     // A hole never overlaps data.
-                    BackupStep::Hole { off, len } => prop_assert!(!overlaps(&regions, off, off + len)),
-                    // Reuse only when the rules allow it.
-                    BackupStep::Reuse(c) => prop_assert!(
-                        (unchanged && prev_size == size)
-                            || (append_only && c.len == cs && c.off + c.len <= prev_size && prev_size <= size)
-                    ),
-                    BackupStep::Read { len, .. } => prop_assert!(len <= cs),
-                }
-            }
-            // Append-only: everything past the last full previous chunk is read or a hole.
-            if append_only && !unchanged && prev_size <= size {
-                let reused_end = (prev_size / cs) * cs;
-                for s in &steps {
-                    if let BackupStep::Reuse(c) = s {
-                        prop_assert!(c.off + c.len <= reused_end);
+                    BackupStep::Hole { off, len } => prop_assert!(use_regions && !overlaps(&regions, off, off + len)),
+                    // Reuse only of the chunk at the same place, and only when the rules allow it.
+                    BackupStep::Reuse(c) => {
+                        prop_assert!(has_prev);
+                        prop_assert!(
+                            (unchanged && prev_size == size)
+                                || (append_only && c.len == cs && c.off + c.len <= prev_size && prev_size <= size)
+                        );
                     }
+                    BackupStep::Read { .. } => {}
                 }
             }
         }
@@ -415,56 +480,79 @@ mod tests {
             let cs = 4;
             let size = chunks * cs - 1;
             let prev = full(size, cs);
-            let mut ranges: Vec<(u64, u64)> = same.into_iter().map(|(s, l)| (s, (s + l).min(size))).filter(|(s, e)| s < e).collect();
-            ranges.sort_unstable();
-            let mut merged: Vec<(u64, u64)> = Vec::new();
-            for (s, e) in ranges {
-                match merged.last_mut() {
-                    Some(last) if s <= last.1 => last.1 = last.1.max(e),
-                    _ => merged.push((s, e)),
-                }
-            }
-            let p = Previous { size, chunks: &prev, unchanged: false, same: &merged };
-            let steps = plan_backup(size, cs, None, Some(p), false);
+            let same = merged(same, size);
+            let r = FileRule { previous: Some((size, false)), same: &same, ..rule(size, cs) };
+            let steps = plan_backup(&r, &prev);
             for (step, c) in steps.iter().zip(&prev) {
-                let inside = merged.iter().any(|&(s, e)| s <= c.off && c.off + c.len <= e);
+                let inside = same.iter().any(|&(s, e)| s <= c.off && c.off + c.len <= e);
                 prop_assert_eq!(matches!(step, BackupStep::Reuse(r) if r == c), inside);
             }
         }
 
         #[test]
-        fn restore_plan_handles_every_chunk_once(
+        fn restore_steps_keep_only_the_trusted_prefix(
             size in 0u64..400,
             cs in 1u64..64,
             local in 0u64..500,
-            append_only in any::<bool>(),
+            trusted in 0u64..500,
             holes in prop::collection::vec(any::<bool>(), 0..20),
         ) {
             let mut chunks = full(size, cs);
             for (c, h) in chunks.iter_mut().zip(holes) {
                 if h { c.hash = None; }
             }
-            let steps = plan_restore(&chunks, local, append_only, cs);
-            prop_assert_eq!(steps.len(), chunks.len());
-            let mut kept_prefix = true;
-            for (s, c) in steps.iter().zip(&chunks) {
-                match *s {
-                    RestoreStep::Keep(k) => {
-                        prop_assert!(append_only && kept_prefix && k == *c && c.off + c.len <= local && c.len == cs);
-                    }
-                    RestoreStep::Fetch(f) => {
-                        kept_prefix = false;
-                        prop_assert!(f.off >= local && f.hash.is_some());
-                    }
-                    RestoreStep::Verify(v) => {
-                        kept_prefix = false;
-                        prop_assert!(v.off < local && v.hash.is_some());
-                    }
-                    RestoreStep::Empty(e) => {
-                        kept_prefix = false;
-                        prop_assert!(e.hash.is_none());
-                    }
+            for c in &chunks {
+                match restore_step(c, local, trusted) {
+                    RestoreStep::Keep(k) => prop_assert!(k.off + k.len <= trusted),
+                    RestoreStep::Fetch(f) => prop_assert!(f.off >= local && f.hash.is_some() && f.off + f.len > trusted),
+                    RestoreStep::Verify(v) => prop_assert!(v.off < local && v.hash.is_some() && v.off + v.len > trusted),
+                    RestoreStep::Empty(e) => prop_assert!(e.hash.is_none() && e.off + e.len > trusted),
                 }
+            }
+        }
+
+        /// A truncate-extended file (a hole) is never trusted past the
+        /// hole, and the trusted part is whole chunks of the backup's file.
+        #[test]
+        fn append_trust_stops_at_holes_and_chunk_bounds(
+            local in 0u64..1000, hole in 0u64..1000, size in 0u64..1000, cs in 1u64..100,
+        ) {
+            let t = append_trusted_end(local, hole, size, cs);
+            prop_assert!(t <= local && t <= hole && t <= size && t % cs == 0);
+            prop_assert!(t + cs > local.min(hole).min(size));
+        }
+
+        /// Every need is served by exactly one read that contains its
+        /// frame; reads of one pack never overlap; a read only joins frames
+        /// at most `gap` apart and stays within `max` unless one frame is
+        /// larger.
+        #[test]
+        fn coalescing_serves_every_need_once(
+            frames in prop::collection::vec((0u32..4, 0u32..2000, 1u32..300), 0..60),
+            gap in 0u64..200,
+            max in 1u64..2000,
+        ) {
+            let needs: Vec<Need> = frames.iter().enumerate().map(|(slot, &(pack, offset, len))| Need { pack, offset, len, slot }).collect();
+            let reads = coalesce(needs.clone(), gap, max);
+            let mut served = vec![0; needs.len()];
+            for r in &reads {
+                prop_assert!(r.end - r.start <= max || r.needs.len() == 1);
+                // Each frame joins the read within `gap` of what came before.
+                let mut reach = u64::from(r.needs[0].offset);
+                for n in &r.needs {
+                    prop_assert!(u64::from(n.offset) <= reach + gap);
+                    reach = reach.max(u64::from(n.offset) + u64::from(n.len));
+                }
+                prop_assert_eq!(reach, r.end);
+                for n in &r.needs {
+                    prop_assert_eq!(n.pack, r.pack);
+                    prop_assert!(r.start <= u64::from(n.offset) && u64::from(n.offset) + u64::from(n.len) <= r.end);
+                    served[n.slot] += 1;
+                }
+            }
+            prop_assert!(served.iter().all(|&s| s == 1));
+            for w in reads.windows(2) {
+                prop_assert!((w[0].pack, w[0].start) <= (w[1].pack, w[1].start));
             }
         }
     }

@@ -1,27 +1,31 @@
-//! `btm backup`, `btm backups`, `btm restore` and `btm check`: the sparse
-//! chunk engine from the command line.
+//! `btm backup`, `btm backups`, `btm restore`, `btm check` and
+//! `btm forget`: the sparse chunk engine from the command line.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use regex::Regex;
+use regex::bytes::Regex;
 
 use btm::chunk::backup::{BackupOptions, DEFAULT_CHUNK_SIZE};
+use btm::chunk::cache::Cache;
+use btm::chunk::format::tree::{EntryKind, Item};
 use btm::chunk::restore::RestoreOptions;
-use btm::chunk::{self, BackupInfo};
-use btm::config::daemon::DEFAULT_CONFIG;
+use btm::chunk::{self, catalog, BackupInfo};
+use btm::config::daemon::{ConfigError, DEFAULT_CONFIG};
 use btm::store::Store;
 
+use super::progress::Reporter;
 use super::{human_bytes, print_json};
 
 /// Which store to use.
 #[derive(Debug, Args)]
 pub(super) struct StoreArgs {
     /// Store: a path, file://…, s3://bucket/prefix, gs://bucket/prefix or
-    /// az://container/prefix [default: $BTM_STORE]
+    /// az://container/prefix [default: $BTM_STORE, else [export] store of
+    /// /etc/btm/btm.toml]
     #[arg(
         short = 's',
         long,
@@ -30,6 +34,14 @@ pub(super) struct StoreArgs {
         global = true
     )]
     store: Option<String>,
+    /// Store requests in flight [default: 2 to 4 for a local store, 4 to 16
+    /// for a bucket; see docs/performance.md]
+    #[arg(long, value_name = "N", global = true, value_parser = clap::value_parser!(u64).range(1..=256))]
+    connections: Option<u64>,
+    /// Local cache of store metadata (pack indexes, tree segments)
+    /// [default: $BTM_CACHE_DIR, /var/cache/btm as root, else ~/.cache/btm]
+    #[arg(long, value_name = "DIR", global = true)]
+    cache: Option<PathBuf>,
 }
 
 impl StoreArgs {
@@ -43,20 +55,36 @@ impl StoreArgs {
         Ok(btm::store::open_existing(&self.url()?)?)
     }
 
+    /// The metadata cache to use.
+    pub(super) fn cache(&self) -> Option<Cache> {
+        match &self.cache {
+            Some(dir) => Some(Cache::new(dir.clone())),
+            None => Cache::default_dir().map(Cache::new),
+        }
+    }
+
+    /// Requests in flight, if given.
+    pub(super) fn connections(&self) -> Option<usize> {
+        self.connections.map(|c| c as usize)
+    }
+
     /// The store: `-s`, else `$BTM_STORE`, else `[export] store` of
-    /// /etc/btm/btm.toml.
+    /// /etc/btm/btm.toml. A configuration file that exists but cannot be
+    /// read is an error, not "no store".
     fn url(&self) -> Result<String> {
-        let url = match &self.store {
-            Some(url) => url.clone(),
-            None => super::daemon::load_file(None)
-                .ok()
-                .and_then(|o| o.export)
-                .and_then(|e| e.store)
-                .with_context(|| {
-                    format!("no store given: use -s STORE, set $BTM_STORE, or set [export] store in {DEFAULT_CONFIG}")
-                })?,
+        if let Some(url) = &self.store {
+            return Ok(url.clone());
+        }
+        let file = match super::daemon::load_file(None) {
+            Ok(f) => f,
+            Err(e @ (ConfigError::Read { .. } | ConfigError::Parse { .. })) => {
+                return Err(e).context("no store given (-s, $BTM_STORE), and the configuration that could name one is broken")
+            }
+            Err(e) => return Err(e.into()),
         };
-        Ok(url)
+        file.export.and_then(|e| e.store).with_context(|| {
+            format!("no store given: use -s STORE, set $BTM_STORE, or set [export] store in {DEFAULT_CONFIG}")
+        })
     }
 }
 
@@ -73,21 +101,7 @@ fn parse_meta(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, Str
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.to_ascii_uppercase() {
-        u if u.ends_with("MIB") || u.ends_with('M') => (
-            u.trim_end_matches("MIB").trim_end_matches('M').to_owned(),
-            1 << 20,
-        ),
-        u if u.ends_with("KIB") || u.ends_with('K') => (
-            u.trim_end_matches("KIB").trim_end_matches('K').to_owned(),
-            1 << 10,
-        ),
-        u => (u, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("'{s}' is not a size like 4M or 1024K"))
+    btm::config::daemon::parse_size(s)
 }
 
 fn workers(n: Option<usize>) -> Result<usize> {
@@ -117,15 +131,15 @@ pub struct BackupArgs {
     /// A file (relative path) that only grows; repeatable
     #[arg(long = "appendonly", value_name = "RELPATH")]
     append_only: Vec<String>,
-    /// Chunk size, e.g. 4M
+    /// Chunk size, e.g. 1MiB
     #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CHUNK_SIZE)]
     chunk_size: u64,
+    /// Pack size, e.g. 16MiB
+    #[arg(long, value_parser = parse_size)]
+    pack_size: Option<u64>,
     /// Read every file, even those unchanged since the previous backup
     #[arg(long)]
     force_read: bool,
-    /// Keep a copy of uploaded chunks in this directory
-    #[arg(long, value_name = "DIR")]
-    cache: Option<PathBuf>,
     /// Worker threads [default: twice the cores, 4 to 8]
     #[arg(long)]
     workers: Option<usize>,
@@ -144,8 +158,12 @@ pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
     opts.filter = args.filter;
     opts.append_only = args.append_only;
     opts.chunk_size = args.chunk_size;
+    if let Some(p) = args.pack_size {
+        opts.pack_size = usize::try_from(p).unwrap_or(usize::MAX);
+    }
     opts.force_read = args.force_read;
-    opts.cache = args.cache;
+    opts.cache = args.store.cache();
+    opts.connections = args.store.connections();
     opts.workers = workers(args.workers)?;
     opts.zstd_level = args.level;
     let reporter = Reporter::start(
@@ -171,78 +189,22 @@ pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
 /// The one-line human summary of a backup, on stderr.
 pub(super) fn print_summary(summary: &chunk::backup::BackupSummary) {
     eprintln!(
-        "{} files ({} unchanged), {} scanned, {} read, {} uploaded in {} new chunks; {} chunks reused, {} empty",
+        "{} files ({} unchanged{}), {} scanned, {} read, {} uploaded in {} new chunks and {} packs; {} chunks reused, {} empty",
         summary.files,
         summary.files_unchanged,
+        if summary.files_changed > 0 {
+            format!(", {} re-read because they changed while read", summary.files_changed)
+        } else {
+            String::new()
+        },
         human_bytes(summary.bytes_scanned),
         human_bytes(summary.bytes_read),
         human_bytes(summary.bytes_uploaded),
         summary.chunks_uploaded,
+        summary.packs_uploaded,
         summary.chunks_reused,
         summary.chunks_empty
     );
-}
-
-/// Shows `progress`: a bar on a terminal, a plain line every 10 s
-/// otherwise. Stops when dropped.
-pub(super) struct Reporter {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Reporter {
-    pub(super) fn start(what: String, progress: Arc<chunk::Progress>) -> Self {
-        use std::sync::atomic::Ordering;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || {
-            let tty = std::io::stderr().is_terminal();
-            let bar = if tty {
-                let bar = indicatif::ProgressBar::new(0);
-                if let Ok(style) = indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                ) {
-                    bar.set_style(style.progress_chars("=> "));
-                }
-                bar.set_message(what.clone());
-                bar
-            } else {
-                indicatif::ProgressBar::hidden()
-            };
-            let mut last_line = std::time::Instant::now();
-            while !flag.load(Ordering::Relaxed) {
-                let (done, total) = (
-                    progress.done.load(Ordering::Relaxed),
-                    progress.total.load(Ordering::Relaxed),
-                );
-                bar.set_length(total);
-                bar.set_position(done);
-                if !tty && last_line.elapsed() >= std::time::Duration::from_secs(10) {
-                    eprintln!(
-                        "{what}: {} of {} processed",
-                        human_bytes(done),
-                        human_bytes(total)
-                    );
-                    last_line = std::time::Instant::now();
-                }
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            bar.finish_and_clear();
-        });
-        Reporter {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Reporter {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// Arguments of `btm backups`.
@@ -281,54 +243,10 @@ pub enum BackupsCommand {
 
 pub fn backups(args: BackupsArgs, out: &mut dyn Write) -> Result<()> {
     let store = args.store.open_existing()?;
-    if let Some(BackupsCommand::Show { name, json }) = args.show {
-        let idx = chunk::read_index(store.as_ref(), &name)?;
-        if json {
-            return print_json(out, &idx);
-        }
-        let info = BackupInfo::of(&name, &idx);
-        writeln!(
-            out,
-            "backup {name}: tag {}, created {}, metadata {}",
-            idx.tag,
-            idx.created.to_rfc3339(),
-            serde_json::Value::Object(idx.meta.clone())
-        )?;
-        writeln!(
-            out,
-            "{} files, {} logical, about {} on disk (holes excluded)",
-            info.files,
-            human_bytes(info.logical_bytes),
-            human_bytes(info.disk_bytes)
-        )?;
-        for e in &idx.entries {
-            match &e.kind {
-                chunk::index::EntryKind::File { size, chunks } => {
-                    let data: u64 = chunks
-                        .iter()
-                        .filter(|c| c.hash.is_some())
-                        .map(|c| c.len)
-                        .sum();
-                    writeln!(
-                        out,
-                        "{:>10} {:>10}  {:o}  {}",
-                        human_bytes(*size),
-                        human_bytes(data),
-                        e.mode,
-                        e.path
-                    )?;
-                }
-                chunk::index::EntryKind::Dir => {
-                    writeln!(out, "{:>10} {:>10}  {:o}  {}/", "-", "-", e.mode, e.path)?
-                }
-                chunk::index::EntryKind::Symlink { target } => {
-                    writeln!(out, "{:>10} {:>10}  link  {} -> {target}", "-", "-", e.path)?
-                }
-            }
-        }
-        return Ok(());
+    if let Some(BackupsCommand::Show { name, json }) = &args.show {
+        return show(store.as_ref(), &args.store, name, *json, out);
     }
-    let mut names = chunk::list_backups(store.as_ref(), args.tag.as_deref())?;
+    let mut names = catalog::list_backups(store.as_ref(), args.tag.as_deref())?;
     if let Some(n) = args.limit {
         names.truncate(n);
     }
@@ -341,22 +259,182 @@ pub fn backups(args: BackupsArgs, out: &mut dyn Write) -> Result<()> {
     let mut infos = Vec::new();
     for n in names {
         let name = n.to_string();
-        let idx = chunk::read_index(store.as_ref(), &name)?;
-        infos.push(BackupInfo::of(&name, &idx));
+        match catalog::read_index(store.as_ref(), &name) {
+            Ok(idx) => infos.push(BackupInfo::of(&name, &idx)),
+            // One unreadable index is shown as such; the others still are.
+            Err(e @ chunk::ChunkError::Index(_)) => infos.push(BackupInfo::unreadable(&n, &e)),
+            Err(e) => return Err(e.into()),
+        }
     }
     if args.json {
         return print_json(out, &infos);
     }
     for i in infos {
+        match &i.error {
+            Some(e) => writeln!(out, "{}  UNREADABLE: {e}", i.name)?,
+            None => writeln!(
+                out,
+                "{}  {} files  {} logical  {} on disk  {}",
+                i.name,
+                i.files,
+                human_bytes(i.logical_bytes),
+                human_bytes(i.disk_bytes),
+                serde_json::Value::Object(i.meta)
+            )?,
+        }
+    }
+    Ok(())
+}
+
+/// `btm backups show NAME`: the backup's entries, streamed.
+fn show(
+    store: &dyn Store,
+    args: &StoreArgs,
+    name: &str,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let idx = catalog::read_index(store, name)?;
+    let info = BackupInfo::of(name, &idx);
+    let cache = args.cache();
+    let connections = args
+        .connections()
+        .unwrap_or_else(|| chunk::restore::default_connections(store));
+    let mut entries = catalog::entries(store, cache.as_ref(), name, &idx, connections);
+    if json {
+        // Streamed: a million entries are never one value in memory.
+        write!(out, "{{\"backup\":")?;
+        serde_json::to_writer(&mut *out, &info)?;
+        write!(out, ",\"created\":")?;
+        serde_json::to_writer(&mut *out, &idx.created())?;
+        write!(out, ",\"chunk_size\":{},\"entries\":[", idx.chunk_size())?;
+        let mut first = true;
+        let mut pending: Option<serde_json::Value> = None;
+        let flush = |v: serde_json::Value, out: &mut dyn Write, first: &mut bool| -> Result<()> {
+            if !*first {
+                write!(out, ",")?;
+            }
+            *first = false;
+            serde_json::to_writer(&mut *out, &v)?;
+            Ok(())
+        };
+        while let Some(item) = entries.next_item()? {
+            match item {
+                Item::Entry(e) => {
+                    if let Some(v) = pending.take() {
+                        flush(v, out, &mut first)?;
+                    }
+                    let (kind, extra) = match &e.kind {
+                        EntryKind::File { size } => {
+                            ("file", serde_json::json!({ "size": size, "chunks": [] }))
+                        }
+                        EntryKind::Dir => ("dir", serde_json::json!({})),
+                        EntryKind::Symlink { target } => (
+                            "symlink",
+                            serde_json::json!({ "target": String::from_utf8_lossy(target) }),
+                        ),
+                    };
+                    let mut v = serde_json::json!({
+                        "path": e.display(), "type": kind, "mode": e.mode, "uid": e.uid,
+                        "gid": e.gid, "mtime_ns": e.mtime_ns, "append_only": e.append_only,
+                    });
+                    if let (Some(m), Some(x)) = (v.as_object_mut(), extra.as_object()) {
+                        m.extend(x.clone());
+                    }
+                    pending = Some(v);
+                }
+                Item::Chunks(chunks) => {
+                    if let Some(list) = pending.as_mut().and_then(|v| v["chunks"].as_array_mut()) {
+                        list.extend(
+                            chunks.iter().map(
+                                |c| serde_json::json!({ "o": c.off, "l": c.len, "h": c.hash }),
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(v) = pending.take() {
+            flush(v, out, &mut first)?;
+        }
+        writeln!(out, "]}}")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "backup {name}: format {}, tag {}, created {}, metadata {}",
+        idx.format(),
+        idx.tag(),
+        idx.created().to_rfc3339(),
+        serde_json::Value::Object(idx.meta().clone())
+    )?;
+    writeln!(
+        out,
+        "{} files, {} logical, about {} on disk (holes excluded)",
+        info.files,
+        human_bytes(info.logical_bytes),
+        human_bytes(info.disk_bytes)
+    )?;
+    for x in idx.excluded() {
         writeln!(
             out,
-            "{}  {} files  {} logical  {} on disk  {}",
-            i.name,
-            i.files,
-            human_bytes(i.logical_bytes),
-            human_bytes(i.disk_bytes),
-            serde_json::Value::Object(i.meta)
+            "excluded: {} ({}; {} matched)",
+            x.pattern, x.why, x.matched
         )?;
+    }
+    let mut current: Option<(btm::chunk::format::tree::Entry, u64)> = None;
+    let print = |e: &btm::chunk::format::tree::Entry,
+                 data: u64,
+                 out: &mut dyn Write|
+     -> std::io::Result<()> {
+        match &e.kind {
+            EntryKind::File { size } => writeln!(
+                out,
+                "{:>10} {:>10}  {:o}  {}",
+                human_bytes(*size),
+                human_bytes(data),
+                e.mode,
+                e.display()
+            ),
+            EntryKind::Dir => writeln!(
+                out,
+                "{:>10} {:>10}  {:o}  {}/",
+                "-",
+                "-",
+                e.mode,
+                e.display()
+            ),
+            EntryKind::Symlink { target } => writeln!(
+                out,
+                "{:>10} {:>10}  link  {} -> {}",
+                "-",
+                "-",
+                e.display(),
+                String::from_utf8_lossy(target)
+            ),
+        }
+    };
+    while let Some(item) = entries.next_item()? {
+        match item {
+            Item::Entry(e) => {
+                if let Some((prev, data)) = current.take() {
+                    print(&prev, data, out)?;
+                }
+                current = Some((e, 0));
+            }
+            Item::Chunks(chunks) => {
+                if let Some((_, data)) = current.as_mut() {
+                    *data += chunks
+                        .iter()
+                        .filter(|c| c.hash.is_some())
+                        .map(|c| c.len)
+                        .sum::<u64>();
+                }
+            }
+        }
+    }
+    if let Some((prev, data)) = current.take() {
+        print(&prev, data, out)?;
     }
     Ok(())
 }
@@ -383,9 +461,6 @@ pub struct RestoreArgs {
     /// Remove local files that are not in the backup
     #[arg(long)]
     delete: bool,
-    /// Chunk cache directory (read first, filled with what is fetched)
-    #[arg(long, value_name = "DIR")]
-    cache: Option<PathBuf>,
     /// Worker threads [default: twice the cores, 4 to 8]
     #[arg(long)]
     workers: Option<usize>,
@@ -414,7 +489,7 @@ pub fn restore(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
     let (wanted, dir) = args.name_and_dir()?;
     let store = args.store.open_existing()?;
     let (name, idx) = if wanted == "latest" {
-        chunk::latest_index(store.as_ref(), &args.tag, args.height)?.ok_or_else(|| {
+        catalog::latest(store.as_ref(), &args.tag, args.height)?.ok_or_else(|| {
             anyhow::anyhow!(
                 "no backup with tag '{}'{} in {}",
                 args.tag,
@@ -427,20 +502,28 @@ pub fn restore(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
         if args.height.is_some() {
             bail!("--height only applies to `latest`");
         }
-        (wanted.clone(), chunk::read_index(store.as_ref(), &wanted)?)
+        (
+            wanted.clone(),
+            catalog::read_index(store.as_ref(), &wanted)?,
+        )
     };
     let opts = RestoreOptions {
         filter: args.filter,
         delete: args.delete,
-        cache: args.cache,
+        cache: args.store.cache(),
         workers: workers(args.workers)?,
+        connections: args.store.connections(),
         progress: Arc::default(),
     };
     let reporter = Reporter::start(format!("restoring {name}"), Arc::clone(&opts.progress));
     let result = chunk::restore::restore(store.as_ref(), &name, &idx, &dir, &opts);
     drop(reporter);
-    let summary =
-        result.with_context(|| format!("restore of {name} into {} failed", dir.display()))?;
+    let summary = result.with_context(|| {
+        format!(
+            "restore of {name} into {} failed; run it again to finish it",
+            dir.display()
+        )
+    })?;
     if args.json {
         return print_json(
             out,
@@ -449,11 +532,17 @@ pub fn restore(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
     }
     writeln!(
         out,
-        "restored {name}: {} files, {} scanned, {} chunks already right, {} fetched ({} downloaded), {} written, {} holes{}",
+        "restored {name}: {} files{}, {} scanned, {} chunks already right, {} fetched in {} requests ({} downloaded), {} written, {} holes{}",
         summary.files,
+        if summary.files_trusted > 0 {
+            format!(" ({} completed by an earlier run)", summary.files_trusted)
+        } else {
+            String::new()
+        },
         human_bytes(summary.bytes_scanned),
         summary.chunks_reused,
         summary.chunks_fetched,
+        summary.requests,
         human_bytes(summary.bytes_downloaded),
         human_bytes(summary.bytes_written),
         summary.holes,
@@ -467,7 +556,7 @@ pub fn restore(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
 pub struct CheckArgs {
     #[command(flatten)]
     store: StoreArgs,
-    /// Also read, decompress and re-hash every referenced chunk
+    /// Also read every pack, and decompress and re-hash every chunk
     #[arg(long)]
     read_data: bool,
     /// Print the report as JSON
@@ -477,7 +566,16 @@ pub struct CheckArgs {
 
 pub fn check(args: CheckArgs, out: &mut dyn Write) -> Result<()> {
     let store = args.store.open_existing()?;
-    let report = chunk::check(store.as_ref(), args.read_data)?;
+    let connections = args
+        .store
+        .connections()
+        .unwrap_or_else(|| chunk::restore::default_connections(store.as_ref()));
+    let report = chunk::check::check(
+        store.as_ref(),
+        args.read_data,
+        args.store.cache().as_ref(),
+        connections,
+    )?;
     if args.json {
         print_json(out, &report)?;
     } else {
@@ -486,9 +584,10 @@ pub fn check(args: CheckArgs, out: &mut dyn Write) -> Result<()> {
         }
         writeln!(
             out,
-            "{} indexes, {} chunks referenced{}; {} problems",
+            "{} indexes, {} chunks referenced in {} packs{}; {} problems",
             report.indexes,
             report.chunks,
+            report.packs,
             if args.read_data {
                 format!(", {} verified", report.chunks_verified)
             } else {
@@ -503,6 +602,30 @@ pub fn check(args: CheckArgs, out: &mut dyn Write) -> Result<()> {
             report.problems.len(),
             store.describe()
         );
+    }
+    Ok(())
+}
+
+/// Arguments of `btm forget`.
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// The backup to forget (its index is deleted; its data goes at the
+    /// next `btm gc`)
+    name: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Say what would be deleted; delete nothing
+    #[arg(long)]
+    dry_run: bool,
+}
+
+pub fn forget(args: ForgetArgs, out: &mut dyn Write) -> Result<()> {
+    let store = args.store.open_existing()?;
+    catalog::forget(store.as_ref(), &args.name, args.dry_run)?;
+    if args.dry_run {
+        writeln!(out, "would forget {}", args.name)?;
+    } else {
+        writeln!(out, "forgot {}; `btm gc` frees its data", args.name)?;
     }
     Ok(())
 }

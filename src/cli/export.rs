@@ -76,7 +76,7 @@ pub fn run(args: ExportArgs, out: &mut dyn Write) -> Result<()> {
     }
     let which = args.height.map_or(Which::Newest, Which::Height);
     let progress = Arc::new(btm::chunk::Progress::default());
-    let reporter = super::backup::Reporter::start(
+    let reporter = super::progress::Reporter::start(
         format!("exporting {}", settings.volume),
         Arc::clone(&progress),
     );
@@ -112,8 +112,9 @@ pub fn run(args: ExportArgs, out: &mut dyn Write) -> Result<()> {
     }
     if let Some(g) = &report.gc {
         eprintln!(
-            "gc: {} chunks deleted, {} newly marked, {} pending{}",
-            g.deleted,
+            "gc: {} packs deleted, {} repacked, {} newly marked, {} pending{}",
+            g.packs_deleted,
+            g.packs_repacked,
             g.marked,
             g.pending,
             g.deferred

@@ -9,6 +9,7 @@ mod export;
 mod gc;
 mod list;
 mod notify;
+mod progress;
 mod prune;
 mod rollback;
 mod simulate;
@@ -67,6 +68,8 @@ pub enum Command {
     Restore(backup::RestoreArgs),
     /// Verify a store: indexes parse and every chunk exists (or re-hashes)
     Check(backup::CheckArgs),
+    /// Forget a backup: delete its index (its data goes at the next gc)
+    Forget(backup::ForgetArgs),
     /// Export a snapshot to the export store now (what the daemon does periodically)
     Export(export::ExportArgs),
     /// Delete chunks no backup references (two-phase, safe alongside exports)
@@ -157,6 +160,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Backups(a) => backup::backups(a, out),
         Command::Restore(a) => backup::restore(a, out),
         Command::Check(a) => backup::check(a, out),
+        Command::Forget(a) => backup::forget(a, out),
         Command::Export(a) => export::run(a, out),
         Command::Gc(a) => gc::run(a, out),
     }

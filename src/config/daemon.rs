@@ -125,8 +125,13 @@ pub struct ExportOptions {
     pub cache: Option<PathBuf>,
     /// Worker threads.
     pub concurrency: Option<usize>,
+    /// Store requests in flight (default: by store, see docs/performance.md).
+    pub connections: Option<usize>,
+    /// Pack size: a number, or a size like "16MiB" (default 16 MiB).
+    #[serde(default, deserialize_with = "de_pack_size")]
+    pub pack_size: Option<u64>,
     /// Most bytes read per second: a number, or a size like "50MiB".
-    #[serde(default, deserialize_with = "de_size")]
+    #[serde(default, deserialize_with = "de_max_rate")]
     pub max_rate: Option<u64>,
     /// Append-only files (block logs), relative to the volume root.
     pub append_only: Option<Vec<String>>,
@@ -137,20 +142,33 @@ pub struct ExportOptions {
     pub gc_grace: Option<Duration>,
 }
 
-fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+fn de_size<'de, D: Deserializer<'de>>(d: D, key: &str) -> Result<Option<u64>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum NumOrStr {
         Num(u64),
         Str(String),
     }
-    match NumOrStr::deserialize(d)? {
-        NumOrStr::Num(0) => Err(serde::de::Error::custom(
-            "max_rate must be at least 1 byte/s",
-        )),
-        NumOrStr::Num(n) => Ok(Some(n)),
-        NumOrStr::Str(s) => parse_size(&s).map(Some).map_err(serde::de::Error::custom),
+    let n = match NumOrStr::deserialize(d)? {
+        NumOrStr::Num(n) => n,
+        NumOrStr::Str(s) => {
+            parse_size(&s).map_err(|e| serde::de::Error::custom(format!("{key}: {e}")))?
+        }
+    };
+    if n == 0 {
+        return Err(serde::de::Error::custom(format!(
+            "{key} must be at least 1 byte"
+        )));
     }
+    Ok(Some(n))
+}
+
+fn de_max_rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de_size(d, "max_rate")
+}
+
+fn de_pack_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de_size(d, "pack_size")
 }
 
 /// A byte size: a number with an optional K/M/G (powers of 1024, with or
@@ -192,6 +210,8 @@ impl ExportOptions {
             keep: top.keep.or(base.keep),
             cache: top.cache.or(base.cache),
             concurrency: top.concurrency.or(base.concurrency),
+            connections: top.connections.or(base.connections),
+            pack_size: top.pack_size.or(base.pack_size),
             max_rate: top.max_rate.or(base.max_rate),
             append_only: top.append_only.or(base.append_only),
             gc: top.gc.or(base.gc),
@@ -220,7 +240,8 @@ impl ExportOptions {
             ));
         }
         let tag = self.tag.unwrap_or_else(crate::chunk::lease::host_name);
-        crate::chunk::index::validate_tag(&tag).map_err(|e| invalid("export.tag", e))?;
+        crate::chunk::format::head::validate_tag(&tag)
+            .map_err(|e| invalid("export.tag", e.to_string()))?;
         let keep = self.keep.unwrap_or(crate::export::DEFAULT_KEEP);
         if keep == 0 {
             return Err(invalid("export.keep", "must be at least 1"));
@@ -233,8 +254,21 @@ impl ExportOptions {
         }
         let append_only = self.append_only.unwrap_or_default();
         for p in &append_only {
-            crate::chunk::restore::safe_components(p)
-                .map_err(|e| invalid("export.append_only", e.to_string()))?;
+            crate::chunk::format::tree::check_path(p.as_bytes())
+                .map_err(|e| invalid("export.append_only", format!("'{p}': {e}")))?;
+        }
+        if self.connections.is_some_and(|c| !(1..=256).contains(&c)) {
+            return Err(invalid("export.connections", "must be between 1 and 256"));
+        }
+        let chunk = crate::chunk::backup::DEFAULT_CHUNK_SIZE;
+        if self
+            .pack_size
+            .is_some_and(|p| !(chunk..=1 << 30).contains(&p))
+        {
+            return Err(invalid(
+                "export.pack_size",
+                format!("must be between {chunk} bytes (the chunk size) and 1 GiB"),
+            ));
         }
         Ok(ExportSettings {
             store,
@@ -243,6 +277,8 @@ impl ExportOptions {
             keep,
             cache: self.cache,
             concurrency,
+            connections: self.connections,
+            pack_size: self.pack_size.map(|p| p as usize),
             max_rate: self.max_rate,
             append_only,
             gc: self.gc.unwrap_or(true),

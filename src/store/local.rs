@@ -4,9 +4,9 @@
 //! it, then `link()`s it into place: `link` fails if the name exists, which
 //! gives create-if-absent without a race, and the object is either fully
 //! there or not there at all. Index puts fsync their directory before
-//! returning; chunk puts leave that to [`Store::flush`], which fsyncs every
+//! returning; other puts leave that to [`Store::flush`], which fsyncs every
 //! directory touched since, once (a crash before it can only lose a link,
-//! and a lost chunk is simply uploaded again).
+//! and nothing names an object before the flush that made it durable).
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -15,8 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::{check_marker_name, chunk_path, Marker, Store, StoreError};
-use crate::chunk::index::ChunkHash;
+use super::{check_marker_name, Id, Kind, Marker, Store, StoreError};
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -144,31 +143,95 @@ impl Store for LocalStore {
         self.root.display().to_string()
     }
 
-    fn put_chunk(&self, hash: &ChunkHash, data: &[u8]) -> Result<(), StoreError> {
-        self.create(&chunk_path(hash), data, false).map(|_| ())
+    fn local_root(&self) -> Option<&Path> {
+        Some(&self.root)
     }
 
-    fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, StoreError> {
-        self.read(&chunk_path(hash)).map_err(|e| match e {
-            StoreError::NotFound(_) => StoreError::NotFound(format!("chunk {hash}")),
+    fn put(&self, kind: Kind, id: &Id, data: &[u8]) -> Result<(), StoreError> {
+        self.create(&kind.path(id), data, false).map(|_| ())
+    }
+
+    fn get(&self, kind: Kind, id: &Id) -> Result<Vec<u8>, StoreError> {
+        self.read(&kind.path(id)).map_err(|e| match e {
+            StoreError::NotFound(_) => StoreError::NotFound(kind.describe(id)),
             e => e,
         })
     }
 
-    fn list_chunks(&self) -> Result<Vec<ChunkHash>, StoreError> {
+    fn get_range(&self, kind: Kind, id: &Id, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        use std::os::unix::fs::FileExt;
+        let rel = kind.path(id);
+        let file = File::open(self.root.join(&rel)).map_err(|e| match e.kind() {
+            ErrorKind::NotFound => StoreError::NotFound(kind.describe(id)),
+            _ => io_err(&rel, e),
+        })?;
+        let len = usize::try_from(len).map_err(|_| StoreError::Permanent {
+            what: rel.clone(),
+            detail: "range too large".into(),
+        })?;
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset)
+            .map_err(|e| match e.kind() {
+                ErrorKind::UnexpectedEof => StoreError::Permanent {
+                    what: kind.describe(id),
+                    detail: format!("shorter than {} bytes at offset {offset}", buf.len()),
+                },
+                _ => io_err(&rel, e),
+            })?;
+        Ok(buf)
+    }
+
+    fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError> {
+        let rel = kind.path(id);
+        fs::metadata(self.root.join(&rel))
+            .map(|m| m.len())
+            .map_err(|e| match e.kind() {
+                ErrorKind::NotFound => StoreError::NotFound(kind.describe(id)),
+                _ => io_err(&rel, e),
+            })
+    }
+
+    fn list(&self, kind: Kind) -> Result<Vec<(Id, u64)>, StoreError> {
+        let top = self.root.join(kind.dir());
+        let dirs: Vec<PathBuf> = if kind.fanout() {
+            Self::names(&top)?
+                .into_iter()
+                .filter(|n| n.len() == 2)
+                .map(|n| top.join(n))
+                .collect()
+        } else {
+            vec![top]
+        };
         let mut out = Vec::new();
-        for sub in Self::names(&self.root.join("chunks"))? {
-            for name in Self::names(&self.root.join("chunks").join(&sub))? {
-                if let Ok(h) = name.parse::<ChunkHash>() {
-                    out.push(h);
+        for dir in dirs {
+            let rd = match fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&dir.display().to_string(), e)),
+            };
+            for entry in rd {
+                let entry = entry.map_err(|e| io_err(&dir.display().to_string(), e))?;
+                let Some(id) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<Id>().ok())
+                else {
+                    continue;
+                };
+                match entry.metadata() {
+                    Ok(m) if m.is_file() => out.push((id, m.len())),
+                    Ok(_) => {}
+                    // Deleted between the listing and now.
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err(&dir.display().to_string(), e)),
                 }
             }
         }
         Ok(out)
     }
 
-    fn delete_chunk(&self, hash: &ChunkHash) -> Result<(), StoreError> {
-        self.remove(&chunk_path(hash))
+    fn delete(&self, kind: Kind, id: &Id) -> Result<(), StoreError> {
+        self.remove(&kind.path(id))
     }
 
     fn put_index(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {

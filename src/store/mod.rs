@@ -1,31 +1,35 @@
-//! Where chunked backups live: a local directory, or S3, GCS or Azure.
+//! Where backups live: a local directory, or S3, GCS or Azure.
 //!
-//! [`Store`] is deliberately small. Its contract, which every backend meets
-//! and the shared test suite (`tests/store.rs`) checks:
+//! [`Store`] is deliberately small: write-once objects addressed by
+//! [`Id`] and [`Kind`], named backup indexes, and replaceable markers. The
+//! layout it maps them to is in `docs/format.md`. Its contract, which every
+//! backend meets and the shared suite (`tests/store.rs`) checks:
 //!
-//! - **Write-once chunks.** `put_chunk` stores a chunk unless one with that
-//!   hash exists; it never replaces different content under a name, because
-//!   the name *is* the content's hash. Two writers racing on one chunk
-//!   leave one valid copy.
+//! - **Write-once objects.** `put` stores an object unless one with that
+//!   kind and id exists; it never replaces content under a name, because
+//!   the name *is* the content's hash. Racing writers leave one copy.
+//! - **Ranged reads.** `get_range` returns exactly the bytes asked for, or
+//!   an error; never fewer.
 //! - **Atomic, write-once indexes.** `put_index` makes the whole index
 //!   visible at once or not at all, and fails if the name exists.
-//! - **Durability.** An index is durable when `put_index` returns; chunks
-//!   are durable once [`Store::flush`] returns. Before that a crash may
-//!   lose a chunk, but never leave a truncated one under its name. The
-//!   chunk engine flushes after the last chunk and only then writes the
-//!   index, so an index never points at a missing chunk.
-//! - **Markers.** Small coordination objects under `locks/` and `gc/` (see
-//!   `docs/format.md`, "Garbage collection"): put replaces atomically, and
-//!   a listing reports each marker's modification time *as the store
-//!   records it*, so protocols compare times on one clock, the store's.
+//! - **Durability, index last.** An index is durable when `put_index`
+//!   returns; other objects once [`Store::flush`] returns (object stores:
+//!   at `put`). A crash may lose an object put before a flush, but never
+//!   leaves a truncated one under its name. Writers flush, then write what
+//!   names the objects, so nothing names a missing object.
+//! - **Markers.** Small coordination objects under `locks/` and `gc/`: put
+//!   replaces atomically, and a listing reports each marker's modification
+//!   time *as the store records it*, so protocols compare times on one
+//!   clock, the store's.
 //! - **Typed failures.** [`StoreError::NotFound`] for a missing object,
-//!   `Temporary` for what may work on retry, `Permanent` for the rest.
+//!   `Temporary` for what may work on retry, `Unreachable` for a store that
+//!   does not answer, `Permanent` for the rest.
 
+mod id;
 mod local;
 mod object;
 
-use crate::chunk::index::ChunkHash;
-
+pub use id::{BadId, Id};
 pub use local::LocalStore;
 pub use object::ObjectStoreBackend;
 
@@ -35,12 +39,21 @@ pub enum StoreError {
     /// The object does not exist.
     #[error("{0} not found in the store")]
     NotFound(String),
-    /// Network hiccup, throttling, timeout: retrying may work.
+    /// Network hiccup, throttling: retrying may work.
     #[error("store temporarily failed on {what}: {detail}")]
     Temporary {
         /// What was being done.
         what: String,
         /// The backend's message.
+        detail: String,
+    },
+    /// The store did not answer in time, or could not be reached at all,
+    /// even after retries.
+    #[error("the store did not answer {what} ({detail}); is it reachable?")]
+    Unreachable {
+        /// What was being done.
+        what: String,
+        /// How long was waited, and how often.
         detail: String,
     },
     /// Anything else (permissions, bad configuration, corrupt data).
@@ -68,19 +81,79 @@ impl StoreError {
     }
 }
 
+/// The kinds of write-once objects (see `docs/format.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// `packs/`: chunks grouped in a pack.
+    Pack,
+    /// `packidx/`: which pack holds which chunk.
+    PackIndex,
+    /// `trees/`: a segment of a backup's entry stream.
+    Tree,
+    /// `chunks/`: one chunk per object (format version 1; never written
+    /// by this version).
+    Chunk,
+}
+
+impl Kind {
+    /// Every kind.
+    pub const ALL: [Kind; 4] = [Kind::Pack, Kind::PackIndex, Kind::Tree, Kind::Chunk];
+
+    /// The directory (prefix) the kind lives under.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Kind::Pack => "packs",
+            Kind::PackIndex => "packidx",
+            Kind::Tree => "trees",
+            Kind::Chunk => "chunks",
+        }
+    }
+
+    /// Whether objects sit in a two-digit subdirectory (`packs/ab/ab…`).
+    pub(crate) fn fanout(self) -> bool {
+        !matches!(self, Kind::PackIndex)
+    }
+
+    /// The object's path relative to the store root.
+    pub fn path(self, id: &Id) -> String {
+        let hex = id.to_hex();
+        if self.fanout() {
+            format!("{}/{}/{hex}", self.dir(), &hex[..2])
+        } else {
+            format!("{}/{hex}", self.dir())
+        }
+    }
+
+    /// How errors name an object of this kind.
+    pub fn describe(self, id: &Id) -> String {
+        let what = match self {
+            Kind::Pack => "pack",
+            Kind::PackIndex => "pack index",
+            Kind::Tree => "tree segment",
+            Kind::Chunk => "chunk",
+        };
+        format!("{what} {id}")
+    }
+}
+
 /// The operations the chunk engine needs from a store. See the module
 /// documentation for the contract.
 pub trait Store: Send + Sync {
     /// A human description (URL) for messages.
     fn describe(&self) -> String;
-    /// Store the compressed bytes of chunk `hash`, unless it exists.
-    fn put_chunk(&self, hash: &ChunkHash, data: &[u8]) -> Result<(), StoreError>;
-    /// The compressed bytes of chunk `hash`.
-    fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, StoreError>;
-    /// Every chunk hash in the store (one listing, not one request each).
-    fn list_chunks(&self) -> Result<Vec<ChunkHash>, StoreError>;
-    /// Delete a chunk (garbage collection); absent is not an error.
-    fn delete_chunk(&self, hash: &ChunkHash) -> Result<(), StoreError>;
+    /// Store `data` as object `id` of `kind`, unless it exists.
+    fn put(&self, kind: Kind, id: &Id, data: &[u8]) -> Result<(), StoreError>;
+    /// The whole object.
+    fn get(&self, kind: Kind, id: &Id) -> Result<Vec<u8>, StoreError>;
+    /// Exactly `len` bytes of the object from `offset`.
+    fn get_range(&self, kind: Kind, id: &Id, offset: u64, len: u64) -> Result<Vec<u8>, StoreError>;
+    /// The size of one object (a HEAD request).
+    fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError>;
+    /// Every object of `kind` with its size (one listing, not one request
+    /// per object).
+    fn list(&self, kind: Kind) -> Result<Vec<(Id, u64)>, StoreError>;
+    /// Delete an object; absent is not an error.
+    fn delete(&self, kind: Kind, id: &Id) -> Result<(), StoreError>;
     /// Atomically create index `name`; fails if it exists.
     fn put_index(&self, name: &str, data: &[u8]) -> Result<(), StoreError>;
     /// The bytes of index `name`.
@@ -97,7 +170,11 @@ pub trait Store: Send + Sync {
     fn list_markers(&self, dir: &str) -> Result<Vec<Marker>, StoreError>;
     /// Delete marker `name`; absent is not an error.
     fn delete_marker(&self, name: &str) -> Result<(), StoreError>;
-    /// Make every chunk put so far durable. Object stores are durable at
+    /// The directory of a local store; `None` for a remote one.
+    fn local_root(&self) -> Option<&std::path::Path> {
+        None
+    }
+    /// Make every object put so far durable. Object stores are durable at
     /// put already; the default does nothing.
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
@@ -132,12 +209,6 @@ pub(crate) fn check_marker_name(name: &str) -> Result<(), StoreError> {
             detail: "not a valid marker name".into(),
         })
     }
-}
-
-/// Relative object path of a chunk: `chunks/<first 2 hex>/<hex>`.
-pub fn chunk_path(hash: &ChunkHash) -> String {
-    let hex = hash.to_hex();
-    format!("chunks/{}/{hex}", &hex[..2])
 }
 
 /// Check the form of a store URL without opening it (no network, no

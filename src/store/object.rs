@@ -1,8 +1,13 @@
 //! S3, GCS and Azure stores through the `object_store` crate.
 //!
-//! object_store is async; the chunk engine's workers are plain threads, so
-//! this backend owns a small tokio runtime and blocks on it per call, which
-//! lets many workers have requests in flight at once.
+//! object_store is async; the chunk engine's I/O threads are plain threads,
+//! so this backend owns a small tokio runtime and blocks on it per call,
+//! which lets as many requests be in flight as there are calling threads.
+//!
+//! A store that does not answer must not look like slow progress forever:
+//! each request is bounded by [`request_timeout`] and retried for at most
+//! that long again, after which the call fails as
+//! [`StoreError::Unreachable`].
 //!
 //! Create-if-absent uses the service's conditional put where it has one.
 //! Where it does not (S3 without conditional-put support, most S3-compatible
@@ -14,12 +19,16 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use futures::TryStreamExt;
-use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use std::time::Duration;
 
-use super::{check_marker_name, chunk_path, Marker, Store, StoreError};
-use crate::chunk::index::ChunkHash;
+use futures::TryStreamExt;
+use object_store::client::{HttpError, HttpErrorKind};
+use object_store::path::Path;
+use object_store::{
+    ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+};
+
+use super::{check_marker_name, Id, Kind, Marker, Store, StoreError};
 
 /// A cloud store.
 pub struct ObjectStoreBackend {
@@ -30,7 +39,44 @@ pub struct ObjectStoreBackend {
     conditional_put: AtomicBool,
 }
 
+/// How long one request may take, and how long retries may go on:
+/// `$BTM_STORE_TIMEOUT` (a duration like `30s`), else 60 s.
+pub fn request_timeout() -> Duration {
+    std::env::var("BTM_STORE_TIMEOUT")
+        .ok()
+        .and_then(|s| humantime::parse_duration(s.trim()).ok())
+        .filter(|d| !d.is_zero())
+        .unwrap_or(Duration::from_secs(60))
+}
+
+fn retry_config(timeout: Duration) -> RetryConfig {
+    RetryConfig {
+        max_retries: 4,
+        retry_timeout: timeout,
+        ..RetryConfig::default()
+    }
+}
+
+/// Whether an object_store failure means the server did not answer (a
+/// timeout or a failed connection, after object_store's own retries).
+fn unreachable(e: &object_store::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(http) = c.downcast_ref::<HttpError>() {
+            return matches!(http.kind(), HttpErrorKind::Timeout | HttpErrorKind::Connect);
+        }
+        cause = c.source();
+    }
+    false
+}
+
 fn classify(what: &str, e: object_store::Error) -> StoreError {
+    if unreachable(&e) {
+        return StoreError::Unreachable {
+            what: what.to_owned(),
+            detail: format!("within {:?}: {e}", request_timeout()),
+        };
+    }
     match e {
         object_store::Error::NotFound { .. } => StoreError::NotFound(what.to_owned()),
         // object_store has already retried transient HTTP failures with
@@ -61,9 +107,16 @@ impl ObjectStoreBackend {
         if bucket.is_empty() {
             return Err(invalid("no bucket or container name".into()));
         }
+        let timeout = format!("{}s", request_timeout().as_secs().max(1));
+        let retry = retry_config(request_timeout());
         let inner: Arc<dyn ObjectStore> = match scheme {
             "s3" => {
-                let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                use object_store::aws::AmazonS3ConfigKey as K;
+                let mut b = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_config(K::Client(ClientConfigKey::Timeout), &timeout)
+                    .with_config(K::Client(ClientConfigKey::ConnectTimeout), "10s")
+                    .with_retry(retry);
                 let endpoint = std::env::var("AWS_ENDPOINT_URL")
                     .or_else(|_| std::env::var("AWS_ENDPOINT"))
                     .unwrap_or_default();
@@ -72,18 +125,30 @@ impl ObjectStoreBackend {
                 }
                 Arc::new(b.build().map_err(|e| invalid(e.to_string()))?)
             }
-            "gs" => Arc::new(
-                object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_bucket_name(bucket)
-                    .build()
-                    .map_err(|e| invalid(e.to_string()))?,
-            ),
-            "az" => Arc::new(
-                object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_container_name(bucket)
-                    .build()
-                    .map_err(|e| invalid(e.to_string()))?,
-            ),
+            "gs" => {
+                use object_store::gcp::GoogleConfigKey as K;
+                Arc::new(
+                    object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                        .with_bucket_name(bucket)
+                        .with_config(K::Client(ClientConfigKey::Timeout), &timeout)
+                        .with_config(K::Client(ClientConfigKey::ConnectTimeout), "10s")
+                        .with_retry(retry)
+                        .build()
+                        .map_err(|e| invalid(e.to_string()))?,
+                )
+            }
+            "az" => {
+                use object_store::azure::AzureConfigKey as K;
+                Arc::new(
+                    object_store::azure::MicrosoftAzureBuilder::from_env()
+                        .with_container_name(bucket)
+                        .with_config(K::Client(ClientConfigKey::Timeout), &timeout)
+                        .with_config(K::Client(ClientConfigKey::ConnectTimeout), "10s")
+                        .with_retry(retry)
+                        .build()
+                        .map_err(|e| invalid(e.to_string()))?,
+                )
+            }
             other => return Err(invalid(format!("unknown scheme '{other}'"))),
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -164,7 +229,7 @@ impl ObjectStoreBackend {
             .collect())
     }
 
-    fn delete(&self, rel: &str) -> Result<(), StoreError> {
+    fn remove(&self, rel: &str) -> Result<(), StoreError> {
         match self.runtime.block_on(self.inner.delete(&self.path(rel))) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(classify(rel, e)),
@@ -188,25 +253,55 @@ impl Store for ObjectStoreBackend {
         self.url.clone()
     }
 
-    fn put_chunk(&self, hash: &ChunkHash, data: &[u8]) -> Result<(), StoreError> {
-        self.create(&chunk_path(hash), data, &format!("chunk {hash}"))
+    fn put(&self, kind: Kind, id: &Id, data: &[u8]) -> Result<(), StoreError> {
+        self.create(&kind.path(id), data, &kind.describe(id))
             .map(|_| ())
     }
 
-    fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, StoreError> {
-        self.read(&chunk_path(hash), format!("chunk {hash}"))
+    fn get(&self, kind: Kind, id: &Id) -> Result<Vec<u8>, StoreError> {
+        self.read(&kind.path(id), kind.describe(id))
     }
 
-    fn list_chunks(&self) -> Result<Vec<ChunkHash>, StoreError> {
+    fn get_range(&self, kind: Kind, id: &Id, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        let path = self.path(&kind.path(id));
+        let what = kind.describe(id);
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| StoreError::Permanent {
+                what: what.clone(),
+                detail: "range overflows".into(),
+            })?;
+        let bytes = self
+            .runtime
+            .block_on(self.inner.get_range(&path, offset..end))
+            .map_err(|e| classify(&what, e))?;
+        if bytes.len() as u64 != len {
+            return Err(StoreError::Permanent {
+                what,
+                detail: format!("asked for {len} bytes at {offset}, got {}", bytes.len()),
+            });
+        }
+        Ok(bytes.to_vec())
+    }
+
+    fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError> {
+        let path = self.path(&kind.path(id));
+        self.runtime
+            .block_on(self.inner.head(&path))
+            .map(|m| m.size)
+            .map_err(|e| classify(&kind.describe(id), e))
+    }
+
+    fn list(&self, kind: Kind) -> Result<Vec<(Id, u64)>, StoreError> {
         Ok(self
-            .list_names("chunks")?
+            .list_metas(kind.dir())?
             .into_iter()
-            .filter_map(|n| n.parse().ok())
+            .filter_map(|m| Some((m.location.filename()?.parse().ok()?, m.size)))
             .collect())
     }
 
-    fn delete_chunk(&self, hash: &ChunkHash) -> Result<(), StoreError> {
-        self.delete(&chunk_path(hash))
+    fn delete(&self, kind: Kind, id: &Id) -> Result<(), StoreError> {
+        self.remove(&kind.path(id))
     }
 
     fn put_index(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
@@ -230,7 +325,7 @@ impl Store for ObjectStoreBackend {
     }
 
     fn delete_index(&self, name: &str) -> Result<(), StoreError> {
-        self.delete(&format!("indexes/{name}"))
+        self.remove(&format!("indexes/{name}"))
     }
 
     fn put_marker(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
@@ -271,6 +366,6 @@ impl Store for ObjectStoreBackend {
 
     fn delete_marker(&self, name: &str) -> Result<(), StoreError> {
         check_marker_name(name)?;
-        self.delete(name)
+        self.remove(name)
     }
 }

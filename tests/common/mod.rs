@@ -666,8 +666,9 @@ impl Drop for FakeRpc {
     }
 }
 
-/// A local store with injected faults: chunk puts, and chunk deletes, fail
-/// (temporarily) once their budget is spent. `i64::MAX` means never.
+/// A local store with injected faults: puts of packs, pack indexes and
+/// tree segments, and deletes of any object, fail (temporarily) once their
+/// budget is spent. `i64::MAX` means never.
 pub struct FaultyStore {
     pub inner: btm::store::LocalStore,
     pub puts_left: std::sync::atomic::AtomicI64,
@@ -697,56 +698,60 @@ fn spend(
     Ok(())
 }
 
+use btm::store::{Id, Kind, StoreError};
+
 impl btm::store::Store for FaultyStore {
     fn describe(&self) -> String {
         "faulty".into()
     }
-    fn put_chunk(
-        &self,
-        h: &btm::chunk::index::ChunkHash,
-        d: &[u8],
-    ) -> Result<(), btm::store::StoreError> {
-        spend(&self.puts_left, format!("chunk {h}"))?;
-        self.inner.put_chunk(h, d)
+    fn put(&self, kind: Kind, id: &Id, d: &[u8]) -> Result<(), StoreError> {
+        spend(&self.puts_left, kind.describe(id))?;
+        self.inner.put(kind, id, d)
     }
-    fn get_chunk(
-        &self,
-        h: &btm::chunk::index::ChunkHash,
-    ) -> Result<Vec<u8>, btm::store::StoreError> {
-        self.inner.get_chunk(h)
+    fn get(&self, kind: Kind, id: &Id) -> Result<Vec<u8>, StoreError> {
+        self.inner.get(kind, id)
     }
-    fn list_chunks(&self) -> Result<Vec<btm::chunk::index::ChunkHash>, btm::store::StoreError> {
-        self.inner.list_chunks()
+    fn get_range(&self, kind: Kind, id: &Id, off: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        self.inner.get_range(kind, id, off, len)
     }
-    fn delete_chunk(&self, h: &btm::chunk::index::ChunkHash) -> Result<(), btm::store::StoreError> {
-        spend(&self.deletes_left, format!("chunk {h}"))?;
-        self.inner.delete_chunk(h)
+    fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError> {
+        self.inner.size(kind, id)
     }
-    fn put_index(&self, n: &str, d: &[u8]) -> Result<(), btm::store::StoreError> {
+    fn list(&self, kind: Kind) -> Result<Vec<(Id, u64)>, StoreError> {
+        self.inner.list(kind)
+    }
+    fn delete(&self, kind: Kind, id: &Id) -> Result<(), StoreError> {
+        spend(&self.deletes_left, kind.describe(id))?;
+        self.inner.delete(kind, id)
+    }
+    fn put_index(&self, n: &str, d: &[u8]) -> Result<(), StoreError> {
         self.inner.put_index(n, d)
     }
-    fn get_index(&self, n: &str) -> Result<Vec<u8>, btm::store::StoreError> {
+    fn get_index(&self, n: &str) -> Result<Vec<u8>, StoreError> {
         self.inner.get_index(n)
     }
-    fn list_indexes(&self) -> Result<Vec<String>, btm::store::StoreError> {
+    fn list_indexes(&self) -> Result<Vec<String>, StoreError> {
         self.inner.list_indexes()
     }
-    fn delete_index(&self, n: &str) -> Result<(), btm::store::StoreError> {
+    fn delete_index(&self, n: &str) -> Result<(), StoreError> {
         self.inner.delete_index(n)
     }
-    fn put_marker(&self, n: &str, d: &[u8]) -> Result<(), btm::store::StoreError> {
+    fn put_marker(&self, n: &str, d: &[u8]) -> Result<(), StoreError> {
         self.inner.put_marker(n, d)
     }
-    fn get_marker(&self, n: &str) -> Result<Vec<u8>, btm::store::StoreError> {
+    fn get_marker(&self, n: &str) -> Result<Vec<u8>, StoreError> {
         self.inner.get_marker(n)
     }
-    fn list_markers(&self, dir: &str) -> Result<Vec<btm::store::Marker>, btm::store::StoreError> {
+    fn list_markers(&self, dir: &str) -> Result<Vec<btm::store::Marker>, StoreError> {
         self.inner.list_markers(dir)
     }
-    fn delete_marker(&self, n: &str) -> Result<(), btm::store::StoreError> {
+    fn delete_marker(&self, n: &str) -> Result<(), StoreError> {
         self.inner.delete_marker(n)
     }
-    fn flush(&self) -> Result<(), btm::store::StoreError> {
+    fn local_root(&self) -> Option<&Path> {
+        self.inner.local_root()
+    }
+    fn flush(&self) -> Result<(), StoreError> {
         self.inner.flush()
     }
 }

@@ -1,0 +1,346 @@
+//! The backup's index writer: it receives entries in walk order from the
+//! planner and chunk results in any order from the workers, and writes the
+//! tree segments in walk order.
+//!
+//! A file read for this backup is written only once all its chunks are in
+//! *and* a second `fstat` shows that it did not change while it was read
+//! (size, mtime, ctime). If it did (or it shrank under a read), its chunks
+//! are thrown away and the planner reads it again, up to
+//! [`MAX_ATTEMPTS`] times; then the backup fails, naming it. So a backup
+//! of a live directory never records a state of a file that never existed.
+//!
+//! A file's chunk list is kept in memory up to [`SPOOL_MEMORY`] bytes and
+//! on disk beyond, so a multi-terabyte file does not grow the writer.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::File;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+
+use nix::sys::stat::FileStat;
+
+use super::super::format::head::Totals;
+use super::super::format::tree::{ChunkRef, Entry, Segment, TreeWriter};
+use super::super::spool::Spool;
+use super::super::{with_retry, ChunkError};
+use super::Shared;
+use crate::store::{Id, Kind};
+
+fn spool_err(e: std::io::Error) -> ChunkError {
+    ChunkError::io(std::path::Path::new("(chunk spool)"), e)
+}
+
+/// Reads of one file before a backup gives up on it.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// What identifies a version of a file for the change check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Signature {
+    size: i64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Signature {
+    /// The signature in `st`.
+    pub fn of(st: &FileStat) -> Self {
+        Signature {
+            size: st.st_size,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+        }
+    }
+}
+
+/// Why a chunk has no result.
+#[derive(Debug)]
+pub enum ChunkFail {
+    /// The file ended before the chunk did: it shrank while being read.
+    Shrank,
+    /// Anything else: the backup fails.
+    Error(ChunkError),
+}
+
+/// What the planner and the workers tell the writer.
+pub enum Msg {
+    /// A directory or symlink, complete.
+    Entry(Entry),
+    /// A file whose `chunks` results follow (attempt `attempt`). `read`
+    /// is the open file and its signature before reading, when any chunk
+    /// is read; a file reused whole has none.
+    File {
+        /// The planner's number for the file.
+        id: u64,
+        /// Which read of the file this is (1 first).
+        attempt: u32,
+        /// The entry (its size and metadata as read).
+        entry: Entry,
+        /// How many chunk results to expect.
+        chunks: u64,
+        /// The open file and its signature before the read.
+        read: Option<(Arc<File>, Signature)>,
+    },
+    /// The result of chunk `index` of file `id`.
+    Chunk {
+        /// The file.
+        id: u64,
+        /// The attempt it belongs to.
+        attempt: u32,
+        /// The chunk's position in the file.
+        index: u64,
+        /// Its record, or why there is none.
+        result: Result<ChunkRef, ChunkFail>,
+    },
+    /// The walk is over; retried files may still come.
+    WalkDone,
+}
+
+struct FileState {
+    attempt: u32,
+    entry: Entry,
+    expected: u64,
+    next: u64,
+    early: BTreeMap<u64, ChunkRef>,
+    spool: Spool,
+    read: Option<(Arc<File>, Signature)>,
+    received: u64,
+    shrank: bool,
+    complete: bool,
+}
+
+enum Slot {
+    Ready(Entry),
+    File(u64),
+}
+
+/// The writer's result: the segments' ids and the stream's totals.
+pub struct Written {
+    /// Tree segment ids, in order.
+    pub trees: Vec<Id>,
+    /// Counts over the entries.
+    pub totals: Totals,
+    /// Files read again because they changed while read.
+    pub changed: u64,
+}
+
+/// Run the writer until the walk and every file are done. `retry` asks the
+/// planner to read a file again.
+pub fn run(
+    shared: &Shared<'_>,
+    rx: Receiver<Msg>,
+    retry: Sender<Option<(u64, u32)>>,
+) -> Result<Written, ChunkError> {
+    let mut w = Writer {
+        shared,
+        tree: TreeWriter::new(3),
+        order: VecDeque::new(),
+        files: HashMap::new(),
+        trees: Vec::new(),
+        changed: 0,
+    };
+    let result = w.receive(rx, &retry);
+    // Whatever happened, release the planner.
+    let _ = retry.send(None);
+    result?;
+    let tree = std::mem::replace(&mut w.tree, TreeWriter::new(3));
+    let (last, totals) = tree.finish()?;
+    if let Some(seg) = last {
+        w.upload(seg)?;
+    }
+    Ok(Written {
+        trees: w.trees,
+        totals,
+        changed: w.changed,
+    })
+}
+
+struct Writer<'s, 'a> {
+    shared: &'s Shared<'a>,
+    tree: TreeWriter,
+    order: VecDeque<Slot>,
+    files: HashMap<u64, FileState>,
+    trees: Vec<Id>,
+    changed: u64,
+}
+
+impl Writer<'_, '_> {
+    fn receive(
+        &mut self,
+        rx: Receiver<Msg>,
+        retry: &Sender<Option<(u64, u32)>>,
+    ) -> Result<(), ChunkError> {
+        let mut walk_done = false;
+        for msg in rx {
+            if self.shared.aborted() {
+                return Err(ChunkError::Aborted);
+            }
+            match msg {
+                Msg::Entry(e) => self.order.push_back(Slot::Ready(e)),
+                Msg::File {
+                    id,
+                    attempt,
+                    entry,
+                    chunks,
+                    read,
+                } => {
+                    if attempt == 1 {
+                        self.order.push_back(Slot::File(id));
+                    }
+                    self.files.insert(
+                        id,
+                        FileState {
+                            attempt,
+                            entry,
+                            expected: chunks,
+                            next: 0,
+                            early: BTreeMap::new(),
+                            spool: Spool::new(),
+                            read,
+                            received: 0,
+                            shrank: false,
+                            complete: false,
+                        },
+                    );
+                    self.settle(id, retry)?;
+                }
+                Msg::Chunk {
+                    id,
+                    attempt,
+                    index,
+                    result,
+                } => {
+                    let Some(f) = self.files.get_mut(&id) else {
+                        continue;
+                    };
+                    if f.attempt != attempt {
+                        continue;
+                    }
+                    f.received += 1;
+                    match result {
+                        Ok(c) if index == f.next => {
+                            f.spool.push(&c).map_err(spool_err)?;
+                            f.next += 1;
+                            while let Some(c) = f.early.remove(&f.next) {
+                                f.spool.push(&c).map_err(spool_err)?;
+                                f.next += 1;
+                            }
+                        }
+                        Ok(c) => {
+                            f.early.insert(index, c);
+                        }
+                        // The whole read is redone; its chunks are dropped.
+                        Err(ChunkFail::Shrank) => f.shrank = true,
+                        Err(ChunkFail::Error(e)) => return Err(e),
+                    }
+                    self.settle(id, retry)?;
+                }
+                Msg::WalkDone => walk_done = true,
+            }
+            self.drain()?;
+            if walk_done && self.order.is_empty() {
+                return Ok(());
+            }
+        }
+        if self.shared.aborted() {
+            return Err(ChunkError::Aborted);
+        }
+        Err(ChunkError::Aborted)
+    }
+
+    /// If every chunk of file `id` is in, check it did not change, and
+    /// either mark it complete or ask for another read.
+    fn settle(&mut self, id: u64, retry: &Sender<Option<(u64, u32)>>) -> Result<(), ChunkError> {
+        let Some(f) = self.files.get_mut(&id) else {
+            return Ok(());
+        };
+        if f.complete || f.received < f.expected {
+            return Ok(());
+        }
+        let changed = f.shrank
+            || match &f.read {
+                Some((file, before)) => nix::sys::stat::fstat(file)
+                    .map(|st| Signature::of(&st) != *before)
+                    .unwrap_or(true),
+                None => false,
+            };
+        if !changed {
+            f.complete = true;
+            f.read = None;
+            return Ok(());
+        }
+        self.changed += 1;
+        if f.attempt >= MAX_ATTEMPTS {
+            return Err(ChunkError::Changing {
+                path: f.entry.display().into_owned(),
+                attempts: f.attempt,
+            });
+        }
+        tracing::info!(path = %f.entry.display(), attempt = f.attempt, "file changed while it was read; reading it again");
+        let next = f.attempt + 1;
+        f.attempt = next;
+        f.complete = false;
+        let _ = retry.send(Some((id, next)));
+        Ok(())
+    }
+
+    /// Write what is complete at the head of the order.
+    fn drain(&mut self) -> Result<(), ChunkError> {
+        while let Some(front) = self.order.front() {
+            match front {
+                Slot::Ready(_) => {
+                    let Some(Slot::Ready(e)) = self.order.pop_front() else {
+                        break;
+                    };
+                    if let Some(seg) = self.tree.entry(&e)? {
+                        self.upload(seg)?;
+                    }
+                }
+                Slot::File(id) => {
+                    let id = *id;
+                    if !self.files.get(&id).is_some_and(|f| f.complete) {
+                        break;
+                    }
+                    self.order.pop_front();
+                    let Some(f) = self.files.remove(&id) else {
+                        break;
+                    };
+                    if let Some(seg) = self.tree.entry(&f.entry)? {
+                        self.upload(seg)?;
+                    }
+                    let mut sealed = Vec::new();
+                    let tree = &mut self.tree;
+                    f.spool.replay(spool_err, |run| {
+                        if let Some(seg) = tree.chunks(run)? {
+                            sealed.push(seg);
+                        }
+                        Ok(())
+                    })?;
+                    for seg in sealed {
+                        self.upload(seg)?;
+                    }
+                    self.shared
+                        .reading
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
+                    self.shared.file_written();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn upload(&mut self, seg: Segment) -> Result<(), ChunkError> {
+        let store = self.shared.store;
+        {
+            let _req = self.shared.opts.progress.request();
+            with_retry(|| store.put(Kind::Tree, &seg.id, &seg.data))
+                .map_err(|e| ChunkError::store(format!("uploading tree segment {}", seg.id), e))?;
+        }
+        if let Some(c) = &self.shared.opts.cache {
+            c.put(Kind::Tree, &seg.id, &seg.data);
+        }
+        self.trees.push(seg.id);
+        Ok(())
+    }
+}
