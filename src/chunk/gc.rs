@@ -358,13 +358,12 @@ fn mark(
     let v1_chunks: Vec<Id> = list_ids(store, Kind::Chunk)?;
     let locks = with_retry(|| store.list_markers("locks"))
         .map_err(|e| ChunkError::store("listing leases", e))?;
-    // "Now" on the store's clock: the newest marker it lists is at most
-    // that old; with no marker at all, no lease can have expired anyway.
-    let now = locks
-        .iter()
-        .map(|m| m.modified)
-        .max()
-        .unwrap_or_else(Utc::now);
+    let now = if locks.is_empty() {
+        Utc::now()
+    } else {
+        with_retry(|| lease::store_now(store))
+            .map_err(|e| ChunkError::store("reading the store's clock", e))?
+    };
     let dead = dead_leases(store, &locks, now);
     let pending_of_dead: Vec<Id> = dead.iter().flat_map(|(_, p)| p.iter().copied()).collect();
     let mut found = plan(
@@ -408,19 +407,8 @@ fn mark(
         return Ok(());
     }
     if found.len() > 0 {
-        let created = Utc::now();
-        found.created = Some(created);
-        let json = serde_json::to_vec(&found).map_err(|e| ChunkError::Invalid(e.to_string()))?;
-        let data = zstd::stream::encode_all(&json[..], 3)
-            .map_err(|e| ChunkError::Invalid(format!("compressing a GC mark: {e}")))?;
-        let name = format!(
-            "{MARKS}/{}-{}-{}",
-            created.format("%Y%m%dT%H%M%S%.9fZ"),
-            lease::host_name(),
-            std::process::id()
-        );
-        with_retry(|| store.put_marker(&name, &data))
-            .map_err(|e| ChunkError::store("writing a GC mark", e))?;
+        found.created = Some(Utc::now());
+        write_mark(store, &found)?;
     }
     // The orphans are in a mark now (or were already): the dead leases
     // have told what they had to.
@@ -449,6 +437,60 @@ fn sweep(
     // A sweep never waits, so there is nothing to cancel.
     let never = std::sync::atomic::AtomicBool::new(false);
     lease::with_lease(store, LeaseKind::Sweep, None, &never, |lease| {
+        let result = sweep_under(store, opts, marks, report, lease);
+        if result.is_err() {
+            hand_over(store, lease);
+        }
+        result
+    })
+}
+
+/// A sweep failed with packs written that no pack index may name (it was
+/// repacking): list them in a mark as orphans, so that GC deals with them
+/// and this lease need not stay to block backups and restores until it
+/// expires. (An orphan that a pack index does name is kept.)
+fn hand_over(store: &dyn Store, lease: &Lease<'_>) {
+    let pending = lease.pending();
+    if pending.is_empty() {
+        return;
+    }
+    let mark = Mark {
+        version: 2,
+        created: Some(Utc::now()),
+        orphans: pending.clone(),
+        ..Mark::default()
+    };
+    if write_mark(store, &mark).is_ok() {
+        lease.settle(&pending);
+    }
+}
+
+fn write_mark(store: &dyn Store, mark: &Mark) -> Result<(), ChunkError> {
+    let created = mark.created.unwrap_or_else(Utc::now);
+    let json = serde_json::to_vec(mark).map_err(|e| ChunkError::Invalid(e.to_string()))?;
+    let data = zstd::stream::encode_all(&json[..], 3)
+        .map_err(|e| ChunkError::Invalid(format!("compressing a GC mark: {e}")))?;
+    let name = format!(
+        "{MARKS}/{}-{}-{}-{}",
+        created.format("%Y%m%dT%H%M%S%.9fZ"),
+        lease::host_name(),
+        std::process::id(),
+        MARK_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    with_retry(|| store.put_marker(&name, &data))
+        .map_err(|e| ChunkError::store("writing a GC mark", e))
+}
+
+static MARK_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn sweep_under(
+    store: &dyn Store,
+    opts: &GcOptions,
+    marks: &[Marker],
+    report: &mut GcReport,
+    lease: &Lease<'_>,
+) -> Result<HashSet<String>, ChunkError> {
+    {
         let now = lease.store_now().unwrap_or_else(Utc::now);
         let due = plan_sweep(marks, now, opts.grace);
         let mut swept = HashSet::new();
@@ -518,9 +560,31 @@ fn sweep(
         let mut doomed: HashSet<Id> = dead.iter().chain(&repack).copied().collect();
         if !opts.dry_run {
             let new_packs = repack_live(store, opts, lease, &map, &l, &repack)?;
+            // Packs are named by their bytes: a pack written just now can be
+            // one that was about to go (an orphan of a failed attempt at
+            // this very repack, or a pack holding the same chunk). Its
+            // bytes are needed: it stays.
+            for p in &new_packs {
+                doomed.remove(&p.id);
+            }
             rewrite_pack_indexes(store, opts, lease, &map, &doomed, new_packs)?;
         }
-        doomed.extend(now_dead.orphans.iter().copied());
+        // Packs no pack index names are unreachable: orphans of dead
+        // writers, and marked packs whose index an interrupted sweep
+        // already rewrote. (Not one this sweep just wrote and indexed.)
+        let indexed: HashSet<Id> = lease.written();
+        let unindexed_marked = marked_packs
+            .iter()
+            .chain(&marked_repack)
+            .filter(|id| map.pack_number(id).is_none());
+        doomed.extend(
+            now_dead
+                .orphans
+                .iter()
+                .chain(unindexed_marked)
+                .filter(|id| !indexed.contains(id))
+                .copied(),
+        );
         let sizes: HashMap<Id, u64> = map.packs().iter().map(|p| (p.id, p.len)).collect();
         for id in &doomed {
             lease.check()?;
@@ -530,7 +594,7 @@ fn sweep(
             }
             report.bytes_freed += sizes.get(id).copied().unwrap_or(0);
         }
-        report.packs_deleted = (dead.len() + now_dead.orphans.len()) as u64;
+        report.packs_deleted = (doomed.len() - repack.len().min(doomed.len())) as u64;
         report.packs_repacked = repack.len() as u64;
         for (kind, ids, count) in [
             (Kind::Tree, &now_dead.trees, &mut report.trees_deleted),
@@ -558,7 +622,7 @@ fn sweep(
             swept.insert(name.clone());
         }
         Ok(swept)
-    })
+    }
 }
 
 /// Read the live chunks of `packs` and write them into new packs; returns

@@ -151,6 +151,8 @@ pub struct Lease<'s> {
     info: Mutex<Pending>,
     /// Serialises marker writes, so a write never replaces a newer body.
     writing: Mutex<u64>,
+    /// Packs written under the lease and since named by a pack index.
+    settled: Mutex<std::collections::HashSet<Id>>,
     last_ok: Mutex<Instant>,
     /// Store time of our marker at the last check of the other leases.
     store_now: Mutex<Option<DateTime<Utc>>>,
@@ -228,11 +230,33 @@ impl Lease<'_> {
         self.write_from(generation)
     }
 
+    /// The packs written under this lease that no pack index names yet.
+    pub fn pending(&self) -> Vec<Id> {
+        self.info
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .info
+            .pending
+            .clone()
+    }
+
     /// Packs that a pack index now names; the next refresh drops them.
     pub fn settle(&self, ids: &[Id]) {
         let mut p = self.info.lock().unwrap_or_else(|p| p.into_inner());
         p.info.pending.retain(|x| !ids.contains(x));
         p.generation += 1;
+        self.settled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(ids.iter().copied());
+    }
+
+    /// Every pack this lease's holder wrote and indexed.
+    pub fn written(&self) -> std::collections::HashSet<Id> {
+        self.settled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Rewrite the marker and list every lease, returning the live ones
@@ -296,6 +320,41 @@ pub fn dead_holders(
         .collect()
 }
 
+/// Whether lease `m` was taken on this host by a process that is gone.
+fn dead_here(store: &dyn Store, m: &Marker) -> bool {
+    store
+        .get_marker(&m.name)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<LeaseInfo>(&b).ok())
+        .is_some_and(|i| {
+            i.host == host_name()
+                && i.pid != std::process::id()
+                && !std::path::Path::new(&format!("/proc/{}", i.pid)).exists()
+        })
+}
+
+/// "Now" by the store's clock: write a probe marker under `gc/`, read its
+/// listed time, delete it.
+pub fn store_now(store: &dyn Store) -> Result<DateTime<Utc>, StoreError> {
+    let name = format!(
+        "gc/clock-{}-{}-{}",
+        host_name(),
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    store.put_marker(&name, b"")?;
+    let now = store
+        .list_markers("gc")?
+        .into_iter()
+        .find(|m| m.name == name)
+        .map(|m| m.modified);
+    let _ = store.delete_marker(&name);
+    now.ok_or_else(|| StoreError::Permanent {
+        what: name,
+        detail: "a marker just written is not listed; the store's listing is not consistent".into(),
+    })
+}
+
 fn describe(store: &dyn Store, m: &Marker) -> String {
     match store
         .get_marker(&m.name)
@@ -344,6 +403,7 @@ pub fn with_lease<T, E: From<LeaseError>>(
             generation: 0,
         }),
         writing: Mutex::new(0),
+        settled: Mutex::new(std::collections::HashSet::new()),
         last_ok: Mutex::new(Instant::now()),
         store_now: Mutex::new(None),
     };
@@ -379,6 +439,12 @@ fn acquire(lease: &Lease<'_>, kind: LeaseKind, cancel: &AtomicBool) -> Result<()
             .iter()
             .filter(|(k, _)| kind.blocked_by(*k))
             .map(|(_, m)| m)
+            .collect();
+        // A holder on this host whose process is gone is dead, whatever
+        // its marker's age says.
+        let blocking: Vec<&Marker> = blocking
+            .into_iter()
+            .filter(|m| !dead_here(lease.store, m))
             .collect();
         let Some(first) = blocking.first() else {
             return Ok(());

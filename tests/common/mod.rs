@@ -135,6 +135,7 @@ pub fn btm_cmd(runtime: &Path, args: &[&str]) -> Command {
     c.args(args)
         .env("BTM_RUNTIME_DIR", runtime.join("run"))
         .env("BTM_STATE_DIR", runtime.join("state"))
+        .env("BTM_CACHE_DIR", runtime.join("cache"))
         .env_remove("BTM_VOLUME")
         .env_remove("RUST_LOG")
         .stdin(std::process::Stdio::null());
