@@ -759,23 +759,42 @@ impl btm::store::Store for FaultyStore {
 
 /// An s3s-fs server on a free loopback port, killed by PID on drop.
 pub struct S3 {
-    child: Child,
+    child: Option<Child>,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl S3 {
     pub fn start(buckets: &[&str]) -> Self {
-        let bin = std::env::var_os("S3S_FS_BIN").unwrap_or_else(|| "s3s-fs".into());
         let dir = tempfile::tempdir().expect("tmp");
         for b in buckets {
             std::fs::create_dir(dir.path().join(b)).expect("bucket");
         }
-        let port = free_port();
+        let mut s3 = S3 {
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        s3.restart();
+        s3
+    }
+
+    /// Stop the server (by its PID), as if the store went away.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start the server again on the same port, with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        let bin = std::env::var_os("S3S_FS_BIN").unwrap_or_else(|| "s3s-fs".into());
         let child = Command::new(&bin)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--access-key", "btmtest", "--secret-key", "btmtestsecret"])
-            .arg(dir.path())
+            .arg(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -783,18 +802,14 @@ impl S3 {
             .unwrap_or_else(|e| {
                 panic!("cannot start s3s-fs ({bin:?}): {e}; scripts/test.sh installs it")
             });
-        let s3 = S3 {
-            child,
-            port,
-            _dir: dir,
-        };
+        self.child = Some(child);
         for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return s3;
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
             }
             sleep(Duration::from_millis(50));
         }
-        panic!("s3s-fs did not listen on port {port}");
+        panic!("s3s-fs did not listen on port {}", self.port);
     }
 
     pub fn env(&self) -> Vec<(&'static str, String)> {
@@ -813,8 +828,7 @@ impl S3 {
 
 impl Drop for S3 {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
