@@ -349,7 +349,9 @@ fn put_v2_index(
     let (last, totals) = w.finish().unwrap_or_else(|_| (None, Totals::default()));
     trees.extend(last);
     for seg in &trees {
-        store.put(Kind::Tree, &seg.id, &seg.data).expect("tree");
+        store
+            .put(Kind::Tree, &seg.id, seg.data.clone().into())
+            .expect("tree");
     }
     let name = IndexName::new(chrono::Utc::now(), tag).to_string();
     let head = Head {

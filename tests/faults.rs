@@ -763,7 +763,7 @@ fn version_1_stores_stay_readable_and_gc_handles_both() {
             .put(
                 Kind::Chunk,
                 &h,
-                &zstd::bulk::compress(part, 1).expect("zstd"),
+                zstd::bulk::compress(part, 1).expect("zstd").into(),
             )
             .expect("put");
         chunks.push(serde_json::json!({"o": i * MIB, "l": part.len(), "h": h.to_hex()}));

@@ -279,7 +279,7 @@ fn packs_a_dead_writer_left_are_adopted_or_collected() {
         b.push(btm::store::Id::of(&data), MIB as u32, &frame);
         let sealed = b.seal().expect("seal");
         store
-            .put(Kind::Pack, &sealed.id, &sealed.data)
+            .put(Kind::Pack, &sealed.id, sealed.data.clone())
             .expect("put");
         sealed.id
     };

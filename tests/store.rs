@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::Duration;
 
-use btm::store::{Id, Kind, LocalStore, Store, StoreError};
+use btm::store::{Bytes, Id, Kind, LocalStore, Store, StoreError};
 
 fn contract(store: &dyn Store) {
     for kind in Kind::ALL {
@@ -22,11 +22,13 @@ fn contract(store: &dyn Store) {
     // and kinds do not mix.
     let h = Id::of(b"object one");
     for kind in Kind::ALL {
-        store.put(kind, &h, b"first").expect("put");
         store
-            .put(kind, &h, b"second")
+            .put(kind, &h, Bytes::from_static(b"first"))
+            .expect("put");
+        store
+            .put(kind, &h, Bytes::from_static(b"second"))
             .expect("put again is not an error");
-        assert_eq!(store.get(kind, &h).expect("get"), b"first", "{kind:?}");
+        assert_eq!(&store.get(kind, &h).expect("get")[..], b"first", "{kind:?}");
         assert_eq!(store.list(kind).expect("list"), vec![(h, 5)], "{kind:?}");
     }
     let missing = Id::of(b"never stored");
@@ -43,10 +45,12 @@ fn contract(store: &dyn Store) {
     // Ranged reads: exactly the bytes asked for, or an error.
     let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     let p = Id::of(&data);
-    store.put(Kind::Pack, &p, &data).expect("put pack");
+    store
+        .put(Kind::Pack, &p, Bytes::from(data.clone()))
+        .expect("put pack");
     for (off, len) in [(0, 1), (99_999, 1), (12_345, 40_000), (0, 100_000)] {
         assert_eq!(
-            store.get_range(Kind::Pack, &p, off, len).expect("range"),
+            &store.get_range(Kind::Pack, &p, off, len).expect("range")[..],
             &data[off as usize..(off + len) as usize]
         );
     }
@@ -65,12 +69,12 @@ fn contract(store: &dyn Store) {
         for _ in 0..8 {
             s.spawn(|| {
                 store
-                    .put(Kind::Pack, &h2, b"same bytes")
+                    .put(Kind::Pack, &h2, Bytes::from_static(b"same bytes"))
                     .expect("racing put")
             });
         }
     });
-    assert_eq!(store.get(Kind::Pack, &h2).expect("get"), b"same bytes");
+    assert_eq!(&store.get(Kind::Pack, &h2).expect("get")[..], b"same bytes");
 
     // Indexes: atomic, write-once, listable, deletable.
     let name = "20260101T000000.000000000Z--suite";
@@ -108,7 +112,7 @@ fn contract(store: &dyn Store) {
             for part in many.chunks(150) {
                 s.spawn(move || {
                     for h in part {
-                        store.put(kind, h, b"x").expect("put");
+                        store.put(kind, h, Bytes::from_static(b"x")).expect("put");
                     }
                 });
             }

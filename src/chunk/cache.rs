@@ -46,11 +46,11 @@ impl Cache {
     }
 
     /// The cached bytes of `id`, if present and intact.
-    pub fn get(&self, kind: Kind, id: &Id) -> Option<Vec<u8>> {
+    pub fn get(&self, kind: Kind, id: &Id) -> Option<crate::store::Bytes> {
         let p = self.path(kind, id);
         let data = std::fs::read(&p).ok()?;
         if Id::of(&data) == *id {
-            Some(data)
+            Some(data.into())
         } else {
             let _ = std::fs::remove_file(&p);
             None

@@ -226,7 +226,7 @@ pub fn fetch_tree(
     store: &dyn Store,
     cache: Option<&Cache>,
     id: &Id,
-) -> Result<Vec<u8>, ChunkError> {
+) -> Result<crate::store::Bytes, ChunkError> {
     if let Some(data) = cache.and_then(|c| c.get(Kind::Tree, id)) {
         return Ok(data);
     }
@@ -261,7 +261,7 @@ enum Inner<'a> {
         cache: Option<&'a Cache>,
         head: Box<head::Head>,
         next: usize,
-        fetched: VecDeque<Vec<u8>>,
+        fetched: VecDeque<crate::store::Bytes>,
         reader: Box<TreeReader>,
         connections: usize,
         done: bool,

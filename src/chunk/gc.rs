@@ -649,7 +649,7 @@ fn repack_live(
         lease
             .add_pending(sealed.id)
             .map_err(|e| ChunkError::store("recording a repacked pack in the lease", e))?;
-        with_retry(|| store.put(Kind::Pack, &sealed.id, &sealed.data))
+        with_retry(|| store.put(Kind::Pack, &sealed.id, sealed.data.clone()))
             .map_err(|e| ChunkError::store(format!("writing pack {}", sealed.id), e))?;
         written.push(PackEntry {
             id: sealed.id,
@@ -727,9 +727,9 @@ fn rewrite_pack_indexes(
         if batch.is_empty() {
             return Ok(());
         }
-        let data = packidx::encode(batch)?;
+        let data = crate::store::Bytes::from(packidx::encode(batch)?);
         let id = Id::of(&data);
-        with_retry(|| store.put(Kind::PackIndex, &id, &data))
+        with_retry(|| store.put(Kind::PackIndex, &id, data.clone()))
             .map_err(|e| ChunkError::store(format!("writing pack index {id}"), e))?;
         if let Some(c) = &opts.cache {
             c.put(Kind::PackIndex, &id, &data);

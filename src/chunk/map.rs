@@ -99,23 +99,27 @@ pub(crate) fn each_pack_index_or(
     ids.sort_unstable();
     let batch = connections.max(1) * 4;
     for part in ids.chunks(batch) {
-        let fetched = super::pool::map(part, connections, |id| -> Result<Vec<u8>, ChunkError> {
-            if let Some(data) = cache.and_then(|c| c.get(Kind::PackIndex, id)) {
-                return Ok(data);
-            }
-            let data = with_retry(|| store.get(Kind::PackIndex, id))
-                .map_err(|e| ChunkError::store(format!("reading pack index {id}"), e))?;
-            if Id::of(&data) != *id {
-                return Err(ChunkError::Format(super::format::FormatError::new(
-                    format!("pack index {id}"),
-                    "content does not match its name",
-                )));
-            }
-            if let Some(c) = cache {
-                c.put(Kind::PackIndex, id, &data);
-            }
-            Ok(data)
-        });
+        let fetched = super::pool::map(
+            part,
+            connections,
+            |id| -> Result<crate::store::Bytes, ChunkError> {
+                if let Some(data) = cache.and_then(|c| c.get(Kind::PackIndex, id)) {
+                    return Ok(data);
+                }
+                let data = with_retry(|| store.get(Kind::PackIndex, id))
+                    .map_err(|e| ChunkError::store(format!("reading pack index {id}"), e))?;
+                if Id::of(&data) != *id {
+                    return Err(ChunkError::Format(super::format::FormatError::new(
+                        format!("pack index {id}"),
+                        "content does not match its name",
+                    )));
+                }
+                if let Some(c) = cache {
+                    c.put(Kind::PackIndex, id, &data);
+                }
+                Ok(data)
+            },
+        );
         for (id, data) in part.iter().zip(fetched) {
             let decoded = data.and_then(|d| Ok(packidx::decode(&d, &format!("pack index {id}"))?));
             match decoded {

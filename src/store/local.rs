@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::{check_marker_name, Id, Kind, Marker, Store, StoreError};
+use super::{check_marker_name, Bytes, Id, Kind, Marker, Store, StoreError};
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -147,18 +147,20 @@ impl Store for LocalStore {
         Some(&self.root)
     }
 
-    fn put(&self, kind: Kind, id: &Id, data: &[u8]) -> Result<(), StoreError> {
-        self.create(&kind.path(id), data, false).map(|_| ())
+    fn put(&self, kind: Kind, id: &Id, data: Bytes) -> Result<(), StoreError> {
+        self.create(&kind.path(id), &data, false).map(|_| ())
     }
 
-    fn get(&self, kind: Kind, id: &Id) -> Result<Vec<u8>, StoreError> {
-        self.read(&kind.path(id)).map_err(|e| match e {
-            StoreError::NotFound(_) => StoreError::NotFound(kind.describe(id)),
-            e => e,
-        })
+    fn get(&self, kind: Kind, id: &Id) -> Result<Bytes, StoreError> {
+        self.read(&kind.path(id))
+            .map(Bytes::from)
+            .map_err(|e| match e {
+                StoreError::NotFound(_) => StoreError::NotFound(kind.describe(id)),
+                e => e,
+            })
     }
 
-    fn get_range(&self, kind: Kind, id: &Id, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+    fn get_range(&self, kind: Kind, id: &Id, offset: u64, len: u64) -> Result<Bytes, StoreError> {
         use std::os::unix::fs::FileExt;
         let rel = kind.path(id);
         let file = File::open(self.root.join(&rel)).map_err(|e| match e.kind() {
@@ -178,7 +180,7 @@ impl Store for LocalStore {
                 },
                 _ => io_err(&rel, e),
             })?;
-        Ok(buf)
+        Ok(Bytes::from(buf))
     }
 
     fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError> {

@@ -29,6 +29,7 @@ mod id;
 mod local;
 mod object;
 
+pub use bytes::Bytes;
 pub use id::{BadId, Id};
 pub use local::LocalStore;
 pub use object::ObjectStoreBackend;
@@ -141,12 +142,14 @@ impl Kind {
 pub trait Store: Send + Sync {
     /// A human description (URL) for messages.
     fn describe(&self) -> String;
-    /// Store `data` as object `id` of `kind`, unless it exists.
-    fn put(&self, kind: Kind, id: &Id, data: &[u8]) -> Result<(), StoreError>;
+    /// Store `data` as object `id` of `kind`, unless it exists. `data` is
+    /// handed over, not copied (a 16 MiB pack per request in flight is
+    /// memory enough); a retry clones the handle, not the bytes.
+    fn put(&self, kind: Kind, id: &Id, data: Bytes) -> Result<(), StoreError>;
     /// The whole object.
-    fn get(&self, kind: Kind, id: &Id) -> Result<Vec<u8>, StoreError>;
+    fn get(&self, kind: Kind, id: &Id) -> Result<Bytes, StoreError>;
     /// Exactly `len` bytes of the object from `offset`.
-    fn get_range(&self, kind: Kind, id: &Id, offset: u64, len: u64) -> Result<Vec<u8>, StoreError>;
+    fn get_range(&self, kind: Kind, id: &Id, offset: u64, len: u64) -> Result<Bytes, StoreError>;
     /// The size of one object (a HEAD request).
     fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError>;
     /// Every object of `kind` with its size (one listing, not one request

@@ -28,7 +28,7 @@ use object_store::{
     ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
 };
 
-use super::{check_marker_name, Id, Kind, Marker, Store, StoreError};
+use super::{check_marker_name, Bytes, Id, Kind, Marker, Store, StoreError};
 
 /// A cloud store.
 pub struct ObjectStoreBackend {
@@ -183,14 +183,14 @@ impl ObjectStoreBackend {
     }
 
     /// Put unless present; `Ok(false)` if it was present.
-    fn create(&self, rel: &str, data: &[u8], what: &str) -> Result<bool, StoreError> {
+    fn create(&self, rel: &str, data: Bytes, what: &str) -> Result<bool, StoreError> {
         let path = self.path(rel);
         if self.conditional_put.load(Ordering::Relaxed) {
             let opts = PutOptions {
                 mode: PutMode::Create,
                 ..PutOptions::default()
             };
-            let payload = PutPayload::from(data.to_vec());
+            let payload = PutPayload::from(data.clone());
             match self
                 .runtime
                 .block_on(self.inner.put_opts(&path, payload, opts))
@@ -209,7 +209,7 @@ impl ObjectStoreBackend {
             return Ok(false);
         }
         self.runtime
-            .block_on(self.inner.put(&path, PutPayload::from(data.to_vec())))
+            .block_on(self.inner.put(&path, PutPayload::from(data)))
             .map(|_| true)
             .map_err(|e| classify(what, e))
     }
@@ -236,14 +236,13 @@ impl ObjectStoreBackend {
         }
     }
 
-    fn read(&self, rel: &str, what: String) -> Result<Vec<u8>, StoreError> {
+    fn read(&self, rel: &str, what: String) -> Result<Bytes, StoreError> {
         let path = self.path(rel);
         self.runtime
             .block_on(async {
                 let got = self.inner.get(&path).await?;
                 got.bytes().await
             })
-            .map(|b| b.to_vec())
             .map_err(|e| classify(&what, e))
     }
 }
@@ -253,16 +252,16 @@ impl Store for ObjectStoreBackend {
         self.url.clone()
     }
 
-    fn put(&self, kind: Kind, id: &Id, data: &[u8]) -> Result<(), StoreError> {
+    fn put(&self, kind: Kind, id: &Id, data: Bytes) -> Result<(), StoreError> {
         self.create(&kind.path(id), data, &kind.describe(id))
             .map(|_| ())
     }
 
-    fn get(&self, kind: Kind, id: &Id) -> Result<Vec<u8>, StoreError> {
+    fn get(&self, kind: Kind, id: &Id) -> Result<Bytes, StoreError> {
         self.read(&kind.path(id), kind.describe(id))
     }
 
-    fn get_range(&self, kind: Kind, id: &Id, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+    fn get_range(&self, kind: Kind, id: &Id, offset: u64, len: u64) -> Result<Bytes, StoreError> {
         let path = self.path(&kind.path(id));
         let what = kind.describe(id);
         let end = offset
@@ -281,7 +280,7 @@ impl Store for ObjectStoreBackend {
                 detail: format!("asked for {len} bytes at {offset}, got {}", bytes.len()),
             });
         }
-        Ok(bytes.to_vec())
+        Ok(bytes)
     }
 
     fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError> {
@@ -306,7 +305,11 @@ impl Store for ObjectStoreBackend {
 
     fn put_index(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
         let what = format!("index {name}");
-        if self.create(&format!("indexes/{name}"), data, &what)? {
+        if self.create(
+            &format!("indexes/{name}"),
+            Bytes::copy_from_slice(data),
+            &what,
+        )? {
             Ok(())
         } else {
             Err(StoreError::Permanent {
@@ -318,6 +321,7 @@ impl Store for ObjectStoreBackend {
 
     fn get_index(&self, name: &str) -> Result<Vec<u8>, StoreError> {
         self.read(&format!("indexes/{name}"), format!("backup {name}"))
+            .map(|b| b.to_vec())
     }
 
     fn list_indexes(&self) -> Result<Vec<String>, StoreError> {
@@ -341,7 +345,7 @@ impl Store for ObjectStoreBackend {
 
     fn get_marker(&self, name: &str) -> Result<Vec<u8>, StoreError> {
         check_marker_name(name)?;
-        self.read(name, name.to_owned())
+        self.read(name, name.to_owned()).map(|b| b.to_vec())
     }
 
     fn list_markers(&self, dir: &str) -> Result<Vec<Marker>, StoreError> {

@@ -699,20 +699,20 @@ fn spend(
     Ok(())
 }
 
-use btm::store::{Id, Kind, StoreError};
+use btm::store::{Bytes, Id, Kind, StoreError};
 
 impl btm::store::Store for FaultyStore {
     fn describe(&self) -> String {
         "faulty".into()
     }
-    fn put(&self, kind: Kind, id: &Id, d: &[u8]) -> Result<(), StoreError> {
+    fn put(&self, kind: Kind, id: &Id, d: Bytes) -> Result<(), StoreError> {
         spend(&self.puts_left, kind.describe(id))?;
         self.inner.put(kind, id, d)
     }
-    fn get(&self, kind: Kind, id: &Id) -> Result<Vec<u8>, StoreError> {
+    fn get(&self, kind: Kind, id: &Id) -> Result<Bytes, StoreError> {
         self.inner.get(kind, id)
     }
-    fn get_range(&self, kind: Kind, id: &Id, off: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+    fn get_range(&self, kind: Kind, id: &Id, off: u64, len: u64) -> Result<Bytes, StoreError> {
         self.inner.get_range(kind, id, off, len)
     }
     fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError> {

@@ -477,8 +477,9 @@ fn adopt_orphans(store: &dyn Store, lease: &Lease<'_>, cache: Option<&Cache>, co
     let result = packidx::encode(&adopted)
         .map_err(ChunkError::from)
         .and_then(|data| {
+            let data = crate::store::Bytes::from(data);
             let id = Id::of(&data);
-            with_retry(|| store.put(Kind::PackIndex, &id, &data))
+            with_retry(|| store.put(Kind::PackIndex, &id, data.clone()))
                 .map_err(|e| ChunkError::store("indexing packs of an interrupted backup", e))?;
             if let Some(c) = cache {
                 c.put(Kind::PackIndex, &id, &data);
@@ -1148,7 +1149,7 @@ fn upload(shared: &Shared<'_>, sealed: SealedPack) -> Result<(), ChunkError> {
     }
     {
         let _req = progress.request();
-        with_retry(|| store.put(Kind::Pack, &sealed.id, &sealed.data))
+        with_retry(|| store.put(Kind::Pack, &sealed.id, sealed.data.clone()))
             .map_err(|e| ChunkError::store(what, e))?;
     }
     let c = &shared.counters;
@@ -1183,9 +1184,9 @@ fn write_pack_index(shared: &Shared<'_>, packs: Vec<PackEntry>) -> Result<(), Ch
     let store = shared.store;
     let _req = shared.opts.progress.request();
     with_retry(|| store.flush()).map_err(|e| ChunkError::store("making packs durable", e))?;
-    let data = packidx::encode(&packs)?;
+    let data = crate::store::Bytes::from(packidx::encode(&packs)?);
     let id = Id::of(&data);
-    with_retry(|| store.put(Kind::PackIndex, &id, &data))
+    with_retry(|| store.put(Kind::PackIndex, &id, data.clone()))
         .map_err(|e| ChunkError::store(format!("writing pack index {id}"), e))?;
     if let Some(c) = &shared.opts.cache {
         c.put(Kind::PackIndex, &id, &data);

@@ -332,13 +332,14 @@ impl Writer<'_, '_> {
 
     fn upload(&mut self, seg: Segment) -> Result<(), ChunkError> {
         let store = self.shared.store;
+        let data = crate::store::Bytes::from(seg.data);
         {
             let _req = self.shared.opts.progress.request();
-            with_retry(|| store.put(Kind::Tree, &seg.id, &seg.data))
+            with_retry(|| store.put(Kind::Tree, &seg.id, data.clone()))
                 .map_err(|e| ChunkError::store(format!("uploading tree segment {}", seg.id), e))?;
         }
         if let Some(c) = &self.shared.opts.cache {
-            c.put(Kind::Tree, &seg.id, &seg.data);
+            c.put(Kind::Tree, &seg.id, &data);
         }
         self.trees.push(seg.id);
         Ok(())

@@ -43,7 +43,7 @@ pub struct SealedPack {
     /// BLAKE3 of `data`.
     pub id: Id,
     /// The whole pack.
-    pub data: Vec<u8>,
+    pub data: crate::store::Bytes,
     /// Its chunks, in pack order.
     pub blobs: Vec<Blob>,
 }
@@ -99,7 +99,7 @@ impl PackBuilder {
         }
         Ok(SealedPack {
             id: Id::of(&data),
-            data,
+            data: data.into(),
             blobs,
         })
     }

@@ -1148,7 +1148,7 @@ fn fetcher<'a>(shared: &Shared<'a>, rx: &Mutex<Receiver<Fetch<'a>>>) {
     }
 }
 
-fn get(shared: &Shared<'_>, source: &Source) -> Result<Vec<u8>, StoreError> {
+fn get(shared: &Shared<'_>, source: &Source) -> Result<crate::store::Bytes, StoreError> {
     let store = shared.store;
     let _req = shared.opts.progress.request();
     shared.counters.requests.fetch_add(1, Ordering::Relaxed);
