@@ -31,7 +31,9 @@ demo:
 
 bench:
 	./scripts/bench-daemon.sh
-	./scripts/bench-chunk.sh
+	./scripts/bench-store.sh
+	./scripts/bench-sizes.sh
+	./scripts/bench-scale.sh
 	./scripts/bench-export.sh
 
 clean:

@@ -222,6 +222,43 @@ impl Tree {
         }
     }
 
+    /// The entries of directory `rel` (empty: the root) with what each is,
+    /// symlinks not followed. Sorted by name.
+    pub fn list(&self, rel: &Path) -> Result<Vec<(std::ffi::OsString, Kind)>, Error> {
+        let comps = if rel.as_os_str().is_empty() {
+            Vec::new()
+        } else {
+            components(rel)?
+        };
+        let fd = self.dir(&comps, false)?;
+        let mut dir = nix::dir::Dir::from_fd(fd).map_err(|e| self.io(&comps, e))?;
+        let mut out = Vec::new();
+        for entry in dir.iter() {
+            let entry = entry.map_err(|e| self.io(&comps, e))?;
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
+            if name == "." || name == ".." {
+                continue;
+            }
+            out.push(name.to_owned());
+        }
+        let fd = self.dir(&comps, false)?;
+        let mut listed = Vec::with_capacity(out.len());
+        for name in out {
+            match fstatat(
+                &fd,
+                name.as_os_str(),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            ) {
+                Ok(st) => listed.push((name, kind_of(st.st_mode))),
+                // Removed since it was listed.
+                Err(Errno::ENOENT) => {}
+                Err(e) => return Err(self.io(&comps, e)),
+            }
+        }
+        listed.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(listed)
+    }
+
     /// Open the regular file `rel` for reading. A symlink anywhere on the
     /// way, or at `rel` itself, is refused.
     pub fn open_file(&self, rel: &Path) -> Result<File, Error> {

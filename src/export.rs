@@ -55,6 +55,10 @@ pub struct ExportSettings {
     pub max_rate: Option<u64>,
     /// Relative paths of append-only files (block logs).
     pub append_only: Vec<String>,
+    /// Globs left out besides validator key material.
+    pub exclude: Vec<String>,
+    /// Export validator key material too.
+    pub include_secrets: bool,
     /// Run garbage collection after retention.
     pub gc: bool,
     /// The GC grace period.
@@ -218,6 +222,12 @@ pub fn export(
     let mut opts = BackupOptions::new(&s.tag);
     opts.meta = meta;
     opts.append_only = s.append_only.clone();
+    opts.exclude = s
+        .exclude
+        .iter()
+        .map(|g| (g.clone(), "exclude in [export]".to_owned()))
+        .collect();
+    opts.include_secrets = s.include_secrets;
     opts.workers = s.concurrency.max(1);
     opts.connections = s.connections;
     if let Some(p) = s.pack_size {

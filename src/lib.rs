@@ -47,6 +47,7 @@ pub mod pruner;
 pub mod retention;
 pub mod store;
 pub mod sys;
+pub mod validator;
 pub mod volume;
 pub mod window;
 

@@ -52,7 +52,7 @@ pub enum Error {
 }
 
 /// A path relative to the volume root with no `..`, `.` or absolute parts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RelPath(PathBuf);
 
 impl RelPath {

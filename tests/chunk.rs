@@ -213,6 +213,41 @@ fn incremental_backups_read_only_what_changed() {
     assert_same_tree(&t.src(), &dst);
 }
 
+/// A file that grew by several chunks took the chunks of the entries after
+/// it from the previous backup's stream, and the backup then failed with
+/// "the previous backup's record of … is shorter than the file".
+#[test]
+fn a_file_grown_by_many_chunks_leaves_the_next_files_records_alone() {
+    let t = Tree::new();
+    let first = t.backup(&["--appendonly", "data/blocks.log"]);
+    assert!(first["bytes_read"].as_u64().expect("n") > 2 * MB);
+    let log = t.src().join("data/blocks.log");
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .expect("open");
+    std::io::Write::write_all(&mut f, &random(5 * MB as usize, 11)).expect("append");
+    drop(f);
+    // A plain file grown the same way, not declared append-only.
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(t.src().join("data/zeros"))
+        .expect("open");
+    std::io::Write::write_all(&mut f, &random(4 * MB as usize, 12)).expect("append");
+    drop(f);
+    for flags in [&["--appendonly", "data/blocks.log"][..], &[][..]] {
+        let grown = t.backup(flags);
+        assert!(
+            grown["files_unchanged"].as_u64().expect("n") >= 2,
+            "the files after the grown ones are still reused unread: {grown}"
+        );
+    }
+    let dst = t.p("dst");
+    t.btm(&["restore", "latest", dst.to_str().expect("utf8")])
+        .ok();
+    assert_same_tree(&t.src(), &dst);
+}
+
 #[test]
 fn restore_repairs_a_damaged_tree_in_place() {
     let t = Tree::new();
@@ -585,4 +620,215 @@ fn filters_and_metadata() {
     assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1234, 5678, 0o600));
     let c = fs::metadata(dst.join("data/sub/config.toml")).expect("m");
     assert_eq!(c.mode() & 0o7777, 0o640);
+}
+
+/// Every chunk of a local store, decompressed.
+fn all_chunk_bytes(store: &Path) -> Vec<Vec<u8>> {
+    let mut dctx = zstd::bulk::Decompressor::new().expect("zstd");
+    let mut out = Vec::new();
+    for (pack, blobs) in packs(store) {
+        let data = fs::read(&pack).expect("read pack");
+        for b in blobs {
+            let frame = &data[b.offset as usize..(b.offset + b.stored_len) as usize];
+            let mut chunk = Vec::new();
+            btm::chunk::format::pack::open_frame(
+                frame,
+                &b.hash,
+                u64::from(b.raw_len),
+                &mut dctx,
+                &mut chunk,
+            )
+            .expect("frame");
+            out.push(chunk);
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Issue 12: a CometBFT home's keys never reach the store by default; what
+/// was left out is recorded and shown; `--exclude` adds patterns and
+/// `--include-secrets` is the one way to take the keys along.
+#[test]
+fn validator_keys_never_leave_the_machine_by_default() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let home = dir.path().join("home");
+    let key = format!(
+        "{{\"priv_key\":{{\"value\":\"{}\"}}}}",
+        hex(&random(48, 21))
+    );
+    let node_key = format!(
+        "{{\"priv_key\":{{\"value\":\"{}\"}}}}",
+        hex(&random(48, 22))
+    );
+    let keyring = random(300, 23);
+    fs::create_dir_all(home.join("config")).expect("mkdir");
+    fs::create_dir_all(home.join("data")).expect("mkdir");
+    fs::create_dir_all(home.join("keyring-file")).expect("mkdir");
+    fs::write(home.join("config/priv_validator_key.json"), &key).expect("w");
+    fs::write(home.join("config/node_key.json"), &node_key).expect("w");
+    fs::write(home.join("keyring-file/validator.info"), &keyring).expect("w");
+    fs::write(home.join("config/config.toml"), b"moniker = \"v\"\n").expect("w");
+    fs::write(
+        home.join("data/priv_validator_state.json"),
+        b"{\"height\":\"5\"}",
+    )
+    .expect("w");
+    fs::write(home.join("data/app.log"), b"noise").expect("w");
+    let store = dir.path().join("store");
+    let s = store.to_str().expect("utf8");
+    let h = home.to_str().expect("utf8");
+
+    let run = btm(
+        dir.path(),
+        &["backup", h, "-s", s, "--exclude", "*.log", "--json"],
+    );
+    let summary = json(run);
+    let excluded = summary["excluded"].as_array().expect("excluded").clone();
+    let patterns: Vec<&str> = excluded
+        .iter()
+        .map(|x| x["pattern"].as_str().expect("p"))
+        .collect();
+    assert!(
+        patterns.contains(&"config/priv_validator_key.json"),
+        "{summary}"
+    );
+    assert!(patterns.contains(&"config/node_key.json"), "{summary}");
+    assert!(patterns.contains(&"keyring-file/"), "{summary}");
+    assert!(patterns.contains(&"*.log"), "{summary}");
+    for chunk in all_chunk_bytes(&store) {
+        for secret in [key.as_bytes(), node_key.as_bytes(), &keyring[..]] {
+            assert!(
+                !contains(&chunk, &secret[..32]),
+                "a key's bytes reached the store"
+            );
+        }
+    }
+    let show = btm(
+        dir.path(),
+        &[
+            "backups",
+            "show",
+            summary["name"].as_str().expect("n"),
+            "-s",
+            s,
+        ],
+    )
+    .ok();
+    assert!(
+        show.contains("excluded: config/priv_validator_key.json (secret: CometBFT validator key"),
+        "{show}"
+    );
+    assert!(
+        show.contains("excluded: *.log (--exclude; 1 matched)"),
+        "{show}"
+    );
+    let dst = dir.path().join("dst");
+    btm(
+        dir.path(),
+        &["restore", "latest", dst.to_str().expect("utf8"), "-s", s],
+    )
+    .ok();
+    assert!(!dst.join("config/priv_validator_key.json").exists());
+    assert!(!dst.join("keyring-file").exists());
+    assert!(!dst.join("data/app.log").exists());
+    assert!(dst.join("config/config.toml").exists());
+
+    let opted = json(btm(
+        dir.path(),
+        &[
+            "backup",
+            h,
+            "-s",
+            s,
+            "-t",
+            "keys",
+            "--include-secrets",
+            "--json",
+        ],
+    ));
+    assert!(opted.get("excluded").is_none(), "{opted}");
+    let chunks = all_chunk_bytes(&store);
+    assert!(
+        chunks.iter().any(|c| contains(c, &key.as_bytes()[..32])),
+        "opted in: the key is stored"
+    );
+}
+
+/// Issue 12: a restore over a validator whose signing state is ahead of the
+/// backup keeps the local file and says so; other files are restored.
+#[test]
+fn restore_keeps_local_signing_state_that_is_ahead() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let home = dir.path().join("home");
+    fs::create_dir_all(home.join("data")).expect("mkdir");
+    fs::write(
+        home.join("data/priv_validator_state.json"),
+        b"{\"height\":\"100\"}",
+    )
+    .expect("w");
+    fs::write(home.join("data/blocks"), random(100_000, 31)).expect("w");
+    let store = dir.path().join("store");
+    let s = store.to_str().expect("utf8");
+    btm(
+        dir.path(),
+        &["backup", home.to_str().expect("utf8"), "-s", s],
+    )
+    .ok();
+
+    let node = dir.path().join("node");
+    fs::create_dir_all(node.join("data")).expect("mkdir");
+    fs::write(
+        node.join("data/priv_validator_state.json"),
+        b"{\"height\":\"250\"}",
+    )
+    .expect("w");
+    fs::write(node.join("data/stray"), b"x").expect("w");
+    let n = node.to_str().expect("utf8");
+    let out = btm(dir.path(), &["restore", "latest", n, "-s", s, "--delete"]).ok();
+    assert!(
+        out.contains("kept the local validator signing state data/priv_validator_state.json"),
+        "{out}"
+    );
+    assert_eq!(
+        fs::read(node.join("data/priv_validator_state.json")).expect("r"),
+        b"{\"height\":\"250\"}"
+    );
+    assert_eq!(
+        fs::read(node.join("data/blocks")).expect("r"),
+        random(100_000, 31)
+    );
+    assert!(
+        !node.join("data/stray").exists(),
+        "--delete still removes the rest"
+    );
+
+    // An empty directory gets the backup's copy: there is nothing to keep.
+    let fresh = dir.path().join("fresh");
+    btm(
+        dir.path(),
+        &["restore", "latest", fresh.to_str().expect("utf8"), "-s", s],
+    )
+    .ok();
+    assert_eq!(
+        fs::read(fresh.join("data/priv_validator_state.json")).expect("r"),
+        b"{\"height\":\"100\"}"
+    );
+    let out = btm(
+        dir.path(),
+        &["restore", "latest", n, "-s", s, "--overwrite-signing-state"],
+    )
+    .ok();
+    assert!(!out.contains("kept"), "{out}");
+    assert_eq!(
+        fs::read(node.join("data/priv_validator_state.json")).expect("r"),
+        b"{\"height\":\"100\"}"
+    );
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

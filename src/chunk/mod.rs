@@ -16,9 +16,11 @@
 //! - [`check`], [`gc`] (with [`lease`]) and [`keep`] maintain a store.
 
 pub mod backup;
+pub mod budget;
 pub mod cache;
 pub mod catalog;
 pub mod check;
+pub mod exclude;
 pub mod format;
 pub mod gc;
 pub mod keep;

@@ -131,6 +131,15 @@ pub struct BackupArgs {
     /// A file (relative path) that only grows; repeatable
     #[arg(long = "appendonly", value_name = "RELPATH")]
     append_only: Vec<String>,
+    /// Leave out paths matching this glob (`*.log` at any depth,
+    /// `data/tmp/**` from the root); repeatable. Validator keys are left out
+    /// without it (docs/validators.md)
+    #[arg(long, value_name = "GLOB")]
+    exclude: Vec<String>,
+    /// Back up validator key material too (priv_validator_key.json,
+    /// node_key.json, keyrings, keystores): it leaves the machine
+    #[arg(long)]
+    include_secrets: bool,
     /// Chunk size, e.g. 1MiB
     #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CHUNK_SIZE)]
     chunk_size: u64,
@@ -157,6 +166,12 @@ pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
     opts.meta = args.meta.unwrap_or_default();
     opts.filter = args.filter;
     opts.append_only = args.append_only;
+    opts.exclude = args
+        .exclude
+        .into_iter()
+        .map(|g| (g, "--exclude".to_owned()))
+        .collect();
+    opts.include_secrets = args.include_secrets;
     opts.chunk_size = args.chunk_size;
     if let Some(p) = args.pack_size {
         opts.pack_size = usize::try_from(p).unwrap_or(usize::MAX);
@@ -205,6 +220,9 @@ pub(super) fn print_summary(summary: &chunk::backup::BackupSummary) {
         summary.chunks_reused,
         summary.chunks_empty
     );
+    for x in &summary.excluded {
+        eprintln!("excluded: {} ({}; {} matched)", x.pattern, x.why, x.matched);
+    }
 }
 
 /// Arguments of `btm backups`.
@@ -461,6 +479,11 @@ pub struct RestoreArgs {
     /// Remove local files that are not in the backup
     #[arg(long)]
     delete: bool,
+    /// Overwrite local validator signing state (data/priv_validator_state.json,
+    /// slashing-protection databases) with the backup's copy, which may be
+    /// older: a validator restarted on it can double-sign
+    #[arg(long)]
+    overwrite_signing_state: bool,
     /// Worker threads [default: twice the cores, 4 to 8]
     #[arg(long)]
     workers: Option<usize>,
@@ -514,6 +537,7 @@ pub fn restore(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
         workers: workers(args.workers)?,
         connections: args.store.connections(),
         progress: Arc::default(),
+        overwrite_signing_state: args.overwrite_signing_state,
     };
     let reporter = Reporter::start(format!("restoring {name}"), Arc::clone(&opts.progress));
     let result = chunk::restore::restore(store.as_ref(), &name, &idx, &dir, &opts);
@@ -548,6 +572,12 @@ pub fn restore(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
         summary.holes,
         if summary.deleted > 0 { format!(", {} removed", summary.deleted) } else { String::new() }
     )?;
+    for p in &summary.signing_state_kept {
+        writeln!(
+            out,
+            "kept the local validator signing state {p}, whatever the backup holds (--overwrite-signing-state replaces it)"
+        )?;
+    }
     Ok(())
 }
 

@@ -26,9 +26,41 @@ pub struct RollbackArgs {
     /// Do not ask for confirmation
     #[arg(short = 'y', long)]
     yes: bool,
-    /// Keep the current content of this file (relative to the volume root)
+    /// Also keep the current content of this file (relative to the volume
+    /// root); validator signing state is kept without it
     #[arg(long, value_name = "PATH", value_parser = parse_relpath)]
     preserve: Vec<RelPath>,
+    /// Roll back everything, validator signing state included (it can make
+    /// a validator double-sign)
+    #[arg(long, conflicts_with = "preserve")]
+    no_preserve: bool,
+    /// Configuration file, for its `preserve` key [default: /etc/btm/btm.toml when it exists]
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+}
+
+/// What a rollback carries across, and why each.
+fn carried(args: &RollbackArgs, root: &std::path::Path) -> Result<Vec<(RelPath, String)>> {
+    if args.no_preserve {
+        return Ok(Vec::new());
+    }
+    let mut out: Vec<(RelPath, String)> = Vec::new();
+    for found in btm::validator::find_signing_state(root)? {
+        out.push((found.path, format!("{} signing state", found.stack)));
+    }
+    let file = super::daemon::load_file(args.config.as_deref())?;
+    for p in file.preserve.iter().flatten() {
+        let rel: RelPath = p
+            .parse()
+            .map_err(|e: preserve::Error| anyhow::anyhow!("config key preserve: {e}"))?;
+        out.push((rel, "preserve in the configuration".into()));
+    }
+    for p in &args.preserve {
+        out.push((p.clone(), "--preserve".into()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|(p, _)| seen.insert(p.clone()));
+    Ok(out)
 }
 
 fn parse_relpath(s: &str) -> Result<RelPath, String> {
@@ -40,7 +72,9 @@ pub fn run(args: RollbackArgs, out: &mut dyn Write) -> Result<()> {
     let target = u64::try_from(args.snapshot_id).ok();
     let prepared = cfg.prepare_rollback(target, args.strict)?;
     let vol = prepared.volume();
-    preserve::check_sources(&vol.root()?, &args.preserve)?;
+    let carry = carried(&args, &vol.root()?)?;
+    let paths: Vec<RelPath> = carry.iter().map(|(p, _)| p.clone()).collect();
+    preserve::check_sources(&vol.root()?, &paths)?;
     let fx = prepared.effects();
 
     match target {
@@ -77,8 +111,18 @@ pub fn run(args: RollbackArgs, out: &mut dyn Write) -> Result<()> {
             list.join(" ")
         )?;
     }
-    for p in &args.preserve {
-        writeln!(out, "Current content kept: {}", p.as_path().display())?;
+    for (p, why) in &carry {
+        writeln!(
+            out,
+            "Current content kept: {} ({why})",
+            p.as_path().display()
+        )?;
+    }
+    if args.no_preserve {
+        writeln!(
+            out,
+            "--no-preserve: validator signing state is rolled back too; a validator restarted on it can double-sign."
+        )?;
     }
     writeln!(out, "Stop the node using this volume before rolling back.")?;
     out.flush()?;
@@ -95,7 +139,7 @@ pub fn run(args: RollbackArgs, out: &mut dyn Write) -> Result<()> {
         }
     }
     let h = fx.target;
-    prepared.execute(&args.preserve)?;
+    prepared.execute(&paths)?;
     writeln!(out, "rolled back to height {h}")?;
     Ok(())
 }

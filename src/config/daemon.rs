@@ -135,6 +135,10 @@ pub struct ExportOptions {
     pub max_rate: Option<u64>,
     /// Append-only files (block logs), relative to the volume root.
     pub append_only: Option<Vec<String>>,
+    /// Globs left out of exports, besides validator key material.
+    pub exclude: Option<Vec<String>>,
+    /// Export validator key material too (default false).
+    pub include_secrets: Option<bool>,
     /// Run garbage collection after each export (default true).
     pub gc: Option<bool>,
     /// Grace period of garbage collection (default "24h").
@@ -214,6 +218,8 @@ impl ExportOptions {
             pack_size: top.pack_size.or(base.pack_size),
             max_rate: top.max_rate.or(base.max_rate),
             append_only: top.append_only.or(base.append_only),
+            exclude: top.exclude.or(base.exclude),
+            include_secrets: top.include_secrets.or(base.include_secrets),
             gc: top.gc.or(base.gc),
             gc_grace: top.gc_grace.or(base.gc_grace),
         }
@@ -257,6 +263,15 @@ impl ExportOptions {
             crate::chunk::format::tree::check_path(p.as_bytes())
                 .map_err(|e| invalid("export.append_only", format!("'{p}': {e}")))?;
         }
+        let exclude = self.exclude.unwrap_or_default();
+        for g in &exclude {
+            if g.trim_matches('/').is_empty() {
+                return Err(invalid(
+                    "export.exclude",
+                    format!("'{g}' is an empty pattern"),
+                ));
+            }
+        }
         if self.connections.is_some_and(|c| !(1..=256).contains(&c)) {
             return Err(invalid("export.connections", "must be between 1 and 256"));
         }
@@ -281,6 +296,8 @@ impl ExportOptions {
             pack_size: self.pack_size.map(|p| p as usize),
             max_rate: self.max_rate,
             append_only,
+            exclude,
+            include_secrets: self.include_secrets.unwrap_or(false),
             gc: self.gc.unwrap_or(true),
             gc_grace: self.gc_grace.unwrap_or(crate::chunk::gc::DEFAULT_GRACE),
         })
@@ -338,6 +355,9 @@ pub struct DaemonOptions {
     pub hooks: Option<HookOptions>,
     /// Periodic export.
     pub export: Option<ExportOptions>,
+    /// Files `btm rollback` carries across besides the validator signing
+    /// state it finds by itself (relative to the volume root).
+    pub preserve: Option<Vec<String>>,
 }
 
 macro_rules! overlay_fields {
@@ -384,7 +404,7 @@ impl DaemonOptions {
             ..overlay_fields!(base, top;
                 volume, mode, itv, cap, algo, source, rpc_url, height_file, height_command,
                 poll_interval, source_timeout, lock_timeout, max_height_jump, socket, socket_group, socket_mode,
-                log_level, metrics_listen, hooks, export)
+                log_level, metrics_listen, hooks, export, preserve)
         }
     }
 
@@ -395,6 +415,10 @@ impl DaemonOptions {
             hint: " (-p, $BTM_VOLUME, or `volume` in the config file)",
         })?;
         volume::validate_name(&volume).map_err(|e| invalid("volume", e.to_string()))?;
+        for p in self.preserve.iter().flatten() {
+            p.parse::<crate::preserve::RelPath>()
+                .map_err(|e| invalid("preserve", e.to_string()))?;
+        }
         let itv = self.itv.unwrap_or(crate::config::DEFAULT_ITV);
         if itv == 0 {
             return Err(invalid("itv", "must be at least 1"));
@@ -675,6 +699,11 @@ mod tests {
                 "volume = \"a\"\n[export]\nstore = \"/b\"\nkeep = 0\n",
                 "export.keep",
             ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\nexclude = [\"/\"]\n",
+                "export.exclude",
+            ),
+            ("volume = \"a\"\npreserve = [\"../x\"]\n", "preserve"),
             (
                 "volume = \"a\"\n[export]\nstore = \"/b\"\ntag = \"a/b\"\n",
                 "export.tag",

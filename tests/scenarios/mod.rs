@@ -17,6 +17,7 @@ macro_rules! all_scenarios {
             retention_matches_simulate,
             rollback_behaviour,
             rollback_preserve_never_follows_symlinks,
+            rollback_keeps_signing_state_by_default,
             clean_keeps_newest,
             destroy_failures_are_reported_one_by_one,
             detection_only_reads,
@@ -247,6 +248,62 @@ pub fn rollback_behaviour(fx: &impl Fixture) {
     fx.btm(&["clean"]).ok();
     let err = fx.btm(&["rollback", "--yes"]).fails(1);
     assert!(err.contains("no btm snapshots"), "{err}");
+}
+
+/// Issue 12: a rollback without flags keeps every validator signing-state
+/// file it finds (CometBFT, and a Lighthouse datadir two levels down), names
+/// each in its plan, and `--no-preserve` rolls them back too.
+pub fn rollback_keeps_signing_state_by_default(fx: &impl Fixture) {
+    let state = "data/priv_validator_state.json";
+    let lighthouse = ".lighthouse/mainnet/validators/slashing_protection.sqlite";
+    fx.write(state, "{\"height\":\"10\"}");
+    fx.write(lighthouse, "slashing db at 10");
+    fx.write("f", "v10");
+    snapshot(fx, 10);
+    fx.write(state, "{\"height\":\"31\"}");
+    fx.write(lighthouse, "slashing db at 31");
+    fx.write("f", "v20");
+    snapshot(fx, 20);
+    fx.write("f", "live");
+
+    let out = fx.btm(&["rollback", "-s", "10", "-S", "--yes"]).ok();
+    assert!(
+        out.contains(&format!(
+            "Current content kept: {state} (CometBFT/Tendermint signing state)"
+        )),
+        "{out}"
+    );
+    assert!(out.contains(lighthouse), "{out}");
+    assert_eq!(fx.read("f"), "v10");
+    assert_eq!(
+        fx.read(state),
+        "{\"height\":\"31\"}",
+        "signing state never goes back"
+    );
+    assert_eq!(fx.read(lighthouse), "slashing db at 31");
+
+    let err = fx
+        .btm(&[
+            "rollback",
+            "-s",
+            "10",
+            "--yes",
+            "--no-preserve",
+            "--preserve",
+            "f",
+        ])
+        .fails(2);
+    assert!(err.contains("--no-preserve"), "{err}");
+    let out = fx
+        .btm(&["rollback", "-s", "10", "-S", "--yes", "--no-preserve"])
+        .ok();
+    assert!(out.contains("can double-sign"), "{out}");
+    assert_eq!(
+        fx.read(state),
+        "{\"height\":\"10\"}",
+        "--no-preserve rolls it back"
+    );
+    assert_eq!(fx.read(lighthouse), "slashing db at 10");
 }
 
 /// Issue 10.2: `--preserve` resolves every component without following a

@@ -50,7 +50,9 @@ use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag};
 use serde::Serialize;
 
+use super::budget::{Budget, Permit};
 use super::cache::Cache;
+use super::exclude::Exclusions;
 use super::format::head::{validate_tag, Decoded, Head, IndexName, FORMAT_VERSION};
 use super::format::pack::{PackBuilder, SealedPack, DEFAULT_TARGET};
 use super::format::packidx::{self, PackEntry};
@@ -92,6 +94,11 @@ pub struct BackupOptions {
     /// Only paths matching this are backed up (directories leading to them
     /// are kept).
     pub filter: Option<regex::bytes::Regex>,
+    /// Globs left out, each with where it came from ("--exclude", …), on
+    /// top of validator key material ([`super::exclude`]).
+    pub exclude: Vec<(String, String)>,
+    /// Back up validator key material too.
+    pub include_secrets: bool,
     /// Relative paths of append-only files (block logs).
     pub append_only: Vec<String>,
     /// Chunk size in bytes.
@@ -132,6 +139,8 @@ impl BackupOptions {
             tag: tag.to_owned(),
             meta: serde_json::Map::new(),
             filter: None,
+            exclude: Vec::new(),
+            include_secrets: false,
             append_only: Vec::new(),
             chunk_size: DEFAULT_CHUNK_SIZE,
             pack_size: DEFAULT_TARGET,
@@ -180,6 +189,9 @@ pub struct BackupSummary {
     pub packs_uploaded: u64,
     /// Tree segments the backup's index is made of.
     pub trees: u64,
+    /// What was left out on purpose, by pattern.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<super::format::head::Excluded>,
 }
 
 #[derive(Default)]
@@ -238,6 +250,9 @@ pub struct Shared<'a> {
     unindexed: Mutex<Vec<PackEntry>>,
     /// Files being read, by the planner's number: what a retry reopens.
     reading: Mutex<HashMap<u64, Vec<u8>>>,
+    /// Bytes of packs in memory, being filled or uploaded
+    /// ([`upload_budget`]).
+    packs_in_memory: Budget,
 }
 
 impl Shared<'_> {
@@ -345,6 +360,7 @@ fn run(
         throttle: opts.max_rate.map(Throttle::new),
         unindexed: Mutex::new(Vec::new()),
         reading: Mutex::new(HashMap::new()),
+        packs_in_memory: Budget::new(upload_budget(opts.pack_size, connections)),
     };
     let mut summary = BackupSummary {
         name: name.clone(),
@@ -354,7 +370,7 @@ fn run(
     let (work_tx, work_rx) = mpsc::sync_channel::<ReadTask>(opts.workers * 4);
     let work_rx = Arc::new(Mutex::new(work_rx));
     let (blob_tx, blob_rx) = mpsc::sync_channel::<Blob>(opts.workers * 2);
-    let (pack_tx, pack_rx) = mpsc::sync_channel::<SealedPack>(0);
+    let (pack_tx, pack_rx) = mpsc::sync_channel::<(SealedPack, Permit<'_>)>(0);
     let pack_rx = Arc::new(Mutex::new(pack_rx));
     let (msg_tx, msg_rx) = mpsc::channel::<Msg>();
     let (retry_tx, retry_rx) = mpsc::channel::<Option<(u64, u32)>>();
@@ -437,7 +453,7 @@ fn run(
         meta: opts.meta.clone(),
         trees: written.trees,
         totals: written.totals,
-        excluded: Vec::new(),
+        excluded: summary.excluded.clone(),
     };
     let encoded = head.encode()?;
     // The chunks we took as known must still be there: only true while our
@@ -604,9 +620,11 @@ impl Planner<'_, '_> {
     }
 
     fn walk(&mut self) -> Result<(), ChunkError> {
-        let walker = Walker::new(self.root)?;
+        let mut walker = Walker::new(self.root)?;
+        let mut exclusions =
+            Exclusions::new(&self.shared.opts.exclude, self.shared.opts.include_secrets)?;
         let mut held: Vec<HeldDir> = Vec::new();
-        for w in walker {
+        while let Some(w) = walker.next() {
             let w = w?;
             self.serve_retries()?;
             if self.shared.aborted() {
@@ -614,6 +632,13 @@ impl Planner<'_, '_> {
             }
             held.retain(|d| d.depth < w.depth);
             let kind = w.kind();
+            if exclusions.excludes(&w.rel) {
+                if kind == SFlag::S_IFDIR {
+                    walker.skip_children(&w.rel);
+                }
+                self.summary.excluded = exclusions.report();
+                continue;
+            }
             let matches = self
                 .shared
                 .opts
@@ -1088,22 +1113,40 @@ impl Packed {
     }
 }
 
-fn packer(shared: &Shared<'_>, rx: Receiver<Blob>, tx: SyncSender<SealedPack>) {
+/// Bytes of packs a backup keeps in memory: the one being filled and those
+/// being uploaded. Enough for a few uploads in flight, whatever the number
+/// of connections, so that memory stays bounded when many are configured.
+fn upload_budget(pack_size: usize, connections: usize) -> u64 {
+    let packs = connections.clamp(1, 3) as u64 + 1;
+    packs * pack_size as u64
+}
+
+fn packer<'a>(
+    shared: &'a Shared<'_>,
+    rx: Receiver<Blob>,
+    tx: SyncSender<(SealedPack, Permit<'a>)>,
+) {
     let target = shared.opts.pack_size;
     let mut packed = Packed {
         sorted: Vec::new(),
         recent: HashSet::new(),
     };
-    let mut pack = PackBuilder::with_capacity(target);
-    let seal = |pack: PackBuilder| -> bool {
+    // A pack is built only with its bytes taken from the budget; the
+    // permit travels with it and is returned once it is uploaded.
+    let start = || {
+        let permit = shared.packs_in_memory.take(target as u64, &shared.abort)?;
+        Some((PackBuilder::with_capacity(target), permit))
+    };
+    let seal = |(pack, permit): (PackBuilder, Permit<'a>)| -> bool {
         match pack.seal() {
-            Ok(sealed) => tx.send(sealed).is_ok(),
+            Ok(sealed) => tx.send((sealed, permit)).is_ok(),
             Err(e) => {
                 shared.fail(e.into());
                 false
             }
         }
     };
+    let mut current: Option<(PackBuilder, Permit<'a>)> = None;
     for blob in rx {
         if shared.aborted() {
             continue;
@@ -1111,23 +1154,35 @@ fn packer(shared: &Shared<'_>, rx: Receiver<Blob>, tx: SyncSender<SealedPack>) {
         if !packed.insert(blob.hash) {
             continue;
         }
-        if !pack.is_empty() && pack.len() + blob.frame.len() > target {
-            let full = std::mem::replace(&mut pack, PackBuilder::with_capacity(target));
-            if !seal(full) {
-                return;
+        if let Some((pack, _)) = &current {
+            if pack.len() + blob.frame.len() > target {
+                let full = current.take().filter(|(p, _)| !p.is_empty());
+                if full.is_some_and(|full| !seal(full)) {
+                    return;
+                }
             }
         }
+        if current.is_none() {
+            current = start();
+        }
+        let Some((pack, _)) = &mut current else {
+            return;
+        };
         pack.push(blob.hash, blob.raw_len, &blob.frame);
     }
-    if !pack.is_empty() && !shared.aborted() {
-        seal(pack);
+    if let Some(last) = current.filter(|(p, _)| !p.is_empty()) {
+        if !shared.aborted() {
+            seal(last);
+        }
     }
 }
 
-fn uploader(shared: &Shared<'_>, rx: &Mutex<Receiver<SealedPack>>) {
+fn uploader<'a>(shared: &Shared<'_>, rx: &Mutex<Receiver<(SealedPack, Permit<'a>)>>) {
     loop {
         let sealed = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-        let Ok(sealed) = sealed else { return };
+        let Ok((sealed, _permit)) = sealed else {
+            return;
+        };
         if shared.aborted() {
             continue;
         }

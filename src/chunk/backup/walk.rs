@@ -174,6 +174,10 @@ pub struct Parent<'a> {
     current: Option<Entry>,
     /// Chunks of `current` read but not consumed.
     chunks: std::collections::VecDeque<ChunkRef>,
+    /// The sought entry's chunks are all read: [`Parent::next_chunk`] gives
+    /// nothing more until the next [`Parent::seek`], so a file that grew
+    /// never takes the chunks of the entries after it.
+    ended: bool,
     done: bool,
 }
 
@@ -184,6 +188,7 @@ impl<'a> Parent<'a> {
             entries,
             current: None,
             chunks: Default::default(),
+            ended: false,
             done: false,
         }
     }
@@ -217,7 +222,10 @@ impl<'a> Parent<'a> {
             if let Some(e) = &self.current {
                 match walk_order(&e.path, path) {
                     std::cmp::Ordering::Less => {}
-                    std::cmp::Ordering::Equal => return Ok(Some(e.clone())),
+                    std::cmp::Ordering::Equal => {
+                        self.ended = false;
+                        return Ok(Some(e.clone()));
+                    }
                     std::cmp::Ordering::Greater => return Ok(None),
                 }
             }
@@ -236,6 +244,9 @@ impl<'a> Parent<'a> {
 
     /// The next chunk of the entry [`Parent::seek`] found.
     pub fn next_chunk(&mut self) -> Result<Option<ChunkRef>, ChunkError> {
+        if self.ended {
+            return Ok(None);
+        }
         loop {
             if let Some(c) = self.chunks.pop_front() {
                 return Ok(Some(c));
@@ -249,6 +260,7 @@ impl<'a> Parent<'a> {
             }
             if self.current.as_ref().map(|e| &e.path) != before.as_ref() {
                 // The next entry began: this one's chunks are all read.
+                self.ended = true;
                 return Ok(None);
             }
         }

@@ -46,6 +46,7 @@ use nix::fcntl::{openat, AtFlags, OFlag};
 use nix::sys::stat::{fstatat, Mode, SFlag};
 use serde::Serialize;
 
+use super::budget::{Budget, Permit};
 use super::cache::Cache;
 use super::format::head::Decoded;
 use super::format::pack::{open_frame, FrameError};
@@ -61,7 +62,10 @@ use journal::{Journal, Prior};
 /// Frames of one pack closer than this are fetched in one read.
 const MAX_GAP: u64 = 256 << 10;
 /// The longest ranged read.
-const MAX_RANGE: u64 = 8 << 20;
+const MAX_RANGE: u64 = 4 << 20;
+/// Stored bytes being fetched or written at once, whatever the number of
+/// connections: a restore's memory does not grow with its parallelism.
+const IN_FLIGHT_BYTES: u64 = 40 << 20;
 /// Stored bytes of fetches collected before they are grouped into reads.
 const WINDOW: u64 = 64 << 20;
 /// How often, at most, progress is made durable and journalled.
@@ -86,6 +90,10 @@ pub struct RestoreOptions {
     pub connections: Option<usize>,
     /// Updated as chunks are planned and processed.
     pub progress: Arc<Progress>,
+    /// Overwrite validator signing state that exists locally
+    /// ([`crate::validator::SIGNING_STATE`]). Off by default: a restore
+    /// never lowers a validator's record of what it signed.
+    pub overwrite_signing_state: bool,
 }
 
 impl Default for RestoreOptions {
@@ -97,6 +105,7 @@ impl Default for RestoreOptions {
             workers: super::default_workers(),
             connections: None,
             progress: Arc::default(),
+            overwrite_signing_state: false,
         }
     }
 }
@@ -136,6 +145,10 @@ pub struct RestoreSummary {
     pub holes: u64,
     /// Local entries removed (`--delete`).
     pub deleted: u64,
+    /// Local validator signing-state files kept as they were, whatever the
+    /// backup holds.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub signing_state_kept: Vec<String>,
 }
 
 #[derive(Default)]
@@ -150,39 +163,6 @@ struct Counters {
     trusted: AtomicU64,
 }
 
-/// A limit on open files, returned when a [`FileJob`] is dropped.
-struct Slots {
-    free: Mutex<usize>,
-    freed: Condvar,
-}
-
-struct Slot<'a>(&'a Slots);
-
-impl Slots {
-    fn take(&self, abort: &AtomicBool) -> Option<Slot<'_>> {
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        while *free == 0 {
-            if abort.load(Ordering::Relaxed) {
-                return None;
-            }
-            free = self
-                .freed
-                .wait_timeout(free, Duration::from_millis(20))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        *free -= 1;
-        Some(Slot(self))
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        self.0.freed.notify_one();
-    }
-}
-
 /// One file being restored, shared by everyone working on its chunks.
 struct FileJob<'a> {
     entry: Entry,
@@ -192,11 +172,13 @@ struct FileJob<'a> {
     /// Its size before it was resized: bytes beyond are holes already.
     local_size: u64,
     chunk_size: u64,
+    /// Owner and mode when it was opened.
+    found: Found,
     /// Chunks not done yet, plus one held by the planner while it plans.
     remaining: AtomicU64,
     /// Chunks done from the start, and those done further on.
     prefix: Mutex<(u64, std::collections::BTreeSet<u64>)>,
-    _slot: Slot<'a>,
+    _slot: Permit<'a>,
 }
 
 impl FileJob<'_> {
@@ -226,6 +208,8 @@ struct Shared<'a> {
     since_checkpoint: AtomicU64,
     checkpoint_now: Condvar,
     checkpoint_lock: Mutex<bool>,
+    /// Bytes of ranged reads in memory, see [`IN_FLIGHT_BYTES`].
+    in_flight: Budget,
 }
 
 impl<'a> Shared<'a> {
@@ -266,7 +250,7 @@ impl<'a> Shared<'a> {
         if job.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
-        if let Err(e) = apply_file_metadata(&job.file, &job.entry) {
+        if let Err(e) = apply_file_metadata(&job.file, &job.entry, Some(job.found)) {
             self.fail(ChunkError::io(Path::new(&*job.entry.display()), e));
             return;
         }
@@ -284,11 +268,40 @@ impl<'a> Shared<'a> {
     }
 }
 
+/// Owner and mode of a file as found when it was opened.
+#[derive(Debug, Clone, Copy, Default)]
+struct Found {
+    uid: u32,
+    gid: u32,
+    mode: u32,
+}
+
+impl Found {
+    fn of(st: &nix::sys::stat::FileStat) -> Self {
+        Found {
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mode: st.st_mode & 0o7777,
+        }
+    }
+}
+
 /// Owner, mode and times of a restored file, through its descriptor (the
-/// mode after the owner: a chown clears setuid bits).
-fn apply_file_metadata(file: &File, e: &Entry) -> std::io::Result<()> {
-    std::os::unix::fs::fchown(file, Some(e.uid), Some(e.gid))?;
-    nix::sys::stat::fchmod(file, Mode::from_bits_truncate(e.mode)).map_err(std::io::Error::from)?;
+/// mode after the owner: a chown clears setuid bits). `found` saves the
+/// calls that would change nothing, which is most of them in a tree of
+/// small files created by this restore. Setuid, setgid and sticky modes are
+/// always set again: writing to a file clears them.
+fn apply_file_metadata(file: &File, e: &Entry, found: Option<Found>) -> std::io::Result<()> {
+    let owned = found.is_some_and(|f| f.uid == e.uid && f.gid == e.gid);
+    if !owned {
+        std::os::unix::fs::fchown(file, Some(e.uid), Some(e.gid))?;
+    }
+    let mode = e.mode & 0o7777;
+    let moded = owned && mode & 0o7000 == 0 && found.is_some_and(|f| f.mode == mode);
+    if !moded {
+        nix::sys::stat::fchmod(file, Mode::from_bits_truncate(e.mode))
+            .map_err(std::io::Error::from)?;
+    }
     let ts = timespec(e.mtime_ns);
     nix::sys::stat::futimens(file, &ts, &ts).map_err(std::io::Error::from)
 }
@@ -386,10 +399,7 @@ fn run(
         ChunkMap::load(store, cache, connections)?
     };
     let (journal, prior) = Journal::open(dest, &dest_fd, name)?;
-    let slots = Slots {
-        free: Mutex::new(open_file_budget()),
-        freed: Condvar::new(),
-    };
+    let slots = Budget::new(open_file_budget() as u64);
     let shared = Shared {
         store,
         opts,
@@ -404,6 +414,7 @@ fn run(
         since_checkpoint: AtomicU64::new(0),
         checkpoint_now: Condvar::new(),
         checkpoint_lock: Mutex::new(false),
+        in_flight: Budget::new(IN_FLIGHT_BYTES),
     };
     let mut summary = RestoreSummary::default();
     let mut dirs: Vec<Entry> = Vec::new();
@@ -502,7 +513,7 @@ fn apply_dir_metadata(tree: &crate::confined::Tree, e: &Entry) -> Result<(), Chu
         .dir(&comps, false)
         .map_err(|x| ChunkError::Invalid(x.to_string()))?;
     let f = File::from(fd);
-    apply_file_metadata(&f, e).map_err(|x| ChunkError::io(&tree.root().join(rel), x))
+    apply_file_metadata(&f, e, None).map_err(|x| ChunkError::io(&tree.root().join(rel), x))
 }
 
 struct Planner<'p, 'a> {
@@ -510,7 +521,7 @@ struct Planner<'p, 'a> {
     tree: &'p crate::confined::Tree,
     dest: &'p Path,
     prior: &'p Prior,
-    slots: &'a Slots,
+    slots: &'a Budget,
     verify: SyncSender<Want<'a>>,
     batch: Sender<BatchMsg<'a>>,
     /// The directories on the path to the current entry, open.
@@ -721,6 +732,18 @@ impl<'a> Planner<'_, 'a> {
                     "the backup has a file here, but a directory exists; remove it first",
                 ))
             }
+            Ok(st)
+                if kind(st.st_mode) == SFlag::S_IFREG
+                    && !self.shared.opts.overwrite_signing_state
+                    && crate::validator::is_signing_state(&e.path).is_some() =>
+            {
+                // The local file knows what this validator signed; the
+                // backup's copy may be older.
+                self.summary
+                    .signing_state_kept
+                    .push(e.display().into_owned());
+                return Ok(None);
+            }
             Ok(st) if kind(st.st_mode) != SFlag::S_IFREG => nix::unistd::unlinkat(
                 parent.as_fd(),
                 name,
@@ -729,14 +752,15 @@ impl<'a> Planner<'_, 'a> {
             .map_err(|x| self.io(&e, x))?,
             _ => {}
         }
-        let Some(slot) = self.slots.take(&self.shared.abort) else {
+        let Some(slot) = self.slots.take(1, &self.shared.abort) else {
             return Err(ChunkError::Aborted);
         };
         let fd = openat(
             parent.as_fd(),
             name,
             OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o600),
+            // Its final permission bits, less the umask: usually no chmod.
+            Mode::from_bits_truncate(e.mode & 0o777),
         )
         .map_err(|x| match x {
             nix::errno::Errno::ELOOP => self.refused(&e, "a symlink appeared in its place"),
@@ -744,7 +768,7 @@ impl<'a> Planner<'_, 'a> {
         })?;
         let file = File::from(fd);
         let st = nix::sys::stat::fstat(&file).map_err(|x| self.io(&e, x))?;
-        let (local_size, ino) = (st.st_size as u64, st.st_ino);
+        let (local_size, ino, found) = (st.st_size as u64, st.st_ino, Found::of(&st));
         let chunk_size = self.shared.chunk_size;
         let journalled = self.prior.trusted(&e.path, ino, size);
         if journalled == size && local_size == size {
@@ -755,7 +779,7 @@ impl<'a> Planner<'_, 'a> {
                 .progress
                 .done
                 .fetch_add(size, Ordering::Relaxed);
-            apply_file_metadata(&file, &e).map_err(|x| self.io(&e, x))?;
+            apply_file_metadata(&file, &e, Some(found)).map_err(|x| self.io(&e, x))?;
             return Ok(None);
         }
         let mut trusted = if local_size == size { journalled } else { 0 };
@@ -783,6 +807,7 @@ impl<'a> Planner<'_, 'a> {
             size,
             local_size,
             chunk_size,
+            found,
             remaining: AtomicU64::new(1),
             prefix: Mutex::new((0, Default::default())),
             _slot: slot,
@@ -1164,9 +1189,20 @@ fn fetch_one<'a>(
     dctx: &mut zstd::bulk::Decompressor<'static>,
     out: &mut Vec<u8>,
 ) -> Result<(), ChunkError> {
+    let want = match f.source {
+        Source::Range { len, .. } => len,
+        Source::Object(_) => shared.chunk_size,
+    };
+    let Some(permit) = shared.in_flight.take(want, &shared.abort) else {
+        return Err(ChunkError::Aborted);
+    };
     let data = match get(shared, &f.source) {
         Ok(d) => d,
-        Err(StoreError::NotFound(_)) if !shared.v1 => return refetch(shared, f, dctx, out),
+        Err(StoreError::NotFound(_)) if !shared.v1 => {
+            // Its own reads take from the budget again.
+            drop(permit);
+            return refetch(shared, f, dctx, out);
+        }
         Err(StoreError::NotFound(_)) => {
             let (hash, _, _, _, wants) = &f.chunks[0];
             return Err(ChunkError::Corrupt {
@@ -1342,11 +1378,18 @@ fn checkpointer(
                 .checkpoint_lock
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            let (guard, _) = shared
-                .checkpoint_now
-                .wait_timeout(guard, CHECKPOINT_EVERY.saturating_sub(last.elapsed()))
-                .unwrap_or_else(|p| p.into_inner());
-            *guard
+            // The stop flag is read under the lock before waiting: a stop
+            // set during the previous checkpoint's sync is not missed (it
+            // cost every such restore up to ten idle seconds).
+            if *guard {
+                true
+            } else {
+                let (guard, _) = shared
+                    .checkpoint_now
+                    .wait_timeout(guard, CHECKPOINT_EVERY.saturating_sub(last.elapsed()))
+                    .unwrap_or_else(|p| p.into_inner());
+                *guard
+            }
         };
         if stop || shared.aborted() {
             // The end of the restore syncs once more and drops the journal;
@@ -1445,10 +1488,20 @@ fn delete_extra(
             continue;
         }
         let name = OsStr::from_bytes(&w.name);
+        let keep_state = !opts.overwrite_signing_state;
         if w.stat.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFDIR.bits() {
-            walker.skip_children(&w.rel);
             let full = dest.join(OsStr::from_bytes(&w.rel));
+            // A directory holding validator signing state is not removed
+            // whole: its other entries are, one by one.
+            if keep_state
+                && !crate::validator::find_signing_state(&full).is_ok_and(|f| f.is_empty())
+            {
+                continue;
+            }
+            walker.skip_children(&w.rel);
             std::fs::remove_dir_all(&full).map_err(|e| ChunkError::io(&full, e))?;
+        } else if keep_state && crate::validator::is_signing_state(&w.rel).is_some() {
+            continue;
         } else {
             nix::unistd::unlinkat(w.dir.as_fd(), name, nix::unistd::UnlinkatFlags::NoRemoveDir)
                 .map_err(|e| ChunkError::io(&dest.join(OsStr::from_bytes(&w.rel)), e.into()))?;

@@ -1,0 +1,85 @@
+//! A TCP proxy that delays every byte by half of DELAY in each direction,
+//! so that each request/response exchange takes DELAY longer: a store on
+//! loopback made to look tens of milliseconds away, without kernel netem.
+//! Bytes are delayed, not throttled: a large transfer streams at full
+//! speed after the first DELAY/2.
+//!
+//! ```text
+//! cargo run --release --example latency_proxy -- LISTEN UPSTREAM DELAY_MS
+//! cargo run --release --example latency_proxy -- 127.0.0.1:9001 127.0.0.1:9000 20
+//! ```
+//! Used by `scripts/bench-remote.sh`; it prints `listening` when ready.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    });
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if tx
+                    .send((Instant::now() + delay, buf[..n].to_vec()))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> std::io::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let (listen, upstream, ms) = match &args[..] {
+        [_, l, u, d] => (
+            l.clone(),
+            u.clone(),
+            d.parse::<u64>()
+                .map_err(|e| std::io::Error::other(format!("DELAY_MS: {e}")))?,
+        ),
+        _ => {
+            eprintln!("usage: latency_proxy LISTEN UPSTREAM DELAY_MS");
+            std::process::exit(2);
+        }
+    };
+    let half = Duration::from_micros(ms * 500);
+    let listener = TcpListener::bind(&listen).await?;
+    println!("listening");
+    loop {
+        let (client, _) = listener.accept().await?;
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            let Ok(server) = TcpStream::connect(&upstream).await else {
+                return;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::join!(pump(cr, sw, half), pump(sr, cw, half));
+        });
+    }
+}

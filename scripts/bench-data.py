@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Datasets for the benchmarks (not tests), deterministic for a seed.
+
+  bench-data.py node DIR        a node-like tree: 1,200 LSM-style files of
+                                64-512 KiB, 40 tables of 4 MiB, a 1 GiB sparse
+                                state file holding 128 MiB of data in 4 MiB
+                                extents, a 256 MiB append-only block log
+  bench-data.py node-change DIR the incremental change: 20 rewrites of
+                                256 KiB in place in the state file (4 KiB
+                                aligned), 16 MiB appended to the log, 5 new
+                                4 MiB tables
+  bench-data.py meta DIR [N]    a metadata-heavy tree (a Solana accounts
+                                directory): N files (100,000) of 0.5-8 KiB in
+                                200 directories
+  bench-data.py meta-change DIR one file rewritten
+  bench-data.py tiny DIR [N]    N files (1,000,000) of 16-256 bytes in 1,000
+                                directories: memory against the file count
+  bench-data.py chunk DIR       the chunk benchmark's dataset: a 2 GiB sparse
+                                file with 512 MiB of data in 4 MiB extents,
+                                200 files of 4 MiB of compressible data, a
+                                512 MiB append-only file
+  bench-data.py chunk-change DIR 20 rewrites of 256 KiB in place, 16 MiB
+                                appended, 5 new 4 MiB files
+
+Random bytes come from a seeded generator, compressible ones repeat a line,
+so btm and restic see exactly the same bytes in every run.
+"""
+import os
+import random
+import sys
+
+MIB = 1 << 20
+
+
+def rnd(r, n):
+    # randbytes is limited to ints of 2^31 bits: build big buffers in parts.
+    return b"".join(r.randbytes(min(MIB, n - i)) for i in range(0, n, MIB))
+
+
+def compressible(r, n, tag):
+    line = (r.randbytes(48).hex() + " %d\n" % tag).encode()
+    return (line * (n // len(line) + 1))[:n]
+
+
+def write(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def write_at(path, off, data):
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(data)
+
+
+def node(d):
+    r = random.Random(1)
+    for i in range(1200):
+        size = r.randint(64, 512) * 1024
+        write(f"{d}/db/{i:06d}.sst", rnd(r, size // 2) + compressible(r, size - size // 2, i))
+    for i in range(40):
+        write(f"{d}/tables/{i:03d}.tbl", compressible(r, 4 * MIB, i))
+    state = f"{d}/state/state.db"
+    os.makedirs(os.path.dirname(state), exist_ok=True)
+    with open(state, "wb") as f:
+        f.truncate(1024 * MIB)
+    for i in range(32):
+        write_at(state, ((i * 37) % 256) * 4 * MIB, rnd(r, 4 * MIB))
+    write(f"{d}/blocks/blocks.log", rnd(r, 256 * MIB))
+
+
+def rewrite_state(d, state, r):
+    # In-place page rewrites inside the data extents, 4 KiB aligned.
+    extents = sorted(((i * 37) % 256) * 4 * MIB for i in range(32))
+    for _ in range(20):
+        base = r.choice(extents)
+        off = base + r.randrange(0, (4 * MIB - 256 * 1024) // 4096) * 4096
+        write_at(state, off, rnd(r, 256 * 1024))
+
+
+def node_change(d):
+    r = random.Random(2)
+    rewrite_state(d, f"{d}/state/state.db", r)
+    with open(f"{d}/blocks/blocks.log", "ab") as f:
+        f.write(rnd(r, 16 * MIB))
+    for i in range(5):
+        write(f"{d}/tables/new{i}.tbl", rnd(r, 4 * MIB))
+
+
+def meta(d, n):
+    r = random.Random(3)
+    for i in range(n):
+        size = r.randint(512, 8192)
+        write(f"{d}/accounts/{i % 200:03d}/{i:07d}", rnd(r, size // 2) + compressible(r, size - size // 2, i))
+
+
+def tiny(d, n):
+    r = random.Random(7)
+    for i in range(n):
+        write(f"{d}/t/{i % 1000:03d}/{i:07d}", r.randbytes(r.randint(16, 256)))
+
+
+def meta_change(d):
+    r = random.Random(4)
+    write(f"{d}/accounts/007/0000007", rnd(r, 4096))
+
+
+def chunk(d):
+    r = random.Random(5)
+    state = f"{d}/state.db"
+    os.makedirs(d, exist_ok=True)
+    with open(state, "wb") as f:
+        f.truncate(2048 * MIB)
+    for i in range(128):
+        write_at(state, ((i * 37) % 128) * 16 * MIB, rnd(r, 4 * MIB))
+    for i in range(200):
+        write(f"{d}/files/f{i}", compressible(r, 4 * MIB, i))
+    write(f"{d}/blocks.log", rnd(r, 512 * MIB))
+
+
+def chunk_change(d):
+    r = random.Random(6)
+    state = f"{d}/state.db"
+    slots = sorted(((i * 37) % 128) * 16 * MIB for i in range(128))
+    for _ in range(20):
+        base = r.choice(slots)
+        off = base + r.randrange(0, (4 * MIB - 256 * 1024) // 4096) * 4096
+        write_at(state, off, rnd(r, 256 * 1024))
+    with open(f"{d}/blocks.log", "ab") as f:
+        f.write(rnd(r, 16 * MIB))
+    for i in range(5):
+        write(f"{d}/files/new{i}", rnd(r, 4 * MIB))
+
+
+def main():
+    what, d = sys.argv[1], sys.argv[2]
+    if what == "node":
+        node(d)
+    elif what == "node-change":
+        node_change(d)
+    elif what == "meta":
+        meta(d, int(sys.argv[3]) if len(sys.argv) > 3 else 100_000)
+    elif what == "tiny":
+        tiny(d, int(sys.argv[3]) if len(sys.argv) > 3 else 1_000_000)
+    elif what == "meta-change":
+        meta_change(d)
+    elif what == "chunk":
+        chunk(d)
+    elif what == "chunk-change":
+        chunk_change(d)
+    else:
+        sys.exit(f"unknown dataset {what}")
+
+
+if __name__ == "__main__":
+    main()

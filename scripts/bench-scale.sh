@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Scale benchmark (not a test): memory and store requests when the store or
+# the tree is large, where restic-sized figures on small datasets say
+# nothing.
+#   1. A store of 2,000,000 chunks (a terabyte in 1 MiB chunks; synthetic
+#      pack indexes, examples/bench_scale.rs): what a backup and a restore
+#      load, with their requests counted, then real `btm backup` (full and
+#      incremental), `restore` and `gc --dry-run` against that store.
+#   2. A tree of 1,000,000 small files: backup, incremental and restore.
+# Prints peak RSS beside each; the targets are 256 MiB for (1) and 128 MiB
+# for (2). Environment: BENCH_DIR, BENCH_CHUNKS (2000000), BENCH_FILES
+# (1000000). Needs GNU time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v /usr/bin/time >/dev/null || { apt-get update -qq; apt-get install -y -qq time >/dev/null; }
+cargo build --release --locked --quiet --bin btm --example bench_scale
+btm="$PWD/target/release/btm"
+scale="$PWD/target/release/examples/bench_scale"
+work=${BENCH_DIR:-$(mktemp -d /var/tmp/btm-bench-scale.XXXXXX)}
+trap 'rm -rf "$work"' EXIT
+trap 'exit 130' INT TERM
+mkdir -p "$work"
+export BTM_CACHE_DIR="$work/cache"
+chunks=${BENCH_CHUNKS:-2000000}
+files=${BENCH_FILES:-1000000}
+
+row() { # LABEL CMD...: one line with seconds and peak RSS
+    local label=$1; shift
+    /usr/bin/time -f "%e %M" -o "$work/time" "$@" >"$work/out" 2>"$work/err" || { cat "$work/err"; exit 1; }
+    local secs kb; read -r secs kb < "$work/time"
+    printf '%-52s %8s s %6s MiB\n' "$label" "$secs" "$((kb / 1024))"
+    grep -E '^  requests' "$work/out" || true
+}
+
+echo "== a store of $chunks chunks"
+"$scale" fill "$work/store" "$chunks"
+python3 scripts/bench-data.py meta "$work/small" 2000
+row "load the known set (what a backup loads)" "$scale" known "$work/store"
+row "load the chunk map (what a restore loads)" "$scale" map "$work/store"
+row "btm backup, 2,000 files, into that store" "$btm" backup "$work/small" -s "$work/store"
+echo x >> "$work/small/accounts/000/0000000"
+row "btm backup, incremental" "$btm" backup "$work/small" -s "$work/store"
+row "btm restore" "$btm" restore latest "$work/r" -s "$work/store"
+row "btm gc --dry-run (grace 0)" "$btm" gc -s "$work/store" --dry-run --grace 0s
+rm -rf "$work/store" "$work/small" "$work/r" "$work/cache"
+
+echo "== a tree of $files small files"
+python3 scripts/bench-data.py tiny "$work/tiny" "$files"
+row "btm backup" "$btm" backup "$work/tiny" -s "$work/store2"
+echo x >> "$work/tiny/t/000/0000000"
+row "btm backup, incremental" "$btm" backup "$work/tiny" -s "$work/store2"
+row "btm restore" "$btm" restore latest "$work/r2" -s "$work/store2"
+diff -r "$work/tiny" "$work/r2" >/dev/null || { echo "restore differs" >&2; exit 1; }

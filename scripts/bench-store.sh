@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# Benchmark (not a test) of the chunk engine against restic, side by side in
+# one run, on several dataset shapes (scripts/bench-data.py), to a local
+# store and to a real S3 server (s3s-fs) behind a proxy that adds a cloud
+# round trip to every request (examples/latency_proxy.rs).
+#
+#   scripts/bench-store.sh [SHAPE...]      default: node meta chunk
+#
+# For each shape and store: full backup, the shape's incremental change,
+# incremental backup, store growth, restore into an empty filesystem (a
+# fresh ext4 image per restore, so no run inherits another's deleted
+# inodes), restore over the previous version, objects stored, peak RSS.
+# The machine's floors are printed first: disk write, BLAKE3, zstd, and a
+# sparse copy of each tree into a fresh filesystem.
+#
+# Environment: BENCH_DIR (work directory), BENCH_LATENCY_MS (20),
+# BENCH_REMOTE (shapes to run remotely; default "node meta"),
+# BENCH_META_FILES (100000). Needs root (loop mounts), restic, GNU time,
+# s3s-fs (cargo install s3s-fs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+shapes=("$@")
+[ ${#shapes[@]} -gt 0 ] || shapes=(node meta chunk)
+remote_shapes=${BENCH_REMOTE-node meta}
+latency=${BENCH_LATENCY_MS:-20}
+meta_files=${BENCH_META_FILES:-100000}
+
+for pkg in restic:restic time:/usr/bin/time e2fsprogs:mkfs.ext4; do
+    cmd=${pkg#*:}
+    command -v "$cmd" >/dev/null || { apt-get update -qq; apt-get install -y -qq "${pkg%%:*}" >/dev/null; }
+done
+command -v s3s-fs >/dev/null || cargo install --locked s3s-fs --version 0.14.1 --features binary
+cargo build --release --locked --quiet --bin btm --example latency_proxy --example floors
+btm="$PWD/target/release/btm"
+proxy_bin="$PWD/target/release/examples/latency_proxy"
+work=${BENCH_DIR:-$(mktemp -d /var/tmp/btm-bench-store.XXXXXX)}
+mnt="$work/mnt"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    mountpoint -q "$mnt" && umount "$mnt"
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+mkdir -p "$mnt"
+export RESTIC_PASSWORD=bench RESTIC_CACHE_DIR="$work/restic-cache" BTM_CACHE_DIR="$work/btm-cache"
+
+# A fresh ext4 filesystem at $mnt, big enough for any shape.
+fresh_fs() {
+    mountpoint -q "$mnt" && umount "$mnt"
+    rm -f "$work/fs.img"
+    truncate -s 8G "$work/fs.img"
+    mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$work/fs.img"
+    mount -o loop "$work/fs.img" "$mnt"
+}
+
+# measure LABEL CMD...: runs CMD, records "LABEL|seconds|peak MiB".
+results=()
+measure() {
+    local label=$1; shift
+    sync
+    /usr/bin/time -f "%e %M" -o "$work/time" "$@" >/dev/null 2>"$work/err" || { cat "$work/err"; exit 1; }
+    local secs kb; read -r secs kb < "$work/time"
+    results+=("$label|$secs|$((kb / 1024))")
+    printf '  %-46s %8s s %6s MiB\n' "$label" "$secs" "$((kb / 1024))"
+}
+note() { results+=("$1|$2|"); printf '  %-46s %8s\n' "$1" "$2"; }
+bytes() { du -sb "$1" | cut -f1; }
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+
+echo "== machine floors"
+dd if=/dev/zero of="$work/dd" bs=1M count=1024 conv=fdatasync 2>&1 | tail -1 | sed 's/^/floor: disk write (dd, 1 GiB, fdatasync): /'
+rm -f "$work/dd"
+./target/release/examples/floors
+
+start_s3() { # starts s3s-fs and the proxy; sets S3_URL_BASE
+    mkdir -p "$work/s3"
+    local port=$((20000 + RANDOM % 20000)) pport
+    pport=$((port + 1))
+    s3s-fs --host 127.0.0.1 --port "$port" --access-key bench --secret-key benchsecret "$work/s3" >"$work/s3.log" 2>&1 &
+    pids+=($!)
+    "$proxy_bin" "127.0.0.1:$pport" "127.0.0.1:$port" "$latency" >"$work/proxy.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do
+        grep -q listening "$work/proxy.log" && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+        sleep 0.1
+    done
+    export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchsecret AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true
+    export AWS_ENDPOINT_URL="http://127.0.0.1:$pport"
+    S3_HOST="127.0.0.1:$pport"
+}
+
+# run_shape SHAPE WHERE: one side-by-side run; WHERE is local or remote.
+run_shape() {
+    local shape=$1 where=$2 src="$work/src" prev="$work/prev"
+    local append=() rstore bstore rdir bdir
+    rm -rf "$src" "$prev" "$work/restic-cache" "$work/btm-cache"
+    if [ "$shape" = meta ]; then
+        python3 scripts/bench-data.py meta "$src" "$meta_files"
+    else
+        python3 scripts/bench-data.py "$shape" "$src"
+    fi
+    case $shape in
+        node) append=(--appendonly blocks/blocks.log) ;;
+        chunk) append=(--appendonly blocks.log) ;;
+    esac
+    if [ "$where" = local ]; then
+        rstore="$work/restic"; bstore="$work/btm"; rdir=$rstore; bdir=$bstore
+        rm -rf "$rstore" "$bstore"
+    else
+        local bucket
+        bucket="b$RANDOM"
+        mkdir -p "$work/s3/r$bucket" "$work/s3/$bucket"
+        rstore="s3:http://$S3_HOST/r$bucket"; bstore="s3://$bucket/x"
+        rdir="$work/s3/r$bucket"; bdir="$work/s3/$bucket"
+    fi
+    local tag="$shape, $where"
+    results+=("## $tag ($(du -sh --apparent-size "$src" | cut -f1) apparent, $(find "$src" -type f | wc -l) files)||")
+    restic init -q -r "$rstore" >/dev/null
+    if [ "$where" = local ]; then
+        fresh_fs
+        measure "floor: cp -a --sparse=always into a fresh fs" cp -a --sparse=always "$src" "$mnt/copy"
+    fi
+    measure "restic full" restic -q -r "$rstore" backup "$src"
+    measure "btm full" "$btm" backup "$src" -s "$bstore" "${append[@]}"
+    local r1 b1; r1=$(bytes "$rdir"); b1=$(bytes "$bdir")
+    cp -a --sparse=always "$src" "$prev"
+    python3 scripts/bench-data.py "$shape-change" "$src"
+    measure "restic incremental" restic -q -r "$rstore" backup "$src"
+    measure "btm incremental" "$btm" backup "$src" -s "$bstore" "${append[@]}"
+    note "store growth, restic" "$(mib $(( $(bytes "$rdir") - r1 ))) MiB"
+    note "store growth, btm" "$(mib $(( $(bytes "$bdir") - b1 ))) MiB"
+    fresh_fs
+    measure "restic restore, empty fs" restic -q -r "$rstore" restore latest --target "$mnt/r"
+    fresh_fs
+    measure "btm restore, empty fs" "$btm" restore latest "$mnt/b" -s "$bstore"
+    diff -r "$src" "$mnt/b" >/dev/null || { echo "btm's restore differs from the source" >&2; exit 1; }
+    fresh_fs
+    # restic restores the source's absolute path under its target.
+    mkdir -p "$mnt/r$(dirname "$src")"
+    cp -a --sparse=always "$prev" "$mnt/r$src"
+    measure "restic restore, over previous" restic -q -r "$rstore" restore latest --target "$mnt/r"
+    cp -a --sparse=always "$prev" "$mnt/b"
+    measure "btm restore, over previous" "$btm" restore latest "$mnt/b" -s "$bstore"
+    diff -r "$src" "$mnt/b" >/dev/null || { echo "btm's restore over the previous version differs" >&2; exit 1; }
+    umount "$mnt"
+    note "objects, restic" "$(find "$rdir" -type f | wc -l)"
+    note "objects, btm" "$(find "$bdir" -type f | wc -l)"
+    rm -rf "$prev" "$rdir" "$bdir"
+}
+
+for shape in "${shapes[@]}"; do
+    echo "== $shape, local store"
+    run_shape "$shape" local
+done
+if [ -n "$remote_shapes" ]; then
+    start_s3
+    for shape in "${shapes[@]}"; do
+        case " $remote_shapes " in *" $shape "*) ;; *) continue ;; esac
+        echo "== $shape, s3s-fs with ${latency} ms per request"
+        run_shape "$shape" remote
+    done
+fi
+
+echo
+printf '%-46s %10s %12s\n' "operation" "seconds" "peak RSS MiB"
+for r in "${results[@]}"; do
+    IFS='|' read -r label secs mb <<<"$r"
+    if [[ $label == "##"* ]]; then echo; echo "${label#\#\# }"; continue; fi
+    printf '%-46s %10s %12s\n' "$label" "$secs" "$mb"
+done
+echo
+echo "restic's restore over the previous version writes every file again; btm's"
+echo "reads the local files and fetches only the chunks that differ."
