@@ -469,7 +469,10 @@ fn a_file_changing_during_backup_is_never_stored_torn() {
     );
     same_file(&file, &d.p("dst/state.db"));
 
-    // Never holding still: the backup fails and names the file.
+    // Never holding still: the backup fails and names the file. It has
+    // changed before the backup starts, so the backup cannot reuse the
+    // previous record unread however late the writer thread gets going.
+    write_generation(&file, 16 * MIB, 200);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let err = std::thread::scope(|s| {
         let (f, stop) = (file.clone(), &stop);
