@@ -125,10 +125,11 @@ pub fn matching<'r>(rules: &'r [Rule], rel: &[u8]) -> Option<&'r Rule> {
 /// files, not a node's).
 pub fn is_signing_state(rel: &[u8]) -> Option<&'static Rule> {
     let r = matching(SIGNING_STATE, rel)?;
-    let depth = rel.iter().filter(|&&c| c == b'/').count();
-    let own = r.pattern.trim_end_matches('/').matches('/').count()
-        + usize::from(r.pattern.ends_with('/'));
-    (depth <= own + SEARCH_DEPTH).then_some(r)
+    // Components beyond those the rule names are the home's. A directory
+    // rule ("a/b/") splits into one more: the file inside it.
+    let comps = rel.split(|&c| c == b'/').count();
+    let named = r.pattern.split('/').count();
+    (comps <= named + SEARCH_DEPTH).then_some(r)
 }
 
 /// A signing-state file found in a volume.
