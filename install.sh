@@ -35,7 +35,11 @@ Snapshot options (the original btm's, long or short style)
 
 Height source
     --height-source=<SOURCE>    push (default), cometbft, ethereum, file or command
-    --rpc-url=<URL>             node RPC for cometbft and ethereum (http://...)
+    --rpc-url=<URL>             node RPC for cometbft and ethereum (http://...); with
+                                another source and --rpc-kind, asked only for the
+                                chain identity exports record (btm verify)
+    --rpc-kind=<KIND>           cometbft or ethereum: the kind of --rpc-url beside a
+                                push, file or command source
     --height-file=<PATH>        for --height-source=file
     --height-command=<CMD>      for --height-source=command (split on spaces)
 
@@ -44,6 +48,12 @@ Exports (all optional; --export-store enables them)
     --export-every=<BLOCKS>     export every BLOCKS blocks (a multiple of ITV)
     --export-tag=<TAG>          backup tag (default: the host name)
     --export-keep=<N>           backups kept (default 7)
+
+Validator safety (docs/validators.md)
+    --preserve=<PATHS>          comma-separated paths, relative to the volume, that
+                                btm rollback carries across besides the signing
+                                state it finds itself (priv_validator_state.json,
+                                slashing-protection databases), which it always keeps
 
 Other
     --force         replace an existing $CONFIG_DEST (the change is shown)
@@ -89,6 +99,8 @@ algo=fair
 volume=""
 source_kind=push
 rpc_url=""
+rpc_kind=""
+preserve=""
 height_file=""
 height_command=""
 export_store=""
@@ -118,6 +130,8 @@ for arg in "$@"; do
             volume=$(value_of "$arg") ;;
         --height-source=* | --height-source) source_kind=$(value_of "$arg") ;;
         --rpc-url=* | --rpc-url) rpc_url=$(value_of "$arg") ;;
+        --rpc-kind=* | --rpc-kind) rpc_kind=$(value_of "$arg") ;;
+        --preserve=* | --preserve) preserve=$(value_of "$arg") ;;
         --height-file=* | --height-file) height_file=$(value_of "$arg") ;;
         --height-command=* | --height-command) height_command=$(value_of "$arg") ;;
         --export-store=* | --export-store) export_store=$(value_of "$arg") ;;
@@ -180,9 +194,29 @@ case $source_kind in
         [ -n "$rpc_url" ] || die "--height-source=$source_kind needs --rpc-url=http://HOST:PORT" ;;
     *) die "--height-source must be push, cometbft, ethereum, file or command, not '$source_kind'" ;;
 esac
+case $rpc_kind in
+    '') ;;
+    cometbft | ethereum)
+        case $source_kind in
+            cometbft | ethereum) die "--rpc-kind is only for a push, file or command source; --height-source=$source_kind already names it" ;;
+        esac
+        [ -n "$rpc_url" ] || die "--rpc-kind needs --rpc-url=http://HOST:PORT" ;;
+    *) die "--rpc-kind must be cometbft or ethereum, not '$rpc_kind'" ;;
+esac
 if [ -n "$rpc_url" ]; then
-    case $source_kind in cometbft | ethereum) ;; *) die "--rpc-url is only used with --height-source=cometbft or ethereum" ;; esac
+    case $source_kind in
+        cometbft | ethereum) ;;
+        *) [ -n "$rpc_kind" ] || die "--rpc-url with --height-source=$source_kind needs --rpc-kind=cometbft or ethereum" ;;
+    esac
     case $rpc_url in http://?*) ;; *) die "--rpc-url must be an http:// URL, not '$rpc_url'" ;; esac
+fi
+# Paths only: btm's own parser checks each one when the config is checked.
+preserve_paths=()
+if [ -n "$preserve" ]; then
+    IFS=, read -r -a preserve_paths <<<"$preserve"
+    for p in "${preserve_paths[@]}"; do
+        [ -n "$p" ] || die "--preserve has an empty path in '$preserve'"
+    done
 fi
 if [ "$source_kind" = file ] && [ -z "$height_file" ]; then
     die "--height-source=file needs --height-file=PATH"
@@ -237,6 +271,7 @@ trap 'rm -f "$new_config"' EXIT
     echo "algo = \"$algo\""
     echo "source = \"$source_kind\""
     if [ -n "$rpc_url" ]; then echo "rpc_url = $(toml_string "$rpc_url")"; fi
+    if [ -n "$rpc_kind" ]; then echo "rpc_kind = \"$rpc_kind\""; fi
     if [ -n "$height_file" ]; then echo "height_file = $(toml_string "$height_file")"; fi
     if [ -n "$height_command" ]; then
         printf 'height_command = ['
@@ -244,6 +279,19 @@ trap 'rm -f "$new_config"' EXIT
         read -r -a words <<<"$height_command"
         for w in "${words[@]}"; do
             printf '%s%s' "$sep" "$(toml_string "$w")"
+            sep=", "
+        done
+        printf ']\n'
+    fi
+    echo
+    echo "# btm rollback and btm restore always keep the validator signing state they"
+    echo "# find (data/priv_validator_state.json, slashing-protection databases), and"
+    echo "# exports leave validator keys out: see docs/validators.md."
+    if [ "${#preserve_paths[@]}" -gt 0 ]; then
+        printf 'preserve = ['
+        sep=""
+        for p in "${preserve_paths[@]}"; do
+            printf '%s%s' "$sep" "$(toml_string "$p")"
             sep=", "
         done
         printf ']\n'
@@ -293,6 +341,10 @@ install_file() { # mode source destination
 
 install_file 0755 "$HERE/btm" "$BIN_DEST"
 install_file 0644 "$HERE/btm-daemon.service" "$UNIT_DEST"
+if [ "$write_config" -eq 1 ] && [ "$dry_run" -eq 1 ]; then
+    echo "$CONFIG_DEST would hold:"
+    sed 's/^/    /' "$new_config"
+fi
 if [ "$write_config" -eq 1 ]; then
     run install -d -m 0755 "$CONFIG_DIR"
     run install -m 0644 "$new_config" "$CONFIG_DEST"

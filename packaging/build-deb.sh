@@ -28,7 +28,10 @@ sed 's#/usr/local/bin/btm#/usr/bin/btm#g' systemd/btm-daemon.service >"$root/lib
 chmod 0644 "$root/lib/systemd/system/btm-daemon.service"
 install -D -m 0644 btm.toml.example "$root/etc/btm/btm.toml"
 install -D -m 0644 README.md "$root/usr/share/doc/btm/README.md"
-install -D -m 0644 docs/format.md "$root/usr/share/doc/btm/format.md"
+# The README links docs/*.md; keep the same relative layout.
+for doc in docs/*.md; do
+    install -D -m 0644 "$doc" "$root/usr/share/doc/btm/$doc"
+done
 install -d "$root/DEBIAN"
 sed "s/@VERSION@/$version/" packaging/deb/control.in >"$root/DEBIAN/control"
 echo "Installed-Size: $(du -sk "$root" | cut -f1)" >>"$root/DEBIAN/control"

@@ -23,6 +23,7 @@ use crate::chunk::cache::Cache;
 use crate::chunk::format::head::Decoded;
 use crate::chunk::gc::{GcOptions, GcReport};
 use crate::chunk::{self, ChunkError, Progress};
+use crate::height::identity::{ChainIdentity, ChainRpc};
 use crate::lock::VolumeLock;
 use crate::pin::Pin;
 use crate::store::{self, StoreError};
@@ -63,6 +64,9 @@ pub struct ExportSettings {
     pub gc: bool,
     /// The GC grace period.
     pub gc_grace: Duration,
+    /// The node RPC asked for the chain's identity at the exported height
+    /// (recorded as `meta.chain`); `None` when no RPC is configured.
+    pub chain: Option<ChainRpc>,
 }
 
 /// Whether a snapshot at `height` should be exported, given the height of
@@ -124,6 +128,9 @@ pub struct ExportReport {
     /// Garbage collection, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gc: Option<GcReport>,
+    /// The chain's identity at the height, when the node's RPC told it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chain: Option<ChainIdentity>,
     /// Failures after the backup was safely written (retention, GC,
     /// removing the view): logged, not fatal.
     pub warnings: Vec<String>,
@@ -184,6 +191,7 @@ pub fn export(
         duration_ms: 0,
         pruned: Vec::new(),
         gc: None,
+        chain: None,
         warnings: Vec::new(),
     };
 
@@ -219,6 +227,25 @@ pub fn export(
     meta.insert("snapshot".into(), snapshot.clone().into());
     meta.insert("host".into(), crate::chunk::lease::host_name().into());
     meta.insert("btm_version".into(), env!("CARGO_PKG_VERSION").into());
+    // Asked before the backup, while the node surely still has the block.
+    // An export without it is still a good export; `verify` says so.
+    if let Some(rpc) = &s.chain {
+        match rpc.identity(height) {
+            Ok(id) => {
+                tracing::info!(height, block_hash = %id.block_hash, state_hash = %id.state_hash, "chain identity recorded");
+                if let Ok(v) = serde_json::to_value(&id) {
+                    meta.insert("chain".into(), v);
+                }
+                report.chain = Some(id);
+            }
+            Err(e) => {
+                tracing::warn!(height, error = %e, "chain identity not recorded");
+                report.warnings.push(format!(
+                    "the chain's identity at height {height} was not recorded: {e}"
+                ));
+            }
+        }
+    }
     let mut opts = BackupOptions::new(&s.tag);
     opts.meta = meta;
     opts.append_only = s.append_only.clone();

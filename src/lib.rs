@@ -56,6 +56,12 @@ pub mod window;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
+/// The library guide's examples (the seed's snippet among them), compiled
+/// by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/library.md")]
+pub struct LibraryDoctests;
+
 pub use config::{BtmCfg, PreparedRollback, SnapshotReport};
 pub use error::Error;
 pub use retention::{Algo as SnapAlgo, Plan, Policy};

@@ -36,6 +36,11 @@ struct Ganache {
 
 impl Ganache {
     fn start(db: &Path, block_time: &str) -> Self {
+        Self::start_seeded(db, block_time, "btm-test")
+    }
+
+    /// A node of another chain: the same software with another wallet seed.
+    fn start_seeded(db: &Path, block_time: &str, seed: &str) -> Self {
         let port = common::free_port();
         let child = Command::new(ganache_bin())
             .args(["--database.dbPath", db.to_str().expect("utf8")])
@@ -46,7 +51,7 @@ impl Ganache {
                 "--server.port",
                 &port.to_string(),
             ])
-            .args(["--logging.quiet", "--wallet.seed", "btm-test"])
+            .args(["--logging.quiet", "--wallet.seed", seed])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -281,7 +286,45 @@ fn a_destroyed_node_is_rebuilt_from_the_store(fx: &impl Fixture) {
         hashes[n as usize],
         "block {n} differs after the rebuild"
     );
+    // The export recorded the chain's identity (the source is the node's
+    // RPC); the product itself proves the rebuilt node is on that chain.
+    assert_eq!(meta["chain"]["kind"], "ethereum", "{meta}");
+    assert_eq!(meta["chain"]["block_hash"], hashes[h as usize].as_str());
+    let verify = |url: &str| {
+        common::btm_env(
+            fx.scratch(),
+            &[
+                "verify",
+                "latest",
+                "-s",
+                store,
+                "-t",
+                "node1",
+                "--rpc-url",
+                url,
+            ],
+            &env,
+        )
+    };
+    let ok = verify(&node.url()).ok();
+    assert!(ok.starts_with("verified: "), "{ok}");
     node.stop();
+
+    // Another chain at the same height: same software, another seed.
+    let other_db = fx.scratch().join("other-chain");
+    let other = Ganache::start_seeded(&other_db, "0.05", "not-the-exported-chain");
+    for _ in 0..600 {
+        if other.block_number().is_some_and(|n| n >= h) {
+            break;
+        }
+        sleep(Duration::from_millis(50));
+    }
+    let e = verify(&other.url()).fails(1);
+    assert!(
+        e.contains("NOT verified") && e.contains("block hash"),
+        "{e}"
+    );
+    other.stop();
 }
 
 #[test]

@@ -6,14 +6,18 @@
 //!   one export at a time.
 //! - The daemon: periodic exports, status and metrics, SIGKILL mid-export,
 //!   and a store that is down.
+//! - Verified exports: the chain identity recorded from a CometBFT-style
+//!   RPC, and `btm verify` against the same chain, a fork and no node.
 
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::sleep;
 use std::time::Duration;
 
-use common::{btm, noise, Btrfs, DaemonProc, Fixture, Zfs};
+use common::{btm, noise, Btrfs, DaemonProc, FakeRpc, Fixture, Zfs};
 
 const MIB: usize = 1 << 20;
 
@@ -507,4 +511,121 @@ fn a_reload_lets_a_running_export_finish() {
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert!(!daemon.log_text().contains("export cancelled"));
     assert_eq!(daemon.stop(), Some(0));
+}
+
+/// A CometBFT-style node answering `/block?height=H`: block and app hashes
+/// derived from the height, or from a fork of it once `fork` is set.
+fn comet_blocks(fork: Arc<AtomicBool>) -> FakeRpc {
+    FakeRpc::start(move |req| {
+        let Some(h) = req
+            .strip_prefix("GET /block?height=")
+            .and_then(|r| r.split(' ').next())
+            .and_then(|h| h.parse::<u64>().ok())
+        else {
+            return (404, "{}".into());
+        };
+        let salt = if fork.load(Ordering::SeqCst) { 7 } else { 0 };
+        (
+            200,
+            format!(
+                r#"{{"jsonrpc":"2.0","id":-1,"result":{{"block_id":{{"hash":"{:064X}"}},"block":{{"header":{{"chain_id":"testchain-1","height":"{h}","app_hash":"{:064X}"}}}}}}}}"#,
+                h * 1_000_003 + salt,
+                h * 7919
+            ),
+        )
+    })
+}
+
+/// The daemon in push mode asks `rpc_url` for the chain's identity at the
+/// exported height and records it; `backups --long/--json` show it, and
+/// `verify` passes against the same chain and fails on a fork, on a node
+/// that cannot answer, and on a backup without an identity.
+#[test]
+fn exports_record_the_chain_identity_and_verify_checks_it() {
+    let fx = Btrfs::new();
+    tree(&fx.root(), &[("state.db", 4, MIB)]);
+    let store = fx.scratch().join("store");
+    let store = store.to_str().expect("utf8").to_owned();
+    let fork = Arc::new(AtomicBool::new(false));
+    let rpc = comet_blocks(fork.clone());
+    let url = rpc.url();
+    let vol = fx.volume();
+    let mut args = daemon_args(&fx, &vol, &store);
+    args.extend(["--rpc-url", &url, "--rpc-kind", "cometbft"]);
+    let daemon = DaemonProc::start(fx.scratch(), &args, &[]);
+    daemon.notify(10);
+    daemon.wait_status_for("export of 10", Duration::from_secs(30), |s| {
+        s["last_export"]["height"] == 10 && s["export"].is_null()
+    });
+    drop(daemon);
+
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&btm(fx.scratch(), &["backups", "-s", &store, "--json"]).ok())
+            .expect("json");
+    let chain = &listed[0]["meta"]["chain"];
+    assert_eq!(chain["kind"], "cometbft", "{chain}");
+    assert_eq!(chain["height"], 10);
+    assert_eq!(chain["block_hash"], format!("{:064X}", 10 * 1_000_003));
+    assert_eq!(chain["state_hash"], format!("{:064X}", 10 * 7919));
+    assert_eq!(chain["chain_id"], "testchain-1");
+    let long = btm(fx.scratch(), &["backups", "-s", &store, "--long"]).ok();
+    assert!(
+        long.contains(&format!(
+            "cometbft at height 10: block hash {:064X}, app hash",
+            10 * 1_000_003
+        )),
+        "{long}"
+    );
+
+    let verify = |url: &str| {
+        btm(
+            fx.scratch(),
+            &[
+                "verify",
+                "latest",
+                "-t",
+                "node1",
+                "-s",
+                &store,
+                "--rpc-url",
+                url,
+            ],
+        )
+    };
+    let ok = verify(&url).ok();
+    assert!(
+        ok.starts_with("verified: backup ")
+            && ok.contains("--node1 is on the node's chain at height 10"),
+        "{ok}"
+    );
+    fork.store(true, Ordering::SeqCst);
+    let e = verify(&url).fails(1);
+    assert!(
+        e.contains("NOT verified") && e.contains("block hash"),
+        "{e}"
+    );
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    drop(rpc);
+    let e = verify(&url).fails(1);
+    assert!(e.contains("could not be read from"), "{e}");
+
+    // A backup made without a node RPC has nothing to verify against.
+    btm(
+        fx.scratch(),
+        &[
+            "backup",
+            "-s",
+            &store,
+            "-t",
+            "plain",
+            fx.root().to_str().expect("utf8"),
+        ],
+    )
+    .ok();
+    let e = btm(
+        fx.scratch(),
+        &["verify", "-t", "plain", "-s", &store, "--rpc-url", &url],
+    )
+    .fails(1);
+    assert!(e.contains("recorded no chain identity"), "{e}");
 }

@@ -79,7 +79,14 @@ fn every_bad_value_is_refused_with_one_line() {
             vec!["--height-source=ethereum", "--rpc-url=https://x", &vol],
             "http://",
         ),
-        (vec!["--rpc-url=http://x", &vol], "--rpc-url"),
+        (vec!["--rpc-url=http://x", &vol], "--rpc-kind"),
+        (
+            vec!["--rpc-url=http://x", "--rpc-kind=solana", &vol],
+            "--rpc-kind",
+        ),
+        (vec!["--rpc-kind=cometbft", &vol], "--rpc-url"),
+        (vec!["--preserve=../secrets", &vol], "preserve"),
+        (vec!["--preserve=a,,b", &vol], "empty path"),
         (vec!["--height-source=file", &vol], "--height-file"),
         (vec!["--export-every=100", &vol], "--export-store"),
         (
@@ -136,6 +143,9 @@ fn dry_run_prints_every_action_and_does_none() {
             &vol,
             "--export-store=/var/backups/btm",
             "--export-every=1000",
+            "--rpc-url=http://127.0.0.1:26657",
+            "--rpc-kind=cometbft",
+            "--preserve=data/upgrade-info.json,config/extra.toml",
             "--dry-run",
         ],
     );
@@ -147,6 +157,14 @@ fn dry_run_prints_every_action_and_does_none() {
     );
     assert!(text.contains("+ install -D -m 0755"), "{text}");
     assert!(text.contains("/usr/local/bin/btm"), "{text}");
+    // The configuration it would write, checked by btm itself.
+    for line in [
+        "    rpc_kind = \"cometbft\"",
+        "    preserve = [\"data/upgrade-info.json\", \"config/extra.toml\"]",
+        "keep the validator signing state",
+    ] {
+        assert!(text.contains(line), "{line} missing: {text}");
+    }
     let after: Vec<bool> = touched.iter().map(|p| Path::new(p).exists()).collect();
     assert_eq!(before, after, "a dry run changed the system");
 }

@@ -15,6 +15,7 @@ use btm::chunk::format::tree::{EntryKind, Item};
 use btm::chunk::restore::RestoreOptions;
 use btm::chunk::{self, catalog, BackupInfo};
 use btm::config::daemon::{ConfigError, DEFAULT_CONFIG};
+use btm::height::identity::ChainIdentity;
 use btm::store::Store;
 
 use super::progress::Reporter;
@@ -287,18 +288,34 @@ pub fn backups(args: BackupsArgs, out: &mut dyn Write) -> Result<()> {
     if args.json {
         return print_json(out, &infos);
     }
-    for i in infos {
-        match &i.error {
-            Some(e) => writeln!(out, "{}  UNREADABLE: {e}", i.name)?,
-            None => writeln!(
+    for mut i in infos {
+        if let Some(e) = &i.error {
+            writeln!(out, "{}  UNREADABLE: {e}", i.name)?;
+            continue;
+        }
+        // The chain identity gets its own line: it is what `verify` checks.
+        let chain = i.meta.remove("chain");
+        writeln!(
+            out,
+            "{}  {} files  {} logical  {} on disk  {}",
+            i.name,
+            i.files,
+            human_bytes(i.logical_bytes),
+            human_bytes(i.disk_bytes),
+            serde_json::Value::Object(i.meta)
+        )?;
+        match chain.map(serde_json::from_value::<ChainIdentity>) {
+            None => {}
+            Some(Ok(c)) => writeln!(
                 out,
-                "{}  {} files  {} logical  {} on disk  {}",
-                i.name,
-                i.files,
-                human_bytes(i.logical_bytes),
-                human_bytes(i.disk_bytes),
-                serde_json::Value::Object(i.meta)
+                "    {} at height {}: block hash {}, {} {}",
+                c.kind.name(),
+                c.height,
+                c.block_hash,
+                c.state_hash_name(),
+                c.state_hash
             )?,
+            Some(Err(e)) => writeln!(out, "    chain identity unreadable: {e}")?,
         }
     }
     Ok(())

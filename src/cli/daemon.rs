@@ -36,9 +36,14 @@ pub struct DaemonArgs {
     /// push, cometbft, ethereum, file or command [default: push]
     #[arg(long, value_name = "SOURCE")]
     source: Option<String>,
-    /// Node RPC URL for cometbft and ethereum (http://…)
+    /// Node RPC URL for cometbft and ethereum (http://…); with another
+    /// source and --rpc-kind, only asked for exports' chain identity
     #[arg(long, value_name = "URL")]
     rpc_url: Option<String>,
+    /// cometbft or ethereum: the kind of --rpc-url when the source is push,
+    /// file or command
+    #[arg(long, value_name = "KIND")]
+    rpc_kind: Option<String>,
     /// File holding the height, for source file
     #[arg(long, value_name = "PATH")]
     height_file: Option<PathBuf>,
@@ -107,6 +112,7 @@ impl DaemonArgs {
             algo: self.algo,
             source: self.source.clone(),
             rpc_url: self.rpc_url.clone(),
+            rpc_kind: self.rpc_kind.clone(),
             height_file: self.height_file.clone(),
             height_command: self
                 .height_command

@@ -4,7 +4,6 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -51,10 +50,15 @@ pub fn run(args: ExportArgs, out: &mut dyn Write) -> Result<()> {
             "no export store: give --export-store or set [export] store in the configuration"
         );
     }
-    // Only the volume and export keys matter here; the height source of
-    // the file must not make a by-hand export fail.
-    file.source = None;
-    file.rpc_url = None;
+    // Only the volume and export keys matter here, and the node RPC that
+    // names the chain (recorded by a by-hand export too). A height file or
+    // command of the file must not make a by-hand export fail.
+    if !matches!(file.source.as_deref(), Some("cometbft" | "ethereum")) {
+        file.source = None;
+        if file.rpc_kind.is_none() {
+            file.rpc_url = None;
+        }
+    }
     file.height_file = None;
     file.height_command = None;
     let settings = file.overlay(flags).resolve()?;
@@ -86,7 +90,7 @@ pub fn run(args: ExportArgs, out: &mut dyn Write) -> Result<()> {
         which,
         &export,
         progress,
-        Duration::from_secs(60),
+        settings.lock_timeout,
     );
     drop(reporter);
     let report = result.context("export failed; no backup was written")?;

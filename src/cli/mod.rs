@@ -15,6 +15,7 @@ mod rollback;
 mod simulate;
 mod snapshot;
 mod status;
+mod verify;
 
 use std::io::{self, Write};
 
@@ -74,6 +75,9 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Delete chunks no backup references (two-phase, safe alongside exports)
     Gc(gc::GcArgs),
+    /// Check that a node running on restored data is on the exported chain
+    /// at the exported height (block hash and app hash or state root)
+    Verify(verify::VerifyArgs),
 }
 
 /// Which volume to act on.
@@ -163,6 +167,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Forget(a) => backup::forget(a, out),
         Command::Export(a) => export::run(a, out),
         Command::Gc(a) => gc::run(a, out),
+        Command::Verify(a) => verify::run(a, out),
     }
 }
 

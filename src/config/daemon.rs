@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::export::ExportSettings;
+use crate::height::identity::{ChainKind, ChainRpc};
 use crate::height::SourceSpec;
 use crate::retention::Algo;
 use crate::volume::{self, SnapMode};
@@ -300,6 +301,7 @@ impl ExportOptions {
             include_secrets: self.include_secrets.unwrap_or(false),
             gc: self.gc.unwrap_or(true),
             gc_grace: self.gc_grace.unwrap_or(crate::chunk::gc::DEFAULT_GRACE),
+            chain: None,
         })
     }
 }
@@ -325,6 +327,10 @@ pub struct DaemonOptions {
     pub source: Option<String>,
     /// `--rpc-url`.
     pub rpc_url: Option<String>,
+    /// `--rpc-kind`: cometbft or ethereum; needed with `rpc_url` when the
+    /// height source is not that RPC (push, file, command), where the URL
+    /// only serves exports' chain identity.
+    pub rpc_kind: Option<String>,
     /// `--height-file`.
     pub height_file: Option<PathBuf>,
     /// `--height-command` (an argument vector in the file).
@@ -402,7 +408,7 @@ impl DaemonOptions {
         DaemonOptions {
             export,
             ..overlay_fields!(base, top;
-                volume, mode, itv, cap, algo, source, rpc_url, height_file, height_command,
+                volume, mode, itv, cap, algo, source, rpc_url, rpc_kind, height_file, height_command,
                 poll_interval, source_timeout, lock_timeout, max_height_jump, socket, socket_group, socket_mode,
                 log_level, metrics_listen, hooks, export, preserve)
         }
@@ -427,9 +433,11 @@ impl DaemonOptions {
         if cap == 0 {
             return Err(invalid("cap", "must be at least 1"));
         }
-        let source = resolve_source(
+        let source_timeout = self.source_timeout.unwrap_or(Duration::from_secs(5));
+        let (source, chain) = resolve_source(
             self.source.as_deref().unwrap_or("push"),
             self.rpc_url,
+            self.rpc_kind.as_deref(),
             self.height_file,
             self.height_command,
         )?;
@@ -479,7 +487,14 @@ impl DaemonOptions {
             }
         }
         let export = match self.export {
-            Some(e) => Some(e.resolve(itv)?),
+            Some(e) => Some(ExportSettings {
+                chain: chain.map(|(kind, url)| ChainRpc {
+                    kind,
+                    url,
+                    timeout: source_timeout,
+                }),
+                ..e.resolve(itv)?
+            }),
             None => None,
         };
         Ok(DaemonSettings {
@@ -491,7 +506,7 @@ impl DaemonOptions {
             algo: self.algo.unwrap_or(Algo::Fair),
             source,
             poll_interval: self.poll_interval.unwrap_or(Duration::from_secs(1)),
-            source_timeout: self.source_timeout.unwrap_or(Duration::from_secs(5)),
+            source_timeout,
             lock_timeout: self.lock_timeout.unwrap_or(Duration::from_secs(60)),
             max_height_jump: self
                 .max_height_jump
@@ -508,12 +523,16 @@ impl DaemonOptions {
     }
 }
 
+/// The height source, and the RPC that can name the chain at a height
+/// (the source's own RPC, or `rpc_url` with `rpc_kind` beside another
+/// source).
 fn resolve_source(
     kind: &str,
     rpc_url: Option<String>,
+    rpc_kind: Option<&str>,
     height_file: Option<PathBuf>,
     height_command: Option<Vec<String>>,
-) -> Result<SourceSpec, ConfigError> {
+) -> Result<(SourceSpec, Option<(ChainKind, String)>), ConfigError> {
     let unused = |key: &'static str| {
         invalid(
             key,
@@ -569,20 +588,43 @@ fn resolve_source(
             ))
         }
     };
-    let uses_url = matches!(
-        spec,
-        SourceSpec::Cometbft { .. } | SourceSpec::Ethereum { .. }
-    );
-    if rpc_url.is_some() && !uses_url {
-        return Err(unused("rpc_url"));
-    }
+    let rpc_kind = match rpc_kind {
+        None => None,
+        Some(k) => Some(ChainKind::parse(k).ok_or_else(|| {
+            invalid(
+                "rpc_kind",
+                format!("unknown RPC kind '{k}' (expected cometbft or ethereum)"),
+            )
+        })?),
+    };
+    let chain = match (&spec, rpc_kind) {
+        (SourceSpec::Cometbft { url }, k) if k.is_none_or(|k| k == ChainKind::Cometbft) => {
+            Some((ChainKind::Cometbft, url.clone()))
+        }
+        (SourceSpec::Ethereum { url }, k) if k.is_none_or(|k| k == ChainKind::Ethereum) => {
+            Some((ChainKind::Ethereum, url.clone()))
+        }
+        (SourceSpec::Cometbft { .. } | SourceSpec::Ethereum { .. }, Some(_)) => {
+            return Err(invalid(
+                "rpc_kind",
+                format!("differs from source '{kind}', which already names the RPC kind"),
+            ))
+        }
+        (_, Some(k)) => Some((k, url(rpc_url.clone())?)),
+        (_, None) if rpc_url.is_some() => return Err(ConfigError::Missing {
+            key: "rpc_kind",
+            hint:
+                " (cometbft or ethereum) when rpc_url is set beside a push, file or command source",
+        }),
+        (_, None) => None,
+    };
     if height_file.is_some() && !matches!(spec, SourceSpec::File { .. }) {
         return Err(unused("height_file"));
     }
     if height_command.is_some() && !matches!(spec, SourceSpec::Command { .. }) {
         return Err(unused("height_command"));
     }
-    Ok(spec)
+    Ok((spec, chain))
 }
 
 /// The daemon's resolved, validated settings.
@@ -666,7 +708,16 @@ mod tests {
                 "https",
             ),
             ("volume = \"a\"\nsource = \"carrier-pigeon\"\n", "source"),
-            ("volume = \"a\"\nrpc_url = \"http://x\"\n", "rpc_url"),
+            ("volume = \"a\"\nrpc_url = \"http://x\"\n", "rpc_kind is required"),
+            (
+                "volume = \"a\"\nrpc_url = \"http://x\"\nrpc_kind = \"solana\"\n",
+                "solana",
+            ),
+            ("volume = \"a\"\nrpc_kind = \"ethereum\"\n", "rpc_url is required"),
+            (
+                "volume = \"a\"\nsource = \"ethereum\"\nrpc_url = \"http://x\"\nrpc_kind = \"cometbft\"\n",
+                "rpc_kind",
+            ),
             ("volume = \"a\"\npoll_interval = \"soon\"\n", "soon"),
             ("volume = \"a\"\npoll_interval = \"0s\"\n", "zero"),
             ("volume = \"a\"\nsocket_mode = \"999\"\n", "socket_mode"),
@@ -738,6 +789,28 @@ mod tests {
             assert!(e.contains(needle), "{text:?} gave {e:?}");
             assert!(!e.contains('\n'), "multi-line error: {e:?}");
         }
+    }
+
+    #[test]
+    fn exports_ask_the_height_rpc_or_rpc_url_for_the_chain_identity() {
+        let chain = |text: &str| {
+            parse(&format!("volume = \"a\"\n{text}[export]\nstore = \"/b\"\n"))
+                .expect("valid")
+                .export
+                .expect("export configured")
+                .chain
+                .map(|c| (c.kind, c.url))
+        };
+        assert_eq!(chain(""), None);
+        assert_eq!(
+            chain("source = \"cometbft\"\nrpc_url = \"http://n:26657\"\n"),
+            Some((ChainKind::Cometbft, "http://n:26657".into()))
+        );
+        // Push mode: the heights are pushed, the identity is asked.
+        assert_eq!(
+            chain("rpc_url = \"http://n:8545\"\nrpc_kind = \"ethereum\"\n"),
+            Some((ChainKind::Ethereum, "http://n:8545".into()))
+        );
     }
 
     #[test]

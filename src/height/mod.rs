@@ -1,6 +1,7 @@
 //! Where the daemon learns the node's block height when it polls: a
 //! CometBFT `/status`, an Ethereum `eth_blockNumber`, a file, or a command.
 //! (In push mode the node tells the daemon instead; see [`crate::client`].)
+//! The same RPCs also say which chain a height belongs to: see [`identity`].
 //!
 //! Each source is a blocking `fetch()` with its own timeout, run by the
 //! daemon on a blocking thread. The parsers are pure and unit-tested
@@ -11,6 +12,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
+
+pub mod identity;
 
 /// The largest response body read from an RPC endpoint.
 const BODY_LIMIT: u64 = 1024 * 1024;
@@ -119,21 +122,16 @@ impl SourceSpec {
 pub struct Poller {
     spec: SourceSpec,
     timeout: Duration,
-    agent: ureq::Agent,
+    http: Http,
 }
 
 impl Poller {
     /// A poller for `spec`; `timeout` bounds each HTTP request or command.
     pub fn new(spec: SourceSpec, timeout: Duration) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(timeout))
-            .http_status_as_error(false)
-            .build()
-            .into();
         Poller {
             spec,
             timeout,
-            agent,
+            http: Http::new(timeout),
         }
     }
 
@@ -151,11 +149,11 @@ impl Poller {
             }),
             SourceSpec::Cometbft { url } => {
                 let url = format!("{}/status", url.trim_end_matches('/'));
-                parse_cometbft_status(&self.http(&url, None)?)
+                parse_cometbft_status(&self.http.call(&url, None)?)
             }
             SourceSpec::Ethereum { url } => {
                 let body = r#"{"jsonrpc":"2.0","id":1,"method":"eth_blockNumber","params":[]}"#;
-                parse_eth_block_number(&self.http(url, Some(body))?)
+                parse_eth_block_number(&self.http.call(url, Some(body))?)
             }
             SourceSpec::File { path } => {
                 let text = std::fs::read_to_string(path).map_err(|e| HeightError::File {
@@ -170,8 +168,27 @@ impl Poller {
             }
         }
     }
+}
 
-    fn http(&self, url: &str, json_body: Option<&str>) -> Result<String, HeightError> {
+/// A blocking HTTP client for node RPCs: every request bounded by one
+/// timeout, bodies capped at [`BODY_LIMIT`], any status but 200 an error.
+#[derive(Debug)]
+pub(crate) struct Http {
+    agent: ureq::Agent,
+}
+
+impl Http {
+    pub(crate) fn new(timeout: Duration) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Http { agent }
+    }
+
+    /// GET `url`, or POST `json_body` to it, and read the body.
+    pub(crate) fn call(&self, url: &str, json_body: Option<&str>) -> Result<String, HeightError> {
         let unreachable = |e: ureq::Error| HeightError::Unreachable {
             url: url.to_owned(),
             detail: e.to_string(),

@@ -851,14 +851,14 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
 /// unless it succeeds; return stdout.
 #[track_caller]
 pub fn btm_env_ok(scratch: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
-    let out = btm_cmd(scratch, args)
+    btm_env(scratch, args, env).ok()
+}
+
+/// `btm ARGS` with extra environment variables (store credentials).
+pub fn btm_env(scratch: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
+    btm_cmd(scratch, args)
         .envs(env.iter().copied())
         .output()
-        .expect("btm runs");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        .map(Run::from)
+        .expect("btm runs")
 }
