@@ -3,7 +3,7 @@
 # the tree is large, where restic-sized figures on small datasets say
 # nothing.
 #   1. A store of 2,000,000 chunks (a terabyte in 1 MiB chunks; synthetic
-#      pack indexes, examples/bench_scale.rs): what a backup and a restore
+#      pack indexes, crates/chunk/examples/bench_scale.rs): what a backup and a restore
 #      load, with their requests counted, then real `btm backup` (full and
 #      incremental), `restore` and `gc --dry-run` against that store.
 #   2. A tree of 1,000,000 small files: backup, incremental and restore.

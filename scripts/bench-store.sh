@@ -2,7 +2,7 @@
 # Benchmark (not a test) of the chunk engine against restic, side by side in
 # one run, on several dataset shapes (scripts/bench-data.py), to a local
 # store and to a real S3 server (s3s-fs) behind a proxy that adds a cloud
-# round trip to every request (examples/latency_proxy.rs).
+# round trip to every request (crates/chunk/examples/latency_proxy.rs).
 #
 #   scripts/bench-store.sh [SHAPE...]      default: node meta chunk
 #

@@ -1,0 +1,228 @@
+//! The sparse chunk engine: back up a directory tree to a store and
+//! restore it in place, moving only what differs.
+//!
+//! Files are cut into fixed-size, content-addressed chunks (holes and zero
+//! chunks are never stored), compressed with zstd and grouped into packs;
+//! each backup is a small head plus a stream of tree segments. The format
+//! is `docs/format.md`; [`format`] is the only code that encodes it.
+//!
+//! The parts, from the store up:
+//! - [`cache`] keeps store metadata (pack indexes, tree segments) locally;
+//! - [`map`] is the chunk map: which chunks the store holds, and where;
+//! - [`catalog`] lists, reads, selects and forgets backups, and streams
+//!   their entries through the format's validator;
+//! - [`plan`] holds the pure decisions (what to read, reuse, fetch, how to
+//!   group fetches); [`backup`] and [`restore`] execute them;
+//! - [`check`], [`gc`] (with [`lease`]) and [`keep`] maintain a store;
+//! - [`store`] is the one small trait every backend (local, S3, GCS,
+//!   Azure) implements, below everything else here.
+//!
+//! This crate is the middle layer: it depends on the `btm` library only for
+//! its syscall wrappers, confined path handling and the validator lists,
+//! and nothing in `btm` depends on it.
+
+pub mod backup;
+pub mod budget;
+pub mod cache;
+pub mod catalog;
+pub mod check;
+pub mod exclude;
+pub mod format;
+pub mod gc;
+pub mod keep;
+pub mod lease;
+pub mod map;
+pub mod plan;
+pub mod pool;
+pub mod restore;
+pub mod sparse;
+pub mod spool;
+pub mod store;
+pub mod throttle;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::store::{Id, StoreError};
+
+pub use catalog::BackupInfo;
+pub use format::head::{IndexError, IndexName};
+
+/// Default worker threads for CPU work (hashing, compressing,
+/// decompressing): twice the cores (chunk work waits on disk as much as it
+/// computes), at least 4, at most 8.
+pub fn default_workers() -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (cores * 2).clamp(4, 8)
+}
+
+/// Live progress of a backup or restore, shared with whoever watches it
+/// (a progress bar, the daemon's status), and a way to cancel it.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes planned for reading (backup) or checking/fetching (restore).
+    pub total: AtomicU64,
+    /// Bytes done so far.
+    pub done: AtomicU64,
+    /// Compressed bytes uploaded so far (backup).
+    pub uploaded: AtomicU64,
+    /// Store requests in flight right now.
+    pub requests: AtomicU64,
+    /// Set to stop early; the operation then fails with
+    /// [`ChunkError::Cancelled`] and a backup writes no head.
+    pub cancel: AtomicBool,
+}
+
+impl Progress {
+    /// Count one store request for as long as the guard lives.
+    pub fn request(&self) -> RequestGuard<'_> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        RequestGuard(self)
+    }
+
+    /// Whether cancellation was asked for.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+}
+
+/// See [`Progress::request`].
+pub struct RequestGuard<'a>(&'a Progress);
+
+impl Drop for RequestGuard<'_> {
+    fn drop(&mut self) {
+        self.0.requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Errors of the chunk engine. Each prints its cause; none hides one in
+/// `source()`.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    /// A store operation failed.
+    #[error("{context}: {cause}")]
+    Store {
+        /// What was being done.
+        context: String,
+        /// The store's error.
+        cause: StoreError,
+    },
+    /// A backup index is unreadable or breaks the format's rules.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    /// A pack, pack index or tree segment is corrupt.
+    #[error("{0}")]
+    Format(format::FormatError),
+    /// A local file operation failed.
+    #[error("{path}: {cause}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        cause: std::io::Error,
+    },
+    /// A bad option or argument.
+    #[error("{0}")]
+    Invalid(String),
+    /// Restoring an entry would write through something it must not
+    /// (a symlink in the destination).
+    #[error("refusing to restore '{path}': {detail}")]
+    Refused {
+        /// The entry's path.
+        path: String,
+        /// Why.
+        detail: String,
+    },
+    /// A chunk is missing or its content does not match its hash.
+    #[error("file {path}: chunk {hash} at offset {off} is {detail}")]
+    Corrupt {
+        /// The file being restored.
+        path: String,
+        /// The chunk.
+        hash: Id,
+        /// Its offset in the file.
+        off: u64,
+        /// What is wrong ("missing from the store", "corrupt (…)").
+        detail: String,
+    },
+    /// A file kept changing while it was read, so no consistent copy of it
+    /// could be taken.
+    #[error("{path} changed while it was read, {attempts} times; back up a snapshot instead (btm export), or stop what writes it")]
+    Changing {
+        /// The file.
+        path: String,
+        /// Reads attempted.
+        attempts: u32,
+    },
+    /// The store lies inside the directory being backed up.
+    #[error(
+        "the store {store} is inside {dir}, the directory being backed up; it would back itself up"
+    )]
+    StoreInsideSource {
+        /// The store's directory.
+        store: PathBuf,
+        /// The directory being backed up.
+        dir: PathBuf,
+    },
+    /// No backup matched.
+    #[error("{0}")]
+    NoBackup(String),
+    /// A store lease could not be taken or kept (see [`lease`]).
+    #[error(transparent)]
+    Lease(#[from] lease::LeaseError),
+    /// Stopped on request ([`Progress::cancel`]); nothing was written.
+    #[error("cancelled")]
+    Cancelled,
+    /// Stopped because another part of the job failed.
+    #[error("aborted")]
+    Aborted,
+}
+
+impl ChunkError {
+    pub(crate) fn io(path: &Path, cause: std::io::Error) -> Self {
+        ChunkError::Io {
+            path: path.to_owned(),
+            cause,
+        }
+    }
+
+    pub(crate) fn store(context: impl Into<String>, cause: StoreError) -> Self {
+        ChunkError::Store {
+            context: context.into(),
+            cause,
+        }
+    }
+}
+
+impl From<StoreError> for ChunkError {
+    fn from(cause: StoreError) -> Self {
+        ChunkError::Store {
+            context: "store".into(),
+            cause,
+        }
+    }
+}
+
+impl From<format::FormatError> for ChunkError {
+    fn from(e: format::FormatError) -> Self {
+        ChunkError::Format(e)
+    }
+}
+
+/// Retry a store call on temporary failures: 5 attempts, backoff from
+/// 200 ms.
+pub(crate) fn with_retry<T>(mut f: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    let mut delay = std::time::Duration::from_millis(200);
+    let mut attempt = 1;
+    loop {
+        match f() {
+            Err(e) if e.is_temporary() && attempt < 5 => {
+                tracing::warn!(error = %e, attempt, "store call failed; retrying");
+                std::thread::sleep(delay);
+                delay *= 2;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,678 @@
+//! `btm backup`, `btm backups`, `btm restore`, `btm check` and
+//! `btm forget`: the sparse chunk engine from the command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use regex::bytes::Regex;
+
+use btm_chunk::backup::{BackupOptions, DEFAULT_CHUNK_SIZE};
+use btm_chunk::cache::Cache;
+use btm_chunk::format::tree::{EntryKind, Item};
+use btm_chunk::restore::RestoreOptions;
+use btm_chunk::store::Store;
+use btm_chunk::{catalog, BackupInfo};
+use btm_daemon::height::identity::ChainIdentity;
+use btm_daemon::settings::{ConfigError, DEFAULT_CONFIG};
+
+use super::progress::Reporter;
+use super::{human_bytes, print_json};
+
+/// Which store to use.
+#[derive(Debug, Args)]
+pub(super) struct StoreArgs {
+    /// Store: a path, file://…, s3://bucket/prefix, gs://bucket/prefix or
+    /// az://container/prefix [default: $BTM_STORE, else [export] store of
+    /// /etc/btm/btm.toml]
+    #[arg(
+        short = 's',
+        long,
+        env = "BTM_STORE",
+        value_name = "STORE",
+        global = true
+    )]
+    store: Option<String>,
+    /// Store requests in flight [default: 2 to 4 for a local store, 4 to 16
+    /// for a bucket; see docs/performance.md]
+    #[arg(long, value_name = "N", global = true, value_parser = clap::value_parser!(u64).range(1..=256))]
+    connections: Option<u64>,
+    /// Local cache of store metadata (pack indexes, tree segments)
+    /// [default: $BTM_CACHE_DIR, /var/cache/btm as root, else ~/.cache/btm]
+    #[arg(long, value_name = "DIR", global = true)]
+    cache: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// Open the store to write to it (created if it is a new directory).
+    pub(super) fn open(&self) -> Result<Box<dyn Store>> {
+        Ok(btm_chunk::store::open(&self.url()?)?)
+    }
+
+    /// Open a store that must already exist (listing, restore, check, gc).
+    pub(super) fn open_existing(&self) -> Result<Box<dyn Store>> {
+        Ok(btm_chunk::store::open_existing(&self.url()?)?)
+    }
+
+    /// The metadata cache to use.
+    pub(super) fn cache(&self) -> Option<Cache> {
+        match &self.cache {
+            Some(dir) => Some(Cache::new(dir.clone())),
+            None => Cache::default_dir().map(Cache::new),
+        }
+    }
+
+    /// Requests in flight, if given.
+    pub(super) fn connections(&self) -> Option<usize> {
+        self.connections.map(|c| c as usize)
+    }
+
+    /// The store: `-s`, else `$BTM_STORE`, else `[export] store` of
+    /// /etc/btm/btm.toml. A configuration file that exists but cannot be
+    /// read is an error, not "no store".
+    fn url(&self) -> Result<String> {
+        if let Some(url) = &self.store {
+            return Ok(url.clone());
+        }
+        let file = match super::daemon::load_file(None) {
+            Ok(f) => f,
+            Err(e @ (ConfigError::Read { .. } | ConfigError::Parse { .. })) => {
+                return Err(e).context("no store given (-s, $BTM_STORE), and the configuration that could name one is broken")
+            }
+            Err(e) => return Err(e.into()),
+        };
+        file.export.and_then(|e| e.store).with_context(|| {
+            format!("no store given: use -s STORE, set $BTM_STORE, or set [export] store in {DEFAULT_CONFIG}")
+        })
+    }
+}
+
+fn parse_regex(s: &str) -> Result<Regex, String> {
+    Regex::new(s).map_err(|e| format!("bad regular expression: {e}"))
+}
+
+fn parse_meta(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str(s) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(_) => Err("metadata must be a JSON object, like '{\"height\":120}'".into()),
+        Err(e) => Err(format!("metadata is not JSON: {e}")),
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    btm_daemon::settings::parse_size(s)
+}
+
+fn workers(n: Option<usize>) -> Result<usize> {
+    match n {
+        Some(0) => bail!("--workers must be at least 1"),
+        Some(n) => Ok(n),
+        None => Ok(btm_chunk::default_workers()),
+    }
+}
+
+/// Arguments of `btm backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The directory to back up
+    dir: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Tag; `latest` and incremental backups match it exactly
+    #[arg(short = 't', long, default_value = "default")]
+    tag: String,
+    /// Metadata, a JSON object stored in the index (e.g. '{"height":120}')
+    #[arg(short = 'm', long = "meta", value_name = "JSON", value_parser = parse_meta)]
+    meta: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Only back up paths matching this regular expression
+    #[arg(long, value_parser = parse_regex)]
+    filter: Option<Regex>,
+    /// A file (relative path) that only grows; repeatable
+    #[arg(long = "appendonly", value_name = "RELPATH")]
+    append_only: Vec<String>,
+    /// Leave out paths matching this glob (`*.log` at any depth,
+    /// `data/tmp/**` from the root); repeatable. Validator keys are left out
+    /// without it (docs/validators.md)
+    #[arg(long, value_name = "GLOB")]
+    exclude: Vec<String>,
+    /// Back up validator key material too (priv_validator_key.json,
+    /// node_key.json, keyrings, keystores): it leaves the machine
+    #[arg(long)]
+    include_secrets: bool,
+    /// Chunk size, e.g. 1MiB
+    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CHUNK_SIZE)]
+    chunk_size: u64,
+    /// Pack size, e.g. 16MiB
+    #[arg(long, value_parser = parse_size)]
+    pack_size: Option<u64>,
+    /// Read every file, even those unchanged since the previous backup
+    #[arg(long)]
+    force_read: bool,
+    /// Worker threads [default: twice the cores, 4 to 8]
+    #[arg(long)]
+    workers: Option<usize>,
+    /// zstd level
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
+    level: i32,
+    /// Print the summary as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
+    let store = args.store.open()?;
+    let mut opts = BackupOptions::new(&args.tag);
+    opts.meta = args.meta.unwrap_or_default();
+    opts.filter = args.filter;
+    opts.append_only = args.append_only;
+    opts.exclude = args
+        .exclude
+        .into_iter()
+        .map(|g| (g, "--exclude".to_owned()))
+        .collect();
+    opts.include_secrets = args.include_secrets;
+    opts.chunk_size = args.chunk_size;
+    if let Some(p) = args.pack_size {
+        opts.pack_size = usize::try_from(p).unwrap_or(usize::MAX);
+    }
+    opts.force_read = args.force_read;
+    opts.cache = args.store.cache();
+    opts.connections = args.store.connections();
+    opts.workers = workers(args.workers)?;
+    opts.zstd_level = args.level;
+    let reporter = Reporter::start(
+        format!("backing up {}", args.dir.display()),
+        Arc::clone(&opts.progress),
+    );
+    let result = btm_chunk::backup::backup(store.as_ref(), &args.dir, &opts);
+    drop(reporter);
+    let summary = result.with_context(|| {
+        format!(
+            "backup of {} failed; no backup was written",
+            args.dir.display()
+        )
+    })?;
+    if args.json {
+        return print_json(out, &summary);
+    }
+    writeln!(out, "{}", summary.name)?;
+    print_summary(&summary);
+    Ok(())
+}
+
+/// The one-line human summary of a backup, on stderr.
+pub(super) fn print_summary(summary: &btm_chunk::backup::BackupSummary) {
+    eprintln!(
+        "{} files ({} unchanged{}), {} scanned, {} read, {} uploaded in {} new chunks and {} packs; {} chunks reused, {} empty",
+        summary.files,
+        summary.files_unchanged,
+        if summary.files_changed > 0 {
+            format!(", {} re-read because they changed while read", summary.files_changed)
+        } else {
+            String::new()
+        },
+        human_bytes(summary.bytes_scanned),
+        human_bytes(summary.bytes_read),
+        human_bytes(summary.bytes_uploaded),
+        summary.chunks_uploaded,
+        summary.packs_uploaded,
+        summary.chunks_reused,
+        summary.chunks_empty
+    );
+    for x in &summary.excluded {
+        eprintln!("excluded: {} ({}; {} matched)", x.pattern, x.why, x.matched);
+    }
+}
+
+/// Arguments of `btm backups`.
+#[derive(Debug, Args)]
+pub struct BackupsArgs {
+    #[command(subcommand)]
+    show: Option<BackupsCommand>,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Only backups with exactly this tag
+    #[arg(short = 't', long)]
+    tag: Option<String>,
+    /// At most this many, newest first
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Also show metadata and sizes
+    #[arg(long, conflicts_with = "json")]
+    long: bool,
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+}
+
+/// `btm backups show NAME`.
+#[derive(Debug, Subcommand)]
+pub enum BackupsCommand {
+    /// Files, sizes and estimated disk size of one backup
+    Show {
+        /// The backup's name
+        name: String,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn backups(args: BackupsArgs, out: &mut dyn Write) -> Result<()> {
+    let store = args.store.open_existing()?;
+    if let Some(BackupsCommand::Show { name, json }) = &args.show {
+        return show(store.as_ref(), &args.store, name, *json, out);
+    }
+    let mut names = catalog::list_backups(store.as_ref(), args.tag.as_deref())?;
+    if let Some(n) = args.limit {
+        names.truncate(n);
+    }
+    if !args.long && !args.json {
+        for n in names {
+            writeln!(out, "{n}")?;
+        }
+        return Ok(());
+    }
+    let mut infos = Vec::new();
+    for n in names {
+        let name = n.to_string();
+        match catalog::read_index(store.as_ref(), &name) {
+            Ok(idx) => infos.push(BackupInfo::of(&name, &idx)),
+            // One unreadable index is shown as such; the others still are.
+            Err(e @ btm_chunk::ChunkError::Index(_)) => infos.push(BackupInfo::unreadable(&n, &e)),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if args.json {
+        return print_json(out, &infos);
+    }
+    for mut i in infos {
+        if let Some(e) = &i.error {
+            writeln!(out, "{}  UNREADABLE: {e}", i.name)?;
+            continue;
+        }
+        // The chain identity gets its own line: it is what `verify` checks.
+        let chain = i.meta.remove("chain");
+        writeln!(
+            out,
+            "{}  {} files  {} logical  {} on disk  {}",
+            i.name,
+            i.files,
+            human_bytes(i.logical_bytes),
+            human_bytes(i.disk_bytes),
+            serde_json::Value::Object(i.meta)
+        )?;
+        match chain.map(serde_json::from_value::<ChainIdentity>) {
+            None => {}
+            Some(Ok(c)) => writeln!(
+                out,
+                "    {} at height {}: block hash {}, {} {}",
+                c.kind.name(),
+                c.height,
+                c.block_hash,
+                c.state_hash_name(),
+                c.state_hash
+            )?,
+            Some(Err(e)) => writeln!(out, "    chain identity unreadable: {e}")?,
+        }
+    }
+    Ok(())
+}
+
+/// `btm backups show NAME`: the backup's entries, streamed.
+fn show(
+    store: &dyn Store,
+    args: &StoreArgs,
+    name: &str,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let idx = catalog::read_index(store, name)?;
+    let info = BackupInfo::of(name, &idx);
+    let cache = args.cache();
+    let connections = args
+        .connections()
+        .unwrap_or_else(|| btm_chunk::restore::default_connections(store));
+    let mut entries = catalog::entries(store, cache.as_ref(), name, &idx, connections);
+    if json {
+        // Streamed: a million entries are never one value in memory.
+        write!(out, "{{\"backup\":")?;
+        serde_json::to_writer(&mut *out, &info)?;
+        write!(out, ",\"created\":")?;
+        serde_json::to_writer(&mut *out, &idx.created())?;
+        write!(out, ",\"chunk_size\":{},\"entries\":[", idx.chunk_size())?;
+        let mut first = true;
+        let mut pending: Option<serde_json::Value> = None;
+        let flush = |v: serde_json::Value, out: &mut dyn Write, first: &mut bool| -> Result<()> {
+            if !*first {
+                write!(out, ",")?;
+            }
+            *first = false;
+            serde_json::to_writer(&mut *out, &v)?;
+            Ok(())
+        };
+        while let Some(item) = entries.next_item()? {
+            match item {
+                Item::Entry(e) => {
+                    if let Some(v) = pending.take() {
+                        flush(v, out, &mut first)?;
+                    }
+                    let (kind, extra) = match &e.kind {
+                        EntryKind::File { size } => {
+                            ("file", serde_json::json!({ "size": size, "chunks": [] }))
+                        }
+                        EntryKind::Dir => ("dir", serde_json::json!({})),
+                        EntryKind::Symlink { target } => (
+                            "symlink",
+                            serde_json::json!({ "target": String::from_utf8_lossy(target) }),
+                        ),
+                    };
+                    let mut v = serde_json::json!({
+                        "path": e.display(), "type": kind, "mode": e.mode, "uid": e.uid,
+                        "gid": e.gid, "mtime_ns": e.mtime_ns, "append_only": e.append_only,
+                    });
+                    if let (Some(m), Some(x)) = (v.as_object_mut(), extra.as_object()) {
+                        m.extend(x.clone());
+                    }
+                    pending = Some(v);
+                }
+                Item::Chunks(chunks) => {
+                    if let Some(list) = pending.as_mut().and_then(|v| v["chunks"].as_array_mut()) {
+                        list.extend(
+                            chunks.iter().map(
+                                |c| serde_json::json!({ "o": c.off, "l": c.len, "h": c.hash }),
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(v) = pending.take() {
+            flush(v, out, &mut first)?;
+        }
+        writeln!(out, "]}}")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "backup {name}: format {}, tag {}, created {}, metadata {}",
+        idx.format(),
+        idx.tag(),
+        idx.created().to_rfc3339(),
+        serde_json::Value::Object(idx.meta().clone())
+    )?;
+    writeln!(
+        out,
+        "{} files, {} logical, about {} on disk (holes excluded)",
+        info.files,
+        human_bytes(info.logical_bytes),
+        human_bytes(info.disk_bytes)
+    )?;
+    for x in idx.excluded() {
+        writeln!(
+            out,
+            "excluded: {} ({}; {} matched)",
+            x.pattern, x.why, x.matched
+        )?;
+    }
+    let mut current: Option<(btm_chunk::format::tree::Entry, u64)> = None;
+    let print = |e: &btm_chunk::format::tree::Entry,
+                 data: u64,
+                 out: &mut dyn Write|
+     -> std::io::Result<()> {
+        match &e.kind {
+            EntryKind::File { size } => writeln!(
+                out,
+                "{:>10} {:>10}  {:o}  {}",
+                human_bytes(*size),
+                human_bytes(data),
+                e.mode,
+                e.display()
+            ),
+            EntryKind::Dir => writeln!(
+                out,
+                "{:>10} {:>10}  {:o}  {}/",
+                "-",
+                "-",
+                e.mode,
+                e.display()
+            ),
+            EntryKind::Symlink { target } => writeln!(
+                out,
+                "{:>10} {:>10}  link  {} -> {}",
+                "-",
+                "-",
+                e.display(),
+                String::from_utf8_lossy(target)
+            ),
+        }
+    };
+    while let Some(item) = entries.next_item()? {
+        match item {
+            Item::Entry(e) => {
+                if let Some((prev, data)) = current.take() {
+                    print(&prev, data, out)?;
+                }
+                current = Some((e, 0));
+            }
+            Item::Chunks(chunks) => {
+                if let Some((_, data)) = current.as_mut() {
+                    *data += chunks
+                        .iter()
+                        .filter(|c| c.hash.is_some())
+                        .map(|c| c.len)
+                        .sum::<u64>();
+                }
+            }
+        }
+    }
+    if let Some((prev, data)) = current.take() {
+        print(&prev, data, out)?;
+    }
+    Ok(())
+}
+
+/// Arguments of `btm restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// [NAME|latest] DIR: a backup name, or `latest` (the default: the
+    /// newest with --tag, at most --height), then the directory to restore
+    /// into (created if missing; restored in place)
+    #[arg(value_name = "NAME|latest> <DIR", num_args = 1..=2, required = true)]
+    target: Vec<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// With `latest`: the tag, matched exactly
+    #[arg(short = 't', long, default_value = "default")]
+    tag: String,
+    /// With `latest`: the newest backup whose metadata height is at most H
+    #[arg(long, value_name = "H")]
+    height: Option<u64>,
+    /// Only restore paths matching this regular expression
+    #[arg(long, value_parser = parse_regex)]
+    filter: Option<Regex>,
+    /// Remove local files that are not in the backup
+    #[arg(long)]
+    delete: bool,
+    /// Overwrite local validator signing state (data/priv_validator_state.json,
+    /// slashing-protection databases) with the backup's copy, which may be
+    /// older: a validator restarted on it can double-sign
+    #[arg(long)]
+    overwrite_signing_state: bool,
+    /// Worker threads [default: twice the cores, 4 to 8]
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Print the summary as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+impl RestoreArgs {
+    /// (name, dir): one argument is the directory, with `latest` implied.
+    fn name_and_dir(&self) -> Result<(String, PathBuf)> {
+        match self.target.as_slice() {
+            [dir] => Ok(("latest".to_owned(), dir.clone())),
+            [name, dir] => Ok((
+                name.to_str()
+                    .context("the backup name is not valid UTF-8")?
+                    .to_owned(),
+                dir.clone(),
+            )),
+            _ => bail!("restore takes [NAME|latest] DIR"),
+        }
+    }
+}
+
+pub fn restore(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
+    let (wanted, dir) = args.name_and_dir()?;
+    let store = args.store.open_existing()?;
+    let (name, idx) = if wanted == "latest" {
+        catalog::latest(store.as_ref(), &args.tag, args.height)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "no backup with tag '{}'{} in {}",
+                args.tag,
+                args.height
+                    .map_or(String::new(), |h| format!(" at height {h} or below")),
+                store.describe()
+            )
+        })?
+    } else {
+        if args.height.is_some() {
+            bail!("--height only applies to `latest`");
+        }
+        (
+            wanted.clone(),
+            catalog::read_index(store.as_ref(), &wanted)?,
+        )
+    };
+    let opts = RestoreOptions {
+        filter: args.filter,
+        delete: args.delete,
+        cache: args.store.cache(),
+        workers: workers(args.workers)?,
+        connections: args.store.connections(),
+        progress: Arc::default(),
+        overwrite_signing_state: args.overwrite_signing_state,
+    };
+    let reporter = Reporter::start(format!("restoring {name}"), Arc::clone(&opts.progress));
+    let result = btm_chunk::restore::restore(store.as_ref(), &name, &idx, &dir, &opts);
+    drop(reporter);
+    let summary = result.with_context(|| {
+        format!(
+            "restore of {name} into {} failed; run it again to finish it",
+            dir.display()
+        )
+    })?;
+    if args.json {
+        return print_json(
+            out,
+            &serde_json::json!({ "name": name, "summary": summary }),
+        );
+    }
+    writeln!(
+        out,
+        "restored {name}: {} files{}, {} scanned, {} chunks already right, {} fetched in {} requests ({} downloaded), {} written, {} holes{}",
+        summary.files,
+        if summary.files_trusted > 0 {
+            format!(" ({} completed by an earlier run)", summary.files_trusted)
+        } else {
+            String::new()
+        },
+        human_bytes(summary.bytes_scanned),
+        summary.chunks_reused,
+        summary.chunks_fetched,
+        summary.requests,
+        human_bytes(summary.bytes_downloaded),
+        human_bytes(summary.bytes_written),
+        summary.holes,
+        if summary.deleted > 0 { format!(", {} removed", summary.deleted) } else { String::new() }
+    )?;
+    for p in &summary.signing_state_kept {
+        writeln!(
+            out,
+            "kept the local validator signing state {p}, whatever the backup holds (--overwrite-signing-state replaces it)"
+        )?;
+    }
+    Ok(())
+}
+
+/// Arguments of `btm check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Also read every pack, and decompress and re-hash every chunk
+    #[arg(long)]
+    read_data: bool,
+    /// Print the report as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn check(args: CheckArgs, out: &mut dyn Write) -> Result<()> {
+    let store = args.store.open_existing()?;
+    let connections = args
+        .store
+        .connections()
+        .unwrap_or_else(|| btm_chunk::restore::default_connections(store.as_ref()));
+    let report = btm_chunk::check::check(
+        store.as_ref(),
+        args.read_data,
+        args.store.cache().as_ref(),
+        connections,
+    )?;
+    if args.json {
+        print_json(out, &report)?;
+    } else {
+        for p in &report.problems {
+            writeln!(out, "problem: {p}")?;
+        }
+        writeln!(
+            out,
+            "{} indexes, {} chunks referenced in {} packs{}; {} problems",
+            report.indexes,
+            report.chunks,
+            report.packs,
+            if args.read_data {
+                format!(", {} verified", report.chunks_verified)
+            } else {
+                String::new()
+            },
+            report.problems.len()
+        )?;
+    }
+    if !report.problems.is_empty() {
+        bail!(
+            "check found {} problem(s) in {}",
+            report.problems.len(),
+            store.describe()
+        );
+    }
+    Ok(())
+}
+
+/// Arguments of `btm forget`.
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// The backup to forget (its index is deleted; its data goes at the
+    /// next `btm gc`)
+    name: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Say what would be deleted; delete nothing
+    #[arg(long)]
+    dry_run: bool,
+}
+
+pub fn forget(args: ForgetArgs, out: &mut dyn Write) -> Result<()> {
+    let store = args.store.open_existing()?;
+    catalog::forget(store.as_ref(), &args.name, args.dry_run)?;
+    if args.dry_run {
+        writeln!(out, "would forget {}", args.name)?;
+    } else {
+        writeln!(out, "forgot {}; `btm gc` frees its data", args.name)?;
+    }
+    Ok(())
+}

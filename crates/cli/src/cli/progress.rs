@@ -1,0 +1,93 @@
+//! Progress of a long store operation on stderr: a bar on a terminal, a
+//! plain line every 10 s otherwise. When nothing moves for 10 s while
+//! requests are in flight, it says so ("waiting for the store: 3 requests
+//! in flight, nothing for 40 s") instead of showing a full bar that never
+//! ends.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use btm_chunk::Progress;
+
+use super::human_bytes;
+
+/// Shows `progress` until dropped.
+pub struct Reporter {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How long without progress before the store is said to be slow.
+const STALL: Duration = Duration::from_secs(10);
+
+impl Reporter {
+    /// Start showing `progress`, described as `what`.
+    pub fn start(what: String, progress: Arc<Progress>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let tty = std::io::stderr().is_terminal();
+            let bar = if tty {
+                let bar = indicatif::ProgressBar::new(0);
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                ) {
+                    bar.set_style(style.progress_chars("=> "));
+                }
+                bar.set_message(what.clone());
+                bar
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            let mut last_line = Instant::now();
+            let (mut last_done, mut moved) = (0, Instant::now());
+            while !flag.load(Ordering::Relaxed) {
+                let done = progress.done.load(Ordering::Relaxed)
+                    + progress.uploaded.load(Ordering::Relaxed);
+                let total = progress.total.load(Ordering::Relaxed);
+                if done != last_done {
+                    (last_done, moved) = (done, Instant::now());
+                }
+                let requests = progress.requests.load(Ordering::Relaxed);
+                let stalled = (moved.elapsed() >= STALL && requests > 0).then(|| {
+                    format!(
+                        "waiting for the store: {requests} request(s) in flight, nothing for {} s",
+                        moved.elapsed().as_secs()
+                    )
+                });
+                bar.set_length(total);
+                bar.set_position(progress.done.load(Ordering::Relaxed));
+                if tty {
+                    bar.set_message(stalled.clone().unwrap_or_else(|| what.clone()));
+                } else if last_line.elapsed() >= Duration::from_secs(10) {
+                    match &stalled {
+                        Some(s) => eprintln!("{what}: {s}"),
+                        None => eprintln!(
+                            "{what}: {} of {} processed",
+                            human_bytes(progress.done.load(Ordering::Relaxed)),
+                            human_bytes(total)
+                        ),
+                    }
+                    last_line = Instant::now();
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            bar.finish_and_clear();
+        });
+        Reporter {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

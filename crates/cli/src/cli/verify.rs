@@ -1,0 +1,121 @@
+//! `btm verify`: prove that a node running on restored data is on the
+//! exported chain at the exported height, by asking it for the block the
+//! export recorded (`meta.chain`, see [`btm_daemon::height::identity`]).
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Serialize;
+
+use btm_chunk::catalog;
+use btm_daemon::height::identity::{self, ChainIdentity, ChainRpc};
+
+use super::backup::StoreArgs;
+use super::print_json;
+
+/// Arguments of `btm verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The backup: a name, or `latest` (the newest with --tag)
+    #[arg(value_name = "NAME|latest", default_value = "latest")]
+    backup: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// With `latest`: the tag, matched exactly
+    #[arg(short = 't', long, default_value = "default")]
+    tag: String,
+    /// RPC of the node running on the restored data (http://…), asked in
+    /// the dialect the export recorded (CometBFT or Ethereum)
+    #[arg(long, value_name = "URL")]
+    rpc_url: String,
+    /// Bound on the request to the node, in seconds
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    timeout: u64,
+    /// Print the result as JSON (and still exit non-zero unless verified)
+    #[arg(long)]
+    json: bool,
+}
+
+/// What `--json` prints.
+#[derive(Debug, Serialize)]
+struct Verdict<'a> {
+    backup: &'a str,
+    verified: bool,
+    recorded: &'a ChainIdentity,
+    found: &'a ChainIdentity,
+    mismatches: Vec<String>,
+}
+
+pub fn run(args: VerifyArgs, out: &mut dyn Write) -> Result<()> {
+    // Plain http only, as the daemon: btm asks the node's local endpoint.
+    if !args.rpc_url.starts_with("http://") || args.rpc_url.len() <= "http://".len() {
+        bail!(
+            "--rpc-url '{}' is not an http:// URL (https is not supported; ask the node's local endpoint)",
+            args.rpc_url
+        );
+    }
+    let store = args.store.open_existing()?;
+    let (name, idx) = if args.backup == "latest" {
+        catalog::latest(store.as_ref(), &args.tag, None)?
+            .with_context(|| format!("no backup with tag '{}' in {}", args.tag, store.describe()))?
+    } else {
+        let idx = catalog::read_index(store.as_ref(), &args.backup)?;
+        (args.backup.clone(), idx)
+    };
+    let recorded: ChainIdentity = match idx.meta().get("chain") {
+        None => bail!(
+            "backup {name} recorded no chain identity: it was not made by an export with a node RPC to ask (source cometbft or ethereum, or rpc_url with rpc_kind)"
+        ),
+        Some(v) => serde_json::from_value(v.clone())
+            .with_context(|| format!("backup {name} has an unreadable chain identity"))?,
+    };
+    let rpc = ChainRpc {
+        kind: recorded.kind,
+        url: args.rpc_url.clone(),
+        timeout: Duration::from_secs(args.timeout),
+    };
+    let found = rpc.identity(recorded.height).with_context(|| {
+        format!(
+            "cannot verify backup {name}: block {} could not be read from {}",
+            recorded.height, args.rpc_url
+        )
+    })?;
+    let mismatches = identity::compare(&recorded, &found);
+    if args.json {
+        print_json(
+            out,
+            &Verdict {
+                backup: &name,
+                verified: mismatches.is_empty(),
+                recorded: &recorded,
+                found: &found,
+                mismatches: mismatches.iter().map(ToString::to_string).collect(),
+            },
+        )?;
+    } else if mismatches.is_empty() {
+        writeln!(
+            out,
+            "verified: backup {name} is on the node's chain at height {}: block hash {}, {} {}",
+            recorded.height,
+            recorded.block_hash,
+            recorded.state_hash_name(),
+            recorded.state_hash
+        )?;
+    }
+    if let Some(first) = mismatches.first() {
+        let rest: Vec<String> = mismatches[1..].iter().map(ToString::to_string).collect();
+        bail!(
+            "NOT verified: backup {name} and the node at {} differ at height {}: {first}{}",
+            args.rpc_url,
+            recorded.height,
+            if rest.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", rest.join("; "))
+            }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,365 @@
+//! Exporting a snapshot off the machine through the chunk engine: the step
+//! that lets a destroyed node be rebuilt from a store at a known height.
+//!
+//! An export always reads a snapshot, never the live volume: the btrfs
+//! snapshot subvolume, or ZFS's `.zfs/snapshot/<h>` (a temporary read-only
+//! clone where that directory does not exist). The snapshot is pinned
+//! ([`btm::pin`]) while it is read, so retention cannot destroy it, and
+//! only one export per volume runs at a time. After a successful export the
+//! tag's backups beyond `keep` are deleted ([`btm_chunk::keep`]) and, if
+//! enabled, garbage collection runs ([`btm_chunk::gc`]).
+//!
+//! The daemon and `btm export` both call [`export`]; the daemon decides
+//! *when* with the pure [`export_due`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::height::identity::{ChainIdentity, ChainRpc};
+use btm::lock::VolumeLock;
+use btm::pin::Pin;
+use btm::volume::Volume;
+use btm::BtmCfg;
+use btm_chunk::backup::{BackupOptions, BackupSummary};
+use btm_chunk::cache::Cache;
+use btm_chunk::format::head::Decoded;
+use btm_chunk::gc::{GcOptions, GcReport};
+use btm_chunk::store::{self, StoreError};
+use btm_chunk::{ChunkError, Progress};
+
+/// Default number of backups kept per tag.
+pub const DEFAULT_KEEP: u64 = 7;
+
+/// How and where exports go (`[export]` in btm.toml).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSettings {
+    /// Store URL (a path, `file://`, `s3://`, `gs://`, `az://`).
+    pub store: String,
+    /// Export when the height enters a new multiple of this many blocks.
+    pub every: u64,
+    /// Backup tag; the host name by default.
+    pub tag: String,
+    /// Backups of this tag kept after each export.
+    pub keep: u64,
+    /// Local metadata cache directory (default: see [`Cache::default_dir`]).
+    pub cache: Option<PathBuf>,
+    /// Worker threads.
+    pub concurrency: usize,
+    /// Store requests in flight; `None` for the store's default.
+    pub connections: Option<usize>,
+    /// Pack size; `None` for the default.
+    pub pack_size: Option<usize>,
+    /// Most bytes read per second.
+    pub max_rate: Option<u64>,
+    /// Relative paths of append-only files (block logs).
+    pub append_only: Vec<String>,
+    /// Globs left out besides validator key material.
+    pub exclude: Vec<String>,
+    /// Export validator key material too.
+    pub include_secrets: bool,
+    /// Run garbage collection after retention.
+    pub gc: bool,
+    /// The GC grace period.
+    pub gc_grace: Duration,
+    /// The node RPC asked for the chain's identity at the exported height
+    /// (recorded as `meta.chain`); `None` when no RPC is configured.
+    pub chain: Option<ChainRpc>,
+}
+
+/// Whether a snapshot at `height` should be exported, given the height of
+/// the last successful export and the last attempt (failed or not).
+///
+/// Heights fall in buckets `floor(h / every)`. A snapshot is due when it
+/// is in a later bucket than both: so an export happens once per bucket,
+/// and a failed one is retried at the next bucket, not at every snapshot.
+pub fn export_due(
+    height: u64,
+    every: u64,
+    last_exported: Option<u64>,
+    last_attempted: Option<u64>,
+) -> bool {
+    let bucket = |h: u64| h / every.max(1);
+    let after = |last: Option<u64>| last.is_none_or(|l| bucket(height) > bucket(l));
+    after(last_exported) && after(last_attempted)
+}
+
+/// Errors of an export.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// Another export of the volume is running.
+    #[error("another export of volume '{0}' is running")]
+    Busy(String),
+    /// No snapshot to export.
+    #[error("{0}")]
+    NoSnapshot(String),
+    /// The volume failed.
+    #[error(transparent)]
+    Volume(#[from] btm::Error),
+    /// Pinning failed.
+    #[error(transparent)]
+    Pin(#[from] btm::pin::Error),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The backup failed (no index was written).
+    #[error(transparent)]
+    Chunk(#[from] ChunkError),
+}
+
+/// What an export did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportReport {
+    /// The snapshot's height.
+    pub height: u64,
+    /// `<volume>@<height>`.
+    pub snapshot: String,
+    /// The backup; `None` when this height's bucket was already exported.
+    pub backup: Option<BackupSummary>,
+    /// The existing backup that made this one unnecessary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub already_exported: Option<String>,
+    /// How long it took, in milliseconds.
+    pub duration_ms: u64,
+    /// Backups deleted by retention.
+    pub pruned: Vec<String>,
+    /// Garbage collection, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gc: Option<GcReport>,
+    /// The chain's identity at the height, when the node's RPC told it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chain: Option<ChainIdentity>,
+    /// Failures after the backup was safely written (retention, GC,
+    /// removing the view): logged, not fatal.
+    pub warnings: Vec<String>,
+}
+
+/// The heights an export request means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    /// The newest snapshot.
+    Newest,
+    /// Exactly this height.
+    Height(u64),
+    /// This height, unless the store already has a backup of the tag in the
+    /// same `every` bucket (the daemon's rule after a restart).
+    DueHeight(u64),
+}
+
+/// Export one snapshot of `vol` to `s.store`. `progress` shows how far it
+/// is and cancels it; `lock_wait` bounds the wait for the volume lock
+/// (held only while picking and pinning the snapshot).
+pub fn export(
+    cfg: &BtmCfg,
+    vol: &dyn Volume,
+    which: Which,
+    s: &ExportSettings,
+    progress: Arc<Progress>,
+    lock_wait: Duration,
+) -> Result<ExportReport, ExportError> {
+    let started = Instant::now();
+    let _one_at_a_time = VolumeLock::acquire(&format!("{}#export", vol.name()), Duration::ZERO)
+        .map_err(|_| ExportError::Busy(vol.name().to_owned()))?;
+
+    let (height, _pin) = {
+        let _lock = VolumeLock::acquire(vol.name(), lock_wait).map_err(btm::Error::from)?;
+        let heights = vol.heights().map_err(btm::Error::from)?;
+        let height = match which {
+            Which::Newest => *heights.first().ok_or_else(|| {
+                ExportError::NoSnapshot(format!("volume '{}' has no btm snapshots", vol.name()))
+            })?,
+            Which::Height(h) | Which::DueHeight(h) => {
+                if !heights.contains(&h) {
+                    return Err(ExportError::NoSnapshot(format!(
+                        "volume '{}' has no snapshot at height {h}",
+                        vol.name()
+                    )));
+                }
+                h
+            }
+        };
+        (height, Pin::acquire(vol.name(), height)?)
+    };
+    let snapshot = format!("{}@{height}", vol.name());
+    let mut report = ExportReport {
+        height,
+        snapshot: snapshot.clone(),
+        backup: None,
+        already_exported: None,
+        duration_ms: 0,
+        pruned: Vec::new(),
+        gc: None,
+        chain: None,
+        warnings: Vec::new(),
+    };
+
+    let store = store::open(&s.store)?;
+    // Read here only to decide whether to export and which snapshot to
+    // compare with. The backup reads the parent index again on purpose:
+    // it relies on the parent's chunks, which is safe only for an index
+    // read under its lease (see btm_chunk::lease).
+    let parent = btm_chunk::catalog::latest(store.as_ref(), &s.tag, None)?;
+    if let Some((name, idx)) = &parent {
+        let prev = idx.height();
+        let done = match which {
+            Which::DueHeight(_) => {
+                prev.is_some_and(|p| p / s.every.max(1) >= height / s.every.max(1))
+            }
+            _ => prev == Some(height),
+        };
+        if done {
+            tracing::info!(height, backup = %name, "already exported; skipping");
+            report.already_exported = Some(name.clone());
+            report.duration_ms = started.elapsed().as_millis() as u64;
+            return Ok(report);
+        }
+    }
+
+    let mut meta = serde_json::Map::new();
+    meta.insert("height".into(), height.into());
+    if let Some(after) = btm::window::load(vol.name()).get(&height) {
+        meta.insert("height_after".into(), (*after).into());
+    }
+    meta.insert("volume".into(), vol.name().into());
+    meta.insert("mode".into(), cfg.mode.to_string().into());
+    meta.insert("snapshot".into(), snapshot.clone().into());
+    meta.insert("host".into(), btm_chunk::lease::host_name().into());
+    meta.insert("btm_version".into(), env!("CARGO_PKG_VERSION").into());
+    // Asked before the backup, while the node surely still has the block.
+    // An export without it is still a good export; `verify` says so.
+    if let Some(rpc) = &s.chain {
+        match rpc.identity(height) {
+            Ok(id) => {
+                tracing::info!(height, block_hash = %id.block_hash, state_hash = %id.state_hash, "chain identity recorded");
+                if let Ok(v) = serde_json::to_value(&id) {
+                    meta.insert("chain".into(), v);
+                }
+                report.chain = Some(id);
+            }
+            Err(e) => {
+                tracing::warn!(height, error = %e, "chain identity not recorded");
+                report.warnings.push(format!(
+                    "the chain's identity at height {height} was not recorded: {e}"
+                ));
+            }
+        }
+    }
+    let mut opts = BackupOptions::new(&s.tag);
+    opts.meta = meta;
+    opts.append_only = s.append_only.clone();
+    opts.exclude = s
+        .exclude
+        .iter()
+        .map(|g| (g.clone(), "exclude in [export]".to_owned()))
+        .collect();
+    opts.include_secrets = s.include_secrets;
+    opts.workers = s.concurrency.max(1);
+    opts.connections = s.connections;
+    if let Some(p) = s.pack_size {
+        opts.pack_size = p;
+    }
+    opts.max_rate = s.max_rate;
+    if let Some(dir) = &s.cache {
+        opts.cache = Some(Cache::new(dir.clone()));
+    }
+    opts.progress = progress;
+
+    // On btrfs the previous export's snapshot, if still there, lets changed
+    // files be compared extent by extent instead of read whole. Pinned so
+    // it stays while we compare; any doubt about it only costs reads.
+    let parent_view = parent
+        .as_ref()
+        .and_then(|(_, idx)| parent_snapshot(idx, vol.name()))
+        .filter(|&h| h != height && cfg.mode == btm::volume::SnapMode::Btrfs)
+        .and_then(|h| {
+            let pin = Pin::acquire(vol.name(), h).ok()?;
+            let view = vol.view(h).ok()?;
+            Some((pin, view))
+        });
+    opts.parent = parent_view.as_ref().map(|(_, v)| v.path().to_owned());
+
+    let view = vol.view(height).map_err(btm::Error::from)?;
+    tracing::info!(height, snapshot = %snapshot, path = %view.path().display(), store = %s.store, "export started");
+    let summary = btm_chunk::backup::backup(store.as_ref(), view.path(), &opts);
+    if let Err(e) = view.close() {
+        report
+            .warnings
+            .push(format!("could not remove the snapshot view: {e}"));
+    }
+    drop(parent_view);
+    report.backup = Some(summary?);
+
+    match btm_chunk::keep::prune_backups(store.as_ref(), &s.tag, s.keep, false) {
+        Ok(pruned) => report.pruned = pruned,
+        Err(e) => report
+            .warnings
+            .push(format!("backup retention failed: {e}")),
+    }
+    if s.gc {
+        let opts = GcOptions {
+            grace: s.gc_grace,
+            dry_run: false,
+            connections: s
+                .connections
+                .unwrap_or_else(|| btm_chunk::backup::default_connections(store.as_ref())),
+            cache: opts.cache.clone(),
+        };
+        match btm_chunk::gc::gc(store.as_ref(), &opts) {
+            Ok(g) => report.gc = Some(g),
+            Err(e) => report
+                .warnings
+                .push(format!("garbage collection failed: {e}")),
+        }
+    }
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// The height of the snapshot of `volume` that the backup `idx` was made
+/// from, according to its metadata.
+fn parent_snapshot(idx: &Decoded, volume: &str) -> Option<u64> {
+    let h = idx.height()?;
+    let made_from = idx.meta().get("snapshot")?.as_str()?;
+    (made_from == format!("{volume}@{h}")).then_some(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn due_once_per_bucket_and_failures_wait_for_the_next() {
+        assert!(export_due(1000, 1000, None, None));
+        assert!(!export_due(1010, 1000, Some(1000), Some(1000)));
+        assert!(export_due(2000, 1000, Some(1000), Some(1000)));
+        // A failure at 2000: not retried at 2010, but at 3000.
+        assert!(!export_due(2010, 1000, Some(1000), Some(2000)));
+        assert!(export_due(3000, 1000, Some(1000), Some(2000)));
+        // Polled heights are not exact multiples; buckets still rule.
+        assert!(export_due(2003, 1000, Some(1007), None));
+    }
+
+    proptest! {
+        /// Replaying snapshots in height order with every export
+        /// succeeding, exports happen exactly at the first snapshot of each
+        /// new bucket.
+        #[test]
+        fn one_export_per_bucket(every in 1u64..500, steps in prop::collection::vec(1u64..300, 1..200)) {
+            let mut h = 0;
+            let mut last = None;
+            let mut buckets = std::collections::BTreeSet::new();
+            for step in steps {
+                h += step;
+                if export_due(h, every, last, last) {
+                    prop_assert!(buckets.insert(h / every), "bucket {} twice", h / every);
+                    last = Some(h);
+                } else {
+                    prop_assert!(buckets.contains(&(h / every)));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The daemon's export job: after each snapshot, decide whether it is due
+//! for export ([`crate::export::export_due`]) and, if so, run
+//! [`crate::export::export`] on a dedicated low-priority thread.
+//!
+//! At most one export runs: a due export finding the previous one still
+//! running is skipped and logged, never queued. Snapshots go on being
+//! taken meanwhile (the export holds the volume lock only while pinning).
+//! A failed export is retried at the next due height.
+//!
+//! The running export and the record of what was exported live in a
+//! [`Carry`] that outlives a generation: a reload (SIGHUP) lets a running
+//! export finish, reporting to the new generation's status. Stopping the
+//! daemon cancels it ([`Carry::cancel`]); it then writes no index, and the
+//! chunks it uploaded are reused by the next export.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use chrono::Utc;
+
+use crate::export::{self, ExportError, ExportSettings, Which};
+use btm::protocol::LastExport;
+use btm::volume::Volume;
+use btm::BtmCfg;
+use btm_chunk::{ChunkError, Progress};
+
+use super::state::State;
+
+/// Runs exports for one daemon generation.
+pub struct Exporter {
+    ctx: Arc<Context>,
+    carry: Arc<Carry>,
+    stopping: AtomicBool,
+}
+
+/// What the exports of one generation need, shared with their thread.
+struct Context {
+    cfg: BtmCfg,
+    volume: Arc<dyn Volume>,
+    settings: ExportSettings,
+    lock_timeout: Duration,
+    /// Polled sources: how long to wait for the snapshot's height window
+    /// (recorded at the next poll) so the export's metadata carries it.
+    window_wait: Option<Duration>,
+}
+
+/// Export state that outlives a daemon generation.
+#[derive(Default)]
+pub struct Carry {
+    job: Mutex<Job>,
+    /// Last successful export and last attempt, updated by the job thread.
+    heights: Mutex<Heights>,
+    /// The status the running job reports to: the current generation's.
+    state: Mutex<Option<Arc<State>>>,
+}
+
+impl Carry {
+    fn state(&self) -> Option<Arc<State>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn report(&self, f: impl FnOnce(&State)) {
+        if let Some(s) = self.state() {
+            f(&s);
+        }
+    }
+
+    /// Cancel a running export and wait for its thread to end.
+    pub async fn cancel(&self) {
+        let handle = {
+            let job = &mut *self.job.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(p) = &job.progress {
+                p.cancel.store(true, Ordering::SeqCst);
+            }
+            job.handle.take()
+        };
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}
+
+#[derive(Default)]
+struct Job {
+    handle: Option<JoinHandle<()>>,
+    progress: Option<Arc<Progress>>,
+    height: u64,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Heights {
+    exported: Option<u64>,
+    attempted: Option<u64>,
+}
+
+impl Exporter {
+    /// An exporter for `volume`; nothing runs until [`Exporter::consider`].
+    /// A running export in `carry` (from before a reload) now reports to
+    /// `state`.
+    pub fn new(
+        cfg: BtmCfg,
+        volume: Arc<dyn Volume>,
+        settings: ExportSettings,
+        lock_timeout: Duration,
+        window_wait: Option<Duration>,
+        state: Arc<State>,
+        carry: Arc<Carry>,
+    ) -> Self {
+        {
+            let job = carry.job.lock().unwrap_or_else(|p| p.into_inner());
+            if let (Some(h), Some(p)) = (&job.handle, &job.progress) {
+                if !h.is_finished() {
+                    state.export_running(Some((job.height, Arc::clone(p))));
+                }
+            }
+            *carry.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+        }
+        Exporter {
+            ctx: Arc::new(Context {
+                cfg,
+                volume,
+                settings,
+                lock_timeout,
+                window_wait,
+            }),
+            carry,
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// A snapshot at `height` exists now: start its export if it is due.
+    #[tracing::instrument(skip(self))]
+    pub fn consider(&self, height: u64) {
+        let mut job = self.carry.job.lock().unwrap_or_else(|p| p.into_inner());
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let h = *self.carry.heights.lock().unwrap_or_else(|p| p.into_inner());
+        if !export::export_due(height, self.ctx.settings.every, h.exported, h.attempted) {
+            return;
+        }
+        if let Some(handle) = job.handle.take() {
+            if !handle.is_finished() {
+                job.handle = Some(handle);
+                tracing::warn!(
+                    height,
+                    running = job.height,
+                    "export due but the previous export is still running; skipped"
+                );
+                self.carry.report(|s| s.count(|c| c.exports_skipped += 1));
+                return;
+            }
+            let _ = handle.join();
+        }
+        self.carry
+            .heights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .attempted = Some(height);
+        let progress = Arc::new(Progress::default());
+        let run = Run {
+            ctx: Arc::clone(&self.ctx),
+            carry: Arc::clone(&self.carry),
+            progress: Arc::clone(&progress),
+            height,
+        };
+        match std::thread::Builder::new()
+            .name("btm-export".into())
+            .spawn(move || run.run())
+        {
+            Ok(handle) => {
+                job.handle = Some(handle);
+                job.progress = Some(progress);
+                job.height = height;
+            }
+            Err(e) => {
+                tracing::error!(height, error = %e, "cannot start the export thread");
+                self.carry.report(|s| {
+                    s.error("export", &format!("cannot start the export thread: {e}"));
+                    s.count(|c| c.export_failures += 1);
+                });
+            }
+        }
+    }
+
+    /// Start no more exports in this generation. A running one goes on
+    /// (see [`Carry::cancel`]).
+    pub fn stop(&self) {
+        // Taken under the job lock, so no `consider` is half-way through.
+        let _job = self.carry.job.lock().unwrap_or_else(|p| p.into_inner());
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One export, owned by its thread.
+struct Run {
+    ctx: Arc<Context>,
+    carry: Arc<Carry>,
+    progress: Arc<Progress>,
+    height: u64,
+}
+
+impl Run {
+    fn run(self) {
+        let height = self.height;
+        if let Err(e) = btm::sys::lower_thread_priority() {
+            tracing::warn!(error = %e, "could not lower the export's CPU and IO priority");
+        }
+        self.carry
+            .report(|s| s.export_running(Some((height, Arc::clone(&self.progress)))));
+        if let Some(wait) = self.ctx.window_wait {
+            let deadline = std::time::Instant::now() + wait;
+            while !btm::window::load(self.ctx.volume.name()).contains_key(&height)
+                && std::time::Instant::now() < deadline
+                && !self.progress.cancel.load(Ordering::Relaxed)
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let result = export::export(
+            &self.ctx.cfg,
+            self.ctx.volume.as_ref(),
+            Which::DueHeight(height),
+            &self.ctx.settings,
+            Arc::clone(&self.progress),
+            self.ctx.lock_timeout,
+        );
+        self.carry.report(|s| s.export_running(None));
+        match result {
+            Ok(report) => {
+                self.carry
+                    .heights
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .exported = Some(height);
+                for w in &report.warnings {
+                    tracing::warn!(height, warning = %w, "export finished with a warning");
+                    self.carry.report(|s| s.error("export", w));
+                }
+                let last = report.backup.as_ref().map(|b| LastExport {
+                    height,
+                    backup: b.name.clone(),
+                    at: Utc::now(),
+                    duration_ms: report.duration_ms,
+                    bytes_read: b.bytes_read,
+                    bytes_uploaded: b.bytes_uploaded,
+                    files_unchanged: b.files_unchanged,
+                });
+                if let Some(b) = &report.backup {
+                    tracing::info!(
+                        height,
+                        backup = %b.name,
+                        duration_ms = report.duration_ms,
+                        bytes_read = b.bytes_read,
+                        bytes_uploaded = b.bytes_uploaded,
+                        files_unchanged = b.files_unchanged,
+                        pruned = ?report.pruned,
+                        "export finished"
+                    );
+                }
+                self.carry.report(|s| s.export_done(last));
+            }
+            Err(ExportError::Chunk(ChunkError::Cancelled)) => {
+                tracing::info!(
+                    height,
+                    "export cancelled (daemon stopping); no backup was written"
+                );
+            }
+            Err(ExportError::Busy(v)) => {
+                tracing::warn!(
+                    height,
+                    volume = %v,
+                    "export skipped: another export of this volume (btm export?) is running"
+                );
+                self.carry.report(|s| s.count(|c| c.exports_skipped += 1));
+            }
+            Err(e) => {
+                tracing::error!(height, store = %self.ctx.settings.store, error = %e, "export failed; will retry at the next due height");
+                self.carry.report(|s| {
+                    s.error("export", &format!("export of {height}: {e}"));
+                    s.count(|c| c.export_failures += 1);
+                });
+            }
+        }
+    }
+}

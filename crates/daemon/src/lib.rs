@@ -1,0 +1,459 @@
+//! `btm daemon`: follow the node's height and snapshot at block-height
+//! intervals, for months, without attention.
+//!
+//! The process has long-lived parts and *generations*. The control socket,
+//! the metrics endpoint, the systemd watchdog and a running export live as
+//! long as the process: a reload never closes the socket, so a node's
+//! notify is never refused or dropped by one. A generation holds what a
+//! configuration decides: the opened volume, the scheduler, the poller. It
+//! starts in stages (open the volume, check the source), each of which
+//! gives way at once to a stop, then publishes itself to the servers and
+//! runs until its stop fires; then it refuses new takes, lets the one in
+//! flight finish, and waits for its tasks. A notify that reaches a stopping
+//! generation is handed to the next one, or fails if the daemon is shutting
+//! down.
+//!
+//! Every task observes stops through [`Shutdown`], which also reports a stop
+//! fired before the task began. [`run`] runs one configuration until its
+//! stop; [`supervise`] owns the signals: SIGTERM/SIGINT stop the process
+//! (a second one exits without waiting), SIGHUP re-reads the configuration
+//! and, only if it is valid, replaces the generation.
+//!
+//! The crate also holds what only the daemon and the CLI above it need:
+//! [`settings`] (the configuration file and flags), [`height`] (polled
+//! height sources and chain identities) and [`export`] (one export of a
+//! snapshot to a chunk store). It sits above `btm-chunk` and the `btm`
+//! library, which know nothing of it.
+
+mod control;
+pub mod export;
+mod exporter;
+pub mod height;
+mod metrics;
+mod poll;
+mod scheduler;
+pub mod settings;
+mod shutdown;
+mod state;
+mod systemd;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use chrono::Utc;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::height::Poller;
+use crate::settings::{ConfigError, DaemonSettings};
+use btm::protocol::{Counters, Status};
+
+use btm::BtmCfg;
+use state::State;
+
+pub use scheduler::{
+    check_height, poll_due, push_due, PollDecision, Refusal, Taken, DEFAULT_MAX_HEIGHT_JUMP,
+    MAX_HEIGHT,
+};
+pub use shutdown::{channel as shutdown_channel, Shutdown, Trigger};
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The volume cannot be used.
+    #[error(transparent)]
+    Volume(#[from] btm::Error),
+    /// The control socket could not be set up.
+    #[error("control socket {path}: {source}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Another daemon already answers on the socket.
+    #[error("another btm daemon is already listening on {0}")]
+    SocketInUse(PathBuf),
+    /// The metrics address could not be bound.
+    #[error("metrics_listen {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The configured socket group does not exist.
+    #[error("invalid socket_group: no group named '{0}'")]
+    Group(String),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    /// A task of the daemon panicked (a bug).
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// A second SIGTERM or SIGINT arrived while the daemon was stopping.
+    #[error("stopped by a second signal before the snapshot in flight finished")]
+    Interrupted,
+}
+
+/// One running configuration, as the long-lived servers see it.
+pub(crate) struct Generation {
+    /// Distinguishes generations, so a notify handed back by a stopping
+    /// one waits for the next.
+    id: u64,
+    scheduler: Arc<scheduler::Scheduler>,
+    state: Arc<State>,
+    /// Push mode: notifies are taken; otherwise they are refused.
+    push: bool,
+}
+
+/// The newest generation that finished starting (`None` before the first):
+/// what the servers dispatch to.
+type Current = watch::Receiver<Option<Arc<Generation>>>;
+
+/// The parts of the daemon that outlive generations.
+struct Daemon {
+    current: watch::Sender<Option<Arc<Generation>>>,
+    control: Mutex<Option<control::Server>>,
+    metrics: Mutex<Option<metrics::Server>>,
+    carry: Arc<exporter::Carry>,
+    /// The process's stop, seen by the servers and their clients.
+    stopped: Shutdown,
+    watchdog: Option<tokio::task::JoinHandle<()>>,
+    generations: AtomicU64,
+}
+
+impl Daemon {
+    /// Bind the control socket (and the metrics endpoint) for `settings`
+    /// and start the watchdog. Nothing is dispatched until a generation is
+    /// published.
+    fn start(settings: &DaemonSettings, stopped: Shutdown) -> Result<Daemon, DaemonError> {
+        let (current, rx) = watch::channel(None);
+        let watchdog = systemd::watchdog_period()
+            .map(|period| tokio::spawn(systemd::watchdog(period, rx, stopped.clone())));
+        let daemon = Daemon {
+            current,
+            control: Mutex::new(None),
+            metrics: Mutex::new(None),
+            carry: Arc::new(exporter::Carry::default()),
+            stopped,
+            watchdog,
+            generations: AtomicU64::new(0),
+        };
+        daemon.configure_servers(settings)?;
+        Ok(daemon)
+    }
+
+    /// Make the control socket and the metrics endpoint match `settings`:
+    /// kept as they are when unchanged (a reload never closes them), the
+    /// socket's owner and mode updated in place, rebound when the address
+    /// changed.
+    fn configure_servers(&self, settings: &DaemonSettings) -> Result<(), DaemonError> {
+        let binding = control::Binding::of(settings);
+        let mut control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        match control.as_mut() {
+            Some(server) if server.binding().path == binding.path => server.rebind(binding)?,
+            _ => {
+                let new = control::Server::start(
+                    binding,
+                    self.current.subscribe(),
+                    self.stopped.clone(),
+                )?;
+                if let Some(old) = control.replace(new) {
+                    old.retire();
+                }
+            }
+        }
+        drop(control);
+        let mut metrics = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        let same = metrics.as_ref().map(|m| m.addr()) == settings.metrics_listen;
+        if !same {
+            if let Some(old) = metrics.take() {
+                old.retire();
+            }
+            if let Some(addr) = settings.metrics_listen {
+                *metrics = Some(metrics::Server::start(
+                    addr,
+                    self.current.subscribe(),
+                    self.stopped.clone(),
+                )?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop the servers (clients being served get their answers), cancel a
+    /// running export, and wait for all of it.
+    async fn finish(self) {
+        let control = self
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(c) = control {
+            c.stop().await;
+        }
+        let metrics = self
+            .metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(m) = metrics {
+            m.stop().await;
+        }
+        self.carry.cancel().await;
+        if let Some(w) = self.watchdog {
+            let _ = w.await;
+        }
+    }
+
+    /// Run one generation with `settings` until `stop` fires (see the
+    /// module documentation). A stop during start-up returns at once.
+    async fn generation(
+        &self,
+        settings: DaemonSettings,
+        mut stop: Shutdown,
+    ) -> Result<(), DaemonError> {
+        let opening = {
+            let s = settings.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, btm::Error> {
+                let cfg = BtmCfg::new(&s.volume, s.mode, s.itv, s.cap, s.algo)?;
+                let volume: Arc<dyn btm::volume::Volume> = Arc::from(cfg.open()?);
+                let heights = volume.heights()?;
+                // Views left by a daemon killed mid-export (ZFS clones).
+                if let Err(e) = volume.cleanup_stale_views() {
+                    tracing::warn!(error = %e, "could not remove stale snapshot views");
+                }
+                Ok((cfg, volume, heights))
+            })
+        };
+        let Some(opened) = stop.until(opening).await else {
+            return Ok(());
+        };
+        let (cfg, volume, heights) = opened.map_err(|e| DaemonError::Internal(e.to_string()))??;
+        let state = Arc::new(State::new(initial_status(&cfg, &settings, heights.len())));
+        let exporter = settings.export.clone().map(|e| {
+            Arc::new(exporter::Exporter::new(
+                cfg.clone(),
+                Arc::clone(&volume),
+                e,
+                settings.lock_timeout,
+                settings
+                    .source
+                    .is_polled()
+                    .then(|| settings.poll_interval * 2 + settings.source_timeout),
+                Arc::clone(&state),
+                Arc::clone(&self.carry),
+            ))
+        });
+        let scheduler = Arc::new(scheduler::Scheduler::new(
+            cfg.clone(),
+            volume,
+            settings.clone(),
+            Arc::clone(&state),
+            &heights,
+            exporter.clone(),
+        ));
+        let poller = match settings.source.is_polled() {
+            false => None,
+            true => {
+                let p = Arc::new(Poller::new(
+                    settings.source.clone(),
+                    settings.source_timeout,
+                ));
+                let first = poll::fetch(&p);
+                let Some(first) = stop.until(first).await else {
+                    return Ok(());
+                };
+                // A node that is down is not fatal (the daemon waits for
+                // it), but the operator hears of it now.
+                match first {
+                    Ok(h) => {
+                        state.height_seen(h);
+                        tracing::info!(
+                            source = settings.source.name(),
+                            height = h,
+                            "height source answers"
+                        );
+                    }
+                    Err(e) => {
+                        state.source_failed(&e.to_string());
+                        tracing::warn!(source = settings.source.name(), error = %e, "height source does not answer yet; will keep trying");
+                    }
+                }
+                Some(p)
+            }
+        };
+        self.configure_servers(&settings)?;
+        let generation = Arc::new(Generation {
+            id: self.generations.fetch_add(1, Ordering::Relaxed),
+            scheduler: Arc::clone(&scheduler),
+            state: Arc::clone(&state),
+            push: !settings.source.is_polled(),
+        });
+        self.current.send_replace(Some(generation));
+        let polling = poller.map(|p| {
+            tokio::spawn(poll::run(
+                p,
+                Arc::clone(&scheduler),
+                Arc::clone(&state),
+                settings.poll_interval,
+                stop.clone(),
+            ))
+        });
+        tracing::info!(
+            volume = %cfg.volume,
+            mode = %cfg.mode,
+            source = settings.source.name(),
+            itv = cfg.itv,
+            cap = cfg.cap,
+            algo = %cfg.algo,
+            socket = %settings.socket.display(),
+            export_store = settings.export.as_ref().map(|e| e.store.as_str()),
+            export_every = settings.export.as_ref().map(|e| e.every),
+            "btm daemon ready"
+        );
+        systemd::ready(&state.summary());
+
+        stop.wait().await;
+        scheduler.stop().await;
+        if let Some(x) = &exporter {
+            x.stop();
+        }
+        let mut result = Ok(());
+        if let Some(task) = polling {
+            if let Err(e) = task.await {
+                result = Err(DaemonError::Internal(e.to_string()));
+            }
+        }
+        result
+    }
+}
+
+fn initial_status(cfg: &BtmCfg, settings: &DaemonSettings, snapshots: usize) -> Status {
+    Status {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        pid: std::process::id(),
+        started_at: Utc::now(),
+        volume: cfg.volume.clone(),
+        mode: cfg.mode,
+        source: settings.source.name().to_owned(),
+        itv: cfg.itv,
+        cap: cfg.cap,
+        algo: cfg.algo,
+        last_height: None,
+        last_height_at: None,
+        source_failing_since: None,
+        last_snapshot: None,
+        in_progress: None,
+        snapshot_count: snapshots,
+        next_due: None,
+        export_store: settings.export.as_ref().map(|e| e.store.clone()),
+        last_export: None,
+        export: None,
+        recent_errors: Vec::new(),
+        counters: Counters::default(),
+    }
+}
+
+/// Run the daemon with `settings` until `shutdown` fires.
+///
+/// Contract: a stop fired before or during start-up is honoured; returns
+/// only after every task it started has ended, the snapshot in flight (if
+/// any) has finished, every client has had its answer, and a running
+/// export was cancelled; the socket file is removed. Start-up errors
+/// (volume missing, socket in use, …) are returned before READY=1.
+pub async fn run(settings: DaemonSettings, shutdown: Shutdown) -> Result<(), DaemonError> {
+    let daemon = Daemon::start(&settings, shutdown.clone())?;
+    let result = daemon.generation(settings, shutdown).await;
+    daemon.finish().await;
+    tracing::info!("btm daemon stopped");
+    result
+}
+
+/// Run generations of the daemon under signal control until SIGTERM or
+/// SIGINT. `reload` re-reads the configuration on SIGHUP; if it fails, the
+/// running generation continues untouched.
+pub async fn supervise(
+    initial: DaemonSettings,
+    reload: impl FnMut() -> Result<DaemonSettings, ConfigError>,
+) -> Result<(), DaemonError> {
+    let mut signals = Signals {
+        term: signal(SignalKind::terminate()).map_err(DaemonError::Signals)?,
+        int: signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?,
+        hup: signal(SignalKind::hangup()).map_err(DaemonError::Signals)?,
+    };
+    let (stop, stopped) = shutdown::channel();
+    let daemon = Daemon::start(&initial, stopped)?;
+    let result = generations(&daemon, initial, reload, &mut signals, &stop).await;
+    stop.fire();
+    let finished = daemon.finish();
+    tokio::pin!(finished);
+    // Clients waiting for the snapshot in flight get their answers; a
+    // second signal stops waiting.
+    tokio::select! {
+        _ = &mut finished => {}
+        _ = signals.term.recv() => return Err(DaemonError::Interrupted),
+        _ = signals.int.recv() => return Err(DaemonError::Interrupted),
+    }
+    tracing::info!("btm daemon stopped");
+    result
+}
+
+/// The signals [`supervise`] acts on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+async fn generations(
+    daemon: &Daemon,
+    mut settings: DaemonSettings,
+    mut reload: impl FnMut() -> Result<DaemonSettings, ConfigError>,
+    signals: &mut Signals,
+    stop: &Trigger,
+) -> Result<(), DaemonError> {
+    loop {
+        let (gen_stop, gen_stopped) = shutdown::channel();
+        let generation = daemon.generation(settings.clone(), gen_stopped);
+        tokio::pin!(generation);
+        let next = loop {
+            tokio::select! {
+                ended = &mut generation => return ended,
+                _ = signals.term.recv() => break None,
+                _ = signals.int.recv() => break None,
+                _ = signals.hup.recv() => match reload() {
+                    Ok(new) => {
+                        tracing::info!("configuration reloaded; restarting with it");
+                        break Some(new);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "new configuration rejected; the running one stays in force");
+                    }
+                },
+            }
+        };
+        match &next {
+            None => {
+                systemd::stopping();
+                stop.fire();
+            }
+            Some(_) => systemd::reloading(),
+        }
+        gen_stop.fire();
+        tokio::select! {
+            ended = &mut generation => ended?,
+            _ = signals.term.recv() => return Err(DaemonError::Interrupted),
+            _ = signals.int.recv() => return Err(DaemonError::Interrupted),
+        }
+        match next {
+            None => return Ok(()),
+            Some(new) => settings = new,
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! The optional Prometheus text endpoint (`metrics_listen`): `GET /metrics`
+//! renders the daemon's state in the text exposition format. Deliberately a
+//! few lines over a TCP socket rather than an HTTP framework: one route,
+//! read-only, bounded request size and time.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use btm::protocol::Status;
+use chrono::Utc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::shutdown::{self, Shutdown, Trigger};
+use super::state::State;
+use super::{Current, DaemonError};
+
+/// Render `s` in the Prometheus text format.
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, kind: &str, value: Option<f64>| {
+        if let Some(v) = value {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+    };
+    let c = &s.counters;
+    gauge(
+        "btm_last_height",
+        "Last block height seen from the source.",
+        "gauge",
+        s.last_height.map(|h| h as f64),
+    );
+    gauge(
+        "btm_source_lag_seconds",
+        "Seconds since the source last gave a height.",
+        "gauge",
+        s.last_height_at
+            .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0),
+    );
+    let last = s.last_snapshot.as_ref();
+    gauge(
+        "btm_last_snapshot_height",
+        "Height of the last snapshot taken.",
+        "gauge",
+        last.map(|l| l.height as f64),
+    );
+    gauge(
+        "btm_last_snapshot_timestamp_seconds",
+        "Unix time of the last snapshot taken.",
+        "gauge",
+        last.map(|l| l.at.timestamp() as f64),
+    );
+    gauge(
+        "btm_last_snapshot_duration_seconds",
+        "Duration of the last snapshot, with hooks and pruning.",
+        "gauge",
+        last.map(|l| l.duration_ms as f64 / 1000.0),
+    );
+    gauge(
+        "btm_snapshots",
+        "btm snapshots on the volume.",
+        "gauge",
+        Some(s.snapshot_count as f64),
+    );
+    gauge(
+        "btm_snapshots_taken_total",
+        "Snapshots taken since start.",
+        "counter",
+        Some(c.snapshots as f64),
+    );
+    gauge(
+        "btm_snapshot_duration_seconds_sum",
+        "Total time spent taking snapshots.",
+        "counter",
+        Some(c.snapshot_ms_total as f64 / 1000.0),
+    );
+    gauge(
+        "btm_prune_duration_seconds_sum",
+        "Total time spent pruning.",
+        "counter",
+        Some(c.prune_ms_total as f64 / 1000.0),
+    );
+    gauge(
+        "btm_prunes_total",
+        "Prune runs since start.",
+        "counter",
+        Some(c.prunes as f64),
+    );
+    let le = s.last_export.as_ref();
+    for (name, help, v) in [
+        (
+            "btm_last_export_height",
+            "Height of the last successful export.",
+            le.map(|l| l.height as f64),
+        ),
+        (
+            "btm_last_export_timestamp_seconds",
+            "Unix time of the last successful export.",
+            le.map(|l| l.at.timestamp() as f64),
+        ),
+        (
+            "btm_last_export_duration_seconds",
+            "Duration of the last successful export.",
+            le.map(|l| l.duration_ms as f64 / 1000.0),
+        ),
+        (
+            "btm_last_export_read_bytes",
+            "Bytes read by the last successful export.",
+            le.map(|l| l.bytes_read as f64),
+        ),
+        (
+            "btm_last_export_uploaded_bytes",
+            "Bytes uploaded by the last successful export.",
+            le.map(|l| l.bytes_uploaded as f64),
+        ),
+    ] {
+        gauge(name, help, "gauge", v);
+    }
+    let running = s.export.as_ref();
+    gauge(
+        "btm_export_running",
+        "1 while an export runs.",
+        "gauge",
+        s.export_store
+            .as_ref()
+            .map(|_| f64::from(u8::from(running.is_some()))),
+    );
+    gauge(
+        "btm_export_progress_read_bytes",
+        "Bytes read so far by the running export.",
+        "gauge",
+        running.map(|r| r.bytes_read as f64),
+    );
+    gauge(
+        "btm_export_progress_total_bytes",
+        "Bytes the running export plans to read.",
+        "gauge",
+        running.map(|r| r.bytes_total as f64),
+    );
+    gauge(
+        "btm_export_progress_uploaded_bytes",
+        "Bytes uploaded so far by the running export.",
+        "gauge",
+        running.map(|r| r.bytes_uploaded as f64),
+    );
+    gauge(
+        "btm_exports_total",
+        "Exports finished since start.",
+        "counter",
+        Some(c.exports as f64),
+    );
+    gauge(
+        "btm_exports_skipped_total",
+        "Due exports skipped because one was still running.",
+        "counter",
+        Some(c.exports_skipped as f64),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP btm_errors_total Errors since start, by kind.\n# TYPE btm_errors_total counter"
+    );
+    for (kind, n) in [
+        ("source", c.source_errors),
+        ("snapshot", c.snapshot_failures),
+        ("prune", c.prune_failures),
+        ("hook", c.hook_failures),
+        ("export", c.export_failures),
+        ("height", c.refused),
+    ] {
+        let _ = writeln!(out, "btm_errors_total{{kind=\"{kind}\"}} {n}");
+    }
+    out
+}
+
+/// The running metrics endpoint; it outlives reloads and serves the
+/// current generation's state.
+pub struct Server {
+    addr: SocketAddr,
+    stop: Trigger,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Bind `addr` and serve until stopped.
+    pub fn start(
+        addr: SocketAddr,
+        current: Current,
+        process: Shutdown,
+    ) -> Result<Server, DaemonError> {
+        let std_listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| DaemonError::Metrics { addr, source })?;
+        let listener = TcpListener::from_std(std_listener)
+            .map_err(|source| DaemonError::Metrics { addr, source })?;
+        let (stop, stopped) = shutdown::channel();
+        let task = tokio::spawn(serve(listener, current, process, stopped));
+        Ok(Server { addr, stop, task })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stop and wait.
+    pub async fn stop(self) {
+        self.stop.fire();
+        let _ = self.task.await;
+    }
+
+    /// Stop (another server took over).
+    pub fn retire(self) {
+        self.stop.fire();
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    current: Current,
+    mut process: Shutdown,
+    mut stopped: Shutdown,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = process.wait() => return,
+            _ = stopped.wait() => return,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let state = current.borrow().as_ref().map(|g| Arc::clone(&g.state));
+        // Answered inline: rendering is microseconds, and a slow client is
+        // cut off by the timeout.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), answer(stream, state.as_deref())).await;
+    }
+}
+
+async fn answer(mut stream: TcpStream, state: Option<&State>) -> std::io::Result<()> {
+    let mut buf = [0u8; 8192];
+    let n = stream.read(&mut buf).await?;
+    let request = String::from_utf8_lossy(&buf[..n]);
+    let (status, body) = if request.starts_with("GET /metrics ") || request.starts_with("GET / ") {
+        match state {
+            Some(state) => ("200 OK", render(&state.status())),
+            None => (
+                "503 Service Unavailable",
+                "the daemon is starting\n".to_owned(),
+            ),
+        }
+    } else {
+        ("404 Not Found", "only GET /metrics is served\n".to_owned())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}

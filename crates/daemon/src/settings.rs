@@ -1,0 +1,875 @@
+//! The daemon's configuration: `/etc/btm/btm.toml` overlaid by flags.
+//!
+//! Every `btm daemon` flag has a key of the same name here (`--rpc-url` is
+//! `rpc_url`). Unknown keys, wrong types and bad values are errors that name
+//! the key, on one line, so a typo never silently changes what the daemon
+//! does; SIGHUP relies on this to refuse a broken file and keep the old one.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::export::ExportSettings;
+use crate::height::identity::{ChainKind, ChainRpc};
+use crate::height::SourceSpec;
+use btm::retention::Algo;
+use btm::volume::{self, SnapMode};
+
+/// Where the daemon looks for its file when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/btm/btm.toml";
+
+/// Errors in the daemon's configuration. Each names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key or a wrong type.
+    #[error("config {path} line {line}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the problem.
+        line: usize,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A key has an unusable value.
+    #[error("invalid {key}: {message}")]
+    Invalid {
+        /// The key (flag names use the same words).
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A required key is missing.
+    #[error("{key} is required{hint}")]
+    Missing {
+        /// The key.
+        key: &'static str,
+        /// How to give it.
+        hint: &'static str,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn de_mode<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SnapMode>, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn de_algo<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Algo>, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// A positive duration such as `1s`, `500ms`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("'{s}' is not a duration like 1s, 500ms or 2m ({e})"))?;
+    if d.is_zero() {
+        return Err(format!("'{s}' must be longer than zero"));
+    }
+    Ok(d)
+}
+
+/// Snapshot hooks: commands run around each snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookOptions {
+    /// Run before each snapshot; a failure skips that snapshot.
+    pub pre_snapshot: Option<Vec<String>>,
+    /// Run after each snapshot; a failure is logged.
+    pub post_snapshot: Option<Vec<String>>,
+    /// How long a hook may run before it is killed (default 30s).
+    #[serde(default, deserialize_with = "de_duration")]
+    pub timeout: Option<Duration>,
+}
+
+/// Periodic export of snapshots (`[export]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportOptions {
+    /// `--export-store`: where backups go.
+    pub store: Option<String>,
+    /// `--export-every`: export at each new multiple of this many blocks.
+    pub every: Option<u64>,
+    /// `--export-tag` (default: the host name).
+    pub tag: Option<String>,
+    /// `--export-keep`: backups of the tag kept.
+    pub keep: Option<u64>,
+    /// `--export-cache`: local chunk cache directory.
+    pub cache: Option<PathBuf>,
+    /// Worker threads.
+    pub concurrency: Option<usize>,
+    /// Store requests in flight (default: by store, see docs/performance.md).
+    pub connections: Option<usize>,
+    /// Pack size: a number, or a size like "16MiB" (default 16 MiB).
+    #[serde(default, deserialize_with = "de_pack_size")]
+    pub pack_size: Option<u64>,
+    /// Most bytes read per second: a number, or a size like "50MiB".
+    #[serde(default, deserialize_with = "de_max_rate")]
+    pub max_rate: Option<u64>,
+    /// Append-only files (block logs), relative to the volume root.
+    pub append_only: Option<Vec<String>>,
+    /// Globs left out of exports, besides validator key material.
+    pub exclude: Option<Vec<String>>,
+    /// Export validator key material too (default false).
+    pub include_secrets: Option<bool>,
+    /// Run garbage collection after each export (default true).
+    pub gc: Option<bool>,
+    /// Grace period of garbage collection (default "24h").
+    #[serde(default, deserialize_with = "de_duration")]
+    pub gc_grace: Option<Duration>,
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D, key: &str) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumOrStr {
+        Num(u64),
+        Str(String),
+    }
+    let n = match NumOrStr::deserialize(d)? {
+        NumOrStr::Num(n) => n,
+        NumOrStr::Str(s) => {
+            parse_size(&s).map_err(|e| serde::de::Error::custom(format!("{key}: {e}")))?
+        }
+    };
+    if n == 0 {
+        return Err(serde::de::Error::custom(format!(
+            "{key} must be at least 1 byte"
+        )));
+    }
+    Ok(Some(n))
+}
+
+fn de_max_rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de_size(d, "max_rate")
+}
+
+fn de_pack_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de_size(d, "pack_size")
+}
+
+/// A byte size: a number with an optional K/M/G (powers of 1024, with or
+/// without "iB") or KB/MB/GB (powers of 1000) suffix.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size like 50MiB or 1000000"))?;
+    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KIB" => 1 << 10,
+        "M" | "MIB" => 1 << 20,
+        "G" | "GIB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => {
+            return Err(format!(
+                "'{s}' has an unknown unit (use K, M, G, KiB, MB, …)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("'{s}' must be between 1 byte and 16 EiB"))
+}
+
+impl ExportOptions {
+    /// `self` with every key set in `top` replaced by `top`'s value.
+    pub fn overlay(self, top: ExportOptions) -> ExportOptions {
+        let base = self;
+        ExportOptions {
+            store: top.store.or(base.store),
+            every: top.every.or(base.every),
+            tag: top.tag.or(base.tag),
+            keep: top.keep.or(base.keep),
+            cache: top.cache.or(base.cache),
+            concurrency: top.concurrency.or(base.concurrency),
+            connections: top.connections.or(base.connections),
+            pack_size: top.pack_size.or(base.pack_size),
+            max_rate: top.max_rate.or(base.max_rate),
+            append_only: top.append_only.or(base.append_only),
+            exclude: top.exclude.or(base.exclude),
+            include_secrets: top.include_secrets.or(base.include_secrets),
+            gc: top.gc.or(base.gc),
+            gc_grace: top.gc_grace.or(base.gc_grace),
+        }
+    }
+
+    /// Fill in defaults and check every value; `itv` is the snapshot
+    /// interval, which `every` must be a multiple of.
+    pub fn resolve(self, itv: u64) -> Result<ExportSettings, ConfigError> {
+        let store = self
+            .store
+            .filter(|s| !s.is_empty())
+            .ok_or(ConfigError::Missing {
+                key: "export.store",
+                hint: " when [export] is configured (--export-store)",
+            })?;
+        if let Err(e) = btm_chunk::store::check_url(&store) {
+            return Err(invalid("export.store", e.to_string()));
+        }
+        let every = self.every.unwrap_or(itv.saturating_mul(100));
+        if every == 0 || every % itv != 0 {
+            return Err(invalid(
+                "export.every",
+                format!("{every} must be a positive multiple of itv ({itv})"),
+            ));
+        }
+        let tag = self.tag.unwrap_or_else(btm_chunk::lease::host_name);
+        btm_chunk::format::head::validate_tag(&tag)
+            .map_err(|e| invalid("export.tag", e.to_string()))?;
+        let keep = self.keep.unwrap_or(crate::export::DEFAULT_KEEP);
+        if keep == 0 {
+            return Err(invalid("export.keep", "must be at least 1"));
+        }
+        let concurrency = self.concurrency.unwrap_or_else(btm_chunk::default_workers);
+        if !(1..=64).contains(&concurrency) {
+            return Err(invalid("export.concurrency", "must be between 1 and 64"));
+        }
+        let append_only = self.append_only.unwrap_or_default();
+        for p in &append_only {
+            btm_chunk::format::tree::check_path(p.as_bytes())
+                .map_err(|e| invalid("export.append_only", format!("'{p}': {e}")))?;
+        }
+        let exclude = self.exclude.unwrap_or_default();
+        for g in &exclude {
+            if g.trim_matches('/').is_empty() {
+                return Err(invalid(
+                    "export.exclude",
+                    format!("'{g}' is an empty pattern"),
+                ));
+            }
+        }
+        if self.connections.is_some_and(|c| !(1..=256).contains(&c)) {
+            return Err(invalid("export.connections", "must be between 1 and 256"));
+        }
+        let chunk = btm_chunk::backup::DEFAULT_CHUNK_SIZE;
+        if self
+            .pack_size
+            .is_some_and(|p| !(chunk..=1 << 30).contains(&p))
+        {
+            return Err(invalid(
+                "export.pack_size",
+                format!("must be between {chunk} bytes (the chunk size) and 1 GiB"),
+            ));
+        }
+        Ok(ExportSettings {
+            store,
+            every,
+            tag,
+            keep,
+            cache: self.cache,
+            concurrency,
+            connections: self.connections,
+            pack_size: self.pack_size.map(|p| p as usize),
+            max_rate: self.max_rate,
+            append_only,
+            exclude,
+            include_secrets: self.include_secrets.unwrap_or(false),
+            gc: self.gc.unwrap_or(true),
+            gc_grace: self.gc_grace.unwrap_or(btm_chunk::gc::DEFAULT_GRACE),
+            chain: None,
+        })
+    }
+}
+
+/// Everything the daemon can be told, all optional: the file's keys, and
+/// the flags, which are overlaid on the file with [`DaemonOptions::overlay`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonOptions {
+    /// `-p/--volume`.
+    pub volume: Option<String>,
+    /// `-m/--mode`.
+    #[serde(default, deserialize_with = "de_mode")]
+    pub mode: Option<SnapMode>,
+    /// `-i/--itv`.
+    pub itv: Option<u64>,
+    /// `-c/--cap`.
+    pub cap: Option<u64>,
+    /// `-a/--algo`.
+    #[serde(default, deserialize_with = "de_algo")]
+    pub algo: Option<Algo>,
+    /// `--source`: push, cometbft, ethereum, file or command.
+    pub source: Option<String>,
+    /// `--rpc-url`.
+    pub rpc_url: Option<String>,
+    /// `--rpc-kind`: cometbft or ethereum; needed with `rpc_url` when the
+    /// height source is not that RPC (push, file, command), where the URL
+    /// only serves exports' chain identity.
+    pub rpc_kind: Option<String>,
+    /// `--height-file`.
+    pub height_file: Option<PathBuf>,
+    /// `--height-command` (an argument vector in the file).
+    pub height_command: Option<Vec<String>>,
+    /// `--poll-interval`.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub poll_interval: Option<Duration>,
+    /// Timeout of one height read (HTTP request or command).
+    #[serde(default, deserialize_with = "de_duration")]
+    pub source_timeout: Option<Duration>,
+    /// How long a snapshot waits for the volume lock.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub lock_timeout: Option<Duration>,
+    /// Most blocks a height may be ahead of the newest snapshot (0: no
+    /// limit).
+    pub max_height_jump: Option<u64>,
+    /// `--socket`.
+    pub socket: Option<PathBuf>,
+    /// Group owning the socket (root owns it).
+    pub socket_group: Option<String>,
+    /// Socket permissions, octal (default "0660").
+    pub socket_mode: Option<String>,
+    /// `--log-level`.
+    pub log_level: Option<String>,
+    /// `--metrics-listen`: address for the Prometheus text endpoint.
+    pub metrics_listen: Option<String>,
+    /// Snapshot hooks.
+    pub hooks: Option<HookOptions>,
+    /// Periodic export.
+    pub export: Option<ExportOptions>,
+    /// Files `btm rollback` carries across besides the validator signing
+    /// state it finds by itself (relative to the volume root).
+    pub preserve: Option<Vec<String>>,
+}
+
+macro_rules! overlay_fields {
+    ($base:ident, $top:ident; $($f:ident),*) => {
+        DaemonOptions { $($f: $top.$f.or($base.$f)),* }
+    };
+}
+
+impl DaemonOptions {
+    /// Parse a TOML document; `path` is only used in error messages.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+                .unwrap_or(1);
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                message: e.message().replace('\n', " ").trim().to_owned(),
+            }
+        })
+    }
+
+    /// Read and parse a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// `self` with every key set in `top` replaced by `top`'s value
+    /// (`[export]` key by key).
+    pub fn overlay(mut self, mut top: DaemonOptions) -> DaemonOptions {
+        let export = match (self.export.take(), top.export.take()) {
+            (Some(b), Some(t)) => Some(b.overlay(t)),
+            (b, t) => t.or(b),
+        };
+        let base = self;
+        DaemonOptions {
+            export,
+            ..overlay_fields!(base, top;
+                volume, mode, itv, cap, algo, source, rpc_url, rpc_kind, height_file, height_command,
+                poll_interval, source_timeout, lock_timeout, max_height_jump, socket, socket_group, socket_mode,
+                log_level, metrics_listen, hooks, export, preserve)
+        }
+    }
+
+    /// Fill in defaults and check every value.
+    pub fn resolve(self) -> Result<DaemonSettings, ConfigError> {
+        let volume = self.volume.ok_or(ConfigError::Missing {
+            key: "volume",
+            hint: " (-p, $BTM_VOLUME, or `volume` in the config file)",
+        })?;
+        volume::validate_name(&volume).map_err(|e| invalid("volume", e.to_string()))?;
+        for p in self.preserve.iter().flatten() {
+            p.parse::<btm::preserve::RelPath>()
+                .map_err(|e| invalid("preserve", e.to_string()))?;
+        }
+        let itv = self.itv.unwrap_or(btm::config::DEFAULT_ITV);
+        if itv == 0 {
+            return Err(invalid("itv", "must be at least 1"));
+        }
+        let cap = self.cap.unwrap_or(btm::config::DEFAULT_CAP);
+        if cap == 0 {
+            return Err(invalid("cap", "must be at least 1"));
+        }
+        let source_timeout = self.source_timeout.unwrap_or(Duration::from_secs(5));
+        let (source, chain) = resolve_source(
+            self.source.as_deref().unwrap_or("push"),
+            self.rpc_url,
+            self.rpc_kind.as_deref(),
+            self.height_file,
+            self.height_command,
+        )?;
+        let socket_mode = match self.socket_mode.as_deref() {
+            None => 0o660,
+            Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| {
+                    invalid(
+                        "socket_mode",
+                        format!("'{s}' is not an octal mode like 0660"),
+                    )
+                })?,
+        };
+        if let Some(group) = &self.socket_group {
+            if group.is_empty() || group.contains(|c: char| c.is_whitespace() || c == ':') {
+                return Err(invalid(
+                    "socket_group",
+                    format!("'{group}' is not a group name"),
+                ));
+            }
+        }
+        let metrics_listen = match &self.metrics_listen {
+            None => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "metrics_listen",
+                    format!("'{a}' is not an address like 127.0.0.1:9375"),
+                )
+            })?),
+        };
+        if let Some(level) = &self.log_level {
+            tracing_subscriber::EnvFilter::try_new(level)
+                .map_err(|e| invalid("log_level", format!("'{level}': {e}")))?;
+        }
+        let hooks = self.hooks.unwrap_or_default();
+        for (key, argv) in [
+            ("hooks.pre_snapshot", &hooks.pre_snapshot),
+            ("hooks.post_snapshot", &hooks.post_snapshot),
+        ] {
+            if argv
+                .as_ref()
+                .is_some_and(|a| a.first().is_none_or(|p| p.is_empty()))
+            {
+                return Err(invalid(key, "the command is empty"));
+            }
+        }
+        let export = match self.export {
+            Some(e) => Some(ExportSettings {
+                chain: chain.map(|(kind, url)| ChainRpc {
+                    kind,
+                    url,
+                    timeout: source_timeout,
+                }),
+                ..e.resolve(itv)?
+            }),
+            None => None,
+        };
+        Ok(DaemonSettings {
+            export,
+            volume,
+            mode: self.mode,
+            itv,
+            cap,
+            algo: self.algo.unwrap_or(Algo::Fair),
+            source,
+            poll_interval: self.poll_interval.unwrap_or(Duration::from_secs(1)),
+            source_timeout,
+            lock_timeout: self.lock_timeout.unwrap_or(Duration::from_secs(60)),
+            max_height_jump: self
+                .max_height_jump
+                .unwrap_or(crate::DEFAULT_MAX_HEIGHT_JUMP),
+            socket: self.socket.unwrap_or_else(btm::client::default_socket),
+            socket_group: self.socket_group,
+            socket_mode,
+            log_level: self.log_level,
+            metrics_listen,
+            pre_snapshot: hooks.pre_snapshot,
+            post_snapshot: hooks.post_snapshot,
+            hook_timeout: hooks.timeout.unwrap_or(Duration::from_secs(30)),
+        })
+    }
+}
+
+/// The height source, and the RPC that can name the chain at a height
+/// (the source's own RPC, or `rpc_url` with `rpc_kind` beside another
+/// source).
+fn resolve_source(
+    kind: &str,
+    rpc_url: Option<String>,
+    rpc_kind: Option<&str>,
+    height_file: Option<PathBuf>,
+    height_command: Option<Vec<String>>,
+) -> Result<(SourceSpec, Option<(ChainKind, String)>), ConfigError> {
+    let unused = |key: &'static str| {
+        invalid(
+            key,
+            format!("is set, but source is '{kind}', which does not use it"),
+        )
+    };
+    let url = |rpc_url: Option<String>| -> Result<String, ConfigError> {
+        let url = rpc_url.ok_or(ConfigError::Missing {
+            key: "rpc_url",
+            hint: " for this source (--rpc-url)",
+        })?;
+        if url.starts_with("https://") {
+            return Err(invalid(
+                "rpc_url",
+                "https is not supported: the daemon runs on the node's machine; use the node's local http:// endpoint",
+            ));
+        }
+        if !url.starts_with("http://") || url.len() <= "http://".len() {
+            return Err(invalid("rpc_url", format!("'{url}' is not an http:// URL")));
+        }
+        Ok(url)
+    };
+    let spec = match kind {
+        "push" => SourceSpec::Push,
+        "cometbft" => SourceSpec::Cometbft {
+            url: url(rpc_url.clone())?,
+        },
+        "ethereum" => SourceSpec::Ethereum {
+            url: url(rpc_url.clone())?,
+        },
+        "file" => SourceSpec::File {
+            path: height_file.clone().ok_or(ConfigError::Missing {
+                key: "height_file",
+                hint: " for source 'file' (--height-file)",
+            })?,
+        },
+        "command" => {
+            let argv = height_command.clone().ok_or(ConfigError::Missing {
+                key: "height_command",
+                hint: " for source 'command' (--height-command)",
+            })?;
+            if argv.first().is_none_or(|p| p.is_empty()) {
+                return Err(invalid("height_command", "the command is empty"));
+            }
+            SourceSpec::Command { argv }
+        }
+        other => {
+            return Err(invalid(
+                "source",
+                format!(
+                    "unknown source '{other}' (expected push, cometbft, ethereum, file or command)"
+                ),
+            ))
+        }
+    };
+    let rpc_kind = match rpc_kind {
+        None => None,
+        Some(k) => Some(ChainKind::parse(k).ok_or_else(|| {
+            invalid(
+                "rpc_kind",
+                format!("unknown RPC kind '{k}' (expected cometbft or ethereum)"),
+            )
+        })?),
+    };
+    let chain = match (&spec, rpc_kind) {
+        (SourceSpec::Cometbft { url }, k) if k.is_none_or(|k| k == ChainKind::Cometbft) => {
+            Some((ChainKind::Cometbft, url.clone()))
+        }
+        (SourceSpec::Ethereum { url }, k) if k.is_none_or(|k| k == ChainKind::Ethereum) => {
+            Some((ChainKind::Ethereum, url.clone()))
+        }
+        (SourceSpec::Cometbft { .. } | SourceSpec::Ethereum { .. }, Some(_)) => {
+            return Err(invalid(
+                "rpc_kind",
+                format!("differs from source '{kind}', which already names the RPC kind"),
+            ))
+        }
+        (_, Some(k)) => Some((k, url(rpc_url.clone())?)),
+        (_, None) if rpc_url.is_some() => return Err(ConfigError::Missing {
+            key: "rpc_kind",
+            hint:
+                " (cometbft or ethereum) when rpc_url is set beside a push, file or command source",
+        }),
+        (_, None) => None,
+    };
+    if height_file.is_some() && !matches!(spec, SourceSpec::File { .. }) {
+        return Err(unused("height_file"));
+    }
+    if height_command.is_some() && !matches!(spec, SourceSpec::Command { .. }) {
+        return Err(unused("height_command"));
+    }
+    Ok((spec, chain))
+}
+
+/// The daemon's resolved, validated settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonSettings {
+    /// The volume.
+    pub volume: String,
+    /// Its mode, or `None` to detect.
+    pub mode: Option<SnapMode>,
+    /// Snapshot interval in blocks.
+    pub itv: u64,
+    /// Retention cap.
+    pub cap: u64,
+    /// Retention rule.
+    pub algo: Algo,
+    /// Where heights come from.
+    pub source: SourceSpec,
+    /// Time between polls (polled sources).
+    pub poll_interval: Duration,
+    /// Timeout of one height read.
+    pub source_timeout: Duration,
+    /// How long a snapshot waits for the volume lock.
+    pub lock_timeout: Duration,
+    /// Most blocks a height may be ahead of the newest snapshot; 0 for no
+    /// limit (see [`crate::check_height`]).
+    pub max_height_jump: u64,
+    /// The control socket.
+    pub socket: PathBuf,
+    /// Group owning the socket.
+    pub socket_group: Option<String>,
+    /// Socket permission bits.
+    pub socket_mode: u32,
+    /// Log filter.
+    pub log_level: Option<String>,
+    /// Prometheus endpoint address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Pre-snapshot hook.
+    pub pre_snapshot: Option<Vec<String>>,
+    /// Post-snapshot hook.
+    pub post_snapshot: Option<Vec<String>>,
+    /// Hook timeout.
+    pub hook_timeout: Duration,
+    /// Periodic export, when configured.
+    pub export: Option<ExportSettings>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<DaemonSettings, ConfigError> {
+        DaemonOptions::from_toml(text, Path::new("t.toml"))?.resolve()
+    }
+
+    #[test]
+    fn minimal_file_gets_the_seed_defaults() {
+        let s = parse("volume = \"tank/data\"\n").expect("valid");
+        assert_eq!((s.itv, s.cap, s.algo), (10, 100, Algo::Fair));
+        assert_eq!(s.source, SourceSpec::Push);
+        assert_eq!(s.poll_interval, Duration::from_secs(1));
+        assert_eq!(s.socket_mode, 0o660);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("volume = \"a\"\nitvv = 5\n", "itvv"),
+            ("volume = \"a\"\nitv = \"ten\"\n", "line 2"),
+            ("volume = \"a\"\nmode = \"ext4\"\n", "ext4"),
+            ("volume = \"a\"\nalgo = \"lifo\"\n", "lifo"),
+            ("volume = \"a\"\nitv = 0\n", "itv"),
+            ("volume = \"a\"\ncap = 0\n", "cap"),
+            ("volume = \"a b\"\n", "volume"),
+            ("itv = 5\n", "volume is required"),
+            (
+                "volume = \"a\"\nsource = \"ethereum\"\n",
+                "rpc_url is required",
+            ),
+            (
+                "volume = \"a\"\nsource = \"ethereum\"\nrpc_url = \"https://x\"\n",
+                "https",
+            ),
+            ("volume = \"a\"\nsource = \"carrier-pigeon\"\n", "source"),
+            ("volume = \"a\"\nrpc_url = \"http://x\"\n", "rpc_kind is required"),
+            (
+                "volume = \"a\"\nrpc_url = \"http://x\"\nrpc_kind = \"solana\"\n",
+                "solana",
+            ),
+            ("volume = \"a\"\nrpc_kind = \"ethereum\"\n", "rpc_url is required"),
+            (
+                "volume = \"a\"\nsource = \"ethereum\"\nrpc_url = \"http://x\"\nrpc_kind = \"cometbft\"\n",
+                "rpc_kind",
+            ),
+            ("volume = \"a\"\npoll_interval = \"soon\"\n", "soon"),
+            ("volume = \"a\"\npoll_interval = \"0s\"\n", "zero"),
+            ("volume = \"a\"\nsocket_mode = \"999\"\n", "socket_mode"),
+            (
+                "volume = \"a\"\nsource = \"command\"\nheight_command = []\n",
+                "height_command",
+            ),
+            ("volume = \"a\"\n[hooks]\npre = [\"x\"]\n", "pre"),
+            (
+                "volume = \"a\"\nmetrics_listen = \"localhost\"\n",
+                "metrics_listen",
+            ),
+            (
+                "volume = \"a\"\n[export]\nevery = 100\n",
+                "export.store is required",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"ftp://x\"\n",
+                "export.store",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"s3://\"\n",
+                "export.store",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\nevery = 15\n",
+                "export.every",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\nkeep = 0\n",
+                "export.keep",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\nexclude = [\"/\"]\n",
+                "export.exclude",
+            ),
+            ("volume = \"a\"\npreserve = [\"../x\"]\n", "preserve"),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\ntag = \"a/b\"\n",
+                "export.tag",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\nmax_rate = \"fast\"\n",
+                "fast",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\nmax_rate = 0\n",
+                "max_rate",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\nconcurrency = 0\n",
+                "export.concurrency",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\nappend_only = [\"../x\"]\n",
+                "export.append_only",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\ngc_grace = \"0s\"\n",
+                "zero",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\nstor = 1\n",
+                "stor",
+            ),
+        ];
+        for (text, needle) in cases {
+            let e = parse(text).expect_err(text).to_string();
+            assert!(e.contains(needle), "{text:?} gave {e:?}");
+            assert!(!e.contains('\n'), "multi-line error: {e:?}");
+        }
+    }
+
+    #[test]
+    fn exports_ask_the_height_rpc_or_rpc_url_for_the_chain_identity() {
+        let chain = |text: &str| {
+            parse(&format!("volume = \"a\"\n{text}[export]\nstore = \"/b\"\n"))
+                .expect("valid")
+                .export
+                .expect("export configured")
+                .chain
+                .map(|c| (c.kind, c.url))
+        };
+        assert_eq!(chain(""), None);
+        assert_eq!(
+            chain("source = \"cometbft\"\nrpc_url = \"http://n:26657\"\n"),
+            Some((ChainKind::Cometbft, "http://n:26657".into()))
+        );
+        // Push mode: the heights are pushed, the identity is asked.
+        assert_eq!(
+            chain("rpc_url = \"http://n:8545\"\nrpc_kind = \"ethereum\"\n"),
+            Some((ChainKind::Ethereum, "http://n:8545".into()))
+        );
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = DaemonOptions::from_toml(
+            "volume = \"tank/a\"\nitv = 5\nalgo = \"fade\"\n",
+            Path::new("t.toml"),
+        )
+        .expect("valid");
+        let flags = DaemonOptions {
+            itv: Some(20),
+            ..DaemonOptions::default()
+        };
+        let s = file.overlay(flags).resolve().expect("valid");
+        assert_eq!(
+            (s.volume.as_str(), s.itv, s.algo),
+            ("tank/a", 20, Algo::Fade)
+        );
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path =
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("btm.toml.example");
+        let s = DaemonOptions::load(&path)
+            .expect("example parses")
+            .resolve()
+            .expect("example valid");
+        assert_eq!(s.volume, "tank/chain");
+        let e = s.export.expect("the example exports");
+        assert_eq!((e.every, e.keep, e.max_rate), (1000, 7, Some(100 << 20)));
+        assert!(e.gc);
+    }
+
+    #[test]
+    fn export_flags_override_the_file_key_by_key() {
+        let file = DaemonOptions::from_toml(
+            "volume = \"a\"\nitv = 10\n[export]\nstore = \"/b\"\nkeep = 3\nmax_rate = 1000\n",
+            Path::new("t.toml"),
+        )
+        .expect("valid");
+        let flags = DaemonOptions {
+            export: Some(ExportOptions {
+                every: Some(50),
+                ..ExportOptions::default()
+            }),
+            ..DaemonOptions::default()
+        };
+        let e = file
+            .overlay(flags)
+            .resolve()
+            .expect("valid")
+            .export
+            .expect("export");
+        assert_eq!(
+            (e.store.as_str(), e.every, e.keep, e.max_rate),
+            ("/b", 50, 3, Some(1000))
+        );
+        let none = parse("volume = \"a\"\n").expect("valid");
+        assert!(none.export.is_none());
+        assert_eq!(parse_size("50MiB"), Ok(50 << 20));
+        assert_eq!(parse_size("2MB"), Ok(2_000_000));
+    }
+}

@@ -1,0 +1,175 @@
+//! The daemon's live state: what `btm status` reports and what systemd's
+//! STATUS= line summarises. Everything in it is bounded: the error list
+//! keeps the last [`MAX_ERRORS`], counters are plain integers.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+
+use btm::protocol::{Counters, ErrorEntry, LastExport, LastSnapshot, RunningExport, Status};
+use btm_chunk::Progress;
+
+/// How many recent errors are kept.
+pub const MAX_ERRORS: usize = 20;
+
+/// Shared, internally locked daemon state.
+#[derive(Debug)]
+pub struct State {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    status: Status,
+    errors: VecDeque<ErrorEntry>,
+    /// The running export: height, start, live progress.
+    export: Option<(u64, DateTime<Utc>, Arc<Progress>)>,
+}
+
+impl State {
+    /// Fresh state for a daemon about to start.
+    pub fn new(status: Status) -> Self {
+        State {
+            inner: Mutex::new(Inner {
+                status,
+                errors: VecDeque::with_capacity(MAX_ERRORS),
+                export: None,
+            }),
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        // A panic while holding the lock cannot leave the status invalid
+        // (every update is a plain assignment), so recover from poisoning.
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    }
+
+    /// A copy of the current status.
+    pub fn status(&self) -> Status {
+        self.with(|i| {
+            let mut s = i.status.clone();
+            s.recent_errors = i.errors.iter().cloned().collect();
+            s.export = i.export.as_ref().map(|(height, at, p)| RunningExport {
+                height: *height,
+                started_at: *at,
+                bytes_total: p.total.load(Ordering::Relaxed),
+                bytes_read: p.done.load(Ordering::Relaxed),
+                bytes_uploaded: p.uploaded.load(Ordering::Relaxed),
+            });
+            s
+        })
+    }
+
+    /// The node was seen at `height`.
+    pub fn height_seen(&self, height: u64) {
+        self.with(|i| {
+            i.status.last_height = Some(height);
+            i.status.last_height_at = Some(Utc::now());
+            i.status.source_failing_since = None;
+        });
+    }
+
+    /// The source failed to give a height.
+    pub fn source_failed(&self, message: &str) {
+        self.with(|i| {
+            i.status.counters.source_errors += 1;
+            i.status.source_failing_since.get_or_insert_with(Utc::now);
+        });
+        self.error("source", message);
+    }
+
+    /// Record an error of `kind`.
+    pub fn error(&self, kind: &str, message: &str) {
+        self.with(|i| {
+            if i.errors.len() == MAX_ERRORS {
+                i.errors.pop_front();
+            }
+            i.errors.push_back(ErrorEntry {
+                at: Utc::now(),
+                kind: kind.to_owned(),
+                message: message.to_owned(),
+            });
+        });
+    }
+
+    /// A snapshot at `height` has started (`Some`) or ended (`None`).
+    pub fn in_progress(&self, height: Option<u64>) {
+        self.with(|i| i.status.in_progress = height);
+    }
+
+    /// The volume now holds `count` snapshots; the next is due at `next_due`.
+    pub fn volume_seen(&self, count: usize, next_due: Option<u64>) {
+        self.with(|i| {
+            i.status.snapshot_count = count;
+            i.status.next_due = next_due;
+        });
+    }
+
+    /// A snapshot was taken.
+    pub fn snapshot_taken(&self, last: LastSnapshot) {
+        self.with(|i| {
+            i.status.counters.snapshots += 1;
+            i.status.last_snapshot = Some(last);
+        });
+    }
+
+    /// The height read after the last snapshot.
+    pub fn window_closed(&self, height: u64, after: u64) {
+        self.with(|i| {
+            if let Some(last) = i
+                .status
+                .last_snapshot
+                .as_mut()
+                .filter(|l| l.height == height)
+            {
+                last.height_after = Some(after);
+            }
+        });
+    }
+
+    /// An export of `height` started (`Some`) or ended (`None`).
+    pub fn export_running(&self, running: Option<(u64, Arc<Progress>)>) {
+        self.with(|i| i.export = running.map(|(h, p)| (h, Utc::now(), p)));
+    }
+
+    /// An export finished successfully.
+    pub fn export_done(&self, last: Option<LastExport>) {
+        self.with(|i| {
+            i.status.counters.exports += 1;
+            if last.is_some() {
+                i.status.last_export = last;
+            }
+        });
+    }
+
+    /// Update counters.
+    pub fn count(&self, f: impl FnOnce(&mut Counters)) {
+        self.with(|i| f(&mut i.status.counters));
+    }
+
+    /// One line for systemd's STATUS=.
+    pub fn summary(&self) -> String {
+        self.with(|i| {
+            let s = &i.status;
+            let height = s
+                .last_height
+                .map_or("none yet".to_owned(), |h| h.to_string());
+            let snap = s
+                .last_snapshot
+                .as_ref()
+                .map_or("none yet".to_owned(), |l| l.height.to_string());
+            let failing = if s.source_failing_since.is_some() {
+                "; source failing"
+            } else {
+                ""
+            };
+            format!(
+                "height {height}; last snapshot {snap}; {} snapshots{failing}",
+                s.snapshot_count
+            )
+        })
+    }
+}
