@@ -25,20 +25,20 @@ pub fn default_socket() -> PathBuf {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nobody listens there: the daemon is not running, or runs elsewhere.
-    #[error("cannot connect to the btm daemon at {path}: {source} (is `btm daemon` running?)")]
+    #[error("cannot connect to the btm daemon at {path}: {cause} (is `btm daemon` running?)")]
     Connect {
         /// The socket path.
         path: PathBuf,
         /// The error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The exchange failed part-way (timeout included).
-    #[error("talking to the btm daemon at {path}: {source}")]
+    #[error("talking to the btm daemon at {path}: {cause}")]
     Io {
         /// The socket path.
         path: PathBuf,
         /// The error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The daemon answered something that is not the protocol.
     #[error("unexpected answer from the btm daemon: {0}")]
@@ -64,13 +64,13 @@ fn call<T: DeserializeOwned>(
     request: &Request,
     timeout: Duration,
 ) -> Result<T, ClientError> {
-    let io = |source| ClientError::Io {
+    let io = |cause| ClientError::Io {
         path: socket.to_owned(),
-        source,
+        cause,
     };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+    let mut stream = UnixStream::connect(socket).map_err(|cause| ClientError::Connect {
         path: socket.to_owned(),
-        source,
+        cause,
     })?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;

@@ -10,12 +10,12 @@ use std::path::PathBuf;
 
 /// A directory btm needs could not be created.
 #[derive(Debug, thiserror::Error)]
-#[error("{path}: {source}")]
+#[error("{path}: {cause}")]
 pub struct Error {
     /// The directory.
     pub path: PathBuf,
     /// The underlying error.
-    pub source: io::Error,
+    pub cause: io::Error,
 }
 
 /// `$BTM_RUNTIME_DIR`, or `/run/btm`.
@@ -47,9 +47,9 @@ pub fn escape(volume: &str) -> String {
 }
 
 fn ensure(path: PathBuf) -> Result<PathBuf, Error> {
-    std::fs::create_dir_all(&path).map_err(|source| Error {
+    std::fs::create_dir_all(&path).map_err(|cause| Error {
         path: path.clone(),
-        source,
+        cause,
     })?;
     Ok(path)
 }

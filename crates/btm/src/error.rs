@@ -1,5 +1,22 @@
 //! The library's top-level error: one enum wrapping each layer's, plus the
 //! failures that only make sense at the [`crate::BtmCfg`] level.
+//!
+//! # Error policy (every crate of the workspace)
+//!
+//! - Each layer has its own `thiserror` enum, with variants a caller can act
+//!   on (`NotFound`, `Busy`, `Temporary`, …), never a `String` that control
+//!   flow has to parse. Free text is only for detail a human reads.
+//! - An error **prints its cause and does not return it from `source()`**.
+//!   A variant that wraps a lower error either is `#[error(transparent)]`
+//!   (it *is* that error) or names the wrapped value in its message and
+//!   keeps it in a field called `cause`, never `source` and never
+//!   `#[source]`/`#[from]` (thiserror would return it from `source()`, and
+//!   a chain printer would print it twice). So a log line with `%e` is
+//!   complete, and the binary prints `anyhow`'s chain, whose only links are
+//!   the contexts it adds itself, joined with ": ", with no de-duplication.
+//! - `anyhow` is used only in the binary; libraries return their enums.
+//! - Nothing outside tests unwraps; a bad input is an error value naming the
+//!   input, which the binary prints as one line with a non-zero exit.
 
 use crate::{lock, pin, retention, volume};
 
@@ -40,6 +57,39 @@ impl Error {
             Error::Lock(e) => e.is_temporary(),
             Error::Pinned(_) => true,
             _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::path::PathBuf;
+
+    /// The policy above: errors carrying a lower error print it and do not
+    /// return it from `source()`.
+    #[test]
+    fn errors_print_their_cause_and_hide_no_source() {
+        let io = || io::Error::new(io::ErrorKind::PermissionDenied, "denied by test");
+        let samples: Vec<Box<dyn std::error::Error>> = vec![
+            Box::new(crate::lock::Error::Io {
+                path: PathBuf::from("/l"),
+                cause: io(),
+            }),
+            Box::new(crate::pin::Error::Io {
+                path: PathBuf::from("/p"),
+                cause: io(),
+            }),
+            Box::new(crate::dirs::Error {
+                path: PathBuf::from("/d"),
+                cause: io(),
+            }),
+            Box::new(crate::volume::Error::io("/v", io())),
+            Box::new(super::Error::from(crate::volume::Error::io("/w", io()))),
+        ];
+        for e in samples {
+            assert!(e.to_string().contains("denied by test"), "{e}");
+            assert!(e.source().is_none(), "{e} also returns its source");
         }
     }
 }

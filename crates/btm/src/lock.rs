@@ -23,12 +23,12 @@ pub enum Error {
     #[error(transparent)]
     Dir(#[from] crate::dirs::Error),
     /// The lock file could not be opened or locked.
-    #[error("lock file {path}: {source}")]
+    #[error("lock file {path}: {cause}")]
     Io {
         /// The lock file.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// Another process held the lock for the whole wait.
     #[error("volume '{volume}' is locked by another btm process{holder} (waited {waited:?}; lock file {path})")]
@@ -62,9 +62,9 @@ impl VolumeLock {
     /// another holder to release it.
     pub fn acquire(volume: &str, wait: Duration) -> Result<Self, Error> {
         let path = crate::dirs::lock_file(volume)?;
-        let io = |source| Error::Io {
+        let io = |cause| Error::Io {
             path: path.clone(),
-            source,
+            cause,
         };
         let started = Instant::now();
         let mut announced = false;

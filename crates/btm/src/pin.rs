@@ -20,12 +20,12 @@ pub enum Error {
     #[error(transparent)]
     Dir(#[from] crate::dirs::Error),
     /// A pin file could not be created, locked or read.
-    #[error("pin {path}: {source}")]
+    #[error("pin {path}: {cause}")]
     Io {
         /// The pin file.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -38,9 +38,9 @@ pub struct Pin {
 
 fn dir() -> Result<PathBuf, Error> {
     let d = crate::dirs::runtime_dir().join("pins");
-    std::fs::create_dir_all(&d).map_err(|source| crate::dirs::Error {
+    std::fs::create_dir_all(&d).map_err(|cause| crate::dirs::Error {
         path: d.clone(),
-        source,
+        cause,
     })?;
     Ok(d)
 }
@@ -53,9 +53,9 @@ impl Pin {
             crate::dirs::escape(volume),
             std::process::id()
         ));
-        let io = |source| Error::Io {
+        let io = |cause| Error::Io {
             path: path.clone(),
-            source,
+            cause,
         };
         let file = OpenOptions::new()
             .write(true)
@@ -81,9 +81,9 @@ pub fn pinned(volume: &str) -> Result<BTreeSet<u64>, Error> {
     let dir = dir()?;
     let prefix = format!("{}@", crate::dirs::escape(volume));
     let mut out = BTreeSet::new();
-    let rd = std::fs::read_dir(&dir).map_err(|source| Error::Io {
+    let rd = std::fs::read_dir(&dir).map_err(|cause| Error::Io {
         path: dir.clone(),
-        source,
+        cause,
     })?;
     for entry in rd.flatten() {
         let name = entry.file_name();
@@ -110,7 +110,7 @@ pub fn pinned(volume: &str) -> Result<BTreeSet<u64>, Error> {
             Err((_, e)) => {
                 return Err(Error::Io {
                     path,
-                    source: std::io::Error::from(e),
+                    cause: std::io::Error::from(e),
                 })
             }
         }

@@ -52,6 +52,54 @@ pub fn check(
         .map_err(|e| ChunkError::store("listing packs", e))?
         .into_iter()
         .collect();
+    missing_packs(&map, &present, &mut report);
+    let mut refs = Refs {
+        referenced: vec![false; map.entries().len()],
+        v1_refs: HashSet::new(),
+        v1_present: None,
+    };
+    for name in catalog::list_backups(store, None)? {
+        report.indexes += 1;
+        check_backup(
+            store,
+            cache,
+            connections,
+            &name.to_string(),
+            &map,
+            &mut refs,
+            &mut report,
+        )?;
+    }
+    let Refs {
+        referenced,
+        v1_refs,
+        v1_present,
+    } = refs;
+    report.chunks = referenced.iter().filter(|&&r| r).count() as u64 + v1_refs.len() as u64;
+    if read_data {
+        verify_packs(store, &map, &present, connections, &mut report);
+        verify_v1(
+            store,
+            &v1_refs,
+            v1_present.as_ref(),
+            connections,
+            &mut report,
+        );
+    }
+    Ok(report)
+}
+
+/// Which chunks the backups reference: positions in the chunk map, and for
+/// version 1 backups, object ids (with the v1 objects present, listed once
+/// when the first v1 backup shows up).
+struct Refs {
+    referenced: Vec<bool>,
+    v1_refs: HashSet<Id>,
+    v1_present: Option<HashSet<Id>>,
+}
+
+/// Packs a pack index names that the store lacks or holds at another size.
+fn missing_packs(map: &ChunkMap, present: &HashMap<Id, u64>, report: &mut CheckReport) {
     for p in map.packs() {
         match present.get(&p.id) {
             None => report.problems.push(format!(
@@ -65,80 +113,75 @@ pub fn check(
             Some(_) => {}
         }
     }
-    let mut referenced = vec![false; map.entries().len()];
-    let mut v1_refs: HashSet<Id> = HashSet::new();
-    let mut v1_present: Option<HashSet<Id>> = None;
-    for name in catalog::list_backups(store, None)? {
-        let name = name.to_string();
-        report.indexes += 1;
-        let idx = match catalog::read_index(store, &name) {
-            Ok(i) => i,
-            Err(e @ (ChunkError::Index(_) | ChunkError::NoBackup(_))) => {
+}
+
+/// Read one backup's index and entries, marking every chunk it references
+/// and reporting those the store lacks. An unreadable index or tree is a
+/// problem in the report; a store failure is an error.
+fn check_backup(
+    store: &dyn Store,
+    cache: Option<&Cache>,
+    connections: usize,
+    name: &str,
+    map: &ChunkMap,
+    refs: &mut Refs,
+    report: &mut CheckReport,
+) -> Result<(), ChunkError> {
+    let idx = match catalog::read_index(store, name) {
+        Ok(i) => i,
+        Err(e @ (ChunkError::Index(_) | ChunkError::NoBackup(_))) => {
+            report.problems.push(e.to_string());
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let v1 = matches!(idx, Decoded::V1(_));
+    if v1 && refs.v1_present.is_none() {
+        refs.v1_present = Some(
+            with_retry(|| store.list(Kind::Chunk))
+                .map_err(|e| ChunkError::store("listing version 1 chunks", e))?
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect(),
+        );
+    }
+    let mut entries = catalog::entries(store, cache, name, &idx, connections);
+    let mut file = String::new();
+    loop {
+        let item = match entries.next_item() {
+            Ok(Some(i)) => i,
+            Ok(None) => return Ok(()),
+            Err(e @ (ChunkError::Index(_) | ChunkError::Format(_))) => {
                 report.problems.push(e.to_string());
-                continue;
+                return Ok(());
             }
             Err(e) => return Err(e),
         };
-        if matches!(idx, Decoded::V1(_)) && v1_present.is_none() {
-            v1_present = Some(
-                with_retry(|| store.list(Kind::Chunk))
-                    .map_err(|e| ChunkError::store("listing version 1 chunks", e))?
-                    .into_iter()
-                    .map(|(id, _)| id)
-                    .collect(),
-            );
-        }
-        let mut entries = catalog::entries(store, cache, &name, &idx, connections);
-        let mut file = String::new();
-        loop {
-            let item = match entries.next_item() {
-                Ok(Some(i)) => i,
-                Ok(None) => break,
-                Err(e @ (ChunkError::Index(_) | ChunkError::Format(_))) => {
-                    report.problems.push(e.to_string());
-                    break;
+        let chunks = match item {
+            Item::Entry(e) => {
+                file = e.display().into_owned();
+                continue;
+            }
+            Item::Chunks(chunks) => chunks,
+        };
+        for h in chunks.iter().filter_map(|c| c.hash) {
+            let found = match &refs.v1_present {
+                Some(present) if v1 => {
+                    refs.v1_refs.insert(h);
+                    present.contains(&h)
                 }
-                Err(e) => return Err(e),
+                _ => map
+                    .position(&h)
+                    .map(|i| refs.referenced[i] = true)
+                    .is_some(),
             };
-            match item {
-                Item::Entry(e) => file = e.display().into_owned(),
-                Item::Chunks(chunks) => {
-                    for h in chunks.iter().filter_map(|c| c.hash) {
-                        let found = match &v1_present {
-                            Some(v1) if matches!(idx, Decoded::V1(_)) => {
-                                v1_refs.insert(h);
-                                v1.contains(&h)
-                            }
-                            _ => match map.position(&h) {
-                                Some(i) => {
-                                    referenced[i] = true;
-                                    true
-                                }
-                                None => false,
-                            },
-                        };
-                        if !found {
-                            report
-                                .problems
-                                .push(format!("backup {name}: file {file}: chunk {h} is missing"));
-                        }
-                    }
-                }
+            if !found {
+                report
+                    .problems
+                    .push(format!("backup {name}: file {file}: chunk {h} is missing"));
             }
         }
     }
-    report.chunks = referenced.iter().filter(|&&r| r).count() as u64 + v1_refs.len() as u64;
-    if read_data {
-        verify_packs(store, &map, &present, connections, &mut report);
-        verify_v1(
-            store,
-            &v1_refs,
-            v1_present.as_ref(),
-            connections,
-            &mut report,
-        );
-    }
-    Ok(report)
 }
 
 /// Read every pack the store has and the map names; compare its trailer

@@ -99,9 +99,10 @@ pub struct LeaseInfo {
 /// Why a lease could not be taken or kept.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
-    /// A store call failed.
+    /// A store call failed. (Printed, not returned by `source()`: see
+    /// the error policy in [`crate::ChunkError`].)
     #[error("lease: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
     /// Another party holds a conflicting live lease.
     #[error("{0}")]
     Conflict(String),
@@ -116,6 +117,12 @@ pub enum LeaseError {
         /// Time since the last successful refresh.
         age: Duration,
     },
+}
+
+impl From<StoreError> for LeaseError {
+    fn from(e: StoreError) -> Self {
+        LeaseError::Store(e)
+    }
 }
 
 /// The host name, reduced to marker-safe characters.

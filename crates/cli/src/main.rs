@@ -67,27 +67,15 @@ fn usage_error(e: clap::Error) -> ExitCode {
     }
 }
 
-/// The error and its causes, joined with ": ". Many errors already include
-/// their cause in their own message (`{path}: {source}`); a cause whose
-/// text is already there is not repeated.
+/// The error and its causes, joined with ": ". Under the error policy
+/// (see `btm::error`) every error prints its own cause and returns none
+/// from `source()`, so each link of the chain is a context added here in
+/// the binary, and nothing is repeated.
 fn render_chain(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        // A cause that restates the context in full says it better.
-        if !out.is_empty() && text.contains(&out) {
-            out = text;
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn one_line(s: &str) -> String {

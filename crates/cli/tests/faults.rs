@@ -319,20 +319,32 @@ fn kill_9_mid_restore_then_rerun_is_exact_and_skips_completed_files() {
     .stderr(Stdio::null())
     .spawn()
     .expect("spawn");
-    // Wait for the first checkpoint (256 MiB written): the journal has
-    // records then.
+    // Run the restore in 3 ms slices with 20 ms stops in between, until
+    // its journal has records (the first checkpoint, 256 MiB written and
+    // synced); then kill it while it is stopped. Unthrottled, a fast disk
+    // finishes the whole restore during the first checkpoint's sync, and
+    // there is no moment to kill it in; stopped, it writes nothing new
+    // while the sync catches up.
     let journal = Path::new(&dst).join(".btm-restore");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let started = Instant::now();
-    while fs::read_to_string(&journal)
-        .map(|j| j.lines().count())
-        .unwrap_or(0)
-        < 2
-    {
-        assert!(started.elapsed() < Duration::from_secs(60), "no checkpoint");
-        if child.try_wait().expect("wait").is_some() {
+    loop {
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop");
+        sleep(Duration::from_millis(20));
+        let records = fs::read_to_string(&journal).map_or(0, |j| j.lines().count());
+        if records >= 2 {
             break;
         }
-        sleep(Duration::from_millis(20));
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "the restore finished before its first checkpoint was seen"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint"
+        );
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("continue");
+        sleep(Duration::from_millis(3));
     }
     let _ = child.kill();
     let _ = child.wait();

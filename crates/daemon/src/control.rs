@@ -63,10 +63,10 @@ impl Binding {
         }
     }
 
-    fn socket_err(&self, source: std::io::Error) -> DaemonError {
+    fn socket_err(&self, cause: std::io::Error) -> DaemonError {
         DaemonError::Socket {
             path: self.path.clone(),
-            source,
+            cause,
         }
     }
 

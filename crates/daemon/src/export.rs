@@ -22,7 +22,6 @@ use crate::height::identity::{ChainIdentity, ChainRpc};
 use btm::lock::VolumeLock;
 use btm::pin::Pin;
 use btm::volume::Volume;
-use btm::BtmCfg;
 use btm_chunk::backup::{BackupOptions, BackupSummary};
 use btm_chunk::cache::Cache;
 use btm_chunk::format::head::Decoded;
@@ -152,7 +151,6 @@ pub enum Which {
 /// is and cancels it; `lock_wait` bounds the wait for the volume lock
 /// (held only while picking and pinning the snapshot).
 pub fn export(
-    cfg: &BtmCfg,
     vol: &dyn Volume,
     which: Which,
     s: &ExportSettings,
@@ -162,26 +160,7 @@ pub fn export(
     let started = Instant::now();
     let _one_at_a_time = VolumeLock::acquire(&format!("{}#export", vol.name()), Duration::ZERO)
         .map_err(|_| ExportError::Busy(vol.name().to_owned()))?;
-
-    let (height, _pin) = {
-        let _lock = VolumeLock::acquire(vol.name(), lock_wait).map_err(btm::Error::from)?;
-        let heights = vol.heights().map_err(btm::Error::from)?;
-        let height = match which {
-            Which::Newest => *heights.first().ok_or_else(|| {
-                ExportError::NoSnapshot(format!("volume '{}' has no btm snapshots", vol.name()))
-            })?,
-            Which::Height(h) | Which::DueHeight(h) => {
-                if !heights.contains(&h) {
-                    return Err(ExportError::NoSnapshot(format!(
-                        "volume '{}' has no snapshot at height {h}",
-                        vol.name()
-                    )));
-                }
-                h
-            }
-        };
-        (height, Pin::acquire(vol.name(), height)?)
-    };
+    let (height, _pin) = pick_and_pin(vol, which, lock_wait)?;
     let snapshot = format!("{}@{height}", vol.name());
     let mut report = ExportReport {
         height,
@@ -201,35 +180,109 @@ pub fn export(
     // it relies on the parent's chunks, which is safe only for an index
     // read under its lease (see btm_chunk::lease).
     let parent = btm_chunk::catalog::latest(store.as_ref(), &s.tag, None)?;
-    if let Some((name, idx)) = &parent {
-        let prev = idx.height();
-        let done = match which {
-            Which::DueHeight(_) => {
-                prev.is_some_and(|p| p / s.every.max(1) >= height / s.every.max(1))
-            }
-            _ => prev == Some(height),
-        };
-        if done {
-            tracing::info!(height, backup = %name, "already exported; skipping");
-            report.already_exported = Some(name.clone());
-            report.duration_ms = started.elapsed().as_millis() as u64;
-            return Ok(report);
-        }
+    if let Some(name) = already_exported(parent.as_ref(), which, s.every, height) {
+        tracing::info!(height, backup = %name, "already exported; skipping");
+        report.already_exported = Some(name);
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        return Ok(report);
     }
 
+    let meta = export_meta(vol, height, s.chain.as_ref(), &mut report);
+    let mut opts = backup_options(s, meta, progress);
+    // On btrfs the previous export's snapshot, if still there, lets changed
+    // files be compared extent by extent instead of read whole. Pinned so
+    // it stays while we compare; any doubt about it only costs reads.
+    let parent_view = parent
+        .as_ref()
+        .and_then(|(_, idx)| parent_snapshot(idx, vol.name()))
+        .filter(|&h| h != height && vol.mode() == btm::volume::SnapMode::Btrfs)
+        .and_then(|h| {
+            let pin = Pin::acquire(vol.name(), h).ok()?;
+            let view = vol.view(h).ok()?;
+            Some((pin, view))
+        });
+    opts.parent = parent_view.as_ref().map(|(_, v)| v.path().to_owned());
+
+    let view = vol.view(height).map_err(btm::Error::from)?;
+    tracing::info!(height, snapshot = %snapshot, path = %view.path().display(), store = %s.store, "export started");
+    let summary = btm_chunk::backup::backup(store.as_ref(), view.path(), &opts);
+    if let Err(e) = view.close() {
+        report
+            .warnings
+            .push(format!("could not remove the snapshot view: {e}"));
+    }
+    drop(parent_view);
+    report.backup = Some(summary?);
+    maintain(store.as_ref(), s, opts.cache.clone(), &mut report);
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// The snapshot `which` names, pinned so pruning keeps it while it is read.
+/// The volume lock is held only while picking and pinning.
+fn pick_and_pin(
+    vol: &dyn Volume,
+    which: Which,
+    lock_wait: Duration,
+) -> Result<(u64, Pin), ExportError> {
+    let _lock = VolumeLock::acquire(vol.name(), lock_wait).map_err(btm::Error::from)?;
+    let heights = vol.heights().map_err(btm::Error::from)?;
+    let height = match which {
+        Which::Newest => *heights.first().ok_or_else(|| {
+            ExportError::NoSnapshot(format!("volume '{}' has no btm snapshots", vol.name()))
+        })?,
+        Which::Height(h) | Which::DueHeight(h) => {
+            if !heights.contains(&h) {
+                return Err(ExportError::NoSnapshot(format!(
+                    "volume '{}' has no snapshot at height {h}",
+                    vol.name()
+                )));
+            }
+            h
+        }
+    };
+    Ok((height, Pin::acquire(vol.name(), height)?))
+}
+
+/// The name of the tag's newest backup when it makes exporting `height`
+/// unnecessary: the same height, or with [`Which::DueHeight`] the same
+/// `every` bucket or a later one.
+fn already_exported(
+    parent: Option<&(String, Decoded)>,
+    which: Which,
+    every: u64,
+    height: u64,
+) -> Option<String> {
+    let (name, idx) = parent?;
+    let prev = idx.height();
+    let done = match which {
+        Which::DueHeight(_) => prev.is_some_and(|p| p / every.max(1) >= height / every.max(1)),
+        _ => prev == Some(height),
+    };
+    done.then(|| name.clone())
+}
+
+/// The index metadata of an export of `height`, with the chain's identity
+/// when `chain` answers (a failure to ask is a warning in `report`).
+fn export_meta(
+    vol: &dyn Volume,
+    height: u64,
+    chain: Option<&ChainRpc>,
+    report: &mut ExportReport,
+) -> serde_json::Map<String, serde_json::Value> {
     let mut meta = serde_json::Map::new();
     meta.insert("height".into(), height.into());
     if let Some(after) = btm::window::load(vol.name()).get(&height) {
         meta.insert("height_after".into(), (*after).into());
     }
     meta.insert("volume".into(), vol.name().into());
-    meta.insert("mode".into(), cfg.mode.to_string().into());
-    meta.insert("snapshot".into(), snapshot.clone().into());
+    meta.insert("mode".into(), vol.mode().to_string().into());
+    meta.insert("snapshot".into(), report.snapshot.clone().into());
     meta.insert("host".into(), btm_chunk::lease::host_name().into());
     meta.insert("btm_version".into(), env!("CARGO_PKG_VERSION").into());
     // Asked before the backup, while the node surely still has the block.
     // An export without it is still a good export; `verify` says so.
-    if let Some(rpc) = &s.chain {
+    if let Some(rpc) = chain {
         match rpc.identity(height) {
             Ok(id) => {
                 tracing::info!(height, block_hash = %id.block_hash, state_hash = %id.state_hash, "chain identity recorded");
@@ -246,6 +299,15 @@ pub fn export(
             }
         }
     }
+    meta
+}
+
+/// The backup options an export's settings mean.
+fn backup_options(
+    s: &ExportSettings,
+    meta: serde_json::Map<String, serde_json::Value>,
+    progress: Arc<Progress>,
+) -> BackupOptions {
     let mut opts = BackupOptions::new(&s.tag);
     opts.meta = meta;
     opts.append_only = s.append_only.clone();
@@ -265,33 +327,18 @@ pub fn export(
         opts.cache = Some(Cache::new(dir.clone()));
     }
     opts.progress = progress;
+    opts
+}
 
-    // On btrfs the previous export's snapshot, if still there, lets changed
-    // files be compared extent by extent instead of read whole. Pinned so
-    // it stays while we compare; any doubt about it only costs reads.
-    let parent_view = parent
-        .as_ref()
-        .and_then(|(_, idx)| parent_snapshot(idx, vol.name()))
-        .filter(|&h| h != height && cfg.mode == btm::volume::SnapMode::Btrfs)
-        .and_then(|h| {
-            let pin = Pin::acquire(vol.name(), h).ok()?;
-            let view = vol.view(h).ok()?;
-            Some((pin, view))
-        });
-    opts.parent = parent_view.as_ref().map(|(_, v)| v.path().to_owned());
-
-    let view = vol.view(height).map_err(btm::Error::from)?;
-    tracing::info!(height, snapshot = %snapshot, path = %view.path().display(), store = %s.store, "export started");
-    let summary = btm_chunk::backup::backup(store.as_ref(), view.path(), &opts);
-    if let Err(e) = view.close() {
-        report
-            .warnings
-            .push(format!("could not remove the snapshot view: {e}"));
-    }
-    drop(parent_view);
-    report.backup = Some(summary?);
-
-    match btm_chunk::keep::prune_backups(store.as_ref(), &s.tag, s.keep, false) {
+/// After a written backup: the tag's retention, then garbage collection.
+/// Both failures are warnings; the backup is safe either way.
+fn maintain(
+    store: &dyn btm_chunk::store::Store,
+    s: &ExportSettings,
+    cache: Option<Cache>,
+    report: &mut ExportReport,
+) {
+    match btm_chunk::keep::prune_backups(store, &s.tag, s.keep, false) {
         Ok(pruned) => report.pruned = pruned,
         Err(e) => report
             .warnings
@@ -303,18 +350,16 @@ pub fn export(
             dry_run: false,
             connections: s
                 .connections
-                .unwrap_or_else(|| btm_chunk::backup::default_connections(store.as_ref())),
-            cache: opts.cache.clone(),
+                .unwrap_or_else(|| btm_chunk::backup::default_connections(store)),
+            cache,
         };
-        match btm_chunk::gc::gc(store.as_ref(), &opts) {
+        match btm_chunk::gc::gc(store, &opts) {
             Ok(g) => report.gc = Some(g),
             Err(e) => report
                 .warnings
                 .push(format!("garbage collection failed: {e}")),
         }
     }
-    report.duration_ms = started.elapsed().as_millis() as u64;
-    Ok(report)
 }
 
 /// The height of the snapshot of `volume` that the backup `idx` was made

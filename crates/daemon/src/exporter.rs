@@ -23,7 +23,6 @@ use chrono::Utc;
 use crate::export::{self, ExportError, ExportSettings, Which};
 use btm::protocol::LastExport;
 use btm::volume::Volume;
-use btm::BtmCfg;
 use btm_chunk::{ChunkError, Progress};
 
 use super::state::State;
@@ -37,7 +36,6 @@ pub struct Exporter {
 
 /// What the exports of one generation need, shared with their thread.
 struct Context {
-    cfg: BtmCfg,
     volume: Arc<dyn Volume>,
     settings: ExportSettings,
     lock_timeout: Duration,
@@ -100,7 +98,6 @@ impl Exporter {
     /// A running export in `carry` (from before a reload) now reports to
     /// `state`.
     pub fn new(
-        cfg: BtmCfg,
         volume: Arc<dyn Volume>,
         settings: ExportSettings,
         lock_timeout: Duration,
@@ -119,7 +116,6 @@ impl Exporter {
         }
         Exporter {
             ctx: Arc::new(Context {
-                cfg,
                 volume,
                 settings,
                 lock_timeout,
@@ -220,7 +216,6 @@ impl Run {
             }
         }
         let result = export::export(
-            &self.ctx.cfg,
             self.ctx.volume.as_ref(),
             Which::DueHeight(height),
             &self.ctx.settings,

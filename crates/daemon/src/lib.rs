@@ -68,23 +68,23 @@ pub enum DaemonError {
     #[error(transparent)]
     Volume(#[from] btm::Error),
     /// The control socket could not be set up.
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}: {cause}")]
     Socket {
         /// The socket path.
         path: PathBuf,
         /// The error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// Another daemon already answers on the socket.
     #[error("another btm daemon is already listening on {0}")]
     SocketInUse(PathBuf),
     /// The metrics address could not be bound.
-    #[error("metrics_listen {addr}: {source}")]
+    #[error("metrics_listen {addr}: {cause}")]
     Metrics {
         /// The address.
         addr: std::net::SocketAddr,
         /// The error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The configured socket group does not exist.
     #[error("invalid socket_group: no group named '{0}'")]
@@ -220,16 +220,7 @@ impl Daemon {
     ) -> Result<(), DaemonError> {
         let opening = {
             let s = settings.clone();
-            tokio::task::spawn_blocking(move || -> Result<_, btm::Error> {
-                let cfg = BtmCfg::new(&s.volume, s.mode, s.itv, s.cap, s.algo)?;
-                let volume: Arc<dyn btm::volume::Volume> = Arc::from(cfg.open()?);
-                let heights = volume.heights()?;
-                // Views left by a daemon killed mid-export (ZFS clones).
-                if let Err(e) = volume.cleanup_stale_views() {
-                    tracing::warn!(error = %e, "could not remove stale snapshot views");
-                }
-                Ok((cfg, volume, heights))
-            })
+            tokio::task::spawn_blocking(move || open_volume(&s))
         };
         let Some(opened) = stop.until(opening).await else {
             return Ok(());
@@ -238,7 +229,6 @@ impl Daemon {
         let state = Arc::new(State::new(initial_status(&cfg, &settings, heights.len())));
         let exporter = settings.export.clone().map(|e| {
             Arc::new(exporter::Exporter::new(
-                cfg.clone(),
                 Arc::clone(&volume),
                 e,
                 settings.lock_timeout,
@@ -258,35 +248,8 @@ impl Daemon {
             &heights,
             exporter.clone(),
         ));
-        let poller = match settings.source.is_polled() {
-            false => None,
-            true => {
-                let p = Arc::new(Poller::new(
-                    settings.source.clone(),
-                    settings.source_timeout,
-                ));
-                let first = poll::fetch(&p);
-                let Some(first) = stop.until(first).await else {
-                    return Ok(());
-                };
-                // A node that is down is not fatal (the daemon waits for
-                // it), but the operator hears of it now.
-                match first {
-                    Ok(h) => {
-                        state.height_seen(h);
-                        tracing::info!(
-                            source = settings.source.name(),
-                            height = h,
-                            "height source answers"
-                        );
-                    }
-                    Err(e) => {
-                        state.source_failed(&e.to_string());
-                        tracing::warn!(source = settings.source.name(), error = %e, "height source does not answer yet; will keep trying");
-                    }
-                }
-                Some(p)
-            }
+        let Some(poller) = start_poller(&settings, &state, &mut stop).await else {
+            return Ok(());
         };
         self.configure_servers(&settings)?;
         let generation = Arc::new(Generation {
@@ -305,18 +268,7 @@ impl Daemon {
                 stop.clone(),
             ))
         });
-        tracing::info!(
-            volume = %cfg.volume,
-            mode = %cfg.mode,
-            source = settings.source.name(),
-            itv = cfg.itv,
-            cap = cfg.cap,
-            algo = %cfg.algo,
-            socket = %settings.socket.display(),
-            export_store = settings.export.as_ref().map(|e| e.store.as_str()),
-            export_every = settings.export.as_ref().map(|e| e.every),
-            "btm daemon ready"
-        );
+        log_ready(&cfg, &settings);
         systemd::ready(&state.summary());
 
         stop.wait().await;
@@ -332,6 +284,72 @@ impl Daemon {
         }
         result
     }
+}
+
+/// Open the configured volume, read its heights, and remove views left by
+/// a daemon killed mid-export (ZFS clones). Blocking.
+fn open_volume(
+    s: &DaemonSettings,
+) -> Result<(BtmCfg, Arc<dyn btm::volume::Volume>, Vec<u64>), btm::Error> {
+    let cfg = BtmCfg::new(&s.volume, s.mode, s.itv, s.cap, s.algo)?;
+    let volume: Arc<dyn btm::volume::Volume> = Arc::from(cfg.open()?);
+    let heights = volume.heights()?;
+    if let Err(e) = volume.cleanup_stale_views() {
+        tracing::warn!(error = %e, "could not remove stale snapshot views");
+    }
+    Ok((cfg, volume, heights))
+}
+
+/// The poller of a polled source (`Some(None)` in push mode), after a
+/// first read: a node that is down is not fatal (the daemon waits for it),
+/// but the operator hears of it now. `None`: a stop came first.
+async fn start_poller(
+    settings: &DaemonSettings,
+    state: &State,
+    stop: &mut Shutdown,
+) -> Option<Option<Arc<Poller>>> {
+    Some(match settings.source.is_polled() {
+        false => None,
+        true => {
+            let p = Arc::new(Poller::new(
+                settings.source.clone(),
+                settings.source_timeout,
+            ));
+            let first = poll::fetch(&p);
+            let first = stop.until(first).await?;
+            match first {
+                Ok(h) => {
+                    state.height_seen(h);
+                    tracing::info!(
+                        source = settings.source.name(),
+                        height = h,
+                        "height source answers"
+                    );
+                }
+                Err(e) => {
+                    state.source_failed(&e.to_string());
+                    tracing::warn!(source = settings.source.name(), error = %e, "height source does not answer yet; will keep trying");
+                }
+            }
+            Some(p)
+        }
+    })
+}
+
+/// The one line that says the daemon is up, with what it runs.
+fn log_ready(cfg: &BtmCfg, settings: &DaemonSettings) {
+    tracing::info!(
+        volume = %cfg.volume,
+        mode = %cfg.mode,
+        source = settings.source.name(),
+        itv = cfg.itv,
+        cap = cfg.cap,
+        algo = %cfg.algo,
+        socket = %settings.socket.display(),
+        export_store = settings.export.as_ref().map(|e| e.store.as_str()),
+        export_every = settings.export.as_ref().map(|e| e.every),
+        "btm daemon ready"
+    );
 }
 
 fn initial_status(cfg: &BtmCfg, settings: &DaemonSettings, snapshots: usize) -> Status {

@@ -20,146 +20,18 @@ use super::{Current, DaemonError};
 /// Render `s` in the Prometheus text format.
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, kind: &str, value: Option<f64>| {
+    let all = source_and_snapshot_metrics(s)
+        .into_iter()
+        .chain(export_metrics(s));
+    for (name, help, kind, value) in all {
         if let Some(v) = value {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
             );
         }
-    };
-    let c = &s.counters;
-    gauge(
-        "btm_last_height",
-        "Last block height seen from the source.",
-        "gauge",
-        s.last_height.map(|h| h as f64),
-    );
-    gauge(
-        "btm_source_lag_seconds",
-        "Seconds since the source last gave a height.",
-        "gauge",
-        s.last_height_at
-            .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0),
-    );
-    let last = s.last_snapshot.as_ref();
-    gauge(
-        "btm_last_snapshot_height",
-        "Height of the last snapshot taken.",
-        "gauge",
-        last.map(|l| l.height as f64),
-    );
-    gauge(
-        "btm_last_snapshot_timestamp_seconds",
-        "Unix time of the last snapshot taken.",
-        "gauge",
-        last.map(|l| l.at.timestamp() as f64),
-    );
-    gauge(
-        "btm_last_snapshot_duration_seconds",
-        "Duration of the last snapshot, with hooks and pruning.",
-        "gauge",
-        last.map(|l| l.duration_ms as f64 / 1000.0),
-    );
-    gauge(
-        "btm_snapshots",
-        "btm snapshots on the volume.",
-        "gauge",
-        Some(s.snapshot_count as f64),
-    );
-    gauge(
-        "btm_snapshots_taken_total",
-        "Snapshots taken since start.",
-        "counter",
-        Some(c.snapshots as f64),
-    );
-    gauge(
-        "btm_snapshot_duration_seconds_sum",
-        "Total time spent taking snapshots.",
-        "counter",
-        Some(c.snapshot_ms_total as f64 / 1000.0),
-    );
-    gauge(
-        "btm_prune_duration_seconds_sum",
-        "Total time spent pruning.",
-        "counter",
-        Some(c.prune_ms_total as f64 / 1000.0),
-    );
-    gauge(
-        "btm_prunes_total",
-        "Prune runs since start.",
-        "counter",
-        Some(c.prunes as f64),
-    );
-    let le = s.last_export.as_ref();
-    for (name, help, v) in [
-        (
-            "btm_last_export_height",
-            "Height of the last successful export.",
-            le.map(|l| l.height as f64),
-        ),
-        (
-            "btm_last_export_timestamp_seconds",
-            "Unix time of the last successful export.",
-            le.map(|l| l.at.timestamp() as f64),
-        ),
-        (
-            "btm_last_export_duration_seconds",
-            "Duration of the last successful export.",
-            le.map(|l| l.duration_ms as f64 / 1000.0),
-        ),
-        (
-            "btm_last_export_read_bytes",
-            "Bytes read by the last successful export.",
-            le.map(|l| l.bytes_read as f64),
-        ),
-        (
-            "btm_last_export_uploaded_bytes",
-            "Bytes uploaded by the last successful export.",
-            le.map(|l| l.bytes_uploaded as f64),
-        ),
-    ] {
-        gauge(name, help, "gauge", v);
     }
-    let running = s.export.as_ref();
-    gauge(
-        "btm_export_running",
-        "1 while an export runs.",
-        "gauge",
-        s.export_store
-            .as_ref()
-            .map(|_| f64::from(u8::from(running.is_some()))),
-    );
-    gauge(
-        "btm_export_progress_read_bytes",
-        "Bytes read so far by the running export.",
-        "gauge",
-        running.map(|r| r.bytes_read as f64),
-    );
-    gauge(
-        "btm_export_progress_total_bytes",
-        "Bytes the running export plans to read.",
-        "gauge",
-        running.map(|r| r.bytes_total as f64),
-    );
-    gauge(
-        "btm_export_progress_uploaded_bytes",
-        "Bytes uploaded so far by the running export.",
-        "gauge",
-        running.map(|r| r.bytes_uploaded as f64),
-    );
-    gauge(
-        "btm_exports_total",
-        "Exports finished since start.",
-        "counter",
-        Some(c.exports as f64),
-    );
-    gauge(
-        "btm_exports_skipped_total",
-        "Due exports skipped because one was still running.",
-        "counter",
-        Some(c.exports_skipped as f64),
-    );
+    let c = &s.counters;
     let _ = writeln!(
         out,
         "# HELP btm_errors_total Errors since start, by kind.\n# TYPE btm_errors_total counter"
@@ -175,6 +47,154 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(out, "btm_errors_total{{kind=\"{kind}\"}} {n}");
     }
     out
+}
+
+/// One sample: name, help, type, and the value (none: not exported).
+type Metric = (&'static str, &'static str, &'static str, Option<f64>);
+
+fn source_and_snapshot_metrics(s: &Status) -> Vec<Metric> {
+    let c = &s.counters;
+    let last = s.last_snapshot.as_ref();
+    let secs = |ms: u64| ms as f64 / 1000.0;
+    vec![
+        (
+            "btm_last_height",
+            "Last block height seen from the source.",
+            "gauge",
+            s.last_height.map(|h| h as f64),
+        ),
+        (
+            "btm_source_lag_seconds",
+            "Seconds since the source last gave a height.",
+            "gauge",
+            s.last_height_at
+                .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0),
+        ),
+        (
+            "btm_last_snapshot_height",
+            "Height of the last snapshot taken.",
+            "gauge",
+            last.map(|l| l.height as f64),
+        ),
+        (
+            "btm_last_snapshot_timestamp_seconds",
+            "Unix time of the last snapshot taken.",
+            "gauge",
+            last.map(|l| l.at.timestamp() as f64),
+        ),
+        (
+            "btm_last_snapshot_duration_seconds",
+            "Duration of the last snapshot, with hooks and pruning.",
+            "gauge",
+            last.map(|l| secs(l.duration_ms)),
+        ),
+        (
+            "btm_snapshots",
+            "btm snapshots on the volume.",
+            "gauge",
+            Some(s.snapshot_count as f64),
+        ),
+        (
+            "btm_snapshots_taken_total",
+            "Snapshots taken since start.",
+            "counter",
+            Some(c.snapshots as f64),
+        ),
+        (
+            "btm_snapshot_duration_seconds_sum",
+            "Total time spent taking snapshots.",
+            "counter",
+            Some(secs(c.snapshot_ms_total)),
+        ),
+        (
+            "btm_prune_duration_seconds_sum",
+            "Total time spent pruning.",
+            "counter",
+            Some(secs(c.prune_ms_total)),
+        ),
+        (
+            "btm_prunes_total",
+            "Prune runs since start.",
+            "counter",
+            Some(c.prunes as f64),
+        ),
+    ]
+}
+
+fn export_metrics(s: &Status) -> Vec<Metric> {
+    let c = &s.counters;
+    let le = s.last_export.as_ref();
+    let running = s.export.as_ref();
+    vec![
+        (
+            "btm_last_export_height",
+            "Height of the last successful export.",
+            "gauge",
+            le.map(|l| l.height as f64),
+        ),
+        (
+            "btm_last_export_timestamp_seconds",
+            "Unix time of the last successful export.",
+            "gauge",
+            le.map(|l| l.at.timestamp() as f64),
+        ),
+        (
+            "btm_last_export_duration_seconds",
+            "Duration of the last successful export.",
+            "gauge",
+            le.map(|l| l.duration_ms as f64 / 1000.0),
+        ),
+        (
+            "btm_last_export_read_bytes",
+            "Bytes read by the last successful export.",
+            "gauge",
+            le.map(|l| l.bytes_read as f64),
+        ),
+        (
+            "btm_last_export_uploaded_bytes",
+            "Bytes uploaded by the last successful export.",
+            "gauge",
+            le.map(|l| l.bytes_uploaded as f64),
+        ),
+        (
+            "btm_export_running",
+            "1 while an export runs.",
+            "gauge",
+            s.export_store
+                .as_ref()
+                .map(|_| f64::from(u8::from(running.is_some()))),
+        ),
+        (
+            "btm_export_progress_read_bytes",
+            "Bytes read so far by the running export.",
+            "gauge",
+            running.map(|r| r.bytes_read as f64),
+        ),
+        (
+            "btm_export_progress_total_bytes",
+            "Bytes the running export plans to read.",
+            "gauge",
+            running.map(|r| r.bytes_total as f64),
+        ),
+        (
+            "btm_export_progress_uploaded_bytes",
+            "Bytes uploaded so far by the running export.",
+            "gauge",
+            running.map(|r| r.bytes_uploaded as f64),
+        ),
+        (
+            "btm_exports_total",
+            "Exports finished since start.",
+            "counter",
+            Some(c.exports as f64),
+        ),
+        (
+            "btm_exports_skipped_total",
+            "Due exports skipped because one was still running.",
+            "counter",
+            Some(c.exports_skipped as f64),
+        ),
+    ]
 }
 
 /// The running metrics endpoint; it outlives reloads and serves the
@@ -194,9 +214,9 @@ impl Server {
     ) -> Result<Server, DaemonError> {
         let std_listener = std::net::TcpListener::bind(addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .map_err(|source| DaemonError::Metrics { addr, source })?;
+            .map_err(|cause| DaemonError::Metrics { addr, cause })?;
         let listener = TcpListener::from_std(std_listener)
-            .map_err(|source| DaemonError::Metrics { addr, source })?;
+            .map_err(|cause| DaemonError::Metrics { addr, cause })?;
         let (stop, stopped) = shutdown::channel();
         let task = tokio::spawn(serve(listener, current, process, stopped));
         Ok(Server { addr, stop, task })

@@ -24,12 +24,12 @@ pub const DEFAULT_CONFIG: &str = "/etc/btm/btm.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}: {cause}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file is not valid TOML, has an unknown key or a wrong type.
     #[error("config {path} line {line}: {message}")]
@@ -388,9 +388,9 @@ impl DaemonOptions {
 
     /// Read and parse a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
         Self::from_toml(&text, path)
     }
@@ -439,35 +439,9 @@ impl DaemonOptions {
             self.height_file,
             self.height_command,
         )?;
-        let socket_mode = match self.socket_mode.as_deref() {
-            None => 0o660,
-            Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
-                .ok()
-                .filter(|m| *m <= 0o777)
-                .ok_or_else(|| {
-                    invalid(
-                        "socket_mode",
-                        format!("'{s}' is not an octal mode like 0660"),
-                    )
-                })?,
-        };
-        if let Some(group) = &self.socket_group {
-            if group.is_empty() || group.contains(|c: char| c.is_whitespace() || c == ':') {
-                return Err(invalid(
-                    "socket_group",
-                    format!("'{group}' is not a group name"),
-                ));
-            }
-        }
-        let metrics_listen = match &self.metrics_listen {
-            None => None,
-            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
-                invalid(
-                    "metrics_listen",
-                    format!("'{a}' is not an address like 127.0.0.1:9375"),
-                )
-            })?),
-        };
+        let socket_mode = resolve_socket_mode(self.socket_mode.as_deref())?;
+        check_socket_group(self.socket_group.as_deref())?;
+        let metrics_listen = resolve_metrics_listen(self.metrics_listen.as_deref())?;
         if let Some(level) = &self.log_level {
             tracing_subscriber::EnvFilter::try_new(level)
                 .map_err(|e| invalid("log_level", format!("'{level}': {e}")))?;
@@ -521,6 +495,46 @@ impl DaemonOptions {
     }
 }
 
+/// `socket_mode`: octal permission bits, 0660 by default.
+fn resolve_socket_mode(mode: Option<&str>) -> Result<u32, ConfigError> {
+    match mode {
+        None => Ok(0o660),
+        Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                invalid(
+                    "socket_mode",
+                    format!("'{s}' is not an octal mode like 0660"),
+                )
+            }),
+    }
+}
+
+/// `socket_group`: a plausible group name (whether it exists is checked
+/// when the socket is created).
+fn check_socket_group(group: Option<&str>) -> Result<(), ConfigError> {
+    match group {
+        Some(g) if g.is_empty() || g.contains(|c: char| c.is_whitespace() || c == ':') => Err(
+            invalid("socket_group", format!("'{g}' is not a group name")),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// `metrics_listen`: an address and port.
+fn resolve_metrics_listen(addr: Option<&str>) -> Result<Option<SocketAddr>, ConfigError> {
+    addr.map(|a| {
+        a.parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                "metrics_listen",
+                format!("'{a}' is not an address like 127.0.0.1:9375"),
+            )
+        })
+    })
+    .transpose()
+}
+
 /// The height source, and the RPC that can name the chain at a height
 /// (the source's own RPC, or `rpc_url` with `rpc_kind` beside another
 /// source).
@@ -537,38 +551,28 @@ fn resolve_source(
             format!("is set, but source is '{kind}', which does not use it"),
         )
     };
-    let url = |rpc_url: Option<String>| -> Result<String, ConfigError> {
-        let url = rpc_url.ok_or(ConfigError::Missing {
-            key: "rpc_url",
-            hint: " for this source (--rpc-url)",
-        })?;
-        if url.starts_with("https://") {
-            return Err(invalid(
-                "rpc_url",
-                "https is not supported: the daemon runs on the node's machine; use the node's local http:// endpoint",
-            ));
-        }
-        if !url.starts_with("http://") || url.len() <= "http://".len() {
-            return Err(invalid("rpc_url", format!("'{url}' is not an http:// URL")));
-        }
-        Ok(url)
-    };
+    if height_file.is_some() && kind != "file" {
+        return Err(unused("height_file"));
+    }
+    if height_command.is_some() && kind != "command" {
+        return Err(unused("height_command"));
+    }
     let spec = match kind {
         "push" => SourceSpec::Push,
         "cometbft" => SourceSpec::Cometbft {
-            url: url(rpc_url.clone())?,
+            url: check_rpc_url(rpc_url.clone())?,
         },
         "ethereum" => SourceSpec::Ethereum {
-            url: url(rpc_url.clone())?,
+            url: check_rpc_url(rpc_url.clone())?,
         },
         "file" => SourceSpec::File {
-            path: height_file.clone().ok_or(ConfigError::Missing {
+            path: height_file.ok_or(ConfigError::Missing {
                 key: "height_file",
                 hint: " for source 'file' (--height-file)",
             })?,
         },
         "command" => {
-            let argv = height_command.clone().ok_or(ConfigError::Missing {
+            let argv = height_command.ok_or(ConfigError::Missing {
                 key: "height_command",
                 hint: " for source 'command' (--height-command)",
             })?;
@@ -586,6 +590,35 @@ fn resolve_source(
             ))
         }
     };
+    let chain = chain_rpc(&spec, rpc_url, rpc_kind)?;
+    Ok((spec, chain))
+}
+
+/// `rpc_url`: present, and a plain http:// URL.
+fn check_rpc_url(rpc_url: Option<String>) -> Result<String, ConfigError> {
+    let url = rpc_url.ok_or(ConfigError::Missing {
+        key: "rpc_url",
+        hint: " for this source (--rpc-url)",
+    })?;
+    if url.starts_with("https://") {
+        return Err(invalid(
+            "rpc_url",
+            "https is not supported: the daemon runs on the node's machine; use the node's local http:// endpoint",
+        ));
+    }
+    if !url.starts_with("http://") || url.len() <= "http://".len() {
+        return Err(invalid("rpc_url", format!("'{url}' is not an http:// URL")));
+    }
+    Ok(url)
+}
+
+/// The RPC exports ask for the chain's identity: a cometbft or ethereum
+/// source's own, or `rpc_url` with `rpc_kind` beside another source.
+fn chain_rpc(
+    spec: &SourceSpec,
+    rpc_url: Option<String>,
+    rpc_kind: Option<&str>,
+) -> Result<Option<(ChainKind, String)>, ConfigError> {
     let rpc_kind = match rpc_kind {
         None => None,
         Some(k) => Some(ChainKind::parse(k).ok_or_else(|| {
@@ -595,7 +628,7 @@ fn resolve_source(
             )
         })?),
     };
-    let chain = match (&spec, rpc_kind) {
+    Ok(match (spec, rpc_kind) {
         (SourceSpec::Cometbft { url }, k) if k.is_none_or(|k| k == ChainKind::Cometbft) => {
             Some((ChainKind::Cometbft, url.clone()))
         }
@@ -605,24 +638,20 @@ fn resolve_source(
         (SourceSpec::Cometbft { .. } | SourceSpec::Ethereum { .. }, Some(_)) => {
             return Err(invalid(
                 "rpc_kind",
-                format!("differs from source '{kind}', which already names the RPC kind"),
+                format!(
+                    "differs from source '{}', which already names the RPC kind",
+                    spec.name()
+                ),
             ))
         }
-        (_, Some(k)) => Some((k, url(rpc_url.clone())?)),
+        (_, Some(k)) => Some((k, check_rpc_url(rpc_url)?)),
         (_, None) if rpc_url.is_some() => return Err(ConfigError::Missing {
             key: "rpc_kind",
             hint:
                 " (cometbft or ethereum) when rpc_url is set beside a push, file or command source",
         }),
         (_, None) => None,
-    };
-    if height_file.is_some() && !matches!(spec, SourceSpec::File { .. }) {
-        return Err(unused("height_file"));
-    }
-    if height_command.is_some() && !matches!(spec, SourceSpec::Command { .. }) {
-        return Err(unused("height_command"));
-    }
-    Ok((spec, chain))
+    })
 }
 
 /// The daemon's resolved, validated settings.

@@ -159,12 +159,12 @@ pub enum Error {
     #[error(transparent)]
     Command(#[from] CmdError),
     /// A filesystem call failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The path involved.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A tool printed something btm could not understand.
     #[error("cannot parse output of {tool}: {detail}")]
@@ -188,10 +188,10 @@ impl Error {
         matches!(self, Error::Command(c) if c.kind.is_temporary())
     }
 
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 }

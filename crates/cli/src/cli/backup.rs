@@ -337,64 +337,87 @@ fn show(
         .unwrap_or_else(|| btm_chunk::restore::default_connections(store));
     let mut entries = catalog::entries(store, cache.as_ref(), name, &idx, connections);
     if json {
-        // Streamed: a million entries are never one value in memory.
-        write!(out, "{{\"backup\":")?;
-        serde_json::to_writer(&mut *out, &info)?;
-        write!(out, ",\"created\":")?;
-        serde_json::to_writer(&mut *out, &idx.created())?;
-        write!(out, ",\"chunk_size\":{},\"entries\":[", idx.chunk_size())?;
-        let mut first = true;
-        let mut pending: Option<serde_json::Value> = None;
-        let flush = |v: serde_json::Value, out: &mut dyn Write, first: &mut bool| -> Result<()> {
-            if !*first {
-                write!(out, ",")?;
-            }
-            *first = false;
-            serde_json::to_writer(&mut *out, &v)?;
-            Ok(())
-        };
-        while let Some(item) = entries.next_item()? {
-            match item {
-                Item::Entry(e) => {
-                    if let Some(v) = pending.take() {
-                        flush(v, out, &mut first)?;
-                    }
-                    let (kind, extra) = match &e.kind {
-                        EntryKind::File { size } => {
-                            ("file", serde_json::json!({ "size": size, "chunks": [] }))
-                        }
-                        EntryKind::Dir => ("dir", serde_json::json!({})),
-                        EntryKind::Symlink { target } => (
-                            "symlink",
-                            serde_json::json!({ "target": String::from_utf8_lossy(target) }),
-                        ),
-                    };
-                    let mut v = serde_json::json!({
-                        "path": e.display(), "type": kind, "mode": e.mode, "uid": e.uid,
-                        "gid": e.gid, "mtime_ns": e.mtime_ns, "append_only": e.append_only,
-                    });
-                    if let (Some(m), Some(x)) = (v.as_object_mut(), extra.as_object()) {
-                        m.extend(x.clone());
-                    }
-                    pending = Some(v);
-                }
-                Item::Chunks(chunks) => {
-                    if let Some(list) = pending.as_mut().and_then(|v| v["chunks"].as_array_mut()) {
-                        list.extend(
-                            chunks.iter().map(
-                                |c| serde_json::json!({ "o": c.off, "l": c.len, "h": c.hash }),
-                            ),
-                        );
-                    }
-                }
-            }
-        }
-        if let Some(v) = pending.take() {
-            flush(v, out, &mut first)?;
-        }
-        writeln!(out, "]}}")?;
-        return Ok(());
+        show_json(&idx, &info, &mut entries, out)
+    } else {
+        show_text(name, &idx, &info, &mut entries, out)
     }
+}
+
+/// `backups show --json`, streamed: a million entries are never one value
+/// in memory.
+fn show_json(
+    idx: &btm_chunk::format::head::Decoded,
+    info: &BackupInfo,
+    entries: &mut catalog::Entries<'_>,
+    out: &mut dyn Write,
+) -> Result<()> {
+    write!(out, "{{\"backup\":")?;
+    serde_json::to_writer(&mut *out, info)?;
+    write!(out, ",\"created\":")?;
+    serde_json::to_writer(&mut *out, &idx.created())?;
+    write!(out, ",\"chunk_size\":{},\"entries\":[", idx.chunk_size())?;
+    let mut first = true;
+    let mut pending: Option<serde_json::Value> = None;
+    let flush = |v: serde_json::Value, out: &mut dyn Write, first: &mut bool| -> Result<()> {
+        if !*first {
+            write!(out, ",")?;
+        }
+        *first = false;
+        serde_json::to_writer(&mut *out, &v)?;
+        Ok(())
+    };
+    while let Some(item) = entries.next_item()? {
+        match item {
+            Item::Entry(e) => {
+                if let Some(v) = pending.take() {
+                    flush(v, out, &mut first)?;
+                }
+                let (kind, extra) = match &e.kind {
+                    EntryKind::File { size } => {
+                        ("file", serde_json::json!({ "size": size, "chunks": [] }))
+                    }
+                    EntryKind::Dir => ("dir", serde_json::json!({})),
+                    EntryKind::Symlink { target } => (
+                        "symlink",
+                        serde_json::json!({ "target": String::from_utf8_lossy(target) }),
+                    ),
+                };
+                let mut v = serde_json::json!({
+                    "path": e.display(), "type": kind, "mode": e.mode, "uid": e.uid,
+                    "gid": e.gid, "mtime_ns": e.mtime_ns, "append_only": e.append_only,
+                });
+                if let (Some(m), Some(x)) = (v.as_object_mut(), extra.as_object()) {
+                    m.extend(x.clone());
+                }
+                pending = Some(v);
+            }
+            Item::Chunks(chunks) => {
+                if let Some(list) = pending.as_mut().and_then(|v| v["chunks"].as_array_mut()) {
+                    list.extend(
+                        chunks
+                            .iter()
+                            .map(|c| serde_json::json!({ "o": c.off, "l": c.len, "h": c.hash })),
+                    );
+                }
+            }
+        }
+    }
+    if let Some(v) = pending.take() {
+        flush(v, out, &mut first)?;
+    }
+    writeln!(out, "]}}")?;
+    Ok(())
+}
+
+/// `backups show`: a header, then one line per entry with its logical and
+/// stored sizes.
+fn show_text(
+    name: &str,
+    idx: &btm_chunk::format::head::Decoded,
+    info: &BackupInfo,
+    entries: &mut catalog::Entries<'_>,
+    out: &mut dyn Write,
+) -> Result<()> {
     writeln!(
         out,
         "backup {name}: format {}, tag {}, created {}, metadata {}",
@@ -418,42 +441,11 @@ fn show(
         )?;
     }
     let mut current: Option<(btm_chunk::format::tree::Entry, u64)> = None;
-    let print = |e: &btm_chunk::format::tree::Entry,
-                 data: u64,
-                 out: &mut dyn Write|
-     -> std::io::Result<()> {
-        match &e.kind {
-            EntryKind::File { size } => writeln!(
-                out,
-                "{:>10} {:>10}  {:o}  {}",
-                human_bytes(*size),
-                human_bytes(data),
-                e.mode,
-                e.display()
-            ),
-            EntryKind::Dir => writeln!(
-                out,
-                "{:>10} {:>10}  {:o}  {}/",
-                "-",
-                "-",
-                e.mode,
-                e.display()
-            ),
-            EntryKind::Symlink { target } => writeln!(
-                out,
-                "{:>10} {:>10}  link  {} -> {}",
-                "-",
-                "-",
-                e.display(),
-                String::from_utf8_lossy(target)
-            ),
-        }
-    };
     while let Some(item) = entries.next_item()? {
         match item {
             Item::Entry(e) => {
                 if let Some((prev, data)) = current.take() {
-                    print(&prev, data, out)?;
+                    print_entry(&prev, data, out)?;
                 }
                 current = Some((e, 0));
             }
@@ -469,9 +461,43 @@ fn show(
         }
     }
     if let Some((prev, data)) = current.take() {
-        print(&prev, data, out)?;
+        print_entry(&prev, data, out)?;
     }
     Ok(())
+}
+
+/// One line of `backups show`: sizes, mode and path.
+fn print_entry(
+    e: &btm_chunk::format::tree::Entry,
+    data: u64,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    match &e.kind {
+        EntryKind::File { size } => writeln!(
+            out,
+            "{:>10} {:>10}  {:o}  {}",
+            human_bytes(*size),
+            human_bytes(data),
+            e.mode,
+            e.display()
+        ),
+        EntryKind::Dir => writeln!(
+            out,
+            "{:>10} {:>10}  {:o}  {}/",
+            "-",
+            "-",
+            e.mode,
+            e.display()
+        ),
+        EntryKind::Symlink { target } => writeln!(
+            out,
+            "{:>10} {:>10}  link  {} -> {}",
+            "-",
+            "-",
+            e.display(),
+            String::from_utf8_lossy(target)
+        ),
+    }
 }
 
 /// Arguments of `btm restore`.

@@ -172,12 +172,9 @@ pub fn run(args: DaemonArgs, log_level: Option<String>) -> Result<()> {
 /// `--check-config`: everything the daemon checks before it starts, without
 /// starting (the volume is opened read-only).
 fn check(s: &DaemonSettings) -> Result<()> {
-    let cfg = btm::BtmCfg::new(&s.volume, s.mode, s.itv, s.cap, s.algo)
-        .with_context(|| format!("volume '{}'", s.volume))?;
+    let cfg = btm::BtmCfg::new(&s.volume, s.mode, s.itv, s.cap, s.algo)?;
     // Open it too: with the mode given, nothing above looked at the volume.
-    let vol = cfg
-        .open()
-        .with_context(|| format!("volume '{}'", s.volume))?;
+    let vol = cfg.open()?;
     println!(
         "configuration OK: volume {} ({}), itv {}, cap {}, {}, source {}{}",
         vol.name(),

@@ -10,7 +10,7 @@ use clap::Args;
 
 use btm::SnapMode;
 use btm_daemon::export::{self, Which};
-use btm_daemon::settings::DaemonOptions;
+use btm_daemon::settings::{DaemonOptions, DaemonSettings};
 
 use super::daemon::ExportFlags;
 use super::print_json;
@@ -38,6 +38,48 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: ExportArgs, out: &mut dyn Write) -> Result<()> {
+    let settings = settings(&args)?;
+    let export = settings
+        .export
+        .clone()
+        .context("no export store configured")?;
+    let cfg = btm::BtmCfg::new(
+        &settings.volume,
+        settings.mode,
+        settings.itv,
+        settings.cap,
+        settings.algo,
+    )?;
+    let vol = cfg.open()?;
+    if let Err(e) = btm::sys::lower_thread_priority() {
+        tracing::warn!(error = %e, "could not lower CPU and IO priority");
+    }
+    let which = args.height.map_or(Which::Newest, Which::Height);
+    let progress = Arc::new(btm_chunk::Progress::default());
+    let reporter = super::progress::Reporter::start(
+        format!("exporting {}", settings.volume),
+        Arc::clone(&progress),
+    );
+    let result = export::export(
+        vol.as_ref(),
+        which,
+        &export,
+        progress,
+        settings.lock_timeout,
+    );
+    drop(reporter);
+    let report = result.context("export failed; no backup was written")?;
+    for w in &report.warnings {
+        eprintln!("btm: warning: {w}");
+    }
+    if args.json {
+        return print_json(out, &report);
+    }
+    print_report(&report, out)
+}
+
+/// The configuration file overlaid with the flags, as the daemon reads it.
+fn settings(args: &ExportArgs) -> Result<DaemonSettings> {
     let flags = DaemonOptions {
         volume: args.volume.clone(),
         mode: args.mode,
@@ -61,45 +103,11 @@ pub fn run(args: ExportArgs, out: &mut dyn Write) -> Result<()> {
     }
     file.height_file = None;
     file.height_command = None;
-    let settings = file.overlay(flags).resolve()?;
-    let export = settings
-        .export
-        .clone()
-        .context("no export store configured")?;
-    let cfg = btm::BtmCfg::new(
-        &settings.volume,
-        settings.mode,
-        settings.itv,
-        settings.cap,
-        settings.algo,
-    )
-    .with_context(|| format!("volume '{}'", settings.volume))?;
-    let vol = cfg.open()?;
-    if let Err(e) = btm::sys::lower_thread_priority() {
-        tracing::warn!(error = %e, "could not lower CPU and IO priority");
-    }
-    let which = args.height.map_or(Which::Newest, Which::Height);
-    let progress = Arc::new(btm_chunk::Progress::default());
-    let reporter = super::progress::Reporter::start(
-        format!("exporting {}", settings.volume),
-        Arc::clone(&progress),
-    );
-    let result = export::export(
-        &cfg,
-        vol.as_ref(),
-        which,
-        &export,
-        progress,
-        settings.lock_timeout,
-    );
-    drop(reporter);
-    let report = result.context("export failed; no backup was written")?;
-    for w in &report.warnings {
-        eprintln!("btm: warning: {w}");
-    }
-    if args.json {
-        return print_json(out, &report);
-    }
+    Ok(file.overlay(flags).resolve()?)
+}
+
+/// The backup's name on stdout; what else happened on stderr.
+fn print_report(report: &export::ExportReport, out: &mut dyn Write) -> Result<()> {
     match (&report.backup, &report.already_exported) {
         (Some(b), _) => {
             writeln!(out, "{}", b.name)?;
@@ -110,6 +118,15 @@ pub fn run(args: ExportArgs, out: &mut dyn Write) -> Result<()> {
             eprintln!("{} is already exported as {name}", report.snapshot);
         }
         (None, None) => {}
+    }
+    if let Some(c) = &report.chain {
+        eprintln!(
+            "chain at height {}: block hash {}, {} {}",
+            c.height,
+            c.block_hash,
+            c.state_hash_name(),
+            c.state_hash
+        );
     }
     if !report.pruned.is_empty() {
         eprintln!("retention deleted {} old backup(s)", report.pruned.len());

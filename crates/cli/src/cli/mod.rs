@@ -19,7 +19,7 @@ mod verify;
 
 use std::io::{self, Write};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 use btm::retention::Algo;
@@ -129,8 +129,7 @@ fn parse_algo(s: &str) -> Result<Algo, String> {
 impl VolumeArgs {
     /// A [`BtmCfg`] for this volume with the given policy parameters.
     fn cfg(&self, itv: u64, cap: u64, algo: Algo) -> Result<BtmCfg> {
-        BtmCfg::new(&self.volume, self.mode, itv, cap, algo)
-            .with_context(|| format!("volume '{}'", self.volume))
+        Ok(BtmCfg::new(&self.volume, self.mode, itv, cap, algo)?)
     }
 
     /// A [`BtmCfg`] for commands that do not use a policy.

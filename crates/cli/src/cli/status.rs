@@ -93,6 +93,12 @@ pub fn run(args: StatusArgs, out: &mut dyn Write) -> Result<()> {
         s.snapshot_count,
         opt(s.next_due)
     )?;
+    print_exports(out, &s)?;
+    print_counters(out, &s)
+}
+
+/// The export lines, when exports are configured.
+fn print_exports(out: &mut dyn Write, s: &btm::protocol::Status) -> Result<()> {
     if let Some(store) = &s.export_store {
         writeln!(out, "export store:   {store}")?;
         match &s.last_export {
@@ -121,6 +127,11 @@ pub fn run(args: StatusArgs, out: &mut dyn Write) -> Result<()> {
             )?;
         }
     }
+    Ok(())
+}
+
+/// Counters since start and the recent errors.
+fn print_counters(out: &mut dyn Write, s: &btm::protocol::Status) -> Result<()> {
     let c = &s.counters;
     writeln!(
         out,
