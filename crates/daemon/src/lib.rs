@@ -288,9 +288,7 @@ impl Daemon {
 
 /// Open the configured volume, read its heights, and remove views left by
 /// a daemon killed mid-export (ZFS clones). Blocking.
-fn open_volume(
-    s: &DaemonSettings,
-) -> Result<(BtmCfg, Arc<dyn btm::volume::Volume>, Vec<u64>), btm::Error> {
+fn open_volume(s: &DaemonSettings) -> Result<Opened, btm::Error> {
     let cfg = BtmCfg::new(&s.volume, s.mode, s.itv, s.cap, s.algo)?;
     let volume: Arc<dyn btm::volume::Volume> = Arc::from(cfg.open()?);
     let heights = volume.heights()?;
@@ -299,6 +297,9 @@ fn open_volume(
     }
     Ok((cfg, volume, heights))
 }
+
+/// What [`open_volume`] found: the façade, the volume, its heights.
+type Opened = (BtmCfg, Arc<dyn btm::volume::Volume>, Vec<u64>);
 
 /// The poller of a polled source (`Some(None)` in push mode), after a
 /// first read: a node that is down is not fatal (the daemon waits for it),
