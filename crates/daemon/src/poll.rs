@@ -70,7 +70,6 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) {
     let itv = scheduler.cfg().itv;
-    let volume = scheduler.cfg().volume.clone();
     let source = poller.spec().name();
     let mut failures: u32 = 0;
     let mut errors = RateLimit::default();
@@ -121,33 +120,46 @@ pub async fn run(
                 let Taken::Reply(reply) = scheduler.take(height).await else {
                     return;
                 };
-                if reply.outcome == Outcome::Created {
-                    // Close the window: the snapshot's state is somewhere in
-                    // [height, after].
-                    let Some(after) = shutdown.until(fetch(&poller)).await else {
-                        return;
-                    };
-                    match after {
-                        Ok(after) => {
-                            state.height_seen(after);
-                            state.window_closed(height, after);
-                            let name = volume.clone();
-                            let vol = Arc::clone(scheduler.volume());
-                            let recorded = tokio::task::spawn_blocking(move || {
-                                let heights = vol.heights().unwrap_or_default();
-                                btm::window::record(&name, height, after, &heights)
-                            })
-                            .await;
-                            if let Ok(Err(e)) = recorded {
-                                tracing::warn!(height, error = %e, "could not record the snapshot's height window");
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(height, error = %e, "could not read the height after the snapshot; its window stays open")
-                        }
-                    }
+                if reply.outcome == Outcome::Created
+                    && close_window(&poller, &scheduler, &state, &mut shutdown, height)
+                        .await
+                        .is_none()
+                {
+                    return;
                 }
             }
         }
     }
+}
+
+/// Close a new snapshot's window: its state is somewhere in
+/// `[height, after]`, where `after` is the next height read. `None`: a
+/// stop came first.
+async fn close_window(
+    poller: &Arc<Poller>,
+    scheduler: &Scheduler,
+    state: &State,
+    shutdown: &mut Shutdown,
+    height: u64,
+) -> Option<()> {
+    match shutdown.until(fetch(poller)).await? {
+        Ok(after) => {
+            state.height_seen(after);
+            state.window_closed(height, after);
+            let name = scheduler.cfg().volume.clone();
+            let vol = Arc::clone(scheduler.volume());
+            let recorded = tokio::task::spawn_blocking(move || {
+                let heights = vol.heights().unwrap_or_default();
+                btm::window::record(&name, height, after, &heights)
+            })
+            .await;
+            if let Ok(Err(e)) = recorded {
+                tracing::warn!(height, error = %e, "could not record the snapshot's height window");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(height, error = %e, "could not read the height after the snapshot; its window stays open")
+        }
+    }
+    Some(())
 }

@@ -322,6 +322,27 @@ impl Scheduler {
         Err(reply(height, Outcome::Refused, reason))
     }
 
+    /// The reply, log line and counters of a snapshot not taken: skipped by
+    /// the pre-snapshot hook, or failed.
+    fn not_taken(&self, height: u64, e: TakeError, duration_ms: u64) -> NotifyReply {
+        let reason = e.reason();
+        if let TakeError::PreHook(_) = e {
+            tracing::warn!(height, reason = %reason, "snapshot skipped");
+            self.state.error("hook", &reason);
+            self.state.count(|c| {
+                c.skipped += 1;
+                c.hook_failures += 1;
+            });
+            return reply(height, Outcome::Skipped, reason);
+        }
+        tracing::error!(height, error = %reason, duration_ms, "snapshot failed");
+        self.state.error("snapshot", &reason);
+        self.state.count(|c| c.snapshot_failures += 1);
+        let mut r = reply(height, Outcome::Failed, reason);
+        r.duration_ms = Some(duration_ms);
+        r
+    }
+
     async fn take_plausible(&self, height: u64, newest: &mut Option<u64>) -> NotifyReply {
         self.state.in_progress(Some(height));
         let started = Instant::now();
@@ -349,25 +370,7 @@ impl Scheduler {
         }
         let report = match took.outcome {
             Ok(r) => r,
-            Err(e @ TakeError::PreHook(_)) => {
-                let reason = e.reason();
-                tracing::warn!(height, reason = %reason, "snapshot skipped");
-                self.state.error("hook", &reason);
-                self.state.count(|c| {
-                    c.skipped += 1;
-                    c.hook_failures += 1;
-                });
-                return reply(height, Outcome::Skipped, reason);
-            }
-            Err(e) => {
-                let reason = e.reason();
-                tracing::error!(height, error = %reason, duration_ms, "snapshot failed");
-                self.state.error("snapshot", &reason);
-                self.state.count(|c| c.snapshot_failures += 1);
-                let mut r = reply(height, Outcome::Failed, reason);
-                r.duration_ms = Some(duration_ms);
-                return r;
-            }
+            Err(e) => return self.not_taken(height, e, duration_ms),
         };
         self.state.count(|c| {
             c.snapshot_ms_total += report.snapshot_ms;
