@@ -2,8 +2,11 @@
 //! runtime directory (gone at reboot, like the locks they hold), and files
 //! carried across a rollback under a state directory (kept across a crash).
 //!
-//! Both can be moved with `$BTM_RUNTIME_DIR` and `$BTM_STATE_DIR`, which the
-//! tests use to stay out of the machine's real `/run/btm`.
+//! They come in as a [`Dirs`] value: every operation that touches them
+//! takes one, so a test (or an embedding node) picks its own directories
+//! and never needs `/run` or root. [`Dirs::from_env`] is what the binary
+//! uses: `$BTM_RUNTIME_DIR` and `$BTM_STATE_DIR`, or `/run/btm` and
+//! `/var/lib/btm`.
 
 use std::io;
 use std::path::PathBuf;
@@ -54,24 +57,74 @@ fn ensure(path: PathBuf) -> Result<PathBuf, Error> {
     Ok(path)
 }
 
-/// The lock file for `volume`, its directory created if needed.
-pub fn lock_file(volume: &str) -> Result<PathBuf, Error> {
-    Ok(ensure(runtime_dir().join("locks"))?.join(format!("{}.lock", escape(volume))))
+/// btm's runtime and state directories.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dirs {
+    /// Locks, pins, view mountpoints, the control socket: gone at reboot.
+    pub runtime: PathBuf,
+    /// Height windows, files carried across a rollback: kept across a
+    /// crash.
+    pub state: PathBuf,
 }
 
-/// A fresh, empty mountpoint for a temporary snapshot view.
-pub fn view_mountpoint(leaf: &str) -> Result<PathBuf, Error> {
-    ensure(runtime_dir().join("views").join(leaf))
+impl Default for Dirs {
+    /// [`Dirs::from_env`].
+    fn default() -> Self {
+        Dirs::from_env()
+    }
 }
 
-/// A fresh directory to hold preserved files during a rollback of `volume`.
-pub fn preserve_stash(volume: &str) -> Result<PathBuf, Error> {
-    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
-    ensure(state_dir().join("preserve").join(format!(
-        "{}-{stamp}-{}",
-        escape(volume),
-        std::process::id()
-    )))
+impl Dirs {
+    /// `$BTM_RUNTIME_DIR` and `$BTM_STATE_DIR`, or `/run/btm` and
+    /// `/var/lib/btm`.
+    pub fn from_env() -> Self {
+        Dirs {
+            runtime: runtime_dir(),
+            state: state_dir(),
+        }
+    }
+
+    /// Both below one directory (tests, embedding nodes).
+    pub fn under(root: impl Into<PathBuf>) -> Self {
+        let root = root.into();
+        Dirs {
+            runtime: root.join("run"),
+            state: root.join("state"),
+        }
+    }
+
+    /// The lock file for `volume`, its directory created if needed.
+    pub fn lock_file(&self, volume: &str) -> Result<PathBuf, Error> {
+        Ok(ensure(self.runtime.join("locks"))?.join(format!("{}.lock", escape(volume))))
+    }
+
+    /// The directory of pin files, created if needed.
+    pub fn pins(&self) -> Result<PathBuf, Error> {
+        ensure(self.runtime.join("pins"))
+    }
+
+    /// A fresh, empty mountpoint for a temporary snapshot view.
+    pub fn view_mountpoint(&self, leaf: &str) -> Result<PathBuf, Error> {
+        ensure(self.runtime.join("views").join(leaf))
+    }
+
+    /// A fresh directory to hold preserved files during a rollback of
+    /// `volume`.
+    pub fn preserve_stash(&self, volume: &str) -> Result<PathBuf, Error> {
+        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+        ensure(self.state.join("preserve").join(format!(
+            "{}-{stamp}-{}",
+            escape(volume),
+            std::process::id()
+        )))
+    }
+
+    /// The file recording the height windows of `volume`'s snapshots.
+    pub fn window_file(&self, volume: &str) -> PathBuf {
+        self.state
+            .join("windows")
+            .join(format!("{}.json", escape(volume)))
+    }
 }
 
 #[cfg(test)]

@@ -26,7 +26,8 @@
 //! This crate is the bottom layer of the workspace and what a node embeds:
 //! it has no async runtime and no cloud SDK. Inside it, each module depends
 //! only on those listed after it: [`config`] (the [`BtmCfg`] façade) →
-//! [`pruner`], [`retention`] (pure) → [`volume`] (drivers, one command
+//! [`ops`] (the operations handle, with its volume and directories passed
+//! in) → [`pruner`], [`retention`] (pure) → [`volume`] (drivers, one command
 //! wrapper) → [`pin`], [`lock`], [`preserve`], [`validator`], [`window`],
 //! [`exec`] → [`confined`], [`dirs`], [`sys`] (the only `unsafe`).
 //! [`client`] and [`protocol`] let a node talk to a running daemon.
@@ -42,6 +43,7 @@ pub mod dirs;
 pub mod error;
 pub mod exec;
 pub mod lock;
+pub mod ops;
 pub mod pin;
 pub mod preserve;
 pub mod protocol;
@@ -63,7 +65,8 @@ pub struct ReadmeDoctests;
 #[doc = include_str!("../../../docs/library.md")]
 pub struct LibraryDoctests;
 
-pub use config::{BtmCfg, PreparedRollback, SnapshotReport};
+pub use config::BtmCfg;
 pub use error::Error;
+pub use ops::{Ops, PreparedRollback, SnapshotOptions, SnapshotReport};
 pub use retention::{Algo as SnapAlgo, Plan, Policy};
 pub use volume::{SnapMode, Snapshot, SnapshotOutcome};

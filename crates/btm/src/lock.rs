@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
+use crate::dirs::Dirs;
+
 /// How long CLI commands wait for another btm process by default.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
 
@@ -60,8 +62,8 @@ pub struct VolumeLock {
 impl VolumeLock {
     /// Take the exclusive lock for `volume`, waiting up to `wait` for
     /// another holder to release it.
-    pub fn acquire(volume: &str, wait: Duration) -> Result<Self, Error> {
-        let path = crate::dirs::lock_file(volume)?;
+    pub fn acquire(dirs: &Dirs, volume: &str, wait: Duration) -> Result<Self, Error> {
+        let path = dirs.lock_file(volume)?;
         let io = |cause| Error::Io {
             path: path.clone(),
             cause,

@@ -13,6 +13,8 @@ use std::path::PathBuf;
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
+use crate::dirs::Dirs;
+
 /// Errors pinning.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -36,19 +38,10 @@ pub struct Pin {
     _lock: Flock<File>,
 }
 
-fn dir() -> Result<PathBuf, Error> {
-    let d = crate::dirs::runtime_dir().join("pins");
-    std::fs::create_dir_all(&d).map_err(|cause| crate::dirs::Error {
-        path: d.clone(),
-        cause,
-    })?;
-    Ok(d)
-}
-
 impl Pin {
     /// Pin the snapshot of `volume` at `height`.
-    pub fn acquire(volume: &str, height: u64) -> Result<Pin, Error> {
-        let path = dir()?.join(format!(
+    pub fn acquire(dirs: &Dirs, volume: &str, height: u64) -> Result<Pin, Error> {
+        let path = dirs.pins()?.join(format!(
             "{}@{height}.{}",
             crate::dirs::escape(volume),
             std::process::id()
@@ -77,8 +70,8 @@ impl Drop for Pin {
 
 /// Heights of `volume` pinned by a live process. Pins of dead processes
 /// are removed on the way.
-pub fn pinned(volume: &str) -> Result<BTreeSet<u64>, Error> {
-    let dir = dir()?;
+pub fn pinned(dirs: &Dirs, volume: &str) -> Result<BTreeSet<u64>, Error> {
+    let dir = dirs.pins()?;
     let prefix = format!("{}@", crate::dirs::escape(volume));
     let mut out = BTreeSet::new();
     let rd = std::fs::read_dir(&dir).map_err(|cause| Error::Io {

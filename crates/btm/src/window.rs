@@ -11,16 +11,12 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
-fn path(volume: &str) -> PathBuf {
-    crate::dirs::state_dir()
-        .join("windows")
-        .join(format!("{}.json", crate::dirs::escape(volume)))
-}
+use crate::dirs::Dirs;
 
 /// The recorded `height → height_after` pairs for `volume`; empty when
 /// none were recorded or the file is unreadable.
-pub fn load(volume: &str) -> BTreeMap<u64, u64> {
-    std::fs::read(path(volume))
+pub fn load(dirs: &Dirs, volume: &str) -> BTreeMap<u64, u64> {
+    std::fs::read(dirs.window_file(volume))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default()
@@ -28,11 +24,17 @@ pub fn load(volume: &str) -> BTreeMap<u64, u64> {
 
 /// Record that the snapshot at `height` was followed by `after`, keeping
 /// only entries for `existing` heights. Written atomically.
-pub fn record(volume: &str, height: u64, after: u64, existing: &[u64]) -> std::io::Result<()> {
-    let mut all = load(volume);
+pub fn record(
+    dirs: &Dirs,
+    volume: &str,
+    height: u64,
+    after: u64,
+    existing: &[u64],
+) -> std::io::Result<()> {
+    let mut all = load(dirs, volume);
     all.insert(height, after);
     all.retain(|h, _| existing.contains(h));
-    let file = path(volume);
+    let file = dirs.window_file(volume);
     let dir = file.parent().map(PathBuf::from).unwrap_or_default();
     std::fs::create_dir_all(&dir)?;
     let tmp = dir.join(format!(".{}.tmp", std::process::id()));

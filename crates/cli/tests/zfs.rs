@@ -21,8 +21,8 @@ fn stale_view_clones_are_cleaned_up() {
     sh("zfs", &["clone", "-o", "mountpoint=none", &snap, &stale]);
     sh("zfs", &["clone", "-o", "mountpoint=none", &snap, &foreign]);
 
-    std::env::set_var("BTM_RUNTIME_DIR", fx.scratch().join("run"));
-    let vol = btm::volume::open(&fx.volume(), Some(btm::SnapMode::Zfs)).expect("open");
+    let dirs = btm::dirs::Dirs::under(fx.scratch());
+    let vol = btm::volume::open(&fx.volume(), Some(btm::SnapMode::Zfs), &dirs).expect("open");
     let view = vol.view(10).expect("view");
     drop(view);
     let left = sh("zfs", &["list", "-H", "-o", "name", "-r", &fx.pool]);

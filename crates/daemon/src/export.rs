@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::height::identity::{ChainIdentity, ChainRpc};
 use btm::lock::VolumeLock;
 use btm::pin::Pin;
-use btm::volume::Volume;
+use btm::Ops;
 use btm_chunk::backup::{BackupOptions, BackupSummary};
 use btm_chunk::cache::Cache;
 use btm_chunk::format::head::Decoded;
@@ -147,20 +147,25 @@ pub enum Which {
     DueHeight(u64),
 }
 
-/// Export one snapshot of `vol` to `s.store`. `progress` shows how far it
+/// Export one snapshot of the volume of `ops` to `s.store`. `progress` shows how far it
 /// is and cancels it; `lock_wait` bounds the wait for the volume lock
 /// (held only while picking and pinning the snapshot).
 pub fn export(
-    vol: &dyn Volume,
+    ops: &Ops,
     which: Which,
     s: &ExportSettings,
     progress: Arc<Progress>,
     lock_wait: Duration,
 ) -> Result<ExportReport, ExportError> {
     let started = Instant::now();
-    let _one_at_a_time = VolumeLock::acquire(&format!("{}#export", vol.name()), Duration::ZERO)
-        .map_err(|_| ExportError::Busy(vol.name().to_owned()))?;
-    let (height, _pin) = pick_and_pin(vol, which, lock_wait)?;
+    let vol = ops.volume().as_ref();
+    let _one_at_a_time = VolumeLock::acquire(
+        ops.dirs(),
+        &format!("{}#export", vol.name()),
+        Duration::ZERO,
+    )
+    .map_err(|_| ExportError::Busy(vol.name().to_owned()))?;
+    let (height, _pin) = pick_and_pin(ops, which, lock_wait)?;
     let snapshot = format!("{}@{height}", vol.name());
     let mut report = ExportReport {
         height,
@@ -187,7 +192,7 @@ pub fn export(
         return Ok(report);
     }
 
-    let meta = export_meta(vol, height, s.chain.as_ref(), &mut report);
+    let meta = export_meta(ops, height, s.chain.as_ref(), &mut report);
     let mut opts = backup_options(s, meta, progress);
     // On btrfs the previous export's snapshot, if still there, lets changed
     // files be compared extent by extent instead of read whole. Pinned so
@@ -197,7 +202,7 @@ pub fn export(
         .and_then(|(_, idx)| parent_snapshot(idx, vol.name()))
         .filter(|&h| h != height && vol.mode() == btm::volume::SnapMode::Btrfs)
         .and_then(|h| {
-            let pin = Pin::acquire(vol.name(), h).ok()?;
+            let pin = Pin::acquire(ops.dirs(), vol.name(), h).ok()?;
             let view = vol.view(h).ok()?;
             Some((pin, view))
         });
@@ -220,12 +225,9 @@ pub fn export(
 
 /// The snapshot `which` names, pinned so pruning keeps it while it is read.
 /// The volume lock is held only while picking and pinning.
-fn pick_and_pin(
-    vol: &dyn Volume,
-    which: Which,
-    lock_wait: Duration,
-) -> Result<(u64, Pin), ExportError> {
-    let _lock = VolumeLock::acquire(vol.name(), lock_wait).map_err(btm::Error::from)?;
+fn pick_and_pin(ops: &Ops, which: Which, lock_wait: Duration) -> Result<(u64, Pin), ExportError> {
+    let vol = ops.volume();
+    let _lock = ops.lock(lock_wait)?;
     let heights = vol.heights().map_err(btm::Error::from)?;
     let height = match which {
         Which::Newest => *heights.first().ok_or_else(|| {
@@ -241,7 +243,7 @@ fn pick_and_pin(
             h
         }
     };
-    Ok((height, Pin::acquire(vol.name(), height)?))
+    Ok((height, Pin::acquire(ops.dirs(), vol.name(), height)?))
 }
 
 /// The name of the tag's newest backup when it makes exporting `height`
@@ -265,14 +267,15 @@ fn already_exported(
 /// The index metadata of an export of `height`, with the chain's identity
 /// when `chain` answers (a failure to ask is a warning in `report`).
 fn export_meta(
-    vol: &dyn Volume,
+    ops: &Ops,
     height: u64,
     chain: Option<&ChainRpc>,
     report: &mut ExportReport,
 ) -> serde_json::Map<String, serde_json::Value> {
     let mut meta = serde_json::Map::new();
+    let vol = ops.volume();
     meta.insert("height".into(), height.into());
-    if let Some(after) = btm::window::load(vol.name()).get(&height) {
+    if let Some(after) = btm::window::load(ops.dirs(), vol.name()).get(&height) {
         meta.insert("height_after".into(), (*after).into());
     }
     meta.insert("volume".into(), vol.name().into());

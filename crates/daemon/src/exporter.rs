@@ -22,7 +22,7 @@ use chrono::Utc;
 
 use crate::export::{self, ExportError, ExportSettings, Which};
 use btm::protocol::LastExport;
-use btm::volume::Volume;
+use btm::Ops;
 use btm_chunk::{ChunkError, Progress};
 
 use super::state::State;
@@ -36,7 +36,7 @@ pub struct Exporter {
 
 /// What the exports of one generation need, shared with their thread.
 struct Context {
-    volume: Arc<dyn Volume>,
+    ops: Ops,
     settings: ExportSettings,
     lock_timeout: Duration,
     /// Polled sources: how long to wait for the snapshot's height window
@@ -94,11 +94,12 @@ struct Heights {
 }
 
 impl Exporter {
-    /// An exporter for `volume`; nothing runs until [`Exporter::consider`].
+    /// An exporter for the volume of `ops`; nothing runs until
+    /// [`Exporter::consider`].
     /// A running export in `carry` (from before a reload) now reports to
     /// `state`.
     pub fn new(
-        volume: Arc<dyn Volume>,
+        ops: Ops,
         settings: ExportSettings,
         lock_timeout: Duration,
         window_wait: Option<Duration>,
@@ -116,7 +117,7 @@ impl Exporter {
         }
         Exporter {
             ctx: Arc::new(Context {
-                volume,
+                ops,
                 settings,
                 lock_timeout,
                 window_wait,
@@ -208,7 +209,8 @@ impl Run {
             .report(|s| s.export_running(Some((height, Arc::clone(&self.progress)))));
         if let Some(wait) = self.ctx.window_wait {
             let deadline = std::time::Instant::now() + wait;
-            while !btm::window::load(self.ctx.volume.name()).contains_key(&height)
+            let (dirs, name) = (self.ctx.ops.dirs(), self.ctx.ops.volume().name());
+            while !btm::window::load(dirs, name).contains_key(&height)
                 && std::time::Instant::now() < deadline
                 && !self.progress.cancel.load(Ordering::Relaxed)
             {
@@ -216,7 +218,7 @@ impl Run {
             }
         }
         let result = export::export(
-            self.ctx.volume.as_ref(),
+            &self.ctx.ops,
             Which::DueHeight(height),
             &self.ctx.settings,
             Arc::clone(&self.progress),

@@ -49,7 +49,7 @@ use crate::height::Poller;
 use crate::settings::{ConfigError, DaemonSettings};
 use btm::protocol::{Counters, Status};
 
-use btm::BtmCfg;
+use btm::{BtmCfg, Ops};
 use state::State;
 
 pub use scheduler::{
@@ -225,11 +225,11 @@ impl Daemon {
         let Some(opened) = stop.until(opening).await else {
             return Ok(());
         };
-        let (cfg, volume, heights) = opened.map_err(|e| DaemonError::Internal(e.to_string()))??;
+        let (cfg, ops, heights) = opened.map_err(|e| DaemonError::Internal(e.to_string()))??;
         let state = Arc::new(State::new(initial_status(&cfg, &settings, heights.len())));
         let exporter = settings.export.clone().map(|e| {
             Arc::new(exporter::Exporter::new(
-                Arc::clone(&volume),
+                ops.clone(),
                 e,
                 settings.lock_timeout,
                 settings
@@ -242,7 +242,7 @@ impl Daemon {
         });
         let scheduler = Arc::new(scheduler::Scheduler::new(
             cfg.clone(),
-            volume,
+            ops,
             settings.clone(),
             Arc::clone(&state),
             &heights,
@@ -288,18 +288,15 @@ impl Daemon {
 
 /// Open the configured volume, read its heights, and remove views left by
 /// a daemon killed mid-export (ZFS clones). Blocking.
-fn open_volume(s: &DaemonSettings) -> Result<Opened, btm::Error> {
+fn open_volume(s: &DaemonSettings) -> Result<(BtmCfg, Ops, Vec<u64>), btm::Error> {
     let cfg = BtmCfg::new(&s.volume, s.mode, s.itv, s.cap, s.algo)?;
-    let volume: Arc<dyn btm::volume::Volume> = Arc::from(cfg.open()?);
-    let heights = volume.heights()?;
-    if let Err(e) = volume.cleanup_stale_views() {
+    let ops = cfg.ops_in(s.dirs.clone())?;
+    let heights = ops.volume().heights()?;
+    if let Err(e) = ops.volume().cleanup_stale_views() {
         tracing::warn!(error = %e, "could not remove stale snapshot views");
     }
-    Ok((cfg, volume, heights))
+    Ok((cfg, ops, heights))
 }
-
-/// What [`open_volume`] found: the façade, the volume, its heights.
-type Opened = (BtmCfg, Arc<dyn btm::volume::Volume>, Vec<u64>);
 
 /// The poller of a polled source (`Some(None)` in push mode), after a
 /// first read: a node that is down is not fatal (the daemon waits for it),

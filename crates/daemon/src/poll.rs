@@ -146,11 +146,11 @@ async fn close_window(
         Ok(after) => {
             state.height_seen(after);
             state.window_closed(height, after);
-            let name = scheduler.cfg().volume.clone();
-            let vol = Arc::clone(scheduler.volume());
+            let ops = scheduler.ops().clone();
             let recorded = tokio::task::spawn_blocking(move || {
+                let vol = ops.volume();
                 let heights = vol.heights().unwrap_or_default();
-                btm::window::record(&name, height, after, &heights)
+                btm::window::record(ops.dirs(), vol.name(), height, after, &heights)
             })
             .await;
             if let Ok(Err(e)) = recorded {

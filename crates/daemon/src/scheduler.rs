@@ -18,8 +18,7 @@ use chrono::Utc;
 
 use crate::settings::DaemonSettings;
 use btm::protocol::{LastSnapshot, NotifyReply, Outcome};
-use btm::volume::Volume;
-use btm::{BtmCfg, SnapshotOutcome};
+use btm::{BtmCfg, Ops, SnapshotOptions, SnapshotOutcome};
 
 use super::exporter::Exporter;
 use super::poll::RateLimit;
@@ -137,7 +136,7 @@ pub enum Taken {
 pub struct Scheduler {
     cfg: BtmCfg,
     /// Opened once per generation: re-opening runs commands at every height.
-    volume: Arc<dyn Volume>,
+    ops: Ops,
     settings: DaemonSettings,
     state: Arc<State>,
     /// Serialises takes; holds the newest snapshot height on the volume.
@@ -187,7 +186,7 @@ impl Scheduler {
     /// A scheduler for `cfg`, whose volume currently holds `heights`.
     pub fn new(
         cfg: BtmCfg,
-        volume: Arc<dyn Volume>,
+        ops: Ops,
         settings: DaemonSettings,
         state: Arc<State>,
         heights: &[u64],
@@ -197,7 +196,7 @@ impl Scheduler {
         state.volume_seen(heights.len(), next_due(&settings, newest));
         Scheduler {
             cfg,
-            volume,
+            ops,
             settings,
             state,
             gate: tokio::sync::Mutex::new(newest),
@@ -213,9 +212,9 @@ impl Scheduler {
         &self.cfg
     }
 
-    /// The opened volume.
-    pub fn volume(&self) -> &Arc<dyn Volume> {
-        &self.volume
+    /// The operations handle the snapshots go through.
+    pub fn ops(&self) -> &Ops {
+        &self.ops
     }
 
     /// The newest snapshot height (waits for an in-flight take).
@@ -231,7 +230,7 @@ impl Scheduler {
     }
 
     async fn reread(&self, newest: &mut Option<u64>) {
-        let vol = Arc::clone(&self.volume);
+        let vol = Arc::clone(self.ops.volume());
         if let Ok(Ok(heights)) = tokio::task::spawn_blocking(move || vol.heights()).await {
             self.seen(newest, &heights);
         }
@@ -347,12 +346,10 @@ impl Scheduler {
         self.state.in_progress(Some(height));
         let started = Instant::now();
         let cfg = self.cfg.clone();
-        let vol = Arc::clone(&self.volume);
+        let ops = self.ops.clone();
         let settings = self.settings.clone();
-        let took = tokio::task::spawn_blocking(move || {
-            take_blocking(&cfg, vol.as_ref(), &settings, height)
-        })
-        .await;
+        let took =
+            tokio::task::spawn_blocking(move || take_blocking(&cfg, &ops, &settings, height)).await;
         self.state.in_progress(None);
         let duration_ms = started.elapsed().as_millis() as u64;
         let took = took.unwrap_or_else(|e| Took {
@@ -415,7 +412,7 @@ impl Scheduler {
     }
 }
 
-fn take_blocking(cfg: &BtmCfg, vol: &dyn Volume, settings: &DaemonSettings, height: u64) -> Took {
+fn take_blocking(cfg: &BtmCfg, ops: &Ops, settings: &DaemonSettings, height: u64) -> Took {
     let env = [
         ("BTM_HEIGHT", height.to_string()),
         ("BTM_VOLUME", cfg.volume.clone()),
@@ -430,13 +427,20 @@ fn take_blocking(cfg: &BtmCfg, vol: &dyn Volume, settings: &DaemonSettings, heig
         }
     }
     let outcome = cfg
-        .snapshot_on(vol, height, settings.lock_timeout)
+        .policy()
+        .and_then(|policy| {
+            let opts = SnapshotOptions {
+                prune: Some(policy),
+                lock_wait: settings.lock_timeout,
+            };
+            ops.snapshot(height, &opts)
+        })
         .map_err(TakeError::Snapshot);
     // On failure the volume may still have changed (e.g. a lock timeout
     // after another process pruned): list it; on success the report has it.
     let heights = match &outcome {
         Ok(r) => r.heights.clone(),
-        Err(_) => vol.heights().unwrap_or_default(),
+        Err(_) => ops.volume().heights().unwrap_or_default(),
     };
     let post_hook_error = match (&settings.post_snapshot, &outcome) {
         (Some(argv), Ok(_)) => btm::exec::run(argv, &env, settings.hook_timeout).err(),
@@ -484,6 +488,104 @@ pub fn backoff(interval: Duration, failures: u32) -> Duration {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The real scheduler on an in-memory volume: no root, no pool.
+    mod on_a_fake_volume {
+        use super::*;
+        use btm::volume::fake::FakeVolume;
+        use btm::volume::Volume;
+
+        struct Rig {
+            scheduler: Scheduler,
+            volume: Arc<FakeVolume>,
+            state: Arc<State>,
+            _dir: tempfile::TempDir,
+        }
+
+        fn rig(extra: &str) -> Rig {
+            let dir = tempfile::tempdir().expect("tmp");
+            let text =
+                format!("volume = \"tank/chain\"\nmode = \"zfs\"\nitv = 10\ncap = 3\n{extra}");
+            let mut settings =
+                crate::settings::DaemonOptions::from_toml(&text, std::path::Path::new("t"))
+                    .expect("toml")
+                    .resolve()
+                    .expect("settings");
+            settings.dirs = btm::dirs::Dirs::under(dir.path());
+            let volume = Arc::new(
+                FakeVolume::new("tank/chain", btm::SnapMode::Zfs, &dir.path().join("vol"))
+                    .expect("fake"),
+            );
+            let cfg = BtmCfg {
+                volume: "tank/chain".into(),
+                ..BtmCfg::default()
+            };
+            let cfg = BtmCfg {
+                itv: 10,
+                cap: 3,
+                ..cfg
+            };
+            let ops = Ops::new(volume.clone(), settings.dirs.clone());
+            let state = Arc::new(State::new(crate::initial_status(&cfg, &settings, 0)));
+            let scheduler = Scheduler::new(cfg, ops, settings, Arc::clone(&state), &[], None);
+            Rig {
+                scheduler,
+                volume,
+                state,
+                _dir: dir,
+            }
+        }
+
+        fn outcome(t: Taken) -> Outcome {
+            match t {
+                Taken::Reply(r) => r.outcome,
+                Taken::Stopping => panic!("stopping"),
+            }
+        }
+
+        #[tokio::test]
+        async fn pushed_multiples_are_taken_and_pruned_others_skipped() {
+            let r = rig("");
+            for h in 1..=60 {
+                let got = outcome(r.scheduler.push(h).await);
+                let want = if h % 10 == 0 {
+                    Outcome::Created
+                } else {
+                    Outcome::Skipped
+                };
+                assert_eq!(got, want, "height {h}");
+            }
+            assert_eq!(r.volume.heights().expect("heights"), vec![60, 50, 40]);
+            // Again at the newest: left as it is.
+            assert_eq!(outcome(r.scheduler.push(60).await), Outcome::Exists);
+            // Behind the newest snapshot: refused, nothing taken.
+            assert_eq!(outcome(r.scheduler.push(30).await), Outcome::Refused);
+            let c = r.state.status().counters;
+            assert_eq!((c.snapshots, c.refused), (6, 1));
+            assert_eq!(r.volume.snapshots_taken(), 6);
+        }
+
+        #[tokio::test]
+        async fn a_declining_pre_hook_skips_and_a_failure_is_counted() {
+            let r = rig("[hooks]\npre_snapshot = [\"false\"]\n");
+            assert_eq!(outcome(r.scheduler.push(10).await), Outcome::Skipped);
+            assert!(r.volume.heights().expect("heights").is_empty());
+            let r = rig("");
+            r.volume.fail_next_snapshots(1);
+            assert_eq!(outcome(r.scheduler.push(10).await), Outcome::Failed);
+            assert_eq!(outcome(r.scheduler.push(20).await), Outcome::Created);
+            let c = r.state.status().counters;
+            assert_eq!((c.snapshot_failures, c.snapshots), (1, 1));
+        }
+
+        #[tokio::test]
+        async fn a_stopped_scheduler_takes_nothing() {
+            let r = rig("");
+            r.scheduler.stop().await;
+            assert!(matches!(r.scheduler.push(10).await, Taken::Stopping));
+            assert!(r.volume.heights().expect("heights").is_empty());
+        }
+    }
 
     #[test]
     fn push_takes_exact_multiples() {

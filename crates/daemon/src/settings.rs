@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer};
 use crate::export::ExportSettings;
 use crate::height::identity::{ChainKind, ChainRpc};
 use crate::height::SourceSpec;
+use btm::dirs::Dirs;
 use btm::retention::Algo;
 use btm::volume::{self, SnapMode};
 
@@ -471,6 +472,7 @@ impl DaemonOptions {
         };
         Ok(DaemonSettings {
             export,
+            dirs: Dirs::from_env(),
             volume,
             mode: self.mode,
             itv,
@@ -696,6 +698,10 @@ pub struct DaemonSettings {
     pub hook_timeout: Duration,
     /// Periodic export, when configured.
     pub export: Option<ExportSettings>,
+    /// Where locks, pins and height windows live: `$BTM_RUNTIME_DIR` and
+    /// `$BTM_STATE_DIR` (not configuration keys: the CLI and the daemon
+    /// must agree on them).
+    pub dirs: Dirs,
 }
 
 #[cfg(test)]

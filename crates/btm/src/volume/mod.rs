@@ -8,6 +8,7 @@
 
 pub mod btrfs;
 pub mod cmd;
+pub mod fake;
 pub mod zfs;
 
 use std::fmt;
@@ -346,19 +347,25 @@ pub fn validate_name(name: &str) -> Result<(), Error> {
 ///
 /// Detection and opening only read: a name that is neither a ZFS dataset nor
 /// a btrfs subvolume is an error, never a reason to create something.
-pub fn open(volume: &str, mode: Option<SnapMode>) -> Result<Box<dyn Volume>, Error> {
+/// `dirs` is where the driver keeps temporary views and files carried across
+/// a rollback.
+pub fn open(
+    volume: &str,
+    mode: Option<SnapMode>,
+    dirs: &crate::dirs::Dirs,
+) -> Result<Box<dyn Volume>, Error> {
     validate_name(volume)?;
     match mode {
-        Some(SnapMode::Zfs) => Ok(Box::new(zfs::ZfsVolume::open(volume)?)),
+        Some(SnapMode::Zfs) => Ok(Box::new(zfs::ZfsVolume::open(volume, dirs)?)),
         Some(SnapMode::Btrfs) => Ok(Box::new(btrfs::BtrfsVolume::open(volume)?)),
-        None => detect(volume),
+        None => detect(volume, dirs),
     }
 }
 
-fn detect(volume: &str) -> Result<Box<dyn Volume>, Error> {
+fn detect(volume: &str, dirs: &crate::dirs::Dirs) -> Result<Box<dyn Volume>, Error> {
     let path = Path::new(volume);
     if !path.is_absolute() {
-        return detect_relative(volume);
+        return detect_relative(volume, dirs);
     }
     // A missing path is missing whatever the filesystem; asking `zfs` would
     // only add noise (or its daemon's complaints) to the error.
@@ -372,7 +379,7 @@ fn detect(volume: &str) -> Result<Box<dyn Volume>, Error> {
         Err(Error::WrongType { .. }) => {}
         Err(e) => return Err(e),
     }
-    match try_zfs(volume)? {
+    match try_zfs(volume, dirs)? {
         Some(v) => Ok(v),
         None => Err(Error::Undetected(volume.to_owned())),
     }
@@ -380,8 +387,8 @@ fn detect(volume: &str) -> Result<Box<dyn Volume>, Error> {
 
 /// A relative name is a ZFS dataset (`tank/chain`) or, failing that, a
 /// path below the current directory, resolved to an absolute one.
-fn detect_relative(volume: &str) -> Result<Box<dyn Volume>, Error> {
-    if let Some(v) = try_zfs(volume)? {
+fn detect_relative(volume: &str, dirs: &crate::dirs::Dirs) -> Result<Box<dyn Volume>, Error> {
+    if let Some(v) = try_zfs(volume, dirs)? {
         return Ok(v);
     }
     if Path::new(volume).exists() {
@@ -395,8 +402,8 @@ fn detect_relative(volume: &str) -> Result<Box<dyn Volume>, Error> {
 
 /// `volume` as a ZFS dataset; `None` when it is not one (or there is no
 /// usable ZFS here).
-fn try_zfs(volume: &str) -> Result<Option<Box<dyn Volume>>, Error> {
-    match zfs::ZfsVolume::open(volume) {
+fn try_zfs(volume: &str, dirs: &crate::dirs::Dirs) -> Result<Option<Box<dyn Volume>>, Error> {
+    match zfs::ZfsVolume::open(volume, dirs) {
         Ok(v) => Ok(Some(Box::new(v))),
         Err(Error::NotFound(_)) | Err(Error::WrongType { .. }) => Ok(None),
         // No zfs tool installed: the volume is not ZFS, as far as we can tell.

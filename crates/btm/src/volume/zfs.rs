@@ -33,12 +33,14 @@ fn zfs<S: AsRef<str>>(args: &[S]) -> Result<String, CmdError> {
 #[derive(Debug, Clone)]
 pub struct ZfsVolume {
     dataset: String,
+    /// Where views are mounted and preserved files wait during a rollback.
+    dirs: crate::dirs::Dirs,
 }
 
 impl ZfsVolume {
     /// Open an existing filesystem dataset by name (`pool/data`) or by its
     /// mountpoint (`/pool/data`). Only reads.
-    pub fn open(volume: &str) -> Result<Self, Error> {
+    pub fn open(volume: &str, dirs: &crate::dirs::Dirs) -> Result<Self, Error> {
         let dataset = if Path::new(volume).is_absolute() {
             Self::dataset_for_mountpoint(volume)?
         } else {
@@ -50,7 +52,10 @@ impl ZfsVolume {
                 _ => Error::Command(e),
             })?;
         match out.trim() {
-            "filesystem" => Ok(ZfsVolume { dataset }),
+            "filesystem" => Ok(ZfsVolume {
+                dataset,
+                dirs: dirs.clone(),
+            }),
             other => Err(Error::WrongType {
                 volume: volume.to_owned(),
                 mode: SnapMode::Zfs,
@@ -393,7 +398,7 @@ impl Volume for ZfsVolume {
             let checked = preserve::check_destination(view.path(), preserve);
             view.close()?;
             checked?;
-            let dir = crate::dirs::preserve_stash(&self.dataset)?;
+            let dir = self.dirs.preserve_stash(&self.dataset)?;
             if let Err(e) = preserve::copy_into(&root, &dir, preserve) {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e.into());
@@ -441,7 +446,7 @@ impl Volume for ZfsVolume {
             std::process::id()
         );
         let leaf = clone.rsplit('/').next().unwrap_or(&clone).to_owned();
-        let mountpoint = crate::dirs::view_mountpoint(&leaf)?;
+        let mountpoint = self.dirs.view_mountpoint(&leaf)?;
         let mp_opt = format!("mountpoint={}", mountpoint.display());
         if let Err(e) = zfs(&[
             "clone",

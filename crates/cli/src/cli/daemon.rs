@@ -174,10 +174,10 @@ pub fn run(args: DaemonArgs, log_level: Option<String>) -> Result<()> {
 fn check(s: &DaemonSettings) -> Result<()> {
     let cfg = btm::BtmCfg::new(&s.volume, s.mode, s.itv, s.cap, s.algo)?;
     // Open it too: with the mode given, nothing above looked at the volume.
-    let vol = cfg.open()?;
+    let ops = cfg.ops_in(s.dirs.clone())?;
     println!(
         "configuration OK: volume {} ({}), itv {}, cap {}, {}, source {}{}",
-        vol.name(),
+        ops.volume().name(),
         cfg.mode,
         cfg.itv,
         cfg.cap,

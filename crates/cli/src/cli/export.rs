@@ -50,7 +50,7 @@ pub fn run(args: ExportArgs, out: &mut dyn Write) -> Result<()> {
         settings.cap,
         settings.algo,
     )?;
-    let vol = cfg.open()?;
+    let ops = cfg.ops_in(settings.dirs.clone())?;
     if let Err(e) = btm::sys::lower_thread_priority() {
         tracing::warn!(error = %e, "could not lower CPU and IO priority");
     }
@@ -60,13 +60,7 @@ pub fn run(args: ExportArgs, out: &mut dyn Write) -> Result<()> {
         format!("exporting {}", settings.volume),
         Arc::clone(&progress),
     );
-    let result = export::export(
-        vol.as_ref(),
-        which,
-        &export,
-        progress,
-        settings.lock_timeout,
-    );
+    let result = export::export(&ops, which, &export, progress, settings.lock_timeout);
     drop(reporter);
     let report = result.context("export failed; no backup was written")?;
     for w in &report.warnings {

@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 
 use btm::retention::Algo;
-use btm::SnapshotOutcome;
+use btm::{SnapshotOptions, SnapshotOutcome};
 
 use super::{describe_failures, print_json, VolumeArgs};
 
@@ -42,21 +42,15 @@ pub fn run(args: SnapshotArgs, out: &mut dyn Write) -> Result<()> {
         args.cap.unwrap_or(btm::config::DEFAULT_CAP),
         args.algo.unwrap_or(Algo::Fair),
     )?;
-    let report = if args.prune {
-        cfg.snapshot(args.height)?
-    } else {
-        let started = std::time::Instant::now();
-        let outcome = cfg.snapshot_only(args.height)?;
-        btm::SnapshotReport {
-            height: args.height,
-            outcome,
-            pruned: Vec::new(),
-            prune_failures: Vec::new(),
-            snapshot_ms: started.elapsed().as_millis() as u64,
-            prune_ms: 0,
-            heights: Vec::new(),
-        }
+    let opts = SnapshotOptions {
+        prune: if args.prune {
+            Some(cfg.policy()?)
+        } else {
+            None
+        },
+        lock_wait: btm::lock::DEFAULT_WAIT,
     };
+    let report = cfg.ops()?.snapshot(args.height, &opts)?;
     if args.json {
         print_json(out, &report)?;
     } else {

@@ -53,7 +53,12 @@ fn lib_runtime() {
 
 fn open(fx: &impl Fixture) -> Box<dyn btm::volume::Volume> {
     lib_runtime();
-    btm::volume::open(&fx.volume(), Some(fx.mode().parse().expect("mode"))).expect("open volume")
+    btm::volume::open(
+        &fx.volume(),
+        Some(fx.mode().parse().expect("mode")),
+        &btm::dirs::Dirs::from_env(),
+    )
+    .expect("open volume")
 }
 
 pub fn snapshot_list_and_existing_height(fx: &impl Fixture) {

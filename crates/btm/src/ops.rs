@@ -1,0 +1,430 @@
+//! The operations handle: everything btm does to one volume, with its
+//! dependencies passed in. An [`Ops`] owns a [`Volume`] (a trait object: a
+//! real driver, or an in-memory fake in tests) and the [`Dirs`] where
+//! locks, pins and windows live. It never looks anything up by name, so the
+//! daemon opens a volume once and a unit test runs every operation without
+//! root in milliseconds.
+//!
+//! [`crate::BtmCfg`] is the seed-compatible façade: it opens the volume by
+//! name with [`Dirs::from_env`] and calls these.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::dirs::Dirs;
+use crate::error::Error;
+use crate::lock::{self, VolumeLock};
+use crate::preserve::RelPath;
+use crate::retention::{Plan, Policy};
+use crate::volume::{self, DestroyReport, RollbackEffects, Snapshot, SnapshotOutcome, Volume};
+use crate::{pin, pruner};
+
+/// Operations on one opened volume.
+#[derive(Clone)]
+pub struct Ops {
+    volume: Arc<dyn Volume>,
+    dirs: Dirs,
+}
+
+impl std::fmt::Debug for Ops {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ops")
+            .field("volume", &self.volume.name())
+            .field("dirs", &self.dirs)
+            .finish()
+    }
+}
+
+/// How [`Ops::snapshot`] runs.
+#[derive(Debug, Clone)]
+pub struct SnapshotOptions {
+    /// Prune by this policy after the snapshot (`None`: only snapshot).
+    pub prune: Option<Policy>,
+    /// The longest wait for the volume's lock.
+    pub lock_wait: Duration,
+}
+
+impl SnapshotOptions {
+    /// Snapshot, then prune by `policy`, waiting the default time for the
+    /// lock: what a node does at each multiple of `itv`.
+    pub fn pruning(policy: Policy) -> Self {
+        SnapshotOptions {
+            prune: Some(policy),
+            lock_wait: lock::DEFAULT_WAIT,
+        }
+    }
+}
+
+/// What [`Ops::snapshot`] did.
+#[derive(Debug, Serialize)]
+pub struct SnapshotReport {
+    /// The height asked for.
+    pub height: u64,
+    /// Created, or already there.
+    pub outcome: SnapshotOutcome,
+    /// Heights pruned afterwards.
+    pub pruned: Vec<u64>,
+    /// Heights retention wanted gone but could not destroy, with why.
+    pub prune_failures: Vec<(u64, String)>,
+    /// How long taking the snapshot took (lock wait excluded).
+    pub snapshot_ms: u64,
+    /// How long pruning took.
+    pub prune_ms: u64,
+    /// btm snapshot heights on the volume afterwards, newest first.
+    pub heights: Vec<u64>,
+}
+
+impl Ops {
+    /// Operations on `volume`, keeping locks, pins and windows in `dirs`.
+    pub fn new(volume: Arc<dyn Volume>, dirs: Dirs) -> Self {
+        Ops { volume, dirs }
+    }
+
+    /// The volume.
+    pub fn volume(&self) -> &Arc<dyn Volume> {
+        &self.volume
+    }
+
+    /// Where locks, pins and windows live.
+    pub fn dirs(&self) -> &Dirs {
+        &self.dirs
+    }
+
+    /// Take the volume's lock, waiting up to `wait`.
+    pub fn lock(&self, wait: Duration) -> Result<VolumeLock, Error> {
+        Ok(VolumeLock::acquire(&self.dirs, self.volume.name(), wait)?)
+    }
+
+    /// Snapshot at `height` under the volume's lock, then prune if asked.
+    /// A snapshot that already exists is left as it is and reported.
+    /// Pruning failures are reported, never raised: losing a prune must not
+    /// lose the snapshot.
+    pub fn snapshot(&self, height: u64, opts: &SnapshotOptions) -> Result<SnapshotReport, Error> {
+        let vol = self.volume.as_ref();
+        let _lock = self.lock(opts.lock_wait)?;
+        let started = Instant::now();
+        let outcome = take(vol, height)?;
+        let snapshot_ms = started.elapsed().as_millis() as u64;
+        let mut report = SnapshotReport {
+            height,
+            outcome,
+            pruned: Vec::new(),
+            prune_failures: Vec::new(),
+            snapshot_ms,
+            prune_ms: 0,
+            heights: Vec::new(),
+        };
+        let Some(policy) = &opts.prune else {
+            report.heights = vol.heights()?;
+            return Ok(report);
+        };
+        let started = Instant::now();
+        let plan = self.plan(policy)?;
+        let destroyed = pruner::execute(vol, &plan);
+        let mut heights = plan.kept();
+        heights.extend(destroyed.failed.iter().map(|(h, _)| *h));
+        heights.sort_unstable_by(|a, b| b.cmp(a));
+        report.heights = heights;
+        report.prune_ms = started.elapsed().as_millis() as u64;
+        report.pruned = destroyed.destroyed;
+        report.prune_failures = destroyed
+            .failed
+            .into_iter()
+            .map(|(h, e)| (h, e.to_string()))
+            .collect();
+        Ok(report)
+    }
+
+    /// What `policy` decides for the current snapshots, pinned ones kept.
+    /// Only reads.
+    pub fn plan(&self, policy: &Policy) -> Result<Plan, Error> {
+        let vol = self.volume.as_ref();
+        Ok(policy
+            .plan(&vol.heights()?)
+            .pin(&pin::pinned(&self.dirs, vol.name())?))
+    }
+
+    /// Apply `policy` under the lock: the plan and what was destroyed.
+    pub fn prune(&self, policy: &Policy) -> Result<(Plan, DestroyReport), Error> {
+        let _lock = self.lock(lock::DEFAULT_WAIT)?;
+        let plan = self.plan(policy)?;
+        let report = pruner::execute(self.volume.as_ref(), &plan);
+        Ok((plan, report))
+    }
+
+    /// btm snapshots with details and, for snapshots a polling daemon took,
+    /// the recorded height window; newest first.
+    pub fn list(&self) -> Result<Vec<Snapshot>, Error> {
+        let windows = crate::window::load(&self.dirs, self.volume.name());
+        let mut snaps = self.volume.list()?;
+        for s in &mut snaps {
+            s.height_after = windows.get(&s.height).copied();
+        }
+        Ok(snaps)
+    }
+
+    /// Resolve the rollback target and compute what the rollback would do,
+    /// holding the volume's lock until the result is executed or dropped,
+    /// so nothing changes between showing the effects and acting.
+    pub fn prepare_rollback(
+        &self,
+        target: Option<u64>,
+        strict: bool,
+    ) -> Result<PreparedRollback, Error> {
+        let vol = self.volume.as_ref();
+        let lock = self.lock(lock::DEFAULT_WAIT)?;
+        let heights = vol.heights()?;
+        let h = resolve_target(&heights, target, strict).map_err(|e| match e {
+            Error::NoSnapshots(_) => Error::NoSnapshots(vol.name().to_owned()),
+            e => e,
+        })?;
+        let effects = vol.rollback_effects(h)?;
+        self.refuse_pinned(&effects.destroys)?;
+        if !effects.foreign_blockers.is_empty() {
+            return Err(volume::Error::ForeignSnapshots {
+                target: h,
+                names: effects.foreign_blockers,
+            }
+            .into());
+        }
+        Ok(PreparedRollback {
+            volume: Arc::clone(&self.volume),
+            effects,
+            _lock: lock,
+        })
+    }
+
+    /// Destroy every btm snapshot except the newest `kept`, under the lock.
+    /// Refuses, touching nothing, if a doomed snapshot is pinned.
+    pub fn clean(&self, kept: u64) -> Result<DestroyReport, Error> {
+        let _lock = self.lock(lock::DEFAULT_WAIT)?;
+        let doomed: Vec<u64> = self
+            .volume
+            .heights()?
+            .into_iter()
+            .skip(usize::try_from(kept).unwrap_or(usize::MAX))
+            .collect();
+        self.refuse_pinned(&doomed)?;
+        Ok(self.volume.destroy(&doomed))
+    }
+
+    /// Fail, touching nothing, if any of `doomed` is pinned by an export.
+    fn refuse_pinned(&self, doomed: &[u64]) -> Result<(), Error> {
+        let pinned = pin::pinned(&self.dirs, self.volume.name())?;
+        let hit: Vec<u64> = doomed
+            .iter()
+            .copied()
+            .filter(|h| pinned.contains(h))
+            .collect();
+        if hit.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Pinned(hit))
+        }
+    }
+}
+
+fn take(vol: &dyn Volume, height: u64) -> Result<SnapshotOutcome, Error> {
+    // Flush dirty pages so the snapshot holds what the node has written.
+    nix::unistd::sync();
+    let outcome = vol.snapshot(height)?;
+    match outcome {
+        SnapshotOutcome::Created => tracing::debug!(volume = vol.name(), height, "snapshot taken"),
+        SnapshotOutcome::AlreadyExists => {
+            tracing::debug!(
+                volume = vol.name(),
+                height,
+                "snapshot already exists; left as it is"
+            )
+        }
+    }
+    Ok(outcome)
+}
+
+/// Pick the rollback height from `heights` (newest first).
+///
+/// `None` is the latest. Strict requires the exact height. Otherwise the
+/// closest existing height at or below the target is chosen.
+pub fn resolve_target(heights: &[u64], target: Option<u64>, strict: bool) -> Result<u64, Error> {
+    let Some(&latest) = heights.first() else {
+        return Err(Error::NoSnapshots(String::new()));
+    };
+    match target {
+        None => Ok(latest),
+        Some(t) if strict => heights
+            .contains(&t)
+            .then_some(t)
+            .ok_or(Error::NoExactSnapshot(t)),
+        Some(t) => heights
+            .iter()
+            .copied()
+            .filter(|&h| h <= t)
+            .max()
+            .ok_or(Error::NothingAtOrBelow(t)),
+    }
+}
+
+/// A rollback whose target and effects are known, waiting to be executed.
+/// Holds the volume's lock.
+pub struct PreparedRollback {
+    volume: Arc<dyn Volume>,
+    effects: RollbackEffects,
+    _lock: VolumeLock,
+}
+
+impl std::fmt::Debug for PreparedRollback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedRollback")
+            .field("volume", &self.volume.name())
+            .field("effects", &self.effects)
+            .finish()
+    }
+}
+
+impl PreparedRollback {
+    /// What executing will do.
+    pub fn effects(&self) -> &RollbackEffects {
+        &self.effects
+    }
+
+    /// The volume being rolled back.
+    pub fn volume(&self) -> &dyn Volume {
+        self.volume.as_ref()
+    }
+
+    /// Roll back, carrying the current content of `preserve` across.
+    pub fn execute(self, preserve: &[RelPath]) -> Result<(), Error> {
+        let target = self.effects.target;
+        nix::unistd::sync();
+        self.volume.rollback(target, preserve)?;
+        tracing::info!(volume = self.volume.name(), height = target, "rolled back");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::retention::Algo;
+    use crate::volume::fake::FakeVolume;
+    use crate::volume::SnapMode;
+
+    fn fake(dir: &tempfile::TempDir) -> (Ops, Arc<FakeVolume>) {
+        let vol = Arc::new(
+            FakeVolume::new("tank/chain", SnapMode::Zfs, &dir.path().join("vol")).expect("fake"),
+        );
+        let ops = Ops::new(vol.clone(), Dirs::under(dir.path()));
+        (ops, vol)
+    }
+
+    fn policy(algo: Algo, itv: u64, cap: u64) -> Policy {
+        Policy::new(algo, itv, cap).expect("policy")
+    }
+
+    #[test]
+    fn snapshots_prune_by_the_policy_and_report_what_they_did() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (ops, vol) = fake(&dir);
+        let opts = SnapshotOptions::pruning(policy(Algo::Fair, 10, 3));
+        for h in (10..=50).step_by(10) {
+            ops.snapshot(h, &opts).expect("snapshot");
+        }
+        assert_eq!(vol.heights().expect("heights"), vec![50, 40, 30]);
+        let again = ops.snapshot(50, &opts).expect("again");
+        assert_eq!(again.outcome, SnapshotOutcome::AlreadyExists);
+        assert_eq!(vol.snapshots_taken(), 5);
+        // A snapshot without pruning keeps everything.
+        let only = SnapshotOptions {
+            prune: None,
+            lock_wait: Duration::ZERO,
+        };
+        let r = ops.snapshot(60, &only).expect("snapshot");
+        assert_eq!(r.heights, vec![60, 50, 40, 30]);
+        assert!(r.pruned.is_empty());
+    }
+
+    #[test]
+    fn a_failed_prune_is_reported_and_the_snapshot_is_kept() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (ops, vol) = fake(&dir);
+        let opts = SnapshotOptions::pruning(policy(Algo::Fair, 10, 1));
+        ops.snapshot(10, &opts).expect("first");
+        vol.make_undestroyable(10);
+        let r = ops.snapshot(20, &opts).expect("the snapshot stands");
+        assert_eq!(r.outcome, SnapshotOutcome::Created);
+        assert_eq!(r.prune_failures.len(), 1, "{r:?}");
+        assert_eq!(r.heights, vec![20, 10]);
+        vol.fail_next_snapshots(1);
+        assert!(ops.snapshot(30, &opts).is_err());
+        assert_eq!(vol.heights().expect("heights"), vec![20, 10]);
+    }
+
+    #[test]
+    fn pinned_snapshots_survive_pruning_and_block_clean_and_rollback() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (ops, vol) = fake(&dir);
+        let keep_one = policy(Algo::Fair, 10, 1);
+        for h in [10, 20, 30] {
+            ops.snapshot(
+                h,
+                &SnapshotOptions {
+                    prune: None,
+                    lock_wait: Duration::ZERO,
+                },
+            )
+            .expect("snapshot");
+        }
+        let pin = pin::Pin::acquire(ops.dirs(), vol.name(), 10).expect("pin");
+        let (plan, report) = ops.prune(&keep_one).expect("prune");
+        assert_eq!(report.destroyed, vec![20]);
+        assert_eq!(plan.kept(), vec![30, 10]);
+        assert!(matches!(ops.clean(0), Err(Error::Pinned(h)) if h == vec![10]));
+        drop(pin);
+        assert_eq!(ops.clean(0).expect("clean").destroyed, vec![30, 10]);
+    }
+
+    #[test]
+    fn rollback_planning_names_what_it_destroys_and_refuses_foreign_snapshots() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (ops, vol) = fake(&dir);
+        let live = vol.root().expect("root");
+        let state = live.join("data/priv_validator_state.json");
+        std::fs::create_dir_all(state.parent().expect("parent")).expect("mkdir");
+        let only = SnapshotOptions {
+            prune: None,
+            lock_wait: Duration::ZERO,
+        };
+        for h in [100, 200, 300] {
+            std::fs::write(live.join("db"), format!("state at {h}")).expect("write");
+            std::fs::write(&state, format!("signed up to {h}")).expect("write");
+            ops.snapshot(h, &only).expect("snapshot");
+        }
+        std::fs::write(&state, "signed up to 310").expect("write");
+        // Non-strict: the closest height at or below.
+        let prepared = ops.prepare_rollback(Some(250), false).expect("plan");
+        assert_eq!(prepared.effects().target, 200);
+        assert_eq!(prepared.effects().destroys, vec![300]);
+        // The volume stays locked while the plan is shown.
+        assert!(ops.lock(Duration::ZERO).is_err());
+        let keep: RelPath = "data/priv_validator_state.json".parse().expect("path");
+        prepared.execute(&[keep]).expect("rollback");
+        assert_eq!(
+            std::fs::read_to_string(live.join("db")).expect("db"),
+            "state at 200"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&state).expect("state"),
+            "signed up to 310"
+        );
+        assert_eq!(vol.heights().expect("heights"), vec![200, 100]);
+        assert!(matches!(
+            ops.prepare_rollback(Some(150), true),
+            Err(Error::NoExactSnapshot(150))
+        ));
+        vol.add_foreign("tank/chain@manual");
+        let e = ops.prepare_rollback(None, false).expect_err("foreign");
+        assert!(e.to_string().contains("tank/chain@manual"), "{e}");
+    }
+}
