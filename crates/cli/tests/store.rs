@@ -153,6 +153,12 @@ fn contract(store: &dyn Store) {
     assert_eq!(store.list(Kind::Tree).expect("list").len(), 1200);
 }
 
+/// The in-memory store the unit tests of the layers above use.
+#[test]
+fn mem_store_meets_the_contract() {
+    contract(&btm_chunk::store::MemStore::new());
+}
+
 #[test]
 fn local_store_meets_the_contract() {
     let dir = tempfile::tempdir().expect("tmp");

@@ -26,7 +26,7 @@ use btm_chunk::backup::{BackupOptions, BackupSummary};
 use btm_chunk::cache::Cache;
 use btm_chunk::format::head::Decoded;
 use btm_chunk::gc::{GcOptions, GcReport};
-use btm_chunk::store::{self, StoreError};
+use btm_chunk::store::{Store, StoreError};
 use btm_chunk::{ChunkError, Progress};
 
 /// Default number of backups kept per tag.
@@ -147,11 +147,13 @@ pub enum Which {
     DueHeight(u64),
 }
 
-/// Export one snapshot of the volume of `ops` to `s.store`. `progress` shows how far it
+/// Export one snapshot of the volume of `ops` to `store` (opened from
+/// `s.store` by the caller). `progress` shows how far it
 /// is and cancels it; `lock_wait` bounds the wait for the volume lock
 /// (held only while picking and pinning the snapshot).
 pub fn export(
     ops: &Ops,
+    store: &dyn Store,
     which: Which,
     s: &ExportSettings,
     progress: Arc<Progress>,
@@ -179,12 +181,11 @@ pub fn export(
         warnings: Vec::new(),
     };
 
-    let store = store::open(&s.store)?;
     // Read here only to decide whether to export and which snapshot to
     // compare with. The backup reads the parent index again on purpose:
     // it relies on the parent's chunks, which is safe only for an index
     // read under its lease (see btm_chunk::lease).
-    let parent = btm_chunk::catalog::latest(store.as_ref(), &s.tag, None)?;
+    let parent = btm_chunk::catalog::latest(store, &s.tag, None)?;
     if let Some(name) = already_exported(parent.as_ref(), which, s.every, height) {
         tracing::info!(height, backup = %name, "already exported; skipping");
         report.already_exported = Some(name);
@@ -210,7 +211,7 @@ pub fn export(
 
     let view = vol.view(height).map_err(btm::Error::from)?;
     tracing::info!(height, snapshot = %snapshot, path = %view.path().display(), store = %s.store, "export started");
-    let summary = btm_chunk::backup::backup(store.as_ref(), view.path(), &opts);
+    let summary = btm_chunk::backup::backup(store, view.path(), &opts);
     if let Err(e) = view.close() {
         report
             .warnings
@@ -218,7 +219,7 @@ pub fn export(
     }
     drop(parent_view);
     report.backup = Some(summary?);
-    maintain(store.as_ref(), s, opts.cache.clone(), &mut report);
+    maintain(store, s, opts.cache.clone(), &mut report);
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
 }
@@ -336,7 +337,7 @@ fn backup_options(
 /// After a written backup: the tag's retention, then garbage collection.
 /// Both failures are warnings; the backup is safe either way.
 fn maintain(
-    store: &dyn btm_chunk::store::Store,
+    store: &dyn Store,
     s: &ExportSettings,
     cache: Option<Cache>,
     report: &mut ExportReport,

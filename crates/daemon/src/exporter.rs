@@ -23,6 +23,7 @@ use chrono::Utc;
 use crate::export::{self, ExportError, ExportSettings, Which};
 use btm::protocol::LastExport;
 use btm::Ops;
+use btm_chunk::store::{Store, StoreError};
 use btm_chunk::{ChunkError, Progress};
 
 use super::state::State;
@@ -34,9 +35,15 @@ pub struct Exporter {
     stopping: AtomicBool,
 }
 
+/// Opens the export store by URL for each export: lazily, so a store
+/// that is down fails that export, never the daemon. Tests pass one that
+/// returns an in-memory store.
+pub type StoreOpener = Arc<dyn Fn(&str) -> Result<Box<dyn Store>, StoreError> + Send + Sync>;
+
 /// What the exports of one generation need, shared with their thread.
 struct Context {
     ops: Ops,
+    open_store: StoreOpener,
     settings: ExportSettings,
     lock_timeout: Duration,
     /// Polled sources: how long to wait for the snapshot's height window
@@ -100,6 +107,7 @@ impl Exporter {
     /// `state`.
     pub fn new(
         ops: Ops,
+        open_store: StoreOpener,
         settings: ExportSettings,
         lock_timeout: Duration,
         window_wait: Option<Duration>,
@@ -118,6 +126,7 @@ impl Exporter {
         Exporter {
             ctx: Arc::new(Context {
                 ops,
+                open_store,
                 settings,
                 lock_timeout,
                 window_wait,
@@ -217,14 +226,25 @@ impl Run {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        let result = export::export(
-            &self.ctx.ops,
-            Which::DueHeight(height),
-            &self.ctx.settings,
-            Arc::clone(&self.progress),
-            self.ctx.lock_timeout,
-        );
+        let result = (self.ctx.open_store)(&self.ctx.settings.store)
+            .map_err(ExportError::Store)
+            .and_then(|store| {
+                export::export(
+                    &self.ctx.ops,
+                    store.as_ref(),
+                    Which::DueHeight(height),
+                    &self.ctx.settings,
+                    Arc::clone(&self.progress),
+                    self.ctx.lock_timeout,
+                )
+            });
         self.carry.report(|s| s.export_running(None));
+        self.finished(result);
+    }
+
+    /// Record how the export ended: state, counters and the log.
+    fn finished(&self, result: Result<export::ExportReport, ExportError>) {
+        let height = self.height;
         match result {
             Ok(report) => {
                 self.carry
@@ -281,5 +301,200 @@ impl Run {
                 });
             }
         }
+    }
+}
+
+/// The exporter on an in-memory volume and store: due heights, skipping
+/// while one runs, cancellation, a store that is down. No root, no server.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use btm::volume::fake::FakeVolume;
+    use btm::volume::Volume;
+    use btm_chunk::store::MemStore;
+
+    struct Rig {
+        exporter: Exporter,
+        carry: Arc<Carry>,
+        ops: Ops,
+        store: MemStore,
+        state: Arc<State>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().expect("tmp");
+        let text = "volume = \"tank/chain\"\nmode = \"zfs\"\n[export]\nstore = \"/unused\"\nevery = 20\ntag = \"t\"\nkeep = 2\ngc = false\n";
+        let mut settings =
+            crate::settings::DaemonOptions::from_toml(text, std::path::Path::new("t"))
+                .expect("toml")
+                .resolve()
+                .expect("settings");
+        settings.dirs = btm::dirs::Dirs::under(dir.path());
+        if let Some(e) = settings.export.as_mut() {
+            e.cache = Some(dir.path().join("cache"));
+        }
+        let vol = Arc::new(
+            FakeVolume::new("tank/chain", btm::SnapMode::Zfs, &dir.path().join("vol"))
+                .expect("fake"),
+        );
+        let live = vol.root().expect("root");
+        std::fs::write(live.join("state.db"), vec![7u8; 300_000]).expect("write");
+        let ops = Ops::new(vol, settings.dirs.clone());
+        let store = MemStore::new();
+        let opener = {
+            let store = store.clone();
+            Arc::new(move |_: &str| Ok(Box::new(store.clone()) as Box<dyn Store>)) as StoreOpener
+        };
+        let cfg = btm::BtmCfg {
+            volume: "tank/chain".into(),
+            ..btm::BtmCfg::default()
+        };
+        let state = Arc::new(State::new(crate::initial_status(&cfg, &settings, 0)));
+        let carry = Arc::new(Carry::default());
+        let exporter = Exporter::new(
+            ops.clone(),
+            opener,
+            settings.export.clone().expect("export"),
+            Duration::from_secs(1),
+            None,
+            Arc::clone(&state),
+            Arc::clone(&carry),
+        );
+        Rig {
+            exporter,
+            carry,
+            ops,
+            store,
+            state,
+            _dir: dir,
+        }
+    }
+
+    impl Rig {
+        fn snapshot_and_consider(&self, h: u64) {
+            let only = btm::SnapshotOptions {
+                prune: None,
+                lock_wait: Duration::ZERO,
+            };
+            self.ops.snapshot(h, &only).expect("snapshot");
+            self.exporter.consider(h);
+        }
+
+        fn wait_idle(&self) {
+            for _ in 0..1000 {
+                let job = self.carry.job.lock().unwrap_or_else(|p| p.into_inner());
+                if job.handle.as_ref().is_none_or(|h| h.is_finished()) {
+                    return;
+                }
+                drop(job);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            panic!("the export did not end");
+        }
+
+        fn exported_heights(&self) -> Vec<u64> {
+            btm_chunk::catalog::list_backups(&self.store, None)
+                .expect("list")
+                .into_iter()
+                .map(|n| {
+                    btm_chunk::catalog::read_index(&self.store, &n.to_string())
+                        .expect("index")
+                        .height()
+                        .expect("height")
+                })
+                .collect()
+        }
+
+        fn wait_for_writes(&self) {
+            for _ in 0..1000 {
+                if self.store.writes() > 0 {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            panic!("the export wrote nothing");
+        }
+    }
+
+    #[test]
+    fn one_export_per_bucket_and_retention_keeps_k() {
+        let r = rig();
+        for h in (10..=60).step_by(10) {
+            r.snapshot_and_consider(h);
+            r.wait_idle();
+        }
+        assert_eq!(r.exported_heights(), vec![60, 40]);
+        let c = r.state.status().counters;
+        assert_eq!((c.exports, c.export_failures, c.exports_skipped), (4, 0, 0));
+    }
+
+    #[test]
+    fn a_due_export_is_skipped_not_queued_while_one_runs() {
+        let r = rig();
+        r.store.hold_writes();
+        r.snapshot_and_consider(20);
+        r.wait_for_writes();
+        r.snapshot_and_consider(40);
+        assert_eq!(r.state.status().counters.exports_skipped, 1);
+        r.store.release_writes();
+        r.wait_idle();
+        assert_eq!(r.exported_heights(), vec![20]);
+        // The skipped bucket was never attempted: the next due one runs.
+        r.snapshot_and_consider(60);
+        r.wait_idle();
+        assert_eq!(r.exported_heights(), vec![60, 20]);
+    }
+
+    #[test]
+    fn a_cancelled_export_writes_no_index_and_is_no_failure() {
+        let r = rig();
+        r.store.hold_writes();
+        r.snapshot_and_consider(20);
+        r.wait_for_writes();
+        if let Some(p) = &r
+            .carry
+            .job
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .progress
+        {
+            p.cancel.store(true, Ordering::SeqCst);
+        }
+        r.store.release_writes();
+        r.wait_idle();
+        assert!(r.exported_heights().is_empty());
+        let c = r.state.status().counters;
+        assert_eq!((c.exports, c.export_failures), (0, 0));
+    }
+
+    #[test]
+    fn a_store_that_is_down_fails_the_export_and_the_next_bucket_retries() {
+        let r = rig();
+        r.store.set_down(true);
+        r.snapshot_and_consider(20);
+        r.wait_idle();
+        // Not retried at every snapshot of the same bucket...
+        r.snapshot_and_consider(30);
+        r.wait_idle();
+        assert_eq!(r.state.status().counters.export_failures, 1);
+        r.store.set_down(false);
+        // ...but at the next one.
+        r.snapshot_and_consider(40);
+        r.wait_idle();
+        assert_eq!(r.exported_heights(), vec![40]);
+        let s = r.state.status();
+        assert_eq!((s.counters.exports, s.counters.export_failures), (1, 1));
+        assert!(s.recent_errors.iter().any(|e| e.kind == "export"), "{s:?}");
+    }
+
+    #[test]
+    fn a_stopped_exporter_starts_nothing() {
+        let r = rig();
+        r.exporter.stop();
+        r.snapshot_and_consider(20);
+        r.wait_idle();
+        assert!(r.exported_heights().is_empty());
+        assert_eq!(r.store.writes(), 0);
     }
 }

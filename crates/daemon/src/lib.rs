@@ -29,6 +29,8 @@ mod control;
 pub mod export;
 mod exporter;
 pub mod height;
+#[cfg(test)]
+mod lifecycle_tests;
 mod metrics;
 mod poll;
 mod scheduler;
@@ -115,8 +117,36 @@ pub(crate) struct Generation {
 /// what the servers dispatch to.
 type Current = watch::Receiver<Option<Arc<Generation>>>;
 
+/// What a generation opens, passed in: the real volume drivers and stores
+/// ([`Deps::default`]), or in-memory fakes in tests.
+#[derive(Clone)]
+pub struct Deps {
+    /// Open the configured volume, read its heights, clean stale views.
+    /// Blocking; run on a blocking thread.
+    pub open_volume: VolumeOpener,
+    /// Open the export store by URL, at each export.
+    pub open_store: exporter::StoreOpener,
+}
+
+/// See [`Deps::open_volume`].
+pub type VolumeOpener =
+    Arc<dyn Fn(&DaemonSettings) -> Result<(BtmCfg, Ops, Vec<u64>), btm::Error> + Send + Sync>;
+
+pub use exporter::StoreOpener;
+
+impl Default for Deps {
+    /// The volume named in the settings, through its driver; stores by URL.
+    fn default() -> Self {
+        Deps {
+            open_volume: Arc::new(open_volume),
+            open_store: Arc::new(|url: &str| btm_chunk::store::open(url)),
+        }
+    }
+}
+
 /// The parts of the daemon that outlive generations.
 struct Daemon {
+    deps: Deps,
     current: watch::Sender<Option<Arc<Generation>>>,
     control: Mutex<Option<control::Server>>,
     metrics: Mutex<Option<metrics::Server>>,
@@ -131,11 +161,16 @@ impl Daemon {
     /// Bind the control socket (and the metrics endpoint) for `settings`
     /// and start the watchdog. Nothing is dispatched until a generation is
     /// published.
-    fn start(settings: &DaemonSettings, stopped: Shutdown) -> Result<Daemon, DaemonError> {
+    fn start(
+        settings: &DaemonSettings,
+        stopped: Shutdown,
+        deps: Deps,
+    ) -> Result<Daemon, DaemonError> {
         let (current, rx) = watch::channel(None);
         let watchdog = systemd::watchdog_period()
             .map(|period| tokio::spawn(systemd::watchdog(period, rx, stopped.clone())));
         let daemon = Daemon {
+            deps,
             current,
             control: Mutex::new(None),
             metrics: Mutex::new(None),
@@ -219,8 +254,8 @@ impl Daemon {
         mut stop: Shutdown,
     ) -> Result<(), DaemonError> {
         let opening = {
-            let s = settings.clone();
-            tokio::task::spawn_blocking(move || open_volume(&s))
+            let (s, open) = (settings.clone(), Arc::clone(&self.deps.open_volume));
+            tokio::task::spawn_blocking(move || open(&s))
         };
         let Some(opened) = stop.until(opening).await else {
             return Ok(());
@@ -230,6 +265,7 @@ impl Daemon {
         let exporter = settings.export.clone().map(|e| {
             Arc::new(exporter::Exporter::new(
                 ops.clone(),
+                Arc::clone(&self.deps.open_store),
                 e,
                 settings.lock_timeout,
                 settings
@@ -384,7 +420,16 @@ fn initial_status(cfg: &BtmCfg, settings: &DaemonSettings, snapshots: usize) -> 
 /// export was cancelled; the socket file is removed. Start-up errors
 /// (volume missing, socket in use, …) are returned before READY=1.
 pub async fn run(settings: DaemonSettings, shutdown: Shutdown) -> Result<(), DaemonError> {
-    let daemon = Daemon::start(&settings, shutdown.clone())?;
+    run_with(settings, shutdown, Deps::default()).await
+}
+
+/// [`run`] with what it opens passed in.
+pub async fn run_with(
+    settings: DaemonSettings,
+    shutdown: Shutdown,
+    deps: Deps,
+) -> Result<(), DaemonError> {
+    let daemon = Daemon::start(&settings, shutdown.clone(), deps)?;
     let result = daemon.generation(settings, shutdown).await;
     daemon.finish().await;
     tracing::info!("btm daemon stopped");
@@ -404,7 +449,7 @@ pub async fn supervise(
         hup: signal(SignalKind::hangup()).map_err(DaemonError::Signals)?,
     };
     let (stop, stopped) = shutdown::channel();
-    let daemon = Daemon::start(&initial, stopped)?;
+    let daemon = Daemon::start(&initial, stopped, Deps::default())?;
     let result = generations(&daemon, initial, reload, &mut signals, &stop).await;
     stop.fire();
     let finished = daemon.finish();

@@ -27,11 +27,13 @@
 
 mod id;
 mod local;
+mod mem;
 mod object;
 
 pub use bytes::Bytes;
 pub use id::{BadId, Id};
 pub use local::LocalStore;
+pub use mem::MemStore;
 pub use object::ObjectStoreBackend;
 
 /// A store failure.

@@ -60,7 +60,15 @@ pub fn run(args: ExportArgs, out: &mut dyn Write) -> Result<()> {
         format!("exporting {}", settings.volume),
         Arc::clone(&progress),
     );
-    let result = export::export(&ops, which, &export, progress, settings.lock_timeout);
+    let store = btm_chunk::store::open(&export.store)?;
+    let result = export::export(
+        &ops,
+        store.as_ref(),
+        which,
+        &export,
+        progress,
+        settings.lock_timeout,
+    );
     drop(reporter);
     let report = result.context("export failed; no backup was written")?;
     for w in &report.warnings {

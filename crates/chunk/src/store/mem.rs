@@ -1,0 +1,243 @@
+//! An in-memory [`Store`] that keeps the store contract (write-once
+//! objects, indexes created once, markers replaced atomically, the store's
+//! own clock on markers), for unit tests of what sits above the stores
+//! (backups, restores, GC, the daemon's exporter) in milliseconds.
+//!
+//! Clones share the same contents, so a test keeps one to inspect what the
+//! code under test wrote. Two test hooks: [`MemStore::set_down`] makes every
+//! call fail as an unreachable store does, and [`MemStore::hold_writes`]
+//! makes object and index writes wait until released, to catch work in
+//! flight.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+
+use super::{check_marker_name, Id, Kind, Marker, Store, StoreError};
+
+/// An in-memory store; see the module documentation.
+#[derive(Clone, Default)]
+pub struct MemStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Unique per store, so caches keyed by the store's description never
+    /// mix two stores.
+    serial: u64,
+    inner: Mutex<Inner>,
+    released: Condvar,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Shared {
+            serial: NEXT.fetch_add(1, Ordering::Relaxed),
+            inner: Mutex::default(),
+            released: Condvar::new(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    objects: HashMap<(Kind, Id), Bytes>,
+    indexes: BTreeMap<String, Vec<u8>>,
+    markers: BTreeMap<String, (Vec<u8>, DateTime<Utc>)>,
+    down: bool,
+    holding: bool,
+    writes: u64,
+}
+
+impl MemStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn inner(&self) -> Result<MutexGuard<'_, Inner>, StoreError> {
+        let g = self.shared.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if g.down {
+            return Err(StoreError::Unreachable {
+                what: "mem://".into(),
+                detail: "the test took the store down".into(),
+            });
+        }
+        Ok(g)
+    }
+
+    /// Make every call fail as an unreachable store (or work again).
+    pub fn set_down(&self, down: bool) {
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .down = down;
+    }
+
+    /// Make object and index writes wait until
+    /// [`MemStore::release_writes`].
+    pub fn hold_writes(&self) {
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .holding = true;
+    }
+
+    /// Let held and future writes through.
+    pub fn release_writes(&self) {
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .holding = false;
+        self.shared.released.notify_all();
+    }
+
+    /// How many object and index writes started (held ones included).
+    pub fn writes(&self) -> u64 {
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .writes
+    }
+
+    /// The store's lock, once writes are not held.
+    fn writable(&self) -> Result<MutexGuard<'_, Inner>, StoreError> {
+        let mut g = self.inner()?;
+        g.writes += 1;
+        while g.holding {
+            g = self
+                .shared
+                .released
+                .wait(g)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(g)
+    }
+
+    fn not_found(kind: Kind, id: &Id) -> StoreError {
+        StoreError::NotFound(kind.describe(id))
+    }
+}
+
+impl Store for MemStore {
+    fn describe(&self) -> String {
+        format!("mem://{}", self.shared.serial)
+    }
+
+    fn put(&self, kind: Kind, id: &Id, data: Bytes) -> Result<(), StoreError> {
+        self.writable()?.objects.entry((kind, *id)).or_insert(data);
+        Ok(())
+    }
+
+    fn get(&self, kind: Kind, id: &Id) -> Result<Bytes, StoreError> {
+        let g = self.inner()?;
+        g.objects
+            .get(&(kind, *id))
+            .cloned()
+            .ok_or_else(|| Self::not_found(kind, id))
+    }
+
+    fn get_range(&self, kind: Kind, id: &Id, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+        let whole = self.get(kind, id)?;
+        let end = offset.checked_add(len).filter(|&e| e <= whole.len() as u64);
+        match end {
+            Some(end) => Ok(whole.slice(offset as usize..end as usize)),
+            None => Err(StoreError::Permanent {
+                what: kind.describe(id),
+                detail: format!("shorter than {len} bytes at offset {offset}"),
+            }),
+        }
+    }
+
+    fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError> {
+        Ok(self.get(kind, id)?.len() as u64)
+    }
+
+    fn list(&self, kind: Kind) -> Result<Vec<(Id, u64)>, StoreError> {
+        let g = self.inner()?;
+        Ok(g.objects
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .map(|((_, id), data)| (*id, data.len() as u64))
+            .collect())
+    }
+
+    fn delete(&self, kind: Kind, id: &Id) -> Result<(), StoreError> {
+        self.inner()?.objects.remove(&(kind, *id));
+        Ok(())
+    }
+
+    fn put_index(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
+        let mut g = self.writable()?;
+        if g.indexes.contains_key(name) {
+            return Err(StoreError::Permanent {
+                what: format!("index {name}"),
+                detail: "an index with this name already exists".into(),
+            });
+        }
+        g.indexes.insert(name.to_owned(), data.to_vec());
+        Ok(())
+    }
+
+    fn get_index(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        self.inner()?
+            .indexes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(format!("backup {name}")))
+    }
+
+    fn list_indexes(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.inner()?.indexes.keys().cloned().collect())
+    }
+
+    fn delete_index(&self, name: &str) -> Result<(), StoreError> {
+        self.inner()?.indexes.remove(name);
+        Ok(())
+    }
+
+    fn put_marker(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
+        check_marker_name(name)?;
+        self.inner()?
+            .markers
+            .insert(name.to_owned(), (data.to_vec(), Utc::now()));
+        Ok(())
+    }
+
+    fn get_marker(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        check_marker_name(name)?;
+        self.inner()?
+            .markers
+            .get(name)
+            .map(|(d, _)| d.clone())
+            .ok_or_else(|| StoreError::NotFound(format!("marker {name}")))
+    }
+
+    fn list_markers(&self, dir: &str) -> Result<Vec<Marker>, StoreError> {
+        let prefix = format!("{}/", dir.trim_end_matches('/'));
+        Ok(self
+            .inner()?
+            .markers
+            .iter()
+            .filter(|(n, _)| n.starts_with(&prefix))
+            .map(|(n, (_, t))| Marker {
+                name: n.clone(),
+                modified: *t,
+            })
+            .collect())
+    }
+
+    fn delete_marker(&self, name: &str) -> Result<(), StoreError> {
+        check_marker_name(name)?;
+        self.inner()?.markers.remove(name);
+        Ok(())
+    }
+}
