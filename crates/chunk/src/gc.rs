@@ -490,139 +490,186 @@ fn sweep_under(
     report: &mut GcReport,
     lease: &Lease<'_>,
 ) -> Result<HashSet<String>, ChunkError> {
-    {
-        let now = lease.store_now().unwrap_or_else(Utc::now);
-        let due = plan_sweep(marks, now, opts.grace);
-        let mut swept = HashSet::new();
-        if due.is_empty() {
-            return Ok(swept);
+    let now = lease.store_now().unwrap_or_else(Utc::now);
+    let due = plan_sweep(marks, now, opts.grace);
+    if due.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let cache = opts.cache.as_ref();
+    // Read everything only now, under the lease: any backup that
+    // finished before we took it has its head here.
+    let map = ChunkMap::load(store, cache, opts.connections)?;
+    let l = liveness(store, cache, &map, opts.connections)?;
+    if let Some(first) = l.unreadable.first() {
+        return Err(ChunkError::Lease(LeaseError::Conflict(format!(
+            "{} backup index(es) cannot be read, so nothing can be deleted safely (first: {first}); fix them or forget them with `btm forget NAME`",
+            l.unreadable.len()
+        ))));
+    }
+    let due_marks = read_due_marks(store, &due)?;
+    let v = Verdict::of(&due_marks, &map, &l);
+    let mut doomed: HashSet<Id> = v.dead.iter().chain(&v.repack).copied().collect();
+    if !opts.dry_run {
+        let new_packs = repack_live(store, opts, lease, &map, &l, &v.repack)?;
+        // Packs are named by their bytes: a pack written just now can be
+        // one that was about to go (an orphan of a failed attempt at
+        // this very repack, or a pack holding the same chunk). Its
+        // bytes are needed: it stays.
+        for p in &new_packs {
+            doomed.remove(&p.id);
         }
-        let cache = opts.cache.as_ref();
-        // Read everything only now, under the lease: any backup that
-        // finished before we took it has its head here.
-        let map = ChunkMap::load(store, cache, opts.connections)?;
-        let l = liveness(store, cache, &map, opts.connections)?;
-        if let Some(first) = l.unreadable.first() {
-            return Err(ChunkError::Lease(LeaseError::Conflict(format!(
-                "{} backup index(es) cannot be read, so nothing can be deleted safely (first: {first}); fix them or forget them with `btm forget NAME`",
-                l.unreadable.len()
-            ))));
+        rewrite_pack_indexes(store, opts, lease, &map, &doomed, new_packs)?;
+    }
+    // Packs no pack index names are unreachable: orphans of dead
+    // writers, and marked packs whose index an interrupted sweep
+    // already rewrote. (Not one this sweep just wrote and indexed.)
+    let indexed: HashSet<Id> = lease.written();
+    let unindexed_marked = v
+        .marked_packs
+        .iter()
+        .chain(&v.marked_repack)
+        .filter(|id| map.pack_number(id).is_none());
+    doomed.extend(
+        v.now_dead
+            .orphans
+            .iter()
+            .chain(unindexed_marked)
+            .filter(|id| !indexed.contains(id))
+            .copied(),
+    );
+    delete_packs(store, opts, lease, &map, &doomed, report)?;
+    report.packs_deleted = (doomed.len() - v.repack.len().min(doomed.len())) as u64;
+    report.packs_repacked = v.repack.len() as u64;
+    delete_dead_objects(store, opts, lease, &v.now_dead, report)?;
+    let mut swept = HashSet::new();
+    for (name, _) in &due_marks {
+        if !opts.dry_run {
+            with_retry(|| store.delete_marker(name))
+                .map_err(|e| ChunkError::store(format!("deleting GC mark {name}"), e))?;
         }
-        let mut due_marks = Vec::new();
-        for m in due {
-            match read_mark(store, &m.name) {
-                Ok(mark) => due_marks.push((m.name.clone(), mark)),
-                Err(ChunkError::Store {
-                    cause: crate::store::StoreError::NotFound(_),
-                    ..
-                }) => {}
-                Err(e) => return Err(e),
-            }
+        report.marks_swept += 1;
+        swept.insert(name.clone());
+    }
+    Ok(swept)
+}
+
+/// The due marks that still exist (a concurrent sweep may have taken some).
+fn read_due_marks(store: &dyn Store, due: &[&Marker]) -> Result<Vec<(String, Mark)>, ChunkError> {
+    let mut out = Vec::new();
+    for m in due {
+        match read_mark(store, &m.name) {
+            Ok(mark) => out.push((m.name.clone(), mark)),
+            Err(ChunkError::Store {
+                cause: crate::store::StoreError::NotFound(_),
+                ..
+            }) => {}
+            Err(e) => return Err(e),
         }
-        let all_trees: Vec<Id> = due_marks
-            .iter()
-            .flat_map(|(_, m)| m.trees.iter().copied())
-            .collect();
-        let all_chunks: Vec<Id> = due_marks
-            .iter()
-            .flat_map(|(_, m)| m.chunks.iter().copied())
-            .collect();
-        let orphans: Vec<Id> = due_marks
-            .iter()
-            .flat_map(|(_, m)| m.orphans.iter().copied())
-            .collect();
-        // What is still dead now.
+    }
+    Ok(out)
+}
+
+/// What a sweep may delete: what the due marks named and is still dead
+/// (or still sparse, for repacking) by the indexes read now.
+struct Verdict {
+    /// The plan of what is dead now, among what the marks held.
+    now_dead: Mark,
+    /// Packs the marks named for deletion.
+    marked_packs: HashSet<Id>,
+    /// Packs the marks named for repacking.
+    marked_repack: HashSet<Id>,
+    /// Marked and still wholly dead.
+    dead: Vec<Id>,
+    /// Marked for repacking and still sparse (or dead by now).
+    repack: Vec<Id>,
+}
+
+impl Verdict {
+    fn of(due_marks: &[(String, Mark)], map: &ChunkMap, l: &Liveness) -> Verdict {
+        let all = |f: fn(&Mark) -> &Vec<Id>| -> Vec<Id> {
+            due_marks
+                .iter()
+                .flat_map(|(_, m)| f(m).iter().copied())
+                .collect()
+        };
+        let (all_trees, all_chunks, orphans) =
+            (all(|m| &m.trees), all(|m| &m.chunks), all(|m| &m.orphans));
         let now_dead = plan(
             &Holdings {
-                map: &map,
+                map,
                 trees: &all_trees,
                 v1_chunks: &all_chunks,
                 pending_of_dead: &orphans,
             },
-            &l,
+            l,
         );
         let still_dead: HashSet<Id> = now_dead.packs.iter().copied().collect();
         let still_sparse: HashSet<Id> = now_dead.repack.iter().copied().collect();
-        let marked_packs: HashSet<Id> = due_marks
-            .iter()
-            .flat_map(|(_, m)| m.packs.iter().copied())
-            .collect();
-        let marked_repack: HashSet<Id> = due_marks
-            .iter()
-            .flat_map(|(_, m)| m.repack.iter().copied())
-            .collect();
-        let dead: Vec<Id> = marked_packs.intersection(&still_dead).copied().collect();
-        let repack: Vec<Id> = marked_repack
+        let marked_packs: HashSet<Id> = all(|m| &m.packs).into_iter().collect();
+        let marked_repack: HashSet<Id> = all(|m| &m.repack).into_iter().collect();
+        let dead = marked_packs.intersection(&still_dead).copied().collect();
+        let repack = marked_repack
             .iter()
             .filter(|p| still_sparse.contains(p) || still_dead.contains(p))
             .copied()
             .collect();
-        let mut doomed: HashSet<Id> = dead.iter().chain(&repack).copied().collect();
-        if !opts.dry_run {
-            let new_packs = repack_live(store, opts, lease, &map, &l, &repack)?;
-            // Packs are named by their bytes: a pack written just now can be
-            // one that was about to go (an orphan of a failed attempt at
-            // this very repack, or a pack holding the same chunk). Its
-            // bytes are needed: it stays.
-            for p in &new_packs {
-                doomed.remove(&p.id);
-            }
-            rewrite_pack_indexes(store, opts, lease, &map, &doomed, new_packs)?;
+        Verdict {
+            now_dead,
+            marked_packs,
+            marked_repack,
+            dead,
+            repack,
         }
-        // Packs no pack index names are unreachable: orphans of dead
-        // writers, and marked packs whose index an interrupted sweep
-        // already rewrote. (Not one this sweep just wrote and indexed.)
-        let indexed: HashSet<Id> = lease.written();
-        let unindexed_marked = marked_packs
-            .iter()
-            .chain(&marked_repack)
-            .filter(|id| map.pack_number(id).is_none());
-        doomed.extend(
-            now_dead
-                .orphans
-                .iter()
-                .chain(unindexed_marked)
-                .filter(|id| !indexed.contains(id))
-                .copied(),
-        );
-        let sizes: HashMap<Id, u64> = map.packs().iter().map(|p| (p.id, p.len)).collect();
-        for id in &doomed {
+    }
+}
+
+/// Delete `doomed` packs (counting their bytes), checking the lease first
+/// each time.
+fn delete_packs(
+    store: &dyn Store,
+    opts: &GcOptions,
+    lease: &Lease<'_>,
+    map: &ChunkMap,
+    doomed: &HashSet<Id>,
+    report: &mut GcReport,
+) -> Result<(), ChunkError> {
+    let sizes: HashMap<Id, u64> = map.packs().iter().map(|p| (p.id, p.len)).collect();
+    for id in doomed {
+        lease.check()?;
+        if !opts.dry_run {
+            with_retry(|| store.delete(Kind::Pack, id))
+                .map_err(|e| ChunkError::store(format!("deleting pack {id}"), e))?;
+        }
+        report.bytes_freed += sizes.get(id).copied().unwrap_or(0);
+    }
+    Ok(())
+}
+
+/// Delete dead tree segments and version 1 chunks.
+fn delete_dead_objects(
+    store: &dyn Store,
+    opts: &GcOptions,
+    lease: &Lease<'_>,
+    now_dead: &Mark,
+    report: &mut GcReport,
+) -> Result<(), ChunkError> {
+    for (kind, ids, count) in [
+        (Kind::Tree, &now_dead.trees, &mut report.trees_deleted),
+        (Kind::Chunk, &now_dead.chunks, &mut report.chunks_deleted),
+    ] {
+        for id in ids {
             lease.check()?;
             if !opts.dry_run {
-                with_retry(|| store.delete(Kind::Pack, id))
-                    .map_err(|e| ChunkError::store(format!("deleting pack {id}"), e))?;
-            }
-            report.bytes_freed += sizes.get(id).copied().unwrap_or(0);
-        }
-        report.packs_deleted = (doomed.len() - repack.len().min(doomed.len())) as u64;
-        report.packs_repacked = repack.len() as u64;
-        for (kind, ids, count) in [
-            (Kind::Tree, &now_dead.trees, &mut report.trees_deleted),
-            (Kind::Chunk, &now_dead.chunks, &mut report.chunks_deleted),
-        ] {
-            for id in ids {
-                lease.check()?;
-                if !opts.dry_run {
-                    with_retry(|| store.delete(kind, id)).map_err(|e| {
-                        ChunkError::store(format!("deleting {}", kind.describe(id)), e)
-                    })?;
-                    if let (Kind::Tree, Some(c)) = (kind, cache) {
-                        c.forget(Kind::Tree, id);
-                    }
+                with_retry(|| store.delete(kind, id))
+                    .map_err(|e| ChunkError::store(format!("deleting {}", kind.describe(id)), e))?;
+                if let (Kind::Tree, Some(c)) = (kind, opts.cache.as_ref()) {
+                    c.forget(Kind::Tree, id);
                 }
-                *count += 1;
             }
+            *count += 1;
         }
-        for (name, _) in &due_marks {
-            if !opts.dry_run {
-                with_retry(|| store.delete_marker(name))
-                    .map_err(|e| ChunkError::store(format!("deleting GC mark {name}"), e))?;
-            }
-            report.marks_swept += 1;
-            swept.insert(name.clone());
-        }
-        Ok(swept)
     }
+    Ok(())
 }
 
 /// Read the live chunks of `packs` and write them into new packs; returns
