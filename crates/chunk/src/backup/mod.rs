@@ -255,6 +255,32 @@ pub struct Shared<'a> {
     packs_in_memory: Budget,
 }
 
+impl<'a> Shared<'a> {
+    fn new(
+        store: &'a dyn Store,
+        opts: &'a BackupOptions,
+        lease: &'a Lease<'a>,
+        connections: usize,
+    ) -> Self {
+        Shared {
+            store,
+            opts,
+            lease,
+            abort: AtomicBool::new(false),
+            first_error: Mutex::new(None),
+            counters: Counters::default(),
+            slots: Slots {
+                free: Mutex::new(LOOKAHEAD_FILES),
+                freed: Condvar::new(),
+            },
+            throttle: opts.max_rate.map(Throttle::new),
+            unindexed: Mutex::new(Vec::new()),
+            reading: Mutex::new(HashMap::new()),
+            packs_in_memory: Budget::new(upload_budget(opts.pack_size, connections)),
+        }
+    }
+}
+
 impl Shared<'_> {
     fn aborted(&self) -> bool {
         self.abort.load(Ordering::Relaxed) || self.opts.progress.cancelled()
@@ -346,22 +372,7 @@ fn run(
         .filter(|(_, idx)| matches!(idx, Decoded::V2(h) if h.chunk_size == opts.chunk_size));
     adopt_orphans(store, lease, cache, connections);
     let known = KnownSet::load(store, cache, connections)?;
-    let shared = Shared {
-        store,
-        opts,
-        lease,
-        abort: AtomicBool::new(false),
-        first_error: Mutex::new(None),
-        counters: Counters::default(),
-        slots: Slots {
-            free: Mutex::new(LOOKAHEAD_FILES),
-            freed: Condvar::new(),
-        },
-        throttle: opts.max_rate.map(Throttle::new),
-        unindexed: Mutex::new(Vec::new()),
-        reading: Mutex::new(HashMap::new()),
-        packs_in_memory: Budget::new(upload_budget(opts.pack_size, connections)),
-    };
+    let shared = Shared::new(store, opts, lease, connections);
     let mut summary = BackupSummary {
         name: name.clone(),
         ..BackupSummary::default()
@@ -429,9 +440,22 @@ fn run(
         return Err(ChunkError::Cancelled);
     }
     let written = written.ok_or(ChunkError::Aborted)?;
+    finish(&shared, &name, started, written, summary)
+}
+
+/// After the pipeline: index the last packs, make the upload durable,
+/// then write the head, last, under a lease that is still ours.
+fn finish(
+    shared: &Shared<'_>,
+    name: &str,
+    started: chrono::DateTime<Utc>,
+    written: writer::Written,
+    mut summary: BackupSummary,
+) -> Result<BackupSummary, ChunkError> {
+    let (store, opts, lease) = (shared.store, shared.opts, shared.lease);
     // Every pack durable, then named by a pack index, before the head.
     let rest = std::mem::take(&mut *shared.unindexed.lock().unwrap_or_else(|p| p.into_inner()));
-    write_pack_index(&shared, rest)?;
+    write_pack_index(shared, rest)?;
     with_retry(|| store.flush()).map_err(|e| ChunkError::store("making the upload durable", e))?;
 
     let c = &shared.counters;
@@ -459,7 +483,7 @@ fn run(
     // The chunks we took as known must still be there: only true while our
     // lease kept sweeps away.
     lease.check()?;
-    with_retry(|| store.put_index(&name, &encoded))
+    with_retry(|| store.put_index(name, &encoded))
         .map_err(|e| ChunkError::store(format!("writing backup {name}"), e))?;
     Ok(summary)
 }

@@ -163,6 +163,20 @@ struct Counters {
     trusted: AtomicU64,
 }
 
+impl Counters {
+    /// Copy the counts into the summary.
+    fn fill(&self, summary: &mut RestoreSummary) {
+        summary.files_trusted = self.trusted.load(Ordering::Relaxed);
+        summary.bytes_verified = self.verified.load(Ordering::Relaxed);
+        summary.chunks_reused = self.reused.load(Ordering::Relaxed);
+        summary.chunks_fetched = self.fetched.load(Ordering::Relaxed);
+        summary.bytes_downloaded = self.downloaded.load(Ordering::Relaxed);
+        summary.requests = self.requests.load(Ordering::Relaxed);
+        summary.bytes_written = self.written.load(Ordering::Relaxed);
+        summary.holes = self.holes.load(Ordering::Relaxed);
+    }
+}
+
 /// One file being restored, shared by everyone working on its chunks.
 struct FileJob<'a> {
     entry: Entry,
@@ -210,6 +224,51 @@ struct Shared<'a> {
     checkpoint_lock: Mutex<bool>,
     /// Bytes of ranged reads in memory, see [`IN_FLIGHT_BYTES`].
     in_flight: Budget,
+}
+
+impl<'a> Shared<'a> {
+    /// The first failure, if any, taken out.
+    fn take_error(&self) -> Option<ChunkError> {
+        self.first_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Tell the checkpointer the restore is over (it returns without
+    /// another checkpoint; the end syncs once more itself).
+    fn stop_checkpoints(&self) {
+        *self
+            .checkpoint_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = true;
+        self.checkpoint_now.notify_one();
+    }
+
+    fn new(
+        store: &'a dyn Store,
+        opts: &'a RestoreOptions,
+        v1: bool,
+        chunk_size: u64,
+        map: ChunkMap,
+    ) -> Self {
+        Shared {
+            store,
+            opts,
+            v1,
+            chunk_size,
+            map: RwLock::new((0, map)),
+            abort: AtomicBool::new(false),
+            first_error: Mutex::new(None),
+            counters: Counters::default(),
+            completed: Mutex::new(Vec::new()),
+            big: Mutex::new(Vec::new()),
+            since_checkpoint: AtomicU64::new(0),
+            checkpoint_now: Condvar::new(),
+            checkpoint_lock: Mutex::new(false),
+            in_flight: Budget::new(IN_FLIGHT_BYTES),
+        }
+    }
 }
 
 impl<'a> Shared<'a> {
@@ -400,22 +459,7 @@ fn run(
     };
     let (journal, prior) = Journal::open(dest, &dest_fd, name)?;
     let slots = Budget::new(open_file_budget() as u64);
-    let shared = Shared {
-        store,
-        opts,
-        v1,
-        chunk_size: index.chunk_size().max(1),
-        map: RwLock::new((0, map)),
-        abort: AtomicBool::new(false),
-        first_error: Mutex::new(None),
-        counters: Counters::default(),
-        completed: Mutex::new(Vec::new()),
-        big: Mutex::new(Vec::new()),
-        since_checkpoint: AtomicU64::new(0),
-        checkpoint_now: Condvar::new(),
-        checkpoint_lock: Mutex::new(false),
-        in_flight: Budget::new(IN_FLIGHT_BYTES),
-    };
+    let shared = Shared::new(store, opts, v1, index.chunk_size().max(1), map);
     let mut summary = RestoreSummary::default();
     let mut dirs: Vec<Entry> = Vec::new();
     let journal = Mutex::new(journal);
@@ -461,21 +505,12 @@ fn run(
         let _ = batch_tx.send(BatchMsg::Done);
         drop(batch_tx);
         let _ = batcher.join();
-        *shared
-            .checkpoint_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = true;
-        shared.checkpoint_now.notify_one();
+        shared.stop_checkpoints();
         if let Ok(Err(e)) = checkpointer.join() {
             shared.fail(e);
         }
     });
-    if let Some(e) = shared
-        .first_error
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-    {
+    if let Some(e) = shared.take_error() {
         return Err(e);
     }
     if opts.progress.cancelled() {
@@ -483,9 +518,7 @@ fn run(
     }
     // Directories last, deepest first: creating children changes mtimes.
     dirs.sort_by_key(|e| std::cmp::Reverse(e.path.iter().filter(|&&c| c == b'/').count()));
-    for e in &dirs {
-        apply_dir_metadata(&tree, e)?;
-    }
+    dirs.iter().try_for_each(|e| apply_dir_metadata(&tree, e))?;
     if opts.delete {
         summary.deleted = delete_extra(store, cache, name, index, dest, opts, connections)?;
     }
@@ -494,15 +527,7 @@ fn run(
         .into_inner()
         .unwrap_or_else(|p| p.into_inner())
         .finish(&dest_fd)?;
-    let c = &shared.counters;
-    summary.files_trusted = c.trusted.load(Ordering::Relaxed);
-    summary.bytes_verified = c.verified.load(Ordering::Relaxed);
-    summary.chunks_reused = c.reused.load(Ordering::Relaxed);
-    summary.chunks_fetched = c.fetched.load(Ordering::Relaxed);
-    summary.bytes_downloaded = c.downloaded.load(Ordering::Relaxed);
-    summary.requests = c.requests.load(Ordering::Relaxed);
-    summary.bytes_written = c.written.load(Ordering::Relaxed);
-    summary.holes = c.holes.load(Ordering::Relaxed);
+    shared.counters.fill(&mut summary);
     Ok(summary)
 }
 
@@ -707,6 +732,41 @@ impl<'a> Planner<'_, 'a> {
         Ok(())
     }
 
+    /// Clear the way for a regular file at `name`: refuse a directory,
+    /// remove anything else that is not a regular file. `false`: a local
+    /// validator signing state is there and is kept as it is.
+    fn make_room(
+        &mut self,
+        parent: std::os::fd::BorrowedFd<'_>,
+        name: &OsStr,
+        e: &Entry,
+    ) -> Result<bool, ChunkError> {
+        match fstatat(parent, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) if kind(st.st_mode) == SFlag::S_IFDIR => Err(self.refused(
+                e,
+                "the backup has a file here, but a directory exists; remove it first",
+            )),
+            Ok(st)
+                if kind(st.st_mode) == SFlag::S_IFREG
+                    && !self.shared.opts.overwrite_signing_state
+                    && btm::validator::is_signing_state(&e.path).is_some() =>
+            {
+                // The local file knows what this validator signed; the
+                // backup's copy may be older.
+                self.summary
+                    .signing_state_kept
+                    .push(e.display().into_owned());
+                Ok(false)
+            }
+            Ok(st) if kind(st.st_mode) != SFlag::S_IFREG => {
+                nix::unistd::unlinkat(parent, name, nix::unistd::UnlinkatFlags::NoRemoveDir)
+                    .map_err(|x| self.io(e, x))?;
+                Ok(true)
+            }
+            _ => Ok(true),
+        }
+    }
+
     /// Open (or create) a file and decide what can be trusted; its chunks
     /// come next.
     fn file(
@@ -725,32 +785,8 @@ impl<'a> Planner<'_, 'a> {
         let parent = self.parent(&e)?;
         let (_, name) = split_name(&e.path);
         let name = OsStr::from_bytes(name);
-        match fstatat(parent.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Ok(st) if kind(st.st_mode) == SFlag::S_IFDIR => {
-                return Err(self.refused(
-                    &e,
-                    "the backup has a file here, but a directory exists; remove it first",
-                ))
-            }
-            Ok(st)
-                if kind(st.st_mode) == SFlag::S_IFREG
-                    && !self.shared.opts.overwrite_signing_state
-                    && btm::validator::is_signing_state(&e.path).is_some() =>
-            {
-                // The local file knows what this validator signed; the
-                // backup's copy may be older.
-                self.summary
-                    .signing_state_kept
-                    .push(e.display().into_owned());
-                return Ok(None);
-            }
-            Ok(st) if kind(st.st_mode) != SFlag::S_IFREG => nix::unistd::unlinkat(
-                parent.as_fd(),
-                name,
-                nix::unistd::UnlinkatFlags::NoRemoveDir,
-            )
-            .map_err(|x| self.io(&e, x))?,
-            _ => {}
+        if !self.make_room(parent.as_fd(), name, &e)? {
+            return Ok(None);
         }
         let Some(slot) = self.slots.take(1, &self.shared.abort) else {
             return Err(ChunkError::Aborted);
