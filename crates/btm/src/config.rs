@@ -146,12 +146,7 @@ impl BtmCfg {
         self.ops()?.prepare_rollback(target, strict)
     }
 
-    /// Destroy every btm snapshot.
-    pub fn clean_snapshots(&self) -> Result<DestroyReport, Error> {
-        self.clean(0)
-    }
-
-    /// Destroy every btm snapshot except the newest `kept`.
+    /// Destroy every btm snapshot except the newest `kept` (`0`: all).
     pub fn clean(&self, kept: u64) -> Result<DestroyReport, Error> {
         self.ops()?.clean(kept)
     }

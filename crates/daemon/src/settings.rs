@@ -67,6 +67,93 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Declares an options struct and its `overlay` from one list of fields,
+/// so a key is declared once: its doc, its file key (serde), its flag
+/// (clap) and how it overlays all come from the field.
+macro_rules! options {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$fmeta:meta])* pub $field:ident : $ty:ty, )*
+        }
+    ) => {
+        $(#[$meta])*
+        pub struct $name { $( $(#[$fmeta])* pub $field: $ty, )* }
+
+        impl $name {
+            /// `self` with every key set in `top` replaced by `top`'s value
+            /// (tables key by key).
+            pub fn overlay(self, top: $name) -> $name {
+                $name { $( $field: Overlay::overlay(self.$field, top.$field), )* }
+            }
+        }
+    };
+}
+
+/// How a key of `top` replaces the same key of a base.
+trait Overlay {
+    fn overlay(self, top: Self) -> Self;
+}
+
+/// A value replaced whole (everything but `[export]`, which overlays key
+/// by key).
+trait Leaf {}
+
+impl<T: Leaf> Overlay for Option<T> {
+    fn overlay(self, top: Self) -> Self {
+        top.or(self)
+    }
+}
+
+impl Overlay for Option<ExportOptions> {
+    fn overlay(self, top: Self) -> Self {
+        match (self, top) {
+            (Some(b), Some(t)) => Some(b.overlay(t)),
+            (b, t) => t.or(b),
+        }
+    }
+}
+
+macro_rules! leaves {
+    ($($t:ty),*) => { $(impl Leaf for $t {})* };
+}
+leaves!(
+    String,
+    u64,
+    usize,
+    bool,
+    PathBuf,
+    Duration,
+    SnapMode,
+    Algo,
+    Vec<String>,
+    Argv,
+    HookOptions
+);
+
+/// A command's argument vector: a list in the file, a string split on
+/// whitespace on the command line.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Argv(pub Vec<String>);
+
+fn parse_argv(s: &str) -> Result<Argv, String> {
+    Ok(Argv(s.split_whitespace().map(str::to_owned).collect()))
+}
+
+fn parse_volume(s: &str) -> Result<String, String> {
+    volume::validate_name(s).map_err(|e| e.to_string())?;
+    Ok(s.to_owned())
+}
+
+fn parse_mode(s: &str) -> Result<SnapMode, String> {
+    s.parse()
+}
+
+fn parse_algo(s: &str) -> Result<Algo, String> {
+    s.parse()
+}
+
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s)
@@ -111,41 +198,66 @@ pub struct HookOptions {
     pub timeout: Option<Duration>,
 }
 
-/// Periodic export of snapshots (`[export]`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExportOptions {
-    /// `--export-store`: where backups go.
-    pub store: Option<String>,
-    /// `--export-every`: export at each new multiple of this many blocks.
-    pub every: Option<u64>,
-    /// `--export-tag` (default: the host name).
-    pub tag: Option<String>,
-    /// `--export-keep`: backups of the tag kept.
-    pub keep: Option<u64>,
-    /// `--export-cache`: local chunk cache directory.
-    pub cache: Option<PathBuf>,
-    /// Worker threads.
-    pub concurrency: Option<usize>,
-    /// Store requests in flight (default: by store, see docs/performance.md).
-    pub connections: Option<usize>,
-    /// Pack size: a number, or a size like "16MiB" (default 16 MiB).
-    #[serde(default, deserialize_with = "de_pack_size")]
-    pub pack_size: Option<u64>,
-    /// Most bytes read per second: a number, or a size like "50MiB".
-    #[serde(default, deserialize_with = "de_max_rate")]
-    pub max_rate: Option<u64>,
-    /// Append-only files (block logs), relative to the volume root.
-    pub append_only: Option<Vec<String>>,
-    /// Globs left out of exports, besides validator key material.
-    pub exclude: Option<Vec<String>>,
-    /// Export validator key material too (default false).
-    pub include_secrets: Option<bool>,
-    /// Run garbage collection after each export (default true).
-    pub gc: Option<bool>,
-    /// Grace period of garbage collection (default "24h").
-    #[serde(default, deserialize_with = "de_duration")]
-    pub gc_grace: Option<Duration>,
+options! {
+    /// Periodic export of snapshots (`[export]`): each field is a key of
+    /// the table and, through its `#[arg]`, the `--export-…` flag of the
+    /// same name.
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, clap::Args)]
+    #[serde(deny_unknown_fields)]
+    pub struct ExportOptions {
+        /// Export store: a path, file://…, s3://…, gs://… or az://…
+        #[arg(long = "export-store", id = "export_store", value_name = "STORE")]
+        pub store: Option<String>,
+        /// Export at each new multiple of this many blocks [default: 100 × itv]
+        #[arg(long = "export-every", id = "export_every", value_name = "BLOCKS",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        pub every: Option<u64>,
+        /// Backup tag [default: the host name]
+        #[arg(long = "export-tag", id = "export_tag", value_name = "TAG")]
+        pub tag: Option<String>,
+        /// Backups of the tag kept after each export [default: 7]
+        #[arg(long = "export-keep", id = "export_keep", value_name = "N",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        pub keep: Option<u64>,
+        /// Local chunk cache directory
+        #[arg(long = "export-cache", id = "export_cache", value_name = "DIR")]
+        pub cache: Option<PathBuf>,
+        /// Worker threads [default: by cores]
+        #[arg(long = "export-concurrency", id = "export_concurrency", value_name = "N")]
+        pub concurrency: Option<usize>,
+        /// Store requests in flight [default: by store, see docs/performance.md]
+        #[arg(long = "export-connections", id = "export_connections", value_name = "N")]
+        pub connections: Option<usize>,
+        /// Pack size, e.g. 16MiB [default: 16 MiB]
+        #[arg(long = "export-pack-size", id = "export_pack_size", value_name = "SIZE",
+              value_parser = parse_size)]
+        #[serde(default, deserialize_with = "de_pack_size")]
+        pub pack_size: Option<u64>,
+        /// Most bytes read per second, e.g. 50MiB
+        #[arg(long = "export-max-rate", id = "export_max_rate", value_name = "SIZE",
+              value_parser = parse_size)]
+        #[serde(default, deserialize_with = "de_max_rate")]
+        pub max_rate: Option<u64>,
+        /// Append-only file (block log), relative to the volume root; repeatable
+        #[arg(long = "export-append-only", id = "export_append_only", value_name = "RELPATH")]
+        pub append_only: Option<Vec<String>>,
+        /// Glob left out of exports besides validator key material; repeatable
+        #[arg(long = "export-exclude", id = "export_exclude", value_name = "GLOB")]
+        pub exclude: Option<Vec<String>>,
+        /// Export validator key material too [default: false]
+        #[arg(long = "export-include-secrets", id = "export_include_secrets",
+              value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+        pub include_secrets: Option<bool>,
+        /// Run garbage collection after each export [default: true]
+        #[arg(long = "export-gc", id = "export_gc", value_name = "BOOL",
+              num_args = 0..=1, default_missing_value = "true")]
+        pub gc: Option<bool>,
+        /// Grace period of garbage collection, e.g. 24h [default: 24h]
+        #[arg(long = "export-gc-grace", id = "export_gc_grace", value_name = "DURATION",
+              value_parser = parse_duration)]
+        #[serde(default, deserialize_with = "de_duration")]
+        pub gc_grace: Option<Duration>,
+    }
 }
 
 fn de_size<'de, D: Deserializer<'de>>(d: D, key: &str) -> Result<Option<u64>, D::Error> {
@@ -206,27 +318,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 impl ExportOptions {
-    /// `self` with every key set in `top` replaced by `top`'s value.
-    pub fn overlay(self, top: ExportOptions) -> ExportOptions {
-        let base = self;
-        ExportOptions {
-            store: top.store.or(base.store),
-            every: top.every.or(base.every),
-            tag: top.tag.or(base.tag),
-            keep: top.keep.or(base.keep),
-            cache: top.cache.or(base.cache),
-            concurrency: top.concurrency.or(base.concurrency),
-            connections: top.connections.or(base.connections),
-            pack_size: top.pack_size.or(base.pack_size),
-            max_rate: top.max_rate.or(base.max_rate),
-            append_only: top.append_only.or(base.append_only),
-            exclude: top.exclude.or(base.exclude),
-            include_secrets: top.include_secrets.or(base.include_secrets),
-            gc: top.gc.or(base.gc),
-            gc_grace: top.gc_grace.or(base.gc_grace),
-        }
-    }
-
     /// Fill in defaults and check every value; `itv` is the snapshot
     /// interval, which `every` must be a multiple of.
     pub fn resolve(self, itv: u64) -> Result<ExportSettings, ConfigError> {
@@ -305,70 +396,93 @@ impl ExportOptions {
     }
 }
 
-/// Everything the daemon can be told, all optional: the file's keys, and
-/// the flags, which are overlaid on the file with [`DaemonOptions::overlay`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DaemonOptions {
-    /// `-p/--volume`.
-    pub volume: Option<String>,
-    /// `-m/--mode`.
-    #[serde(default, deserialize_with = "de_mode")]
-    pub mode: Option<SnapMode>,
-    /// `-i/--itv`.
-    pub itv: Option<u64>,
-    /// `-c/--cap`.
-    pub cap: Option<u64>,
-    /// `-a/--algo`.
-    #[serde(default, deserialize_with = "de_algo")]
-    pub algo: Option<Algo>,
-    /// `--source`: push, cometbft, ethereum, file or command.
-    pub source: Option<String>,
-    /// `--rpc-url`.
-    pub rpc_url: Option<String>,
-    /// `--rpc-kind`: cometbft or ethereum; needed with `rpc_url` when the
-    /// height source is not that RPC (push, file, command), where the URL
-    /// only serves exports' chain identity.
-    pub rpc_kind: Option<String>,
-    /// `--height-file`.
-    pub height_file: Option<PathBuf>,
-    /// `--height-command` (an argument vector in the file).
-    pub height_command: Option<Vec<String>>,
-    /// `--poll-interval`.
-    #[serde(default, deserialize_with = "de_duration")]
-    pub poll_interval: Option<Duration>,
-    /// Timeout of one height read (HTTP request or command).
-    #[serde(default, deserialize_with = "de_duration")]
-    pub source_timeout: Option<Duration>,
-    /// How long a snapshot waits for the volume lock.
-    #[serde(default, deserialize_with = "de_duration")]
-    pub lock_timeout: Option<Duration>,
-    /// Most blocks a height may be ahead of the newest snapshot (0: no
-    /// limit).
-    pub max_height_jump: Option<u64>,
-    /// `--socket`.
-    pub socket: Option<PathBuf>,
-    /// Group owning the socket (root owns it).
-    pub socket_group: Option<String>,
-    /// Socket permissions, octal (default "0660").
-    pub socket_mode: Option<String>,
-    /// `--log-level`.
-    pub log_level: Option<String>,
-    /// `--metrics-listen`: address for the Prometheus text endpoint.
-    pub metrics_listen: Option<String>,
-    /// Snapshot hooks.
-    pub hooks: Option<HookOptions>,
-    /// Periodic export.
-    pub export: Option<ExportOptions>,
-    /// Files `btm rollback` carries across besides the validator signing
-    /// state it finds by itself (relative to the volume root).
-    pub preserve: Option<Vec<String>>,
-}
-
-macro_rules! overlay_fields {
-    ($base:ident, $top:ident; $($f:ident),*) => {
-        DaemonOptions { $($f: $top.$f.or($base.$f)),* }
-    };
+options! {
+    /// Everything the daemon can be told, all optional. Each field is
+    /// declared once: it is the file key of its name and, through its
+    /// `#[arg]`, the `btm daemon` flag of the same name; the flags are
+    /// overlaid on the file with [`DaemonOptions::overlay`], then
+    /// [`DaemonOptions::resolve`] checks every value. Keys without a flag
+    /// are tables or lists best written in the file.
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, clap::Args)]
+    #[serde(deny_unknown_fields)]
+    pub struct DaemonOptions {
+        /// The volume (ZFS dataset or btrfs subvolume path)
+        #[arg(short = 'p', long, env = "BTM_VOLUME", value_parser = parse_volume)]
+        pub volume: Option<String>,
+        /// zfs or btrfs, case-insensitive [default: detected]
+        #[arg(short = 'm', long, value_parser = parse_mode)]
+        #[serde(default, deserialize_with = "de_mode")]
+        pub mode: Option<SnapMode>,
+        /// Snapshot interval in blocks [default: 10]
+        #[arg(short = 'i', long, value_parser = clap::value_parser!(u64).range(1..))]
+        pub itv: Option<u64>,
+        /// Most snapshots kept [default: 100]
+        #[arg(short = 'c', long, value_parser = clap::value_parser!(u64).range(1..))]
+        pub cap: Option<u64>,
+        /// fair or fade, case-insensitive [default: fair]
+        #[arg(short = 'a', long, value_parser = parse_algo)]
+        #[serde(default, deserialize_with = "de_algo")]
+        pub algo: Option<Algo>,
+        /// push, cometbft, ethereum, file or command [default: push]
+        #[arg(long, value_name = "SOURCE")]
+        pub source: Option<String>,
+        /// Node RPC URL for cometbft and ethereum (http://…); with another
+        /// source and --rpc-kind, only asked for exports' chain identity
+        #[arg(long, value_name = "URL")]
+        pub rpc_url: Option<String>,
+        /// cometbft or ethereum: the kind of --rpc-url when the source is
+        /// push, file or command
+        #[arg(long, value_name = "KIND")]
+        pub rpc_kind: Option<String>,
+        /// File holding the height, for source file
+        #[arg(long, value_name = "PATH")]
+        pub height_file: Option<PathBuf>,
+        /// Command printing the height, for source command (split on
+        /// spaces; the file takes an argument vector)
+        #[arg(long, value_name = "CMD", value_parser = parse_argv)]
+        pub height_command: Option<Argv>,
+        /// Time between polls, e.g. 1s, 500ms [default: 1s]
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        #[serde(default, deserialize_with = "de_duration")]
+        pub poll_interval: Option<Duration>,
+        /// Timeout of one height read (HTTP request or command) [default: 5s]
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        #[serde(default, deserialize_with = "de_duration")]
+        pub source_timeout: Option<Duration>,
+        /// How long a snapshot waits for the volume lock [default: 60s]
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        #[serde(default, deserialize_with = "de_duration")]
+        pub lock_timeout: Option<Duration>,
+        /// Most blocks a height may be ahead of the newest snapshot; 0 for
+        /// no limit
+        #[arg(long, value_name = "BLOCKS")]
+        pub max_height_jump: Option<u64>,
+        /// Control socket [default: /run/btm/btm.sock]
+        #[arg(long, value_name = "PATH")]
+        pub socket: Option<PathBuf>,
+        /// Group owning the control socket (root owns it)
+        #[arg(long, value_name = "GROUP")]
+        pub socket_group: Option<String>,
+        /// Control socket permissions, octal [default: 0660]
+        #[arg(long, value_name = "MODE")]
+        pub socket_mode: Option<String>,
+        /// Log filter (the global --log-level sets it)
+        #[arg(skip)]
+        pub log_level: Option<String>,
+        /// Prometheus endpoint address, e.g. 127.0.0.1:9375
+        #[arg(long, value_name = "ADDR")]
+        pub metrics_listen: Option<String>,
+        /// Snapshot hooks (`[hooks]`).
+        #[arg(skip)]
+        pub hooks: Option<HookOptions>,
+        /// Periodic export (`[export]`), or the `--export-…` flags.
+        #[command(flatten)]
+        pub export: Option<ExportOptions>,
+        /// Files `btm rollback` carries across besides the validator
+        /// signing state it finds by itself (relative to the volume root).
+        #[arg(skip)]
+        pub preserve: Option<Vec<String>>,
+    }
 }
 
 impl DaemonOptions {
@@ -396,23 +510,6 @@ impl DaemonOptions {
         Self::from_toml(&text, path)
     }
 
-    /// `self` with every key set in `top` replaced by `top`'s value
-    /// (`[export]` key by key).
-    pub fn overlay(mut self, mut top: DaemonOptions) -> DaemonOptions {
-        let export = match (self.export.take(), top.export.take()) {
-            (Some(b), Some(t)) => Some(b.overlay(t)),
-            (b, t) => t.or(b),
-        };
-        let base = self;
-        DaemonOptions {
-            export,
-            ..overlay_fields!(base, top;
-                volume, mode, itv, cap, algo, source, rpc_url, rpc_kind, height_file, height_command,
-                poll_interval, source_timeout, lock_timeout, max_height_jump, socket, socket_group, socket_mode,
-                log_level, metrics_listen, hooks, export, preserve)
-        }
-    }
-
     /// Fill in defaults and check every value.
     pub fn resolve(self) -> Result<DaemonSettings, ConfigError> {
         let volume = self.volume.ok_or(ConfigError::Missing {
@@ -438,7 +535,7 @@ impl DaemonOptions {
             self.rpc_url,
             self.rpc_kind.as_deref(),
             self.height_file,
-            self.height_command,
+            self.height_command.map(|a| a.0),
         )?;
         let socket_mode = resolve_socket_mode(self.socket_mode.as_deref())?;
         check_socket_group(self.socket_group.as_deref())?;

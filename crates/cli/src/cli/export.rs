@@ -10,9 +10,8 @@ use clap::Args;
 
 use btm::SnapMode;
 use btm_daemon::export::{self, Which};
-use btm_daemon::settings::{DaemonOptions, DaemonSettings};
+use btm_daemon::settings::{DaemonOptions, DaemonSettings, ExportOptions};
 
-use super::daemon::ExportFlags;
 use super::print_json;
 
 /// Arguments of `btm export`.
@@ -31,7 +30,7 @@ pub struct ExportArgs {
     #[arg(long, value_name = "H")]
     height: Option<u64>,
     #[command(flatten)]
-    export: ExportFlags,
+    export: ExportOptions,
     /// Print the report as JSON
     #[arg(long)]
     json: bool,
@@ -85,11 +84,11 @@ fn settings(args: &ExportArgs) -> Result<DaemonSettings> {
     let flags = DaemonOptions {
         volume: args.volume.clone(),
         mode: args.mode,
-        export: Some(args.export.options().unwrap_or_default()),
+        export: Some(args.export.clone()),
         ..DaemonOptions::default()
     };
     let mut file = super::daemon::load_file(args.config.as_deref())?;
-    if file.export.is_none() && args.export.export_store.is_none() {
+    if file.export.is_none() && args.export.store.is_none() {
         anyhow::bail!(
             "no export store: give --export-store or set [export] store in the configuration"
         );

@@ -56,7 +56,7 @@ pub enum Command {
     /// Preview which heights a policy keeps, without touching any volume
     Simulate(simulate::SimulateArgs),
     /// Run the daemon: follow the node's height and snapshot at intervals
-    Daemon(daemon::DaemonArgs),
+    Daemon(Box<daemon::DaemonArgs>),
     /// Tell the daemon the node reached a height (push mode); waits for the snapshot
     Notify(notify::NotifyArgs),
     /// Show what the running daemon is doing
@@ -150,7 +150,7 @@ pub fn run(cli: Cli) -> Result<()> {
     }
     let out = &mut io::stdout().lock();
     match cli.command {
-        Command::Daemon(a) => daemon::run(a, cli.log_level),
+        Command::Daemon(a) => daemon::run(*a, cli.log_level),
         Command::Notify(a) => notify::run(a, out),
         Command::Status(a) => status::run(a, out),
         Command::List(a) => list::run(a, out),
