@@ -42,6 +42,7 @@ pub mod confined;
 pub mod dirs;
 pub mod error;
 pub mod exec;
+pub mod host;
 pub mod lock;
 pub mod ops;
 pub mod pin;

@@ -473,7 +473,7 @@ fn write_mark(store: &dyn Store, mark: &Mark) -> Result<(), ChunkError> {
     let name = format!(
         "{MARKS}/{}-{}-{}-{}",
         created.format("%Y%m%dT%H%M%S%.9fZ"),
-        lease::host_name(),
+        btm::host::name(),
         std::process::id(),
         MARK_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );

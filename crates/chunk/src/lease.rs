@@ -125,29 +125,6 @@ impl From<StoreError> for LeaseError {
     }
 }
 
-/// The host name, reduced to marker-safe characters.
-pub fn host_name() -> String {
-    let raw = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_default();
-    let clean: String = raw
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if clean.is_empty() {
-        "localhost".into()
-    } else {
-        clean
-    }
-}
-
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// A lease held in a store; refreshed by [`with_lease`] and removed when
@@ -334,7 +311,7 @@ fn dead_here(store: &dyn Store, m: &Marker) -> bool {
         .ok()
         .and_then(|b| serde_json::from_slice::<LeaseInfo>(&b).ok())
         .is_some_and(|i| {
-            i.host == host_name()
+            i.host == btm::host::name()
                 && i.pid != std::process::id()
                 && !std::path::Path::new(&format!("/proc/{}", i.pid)).exists()
         })
@@ -345,7 +322,7 @@ fn dead_here(store: &dyn Store, m: &Marker) -> bool {
 pub fn store_now(store: &dyn Store) -> Result<DateTime<Utc>, StoreError> {
     let name = format!(
         "gc/clock-{}-{}-{}",
-        host_name(),
+        btm::host::name(),
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     );
@@ -389,7 +366,7 @@ pub fn with_lease<T, E: From<LeaseError>>(
 ) -> Result<T, E> {
     let info = LeaseInfo {
         kind,
-        host: host_name(),
+        host: btm::host::name(),
         pid: std::process::id(),
         started: Utc::now(),
         tag: tag.map(str::to_owned),

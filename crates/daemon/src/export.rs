@@ -282,7 +282,7 @@ fn export_meta(
     meta.insert("volume".into(), vol.name().into());
     meta.insert("mode".into(), vol.mode().to_string().into());
     meta.insert("snapshot".into(), report.snapshot.clone().into());
-    meta.insert("host".into(), btm_chunk::lease::host_name().into());
+    meta.insert("host".into(), btm::host::name().into());
     meta.insert("btm_version".into(), env!("CARGO_PKG_VERSION").into());
     // Asked before the backup, while the node surely still has the block.
     // An export without it is still a good export; `verify` says so.

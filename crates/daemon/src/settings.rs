@@ -338,7 +338,7 @@ impl ExportOptions {
                 format!("{every} must be a positive multiple of itv ({itv})"),
             ));
         }
-        let tag = self.tag.unwrap_or_else(btm_chunk::lease::host_name);
+        let tag = self.tag.unwrap_or_else(btm::host::name);
         btm_chunk::format::head::validate_tag(&tag)
             .map_err(|e| invalid("export.tag", e.to_string()))?;
         let keep = self.keep.unwrap_or(crate::export::DEFAULT_KEEP);

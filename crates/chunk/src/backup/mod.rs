@@ -20,7 +20,7 @@
 //! - The **packer** drops chunks already packed in this backup and fills
 //!   packs; **uploaders** (`connections`, requests in flight, independent
 //!   of cores) list each pack in the lease's `pending`, put it, and every
-//!   64 packs put a pack index naming them.
+//!   64 packs (or 65,536 chunks) put a pack index naming them.
 //! - The **writer** ([`writer`]) writes entries in walk order into tree
 //!   segments, re-reading files that changed while read.
 //!
@@ -70,6 +70,9 @@ use writer::{ChunkFail, Msg, Signature};
 pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
 /// Packs written before a pack index names them.
 const PACKS_PER_INDEX: usize = 64;
+/// Chunks in those packs that trigger a pack index sooner: the entries are
+/// held in memory until then (tiny files make small chunks, many per pack).
+const BLOBS_PER_INDEX: usize = 65_536;
 /// Files the planner may be ahead of the writer.
 const LOOKAHEAD_FILES: usize = 4096;
 
@@ -496,7 +499,7 @@ fn finish(
 /// a writer that is in fact alive only lists its chunks twice, which the
 /// format allows. Failures only cost re-uploads, so they are logged.
 fn adopt_orphans(store: &dyn Store, lease: &Lease<'_>, cache: Option<&Cache>, connections: usize) {
-    let host = super::lease::host_name();
+    let host = btm::host::name();
     let dead = super::lease::dead_holders(store, lease.store_now(), &host);
     let mut adopted = Vec::new();
     let mut done_leases = Vec::new();
@@ -1245,7 +1248,8 @@ fn upload(shared: &Shared<'_>, sealed: SealedPack) -> Result<(), ChunkError> {
             len: bytes,
             blobs: sealed.blobs,
         });
-        if un.len() >= PACKS_PER_INDEX {
+        let blobs: usize = un.iter().map(|p| p.blobs.len()).sum();
+        if un.len() >= PACKS_PER_INDEX || blobs >= BLOBS_PER_INDEX {
             std::mem::take(&mut *un)
         } else {
             Vec::new()
