@@ -488,6 +488,51 @@ mod tests {
         assert!(s.recent_errors.iter().any(|e| e.kind == "export"), "{s:?}");
     }
 
+    /// A reload: the next generation's exporter takes over the carry, and
+    /// the export still running reports to the new generation's status.
+    #[test]
+    fn a_running_export_carries_over_a_reload() {
+        let r = rig();
+        r.store.hold_writes();
+        r.snapshot_and_consider(20);
+        r.wait_for_writes();
+        let settings = r.exporter.ctx.settings.clone();
+        let state2 = Arc::new(State::new(r.state.status()));
+        r.exporter.stop();
+        let next = Exporter::new(
+            r.ops.clone(),
+            Arc::clone(&r.exporter.ctx.open_store),
+            settings,
+            Duration::from_secs(1),
+            None,
+            Arc::clone(&state2),
+            Arc::clone(&r.carry),
+        );
+        assert_eq!(state2.status().export.map(|e| e.height), Some(20));
+        // Not due again while it runs: skipped, not queued.
+        r.ops
+            .snapshot(
+                40,
+                &btm::SnapshotOptions {
+                    prune: None,
+                    lock_wait: Duration::ZERO,
+                },
+            )
+            .expect("snapshot");
+        next.consider(40);
+        assert_eq!(state2.status().counters.exports_skipped, 1);
+        r.store.release_writes();
+        r.wait_idle();
+        assert_eq!(r.exported_heights(), vec![20]);
+        let last = state2.status().last_export.map(|l| l.height);
+        assert_eq!(
+            last,
+            Some(20),
+            "the new generation reports the carried export"
+        );
+        assert_eq!(r.state.status().counters.exports, 0);
+    }
+
     #[test]
     fn a_stopped_exporter_starts_nothing() {
         let r = rig();
