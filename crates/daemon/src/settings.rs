@@ -141,16 +141,19 @@ fn parse_argv(s: &str) -> Result<Argv, String> {
     Ok(Argv(s.split_whitespace().map(str::to_owned).collect()))
 }
 
-fn parse_volume(s: &str) -> Result<String, String> {
+/// A volume name, checked as every operation checks it.
+pub fn parse_volume(s: &str) -> Result<String, String> {
     volume::validate_name(s).map_err(|e| e.to_string())?;
     Ok(s.to_owned())
 }
 
-fn parse_mode(s: &str) -> Result<SnapMode, String> {
+/// `zfs` or `btrfs`, case-insensitive.
+pub fn parse_mode(s: &str) -> Result<SnapMode, String> {
     s.parse()
 }
 
-fn parse_algo(s: &str) -> Result<Algo, String> {
+/// `fair` or `fade`, case-insensitive.
+pub fn parse_algo(s: &str) -> Result<Algo, String> {
     s.parse()
 }
 

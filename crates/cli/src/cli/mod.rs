@@ -23,7 +23,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 use btm::retention::Algo;
-use btm::volume::{self, SnapMode};
+use btm::volume::SnapMode;
 use btm::BtmCfg;
 
 /// Blockchain Time Machine: block-height snapshots of a node's ZFS or btrfs
@@ -113,18 +113,8 @@ fn parse_log_level(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
-fn parse_volume(s: &str) -> Result<String, String> {
-    volume::validate_name(s).map_err(|e| e.to_string())?;
-    Ok(s.to_owned())
-}
-
-fn parse_mode(s: &str) -> Result<SnapMode, String> {
-    s.parse()
-}
-
-fn parse_algo(s: &str) -> Result<Algo, String> {
-    s.parse()
-}
+// The same grammar as the daemon's flags and file keys.
+use btm_daemon::settings::{parse_algo, parse_mode, parse_volume};
 
 impl VolumeArgs {
     /// A [`BtmCfg`] for this volume with the given policy parameters.
