@@ -146,9 +146,10 @@ impl BtmCfg {
         self.ops()?.prepare_rollback(target, strict)
     }
 
-    /// Destroy every btm snapshot except the newest `kept` (`0`: all).
+    /// Destroy every btm snapshot except the newest `kept` (`0`: all) and
+    /// the protected ones.
     pub fn clean(&self, kept: u64) -> Result<DestroyReport, Error> {
-        self.ops()?.clean(kept)
+        self.ops()?.clean(kept, &[])
     }
 }
 

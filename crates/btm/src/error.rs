@@ -38,6 +38,12 @@ pub enum Error {
     /// The operation would destroy snapshots that a running export reads.
     #[error("snapshot(s) at height {} are pinned by a running export; try again when it ends", .0.iter().map(u64::to_string).collect::<Vec<_>>().join(", "))]
     Pinned(Vec<u64>),
+    /// The operation would destroy protected snapshots.
+    #[error("this would destroy protected snapshot(s) {}; release them first with `btm release LABEL`", .0.iter().map(|(h, l)| format!("{h} ({l})")).collect::<Vec<_>>().join(", "))]
+    Protected(Vec<(u64, String)>),
+    /// No snapshot carries this protection label.
+    #[error("no snapshot is protected with label '{0}'")]
+    NoSuchLabel(String),
     /// The volume has no btm snapshot at all.
     #[error("volume '{0}' has no btm snapshots")]
     NoSnapshots(String),

@@ -18,7 +18,9 @@ use crate::error::Error;
 use crate::lock::{self, VolumeLock};
 use crate::preserve::RelPath;
 use crate::retention::{Plan, Policy};
-use crate::volume::{self, DestroyReport, RollbackEffects, Snapshot, SnapshotOutcome, Volume};
+use crate::volume::{
+    self, DestroyReport, Label, RollbackEffects, Snapshot, SnapshotOutcome, Volume,
+};
 use crate::{pin, pruner};
 
 /// Operations on one opened volume.
@@ -44,6 +46,9 @@ pub struct SnapshotOptions {
     pub prune: Option<Policy>,
     /// The longest wait for the volume's lock.
     pub lock_wait: Duration,
+    /// Protect the snapshot with this label before pruning (an upgrade's
+    /// snapshot): no retention policy prunes it until it is released.
+    pub protect: Option<Label>,
 }
 
 impl SnapshotOptions {
@@ -53,6 +58,7 @@ impl SnapshotOptions {
         SnapshotOptions {
             prune: Some(policy),
             lock_wait: lock::DEFAULT_WAIT,
+            protect: None,
         }
     }
 }
@@ -106,6 +112,10 @@ impl Ops {
         let _lock = self.lock(opts.lock_wait)?;
         let started = Instant::now();
         let outcome = take(vol, height)?;
+        if let Some(label) = &opts.protect {
+            vol.set_protection(height, Some(label))?;
+            tracing::info!(volume = vol.name(), height, label = %label, "snapshot protected");
+        }
         let snapshot_ms = started.elapsed().as_millis() as u64;
         let mut report = SnapshotReport {
             height,
@@ -137,13 +147,48 @@ impl Ops {
         Ok(report)
     }
 
-    /// What `policy` decides for the current snapshots, pinned ones kept.
-    /// Only reads.
+    /// What `policy` decides for the current snapshots: pinned ones kept,
+    /// protected ones outside the policy and kept. Only reads.
     pub fn plan(&self, policy: &Policy) -> Result<Plan, Error> {
         let vol = self.volume.as_ref();
+        let protected = vol.protections()?;
+        let free: Vec<u64> = vol
+            .heights()?
+            .into_iter()
+            .filter(|h| !protected.contains_key(h))
+            .collect();
         Ok(policy
-            .plan(&vol.heights()?)
-            .pin(&pin::pinned(&self.dirs, vol.name())?))
+            .plan(&free)
+            .pin(&pin::pinned(&self.dirs, vol.name())?)
+            .protect(protected))
+    }
+
+    /// Protect the snapshot at `height` with `label` (under the lock).
+    pub fn protect(&self, height: u64, label: &Label) -> Result<(), Error> {
+        let _lock = self.lock(lock::DEFAULT_WAIT)?;
+        self.volume.set_protection(height, Some(label))?;
+        tracing::info!(volume = self.volume.name(), height, label = %label, "snapshot protected");
+        Ok(())
+    }
+
+    /// Return every snapshot protected with `label` to normal retention;
+    /// the heights released (none is an error).
+    pub fn release(&self, label: &Label) -> Result<Vec<u64>, Error> {
+        let _lock = self.lock(lock::DEFAULT_WAIT)?;
+        let heights: Vec<u64> = self
+            .volume
+            .protections()?
+            .into_iter()
+            .filter(|(_, l)| l == label.as_str())
+            .map(|(h, _)| h)
+            .collect();
+        if heights.is_empty() {
+            return Err(Error::NoSuchLabel(label.to_string()));
+        }
+        for &h in &heights {
+            self.volume.set_protection(h, None)?;
+        }
+        Ok(heights)
     }
 
     /// Apply `policy` under the lock: the plan and what was destroyed.
@@ -154,13 +199,15 @@ impl Ops {
         Ok((plan, report))
     }
 
-    /// btm snapshots with details and, for snapshots a polling daemon took,
-    /// the recorded height window; newest first.
+    /// btm snapshots with details, protection labels and, for snapshots a
+    /// polling daemon took, the recorded height window; newest first.
     pub fn list(&self) -> Result<Vec<Snapshot>, Error> {
         let windows = crate::window::load(&self.dirs, self.volume.name());
+        let mut protected = self.volume.protections()?;
         let mut snaps = self.volume.list()?;
         for s in &mut snaps {
             s.height_after = windows.get(&s.height).copied();
+            s.protected = protected.remove(&s.height);
         }
         Ok(snaps)
     }
@@ -182,6 +229,7 @@ impl Ops {
         })?;
         let effects = vol.rollback_effects(h)?;
         self.refuse_pinned(&effects.destroys)?;
+        self.refuse_protected(&effects.destroys, &[])?;
         if !effects.foreign_blockers.is_empty() {
             return Err(volume::Error::ForeignSnapshots {
                 target: h,
@@ -197,17 +245,39 @@ impl Ops {
     }
 
     /// Destroy every btm snapshot except the newest `kept`, under the lock.
-    /// Refuses, touching nothing, if a doomed snapshot is pinned.
-    pub fn clean(&self, kept: u64) -> Result<DestroyReport, Error> {
+    /// Protected snapshots are kept too, unless their label is in
+    /// `labels`. Refuses, touching nothing, if a doomed snapshot is pinned.
+    pub fn clean(&self, kept: u64, labels: &[Label]) -> Result<DestroyReport, Error> {
         let _lock = self.lock(lock::DEFAULT_WAIT)?;
+        let protected = self.volume.protections()?;
         let doomed: Vec<u64> = self
             .volume
             .heights()?
             .into_iter()
+            .filter(|h| {
+                protected
+                    .get(h)
+                    .is_none_or(|l| labels.iter().any(|x| x.as_str() == l))
+            })
             .skip(usize::try_from(kept).unwrap_or(usize::MAX))
             .collect();
         self.refuse_pinned(&doomed)?;
         Ok(self.volume.destroy(&doomed))
+    }
+
+    /// Fail, touching nothing, if any of `doomed` is protected (with a
+    /// label not in `allowed`).
+    fn refuse_protected(&self, doomed: &[u64], allowed: &[Label]) -> Result<(), Error> {
+        let protected = self.volume.protections()?;
+        let hit: Vec<(u64, String)> = doomed
+            .iter()
+            .filter_map(|h| protected.get(h).map(|l| (*h, l.clone())))
+            .filter(|(_, l)| !allowed.iter().any(|a| a.as_str() == l))
+            .collect();
+        match hit.is_empty() {
+            true => Ok(()),
+            false => Err(Error::Protected(hit)),
+        }
     }
 
     /// Fail, touching nothing, if any of `doomed` is pinned by an export.
@@ -339,6 +409,7 @@ mod tests {
         let only = SnapshotOptions {
             prune: None,
             lock_wait: Duration::ZERO,
+            protect: None,
         };
         let r = ops.snapshot(60, &only).expect("snapshot");
         assert_eq!(r.heights, vec![60, 50, 40, 30]);
@@ -372,6 +443,7 @@ mod tests {
                 &SnapshotOptions {
                     prune: None,
                     lock_wait: Duration::ZERO,
+                    protect: None,
                 },
             )
             .expect("snapshot");
@@ -380,9 +452,9 @@ mod tests {
         let (plan, report) = ops.prune(&keep_one).expect("prune");
         assert_eq!(report.destroyed, vec![20]);
         assert_eq!(plan.kept(), vec![30, 10]);
-        assert!(matches!(ops.clean(0), Err(Error::Pinned(h)) if h == vec![10]));
+        assert!(matches!(ops.clean(0, &[]), Err(Error::Pinned(h)) if h == vec![10]));
         drop(pin);
-        assert_eq!(ops.clean(0).expect("clean").destroyed, vec![30, 10]);
+        assert_eq!(ops.clean(0, &[]).expect("clean").destroyed, vec![30, 10]);
     }
 
     #[test]
@@ -395,6 +467,7 @@ mod tests {
         let only = SnapshotOptions {
             prune: None,
             lock_wait: Duration::ZERO,
+            protect: None,
         };
         for h in [100, 200, 300] {
             std::fs::write(live.join("db"), format!("state at {h}")).expect("write");
@@ -426,5 +499,99 @@ mod tests {
         vol.add_foreign("tank/chain@manual");
         let e = ops.prepare_rollback(None, false).expect_err("foreign");
         assert!(e.to_string().contains("tank/chain@manual"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod protection_tests {
+    use super::*;
+    use crate::retention::Decision;
+    use crate::retention::{Algo, KeepReason};
+    use crate::volume::fake::FakeVolume;
+    use crate::volume::SnapMode;
+
+    fn label(s: &str) -> Label {
+        s.parse().expect("label")
+    }
+
+    #[test]
+    fn protected_snapshots_are_outside_fair_and_fade_until_released() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let vol = Arc::new(
+            FakeVolume::new("tank/chain", SnapMode::Zfs, &dir.path().join("v")).expect("fake"),
+        );
+        let ops = Ops::new(vol.clone(), Dirs::under(dir.path()));
+        let only = SnapshotOptions {
+            prune: None,
+            lock_wait: Duration::ZERO,
+            protect: None,
+        };
+        for h in (10..=100).step_by(10) {
+            ops.snapshot(h, &only).expect("snapshot");
+        }
+        ops.protect(20, &label("v2-upgrade")).expect("protect");
+        for algo in [Algo::Fair, Algo::Fade] {
+            let policy = Policy::new(algo, 10, 3).expect("policy");
+            let plan = ops.plan(&policy).expect("plan");
+            let v = plan.verdicts.iter().find(|v| v.height == 20).expect("20");
+            assert_eq!(v.decision, Decision::Keep(KeepReason::Protected));
+            assert_eq!(plan.describe(v), "keep: protected (v2-upgrade)");
+            // It takes no place under the cap.
+            assert_eq!(plan.kept().len(), 4, "{algo:?}: {:?}", plan.kept());
+        }
+        let fair = Policy::new(Algo::Fair, 10, 2).expect("policy");
+        ops.prune(&fair).expect("prune");
+        assert_eq!(vol.heights().expect("heights"), vec![100, 90, 20]);
+        // clean keeps it unless asked by label.
+        assert_eq!(ops.clean(0, &[]).expect("clean").destroyed, vec![100, 90]);
+        assert_eq!(vol.heights().expect("heights"), vec![20]);
+        assert!(matches!(
+            ops.release(&label("other")),
+            Err(Error::NoSuchLabel(_))
+        ));
+        assert_eq!(
+            ops.release(&label("v2-upgrade")).expect("release"),
+            vec![20]
+        );
+        assert!(vol.protections().expect("protections").is_empty());
+        assert_eq!(ops.clean(0, &[]).expect("clean").destroyed, vec![20]);
+    }
+
+    #[test]
+    fn a_rollback_that_would_destroy_a_protected_snapshot_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let vol = Arc::new(
+            FakeVolume::new("tank/chain", SnapMode::Zfs, &dir.path().join("v")).expect("fake"),
+        );
+        let ops = Ops::new(vol.clone(), Dirs::under(dir.path()));
+        let only = SnapshotOptions {
+            prune: None,
+            lock_wait: Duration::ZERO,
+            protect: None,
+        };
+        for h in [10, 20, 30] {
+            ops.snapshot(h, &only).expect("snapshot");
+        }
+        ops.protect(30, &label("upgrade-7")).expect("protect");
+        let e = ops.prepare_rollback(Some(10), true).expect_err("refused");
+        assert!(e.to_string().contains("30 (upgrade-7)"), "{e}");
+        assert_eq!(vol.heights().expect("heights"), vec![30, 20, 10]);
+        // clean by label takes it too.
+        assert_eq!(
+            ops.clean(0, &[label("upgrade-7")])
+                .expect("clean")
+                .destroyed,
+            vec![30, 20, 10]
+        );
+    }
+
+    #[test]
+    fn labels_are_plain_words() {
+        for good in ["v2.0-upgrade", "A_1"] {
+            assert!(good.parse::<Label>().is_ok(), "{good}");
+        }
+        for bad in ["", "a b", "a/b", "x=y", &"a".repeat(65)] {
+            assert!(bad.parse::<Label>().is_err(), "{bad}");
+        }
     }
 }

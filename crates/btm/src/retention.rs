@@ -92,6 +92,9 @@ pub enum KeepReason {
     /// The policy would delete it, but it is pinned (an export is reading
     /// it); it goes at the first prune after the pin is released.
     Pinned,
+    /// Protected with a label (see [`Plan::protected`]): outside retention
+    /// altogether, until released.
+    Protected,
 }
 
 /// Why a snapshot is deleted.
@@ -135,6 +138,7 @@ impl fmt::Display for Decision {
                 write!(f, "keep: tier {tier}, slot {slot}")
             }
             Decision::Keep(KeepReason::Pinned) => write!(f, "keep: pinned by a running export"),
+            Decision::Keep(KeepReason::Protected) => write!(f, "keep: protected"),
             Decision::Delete(DeleteReason::BeyondCap { rank, limit }) => {
                 write!(f, "delete: position {rank} is past the {limit} kept")
             }
@@ -163,6 +167,9 @@ pub struct Verdict {
 pub struct Plan {
     /// One verdict per height, highest height first.
     pub verdicts: Vec<Verdict>,
+    /// The labels of the protected heights among them.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub protected: std::collections::BTreeMap<u64, String>,
 }
 
 impl Plan {
@@ -185,6 +192,35 @@ impl Plan {
             }
         }
         self
+    }
+
+    /// Add the `protected` snapshots, kept with their labels. They were
+    /// left out of the policy's input: they take no position under `cap`
+    /// and no fade slot, so protecting one changes nothing else.
+    pub fn protect(mut self, protected: std::collections::BTreeMap<u64, String>) -> Plan {
+        for &height in protected.keys() {
+            if !self.verdicts.iter().any(|v| v.height == height) {
+                self.verdicts.push(Verdict {
+                    height,
+                    decision: Decision::Keep(KeepReason::Protected),
+                });
+            }
+        }
+        self.verdicts
+            .sort_unstable_by_key(|v| std::cmp::Reverse(v.height));
+        self.protected = protected;
+        self
+    }
+
+    /// The decision for `v`, as a person reads it (with the protection's
+    /// label).
+    pub fn describe(&self, v: &Verdict) -> String {
+        match (&v.decision, self.protected.get(&v.height)) {
+            (Decision::Keep(KeepReason::Protected), Some(label)) => {
+                format!("keep: protected ({label})")
+            }
+            (d, _) => d.to_string(),
+        }
     }
 
     fn select(&self, f: impl Fn(&Decision) -> bool) -> Vec<u64> {
@@ -264,7 +300,10 @@ impl Policy {
             Algo::Fade => self.fade(hs),
         };
         verdicts.sort_unstable_by_key(|v| std::cmp::Reverse(v.height));
-        Plan { verdicts }
+        Plan {
+            verdicts,
+            protected: Default::default(),
+        }
     }
 
     fn fair(&self, hs: &[u64]) -> Vec<Verdict> {
@@ -497,6 +536,32 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        /// Protecting heights keeps them and changes no other decision:
+        /// they are outside the policy's input.
+        #[test]
+        fn protection_keeps_and_changes_nothing_else(
+            p in any_policy(),
+            hs in prop::collection::vec(0u64..100_000, 0..200),
+            picks in prop::collection::vec(any::<prop::sample::Index>(), 0..5),
+        ) {
+            let protected: std::collections::BTreeMap<u64, String> = picks
+                .iter()
+                .filter(|_| !hs.is_empty())
+                .map(|i| (hs[i.index(hs.len())], "label".to_owned()))
+                .collect();
+            let free: Vec<u64> = hs.iter().copied().filter(|h| !protected.contains_key(h)).collect();
+            let alone = p.plan(&free);
+            let plan = alone.clone().protect(protected.clone());
+            for h in protected.keys() {
+                prop_assert!(plan.kept().contains(h));
+            }
+            for v in &alone.verdicts {
+                let same = plan.verdicts.iter().find(|w| w.height == v.height);
+                prop_assert_eq!(same.map(|w| w.decision), Some(v.decision));
+            }
+            prop_assert!(plan.verdicts.windows(2).all(|w| w[0].height > w[1].height));
+        }
 
         #[test]
         fn never_more_than_cap(p in any_policy(), hs in prop::collection::vec(any::<u64>(), 0..300)) {

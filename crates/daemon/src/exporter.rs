@@ -376,6 +376,7 @@ mod tests {
             let only = btm::SnapshotOptions {
                 prune: None,
                 lock_wait: Duration::ZERO,
+                protect: None,
             };
             self.ops.snapshot(h, &only).expect("snapshot");
             self.exporter.consider(h);
@@ -516,6 +517,7 @@ mod tests {
                 &btm::SnapshotOptions {
                     prune: None,
                     lock_wait: Duration::ZERO,
+                    protect: None,
                 },
             )
             .expect("snapshot");

@@ -432,6 +432,7 @@ fn take_blocking(cfg: &BtmCfg, ops: &Ops, settings: &DaemonSettings, height: u64
             let opts = SnapshotOptions {
                 prune: Some(policy),
                 lock_wait: settings.lock_timeout,
+                protect: None,
             };
             ops.snapshot(height, &opts)
         })

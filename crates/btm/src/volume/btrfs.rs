@@ -10,7 +10,7 @@
 //! into it, and the two are swapped with one atomic
 //! `renameat2(RENAME_EXCHANGE)` before the old live subvolume is deleted.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -19,8 +19,8 @@ use chrono::{DateTime, Utc};
 
 use super::cmd::{self, CmdError, CmdErrorKind};
 use super::{
-    parse_height, DestroyReport, Error, RollbackEffects, SnapMode, Snapshot, SnapshotOutcome,
-    SnapshotView, Volume,
+    parse_height, DestroyReport, Error, Label, RollbackEffects, SnapMode, Snapshot,
+    SnapshotOutcome, SnapshotView, Volume,
 };
 use crate::preserve::{self, RelPath};
 
@@ -97,6 +97,22 @@ impl BtrfsVolume {
     /// The snapshot subvolume's path for `height`.
     pub fn snapshot_path(&self, height: u64) -> PathBuf {
         self.parent.join(format!("{}@{height}", self.base))
+    }
+
+    /// Drop the protection records of destroyed snapshots (a new snapshot
+    /// at the same height must not inherit a label).
+    fn forget_protections(&self, heights: &[u64]) {
+        for &h in heights {
+            let _ = fs::remove_file(self.protection_record(h));
+        }
+    }
+
+    /// The record beside the snapshot at `height` that holds its
+    /// protection label (btrfs has no user properties on subvolumes that
+    /// other tools would read).
+    fn protection_record(&self, height: u64) -> PathBuf {
+        self.parent
+            .join(format!("{}@{height}.btm-protect", self.base))
     }
 
     fn is_subvolume(path: &Path) -> Option<bool> {
@@ -212,6 +228,7 @@ impl Volume for BtrfsVolume {
                 created,
                 used: id.and_then(|id| exclusive.get(&id).copied()),
                 height_after: None,
+                protected: None,
             });
         }
         Ok(snaps)
@@ -229,6 +246,44 @@ impl Volume for BtrfsVolume {
             Err(e) if e.kind == CmdErrorKind::AlreadyExists => Ok(SnapshotOutcome::AlreadyExists),
             Err(e) => Err(e.into()),
         }
+    }
+
+    fn protections(&self) -> Result<BTreeMap<u64, String>, Error> {
+        let mut out = BTreeMap::new();
+        for h in self.heights()? {
+            let record = self.protection_record(h);
+            match fs::read_to_string(&record) {
+                Ok(label) if !label.trim().is_empty() => {
+                    out.insert(h, label.trim().to_owned());
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(record, e)),
+            }
+        }
+        Ok(out)
+    }
+
+    fn set_protection(&self, height: u64, label: Option<&Label>) -> Result<(), Error> {
+        if Self::is_subvolume(&self.snapshot_path(height)) != Some(true) {
+            return Err(Error::NoSuchSnapshot(height));
+        }
+        let record = self.protection_record(height);
+        let Some(label) = label else {
+            return match fs::remove_file(&record) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(record, e)),
+                _ => Ok(()),
+            };
+        };
+        // Written whole then renamed: a crash leaves the old record or the
+        // new one.
+        let tmp = self
+            .parent
+            .join(format!(".{}@{height}.btm-protect.tmp", self.base));
+        fs::write(&tmp, format!("{label}\n"))
+            .and_then(|()| File::open(&tmp)?.sync_all())
+            .and_then(|()| fs::rename(&tmp, &record))
+            .map_err(|e| Error::io(&record, e))
     }
 
     fn destroy(&self, heights: &[u64]) -> DestroyReport {
@@ -251,6 +306,7 @@ impl Volume for BtrfsVolume {
         let all: Vec<&str> = todo.iter().map(|(_, p)| p.as_str()).collect();
         if Self::delete_subvolumes(&all).is_ok() {
             report.destroyed.extend(todo.iter().map(|(h, _)| *h));
+            self.forget_protections(&report.destroyed);
             return report;
         }
         for (h, p) in &todo {
@@ -260,6 +316,7 @@ impl Volume for BtrfsVolume {
                 Err(e) => report.failed.push((*h, e.into())),
             }
         }
+        self.forget_protections(&report.destroyed);
         report
     }
 

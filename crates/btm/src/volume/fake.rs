@@ -9,14 +9,14 @@
 //! Failures can be injected: the next snapshots fail, some heights cannot
 //! be destroyed, foreign snapshots block rollbacks.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use super::{
-    DestroyReport, Error, RollbackEffects, SnapMode, Snapshot, SnapshotOutcome, SnapshotView,
-    Volume,
+    DestroyReport, Error, Label, RollbackEffects, SnapMode, Snapshot, SnapshotOutcome,
+    SnapshotView, Volume,
 };
 use crate::preserve::RelPath;
 
@@ -35,6 +35,7 @@ struct State {
     foreign: Vec<String>,
     fail_snapshots: u32,
     undestroyable: BTreeSet<u64>,
+    protected: BTreeMap<u64, String>,
     taken: u64,
 }
 
@@ -131,6 +132,7 @@ impl Volume for FakeVolume {
                 created: None,
                 used: None,
                 height_after: None,
+                protected: None,
             })
             .collect())
     }
@@ -166,6 +168,7 @@ impl Volume for FakeVolume {
                 continue;
             }
             st.heights.remove(&h);
+            st.protected.remove(&h);
             report.destroyed.push(h);
         }
         report
@@ -214,6 +217,22 @@ impl Volume for FakeVolume {
             Some((_, e)) => Err(e),
             None => Ok(()),
         }
+    }
+
+    fn protections(&self) -> Result<BTreeMap<u64, String>, Error> {
+        Ok(self.state().protected.clone())
+    }
+
+    fn set_protection(&self, height: u64, label: Option<&Label>) -> Result<(), Error> {
+        let mut st = self.state();
+        if !st.heights.contains(&height) {
+            return Err(Error::NoSuchSnapshot(height));
+        }
+        match label {
+            Some(l) => st.protected.insert(height, l.to_string()),
+            None => st.protected.remove(&height),
+        };
+        Ok(())
     }
 
     fn view(&self, height: u64) -> Result<SnapshotView, Error> {

@@ -11,6 +11,7 @@ pub mod cmd;
 pub mod fake;
 pub mod zfs;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -67,6 +68,9 @@ pub struct Snapshot {
     /// the snapshot, so its state lies in `[height, height_after]`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub height_after: Option<u64>,
+    /// The protection label, when the snapshot is protected from retention.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protected: Option<String>,
 }
 
 /// What [`Volume::snapshot`] did.
@@ -281,10 +285,52 @@ pub trait Volume: Send + Sync {
     fn rollback(&self, target: u64, preserve: &[crate::preserve::RelPath]) -> Result<(), Error>;
     /// A read-only path to the contents of the snapshot at `height`.
     fn view(&self, height: u64) -> Result<SnapshotView, Error>;
+    /// The labels of protected snapshots, by height: no retention policy
+    /// prunes them, and `clean` keeps them unless asked by label. Stored
+    /// with the snapshot itself, so it survives restarts.
+    fn protections(&self) -> Result<BTreeMap<u64, String>, Error>;
+    /// Protect the snapshot at `height` with `label`, or with `None` return
+    /// it to normal retention. The snapshot must exist.
+    fn set_protection(&self, height: u64, label: Option<&Label>) -> Result<(), Error>;
     /// Remove temporary views left by btm processes that died (the daemon
     /// calls this at start). Drivers whose views need no cleanup do nothing.
     fn cleanup_stale_views(&self) -> Result<(), Error> {
         Ok(())
+    }
+}
+
+/// A protection label (an upgrade's name): 1 to 64 of `A-Z a-z 0-9 . _ -`,
+/// so it is the same word in a ZFS property, a file and a command line.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Label(String);
+
+impl Label {
+    /// The label.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for Label {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if ok {
+            Ok(Label(s.to_owned()))
+        } else {
+            Err(format!(
+                "'{s}' is not a protection label (1 to 64 letters, digits, '.', '_' or '-')"
+            ))
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 //! comma-separated batch destroy and no `.zfs` directory); each fallback is
 //! exercised by the test suite on zfs-fuse.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::thread::sleep;
 use std::time::Duration;
@@ -15,13 +15,17 @@ use chrono::{DateTime, Utc};
 
 use super::cmd::{self, CmdError, CmdErrorKind};
 use super::{
-    parse_height, DestroyReport, Error, RollbackEffects, SnapMode, Snapshot, SnapshotOutcome,
-    SnapshotView, Volume,
+    parse_height, DestroyReport, Error, Label, RollbackEffects, SnapMode, Snapshot,
+    SnapshotOutcome, SnapshotView, Volume,
 };
 use crate::preserve::{self, RelPath};
 
 /// How many snapshot names go into one `zfs destroy a@1,2,3` call.
 const DESTROY_BATCH: usize = 64;
+/// The ZFS user property holding a snapshot's protection label (visible to
+/// other tools: `zfs get btm:protect`).
+const PROTECT_PROPERTY: &str = "btm:protect";
+
 /// Prefix of the temporary clones that serve as read-only snapshot views.
 const VIEW_PREFIX: &str = "btm-view.";
 
@@ -141,6 +145,7 @@ impl ZfsVolume {
                     created: epoch(created),
                     used: used.parse().ok(),
                     height_after: None,
+                    protected: None,
                 });
             }
         }
@@ -183,6 +188,7 @@ impl ZfsVolume {
                     created,
                     used,
                     height_after: None,
+                    protected: None,
                 })
             })
             .collect())
@@ -428,6 +434,41 @@ impl Volume for ZfsVolume {
 
     fn cleanup_stale_views(&self) -> Result<(), Error> {
         self.sweep_stale_views()
+    }
+
+    fn protections(&self) -> Result<BTreeMap<u64, String>, Error> {
+        let out = zfs(&[
+            "list",
+            "-H",
+            "-t",
+            "snapshot",
+            "-o",
+            &format!("name,{PROTECT_PROPERTY}"),
+            "-r",
+            &self.dataset,
+        ])?;
+        let prefix = format!("{}@", self.dataset);
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .filter(|(_, label)| *label != "-" && !label.is_empty())
+            .filter_map(|(name, label)| {
+                let h = parse_height(name.strip_prefix(&prefix)?)?;
+                Some((h, label.to_owned()))
+            })
+            .collect())
+    }
+
+    fn set_protection(&self, height: u64, label: Option<&Label>) -> Result<(), Error> {
+        if !self.heights()?.contains(&height) {
+            return Err(Error::NoSuchSnapshot(height));
+        }
+        let snap = self.snap_name(height);
+        match label {
+            Some(l) => zfs(&["set", &format!("{PROTECT_PROPERTY}={l}"), &snap])?,
+            None => zfs(&["inherit", PROTECT_PROPERTY, &snap])?,
+        };
+        Ok(())
     }
 
     fn view(&self, height: u64) -> Result<SnapshotView, Error> {

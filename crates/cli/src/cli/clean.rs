@@ -1,10 +1,13 @@
-//! `btm clean`: destroy all btm snapshots but the newest KEPT. Snapshots
-//! made by other tools are never touched.
+//! `btm clean`: destroy all btm snapshots but the newest KEPT and the
+//! protected ones (unless named by `--label`). Snapshots made by other tools
+//! are never touched.
 
 use std::io::Write;
 
 use anyhow::Result;
 use clap::Args;
+
+use btm::volume::Label;
 
 use super::{destroy_failures, VolumeArgs};
 
@@ -16,17 +19,28 @@ pub struct CleanArgs {
     /// How many of the newest snapshots to keep
     #[arg(short = 'k', long, default_value_t = 0)]
     kept: u64,
+    /// Destroy the snapshots protected with LABEL too (repeatable); other
+    /// protected snapshots are always kept
+    #[arg(long, value_name = "LABEL")]
+    label: Vec<Label>,
     /// Only print what would be destroyed
     #[arg(long)]
     dry_run: bool,
 }
 
 pub fn run(args: CleanArgs, out: &mut dyn Write) -> Result<()> {
-    let cfg = args.volume.plain_cfg()?;
+    let ops = args.volume.plain_cfg()?.ops()?;
     if args.dry_run {
-        let doomed: Vec<String> = cfg
-            .get_sorted_snapshots()?
+        let protected = ops.volume().protections()?;
+        let doomed: Vec<String> = ops
+            .volume()
+            .heights()?
             .into_iter()
+            .filter(|h| {
+                protected
+                    .get(h)
+                    .is_none_or(|l| args.label.iter().any(|x| x.as_str() == l))
+            })
             .skip(usize::try_from(args.kept).unwrap_or(usize::MAX))
             .map(|h| h.to_string())
             .collect();
@@ -38,7 +52,7 @@ pub fn run(args: CleanArgs, out: &mut dyn Write) -> Result<()> {
         )?;
         return Ok(());
     }
-    let report = cfg.clean(args.kept)?;
+    let report = ops.clean(args.kept, &args.label)?;
     let gone: Vec<String> = report.destroyed.iter().map(u64::to_string).collect();
     writeln!(
         out,

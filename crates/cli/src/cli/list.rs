@@ -47,15 +47,20 @@ pub fn run(args: ListArgs, out: &mut dyn Write) -> Result<()> {
         "{:>12}  {:<23}  {:>8}  NAME",
         "HEIGHT", "CREATED (UTC)", "USED"
     )?;
+    // Protected snapshots end their line with the label.
     for s in &snaps {
         let created = s
             .created
             .map(|c| c.format("%Y-%m-%d %H:%M:%S").to_string())
             .unwrap_or_else(|| "-".into());
         let used = s.used.map(human_bytes).unwrap_or_else(|| "-".into());
+        let label = s
+            .protected
+            .as_ref()
+            .map_or(String::new(), |l| format!("  protected: {l}"));
         writeln!(
             out,
-            "{:>12}  {:<23}  {:>8}  {}",
+            "{:>12}  {:<23}  {:>8}  {}{label}",
             s.height, created, used, s.name
         )?;
     }

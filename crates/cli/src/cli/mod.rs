@@ -11,6 +11,7 @@ mod list;
 mod notify;
 mod progress;
 mod prune;
+mod release;
 mod rollback;
 mod simulate;
 mod snapshot;
@@ -51,6 +52,8 @@ pub enum Command {
     Prune(prune::PruneArgs),
     /// Roll the volume back to a snapshot
     Rollback(rollback::RollbackArgs),
+    /// Return snapshots protected with a label to normal retention
+    Release(release::ReleaseArgs),
     /// Destroy all btm snapshots except the newest KEPT
     Clean(clean::CleanArgs),
     /// Preview which heights a policy keeps, without touching any volume
@@ -147,6 +150,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Snapshot(a) => snapshot::run(a, out),
         Command::Prune(a) => prune::run(a, out),
         Command::Rollback(a) => rollback::run(a, out),
+        Command::Release(a) => release::run(a, out),
         Command::Clean(a) => clean::run(a, out),
         Command::Simulate(a) => simulate::run(a, out),
         Command::Backup(a) => backup::backup(a, out),

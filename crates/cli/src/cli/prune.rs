@@ -32,7 +32,7 @@ pub fn run(args: PruneArgs, out: &mut dyn Write) -> Result<()> {
     } else {
         let verb = if args.dry_run { "would " } else { "" };
         for v in &plan.verdicts {
-            writeln!(out, "{:>12}  {verb}{}", v.height, v.decision)?;
+            writeln!(out, "{:>12}  {verb}{}", v.height, plan.describe(v))?;
         }
         let n = plan.deleted().len();
         writeln!(

@@ -7,6 +7,7 @@ use anyhow::Result;
 use clap::Args;
 
 use btm::retention::Algo;
+use btm::volume::Label;
 use btm::{SnapshotOptions, SnapshotOutcome};
 
 use super::{describe_failures, print_json, VolumeArgs};
@@ -19,6 +20,11 @@ pub struct SnapshotArgs {
     /// Block height the snapshot is named after
     #[arg(long, value_name = "H")]
     height: u64,
+    /// Protect the snapshot with LABEL (an upgrade's name): no retention
+    /// policy prunes it and `clean` keeps it until `btm release LABEL`.
+    /// An existing snapshot at the height is protected as it is
+    #[arg(long, value_name = "LABEL")]
+    protect: Option<Label>,
     /// Apply the retention policy (-i, -c, -a) after taking the snapshot
     #[arg(long)]
     prune: bool,
@@ -49,6 +55,7 @@ pub fn run(args: SnapshotArgs, out: &mut dyn Write) -> Result<()> {
             None
         },
         lock_wait: btm::lock::DEFAULT_WAIT,
+        protect: args.protect.clone(),
     };
     let report = cfg.ops()?.snapshot(args.height, &opts)?;
     if args.json {
@@ -63,6 +70,9 @@ pub fn run(args: SnapshotArgs, out: &mut dyn Write) -> Result<()> {
                 "snapshot at height {} already exists; left unchanged",
                 report.height
             )?,
+        }
+        if let Some(l) = &args.protect {
+            writeln!(out, "protected as {l}")?;
         }
         if !report.pruned.is_empty() {
             let list: Vec<String> = report.pruned.iter().map(u64::to_string).collect();

@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::thread::sleep;
 use std::time::Duration;
 
-use crate::common::{btm, Fixture};
+use crate::common::{btm, sh, DaemonProc, Fixture};
 
 /// Instantiate every scenario as a `#[test]` on fixtures made by `$new`.
 macro_rules! all_scenarios {
@@ -19,6 +19,7 @@ macro_rules! all_scenarios {
             rollback_preserve_never_follows_symlinks,
             rollback_keeps_signing_state_by_default,
             clean_keeps_newest,
+            protected_snapshots_survive_pruning_and_a_daemon_restart,
             destroy_failures_are_reported_one_by_one,
             detection_only_reads,
             lock_serialises_processes,
@@ -385,6 +386,84 @@ pub fn clean_keeps_newest(fx: &impl Fixture) {
     fx.btm(&["clean"]).ok();
     assert!(fx.heights().is_empty());
     assert!(fx.btm(&["clean"]).ok().contains("destroyed 0"));
+}
+
+/// Issue 14.1: a protected snapshot is outside fair and fade pruning, in the
+/// CLI and in the daemon, across a daemon restart; `clean` keeps it unless
+/// asked by label; `release` returns it to retention. On ZFS the label is a
+/// user property other tools see.
+pub fn protected_snapshots_survive_pruning_and_a_daemon_restart(fx: &impl Fixture) {
+    for h in [10, 20, 30] {
+        snapshot(fx, h);
+    }
+    let out = fx
+        .btm(&["snapshot", "--height", "20", "--protect", "v2-upgrade"])
+        .ok();
+    assert!(out.contains("protected as v2-upgrade"), "{out}");
+    if fx.mode() == "zfs" {
+        let prop = sh(
+            "zfs",
+            &[
+                "get",
+                "-H",
+                "-o",
+                "value",
+                "btm:protect",
+                &format!("{}@20", fx.volume()),
+            ],
+        );
+        assert_eq!(prop.trim(), "v2-upgrade");
+    }
+    let list = fx.btm(&["list"]).ok();
+    assert!(list.contains("protected: v2-upgrade"), "{list}");
+    for algo in ["fair", "fade"] {
+        let dry = fx
+            .btm(&["prune", "-i", "10", "-c", "1", "-a", algo, "--dry-run"])
+            .ok();
+        assert!(
+            dry.contains("keep: protected (v2-upgrade)"),
+            "{algo}: {dry}"
+        );
+    }
+    fx.btm(&["prune", "-i", "10", "-c", "1", "-a", "fair"]).ok();
+    assert_eq!(fx.heights(), vec![30, 20]);
+
+    let vol = fx.volume();
+    let args = [
+        "-p",
+        &vol,
+        "-m",
+        fx.mode(),
+        "-i",
+        "10",
+        "-c",
+        "2",
+        "-a",
+        "fade",
+    ];
+    for heights in [[40, 50, 60], [70, 80, 90]] {
+        // Twice: the protection is stored with the snapshot, not in the
+        // daemon.
+        let mut d = DaemonProc::start(fx.scratch(), &args, &[]);
+        for h in heights {
+            d.notify(h);
+        }
+        assert_eq!(d.stop(), Some(0));
+        let hs = fx.heights();
+        assert!(hs.contains(&20), "{hs:?}");
+        assert_eq!(hs.len(), 3, "cap 2 plus the protected one: {hs:?}");
+    }
+    fx.btm(&["clean"]).ok();
+    assert_eq!(fx.heights(), vec![20]);
+    let out = fx.btm(&["release", "v2-upgrade"]).ok();
+    assert!(out.contains("released 20"), "{out}");
+    let e = fx.btm(&["release", "v2-upgrade"]).fails(1);
+    assert!(
+        e.contains("no snapshot is protected with label 'v2-upgrade'"),
+        "{e}"
+    );
+    fx.btm(&["clean"]).ok();
+    assert!(fx.heights().is_empty());
 }
 
 pub fn destroy_failures_are_reported_one_by_one(fx: &impl Fixture) {

@@ -1,0 +1,32 @@
+//! `btm release LABEL`: return the snapshots protected with LABEL to
+//! normal retention (the next prune may destroy them).
+
+use std::io::Write;
+
+use anyhow::Result;
+use clap::Args;
+
+use btm::volume::Label;
+
+use super::VolumeArgs;
+
+/// Arguments of `btm release`.
+#[derive(Debug, Args)]
+pub struct ReleaseArgs {
+    #[command(flatten)]
+    volume: VolumeArgs,
+    /// The protection label given to `btm snapshot --protect`
+    label: Label,
+}
+
+pub fn run(args: ReleaseArgs, out: &mut dyn Write) -> Result<()> {
+    let released = args.volume.plain_cfg()?.ops()?.release(&args.label)?;
+    let list: Vec<String> = released.iter().map(u64::to_string).collect();
+    writeln!(
+        out,
+        "released {} ({}); retention applies to it again",
+        list.join(" "),
+        args.label
+    )?;
+    Ok(())
+}
