@@ -8,6 +8,8 @@ PROG=${0##*/}
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 BIN_DEST=/usr/local/bin/btm
+# The Cosmovisor pre-upgrade hook (docs/cosmovisor.md).
+HOOK_DEST=/usr/local/lib/btm/btm-preupgrade.sh
 UNIT_DIR=/etc/systemd/system
 UNIT_DEST=$UNIT_DIR/btm-daemon.service
 DROPIN_DIR=$UNIT_DIR/btm-daemon.service.d
@@ -162,7 +164,7 @@ if [ "$uninstall" -eq 1 ]; then
     if have_systemd; then
         run systemctl disable --now "$SERVICE" || true
     fi
-    run rm -f "$BIN_DEST" "$UNIT_DEST"
+    run rm -f "$BIN_DEST" "$UNIT_DEST" "$HOOK_DEST"
     run rm -rf "$DROPIN_DIR"
     if have_systemd; then
         run systemctl daemon-reload
@@ -341,6 +343,9 @@ install_file() { # mode source destination
 
 install_file 0755 "$HERE/btm" "$BIN_DEST"
 install_file 0644 "$HERE/btm-daemon.service" "$UNIT_DEST"
+if [ -f "$HERE/btm-preupgrade.sh" ]; then
+    install_file 0755 "$HERE/btm-preupgrade.sh" "$HOOK_DEST"
+fi
 if [ "$write_config" -eq 1 ] && [ "$dry_run" -eq 1 ]; then
     echo "$CONFIG_DEST would hold:"
     sed 's/^/    /' "$new_config"

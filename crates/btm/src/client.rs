@@ -51,7 +51,32 @@ pub enum ClientError {
 /// Tell the daemon the node reached `height`, and wait for the snapshot (or
 /// the reason there is none) for up to `timeout`.
 pub fn notify(socket: &Path, height: u64, timeout: Duration) -> Result<NotifyReply, ClientError> {
-    call(socket, &Request::Notify { height }, timeout)
+    call(
+        socket,
+        &Request::Notify {
+            height,
+            protect: None,
+        },
+        timeout,
+    )
+}
+
+/// Ask the daemon to snapshot `height` now, protected with `label` (an
+/// upgrade's snapshot), whatever the interval; returns once it exists.
+pub fn notify_protected(
+    socket: &Path,
+    height: u64,
+    label: &str,
+    timeout: Duration,
+) -> Result<NotifyReply, ClientError> {
+    call(
+        socket,
+        &Request::Notify {
+            height,
+            protect: Some(label.to_owned()),
+        },
+        timeout,
+    )
 }
 
 /// Ask the daemon for its state.

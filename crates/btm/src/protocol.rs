@@ -28,10 +28,15 @@ pub const MAX_LINE: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
-    /// The node reached `height`; snapshot it if it is due.
+    /// The node reached `height`; snapshot it if it is due. With
+    /// `protect`, snapshot it whatever the interval (and whether or not the
+    /// daemon polls), protected with that label: an upgrade's snapshot.
     Notify {
         /// The block height just committed.
         height: u64,
+        /// A protection label (see `btm::volume::Label`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        protect: Option<String>,
     },
     /// Report the daemon's state.
     Status,
@@ -279,7 +284,13 @@ mod tests {
     #[test]
     fn requests_round_trip_and_reject_junk() {
         let r: Request = serde_json::from_str(r#"{"cmd":"notify","height":120}"#).expect("parse");
-        assert_eq!(r, Request::Notify { height: 120 });
+        assert_eq!(
+            r,
+            Request::Notify {
+                height: 120,
+                protect: None
+            }
+        );
         let r: Request = serde_json::from_str(r#"{"cmd":"status"}"#).expect("parse");
         assert_eq!(r, Request::Status);
         for junk in [

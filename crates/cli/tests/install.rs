@@ -184,6 +184,7 @@ fn the_shell_scripts_are_shellcheck_clean() {
             "packaging/deb/postinst",
             "packaging/deb/prerm",
             "packaging/deb/postrm",
+            "packaging/cosmovisor/btm-preupgrade.sh",
         ])
         .output()
         .expect("shellcheck runs (scripts/test.sh installs it)");

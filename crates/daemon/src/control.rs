@@ -28,6 +28,7 @@ use tokio::task::JoinSet;
 
 use crate::settings::DaemonSettings;
 use btm::protocol::{NotifyReply, Outcome, Reply, Request, MAX_LINE};
+use btm::volume::Label;
 
 use super::scheduler::{reply, Taken};
 use super::shutdown::{self, Shutdown, Trigger};
@@ -307,7 +308,13 @@ async fn answer(line: &str, mut current: Current, mut process: Shutdown) -> Opti
                 None => Reply::<()>::err("the daemon is starting; try again").to_line(),
             }
         }
-        Ok(Request::Notify { height }) => match notify(height, &mut current, &mut process).await
+        Ok(Request::Notify { height, protect }) => match notify(
+            height,
+            protect.as_deref(),
+            &mut current,
+            &mut process,
+        )
+        .await
         {
             Ok(r) => Reply::ok(r).to_line(),
             Err(e) => Reply::<()>::err(e).to_line(),
@@ -327,20 +334,30 @@ fn shutting_down(height: u64) -> NotifyReply {
 /// one, unless the daemon itself is stopping.
 async fn notify(
     height: u64,
+    protect: Option<&str>,
     current: &mut Current,
     process: &mut Shutdown,
 ) -> Result<NotifyReply, String> {
+    let label = match protect.map(str::parse::<Label>).transpose() {
+        Ok(l) => l,
+        Err(e) => return Err(e),
+    };
     let mut stale: Option<u64> = None;
     loop {
         let Some(generation) = process.until(next_generation(current, stale)).await else {
             return Ok(shutting_down(height));
         };
-        if !generation.push {
+        // A protected snapshot (an upgrade's) is taken whatever the source.
+        if !generation.push && label.is_none() {
             return Err(format!(
                 "this daemon polls its height source; notify {height} ignored"
             ));
         }
-        match generation.scheduler.push(height).await {
+        let taken = match &label {
+            Some(l) => generation.scheduler.take_protected(height, l.clone()).await,
+            None => generation.scheduler.push(height).await,
+        };
+        match taken {
             Taken::Reply(r) => return Ok(r),
             Taken::Stopping if process.is_set() => return Ok(shutting_down(height)),
             Taken::Stopping => stale = Some(generation.id),

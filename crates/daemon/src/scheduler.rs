@@ -18,6 +18,7 @@ use chrono::Utc;
 
 use crate::settings::DaemonSettings;
 use btm::protocol::{LastSnapshot, NotifyReply, Outcome};
+use btm::volume::Label;
 use btm::{BtmCfg, Ops, SnapshotOptions, SnapshotOutcome};
 
 use super::exporter::Exporter;
@@ -284,6 +285,19 @@ impl Scheduler {
     /// Snapshot `height` now (the caller decided it is due), then prune.
     #[tracing::instrument(skip_all, fields(height))]
     pub async fn take(&self, height: u64) -> Taken {
+        self.take_with(height, None).await
+    }
+
+    /// Snapshot `height` now whatever the interval, protected with `label`
+    /// (an upgrade's snapshot; an existing snapshot at that height is
+    /// protected as it is), then prune.
+    #[tracing::instrument(skip_all, fields(height, label = %label))]
+    pub async fn take_protected(&self, height: u64, label: Label) -> Taken {
+        self.state.height_seen(height);
+        self.take_with(height, Some(label)).await
+    }
+
+    async fn take_with(&self, height: u64, protect: Option<Label>) -> Taken {
         let mut newest = self.gate.lock().await;
         if self.stopping.load(Ordering::SeqCst) {
             return Taken::Stopping;
@@ -291,7 +305,7 @@ impl Scheduler {
         if let Err(refused) = self.plausible(height, &mut newest).await {
             return Taken::Reply(refused);
         }
-        Taken::Reply(self.take_plausible(height, &mut newest).await)
+        Taken::Reply(self.take_plausible(height, protect, &mut newest).await)
     }
 
     /// Check `height` against the newest snapshot (re-read from the volume
@@ -342,14 +356,21 @@ impl Scheduler {
         r
     }
 
-    async fn take_plausible(&self, height: u64, newest: &mut Option<u64>) -> NotifyReply {
+    async fn take_plausible(
+        &self,
+        height: u64,
+        protect: Option<Label>,
+        newest: &mut Option<u64>,
+    ) -> NotifyReply {
         self.state.in_progress(Some(height));
         let started = Instant::now();
         let cfg = self.cfg.clone();
         let ops = self.ops.clone();
         let settings = self.settings.clone();
-        let took =
-            tokio::task::spawn_blocking(move || take_blocking(&cfg, &ops, &settings, height)).await;
+        let took = tokio::task::spawn_blocking(move || {
+            take_blocking(&cfg, &ops, &settings, height, protect)
+        })
+        .await;
         self.state.in_progress(None);
         let duration_ms = started.elapsed().as_millis() as u64;
         let took = took.unwrap_or_else(|e| Took {
@@ -412,7 +433,13 @@ impl Scheduler {
     }
 }
 
-fn take_blocking(cfg: &BtmCfg, ops: &Ops, settings: &DaemonSettings, height: u64) -> Took {
+fn take_blocking(
+    cfg: &BtmCfg,
+    ops: &Ops,
+    settings: &DaemonSettings,
+    height: u64,
+    protect: Option<Label>,
+) -> Took {
     let env = [
         ("BTM_HEIGHT", height.to_string()),
         ("BTM_VOLUME", cfg.volume.clone()),
@@ -432,7 +459,7 @@ fn take_blocking(cfg: &BtmCfg, ops: &Ops, settings: &DaemonSettings, height: u64
             let opts = SnapshotOptions {
                 prune: Some(policy),
                 lock_wait: settings.lock_timeout,
-                protect: None,
+                protect,
             };
             ops.snapshot(height, &opts)
         })

@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use btm::protocol::Outcome;
+use btm::volume::Label;
 
 use super::print_json;
 
@@ -17,6 +18,11 @@ pub struct NotifyArgs {
     /// The block height the node just committed
     #[arg(long, value_name = "H")]
     height: u64,
+    /// Snapshot this height now whatever the interval, protected with LABEL
+    /// (an upgrade's snapshot; see docs/cosmovisor.md); anything but a
+    /// snapshot that exists afterwards is an error
+    #[arg(long, value_name = "LABEL")]
+    protect: Option<Label>,
     /// Control socket [default: /run/btm/btm.sock]
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
@@ -30,7 +36,10 @@ pub struct NotifyArgs {
 
 pub fn run(args: NotifyArgs, out: &mut dyn Write) -> Result<()> {
     let socket = args.socket.unwrap_or_else(btm::client::default_socket);
-    let reply = btm::client::notify(&socket, args.height, args.timeout)?;
+    let reply = match &args.protect {
+        Some(l) => btm::client::notify_protected(&socket, args.height, l.as_str(), args.timeout)?,
+        None => btm::client::notify(&socket, args.height, args.timeout)?,
+    };
     if args.json {
         print_json(out, &reply)?;
     } else {
@@ -55,6 +64,11 @@ pub fn run(args: NotifyArgs, out: &mut dyn Write) -> Result<()> {
         ),
         Outcome::Failed => bail!(
             "no snapshot at height {}: {}",
+            reply.height,
+            reply.reason.unwrap_or_default()
+        ),
+        Outcome::Skipped if args.protect.is_some() => bail!(
+            "no protected snapshot at height {}: {}",
             reply.height,
             reply.reason.unwrap_or_default()
         ),

@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use btm::preserve::{self, RelPath};
+use btm::volume::Label;
 use btm::SnapMode;
 
 use super::VolumeArgs;
@@ -23,6 +24,10 @@ pub struct RollbackArgs {
     /// Fail unless a snapshot exists at exactly that height
     #[arg(short = 'S', long)]
     strict: bool,
+    /// Roll back to the snapshot protected with LABEL (an upgrade's, taken
+    /// before it: the way back from a failed upgrade)
+    #[arg(long, value_name = "LABEL", conflicts_with_all = ["snapshot_id", "strict"])]
+    to_protected: Option<Label>,
     /// Do not ask for confirmation
     #[arg(short = 'y', long)]
     yes: bool,
@@ -37,6 +42,28 @@ pub struct RollbackArgs {
     /// Configuration file, for its `preserve` key [default: /etc/btm/btm.toml when it exists]
     #[arg(long, value_name = "FILE")]
     config: Option<std::path::PathBuf>,
+}
+
+/// The height of the snapshot protected with `label` (exactly one).
+fn protected_height(ops: &btm::Ops, label: &Label) -> Result<u64> {
+    let found: Vec<u64> = ops
+        .volume()
+        .protections()?
+        .into_iter()
+        .filter(|(_, l)| l == label.as_str())
+        .map(|(h, _)| h)
+        .collect();
+    match found.as_slice() {
+        [h] => Ok(*h),
+        [] => anyhow::bail!("no snapshot is protected with label '{label}'"),
+        many => {
+            anyhow::bail!(
+            "{} snapshots are protected with label '{label}' ({}); roll back by height (-s H -S)",
+            many.len(),
+            many.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+        )
+        }
+    }
 }
 
 /// What a rollback carries across, and why each.
@@ -68,9 +95,12 @@ fn parse_relpath(s: &str) -> Result<RelPath, String> {
 }
 
 pub fn run(args: RollbackArgs, out: &mut dyn Write) -> Result<()> {
-    let cfg = args.volume.plain_cfg()?;
-    let target = u64::try_from(args.snapshot_id).ok();
-    let prepared = cfg.prepare_rollback(target, args.strict)?;
+    let ops = args.volume.plain_cfg()?.ops()?;
+    let (target, strict) = match &args.to_protected {
+        Some(label) => (Some(protected_height(&ops, label)?), true),
+        None => (u64::try_from(args.snapshot_id).ok(), args.strict),
+    };
+    let prepared = ops.prepare_rollback(target, strict)?;
     let vol = prepared.volume();
     let carry = carried(&args, &vol.root()?)?;
     let paths: Vec<RelPath> = carry.iter().map(|(p, _)| p.clone()).collect();
