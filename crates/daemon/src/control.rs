@@ -338,10 +338,7 @@ async fn notify(
     current: &mut Current,
     process: &mut Shutdown,
 ) -> Result<NotifyReply, String> {
-    let label = match protect.map(str::parse::<Label>).transpose() {
-        Ok(l) => l,
-        Err(e) => return Err(e),
-    };
+    let label = protect.map(str::parse::<Label>).transpose()?;
     let mut stale: Option<u64> = None;
     loop {
         let Some(generation) = process.until(next_generation(current, stale)).await else {
