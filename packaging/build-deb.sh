@@ -28,6 +28,9 @@ sed 's#/usr/local/bin/btm#/usr/bin/btm#g' systemd/btm-daemon.service >"$root/lib
 chmod 0644 "$root/lib/systemd/system/btm-daemon.service"
 install -D -m 0644 btm.toml.example "$root/etc/btm/btm.toml"
 install -D -m 0755 packaging/cosmovisor/btm-preupgrade.sh "$root/usr/lib/btm/btm-preupgrade.sh"
+for f in btm-alerts.yml btm-alerts.test.yml btm-dashboard.json; do
+    install -D -m 0644 "packaging/monitoring/$f" "$root/usr/share/btm/monitoring/$f"
+done
 install -D -m 0644 README.md "$root/usr/share/doc/btm/README.md"
 # The README links docs/*.md; keep the same relative layout.
 for doc in docs/*.md; do

@@ -31,6 +31,9 @@ install -m 0755 install.sh "$pkg/install.sh"
 install -m 0644 systemd/btm-daemon.service "$pkg/btm-daemon.service"
 install -m 0644 btm.toml.example "$pkg/btm.toml.example"
 install -m 0755 packaging/cosmovisor/btm-preupgrade.sh "$pkg/btm-preupgrade.sh"
+install -d "$pkg/monitoring"
+install -m 0644 packaging/monitoring/btm-alerts.yml packaging/monitoring/btm-alerts.test.yml \
+    packaging/monitoring/btm-dashboard.json "$pkg/monitoring/"
 install -m 0644 packaging/README.package.md "$pkg/README.md"
 tar -C "$stage" -czf "$out" --owner=0 --group=0 btm_package
 echo "== $out"

@@ -28,6 +28,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# promtool, for the alert rules' unit tests: Debian ships it in the
+# prometheus package (nothing is started here).
+if ! command -v promtool >/dev/null; then
+    echo "== installing prometheus (for promtool)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 modprobe loop 2>/dev/null || true
 
 # ganache: a real Ethereum node for the polled-chain tests, from npm, kept

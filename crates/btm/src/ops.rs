@@ -80,6 +80,8 @@ pub struct SnapshotReport {
     pub prune_ms: u64,
     /// btm snapshot heights on the volume afterwards, newest first.
     pub heights: Vec<u64>,
+    /// How many of them are protected (known when pruning; 0 otherwise).
+    pub protected: usize,
 }
 
 impl Ops {
@@ -125,6 +127,7 @@ impl Ops {
             snapshot_ms,
             prune_ms: 0,
             heights: Vec::new(),
+            protected: 0,
         };
         let Some(policy) = &opts.prune else {
             report.heights = vol.heights()?;
@@ -137,6 +140,7 @@ impl Ops {
         heights.extend(destroyed.failed.iter().map(|(h, _)| *h));
         heights.sort_unstable_by(|a, b| b.cmp(a));
         report.heights = heights;
+        report.protected = plan.protected.len();
         report.prune_ms = started.elapsed().as_millis() as u64;
         report.pruned = destroyed.destroyed;
         report.prune_failures = destroyed

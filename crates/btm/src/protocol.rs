@@ -225,6 +225,9 @@ pub struct Counters {
     /// Heights refused as implausible (backwards, or too far ahead).
     #[serde(default)]
     pub refused: u64,
+    /// Garbage collections after an export that failed.
+    #[serde(default)]
+    pub gc_failures: u64,
 }
 
 /// The daemon's state, as `btm status` shows it.
@@ -260,11 +263,17 @@ pub struct Status {
     pub in_progress: Option<u64>,
     /// btm snapshots on the volume.
     pub snapshot_count: usize,
+    /// Of those, the protected ones (outside retention).
+    #[serde(default)]
+    pub protected_count: usize,
     /// The next height at which a snapshot is due.
     pub next_due: Option<u64>,
     /// The export store, when exports are configured.
     #[serde(default)]
     pub export_store: Option<String>,
+    /// Blocks between exports, when exports are configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_every: Option<u64>,
     /// The last successful export.
     #[serde(default)]
     pub last_export: Option<LastExport>,

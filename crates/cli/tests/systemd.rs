@@ -455,6 +455,8 @@ fn the_package_installs_and_runs_under_systemd() {
         "cd /root/btm_package && ./install.sh -i=10 -c=2 -m=btrfs -a=fair -p=/srv/chain-fs/data",
     );
     assert!(again.contains("already up to date"), "{again}");
+    // The Cosmovisor hook comes with it (docs/cosmovisor.md).
+    c.ok("test -x /usr/local/lib/btm/btm-preupgrade.sh");
     // A different value: the existing configuration is kept, the change shown.
     let config = c.ok("cat /etc/btm/btm.toml");
     let kept = c.ok(
@@ -484,6 +486,10 @@ fn the_package_installs_and_runs_under_systemd() {
     assert!(!c.root().join("usr/local/bin/btm").exists());
     assert!(!c
         .root()
+        .join("usr/local/lib/btm/btm-preupgrade.sh")
+        .exists());
+    assert!(!c
+        .root()
         .join("etc/systemd/system/btm-daemon.service")
         .exists());
     assert!(c.root().join("etc/btm/btm.toml").exists());
@@ -497,6 +503,8 @@ fn the_package_installs_and_runs_under_systemd() {
     assert_eq!(c.show("ActiveState"), "inactive");
     assert_eq!(c.show("UnitFileState"), "disabled");
     c.ok("/usr/bin/btm --version && test -f /etc/btm/btm.toml");
+    c.ok("test -x /usr/lib/btm/btm-preupgrade.sh");
+    c.ok("test -f /usr/share/btm/monitoring/btm-alerts.yml && test -f /usr/share/btm/monitoring/btm-dashboard.json");
     c.ok("systemd-analyze verify /lib/systemd/system/btm-daemon.service");
     c.ok("dpkg -r btm");
     assert!(!c.root().join("usr/bin/btm").exists());

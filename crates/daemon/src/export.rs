@@ -127,6 +127,10 @@ pub struct ExportReport {
     /// Garbage collection, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gc: Option<GcReport>,
+    /// Garbage collection ran after the backup and failed (the failure is
+    /// among the warnings).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub gc_failed: bool,
     /// The chain's identity at the height, when the node's RPC told it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chain: Option<ChainIdentity>,
@@ -177,6 +181,7 @@ pub fn export(
         duration_ms: 0,
         pruned: Vec::new(),
         gc: None,
+        gc_failed: false,
         chain: None,
         warnings: Vec::new(),
     };
@@ -359,9 +364,12 @@ fn maintain(
         };
         match btm_chunk::gc::gc(store, &opts) {
             Ok(g) => report.gc = Some(g),
-            Err(e) => report
-                .warnings
-                .push(format!("garbage collection failed: {e}")),
+            Err(e) => {
+                report.gc_failed = true;
+                report
+                    .warnings
+                    .push(format!("garbage collection failed: {e}"));
+            }
         }
     }
 }

@@ -256,6 +256,9 @@ impl Run {
                     tracing::warn!(height, warning = %w, "export finished with a warning");
                     self.carry.report(|s| s.error("export", w));
                 }
+                if report.gc_failed {
+                    self.carry.report(|s| s.count(|c| c.gc_failures += 1));
+                }
                 let last = report.backup.as_ref().map(|b| LastExport {
                     height,
                     backup: b.name.clone(),

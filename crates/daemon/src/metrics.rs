@@ -43,6 +43,7 @@ pub fn render(s: &Status) -> String {
         ("hook", c.hook_failures),
         ("export", c.export_failures),
         ("height", c.refused),
+        ("gc", c.gc_failures),
     ] {
         let _ = writeln!(out, "btm_errors_total{{kind=\"{kind}\"}} {n}");
     }
@@ -93,6 +94,24 @@ fn source_and_snapshot_metrics(s: &Status) -> Vec<Metric> {
             "btm snapshots on the volume.",
             "gauge",
             Some(s.snapshot_count as f64),
+        ),
+        (
+            "btm_snapshots_protected",
+            "Protected snapshots on the volume (outside retention).",
+            "gauge",
+            Some(s.protected_count as f64),
+        ),
+        (
+            "btm_snapshot_cap",
+            "Most snapshots retention keeps, protected ones aside.",
+            "gauge",
+            Some(s.cap as f64),
+        ),
+        (
+            "btm_snapshot_interval_blocks",
+            "Blocks between snapshots (itv).",
+            "gauge",
+            Some(s.itv as f64),
         ),
         (
             "btm_snapshots_taken_total",
@@ -187,6 +206,12 @@ fn export_metrics(s: &Status) -> Vec<Metric> {
             "Exports finished since start.",
             "counter",
             Some(c.exports as f64),
+        ),
+        (
+            "btm_export_every_blocks",
+            "Blocks between exports.",
+            "gauge",
+            s.export_every.map(|e| e as f64),
         ),
         (
             "btm_exports_skipped_total",
@@ -288,4 +313,149 @@ async fn answer(mut stream: TcpStream, state: Option<&State>) -> std::io::Result
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// The monitoring the package ships (`packaging/monitoring`) names only
+/// metrics the daemon exports. (`promtool` runs its rules' unit tests in
+/// `crates/cli/tests/monitoring.rs`.)
+#[cfg(test)]
+mod shipped_monitoring {
+    use std::collections::BTreeSet;
+
+    use btm::protocol::{LastExport, LastSnapshot, RunningExport};
+    use chrono::Utc;
+
+    const DASHBOARD: &str = include_str!("../../../packaging/monitoring/btm-dashboard.json");
+    const RULES: &str = include_str!("../../../packaging/monitoring/btm-alerts.yml");
+
+    /// Every metric name `render` prints when every value is known.
+    fn exported() -> BTreeSet<String> {
+        let text = "volume = \"tank/chain\"\nmode = \"zfs\"\n[export]\nstore = \"/b\"\n";
+        let settings = crate::settings::DaemonOptions::from_toml(text, std::path::Path::new("t"))
+            .expect("toml")
+            .resolve()
+            .expect("settings");
+        let cfg = btm::BtmCfg {
+            volume: "tank/chain".into(),
+            ..btm::BtmCfg::default()
+        };
+        let mut s = crate::initial_status(&cfg, &settings, 3);
+        let now = Utc::now();
+        s.last_height = Some(120);
+        s.last_height_at = Some(now);
+        s.last_snapshot = Some(LastSnapshot {
+            height: 120,
+            height_after: None,
+            at: now,
+            duration_ms: 5,
+        });
+        s.last_export = Some(LastExport {
+            height: 100,
+            backup: "b".into(),
+            at: now,
+            duration_ms: 9,
+            bytes_read: 1,
+            bytes_uploaded: 1,
+            files_unchanged: 0,
+        });
+        s.export = Some(RunningExport {
+            height: 120,
+            started_at: now,
+            bytes_total: 2,
+            bytes_read: 1,
+            bytes_uploaded: 1,
+        });
+        super::render(&s)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The `btm_…` metric names in a PromQL expression.
+    fn btm_names(expr: &str) -> Vec<String> {
+        expr.match_indices("btm_")
+            .filter(|(i, _)| {
+                // Not the tail of a longer identifier.
+                expr[..*i]
+                    .chars()
+                    .last()
+                    .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'))
+            })
+            .map(|(i, _)| {
+                expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                        _ => exprs(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| exprs(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn the_dashboard_parses_and_names_only_exported_metrics() {
+        let have = exported();
+        let dash: serde_json::Value =
+            serde_json::from_str(DASHBOARD).expect("the dashboard is JSON");
+        let mut all = Vec::new();
+        exprs(&dash, &mut all);
+        assert!(all.len() >= 10, "{} queries", all.len());
+        let mut used = BTreeSet::new();
+        for e in &all {
+            let names = btm_names(e);
+            assert!(
+                !names.is_empty() || e.contains("up{"),
+                "a query with no btm metric: {e}"
+            );
+            for n in names {
+                assert!(
+                    have.contains(&n),
+                    "the dashboard queries {n}, which the daemon does not export: {e}"
+                );
+                used.insert(n);
+            }
+        }
+        // The headline figures are on it.
+        for key in [
+            "btm_last_height",
+            "btm_last_snapshot_height",
+            "btm_last_export_height",
+            "btm_errors_total",
+        ] {
+            assert!(used.contains(key), "{key} is not on the dashboard");
+        }
+    }
+
+    #[test]
+    fn the_alert_rules_name_only_exported_metrics() {
+        let have = exported();
+        let exprs: Vec<&str> = RULES
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("expr:"))
+            .collect();
+        assert_eq!(exprs.len(), 8, "one expression per alert");
+        for e in exprs {
+            for n in btm_names(e) {
+                assert!(
+                    have.contains(&n),
+                    "a rule uses {n}, which the daemon does not export: {e}"
+                );
+            }
+        }
+    }
 }

@@ -390,6 +390,7 @@ impl Scheduler {
             Ok(r) => r,
             Err(e) => return self.not_taken(height, e, duration_ms),
         };
+        self.state.protected_seen(report.protected);
         self.state.count(|c| {
             c.snapshot_ms_total += report.snapshot_ms;
             c.prune_ms_total += report.prune_ms;

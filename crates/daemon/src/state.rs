@@ -108,6 +108,11 @@ impl State {
         });
     }
 
+    /// The volume holds `count` protected snapshots (known at each prune).
+    pub fn protected_seen(&self, count: usize) {
+        self.with(|i| i.status.protected_count = count);
+    }
+
     /// A snapshot was taken.
     pub fn snapshot_taken(&self, last: LastSnapshot) {
         self.with(|i| {
