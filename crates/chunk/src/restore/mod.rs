@@ -434,6 +434,17 @@ fn open_file_budget() -> usize {
     ((soft / 2) as usize).clamp(64, 4096)
 }
 
+/// The destination, opened without following symlinks, and a descriptor
+/// of it for `syncfs` and the journal.
+fn open_dest(dest: &Path) -> Result<(btm::confined::Tree, OwnedFd), ChunkError> {
+    let tree = btm::confined::Tree::open(dest).map_err(|e| ChunkError::Invalid(e.to_string()))?;
+    let fd = tree
+        .fd()
+        .try_clone_to_owned()
+        .map_err(|e| ChunkError::io(dest, e))?;
+    Ok((tree, fd))
+}
+
 fn run(
     store: &dyn Store,
     name: &str,
@@ -446,16 +457,12 @@ fn run(
         .unwrap_or_else(|| default_connections(store))
         .max(1);
     let cache = opts.cache.as_ref();
-    let tree = btm::confined::Tree::open(dest).map_err(|e| ChunkError::Invalid(e.to_string()))?;
-    let dest_fd: OwnedFd = tree
-        .fd()
-        .try_clone_to_owned()
-        .map_err(|e| ChunkError::io(dest, e))?;
+    let (tree, dest_fd) = open_dest(dest)?;
     let v1 = matches!(index, Decoded::V1(_));
-    let map = if v1 {
-        ChunkMap::default()
-    } else {
-        ChunkMap::load(store, cache, connections)?
+    // A version 1 backup names its chunks as objects: no map to load.
+    let map = match v1 {
+        true => ChunkMap::default(),
+        false => ChunkMap::load(store, cache, connections)?,
     };
     let (journal, prior) = Journal::open(dest, &dest_fd, name)?;
     let slots = Budget::new(open_file_budget() as u64);
