@@ -28,6 +28,18 @@ sed 's#/usr/local/bin/btm#/usr/bin/btm#g' systemd/btm-daemon.service >"$root/lib
 chmod 0644 "$root/lib/systemd/system/btm-daemon.service"
 install -D -m 0644 btm.toml.example "$root/etc/btm/btm.toml"
 install -D -m 0755 packaging/cosmovisor/btm-preupgrade.sh "$root/usr/lib/btm/btm-preupgrade.sh"
+# Man pages and completions, generated from the binary's own flags.
+"$bin" manpages "$stage/man" >/dev/null
+install -d "$root/usr/share/man/man1"
+for page in "$stage"/man/*.1; do
+    name=$(basename "$page")
+    gzip -9n -c "$page" >"$root/usr/share/man/man1/$name.gz"
+done
+install -d "$root/usr/share/bash-completion/completions" "$root/usr/share/zsh/vendor-completions" \
+    "$root/usr/share/fish/vendor_completions.d"
+"$bin" completions bash >"$root/usr/share/bash-completion/completions/btm"
+"$bin" completions zsh >"$root/usr/share/zsh/vendor-completions/_btm"
+"$bin" completions fish >"$root/usr/share/fish/vendor_completions.d/btm.fish"
 for f in btm-alerts.yml btm-alerts.test.yml btm-dashboard.json; do
     install -D -m 0644 "packaging/monitoring/$f" "$root/usr/share/btm/monitoring/$f"
 done

@@ -31,6 +31,12 @@ install -m 0755 install.sh "$pkg/install.sh"
 install -m 0644 systemd/btm-daemon.service "$pkg/btm-daemon.service"
 install -m 0644 btm.toml.example "$pkg/btm.toml.example"
 install -m 0755 packaging/cosmovisor/btm-preupgrade.sh "$pkg/btm-preupgrade.sh"
+# Man pages and completions, generated from the binary's own flags.
+"$bin" manpages "$pkg/man" >/dev/null
+install -d "$pkg/completions"
+"$bin" completions bash >"$pkg/completions/btm.bash"
+"$bin" completions zsh >"$pkg/completions/_btm"
+"$bin" completions fish >"$pkg/completions/btm.fish"
 install -d "$pkg/monitoring"
 install -m 0644 packaging/monitoring/btm-alerts.yml packaging/monitoring/btm-alerts.test.yml \
     packaging/monitoring/btm-dashboard.json "$pkg/monitoring/"

@@ -55,14 +55,16 @@ fi
 
 # A minimal Debian root with systemd, for the real-systemd test; built once
 # with debootstrap (under a minute) and cached as a tarball.
-export BTM_TEST_ROOTFS=${BTM_TEST_ROOTFS:-/var/cache/btm-test/bookworm-systemd.tar}
+# (man-db and bash-completion: the install test reads a man page and
+# completes a command, as an operator would.)
+export BTM_TEST_ROOTFS=${BTM_TEST_ROOTFS:-/var/cache/btm-test/bookworm-systemd-man.tar}
 if [ ! -f "$BTM_TEST_ROOTFS" ]; then
     echo "== bootstrapping a Debian root with systemd into $BTM_TEST_ROOTFS"
     rootfs_dir=$(mktemp -d /var/tmp/btm-rootfs.XXXXXX)
     # mktemp makes it 0700; as the container's / that would lock out every
     # non-root service (dbus).
     chmod 0755 "$rootfs_dir"
-    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,btrfs-progs \
+    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,btrfs-progs,man-db,bash-completion \
         bookworm "$rootfs_dir" http://deb.debian.org/debian >/dev/null
     mkdir -p "$(dirname "$BTM_TEST_ROOTFS")"
     tar -C "$rootfs_dir" -cf "$BTM_TEST_ROOTFS.partial" .

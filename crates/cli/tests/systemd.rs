@@ -76,7 +76,7 @@ impl Container {
         );
         let tar = std::env::var_os("BTM_TEST_ROOTFS")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/cache/btm-test/bookworm-systemd.tar"));
+            .unwrap_or_else(|| PathBuf::from("/var/cache/btm-test/bookworm-systemd-man.tar"));
         assert!(
             tar.is_file(),
             "no container root file system at {} (set BTM_TEST_ROOTFS, or run scripts/test.sh, which builds it with debootstrap)",
@@ -358,6 +358,10 @@ fn snapshots(c: &Container) -> Vec<String> {
     v
 }
 
+/// Bash completes `btm roll` to `rollback` with the installed completion
+/// script (what pressing TAB runs).
+const COMPLETE_ROLL: &str = "bash -c 'source /usr/local/share/bash-completion/completions/btm && COMP_WORDS=(btm roll) && COMP_CWORD=1 && _btm btm roll btm && printf \"%s\\n\" \"${COMPREPLY[@]}\"' | grep -qx rollback";
+
 #[test]
 fn the_package_installs_and_runs_under_systemd() {
     let c = Container::boot();
@@ -455,8 +459,12 @@ fn the_package_installs_and_runs_under_systemd() {
         "cd /root/btm_package && ./install.sh -i=10 -c=2 -m=btrfs -a=fair -p=/srv/chain-fs/data",
     );
     assert!(again.contains("already up to date"), "{again}");
-    // The Cosmovisor hook comes with it (docs/cosmovisor.md).
+    // The Cosmovisor hook comes with it (docs/cosmovisor.md), and the man
+    // pages and completions work as an operator uses them.
     c.ok("test -x /usr/local/lib/btm/btm-preupgrade.sh");
+    c.ok("MANPAGER=cat man btm-rollback | grep -q 'Roll the volume back to a snapshot'");
+    c.ok("MANPAGER=cat man btm | grep -q 'btm-rollback'");
+    c.ok(COMPLETE_ROLL);
     // A different value: the existing configuration is kept, the change shown.
     let config = c.ok("cat /etc/btm/btm.toml");
     let kept = c.ok(
@@ -490,6 +498,10 @@ fn the_package_installs_and_runs_under_systemd() {
         .exists());
     assert!(!c
         .root()
+        .join("usr/local/share/man/man1/btm-rollback.1")
+        .exists());
+    assert!(!c
+        .root()
         .join("etc/systemd/system/btm-daemon.service")
         .exists());
     assert!(c.root().join("etc/btm/btm.toml").exists());
@@ -504,6 +516,8 @@ fn the_package_installs_and_runs_under_systemd() {
     assert_eq!(c.show("UnitFileState"), "disabled");
     c.ok("/usr/bin/btm --version && test -f /etc/btm/btm.toml");
     c.ok("test -x /usr/lib/btm/btm-preupgrade.sh");
+    c.ok("MANPAGER=cat man btm-rollback | grep -q 'Roll the volume back to a snapshot'");
+    c.ok(&COMPLETE_ROLL.replace("/usr/local/share", "/usr/share"));
     c.ok("test -f /usr/share/btm/monitoring/btm-alerts.yml && test -f /usr/share/btm/monitoring/btm-dashboard.json");
     c.ok("systemd-analyze verify /lib/systemd/system/btm-daemon.service");
     c.ok("dpkg -r btm");

@@ -5,6 +5,7 @@
 mod backup;
 mod clean;
 mod daemon;
+mod docs;
 mod export;
 mod gc;
 mod list;
@@ -81,6 +82,11 @@ pub enum Command {
     /// Check that a node running on restored data is on the exported chain
     /// at the exported height (block hash and app hash or state root)
     Verify(verify::VerifyArgs),
+    /// Print a shell completion script (bash, zsh, fish, …)
+    Completions(docs::CompletionsArgs),
+    /// Write the man pages (btm.1, btm-VERB.1) into a directory
+    #[command(hide = true)]
+    Manpages(docs::ManpagesArgs),
 }
 
 /// Which volume to act on.
@@ -161,6 +167,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => export::run(a, out),
         Command::Gc(a) => gc::run(a, out),
         Command::Verify(a) => verify::run(a, out),
+        Command::Completions(a) => docs::completions(a, out),
+        Command::Manpages(a) => docs::manpages(a, out),
     }
 }
 
