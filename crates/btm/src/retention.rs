@@ -393,6 +393,17 @@ impl Policy {
     /// (take a snapshot, then prune, after each) and return the final plan,
     /// whose verdicts are all `Keep` with the reason each survivor stands.
     pub fn simulate(&self, blocks: u64) -> Result<Plan, PolicyError> {
+        self.simulate_protected(blocks, &std::collections::BTreeMap::new())
+    }
+
+    /// [`Policy::simulate`] with the heights of `protected` protected as
+    /// they are taken: they never enter the policy, and the result keeps
+    /// them with their labels (those at most `blocks`).
+    pub fn simulate_protected(
+        &self,
+        blocks: u64,
+        protected: &std::collections::BTreeMap<u64, String>,
+    ) -> Result<Plan, PolicyError> {
         let steps = blocks / self.itv;
         if steps > MAX_SIMULATE_STEPS {
             return Err(PolicyError::TooManySteps {
@@ -401,19 +412,29 @@ impl Policy {
                 steps,
             });
         }
+        let free = |h: &u64| !protected.contains_key(h);
+        let mine: std::collections::BTreeMap<u64, String> = protected
+            .range(..=blocks)
+            .map(|(h, l)| (*h, l.clone()))
+            .collect();
         if self.algo == Algo::Fair {
-            // Replaying fair keeps exactly the newest `cap` heights.
-            let first = steps.saturating_sub(self.cap) + 1;
-            let heights: Vec<u64> = (first..=steps).map(|s| s * self.itv).collect();
-            return Ok(self.plan(&heights));
+            // Replaying fair keeps exactly the newest `cap` free heights.
+            let mut heights: Vec<u64> = (1..=steps)
+                .rev()
+                .map(|s| s * self.itv)
+                .filter(free)
+                .take(usize::try_from(self.cap).unwrap_or(usize::MAX))
+                .collect();
+            heights.reverse();
+            return Ok(self.plan(&heights).protect(mine));
         }
         let mut alive: Vec<u64> = Vec::new();
-        for step in 1..=steps {
+        for h in (1..=steps).map(|s| s * self.itv).filter(free) {
             // Newest first, so planning sorts an already sorted list.
-            alive.insert(0, step * self.itv);
+            alive.insert(0, h);
             alive = self.plan(&alive).kept();
         }
-        Ok(self.plan(&alive))
+        Ok(self.plan(&alive).protect(mine))
     }
 }
 
@@ -536,6 +557,27 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        /// A protected height is kept with its label, and the others stay
+        /// within the cap.
+        #[test]
+        fn simulate_keeps_a_protected_height_and_the_cap_for_the_rest(
+            p in any_policy(),
+            blocks in 0u64..3_000,
+            pick in 0u64..300,
+        ) {
+            let h = pick * p.itv();
+            let protected: std::collections::BTreeMap<u64, String> =
+                [(h, "up".to_owned())].into_iter().collect();
+            let with = p.simulate_protected(blocks, &protected).expect("simulate");
+            let kept = with.kept();
+            if h <= blocks {
+                prop_assert!(kept.contains(&h));
+                prop_assert_eq!(with.protected.get(&h).map(String::as_str), Some("up"));
+            }
+            let others: Vec<u64> = kept.iter().copied().filter(|&k| k != h).collect();
+            prop_assert!(others.len() as u64 <= p.cap());
+        }
 
         /// Protecting heights keeps them and changes no other decision:
         /// they are outside the policy's input.

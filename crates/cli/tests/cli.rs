@@ -160,6 +160,37 @@ fn simulate_kept(args: &[&str]) -> Vec<u64> {
     common::simulate_kept(scratch().path(), args)
 }
 
+/// `simulate --protect H=LABEL` shows what `btm snapshot --protect` does
+/// to a policy: the height is kept, outside the cap.
+#[test]
+fn simulate_shows_protected_heights() {
+    let out = btm(
+        scratch().path(),
+        &[
+            "simulate",
+            "-i",
+            "10",
+            "-c",
+            "3",
+            "-a",
+            "fair",
+            "--blocks",
+            "100",
+            "--protect",
+            "20=v2-upgrade",
+        ],
+    )
+    .ok();
+    assert!(out.contains("20  keep: protected (v2-upgrade)"), "{out}");
+    assert!(out.contains("4 snapshot(s) kept"), "{out}");
+    let e = btm(
+        scratch().path(),
+        &["simulate", "--blocks", "100", "--protect", "20"],
+    )
+    .fails(2);
+    assert!(e.contains("H=LABEL"), "{e}");
+}
+
 #[test]
 fn simulate_matches_the_definitions() {
     // fade, itv 10, cap 20: T = 10 tiers of q = 2 (worked example in README).
