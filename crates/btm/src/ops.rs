@@ -52,6 +52,15 @@ pub struct SnapshotOptions {
 }
 
 impl SnapshotOptions {
+    /// Snapshot only: no pruning, no protection.
+    pub fn unpruned(lock_wait: Duration) -> Self {
+        SnapshotOptions {
+            prune: None,
+            lock_wait,
+            protect: None,
+        }
+    }
+
     /// Snapshot, then prune by `policy`, waiting the default time for the
     /// lock: what a node does at each multiple of `itv`.
     pub fn pruning(policy: Policy) -> Self {
@@ -175,20 +184,28 @@ impl Ops {
         Ok(())
     }
 
-    /// Return every snapshot protected with `label` to normal retention;
-    /// the heights released (none is an error).
-    pub fn release(&self, label: &Label) -> Result<Vec<u64>, Error> {
-        let _lock = self.lock(lock::DEFAULT_WAIT)?;
+    /// The heights of the snapshots protected with `label`, newest first;
+    /// none is an error.
+    pub fn protected_with(&self, label: &Label) -> Result<Vec<u64>, Error> {
         let heights: Vec<u64> = self
             .volume
             .protections()?
             .into_iter()
+            .rev()
             .filter(|(_, l)| l == label.as_str())
             .map(|(h, _)| h)
             .collect();
         if heights.is_empty() {
             return Err(Error::NoSuchLabel(label.to_string()));
         }
+        Ok(heights)
+    }
+
+    /// Return every snapshot protected with `label` to normal retention;
+    /// the heights released (none is an error).
+    pub fn release(&self, label: &Label) -> Result<Vec<u64>, Error> {
+        let _lock = self.lock(lock::DEFAULT_WAIT)?;
+        let heights = self.protected_with(label)?;
         for &h in &heights {
             self.volume.set_protection(h, None)?;
         }
@@ -233,7 +250,7 @@ impl Ops {
         })?;
         let effects = vol.rollback_effects(h)?;
         self.refuse_pinned(&effects.destroys)?;
-        self.refuse_protected(&effects.destroys, &[])?;
+        self.refuse_protected(&effects.destroys)?;
         if !effects.foreign_blockers.is_empty() {
             return Err(volume::Error::ForeignSnapshots {
                 target: h,
@@ -248,35 +265,36 @@ impl Ops {
         })
     }
 
-    /// Destroy every btm snapshot except the newest `kept`, under the lock.
-    /// Protected snapshots are kept too, unless their label is in
-    /// `labels`. Refuses, touching nothing, if a doomed snapshot is pinned.
-    pub fn clean(&self, kept: u64, labels: &[Label]) -> Result<DestroyReport, Error> {
-        let _lock = self.lock(lock::DEFAULT_WAIT)?;
+    /// What [`Ops::clean`] would destroy (newest first): every btm snapshot
+    /// but the newest `kept`, protected ones left out unless their label is
+    /// in `labels`. Only reads.
+    pub fn clean_candidates(&self, kept: u64, labels: &[Label]) -> Result<Vec<u64>, Error> {
         let protected = self.volume.protections()?;
-        let doomed: Vec<u64> = self
+        let named = |l: &String| labels.iter().any(|x| x.as_str() == l);
+        Ok(self
             .volume
             .heights()?
             .into_iter()
-            .filter(|h| {
-                protected
-                    .get(h)
-                    .is_none_or(|l| labels.iter().any(|x| x.as_str() == l))
-            })
+            .filter(|h| protected.get(h).is_none_or(named))
             .skip(usize::try_from(kept).unwrap_or(usize::MAX))
-            .collect();
+            .collect())
+    }
+
+    /// Destroy [`Ops::clean_candidates`] under the lock. Refuses, touching
+    /// nothing, if one of them is pinned.
+    pub fn clean(&self, kept: u64, labels: &[Label]) -> Result<DestroyReport, Error> {
+        let _lock = self.lock(lock::DEFAULT_WAIT)?;
+        let doomed = self.clean_candidates(kept, labels)?;
         self.refuse_pinned(&doomed)?;
         Ok(self.volume.destroy(&doomed))
     }
 
-    /// Fail, touching nothing, if any of `doomed` is protected (with a
-    /// label not in `allowed`).
-    fn refuse_protected(&self, doomed: &[u64], allowed: &[Label]) -> Result<(), Error> {
+    /// Fail, touching nothing, if any of `doomed` is protected.
+    fn refuse_protected(&self, doomed: &[u64]) -> Result<(), Error> {
         let protected = self.volume.protections()?;
         let hit: Vec<(u64, String)> = doomed
             .iter()
             .filter_map(|h| protected.get(h).map(|l| (*h, l.clone())))
-            .filter(|(_, l)| !allowed.iter().any(|a| a.as_str() == l))
             .collect();
         match hit.is_empty() {
             true => Ok(()),
@@ -385,7 +403,7 @@ mod tests {
     use crate::volume::fake::FakeVolume;
     use crate::volume::SnapMode;
 
-    fn fake(dir: &tempfile::TempDir) -> (Ops, Arc<FakeVolume>) {
+    pub(super) fn fake(dir: &tempfile::TempDir) -> (Ops, Arc<FakeVolume>) {
         let vol = Arc::new(
             FakeVolume::new("tank/chain", SnapMode::Zfs, &dir.path().join("vol")).expect("fake"),
         );
@@ -410,11 +428,7 @@ mod tests {
         assert_eq!(again.outcome, SnapshotOutcome::AlreadyExists);
         assert_eq!(vol.snapshots_taken(), 5);
         // A snapshot without pruning keeps everything.
-        let only = SnapshotOptions {
-            prune: None,
-            lock_wait: Duration::ZERO,
-            protect: None,
-        };
+        let only = SnapshotOptions::unpruned(Duration::ZERO);
         let r = ops.snapshot(60, &only).expect("snapshot");
         assert_eq!(r.heights, vec![60, 50, 40, 30]);
         assert!(r.pruned.is_empty());
@@ -442,15 +456,8 @@ mod tests {
         let (ops, vol) = fake(&dir);
         let keep_one = policy(Algo::Fair, 10, 1);
         for h in [10, 20, 30] {
-            ops.snapshot(
-                h,
-                &SnapshotOptions {
-                    prune: None,
-                    lock_wait: Duration::ZERO,
-                    protect: None,
-                },
-            )
-            .expect("snapshot");
+            ops.snapshot(h, &SnapshotOptions::unpruned(Duration::ZERO))
+                .expect("snapshot");
         }
         let pin = pin::Pin::acquire(ops.dirs(), vol.name(), 10).expect("pin");
         let (plan, report) = ops.prune(&keep_one).expect("prune");
@@ -468,11 +475,7 @@ mod tests {
         let live = vol.root().expect("root");
         let state = live.join("data/priv_validator_state.json");
         std::fs::create_dir_all(state.parent().expect("parent")).expect("mkdir");
-        let only = SnapshotOptions {
-            prune: None,
-            lock_wait: Duration::ZERO,
-            protect: None,
-        };
+        let only = SnapshotOptions::unpruned(Duration::ZERO);
         for h in [100, 200, 300] {
             std::fs::write(live.join("db"), format!("state at {h}")).expect("write");
             std::fs::write(&state, format!("signed up to {h}")).expect("write");
@@ -509,10 +512,7 @@ mod tests {
 #[cfg(test)]
 mod protection_tests {
     use super::*;
-    use crate::retention::Decision;
-    use crate::retention::{Algo, KeepReason};
-    use crate::volume::fake::FakeVolume;
-    use crate::volume::SnapMode;
+    use crate::retention::{Algo, Decision, KeepReason};
 
     fn label(s: &str) -> Label {
         s.parse().expect("label")
@@ -521,15 +521,8 @@ mod protection_tests {
     #[test]
     fn protected_snapshots_are_outside_fair_and_fade_until_released() {
         let dir = tempfile::tempdir().expect("tmp");
-        let vol = Arc::new(
-            FakeVolume::new("tank/chain", SnapMode::Zfs, &dir.path().join("v")).expect("fake"),
-        );
-        let ops = Ops::new(vol.clone(), Dirs::under(dir.path()));
-        let only = SnapshotOptions {
-            prune: None,
-            lock_wait: Duration::ZERO,
-            protect: None,
-        };
+        let (ops, vol) = super::tests::fake(&dir);
+        let only = SnapshotOptions::unpruned(Duration::ZERO);
         for h in (10..=100).step_by(10) {
             ops.snapshot(h, &only).expect("snapshot");
         }
@@ -564,15 +557,8 @@ mod protection_tests {
     #[test]
     fn a_rollback_that_would_destroy_a_protected_snapshot_is_refused() {
         let dir = tempfile::tempdir().expect("tmp");
-        let vol = Arc::new(
-            FakeVolume::new("tank/chain", SnapMode::Zfs, &dir.path().join("v")).expect("fake"),
-        );
-        let ops = Ops::new(vol.clone(), Dirs::under(dir.path()));
-        let only = SnapshotOptions {
-            prune: None,
-            lock_wait: Duration::ZERO,
-            protect: None,
-        };
+        let (ops, vol) = super::tests::fake(&dir);
+        let only = SnapshotOptions::unpruned(Duration::ZERO);
         for h in [10, 20, 30] {
             ops.snapshot(h, &only).expect("snapshot");
         }

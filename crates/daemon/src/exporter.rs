@@ -312,7 +312,6 @@ impl Run {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use btm::volume::fake::FakeVolume;
     use btm::volume::Volume;
     use btm_chunk::store::MemStore;
 
@@ -327,20 +326,11 @@ mod tests {
 
     fn rig() -> Rig {
         let dir = tempfile::tempdir().expect("tmp");
-        let text = "volume = \"tank/chain\"\nmode = \"zfs\"\n[export]\nstore = \"/unused\"\nevery = 20\ntag = \"t\"\nkeep = 2\ngc = false\n";
-        let mut settings =
-            crate::settings::DaemonOptions::from_toml(text, std::path::Path::new("t"))
-                .expect("toml")
-                .resolve()
-                .expect("settings");
-        settings.dirs = btm::dirs::Dirs::under(dir.path());
-        if let Some(e) = settings.export.as_mut() {
-            e.cache = Some(dir.path().join("cache"));
-        }
-        let vol = Arc::new(
-            FakeVolume::new("tank/chain", btm::SnapMode::Zfs, &dir.path().join("vol"))
-                .expect("fake"),
+        let settings = crate::test_support::settings(
+            "[export]\nstore = \"/unused\"\nevery = 20\ntag = \"t\"\nkeep = 2\ngc = false\n",
+            dir.path(),
         );
+        let vol = crate::test_support::fake_volume(dir.path());
         let live = vol.root().expect("root");
         std::fs::write(live.join("state.db"), vec![7u8; 300_000]).expect("write");
         let ops = Ops::new(vol, settings.dirs.clone());
@@ -376,11 +366,7 @@ mod tests {
 
     impl Rig {
         fn snapshot_and_consider(&self, h: u64) {
-            let only = btm::SnapshotOptions {
-                prune: None,
-                lock_wait: Duration::ZERO,
-                protect: None,
-            };
+            let only = btm::SnapshotOptions::unpruned(Duration::ZERO);
             self.ops.snapshot(h, &only).expect("snapshot");
             self.exporter.consider(h);
         }
@@ -515,14 +501,7 @@ mod tests {
         assert_eq!(state2.status().export.map(|e| e.height), Some(20));
         // Not due again while it runs: skipped, not queued.
         r.ops
-            .snapshot(
-                40,
-                &btm::SnapshotOptions {
-                    prune: None,
-                    lock_wait: Duration::ZERO,
-                    protect: None,
-                },
-            )
+            .snapshot(40, &btm::SnapshotOptions::unpruned(Duration::ZERO))
             .expect("snapshot");
         next.consider(40);
         assert_eq!(state2.status().counters.exports_skipped, 1);

@@ -38,6 +38,8 @@ pub mod settings;
 mod shutdown;
 mod state;
 mod systemd;
+#[cfg(test)]
+mod test_support;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};

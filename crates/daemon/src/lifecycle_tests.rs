@@ -4,7 +4,7 @@
 //! afterwards. No root, no pool; the real signal handling is exercised by
 //! the integration tests.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use btm::volume::fake::FakeVolume;
 use btm::volume::Volume;
 use btm::{BtmCfg, Ops};
 
-use crate::settings::{DaemonOptions, DaemonSettings};
+use crate::settings::DaemonSettings;
 use crate::{run_with, shutdown_channel, Deps};
 
 struct Rig {
@@ -24,18 +24,9 @@ struct Rig {
 
 fn rig(extra: &str) -> Rig {
     let dir = tempfile::tempdir().expect("tmp");
-    let text = format!(
-        "volume = \"tank/chain\"\nmode = \"zfs\"\nsocket = \"{}\"\n{extra}",
-        dir.path().join("btm.sock").display()
-    );
-    let mut settings = DaemonOptions::from_toml(&text, Path::new("t"))
-        .expect("toml")
-        .resolve()
-        .expect("settings");
-    settings.dirs = btm::dirs::Dirs::under(dir.path());
-    let volume = Arc::new(
-        FakeVolume::new("tank/chain", btm::SnapMode::Zfs, &dir.path().join("vol")).expect("fake"),
-    );
+    let socket = format!("socket = \"{}\"\n", dir.path().join("btm.sock").display());
+    let settings = crate::test_support::settings(&(socket + extra), dir.path());
+    let volume = crate::test_support::fake_volume(dir.path());
     Rig {
         settings,
         volume,

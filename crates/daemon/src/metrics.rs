@@ -330,16 +330,9 @@ mod shipped_monitoring {
 
     /// Every metric name `render` prints when every value is known.
     fn exported() -> BTreeSet<String> {
-        let text = "volume = \"tank/chain\"\nmode = \"zfs\"\n[export]\nstore = \"/b\"\n";
-        let settings = crate::settings::DaemonOptions::from_toml(text, std::path::Path::new("t"))
-            .expect("toml")
-            .resolve()
-            .expect("settings");
-        let cfg = btm::BtmCfg {
-            volume: "tank/chain".into(),
-            ..btm::BtmCfg::default()
-        };
-        let mut s = crate::initial_status(&cfg, &settings, 3);
+        let dir = std::env::temp_dir();
+        let settings = crate::test_support::settings("[export]\nstore = \"/b\"\n", &dir);
+        let mut s = crate::initial_status(&crate::test_support::cfg(&settings), &settings, 3);
         let now = Utc::now();
         s.last_height = Some(120);
         s.last_height_at = Some(now);

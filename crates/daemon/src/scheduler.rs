@@ -533,27 +533,10 @@ mod tests {
 
         fn rig(extra: &str) -> Rig {
             let dir = tempfile::tempdir().expect("tmp");
-            let text =
-                format!("volume = \"tank/chain\"\nmode = \"zfs\"\nitv = 10\ncap = 3\n{extra}");
-            let mut settings =
-                crate::settings::DaemonOptions::from_toml(&text, std::path::Path::new("t"))
-                    .expect("toml")
-                    .resolve()
-                    .expect("settings");
-            settings.dirs = btm::dirs::Dirs::under(dir.path());
-            let volume = Arc::new(
-                FakeVolume::new("tank/chain", btm::SnapMode::Zfs, &dir.path().join("vol"))
-                    .expect("fake"),
-            );
-            let cfg = BtmCfg {
-                volume: "tank/chain".into(),
-                ..BtmCfg::default()
-            };
-            let cfg = BtmCfg {
-                itv: 10,
-                cap: 3,
-                ..cfg
-            };
+            let settings =
+                crate::test_support::settings(&format!("itv = 10\ncap = 3\n{extra}"), dir.path());
+            let volume = crate::test_support::fake_volume(dir.path());
+            let cfg = crate::test_support::cfg(&settings);
             let ops = Ops::new(volume.clone(), settings.dirs.clone());
             let state = Arc::new(State::new(crate::initial_status(&cfg, &settings, 0)));
             let scheduler = Scheduler::new(cfg, ops, settings, Arc::clone(&state), &[], None);

@@ -500,6 +500,29 @@ fn print_entry(
     }
 }
 
+/// The backup `wanted` names: itself, or with `latest` the newest with
+/// `tag` (whose metadata height is at most `height`).
+pub(super) fn find_backup(
+    store: &dyn Store,
+    wanted: &str,
+    tag: &str,
+    height: Option<u64>,
+) -> Result<(String, btm_chunk::format::head::Decoded)> {
+    if wanted == "latest" {
+        return catalog::latest(store, tag, height)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "no backup with tag '{tag}'{} in {}",
+                height.map_or(String::new(), |h| format!(" at height {h} or below")),
+                store.describe()
+            )
+        });
+    }
+    if height.is_some() {
+        bail!("--height only applies to `latest`");
+    }
+    Ok((wanted.to_owned(), catalog::read_index(store, wanted)?))
+}
+
 /// Arguments of `btm restore`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
@@ -554,25 +577,7 @@ impl RestoreArgs {
 pub fn restore(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
     let (wanted, dir) = args.name_and_dir()?;
     let store = args.store.open_existing()?;
-    let (name, idx) = if wanted == "latest" {
-        catalog::latest(store.as_ref(), &args.tag, args.height)?.ok_or_else(|| {
-            anyhow::anyhow!(
-                "no backup with tag '{}'{} in {}",
-                args.tag,
-                args.height
-                    .map_or(String::new(), |h| format!(" at height {h} or below")),
-                store.describe()
-            )
-        })?
-    } else {
-        if args.height.is_some() {
-            bail!("--height only applies to `latest`");
-        }
-        (
-            wanted.clone(),
-            catalog::read_index(store.as_ref(), &wanted)?,
-        )
-    };
+    let (name, idx) = find_backup(store.as_ref(), &wanted, &args.tag, args.height)?;
     let opts = RestoreOptions {
         filter: args.filter,
         delete: args.delete,

@@ -31,18 +31,10 @@ pub struct CleanArgs {
 pub fn run(args: CleanArgs, out: &mut dyn Write) -> Result<()> {
     let ops = args.volume.plain_cfg()?.ops()?;
     if args.dry_run {
-        let protected = ops.volume().protections()?;
         let doomed: Vec<String> = ops
-            .volume()
-            .heights()?
-            .into_iter()
-            .filter(|h| {
-                protected
-                    .get(h)
-                    .is_none_or(|l| args.label.iter().any(|x| x.as_str() == l))
-            })
-            .skip(usize::try_from(args.kept).unwrap_or(usize::MAX))
-            .map(|h| h.to_string())
+            .clean_candidates(args.kept, &args.label)?
+            .iter()
+            .map(u64::to_string)
             .collect();
         writeln!(
             out,

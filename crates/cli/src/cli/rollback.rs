@@ -46,18 +46,10 @@ pub struct RollbackArgs {
 
 /// The height of the snapshot protected with `label` (exactly one).
 fn protected_height(ops: &btm::Ops, label: &Label) -> Result<u64> {
-    let found: Vec<u64> = ops
-        .volume()
-        .protections()?
-        .into_iter()
-        .filter(|(_, l)| l == label.as_str())
-        .map(|(h, _)| h)
-        .collect();
-    match found.as_slice() {
+    match ops.protected_with(label)?.as_slice() {
         [h] => Ok(*h),
-        [] => anyhow::bail!("no snapshot is protected with label '{label}'"),
         many => {
-            anyhow::bail!(
+            bail!(
             "{} snapshots are protected with label '{label}' ({}); roll back by height (-s H -S)",
             many.len(),
             many.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")

@@ -9,10 +9,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 
-use btm_chunk::catalog;
 use btm_daemon::height::identity::{self, ChainIdentity, ChainRpc};
 
-use super::backup::StoreArgs;
+use super::backup::{find_backup, StoreArgs};
 use super::print_json;
 
 /// Arguments of `btm verify`.
@@ -57,13 +56,7 @@ pub fn run(args: VerifyArgs, out: &mut dyn Write) -> Result<()> {
         );
     }
     let store = args.store.open_existing()?;
-    let (name, idx) = if args.backup == "latest" {
-        catalog::latest(store.as_ref(), &args.tag, None)?
-            .with_context(|| format!("no backup with tag '{}' in {}", args.tag, store.describe()))?
-    } else {
-        let idx = catalog::read_index(store.as_ref(), &args.backup)?;
-        (args.backup.clone(), idx)
-    };
+    let (name, idx) = find_backup(store.as_ref(), &args.backup, &args.tag, None)?;
     let recorded: ChainIdentity = match idx.meta().get("chain") {
         None => bail!(
             "backup {name} recorded no chain identity: it was not made by an export with a node RPC to ask (source cometbft or ethereum, or rpc_url with rpc_kind)"
