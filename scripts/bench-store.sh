@@ -55,17 +55,21 @@ fresh_fs() {
     mount -o loop "$work/fs.img" "$mnt"
 }
 
-# measure LABEL CMD...: runs CMD, records "LABEL|seconds|peak MiB".
+# measure LABEL CMD...: runs CMD, records "LABEL|seconds|peak MiB|CPU
+# seconds" (user + system of the command itself: against the S3 server the
+# server and the proxy share this machine's two cores with the client, and
+# the client's own CPU is what a real remote store would leave it).
 results=()
 measure() {
     local label=$1; shift
     sync
-    /usr/bin/time -f "%e %M" -o "$work/time" "$@" >/dev/null 2>"$work/err" || { cat "$work/err"; exit 1; }
-    local secs kb; read -r secs kb < "$work/time"
-    results+=("$label|$secs|$((kb / 1024))")
-    printf '  %-46s %8s s %6s MiB\n' "$label" "$secs" "$((kb / 1024))"
+    /usr/bin/time -f "%e %M %U %S" -o "$work/time" "$@" >/dev/null 2>"$work/err" || { cat "$work/err"; exit 1; }
+    local secs kb user sys cpu; read -r secs kb user sys < "$work/time"
+    cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')
+    results+=("$label|$secs|$((kb / 1024))|$cpu")
+    printf '  %-46s %8s s %6s MiB %7s s CPU\n' "$label" "$secs" "$((kb / 1024))" "$cpu"
 }
-note() { results+=("$1|$2|"); printf '  %-46s %8s\n' "$1" "$2"; }
+note() { results+=("$1|$2||"); printf '  %-46s %8s\n' "$1" "$2"; }
 bytes() { du -sb "$1" | cut -f1; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 
@@ -121,6 +125,10 @@ run_shape() {
     if [ "$where" = local ]; then
         fresh_fs
         measure "floor: cp -a --sparse=always into a fresh fs" cp -a --sparse=always "$src" "$mnt/copy"
+        # btm's restore is durable when it reports success; this is the
+        # same copy made durable, the floor to compare it with.
+        fresh_fs
+        measure "floor: the same cp, then sync" sh -c 'cp -a --sparse=always "$1" "$2" && sync' - "$src" "$mnt/copy"
     fi
     measure "restic full" restic -q -r "$rstore" backup "$src"
     measure "btm full" "$btm" backup "$src" -s "$bstore" "${append[@]}"
@@ -164,11 +172,11 @@ if [ -n "$remote_shapes" ]; then
 fi
 
 echo
-printf '%-46s %10s %12s\n' "operation" "seconds" "peak RSS MiB"
+printf '%-46s %10s %12s %10s\n' "operation" "seconds" "peak RSS MiB" "CPU s"
 for r in "${results[@]}"; do
-    IFS='|' read -r label secs mb <<<"$r"
+    IFS='|' read -r label secs mb cpu <<<"$r"
     if [[ $label == "##"* ]]; then echo; echo "${label#\#\# }"; continue; fi
-    printf '%-46s %10s %12s\n' "$label" "$secs" "$mb"
+    printf '%-46s %10s %12s %10s\n' "$label" "$secs" "$mb" "$cpu"
 done
 echo
 echo "restic's restore over the previous version writes every file again; btm's"

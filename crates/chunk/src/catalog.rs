@@ -182,7 +182,16 @@ pub fn latest(
     tag: &str,
     max_height: Option<u64>,
 ) -> Result<Option<(String, Decoded)>, ChunkError> {
-    for name in list_backups(store, Some(tag))? {
+    newest_readable(store, list_backups(store, Some(tag))?, max_height)
+}
+
+/// [`latest`] among `names`, a listing already made (newest first).
+pub fn newest_readable(
+    store: &dyn Store,
+    names: Vec<IndexName>,
+    max_height: Option<u64>,
+) -> Result<Option<(String, Decoded)>, ChunkError> {
+    for name in names {
         let name = name.to_string();
         let idx = match read_index(store, &name) {
             Ok(i) => i,

@@ -140,6 +140,9 @@ pub struct Lease<'s> {
     last_ok: Mutex<Instant>,
     /// Store time of our marker at the last check of the other leases.
     store_now: Mutex<Option<DateTime<Utc>>>,
+    /// The markers that check listed, so that a caller looking for dead
+    /// holders need not list `locks/` again.
+    listed: Mutex<Vec<Marker>>,
 }
 
 /// The lease's body and a generation counter: bumped at each change, so a
@@ -159,6 +162,15 @@ impl Lease<'_> {
     /// listed time.
     pub fn store_now(&self) -> Option<DateTime<Utc>> {
         *self.store_now.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every marker under `locks/` as listed when the lease was taken (its
+    /// own included).
+    pub fn listed(&self) -> Vec<Marker> {
+        self.listed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Fails if the lease may have lapsed in other parties' eyes.
@@ -257,9 +269,11 @@ impl Lease<'_> {
                 detail: "the lease marker just written is not listed; the store's listing is not consistent".into(),
             })?;
         *self.store_now.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
-        Ok(live(&markers, now)
+        let others = live(&markers, now)
             .filter(|(_, m)| m.name != self.name)
-            .collect())
+            .collect();
+        *self.listed.lock().unwrap_or_else(|p| p.into_inner()) = markers;
+        Ok(others)
     }
 }
 
@@ -275,33 +289,56 @@ pub fn live(
     })
 }
 
-/// Backup leases whose holders are dead, with their bodies: expired by
-/// the store's clock (`now`; without it, only the next rule applies), or
-/// taken on `host` by a process that no longer exists.
+/// Backup leases among `markers` (a listing of `locks/`) whose holders
+/// are dead, with their bodies: expired by the store's clock (`now`;
+/// without it, only the next rule applies), or taken on `host` by a
+/// process that no longer exists. Only the dead holders' bodies are read:
+/// the host and pid of a live one are in its name.
 pub fn dead_holders(
     store: &dyn Store,
+    markers: &[Marker],
     now: Option<DateTime<Utc>>,
     host: &str,
 ) -> Vec<(String, LeaseInfo)> {
-    let Ok(markers) = store.list_markers("locks") else {
-        return Vec::new();
-    };
     let live: Vec<String> = match now {
-        Some(now) => live(&markers, now).map(|(_, m)| m.name).collect(),
+        Some(now) => live(markers, now).map(|(_, m)| m.name).collect(),
         None => markers.iter().map(|m| m.name.clone()).collect(),
     };
     markers
         .iter()
         .filter(|m| LeaseKind::of(&m.name).is_some())
+        .filter(|m| {
+            if !live.contains(&m.name) {
+                return true;
+            }
+            match holder(&m.name) {
+                Some((h, pid)) => h == host && pid_gone(pid),
+                // Not a name btm writes: judged on its body below.
+                None => true,
+            }
+        })
         .filter_map(|m| {
             let info: LeaseInfo = serde_json::from_slice(&store.get_marker(&m.name).ok()?).ok()?;
-            let gone = !live.contains(&m.name)
-                || (info.host == host
-                    && info.pid != std::process::id()
-                    && !std::path::Path::new(&format!("/proc/{}", info.pid)).exists());
+            let gone = !live.contains(&m.name) || (info.host == host && pid_gone(info.pid));
             (gone && !info.pending.is_empty()).then(|| (m.name.clone(), info))
         })
         .collect()
+}
+
+/// The host and pid in a lease marker's name,
+/// `locks/<kind>-<host>-<pid>-<ns>-<seq>` (a host name may hold `-`).
+fn holder(name: &str) -> Option<(&str, u32)> {
+    let kind = LeaseKind::of(name)?;
+    let rest = &name[kind.prefix().len()..];
+    let mut parts = rest.rsplitn(4, '-');
+    let (_seq, _ns) = (parts.next()?, parts.next()?);
+    let pid = parts.next()?.parse().ok()?;
+    Some((parts.next()?, pid))
+}
+
+/// Whether process `pid` of this host is gone (and is not us).
+fn pid_gone(pid: u32) -> bool {
+    pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Whether lease `m` was taken on this host by a process that is gone.
@@ -310,11 +347,7 @@ fn dead_here(store: &dyn Store, m: &Marker) -> bool {
         .get_marker(&m.name)
         .ok()
         .and_then(|b| serde_json::from_slice::<LeaseInfo>(&b).ok())
-        .is_some_and(|i| {
-            i.host == btm::host::name()
-                && i.pid != std::process::id()
-                && !std::path::Path::new(&format!("/proc/{}", i.pid)).exists()
-        })
+        .is_some_and(|i| i.host == btm::host::name() && pid_gone(i.pid))
 }
 
 /// "Now" by the store's clock: write a probe marker under `gc/`, read its
@@ -390,6 +423,7 @@ pub fn with_lease<T, E: From<LeaseError>>(
         settled: Mutex::new(std::collections::HashSet::new()),
         last_ok: Mutex::new(Instant::now()),
         store_now: Mutex::new(None),
+        listed: Mutex::new(Vec::new()),
     };
     let result = acquire(&lease, kind, cancel)
         .map_err(E::from)
@@ -537,5 +571,67 @@ mod tests {
         // some services) counts as live, never as expired.
         let future = [marker("locks/backup-f", -30, now)];
         assert_eq!(live(&future, now).count(), 1);
+    }
+
+    #[test]
+    fn a_markers_name_gives_its_holder() {
+        assert_eq!(
+            holder("locks/backup-my-host-123-1795979739333253790-0"),
+            Some(("my-host", 123))
+        );
+        assert_eq!(holder("locks/sweep-h-7-1-2"), Some(("h", 7)));
+        assert_eq!(holder("locks/backup-h-notapid-1-2"), None);
+        assert_eq!(holder("locks/backup-1-2"), None);
+        assert_eq!(holder("gc/clock-h-1-2"), None);
+    }
+
+    #[test]
+    fn dead_holders_reads_only_the_bodies_of_dead_ones() {
+        let store = crate::store::MemStore::new();
+        let now = Utc::now();
+        let (me, gone) = (std::process::id(), u32::MAX - 1);
+        let pending = vec![Id::of(b"pack")];
+        let body = |host: &str, pid: u32| {
+            serde_json::to_vec(&LeaseInfo {
+                kind: LeaseKind::Backup,
+                host: host.into(),
+                pid,
+                started: now,
+                tag: None,
+                pending: pending.clone(),
+            })
+            .unwrap()
+        };
+        let expired = format!("locks/backup-far-1-1-0");
+        let mine = format!("locks/backup-here-{me}-1-0");
+        let dead_here = format!("locks/backup-here-{gone}-1-0");
+        // Live, of another host by its name; its body (which would say
+        // "a dead process of this host") is not read.
+        let other = format!("locks/backup-far-2-1-0");
+        for (name, b) in [
+            (&expired, body("far", 1)),
+            (&mine, body("here", me)),
+            (&dead_here, body("here", gone)),
+            (&other, body("here", gone)),
+        ] {
+            store.put_marker(name, &b).unwrap();
+        }
+        let markers = [
+            marker(&expired, 601, now),
+            marker(&mine, 1, now),
+            marker(&dead_here, 1, now),
+            marker(&other, 1, now),
+        ];
+        let mut dead: Vec<String> = dead_holders(&store, &markers, Some(now), "here")
+            .into_iter()
+            .map(|(n, info)| {
+                assert_eq!(info.pending, pending);
+                n
+            })
+            .collect();
+        dead.sort();
+        let mut want = vec![dead_here, expired];
+        want.sort();
+        assert_eq!(dead, want);
     }
 }

@@ -23,6 +23,9 @@ pub struct Spool {
 
 const RECORD: usize = 8 + 1 + 32;
 
+/// Records replayed per call.
+const RUN: u64 = 4096;
+
 impl Spool {
     /// An empty spool.
     pub fn new() -> Self {
@@ -65,7 +68,7 @@ impl Spool {
         self.count == 0
     }
 
-    /// Replay the records in order, in runs of at most 4096, to `f`; `io`
+    /// Replay the records in order, in runs of at most [`RUN`], to `f`; `io`
     /// turns a failure to read the spool back into `E`.
     pub fn replay<E>(
         mut self,
@@ -73,7 +76,10 @@ impl Spool {
         mut f: impl FnMut(&[ChunkRef]) -> Result<(), E>,
     ) -> Result<(), E> {
         let mut off = 0u64;
-        let mut run: Vec<ChunkRef> = Vec::with_capacity(4096);
+        // Sized to the file: most files are one chunk, and a 4096-record
+        // buffer (a quarter of a megabyte) per file costs the allocator an
+        // madvise when it is freed.
+        let mut run: Vec<ChunkRef> = Vec::with_capacity(self.count.min(RUN) as usize);
         let mut emit = |bytes: &[u8], run: &mut Vec<ChunkRef>, off: &mut u64| -> Result<(), E> {
             for rec in bytes.chunks_exact(RECORD) {
                 let mut len = [0u8; 8];
@@ -90,7 +96,7 @@ impl Spool {
                     hash,
                 });
                 *off += len;
-                if run.len() == 4096 {
+                if run.len() == RUN as usize {
                     f(run)?;
                     run.clear();
                 }
@@ -99,7 +105,7 @@ impl Spool {
         };
         if let Some(mut d) = self.disk.take() {
             d.rewind().map_err(&io)?;
-            let mut buf = vec![0u8; RECORD * 4096];
+            let mut buf = vec![0u8; RECORD * RUN as usize];
             loop {
                 let mut filled = 0;
                 while filled < buf.len() {

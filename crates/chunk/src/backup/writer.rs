@@ -12,9 +12,9 @@
 //! A file's chunk list is kept in memory up to [`SPOOL_MEMORY`] bytes and
 //! on disk beyond, so a multi-terabyte file does not grow the writer.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::File;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 
 use nix::sys::stat::FileStat;
@@ -124,34 +124,75 @@ pub struct Written {
 }
 
 /// Run the writer until the walk and every file are done. `retry` asks the
-/// planner to read a file again.
+/// planner to read a file again. `stored` are segments the store already
+/// holds (the previous backup's): segments are cut by content, so those of
+/// an unchanged part of the tree come out identical and are not uploaded
+/// again.
 pub fn run(
     shared: &Shared<'_>,
     rx: Receiver<Msg>,
     retry: Sender<Option<(u64, u32)>>,
+    stored: &HashSet<Id>,
 ) -> Result<Written, ChunkError> {
-    let mut w = Writer {
-        shared,
-        tree: TreeWriter::new(3),
-        order: VecDeque::new(),
-        files: HashMap::new(),
-        trees: Vec::new(),
-        changed: 0,
-    };
-    let result = w.receive(rx, &retry);
-    // Whatever happened, release the planner.
-    let _ = retry.send(None);
-    result?;
-    let tree = std::mem::replace(&mut w.tree, TreeWriter::new(3));
-    let (last, totals) = tree.finish()?;
-    if let Some(seg) = last {
-        w.upload(seg)?;
-    }
-    Ok(Written {
-        trees: w.trees,
-        totals,
-        changed: w.changed,
+    std::thread::scope(|s| {
+        // Segments upload on their own thread, so that a store's round
+        // trip per segment does not hold up the writer (and with it the
+        // whole pipeline); one waits while another uploads.
+        let (segments, to_upload) = mpsc::sync_channel::<Segment>(1);
+        let uploader = s.spawn(move || upload_segments(shared, to_upload));
+        let mut w = Writer {
+            shared,
+            tree: TreeWriter::new(3),
+            order: VecDeque::new(),
+            files: HashMap::new(),
+            trees: Vec::new(),
+            changed: 0,
+            segments,
+            stored,
+        };
+        let result = w.receive(rx, &retry);
+        // Whatever happened, release the planner.
+        let _ = retry.send(None);
+        let written = result.and_then(|()| {
+            let tree = std::mem::replace(&mut w.tree, TreeWriter::new(3));
+            let (last, totals) = tree.finish()?;
+            if let Some(seg) = last {
+                w.upload(seg)?;
+            }
+            Ok(Written {
+                trees: std::mem::take(&mut w.trees),
+                totals,
+                changed: w.changed,
+            })
+        });
+        drop(w);
+        // An upload failure is recorded in `shared`; the caller reports it.
+        let _ = uploader.join();
+        written
     })
+}
+
+/// Put each segment (and cache it), until the writer hangs up or a put
+/// fails.
+fn upload_segments(shared: &Shared<'_>, segments: Receiver<Segment>) {
+    let store = shared.store;
+    for seg in segments {
+        let data = crate::store::Bytes::from(seg.data);
+        let put = {
+            let _req = shared.opts.progress.request();
+            with_retry(|| store.put(Kind::Tree, &seg.id, data.clone()))
+        };
+        if let Err(e) = put {
+            shared.fail(ChunkError::store(
+                format!("uploading tree segment {}", seg.id),
+                e,
+            ));
+            return;
+        }
+        if let Some(c) = &shared.opts.cache {
+            c.put(Kind::Tree, &seg.id, &data);
+        }
+    }
 }
 
 struct Writer<'s, 'a> {
@@ -161,6 +202,8 @@ struct Writer<'s, 'a> {
     files: HashMap<u64, FileState>,
     trees: Vec<Id>,
     changed: u64,
+    segments: SyncSender<Segment>,
+    stored: &'s HashSet<Id>,
 }
 
 impl Writer<'_, '_> {
@@ -330,18 +373,13 @@ impl Writer<'_, '_> {
         Ok(())
     }
 
+    /// Record segment `seg` in the tree and have it uploaded, unless the
+    /// store has it.
     fn upload(&mut self, seg: Segment) -> Result<(), ChunkError> {
-        let store = self.shared.store;
-        let data = crate::store::Bytes::from(seg.data);
-        {
-            let _req = self.shared.opts.progress.request();
-            with_retry(|| store.put(Kind::Tree, &seg.id, data.clone()))
-                .map_err(|e| ChunkError::store(format!("uploading tree segment {}", seg.id), e))?;
-        }
-        if let Some(c) = &self.shared.opts.cache {
-            c.put(Kind::Tree, &seg.id, &data);
-        }
         self.trees.push(seg.id);
-        Ok(())
+        if self.stored.contains(&seg.id) {
+            return Ok(());
+        }
+        self.segments.send(seg).map_err(|_| ChunkError::Aborted)
     }
 }
