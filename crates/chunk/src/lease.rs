@@ -600,21 +600,21 @@ mod tests {
                 tag: None,
                 pending: pending.clone(),
             })
-            .unwrap()
+            .expect("a lease body encodes")
         };
-        let expired = format!("locks/backup-far-1-1-0");
+        let expired = "locks/backup-far-1-1-0".to_string();
         let mine = format!("locks/backup-here-{me}-1-0");
         let dead_here = format!("locks/backup-here-{gone}-1-0");
         // Live, of another host by its name; its body (which would say
         // "a dead process of this host") is not read.
-        let other = format!("locks/backup-far-2-1-0");
+        let other = "locks/backup-far-2-1-0".to_string();
         for (name, b) in [
             (&expired, body("far", 1)),
             (&mine, body("here", me)),
             (&dead_here, body("here", gone)),
             (&other, body("here", gone)),
         ] {
-            store.put_marker(name, &b).unwrap();
+            store.put_marker(name, &b).expect("put");
         }
         let markers = [
             marker(&expired, 601, now),
