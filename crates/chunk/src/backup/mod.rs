@@ -192,6 +192,8 @@ pub struct BackupSummary {
     pub packs_uploaded: u64,
     /// Tree segments the backup's index is made of.
     pub trees: u64,
+    /// Of those, segments uploaded (the others the previous backup stored).
+    pub trees_uploaded: u64,
     /// What was left out on purpose, by pattern.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub excluded: Vec<super::format::head::Excluded>,
@@ -502,6 +504,7 @@ fn finish(
     summary.chunks_empty = c.empty.load(Ordering::Relaxed);
     summary.packs_uploaded = c.packs.load(Ordering::Relaxed);
     summary.trees = written.trees.len() as u64;
+    summary.trees_uploaded = written.trees_uploaded;
 
     let head = Head {
         format: FORMAT_VERSION,

@@ -117,6 +117,8 @@ enum Slot {
 pub struct Written {
     /// Tree segment ids, in order.
     pub trees: Vec<Id>,
+    /// How many of them were uploaded (not already stored).
+    pub trees_uploaded: u64,
     /// Counts over the entries.
     pub totals: Totals,
     /// Files read again because they changed while read.
@@ -146,6 +148,7 @@ pub fn run(
             order: VecDeque::new(),
             files: HashMap::new(),
             trees: Vec::new(),
+            trees_uploaded: 0,
             changed: 0,
             segments,
             stored,
@@ -161,6 +164,7 @@ pub fn run(
             }
             Ok(Written {
                 trees: std::mem::take(&mut w.trees),
+                trees_uploaded: w.trees_uploaded,
                 totals,
                 changed: w.changed,
             })
@@ -201,6 +205,7 @@ struct Writer<'s, 'a> {
     order: VecDeque<Slot>,
     files: HashMap<u64, FileState>,
     trees: Vec<Id>,
+    trees_uploaded: u64,
     changed: u64,
     segments: SyncSender<Segment>,
     stored: &'s HashSet<Id>,
@@ -380,6 +385,7 @@ impl Writer<'_, '_> {
         if self.stored.contains(&seg.id) {
             return Ok(());
         }
+        self.trees_uploaded += 1;
         self.segments.send(seg).map_err(|_| ChunkError::Aborted)
     }
 }
