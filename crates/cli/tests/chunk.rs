@@ -247,7 +247,8 @@ fn an_incremental_uploads_only_the_tree_segment_that_changed() {
     assert_eq!(segments(), before + 1, "one segment changed: {second}");
     assert_eq!(second["trees_uploaded"], 1, "{second}");
     let dst = t.p("dst");
-    t.btm(&["restore", "latest", dst.to_str().expect("utf8")]).ok();
+    t.btm(&["restore", "latest", dst.to_str().expect("utf8")])
+        .ok();
     assert_same_tree(&t.src(), &dst);
     json(t.btm(&["check", "--read-data", "--json"]));
 }

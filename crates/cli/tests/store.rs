@@ -54,10 +54,29 @@ fn contract(store: &dyn Store) {
             &data[off as usize..(off + len) as usize]
         );
     }
+    // Into a reused buffer: its old contents are replaced, whatever their
+    // length.
+    let mut buf = vec![7u8; 50_000];
+    for (off, len) in [(12_345, 40_000), (5, 3), (0, 100_000), (99_999, 1)] {
+        store
+            .get_range_into(Kind::Pack, &p, off, len, &mut buf)
+            .expect("range into");
+        assert_eq!(buf, &data[off as usize..(off + len) as usize]);
+    }
     assert!(
         store.get_range(Kind::Pack, &p, 99_990, 20).is_err(),
         "a range past the end"
     );
+    assert!(
+        store
+            .get_range_into(Kind::Pack, &p, 99_990, 20, &mut buf)
+            .is_err(),
+        "a range past the end, into a buffer"
+    );
+    assert!(matches!(
+        store.get_range_into(Kind::Pack, &missing, 0, 1, &mut buf),
+        Err(StoreError::NotFound(_))
+    ));
     assert!(matches!(
         store.get_range(Kind::Pack, &missing, 0, 1),
         Err(StoreError::NotFound(_))

@@ -66,6 +66,10 @@ const MAX_RANGE: u64 = 4 << 20;
 /// Stored bytes being fetched or written at once, whatever the number of
 /// connections: a restore's memory does not grow with its parallelism.
 const IN_FLIGHT_BYTES: u64 = 40 << 20;
+/// Read buffers kept for reuse: as many ranged reads of [`MAX_RANGE`] as
+/// the in-flight budget allows at once, so pooling adds nothing to the
+/// peak.
+const POOLED_BUFFERS: usize = (IN_FLIGHT_BYTES / MAX_RANGE) as usize;
 /// Stored bytes of fetches collected before they are grouped into reads.
 const WINDOW: u64 = 64 << 20;
 /// How often, at most, progress is made durable and journalled.
@@ -224,6 +228,11 @@ struct Shared<'a> {
     checkpoint_lock: Mutex<bool>,
     /// Bytes of ranged reads in memory, see [`IN_FLIGHT_BYTES`].
     in_flight: Budget,
+    /// Read buffers to reuse, at most [`POOLED_BUFFERS`]: a fresh
+    /// multi-megabyte buffer per ranged read cost a page fault per 4 KiB
+    /// (the allocator returns freed pages at once), a third of a remote
+    /// restore's system time.
+    buffers: Mutex<Vec<Vec<u8>>>,
 }
 
 impl<'a> Shared<'a> {
@@ -267,6 +276,7 @@ impl<'a> Shared<'a> {
             checkpoint_now: Condvar::new(),
             checkpoint_lock: Mutex::new(false),
             in_flight: Budget::new(IN_FLIGHT_BYTES),
+            buffers: Mutex::new(Vec::new()),
         }
     }
 }
@@ -384,9 +394,12 @@ enum BatchMsg<'a> {
 /// One read for a fetcher: where, and who wants each chunk in it.
 struct Fetch<'a> {
     source: Source,
-    /// Per chunk: hash, raw length, frame place (in the read), targets.
-    chunks: Vec<(Id, u64, u64, u64, Vec<Want<'a>>)>,
+    chunks: FetchChunks<'a>,
 }
+
+/// Per chunk of a read: hash, raw length, frame place (offset and length
+/// in the read), targets.
+type FetchChunks<'a> = Vec<(Id, u64, u64, u64, Vec<Want<'a>>)>;
 
 enum Source {
     /// A range of a pack (format 2).
@@ -1216,14 +1229,41 @@ fn fetcher<'a>(shared: &Shared<'a>, rx: &Mutex<Receiver<Fetch<'a>>>) {
     }
 }
 
-fn get(shared: &Shared<'_>, source: &Source) -> Result<crate::store::Bytes, StoreError> {
+/// Read `source` into `buf`.
+fn get(shared: &Shared<'_>, source: &Source, buf: &mut Vec<u8>) -> Result<(), StoreError> {
     let store = shared.store;
     let _req = shared.opts.progress.request();
     shared.counters.requests.fetch_add(1, Ordering::Relaxed);
     with_retry(|| match *source {
-        Source::Range { pack, start, len } => store.get_range(Kind::Pack, &pack, start, len),
-        Source::Object(id) => store.get(Kind::Chunk, &id),
+        Source::Range { pack, start, len } => {
+            store.get_range_into(Kind::Pack, &pack, start, len, buf)
+        }
+        Source::Object(id) => store.get(Kind::Chunk, &id).map(|data| {
+            buf.clear();
+            buf.extend_from_slice(&data);
+        }),
     })
+}
+
+impl Shared<'_> {
+    /// A read buffer from the pool, or a new one, with room for any ranged
+    /// read (growing one would fault in fresh pages again).
+    fn buffer(&self) -> Vec<u8> {
+        self.buffers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(MAX_RANGE as usize))
+    }
+
+    /// Give a read buffer back, unless the pool is full or it is larger
+    /// than a ranged read (a v1 chunk, a damaged index's length).
+    fn give_back(&self, buf: Vec<u8>) {
+        let mut pool = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < POOLED_BUFFERS && buf.capacity() as u64 <= MAX_RANGE {
+            pool.push(buf);
+        }
+    }
 }
 
 fn fetch_one<'a>(
@@ -1239,40 +1279,54 @@ fn fetch_one<'a>(
     let Some(permit) = shared.in_flight.take(want, &shared.abort) else {
         return Err(ChunkError::Aborted);
     };
-    let data = match get(shared, &f.source) {
-        Ok(d) => d,
-        Err(StoreError::NotFound(_)) if !shared.v1 => {
-            // Its own reads take from the budget again.
-            drop(permit);
-            return refetch(shared, f, dctx, out);
-        }
-        Err(StoreError::NotFound(_)) => {
-            let (hash, _, _, _, wants) = &f.chunks[0];
-            return Err(ChunkError::Corrupt {
+    let mut data = shared.buffer();
+    if let Err(e) = get(shared, &f.source, &mut data) {
+        shared.give_back(data);
+        let (hash, _, _, _, wants) = &f.chunks[0];
+        return match e {
+            StoreError::NotFound(_) if !shared.v1 => {
+                // Its own reads take from the budget again.
+                drop(permit);
+                refetch(shared, f, dctx, out)
+            }
+            StoreError::NotFound(_) => Err(ChunkError::Corrupt {
                 path: wants[0].job.entry.display().into_owned(),
                 hash: *hash,
                 off: wants[0].chunk.off,
                 detail: "missing from the store".into(),
-            });
-        }
-        Err(e) => {
-            let (hash, _, _, _, wants) = &f.chunks[0];
-            return Err(ChunkError::store(
+            }),
+            e => Err(ChunkError::store(
                 format!(
                     "file {}: fetching chunk {hash}",
                     wants[0].job.entry.display()
                 ),
                 e,
-            ));
-        }
-    };
+            )),
+        };
+    }
     shared
         .counters
         .downloaded
         .fetch_add(data.len() as u64, Ordering::Relaxed);
-    for (hash, raw, at, len, wants) in f.chunks {
-        let frame = if matches!(f.source, Source::Object(_)) {
-            &data[..]
+    let whole = matches!(f.source, Source::Object(_));
+    let written = write_fetched(shared, f.chunks, whole, &data, dctx, out);
+    shared.give_back(data);
+    written
+}
+
+/// Open each chunk of a read (`whole`: the read is the one chunk's object,
+/// not a range of frames) and write it where it is wanted.
+fn write_fetched<'a>(
+    shared: &Shared<'a>,
+    chunks: FetchChunks<'a>,
+    whole: bool,
+    data: &[u8],
+    dctx: &mut zstd::bulk::Decompressor<'static>,
+    out: &mut Vec<u8>,
+) -> Result<(), ChunkError> {
+    for (hash, raw, at, len, wants) in chunks {
+        let frame = if whole {
+            data
         } else {
             data.get(at as usize..(at + len) as usize).unwrap_or(&[])
         };
@@ -1353,7 +1407,10 @@ fn refetch<'a>(
             },
             chunks: vec![(hash, raw, 0, u64::from(len), wants)],
         };
-        match get(shared, &single.source) {
+        let mut probe = shared.buffer();
+        let found = get(shared, &single.source, &mut probe);
+        shared.give_back(probe);
+        match found {
             Err(StoreError::NotFound(_)) => {
                 let w = &single.chunks[0].4[0];
                 return Err(ChunkError::Corrupt {

@@ -161,6 +161,19 @@ impl Store for LocalStore {
     }
 
     fn get_range(&self, kind: Kind, id: &Id, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+        let mut buf = Vec::new();
+        self.get_range_into(kind, id, offset, len, &mut buf)?;
+        Ok(Bytes::from(buf))
+    }
+
+    fn get_range_into(
+        &self,
+        kind: Kind,
+        id: &Id,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
         use std::os::unix::fs::FileExt;
         let rel = kind.path(id);
         let file = File::open(self.root.join(&rel)).map_err(|e| match e.kind() {
@@ -171,16 +184,15 @@ impl Store for LocalStore {
             what: rel.clone(),
             detail: "range too large".into(),
         })?;
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, offset)
-            .map_err(|e| match e.kind() {
-                ErrorKind::UnexpectedEof => StoreError::Permanent {
-                    what: kind.describe(id),
-                    detail: format!("shorter than {} bytes at offset {offset}", buf.len()),
-                },
-                _ => io_err(&rel, e),
-            })?;
-        Ok(Bytes::from(buf))
+        buf.clear();
+        buf.resize(len, 0);
+        file.read_exact_at(buf, offset).map_err(|e| match e.kind() {
+            ErrorKind::UnexpectedEof => StoreError::Permanent {
+                what: kind.describe(id),
+                detail: format!("shorter than {len} bytes at offset {offset}"),
+            },
+            _ => io_err(&rel, e),
+        })
     }
 
     fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError> {

@@ -25,7 +25,8 @@ use futures::TryStreamExt;
 use object_store::client::{HttpError, HttpErrorKind};
 use object_store::path::Path;
 use object_store::{
-    ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+    ClientConfigKey, GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    RetryConfig,
 };
 
 use super::{check_marker_name, Bytes, Id, Kind, Marker, Store, StoreError};
@@ -270,6 +271,19 @@ impl Store for ObjectStoreBackend {
     }
 
     fn get_range(&self, kind: Kind, id: &Id, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+        let mut buf = Vec::new();
+        self.get_range_into(kind, id, offset, len, &mut buf)?;
+        Ok(Bytes::from(buf))
+    }
+
+    fn get_range_into(
+        &self,
+        kind: Kind,
+        id: &Id,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
         let path = self.path(&kind.path(id));
         let what = kind.describe(id);
         let end = offset
@@ -278,17 +292,27 @@ impl Store for ObjectStoreBackend {
                 what: what.clone(),
                 detail: "range overflows".into(),
             })?;
-        let bytes = self
-            .runtime
-            .block_on(self.inner.get_range(&path, offset..end))
+        buf.clear();
+        // Capped: the length comes from an index, which may be damaged;
+        // the buffer still grows to whatever the server sends.
+        buf.reserve(len.min(64 << 20) as usize);
+        let options = GetOptions::new().with_range(Some(offset..end));
+        self.runtime
+            .block_on(async {
+                let mut body = self.inner.get_opts(&path, options).await?.into_stream();
+                while let Some(piece) = body.try_next().await? {
+                    buf.extend_from_slice(&piece);
+                }
+                Ok(())
+            })
             .map_err(|e| classify(&what, e))?;
-        if bytes.len() as u64 != len {
+        if buf.len() as u64 != len {
             return Err(StoreError::Permanent {
                 what,
-                detail: format!("asked for {len} bytes at {offset}, got {}", bytes.len()),
+                detail: format!("asked for {len} bytes at {offset}, got {}", buf.len()),
             });
         }
-        Ok(bytes)
+        Ok(())
     }
 
     fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError> {
