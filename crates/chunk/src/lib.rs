@@ -23,6 +23,7 @@
 
 pub mod backup;
 pub mod budget;
+pub mod buffers;
 pub mod cache;
 pub mod catalog;
 pub mod check;

@@ -51,6 +51,7 @@ use nix::sys::stat::{FileStat, Mode, SFlag};
 use serde::Serialize;
 
 use super::budget::{Budget, Permit};
+use super::buffers::Buffers;
 use super::cache::Cache;
 use super::exclude::Exclusions;
 use super::format::head::{validate_tag, Decoded, Head, IndexName, FORMAT_VERSION};
@@ -258,6 +259,11 @@ pub struct Shared<'a> {
     /// Bytes of packs in memory, being filled or uploaded
     /// ([`upload_budget`]).
     packs_in_memory: Budget,
+    /// Compressed frames' buffers, back from the packer
+    /// ([`crate::buffers`]).
+    frames: Buffers,
+    /// Packs' buffers, back from the uploaders.
+    pack_buffers: Buffers,
 }
 
 impl<'a> Shared<'a> {
@@ -282,6 +288,20 @@ impl<'a> Shared<'a> {
             unindexed: Mutex::new(Vec::new()),
             reading: Mutex::new(HashMap::new()),
             packs_in_memory: Budget::new(upload_budget(opts.pack_size, connections)),
+            // As many as are in flight at once: on the channel to the
+            // packer and in the workers' hands.
+            frames: Buffers::new(
+                opts.workers * 3,
+                0,
+                zstd::zstd_safe::compress_bound(opts.chunk_size as usize),
+            ),
+            // As many as the budget lets exist; a sealed pack is a little
+            // larger than the target (its trailer).
+            pack_buffers: Buffers::new(
+                (upload_budget(opts.pack_size, connections) / opts.pack_size as u64) as usize,
+                opts.pack_size,
+                opts.pack_size * 2,
+            ),
         }
     }
 }
@@ -1134,7 +1154,8 @@ fn process(
         c.known.fetch_add(1, Ordering::Relaxed);
         return Ok(chunk(Some(hash)));
     }
-    let mut frame = Vec::with_capacity(zstd::zstd_safe::compress_bound(buf.len()));
+    let mut frame = shared.frames.take();
+    frame.reserve(zstd::zstd_safe::compress_bound(buf.len()));
     scratch
         .compressor
         .compress_to_buffer(&buf[..], &mut frame)
@@ -1208,7 +1229,7 @@ fn packer<'a>(
     // permit travels with it and is returned once it is uploaded.
     let start = || {
         let permit = shared.packs_in_memory.take(target as u64, &shared.abort)?;
-        Some((PackBuilder::with_capacity(target), permit))
+        Some((PackBuilder::in_buffer(shared.pack_buffers.take()), permit))
     };
     let seal = |(pack, permit): (PackBuilder, Permit<'a>)| -> bool {
         match pack.seal() {
@@ -1225,6 +1246,7 @@ fn packer<'a>(
             continue;
         }
         if !packed.insert(blob.hash) {
+            shared.frames.give(blob.frame);
             continue;
         }
         if let Some((pack, _)) = &current {
@@ -1242,6 +1264,7 @@ fn packer<'a>(
             return;
         };
         pack.push(blob.hash, blob.raw_len, &blob.frame);
+        shared.frames.give(blob.frame);
     }
     if let Some(last) = current.filter(|(p, _)| !p.is_empty()) {
         if !shared.aborted() {
@@ -1282,17 +1305,22 @@ fn upload(shared: &Shared<'_>, sealed: SealedPack) -> Result<(), ChunkError> {
     }
     let c = &shared.counters;
     let bytes = sealed.data.len() as u64;
+    let SealedPack { id, data, blobs } = sealed;
+    // The store is done with the bytes: their buffer carries the next pack.
+    if let Ok(data) = data.try_into_mut() {
+        shared.pack_buffers.give(Vec::from(data));
+    }
     c.uploaded.fetch_add(bytes, Ordering::Relaxed);
     progress.uploaded.fetch_add(bytes, Ordering::Relaxed);
     c.chunks_uploaded
-        .fetch_add(sealed.blobs.len() as u64, Ordering::Relaxed);
+        .fetch_add(blobs.len() as u64, Ordering::Relaxed);
     c.packs.fetch_add(1, Ordering::Relaxed);
     let batch = {
         let mut un = shared.unindexed.lock().unwrap_or_else(|p| p.into_inner());
         un.push(PackEntry {
-            id: sealed.id,
+            id,
             len: bytes,
-            blobs: sealed.blobs,
+            blobs,
         });
         let blobs: usize = un.iter().map(|p| p.blobs.len()).sum();
         if un.len() >= PACKS_PER_INDEX || blobs >= BLOBS_PER_INDEX {

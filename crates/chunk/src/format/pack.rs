@@ -57,6 +57,15 @@ impl PackBuilder {
         }
     }
 
+    /// An empty pack built in `buf` (cleared), reusing its allocation.
+    pub fn in_buffer(mut buf: Vec<u8>) -> Self {
+        buf.clear();
+        PackBuilder {
+            data: buf,
+            blobs: Vec::new(),
+        }
+    }
+
     /// Bytes of frames so far.
     pub fn len(&self) -> usize {
         self.data.len()

@@ -47,6 +47,7 @@ use nix::sys::stat::{fstatat, Mode, SFlag};
 use serde::Serialize;
 
 use super::budget::{Budget, Permit};
+use super::buffers::Buffers;
 use super::cache::Cache;
 use super::format::head::Decoded;
 use super::format::pack::{open_frame, FrameError};
@@ -228,11 +229,10 @@ struct Shared<'a> {
     checkpoint_lock: Mutex<bool>,
     /// Bytes of ranged reads in memory, see [`IN_FLIGHT_BYTES`].
     in_flight: Budget,
-    /// Read buffers to reuse, at most [`POOLED_BUFFERS`]: a fresh
-    /// multi-megabyte buffer per ranged read cost a page fault per 4 KiB
-    /// (the allocator returns freed pages at once), a third of a remote
-    /// restore's system time.
-    buffers: Mutex<Vec<Vec<u8>>>,
+    /// Read buffers to reuse, at most [`POOLED_BUFFERS`] (see
+    /// [`crate::buffers`]). Each has room for any ranged read: growing one
+    /// would fault in fresh pages again.
+    buffers: Buffers,
 }
 
 impl<'a> Shared<'a> {
@@ -276,7 +276,7 @@ impl<'a> Shared<'a> {
             checkpoint_now: Condvar::new(),
             checkpoint_lock: Mutex::new(false),
             in_flight: Budget::new(IN_FLIGHT_BYTES),
-            buffers: Mutex::new(Vec::new()),
+            buffers: Buffers::new(POOLED_BUFFERS, MAX_RANGE as usize, MAX_RANGE as usize),
         }
     }
 }
@@ -1245,27 +1245,6 @@ fn get(shared: &Shared<'_>, source: &Source, buf: &mut Vec<u8>) -> Result<(), St
     })
 }
 
-impl Shared<'_> {
-    /// A read buffer from the pool, or a new one, with room for any ranged
-    /// read (growing one would fault in fresh pages again).
-    fn buffer(&self) -> Vec<u8> {
-        self.buffers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(MAX_RANGE as usize))
-    }
-
-    /// Give a read buffer back, unless the pool is full or it is larger
-    /// than a ranged read (a v1 chunk, a damaged index's length).
-    fn give_back(&self, buf: Vec<u8>) {
-        let mut pool = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < POOLED_BUFFERS && buf.capacity() as u64 <= MAX_RANGE {
-            pool.push(buf);
-        }
-    }
-}
-
 fn fetch_one<'a>(
     shared: &Shared<'a>,
     f: Fetch<'a>,
@@ -1279,9 +1258,9 @@ fn fetch_one<'a>(
     let Some(permit) = shared.in_flight.take(want, &shared.abort) else {
         return Err(ChunkError::Aborted);
     };
-    let mut data = shared.buffer();
+    let mut data = shared.buffers.take();
     if let Err(e) = get(shared, &f.source, &mut data) {
-        shared.give_back(data);
+        shared.buffers.give(data);
         let (hash, _, _, _, wants) = &f.chunks[0];
         return match e {
             StoreError::NotFound(_) if !shared.v1 => {
@@ -1310,7 +1289,7 @@ fn fetch_one<'a>(
         .fetch_add(data.len() as u64, Ordering::Relaxed);
     let whole = matches!(f.source, Source::Object(_));
     let written = write_fetched(shared, f.chunks, whole, &data, dctx, out);
-    shared.give_back(data);
+    shared.buffers.give(data);
     written
 }
 
@@ -1407,9 +1386,9 @@ fn refetch<'a>(
             },
             chunks: vec![(hash, raw, 0, u64::from(len), wants)],
         };
-        let mut probe = shared.buffer();
+        let mut probe = shared.buffers.take();
         let found = get(shared, &single.source, &mut probe);
-        shared.give_back(probe);
+        shared.buffers.give(probe);
         match found {
             Err(StoreError::NotFound(_)) => {
                 let w = &single.chunks[0].4[0];
