@@ -185,7 +185,8 @@ pub fn latest(
     newest_readable(store, list_backups(store, Some(tag))?, max_height)
 }
 
-/// [`latest`] among `names`, a listing already made (newest first).
+/// [`latest`] among `names`, a listing already made (newest first). A
+/// backup forgotten since the listing is passed over.
 pub fn newest_readable(
     store: &dyn Store,
     names: Vec<IndexName>,
@@ -199,6 +200,7 @@ pub fn newest_readable(
                 tracing::warn!(backup = %name, error = %e, "skipping an unreadable backup");
                 continue;
             }
+            Err(ChunkError::NoBackup(_)) => continue,
             Err(e) => return Err(e),
         };
         match max_height {
@@ -374,5 +376,52 @@ impl Entries<'_> {
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::head::{Head, Totals, FORMAT_VERSION};
+    use crate::store::MemStore;
+    use chrono::{TimeZone, Utc};
+
+    fn put_head(store: &MemStore, secs: i64) -> IndexName {
+        let created = Utc.timestamp_opt(1_800_000_000 + secs, 0).single().expect("time");
+        let name = IndexName::new(created, "t");
+        let head = Head {
+            format: FORMAT_VERSION,
+            created,
+            tag: "t".into(),
+            chunk_size: 1 << 20,
+            meta: serde_json::Map::new(),
+            trees: Vec::new(),
+            totals: Totals::default(),
+            excluded: Vec::new(),
+        };
+        store
+            .put_index(&name.to_string(), &head.encode().expect("encode"))
+            .expect("put");
+        name
+    }
+
+    /// A backup listed, then forgotten before its head was read (a backup
+    /// that lists while it takes its lease), is passed over for the next.
+    #[test]
+    fn newest_readable_passes_over_a_backup_forgotten_since_the_listing() {
+        let store = MemStore::new();
+        let older = put_head(&store, 0);
+        let newer = put_head(&store, 60);
+        let names = list_backups(&store, Some("t")).expect("list");
+        assert_eq!(names, vec![newer.clone(), older.clone()]);
+        store.delete_index(&newer.to_string()).expect("forget");
+        let (name, _) = newest_readable(&store, names, None)
+            .expect("read")
+            .expect("one left");
+        assert_eq!(name, older.to_string());
+        store.delete_index(&older.to_string()).expect("forget");
+        assert!(newest_readable(&store, vec![newer, older], None)
+            .expect("read")
+            .is_none());
     }
 }
