@@ -387,7 +387,10 @@ mod tests {
     use chrono::{TimeZone, Utc};
 
     fn put_head(store: &MemStore, secs: i64) -> IndexName {
-        let created = Utc.timestamp_opt(1_800_000_000 + secs, 0).single().expect("time");
+        let created = Utc
+            .timestamp_opt(1_800_000_000 + secs, 0)
+            .single()
+            .expect("time");
         let name = IndexName::new(created, "t");
         let head = Head {
             format: FORMAT_VERSION,

@@ -295,11 +295,13 @@ impl<'a> Shared<'a> {
                 0,
                 zstd::zstd_safe::compress_bound(opts.chunk_size as usize),
             ),
-            // As many as the budget lets exist; a sealed pack is a little
-            // larger than the target (its trailer).
+            // As many as the budget lets exist. A sealed pack is larger
+            // than the target by its trailer (40 bytes a chunk before
+            // compression): room for it up front, so that sealing does not
+            // reallocate, and copy, the pack.
             pack_buffers: Buffers::new(
                 (upload_budget(opts.pack_size, connections) / opts.pack_size as u64) as usize,
-                opts.pack_size,
+                opts.pack_size + opts.pack_size / 8,
                 opts.pack_size * 2,
             ),
         }
@@ -404,23 +406,7 @@ fn run(
         .unwrap_or_else(|| default_connections(store))
         .max(1);
     let cache = opts.cache.as_ref();
-    // The previous backup's head is read under the lease: its chunks are
-    // then safe to rely on. A sweep that ran before the lease was taken
-    // read the heads before this read, when this head was already there
-    // (heads are never re-created), so it kept them; a later one sees the
-    // lease. The head and the chunk map load side by side.
-    let (previous, known) = std::thread::scope(|s| {
-        let previous = s.spawn(|| catalog::newest_readable(store, names, None));
-        adopt_orphans(store, lease, cache, connections);
-        let known = KnownSet::load(store, cache, connections);
-        let previous = previous
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        (previous, known)
-    });
-    let previous = previous?
-        .filter(|(_, idx)| matches!(idx, Decoded::V2(h) if h.chunk_size == opts.chunk_size));
-    let known = known?;
+    let (previous, known) = starting_point(store, opts, lease, names, connections)?;
     let stored_trees: HashSet<Id> = match &previous {
         Some((_, Decoded::V2(h))) => h.trees.iter().copied().collect(),
         _ => HashSet::new(),
@@ -497,6 +483,37 @@ fn run(
     }
     let written = written.ok_or(ChunkError::Aborted)?;
     finish(&shared, &name, started, written, summary)
+}
+
+/// What a backup builds on: the previous backup of its tag (one with the
+/// same chunk size) and the chunks the store has, after adopting the packs
+/// of dead writers.
+///
+/// The previous head is read under the lease, so its chunks are safe to
+/// rely on: a sweep that ran before the lease was taken read the heads
+/// before this read, when this head was already there (heads are never
+/// re-created), so it kept them; a later one sees the lease. The head and
+/// the chunk map load side by side.
+fn starting_point(
+    store: &dyn Store,
+    opts: &BackupOptions,
+    lease: &Lease<'_>,
+    names: Vec<crate::IndexName>,
+    connections: usize,
+) -> Result<(Option<(String, Decoded)>, KnownSet), ChunkError> {
+    let cache = opts.cache.as_ref();
+    let (previous, known) = std::thread::scope(|s| {
+        let previous = s.spawn(|| catalog::newest_readable(store, names, None));
+        adopt_orphans(store, lease, cache, connections);
+        let known = KnownSet::load(store, cache, connections);
+        let previous = previous
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (previous, known)
+    });
+    let previous = previous?
+        .filter(|(_, idx)| matches!(idx, Decoded::V2(h) if h.chunk_size == opts.chunk_size));
+    Ok((previous, known?))
 }
 
 /// After the pipeline: index the last packs, make the upload durable,
