@@ -93,6 +93,16 @@ fn classify(what: &str, e: object_store::Error) -> StoreError {
     }
 }
 
+/// Whether S3 uploads to `endpoint` (empty: AWS) go with
+/// `UNSIGNED-PAYLOAD` when the environment does not say (`explicit`): over
+/// TLS, yes. TLS protects the body in transit and every chunk is verified
+/// by its BLAKE3 hash when read, so hashing each upload with SHA-256 for
+/// the signature as well (a third of a remote backup's CPU) buys nothing;
+/// the AWS SDKs make the same choice. Plain HTTP keeps the signed payload.
+fn unsigned_by_default(endpoint: &str, explicit: bool) -> bool {
+    !explicit && !endpoint.starts_with("http://")
+}
+
 impl ObjectStoreBackend {
     /// Open `s3://bucket/prefix`, `gs://bucket/prefix` or
     /// `az://container/prefix` with credentials from the environment.
@@ -123,13 +133,9 @@ impl ObjectStoreBackend {
                     .unwrap_or_default();
                 if endpoint.starts_with("http://") {
                     b = b.with_allow_http(true);
-                } else if std::env::var_os("AWS_UNSIGNED_PAYLOAD").is_none() {
-                    // Over TLS the body's integrity in transit is TLS's,
-                    // and every chunk is verified by its BLAKE3 hash on
-                    // the way back; hashing each upload with SHA-256 for
-                    // the signature as well cost a third of a remote
-                    // backup's CPU. The AWS SDKs make the same choice.
-                    // Plain HTTP keeps the signed payload.
+                }
+                let explicit = std::env::var_os("AWS_UNSIGNED_PAYLOAD").is_some();
+                if unsigned_by_default(&endpoint, explicit) {
                     b = b.with_unsigned_payload(true);
                 }
                 Arc::new(b.build().map_err(|e| invalid(e.to_string()))?)
@@ -403,5 +409,19 @@ impl Store for ObjectStoreBackend {
     fn delete_marker(&self, name: &str) -> Result<(), StoreError> {
         check_marker_name(name)?;
         self.remove(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uploads_are_unsigned_over_tls_unless_told() {
+        assert!(unsigned_by_default("", false), "AWS itself is HTTPS");
+        assert!(unsigned_by_default("https://minio.internal:9000", false));
+        assert!(!unsigned_by_default("http://127.0.0.1:9000", false));
+        assert!(!unsigned_by_default("https://minio.internal:9000", true));
+        assert!(!unsigned_by_default("", true));
     }
 }
