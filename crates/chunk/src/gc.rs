@@ -178,15 +178,19 @@ pub fn liveness(
     };
     for name in catalog::list_backups(store, None)? {
         let name = name.to_string();
-        l.indexes += 1;
         let idx = match catalog::read_index(store, &name) {
             Ok(i) => i,
+            // Forgotten since the listing (a retention prune beside us):
+            // it references nothing any more.
+            Err(ChunkError::NoBackup(_)) => continue,
             Err(e @ ChunkError::Index(_)) => {
+                l.indexes += 1;
                 l.unreadable.push(e.to_string());
                 continue;
             }
             Err(e) => return Err(e),
         };
+        l.indexes += 1;
         if let Decoded::V2(h) = &idx {
             l.trees.extend(h.trees.iter().copied());
         }
