@@ -419,6 +419,29 @@ fn a_gc_that_fails_at_any_step_leaves_a_valid_store() {
     }
 }
 
+/// A backup forgotten between GC's listing of the heads and its read of
+/// that head (a retention prune beside it) references nothing: GC goes on,
+/// and the other backup's data stays.
+#[test]
+fn gc_passes_over_a_backup_forgotten_while_it_marks() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store_dir = dir.path().join("store");
+    let store = store_at(&store_dir);
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    tree(&a, &[("x", 1, MIB)]);
+    tree(&b, &[("y", 2, MIB)]);
+    let kept = backup(&store, &a, &opts("a")).expect("backup a");
+    let gone = backup(&store, &b, &opts("b")).expect("backup b");
+    let faulty = common::FaultyStore::new(&store_dir, i64::MAX, i64::MAX);
+    *faulty.forget_when_read.lock().expect("lock") = Some(gone.name.clone());
+    let r = gc(&faulty, &gc_now()).expect("gc goes on");
+    assert_eq!(r.indexes, 1, "{r:?}");
+    let r = gc(&store, &gc_now()).expect("gc");
+    assert!(r.deferred.is_none(), "{r:?}");
+    check_clean(&store);
+    restore_equals(&store_dir, &kept.name, &a, dir.path());
+}
+
 /// Backups of three tags run again and again, each keeping its newest two,
 /// while GC (no grace) runs in a loop: every backup left restores exactly,
 /// and the store checks clean.

@@ -669,11 +669,14 @@ impl Drop for FakeRpc {
 
 /// A local store with injected faults: puts of packs, pack indexes and
 /// tree segments, and deletes of any object, fail (temporarily) once their
-/// budget is spent. `i64::MAX` means never.
+/// budget is spent. `i64::MAX` means never. A backup named in
+/// `forget_when_read` is deleted just before its head is read, as if a
+/// prune beside the reader had forgotten it after its listing.
 pub struct FaultyStore {
     pub inner: btm_chunk::store::LocalStore,
     pub puts_left: std::sync::atomic::AtomicI64,
     pub deletes_left: std::sync::atomic::AtomicI64,
+    pub forget_when_read: std::sync::Mutex<Option<String>>,
 }
 
 impl FaultyStore {
@@ -682,6 +685,7 @@ impl FaultyStore {
             inner: btm_chunk::store::LocalStore::open(path.to_str().expect("utf8")).expect("open"),
             puts_left: puts.into(),
             deletes_left: deletes.into(),
+            forget_when_read: std::sync::Mutex::new(None),
         }
     }
 }
@@ -729,6 +733,10 @@ impl btm_chunk::store::Store for FaultyStore {
         self.inner.put_index(n, d)
     }
     fn get_index(&self, n: &str) -> Result<Vec<u8>, StoreError> {
+        let forget = self.forget_when_read.lock().expect("lock").as_deref() == Some(n);
+        if forget {
+            self.inner.delete_index(n)?;
+        }
         self.inner.get_index(n)
     }
     fn list_indexes(&self) -> Result<Vec<String>, StoreError> {
