@@ -24,6 +24,7 @@ test:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --locked --quiet --no-deps --workspace --document-private-items
 	shellcheck install.sh scripts/*.sh packaging/*.sh packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm .ci/run
 
 demo:

@@ -113,3 +113,5 @@ echo "== cargo test (unit, property, CLI, daemon, exports, ganache chain, chunk 
 # A wedged filesystem must fail the run, not hang it until CI's limit.
 timeout --signal=KILL 1800 cargo test --locked --all-targets --no-fail-fast -- --test-threads=2
 cargo test --locked --doc
+echo "== rustdoc: every intra-doc link resolves"
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --quiet --no-deps --workspace --document-private-items

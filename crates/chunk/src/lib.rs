@@ -4,7 +4,8 @@
 //! Files are cut into fixed-size, content-addressed chunks (holes and zero
 //! chunks are never stored), compressed with zstd and grouped into packs;
 //! each backup is a small head plus a stream of tree segments. The format
-//! is `docs/format.md`; [`format`] is the only code that encodes it.
+//! is `docs/format.md`; [`format`](mod@format) is the only code that
+//! encodes it.
 //!
 //! The parts, from the store up:
 //! - [`cache`] keeps store metadata (pack indexes, tree segments) locally;

@@ -11,7 +11,7 @@ use super::format::tree::ChunkRef;
 use crate::store::Id;
 
 /// Bytes kept in memory before spilling to disk.
-const SPOOL_MEMORY: usize = 4 << 20;
+pub const SPOOL_MEMORY: usize = 4 << 20;
 
 /// Chunk records of one file, in order, from offset 0.
 #[derive(Default)]
@@ -24,7 +24,7 @@ pub struct Spool {
 const RECORD: usize = 8 + 1 + 32;
 
 /// Records replayed per call.
-const RUN: u64 = 4096;
+pub const RUN: u64 = 4096;
 
 impl Spool {
     /// An empty spool.

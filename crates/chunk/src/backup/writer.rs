@@ -9,7 +9,8 @@
 //! [`MAX_ATTEMPTS`] times; then the backup fails, naming it. So a backup
 //! of a live directory never records a state of a file that never existed.
 //!
-//! A file's chunk list is kept in memory up to [`SPOOL_MEMORY`] bytes and
+//! A file's chunk list is kept in memory up to
+//! [`SPOOL_MEMORY`](crate::spool::SPOOL_MEMORY) bytes and
 //! on disk beyond, so a multi-terabyte file does not grow the writer.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};

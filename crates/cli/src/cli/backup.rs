@@ -27,6 +27,8 @@ pub(super) struct StoreArgs {
     /// Store: a path, file://…, s3://bucket/prefix, gs://bucket/prefix or
     /// az://container/prefix [default: $BTM_STORE, else [export] store of
     /// /etc/btm/btm.toml]
+    // The brackets are clap's help text, not a rustdoc link.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(
         short = 's',
         long,
