@@ -54,14 +54,34 @@ struct Context {
 /// Export state that outlives a daemon generation.
 #[derive(Default)]
 pub struct Carry {
-    job: Mutex<Job>,
-    /// Last successful export and last attempt, updated by the job thread.
-    heights: Mutex<Heights>,
+    jobs: Mutex<Jobs>,
     /// The status the running job reports to: the current generation's.
     state: Mutex<Option<Arc<State>>>,
 }
 
+/// The running export and what the exports so far did, under one lock:
+/// deciding whether an export is due reads both.
+#[derive(Default)]
+struct Jobs {
+    running: Option<Running>,
+    /// Last successful export, set by the job thread.
+    exported: Option<u64>,
+    /// Last export started.
+    attempted: Option<u64>,
+}
+
+/// An export thread (perhaps finished, not yet joined).
+struct Running {
+    handle: JoinHandle<()>,
+    progress: Arc<Progress>,
+    height: u64,
+}
+
 impl Carry {
+    fn jobs(&self) -> std::sync::MutexGuard<'_, Jobs> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn state(&self) -> Option<Arc<State>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -74,30 +94,12 @@ impl Carry {
 
     /// Cancel a running export and wait for its thread to end.
     pub async fn cancel(&self) {
-        let handle = {
-            let job = &mut *self.job.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(p) = &job.progress {
-                p.cancel.store(true, Ordering::SeqCst);
-            }
-            job.handle.take()
-        };
-        if let Some(handle) = handle {
-            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        let running = self.jobs().running.take();
+        if let Some(r) = running {
+            r.progress.cancel.store(true, Ordering::SeqCst);
+            let _ = tokio::task::spawn_blocking(move || r.handle.join()).await;
         }
     }
-}
-
-#[derive(Default)]
-struct Job {
-    handle: Option<JoinHandle<()>>,
-    progress: Option<Arc<Progress>>,
-    height: u64,
-}
-
-#[derive(Default, Clone, Copy)]
-struct Heights {
-    exported: Option<u64>,
-    attempted: Option<u64>,
 }
 
 impl Exporter {
@@ -115,11 +117,9 @@ impl Exporter {
         carry: Arc<Carry>,
     ) -> Self {
         {
-            let job = carry.job.lock().unwrap_or_else(|p| p.into_inner());
-            if let (Some(h), Some(p)) = (&job.handle, &job.progress) {
-                if !h.is_finished() {
-                    state.export_running(Some((job.height, Arc::clone(p))));
-                }
+            let jobs = carry.jobs();
+            if let Some(r) = jobs.running.as_ref().filter(|r| !r.handle.is_finished()) {
+                state.export_running(Some((r.height, Arc::clone(&r.progress))));
             }
             *carry.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
         }
@@ -139,32 +139,28 @@ impl Exporter {
     /// A snapshot at `height` exists now: start its export if it is due.
     #[tracing::instrument(skip(self))]
     pub fn consider(&self, height: u64) {
-        let mut job = self.carry.job.lock().unwrap_or_else(|p| p.into_inner());
+        let mut jobs = self.carry.jobs();
         if self.stopping.load(Ordering::SeqCst) {
             return;
         }
-        let h = *self.carry.heights.lock().unwrap_or_else(|p| p.into_inner());
-        if !export::export_due(height, self.ctx.settings.every, h.exported, h.attempted) {
+        let every = self.ctx.settings.every;
+        if !export::export_due(height, every, jobs.exported, jobs.attempted) {
             return;
         }
-        if let Some(handle) = job.handle.take() {
-            if !handle.is_finished() {
-                job.handle = Some(handle);
+        if let Some(r) = jobs.running.take() {
+            if !r.handle.is_finished() {
                 tracing::warn!(
                     height,
-                    running = job.height,
+                    running = r.height,
                     "export due but the previous export is still running; skipped"
                 );
+                jobs.running = Some(r);
                 self.carry.report(|s| s.count(|c| c.exports_skipped += 1));
                 return;
             }
-            let _ = handle.join();
+            let _ = r.handle.join();
         }
-        self.carry
-            .heights
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .attempted = Some(height);
+        jobs.attempted = Some(height);
         let progress = Arc::new(Progress::default());
         let run = Run {
             ctx: Arc::clone(&self.ctx),
@@ -177,9 +173,11 @@ impl Exporter {
             .spawn(move || run.run())
         {
             Ok(handle) => {
-                job.handle = Some(handle);
-                job.progress = Some(progress);
-                job.height = height;
+                jobs.running = Some(Running {
+                    handle,
+                    progress,
+                    height,
+                });
             }
             Err(e) => {
                 tracing::error!(height, error = %e, "cannot start the export thread");
@@ -194,8 +192,8 @@ impl Exporter {
     /// Start no more exports in this generation. A running one goes on
     /// (see [`Carry::cancel`]).
     pub fn stop(&self) {
-        // Taken under the job lock, so no `consider` is half-way through.
-        let _job = self.carry.job.lock().unwrap_or_else(|p| p.into_inner());
+        // Taken under the jobs lock, so no `consider` is half-way through.
+        let _jobs = self.carry.jobs();
         self.stopping.store(true, Ordering::SeqCst);
     }
 }
@@ -247,11 +245,7 @@ impl Run {
         let height = self.height;
         match result {
             Ok(report) => {
-                self.carry
-                    .heights
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .exported = Some(height);
+                self.carry.jobs().exported = Some(height);
                 for w in &report.warnings {
                     tracing::warn!(height, warning = %w, "export finished with a warning");
                     self.carry.report(|s| s.error("export", w));
@@ -373,11 +367,11 @@ mod tests {
 
         fn wait_idle(&self) {
             for _ in 0..1000 {
-                let job = self.carry.job.lock().unwrap_or_else(|p| p.into_inner());
-                if job.handle.as_ref().is_none_or(|h| h.is_finished()) {
+                let jobs = self.carry.jobs();
+                if jobs.running.as_ref().is_none_or(|r| r.handle.is_finished()) {
                     return;
                 }
-                drop(job);
+                drop(jobs);
                 std::thread::sleep(Duration::from_millis(5));
             }
             panic!("the export did not end");
@@ -442,14 +436,8 @@ mod tests {
         r.store.hold_writes();
         r.snapshot_and_consider(20);
         r.wait_for_writes();
-        if let Some(p) = &r
-            .carry
-            .job
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .progress
-        {
-            p.cancel.store(true, Ordering::SeqCst);
+        if let Some(running) = &r.carry.jobs().running {
+            running.progress.cancel.store(true, Ordering::SeqCst);
         }
         r.store.release_writes();
         r.wait_idle();
