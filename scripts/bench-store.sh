@@ -128,6 +128,7 @@ run_shape() {
         # btm's restore is durable when it reports success; this is the
         # same copy made durable, the floor to compare it with.
         fresh_fs
+        # shellcheck disable=SC2016 # $1 and $2 are the inner shell's.
         measure "floor: the same cp, then sync" sh -c 'cp -a --sparse=always "$1" "$2" && sync' - "$src" "$mnt/copy"
     fi
     measure "restic full" restic -q -r "$rstore" backup "$src"
