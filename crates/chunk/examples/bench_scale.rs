@@ -62,9 +62,16 @@ impl Store for Counting<'_> {
         self.count("get", Some(kind));
         self.inner.get(kind, id)
     }
-    fn get_range(&self, kind: Kind, id: &Id, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+    fn get_range_into(
+        &self,
+        kind: Kind,
+        id: &Id,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
         self.count("get_range", Some(kind));
-        self.inner.get_range(kind, id, offset, len)
+        self.inner.get_range_into(kind, id, offset, len, buf)
     }
     fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError> {
         self.count("size", Some(kind));

@@ -160,12 +160,6 @@ impl Store for LocalStore {
             })
     }
 
-    fn get_range(&self, kind: Kind, id: &Id, offset: u64, len: u64) -> Result<Bytes, StoreError> {
-        let mut buf = Vec::new();
-        self.get_range_into(kind, id, offset, len, &mut buf)?;
-        Ok(Bytes::from(buf))
-    }
-
     fn get_range_into(
         &self,
         kind: Kind,

@@ -145,11 +145,22 @@ impl Store for MemStore {
             .ok_or_else(|| Self::not_found(kind, id))
     }
 
-    fn get_range(&self, kind: Kind, id: &Id, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+    fn get_range_into(
+        &self,
+        kind: Kind,
+        id: &Id,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
         let whole = self.get(kind, id)?;
         let end = offset.checked_add(len).filter(|&e| e <= whole.len() as u64);
         match end {
-            Some(end) => Ok(whole.slice(offset as usize..end as usize)),
+            Some(end) => {
+                buf.clear();
+                buf.extend_from_slice(&whole[offset as usize..end as usize]);
+                Ok(())
+            }
             None => Err(StoreError::Permanent {
                 what: kind.describe(id),
                 detail: format!("shorter than {len} bytes at offset {offset}"),

@@ -151,7 +151,11 @@ pub trait Store: Send + Sync {
     /// The whole object.
     fn get(&self, kind: Kind, id: &Id) -> Result<Bytes, StoreError>;
     /// Exactly `len` bytes of the object from `offset`.
-    fn get_range(&self, kind: Kind, id: &Id, offset: u64, len: u64) -> Result<Bytes, StoreError>;
+    fn get_range(&self, kind: Kind, id: &Id, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+        let mut buf = Vec::new();
+        self.get_range_into(kind, id, offset, len, &mut buf)?;
+        Ok(Bytes::from(buf))
+    }
     /// [`Store::get_range`] into `buf`, replacing its contents: a caller
     /// that reads many ranges reuses one buffer instead of faulting in a
     /// fresh one each time. On error `buf`'s contents are unspecified.
@@ -162,12 +166,7 @@ pub trait Store: Send + Sync {
         offset: u64,
         len: u64,
         buf: &mut Vec<u8>,
-    ) -> Result<(), StoreError> {
-        let data = self.get_range(kind, id, offset, len)?;
-        buf.clear();
-        buf.extend_from_slice(&data);
-        Ok(())
-    }
+    ) -> Result<(), StoreError>;
     /// The size of one object (a HEAD request).
     fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError>;
     /// Every object of `kind` with its size (one listing, not one request

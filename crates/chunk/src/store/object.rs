@@ -276,12 +276,6 @@ impl Store for ObjectStoreBackend {
         self.read(&kind.path(id), kind.describe(id))
     }
 
-    fn get_range(&self, kind: Kind, id: &Id, offset: u64, len: u64) -> Result<Bytes, StoreError> {
-        let mut buf = Vec::new();
-        self.get_range_into(kind, id, offset, len, &mut buf)?;
-        Ok(Bytes::from(buf))
-    }
-
     fn get_range_into(
         &self,
         kind: Kind,

@@ -716,8 +716,15 @@ impl btm_chunk::store::Store for FaultyStore {
     fn get(&self, kind: Kind, id: &Id) -> Result<Bytes, StoreError> {
         self.inner.get(kind, id)
     }
-    fn get_range(&self, kind: Kind, id: &Id, off: u64, len: u64) -> Result<Bytes, StoreError> {
-        self.inner.get_range(kind, id, off, len)
+    fn get_range_into(
+        &self,
+        kind: Kind,
+        id: &Id,
+        off: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        self.inner.get_range_into(kind, id, off, len, buf)
     }
     fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError> {
         self.inner.size(kind, id)
