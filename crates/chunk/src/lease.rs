@@ -292,8 +292,7 @@ pub fn live(
 /// Backup leases among `markers` (a listing of `locks/`) whose holders
 /// are dead, with their bodies: expired by the store's clock (`now`;
 /// without it, only the next rule applies), or taken on `host` by a
-/// process that no longer exists. Only the dead holders' bodies are read:
-/// the host and pid of a live one are in its name.
+/// process that no longer exists. Only the dead holders' bodies are read.
 pub fn dead_holders(
     store: &dyn Store,
     markers: &[Marker],
@@ -307,20 +306,10 @@ pub fn dead_holders(
     markers
         .iter()
         .filter(|m| LeaseKind::of(&m.name).is_some())
-        .filter(|m| {
-            if !live.contains(&m.name) {
-                return true;
-            }
-            match holder(&m.name) {
-                Some((h, pid)) => h == host && pid_gone(pid),
-                // Not a name btm writes: judged on its body below.
-                None => true,
-            }
-        })
+        .filter(|m| !live.contains(&m.name) || gone_here(store, m, host))
         .filter_map(|m| {
-            let info: LeaseInfo = serde_json::from_slice(&store.get_marker(&m.name).ok()?).ok()?;
-            let gone = !live.contains(&m.name) || (info.host == host && pid_gone(info.pid));
-            (gone && !info.pending.is_empty()).then(|| (m.name.clone(), info))
+            let info = body(store, m)?;
+            (!info.pending.is_empty()).then(|| (m.name.clone(), info))
         })
         .collect()
 }
@@ -341,13 +330,18 @@ fn pid_gone(pid: u32) -> bool {
     pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Whether lease `m` was taken on this host by a process that is gone.
-fn dead_here(store: &dyn Store, m: &Marker) -> bool {
-    store
-        .get_marker(&m.name)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<LeaseInfo>(&b).ok())
-        .is_some_and(|i| i.host == btm::host::name() && pid_gone(i.pid))
+/// A lease marker's body, if it can be read.
+fn body(store: &dyn Store, m: &Marker) -> Option<LeaseInfo> {
+    serde_json::from_slice(&store.get_marker(&m.name).ok()?).ok()
+}
+
+/// Whether lease `m` was taken on `host` by a process that is gone: told
+/// by its name, or by its body for a name btm did not write.
+fn gone_here(store: &dyn Store, m: &Marker, host: &str) -> bool {
+    match holder(&m.name) {
+        Some((h, pid)) => h == host && pid_gone(pid),
+        None => body(store, m).is_some_and(|i| i.host == host && pid_gone(i.pid)),
+    }
 }
 
 /// "Now" by the store's clock: write a probe marker under `gc/`, read its
@@ -373,11 +367,7 @@ pub fn store_now(store: &dyn Store) -> Result<DateTime<Utc>, StoreError> {
 }
 
 fn describe(store: &dyn Store, m: &Marker) -> String {
-    match store
-        .get_marker(&m.name)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<LeaseInfo>(&b).ok())
-    {
+    match body(store, m) {
         Some(i) => format!("{} on {} (pid {})", m.name, i.host, i.pid),
         None => m.name.clone(),
     }
@@ -460,9 +450,10 @@ fn acquire(lease: &Lease<'_>, kind: LeaseKind, cancel: &AtomicBool) -> Result<()
             .collect();
         // A holder on this host whose process is gone is dead, whatever
         // its marker's age says.
+        let host = btm::host::name();
         let blocking: Vec<&Marker> = blocking
             .into_iter()
-            .filter(|m| !dead_here(lease.store, m))
+            .filter(|m| !gone_here(lease.store, m, &host))
             .collect();
         let Some(first) = blocking.first() else {
             return Ok(());
