@@ -444,18 +444,15 @@ impl Volume for ZfsVolume {
             "snapshot",
             "-o",
             &format!("name,{PROTECT_PROPERTY}"),
-            "-r",
+            "-d",
+            "1",
             &self.dataset,
         ])?;
-        let prefix = format!("{}@", self.dataset);
         Ok(out
             .lines()
             .filter_map(|l| l.split_once('\t'))
             .filter(|(_, label)| *label != "-" && !label.is_empty())
-            .filter_map(|(name, label)| {
-                let h = parse_height(name.strip_prefix(&prefix)?)?;
-                Some((h, label.to_owned()))
-            })
+            .filter_map(|(name, label)| Some((self.height_of(name)?, label.to_owned())))
             .collect())
     }
 

@@ -273,6 +273,7 @@ impl<'a> Shared<'a> {
         lease: &'a Lease<'a>,
         connections: usize,
     ) -> Self {
+        let upload_budget = upload_budget(opts.pack_size, connections);
         Shared {
             store,
             opts,
@@ -287,7 +288,7 @@ impl<'a> Shared<'a> {
             throttle: opts.max_rate.map(Throttle::new),
             unindexed: Mutex::new(Vec::new()),
             reading: Mutex::new(HashMap::new()),
-            packs_in_memory: Budget::new(upload_budget(opts.pack_size, connections)),
+            packs_in_memory: Budget::new(upload_budget),
             // As many as are in flight at once: on the channel to the
             // packer and in the workers' hands.
             frames: Buffers::new(
@@ -300,7 +301,7 @@ impl<'a> Shared<'a> {
             // compression): room for it up front, so that sealing does not
             // reallocate, and copy, the pack.
             pack_buffers: Buffers::new(
-                (upload_budget(opts.pack_size, connections) / opts.pack_size as u64) as usize,
+                (upload_budget / opts.pack_size as u64) as usize,
                 opts.pack_size + opts.pack_size / 8,
                 opts.pack_size * 2,
             ),
