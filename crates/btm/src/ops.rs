@@ -164,9 +164,8 @@ impl Ops {
     /// protected ones outside the policy and kept. Only reads.
     pub fn plan(&self, policy: &Policy) -> Result<Plan, Error> {
         let vol = self.volume.as_ref();
-        let protected = vol.protections()?;
-        let free: Vec<u64> = vol
-            .heights()?
+        let (heights, protected) = vol.heights_and_protections()?;
+        let free: Vec<u64> = heights
             .into_iter()
             .filter(|h| !protected.contains_key(h))
             .collect();

@@ -289,6 +289,12 @@ pub trait Volume: Send + Sync {
     /// prunes them, and `clean` keeps them unless asked by label. Stored
     /// with the snapshot itself, so it survives restarts.
     fn protections(&self) -> Result<BTreeMap<u64, String>, Error>;
+    /// [`Volume::heights`] and [`Volume::protections`] together, in one
+    /// read of the volume where the driver can: a retention plan needs
+    /// both at every prune.
+    fn heights_and_protections(&self) -> Result<(Vec<u64>, BTreeMap<u64, String>), Error> {
+        Ok((self.heights()?, self.protections()?))
+    }
     /// Protect the snapshot at `height` with `label`, or with `None` return
     /// it to normal retention. The snapshot must exist.
     fn set_protection(&self, height: u64, label: Option<&Label>) -> Result<(), Error>;

@@ -437,6 +437,10 @@ impl Volume for ZfsVolume {
     }
 
     fn protections(&self) -> Result<BTreeMap<u64, String>, Error> {
+        Ok(self.heights_and_protections()?.1)
+    }
+
+    fn heights_and_protections(&self) -> Result<(Vec<u64>, BTreeMap<u64, String>), Error> {
         let out = zfs(&[
             "list",
             "-H",
@@ -448,12 +452,7 @@ impl Volume for ZfsVolume {
             "1",
             &self.dataset,
         ])?;
-        Ok(out
-            .lines()
-            .filter_map(|l| l.split_once('\t'))
-            .filter(|(_, label)| *label != "-" && !label.is_empty())
-            .filter_map(|(name, label)| Some((self.height_of(name)?, label.to_owned())))
-            .collect())
+        Ok(labelled(&out, |name| self.height_of(name)))
     }
 
     fn set_protection(&self, height: u64, label: Option<&Label>) -> Result<(), Error> {
@@ -507,5 +506,42 @@ impl Volume for ZfsVolume {
                 Ok(())
             }),
         ))
+    }
+}
+
+/// Heights (newest first) and protection labels from `zfs list -H -o
+/// name,btm:protect` output, keeping the snapshots `height_of` calls
+/// btm's. An unset user property lists as `-`.
+fn labelled(
+    out: &str,
+    height_of: impl Fn(&str) -> Option<u64>,
+) -> (Vec<u64>, BTreeMap<u64, String>) {
+    let mut heights = Vec::new();
+    let mut labels = BTreeMap::new();
+    for (name, label) in out.lines().filter_map(|l| l.split_once('\t')) {
+        let Some(h) = height_of(name.trim()) else {
+            continue;
+        };
+        heights.push(h);
+        let label = label.trim();
+        if label != "-" && !label.is_empty() {
+            labels.insert(h, label.to_owned());
+        }
+    }
+    heights.sort_unstable_by(|a, b| b.cmp(a));
+    (heights, labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_listing_gives_heights_and_labels() {
+        let out = "tank/node@100\t-\ntank/node@250\tupgrade-v2\ntank/node@manual\tkeep\n\
+                   tank/node@175\t-\n";
+        let (heights, labels) = labelled(out, |n| n.strip_prefix("tank/node@")?.parse().ok());
+        assert_eq!(heights, vec![250, 175, 100]);
+        assert_eq!(labels, BTreeMap::from([(250, "upgrade-v2".to_owned())]));
     }
 }

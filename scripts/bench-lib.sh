@@ -1,39 +1,28 @@
-#!/usr/bin/env bash
-# Benchmark (not a test) of the chunk engine against restic, side by side in
-# one run, on several dataset shapes (scripts/bench-data.py), to a local
-# store and to a real S3 server (s3s-fs) behind a proxy that adds a cloud
-# round trip to every request (crates/chunk/examples/latency_proxy.rs).
+# shellcheck shell=bash
+# What the two engine benchmarks share, sourced by scripts/bench-chunk.sh
+# (local store) and scripts/bench-remote.sh (S3 behind a latency proxy):
+# btm and restic side by side in one run, on several dataset shapes
+# (scripts/bench-data.py).
 #
-#   scripts/bench-store.sh [SHAPE...]      default: node meta chunk
+# For each shape: full backup, the shape's incremental change, incremental
+# backup, store growth, restore into an empty filesystem (a fresh ext4
+# image per restore, so no run inherits another's deleted inodes), restore
+# over the previous version, objects stored, peak RSS and the command's
+# own CPU time. The machine's floors come first: disk write, BLAKE3, zstd.
 #
-# For each shape and store: full backup, the shape's incremental change,
-# incremental backup, store growth, restore into an empty filesystem (a
-# fresh ext4 image per restore, so no run inherits another's deleted
-# inodes), restore over the previous version, objects stored, peak RSS.
-# The machine's floors are printed first: disk write, BLAKE3, zstd, and a
-# sparse copy of each tree into a fresh filesystem.
-#
-# Environment: BENCH_DIR (work directory), BENCH_LATENCY_MS (20),
-# BENCH_REMOTE (shapes to run remotely; default "node meta"),
-# BENCH_META_FILES (100000). Needs root (loop mounts), restic, GNU time,
-# s3s-fs (cargo install s3s-fs).
+# Environment: BENCH_DIR (work directory), BENCH_META_FILES (100000).
+# Needs root (loop mounts), restic, GNU time, curl.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-shapes=("$@")
-[ ${#shapes[@]} -gt 0 ] || shapes=(node meta chunk)
-remote_shapes=${BENCH_REMOTE-node meta}
-latency=${BENCH_LATENCY_MS:-20}
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 meta_files=${BENCH_META_FILES:-100000}
 
-for pkg in restic:restic time:/usr/bin/time e2fsprogs:mkfs.ext4; do
+for pkg in restic:restic time:/usr/bin/time e2fsprogs:mkfs.ext4 curl:curl; do
     cmd=${pkg#*:}
     command -v "$cmd" >/dev/null || { apt-get update -qq; apt-get install -y -qq "${pkg%%:*}" >/dev/null; }
 done
-command -v s3s-fs >/dev/null || cargo install --locked s3s-fs --version 0.14.1 --features binary
 cargo build --release --locked --quiet --bin btm --example latency_proxy --example floors
 btm="$PWD/target/release/btm"
-proxy_bin="$PWD/target/release/examples/latency_proxy"
-work=${BENCH_DIR:-$(mktemp -d /var/tmp/btm-bench-store.XXXXXX)}
+work=${BENCH_DIR:-$(mktemp -d /var/tmp/btm-bench.XXXXXX)}
 mnt="$work/mnt"
 pids=()
 cleanup() {
@@ -73,33 +62,17 @@ note() { results+=("$1|$2||"); printf '  %-46s %8s\n' "$1" "$2"; }
 bytes() { du -sb "$1" | cut -f1; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 
-echo "== machine floors"
-dd if=/dev/zero of="$work/dd" bs=1M count=1024 conv=fdatasync 2>&1 | tail -1 | sed 's/^/floor: disk write (dd, 1 GiB, fdatasync): /'
-rm -f "$work/dd"
-./target/release/examples/floors
-
-start_s3() { # starts s3s-fs and the proxy; sets S3_URL_BASE
-    mkdir -p "$work/s3"
-    local port=$((20000 + RANDOM % 20000)) pport
-    pport=$((port + 1))
-    s3s-fs --host 127.0.0.1 --port "$port" --access-key bench --secret-key benchsecret "$work/s3" >"$work/s3.log" 2>&1 &
-    pids+=($!)
-    "$proxy_bin" "127.0.0.1:$pport" "127.0.0.1:$port" "$latency" >"$work/proxy.log" 2>&1 &
-    pids+=($!)
-    for _ in $(seq 1 100); do
-        grep -q listening "$work/proxy.log" && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-        sleep 0.1
-    done
-    export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchsecret AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true
-    export AWS_ENDPOINT_URL="http://127.0.0.1:$pport"
-    S3_HOST="127.0.0.1:$pport"
+machine_floors() {
+    echo "== machine floors"
+    dd if=/dev/zero of="$work/dd" bs=1M count=1024 conv=fdatasync 2>&1 | tail -1 | sed 's/^/floor: disk write (dd, 1 GiB, fdatasync): /'
+    rm -f "$work/dd"
+    ./target/release/examples/floors
 }
 
-# run_shape SHAPE WHERE: one side-by-side run; WHERE is local or remote.
-run_shape() {
-    local shape=$1 where=$2 src="$work/src" prev="$work/prev"
-    local append=() rstore bstore rdir bdir
-    rm -rf "$src" "$prev" "$work/restic-cache" "$work/btm-cache"
+# make_shape SHAPE DIR: the shape's dataset; sets append (btm's
+# --appendonly flags for it).
+make_shape() {
+    local shape=$1 src=$2
     if [ "$shape" = meta ]; then
         python3 scripts/bench-data.py meta "$src" "$meta_files"
     else
@@ -108,19 +81,21 @@ run_shape() {
     case $shape in
         node) append=(--appendonly blocks/blocks.log) ;;
         chunk) append=(--appendonly blocks.log) ;;
+        *) append=() ;;
     esac
-    if [ "$where" = local ]; then
-        rstore="$work/restic"; bstore="$work/btm"; rdir=$rstore; bdir=$bstore
-        rm -rf "$rstore" "$bstore"
-    else
-        local bucket
-        bucket="b$RANDOM"
-        mkdir -p "$work/s3/r$bucket" "$work/s3/$bucket"
-        rstore="s3:http://$S3_HOST/r$bucket"; bstore="s3://$bucket/x"
-        rdir="$work/s3/r$bucket"; bdir="$work/s3/$bucket"
-    fi
-    local tag="$shape, $where"
-    results+=("## $tag ($(du -sh --apparent-size "$src" | cut -f1) apparent, $(find "$src" -type f | wc -l) files)||")
+}
+
+# run_shape WHERE SHAPE RSTORE BSTORE RDIR BDIR [AFTER_FULL]: one
+# side-by-side run of restic on RSTORE and btm on BSTORE, whose objects are
+# under RDIR and BDIR; WHERE (local or remote) labels it, and a local run
+# also measures the copy floors. AFTER_FULL, if given, is a command run
+# right after btm's full backup (the remote benchmark's fetch floor).
+run_shape() {
+    local where=$1 shape=$2 rstore=$3 bstore=$4 rdir=$5 bdir=$6 after_full=${7:-}
+    local src="$work/src" prev="$work/prev"
+    rm -rf "$src" "$prev" "$work/restic-cache" "$work/btm-cache"
+    make_shape "$shape" "$src"
+    results+=("## $shape, $where ($(du -sh --apparent-size "$src" | cut -f1) apparent, $(find "$src" -type f | wc -l) files)||")
     restic init -q -r "$rstore" >/dev/null
     if [ "$where" = local ]; then
         fresh_fs
@@ -133,6 +108,7 @@ run_shape() {
     fi
     measure "restic full" restic -q -r "$rstore" backup "$src"
     measure "btm full" "$btm" backup "$src" -s "$bstore" "${append[@]}"
+    [ -z "$after_full" ] || "$after_full"
     local r1 b1; r1=$(bytes "$rdir"); b1=$(bytes "$bdir")
     cp -a --sparse=always "$src" "$prev"
     python3 scripts/bench-data.py "$shape-change" "$src"
@@ -156,29 +132,19 @@ run_shape() {
     umount "$mnt"
     note "objects, restic" "$(find "$rdir" -type f | wc -l)"
     note "objects, btm" "$(find "$bdir" -type f | wc -l)"
-    rm -rf "$prev" "$rdir" "$bdir"
+    rm -rf "$prev"
 }
 
-for shape in "${shapes[@]}"; do
-    echo "== $shape, local store"
-    run_shape "$shape" local
-done
-if [ -n "$remote_shapes" ]; then
-    start_s3
-    for shape in "${shapes[@]}"; do
-        case " $remote_shapes " in *" $shape "*) ;; *) continue ;; esac
-        echo "== $shape, s3s-fs with ${latency} ms per request"
-        run_shape "$shape" remote
+print_results() {
+    echo
+    printf '%-46s %10s %12s %10s\n' "operation" "seconds" "peak RSS MiB" "CPU s"
+    local r label secs mb cpu
+    for r in "${results[@]}"; do
+        IFS='|' read -r label secs mb cpu <<<"$r"
+        if [[ $label == "##"* ]]; then echo; echo "${label#\#\# }"; continue; fi
+        printf '%-46s %10s %12s %10s\n' "$label" "$secs" "$mb" "$cpu"
     done
-fi
-
-echo
-printf '%-46s %10s %12s %10s\n' "operation" "seconds" "peak RSS MiB" "CPU s"
-for r in "${results[@]}"; do
-    IFS='|' read -r label secs mb cpu <<<"$r"
-    if [[ $label == "##"* ]]; then echo; echo "${label#\#\# }"; continue; fi
-    printf '%-46s %10s %12s %10s\n' "$label" "$secs" "$mb" "$cpu"
-done
-echo
-echo "restic's restore over the previous version writes every file again; btm's"
-echo "reads the local files and fetches only the chunks that differ."
+    echo
+    echo "restic's restore over the previous version writes every file again; btm's"
+    echo "reads the local files and fetches only the chunks that differ."
+}

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Benchmark (not a test) of the chunk engine against restic on a real S3
+# server (s3s-fs) behind a proxy that adds a cloud round trip to every
+# request (crates/chunk/examples/latency_proxy.rs), side by side in one
+# run; see scripts/bench-lib.sh for what each run measures.
+#
+#   scripts/bench-remote.sh [SHAPE...]     default: node meta
+#
+# The server and the proxy share this machine's two cores with the client,
+# so the script measures that setting's own floor beside each shape: every
+# pack of btm's full backup fetched through the proxy by curl, as many
+# requests in flight as btm's restore uses, bytes discarded. No restore of
+# that backup, by any tool, can beat it here.
+#
+# Environment: BENCH_DIR, BENCH_LATENCY_MS (20), BENCH_META_FILES (100000).
+# Needs s3s-fs (cargo install s3s-fs) besides what bench-lib.sh needs.
+# shellcheck source=scripts/bench-lib.sh
+source "$(dirname "$0")/bench-lib.sh"
+shapes=("$@")
+[ ${#shapes[@]} -gt 0 ] || shapes=(node meta)
+latency=${BENCH_LATENCY_MS:-20}
+command -v s3s-fs >/dev/null || cargo install --locked s3s-fs --version 0.14.1 --features binary
+
+# Starts s3s-fs on a random port and the proxy one above it.
+start_s3() {
+    mkdir -p "$work/s3"
+    local port=$((20000 + RANDOM % 20000))
+    s3s-fs --host 127.0.0.1 --port "$port" --access-key bench --secret-key benchsecret "$work/s3" >"$work/s3.log" 2>&1 &
+    pids+=($!)
+    ./target/release/examples/latency_proxy "127.0.0.1:$((port + 1))" "127.0.0.1:$port" "$latency" >"$work/proxy.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do
+        grep -q listening "$work/proxy.log" && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+        sleep 0.1
+    done
+    export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchsecret AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true
+    export AWS_ENDPOINT_URL="http://127.0.0.1:$((port + 1))"
+}
+
+# The fetch floor: GET every pack of btm's store in $bucket through the
+# proxy, 16 in flight (btm's restore default for a remote store).
+fetch_floor() {
+    # shellcheck disable=SC2016 # $1 is the inner shell's.
+    measure "floor: GET btm's packs, 16 in flight (curl)" sh -c '
+        cd "$1" && find "$2/x/packs" -type f | xargs -P 16 -I{} curl -sSf -o /dev/null \
+            -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" --aws-sigv4 aws:amz:us-east-1:s3 \
+            --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" "$AWS_ENDPOINT_URL/{}"' - "$work/s3" "$bucket"
+}
+
+machine_floors
+start_s3
+for shape in "${shapes[@]}"; do
+    echo "== $shape, s3s-fs with ${latency} ms per request"
+    bucket="b$RANDOM"
+    mkdir -p "$work/s3/r$bucket" "$work/s3/$bucket"
+    run_shape remote "$shape" "s3:$AWS_ENDPOINT_URL/r$bucket" "s3://$bucket/x" \
+        "$work/s3/r$bucket" "$work/s3/$bucket" fetch_floor
+    rm -rf "${work:?}/s3/r$bucket" "${work:?}/s3/$bucket"
+done
+print_results
