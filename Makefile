@@ -32,7 +32,8 @@ demo:
 
 bench:
 	./scripts/bench-daemon.sh
-	./scripts/bench-store.sh
+	./scripts/bench-chunk.sh
+	./scripts/bench-remote.sh
 	./scripts/bench-sizes.sh
 	./scripts/bench-scale.sh
 	./scripts/bench-export.sh

@@ -1,8 +1,8 @@
 //! The machine's own floors for the benchmarks: how fast one core hashes
 //! (BLAKE3) and compresses (zstd level 1, btm's default) the kind of bytes
 //! the benchmark datasets hold, half random and half repetitive. A backup
-//! cannot beat `bytes / (rate × cores)`; `scripts/bench-store.sh` prints
-//! these beside its figures.
+//! cannot beat `bytes / (rate × cores)`; `scripts/bench-chunk.sh` and
+//! `scripts/bench-remote.sh` print these beside their figures.
 //!
 //! ```text
 //! cargo run --release --example floors
