@@ -279,8 +279,15 @@ enum Inner<'a> {
     },
 }
 
+/// Tree segments fetched at once ahead of the reader. A segment is up to
+/// 4 MiB decoded (a few hundred KiB stored, typically), so this bounds
+/// what a tree costs in memory whatever the number of connections; a
+/// segment holds thousands of entries, so a few round trips cover a tree
+/// of a million files.
+const SEGMENTS_AHEAD: usize = 8;
+
 /// Stream the entries of backup `name`; tree segments are fetched
-/// `connections` at a time ahead of the reader.
+/// `connections` at a time, at most [`SEGMENTS_AHEAD`] ahead of the reader.
 pub fn entries<'a>(
     store: &'a dyn Store,
     cache: Option<&'a Cache>,
@@ -349,8 +356,8 @@ impl Entries<'_> {
                     return Ok(Some(item));
                 }
                 if fetched.is_empty() && *next < head.trees.len() {
-                    let batch =
-                        &head.trees[*next..(*next + *connections * 2).min(head.trees.len())];
+                    let ahead = (*connections * 2).min(SEGMENTS_AHEAD);
+                    let batch = &head.trees[*next..(*next + ahead).min(head.trees.len())];
                     let got =
                         super::pool::map(batch, *connections, |id| fetch_tree(*store, *cache, id));
                     for g in got {

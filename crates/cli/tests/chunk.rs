@@ -220,7 +220,7 @@ fn incremental_backups_read_only_what_changed() {
 #[test]
 fn an_incremental_uploads_only_the_tree_segment_that_changed() {
     let t = Tree::new();
-    for i in 0..20_000 {
+    for i in 0..70_000 {
         let d = t.src().join(format!("accounts/{:02}", i % 20));
         if i < 20 {
             fs::create_dir_all(&d).expect("mkdir");

@@ -26,8 +26,8 @@ const SEGMENT_LIMIT: usize = 16 << 20;
 const CHUNKS_PER_RECORD: usize = 4096;
 /// Longest path or symlink target accepted.
 const MAX_NAME: usize = 64 << 10;
-/// Content-defined cut: after an entry whose path hash's low 12 bits are 0.
-const CUT_MASK: u16 = 0x0fff;
+/// Content-defined cut: after an entry whose path hash's low 14 bits are 0.
+const CUT_MASK: u16 = 0x3fff;
 
 const TAG_ENTRY: u8 = 1;
 const TAG_CHUNKS: u8 = 2;
@@ -738,7 +738,7 @@ mod tests {
 
     #[test]
     fn unchanged_stretches_make_identical_segments() {
-        let items: Vec<(Entry, Vec<ChunkRef>)> = (0..20_000)
+        let items: Vec<(Entry, Vec<ChunkRef>)> = (0..100_000)
             .map(|i| {
                 (
                     entry(&format!("f{i:06}"), EntryKind::File { size: 0 }),
@@ -748,7 +748,7 @@ mod tests {
             .collect();
         let before = write(&items);
         let mut changed = items.clone();
-        changed[15_000].0.mtime_ns += 1;
+        changed[75_000].0.mtime_ns += 1;
         let after = write(&changed);
         assert!(before.len() > 2, "{} segments", before.len());
         let same = after

@@ -24,9 +24,10 @@
 //!   read a range, decompress and verify each chunk, and write it where it
 //!   belongs, leaving zero blocks unallocated.
 //! - A file whose last chunk is written gets its owner, mode and times; the
-//!   **checkpointer** then, every 256 MiB or 10 s, syncs the filesystem and
-//!   journals what that made durable ([`journal`]). The restore reports
-//!   success only after the last sync, with the journal removed.
+//!   **checkpointer** then, every 256 MiB, 131,072 files or 10 s, syncs the
+//!   filesystem and journals what that made durable ([`journal`]). The
+//!   restore reports success only after the last sync, with the journal
+//!   removed.
 
 pub mod journal;
 
@@ -77,6 +78,11 @@ const WINDOW: u64 = 64 << 20;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 /// Bytes written that trigger a checkpoint sooner.
 const CHECKPOINT_BYTES: u64 = 256 << 20;
+/// Files completed that trigger a checkpoint sooner. Their journal records
+/// wait in memory for the sync (about 80 bytes each): without this a tree
+/// of tiny files on a fast disk completes hundreds of thousands of them in
+/// ten seconds, and the restore's memory would follow the disk's speed.
+const CHECKPOINT_FILES: usize = 128 << 10;
 /// Files with at least this many chunks get prefix records in the journal.
 const BIG_FILE_CHUNKS: u64 = 64;
 
@@ -323,10 +329,26 @@ impl<'a> Shared<'a> {
             self.fail(ChunkError::io(Path::new(&*job.entry.display()), e));
             return;
         }
-        self.completed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((job.entry.path.clone(), job.ino, job.size));
+        let pending = {
+            let mut completed = self.completed.lock().unwrap_or_else(|p| p.into_inner());
+            completed.push((job.entry.path.clone(), job.ino, job.size));
+            completed.len()
+        };
+        if pending == CHECKPOINT_FILES {
+            self.checkpoint_now.notify_one();
+        }
+    }
+
+    /// Whether a checkpoint is due, the last one having been at `last`.
+    fn checkpoint_due(&self, last: Instant) -> bool {
+        last.elapsed() >= CHECKPOINT_EVERY
+            || self.since_checkpoint.load(Ordering::Relaxed) >= CHECKPOINT_BYTES
+            || self
+                .completed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len()
+                >= CHECKPOINT_FILES
     }
 
     fn wrote(&self, n: u64) {
@@ -1462,6 +1484,10 @@ fn checkpointer(
             // cost every such restore up to ten idle seconds).
             if *guard {
                 true
+            } else if shared.checkpoint_due(last) {
+                // Its trigger may have fired during the previous sync,
+                // when nobody waited.
+                false
             } else {
                 let (guard, _) = shared
                     .checkpoint_now
@@ -1475,9 +1501,7 @@ fn checkpointer(
             // an aborted one leaves what the last checkpoint recorded.
             return Ok(());
         }
-        let due = last.elapsed() >= CHECKPOINT_EVERY
-            || shared.since_checkpoint.load(Ordering::Relaxed) >= CHECKPOINT_BYTES;
-        if !due {
+        if !shared.checkpoint_due(last) {
             continue;
         }
         last = Instant::now();
