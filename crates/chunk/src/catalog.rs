@@ -287,7 +287,8 @@ enum Inner<'a> {
 const SEGMENTS_AHEAD: usize = 8;
 
 /// Stream the entries of backup `name`; tree segments are fetched
-/// `connections` at a time, at most [`SEGMENTS_AHEAD`] ahead of the reader.
+/// `connections` at a time, at most `SEGMENTS_AHEAD` (8) ahead of the
+/// reader.
 pub fn entries<'a>(
     store: &'a dyn Store,
     cache: Option<&'a Cache>,
