@@ -14,7 +14,8 @@
 //! cargo run --release --example latency_proxy -- LISTEN UPSTREAM DELAY_MS
 //! cargo run --release --example latency_proxy -- 127.0.0.1:9001 127.0.0.1:9000 20
 //! ```
-//! Used by `scripts/bench-remote.sh` and `scripts/bench-sizes.sh`; it prints `listening` when ready.
+//! Used by `scripts/bench-remote.sh` and `scripts/bench-sizes.sh`; it
+//! prints `listening` when ready.
 
 use std::time::Duration;
 
