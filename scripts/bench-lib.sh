@@ -56,9 +56,12 @@ measure() {
     local secs kb user sys cpu; read -r secs kb user sys < "$work/time"
     cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')
     results+=("$label|$secs|$((kb / 1024))|$cpu")
+    last_secs=$secs
     printf '  %-46s %8s s %6s MiB %7s s CPU\n' "$label" "$secs" "$((kb / 1024))" "$cpu"
 }
 note() { results+=("$1|$2||"); printf '  %-46s %8s\n' "$1" "$2"; }
+# lead A B: how many times faster B's seconds are than A's.
+lead() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1fx", a / b }'; }
 bytes() { du -sb "$1" | cut -f1; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 
@@ -88,8 +91,10 @@ make_shape() {
 # run_shape WHERE SHAPE RSTORE BSTORE RDIR BDIR [AFTER_FULL]: one
 # side-by-side run of restic on RSTORE and btm on BSTORE, whose objects are
 # under RDIR and BDIR; WHERE (local or remote) labels it, and a local run
-# also measures the copy floors. AFTER_FULL, if given, is a command run
-# right after btm's full backup (the remote benchmark's fetch floor).
+# also measures the copy floors. AFTER_FULL, if given, is a floor measured
+# right after btm's full backup (the remote benchmark's fetch floor). The
+# last lines give btm's lead over restic and both restores as multiples of
+# the floor (the durable copy locally).
 run_shape() {
     local where=$1 shape=$2 rstore=$3 bstore=$4 rdir=$5 bdir=$6 after_full=${7:-}
     local src="$work/src" prev="$work/prev"
@@ -97,6 +102,7 @@ run_shape() {
     make_shape "$shape" "$src"
     results+=("## $shape, $where ($(du -sh --apparent-size "$src" | cut -f1) apparent, $(find "$src" -type f | wc -l) files)||")
     restic init -q -r "$rstore" >/dev/null
+    local floor=
     if [ "$where" = local ]; then
         fresh_fs
         measure "floor: cp -a --sparse=always into a fresh fs" cp -a --sparse=always "$src" "$mnt/copy"
@@ -105,21 +111,22 @@ run_shape() {
         fresh_fs
         # shellcheck disable=SC2016 # $1 and $2 are the inner shell's.
         measure "floor: the same cp, then sync" sh -c 'cp -a --sparse=always "$1" "$2" && sync' - "$src" "$mnt/copy"
+        floor=$last_secs
     fi
-    measure "restic full" restic -q -r "$rstore" backup "$src"
-    measure "btm full" "$btm" backup "$src" -s "$bstore" "${append[@]}"
-    [ -z "$after_full" ] || "$after_full"
+    measure "restic full" restic -q -r "$rstore" backup "$src"; local rfull=$last_secs
+    measure "btm full" "$btm" backup "$src" -s "$bstore" "${append[@]}"; local bfull=$last_secs
+    [ -z "$after_full" ] || { "$after_full"; floor=$last_secs; }
     local r1 b1; r1=$(bytes "$rdir"); b1=$(bytes "$bdir")
     cp -a --sparse=always "$src" "$prev"
     python3 scripts/bench-data.py "$shape-change" "$src"
-    measure "restic incremental" restic -q -r "$rstore" backup "$src"
-    measure "btm incremental" "$btm" backup "$src" -s "$bstore" "${append[@]}"
+    measure "restic incremental" restic -q -r "$rstore" backup "$src"; local rincr=$last_secs
+    measure "btm incremental" "$btm" backup "$src" -s "$bstore" "${append[@]}"; local bincr=$last_secs
     note "store growth, restic" "$(mib $(( $(bytes "$rdir") - r1 ))) MiB"
     note "store growth, btm" "$(mib $(( $(bytes "$bdir") - b1 ))) MiB"
     fresh_fs
-    measure "restic restore, empty fs" restic -q -r "$rstore" restore latest --target "$mnt/r"
+    measure "restic restore, empty fs" restic -q -r "$rstore" restore latest --target "$mnt/r"; local rrest=$last_secs
     fresh_fs
-    measure "btm restore, empty fs" "$btm" restore latest "$mnt/b" -s "$bstore"
+    measure "btm restore, empty fs" "$btm" restore latest "$mnt/b" -s "$bstore"; local brest=$last_secs
     diff -r "$src" "$mnt/b" >/dev/null || { echo "btm's restore differs from the source" >&2; exit 1; }
     fresh_fs
     # restic restores the source's absolute path under its target.
@@ -132,6 +139,12 @@ run_shape() {
     umount "$mnt"
     note "objects, restic" "$(find "$rdir" -type f | wc -l)"
     note "objects, btm" "$(find "$bdir" -type f | wc -l)"
+    note "btm's lead: full / incremental / restore" \
+        "$(lead "$rfull" "$bfull") / $(lead "$rincr" "$bincr") / $(lead "$rrest" "$brest")"
+    # Restores as multiples of the floor (the durable copy locally, the
+    # fetch floor remotely): the best lead over restic any restore could
+    # show here, and how far btm's restore is from it.
+    [ -z "$floor" ] || note "restic's restore over the floor; btm's" "$(lead "$rrest" "$floor") / $(lead "$brest" "$floor")"
     rm -rf "$prev"
 }
 
