@@ -7,10 +7,10 @@
 #   scripts/bench-remote.sh [SHAPE...]     default: node meta
 #
 # The server and the proxy share this machine's two cores with the client,
-# so the script measures that setting's own floor beside each shape: every
-# pack of btm's full backup fetched through the proxy by curl, as many
-# requests in flight as btm's restore uses, bytes discarded. No restore of
-# that backup, by any tool, can beat it here.
+# so the script measures that setting's own floors beside each shape: every
+# pack of btm's full backup uploaded, then fetched, through the proxy by
+# curl, with as many requests in flight as btm's backup and restore use.
+# No backup or restore of those bytes, by any tool, can beat them here.
 #
 # Environment: BENCH_DIR, BENCH_LATENCY_MS (20), BENCH_META_FILES (100000).
 # Needs s3s-fs (cargo install s3s-fs) besides what bench-lib.sh needs.
@@ -37,10 +37,20 @@ start_s3() {
     export AWS_ENDPOINT_URL="http://127.0.0.1:$((port + 1))"
 }
 
-# The fetch floor: GET every pack of btm's store in $bucket through the
-# proxy, 16 in flight (btm's restore default for a remote store).
-fetch_floor() {
-    # shellcheck disable=SC2016 # $1 is the inner shell's.
+# The transfer floors, from btm's packs in $bucket, through the proxy:
+# PUT them all to a scratch bucket, 4 in flight (btm's backup default for a
+# remote store), then GET them all, 16 in flight (its restore default),
+# bytes discarded. The GET is measured last: run_shape takes it as the
+# floor its restores are compared with.
+transfer_floors() {
+    mkdir -p "$work/s3/put$bucket"
+    # shellcheck disable=SC2016 # $1, $2 and $3 are the inner shell's.
+    measure "floor: PUT btm's packs, 4 in flight (curl)" sh -c '
+        cd "$1" && find "$2/x/packs" -type f | xargs -P 4 -I{} curl -sSf -o /dev/null -T {} \
+            -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" --aws-sigv4 aws:amz:us-east-1:s3 \
+            --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" "$AWS_ENDPOINT_URL/$3/{}"' - "$work/s3" "$bucket" "put$bucket"
+    rm -rf "${work:?}/s3/put$bucket"
+    # shellcheck disable=SC2016 # $1 and $2 are the inner shell's.
     measure "floor: GET btm's packs, 16 in flight (curl)" sh -c '
         cd "$1" && find "$2/x/packs" -type f | xargs -P 16 -I{} curl -sSf -o /dev/null \
             -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" --aws-sigv4 aws:amz:us-east-1:s3 \
@@ -54,7 +64,7 @@ for shape in "${shapes[@]}"; do
     bucket="b$RANDOM"
     mkdir -p "$work/s3/r$bucket" "$work/s3/$bucket"
     run_shape remote "$shape" "s3:$AWS_ENDPOINT_URL/r$bucket" "s3://$bucket/x" \
-        "$work/s3/r$bucket" "$work/s3/$bucket" fetch_floor
+        "$work/s3/r$bucket" "$work/s3/$bucket" transfer_floors
     rm -rf "${work:?}/s3/r$bucket" "${work:?}/s3/$bucket"
 done
 print_results
