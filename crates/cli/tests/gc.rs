@@ -442,6 +442,54 @@ fn gc_passes_over_a_backup_forgotten_while_it_marks() {
     restore_equals(&store_dir, &kept.name, &a, dir.path());
 }
 
+/// A restore that cannot take a lease (read-only credentials) does not
+/// stop a GC: here one repacks the pack the restore is about to read. The
+/// restore reloads the chunk map, reads each moved chunk from its new
+/// pack, and the tree comes out exact.
+#[test]
+fn a_leaseless_restore_follows_chunks_a_repack_moved() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store_dir = dir.path().join("store");
+    let store = store_at(&store_dir);
+    let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+    // One pack holding a, b and d; the kept backup needs only a.
+    tree(&old, &[("a", 10, MIB), ("b", 11, MIB), ("d", 13, MIB)]);
+    tree(&new, &[("a", 10, MIB)]);
+    let gone = backup(&store, &old, &opts("old")).expect("old");
+    let kept = backup(&store, &new, &opts("new")).expect("new");
+    assert_eq!(count(&store, Kind::Pack), 1);
+    store.delete_index(&gone.name).expect("retention");
+
+    let faulty = common::FaultyStore::new(&store_dir, i64::MAX, i64::MAX);
+    faulty
+        .locks_denied
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let repacked = Arc::new(std::sync::Mutex::new(None));
+    let seen = Arc::clone(&repacked);
+    *faulty.gc_before_pack_read.lock().expect("lock") = Some(Box::new(move |inner| {
+        // The first marks what is dead, the second sweeps it.
+        let marked = gc(inner, &gc_now()).expect("gc beside the restore");
+        let swept = gc(inner, &gc_now()).expect("gc beside the restore");
+        *seen.lock().expect("lock") = Some(marked.packs_repacked + swept.packs_repacked);
+    }));
+    let index = btm_chunk::catalog::read_index(&faulty, &kept.name).expect("head");
+    let dst = dir.path().join("restored");
+    let ropts = btm_chunk::restore::RestoreOptions {
+        cache: None,
+        ..Default::default()
+    };
+    let r = btm_chunk::restore::restore(&faulty, &kept.name, &index, &dst, &ropts)
+        .expect("the restore follows the moved chunk");
+    assert_eq!(*repacked.lock().expect("lock"), Some(1), "the GC repacked");
+    // The read that found the pack gone, then one read of the moved chunk.
+    assert_eq!(r.requests, 2, "{r:?}");
+    assert_eq!(
+        std::fs::read(dst.join("a")).expect("a"),
+        std::fs::read(new.join("a")).expect("a")
+    );
+    check_clean(&store);
+}
+
 /// Backups of three tags run again and again, each keeping its newest two,
 /// while GC (no grace) runs in a loop: every backup left restores exactly,
 /// and the store checks clean.

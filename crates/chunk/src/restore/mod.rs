@@ -1245,7 +1245,7 @@ fn fetcher<'a>(shared: &Shared<'a>, rx: &Mutex<Receiver<Fetch<'a>>>) {
         if shared.aborted() {
             continue;
         }
-        if let Err(e) = fetch_one(shared, f, &mut dctx, &mut out) {
+        if let Err(e) = fetch_one(shared, f, Missing::Relocate, &mut dctx, &mut out) {
             shared.fail(e);
         }
     }
@@ -1267,9 +1267,20 @@ fn get(shared: &Shared<'_>, source: &Source, buf: &mut Vec<u8>) -> Result<(), St
     })
 }
 
+/// What a read does when its object is gone from the store.
+#[derive(Clone, Copy)]
+enum Missing {
+    /// Reload the chunk map and read each chunk from wherever it now is
+    /// (a GC repacked it); format 1 objects never move, so they fail.
+    Relocate,
+    /// Fail, saying this.
+    Fail(&'static str),
+}
+
 fn fetch_one<'a>(
     shared: &Shared<'a>,
     f: Fetch<'a>,
+    missing: Missing,
     dctx: &mut zstd::bulk::Decompressor<'static>,
     out: &mut Vec<u8>,
 ) -> Result<(), ChunkError> {
@@ -1284,19 +1295,22 @@ fn fetch_one<'a>(
     if let Err(e) = get(shared, &f.source, &mut data) {
         shared.buffers.give(data);
         let (hash, _, _, _, wants) = &f.chunks[0];
-        return match e {
-            StoreError::NotFound(_) if !shared.v1 => {
+        return match (e, missing) {
+            (StoreError::NotFound(_), Missing::Relocate) if !shared.v1 => {
                 // Its own reads take from the budget again.
                 drop(permit);
                 refetch(shared, f, dctx, out)
             }
-            StoreError::NotFound(_) => Err(ChunkError::Corrupt {
+            (StoreError::NotFound(_), missing) => Err(ChunkError::Corrupt {
                 path: wants[0].job.entry.display().into_owned(),
                 hash: *hash,
                 off: wants[0].chunk.off,
-                detail: "missing from the store".into(),
+                detail: match missing {
+                    Missing::Fail(detail) => detail.into(),
+                    Missing::Relocate => "missing from the store".into(),
+                },
             }),
-            e => Err(ChunkError::store(
+            (e, _) => Err(ChunkError::store(
                 format!(
                     "file {}: fetching chunk {hash}",
                     wants[0].job.entry.display()
@@ -1408,21 +1422,13 @@ fn refetch<'a>(
             },
             chunks: vec![(hash, raw, 0, u64::from(len), wants)],
         };
-        let mut probe = shared.buffers.take();
-        let found = get(shared, &single.source, &mut probe);
-        shared.buffers.give(probe);
-        match found {
-            Err(StoreError::NotFound(_)) => {
-                let w = &single.chunks[0].4[0];
-                return Err(ChunkError::Corrupt {
-                    path: w.job.entry.display().into_owned(),
-                    hash,
-                    off: w.chunk.off,
-                    detail: "missing from the store (its pack disappeared twice)".into(),
-                });
-            }
-            _ => fetch_one(shared, single, dctx, out)?,
-        }
+        fetch_one(
+            shared,
+            single,
+            Missing::Fail("missing from the store (its pack disappeared twice)"),
+            dctx,
+            out,
+        )?;
     }
     Ok(())
 }

@@ -671,12 +671,19 @@ impl Drop for FakeRpc {
 /// tree segments, and deletes of any object, fail (temporarily) once their
 /// budget is spent. `i64::MAX` means never. A backup named in
 /// `forget_when_read` is deleted just before its head is read, as if a
-/// prune beside the reader had forgotten it after its listing.
+/// prune beside the reader had forgotten it after its listing. With
+/// `locks_denied`, lease markers cannot be written (read-only
+/// credentials). `gc_before_pack_read` runs once, on the inner store, just
+/// before the first ranged read of a pack, as a GC beside the reader.
 pub struct FaultyStore {
     pub inner: btm_chunk::store::LocalStore,
     pub puts_left: std::sync::atomic::AtomicI64,
     pub deletes_left: std::sync::atomic::AtomicI64,
     pub forget_when_read: std::sync::Mutex<Option<String>>,
+    pub locks_denied: std::sync::atomic::AtomicBool,
+    #[allow(clippy::type_complexity)]
+    pub gc_before_pack_read:
+        std::sync::Mutex<Option<Box<dyn FnOnce(&dyn btm_chunk::store::Store) + Send>>>,
 }
 
 impl FaultyStore {
@@ -686,6 +693,8 @@ impl FaultyStore {
             puts_left: puts.into(),
             deletes_left: deletes.into(),
             forget_when_read: std::sync::Mutex::new(None),
+            locks_denied: false.into(),
+            gc_before_pack_read: std::sync::Mutex::new(None),
         }
     }
 }
@@ -724,6 +733,12 @@ impl btm_chunk::store::Store for FaultyStore {
         len: u64,
         buf: &mut Vec<u8>,
     ) -> Result<(), StoreError> {
+        if kind == Kind::Pack {
+            let gc = self.gc_before_pack_read.lock().expect("lock").take();
+            if let Some(gc) = gc {
+                gc(&self.inner);
+            }
+        }
         self.inner.get_range_into(kind, id, off, len, buf)
     }
     fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError> {
@@ -753,6 +768,12 @@ impl btm_chunk::store::Store for FaultyStore {
         self.inner.delete_index(n)
     }
     fn put_marker(&self, n: &str, d: &[u8]) -> Result<(), StoreError> {
+        if n.starts_with("locks/") && self.locks_denied.load(Ordering::SeqCst) {
+            return Err(StoreError::Permanent {
+                what: n.into(),
+                detail: "access denied (injected)".into(),
+            });
+        }
         self.inner.put_marker(n, d)
     }
     fn get_marker(&self, n: &str) -> Result<Vec<u8>, StoreError> {
