@@ -85,9 +85,9 @@ impl Store for Counting<'_> {
         self.count("delete", Some(kind));
         self.inner.delete(kind, id)
     }
-    fn put_index(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
+    fn create_index(&self, name: &str, data: &[u8]) -> Result<bool, StoreError> {
         self.count("put_index", None);
-        self.inner.put_index(name, data)
+        self.inner.create_index(name, data)
     }
     fn get_index(&self, name: &str) -> Result<Vec<u8>, StoreError> {
         self.count("get_index", None);

@@ -1,8 +1,9 @@
 //! What a backup leaves out on purpose: validator key material by default
 //! ([`btm::validator::SECRETS`]), and the operator's `--exclude` globs.
-//! Each backup's head records every pattern that matched, why, and how many
+//! Each backup's head records every pattern it applied, why, and how many
 //! entries it matched, so `btm backups show` can say what a restore will
-//! lack.
+//! lack, and `restore --delete` knows what lies outside the backup's scope
+//! and must be left alone ([`Exclusions::outside_backup`]).
 
 use super::format::head::Excluded;
 use super::ChunkError;
@@ -93,27 +94,46 @@ impl Exclusions {
         Ok(Exclusions { patterns })
     }
 
+    /// What a backup recorded as left out (its head's `excluded`), and key
+    /// material always, whatever the backup recorded: the entries a
+    /// `restore --delete` must never remove, because the backup never
+    /// meant to hold them. (A backup made with `--include-secrets` holds
+    /// its keys; a local key it does not hold is still no stray file.)
+    pub fn outside_backup(recorded: &[Excluded]) -> Result<Self, ChunkError> {
+        let mut scope = Exclusions::new(&[], false)?;
+        let globs: Vec<(String, String)> = recorded
+            .iter()
+            .filter(|x| !SECRETS.iter().any(|r| r.pattern == x.pattern))
+            .map(|x| (x.pattern.clone(), x.why.clone()))
+            .collect();
+        scope
+            .patterns
+            .extend(Exclusions::new(&globs, true)?.patterns);
+        Ok(scope)
+    }
+
     /// Whether the entry at `rel` is left out (a directory with everything
     /// under it); counts the match.
     pub fn excludes(&mut self, rel: &[u8]) -> bool {
-        for p in &mut self.patterns {
-            let hit = match &p.matcher {
-                Matcher::Secret(suffix) => ends_with_components(rel, suffix.as_bytes()),
-                Matcher::Glob(re) => re.is_match(rel),
-            };
-            if hit {
-                p.matched += 1;
-                return true;
-            }
-        }
-        false
+        self.reason(rel).is_some()
     }
 
-    /// The patterns that matched, for the backup's head.
+    /// Why the entry at `rel` is left out, if it is; counts the match.
+    pub fn reason(&mut self, rel: &[u8]) -> Option<&str> {
+        let p = self.patterns.iter_mut().find(|p| match &p.matcher {
+            Matcher::Secret(suffix) => ends_with_components(rel, suffix.as_bytes()),
+            Matcher::Glob(re) => re.is_match(rel),
+        })?;
+        p.matched += 1;
+        Some(&p.why)
+    }
+
+    /// Every pattern applied, with what it matched, for the backup's head:
+    /// those that matched nothing say what a later restore must still
+    /// leave alone.
     pub fn report(&self) -> Vec<Excluded> {
         self.patterns
             .iter()
-            .filter(|p| p.matched > 0)
             .map(|p| Excluded {
                 pattern: p.pattern.clone(),
                 why: p.why.clone(),
@@ -163,11 +183,45 @@ mod tests {
         assert!(!ex.excludes(b"config/config.toml"));
         assert!(!ex.excludes(b"xconfig/node_key.json"));
         let report = ex.report();
-        assert_eq!(report.len(), 4);
-        assert!(report.iter().all(|e| e.matched == 1));
+        assert_eq!(report.len(), SECRETS.len() + 1, "every pattern applied");
+        assert_eq!(report.iter().filter(|e| e.matched == 1).count(), 4);
+        assert_eq!(report.iter().map(|e| e.matched).sum::<u64>(), 4);
         let mut with = Exclusions::new(&[], true).expect("ok");
         assert!(!with.excludes(b"config/priv_validator_key.json"));
         assert!(Exclusions::new(&[("/".into(), "--exclude".into())], false).is_err());
+    }
+
+    #[test]
+    fn what_a_backup_left_out_and_keys_are_outside_its_scope() {
+        let recorded = [
+            Excluded {
+                pattern: "*.log".into(),
+                why: "--exclude".into(),
+                matched: 0,
+            },
+            Excluded {
+                pattern: "config/node_key.json".into(),
+                why: "secret: CometBFT node key (--include-secrets keeps it)".into(),
+                matched: 1,
+            },
+        ];
+        let mut scope = Exclusions::outside_backup(&recorded).expect("scope");
+        assert_eq!(scope.reason(b"data/app.log"), Some("--exclude"));
+        assert!(scope
+            .reason(b"config/priv_validator_key.json")
+            .is_some_and(|w| w.starts_with("secret: ")));
+        assert!(scope.excludes(b"x/keystore"));
+        assert_eq!(scope.reason(b"data/blockstore.db"), None);
+        // Nothing recorded (an old head, or --include-secrets): keys still.
+        let mut bare = Exclusions::outside_backup(&[]).expect("scope");
+        assert!(bare.excludes(b"config/node_key.json"));
+        assert!(!bare.excludes(b"data/app.log"));
+        let broken = [Excluded {
+            pattern: "/".into(),
+            why: "--exclude".into(),
+            matched: 0,
+        }];
+        assert!(Exclusions::outside_backup(&broken).is_err());
     }
 
     proptest! {

@@ -29,7 +29,7 @@ use super::format::head::Decoded;
 use super::format::pack::PackBuilder;
 use super::format::packidx::{self, PackEntry};
 use super::format::tree::Item;
-use super::lease::{self, Lease, LeaseError, LeaseInfo, LeaseKind};
+use super::lease::{self, Lease, LeaseError, LeaseKind};
 use super::map::ChunkMap;
 use super::{catalog, with_retry, ChunkError};
 use crate::store::{Id, Kind, Marker, Store};
@@ -305,26 +305,38 @@ fn read_mark(store: &dyn Store, name: &str) -> Result<Mark, ChunkError> {
     Ok(mark)
 }
 
-/// Expired leases (their holders died) and the packs they left pending.
+/// Expired leases (their holders died, or stopped refreshing long ago)
+/// as listed, with the packs they left pending.
 fn dead_leases(
     store: &dyn Store,
     markers: &[Marker],
     now: DateTime<Utc>,
-) -> Vec<(String, Vec<Id>)> {
-    let live: HashSet<String> = lease::live(markers, now).map(|(_, m)| m.name).collect();
-    markers
-        .iter()
-        .filter(|m| LeaseKind::of(&m.name).is_some() && !live.contains(&m.name))
-        .map(|m| {
-            let pending = store
-                .get_marker(&m.name)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<LeaseInfo>(&b).ok())
-                .map(|i| i.pending)
-                .unwrap_or_default();
-            (m.name.clone(), pending)
-        })
+) -> Vec<(Marker, Vec<Id>)> {
+    lease::judge(store, markers, Some(now), lease::holder::here())
+        .into_iter()
+        .filter(|j| j.state == lease::State::Expired)
+        .map(|j| (j.marker, j.info.map(|i| i.pending).unwrap_or_default()))
         .collect()
+}
+
+/// Delete the expired leases `dead` whose pending packs are now in a mark,
+/// each only if its marker is still as it was listed: a holder that was
+/// only paused may have resumed and rewritten it since, and its marker is
+/// then the only record of its pending packs.
+fn delete_dead_leases(store: &dyn Store, dead: &[(Marker, Vec<Id>)]) -> Result<(), ChunkError> {
+    if dead.is_empty() {
+        return Ok(());
+    }
+    let now = with_retry(|| store.list_markers("locks"))
+        .map_err(|e| ChunkError::store("listing leases", e))?;
+    for (m, _) in dead {
+        if now.iter().any(|n| n == m) {
+            let _ = with_retry(|| store.delete_marker(&m.name));
+        } else {
+            tracing::info!(lease = %m.name, "an expired lease was refreshed since; kept");
+        }
+    }
+    Ok(())
 }
 
 /// Run both phases (see the module documentation).
@@ -416,10 +428,7 @@ fn mark(
     }
     // The orphans are in a mark now (or were already): the dead leases
     // have told what they had to.
-    for (name, _) in dead {
-        let _ = with_retry(|| store.delete_marker(&name));
-    }
-    Ok(())
+    delete_dead_leases(store, &dead)
 }
 
 fn list_ids(store: &dyn Store, kind: Kind) -> Result<Vec<Id>, ChunkError> {
@@ -837,6 +846,49 @@ mod tests {
             .map(|m| m.name.as_str())
             .collect();
         assert_eq!(due, ["gc/marks/old"]);
+    }
+
+    /// Issue 21, item 10: the mark phase deletes an expired lease only if
+    /// it is still as listed. A holder that was only paused, and refreshed
+    /// its lease while GC marked, keeps its marker: the only record of the
+    /// packs it has not indexed yet.
+    #[test]
+    fn a_lease_refreshed_while_gc_marks_is_not_deleted() {
+        let store = crate::store::MemStore::new();
+        let pending = vec![id(77)];
+        let body = serde_json::json!({
+            "kind": "backup", "host": "far", "pid": 1,
+            "started": Utc::now(), "pending": pending,
+        })
+        .to_string();
+        let paused = "locks/backup-far-1-1-0";
+        let expired = "locks/backup-far-2-1-0";
+        for name in [paused, expired] {
+            store.put_marker(name, body.as_bytes()).expect("put");
+            store.age_marker(name, lease::LEASE_TTL + Duration::from_secs(60));
+        }
+        // The paused holder resumes while GC writes its mark, and
+        // refreshes its lease.
+        let refreshed = body.clone();
+        store.before_marker_put("gc/marks/", move |s| {
+            s.put_marker(paused, refreshed.as_bytes()).expect("refresh");
+        });
+        let opts = GcOptions {
+            cache: None,
+            ..GcOptions::default()
+        };
+        let report = gc(&store, &opts).expect("gc");
+        assert_eq!(
+            report.marked, 1,
+            "the pending pack is an orphan: {report:?}"
+        );
+        let left: Vec<String> = store
+            .list_markers("locks")
+            .expect("list")
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        assert_eq!(left, [paused], "only the lease still expired goes");
     }
 
     proptest! {

@@ -172,6 +172,27 @@ pub enum ChunkError {
     /// A store lease could not be taken or kept (see [`lease`]).
     #[error(transparent)]
     Lease(#[from] lease::LeaseError),
+    /// A backup's lease was lost before its head was written (see
+    /// [`lease::Lease::check`]), and a garbage collection removed objects
+    /// the head would have referenced.
+    #[error("its store lease was lost ({cause}), and meanwhile a garbage collection removed {missing} object(s) it needs, e.g. {example}; run it again")]
+    LeaseLost {
+        /// How the lease was lost.
+        cause: String,
+        /// How many chunks or segments are gone.
+        missing: u64,
+        /// The first of them, with the file that needed it.
+        example: String,
+    },
+    /// A backup that cannot be restored whole (a tree segment or chunk
+    /// missing or damaged), found before the restore changed anything.
+    #[error("backup {name} cannot be restored, so nothing was changed: {detail}")]
+    Unrestorable {
+        /// The backup.
+        name: String,
+        /// What is wrong with it.
+        detail: String,
+    },
     /// Stopped on request ([`Progress::cancel`]); nothing was written.
     #[error("cancelled")]
     Cancelled,

@@ -869,6 +869,119 @@ fn restore_keeps_local_signing_state_that_is_ahead() {
     );
 }
 
+/// Issue 21, item 1: `restore --delete` removes only what the backup
+/// covers. Key material (left out of every backup by default) and what the
+/// backup's `--exclude` patterns left out stay, even inside a directory
+/// the backup lacks, and the summary says what was kept and why.
+#[test]
+fn restore_delete_keeps_the_keys_and_excludes_a_backup_left_out() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let n = dir.path().join("n");
+    fs::create_dir_all(n.join("config")).expect("mkdir");
+    fs::create_dir_all(n.join("data")).expect("mkdir");
+    fs::write(n.join("config/priv_validator_key.json"), b"K").expect("w");
+    fs::write(n.join("config/node_key.json"), b"NK").expect("w");
+    fs::write(n.join("x"), b"d").expect("w");
+    fs::write(n.join("data/app.log"), b"log").expect("w");
+    let store = dir.path().join("store");
+    let (s, ns) = (store.to_str().expect("utf8"), n.to_str().expect("utf8"));
+    btm(
+        dir.path(),
+        &["backup", ns, "-s", s, "-t", "v", "--exclude", "*.log"],
+    )
+    .ok();
+    // Since the backup: a stray file, a directory the backup lacks holding
+    // a key and other files, and a new log.
+    fs::write(n.join("stray"), b"s").expect("w");
+    fs::create_dir_all(n.join("old/config")).expect("mkdir");
+    fs::create_dir_all(n.join("old/sub")).expect("mkdir");
+    fs::write(n.join("old/config/priv_validator_key.json"), b"OK").expect("w");
+    fs::write(n.join("old/sub/f"), b"f").expect("w");
+    fs::write(n.join("data/new.log"), b"new").expect("w");
+
+    let out = btm(
+        dir.path(),
+        &["restore", "latest", ns, "-s", s, "-t", "v", "--delete"],
+    )
+    .ok();
+    for (rel, content) in [
+        ("config/priv_validator_key.json", &b"K"[..]),
+        ("config/node_key.json", b"NK"),
+        ("old/config/priv_validator_key.json", b"OK"),
+        ("data/app.log", b"log"),
+        ("data/new.log", b"new"),
+        ("x", b"d"),
+    ] {
+        assert_eq!(fs::read(n.join(rel)).expect(rel), content, "{rel}: {out}");
+    }
+    for gone in ["stray", "old/sub"] {
+        assert!(!n.join(gone).exists(), "{gone} must go: {out}");
+    }
+    assert!(out.contains("--delete kept 5 local entries"), "{out}");
+    assert!(
+        out.contains("kept config/priv_validator_key.json (secret: CometBFT validator key"),
+        "{out}"
+    );
+    assert!(out.contains("kept data/new.log (--exclude)"), "{out}");
+    assert!(
+        out.contains(", 3 removed"),
+        "stray, old/sub/f, old/sub: {out}"
+    );
+}
+
+/// Issue 21, item 8: `restore --delete` removes through descriptors,
+/// never by path: a directory of the destination swapped for a symlink
+/// while the pass is in it cannot send a removal outside the destination.
+#[test]
+fn restore_delete_never_follows_a_directory_swapped_for_a_symlink() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let src = dir.path().join("src");
+    fs::create_dir_all(src.join("a")).expect("mkdir");
+    fs::write(src.join("a/keep"), b"k").expect("w");
+    let store = dir.path().join("store");
+    let s = store.to_str().expect("utf8");
+    btm(
+        dir.path(),
+        &["backup", src.to_str().expect("utf8"), "-s", s],
+    )
+    .ok();
+    let dst = dir.path().join("dst");
+    let d = dst.to_str().expect("utf8");
+    btm(dir.path(), &["restore", "latest", d, "-s", s]).ok();
+    // Strays for --delete: `a/w`, removed first, then `a/x`, a directory
+    // big enough that reading it leaves time for the swap.
+    fs::write(dst.join("a/w"), b"w").expect("w");
+    fs::create_dir_all(dst.join("a/x")).expect("mkdir");
+    for i in 0..20_000 {
+        fs::write(dst.join(format!("a/x/{i}")), b"").expect("w");
+    }
+    let outside = dir.path().join("outside");
+    fs::create_dir_all(outside.join("x")).expect("mkdir");
+    fs::write(outside.join("x/canary"), b"alive").expect("w");
+
+    let swapper = {
+        let (dst, outside) = (dst.clone(), outside.clone());
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            while dst.join("a/w").symlink_metadata().is_ok() {
+                assert!(started.elapsed().as_secs() < 60, "a/w was never removed");
+                std::hint::spin_loop();
+            }
+            fs::rename(dst.join("a"), dst.join("a.moved")).expect("move a aside");
+            std::os::unix::fs::symlink(&outside, dst.join("a")).expect("symlink");
+        })
+    };
+    let out = btm(dir.path(), &["restore", "latest", d, "-s", s, "--delete"]);
+    swapper.join().expect("swapped");
+    assert_eq!(
+        fs::read(outside.join("x/canary")).expect("the canary outside the destination"),
+        b"alive",
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -61,6 +61,119 @@ fn kill_after(scratch: &Path, args: &[&str], env: &[(&str, &str)], after: Durati
     running
 }
 
+/// Restore the store's latest backup into `dst` and kill it (SIGKILL) once
+/// its journal holds records: an interrupted restore, with files its
+/// journal says are complete.
+fn kill_restore_after_a_checkpoint(d: &Dir, dst: &str) {
+    let journal = Path::new(dst).join(".btm-restore");
+    // Run the restore in 3 ms slices with stops in between, until its
+    // journal has records (the first checkpoint, 256 MiB written and
+    // synced); then kill it while it is stopped. Unthrottled, a fast disk
+    // finishes the whole restore during the first checkpoint's sync, and
+    // there is no moment to kill it in; stopped, it writes nothing new
+    // while the kernel's sync catches up. A busy machine can still let it
+    // finish first: then start again with longer stops.
+    let mut killed = false;
+    for stop_ms in [20, 80, 250] {
+        let _ = fs::remove_dir_all(dst);
+        let mut child = btm_cmd(d.0.path(), &["restore", "latest", dst, "-s", &d.s("store")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let started = Instant::now();
+        loop {
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop");
+            sleep(Duration::from_millis(stop_ms));
+            let records = fs::read_to_string(&journal).map_or(0, |j| j.lines().count());
+            if records >= 2 {
+                killed = true;
+                break;
+            }
+            if child.try_wait().expect("wait").is_some() {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "no checkpoint"
+            );
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("continue");
+            sleep(Duration::from_millis(3));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        if killed {
+            break;
+        }
+    }
+    assert!(
+        killed,
+        "the restore always finished before its first checkpoint was seen"
+    );
+}
+
+/// The paths an interrupted restore's journal records as complete.
+fn journalled_complete(dst: &str) -> Vec<String> {
+    let journal = fs::read_to_string(Path::new(dst).join(".btm-restore")).expect("journal");
+    journal
+        .lines()
+        .skip(1)
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("prefix").is_none())
+        .filter_map(|v| {
+            let hex = v["path"].as_str()?.to_owned();
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+                .collect();
+            String::from_utf8(bytes).ok()
+        })
+        .collect()
+}
+
+/// Issue 21, item 4: a file an interrupted restore completed, then changed
+/// in place at the same size before the re-run (a preallocated block file,
+/// a memory-mapped database), is read and compared again, not trusted by
+/// its journal record.
+#[test]
+fn a_resumed_restore_rereads_a_file_changed_in_place_since_its_record() {
+    let d = Dir::new();
+    fs::create_dir_all(d.p("src/big")).expect("mkdir");
+    for i in 0..4 {
+        fs::write(d.p(&format!("src/big/{i}.sst")), noise(40 + i, 90 * MIB)).expect("w");
+    }
+    fs::create_dir_all(d.p("src/small")).expect("mkdir");
+    for i in 0..300 {
+        fs::write(d.p(&format!("src/small/{i}")), noise(2000 + i, 64 << 10)).expect("w");
+    }
+    d.btm(&["backup", &d.s("src"), "-s", &d.s("store")]).ok();
+    let dst = d.s("dst");
+    kill_restore_after_a_checkpoint(&d, &dst);
+    let complete = journalled_complete(&dst);
+    let victim = complete.first().expect("a file recorded complete").clone();
+    // Changed in place: same size, other bytes in the middle.
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(Path::new(&dst).join(&victim))
+        .expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&f, &noise(99, 1000), 1000).expect("write");
+    drop(f);
+    let out = d
+        .btm(&["restore", "latest", &dst, "-s", &d.s("store"), "--json"])
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    same_file(
+        &d.p(&format!("src/{victim}")),
+        &Path::new(&dst).join(&victim),
+    );
+    common::sh("diff", &["-r", &d.s("src"), &dst]);
+    assert!(
+        v["summary"]["files_trusted"].as_u64() < Some(complete.len() as u64),
+        "the changed file was trusted: {out}"
+    );
+}
+
 /// Issue 10.1: an append-only file sized before its data arrived, or
 /// written but not durable, must never be trusted by a re-run. Killed at
 /// several points, the re-run finishes with exact bytes.
@@ -312,54 +425,7 @@ fn kill_9_mid_restore_then_rerun_is_exact_and_skips_completed_files() {
     d.btm(&["backup", &d.s("src"), "-s", &d.s("store")]).ok();
     let dst = d.s("dst");
     let journal = Path::new(&dst).join(".btm-restore");
-    // Run the restore in 3 ms slices with stops in between, until its
-    // journal has records (the first checkpoint, 256 MiB written and
-    // synced); then kill it while it is stopped. Unthrottled, a fast disk
-    // finishes the whole restore during the first checkpoint's sync, and
-    // there is no moment to kill it in; stopped, it writes nothing new
-    // while the kernel's sync catches up. A busy machine can still let it
-    // finish first: then start again with longer stops.
-    let mut killed = false;
-    for stop_ms in [20, 80, 250] {
-        let _ = fs::remove_dir_all(&dst);
-        let mut child = btm_cmd(
-            d.0.path(),
-            &["restore", "latest", &dst, "-s", &d.s("store")],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let started = Instant::now();
-        loop {
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop");
-            sleep(Duration::from_millis(stop_ms));
-            let records = fs::read_to_string(&journal).map_or(0, |j| j.lines().count());
-            if records >= 2 {
-                killed = true;
-                break;
-            }
-            if child.try_wait().expect("wait").is_some() {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(300),
-                "no checkpoint"
-            );
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("continue");
-            sleep(Duration::from_millis(3));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        if killed {
-            break;
-        }
-    }
-    assert!(
-        killed,
-        "the restore always finished before its first checkpoint was seen"
-    );
+    kill_restore_after_a_checkpoint(&d, &dst);
     let out = d
         .btm(&["restore", "latest", &dst, "-s", &d.s("store"), "--json"])
         .ok();
@@ -862,4 +928,144 @@ fn version_1_stores_stay_readable_and_gc_handles_both() {
     ])
     .ok();
     same_file(&d.p("src/a"), &d.p("dst2/a"));
+}
+
+/// Backup `name` rewritten under a new name with a tree segment per
+/// top-level directory at least, as a tree of many more files would have
+/// them; returns the new name and its segments, in order.
+fn resegmented(
+    store: &btm_chunk::store::LocalStore,
+    name: &str,
+) -> (String, Vec<btm_chunk::store::Id>) {
+    use btm_chunk::format::head::{Decoded, Head, IndexName, Totals};
+    use btm_chunk::format::tree::{Item, TreeWriter};
+    use btm_chunk::store::{Kind, Store};
+    let Decoded::V2(old) = btm_chunk::catalog::read_index(store, name).expect("read") else {
+        panic!("a version 2 backup");
+    };
+    let idx = Decoded::V2(old.clone());
+    let mut entries = btm_chunk::catalog::entries(store, None, name, &idx, 2);
+    let (mut segments, mut totals) = (Vec::new(), Totals::default());
+    let mut writer: Option<TreeWriter> = None;
+    let mut close = |w: TreeWriter, segments: &mut Vec<_>| {
+        let (last, t) = w.finish().expect("finish");
+        segments.extend(last);
+        totals.entries += t.entries;
+        totals.files += t.files;
+        totals.dirs += t.dirs;
+        totals.symlinks += t.symlinks;
+        totals.bytes += t.bytes;
+        totals.stored_bytes += t.stored_bytes;
+    };
+    while let Some(item) = entries.next_item().expect("entries") {
+        match item {
+            Item::Entry(e) => {
+                if !e.path.contains(&b'/') {
+                    if let Some(w) = writer.take() {
+                        close(w, &mut segments);
+                    }
+                }
+                let w = writer.get_or_insert_with(|| TreeWriter::new(1));
+                segments.extend(w.entry(&e).expect("entry"));
+            }
+            Item::Chunks(c) => {
+                let w = writer.as_mut().expect("a file first");
+                segments.extend(w.chunks(&c).expect("chunks"));
+            }
+        }
+    }
+    if let Some(w) = writer.take() {
+        close(w, &mut segments);
+    }
+    for seg in &segments {
+        store
+            .put(Kind::Tree, &seg.id, seg.data.clone().into())
+            .expect("put segment");
+    }
+    let created = chrono::Utc::now();
+    let new_name = IndexName::new(created, &old.tag).to_string();
+    let head = Head {
+        created,
+        trees: segments.iter().map(|s| s.id).collect(),
+        totals,
+        ..old
+    };
+    store
+        .put_index(&new_name, &head.encode().expect("encode"))
+        .expect("put head");
+    (new_name, head.trees)
+}
+
+/// Every file under `dir` with its bytes.
+fn contents(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).expect("ls").flatten() {
+            let p = e.path();
+            if e.file_type().expect("type").is_dir() {
+                todo.push(p);
+            } else {
+                out.insert(p.clone(), fs::read(&p).expect("read"));
+            }
+        }
+    }
+    out
+}
+
+/// Issue 21, item 5: a restore over a node from a backup whose last tree
+/// segment is gone fails before it writes anything: the node is not left
+/// half at one height and half at another.
+#[test]
+fn a_restore_refuses_a_backup_missing_a_segment_before_writing_anything() {
+    let d = Dir::new();
+    for dir in 0..12 {
+        fs::create_dir_all(d.p(&format!("src/d{dir:02}"))).expect("mkdir");
+        for f in 0..300 {
+            let p = d.p(&format!("src/d{dir:02}/{f}"));
+            fs::write(p, noise(dir * 1000 + f, 1024)).expect("w");
+        }
+    }
+    let store_dir = d.s("store");
+    d.btm(&["backup", &d.s("src"), "-s", &store_dir, "-t", "m"])
+        .ok();
+    let dst = d.s("dst");
+    d.btm(&["restore", "latest", &dst, "-s", &store_dir, "-t", "m"])
+        .ok();
+    let before = contents(Path::new(&dst));
+    // One file in seven changes, and is backed up again.
+    for dir in 0..12 {
+        for f in (0..300).step_by(7) {
+            let p = d.p(&format!("src/d{dir:02}/{f}"));
+            fs::write(p, noise(77_000 + dir * 1000 + f, 1024)).expect("w");
+        }
+    }
+    let out = d
+        .btm(&["backup", &d.s("src"), "-s", &store_dir, "-t", "m"])
+        .ok();
+    let second = out.lines().next().expect("name").to_owned();
+    let store = btm_chunk::store::LocalStore::open(&store_dir).expect("open");
+    let (damaged, trees) = resegmented(&store, &second);
+    assert!(trees.len() >= 12, "{} segments", trees.len());
+    use btm_chunk::store::Store;
+    store.delete_index(&second).expect("forget");
+    let last = trees.last().expect("a segment");
+    store
+        .delete(btm_chunk::store::Kind::Tree, last)
+        .expect("delete");
+    let _ = fs::remove_dir_all(d.p("cache"));
+
+    let run = d.btm(&["restore", &damaged, &dst, "-s", &store_dir]);
+    assert!(
+        contents(Path::new(&dst)) == before,
+        "the node was changed: {}",
+        run.stderr
+    );
+    let err = run.fails(1);
+    assert!(
+        err.contains("cannot be restored, so nothing was changed")
+            && err.contains(&last.to_string()),
+        "{err}"
+    );
+    assert!(!Path::new(&dst).join(".btm-restore").exists());
 }

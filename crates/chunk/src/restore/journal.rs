@@ -3,11 +3,18 @@
 //!
 //! It is written before the restore changes anything, and every line in it
 //! claims only what a `syncfs` of the destination already made durable: a
-//! file complete (`{"path","ino","size"}`), or a file's first `prefix` bytes
-//! (`{"path","ino","size","prefix"}`). Paths are the raw bytes in hex. A
-//! torn last line (a crash while appending) is ignored. The journal is
-//! deleted once the whole restore is durable, and its absence then means
-//! that nothing in the destination was touched by an unfinished restore.
+//! file complete (`{"path","ino","size","mtime","ctime"}`), or a file's
+//! first `prefix` bytes (the same and `"prefix"`). Paths are the raw bytes
+//! in hex. A torn last line (a crash while appending) is ignored. The
+//! journal is deleted once the whole restore is durable, and its absence
+//! then means that nothing in the destination was touched by an unfinished
+//! restore.
+//!
+//! A record is trusted only while the file is provably untouched since: the
+//! same inode and size, and the modification and change times it had when
+//! the record was made. A write in place at the same size (a preallocated
+//! block file, a memory-mapped database) changes the change time, which no
+//! one can set back; such a file is read and compared again.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -30,13 +37,54 @@ struct Header {
     backup: String,
 }
 
+/// The journal's version: 2 added the times (a version 1 journal, from an
+/// older btm, is another backup's: nothing in it is trusted).
+const VERSION: u32 = 2;
+
 #[derive(Serialize, Deserialize)]
 struct Line {
     path: String,
     ino: u64,
     size: u64,
+    mtime: i64,
+    ctime: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     prefix: Option<u64>,
+}
+
+/// A file as `fstat` shows it: what a record must still match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// Its inode.
+    pub ino: u64,
+    /// Its size.
+    pub size: u64,
+    /// Its modification time, in nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Its change time, in nanoseconds since the epoch.
+    pub ctime_ns: i64,
+}
+
+impl Stamp {
+    /// The stamp of a file's `fstat`.
+    pub fn of(st: &nix::sys::stat::FileStat) -> Self {
+        Stamp {
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
+            ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
+        }
+    }
+}
+
+/// A file's record: its stamp when recorded, and how many of its leading
+/// bytes were durable and right then (`stamp.size` for a complete file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    /// The file when the record was made.
+    pub stamp: Stamp,
+    /// Bytes known right from the start.
+    pub prefix: u64,
 }
 
 /// What an earlier, unfinished run of the same restore made durable.
@@ -45,17 +93,17 @@ pub struct Prior {
     /// Whether a journal existed at all (for any backup): then nothing in
     /// the destination is trusted without a record.
     pub existed: bool,
-    /// Per path: the inode and size the file had, and how many of its
-    /// bytes are known right (`size` for a complete file).
-    pub files: HashMap<Vec<u8>, (u64, u64, u64)>,
+    /// The last record of each path.
+    pub files: HashMap<Vec<u8>, Record>,
 }
 
 impl Prior {
-    /// How many leading bytes of `path` (now inode `ino`, `size` bytes,
-    /// to be restored at `size`) are known right.
-    pub fn trusted(&self, path: &[u8], ino: u64, size: u64) -> u64 {
+    /// How many leading bytes of `path` (now `now`, to be restored at
+    /// `size` bytes) are known right: those of its record, if the file is
+    /// exactly as it was when the record was made.
+    pub fn trusted(&self, path: &[u8], now: &Stamp, size: u64) -> u64 {
         match self.files.get(path) {
-            Some(&(i, s, prefix)) if i == ino && s == size => prefix.min(size),
+            Some(r) if r.stamp == *now && now.size == size => r.prefix.min(size),
             _ => 0,
         }
     }
@@ -107,7 +155,7 @@ impl Journal {
                 .next()
                 .and_then(|l| l.ok())
                 .and_then(|l| serde_json::from_str::<Header>(&l).ok())
-                .is_some_and(|h| h.v == 1 && h.backup == backup);
+                .is_some_and(|h| h.v == VERSION && h.backup == backup);
             if same {
                 for line in lines {
                     let Ok(line) = line else { break };
@@ -116,9 +164,14 @@ impl Journal {
                         break;
                     };
                     let Some(p) = unhex(&l.path) else { break };
-                    prior
-                        .files
-                        .insert(p, (l.ino, l.size, l.prefix.unwrap_or(l.size)));
+                    let stamp = Stamp {
+                        ino: l.ino,
+                        size: l.size,
+                        mtime_ns: l.mtime,
+                        ctime_ns: l.ctime,
+                    };
+                    let prefix = l.prefix.unwrap_or(l.size);
+                    prior.files.insert(p, Record { stamp, prefix });
                 }
                 // Continue this journal: its records stay valid.
                 let mut file = f;
@@ -142,7 +195,7 @@ impl Journal {
         .map_err(|e| io(e.into()))?;
         let mut file = File::from(fd);
         let header = Header {
-            v: 1,
+            v: VERSION,
             backup: backup.to_owned(),
         };
         let mut line = serde_json::to_vec(&header)
@@ -157,19 +210,22 @@ impl Journal {
         Ok((Journal { file, path }, prior))
     }
 
-    /// Record files as durable: each `(path, ino, size, prefix)`, where
-    /// `prefix == size` means complete. The caller made them durable first.
-    pub fn record(&mut self, done: &[(Vec<u8>, u64, u64, u64)]) -> Result<(), ChunkError> {
+    /// Record files as durable: each path with its record, where a prefix
+    /// of the whole size means complete. The caller made them durable
+    /// first.
+    pub fn record(&mut self, done: &[(Vec<u8>, Record)]) -> Result<(), ChunkError> {
         if done.is_empty() {
             return Ok(());
         }
         let mut buf = Vec::new();
-        for (path, ino, size, prefix) in done {
+        for (path, r) in done {
             let line = Line {
                 path: hex(path),
-                ino: *ino,
-                size: *size,
-                prefix: (prefix != size).then_some(*prefix),
+                ino: r.stamp.ino,
+                size: r.stamp.size,
+                mtime: r.stamp.mtime_ns,
+                ctime: r.stamp.ctime_ns,
+                prefix: (r.prefix != r.stamp.size).then_some(r.prefix),
             };
             serde_json::to_writer(&mut buf, &line)
                 .map_err(|e| ChunkError::io(&self.path, std::io::Error::other(e)))?;
@@ -194,15 +250,37 @@ impl Journal {
 mod tests {
     use super::*;
 
+    fn stamp(ino: u64, size: u64, ctime_ns: i64) -> Stamp {
+        Stamp {
+            ino,
+            size,
+            mtime_ns: 1_000,
+            ctime_ns,
+        }
+    }
+
     #[test]
     fn records_survive_a_rerun_and_a_torn_line_is_ignored() {
         let t = tempfile::tempdir().expect("tmp");
         let dir = File::open(t.path()).expect("dir");
         let (mut j, prior) = Journal::open(t.path(), &dir, "b1").expect("open");
         assert!(!prior.existed);
+        let (a, b) = (stamp(7, 100, 5), stamp(8, 50, 6));
         j.record(&[
-            (b"a/f".to_vec(), 7, 100, 100),
-            (vec![0xff, b'x'], 8, 50, 20),
+            (
+                b"a/f".to_vec(),
+                Record {
+                    stamp: a,
+                    prefix: 100,
+                },
+            ),
+            (
+                vec![0xff, b'x'],
+                Record {
+                    stamp: b,
+                    prefix: 20,
+                },
+            ),
         ])
         .expect("record");
         drop(j);
@@ -214,14 +292,60 @@ mod tests {
             .expect("append");
         let (_, prior) = Journal::open(t.path(), &dir, "b1").expect("reopen");
         assert!(prior.existed);
-        assert_eq!(prior.trusted(b"a/f", 7, 100), 100);
-        assert_eq!(prior.trusted(b"a/f", 9, 100), 0, "another inode");
-        assert_eq!(prior.trusted(&[0xff, b'x'], 8, 50), 20);
+        assert_eq!(prior.trusted(b"a/f", &a, 100), 100);
+        assert_eq!(
+            prior.trusted(b"a/f", &stamp(9, 100, 5), 100),
+            0,
+            "another inode"
+        );
+        assert_eq!(prior.trusted(&[0xff, b'x'], &b, 50), 20);
         assert_eq!(prior.files.len(), 2);
         // Another backup's journal trusts nothing, but says one existed.
         let (j, prior) = Journal::open(t.path(), &dir, "b2").expect("other");
         assert!(prior.existed && prior.files.is_empty());
         j.finish(&dir).expect("finish");
         assert!(!t.path().join(NAME).exists());
+    }
+
+    /// Issue 21, item 4: a file changed in place at the same size since
+    /// its record (its change time moved) is not trusted, nor one whose
+    /// modification time was set back.
+    #[test]
+    fn a_record_holds_only_while_the_file_is_untouched() {
+        let mut prior = Prior::default();
+        let recorded = stamp(7, 100, 5);
+        prior.files.insert(
+            b"f".to_vec(),
+            Record {
+                stamp: recorded,
+                prefix: 100,
+            },
+        );
+        assert_eq!(prior.trusted(b"f", &recorded, 100), 100);
+        assert_eq!(
+            prior.trusted(b"f", &stamp(7, 100, 6), 100),
+            0,
+            "written in place"
+        );
+        let touched = Stamp {
+            mtime_ns: 2_000,
+            ..recorded
+        };
+        assert_eq!(prior.trusted(b"f", &touched, 100), 0, "another mtime");
+        assert_eq!(prior.trusted(b"f", &recorded, 99), 0, "another size wanted");
+    }
+
+    /// A version 1 journal (no times) trusts nothing.
+    #[test]
+    fn an_older_journal_trusts_nothing() {
+        let t = tempfile::tempdir().expect("tmp");
+        std::fs::write(
+            t.path().join(NAME),
+            "{\"v\":1,\"backup\":\"b1\"}\n{\"path\":\"61\",\"ino\":7,\"size\":1}\n",
+        )
+        .expect("w");
+        let dir = File::open(t.path()).expect("dir");
+        let (_, prior) = Journal::open(t.path(), &dir, "b1").expect("open");
+        assert!(prior.existed && prior.files.is_empty());
     }
 }

@@ -29,7 +29,9 @@
 //!   restore reports success only after the last sync, with the journal
 //!   removed.
 
+pub mod delete;
 pub mod journal;
+pub mod prove;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -52,14 +54,14 @@ use super::buffers::Buffers;
 use super::cache::Cache;
 use super::format::head::Decoded;
 use super::format::pack::{open_frame, FrameError};
-use super::format::tree::{walk_order, ChunkRef, Entry, EntryKind, Item};
+use super::format::tree::{ChunkRef, Entry, EntryKind, Item};
 use super::lease::{LeaseError, LeaseKind};
 use super::map::ChunkMap;
 use super::plan::{append_trusted_end, coalesce, restore_step, Need, ReadRange, RestoreStep};
 use super::spool::Spool;
 use super::{catalog, with_retry, ChunkError, Progress};
 use crate::store::{Id, Kind, Store, StoreError};
-use journal::{Journal, Prior};
+use journal::{Journal, Prior, Record, Stamp};
 
 /// Frames of one pack closer than this are fetched in one read.
 const MAX_GAP: u64 = 256 << 10;
@@ -156,6 +158,13 @@ pub struct RestoreSummary {
     pub holes: u64,
     /// Local entries removed (`--delete`).
     pub deleted: u64,
+    /// Local entries `--delete` kept although the backup lacks them: what
+    /// the backup left out on purpose (key material, its `--exclude`
+    /// patterns) and validator signing state.
+    pub not_deleted: u64,
+    /// The first hundred of those, with why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_deleted_named: Vec<delete::Kept>,
     /// Local validator signing-state files kept as they were, whatever the
     /// backup holds.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -192,7 +201,6 @@ impl Counters {
 struct FileJob<'a> {
     entry: Entry,
     file: File,
-    ino: u64,
     size: u64,
     /// Its size before it was resized: bytes beyond are holes already.
     local_size: u64,
@@ -226,8 +234,8 @@ struct Shared<'a> {
     abort: AtomicBool,
     first_error: Mutex<Option<ChunkError>>,
     counters: Counters,
-    /// Files complete since the last checkpoint: (path, ino, size).
-    completed: Mutex<Vec<(Vec<u8>, u64, u64)>>,
+    /// Files complete since the last checkpoint, as they were then.
+    completed: Mutex<Vec<(Vec<u8>, Record)>>,
     /// Files large enough for prefix records.
     big: Mutex<Vec<Weak<FileJob<'a>>>>,
     since_checkpoint: AtomicU64,
@@ -325,13 +333,25 @@ impl<'a> Shared<'a> {
         if job.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
-        if let Err(e) = apply_file_metadata(&job.file, &job.entry, Some(job.found)) {
-            self.fail(ChunkError::io(Path::new(&*job.entry.display()), e));
-            return;
-        }
+        let stamp = apply_file_metadata(&job.file, &job.entry, Some(job.found)).and_then(|()| {
+            nix::sys::stat::fstat(&job.file)
+                .map(|st| Stamp::of(&st))
+                .map_err(std::io::Error::from)
+        });
+        let stamp = match stamp {
+            Ok(s) => s,
+            Err(e) => {
+                self.fail(ChunkError::io(Path::new(&*job.entry.display()), e));
+                return;
+            }
+        };
+        let record = Record {
+            stamp,
+            prefix: job.size,
+        };
         let pending = {
             let mut completed = self.completed.lock().unwrap_or_else(|p| p.into_inner());
-            completed.push((job.entry.path.clone(), job.ino, job.size));
+            completed.push((job.entry.path.clone(), record));
             completed.len()
         };
         if pending == CHECKPOINT_FILES {
@@ -438,7 +458,6 @@ pub fn restore(
     dest: &Path,
     opts: &RestoreOptions,
 ) -> Result<RestoreSummary, ChunkError> {
-    std::fs::create_dir_all(dest).map_err(|e| ChunkError::io(dest, e))?;
     let result = super::lease::with_lease(
         store,
         LeaseKind::Restore,
@@ -491,14 +510,27 @@ fn run(
         .connections
         .unwrap_or_else(|| default_connections(store))
         .max(1);
-    let cache = opts.cache.as_ref();
-    let (tree, dest_fd) = open_dest(dest)?;
+    // The backup's segments are read twice (see `prove`): the second time
+    // from a cache, a temporary one if there is no other.
+    let scratch_cache;
+    let cache = match &opts.cache {
+        Some(c) => Some(c),
+        None => {
+            let dir = tempfile::tempdir()
+                .map_err(|e| ChunkError::io(Path::new("(temporary cache)"), e))?;
+            scratch_cache = (Cache::new(dir.path()), dir);
+            Some(&scratch_cache.0)
+        }
+    };
     let v1 = matches!(index, Decoded::V1(_));
     // A version 1 backup names its chunks as objects: no map to load.
     let map = match v1 {
         true => ChunkMap::default(),
         false => ChunkMap::load(store, cache, connections)?,
     };
+    prove::prove(store, cache, name, index, &map, connections)?;
+    std::fs::create_dir_all(dest).map_err(|e| ChunkError::io(dest, e))?;
+    let (tree, dest_fd) = open_dest(dest)?;
     let (journal, prior) = Journal::open(dest, &dest_fd, name)?;
     let slots = Budget::new(open_file_budget() as u64);
     let shared = Shared::new(store, opts, v1, index.chunk_size().max(1), map);
@@ -562,7 +594,15 @@ fn run(
     dirs.sort_by_key(|e| std::cmp::Reverse(e.path.iter().filter(|&&c| c == b'/').count()));
     dirs.iter().try_for_each(|e| apply_dir_metadata(&tree, e))?;
     if opts.delete {
-        summary.deleted = delete_extra(store, cache, name, index, dest, opts, connections)?;
+        let entries = catalog::entries(store, cache, name, index, connections);
+        let scope = delete::Scope {
+            filter: opts.filter.as_ref(),
+            keep_signing_state: !opts.overwrite_signing_state,
+        };
+        let done = delete::delete_extra(dest, index, entries, &scope)?;
+        summary.deleted = done.removed;
+        summary.not_deleted = done.kept;
+        summary.not_deleted_named = done.kept_named;
     }
     nix::unistd::syncfs(&dest_fd).map_err(|e| ChunkError::io(dest, e.into()))?;
     journal
@@ -846,18 +886,18 @@ impl<'a> Planner<'_, 'a> {
         })?;
         let file = File::from(fd);
         let st = nix::sys::stat::fstat(&file).map_err(|x| self.io(&e, x))?;
-        let (local_size, ino, found) = (st.st_size as u64, st.st_ino, Found::of(&st));
+        let (local_size, found) = (st.st_size as u64, Found::of(&st));
         let chunk_size = self.shared.chunk_size;
-        let journalled = self.prior.trusted(&e.path, ino, size);
+        let journalled = self.prior.trusted(&e.path, &Stamp::of(&st), size);
         if journalled == size && local_size == size {
-            // Complete and durable in an earlier run: not even read.
+            // Complete, durable and untouched since an earlier run
+            // recorded it, metadata included: not even read.
             self.shared.counters.trusted.fetch_add(1, Ordering::Relaxed);
             self.shared
                 .opts
                 .progress
                 .done
                 .fetch_add(size, Ordering::Relaxed);
-            apply_file_metadata(&file, &e, Some(found)).map_err(|x| self.io(&e, x))?;
             return Ok(None);
         }
         let mut trusted = if local_size == size { journalled } else { 0 };
@@ -881,7 +921,6 @@ impl<'a> Planner<'_, 'a> {
         let job = Arc::new(FileJob {
             entry: e,
             file,
-            ino,
             size,
             local_size,
             chunk_size,
@@ -1514,16 +1553,18 @@ fn checkpointer(
         shared.since_checkpoint.store(0, Ordering::Relaxed);
         // What is claimed is taken before the sync: it is all on disk once
         // the sync returns.
-        let done = std::mem::take(&mut *shared.completed.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut records: Vec<(Vec<u8>, u64, u64, u64)> =
-            done.into_iter().map(|(p, i, s)| (p, i, s, s)).collect();
+        let mut records =
+            std::mem::take(&mut *shared.completed.lock().unwrap_or_else(|p| p.into_inner()));
         {
             let mut big = shared.big.lock().unwrap_or_else(|p| p.into_inner());
             big.retain(|w| w.strong_count() > 0);
             for job in big.iter().filter_map(Weak::upgrade) {
                 let prefix = job.prefix_bytes();
-                if prefix > 0 && prefix < job.size {
-                    records.push((job.entry.path.clone(), job.ino, job.size, prefix));
+                // Stamped before the sync: a write after it moves the
+                // change time, and the record is then not trusted.
+                let stamp = nix::sys::stat::fstat(&job.file).map(|st| Stamp::of(&st));
+                if let (Ok(stamp), true) = (stamp, prefix > 0 && prefix < job.size) {
+                    records.push((job.entry.path.clone(), Record { stamp, prefix }));
                 }
             }
         }
@@ -1534,87 +1575,4 @@ fn checkpointer(
             .unwrap_or_else(|p| p.into_inner())
             .record(&records)?;
     }
-}
-
-/// Remove local entries under `dest` that the backup does not have (and
-/// that the filter selects): a walk of `dest` beside a second read of the
-/// backup's entries, both in walk order. Returns how many were removed.
-fn delete_extra(
-    store: &dyn Store,
-    cache: Option<&Cache>,
-    name: &str,
-    index: &Decoded,
-    dest: &Path,
-    opts: &RestoreOptions,
-    connections: usize,
-) -> Result<u64, ChunkError> {
-    let mut wanted: Vec<Vec<u8>> = Vec::new();
-    let mut stream = catalog::entries(store, cache, name, index, connections);
-    let ordered = !matches!(index, Decoded::V1(_));
-    let mut walker = super::backup::walk::Walker::new(dest)?;
-    let mut removed = 0;
-    let next_wanted = |stream: &mut catalog::Entries<'_>| -> Result<Option<Vec<u8>>, ChunkError> {
-        loop {
-            match stream.next_item()? {
-                Some(Item::Entry(e)) => return Ok(Some(e.path)),
-                Some(Item::Chunks(_)) => {}
-                None => return Ok(None),
-            }
-        }
-    };
-    // Format 1 is not in walk order: read its paths once, sorted.
-    if !ordered {
-        while let Some(p) = next_wanted(&mut stream)? {
-            wanted.push(p);
-        }
-        wanted.sort_by(|a, b| walk_order(a, b));
-    }
-    let mut wanted = wanted.into_iter();
-    let mut head = if ordered {
-        next_wanted(&mut stream)?
-    } else {
-        wanted.next()
-    };
-    while let Some(w) = walker.next() {
-        let w = w?;
-        if w.depth == 0 && w.name == journal::NAME.as_bytes() {
-            continue;
-        }
-        while let Some(h) = &head {
-            if walk_order(h, &w.rel) == std::cmp::Ordering::Less {
-                head = if ordered {
-                    next_wanted(&mut stream)?
-                } else {
-                    wanted.next()
-                };
-            } else {
-                break;
-            }
-        }
-        let kept = head.as_ref().is_some_and(|h| h == &w.rel);
-        let selected = opts.filter.as_ref().is_none_or(|re| re.is_match(&w.rel));
-        if kept || !selected {
-            continue;
-        }
-        let name = OsStr::from_bytes(&w.name);
-        let keep_state = !opts.overwrite_signing_state;
-        if w.stat.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFDIR.bits() {
-            let full = dest.join(OsStr::from_bytes(&w.rel));
-            // A directory holding validator signing state is not removed
-            // whole: its other entries are, one by one.
-            if keep_state && !btm::validator::find_signing_state(&full).is_ok_and(|f| f.is_empty())
-            {
-                continue;
-            }
-            walker.skip_children(&w.rel);
-            std::fs::remove_dir_all(&full).map_err(|e| ChunkError::io(&full, e))?;
-        } else if keep_state && btm::validator::is_signing_state(&w.rel).is_some() {
-            continue;
-        } else {
-            nix::unistd::unlinkat(w.dir.as_fd(), name, nix::unistd::UnlinkatFlags::NoRemoveDir)
-                .map_err(|e| ChunkError::io(&dest.join(OsStr::from_bytes(&w.rel)), e.into()))?;
-        }
-        removed += 1;
-    }
-    Ok(removed)
 }

@@ -242,16 +242,9 @@ impl Store for LocalStore {
         self.remove(&kind.path(id))
     }
 
-    fn put_index(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
+    fn create_index(&self, name: &str, data: &[u8]) -> Result<bool, StoreError> {
         self.flush()?;
-        if self.create(&format!("indexes/{name}"), data, true)? {
-            Ok(())
-        } else {
-            Err(StoreError::Permanent {
-                what: format!("index {name}"),
-                detail: "an index with this name already exists".into(),
-            })
-        }
+        self.create(&format!("indexes/{name}"), data, true)
     }
 
     fn get_index(&self, name: &str) -> Result<Vec<u8>, StoreError> {

@@ -4,10 +4,12 @@
 //! (backups, restores, GC, the daemon's exporter) in milliseconds.
 //!
 //! Clones share the same contents, so a test keeps one to inspect what the
-//! code under test wrote. Two test hooks: [`MemStore::set_down`] makes every
-//! call fail as an unreachable store does, and [`MemStore::hold_writes`]
+//! code under test wrote. Test hooks: [`MemStore::set_down`] makes every
+//! call fail as an unreachable store does, [`MemStore::hold_writes`]
 //! makes object and index writes wait until released, to catch work in
-//! flight.
+//! flight, [`MemStore::age_marker`] moves a marker into the past, and
+//! [`MemStore::before_marker_put`] lets another party act at a chosen
+//! moment.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,6 +53,9 @@ struct Inner {
     down: bool,
     holding: bool,
     writes: u64,
+    /// Run once, before the next put of a marker under the prefix.
+    #[allow(clippy::type_complexity)]
+    before_put: Option<(String, Box<dyn FnOnce(&MemStore) + Send>)>,
 }
 
 impl MemStore {
@@ -106,6 +111,24 @@ impl MemStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .writes
+    }
+
+    /// Make marker `name` look written `by` earlier, by the store's clock.
+    pub fn age_marker(&self, name: &str, by: std::time::Duration) {
+        let mut g = self.shared.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, t)) = g.markers.get_mut(name) {
+            *t -= chrono::Duration::from_std(by).unwrap_or_default();
+        }
+    }
+
+    /// Run `f` (once, given this store) just before the next marker whose
+    /// name starts with `prefix` is put: another party acting at that moment.
+    pub fn before_marker_put(&self, prefix: &str, f: impl FnOnce(&MemStore) + Send + 'static) {
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .before_put = Some((prefix.to_owned(), Box::new(f)));
     }
 
     /// The store's lock, once writes are not held.
@@ -186,16 +209,13 @@ impl Store for MemStore {
         Ok(())
     }
 
-    fn put_index(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
+    fn create_index(&self, name: &str, data: &[u8]) -> Result<bool, StoreError> {
         let mut g = self.writable()?;
         if g.indexes.contains_key(name) {
-            return Err(StoreError::Permanent {
-                what: format!("index {name}"),
-                detail: "an index with this name already exists".into(),
-            });
+            return Ok(false);
         }
         g.indexes.insert(name.to_owned(), data.to_vec());
-        Ok(())
+        Ok(true)
     }
 
     fn get_index(&self, name: &str) -> Result<Vec<u8>, StoreError> {
@@ -217,6 +237,16 @@ impl Store for MemStore {
 
     fn put_marker(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
         check_marker_name(name)?;
+        let hook = {
+            let mut g = self.inner()?;
+            match &g.before_put {
+                Some((prefix, _)) if name.starts_with(prefix.as_str()) => g.before_put.take(),
+                _ => None,
+            }
+        };
+        if let Some((_, f)) = hook {
+            f(self);
+        }
         self.inner()?
             .markers
             .insert(name.to_owned(), (data.to_vec(), Utc::now()));

@@ -10,8 +10,12 @@
 //!   the name *is* the content's hash. Racing writers leave one copy.
 //! - **Ranged reads.** `get_range` returns exactly the bytes asked for, or
 //!   an error; never fewer.
-//! - **Atomic, write-once indexes.** `put_index` makes the whole index
-//!   visible at once or not at all, and fails if the name exists.
+//! - **Atomic, write-once indexes.** `create_index` makes the whole index
+//!   visible at once or not at all, and never replaces one. `put_index`
+//!   builds on it: a put whose answer was lost (a 5xx after the store
+//!   committed, a connection cut) is retried, finds its own index there,
+//!   and succeeds; an index with other bytes under the name is
+//!   [`StoreError::Conflict`].
 //! - **Durability, index last.** An index is durable when `put_index`
 //!   returns; other objects once [`Store::flush`] returns (object stores:
 //!   at `put`). A crash may lose an object put before a flush, but never
@@ -25,6 +29,7 @@
 //!   `Temporary` for what may work on retry, `Unreachable` for a store that
 //!   does not answer, `Permanent` for the rest.
 
+mod http;
 mod id;
 mod local;
 mod mem;
@@ -57,6 +62,14 @@ pub enum StoreError {
         /// What was being done.
         what: String,
         /// How long was waited, and how often.
+        detail: String,
+    },
+    /// A write-once name already holds other content.
+    #[error("{what} already exists in the store: {detail}")]
+    Conflict {
+        /// What was being written.
+        what: String,
+        /// What is there instead.
         detail: String,
     },
     /// Anything else (permissions, bad configuration, corrupt data).
@@ -174,8 +187,30 @@ pub trait Store: Send + Sync {
     fn list(&self, kind: Kind) -> Result<Vec<(Id, u64)>, StoreError>;
     /// Delete an object; absent is not an error.
     fn delete(&self, kind: Kind, id: &Id) -> Result<(), StoreError>;
-    /// Atomically create index `name`; fails if it exists.
-    fn put_index(&self, name: &str, data: &[u8]) -> Result<(), StoreError>;
+    /// Atomically create index `name` unless an index of that name exists;
+    /// `Ok(false)` if one does (whatever its bytes).
+    fn create_index(&self, name: &str, data: &[u8]) -> Result<bool, StoreError>;
+    /// Create index `name` holding `data`: `Ok` if it is created now, or is
+    /// there already with exactly these bytes (an earlier attempt of this
+    /// put committed before its answer was lost); [`StoreError::Conflict`]
+    /// if other bytes are stored under the name.
+    fn put_index(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
+        if self.create_index(name, data)? {
+            return Ok(());
+        }
+        let there = self.get_index(name)?;
+        if there == data {
+            return Ok(());
+        }
+        Err(StoreError::Conflict {
+            what: format!("index {name}"),
+            detail: format!(
+                "{} other bytes are stored under this name ({} were to be written)",
+                there.len(),
+                data.len()
+            ),
+        })
+    }
     /// The bytes of index `name`.
     fn get_index(&self, name: &str) -> Result<Vec<u8>, StoreError>;
     /// Names of all objects under `indexes/`, unsorted.

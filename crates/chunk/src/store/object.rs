@@ -4,10 +4,13 @@
 //! so this backend owns a small tokio runtime and blocks on it per call,
 //! which lets as many requests be in flight as there are calling threads.
 //!
-//! A store that does not answer must not look like slow progress forever:
-//! each request is bounded by [`request_timeout`] and retried for at most
-//! that long again, after which the call fails as
-//! [`StoreError::Unreachable`].
+//! A store that does not answer must not look like slow progress forever,
+//! and a slow link must not look like a dead store: a request fails once it
+//! makes no progress for [`request_timeout`] ([`super::http`]), however
+//! long it has run. Transient failures (5xx answers such as 503 SlowDown,
+//! timeouts, connections reset or cut short) are retried with backoff, here
+//! by `object_store` and above by the engine; a store still not answering
+//! then fails as [`StoreError::Unreachable`].
 //!
 //! Create-if-absent uses the service's conditional put where it has one.
 //! Where it does not (S3 without conditional-put support, most S3-compatible
@@ -25,8 +28,7 @@ use futures::TryStreamExt;
 use object_store::client::{HttpError, HttpErrorKind};
 use object_store::path::Path;
 use object_store::{
-    ClientConfigKey, GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
-    RetryConfig,
+    GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
 };
 
 use super::{check_marker_name, Bytes, Id, Kind, Marker, Store, StoreError};
@@ -40,8 +42,8 @@ pub struct ObjectStoreBackend {
     conditional_put: AtomicBool,
 }
 
-/// How long one request may take, and how long retries may go on:
-/// `$BTM_STORE_TIMEOUT` (a duration like `30s`), else 60 s.
+/// How long a request may go without progress (no byte sent or
+/// received): `$BTM_STORE_TIMEOUT` (a duration like `30s`), else 60 s.
 pub fn request_timeout() -> Duration {
     std::env::var("BTM_STORE_TIMEOUT")
         .ok()
@@ -50,38 +52,54 @@ pub fn request_timeout() -> Duration {
         .unwrap_or(Duration::from_secs(60))
 }
 
-fn retry_config(timeout: Duration) -> RetryConfig {
+/// object_store's own retries: 5xx answers (503 SlowDown included) and
+/// transport failures of idempotent requests, with backoff from 100 ms to
+/// 15 s, for up to six retries or `stall` times six, whichever ends first.
+fn retry_config(stall: Duration) -> RetryConfig {
     RetryConfig {
-        max_retries: 4,
-        retry_timeout: timeout,
+        max_retries: 6,
+        retry_timeout: stall * 6,
         ..RetryConfig::default()
     }
 }
 
-/// Whether an object_store failure means the server did not answer (a
-/// timeout or a failed connection, after object_store's own retries).
-fn unreachable(e: &object_store::Error) -> bool {
+/// What kind of transport failure `e` is, if it is one.
+fn transport(e: &object_store::Error) -> Option<HttpErrorKind> {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cause {
         if let Some(http) = c.downcast_ref::<HttpError>() {
-            return matches!(http.kind(), HttpErrorKind::Timeout | HttpErrorKind::Connect);
+            return Some(http.kind());
         }
         cause = c.source();
     }
-    false
+    None
 }
 
 fn classify(what: &str, e: object_store::Error) -> StoreError {
-    if unreachable(&e) {
-        return StoreError::Unreachable {
-            what: what.to_owned(),
-            detail: format!("within {:?}: {e}", request_timeout()),
-        };
+    match transport(&e) {
+        // The server did not answer, after object_store's own retries.
+        Some(HttpErrorKind::Timeout | HttpErrorKind::Connect) => {
+            return StoreError::Unreachable {
+                what: what.to_owned(),
+                detail: format!("no progress within {:?}: {e}", request_timeout()),
+            }
+        }
+        // A connection reset or cut short, or an answer that could not be
+        // read: object_store retries these only for requests it may repeat
+        // blindly; every store call here may be repeated (objects are
+        // named by their content, index puts compare what they find).
+        Some(_) => {
+            return StoreError::Temporary {
+                what: what.to_owned(),
+                detail: e.to_string(),
+            }
+        }
+        None => {}
     }
     match e {
         object_store::Error::NotFound { .. } => StoreError::NotFound(what.to_owned()),
-        // object_store has already retried transient HTTP failures with
-        // backoff before returning; what reaches us is final.
+        // object_store has already retried 5xx answers with backoff before
+        // returning; what reaches us is final.
         object_store::Error::Generic { source, .. } => StoreError::Permanent {
             what: what.to_owned(),
             detail: source.to_string(),
@@ -118,15 +136,14 @@ impl ObjectStoreBackend {
         if bucket.is_empty() {
             return Err(invalid("no bucket or container name".into()));
         }
-        let timeout = format!("{}s", request_timeout().as_secs().max(1));
-        let retry = retry_config(request_timeout());
+        let stall = request_timeout();
+        let retry = retry_config(stall);
+        let http = super::http::ProgressConnector { stall };
         let inner: Arc<dyn ObjectStore> = match scheme {
             "s3" => {
-                use object_store::aws::AmazonS3ConfigKey as K;
                 let mut b = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
-                    .with_config(K::Client(ClientConfigKey::Timeout), &timeout)
-                    .with_config(K::Client(ClientConfigKey::ConnectTimeout), "10s")
+                    .with_http_connector(http)
                     .with_retry(retry);
                 let endpoint = std::env::var("AWS_ENDPOINT_URL")
                     .or_else(|_| std::env::var("AWS_ENDPOINT"))
@@ -140,30 +157,22 @@ impl ObjectStoreBackend {
                 }
                 Arc::new(b.build().map_err(|e| invalid(e.to_string()))?)
             }
-            "gs" => {
-                use object_store::gcp::GoogleConfigKey as K;
-                Arc::new(
-                    object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                        .with_bucket_name(bucket)
-                        .with_config(K::Client(ClientConfigKey::Timeout), &timeout)
-                        .with_config(K::Client(ClientConfigKey::ConnectTimeout), "10s")
-                        .with_retry(retry)
-                        .build()
-                        .map_err(|e| invalid(e.to_string()))?,
-                )
-            }
-            "az" => {
-                use object_store::azure::AzureConfigKey as K;
-                Arc::new(
-                    object_store::azure::MicrosoftAzureBuilder::from_env()
-                        .with_container_name(bucket)
-                        .with_config(K::Client(ClientConfigKey::Timeout), &timeout)
-                        .with_config(K::Client(ClientConfigKey::ConnectTimeout), "10s")
-                        .with_retry(retry)
-                        .build()
-                        .map_err(|e| invalid(e.to_string()))?,
-                )
-            }
+            "gs" => Arc::new(
+                object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_http_connector(http)
+                    .with_retry(retry.clone())
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?,
+            ),
+            "az" => Arc::new(
+                object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(bucket)
+                    .with_http_connector(http)
+                    .with_retry(retry.clone())
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?,
+            ),
             other => return Err(invalid(format!("unknown scheme '{other}'"))),
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -307,7 +316,8 @@ impl Store for ObjectStoreBackend {
             })
             .map_err(|e| classify(&what, e))?;
         if buf.len() as u64 != len {
-            return Err(StoreError::Permanent {
+            // A body cut short: reading it again may work.
+            return Err(StoreError::Temporary {
                 what,
                 detail: format!("asked for {len} bytes at {offset}, got {}", buf.len()),
             });
@@ -335,20 +345,12 @@ impl Store for ObjectStoreBackend {
         self.remove(&kind.path(id))
     }
 
-    fn put_index(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
-        let what = format!("index {name}");
-        if self.create(
+    fn create_index(&self, name: &str, data: &[u8]) -> Result<bool, StoreError> {
+        self.create(
             &format!("indexes/{name}"),
             Bytes::copy_from_slice(data),
-            &what,
-        )? {
-            Ok(())
-        } else {
-            Err(StoreError::Permanent {
-                what,
-                detail: "an index with this name already exists".into(),
-            })
-        }
+            &format!("index {name}"),
+        )
     }
 
     fn get_index(&self, name: &str) -> Result<Vec<u8>, StoreError> {

@@ -107,6 +107,13 @@ fn parse_size(s: &str) -> Result<u64, String> {
     btm_daemon::settings::parse_size(s)
 }
 
+fn parse_rate(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err("a rate of 0 would never finish; leave --max-rate out for no limit".into()),
+        n => Ok(n),
+    }
+}
+
 fn workers(n: Option<usize>) -> Result<usize> {
     match n {
         Some(0) => bail!("--workers must be at least 1"),
@@ -152,6 +159,10 @@ pub struct BackupArgs {
     /// Read every file, even those unchanged since the previous backup
     #[arg(long)]
     force_read: bool,
+    /// Read at most SIZE a second from disk (e.g. 50M), so that a backup of
+    /// a running node never starves it [default: no limit]
+    #[arg(long, value_name = "SIZE", value_parser = parse_rate)]
+    max_rate: Option<u64>,
     /// Worker threads [default: twice the cores, 4 to 8]
     #[arg(long)]
     workers: Option<usize>,
@@ -180,6 +191,7 @@ pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
         opts.pack_size = usize::try_from(p).unwrap_or(usize::MAX);
     }
     opts.force_read = args.force_read;
+    opts.max_rate = args.max_rate;
     opts.cache = args.store.cache();
     opts.connections = args.store.connections();
     opts.workers = workers(args.workers)?;
@@ -223,7 +235,7 @@ pub(super) fn print_summary(summary: &btm_chunk::backup::BackupSummary) {
         summary.chunks_reused,
         summary.chunks_empty
     );
-    for x in &summary.excluded {
+    for x in summary.excluded.iter().filter(|x| x.matched > 0) {
         eprintln!("excluded: {} ({}; {} matched)", x.pattern, x.why, x.matched);
     }
 }
@@ -435,7 +447,7 @@ fn show_text(
         human_bytes(info.logical_bytes),
         human_bytes(info.disk_bytes)
     )?;
-    for x in idx.excluded() {
+    for x in idx.excluded().iter().filter(|x| x.matched > 0) {
         writeln!(
             out,
             "excluded: {} ({}; {} matched)",
@@ -592,12 +604,16 @@ pub fn restore(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
     let reporter = Reporter::start(format!("restoring {name}"), Arc::clone(&opts.progress));
     let result = btm_chunk::restore::restore(store.as_ref(), &name, &idx, &dir, &opts);
     drop(reporter);
-    let summary = result.with_context(|| {
-        format!(
-            "restore of {name} into {} failed; run it again to finish it",
-            dir.display()
-        )
-    })?;
+    let summary = match result {
+        // Refused before anything was changed: running it again cannot help.
+        Err(e @ btm_chunk::ChunkError::Unrestorable { .. }) => return Err(e.into()),
+        r => r.with_context(|| {
+            format!(
+                "restore of {name} into {} failed; run it again to finish it",
+                dir.display()
+            )
+        })?,
+    };
     if args.json {
         return print_json(
             out,
@@ -627,6 +643,21 @@ pub fn restore(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
             out,
             "kept the local validator signing state {p}, whatever the backup holds (--overwrite-signing-state replaces it)"
         )?;
+    }
+    if summary.not_deleted > 0 {
+        writeln!(
+            out,
+            "--delete kept {} local entr{} that the backup left out on purpose:",
+            summary.not_deleted,
+            if summary.not_deleted == 1 { "y" } else { "ies" }
+        )?;
+        for k in &summary.not_deleted_named {
+            writeln!(out, "  kept {} ({})", k.path, k.why)?;
+        }
+        let unnamed = summary.not_deleted - summary.not_deleted_named.len() as u64;
+        if unnamed > 0 {
+            writeln!(out, "  and {unnamed} more (--json lists the first hundred)")?;
+        }
     }
     Ok(())
 }

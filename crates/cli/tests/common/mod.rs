@@ -751,8 +751,8 @@ impl btm_chunk::store::Store for FaultyStore {
         spend(&self.deletes_left, kind.describe(id))?;
         self.inner.delete(kind, id)
     }
-    fn put_index(&self, n: &str, d: &[u8]) -> Result<(), StoreError> {
-        self.inner.put_index(n, d)
+    fn create_index(&self, n: &str, d: &[u8]) -> Result<bool, StoreError> {
+        self.inner.create_index(n, d)
     }
     fn get_index(&self, n: &str) -> Result<Vec<u8>, StoreError> {
         let forget = self.forget_when_read.lock().expect("lock").as_deref() == Some(n);
@@ -846,6 +846,12 @@ impl S3 {
             sleep(Duration::from_millis(50));
         }
         panic!("s3s-fs did not listen on port {}", self.port);
+    }
+
+    /// Where s3s-fs keeps the objects of `bucket`: `<key>` is a file under
+    /// it, so a test can look at a store's markers without a client.
+    pub fn bucket_dir(&self, bucket: &str) -> PathBuf {
+        self.dir.path().join(bucket)
     }
 
     pub fn env(&self) -> Vec<(&'static str, String)> {

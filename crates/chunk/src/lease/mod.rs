@@ -1,0 +1,918 @@
+//! Leases: how backups, restores and the garbage collector's sweep keep out
+//! of each other's way in a store shared by many nodes.
+//!
+//! A backup trusts a listing of the store's chunks ("known chunks") and
+//! never re-uploads those; a sweep deletes chunks. If both ran at once, a
+//! backup could write an index pointing at a chunk the sweep had just
+//! deleted. So each side first writes its own lease marker under `locks/`,
+//! then lists the other side's: a backup waits while a sweep is live, and a
+//! sweep gives up while a backup is live. Because each writes before it
+//! reads, at least one of two racing parties sees the other (the stores
+//! btm supports list with read-after-write consistency).
+//!
+//! A lease is live while its marker was written less than its TTL
+//! ([`LEASE_TTL`]) ago *by the store's clock*: the judge's own marker's
+//! listed time is "now", so clocks of different machines never need to
+//! agree. Before that, a judge may call it dead only with proof that its
+//! holder is gone ([`holder`]). Holders refresh their marker every tenth of
+//! the TTL. A holder whose marker may have expired in others' eyes, because
+//! its refreshes stopped for half the TTL (a failing store, a process
+//! paused or a machine suspended) or because its marker was removed, has
+//! **lost** its lease, for good: it must check again whatever it relied on
+//! ([`Lease::renew`]) or stop. A crashed holder's marker simply expires.
+//! See `docs/format.md`, "Leases".
+
+pub mod holder;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Id, Marker, Store, StoreError};
+use holder::{Here, Holder, Identity};
+
+/// How long a lease stays live after its holder's last refresh, by the
+/// store's clock, unless the holder records another TTL in its body.
+pub const LEASE_TTL: Duration = Duration::from_secs(600);
+/// The shortest TTL `$BTM_LEASE_TTL` may set.
+const MIN_TTL: Duration = Duration::from_secs(2);
+/// How long a backup waits for a live sweep before giving up.
+pub const MAX_WAIT: Duration = Duration::from_secs(1200);
+
+/// The TTL of the leases this process takes: [`LEASE_TTL`], or
+/// `$BTM_LEASE_TTL` (a duration, at least 2 s) so that tests can let a
+/// lease lapse without waiting ten minutes. Every lease records its TTL,
+/// and a judge never calls a lease expired before the TTL its holder
+/// recorded, so a short setting on one machine never shortens another's
+/// leases.
+pub fn ttl() -> Duration {
+    static TTL: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *TTL.get_or_init(|| {
+        std::env::var("BTM_LEASE_TTL")
+            .ok()
+            .and_then(|s| humantime::parse_duration(s.trim()).ok())
+            .map_or(LEASE_TTL, |d| d.max(MIN_TTL))
+    })
+}
+
+/// How often a holder rewrites its marker: a tenth of the TTL.
+fn refresh_every() -> Duration {
+    ttl() / 10
+}
+
+/// A holder may act on its lease only while its last successful refresh is
+/// younger than this: half the TTL, so clock-rate differences and a slow
+/// final request cannot let the lease lapse in another party's eyes first.
+fn safe_age() -> Duration {
+    ttl() / 2
+}
+
+/// Time since boot, suspended time included (`CLOCK_BOOTTIME`): a machine
+/// suspended for an hour must see that its lease lapsed.
+fn clock() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(Duration::from)
+        .unwrap_or_else(|_| {
+            static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+            START.get_or_init(std::time::Instant::now).elapsed()
+        })
+}
+
+/// What a lease is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseKind {
+    /// A backup writing packs and, at the end, a head.
+    Backup,
+    /// A restore (or a check) reading packs.
+    Restore,
+    /// A garbage-collection sweep deleting or moving data.
+    Sweep,
+}
+
+impl LeaseKind {
+    fn prefix(self) -> &'static str {
+        match self {
+            LeaseKind::Backup => "locks/backup-",
+            LeaseKind::Restore => "locks/restore-",
+            LeaseKind::Sweep => "locks/sweep-",
+        }
+    }
+
+    /// The kind of lease marker `name`, if it is one.
+    pub fn of(name: &str) -> Option<LeaseKind> {
+        [LeaseKind::Backup, LeaseKind::Restore, LeaseKind::Sweep]
+            .into_iter()
+            .find(|k| name.starts_with(k.prefix()))
+    }
+
+    /// Whether a live lease of `other` keeps a lease of this kind waiting
+    /// (or, for a sweep, from starting).
+    fn blocked_by(self, other: LeaseKind) -> bool {
+        match self {
+            LeaseKind::Sweep => true,
+            LeaseKind::Backup | LeaseKind::Restore => other == LeaseKind::Sweep,
+        }
+    }
+}
+
+/// The body of a lease marker: who holds it, for judges, humans and logs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    /// What the lease is for.
+    pub kind: LeaseKind,
+    /// Host name of the holder.
+    pub host: String,
+    /// Process id of the holder, in its PID namespace.
+    pub pid: u32,
+    /// When the holder took it (holder's clock, informational).
+    pub started: DateTime<Utc>,
+    /// The backup's tag, for backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Packs written (or being written) that no pack index names yet: if
+    /// the holder dies, GC finds them here (`docs/format.md`, "Leases").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<Id>,
+    /// The holder's TTL in seconds (absent: [`LEASE_TTL`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    /// Where the holder runs, so that a judge can prove it gone.
+    #[serde(flatten)]
+    pub identity: Identity,
+}
+
+impl LeaseInfo {
+    /// The TTL its holder keeps it by.
+    fn ttl(&self) -> Duration {
+        self.ttl_secs.map_or(LEASE_TTL, Duration::from_secs)
+    }
+}
+
+/// Why a lease could not be taken or kept.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// A store call failed. (Printed, not returned by `source()`: see
+    /// the error policy in [`crate::ChunkError`].)
+    #[error("lease: {0}")]
+    Store(StoreError),
+    /// Another party holds a conflicting live lease.
+    #[error("{0}")]
+    Conflict(String),
+    /// Cancelled while waiting for a sweep.
+    #[error("cancelled while waiting for a garbage-collection sweep")]
+    Cancelled,
+    /// Refreshing stopped for too long (a failing store, a paused process,
+    /// a suspended machine): other parties may have seen the lease expire.
+    #[error("lease {name} went {age:?} without a refresh, so others may have seen it expire")]
+    Lapsed {
+        /// The marker.
+        name: String,
+        /// The longest time between two refreshes.
+        age: Duration,
+    },
+    /// The marker was removed from the store by another party, which
+    /// therefore judged the holder dead.
+    #[error("lease {name} was removed from the store by another party")]
+    Taken {
+        /// The marker.
+        name: String,
+    },
+}
+
+impl From<StoreError> for LeaseError {
+    fn from(e: StoreError) -> Self {
+        LeaseError::Store(e)
+    }
+}
+
+/// How a lease was lost; sticky until [`Lease::renew`].
+#[derive(Debug, Clone, Copy)]
+enum Lost {
+    Lapsed(Duration),
+    Taken,
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A lease held in a store; refreshed by [`with_lease`] and removed when
+/// the closure returns (a crash leaves it to expire).
+pub struct Lease<'s> {
+    store: &'s dyn Store,
+    kind: LeaseKind,
+    name: String,
+    info: Mutex<Pending>,
+    /// Serialises marker writes, so a write never replaces a newer body.
+    writing: Mutex<u64>,
+    /// Packs written under the lease and since named by a pack index.
+    settled: Mutex<std::collections::HashSet<Id>>,
+    /// [`clock`] when the last successful write started.
+    last_ok: Mutex<Duration>,
+    /// Set once the lease may have lapsed or was taken; see [`Lease::check`].
+    lost: Mutex<Option<Lost>>,
+    /// Store time of our marker at the last check of the other leases.
+    store_now: Mutex<Option<DateTime<Utc>>>,
+    /// The markers that check listed, so that a caller looking for dead
+    /// holders need not list `locks/` again.
+    listed: Mutex<Vec<Marker>>,
+}
+
+/// The lease's body and a generation counter: bumped at each change, so a
+/// writer can tell whether a write already covered its change.
+struct Pending {
+    info: LeaseInfo,
+    generation: u64,
+}
+
+impl Lease<'_> {
+    /// The marker's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// "Now" by the store's clock, as of taking the lease: our marker's
+    /// listed time.
+    pub fn store_now(&self) -> Option<DateTime<Utc>> {
+        *self.store_now.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every marker under `locks/` as listed when the lease was taken (its
+    /// own included).
+    pub fn listed(&self) -> Vec<Marker> {
+        self.listed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn lose(&self, how: Lost) {
+        let mut lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        if lost.is_none() {
+            tracing::warn!(lease = %self.name, how = ?how, "lost the store lease");
+            *lost = Some(how);
+        }
+    }
+
+    fn since_last_ok(&self) -> Duration {
+        clock().saturating_sub(*self.last_ok.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Fails if the lease may have lapsed in other parties' eyes, now or at
+    /// any time since it was taken (or last [renewed](Lease::renew)): a
+    /// refresh after a long pause does not undo what others did meanwhile.
+    pub fn check(&self) -> Result<(), LeaseError> {
+        let age = self.since_last_ok();
+        if age >= safe_age() {
+            self.lose(Lost::Lapsed(age));
+        }
+        match *self.lost.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => Ok(()),
+            Some(Lost::Lapsed(age)) => Err(LeaseError::Lapsed {
+                name: self.name.clone(),
+                age,
+            }),
+            Some(Lost::Taken) => Err(LeaseError::Taken {
+                name: self.name.clone(),
+            }),
+        }
+    }
+
+    /// Take the lease again after [`Lease::check`] failed: rewrite the
+    /// marker and wait, as taking it does, for any live sweep to end (one
+    /// may have started while the lease was lost). Then the lease protects
+    /// again from now on; what was relied on while it was lost is the
+    /// caller's to check again.
+    pub fn renew(&self, cancel: &AtomicBool) -> Result<(), LeaseError> {
+        acquire(self, cancel)?;
+        *self.lost.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
+    }
+
+    /// Write the marker with the current body; if another write since the
+    /// body reached generation `at_least` already did, do nothing.
+    fn write_from(&self, at_least: u64) -> Result<(), StoreError> {
+        let mut written = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        if *written >= at_least && at_least > 0 {
+            return Ok(());
+        }
+        let started = clock();
+        let gap = self.since_last_ok();
+        if gap >= safe_age() {
+            // This write may come after the marker expired: whatever
+            // others did meanwhile stands.
+            self.lose(Lost::Lapsed(gap));
+        }
+        let (body, generation) = {
+            let p = self.info.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                serde_json::to_vec(&p.info).unwrap_or_default(),
+                p.generation,
+            )
+        };
+        self.store.put_marker(&self.name, &body)?;
+        *written = generation;
+        *self.last_ok.lock().unwrap_or_else(|p| p.into_inner()) = started;
+        Ok(())
+    }
+
+    fn write(&self) -> Result<(), StoreError> {
+        self.write_from(0)
+    }
+
+    /// The periodic refresh: first make sure the marker is still there
+    /// (another party that judged us dead may have removed it), then
+    /// rewrite it.
+    fn refresh(&self) -> Result<(), StoreError> {
+        if let Err(StoreError::NotFound(_)) = self.store.get_marker(&self.name) {
+            self.lose(Lost::Taken);
+        }
+        self.write()
+    }
+
+    /// Record that pack `id` is about to be written, durably, before it is:
+    /// returns once the marker lists it. Concurrent callers share writes.
+    pub fn add_pending(&self, id: Id) -> Result<(), StoreError> {
+        let generation = {
+            let mut p = self.info.lock().unwrap_or_else(|p| p.into_inner());
+            p.info.pending.push(id);
+            p.generation += 1;
+            p.generation
+        };
+        self.write_from(generation)
+    }
+
+    /// The packs written under this lease that no pack index names yet.
+    pub fn pending(&self) -> Vec<Id> {
+        self.info
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .info
+            .pending
+            .clone()
+    }
+
+    /// Packs that a pack index now names; the next refresh drops them.
+    pub fn settle(&self, ids: &[Id]) {
+        let mut p = self.info.lock().unwrap_or_else(|p| p.into_inner());
+        p.info.pending.retain(|x| !ids.contains(x));
+        p.generation += 1;
+        self.settled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(ids.iter().copied());
+    }
+
+    /// Every pack this lease's holder wrote and indexed.
+    pub fn written(&self) -> std::collections::HashSet<Id> {
+        self.settled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Rewrite the marker and list every lease, returning the others that
+    /// are live and keep a lease of our kind waiting. "Now" is our own
+    /// marker's store time.
+    fn blocking_others(&self) -> Result<Vec<Judged>, StoreError> {
+        self.write()?;
+        let markers = self.store.list_markers("locks")?;
+        let now = markers
+            .iter()
+            .find(|m| m.name == self.name)
+            .map(|m| m.modified)
+            .ok_or_else(|| StoreError::Permanent {
+                what: self.name.clone(),
+                detail: "the lease marker just written is not listed; the store's listing is not consistent".into(),
+            })?;
+        *self.store_now.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
+        let others: Vec<Marker> = markers
+            .iter()
+            .filter(|m| m.name != self.name)
+            .cloned()
+            .collect();
+        let blocking = judge(self.store, &others, Some(now), holder::here())
+            .into_iter()
+            .filter(|j| j.state == State::Live && self.kind.blocked_by(j.kind))
+            .collect();
+        *self.listed.lock().unwrap_or_else(|p| p.into_inner()) = markers;
+        Ok(blocking)
+    }
+}
+
+/// Whether a lease marker still protects what its holder relies on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Unexpired, and its holder not proven gone.
+    Live,
+    /// Older than its holder's TTL by the store's clock.
+    Expired,
+    /// Unexpired, but its holder is proven gone; why.
+    Gone(&'static str),
+}
+
+/// A lease marker, judged.
+#[derive(Debug, Clone)]
+pub struct Judged {
+    /// The marker as listed.
+    pub marker: Marker,
+    /// Its kind.
+    pub kind: LeaseKind,
+    /// Its state.
+    pub state: State,
+    /// Its body, when it was read (every lease that is not live has it
+    /// read, if it still can be).
+    pub info: Option<LeaseInfo>,
+}
+
+/// Judge the leases among `markers` (a listing of `locks/`) at store time
+/// `now` (without it, only proof can make a lease dead), from `here`.
+///
+/// A marker is expired once it is older than both this process's TTL
+/// ([`ttl`]) and the TTL its holder recorded; it is gone when its holder
+/// is proven gone ([`holder::judge`]). Bodies are read only where needed:
+/// for markers past this process's TTL, and for those of this host name
+/// (the only ones whose holder can be proven gone from here).
+pub fn judge(
+    store: &dyn Store,
+    markers: &[Marker],
+    now: Option<DateTime<Utc>>,
+    here: &Here,
+) -> Vec<Judged> {
+    let host = btm::host::name();
+    markers
+        .iter()
+        .filter_map(|m| {
+            let kind = LeaseKind::of(&m.name)?;
+            let age = now.map(|now| (now - m.modified).to_std().unwrap_or_default());
+            let mut info = None;
+            if let Some(age) = age.filter(|&a| a >= ttl()) {
+                info = body(store, m);
+                if info.as_ref().is_none_or(|i| age >= i.ttl()) {
+                    return Some(Judged {
+                        marker: m.clone(),
+                        kind,
+                        state: State::Expired,
+                        info,
+                    });
+                }
+            }
+            let maybe_here = holder_of(&m.name).is_none_or(|(h, _)| h == host);
+            if maybe_here {
+                if info.is_none() {
+                    info = body(store, m);
+                }
+                if let Some(i) = &info {
+                    if let Holder::Gone(why) =
+                        holder::judge(i.pid, &i.identity, here, holder::probe)
+                    {
+                        return Some(Judged {
+                            marker: m.clone(),
+                            kind,
+                            state: State::Gone(why),
+                            info,
+                        });
+                    }
+                }
+            }
+            Some(Judged {
+                marker: m.clone(),
+                kind,
+                state: State::Live,
+                info,
+            })
+        })
+        .collect()
+}
+
+/// Backup and sweep leases among `markers` whose holders are dead (expired
+/// at store time `now`, or proven gone) and left packs pending, with their
+/// bodies.
+pub fn dead_holders(
+    store: &dyn Store,
+    markers: &[Marker],
+    now: Option<DateTime<Utc>>,
+) -> Vec<(String, LeaseInfo)> {
+    judge(store, markers, now, holder::here())
+        .into_iter()
+        .filter(|j| j.state != State::Live)
+        .filter_map(|j| {
+            let info = j.info?;
+            (!info.pending.is_empty()).then_some((j.marker.name, info))
+        })
+        .collect()
+}
+
+/// The host and pid in a lease marker's name,
+/// `locks/<kind>-<host>-<pid>-<ns>-<seq>` (a host name may hold `-`).
+fn holder_of(name: &str) -> Option<(&str, u32)> {
+    let kind = LeaseKind::of(name)?;
+    let rest = &name[kind.prefix().len()..];
+    let mut parts = rest.rsplitn(4, '-');
+    let (_seq, _ns) = (parts.next()?, parts.next()?);
+    let pid = parts.next()?.parse().ok()?;
+    Some((parts.next()?, pid))
+}
+
+/// A lease marker's body, if it can be read.
+fn body(store: &dyn Store, m: &Marker) -> Option<LeaseInfo> {
+    serde_json::from_slice(&store.get_marker(&m.name).ok()?).ok()
+}
+
+/// "Now" by the store's clock: write a probe marker under `gc/`, read its
+/// listed time, delete it.
+pub fn store_now(store: &dyn Store) -> Result<DateTime<Utc>, StoreError> {
+    let name = format!(
+        "gc/clock-{}-{}-{}",
+        btm::host::name(),
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    store.put_marker(&name, b"")?;
+    let now = store
+        .list_markers("gc")?
+        .into_iter()
+        .find(|m| m.name == name)
+        .map(|m| m.modified);
+    let _ = store.delete_marker(&name);
+    now.ok_or_else(|| StoreError::Permanent {
+        what: name,
+        detail: "a marker just written is not listed; the store's listing is not consistent".into(),
+    })
+}
+
+fn describe(j: &Judged) -> String {
+    match &j.info {
+        Some(i) => format!("{} on {} (pid {})", j.marker.name, i.host, i.pid),
+        None => j.marker.name.clone(),
+    }
+}
+
+/// Take a lease of `kind`, run `f` while a background thread refreshes
+/// it, and release it.
+///
+/// - A `Backup` or `Restore` lease waits (up to [`MAX_WAIT`], or until
+///   `cancel` is set) while a sweep is live.
+/// - A `Sweep` lease fails with [`LeaseError::Conflict`] at once if any
+///   other lease is live: garbage collection can wait for a quieter time.
+pub fn with_lease<T, E: From<LeaseError>>(
+    store: &dyn Store,
+    kind: LeaseKind,
+    tag: Option<&str>,
+    cancel: &AtomicBool,
+    f: impl FnOnce(&Lease<'_>) -> Result<T, E>,
+) -> Result<T, E> {
+    let info = LeaseInfo {
+        kind,
+        host: btm::host::name(),
+        pid: std::process::id(),
+        started: Utc::now(),
+        tag: tag.map(str::to_owned),
+        pending: Vec::new(),
+        ttl_secs: (ttl() != LEASE_TTL).then(|| ttl().as_secs()),
+        identity: holder::here().identity.clone(),
+    };
+    let lease = Lease {
+        store,
+        kind,
+        name: format!(
+            "{}{}-{}-{}-{}",
+            kind.prefix(),
+            info.host,
+            info.pid,
+            Utc::now().timestamp_nanos_opt().unwrap_or_default(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ),
+        info: Mutex::new(Pending {
+            info,
+            generation: 0,
+        }),
+        writing: Mutex::new(0),
+        settled: Mutex::new(std::collections::HashSet::new()),
+        last_ok: Mutex::new(clock()),
+        lost: Mutex::new(None),
+        store_now: Mutex::new(None),
+        listed: Mutex::new(Vec::new()),
+    };
+    let result = acquire(&lease, cancel)
+        .map_err(E::from)
+        .and_then(|()| run_refreshed(&lease, f));
+    let unindexed = lease
+        .info
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .info
+        .pending
+        .len();
+    if unindexed > 0 {
+        // Packs no pack index names: the marker is the only record of
+        // them. Left to expire, it tells GC where they are.
+        if let Err(e) = lease.write() {
+            tracing::warn!(lease = %lease.name, error = %e, "could not record unindexed packs in the lease");
+        }
+        tracing::warn!(lease = %lease.name, packs = unindexed, "leaving the lease to expire, so that garbage collection finds the packs this run wrote but did not index");
+    } else if let Err(e) = store.delete_marker(&lease.name) {
+        tracing::warn!(lease = %lease.name, error = %e, "could not remove lease marker; it will expire");
+    }
+    result
+}
+
+fn acquire(lease: &Lease<'_>, cancel: &AtomicBool) -> Result<(), LeaseError> {
+    let started = std::time::Instant::now();
+    let mut announced = false;
+    loop {
+        let blocking = lease.blocking_others()?;
+        let Some(first) = blocking.first() else {
+            return Ok(());
+        };
+        let who = describe(first);
+        if lease.kind == LeaseKind::Sweep {
+            return Err(LeaseError::Conflict(format!(
+                "{} other lease(s) live, e.g. {who}",
+                blocking.len()
+            )));
+        }
+        if started.elapsed() >= MAX_WAIT {
+            return Err(LeaseError::Conflict(format!(
+                "a garbage-collection sweep has held the store for {:?}: {who}",
+                started.elapsed()
+            )));
+        }
+        if !announced {
+            tracing::info!(sweep = %who, "waiting for a garbage-collection sweep to finish");
+            announced = true;
+        }
+        for _ in 0..20 {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(LeaseError::Cancelled);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn run_refreshed<T, E>(
+    lease: &Lease<'_>,
+    f: impl FnOnce(&Lease<'_>) -> Result<T, E>,
+) -> Result<T, E> {
+    let stop = (Mutex::new(false), Condvar::new());
+    let failing = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let (lock, cv) = &stop;
+            let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                // Checked before each wait: a stop signalled before this
+                // thread first took the lock must not be missed.
+                if *stopped {
+                    return;
+                }
+                let wait = if failing.load(Ordering::Relaxed) {
+                    refresh_every() / 6
+                } else {
+                    refresh_every()
+                };
+                let (guard, _) = cv
+                    .wait_timeout(stopped, wait)
+                    .unwrap_or_else(|p| p.into_inner());
+                stopped = guard;
+                if *stopped {
+                    return;
+                }
+                match lease.refresh() {
+                    Ok(()) => failing.store(false, Ordering::Relaxed),
+                    Err(e) => {
+                        tracing::warn!(lease = %lease.name, error = %e, "could not refresh lease");
+                        failing.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        // Stops the refresher however `f` ends, a panic included: the
+        // scope would otherwise wait for it forever.
+        struct StopOnDrop<'a>(&'a (Mutex<bool>, Condvar));
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                let (lock, cv) = self.0;
+                *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                cv.notify_all();
+            }
+        }
+        let _stop = StopOnDrop(&stop);
+        f(lease)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marker(name: &str, secs_ago: i64, now: DateTime<Utc>) -> Marker {
+        Marker {
+            name: name.into(),
+            modified: now - chrono::Duration::seconds(secs_ago),
+        }
+    }
+
+    fn info(host: &str, pid: u32, identity: Identity, ttl_secs: Option<u64>) -> LeaseInfo {
+        LeaseInfo {
+            kind: LeaseKind::Backup,
+            host: host.into(),
+            pid,
+            started: Utc::now(),
+            tag: None,
+            pending: vec![Id::of(b"pack")],
+            ttl_secs,
+            identity,
+        }
+    }
+
+    fn put(store: &dyn Store, name: &str, i: &LeaseInfo) {
+        store
+            .put_marker(name, &serde_json::to_vec(i).expect("encodes"))
+            .expect("put");
+    }
+
+    fn states(store: &dyn Store, markers: &[Marker], now: DateTime<Utc>) -> Vec<(String, State)> {
+        let mut v: Vec<(String, State)> = judge(store, markers, Some(now), holder::here())
+            .into_iter()
+            .map(|j| (j.marker.name, j.state))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    #[test]
+    fn liveness_is_judged_on_the_store_clock_and_the_holders_ttl() {
+        let store = crate::store::MemStore::new();
+        let now = Utc::now();
+        let far = Identity::default();
+        put(
+            &store,
+            "locks/backup-far-1-1-0",
+            &info("far", 1, far.clone(), None),
+        );
+        put(
+            &store,
+            "locks/backup-far-2-1-0",
+            &info("far", 2, far.clone(), None),
+        );
+        // A holder that keeps a longer TTL than ours is live past ours.
+        put(
+            &store,
+            "locks/backup-far-3-1-0",
+            &info("far", 3, far.clone(), Some(7200)),
+        );
+        let markers = [
+            marker("locks/backup-far-1-1-0", 10, now),
+            marker("locks/backup-far-2-1-0", 601, now),
+            marker("locks/backup-far-3-1-0", 3600, now),
+            marker("locks/sweep-far-4-1-0", 599, now),
+            marker("locks/other", 0, now),
+            // From the future (store clocks differ per object on some
+            // services): live, never expired.
+            marker("locks/restore-far-5-1-0", -30, now),
+        ];
+        assert_eq!(
+            states(&store, &markers, now),
+            vec![
+                ("locks/backup-far-1-1-0".into(), State::Live),
+                ("locks/backup-far-2-1-0".into(), State::Expired),
+                ("locks/backup-far-3-1-0".into(), State::Live),
+                ("locks/restore-far-5-1-0".into(), State::Live),
+                ("locks/sweep-far-4-1-0".into(), State::Live),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_markers_name_gives_its_holder() {
+        assert_eq!(
+            holder_of("locks/backup-my-host-123-1795979739333253790-0"),
+            Some(("my-host", 123))
+        );
+        assert_eq!(holder_of("locks/sweep-h-7-1-2"), Some(("h", 7)));
+        assert_eq!(holder_of("locks/backup-h-notapid-1-2"), None);
+        assert_eq!(holder_of("locks/backup-1-2"), None);
+        assert_eq!(holder_of("gc/clock-h-1-2"), None);
+    }
+
+    /// Only a holder proven gone from here is dead before its lease
+    /// expires: not one of a clone of this host (another boot id), not one
+    /// of another PID namespace, not one whose name says another host.
+    #[test]
+    fn only_proof_makes_an_unexpired_holder_dead() {
+        let store = crate::store::MemStore::new();
+        let now = Utc::now();
+        let host = btm::host::name();
+        let here = holder::here().identity.clone();
+        let gone_pid = u32::MAX - 1;
+        let me = std::process::id();
+        let reused = Identity {
+            start_time: here.start_time.map(|t| t + 1),
+            ..here.clone()
+        };
+        let clone = Identity {
+            boot_id: Some("another-boot".into()),
+            ..here.clone()
+        };
+        let container = Identity {
+            pid_ns: here.pid_ns.map(|n| n + 1),
+            ..here.clone()
+        };
+        let cases = [
+            (
+                format!("locks/backup-{host}-{gone_pid}-1-0"),
+                info(&host, gone_pid, here.clone(), None),
+                true,
+            ),
+            (
+                format!("locks/backup-{host}-{me}-2-0"),
+                info(&host, me, reused, None),
+                true,
+            ),
+            (
+                format!("locks/backup-{host}-{me}-3-0"),
+                info(&host, me, here.clone(), None),
+                false,
+            ),
+            (
+                format!("locks/backup-{host}-{gone_pid}-4-0"),
+                info(&host, gone_pid, clone, None),
+                false,
+            ),
+            (
+                format!("locks/backup-{host}-{gone_pid}-5-0"),
+                info(&host, gone_pid, container, None),
+                false,
+            ),
+            (
+                format!("locks/backup-{host}-{gone_pid}-6-0"),
+                info(&host, gone_pid, Identity::default(), None),
+                false,
+            ),
+            // Its body would say "a dead process of this host", but its
+            // name says another host: the body is not even read.
+            (
+                "locks/backup-far-7-7-0".to_string(),
+                info(&host, gone_pid, here.clone(), None),
+                false,
+            ),
+        ];
+        let mut markers = Vec::new();
+        for (name, body, _) in &cases {
+            put(&store, name, body);
+            markers.push(marker(name, 1, now));
+        }
+        let judged = judge(&store, &markers, Some(now), holder::here());
+        for (name, _, dead) in &cases {
+            let j = judged
+                .iter()
+                .find(|j| &j.marker.name == name)
+                .expect("judged");
+            assert_eq!(
+                matches!(j.state, State::Gone(_)),
+                *dead,
+                "{name}: {:?}",
+                j.state
+            );
+        }
+        let mut dead: Vec<String> = dead_holders(&store, &markers, Some(now))
+            .into_iter()
+            .map(|(n, i)| {
+                assert_eq!(i.pending, vec![Id::of(b"pack")]);
+                n
+            })
+            .collect();
+        dead.sort();
+        let mut want: Vec<String> = cases.iter().filter(|c| c.2).map(|c| c.0.clone()).collect();
+        want.sort();
+        assert_eq!(dead, want);
+    }
+
+    /// A refresh after a pause longer than the safe age does not make the
+    /// lease good again: the loss sticks until it is renewed.
+    #[test]
+    fn a_lapse_sticks_until_the_lease_is_renewed() {
+        let store = crate::store::MemStore::new();
+        let never = AtomicBool::new(false);
+        with_lease(&store, LeaseKind::Backup, Some("t"), &never, |lease| {
+            lease.check()?;
+            *lease.last_ok.lock().expect("lock") = clock().saturating_sub(safe_age());
+            lease.write()?;
+            assert!(matches!(lease.check(), Err(LeaseError::Lapsed { .. })));
+            assert!(matches!(lease.check(), Err(LeaseError::Lapsed { .. })));
+            lease.renew(&never)?;
+            lease.check()?;
+            // Removed by another party: taken, noticed at the next refresh.
+            store.delete_marker(lease.name())?;
+            lease.refresh()?;
+            assert!(matches!(lease.check(), Err(LeaseError::Taken { .. })));
+            lease.renew(&never)?;
+            lease.check()
+        })
+        .expect("the lease works");
+    }
+}
