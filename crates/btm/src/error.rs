@@ -65,6 +65,12 @@ impl Error {
             _ => false,
         }
     }
+
+    /// Whether a `zfs` or `btrfs` command ran past its time limit: the
+    /// volume is not answering (a suspended pool, a frozen filesystem).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Volume(e) if e.is_timeout())
+    }
 }
 
 #[cfg(test)]

@@ -1,13 +1,13 @@
 //! Running commands the operator configured: snapshot hooks and the
-//! `command` height source. Unlike `zfs`/`btrfs` calls these are arbitrary
-//! programs, so each gets a timeout after which it is killed; a hung hook
-//! must never hang the daemon.
+//! `command` height source. Each gets a timeout after which it is killed;
+//! a hung hook must never hang the daemon. The bounded run underneath
+//! ([`run_bounded`]) is also what `zfs` and `btrfs` go through
+//! ([`crate::volume::cmd`]): a suspended pool must not hang it either.
 
 use std::fmt;
 use std::io::Read;
 use std::process::{Command, Stdio};
-use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Most bytes kept from a command's stdout or stderr.
 const OUTPUT_LIMIT: u64 = 64 * 1024;
@@ -63,45 +63,51 @@ impl fmt::Display for ExecError {
     }
 }
 
-/// Run `argv` with extra environment `env`, no stdin, and at most
-/// `timeout`; return its stdout (first 64 KiB) on success. On timeout the
-/// process is killed and reaped before this returns.
-pub fn run(
-    argv: &[String],
-    env: &[(&str, String)],
+/// How a bounded run of a child ended without an exit status.
+#[derive(Debug)]
+pub(crate) enum Unfinished {
+    /// It could not be started.
+    Spawn(std::io::Error),
+    /// It ran past its time and was killed (a process stuck in the kernel,
+    /// as on a frozen filesystem or a suspended pool, dies only once the
+    /// kernel lets it; a thread reaps it then).
+    Timeout,
+}
+
+/// What a child that exited printed.
+pub(crate) struct Finished {
+    pub status: std::process::ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Run `cmd` with stdin closed, its output captured (at most `limit`
+/// bytes of each stream), for at most `timeout`. The caller never waits
+/// longer than that (plus a second for the kill to land): not for a child
+/// stuck in the kernel, nor for a grandchild that keeps a pipe open.
+pub(crate) fn run_bounded(
+    cmd: &mut Command,
     timeout: Duration,
-) -> Result<String, ExecError> {
-    let err = |kind| ExecError {
-        argv: argv.to_vec(),
-        kind,
-    };
-    let (program, args) = argv
-        .split_first()
-        .ok_or_else(|| err(ExecErrorKind::Empty))?;
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
+    limit: u64,
+) -> Result<Finished, Unfinished> {
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // This thread waits for the command; if the daemon exits first (a stop
-    // does not wait for a hung hook or height command), the command is
-    // killed rather than left orphaned.
-    crate::sys::kill_when_parent_thread_exits(&mut cmd);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| err(ExecErrorKind::Spawn(e.to_string())))?;
-    // Drain both pipes on threads so a chatty command cannot block on a
-    // full pipe. Results come back over channels, so a grandchild that
-    // keeps a pipe open cannot make us wait past the deadline either.
+    // The command is killed if this thread exits first (a stop that does
+    // not wait for a hung hook), rather than left orphaned.
+    crate::sys::kill_when_parent_thread_exits(cmd);
+    let mut child = cmd.spawn().map_err(Unfinished::Spawn)?;
+    // Both pipes are drained on threads, so a chatty command cannot block
+    // on a full pipe; results come back over channels, so nothing here
+    // waits on a pipe past the deadline.
     let drain = |r: Option<Box<dyn Read + Send>>| {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut buf = Vec::new();
             if let Some(r) = r {
-                let _ = r.take(OUTPUT_LIMIT).read_to_end(&mut buf);
+                let _ = r.take(limit).read_to_end(&mut buf);
             }
-            let _ = tx.send(String::from_utf8_lossy(&buf).into_owned());
+            let _ = tx.send(buf);
         });
         rx
     };
@@ -117,27 +123,55 @@ pub fn run(
             .take()
             .map(|s| Box::new(s) as Box<dyn Read + Send>),
     );
-    let started = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if started.elapsed() >= timeout => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(err(ExecErrorKind::Timeout(timeout)));
-            }
-            Ok(None) => sleep(Duration::from_millis(5)),
-            Err(e) => return Err(err(ExecErrorKind::Spawn(e.to_string()))),
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(child.wait());
+    });
+    let status = match done.recv_timeout(timeout) {
+        Ok(Ok(status)) => status,
+        Ok(Err(e)) => return Err(Unfinished::Spawn(e)),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = done.recv_timeout(Duration::from_secs(1));
+            return Err(Unfinished::Timeout);
         }
     };
     let grace = Duration::from_millis(500);
-    let stdout = out.recv_timeout(grace).unwrap_or_default();
-    let stderr = errs.recv_timeout(grace).unwrap_or_default();
-    if status.success() {
-        Ok(stdout)
+    Ok(Finished {
+        status,
+        stdout: out.recv_timeout(grace).unwrap_or_default(),
+        stderr: errs.recv_timeout(grace).unwrap_or_default(),
+    })
+}
+
+/// Run `argv` with extra environment `env`, no stdin, and at most
+/// `timeout`; return its stdout (first 64 KiB) on success. On timeout the
+/// process is killed before this returns.
+pub fn run(
+    argv: &[String],
+    env: &[(&str, String)],
+    timeout: Duration,
+) -> Result<String, ExecError> {
+    let err = |kind| ExecError {
+        argv: argv.to_vec(),
+        kind,
+    };
+    let (program, args) = argv
+        .split_first()
+        .ok_or_else(|| err(ExecErrorKind::Empty))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+    let done = run_bounded(&mut cmd, timeout, OUTPUT_LIMIT).map_err(|e| match e {
+        Unfinished::Spawn(e) => err(ExecErrorKind::Spawn(e.to_string())),
+        Unfinished::Timeout => err(ExecErrorKind::Timeout(timeout)),
+    })?;
+    if done.status.success() {
+        Ok(String::from_utf8_lossy(&done.stdout).into_owned())
     } else {
+        let stderr = String::from_utf8_lossy(&done.stderr);
         Err(err(ExecErrorKind::Failed {
-            code: status.code(),
+            code: done.status.code(),
             stderr: stderr.lines().next().unwrap_or_default().trim().to_owned(),
         }))
     }
@@ -164,7 +198,7 @@ mod tests {
 
     #[test]
     fn kills_on_timeout() {
-        let started = Instant::now();
+        let started = std::time::Instant::now();
         let e =
             run(&argv(&["sleep", "10"]), &[], Duration::from_millis(200)).expect_err("times out");
         assert!(matches!(e.kind, ExecErrorKind::Timeout(_)));
@@ -173,7 +207,7 @@ mod tests {
 
     #[test]
     fn a_lingering_grandchild_does_not_block() {
-        let started = Instant::now();
+        let started = std::time::Instant::now();
         let out = run(
             &argv(&["sh", "-c", "echo hi; sleep 30 &"]),
             &[],

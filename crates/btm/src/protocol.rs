@@ -228,6 +228,10 @@ pub struct Counters {
     /// Garbage collections after an export that failed.
     #[serde(default)]
     pub gc_failures: u64,
+    /// `zfs` or `btrfs` commands killed for running past
+    /// `command_timeout` (a suspended pool, a frozen filesystem).
+    #[serde(default)]
+    pub volume_timeouts: u64,
 }
 
 /// The daemon's state, as `btm status` shows it.
@@ -261,6 +265,10 @@ pub struct Status {
     pub last_snapshot: Option<LastSnapshot>,
     /// A snapshot being taken right now, by height.
     pub in_progress: Option<u64>,
+    /// Since when the volume's commands have been timing out (a suspended
+    /// pool, a frozen filesystem), until one succeeds again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_stalled_since: Option<DateTime<Utc>>,
     /// btm snapshots on the volume.
     pub snapshot_count: usize,
     /// Of those, the protected ones (outside retention).

@@ -436,6 +436,98 @@ fn metrics_endpoint() {
     assert!(r.stderr.contains("metrics_listen"), "{}", r.stderr);
 }
 
+/// Issue 21, item 9: a `zfs` or `btrfs` command that never returns (here
+/// a snapshot on a frozen filesystem, as on a suspended pool) is killed
+/// after `command_timeout`; the height is answered as failed, `status` and
+/// the metrics report the volume stalled, the daemon keeps answering
+/// meanwhile, and once the filesystem thaws it snapshots again and stops
+/// cleanly.
+#[test]
+fn a_frozen_filesystem_times_out_snapshots_and_the_daemon_keeps_answering() {
+    let fx = Btrfs::new();
+    let mnt = fx.root().parent().expect("mount point").to_path_buf();
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let vol = fx.volume();
+    let mut d = DaemonProc::start(
+        fx.scratch(),
+        &[
+            "-p",
+            &vol,
+            "--command-timeout",
+            "2s",
+            "--metrics-listen",
+            &addr,
+        ],
+        &[],
+    );
+    assert_eq!(d.notify(10)["outcome"], "created");
+    let frozen = mnt.to_str().expect("utf8").to_owned();
+    common::sh("fsfreeze", &["-f", &frozen]);
+    let thaw = common::Guard::new(move || {
+        let _ = std::process::Command::new("fsfreeze")
+            .args(["-u", &frozen])
+            .status();
+    });
+    let socket = d.socket.clone();
+    let started = Instant::now();
+    let notify = std::thread::spawn(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_btm"))
+            .args(["notify", "--json", "--height", "20", "--socket"])
+            .arg(&socket)
+            .output()
+            .expect("notify runs")
+    });
+    // While the snapshot hangs, the daemon answers.
+    sleep(Duration::from_millis(500));
+    let asked = Instant::now();
+    let during = d.status().expect("status while a snapshot hangs");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(during["in_progress"], 20, "{during}");
+    let out = notify.join().expect("notify");
+    let took = started.elapsed();
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(reply["outcome"], "failed", "{reply}");
+    assert!(
+        reply["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("did not finish within 2s")),
+        "{reply}"
+    );
+    assert!(took < Duration::from_secs(15), "the height waited {took:?}");
+    let stalled = d.status().expect("status");
+    assert!(stalled["volume_stalled_since"].is_string(), "{stalled}");
+    assert!(
+        stalled["counters"]["volume_timeouts"].as_u64() >= Some(1),
+        "{stalled}"
+    );
+    let metrics = std::process::Command::new("curl")
+        .args(["-s", "-m", "5", &format!("http://{addr}/metrics")])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    assert!(text.lines().any(|l| l == "btm_volume_stalled 1"), "{text}");
+    let human = btm(
+        fx.scratch(),
+        &["status", "--socket", d.socket.to_str().expect("utf8")],
+    )
+    .ok();
+    assert!(human.contains("NOT ANSWERING"), "{human}");
+
+    drop(thaw);
+    d.wait_status_for("the volume to answer", Duration::from_secs(20), |s| {
+        s["in_progress"].is_null()
+    });
+    assert_eq!(d.notify(30)["outcome"], "created");
+    let answered = d.status().expect("status");
+    assert!(answered["volume_stalled_since"].is_null(), "{answered}");
+    assert_eq!(d.stop(), Some(0));
+}
+
 /// The `file` and `command` sources, end to end: the command source reads
 /// the same file through `cat`, so both follow the same heights.
 #[test]

@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::Duration;
 
@@ -261,110 +261,9 @@ fn round_trip_through_cli(store: &str, env: &[(&'static str, String)]) {
     assert!(check.contains("0 problems"), "{check}");
 }
 
-/// An Azurite blob emulator on a free loopback port, killed by PID on drop.
-struct Azurite {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-/// Azurite's fixed development account and key (public, documented by
-/// Microsoft; object_store uses the same pair in emulator mode).
-const AZURITE_ACCOUNT: &str = "devstoreaccount1";
-const AZURITE_KEY: &str =
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
-
-/// Creates a container with a SharedKey-signed request. object_store has no
-/// "create container" call, and Azurite refuses anonymous requests, so the
-/// signing is done here by node (already needed for Azurite itself).
-const CREATE_CONTAINER_JS: &str = r#"
-const [port, account, key, container] = process.argv.slice(1);
-const crypto = require('crypto'), http = require('http');
-const date = new Date().toUTCString(), version = '2021-08-06';
-const sts = ['PUT', '', '', '', '', '', '', '', '', '', '', '',
-  `x-ms-date:${date}\nx-ms-version:${version}`,
-  `/${account}/${account}/${container}\nrestype:container`].join('\n');
-const sig = crypto.createHmac('sha256', Buffer.from(key, 'base64')).update(sts).digest('base64');
-const req = http.request({ host: '127.0.0.1', port, method: 'PUT',
-  path: `/${account}/${container}?restype=container`,
-  headers: { 'x-ms-date': date, 'x-ms-version': version, 'Content-Length': 0,
-             Authorization: `SharedKey ${account}:${sig}` } }, res => {
-  let body = ''; res.on('data', d => body += d);
-  res.on('end', () => { if (res.statusCode !== 201) { console.error(res.statusCode, body); process.exit(1); } });
-});
-req.on('error', e => { console.error(e.message); process.exit(1); });
-req.end();
-"#;
-
-impl Azurite {
-    fn start(containers: &[&str]) -> Self {
-        let bin = std::env::var_os("AZURITE_BIN").unwrap_or_else(|| "azurite-blob".into());
-        let dir = tempfile::tempdir().expect("tmp");
-        let port = common::free_port();
-        let child = Command::new(&bin)
-            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
-            .arg("--location")
-            .arg(dir.path())
-            .args(["--silent", "--skipApiVersionCheck", "--loose"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start azurite ({bin:?}): {e}; scripts/test.sh installs it")
-            });
-        let az = Azurite {
-            child,
-            port,
-            _dir: dir,
-        };
-        // Node starts slowly on a loaded machine; this waits for it, it
-        // does not time anything.
-        let mut up = false;
-        for _ in 0..1200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                up = true;
-                break;
-            }
-            sleep(Duration::from_millis(50));
-        }
-        assert!(up, "azurite did not listen on port {port}");
-        for c in containers {
-            let out = Command::new("node")
-                .args(["-e", CREATE_CONTAINER_JS])
-                .args([&port.to_string(), AZURITE_ACCOUNT, AZURITE_KEY, c])
-                .output()
-                .expect("node");
-            assert!(
-                out.status.success(),
-                "creating container {c}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        az
-    }
-
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AZURE_STORAGE_USE_EMULATOR", "true".into()),
-            (
-                "AZURITE_BLOB_STORAGE_URL",
-                format!("http://127.0.0.1:{}", self.port),
-            ),
-        ]
-    }
-}
-
-impl Drop for Azurite {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn azure_store_meets_the_contract_and_round_trips_a_backup() {
-    let az = Azurite::start(&["btm"]);
+    let az = common::Azurite::start(&["btm"]);
     for (k, v) in az.env() {
         std::env::set_var(k, v);
     }

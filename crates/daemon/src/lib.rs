@@ -255,6 +255,7 @@ impl Daemon {
         settings: DaemonSettings,
         mut stop: Shutdown,
     ) -> Result<(), DaemonError> {
+        btm::volume::cmd::set_limit(settings.command_timeout);
         let opening = {
             let (s, open) = (settings.clone(), Arc::clone(&self.deps.open_volume));
             tokio::task::spawn_blocking(move || open(&s))
@@ -404,6 +405,7 @@ fn initial_status(cfg: &BtmCfg, settings: &DaemonSettings, snapshots: usize) -> 
         source_failing_since: None,
         last_snapshot: None,
         in_progress: None,
+        volume_stalled_since: None,
         snapshot_count: snapshots,
         protected_count: 0,
         next_due: None,

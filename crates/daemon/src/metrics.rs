@@ -44,6 +44,7 @@ pub fn render(s: &Status) -> String {
         ("export", c.export_failures),
         ("height", c.refused),
         ("gc", c.gc_failures),
+        ("volume_timeout", c.volume_timeouts),
     ] {
         let _ = writeln!(out, "btm_errors_total{{kind=\"{kind}\"}} {n}");
     }
@@ -136,6 +137,12 @@ fn source_and_snapshot_metrics(s: &Status) -> Vec<Metric> {
             "Prune runs since start.",
             "counter",
             Some(c.prunes as f64),
+        ),
+        (
+            "btm_volume_stalled",
+            "1 while the volume's zfs or btrfs commands time out (a suspended pool, a frozen filesystem).",
+            "gauge",
+            Some(if s.volume_stalled_since.is_some() { 1.0 } else { 0.0 }),
         ),
     ]
 }

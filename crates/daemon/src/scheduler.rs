@@ -378,6 +378,13 @@ impl Scheduler {
             heights: Vec::new(),
             post_hook_error: None,
         });
+        match &took.outcome {
+            Err(TakeError::Snapshot(e)) if e.is_timeout() => {
+                self.state.volume_stalled(&e.to_string())
+            }
+            Ok(_) => self.state.volume_answered(),
+            Err(_) => {}
+        }
         if !took.heights.is_empty() || took.outcome.is_ok() {
             self.seen(newest, &took.heights);
         }
@@ -467,8 +474,10 @@ fn take_blocking(
         .map_err(TakeError::Snapshot);
     // On failure the volume may still have changed (e.g. a lock timeout
     // after another process pruned): list it; on success the report has it.
+    // A volume whose commands time out is not asked again now.
     let heights = match &outcome {
         Ok(r) => r.heights.clone(),
+        Err(TakeError::Snapshot(e)) if e.is_timeout() => Vec::new(),
         Err(_) => ops.volume().heights().unwrap_or_default(),
     };
     let post_hook_error = match (&settings.post_snapshot, &outcome) {

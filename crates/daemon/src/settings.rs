@@ -456,6 +456,11 @@ options! {
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         #[serde(default, deserialize_with = "de_duration")]
         pub lock_timeout: Option<Duration>,
+        /// How long one zfs or btrfs command may run before it is killed
+        /// and the volume reported stalled [default: 2m]
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        #[serde(default, deserialize_with = "de_duration")]
+        pub command_timeout: Option<Duration>,
         /// Most blocks a height may be ahead of the newest snapshot; 0 for
         /// no limit
         #[arg(long, value_name = "BLOCKS")]
@@ -582,6 +587,9 @@ impl DaemonOptions {
             poll_interval: self.poll_interval.unwrap_or(Duration::from_secs(1)),
             source_timeout,
             lock_timeout: self.lock_timeout.unwrap_or(Duration::from_secs(60)),
+            command_timeout: self
+                .command_timeout
+                .unwrap_or(btm::volume::cmd::DEFAULT_LIMIT),
             max_height_jump: self
                 .max_height_jump
                 .unwrap_or(crate::DEFAULT_MAX_HEIGHT_JUMP),
@@ -777,6 +785,8 @@ pub struct DaemonSettings {
     pub source_timeout: Duration,
     /// How long a snapshot waits for the volume lock.
     pub lock_timeout: Duration,
+    /// How long one `zfs` or `btrfs` command may run.
+    pub command_timeout: Duration,
     /// Most blocks a height may be ahead of the newest snapshot; 0 for no
     /// limit (see [`crate::check_height`]).
     pub max_height_jump: u64,

@@ -95,6 +95,21 @@ impl State {
         });
     }
 
+    /// A volume command timed out: the volume is stalled from now (or from
+    /// its first timeout) until [`State::volume_answered`].
+    pub fn volume_stalled(&self, message: &str) {
+        self.with(|i| {
+            i.status.counters.volume_timeouts += 1;
+            i.status.volume_stalled_since.get_or_insert_with(Utc::now);
+        });
+        self.error("volume", message);
+    }
+
+    /// A volume command succeeded: the volume answers again.
+    pub fn volume_answered(&self) {
+        self.with(|i| i.status.volume_stalled_since = None);
+    }
+
     /// A snapshot at `height` has started (`Some`) or ended (`None`).
     pub fn in_progress(&self, height: Option<u64>) {
         self.with(|i| i.status.in_progress = height);
@@ -166,10 +181,10 @@ impl State {
                 .last_snapshot
                 .as_ref()
                 .map_or("none yet".to_owned(), |l| l.height.to_string());
-            let failing = if s.source_failing_since.is_some() {
-                "; source failing"
-            } else {
-                ""
+            let failing = match (s.source_failing_since, s.volume_stalled_since) {
+                (_, Some(_)) => "; volume not answering",
+                (Some(_), None) => "; source failing",
+                (None, None) => "",
             };
             format!(
                 "height {height}; last snapshot {snap}; {} snapshots{failing}",

@@ -4,10 +4,21 @@
 //! string, so a hostile name can never execute anything), logged, and its
 //! stderr captured and classified into a [`CmdErrorKind`] here, once. Drivers
 //! branch on the kind; nobody else matches on the tools' English messages.
+//!
+//! Every command is bounded in time ([`limit`]): on a suspended pool or a
+//! frozen filesystem `zfs` and `btrfs` block in the kernel for good, and a
+//! daemon waiting on one would never snapshot, prune, answer a height or
+//! stop again. One limit serves the whole process, because every driver
+//! call funnels through here; the program embedding the library sets it
+//! ([`set_limit`]): the daemon from its configuration (`command_timeout`),
+//! the `btm` command from `$BTM_COMMAND_TIMEOUT`.
 
 use std::fmt;
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::exec::Unfinished;
 
 /// What went wrong with a command, as far as a caller needs to act on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +41,10 @@ pub enum CmdErrorKind {
     WrongType,
     /// The caller lacks the privileges for this operation.
     PermissionDenied,
+    /// It did not finish within [`limit`] and was killed: the pool may be
+    /// suspended or the filesystem frozen. Whether it took effect is
+    /// unknown until the volume is listed again.
+    TimedOut,
     /// The program could not be started at all (not installed?).
     Spawn,
     /// The tool runs but its subsystem is not usable (no ZFS kernel module,
@@ -61,6 +76,14 @@ pub struct CmdError {
 
 impl fmt::Display for CmdError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.kind == CmdErrorKind::TimedOut {
+            return write!(
+                f,
+                "`{}` did not finish within {:.0?} and was killed; is the pool suspended or the filesystem frozen?",
+                self.argv.join(" "),
+                limit()
+            );
+        }
         // Keep it to one line: zfs-fuse prints a 60-line usage text after an
         // unknown option, and the first few lines carry all the meaning.
         let mut lines = self.stderr.lines().map(str::trim).filter(|l| !l.is_empty());
@@ -82,31 +105,65 @@ impl fmt::Display for CmdError {
     }
 }
 
+/// The default [`limit`].
+pub const DEFAULT_LIMIT: Duration = Duration::from_secs(120);
+/// Most bytes kept of a command's output (a listing of many thousand
+/// snapshots is a few MiB).
+const OUTPUT_LIMIT: u64 = 64 << 20;
+
+static LIMIT_MS: AtomicU64 = AtomicU64::new(0);
+
+/// How long any `zfs` or `btrfs` command may run: what [`set_limit`] set,
+/// else [`DEFAULT_LIMIT`].
+pub fn limit() -> Duration {
+    match LIMIT_MS.load(Ordering::Relaxed) {
+        0 => DEFAULT_LIMIT,
+        ms => Duration::from_millis(ms),
+    }
+}
+
+/// Set [`limit`] for every command this process runs from now on.
+pub fn set_limit(limit: Duration) {
+    LIMIT_MS.store(
+        limit.as_millis().clamp(1, u128::from(u64::MAX)) as u64,
+        Ordering::Relaxed,
+    );
+}
+
 /// Run `program args…` and return its standard output on success.
 ///
 /// Contract: no shell is involved; stdin is closed; stdout and stderr are
-/// captured in full; a non-zero exit becomes a [`CmdError`] carrying the
-/// argument vector, the status and stderr, classified by [`classify`].
+/// captured; a command still running after [`limit`] is killed and is
+/// [`CmdErrorKind::TimedOut`]; a non-zero exit becomes a [`CmdError`]
+/// carrying the argument vector, the status and stderr, classified by
+/// [`classify`].
 pub fn run<S: AsRef<str>>(program: &str, args: &[S]) -> Result<String, CmdError> {
     let argv: Vec<String> = std::iter::once(program.to_owned())
         .chain(args.iter().map(|a| a.as_ref().to_owned()))
         .collect();
     let started = Instant::now();
     tracing::debug!(command = %argv.join(" "), "running");
-    let output = Command::new(program)
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .env("LC_ALL", "C")
-        .output();
-    let output = match output {
+    let mut command = Command::new(program);
+    command.args(&argv[1..]).env("LC_ALL", "C");
+    let output = match crate::exec::run_bounded(&mut command, limit(), OUTPUT_LIMIT) {
         Ok(o) => o,
-        Err(e) => {
+        Err(Unfinished::Spawn(e)) => {
             return Err(CmdError {
                 argv,
                 status: None,
                 stderr: e.to_string(),
                 kind: CmdErrorKind::Spawn,
             })
+        }
+        Err(Unfinished::Timeout) => {
+            let err = CmdError {
+                argv,
+                status: None,
+                stderr: String::new(),
+                kind: CmdErrorKind::TimedOut,
+            };
+            tracing::error!(error = %err, "command timed out");
+            return Err(err);
         }
     };
     let elapsed_ms = started.elapsed().as_millis() as u64;

@@ -193,6 +193,12 @@ impl Error {
         matches!(self, Error::Command(c) if c.kind.is_temporary())
     }
 
+    /// Whether a command ran past its time limit ([`cmd::limit`]): the
+    /// volume is not answering.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Command(c) if c.kind == CmdErrorKind::TimedOut)
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

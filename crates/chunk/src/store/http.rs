@@ -5,21 +5,26 @@
 //! of 1 MB/s shared by four uploads takes a minute, so a 60 s limit fails
 //! it every time, on every retry, while a limit long enough for the slowest
 //! link lets a dead connection hang for as long. What a store call must
-//! never do is make no progress for long. So each request here is failed
-//! as timed out only when, for the stall limit:
+//! never do is make no progress for long. So, with the stall limit `S`:
 //!
-//! - no byte of its body was taken for sending (bodies are handed to the
-//!   connection in 256 KiB pieces, so this follows the socket), and no
-//!   answer came; or
-//! - once answering, no byte of the answer arrived;
+//! - **Sending.** The body is handed to the connection in 256 KiB pieces;
+//!   one must be taken every `S`. The kernel abandons a connection whose
+//!   sent bytes go unacknowledged, or whose peer's window stays shut, for
+//!   `S` (`TCP_USER_TIMEOUT`).
+//! - **Waiting for the answer.** Pieces taken are in the kernel's buffers,
+//!   not yet at the store: up to the socket's send buffer of them (4 MiB by
+//!   default) may still be crossing a slow link when the last is taken.
+//!   So the answer must come within `S` of the last piece plus the time
+//!   that buffer needs at 32 KiB/s ([`DRAIN_FLOOR`]); the kernel still
+//!   watches the link meanwhile. A request without a body gets `S`.
+//! - **Receiving.** A byte of the answer must arrive every `S`.
 //!
-//! and the kernel abandons a connection whose sent bytes go unacknowledged
-//! that long (`TCP_USER_TIMEOUT`). A timed-out request is retried like any
-//! other transient failure (`object_store`'s retries, then the engine's).
+//! A timed-out request is retried like any other transient failure
+//! (`object_store`'s retries, then the engine's).
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -36,6 +41,27 @@ use tokio::time::{Instant, Sleep};
 /// Request bodies are handed to the connection in pieces this large, so
 /// that progress is seen while a large body is being sent.
 const PIECE: usize = 256 << 10;
+/// The slowest link the wait for an answer allows for, while what was
+/// handed to the kernel drains: slower than this, a pack of 16 MiB split
+/// over 4 connections takes over two minutes a piece.
+const DRAIN_FLOOR: u64 = 32 << 10;
+
+/// The most a socket's send buffer holds (`tcp_wmem`'s maximum), read once.
+fn send_buffer_max() -> u64 {
+    static MAX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+            .unwrap_or(4 << 20)
+    })
+}
+
+/// How long the answer to a request of `body` bytes may take after its
+/// last piece was handed over, besides the stall limit.
+fn drain_time(body: u64) -> Duration {
+    Duration::from_secs(body.min(send_buffer_max()) / DRAIN_FLOOR)
+}
 
 /// Builds the [`HttpClient`] of an object store: see the module
 /// documentation.
@@ -71,18 +97,21 @@ struct ProgressService {
     stall: Duration,
 }
 
-/// When a request last moved: nanoseconds after `base`.
+/// When a request last moved: nanoseconds after `base`; and whether its
+/// whole body has been handed over.
 #[derive(Debug)]
 struct LastMoved {
     base: Instant,
     nanos: AtomicU64,
+    sent: AtomicBool,
 }
 
 impl LastMoved {
-    fn new() -> Arc<Self> {
+    fn new(sent: bool) -> Arc<Self> {
         Arc::new(LastMoved {
             base: Instant::now(),
             nanos: AtomicU64::new(0),
+            sent: AtomicBool::new(sent),
         })
     }
 
@@ -150,8 +179,9 @@ fn http_error(e: reqwest::Error) -> HttpError {
 #[async_trait::async_trait]
 impl HttpService for ProgressService {
     async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
-        let moved = LastMoved::new();
         let (parts, body) = req.into_parts();
+        let moved = LastMoved::new(body.is_end_stream());
+        let drain = drain_time(body.content_length() as u64);
         let url = parts
             .uri
             .to_string()
@@ -166,13 +196,23 @@ impl HttpService for ProgressService {
         }));
         let answer = self.client.execute(request);
         tokio::pin!(answer);
+        let deadline = || {
+            let allowed = match moved.sent.load(Ordering::Relaxed) {
+                true => self.stall + drain,
+                false => self.stall,
+            };
+            moved.at() + allowed
+        };
         let response = loop {
-            let deadline = moved.at() + self.stall;
             tokio::select! {
                 r = &mut answer => break r.map_err(http_error)?,
-                () = tokio::time::sleep_until(deadline) => {
-                    if moved.at() + self.stall <= Instant::now() {
-                        return Err(stalled(self.stall, "sending the request or waiting for its answer"));
+                () = tokio::time::sleep_until(deadline()) => {
+                    if deadline() <= Instant::now() {
+                        let phase = match moved.sent.load(Ordering::Relaxed) {
+                            true => "waiting for the answer",
+                            false => "sending the request",
+                        };
+                        return Err(stalled(self.stall, phase));
                     }
                 }
             }
@@ -216,6 +256,9 @@ impl Body for Sending {
         let n = this.piece.len().min(PIECE);
         let out = this.piece.split_to(n);
         this.moved.touch();
+        if this.piece.is_empty() && this.body.is_end_stream() {
+            this.moved.sent.store(true, Ordering::Relaxed);
+        }
         Poll::Ready(Some(Ok(Frame::data(out))))
     }
 
@@ -284,7 +327,7 @@ mod tests {
     #[tokio::test]
     async fn bodies_go_in_pieces_and_keep_their_length() {
         let data = Bytes::from(vec![7u8; PIECE * 2 + 10]);
-        let moved = LastMoved::new();
+        let moved = LastMoved::new(false);
         let mut body = Sending {
             body: HttpRequestBody::from(data.clone()),
             piece: Bytes::new(),
@@ -307,6 +350,17 @@ mod tests {
         assert_eq!(pieces, 3);
         assert_eq!(got, data);
         assert!(body.is_end_stream());
-        assert!(moved.at() > moved.base);
+        assert!(
+            moved.sent.load(Ordering::Relaxed),
+            "the last piece was handed over"
+        );
+    }
+
+    #[test]
+    fn the_wait_for_an_answer_allows_the_send_buffer_to_drain() {
+        assert_eq!(drain_time(0), Duration::ZERO);
+        assert_eq!(drain_time(64 << 10), Duration::from_secs(2));
+        let most = drain_time(u64::MAX);
+        assert_eq!(most, Duration::from_secs(send_buffer_max() / DRAIN_FLOOR));
     }
 }

@@ -75,6 +75,21 @@ fn transport(e: &object_store::Error) -> Option<HttpErrorKind> {
     None
 }
 
+/// [`classify`] for a create-if-absent put, which object_store does not
+/// repeat after a timeout (it cannot know it is safe). It is here: a
+/// repeated create finds a pack it wrote (named by its content) or an
+/// index it wrote (compared by [`Store::put_index`]). A store that cannot
+/// be connected to stays unreachable.
+fn classify_create(what: &str, e: object_store::Error) -> StoreError {
+    if transport(&e) == Some(HttpErrorKind::Timeout) {
+        return StoreError::Temporary {
+            what: what.to_owned(),
+            detail: e.to_string(),
+        };
+    }
+    classify(what, e)
+}
+
 fn classify(what: &str, e: object_store::Error) -> StoreError {
     match transport(&e) {
         // The server did not answer, after object_store's own retries.
@@ -226,7 +241,7 @@ impl ObjectStoreBackend {
                 | Err(object_store::Error::NotSupported { .. }) => {
                     self.conditional_put.store(false, Ordering::Relaxed);
                 }
-                Err(e) => return Err(classify(what, e)),
+                Err(e) => return Err(classify_create(what, e)),
             }
         }
         if self.exists(&path, what)? {
@@ -235,7 +250,7 @@ impl ObjectStoreBackend {
         self.runtime
             .block_on(self.inner.put(&path, PutPayload::from(data)))
             .map(|_| true)
-            .map_err(|e| classify(what, e))
+            .map_err(|e| classify_create(what, e))
     }
 
     fn list_metas(&self, dir: &str) -> Result<Vec<object_store::ObjectMeta>, StoreError> {

@@ -21,7 +21,7 @@ mod verify;
 
 use std::io::{self, Write};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use btm::retention::Algo;
@@ -143,9 +143,20 @@ impl VolumeArgs {
 
 /// Run the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
-    // The daemon sets up its own logging once its configuration is read.
+    // The daemon sets up its own logging once its configuration is read,
+    // and its own command timeout.
     if !matches!(cli.command, Command::Daemon(_)) {
         crate::init_logging(cli.log_level.as_deref(), "warn");
+        if let Some(t) = std::env::var_os("BTM_COMMAND_TIMEOUT") {
+            let t = t.to_string_lossy();
+            let limit = humantime::parse_duration(t.trim())
+                .ok()
+                .filter(|d| !d.is_zero())
+                .with_context(|| {
+                    format!("BTM_COMMAND_TIMEOUT '{t}' is not a duration such as 30s or 2m")
+                })?;
+            btm::volume::cmd::set_limit(limit);
+        }
     }
     let out = &mut io::stdout().lock();
     match cli.command {

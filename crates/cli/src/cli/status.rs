@@ -87,6 +87,13 @@ pub fn run(args: StatusArgs, out: &mut dyn Write) -> Result<()> {
     if let Some(h) = s.in_progress {
         writeln!(out, "in progress:    snapshot at {h}")?;
     }
+    if let Some(t) = s.volume_stalled_since {
+        writeln!(
+            out,
+            "volume:         NOT ANSWERING since {}: its commands time out (suspended pool? frozen filesystem?)",
+            ago(Some(t))
+        )?;
+    }
     writeln!(
         out,
         "snapshots:      {} on the volume; next due at {}",

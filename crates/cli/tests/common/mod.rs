@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod http_faults;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -855,14 +857,17 @@ impl S3 {
     }
 
     pub fn env(&self) -> Vec<(&'static str, String)> {
+        self.env_via(&format!("http://127.0.0.1:{}", self.port))
+    }
+
+    /// The environment of a client reaching the server at `url` (a proxy
+    /// in front of it).
+    pub fn env_via(&self, url: &str) -> Vec<(&'static str, String)> {
         vec![
             ("AWS_ACCESS_KEY_ID", "btmtest".into()),
             ("AWS_SECRET_ACCESS_KEY", "btmtestsecret".into()),
             ("AWS_REGION", "us-east-1".into()),
-            (
-                "AWS_ENDPOINT_URL",
-                format!("http://127.0.0.1:{}", self.port),
-            ),
+            ("AWS_ENDPOINT_URL", url.to_owned()),
             ("AWS_ALLOW_HTTP", "true".into()),
         ]
     }
@@ -871,6 +876,110 @@ impl S3 {
 impl Drop for S3 {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// An Azurite blob emulator on a free loopback port, killed by PID on drop.
+pub struct Azurite {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+/// Azurite's fixed development account and key (public, documented by
+/// Microsoft; object_store uses the same pair in emulator mode).
+const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Creates a container with a SharedKey-signed request. object_store has no
+/// "create container" call, and Azurite refuses anonymous requests, so the
+/// signing is done here by node (already needed for Azurite itself).
+const CREATE_CONTAINER_JS: &str = r#"
+const [port, account, key, container] = process.argv.slice(1);
+const crypto = require('crypto'), http = require('http');
+const date = new Date().toUTCString(), version = '2021-08-06';
+const sts = ['PUT', '', '', '', '', '', '', '', '', '', '', '',
+  `x-ms-date:${date}\nx-ms-version:${version}`,
+  `/${account}/${account}/${container}\nrestype:container`].join('\n');
+const sig = crypto.createHmac('sha256', Buffer.from(key, 'base64')).update(sts).digest('base64');
+const req = http.request({ host: '127.0.0.1', port, method: 'PUT',
+  path: `/${account}/${container}?restype=container`,
+  headers: { 'x-ms-date': date, 'x-ms-version': version, 'Content-Length': 0,
+             Authorization: `SharedKey ${account}:${sig}` } }, res => {
+  let body = ''; res.on('data', d => body += d);
+  res.on('end', () => { if (res.statusCode !== 201) { console.error(res.statusCode, body); process.exit(1); } });
+});
+req.on('error', e => { console.error(e.message); process.exit(1); });
+req.end();
+"#;
+
+impl Azurite {
+    pub fn start(containers: &[&str]) -> Self {
+        let bin = std::env::var_os("AZURITE_BIN").unwrap_or_else(|| "azurite-blob".into());
+        let dir = tempfile::tempdir().expect("tmp");
+        let port = free_port();
+        let child = Command::new(&bin)
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .arg("--location")
+            .arg(dir.path())
+            .args(["--silent", "--skipApiVersionCheck", "--loose"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start azurite ({bin:?}): {e}; scripts/test.sh installs it")
+            });
+        let az = Azurite {
+            child,
+            port,
+            _dir: dir,
+        };
+        // Node starts slowly on a loaded machine; this waits for it, it
+        // does not time anything.
+        let mut up = false;
+        for _ in 0..1200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                up = true;
+                break;
+            }
+            sleep(Duration::from_millis(50));
+        }
+        assert!(up, "azurite did not listen on port {port}");
+        for c in containers {
+            let out = Command::new("node")
+                .args(["-e", CREATE_CONTAINER_JS])
+                .args([&port.to_string(), AZURITE_ACCOUNT, AZURITE_KEY, c])
+                .output()
+                .expect("node");
+            assert!(
+                out.status.success(),
+                "creating container {c}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        az
+    }
+
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        self.env_via(&format!("http://127.0.0.1:{}", self.port))
+    }
+
+    /// The environment of a client reaching the emulator at `url` (a
+    /// proxy in front of it).
+    pub fn env_via(&self, url: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("AZURE_STORAGE_USE_EMULATOR", "true".into()),
+            ("AZURITE_BLOB_STORAGE_URL", url.to_owned()),
+        ]
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
