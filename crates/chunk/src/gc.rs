@@ -848,7 +848,7 @@ mod tests {
         assert_eq!(due, ["gc/marks/old"]);
     }
 
-    /// Issue 21, item 10: the mark phase deletes an expired lease only if
+    /// The mark phase deletes an expired lease only if
     /// it is still as listed. A holder that was only paused, and refreshed
     /// its lease while GC marked, keeps its marker: the only record of the
     /// packs it has not indexed yet.

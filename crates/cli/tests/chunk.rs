@@ -869,7 +869,7 @@ fn restore_keeps_local_signing_state_that_is_ahead() {
     );
 }
 
-/// Issue 21, item 1: `restore --delete` removes only what the backup
+/// `restore --delete` removes only what the backup
 /// covers. Key material (left out of every backup by default) and what the
 /// backup's `--exclude` patterns left out stay, even inside a directory
 /// the backup lacks, and the summary says what was kept and why.
@@ -929,7 +929,7 @@ fn restore_delete_keeps_the_keys_and_excludes_a_backup_left_out() {
     );
 }
 
-/// Issue 21, item 8: `restore --delete` removes through descriptors,
+/// `restore --delete` removes through descriptors,
 /// never by path: a directory of the destination swapped for a symlink
 /// while the pass is in it cannot send a removal outside the destination.
 #[test]

@@ -132,7 +132,7 @@ fn journalled_complete(dst: &str) -> Vec<String> {
         .collect()
 }
 
-/// Issue 21, item 4: a file an interrupted restore completed, then changed
+/// A file an interrupted restore completed, then changed
 /// in place at the same size before the re-run (a preallocated block file,
 /// a memory-mapped database), is read and compared again, not trusted by
 /// its journal record.
@@ -1013,7 +1013,7 @@ fn contents(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
-/// Issue 21, item 5: a restore over a node from a backup whose last tree
+/// A restore over a node from a backup whose last tree
 /// segment is gone fails before it writes anything: the node is not left
 /// half at one height and half at another.
 #[test]

@@ -1,9 +1,9 @@
-//! The object stores over a bad network (issue 21, items 6 and 7): a
-//! proxy in front of a real S3 server (s3s-fs) and the Azure emulator
-//! (Azurite) throttles the link, stalls requests, answers 503 SlowDown and
-//! 500, resets connections, cuts answers short, and loses the answer to a
-//! put that the store committed. Backups and restores through it must
-//! succeed, exactly, and say nothing untrue.
+//! The object stores over a bad network: a proxy in front of a real S3
+//! server (s3s-fs) and the Azure emulator (Azurite) throttles the link,
+//! stalls requests, answers 503 SlowDown and 500, resets connections, cuts
+//! answers short, and loses the answer to a put that the store committed.
+//! Backups and restores through it must succeed, exactly, and say nothing
+//! untrue.
 
 mod common;
 
@@ -104,7 +104,7 @@ fn tree(dir: &Path, files: &[(&str, usize)]) {
     }
 }
 
-/// Item 7: over a link slower than the timeout allows for a whole pack
+/// Over a link slower than the timeout allows for a whole pack
 /// (6 MiB at 1 MiB/s, with a 3 s limit), a backup and a restore still go
 /// through: the limit bounds a lack of progress, not a transfer.
 fn a_slow_link_is_not_a_dead_store(kind: &str) {
@@ -120,7 +120,7 @@ fn a_slow_link_is_not_a_dead_store(kind: &str) {
 /// How long the proxy holds a stalled request before it closes it.
 const STALL: Duration = Duration::from_secs(120);
 
-/// Item 7: a request that stops making progress (an upload the far end
+/// A request that stops making progress (an upload the far end
 /// stops reading, a GET never answered) is timed out and tried again.
 fn a_stalled_request_is_timed_out_and_tried_again(kind: &str) {
     let server = Server::start(kind);
@@ -147,7 +147,7 @@ fn a_stalled_request_is_timed_out_and_tried_again(kind: &str) {
     assert!(started.elapsed() < STALL, "{:?}", started.elapsed());
 }
 
-/// Items 6 and 7: 503 SlowDown, 500, connections reset, answers cut short,
+/// 503 SlowDown, 500, connections reset, answers cut short,
 /// and a head the store committed but whose answer was lost (500): each is
 /// retried with backoff, and the backup, which is in the store, is
 /// reported as written.

@@ -396,7 +396,7 @@ fn stop(child: &std::process::Child, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).expect("signal");
 }
 
-/// Issue 21, item 2: a GC in another PID namespace (a container, a cloned
+/// A GC in another PID namespace (a container, a cloned
 /// machine with the same host name) cannot prove that a backup of this
 /// host is dead, so it defers its sweep; the backup, which reuses a marked
 /// pack, ends restorable.
@@ -449,7 +449,7 @@ fn a_gc_in_another_pid_namespace_defers_to_a_running_backup(store: &Under, scrat
     assert!(check.contains("; 0 problems"), "{check}");
 }
 
-/// Issue 21, item 3: a backup paused past its lease's TTL (made 4 s here)
+/// A backup paused past its lease's TTL (made 4 s here)
 /// while a GC swept the pack it reuses must not write a head that
 /// references it; one paused as long with nothing swept proves its chunks
 /// are all there and succeeds. `store(case)` gives each case a store of

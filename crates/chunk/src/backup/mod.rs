@@ -571,7 +571,7 @@ fn commit(shared: &Shared<'_>, name: &str, head: &Head) -> Result<(), ChunkError
     let (store, lease) = (shared.store, shared.lease);
     let cancel = &shared.opts.progress.cancel;
     let encoded = head.encode()?;
-    if let Err(lost) = lease.check() {
+    if let Err(lost) = lease.confirm() {
         tracing::warn!(error = %lost, "checking that every chunk the backup references is still stored");
         lease.renew(cancel)?;
         verify_references(shared, name, head, &lost)?;

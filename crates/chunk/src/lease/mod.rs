@@ -326,10 +326,24 @@ impl Lease<'_> {
     /// (another party that judged us dead may have removed it), then
     /// rewrite it.
     fn refresh(&self) -> Result<(), StoreError> {
+        self.note_if_taken();
+        self.write()
+    }
+
+    /// Read the marker back; if another party removed it, the lease is
+    /// lost ([`Lease::check`] says so).
+    fn note_if_taken(&self) {
         if let Err(StoreError::NotFound(_)) = self.store.get_marker(&self.name) {
             self.lose(Lost::Taken);
         }
-        self.write()
+    }
+
+    /// [`Lease::check`], after reading the marker back from the store: for
+    /// the moment before an act that relies on the whole time the lease
+    /// was held (a backup's head).
+    pub fn confirm(&self) -> Result<(), LeaseError> {
+        self.note_if_taken();
+        self.check()
     }
 
     /// Record that pack `id` is about to be written, durably, before it is:
@@ -906,12 +920,17 @@ mod tests {
             assert!(matches!(lease.check(), Err(LeaseError::Lapsed { .. })));
             lease.renew(&never)?;
             lease.check()?;
-            // Removed by another party: taken, noticed at the next refresh.
+            // Removed by another party: taken, noticed at the next refresh
+            // (which writes the marker again), and by a confirmation.
             store.delete_marker(lease.name())?;
             lease.refresh()?;
             assert!(matches!(lease.check(), Err(LeaseError::Taken { .. })));
             lease.renew(&never)?;
-            lease.check()
+            lease.check()?;
+            store.delete_marker(lease.name())?;
+            assert!(matches!(lease.confirm(), Err(LeaseError::Taken { .. })));
+            lease.renew(&never)?;
+            lease.confirm()
         })
         .expect("the lease works");
     }

@@ -307,7 +307,7 @@ mod tests {
         assert!(!t.path().join(NAME).exists());
     }
 
-    /// Issue 21, item 4: a file changed in place at the same size since
+    /// A file changed in place at the same size since
     /// its record (its change time moved) is not trusted, nor one whose
     /// modification time was set back.
     #[test]
