@@ -28,8 +28,10 @@
 //! packs, `workers × 3 × chunk_size` for chunk buffers, the known-chunk set
 //! (32 bytes per chunk in the store), and a bounded look-ahead of files.
 //! The head is written last, after every pack, pack index and segment it
-//! depends on, and only if the lease never lapsed.
+//! depends on, by [`commit`], which proves them all still stored if the
+//! lease was lost meanwhile.
 
+mod commit;
 pub mod walk;
 pub mod writer;
 
@@ -554,156 +556,8 @@ fn finish(
         totals: written.totals,
         excluded: summary.excluded.clone(),
     };
-    commit(shared, name, &head)?;
+    commit::commit(shared, name, &head)?;
     Ok(summary)
-}
-
-/// Write the head, relying on a lease that kept sweeps away the whole
-/// time, so that every chunk taken as known is still stored.
-///
-/// A lease lost meanwhile (the process paused or the machine suspended for
-/// half the TTL, or the marker removed by another party) is taken again,
-/// and every segment and chunk the head references is proven present
-/// before the head is written. A loss noticed only once the head is
-/// written (a pause inside the request) is handled the same way, and a
-/// head that then references what is gone is deleted again.
-fn commit(shared: &Shared<'_>, name: &str, head: &Head) -> Result<(), ChunkError> {
-    let (store, lease) = (shared.store, shared.lease);
-    let cancel = &shared.opts.progress.cancel;
-    let encoded = head.encode()?;
-    if let Err(lost) = lease.confirm() {
-        tracing::warn!(error = %lost, "checking that every chunk the backup references is still stored");
-        lease.renew(cancel)?;
-        verify_references(shared, name, head, &lost)?;
-    }
-    put_head(store, name, &encoded)?;
-    if let Err(lost) = lease.check() {
-        tracing::warn!(error = %lost, "the lease was lost while the head was written; checking every chunk it references");
-        let verified = lease
-            .renew(cancel)
-            .map_err(ChunkError::from)
-            .and_then(|()| verify_references(shared, name, head, &lost));
-        if let Err(e) = verified {
-            let _ = with_retry(|| store.delete_index(name));
-            return Err(e);
-        }
-    }
-    Ok(())
-}
-
-/// Create head `name`. A retried put that finds the head already there
-/// succeeded before its answer was lost: the store compares the bytes
-/// (see [`Store::put_index`]). Other bytes there are another backup, which
-/// the error describes.
-fn put_head(store: &dyn Store, name: &str, encoded: &[u8]) -> Result<(), ChunkError> {
-    match with_retry(|| store.put_index(name, encoded)) {
-        Ok(()) => Ok(()),
-        Err(e @ crate::store::StoreError::Conflict { .. }) => {
-            let there = match catalog::read_index(store, name) {
-                Ok(idx) => {
-                    let info = crate::BackupInfo::of(name, &idx);
-                    format!(
-                        "a backup of tag {} created {}, {} files",
-                        info.tag,
-                        idx.created().to_rfc3339(),
-                        info.files
-                    )
-                }
-                Err(_) => "an index that cannot be read".to_owned(),
-            };
-            Err(ChunkError::store(
-                format!("writing backup {name} (the store holds {there} under that name; it was left as it is)"),
-                e,
-            ))
-        }
-        Err(e) => Err(ChunkError::store(format!("writing backup {name}"), e)),
-    }
-}
-
-/// Prove that every tree segment `head` lists and every chunk its entries
-/// reference is in the store now: segments by their size, chunks by a
-/// fresh chunk map and a listing of the packs it points to (a sweep that
-/// ran while the lease was lost may have deleted a pack after this backup
-/// indexed it). `lost` is why this is needed, for the error.
-fn verify_references(
-    shared: &Shared<'_>,
-    name: &str,
-    head: &Head,
-    lost: &super::lease::LeaseError,
-) -> Result<(), ChunkError> {
-    let store = shared.store;
-    let cache = shared.opts.cache.as_ref();
-    let connections = shared
-        .opts
-        .connections
-        .unwrap_or_else(|| default_connections(store))
-        .max(1);
-    let gone = |missing: u64, example: String| ChunkError::LeaseLost {
-        cause: lost.to_string(),
-        missing,
-        example,
-    };
-    let sizes = super::pool::map(&head.trees, connections, |id| {
-        with_retry(|| store.size(Kind::Tree, id))
-    });
-    let mut missing_trees = head
-        .trees
-        .iter()
-        .zip(sizes)
-        .filter_map(|(id, r)| match r {
-            Ok(_) => None,
-            Err(crate::store::StoreError::NotFound(_)) => Some(Ok(*id)),
-            Err(e) => Some(Err(ChunkError::store(
-                format!("checking tree segment {id}"),
-                e,
-            ))),
-        })
-        .collect::<Result<Vec<Id>, ChunkError>>()?;
-    if let Some(first) = missing_trees.pop() {
-        return Err(gone(
-            missing_trees.len() as u64 + 1,
-            format!("tree segment {first}"),
-        ));
-    }
-    let map = super::map::ChunkMap::load(store, cache, connections)?;
-    let packs: HashSet<Id> = with_retry(|| store.list(Kind::Pack))
-        .map_err(|e| ChunkError::store("listing packs", e))?
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
-    let decoded = Decoded::V2(head.clone());
-    let mut entries = catalog::entries(store, cache, name, &decoded, connections);
-    let (mut path, mut missing, mut example) = (Vec::new(), 0u64, None);
-    while let Some(item) = entries.next_item()? {
-        match item {
-            super::format::tree::Item::Entry(e) => path = e.path,
-            super::format::tree::Item::Chunks(chunks) => {
-                for c in chunks {
-                    let Some(hash) = c.hash else { continue };
-                    let stored = map
-                        .find(&hash)
-                        .is_some_and(|l| packs.contains(&map.packs()[l.pack as usize].id));
-                    if !stored {
-                        missing += 1;
-                        example.get_or_insert_with(|| {
-                            format!(
-                                "chunk {hash} of {} at offset {}",
-                                String::from_utf8_lossy(&path),
-                                c.off
-                            )
-                        });
-                    }
-                }
-            }
-        }
-    }
-    match example {
-        Some(example) => Err(gone(missing, example)),
-        None => {
-            tracing::info!(backup = %name, "every chunk the backup references is stored");
-            Ok(())
-        }
-    }
 }
 
 /// Index the packs a dead writer uploaded but never indexed, so that this
@@ -714,7 +568,12 @@ fn verify_references(
 /// a writer that is in fact alive only lists its chunks twice, which the
 /// format allows. Failures only cost re-uploads, so they are logged.
 fn adopt_orphans(store: &dyn Store, lease: &Lease<'_>, cache: Option<&Cache>, connections: usize) {
-    let dead = super::lease::dead_holders(store, &lease.listed(), lease.store_now());
+    let others: Vec<_> = lease
+        .listed()
+        .into_iter()
+        .filter(|m| m.name != lease.name())
+        .collect();
+    let dead = super::lease::dead_holders(store, &others, lease.store_now());
     let mut adopted = Vec::new();
     let mut done_leases = Vec::new();
     for (name, info) in dead {
