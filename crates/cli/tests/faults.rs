@@ -1069,3 +1069,37 @@ fn a_restore_refuses_a_backup_missing_a_segment_before_writing_anything() {
     );
     assert!(!Path::new(&dst).join(".btm-restore").exists());
 }
+
+/// A pack index that cannot be read, holding chunks the backup needs: the
+/// restore refuses before it writes, naming the missing chunk and the pack
+/// index that may have held it.
+#[test]
+fn a_restore_refuses_a_backup_whose_pack_index_is_damaged_before_writing() {
+    let d = Dir::new();
+    fs::create_dir_all(d.p("src")).expect("mkdir");
+    fs::write(d.p("src/a"), noise(71, 3 * MIB)).expect("w");
+    let store_dir = d.s("store");
+    d.btm(&["backup", &d.s("src"), "-s", &store_dir]).ok();
+    let packidx: Vec<PathBuf> = fs::read_dir(d.p("store/packidx"))
+        .expect("ls")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(packidx.len(), 1, "{packidx:?}");
+    fs::write(&packidx[0], b"not a pack index").expect("damage");
+    let _ = fs::remove_dir_all(d.p("cache"));
+    let dst = d.p("dst");
+    fs::create_dir_all(&dst).expect("mkdir");
+    fs::write(dst.join("a"), b"the node's own bytes").expect("w");
+    let err = d
+        .btm(&["restore", "latest", &d.s("dst"), "-s", &store_dir])
+        .fails(1);
+    assert!(
+        err.contains("cannot be restored, so nothing was changed")
+            && err.contains("missing from the store")
+            && err.contains("a pack index could not be read"),
+        "{err}"
+    );
+    assert_eq!(fs::read(dst.join("a")).expect("r"), b"the node's own bytes");
+    assert!(!dst.join(".btm-restore").exists());
+}

@@ -524,11 +524,19 @@ fn run(
     };
     let v1 = matches!(index, Decoded::V1(_));
     // A version 1 backup names its chunks as objects: no map to load.
+    // A pack index that cannot be read may hold nothing this backup needs:
+    // the proof says which chunk is missing if it does.
+    let mut unreadable = None;
     let map = match v1 {
         true => ChunkMap::default(),
-        false => ChunkMap::load(store, cache, connections)?,
+        false => ChunkMap::load_or(store, cache, connections, |id, e| {
+            tracing::debug!(pack_index = %id, error = %e, "a pack index cannot be read");
+            unreadable.get_or_insert_with(|| e.to_string());
+            Ok(())
+        })?,
     };
-    prove::prove(store, cache, name, index, &map, connections)?;
+    prove::prove(store, cache, name, index, &map, connections)
+        .map_err(|e| prove::with_hint(e, unreadable.as_deref()))?;
     std::fs::create_dir_all(dest).map_err(|e| ChunkError::io(dest, e))?;
     let (tree, dest_fd) = open_dest(dest)?;
     let (journal, prior) = Journal::open(dest, &dest_fd, name)?;

@@ -25,6 +25,18 @@ use super::super::map::ChunkMap;
 use super::super::{with_retry, ChunkError};
 use crate::store::{Id, Kind, Store};
 
+/// `e`, with `unreadable` (a pack index that could not be read, which may
+/// have held what is missing) added to a refusal's detail.
+pub fn with_hint(e: ChunkError, unreadable: Option<&str>) -> ChunkError {
+    match (e, unreadable) {
+        (ChunkError::Unrestorable { name, detail }, Some(u)) => ChunkError::Unrestorable {
+            name,
+            detail: format!("{detail} (a pack index could not be read: {u})"),
+        },
+        (e, _) => e,
+    }
+}
+
 /// Read backup `name` (`index`) through the validator, and check that
 /// every chunk it references is in `map` (format 2) or stored as an
 /// object (format 1). Any failure is [`ChunkError::Unrestorable`].

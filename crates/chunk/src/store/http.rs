@@ -221,6 +221,7 @@ impl HttpService for ProgressService {
         let body = Receiving {
             body,
             stall: self.stall,
+            last: Instant::now(),
             timer: Box::pin(tokio::time::sleep(self.stall)),
         };
         Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
@@ -280,9 +281,13 @@ impl Body for Sending {
 }
 
 /// A response body that fails once no byte arrives for the stall limit.
+/// The timer is moved on only when it fires, not at every frame: a large
+/// answer comes in tens of thousands of frames.
 struct Receiving {
     body: reqwest::Body,
     stall: Duration,
+    /// When the last frame arrived.
+    last: Instant,
     timer: Pin<Box<Sleep>>,
 }
 
@@ -297,17 +302,24 @@ impl Body for Receiving {
         let this = &mut *self;
         match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.timer.as_mut().reset(Instant::now() + this.stall);
-                Poll::Ready(Some(Ok(frame)))
+                this.last = Instant::now();
+                return Poll::Ready(Some(Ok(frame)));
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(http_error(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    Poll::Ready(Some(Err(stalled(this.stall, "receiving the answer"))))
-                }
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(http_error(e)))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => {}
+        }
+        // Waiting: for the next frame, or for the timer, which is moved to
+        // the stall limit after the last frame each time it fires early.
+        loop {
+            if this.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let due = this.last + this.stall;
+            if due <= Instant::now() {
+                return Poll::Ready(Some(Err(stalled(this.stall, "receiving the answer"))));
+            }
+            this.timer.as_mut().reset(due);
         }
     }
 
