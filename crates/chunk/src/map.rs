@@ -57,7 +57,7 @@ pub struct KnownSet(Vec<Id>);
 impl KnownSet {
     /// Whether the store holds `hash`.
     pub fn contains(&self, hash: &Id) -> bool {
-        self.0.binary_search(hash).is_ok()
+        self.0.binary_search_by(|h| h.cmp_fast(hash)).is_ok()
     }
 
     /// How many chunks.
@@ -211,15 +211,14 @@ impl ChunkMap {
 
     /// Where `hash` is, if the store has it.
     pub fn find(&self, hash: &Id) -> Option<&Located> {
-        self.entries
-            .binary_search_by_key(hash, |e| e.hash)
-            .ok()
-            .map(|i| &self.entries[i])
+        self.position(hash).map(|i| &self.entries[i])
     }
 
     /// The index of `hash` in [`ChunkMap::entries`].
     pub fn position(&self, hash: &Id) -> Option<usize> {
-        self.entries.binary_search_by_key(hash, |e| e.hash).ok()
+        self.entries
+            .binary_search_by(|e| e.hash.cmp_fast(hash))
+            .ok()
     }
 
     /// Every chunk, sorted by hash.
