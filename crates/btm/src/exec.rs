@@ -1,7 +1,7 @@
 //! Running commands the operator configured: snapshot hooks and the
 //! `command` height source. Each gets a timeout after which it is killed;
 //! a hung hook must never hang the daemon. The bounded run underneath
-//! ([`run_bounded`]) is also what `zfs` and `btrfs` go through
+//! (`run_bounded`) is also what `zfs` and `btrfs` go through
 //! ([`crate::volume::cmd`]): a suspended pool must not hang it either.
 
 use std::fmt;

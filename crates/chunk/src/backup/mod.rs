@@ -28,7 +28,7 @@
 //! packs, `workers × 3 × chunk_size` for chunk buffers, the known-chunk set
 //! (32 bytes per chunk in the store), and a bounded look-ahead of files.
 //! The head is written last, after every pack, pack index and segment it
-//! depends on, by [`commit`], which proves them all still stored if the
+//! depends on, by `commit`, which proves them all still stored if the
 //! lease was lost meanwhile.
 
 mod commit;

@@ -54,7 +54,7 @@ pub struct Deleted {
     /// Entries kept because the backup left them out on purpose, or they
     /// are validator signing state: how many in all.
     pub kept: u64,
-    /// The first [`KEPT_NAMED`] of them.
+    /// The first hundred of them.
     pub kept_named: Vec<Kept>,
 }
 
