@@ -61,6 +61,28 @@ fn kill_after(scratch: &Path, args: &[&str], env: &[(&str, &str)], after: Durati
     running
 }
 
+/// Back up to `store` a `src` of four 90 MiB files and `small` files of
+/// `small_len` bytes, their noise seeded from `seeds` (big, small).
+fn back_up_big_and_small_files(d: &Dir, seeds: (u64, u64), small: u64, small_len: usize) {
+    fs::create_dir_all(d.p("src/big")).expect("mkdir");
+    for i in 0..4 {
+        fs::write(
+            d.p(&format!("src/big/{i}.sst")),
+            noise(seeds.0 + i, 90 * MIB),
+        )
+        .expect("w");
+    }
+    fs::create_dir_all(d.p("src/small")).expect("mkdir");
+    for i in 0..small {
+        fs::write(
+            d.p(&format!("src/small/{i}")),
+            noise(seeds.1 + i, small_len),
+        )
+        .expect("w");
+    }
+    d.btm(&["backup", &d.s("src"), "-s", &d.s("store")]).ok();
+}
+
 /// Restore the store's latest backup into `dst` and kill it (SIGKILL) once
 /// its journal holds records: an interrupted restore, with files its
 /// journal says are complete.
@@ -139,15 +161,7 @@ fn journalled_complete(dst: &str) -> Vec<String> {
 #[test]
 fn a_resumed_restore_rereads_a_file_changed_in_place_since_its_record() {
     let d = Dir::new();
-    fs::create_dir_all(d.p("src/big")).expect("mkdir");
-    for i in 0..4 {
-        fs::write(d.p(&format!("src/big/{i}.sst")), noise(40 + i, 90 * MIB)).expect("w");
-    }
-    fs::create_dir_all(d.p("src/small")).expect("mkdir");
-    for i in 0..300 {
-        fs::write(d.p(&format!("src/small/{i}")), noise(2000 + i, 64 << 10)).expect("w");
-    }
-    d.btm(&["backup", &d.s("src"), "-s", &d.s("store")]).ok();
+    back_up_big_and_small_files(&d, (40, 2000), 300, 64 << 10);
     let dst = d.s("dst");
     kill_restore_after_a_checkpoint(&d, &dst);
     let complete = journalled_complete(&dst);
@@ -414,15 +428,7 @@ fn a_full_disk_mid_restore_then_rerun_is_exact() {
 #[test]
 fn kill_9_mid_restore_then_rerun_is_exact_and_skips_completed_files() {
     let d = Dir::new();
-    fs::create_dir_all(d.p("src/big")).expect("mkdir");
-    for i in 0..4 {
-        fs::write(d.p(&format!("src/big/{i}.sst")), noise(10 + i, 90 * MIB)).expect("w");
-    }
-    fs::create_dir_all(d.p("src/small")).expect("mkdir");
-    for i in 0..500 {
-        fs::write(d.p(&format!("src/small/{i}")), noise(1000 + i, 4000)).expect("w");
-    }
-    d.btm(&["backup", &d.s("src"), "-s", &d.s("store")]).ok();
+    back_up_big_and_small_files(&d, (10, 1000), 500, 4000);
     let dst = d.s("dst");
     let journal = Path::new(&dst).join(".btm-restore");
     kill_restore_after_a_checkpoint(&d, &dst);

@@ -147,22 +147,20 @@ pub fn run<S: AsRef<str>>(program: &str, args: &[S]) -> Result<String, CmdError>
     command.args(&argv[1..]).env("LC_ALL", "C");
     let output = match crate::exec::run_bounded(&mut command, limit(), OUTPUT_LIMIT) {
         Ok(o) => o,
-        Err(Unfinished::Spawn(e)) => {
-            return Err(CmdError {
-                argv,
-                status: None,
-                stderr: e.to_string(),
-                kind: CmdErrorKind::Spawn,
-            })
-        }
-        Err(Unfinished::Timeout) => {
+        Err(unfinished) => {
+            let (stderr, kind) = match unfinished {
+                Unfinished::Spawn(e) => (e.to_string(), CmdErrorKind::Spawn),
+                Unfinished::Timeout => (String::new(), CmdErrorKind::TimedOut),
+            };
             let err = CmdError {
                 argv,
                 status: None,
-                stderr: String::new(),
-                kind: CmdErrorKind::TimedOut,
+                stderr,
+                kind,
             };
-            tracing::error!(error = %err, "command timed out");
+            if kind == CmdErrorKind::TimedOut {
+                tracing::error!(error = %err, "command timed out");
+            }
             return Err(err);
         }
     };

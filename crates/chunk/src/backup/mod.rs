@@ -568,12 +568,7 @@ fn finish(
 /// a writer that is in fact alive only lists its chunks twice, which the
 /// format allows. Failures only cost re-uploads, so they are logged.
 fn adopt_orphans(store: &dyn Store, lease: &Lease<'_>, cache: Option<&Cache>, connections: usize) {
-    let others: Vec<_> = lease
-        .listed()
-        .into_iter()
-        .filter(|m| m.name != lease.name())
-        .collect();
-    let dead = super::lease::dead_holders(store, &others, lease.store_now());
+    let dead = super::lease::dead_holders(store, &lease.others_listed(), lease.store_now());
     let mut adopted = Vec::new();
     let mut done_leases = Vec::new();
     for (name, info) in dead {

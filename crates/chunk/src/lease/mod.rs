@@ -239,13 +239,16 @@ impl Lease<'_> {
         *self.store_now.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Every marker under `locks/` as listed when the lease was taken (its
-    /// own included).
-    pub fn listed(&self) -> Vec<Marker> {
+    /// The other markers under `locks/`, as listed when the lease was
+    /// taken.
+    pub fn others_listed(&self) -> Vec<Marker> {
         self.listed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .iter()
+            .filter(|m| m.name != self.name)
+            .cloned()
+            .collect()
     }
 
     fn lose(&self, how: Lost) {
@@ -402,16 +405,11 @@ impl Lease<'_> {
                 detail: "the lease marker just written is not listed; the store's listing is not consistent".into(),
             })?;
         *self.store_now.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
-        let others: Vec<Marker> = markers
-            .iter()
-            .filter(|m| m.name != self.name)
-            .cloned()
-            .collect();
-        let blocking = judge(self.store, &others, Some(now), holder::here())
+        *self.listed.lock().unwrap_or_else(|p| p.into_inner()) = markers;
+        let blocking = judge(self.store, &self.others_listed(), Some(now), holder::here())
             .into_iter()
             .filter(|j| j.state == State::Live && self.kind.blocked_by(j.kind))
             .collect();
-        *self.listed.lock().unwrap_or_else(|p| p.into_inner()) = markers;
         Ok(blocking)
     }
 }

@@ -75,23 +75,26 @@ fn transport(e: &object_store::Error) -> Option<HttpErrorKind> {
     None
 }
 
-/// [`classify`] for a create-if-absent put, which object_store does not
-/// repeat after a timeout (it cannot know it is safe). It is here: a
-/// repeated create finds a pack it wrote (named by its content) or an
-/// index it wrote (compared by [`Store::put_index`]). A store that cannot
-/// be connected to stays unreachable.
-fn classify_create(what: &str, e: object_store::Error) -> StoreError {
-    if transport(&e) == Some(HttpErrorKind::Timeout) {
-        return StoreError::Temporary {
-            what: what.to_owned(),
-            detail: e.to_string(),
-        };
-    }
-    classify(what, e)
+/// [`classify_as`] for a call object_store repeats itself after a timeout.
+fn classify(what: &str, e: object_store::Error) -> StoreError {
+    classify_as(what, e, false)
 }
 
-fn classify(what: &str, e: object_store::Error) -> StoreError {
+/// [`classify_as`] for a create-if-absent put, which object_store does not
+/// repeat after a timeout (it cannot know it is safe). It is here: a
+/// repeated create finds a pack it wrote (named by its content) or an
+/// index it wrote (compared by [`Store::put_index`]).
+fn classify_create(what: &str, e: object_store::Error) -> StoreError {
+    classify_as(what, e, true)
+}
+
+/// `e` as a store error; a timeout is [`StoreError::Temporary`] when
+/// `timeout_retried_here`, else the store is unreachable (object_store
+/// already tried again). A store that cannot be connected to is
+/// unreachable either way.
+fn classify_as(what: &str, e: object_store::Error, timeout_retried_here: bool) -> StoreError {
     match transport(&e) {
+        Some(HttpErrorKind::Timeout) if timeout_retried_here => {}
         // The server did not answer, after object_store's own retries.
         Some(HttpErrorKind::Timeout | HttpErrorKind::Connect) => {
             return StoreError::Unreachable {
@@ -103,14 +106,18 @@ fn classify(what: &str, e: object_store::Error) -> StoreError {
         // read: object_store retries these only for requests it may repeat
         // blindly; every store call here may be repeated (objects are
         // named by their content, index puts compare what they find).
-        Some(_) => {
-            return StoreError::Temporary {
-                what: what.to_owned(),
-                detail: e.to_string(),
-            }
-        }
-        None => {}
+        Some(_) => {}
+        None => return final_error(what, e),
     }
+    StoreError::Temporary {
+        what: what.to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+/// What object_store returned after its own retries, not a transport
+/// failure.
+fn final_error(what: &str, e: object_store::Error) -> StoreError {
     match e {
         object_store::Error::NotFound { .. } => StoreError::NotFound(what.to_owned()),
         // object_store has already retried 5xx answers with backoff before
