@@ -41,12 +41,14 @@ Snapshot options (the original btm's, long or short style)
     --snapshot-target=<VOLUME>              alias of --snapshot-volume
 
 Height source
-    --height-source=<SOURCE>    push (default), cometbft, ethereum, file or command
-    --rpc-url=<URL>             node RPC for cometbft and ethereum (http://...); with
+    --height-source=<SOURCE>    push (default), file, command, or a node RPC:
+                                cometbft, ethereum, bitcoin, substrate, solana, beacon
+    --rpc-url=<URL>             the node's RPC (http://...) for an RPC source; with
                                 another source and --rpc-kind, asked only for the
                                 chain identity exports record (btm verify)
-    --rpc-kind=<KIND>           cometbft or ethereum: the kind of --rpc-url beside a
-                                push, file or command source
+    --rpc-kind=<KIND>           the dialect of --rpc-url beside a push, file or
+                                command source (one of the RPC sources above)
+    --rpc-cookie=<PATH>         the RPC's cookie file (Bitcoin Core's .cookie)
     --height-file=<PATH>        for --height-source=file
     --height-command=<CMD>      for --height-source=command (split on spaces)
 
@@ -107,6 +109,7 @@ volume=""
 source_kind=push
 rpc_url=""
 rpc_kind=""
+rpc_cookie=""
 preserve=""
 height_file=""
 height_command=""
@@ -138,6 +141,7 @@ for arg in "$@"; do
         --height-source=* | --height-source) source_kind=$(value_of "$arg") ;;
         --rpc-url=* | --rpc-url) rpc_url=$(value_of "$arg") ;;
         --rpc-kind=* | --rpc-kind) rpc_kind=$(value_of "$arg") ;;
+        --rpc-cookie=* | --rpc-cookie) rpc_cookie=$(value_of "$arg") ;;
         --preserve=* | --preserve) preserve=$(value_of "$arg") ;;
         --height-file=* | --height-file) height_file=$(value_of "$arg") ;;
         --height-command=* | --height-command) height_command=$(value_of "$arg") ;;
@@ -196,27 +200,29 @@ algo=$(printf '%s' "$algo" | tr '[:upper:]' '[:lower:]')
 case $mode in '' | zfs | btrfs) ;; *) die "--snapshot-mode (-m) must be zfs or btrfs, not '$mode'" ;; esac
 case $algo in fair | fade) ;; *) die "--snapshot-algo (-a) must be fair or fade, not '$algo'" ;; esac
 [ -n "$volume" ] || die "--snapshot-volume (-p) is required (a ZFS dataset or a btrfs subvolume path)"
+dialects="cometbft ethereum bitcoin substrate solana beacon"
+is_dialect() { case " $dialects " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 case $source_kind in
     push | file | command) ;;
-    cometbft | ethereum)
+    *)
+        is_dialect "$source_kind" || die "--height-source must be push, file, command, cometbft, ethereum, bitcoin, substrate, solana or beacon, not '$source_kind'"
         [ -n "$rpc_url" ] || die "--height-source=$source_kind needs --rpc-url=http://HOST:PORT" ;;
-    *) die "--height-source must be push, cometbft, ethereum, file or command, not '$source_kind'" ;;
 esac
-case $rpc_kind in
-    '') ;;
-    cometbft | ethereum)
-        case $source_kind in
-            cometbft | ethereum) die "--rpc-kind is only for a push, file or command source; --height-source=$source_kind already names it" ;;
-        esac
-        [ -n "$rpc_url" ] || die "--rpc-kind needs --rpc-url=http://HOST:PORT" ;;
-    *) die "--rpc-kind must be cometbft or ethereum, not '$rpc_kind'" ;;
-esac
+if [ -n "$rpc_kind" ]; then
+    is_dialect "$rpc_kind" || die "--rpc-kind must be cometbft, ethereum, bitcoin, substrate, solana or beacon, not '$rpc_kind'"
+    if is_dialect "$source_kind"; then
+        die "--rpc-kind is only for a push, file or command source; --height-source=$source_kind already names it"
+    fi
+    [ -n "$rpc_url" ] || die "--rpc-kind needs --rpc-url=http://HOST:PORT"
+fi
 if [ -n "$rpc_url" ]; then
-    case $source_kind in
-        cometbft | ethereum) ;;
-        *) [ -n "$rpc_kind" ] || die "--rpc-url with --height-source=$source_kind needs --rpc-kind=cometbft or ethereum" ;;
-    esac
+    if ! is_dialect "$source_kind"; then
+        [ -n "$rpc_kind" ] || die "--rpc-url with --height-source=$source_kind needs --rpc-kind (the RPC's dialect)"
+    fi
     case $rpc_url in http://?*) ;; *) die "--rpc-url must be an http:// URL, not '$rpc_url'" ;; esac
+fi
+if [ -n "$rpc_cookie" ] && [ -z "$rpc_url" ]; then
+    die "--rpc-cookie needs --rpc-url=http://HOST:PORT"
 fi
 # Paths only: btm's own parser checks each one when the config is checked.
 preserve_paths=()
@@ -280,6 +286,7 @@ trap 'rm -f "$new_config"' EXIT
     echo "source = \"$source_kind\""
     if [ -n "$rpc_url" ]; then echo "rpc_url = $(toml_string "$rpc_url")"; fi
     if [ -n "$rpc_kind" ]; then echo "rpc_kind = \"$rpc_kind\""; fi
+    if [ -n "$rpc_cookie" ]; then echo "rpc_cookie = $(toml_string "$rpc_cookie")"; fi
     if [ -n "$height_file" ]; then echo "height_file = $(toml_string "$height_file")"; fi
     if [ -n "$height_command" ]; then
         printf 'height_command = ['

@@ -23,6 +23,8 @@ command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v shellcheck >/dev/null || missing+=(shellcheck)
 command -v musl-gcc >/dev/null || missing+=(musl-tools)
 command -v dpkg-deb >/dev/null || missing+=(dpkg)
+# litecoind (with litecoin-cli): a real Bitcoin-Core-family full node.
+command -v litecoind >/dev/null || missing+=(litecoind)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "== installing ${missing[*]}"
     apt-get update -qq
@@ -109,7 +111,7 @@ if ! command -v s3s-fs >/dev/null; then
     cargo install --locked --quiet s3s-fs --version 0.14.1 --features binary
 fi
 
-echo "== cargo test (unit, property, CLI, daemon, exports, ganache chain, chunk engine, S3, Azure, real btrfs + zfs-fuse, install.sh, real systemd)"
+echo "== cargo test (unit, property, CLI, daemon, exports, ganache and litecoind chains, chunk engine, S3, Azure, real btrfs + zfs-fuse, install.sh, real systemd)"
 # A wedged filesystem must fail the run, not hang it until CI's limit.
 timeout --signal=KILL 1800 cargo test --locked --all-targets --no-fail-fast -- --test-threads=2
 cargo test --locked --doc

@@ -29,7 +29,7 @@
 //! [`ops`] (the operations handle, with its volume and directories passed
 //! in) → [`pruner`], [`retention`] (pure) → [`volume`] (drivers, one command
 //! wrapper) → [`pin`], [`lock`], [`preserve`], [`validator`], [`window`],
-//! [`exec`] → [`confined`], [`dirs`], [`sys`] (the only `unsafe`).
+//! [`exec`] → [`family`], [`confined`], [`dirs`], [`sys`] (the only `unsafe`).
 //! [`client`] and [`protocol`] let a node talk to a running daemon.
 //!
 //! Above it: `btm-chunk` (the sparse chunk engine and its stores), then
@@ -42,6 +42,7 @@ pub mod confined;
 pub mod dirs;
 pub mod error;
 pub mod exec;
+pub mod family;
 pub mod host;
 pub mod lock;
 pub mod ops;

@@ -220,13 +220,16 @@ impl Ops {
     }
 
     /// btm snapshots with details, protection labels and, for snapshots a
-    /// polling daemon took, the recorded height window; newest first.
+    /// daemon took, the recorded height window and durable height; newest
+    /// first.
     pub fn list(&self) -> Result<Vec<Snapshot>, Error> {
-        let windows = crate::window::load(&self.dirs, self.volume.name());
+        let records = crate::window::records(&self.dirs, self.volume.name());
         let mut protected = self.volume.protections()?;
         let mut snaps = self.volume.list()?;
         for s in &mut snaps {
-            s.height_after = windows.get(&s.height).copied();
+            let r = records.get(&s.height).copied().unwrap_or_default();
+            s.height_after = r.after;
+            s.durable_height = r.durable;
             s.protected = protected.remove(&s.height);
         }
         Ok(snaps)

@@ -137,6 +137,9 @@ pub struct LastSnapshot {
     /// The height read just after it, for polled sources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub height_after: Option<u64>,
+    /// The height the node's durable state held, when a forced write said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durable_height: Option<u64>,
     /// When it finished.
     pub at: DateTime<Utc>,
     /// How long it took.
@@ -232,6 +235,32 @@ pub struct Counters {
     /// `command_timeout` (a suspended pool, a frozen filesystem).
     #[serde(default)]
     pub volume_timeouts: u64,
+    /// Snapshots whose label differs from the height the node's state
+    /// held (see [`HeightMismatch`]).
+    #[serde(default)]
+    pub height_mismatches: u64,
+    /// Forced writes of the node's state before a snapshot that failed (the
+    /// snapshot was skipped).
+    #[serde(default)]
+    pub flush_failures: u64,
+}
+
+/// A snapshot whose label is not the height the node's state holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeightMismatch {
+    /// When it was found.
+    pub at: DateTime<Utc>,
+    /// The snapshot's label.
+    pub snapshot: u64,
+    /// The height the node's state held, or restarted at.
+    pub holds: u64,
+    /// How it was found: `flush` (the write forced before the snapshot
+    /// made another height durable; stands until a snapshot's write
+    /// matches its label) or `restart` (the node ran below the newest
+    /// snapshot; stands until it passes it).
+    pub found_by: String,
+    /// The one-line explanation.
+    pub message: String,
 }
 
 /// The daemon's state, as `btm status` shows it.
@@ -269,6 +298,12 @@ pub struct Status {
     /// pool, a frozen filesystem), until one succeeds again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_stalled_since: Option<DateTime<Utc>>,
+    /// The latest snapshot found to hold another height than its label: a
+    /// forced write made another height durable, or the node ran below
+    /// the newest snapshot (it restarted from a snapshot below its label).
+    /// Cleared when the node passes the newest snapshot again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height_mismatch: Option<HeightMismatch>,
     /// btm snapshots on the volume.
     pub snapshot_count: usize,
     /// Of those, the protected ones (outside retention).

@@ -13,118 +13,34 @@ use std::path::{Path, PathBuf};
 use crate::confined::{self, Tree};
 use crate::preserve::RelPath;
 
-/// One known file or directory of a validator stack.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rule {
-    /// Path components, matched at the end of a relative path. A trailing
-    /// `/` means a directory: everything under it matches.
-    pub pattern: &'static str,
-    /// The stack it belongs to, for messages.
-    pub stack: &'static str,
+pub use crate::family::Rule;
+use crate::family::{self, wild};
+
+/// Signing state of every family: never rolled back or lowered by default.
+pub fn signing_state() -> Vec<&'static Rule> {
+    family::signing_state()
 }
 
-/// Signing state: never rolled back or lowered by default.
-pub const SIGNING_STATE: &[Rule] = &[
-    Rule {
-        pattern: "data/priv_validator_state.json",
-        stack: "CometBFT/Tendermint",
-    },
-    Rule {
-        pattern: "validators/slashing_protection.sqlite",
-        stack: "Lighthouse",
-    },
-    Rule {
-        pattern: "validators/slashing_protection.sqlite3",
-        stack: "Nimbus",
-    },
-    Rule {
-        pattern: "validator.db",
-        stack: "Prysm",
-    },
-    Rule {
-        pattern: "validator/slashprotection/",
-        stack: "Teku",
-    },
-];
-
-/// Key material: left out of backups and exports by default.
-pub const SECRETS: &[Rule] = &[
-    Rule {
-        pattern: "config/priv_validator_key.json",
-        stack: "CometBFT validator key",
-    },
-    Rule {
-        pattern: "config/node_key.json",
-        stack: "CometBFT node key",
-    },
-    Rule {
-        pattern: "keyring-file/",
-        stack: "Cosmos SDK keyring",
-    },
-    Rule {
-        pattern: "keyring-test/",
-        stack: "Cosmos SDK keyring",
-    },
-    Rule {
-        pattern: "keystore/",
-        stack: "Ethereum keystore",
-    },
-    Rule {
-        pattern: "validator_keys/",
-        stack: "Ethereum validator keystores",
-    },
-    Rule {
-        pattern: "voting-keystore.json",
-        stack: "Lighthouse validator keystore",
-    },
-    Rule {
-        pattern: "secrets/",
-        stack: "validator keystore passwords (Lighthouse, Nimbus)",
-    },
-    Rule {
-        pattern: "direct/accounts/",
-        stack: "Prysm validator keystore",
-    },
-];
+/// Key material of every family: left out of backups and exports by
+/// default.
+pub fn secrets() -> Vec<&'static Rule> {
+    family::secrets()
+}
 
 /// How deep under the volume root a node's home is looked for: the volume
 /// may be the home itself, hold several homes, or hold `.lighthouse/mainnet`.
 pub const SEARCH_DEPTH: usize = 2;
 
-impl Rule {
-    /// Whether `rel` (a path relative to a root, `/`-separated) is this
-    /// rule's file, or inside its directory.
-    pub fn matches(&self, rel: &[u8]) -> bool {
-        let pattern = self.pattern.as_bytes();
-        let (pattern, dir) = match pattern.strip_suffix(b"/") {
-            Some(p) => (p, true),
-            None => (pattern, false),
-        };
-        let comps: Vec<&[u8]> = rel.split(|&c| c == b'/').collect();
-        let want: Vec<&[u8]> = pattern.split(|&c| c == b'/').collect();
-        if dir {
-            // Any window of components equal to the pattern, followed by at
-            // least one more (the directory itself is not content).
-            comps
-                .windows(want.len())
-                .enumerate()
-                .any(|(i, w)| w == want.as_slice() && i + want.len() < comps.len())
-        } else {
-            comps.ends_with(&want)
-        }
-    }
-}
-
 /// The rule among `rules` that `rel` matches, if any.
-pub fn matching<'r>(rules: &'r [Rule], rel: &[u8]) -> Option<&'r Rule> {
-    rules.iter().find(|r| r.matches(rel))
+pub fn matching(rules: &[&'static Rule], rel: &[u8]) -> Option<&'static Rule> {
+    rules.iter().copied().find(|r| r.matches(rel))
 }
 
 /// Whether a signing-state rule matches with its home at most
 /// [`SEARCH_DEPTH`] below the root (deeper matches are someone else's
 /// files, not a node's).
 pub fn is_signing_state(rel: &[u8]) -> Option<&'static Rule> {
-    let r = matching(SIGNING_STATE, rel)?;
+    let r = matching(&signing_state(), rel)?;
     // Components beyond those the rule names are the home's. A directory
     // rule ("a/b/") splits into one more: the file inside it.
     let comps = rel.split(|&c| c == b'/').count();
@@ -160,26 +76,27 @@ pub fn find_signing_state(root: &Path) -> Result<Vec<Found>, confined::Error> {
         homes.extend(next.iter().cloned());
         level = next;
     }
+    let rules = signing_state();
     let mut found = Vec::new();
     for home in &homes {
-        for rule in SIGNING_STATE {
-            let path = home.join(rule.pattern.trim_end_matches('/'));
-            match tree.kind(&path) {
-                Ok(Some(confined::Kind::File)) if !rule.pattern.ends_with('/') => {
-                    found.push((path, rule.stack));
-                }
-                Ok(Some(confined::Kind::Dir)) if rule.pattern.ends_with('/') => {
-                    for (name, kind) in tree.list(&path)? {
-                        if kind == confined::Kind::File {
-                            found.push((path.join(name), rule.stack));
+        for rule in &rules {
+            let comps: Vec<&str> = rule.pattern.trim_end_matches('/').split('/').collect();
+            for path in expand(&tree, home.clone(), &comps)? {
+                match tree.kind(&path) {
+                    Ok(Some(confined::Kind::File)) if !rule.is_dir() => {
+                        found.push((path, rule.stack));
+                    }
+                    Ok(Some(confined::Kind::Dir)) if rule.is_dir() => {
+                        for (name, kind) in tree.list(&path)? {
+                            if kind == confined::Kind::File {
+                                found.push((path.join(name), rule.stack));
+                            }
                         }
                     }
+                    Ok(_) => {}
+                    Err(e) if skippable(&e) => {}
+                    Err(e) => return Err(e),
                 }
-                Ok(_) => {}
-                Err(e) if e.is_not_found() => {}
-                // A symlink or non-directory on the way: not a node's file.
-                Err(confined::Error::Symlink { .. } | confined::Error::NotDir { .. }) => {}
-                Err(e) => return Err(e),
             }
         }
     }
@@ -194,6 +111,44 @@ pub fn find_signing_state(root: &Path) -> Result<Vec<Found>, confined::Error> {
         .collect())
 }
 
+/// The paths under `base` whose components match `comps` (a component
+/// with `*` is matched against the listing of its directory). Missing
+/// directories, symlinks and non-directories on the way match nothing.
+fn expand(tree: &Tree, base: PathBuf, comps: &[&str]) -> Result<Vec<PathBuf>, confined::Error> {
+    let Some((first, rest)) = comps.split_first() else {
+        return Ok(vec![base]);
+    };
+    let names: Vec<PathBuf> = if first.contains('*') {
+        let listed = match tree.list(&base) {
+            Ok(l) => l,
+            Err(e) if skippable(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        listed
+            .into_iter()
+            .filter(|(name, _)| wild(first.as_bytes(), name.as_encoded_bytes()))
+            .map(|(name, _)| base.join(name))
+            .collect()
+    } else {
+        vec![base.join(first)]
+    };
+    let mut out = Vec::new();
+    for n in names {
+        out.extend(expand(tree, n, rest)?);
+    }
+    Ok(out)
+}
+
+/// Errors that mean "not a node's file here": absent, or a symlink or a
+/// non-directory on the way.
+fn skippable(e: &confined::Error) -> bool {
+    e.is_not_found()
+        || matches!(
+            e,
+            confined::Error::Symlink { .. } | confined::Error::NotDir { .. }
+        )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,26 +156,26 @@ mod tests {
 
     #[test]
     fn rules_match_files_and_directory_contents() {
-        let state = &SIGNING_STATE[0];
+        let state = signing_state()[0];
         assert!(state.matches(b"data/priv_validator_state.json"));
         assert!(state.matches(b"node1/data/priv_validator_state.json"));
         assert!(!state.matches(b"data/priv_validator_state.json.bak"));
         assert!(!state.matches(b"xdata/priv_validator_state.json"));
-        let teku = SIGNING_STATE
-            .iter()
-            .find(|r| r.stack == "Teku")
+        let teku = signing_state()
+            .into_iter()
+            .find(|r| r.stack.starts_with("Teku"))
             .expect("teku");
         assert!(teku.matches(b"teku/validator/slashprotection/0xabc.yml"));
         assert!(!teku.matches(b"teku/validator/slashprotection"));
-        let keystore = SECRETS
-            .iter()
+        let keystore = secrets()
+            .into_iter()
             .find(|r| r.pattern == "keystore/")
             .expect("ks");
         assert!(keystore.matches(b"geth/keystore/UTC--2024"));
         assert!(keystore.matches(b"keystore/a/b"));
         assert!(!keystore.matches(b"keystores.txt"));
         assert_eq!(
-            matching(SECRETS, b"home/config/node_key.json").map(|r| r.stack),
+            matching(&secrets(), b"home/config/node_key.json").map(|r| r.stack),
             Some("CometBFT node key")
         );
     }
@@ -236,6 +191,36 @@ mod tests {
         );
     }
 
+    #[test]
+    fn signing_state_is_found_through_wildcards_and_not_through_symlinks() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let root = dir.path();
+        let mk = |rel: &str| {
+            let p = root.join(rel);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(p, b"x").expect("write");
+        };
+        mk("ledger/tower-1_9-Abc.bin");
+        mk("ledger/tower-1_9-Abc.bin.tmp");
+        mk("kms/state/cosmoshub-4-consensus.json");
+        mk("node/data/priv_validator_state.json");
+        mk("a/b/c/data/priv_validator_state.json");
+        std::os::unix::fs::symlink(root.join("node"), root.join("link")).expect("symlink");
+        let found: Vec<String> = find_signing_state(root)
+            .expect("find")
+            .iter()
+            .map(|f| f.path.as_path().display().to_string())
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "kms/state/cosmoshub-4-consensus.json",
+                "ledger/tower-1_9-Abc.bin",
+                "node/data/priv_validator_state.json"
+            ]
+        );
+    }
+
     proptest! {
         /// A rule matches a path exactly when the path ends with the
         /// pattern's components (files), or passes through them (dirs).
@@ -243,9 +228,11 @@ mod tests {
         fn matching_is_by_whole_components(
             prefix in proptest::collection::vec("[a-z_.]{1,8}", 0..4),
             suffix in proptest::collection::vec("[a-z_.]{1,8}", 0..3),
-            rule in 0..SECRETS.len(),
+            rule in 0..secrets().len(),
         ) {
-            let rule = SECRETS[rule];
+            let rule = secrets()[rule];
+            // Wildcard components are tested in `family`.
+            prop_assume!(!rule.pattern.contains('*'));
             let pat = rule.pattern.trim_end_matches('/');
             let mut comps: Vec<String> = prefix.clone();
             comps.extend(pat.split('/').map(str::to_owned));

@@ -1,5 +1,5 @@
 //! What a backup leaves out on purpose: validator key material by default
-//! ([`btm::validator::SECRETS`]), and the operator's `--exclude` globs.
+//! ([`btm::validator::secrets`], every node family's key files), and the operator's `--exclude` globs.
 //! Each backup's head records every pattern it applied, why, and how many
 //! entries it matched, so `btm backups show` can say what a restore will
 //! lack, and `restore --delete` knows what lies outside the backup's scope
@@ -7,7 +7,7 @@
 
 use super::format::head::Excluded;
 use super::ChunkError;
-use btm::validator::SECRETS;
+use btm::validator::{secrets, Rule};
 
 /// One pattern and what it has matched so far.
 #[derive(Debug)]
@@ -20,8 +20,8 @@ struct Pattern {
 
 #[derive(Debug)]
 enum Matcher {
-    /// A validator secret: the path ends with these components.
-    Secret(&'static str),
+    /// Key material: the path is the rule's file or directory.
+    Secret(&'static Rule),
     /// An operator's glob, as a regular expression over the relative path.
     Glob(regex::bytes::Regex),
 }
@@ -67,11 +67,11 @@ impl Exclusions {
     pub fn new(globs: &[(String, String)], include_secrets: bool) -> Result<Self, ChunkError> {
         let mut patterns = Vec::new();
         if !include_secrets {
-            for rule in SECRETS {
+            for rule in secrets() {
                 patterns.push(Pattern {
                     pattern: rule.pattern.to_owned(),
                     why: format!("secret: {} (--include-secrets keeps it)", rule.stack),
-                    matcher: Matcher::Secret(rule.pattern.trim_end_matches('/')),
+                    matcher: Matcher::Secret(rule),
                     matched: 0,
                 });
             }
@@ -101,9 +101,10 @@ impl Exclusions {
     /// its keys; a local key it does not hold is still no stray file.)
     pub fn outside_backup(recorded: &[Excluded]) -> Result<Self, ChunkError> {
         let mut scope = Exclusions::new(&[], false)?;
+        let secrets = secrets();
         let globs: Vec<(String, String)> = recorded
             .iter()
-            .filter(|x| !SECRETS.iter().any(|r| r.pattern == x.pattern))
+            .filter(|x| !secrets.iter().any(|r| r.pattern == x.pattern))
             .map(|x| (x.pattern.clone(), x.why.clone()))
             .collect();
         scope
@@ -121,7 +122,7 @@ impl Exclusions {
     /// Why the entry at `rel` is left out, if it is; counts the match.
     pub fn reason(&mut self, rel: &[u8]) -> Option<&str> {
         let p = self.patterns.iter_mut().find(|p| match &p.matcher {
-            Matcher::Secret(suffix) => ends_with_components(rel, suffix.as_bytes()),
+            Matcher::Secret(rule) => rule.names(rel),
             Matcher::Glob(re) => re.is_match(rel),
         })?;
         p.matched += 1;
@@ -141,11 +142,6 @@ impl Exclusions {
             })
             .collect()
     }
-}
-
-fn ends_with_components(rel: &[u8], suffix: &[u8]) -> bool {
-    rel.ends_with(suffix)
-        && (rel.len() == suffix.len() || rel[rel.len() - suffix.len() - 1] == b'/')
 }
 
 #[cfg(test)]
@@ -183,7 +179,7 @@ mod tests {
         assert!(!ex.excludes(b"config/config.toml"));
         assert!(!ex.excludes(b"xconfig/node_key.json"));
         let report = ex.report();
-        assert_eq!(report.len(), SECRETS.len() + 1, "every pattern applied");
+        assert_eq!(report.len(), secrets().len() + 1, "every pattern applied");
         assert_eq!(report.iter().filter(|e| e.matched == 1).count(), 4);
         assert_eq!(report.iter().map(|e| e.matched).sum::<u64>(), 4);
         let mut with = Exclusions::new(&[], true).expect("ok");

@@ -689,6 +689,100 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
+/// Every node family's key files, at the depths their nodes put them, stay
+/// out of the store: no chunk holds any of their bytes, while the chain
+/// data beside them is stored (the same search finds it), and
+/// `--include-secrets` takes them all along.
+#[test]
+fn every_familys_key_files_stay_out_of_the_store() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let root = dir.path().join("node");
+    let keys = [
+        "bitcoin/regtest/wallets/w/wallet.dat",
+        "bitcoin/regtest/wallets/w/db.log",
+        "bitcoin/wallet.dat",
+        "bitcoin/.cookie",
+        "solana/validator-keypair.json",
+        "solana/ledger/vote-account-keypair.json",
+        "solana/identity.json",
+        "polkadot/chains/polkadot/keystore/6175726100",
+        "polkadot/chains/polkadot/network/secret_ed25519",
+        "geth/geth/nodekey",
+        "geth/geth/jwtsecret",
+        "reth/jwt.hex",
+        "reth/discovery-secret",
+        "nethermind/keystore/jwt-secret",
+        "besu/key",
+        "teku/validator/key-manager/local/0xabc.json",
+        "nimbus/validators/0xabc/keystore.json",
+        "lighthouse/wallets/w1/wallet.json",
+        "lighthouse/validators/validator_definitions.yml",
+        "lighthouse/validators/0xabc/voting-keystore.json",
+        "lighthouse/beacon/network/key",
+        "lodestar/keystores/0xabc/voting-keystore.json",
+        "lodestar/secrets/0xabc",
+        "sui/sui.keystore",
+        "sui/protocol.key",
+        "aptos/private-keys.yaml",
+        "aptos/validator-identity.yaml",
+        "aptos/secure-data.json",
+        "cosmos/config/priv_validator_key.json",
+        "cosmos/keyring-file/v.info",
+    ];
+    let data = [
+        "bitcoin/regtest/chainstate/000005.ldb",
+        "geth/geth/chaindata/000123.ldb",
+        "solana/ledger/rocksdb/000042.sst",
+        "polkadot/chains/polkadot/db/full/000007.sst",
+    ];
+    let write = |rel: &str, seed: u64| {
+        let p = root.join(rel);
+        fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        let bytes = random(200, seed);
+        fs::write(&p, &bytes).expect("w");
+        bytes
+    };
+    let secrets: Vec<(&str, Vec<u8>)> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (*k, write(k, 1000 + i as u64)))
+        .collect();
+    let kept: Vec<Vec<u8>> = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| write(d, 2000 + i as u64))
+        .collect();
+    let store = dir.path().join("store");
+    let s = store.to_str().expect("utf8");
+    let r = root.to_str().expect("utf8");
+    btm(dir.path(), &["backup", r, "-s", s]).ok();
+    let chunks = all_chunk_bytes(&store);
+    for (key, bytes) in &secrets {
+        assert!(
+            !chunks.iter().any(|c| contains(c, &bytes[..32])),
+            "{key} reached the store"
+        );
+    }
+    for bytes in &kept {
+        assert!(
+            chunks.iter().any(|c| contains(c, &bytes[..32])),
+            "the chain data is stored, and the search finds it"
+        );
+    }
+    btm(
+        dir.path(),
+        &["backup", r, "-s", s, "-t", "keys", "--include-secrets"],
+    )
+    .ok();
+    let chunks = all_chunk_bytes(&store);
+    for (key, bytes) in &secrets {
+        assert!(
+            chunks.iter().any(|c| contains(c, &bytes[..32])),
+            "{key} is stored when asked"
+        );
+    }
+}
+
 /// Issue 12: a CometBFT home's keys never reach the store by default; what
 /// was left out is recorded and shown; `--exclude` adds patterns and
 /// `--include-secrets` is the one way to take the keys along.

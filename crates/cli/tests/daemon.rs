@@ -365,6 +365,116 @@ fn hooks() {
     );
 }
 
+/// A node that writes its state lazily is made to write it before each
+/// snapshot (rpc_kind bitcoin beside push heights). A write that fails or
+/// outlasts the hook timeout skips the snapshot, saying why in one line; a
+/// write that makes another height durable is recorded and warned about.
+#[test]
+fn a_failed_flush_skips_the_snapshot_and_a_short_one_is_recorded() {
+    let fx = Btrfs::new();
+    // 0: durable at the label; 1: an RPC error; 2: no answer; 3: durable
+    // two blocks lower than the label.
+    let mode = Arc::new(AtomicU64::new(0));
+    let label = Arc::new(AtomicU64::new(10));
+    let (m2, l2) = (mode.clone(), label.clone());
+    let rpc = FakeRpc::start(move |req| {
+        assert!(req.starts_with("POST / "), "{req}");
+        let h = l2.load(Ordering::SeqCst);
+        match m2.load(Ordering::SeqCst) {
+            1 => (
+                500,
+                r#"{"result":null,"error":{"code":-28,"message":"Verifying blocks..."},"id":1}"#
+                    .into(),
+            ),
+            2 => {
+                // Past the 1 s hook timeout; the server answers one
+                // request at a time, so not much longer.
+                sleep(Duration::from_millis(1500));
+                (200, "{}".into())
+            }
+            3 => (
+                200,
+                format!(r#"{{"result":{{"height":{}}},"error":null,"id":1}}"#, h - 2),
+            ),
+            _ => (
+                200,
+                format!(r#"{{"result":{{"height":{h}}},"error":null,"id":1}}"#),
+            ),
+        }
+    });
+    let conf = fx.scratch().join("btm.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "volume = \"{}\"\nrpc_url = \"{}\"\nrpc_kind = \"bitcoin\"\nrpc_user = \"u\"\nrpc_password = \"p\"\n[hooks]\ntimeout = \"1s\"\n",
+            fx.volume(),
+            rpc.url()
+        ),
+    )
+    .expect("write");
+    let d = DaemonProc::start(
+        fx.scratch(),
+        &["--config", conf.to_str().expect("utf8")],
+        &[],
+    );
+    assert_eq!(d.notify(10)["outcome"], "created");
+    for (m, h, why) in [(1, 20, "Verifying blocks"), (2, 30, "timed out")] {
+        mode.store(m, Ordering::SeqCst);
+        label.store(h, Ordering::SeqCst);
+        let r = d.notify(h);
+        assert_eq!(r["outcome"], "skipped", "{r}");
+        let reason = r["reason"].as_str().expect("reason");
+        assert!(
+            reason.contains("did not write its state") && reason.contains(why),
+            "{reason}"
+        );
+        assert!(!reason.contains('\n'), "{reason}");
+    }
+    sleep(Duration::from_millis(600)); // the slow answer is over
+    mode.store(3, Ordering::SeqCst);
+    label.store(40, Ordering::SeqCst);
+    assert_eq!(d.notify(40)["outcome"], "created");
+    let s = d.status().expect("status");
+    assert_eq!(s["counters"]["flush_failures"], 2, "{s}");
+    assert_eq!(s["height_mismatch"]["snapshot"], 40, "{s}");
+    assert_eq!(s["height_mismatch"]["holds"], 38, "{s}");
+    assert_eq!(s["height_mismatch"]["found_by"], "flush", "{s}");
+    assert_eq!(fx.heights(), vec![40, 10]);
+    let list: serde_json::Value =
+        serde_json::from_str(&fx.btm(&["list", "--json"]).ok()).expect("json");
+    let durable: Vec<_> = list["snapshots"]
+        .as_array()
+        .expect("snapshots")
+        .iter()
+        .map(|s| (s["height"].clone(), s["durable_height"].clone()))
+        .collect();
+    assert_eq!(
+        durable,
+        [(40.into(), 38.into()), (10.into(), 10.into())],
+        "{list}"
+    );
+    let listing = fx.btm(&["list"]).ok();
+    assert!(
+        listing.contains("WARNING: holds the node's state at 38"),
+        "{listing}"
+    );
+    // The rollback plan says where the node will restart (not confirmed:
+    // nothing happens).
+    let plan = fx.btm(&["rollback", "-s", "40", "-S"]);
+    assert_ne!(plan.code, 0);
+    assert!(
+        plan.stdout
+            .contains("holds the node's state at height 38 (the write forced before it said so): the node will restart at 38"),
+        "{}",
+        plan.stdout
+    );
+    // A snapshot whose write matches its label ends the warning.
+    mode.store(0, Ordering::SeqCst);
+    label.store(50, Ordering::SeqCst);
+    assert_eq!(d.notify(50)["outcome"], "created");
+    assert!(d.status().expect("status").get("height_mismatch").is_none());
+}
+
 /// SIGHUP: a broken file is refused and the old settings stay; a good one
 /// takes over.
 #[test]

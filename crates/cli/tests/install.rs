@@ -81,9 +81,14 @@ fn every_bad_value_is_refused_with_one_line() {
         ),
         (vec!["--rpc-url=http://x", &vol], "--rpc-kind"),
         (
-            vec!["--rpc-url=http://x", "--rpc-kind=solana", &vol],
+            vec!["--rpc-url=http://x", "--rpc-kind=tron", &vol],
             "--rpc-kind",
         ),
+        (
+            vec!["--height-source=dogecoin", "--rpc-url=http://x", &vol],
+            "--height-source",
+        ),
+        (vec!["--rpc-cookie=/c", &vol], "--rpc-cookie"),
         (vec!["--rpc-kind=cometbft", &vol], "--rpc-url"),
         (vec!["--preserve=../secrets", &vol], "preserve"),
         (vec!["--preserve=a,,b", &vol], "empty path"),
@@ -162,6 +167,30 @@ fn dry_run_prints_every_action_and_does_none() {
         "    rpc_kind = \"cometbft\"",
         "    preserve = [\"data/upgrade-info.json\", \"config/extra.toml\"]",
         "keep the validator signing state",
+    ] {
+        assert!(text.contains(line), "{line} missing: {text}");
+    }
+    // A Bitcoin Core node: its dialect and its cookie reach the config,
+    // which btm checks.
+    let out = install(
+        &dir,
+        &[
+            &vol,
+            "--height-source=bitcoin",
+            "--rpc-url=http://127.0.0.1:8332",
+            "--rpc-cookie=/var/lib/bitcoind/.cookie",
+            "--dry-run",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "    source = \"bitcoin\"",
+        "    rpc_cookie = \"/var/lib/bitcoind/.cookie\"",
     ] {
         assert!(text.contains(line), "{line} missing: {text}");
     }

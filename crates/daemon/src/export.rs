@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::height::identity::{ChainIdentity, ChainRpc};
+use crate::height::identity::ChainIdentity;
+use crate::height::NodeRpc;
 use btm::lock::VolumeLock;
 use btm::pin::Pin;
 use btm::Ops;
@@ -65,7 +66,7 @@ pub struct ExportSettings {
     pub gc_grace: Duration,
     /// The node RPC asked for the chain's identity at the exported height
     /// (recorded as `meta.chain`); `None` when no RPC is configured.
-    pub chain: Option<ChainRpc>,
+    pub chain: Option<NodeRpc>,
 }
 
 /// Whether a snapshot at `height` should be exported, given the height of
@@ -275,14 +276,31 @@ fn already_exported(
 fn export_meta(
     ops: &Ops,
     height: u64,
-    chain: Option<&ChainRpc>,
+    chain: Option<&NodeRpc>,
     report: &mut ExportReport,
 ) -> serde_json::Map<String, serde_json::Value> {
     let mut meta = serde_json::Map::new();
     let vol = ops.volume();
     meta.insert("height".into(), height.into());
-    if let Some(after) = btm::window::load(ops.dirs(), vol.name()).get(&height) {
-        meta.insert("height_after".into(), (*after).into());
+    let record = btm::window::records(ops.dirs(), vol.name())
+        .get(&height)
+        .copied()
+        .unwrap_or_default();
+    if let Some(after) = record.after {
+        meta.insert("height_after".into(), after.into());
+    }
+    if let Some(durable) = record.durable {
+        meta.insert("durable_height".into(), durable.into());
+        if durable != height {
+            tracing::warn!(
+                height,
+                durable,
+                "the exported snapshot holds the node's state at another height than its label"
+            );
+            report.warnings.push(format!(
+                "snapshot {height} holds the node's state at height {durable}: a node rebuilt from this export starts at {durable}"
+            ));
+        }
     }
     meta.insert("volume".into(), vol.name().into());
     meta.insert("mode".into(), vol.mode().to_string().into());
@@ -294,7 +312,7 @@ fn export_meta(
     if let Some(rpc) = chain {
         match rpc.identity(height) {
             Ok(id) => {
-                tracing::info!(height, block_hash = %id.block_hash, state_hash = %id.state_hash, "chain identity recorded");
+                tracing::info!(height, block_hash = %id.block_hash, state_hash = id.state_hash.as_deref().unwrap_or("-"), "chain identity recorded");
                 if let Ok(v) = serde_json::to_value(&id) {
                     meta.insert("chain".into(), v);
                 }

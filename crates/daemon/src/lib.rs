@@ -397,6 +397,7 @@ fn initial_status(cfg: &BtmCfg, settings: &DaemonSettings, snapshots: usize) -> 
         volume: cfg.volume.clone(),
         mode: cfg.mode,
         source: settings.source.name().to_owned(),
+        height_mismatch: None,
         itv: cfg.itv,
         cap: cfg.cap,
         algo: cfg.algo,

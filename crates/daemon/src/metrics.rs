@@ -45,6 +45,7 @@ pub fn render(s: &Status) -> String {
         ("height", c.refused),
         ("gc", c.gc_failures),
         ("volume_timeout", c.volume_timeouts),
+        ("flush", c.flush_failures),
     ] {
         let _ = writeln!(out, "btm_errors_total{{kind=\"{kind}\"}} {n}");
     }
@@ -143,6 +144,22 @@ fn source_and_snapshot_metrics(s: &Status) -> Vec<Metric> {
             "1 while the volume's zfs or btrfs commands time out (a suspended pool, a frozen filesystem).",
             "gauge",
             Some(if s.volume_stalled_since.is_some() { 1.0 } else { 0.0 }),
+        ),
+        (
+            "btm_height_mismatches_total",
+            "Snapshots found to hold another height than their label.",
+            "counter",
+            Some(c.height_mismatches as f64),
+        ),
+        (
+            "btm_height_mismatch_blocks",
+            "How far the latest mismatched snapshot's state is below its label (negative: above); 0 when none stands.",
+            "gauge",
+            Some(
+                s.height_mismatch
+                    .as_ref()
+                    .map_or(0.0, |m| m.snapshot as f64 - m.holds as f64),
+            ),
         ),
     ]
 }
@@ -346,6 +363,7 @@ mod shipped_monitoring {
         s.last_snapshot = Some(LastSnapshot {
             height: 120,
             height_after: None,
+            durable_height: None,
             at: now,
             duration_ms: 5,
         });

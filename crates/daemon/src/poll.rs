@@ -101,6 +101,7 @@ pub async fn run(
         failures = 0;
         delay = interval;
         state.height_seen(height);
+        state.height_passed(height);
         let mut decision = poll_due(height, scheduler.newest().await, itv);
         if let PollDecision::Backwards { .. } = decision {
             scheduler.refresh().await;
@@ -111,6 +112,7 @@ pub async fn run(
                 backwards.reset();
             }
             PollDecision::Backwards { newest } => {
+                state.below_snapshot(height, newest);
                 if let Some(suppressed) = backwards.due() {
                     tracing::warn!(source, height, newest, suppressed, "height went backwards; no snapshot until it passes the newest snapshot's bucket");
                 }

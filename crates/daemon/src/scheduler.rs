@@ -160,6 +160,9 @@ const NO_SNAPSHOT: u64 = u64::MAX;
 enum TakeError {
     /// The pre-snapshot hook declined: the snapshot is skipped.
     PreHook(btm::exec::ExecError),
+    /// The node could not be made to write its state: the snapshot would
+    /// not hold the height it is labelled with, so it is skipped.
+    Flush(crate::height::HeightError),
     /// Taking the snapshot failed.
     Snapshot(btm::Error),
     /// The blocking task itself failed (a bug).
@@ -170,6 +173,9 @@ impl TakeError {
     fn reason(&self) -> String {
         match self {
             TakeError::PreHook(e) => format!("pre-snapshot hook declined: {e}"),
+            TakeError::Flush(e) => format!(
+                "the node did not write its state before the snapshot, so the snapshot was skipped: {e}"
+            ),
             TakeError::Snapshot(e) => e.to_string(),
             TakeError::Task(e) => format!("snapshot task failed: {e}"),
         }
@@ -181,6 +187,19 @@ struct Took {
     outcome: Result<btm::SnapshotReport, TakeError>,
     heights: Vec<u64>,
     post_hook_error: Option<btm::exec::ExecError>,
+    /// The height a forced write made durable right before the snapshot.
+    durable: Option<u64>,
+}
+
+impl Took {
+    fn failed(e: TakeError) -> Self {
+        Took {
+            outcome: Err(e),
+            heights: Vec::new(),
+            post_hook_error: None,
+            durable: None,
+        }
+    }
 }
 
 impl Scheduler {
@@ -258,6 +277,7 @@ impl Scheduler {
     /// implausible, which is checked under the gate.
     pub async fn push(&self, height: u64) -> Taken {
         self.state.height_seen(height);
+        self.state.height_passed(height);
         if push_due(height, self.cfg.itv) {
             return self.take(height).await;
         }
@@ -321,6 +341,9 @@ impl Scheduler {
         let Err(refusal) = checked else {
             return Ok(());
         };
+        if let Refusal::Backwards { height, newest } = refusal {
+            self.state.below_snapshot(height, newest);
+        }
         let reason = refusal.to_string();
         let due = self
             .refusals
@@ -339,14 +362,26 @@ impl Scheduler {
     /// the pre-snapshot hook, or failed.
     fn not_taken(&self, height: u64, e: TakeError, duration_ms: u64) -> NotifyReply {
         let reason = e.reason();
-        if let TakeError::PreHook(_) = e {
-            tracing::warn!(height, reason = %reason, "snapshot skipped");
-            self.state.error("hook", &reason);
-            self.state.count(|c| {
-                c.skipped += 1;
-                c.hook_failures += 1;
-            });
-            return reply(height, Outcome::Skipped, reason);
+        match e {
+            TakeError::PreHook(_) => {
+                tracing::warn!(height, reason = %reason, "snapshot skipped");
+                self.state.error("hook", &reason);
+                self.state.count(|c| {
+                    c.skipped += 1;
+                    c.hook_failures += 1;
+                });
+                return reply(height, Outcome::Skipped, reason);
+            }
+            TakeError::Flush(_) => {
+                tracing::warn!(height, reason = %reason, "snapshot skipped");
+                self.state.error("flush", &reason);
+                self.state.count(|c| {
+                    c.skipped += 1;
+                    c.flush_failures += 1;
+                });
+                return reply(height, Outcome::Skipped, reason);
+            }
+            TakeError::Snapshot(_) | TakeError::Task(_) => {}
         }
         tracing::error!(height, error = %reason, duration_ms, "snapshot failed");
         self.state.error("snapshot", &reason);
@@ -373,11 +408,7 @@ impl Scheduler {
         .await;
         self.state.in_progress(None);
         let duration_ms = started.elapsed().as_millis() as u64;
-        let took = took.unwrap_or_else(|e| Took {
-            outcome: Err(TakeError::Task(e.to_string())),
-            heights: Vec::new(),
-            post_hook_error: None,
-        });
+        let took = took.unwrap_or_else(|e| Took::failed(TakeError::Task(e.to_string())));
         match &took.outcome {
             Err(TakeError::Snapshot(e)) if e.is_timeout() => {
                 self.state.volume_stalled(&e.to_string())
@@ -415,9 +446,22 @@ impl Scheduler {
                 self.state.snapshot_taken(LastSnapshot {
                     height,
                     height_after: None,
+                    durable_height: took.durable,
                     at: Utc::now(),
                     duration_ms,
                 });
+                match took.durable {
+                    Some(d) if d == height => self.state.height_matched(height),
+                    Some(d) => self.state.height_mismatch(
+                        height,
+                        d,
+                        "flush",
+                        format!(
+                            "snapshot {height} holds the node's state at height {d}: the write forced before it made {d} durable, so a rollback to it restarts the node at {d}"
+                        ),
+                    ),
+                    None => {}
+                }
                 Outcome::Created
             }
             SnapshotOutcome::AlreadyExists => {
@@ -452,13 +496,17 @@ fn take_blocking(
         ("BTM_HEIGHT", height.to_string()),
         ("BTM_VOLUME", cfg.volume.clone()),
     ];
+    // The write comes first: a pre-snapshot hook may stop the node.
+    let mut durable = None;
+    if let Some(node) = settings.node.as_ref().filter(|_| settings.flush) {
+        match node.flush(settings.hook_timeout) {
+            Ok(d) => durable = d,
+            Err(e) => return Took::failed(TakeError::Flush(e)),
+        }
+    }
     if let Some(argv) = &settings.pre_snapshot {
         if let Err(e) = btm::exec::run(argv, &env, settings.hook_timeout) {
-            return Took {
-                outcome: Err(TakeError::PreHook(e)),
-                heights: Vec::new(),
-                post_hook_error: None,
-            };
+            return Took::failed(TakeError::PreHook(e));
         }
     }
     let outcome = cfg
@@ -480,6 +528,15 @@ fn take_blocking(
         Err(TakeError::Snapshot(e)) if e.is_timeout() => Vec::new(),
         Err(_) => ops.volume().heights().unwrap_or_default(),
     };
+    if let (Some(d), Ok(r)) = (durable, &outcome) {
+        if r.outcome == SnapshotOutcome::Created {
+            let vol = ops.volume();
+            if let Err(e) = btm::window::record_durable(ops.dirs(), vol.name(), height, d, &heights)
+            {
+                tracing::warn!(height, durable = d, error = %e, "could not record the snapshot's durable height");
+            }
+        }
+    }
     let post_hook_error = match (&settings.post_snapshot, &outcome) {
         (Some(argv), Ok(_)) => btm::exec::run(argv, &env, settings.hook_timeout).err(),
         _ => None,
@@ -488,6 +545,7 @@ fn take_blocking(
         outcome,
         heights,
         post_hook_error,
+        durable,
     }
 }
 

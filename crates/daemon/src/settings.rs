@@ -12,9 +12,10 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::export::ExportSettings;
-use crate::height::identity::{ChainKind, ChainRpc};
 use crate::height::SourceSpec;
+use crate::height::{Auth, NodeRpc};
 use btm::dirs::Dirs;
+use btm::family::Dialect;
 use btm::retention::Algo;
 use btm::volume::{self, SnapMode};
 
@@ -426,17 +427,34 @@ options! {
         #[arg(short = 'a', long, value_parser = parse_algo)]
         #[serde(default, deserialize_with = "de_algo")]
         pub algo: Option<Algo>,
-        /// push, cometbft, ethereum, file or command [default: push]
+        /// push, file, command, or a node RPC: cometbft, ethereum,
+        /// bitcoin, substrate, solana or beacon [default: push]
         #[arg(long, value_name = "SOURCE")]
         pub source: Option<String>,
-        /// Node RPC URL for cometbft and ethereum (http://…); with another
-        /// source and --rpc-kind, only asked for exports' chain identity
+        /// Node RPC URL (http://…) for an RPC source; with another source
+        /// and --rpc-kind, asked for exports' chain identity and flushes
         #[arg(long, value_name = "URL")]
         pub rpc_url: Option<String>,
-        /// cometbft or ethereum: the kind of --rpc-url when the source is
-        /// push, file or command
+        /// The dialect of --rpc-url when the source is push, file or
+        /// command: cometbft, ethereum, bitcoin, substrate, solana or beacon
         #[arg(long, value_name = "KIND")]
         pub rpc_kind: Option<String>,
+        /// The node's RPC cookie file (Bitcoin Core's `.cookie`), read at
+        /// each request
+        #[arg(long, value_name = "PATH")]
+        pub rpc_cookie: Option<PathBuf>,
+        /// The node's RPC user (with rpc_password in the file)
+        #[arg(long, value_name = "USER")]
+        pub rpc_user: Option<String>,
+        /// The node's RPC password: configuration file only, never a flag
+        /// (other users can read a command line)
+        #[arg(skip)]
+        pub rpc_password: Option<String>,
+        /// Force the node to write its state before each snapshot, where
+        /// its dialect can (bitcoin), bounded by the hook timeout
+        /// [default: true]
+        #[arg(long, value_name = "BOOL")]
+        pub flush: Option<bool>,
         /// File holding the height, for source file
         #[arg(long, value_name = "PATH")]
         pub height_file: Option<PathBuf>,
@@ -538,13 +556,37 @@ impl DaemonOptions {
             return Err(invalid("cap", "must be at least 1"));
         }
         let source_timeout = self.source_timeout.unwrap_or(Duration::from_secs(5));
-        let (source, chain) = resolve_source(
+        let auth = resolve_auth(self.rpc_cookie, self.rpc_user, self.rpc_password)?;
+        let (source, node) = resolve_source(
             self.source.as_deref().unwrap_or("push"),
-            self.rpc_url,
-            self.rpc_kind.as_deref(),
+            Rpc {
+                url: self.rpc_url,
+                kind: self.rpc_kind.as_deref(),
+                auth,
+                timeout: source_timeout,
+            },
             self.height_file,
             self.height_command.map(|a| a.0),
         )?;
+        let flush = match (self.flush, &node) {
+            (Some(true), Some(n)) if !n.can_flush() => {
+                return Err(invalid(
+                    "flush",
+                    format!(
+                    "the {} dialect has no call that writes the node's state; see docs/nodes.md",
+                    n.dialect.name()
+                ),
+                ))
+            }
+            (Some(true), None) => {
+                return Err(invalid(
+                    "flush",
+                    "needs a node RPC (an RPC source, or rpc_url with rpc_kind)",
+                ))
+            }
+            (f, Some(n)) => f.unwrap_or(true) && n.can_flush(),
+            (_, None) => false,
+        };
         let socket_mode = resolve_socket_mode(self.socket_mode.as_deref())?;
         check_socket_group(self.socket_group.as_deref())?;
         let metrics_listen = resolve_metrics_listen(self.metrics_listen.as_deref())?;
@@ -566,11 +608,7 @@ impl DaemonOptions {
         }
         let export = match self.export {
             Some(e) => Some(ExportSettings {
-                chain: chain.map(|(kind, url)| ChainRpc {
-                    kind,
-                    url,
-                    timeout: source_timeout,
-                }),
+                chain: node.clone(),
                 ..e.resolve(itv)?
             }),
             None => None,
@@ -584,6 +622,8 @@ impl DaemonOptions {
             cap,
             algo: self.algo.unwrap_or(Algo::Fair),
             source,
+            node,
+            flush,
             poll_interval: self.poll_interval.unwrap_or(Duration::from_secs(1)),
             source_timeout,
             lock_timeout: self.lock_timeout.unwrap_or(Duration::from_secs(60)),
@@ -645,16 +685,53 @@ fn resolve_metrics_listen(addr: Option<&str>) -> Result<Option<SocketAddr>, Conf
     .transpose()
 }
 
-/// The height source, and the RPC that can name the chain at a height
-/// (the source's own RPC, or `rpc_url` with `rpc_kind` beside another
-/// source).
+/// The RPC keys, as given.
+struct Rpc<'a> {
+    url: Option<String>,
+    kind: Option<&'a str>,
+    auth: Auth,
+    timeout: Duration,
+}
+
+/// `rpc_cookie`, or `rpc_user` with `rpc_password`, or neither.
+fn resolve_auth(
+    cookie: Option<PathBuf>,
+    user: Option<String>,
+    password: Option<String>,
+) -> Result<Auth, ConfigError> {
+    match (cookie, user, password) {
+        (None, None, None) => Ok(Auth::None),
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err(invalid(
+            "rpc_cookie",
+            "set rpc_cookie, or rpc_user and rpc_password, not both",
+        )),
+        (Some(path), None, None) => Ok(Auth::Cookie(path)),
+        (None, Some(user), Some(password)) => {
+            if user.contains(':') {
+                return Err(invalid("rpc_user", "must not contain ':'"));
+            }
+            Ok(Auth::UserPassword { user, password })
+        }
+        (None, Some(_), None) => Err(ConfigError::Missing {
+            key: "rpc_password",
+            hint: " with rpc_user (in the configuration file)",
+        }),
+        (None, None, Some(_)) => Err(ConfigError::Missing {
+            key: "rpc_user",
+            hint: " with rpc_password",
+        }),
+    }
+}
+
+/// The height source, and the node RPC that can name the chain at a
+/// height and force a write (the source's own RPC, or `rpc_url` with
+/// `rpc_kind` beside another source).
 fn resolve_source(
     kind: &str,
-    rpc_url: Option<String>,
-    rpc_kind: Option<&str>,
+    rpc: Rpc<'_>,
     height_file: Option<PathBuf>,
     height_command: Option<Vec<String>>,
-) -> Result<(SourceSpec, Option<(ChainKind, String)>), ConfigError> {
+) -> Result<(SourceSpec, Option<NodeRpc>), ConfigError> {
     let unused = |key: &'static str| {
         invalid(
             key,
@@ -669,12 +746,6 @@ fn resolve_source(
     }
     let spec = match kind {
         "push" => SourceSpec::Push,
-        "cometbft" => SourceSpec::Cometbft {
-            url: check_rpc_url(rpc_url.clone())?,
-        },
-        "ethereum" => SourceSpec::Ethereum {
-            url: check_rpc_url(rpc_url.clone())?,
-        },
         "file" => SourceSpec::File {
             path: height_file.ok_or(ConfigError::Missing {
                 key: "height_file",
@@ -691,17 +762,60 @@ fn resolve_source(
             }
             SourceSpec::Command { argv }
         }
-        other => {
-            return Err(invalid(
-                "source",
-                format!(
-                    "unknown source '{other}' (expected push, cometbft, ethereum, file or command)"
+        other => match Dialect::parse(other) {
+            Some(dialect) => {
+                if rpc.kind.is_some_and(|k| k != other) {
+                    return Err(invalid(
+                        "rpc_kind",
+                        format!("differs from source '{other}', which already names the RPC kind"),
+                    ));
+                }
+                SourceSpec::Rpc(NodeRpc {
+                    dialect,
+                    url: check_rpc_url(rpc.url.clone())?,
+                    auth: rpc.auth.clone(),
+                    timeout: rpc.timeout,
+                })
+            }
+            None => {
+                return Err(invalid(
+                    "source",
+                    format!(
+                    "unknown source '{other}' (expected push, file, command, or a node RPC: {})",
+                    Dialect::names()
                 ),
+                ))
+            }
+        },
+    };
+    let node = match (&spec, rpc.kind) {
+        (SourceSpec::Rpc(n), _) => Some(n.clone()),
+        (_, Some(k)) => Some(NodeRpc {
+            dialect: Dialect::parse(k).ok_or_else(|| {
+                invalid(
+                    "rpc_kind",
+                    format!("unknown RPC kind '{k}' (expected {})", Dialect::names()),
+                )
+            })?,
+            url: check_rpc_url(rpc.url)?,
+            auth: rpc.auth,
+            timeout: rpc.timeout,
+        }),
+        (_, None) if rpc.url.is_some() => {
+            return Err(ConfigError::Missing {
+                key: "rpc_kind",
+                hint: " (the RPC's dialect) when rpc_url is set beside a push, file or command source",
+            })
+        }
+        (_, None) if rpc.auth.is_set() => {
+            return Err(invalid(
+                "rpc_cookie",
+                "credentials are set, but there is no node RPC (an RPC source, or rpc_url with rpc_kind)",
             ))
         }
+        (_, None) => None,
     };
-    let chain = chain_rpc(&spec, rpc_url, rpc_kind)?;
-    Ok((spec, chain))
+    Ok((spec, node))
 }
 
 /// `rpc_url`: present, and a plain http:// URL.
@@ -722,48 +836,6 @@ fn check_rpc_url(rpc_url: Option<String>) -> Result<String, ConfigError> {
     Ok(url)
 }
 
-/// The RPC exports ask for the chain's identity: a cometbft or ethereum
-/// source's own, or `rpc_url` with `rpc_kind` beside another source.
-fn chain_rpc(
-    spec: &SourceSpec,
-    rpc_url: Option<String>,
-    rpc_kind: Option<&str>,
-) -> Result<Option<(ChainKind, String)>, ConfigError> {
-    let rpc_kind = match rpc_kind {
-        None => None,
-        Some(k) => Some(ChainKind::parse(k).ok_or_else(|| {
-            invalid(
-                "rpc_kind",
-                format!("unknown RPC kind '{k}' (expected cometbft or ethereum)"),
-            )
-        })?),
-    };
-    Ok(match (spec, rpc_kind) {
-        (SourceSpec::Cometbft { url }, k) if k.is_none_or(|k| k == ChainKind::Cometbft) => {
-            Some((ChainKind::Cometbft, url.clone()))
-        }
-        (SourceSpec::Ethereum { url }, k) if k.is_none_or(|k| k == ChainKind::Ethereum) => {
-            Some((ChainKind::Ethereum, url.clone()))
-        }
-        (SourceSpec::Cometbft { .. } | SourceSpec::Ethereum { .. }, Some(_)) => {
-            return Err(invalid(
-                "rpc_kind",
-                format!(
-                    "differs from source '{}', which already names the RPC kind",
-                    spec.name()
-                ),
-            ))
-        }
-        (_, Some(k)) => Some((k, check_rpc_url(rpc_url)?)),
-        (_, None) if rpc_url.is_some() => return Err(ConfigError::Missing {
-            key: "rpc_kind",
-            hint:
-                " (cometbft or ethereum) when rpc_url is set beside a push, file or command source",
-        }),
-        (_, None) => None,
-    })
-}
-
 /// The daemon's resolved, validated settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DaemonSettings {
@@ -779,6 +851,12 @@ pub struct DaemonSettings {
     pub algo: Algo,
     /// Where heights come from.
     pub source: SourceSpec,
+    /// The node's RPC, when there is one: asked for exports' chain
+    /// identity, and to write its state before snapshots.
+    pub node: Option<NodeRpc>,
+    /// Whether to force the node to write its state before each snapshot
+    /// (its dialect can, and `flush` is not false).
+    pub flush: bool,
     /// Time between polls (polled sources).
     pub poll_interval: Duration,
     /// Timeout of one height read.
@@ -853,8 +931,8 @@ mod tests {
             ("volume = \"a\"\nsource = \"carrier-pigeon\"\n", "source"),
             ("volume = \"a\"\nrpc_url = \"http://x\"\n", "rpc_kind is required"),
             (
-                "volume = \"a\"\nrpc_url = \"http://x\"\nrpc_kind = \"solana\"\n",
-                "solana",
+                "volume = \"a\"\nrpc_url = \"http://x\"\nrpc_kind = \"tron\"\n",
+                "tron",
             ),
             ("volume = \"a\"\nrpc_kind = \"ethereum\"\n", "rpc_url is required"),
             (
@@ -942,18 +1020,83 @@ mod tests {
                 .export
                 .expect("export configured")
                 .chain
-                .map(|c| (c.kind, c.url))
+                .map(|c| (c.dialect, c.url))
         };
         assert_eq!(chain(""), None);
         assert_eq!(
             chain("source = \"cometbft\"\nrpc_url = \"http://n:26657\"\n"),
-            Some((ChainKind::Cometbft, "http://n:26657".into()))
+            Some((Dialect::Cometbft, "http://n:26657".into()))
         );
         // Push mode: the heights are pushed, the identity is asked.
         assert_eq!(
             chain("rpc_url = \"http://n:8545\"\nrpc_kind = \"ethereum\"\n"),
-            Some((ChainKind::Ethereum, "http://n:8545".into()))
+            Some((Dialect::Ethereum, "http://n:8545".into()))
         );
+    }
+
+    #[test]
+    fn every_dialect_is_a_source_with_credentials_and_a_flush_where_it_has_one() {
+        for d in Dialect::ALL {
+            let s = parse(&format!(
+                "volume = \"a\"\nsource = \"{}\"\nrpc_url = \"http://n:1\"\n",
+                d.name()
+            ))
+            .expect("valid");
+            assert_eq!(s.source.name(), d.name());
+            assert_eq!(s.node.as_ref().map(|n| n.dialect), Some(d));
+            // Only Bitcoin Core has a call that writes its state.
+            assert_eq!(s.flush, d == Dialect::Bitcoin, "{}", d.name());
+        }
+        let btc = "volume = \"a\"\nsource = \"bitcoin\"\nrpc_url = \"http://n:8332\"\n";
+        let s = parse(&format!(
+            "{btc}rpc_cookie = \"/var/lib/bitcoind/.cookie\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            s.node.expect("node").auth,
+            Auth::Cookie("/var/lib/bitcoind/.cookie".into())
+        );
+        let s = parse(&format!(
+            "{btc}rpc_user = \"u\"\nrpc_password = \"p\"\nflush = false\n"
+        ))
+        .expect("valid");
+        assert!(!s.flush);
+        assert!(matches!(
+            s.node.expect("node").auth,
+            Auth::UserPassword { .. }
+        ));
+        // Beside a push source, rpc_kind names the dialect that flushes.
+        let s = parse("volume = \"a\"\nrpc_url = \"http://n:8332\"\nrpc_kind = \"bitcoin\"\nrpc_cookie = \"/c\"\n")
+            .expect("valid");
+        assert!(s.flush && s.source == SourceSpec::Push);
+        for (text, key) in [
+            (
+                format!("{btc}rpc_cookie = \"/c\"\nrpc_user = \"u\"\n"),
+                "rpc_cookie",
+            ),
+            (format!("{btc}rpc_user = \"u\"\n"), "rpc_password"),
+            (format!("{btc}rpc_password = \"p\"\n"), "rpc_user"),
+            (
+                format!("{btc}rpc_user = \"a:b\"\nrpc_password = \"p\"\n"),
+                "rpc_user",
+            ),
+            (
+                "volume = \"a\"\nrpc_cookie = \"/c\"\n".to_owned(),
+                "rpc_cookie",
+            ),
+            ("volume = \"a\"\nsource = \"geth\"\n".to_owned(), "source"),
+            (
+                "volume = \"a\"\nsource = \"solana\"\nrpc_url = \"http://n:1\"\nflush = true\n"
+                    .to_owned(),
+                "flush",
+            ),
+            ("volume = \"a\"\nflush = true\n".to_owned(), "flush"),
+            (format!("{btc}rpc_kind = \"ethereum\"\n"), "rpc_kind"),
+        ] {
+            let e = parse(&text).expect_err(&text).to_string();
+            assert!(e.contains(key), "{text:?} gave {e:?}");
+            assert!(!e.contains('\n'), "multi-line error: {e:?}");
+        }
     }
 
     #[test]
@@ -972,6 +1115,27 @@ mod tests {
             (s.volume.as_str(), s.itv, s.algo),
             ("tank/a", 20, Algo::Fade)
         );
+    }
+
+    #[test]
+    fn the_node_recipes_are_valid() {
+        let doc = std::fs::read_to_string(
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("docs/nodes.md"),
+        )
+        .expect("docs/nodes.md");
+        let mut sources = std::collections::BTreeSet::new();
+        for block in doc.split("```toml\n").skip(1) {
+            let text = block.split("```").next().expect("a closed block");
+            let s = DaemonOptions::from_toml(text, Path::new("docs/nodes.md"))
+                .and_then(DaemonOptions::resolve)
+                .unwrap_or_else(|e| panic!("{e}\n{text}"));
+            sources.insert(s.source.name());
+        }
+        // One recipe per dialect at least, and the command fallback.
+        for d in Dialect::ALL {
+            assert!(sources.contains(d.name()), "no recipe for {}", d.name());
+        }
+        assert!(sources.contains("command"));
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 
-use btm::protocol::{Counters, ErrorEntry, LastExport, LastSnapshot, RunningExport, Status};
+use btm::protocol::{
+    Counters, ErrorEntry, HeightMismatch, LastExport, LastSnapshot, RunningExport, Status,
+};
 use btm_chunk::Progress;
 
 /// How many recent errors are kept.
@@ -69,6 +71,70 @@ impl State {
             i.status.last_height = Some(height);
             i.status.last_height_at = Some(Utc::now());
             i.status.source_failing_since = None;
+        });
+    }
+
+    /// A snapshot labelled `snapshot` holds the node's state at `holds`,
+    /// as `found_by` found (see [`HeightMismatch::found_by`]). Logged,
+    /// counted and shown in status once per snapshot and finding: a node
+    /// climbing back from below a snapshot keeps the height it restarted
+    /// at, and is not a new mismatch at each block.
+    pub fn height_mismatch(&self, snapshot: u64, holds: u64, found_by: &str, message: String) {
+        let new = self.with(|i| {
+            let seen = i
+                .status
+                .height_mismatch
+                .as_ref()
+                .is_some_and(|m| m.snapshot == snapshot && m.found_by == found_by);
+            if !seen {
+                i.status.counters.height_mismatches += 1;
+                i.status.height_mismatch = Some(HeightMismatch {
+                    at: Utc::now(),
+                    snapshot,
+                    holds,
+                    found_by: found_by.to_owned(),
+                    message: message.clone(),
+                });
+            }
+            !seen
+        });
+        if new {
+            tracing::warn!(snapshot, holds, "{message}");
+            self.error("height", &message);
+        }
+    }
+
+    /// The node was seen at `height`, below the newest snapshot `newest`.
+    /// After a rollback (which destroys the newer snapshots) that snapshot
+    /// is the one the node restarted from, and it held less than its label.
+    pub fn below_snapshot(&self, height: u64, newest: u64) {
+        self.height_mismatch(
+            newest,
+            height,
+            "restart",
+            format!(
+                "the node is at height {height}, below the newest snapshot ({newest}): if it was rolled back or restored to that snapshot, the snapshot held the node's state at {height}, not {newest} (see docs/nodes.md on consistency)"
+            ),
+        );
+    }
+
+    /// The node reached `height`: a mismatch found by seeing it below a
+    /// snapshot is over once it passes that snapshot.
+    pub fn height_passed(&self, height: u64) {
+        self.clear_mismatch(|m| m.found_by == "restart" && height >= m.snapshot);
+    }
+
+    /// A snapshot at `height` holds exactly its label: an older mismatch
+    /// found by a forced write is over.
+    pub fn height_matched(&self, height: u64) {
+        self.clear_mismatch(|m| m.found_by == "flush" && height > m.snapshot);
+    }
+
+    fn clear_mismatch(&self, over: impl Fn(&HeightMismatch) -> bool) {
+        self.with(|i| {
+            if i.status.height_mismatch.as_ref().is_some_and(over) {
+                i.status.height_mismatch = None;
+            }
         });
     }
 
@@ -186,10 +252,58 @@ impl State {
                 (Some(_), None) => "; source failing",
                 (None, None) => "",
             };
+            let mismatch = if s.height_mismatch.is_some() {
+                "; a snapshot holds another height than its label"
+            } else {
+                ""
+            };
             format!(
-                "height {height}; last snapshot {snap}; {} snapshots{failing}",
+                "height {height}; last snapshot {snap}; {} snapshots{failing}{mismatch}",
                 s.snapshot_count
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> State {
+        let dir = std::env::temp_dir();
+        let settings = crate::test_support::settings("", &dir);
+        State::new(crate::initial_status(
+            &crate::test_support::cfg(&settings),
+            &settings,
+            0,
+        ))
+    }
+
+    #[test]
+    fn a_node_below_a_snapshot_is_one_mismatch_until_it_passes() {
+        let s = state();
+        for h in [0, 1, 2, 3] {
+            s.below_snapshot(h, 250);
+            s.height_passed(h);
+        }
+        let st = s.status();
+        assert_eq!(st.counters.height_mismatches, 1, "once, not per block");
+        let m = st.height_mismatch.expect("standing");
+        assert_eq!(
+            (m.snapshot, m.holds, m.found_by.as_str()),
+            (250, 0, "restart")
+        );
+        assert!(s.summary().contains("another height than its label"));
+        // A flush-found mismatch is not cleared by heights.
+        s.height_passed(250);
+        assert!(s.status().height_mismatch.is_none());
+        s.height_mismatch(260, 262, "flush", "m".into());
+        s.height_passed(300);
+        assert!(s.status().height_mismatch.is_some());
+        s.height_matched(260);
+        assert!(s.status().height_mismatch.is_some(), "the same snapshot");
+        s.height_matched(270);
+        assert!(s.status().height_mismatch.is_none());
+        assert_eq!(s.status().counters.height_mismatches, 2);
     }
 }

@@ -228,6 +228,7 @@ impl Volume for BtrfsVolume {
                 created,
                 used: id.and_then(|id| exclusive.get(&id).copied()),
                 height_after: None,
+                durable_height: None,
                 protected: None,
             });
         }

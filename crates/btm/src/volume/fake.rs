@@ -132,6 +132,7 @@ impl Volume for FakeVolume {
                 created: None,
                 used: None,
                 height_after: None,
+                durable_height: None,
                 protected: None,
             })
             .collect())

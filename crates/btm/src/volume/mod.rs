@@ -68,6 +68,11 @@ pub struct Snapshot {
     /// the snapshot, so its state lies in `[height, height_after]`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub height_after: Option<u64>,
+    /// The height the node's durable state held at the snapshot, when the
+    /// node said (a forced write before it; see [`crate::window`]). Where
+    /// it differs from `height`, the snapshot restarts the node there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub durable_height: Option<u64>,
     /// The protection label, when the snapshot is protected from retention.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub protected: Option<String>,

@@ -145,6 +145,7 @@ impl ZfsVolume {
                     created: epoch(created),
                     used: used.parse().ok(),
                     height_after: None,
+                    durable_height: None,
                     protected: None,
                 });
             }
@@ -188,6 +189,7 @@ impl ZfsVolume {
                     created,
                     used,
                     height_after: None,
+                    durable_height: None,
                     protected: None,
                 })
             })

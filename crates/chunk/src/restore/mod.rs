@@ -104,7 +104,7 @@ pub struct RestoreOptions {
     /// Updated as chunks are planned and processed.
     pub progress: Arc<Progress>,
     /// Overwrite validator signing state that exists locally
-    /// ([`btm::validator::SIGNING_STATE`]). Off by default: a restore
+    /// ([`btm::validator::signing_state`]). Off by default: a restore
     /// never lowers a validator's record of what it signed.
     pub overwrite_signing_state: bool,
 }

@@ -309,6 +309,11 @@ pub fn backups(args: BackupsArgs, out: &mut dyn Write) -> Result<()> {
         }
         // The chain identity gets its own line: it is what `verify` checks.
         let chain = i.meta.remove("chain");
+        let labelled = i.meta.get("height").and_then(serde_json::Value::as_u64);
+        let durable = i
+            .meta
+            .get("durable_height")
+            .and_then(serde_json::Value::as_u64);
         writeln!(
             out,
             "{}  {} files  {} logical  {} on disk  {}",
@@ -318,16 +323,20 @@ pub fn backups(args: BackupsArgs, out: &mut dyn Write) -> Result<()> {
             human_bytes(i.disk_bytes),
             serde_json::Value::Object(i.meta)
         )?;
+        if let (Some(h), Some(d)) = (labelled, durable.filter(|d| Some(*d) != labelled)) {
+            writeln!(
+                out,
+                "    WARNING: labelled {h}, but holds the node's state at height {d}: a rebuilt node starts at {d}"
+            )?;
+        }
         match chain.map(serde_json::from_value::<ChainIdentity>) {
             None => {}
             Some(Ok(c)) => writeln!(
                 out,
-                "    {} at height {}: block hash {}, {} {}",
+                "    {} at height {}: {}",
                 c.kind.name(),
                 c.height,
-                c.block_hash,
-                c.state_hash_name(),
-                c.state_hash
+                c.describe()
             )?,
             Some(Err(e)) => writeln!(out, "    chain identity unreadable: {e}")?,
         }

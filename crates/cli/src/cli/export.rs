@@ -121,13 +121,7 @@ fn print_report(report: &export::ExportReport, out: &mut dyn Write) -> Result<()
         (None, None) => {}
     }
     if let Some(c) = &report.chain {
-        eprintln!(
-            "chain at height {}: block hash {}, {} {}",
-            c.height,
-            c.block_hash,
-            c.state_hash_name(),
-            c.state_hash
-        );
+        eprintln!("chain at height {}: {}", c.height, c.describe());
     }
     if !report.pruned.is_empty() {
         eprintln!("retention deleted {} old backup(s)", report.pruned.len());

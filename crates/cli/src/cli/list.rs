@@ -47,17 +47,21 @@ pub fn run(args: ListArgs, out: &mut dyn Write) -> Result<()> {
         "{:>12}  {:<23}  {:>8}  NAME",
         "HEIGHT", "CREATED (UTC)", "USED"
     )?;
-    // Protected snapshots end their line with the label.
+    // Protected snapshots end their line with the label; a snapshot whose
+    // durable state is at another height than its label says so.
     for s in &snaps {
         let created = s
             .created
             .map(|c| c.format("%Y-%m-%d %H:%M:%S").to_string())
             .unwrap_or_else(|| "-".into());
         let used = s.used.map(human_bytes).unwrap_or_else(|| "-".into());
-        let label = s
+        let mut label = s
             .protected
             .as_ref()
             .map_or(String::new(), |l| format!("  protected: {l}"));
+        if let Some(d) = s.durable_height.filter(|d| *d != s.height) {
+            label.push_str(&format!("  WARNING: holds the node's state at {d}"));
+        }
         writeln!(
             out,
             "{:>12}  {:<23}  {:>8}  {}{label}",

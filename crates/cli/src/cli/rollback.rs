@@ -65,7 +65,7 @@ fn carried(args: &RollbackArgs, root: &std::path::Path) -> Result<Vec<(RelPath, 
     }
     let mut out: Vec<(RelPath, String)> = Vec::new();
     for found in btm::validator::find_signing_state(root)? {
-        out.push((found.path, format!("{} signing state", found.stack)));
+        out.push((found.path, found.stack.to_owned()));
     }
     let file = super::daemon::load_file(args.config.as_deref())?;
     for p in file.preserve.iter().flatten() {
@@ -114,6 +114,17 @@ pub fn run(args: RollbackArgs, out: &mut dyn Write) -> Result<()> {
         vol.mode(),
         fx.target
     )?;
+    let record = btm::window::records(ops.dirs(), vol.name())
+        .get(&fx.target)
+        .copied()
+        .unwrap_or_default();
+    if let Some(d) = record.durable.filter(|d| *d != fx.target) {
+        writeln!(
+            out,
+            "WARNING: the snapshot labelled {} holds the node's state at height {d} (the write forced before it said so): the node will restart at {d}.",
+            fx.target
+        )?;
+    }
     if vol.mode() == SnapMode::Btrfs {
         writeln!(
             out,

@@ -73,12 +73,14 @@ pub fn run(args: StatusArgs, out: &mut dyn Write) -> Result<()> {
     match &s.last_snapshot {
         Some(l) => writeln!(
             out,
-            "last snapshot:  {}{} at {}, took {} ms",
+            "last snapshot:  {}{}{} at {}, took {} ms",
             l.height,
             l.height_after.map_or(String::new(), |a| format!(
                 " (node was at {}..{a})",
                 l.height
             )),
+            l.durable_height
+                .map_or(String::new(), |d| format!(", durable at {d}")),
             ago(Some(l.at)),
             l.duration_ms
         )?,
@@ -86,6 +88,9 @@ pub fn run(args: StatusArgs, out: &mut dyn Write) -> Result<()> {
     }
     if let Some(h) = s.in_progress {
         writeln!(out, "in progress:    snapshot at {h}")?;
+    }
+    if let Some(m) = &s.height_mismatch {
+        writeln!(out, "WARNING:        {}", m.message)?;
     }
     if let Some(t) = s.volume_stalled_since {
         writeln!(

@@ -1,6 +1,8 @@
 //! `btm verify`: prove that a node running on restored data is on the
 //! exported chain at the exported height, by asking it for the block the
-//! export recorded (`meta.chain`, see [`btm_daemon::height::identity`]).
+//! export recorded (`meta.chain`, see [`btm_daemon::height::identity`]),
+//! in the dialect that recorded it. A node that has not reached that
+//! height yet is "behind", not verified.
 
 use std::io::Write;
 use std::time::Duration;
@@ -9,7 +11,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 
-use btm_daemon::height::identity::{self, ChainIdentity, ChainRpc};
+use btm_daemon::height::identity::{self, ChainIdentity};
+use btm_daemon::height::{Auth, NodeRpc};
 
 use super::backup::{find_backup, StoreArgs};
 use super::print_json;
@@ -26,9 +29,15 @@ pub struct VerifyArgs {
     #[arg(short = 't', long, default_value = "default")]
     tag: String,
     /// RPC of the node running on the restored data (http://…), asked in
-    /// the dialect the export recorded (CometBFT or Ethereum)
+    /// the dialect the export recorded
     #[arg(long, value_name = "URL")]
     rpc_url: String,
+    /// The node's RPC cookie file (Bitcoin Core's `.cookie`)
+    #[arg(long, value_name = "PATH", conflicts_with = "rpc_user")]
+    rpc_cookie: Option<std::path::PathBuf>,
+    /// The node's RPC user; the password is read from $BTM_RPC_PASSWORD
+    #[arg(long, value_name = "USER")]
+    rpc_user: Option<String>,
     /// Bound on the request to the node, in seconds
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout: u64,
@@ -43,8 +52,26 @@ struct Verdict<'a> {
     backup: &'a str,
     verified: bool,
     recorded: &'a ChainIdentity,
-    found: &'a ChainIdentity,
+    /// The node's tip, when it is below the recorded height.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    behind_at: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    found: Option<&'a ChainIdentity>,
     mismatches: Vec<String>,
+}
+
+/// The credentials the flags and `$BTM_RPC_PASSWORD` give.
+fn auth(args: &VerifyArgs) -> Result<Auth> {
+    Ok(match (&args.rpc_cookie, &args.rpc_user) {
+        (Some(path), _) => Auth::Cookie(path.clone()),
+        (None, Some(user)) => Auth::UserPassword {
+            user: user.clone(),
+            password: std::env::var("BTM_RPC_PASSWORD").map_err(|_| {
+                anyhow::anyhow!("--rpc-user needs the password in $BTM_RPC_PASSWORD")
+            })?,
+        },
+        (None, None) => Auth::None,
+    })
 }
 
 pub fn run(args: VerifyArgs, out: &mut dyn Write) -> Result<()> {
@@ -59,16 +86,51 @@ pub fn run(args: VerifyArgs, out: &mut dyn Write) -> Result<()> {
     let (name, idx) = find_backup(store.as_ref(), &args.backup, &args.tag, None)?;
     let recorded: ChainIdentity = match idx.meta().get("chain") {
         None => bail!(
-            "backup {name} recorded no chain identity: it was not made by an export with a node RPC to ask (source cometbft or ethereum, or rpc_url with rpc_kind)"
+            "backup {name} recorded no chain identity: it was not made by an export with a node RPC to ask (an RPC source, or rpc_url with rpc_kind)"
         ),
         Some(v) => serde_json::from_value(v.clone())
             .with_context(|| format!("backup {name} has an unreadable chain identity"))?,
     };
-    let rpc = ChainRpc {
-        kind: recorded.kind,
+    let rpc = NodeRpc {
+        dialect: recorded.kind,
         url: args.rpc_url.clone(),
+        auth: auth(&args)?,
         timeout: Duration::from_secs(args.timeout),
     };
+    let tip = rpc.tip().with_context(|| {
+        format!(
+            "cannot verify backup {name}: the {} RPC at {} did not say its height",
+            recorded.kind.name(),
+            args.rpc_url
+        )
+    })?;
+    if tip.height < recorded.height {
+        if args.json {
+            print_json(
+                out,
+                &Verdict {
+                    backup: &name,
+                    verified: false,
+                    recorded: &recorded,
+                    behind_at: Some(tip.height),
+                    found: None,
+                    mismatches: Vec::new(),
+                },
+            )?;
+        }
+        bail!(
+            "behind: at {}, expected {}: the node at {} has not reached backup {name}'s {} yet{}",
+            tip.height,
+            recorded.height,
+            args.rpc_url,
+            recorded.kind.unit(),
+            if tip.syncing {
+                " (it says it is still syncing)"
+            } else {
+                ""
+            }
+        );
+    }
     let found = rpc.identity(recorded.height).with_context(|| {
         format!(
             "cannot verify backup {name}: block {} could not be read from {}",
@@ -83,18 +145,17 @@ pub fn run(args: VerifyArgs, out: &mut dyn Write) -> Result<()> {
                 backup: &name,
                 verified: mismatches.is_empty(),
                 recorded: &recorded,
-                found: &found,
+                behind_at: None,
+                found: Some(&found),
                 mismatches: mismatches.iter().map(ToString::to_string).collect(),
             },
         )?;
     } else if mismatches.is_empty() {
         writeln!(
             out,
-            "verified: backup {name} is on the node's chain at height {}: block hash {}, {} {}",
+            "verified: backup {name} is on the node's chain at height {}: {}",
             recorded.height,
-            recorded.block_hash,
-            recorded.state_hash_name(),
-            recorded.state_hash
+            recorded.describe()
         )?;
     }
     if let Some(first) = mismatches.first() {
