@@ -10,6 +10,8 @@
 //! the daemon speaks the dialects. `docs/nodes.md` and `docs/validators.md`
 //! are this table in prose, with a tested recipe per family.
 
+use std::sync::OnceLock;
+
 use serde::{Deserialize, Serialize};
 
 /// An RPC dialect btm can follow a height in and ask for a chain's
@@ -326,14 +328,17 @@ pub fn consistency_of(dialect: Dialect) -> Consistency {
         .unwrap_or(Consistency::EachCommit)
 }
 
-/// Every family's signing-state rules, each pattern once.
-pub fn signing_state() -> Vec<&'static Rule> {
-    unique(FAMILIES.iter().flat_map(|f| f.signing_state))
+/// Every family's signing-state rules, each pattern once. Built once: a
+/// restore asks about every file it finds in place.
+pub fn signing_state() -> &'static [&'static Rule] {
+    static ALL: OnceLock<Vec<&'static Rule>> = OnceLock::new();
+    ALL.get_or_init(|| unique(FAMILIES.iter().flat_map(|f| f.signing_state)))
 }
 
 /// Every family's key-material rules, each pattern once.
-pub fn secrets() -> Vec<&'static Rule> {
-    unique(FAMILIES.iter().flat_map(|f| f.secrets))
+pub fn secrets() -> &'static [&'static Rule] {
+    static ALL: OnceLock<Vec<&'static Rule>> = OnceLock::new();
+    ALL.get_or_init(|| unique(FAMILIES.iter().flat_map(|f| f.secrets)))
 }
 
 fn unique(rules: impl Iterator<Item = &'static Rule>) -> Vec<&'static Rule> {
@@ -345,50 +350,34 @@ impl Rule {
     /// Whether `rel` (a path relative to a root, `/`-separated) is this
     /// rule's file, or inside its directory.
     pub fn matches(&self, rel: &[u8]) -> bool {
-        let (want, dir) = self.components();
-        let comps: Vec<&[u8]> = rel.split(|&c| c == b'/').collect();
-        if dir {
-            // Any window of components matching the pattern, followed by at
-            // least one more (the directory itself is not content).
-            comps
-                .windows(want.len())
-                .enumerate()
-                .any(|(i, w)| all_match(&want, w) && i + want.len() < comps.len())
-        } else {
-            ends_with(&comps, &want)
+        if !self.is_dir() {
+            return self.names(rel);
         }
+        // Some directory above the entry (the directory itself is not
+        // content) is the rule's directory.
+        rel.iter()
+            .enumerate()
+            .filter(|(_, &c)| c == b'/')
+            .any(|(i, _)| self.names(&rel[..i]))
     }
 
     /// Whether `rel` is the rule's file or directory itself (its last
     /// components match the pattern): what an exclusion leaves out, with
-    /// everything under it.
+    /// everything under it. Allocates nothing: a backup asks this of every
+    /// entry for every rule.
     pub fn names(&self, rel: &[u8]) -> bool {
-        let (want, _) = self.components();
-        let comps: Vec<&[u8]> = rel.split(|&c| c == b'/').collect();
-        ends_with(&comps, &want)
+        let pattern = self.pattern.as_bytes();
+        let pattern = pattern.strip_suffix(b"/").unwrap_or(pattern);
+        let mut got = rel.rsplit(|&c| c == b'/');
+        pattern
+            .rsplit(|&c| c == b'/')
+            .all(|want| got.next().is_some_and(|g| wild(want, g)))
     }
 
     /// Whether the rule names a directory (its pattern ends with `/`).
     pub fn is_dir(&self) -> bool {
         self.pattern.ends_with('/')
     }
-
-    fn components(&self) -> (Vec<&'static [u8]>, bool) {
-        let p = self.pattern.as_bytes();
-        let (p, dir) = match p.strip_suffix(b"/") {
-            Some(p) => (p, true),
-            None => (p, false),
-        };
-        (p.split(|&c| c == b'/').collect(), dir)
-    }
-}
-
-fn ends_with(comps: &[&[u8]], want: &[&[u8]]) -> bool {
-    comps.len() >= want.len() && all_match(want, &comps[comps.len() - want.len()..])
-}
-
-fn all_match(want: &[&[u8]], got: &[&[u8]]) -> bool {
-    want.len() == got.len() && want.iter().zip(got).all(|(w, g)| wild(w, g))
 }
 
 /// Whether `name` matches the component pattern `pat`, where `*` matches
@@ -490,7 +479,7 @@ mod tests {
             "/../../docs/validators.md"
         ))
         .expect("docs/validators.md");
-        for r in secrets().into_iter().chain(signing_state()) {
+        for r in secrets().iter().chain(signing_state()) {
             assert!(
                 doc.contains(&format!("`{}`", r.pattern)),
                 "{} ({}) is not in docs/validators.md",
@@ -514,6 +503,34 @@ mod tests {
     }
 
     proptest! {
+        /// `names` and `matches` are exactly "the last components match"
+        /// and "a proper prefix of the components is named", checked
+        /// against a plain component-list model.
+        #[test]
+        fn matching_is_by_whole_components(
+            comps in proptest::collection::vec("(a|b|keystore|x\\.key|wallets)", 0..5),
+            rule in 0..12usize,
+        ) {
+            let all = secrets();
+            let rule = all[rule % all.len()];
+            let rel = comps.join("/");
+            let want: Vec<&str> = rule.pattern.trim_end_matches('/').split('/').collect();
+            let model_names = |c: &[String]| {
+                c.len() >= want.len()
+                    && c[c.len() - want.len()..]
+                        .iter()
+                        .zip(&want)
+                        .all(|(g, w)| wild(w.as_bytes(), g.as_bytes()))
+            };
+            prop_assert_eq!(rule.names(rel.as_bytes()), !comps.is_empty() && model_names(&comps));
+            let model_matches = if rule.is_dir() {
+                (1..comps.len()).any(|n| model_names(&comps[..n]))
+            } else {
+                !comps.is_empty() && model_names(&comps)
+            };
+            prop_assert_eq!(rule.matches(rel.as_bytes()), model_matches);
+        }
+
         /// Without a star, `wild` is equality; a lone star matches all.
         #[test]
         fn wild_without_stars_is_equality(a in "[a-z.]{0,6}", b in "[a-z.]{0,6}") {

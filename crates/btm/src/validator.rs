@@ -17,13 +17,13 @@ pub use crate::family::Rule;
 use crate::family::{self, wild};
 
 /// Signing state of every family: never rolled back or lowered by default.
-pub fn signing_state() -> Vec<&'static Rule> {
+pub fn signing_state() -> &'static [&'static Rule] {
     family::signing_state()
 }
 
 /// Key material of every family: left out of backups and exports by
 /// default.
-pub fn secrets() -> Vec<&'static Rule> {
+pub fn secrets() -> &'static [&'static Rule] {
     family::secrets()
 }
 
@@ -40,7 +40,7 @@ pub fn matching(rules: &[&'static Rule], rel: &[u8]) -> Option<&'static Rule> {
 /// [`SEARCH_DEPTH`] below the root (deeper matches are someone else's
 /// files, not a node's).
 pub fn is_signing_state(rel: &[u8]) -> Option<&'static Rule> {
-    let r = matching(&signing_state(), rel)?;
+    let r = matching(signing_state(), rel)?;
     // Components beyond those the rule names are the home's. A directory
     // rule ("a/b/") splits into one more: the file inside it.
     let comps = rel.split(|&c| c == b'/').count();
@@ -76,10 +76,9 @@ pub fn find_signing_state(root: &Path) -> Result<Vec<Found>, confined::Error> {
         homes.extend(next.iter().cloned());
         level = next;
     }
-    let rules = signing_state();
     let mut found = Vec::new();
     for home in &homes {
-        for rule in &rules {
+        for rule in signing_state() {
             let comps: Vec<&str> = rule.pattern.trim_end_matches('/').split('/').collect();
             for path in expand(&tree, home.clone(), &comps)? {
                 match tree.kind(&path) {
@@ -162,20 +161,20 @@ mod tests {
         assert!(!state.matches(b"data/priv_validator_state.json.bak"));
         assert!(!state.matches(b"xdata/priv_validator_state.json"));
         let teku = signing_state()
-            .into_iter()
+            .iter()
             .find(|r| r.stack.starts_with("Teku"))
             .expect("teku");
         assert!(teku.matches(b"teku/validator/slashprotection/0xabc.yml"));
         assert!(!teku.matches(b"teku/validator/slashprotection"));
         let keystore = secrets()
-            .into_iter()
+            .iter()
             .find(|r| r.pattern == "keystore/")
             .expect("ks");
         assert!(keystore.matches(b"geth/keystore/UTC--2024"));
         assert!(keystore.matches(b"keystore/a/b"));
         assert!(!keystore.matches(b"keystores.txt"));
         assert_eq!(
-            matching(&secrets(), b"home/config/node_key.json").map(|r| r.stack),
+            matching(secrets(), b"home/config/node_key.json").map(|r| r.stack),
             Some("CometBFT node key")
         );
     }

@@ -1,9 +1,12 @@
-//! What a backup leaves out on purpose: validator key material by default
-//! ([`btm::validator::secrets`], every node family's key files), and the operator's `--exclude` globs.
+//! What a backup leaves out on purpose: key material by default (every node
+//! family's key files, [`btm::validator::secrets`]), and the operator's
+//! `--exclude` globs.
 //! Each backup's head records every pattern it applied, why, and how many
 //! entries it matched, so `btm backups show` can say what a restore will
 //! lack, and `restore --delete` knows what lies outside the backup's scope
 //! and must be left alone ([`Exclusions::outside_backup`]).
+
+use std::collections::HashMap;
 
 use super::format::head::Excluded;
 use super::ChunkError;
@@ -27,9 +30,19 @@ enum Matcher {
 }
 
 /// The exclusions of one backup.
+///
+/// Every entry of a backup is checked, against some forty key-material
+/// rules, so the rules are indexed by the name they end with: an entry
+/// costs one lookup of its own name, plus the few rules whose last
+/// component has a wildcard and the operator's globs.
 #[derive(Debug)]
 pub struct Exclusions {
     patterns: Vec<Pattern>,
+    /// Secret rules by their literal last component: indexes into
+    /// `patterns`, ascending.
+    by_name: HashMap<&'static [u8], Vec<usize>>,
+    /// Every other pattern: indexes into `patterns`, ascending.
+    scan: Vec<usize>,
 }
 
 /// Translate a glob into an anchored regular expression over a relative,
@@ -91,7 +104,32 @@ impl Exclusions {
                 matched: 0,
             });
         }
-        Ok(Exclusions { patterns })
+        Ok(Exclusions::indexed(patterns))
+    }
+
+    fn indexed(patterns: Vec<Pattern>) -> Self {
+        let mut by_name: HashMap<&'static [u8], Vec<usize>> = HashMap::new();
+        let mut scan = Vec::new();
+        for (i, p) in patterns.iter().enumerate() {
+            let literal_name = match &p.matcher {
+                Matcher::Secret(rule) => rule
+                    .pattern
+                    .trim_end_matches('/')
+                    .rsplit('/')
+                    .next()
+                    .filter(|n| !n.contains('*')),
+                Matcher::Glob(_) => None,
+            };
+            match literal_name {
+                Some(n) => by_name.entry(n.as_bytes()).or_default().push(i),
+                None => scan.push(i),
+            }
+        }
+        Exclusions {
+            patterns,
+            by_name,
+            scan,
+        }
     }
 
     /// What a backup recorded as left out (its head's `excluded`), and key
@@ -100,17 +138,15 @@ impl Exclusions {
     /// meant to hold them. (A backup made with `--include-secrets` holds
     /// its keys; a local key it does not hold is still no stray file.)
     pub fn outside_backup(recorded: &[Excluded]) -> Result<Self, ChunkError> {
-        let mut scope = Exclusions::new(&[], false)?;
+        let mut patterns = Exclusions::new(&[], false)?.patterns;
         let secrets = secrets();
         let globs: Vec<(String, String)> = recorded
             .iter()
             .filter(|x| !secrets.iter().any(|r| r.pattern == x.pattern))
             .map(|x| (x.pattern.clone(), x.why.clone()))
             .collect();
-        scope
-            .patterns
-            .extend(Exclusions::new(&globs, true)?.patterns);
-        Ok(scope)
+        patterns.extend(Exclusions::new(&globs, true)?.patterns);
+        Ok(Exclusions::indexed(patterns))
     }
 
     /// Whether the entry at `rel` is left out (a directory with everything
@@ -120,11 +156,26 @@ impl Exclusions {
     }
 
     /// Why the entry at `rel` is left out, if it is; counts the match.
+    /// The first pattern in order that matches is the reason.
     pub fn reason(&mut self, rel: &[u8]) -> Option<&str> {
-        let p = self.patterns.iter_mut().find(|p| match &p.matcher {
+        let hits = |i: &usize| match &self.patterns[*i].matcher {
             Matcher::Secret(rule) => rule.names(rel),
             Matcher::Glob(re) => re.is_match(rel),
-        })?;
+        };
+        let name = rel.rsplit(|&c| c == b'/').next().unwrap_or(rel);
+        let named = self
+            .by_name
+            .get(name)
+            .and_then(|ix| ix.iter().find(|i| hits(i)))
+            .copied();
+        // A pattern to scan wins only if it comes first.
+        let scanned = self
+            .scan
+            .iter()
+            .take_while(|i| named.is_none_or(|n| **i < n))
+            .find(|i| hits(i))
+            .copied();
+        let p = &mut self.patterns[scanned.or(named)?];
         p.matched += 1;
         Some(&p.why)
     }
@@ -221,6 +272,26 @@ mod tests {
     }
 
     proptest! {
+        /// The index changes nothing: the reason is the first pattern in
+        /// order that matches, as a plain scan finds it.
+        #[test]
+        fn the_index_finds_what_a_scan_finds(
+            comps in proptest::collection::vec(
+                "(a|keystore|nodekey|x\\.key|wallets|config|node_key\\.json|b\\.log|tower-1\\.bin)",
+                1..5,
+            ),
+        ) {
+            let globs = [("*.log".to_owned(), "--exclude".to_owned()), ("config/**".to_owned(), "--exclude".to_owned())];
+            let mut ex = Exclusions::new(&globs, false).expect("ok");
+            let rel = comps.join("/");
+            let scan = ex.patterns.iter().position(|p| match &p.matcher {
+                Matcher::Secret(rule) => rule.names(rel.as_bytes()),
+                Matcher::Glob(re) => re.is_match(rel.as_bytes()),
+            });
+            let want = scan.map(|i| ex.patterns[i].why.clone());
+            prop_assert_eq!(ex.reason(rel.as_bytes()).map(str::to_owned), want);
+        }
+
         /// `*` never crosses a `/`, and a literal name matches itself at any
         /// depth.
         #[test]

@@ -119,11 +119,12 @@ pub fn run(args: VerifyArgs, out: &mut dyn Write) -> Result<()> {
             )?;
         }
         bail!(
-            "behind: at {}, expected {}: the node at {} has not reached backup {name}'s {} yet{}",
+            "behind: at {}, expected {}: the node at {} has not reached {} {} of backup {name} yet{}",
             tip.height,
             recorded.height,
             args.rpc_url,
             recorded.kind.unit(),
+            recorded.height,
             if tip.syncing {
                 " (it says it is still syncing)"
             } else {
