@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 
 use crate::settings::DaemonSettings;
-use btm::protocol::{LastSnapshot, NotifyReply, Outcome};
+use btm::protocol::{Counters, LastSnapshot, NotifyReply, Outcome};
 use btm::volume::Label;
 use btm::{BtmCfg, Ops, SnapshotOptions, SnapshotOutcome};
 
@@ -181,6 +181,9 @@ impl TakeError {
         }
     }
 }
+
+/// Bumps one counter.
+type Count = fn(&mut Counters);
 
 /// What the blocking part of a take produced.
 struct Took {
@@ -359,29 +362,24 @@ impl Scheduler {
     }
 
     /// The reply, log line and counters of a snapshot not taken: skipped by
-    /// the pre-snapshot hook, or failed.
+    /// the pre-snapshot hook or a failed write of the node's state, or
+    /// failed.
     fn not_taken(&self, height: u64, e: TakeError, duration_ms: u64) -> NotifyReply {
         let reason = e.reason();
-        match e {
-            TakeError::PreHook(_) => {
-                tracing::warn!(height, reason = %reason, "snapshot skipped");
-                self.state.error("hook", &reason);
-                self.state.count(|c| {
-                    c.skipped += 1;
-                    c.hook_failures += 1;
-                });
-                return reply(height, Outcome::Skipped, reason);
-            }
-            TakeError::Flush(_) => {
-                tracing::warn!(height, reason = %reason, "snapshot skipped");
-                self.state.error("flush", &reason);
-                self.state.count(|c| {
-                    c.skipped += 1;
-                    c.flush_failures += 1;
-                });
-                return reply(height, Outcome::Skipped, reason);
-            }
-            TakeError::Snapshot(_) | TakeError::Task(_) => {}
+        // A declining hook or a failed write skips the snapshot on purpose.
+        let skipped: Option<(&str, Count)> = match e {
+            TakeError::PreHook(_) => Some(("hook", |c| c.hook_failures += 1)),
+            TakeError::Flush(_) => Some(("flush", |c| c.flush_failures += 1)),
+            TakeError::Snapshot(_) | TakeError::Task(_) => None,
+        };
+        if let Some((kind, count)) = skipped {
+            tracing::warn!(height, reason = %reason, "snapshot skipped");
+            self.state.error(kind, &reason);
+            self.state.count(|c| {
+                c.skipped += 1;
+                count(c);
+            });
+            return reply(height, Outcome::Skipped, reason);
         }
         tracing::error!(height, error = %reason, duration_ms, "snapshot failed");
         self.state.error("snapshot", &reason);
