@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use btm::family::Dialect;
+use btm::family::{consistency_of, Consistency, Dialect};
 
 use super::dialect::{self, Tip};
 use super::http::{Auth, Http};
@@ -63,9 +63,10 @@ impl NodeRpc {
         }
     }
 
-    /// Whether the dialect can force the node to write its state.
+    /// Whether the node can be made to write its state: the family table
+    /// says its consistency is [`Consistency::Flush`].
     pub fn can_flush(&self) -> bool {
-        matches!(self.dialect, Dialect::Bitcoin)
+        consistency_of(self.dialect) == Consistency::Flush
     }
 
     /// Force the node to write its state to disk, within `timeout`, and
