@@ -27,6 +27,18 @@ fn package_dir(scratch: &Path) -> PathBuf {
     dir
 }
 
+/// `install.sh ARGS`, which must succeed; its output.
+fn dry_run(dir: &Path, args: &[&str]) -> String {
+    let out = install(dir, args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 fn install(dir: &Path, args: &[&str]) -> Output {
     Command::new(dir.join("install.sh"))
         .args(args)
@@ -138,7 +150,7 @@ fn dry_run_prints_every_action_and_does_none() {
     ];
     let before: Vec<bool> = touched.iter().map(|p| Path::new(p).exists()).collect();
     let vol = format!("--snapshot-volume={}", fx.volume());
-    let out = install(
+    let text = dry_run(
         &dir,
         &[
             "--snapshot-itv=4",
@@ -154,12 +166,6 @@ fn dry_run_prints_every_action_and_does_none() {
             "--dry-run",
         ],
     );
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(text.contains("+ install -D -m 0755"), "{text}");
     assert!(text.contains("/usr/local/bin/btm"), "{text}");
     // The configuration it would write, checked by btm itself.
@@ -172,7 +178,7 @@ fn dry_run_prints_every_action_and_does_none() {
     }
     // A Bitcoin Core node: its dialect and its cookie reach the config,
     // which btm checks.
-    let out = install(
+    let text = dry_run(
         &dir,
         &[
             &vol,
@@ -181,12 +187,6 @@ fn dry_run_prints_every_action_and_does_none() {
             "--rpc-cookie=/var/lib/bitcoind/.cookie",
             "--dry-run",
         ],
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     for line in [
         "    source = \"bitcoin\"",

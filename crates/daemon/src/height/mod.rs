@@ -157,15 +157,18 @@ impl SourceSpec {
 pub struct Poller {
     spec: SourceSpec,
     timeout: Duration,
-    /// The RPC source's client, kept across polls.
-    http: Option<http::Http>,
+    /// The client, kept across polls (an RPC source's credentials; unused
+    /// by a file or command source).
+    http: http::Http,
 }
 
 impl Poller {
     /// A poller for `spec`; `timeout` bounds each command (an RPC source
     /// has its own).
     pub fn new(spec: SourceSpec, timeout: Duration) -> Self {
-        let http = spec.rpc().map(NodeRpc::client);
+        let http = spec
+            .rpc()
+            .map_or_else(|| http::Http::new(timeout, Auth::None), NodeRpc::client);
         Poller {
             spec,
             timeout,
@@ -180,21 +183,20 @@ impl Poller {
 
     /// Read the node's current height once. Blocking; bounded by the timeout.
     pub fn fetch(&self) -> Result<u64, HeightError> {
-        match (&self.spec, &self.http) {
-            (SourceSpec::Rpc(rpc), Some(http)) => rpc.tip_via(http).map(|t| t.height),
-            (SourceSpec::Rpc(rpc), None) => rpc.tip().map(|t| t.height),
-            (SourceSpec::Push, _) => Err(HeightError::BadResponse {
+        match &self.spec {
+            SourceSpec::Rpc(rpc) => rpc.tip_via(&self.http).map(|t| t.height),
+            SourceSpec::Push => Err(HeightError::BadResponse {
                 source_name: "push".into(),
                 detail: "push heights arrive over the socket; there is nothing to poll".into(),
             }),
-            (SourceSpec::File { path }, _) => {
+            SourceSpec::File { path } => {
                 let text = std::fs::read_to_string(path).map_err(|e| HeightError::File {
                     path: path.clone(),
                     detail: e.to_string(),
                 })?;
                 parse_height_text(&text, "file")
             }
-            (SourceSpec::Command { argv }, _) => {
+            SourceSpec::Command { argv } => {
                 let out = btm::exec::run(argv, &[], self.timeout)?;
                 parse_height_text(&out, "command")
             }
