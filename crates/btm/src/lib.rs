@@ -46,6 +46,7 @@ pub mod family;
 pub mod host;
 pub mod lock;
 pub mod ops;
+pub mod pathrule;
 pub mod pin;
 pub mod preserve;
 pub mod protocol;

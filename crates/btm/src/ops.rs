@@ -5,8 +5,9 @@
 //! daemon opens a volume once and a unit test runs every operation without
 //! root in milliseconds.
 //!
-//! [`crate::BtmCfg`] is the seed-compatible façade: it opens the volume by
-//! name with [`Dirs::from_env`] and calls these.
+//! [`crate::BtmCfg`] is the façade compatible with the original btm's
+//! library API (the README btm grew from): it opens the volume by name
+//! with [`Dirs::from_env`] and calls these.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use crate::confined::{self, Tree};
 use crate::preserve::RelPath;
 
+use crate::family;
 pub use crate::family::Rule;
-use crate::family::{self, wild};
+use crate::pathrule::wild;
 
 /// Signing state of every family: never rolled back or lowered by default.
 pub fn signing_state() -> &'static [&'static Rule] {

@@ -43,32 +43,8 @@ fn defaults_are_the_seeds_and_an_empty_volume_is_refused() {
 
 #[test]
 fn the_library_builds_few_crates_and_no_runtime_or_cloud_sdk() {
-    let out = Command::new(env!("CARGO"))
-        .args([
-            "tree",
-            "-p",
-            "btm",
-            "-e",
-            "normal,build",
-            "--prefix",
-            "none",
-        ])
-        .args(["--offline", "--locked"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("cargo tree runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut crates: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
-    crates.sort_unstable();
-    crates.dedup();
+    let crates = cargo_tree(&["-p", "btm", "-e", "normal,build"]);
+    let crates: Vec<&str> = crates.iter().map(String::as_str).collect();
     for banned in [
         "tokio",
         "object_store",
@@ -84,4 +60,96 @@ fn the_library_builds_few_crates_and_no_runtime_or_cloud_sdk() {
         "an AWS crate in {crates:?}"
     );
     assert!(crates.len() <= 40, "{} crates: {crates:?}", crates.len());
+}
+
+/// The chunk engine sits on this library's low-level pieces only (syscalls,
+/// confined paths, the host's identity, path rules): node policy (which
+/// files are keys, which are signing state) is handed to it, never looked
+/// up. Its direct dependencies are a known list: a new one is a decision
+/// that updates this test, never an accident.
+#[test]
+fn the_chunk_engine_uses_only_the_low_level_pieces_and_known_crates() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../chunk/src");
+    let allowed = ["sys", "confined", "host", "pathrule"];
+    let mut stack = vec![src];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).expect("read_dir") {
+            let path = e.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read");
+            for (i, _) in text.match_indices("btm::") {
+                let before = text[..i].chars().next_back();
+                if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+                    continue;
+                }
+                let module: String = text[i + 5..]
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    allowed.contains(&module.as_str()),
+                    "{} uses btm::{module}; the engine takes policy in its options",
+                    path.display()
+                );
+            }
+        }
+    }
+    let direct = cargo_tree(&["-p", "btm-chunk", "-e", "normal", "--depth", "1"]);
+    let direct: Vec<&str> = direct
+        .iter()
+        .map(String::as_str)
+        .filter(|c| *c != "btm-chunk")
+        .collect();
+    let known = [
+        "async-trait",
+        "blake3",
+        "btm",
+        "bytes",
+        "chrono",
+        "crossbeam-channel",
+        "futures",
+        "http",
+        "http-body",
+        "humantime",
+        "libc",
+        "nix",
+        "object_store",
+        "regex",
+        "reqwest",
+        "serde",
+        "serde_json",
+        "tempfile",
+        "thiserror",
+        "tokio",
+        "tracing",
+        "zstd",
+    ];
+    assert_eq!(direct, known, "btm-chunk's direct dependencies changed");
+}
+
+/// The crates `cargo tree` lists with `args`, sorted, each once.
+fn cargo_tree(args: &[&str]) -> Vec<String> {
+    let out = Command::new(env!("CARGO"))
+        .arg("tree")
+        .args(args)
+        .args(["--prefix", "none", "--offline", "--locked"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo tree runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut crates: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    crates.sort_unstable();
+    crates.dedup();
+    crates
 }

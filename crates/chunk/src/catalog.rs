@@ -359,8 +359,9 @@ impl Entries<'_> {
                 if fetched.is_empty() && *next < head.trees.len() {
                     let ahead = (*connections * 2).min(SEGMENTS_AHEAD);
                     let batch = &head.trees[*next..(*next + ahead).min(head.trees.len())];
-                    let got =
-                        super::pool::map(batch, *connections, |id| fetch_tree(*store, *cache, id));
+                    let got = crate::pipeline::pool::map(batch, *connections, |id| {
+                        fetch_tree(*store, *cache, id)
+                    });
                     for g in got {
                         fetched.push_back(g?);
                     }

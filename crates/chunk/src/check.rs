@@ -204,7 +204,7 @@ fn verify_packs(
     let numbers: Vec<u32> = (0..map.packs().len() as u32)
         .filter(|n| present.contains_key(&map.packs()[*n as usize].id))
         .collect();
-    let results = super::pool::map(&numbers, connections, |&n| {
+    let results = crate::pipeline::pool::map(&numbers, connections, |&n| {
         let info = map.packs()[n as usize];
         let what = format!("pack {}", info.id);
         let data = match with_retry(|| store.get(Kind::Pack, &info.id)) {
@@ -265,7 +265,7 @@ fn verify_v1(
         .filter(|h| present.contains(h))
         .copied()
         .collect();
-    let results = super::pool::map(&wanted, connections, |h| -> Result<(), String> {
+    let results = crate::pipeline::pool::map(&wanted, connections, |h| -> Result<(), String> {
         let data =
             with_retry(|| store.get(Kind::Chunk, h)).map_err(|e| format!("chunk {h}: {e}"))?;
         match zstd::stream::decode_all(&data[..]) {

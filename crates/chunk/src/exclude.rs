@@ -1,6 +1,6 @@
-//! What a backup leaves out on purpose: key material by default (every node
-//! family's key files, [`btm::validator::secrets`]), and the operator's
-//! `--exclude` globs.
+//! What a backup leaves out on purpose: key material by default (the
+//! caller's [`crate::Policy::secrets`]: every node family's key files when
+//! the daemon or the CLI calls), and the operator's `--exclude` globs.
 //! Each backup's head records every pattern it applied, why, and how many
 //! entries it matched, so `btm backups show` can say what a restore will
 //! lack, and `restore --delete` knows what lies outside the backup's scope
@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use super::format::head::Excluded;
 use super::ChunkError;
-use btm::validator::{secrets, Rule};
+use btm::pathrule::Rule;
 
 /// One pattern and what it has matched so far.
 #[derive(Debug)]
@@ -75,12 +75,15 @@ pub fn glob_regex(glob: &str) -> String {
 }
 
 impl Exclusions {
-    /// Key material left out unless `include_secrets`, then each glob of
-    /// `globs` (with the reason `why`, e.g. "--exclude").
-    pub fn new(globs: &[(String, String)], include_secrets: bool) -> Result<Self, ChunkError> {
+    /// The key-material rules `secrets` (empty to include key material),
+    /// then each glob of `globs` (with the reason `why`, e.g. "--exclude").
+    pub fn new(
+        secrets: &'static [&'static Rule],
+        globs: &[(String, String)],
+    ) -> Result<Self, ChunkError> {
         let mut patterns = Vec::new();
-        if !include_secrets {
-            for rule in secrets() {
+        {
+            for rule in secrets {
                 patterns.push(Pattern {
                     pattern: rule.pattern.to_owned(),
                     why: format!("secret: {} (--include-secrets keeps it)", rule.stack),
@@ -137,15 +140,17 @@ impl Exclusions {
     /// `restore --delete` must never remove, because the backup never
     /// meant to hold them. (A backup made with `--include-secrets` holds
     /// its keys; a local key it does not hold is still no stray file.)
-    pub fn outside_backup(recorded: &[Excluded]) -> Result<Self, ChunkError> {
-        let mut patterns = Exclusions::new(&[], false)?.patterns;
-        let secrets = secrets();
+    pub fn outside_backup(
+        secrets: &'static [&'static Rule],
+        recorded: &[Excluded],
+    ) -> Result<Self, ChunkError> {
+        let mut patterns = Exclusions::new(secrets, &[])?.patterns;
         let globs: Vec<(String, String)> = recorded
             .iter()
             .filter(|x| !secrets.iter().any(|r| r.pattern == x.pattern))
             .map(|x| (x.pattern.clone(), x.why.clone()))
             .collect();
-        patterns.extend(Exclusions::new(&globs, true)?.patterns);
+        patterns.extend(Exclusions::new(&[], &globs)?.patterns);
         Ok(Exclusions::indexed(patterns))
     }
 
@@ -198,6 +203,54 @@ impl Exclusions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Key rules as a node policy gives them (the real list is the one
+    /// the daemon hands in; this crate never reaches for it).
+    fn secrets() -> &'static [&'static Rule] {
+        const RULES: [Rule; 9] = [
+            Rule {
+                pattern: "config/priv_validator_key.json",
+                stack: "CometBFT validator key",
+            },
+            Rule {
+                pattern: "config/node_key.json",
+                stack: "CometBFT node key",
+            },
+            Rule {
+                pattern: "keyring-file/",
+                stack: "Cosmos SDK keyring",
+            },
+            Rule {
+                pattern: "keystore/",
+                stack: "Ethereum keystore",
+            },
+            Rule {
+                pattern: "nodekey",
+                stack: "geth node key",
+            },
+            Rule {
+                pattern: "wallets/",
+                stack: "Bitcoin Core wallets",
+            },
+            Rule {
+                pattern: "*.key",
+                stack: "key files",
+            },
+            Rule {
+                pattern: "validators/*/keystore.json",
+                stack: "consensus keystores",
+            },
+            Rule {
+                pattern: "x/keystore",
+                stack: "nested keystore",
+            },
+        ];
+        static REFS: [&Rule; 9] = [
+            &RULES[0], &RULES[1], &RULES[2], &RULES[3], &RULES[4], &RULES[5], &RULES[6], &RULES[7],
+            &RULES[8],
+        ];
+        &REFS
+    }
     use proptest::prelude::*;
 
     fn glob(g: &str, path: &str) -> bool {
@@ -222,7 +275,8 @@ mod tests {
 
     #[test]
     fn secrets_are_left_out_unless_asked_and_counted() {
-        let mut ex = Exclusions::new(&[("*.tmp".into(), "--exclude".into())], false).expect("ok");
+        let mut ex =
+            Exclusions::new(secrets(), &[("*.tmp".into(), "--exclude".into())]).expect("ok");
         assert!(ex.excludes(b"config/priv_validator_key.json"));
         assert!(ex.excludes(b"home/config/node_key.json"));
         assert!(ex.excludes(b"keyring-file"));
@@ -233,9 +287,9 @@ mod tests {
         assert_eq!(report.len(), secrets().len() + 1, "every pattern applied");
         assert_eq!(report.iter().filter(|e| e.matched == 1).count(), 4);
         assert_eq!(report.iter().map(|e| e.matched).sum::<u64>(), 4);
-        let mut with = Exclusions::new(&[], true).expect("ok");
+        let mut with = Exclusions::new(&[], &[]).expect("ok");
         assert!(!with.excludes(b"config/priv_validator_key.json"));
-        assert!(Exclusions::new(&[("/".into(), "--exclude".into())], false).is_err());
+        assert!(Exclusions::new(secrets(), &[("/".into(), "--exclude".into())]).is_err());
     }
 
     #[test]
@@ -252,7 +306,7 @@ mod tests {
                 matched: 1,
             },
         ];
-        let mut scope = Exclusions::outside_backup(&recorded).expect("scope");
+        let mut scope = Exclusions::outside_backup(secrets(), &recorded).expect("scope");
         assert_eq!(scope.reason(b"data/app.log"), Some("--exclude"));
         assert!(scope
             .reason(b"config/priv_validator_key.json")
@@ -260,7 +314,7 @@ mod tests {
         assert!(scope.excludes(b"x/keystore"));
         assert_eq!(scope.reason(b"data/blockstore.db"), None);
         // Nothing recorded (an old head, or --include-secrets): keys still.
-        let mut bare = Exclusions::outside_backup(&[]).expect("scope");
+        let mut bare = Exclusions::outside_backup(secrets(), &[]).expect("scope");
         assert!(bare.excludes(b"config/node_key.json"));
         assert!(!bare.excludes(b"data/app.log"));
         let broken = [Excluded {
@@ -268,7 +322,7 @@ mod tests {
             why: "--exclude".into(),
             matched: 0,
         }];
-        assert!(Exclusions::outside_backup(&broken).is_err());
+        assert!(Exclusions::outside_backup(secrets(), &broken).is_err());
     }
 
     proptest! {
@@ -282,7 +336,7 @@ mod tests {
             ),
         ) {
             let globs = [("*.log".to_owned(), "--exclude".to_owned()), ("config/**".to_owned(), "--exclude".to_owned())];
-            let mut ex = Exclusions::new(&globs, false).expect("ok");
+            let mut ex = Exclusions::new(secrets(), &globs).expect("ok");
             let rel = comps.join("/");
             let scan = ex.patterns.iter().position(|p| match &p.matcher {
                 Matcher::Secret(rule) => rule.names(rel.as_bytes()),

@@ -23,7 +23,6 @@
 //! and nothing in `btm` depends on it.
 
 pub mod backup;
-pub mod budget;
 pub mod buffers;
 pub mod cache;
 pub mod catalog;
@@ -34,8 +33,10 @@ pub mod gc;
 pub mod keep;
 pub mod lease;
 pub mod map;
+pub mod pipeline;
 pub mod plan;
-pub mod pool;
+pub mod policy;
+pub mod repo;
 pub mod restore;
 pub mod sparse;
 pub mod spool;
@@ -43,12 +44,14 @@ pub mod store;
 pub mod throttle;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::store::{Id, StoreError};
 
 pub use catalog::BackupInfo;
 pub use format::head::{IndexError, IndexName};
+pub use policy::Policy;
+pub use repo::Repo;
 
 /// Default worker threads for CPU work (hashing, compressing,
 /// decompressing): twice the cores (chunk work waits on disk as much as it
@@ -72,7 +75,7 @@ pub struct Progress {
     pub requests: AtomicU64,
     /// Set to stop early; the operation then fails with
     /// [`ChunkError::Cancelled`] and a backup writes no head.
-    pub cancel: AtomicBool,
+    pub cancel: pipeline::Cancel,
 }
 
 impl Progress {
@@ -84,7 +87,7 @@ impl Progress {
 
     /// Whether cancellation was asked for.
     pub fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::Relaxed)
+        self.cancel.is_cancelled()
     }
 }
 

@@ -99,7 +99,7 @@ pub(crate) fn each_pack_index_or(
     ids.sort_unstable();
     let batch = connections.max(1) * 4;
     for part in ids.chunks(batch) {
-        let fetched = super::pool::map(
+        let fetched = crate::pipeline::pool::map(
             part,
             connections,
             |id| -> Result<crate::store::Bytes, ChunkError> {

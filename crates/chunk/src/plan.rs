@@ -1,8 +1,8 @@
 //! Pure planning for backup, restore and fetching: given sizes, data
 //! regions and the previous backup's chunks, decide per chunk what to do;
 //! given the chunks a restore needs, decide which ranged reads fetch them.
-//! No I/O here; the executors in `backup.rs` and `restore.rs` carry the
-//! plans out, and the property tests below pin the rules.
+//! No I/O here; the planners of [`crate::backup`] and [`crate::restore`]
+//! (`backup/planner.rs`, `restore/planner.rs`) carry the plans out, and the property tests below pin the rules.
 //!
 //! Decisions are made one chunk at a time ([`backup_step`],
 //! [`restore_step`]), with the previous backup's chunk at the same offset

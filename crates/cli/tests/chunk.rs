@@ -538,10 +538,12 @@ fn a_failing_store_leaves_no_index() {
     for budget in 0..3 {
         let t = Tree::new();
         let flaky = common::FaultyStore::new(Path::new(&t.store()), budget, i64::MAX);
-        let mut opts = btm_chunk::backup::BackupOptions::new("prod");
+        let mut opts = btm_chunk::backup::BackupOptions::new("prod", btm_chunk::Policy::NONE);
         opts.chunk_size = MB;
-        opts.cache = None;
-        let err = btm_chunk::backup::backup(&flaky, &t.src(), &opts).expect_err("must fail");
+        let err = btm_chunk::Repo::new(&flaky)
+            .with_cache(None)
+            .backup(&t.src(), &opts)
+            .expect_err("must fail");
         assert!(
             err.to_string().contains("connection reset"),
             "{budget}: {err}"
@@ -783,7 +785,7 @@ fn every_familys_key_files_stay_out_of_the_store() {
     }
 }
 
-/// Issue 12: a CometBFT home's keys never reach the store by default; what
+/// A CometBFT home's keys never reach the store by default; what
 /// was left out is recorded and shown; `--exclude` adds patterns and
 /// `--include-secrets` is the one way to take the keys along.
 #[test]
@@ -892,7 +894,7 @@ fn validator_keys_never_leave_the_machine_by_default() {
     );
 }
 
-/// Issue 12: a restore over a validator whose signing state is ahead of the
+/// A restore over a validator whose signing state is ahead of the
 /// backup keeps the local file and says so; other files are restored.
 #[test]
 fn restore_keeps_local_signing_state_that_is_ahead() {

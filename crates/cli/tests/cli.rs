@@ -114,13 +114,13 @@ fn missing_volumes_fail_cleanly() {
     )
     .fails(1);
     assert!(err.contains("not a btrfs volume"), "{err}");
-    // Issue 10.11: a relative path that is nothing says what to do.
+    // A relative path that is nothing says what to do.
     let err = btm(dir.path(), &["list", "-p", "relative/not/here"]).fails(1);
     assert!(err.contains("absolute path"), "{err}");
     assert!(err.contains("current directory"), "{err}");
 }
 
-/// Issue 10.9: `--check-config` checks the volume as the daemon would.
+/// `--check-config` checks the volume as the daemon would.
 #[test]
 fn check_config_checks_the_volume() {
     let dir = scratch();
@@ -141,7 +141,7 @@ fn check_config_checks_the_volume() {
     }
 }
 
-/// Issue 10.11: a store path that is a file is called a file.
+/// A store path that is a file is called a file.
 #[test]
 fn a_store_that_is_a_file_is_named_as_such() {
     let dir = scratch();

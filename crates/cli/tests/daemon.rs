@@ -731,7 +731,7 @@ fn exits_within(child: &mut std::process::Child, limit: Duration, what: &str) ->
     panic!("the daemon did not exit within {limit:?} after {what}");
 }
 
-/// Issue 10.3: a SIGTERM, or a SIGHUP then a SIGTERM, at any moment of
+/// A SIGTERM, or a SIGHUP then a SIGTERM, at any moment of
 /// start-up ends the daemon. The height source here never answers: a
 /// command that sleeps, and an RPC endpoint that accepts connections and
 /// says nothing; the first read would block for a minute.
@@ -785,7 +785,7 @@ fn a_signal_during_start_up_is_never_lost() {
     drop(silent);
 }
 
-/// Issue 10.4: connections that never send anything do not make a notify
+/// Connections that never send anything do not make a notify
 /// wait; when too many are idle, the oldest are dropped to make room.
 #[test]
 fn idle_clients_never_delay_a_notify() {
@@ -839,7 +839,7 @@ fn notify_cli(socket: &std::path::Path, height: u64) -> (i32, Option<serde_json:
     )
 }
 
-/// Issue 10.5: reloads keep the socket and hand waiting notifies to the
+/// Reloads keep the socket and hand waiting notifies to the
 /// next generation: 200 notifies, 4 at a time, during a storm of SIGHUPs,
 /// all get their snapshot. A SIGTERM with notifies in flight: each either
 /// has its snapshot or fails with "shutting down"; none exits 0 without one.
@@ -939,7 +939,7 @@ fn a_reload_never_drops_or_fakes_a_notify() {
     assert!(fx.has_snapshot("510"));
 }
 
-/// Issue 10.6: in push mode a height below the newest snapshot, above
+/// In push mode a height below the newest snapshot, above
 /// 2^53-1, or too far ahead is refused with a reason and no snapshot. After
 /// a rollback the newer snapshots are gone, so the restarted node's lower
 /// heights are taken again.

@@ -1,6 +1,6 @@
-//! Regression tests for what fault injection broke (issue 10), each named
-//! after what did not hold, plus the interruption tests of the restore
-//! pipeline (issue 11): kill -9, a store that goes away, a full disk, a
+//! Regression tests for what fault injection once broke, each named after
+//! the guarantee that did not hold, plus the interruption tests of the
+//! restore pipeline: kill -9, a store that goes away, a full disk, a
 //! file that changes while it is read, hostile and unreadable indexes,
 //! names that are not UTF-8, a store inside the source, a store that never
 //! answers.
@@ -14,7 +14,7 @@ use std::process::Stdio;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use btm_chunk::backup::{backup, BackupOptions};
+use btm_chunk::backup::BackupOptions;
 use common::{btm, btm_cmd, noise, S3};
 
 const MIB: usize = 1 << 20;
@@ -188,7 +188,7 @@ fn a_resumed_restore_rereads_a_file_changed_in_place_since_its_record() {
     );
 }
 
-/// Issue 10.1: an append-only file sized before its data arrived, or
+/// An append-only file sized before its data arrived, or
 /// written but not durable, must never be trusted by a re-run. Killed at
 /// several points, the re-run finishes with exact bytes.
 #[test]
@@ -280,7 +280,7 @@ fn rerun_after_interrupted_append_only_restore_is_exact() {
     same_file(&d.p("src/data/blocks.log"), &d.p("holey/data/blocks.log"));
 }
 
-/// Issue 10.1 and 11: the store goes away mid-restore: a clear error and a
+/// The store goes away mid-restore: a clear error and a
 /// non-zero exit; brought back, a re-run completes exactly.
 #[test]
 fn a_store_failing_mid_restore_fails_clearly_and_a_rerun_completes() {
@@ -366,7 +366,7 @@ fn a_store_failing_mid_restore_fails_clearly_and_a_rerun_completes() {
     common::sh("diff", &["-r", &d.s("src"), &d.s("dst")]);
 }
 
-/// Issue 10.1: a full disk mid-restore: a clear error; with space freed, a
+/// A full disk mid-restore: a clear error; with space freed, a
 /// re-run completes exactly.
 #[test]
 fn a_full_disk_mid_restore_then_rerun_is_exact() {
@@ -423,7 +423,7 @@ fn a_full_disk_mid_restore_then_rerun_is_exact() {
     same_file(&d.p("src/data/blocks.log"), &dst.join("data/blocks.log"));
 }
 
-/// Issue 11.5: killed at any moment, a restore re-run completes exactly;
+/// Killed at any moment, a restore re-run completes exactly;
 /// files an earlier run journalled as complete are not read again.
 #[test]
 fn kill_9_mid_restore_then_rerun_is_exact_and_skips_completed_files() {
@@ -445,7 +445,7 @@ fn kill_9_mid_restore_then_rerun_is_exact_and_skips_completed_files() {
     d.btm(&["check", "-s", &d.s("store"), "--read-data"]).ok();
 }
 
-/// Issue 11: a backup killed at any moment leaves no index; the re-run
+/// A backup killed at any moment leaves no index; the re-run
 /// reuses what was uploaded, restores exactly, and the store checks clean.
 #[test]
 fn kill_9_mid_backup_then_rerun_is_exact() {
@@ -522,7 +522,7 @@ fn write_generation(path: &Path, len: usize, generation: u8) {
     }
 }
 
-/// Issue 10.7: a file rewritten while it is read is read again, and a
+/// A file rewritten while it is read is read again, and a
 /// backup never records a mix of two generations; the summary counts it.
 /// One that never stops changing fails the backup, naming it; one that
 /// shrinks under the read is retried, not "failed to fill whole buffer".
@@ -533,8 +533,8 @@ fn a_file_changing_during_backup_is_never_stored_torn() {
     let file = d.p("src/state.db");
     write_generation(&file, 16 * MIB, 0);
     let store = btm_chunk::store::LocalStore::open(&d.s("store")).expect("store");
-    let mut opts = BackupOptions::new("live");
-    opts.cache = None;
+    let store = btm_chunk::Repo::new(&store).with_cache(None);
+    let mut opts = BackupOptions::new("live", btm_chunk::Policy::NONE);
     opts.max_rate = Some(8 * MIB as u64);
     // Rewrite the file for 1.5 s, then leave it alone.
     let summary = std::thread::scope(|s| {
@@ -548,7 +548,7 @@ fn a_file_changing_during_backup_is_never_stored_torn() {
                 sleep(Duration::from_millis(50));
             }
         });
-        backup(&store, &d.p("src"), &opts)
+        store.backup(&d.p("src"), &opts)
     })
     .expect("the backup retries until the file holds still");
     assert!(summary.files_changed >= 1, "{summary:?}");
@@ -584,7 +584,7 @@ fn a_file_changing_during_backup_is_never_stored_torn() {
                 sleep(Duration::from_millis(30));
             }
         });
-        let r = backup(&store, &d.p("src"), &opts);
+        let r = store.backup(&d.p("src"), &opts);
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         r
     })
@@ -607,7 +607,7 @@ fn a_file_changing_during_backup_is_never_stored_torn() {
                 .and_then(|h| h.set_len(3 * MIB as u64))
                 .expect("truncate");
         });
-        backup(&store, &d.p("src"), &opts)
+        store.backup(&d.p("src"), &opts)
     });
     match shrunk {
         Ok(s) => assert!(s.files_changed >= 1, "{s:?}"),
@@ -674,7 +674,7 @@ fn check_applies_restore_validation_and_ignores_foreign_names() {
     assert!(out.stdout.contains("2 problems"), "{}", out.stdout);
 }
 
-/// Issue 10.8: one unreadable index does not block its tag: a new backup
+/// One unreadable index does not block its tag: a new backup
 /// of the tag, `restore latest --height`, `backups --long` and `--json`
 /// go on; GC reports it and deletes nothing; `btm forget` removes it.
 #[test]
@@ -767,7 +767,7 @@ fn one_unreadable_index_does_not_block_its_tag() {
     d.btm(&["check", "-s", &store, "--read-data"]).ok();
 }
 
-/// Issue 10.11: names that are not UTF-8 are stored losslessly: files,
+/// Names that are not UTF-8 are stored losslessly: files,
 /// directories and symlink targets come back byte for byte.
 #[test]
 fn non_utf8_names_round_trip() {
@@ -799,7 +799,7 @@ fn non_utf8_names_round_trip() {
     );
 }
 
-/// Issue 10.11: a store inside the directory being backed up is refused
+/// A store inside the directory being backed up is refused
 /// (it would back itself up), with nothing written.
 #[test]
 fn a_store_inside_the_source_is_refused() {
@@ -816,7 +816,7 @@ fn a_store_inside_the_source_is_refused() {
     assert!(!d.p("src/backups/indexes").exists());
 }
 
-/// Issue 10.11: a store that accepts connections and never answers fails
+/// A store that accepts connections and never answers fails
 /// the backup with a clear message, not a progress line forever.
 #[test]
 fn a_frozen_store_times_out_with_a_clear_message() {
@@ -848,7 +848,7 @@ fn a_frozen_store_times_out_with_a_clear_message() {
     drop(frozen);
 }
 
-/// Issue 11.6: a version 1 store stays readable (backups, restore, check);
+/// A version 1 store stays readable (backups, restore, check);
 /// new backups into it are version 2; GC deletes version 1 chunks once no
 /// version 1 index references them, and leaves version 2 alone.
 #[test]

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use btm_chunk::backup::{backup, BackupOptions};
-use btm_chunk::gc::{gc, GcOptions};
+use btm_chunk::backup::{BackupOptions, BackupSummary};
+use btm_chunk::gc::{GcOptions, GcReport};
 use btm_chunk::store::{Kind, LocalStore, Store};
+use btm_chunk::{ChunkError, Policy, Repo};
 use common::{btm, noise};
 
 const MIB: usize = 1 << 20;
@@ -31,19 +32,26 @@ fn store_at(dir: &Path) -> LocalStore {
 }
 
 fn opts(tag: &str) -> BackupOptions {
-    let mut o = BackupOptions::new(tag);
+    let mut o = BackupOptions::new(tag, Policy::NONE);
     o.chunk_size = MIB as u64;
-    o.cache = None;
     o
 }
 
+/// `store` without a cache, two requests in flight.
+fn repo(store: &dyn Store) -> Repo<'_> {
+    Repo::new(store).with_cache(None).with_connections(Some(2))
+}
+
+fn backup(store: &dyn Store, src: &Path, o: &BackupOptions) -> Result<BackupSummary, ChunkError> {
+    repo(store).backup(src, o)
+}
+
+fn gc(store: &dyn Store, o: &GcOptions) -> Result<GcReport, ChunkError> {
+    repo(store).gc(o)
+}
+
 fn gc_with(grace: Duration, dry_run: bool) -> GcOptions {
-    GcOptions {
-        grace,
-        dry_run,
-        connections: 2,
-        cache: None,
-    }
+    GcOptions { grace, dry_run }
 }
 
 fn gc_now() -> GcOptions {
@@ -52,7 +60,7 @@ fn gc_now() -> GcOptions {
 
 #[track_caller]
 fn check_clean(store: &dyn Store) {
-    let r = btm_chunk::check::check(store, true, None, 2).expect("check");
+    let r = repo(store).check(true).expect("check");
     assert!(r.problems.is_empty(), "{:?}", r.problems);
 }
 
@@ -166,9 +174,7 @@ fn a_live_sweep_makes_backups_wait_for_it() {
     let result = std::thread::scope(|s| {
         let h = s.spawn(|| backup(store.as_ref(), &src, &o));
         sleep(Duration::from_millis(500));
-        cancel
-            .cancel
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        cancel.cancel.cancel();
         h.join().expect("join")
     });
     assert!(
@@ -474,11 +480,10 @@ fn a_leaseless_restore_follows_chunks_a_repack_moved() {
     }));
     let index = btm_chunk::catalog::read_index(&faulty, &kept.name).expect("head");
     let dst = dir.path().join("restored");
-    let ropts = btm_chunk::restore::RestoreOptions {
-        cache: None,
-        ..Default::default()
-    };
-    let r = btm_chunk::restore::restore(&faulty, &kept.name, &index, &dst, &ropts)
+    let ropts = btm_chunk::restore::RestoreOptions::new(Policy::NONE);
+    let r = Repo::new(&faulty)
+        .with_cache(None)
+        .restore(&kept.name, &index, &dst, &ropts)
         .expect("the restore follows the moved chunk");
     assert_eq!(*repacked.lock().expect("lock"), Some(1), "the GC repacked");
     // The read that found the pack gone, then one read of the moved chunk.
@@ -519,8 +524,7 @@ fn repack_gc_is_safe_beside_concurrent_backups() {
                     );
                     let b = backup(store, &src, &opts(&format!("t{t}"))).expect("backup");
                     states.lock().expect("lock").push((b.name, src));
-                    btm_chunk::keep::prune_backups(store, &format!("t{t}"), 2, false)
-                        .expect("keep");
+                    repo(store).prune(&format!("t{t}"), 2, false).expect("keep");
                     sleep(Duration::from_millis(150 + 100 * t));
                 }
             });

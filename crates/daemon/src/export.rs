@@ -28,7 +28,7 @@ use btm_chunk::cache::Cache;
 use btm_chunk::format::head::Decoded;
 use btm_chunk::gc::{GcOptions, GcReport};
 use btm_chunk::store::{Store, StoreError};
-use btm_chunk::{ChunkError, Progress};
+use btm_chunk::{ChunkError, Progress, Repo};
 
 /// Default number of backups kept per tag.
 pub const DEFAULT_KEEP: u64 = 7;
@@ -217,7 +217,8 @@ pub fn export(
 
     let view = vol.view(height).map_err(btm::Error::from)?;
     tracing::info!(height, snapshot = %snapshot, path = %view.path().display(), store = %s.store, "export started");
-    let summary = btm_chunk::backup::backup(store, view.path(), &opts);
+    let repo = repo_of(store, s);
+    let summary = repo.backup(view.path(), &opts);
     if let Err(e) = view.close() {
         report
             .warnings
@@ -225,7 +226,7 @@ pub fn export(
     }
     drop(parent_view);
     report.backup = Some(summary?);
-    maintain(store, s, opts.cache.clone(), &mut report);
+    maintain(&repo, s, &mut report);
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
 }
@@ -335,7 +336,7 @@ fn backup_options(
     meta: serde_json::Map<String, serde_json::Value>,
     progress: Arc<Progress>,
 ) -> BackupOptions {
-    let mut opts = BackupOptions::new(&s.tag);
+    let mut opts = BackupOptions::new(&s.tag, crate::node_policy());
     opts.meta = meta;
     opts.append_only = s.append_only.clone();
     opts.exclude = s
@@ -345,27 +346,28 @@ fn backup_options(
         .collect();
     opts.include_secrets = s.include_secrets;
     opts.workers = s.concurrency.max(1);
-    opts.connections = s.connections;
     if let Some(p) = s.pack_size {
         opts.pack_size = p;
     }
     opts.max_rate = s.max_rate;
-    if let Some(dir) = &s.cache {
-        opts.cache = Some(Cache::new(dir.clone()));
-    }
     opts.progress = progress;
     opts
 }
 
+/// The export store as its settings open it: their cache (else the
+/// default one) and their connections.
+fn repo_of<'s>(store: &'s dyn Store, s: &ExportSettings) -> Repo<'s> {
+    let repo = Repo::new(store).with_connections(s.connections);
+    match &s.cache {
+        Some(dir) => repo.with_cache(Some(Cache::new(dir.clone()))),
+        None => repo,
+    }
+}
+
 /// After a written backup: the tag's retention, then garbage collection.
 /// Both failures are warnings; the backup is safe either way.
-fn maintain(
-    store: &dyn Store,
-    s: &ExportSettings,
-    cache: Option<Cache>,
-    report: &mut ExportReport,
-) {
-    match btm_chunk::keep::prune_backups(store, &s.tag, s.keep, false) {
+fn maintain(repo: &Repo<'_>, s: &ExportSettings, report: &mut ExportReport) {
+    match repo.prune(&s.tag, s.keep, false) {
         Ok(pruned) => report.pruned = pruned,
         Err(e) => report
             .warnings
@@ -375,12 +377,8 @@ fn maintain(
         let opts = GcOptions {
             grace: s.gc_grace,
             dry_run: false,
-            connections: s
-                .connections
-                .unwrap_or_else(|| btm_chunk::backup::default_connections(store)),
-            cache,
         };
-        match btm_chunk::gc::gc(store, &opts) {
+        match repo.gc(&opts) {
             Ok(g) => report.gc = Some(g),
             Err(e) => {
                 report.gc_failed = true;

@@ -27,11 +27,12 @@
 
 mod control;
 pub mod export;
-mod exporter;
+mod export_scheduler;
 pub mod height;
 #[cfg(test)]
 mod lifecycle_tests;
 mod metrics;
+mod policy;
 mod poll;
 mod scheduler;
 pub mod settings;
@@ -127,14 +128,15 @@ pub struct Deps {
     /// Blocking; run on a blocking thread.
     pub open_volume: VolumeOpener,
     /// Open the export store by URL, at each export.
-    pub open_store: exporter::StoreOpener,
+    pub open_store: export_scheduler::StoreOpener,
 }
 
 /// See [`Deps::open_volume`].
 pub type VolumeOpener =
     Arc<dyn Fn(&DaemonSettings) -> Result<(BtmCfg, Ops, Vec<u64>), btm::Error> + Send + Sync>;
 
-pub use exporter::StoreOpener;
+pub use export_scheduler::StoreOpener;
+pub use policy::node_policy;
 
 impl Default for Deps {
     /// The volume named in the settings, through its driver; stores by URL.
@@ -152,7 +154,7 @@ struct Daemon {
     current: watch::Sender<Option<Arc<Generation>>>,
     control: Mutex<Option<control::Server>>,
     metrics: Mutex<Option<metrics::Server>>,
-    carry: Arc<exporter::Carry>,
+    ledger: Arc<export_scheduler::ExportLedger>,
     /// The process's stop, seen by the servers and their clients.
     stopped: Shutdown,
     watchdog: Option<tokio::task::JoinHandle<()>>,
@@ -176,7 +178,7 @@ impl Daemon {
             current,
             control: Mutex::new(None),
             metrics: Mutex::new(None),
-            carry: Arc::new(exporter::Carry::default()),
+            ledger: Arc::new(export_scheduler::ExportLedger::default()),
             stopped,
             watchdog,
             generations: AtomicU64::new(0),
@@ -242,7 +244,7 @@ impl Daemon {
         if let Some(m) = metrics {
             m.stop().await;
         }
-        self.carry.cancel().await;
+        self.ledger.cancel().await;
         if let Some(w) = self.watchdog {
             let _ = w.await;
         }
@@ -265,8 +267,8 @@ impl Daemon {
         };
         let (cfg, ops, heights) = opened.map_err(|e| DaemonError::Internal(e.to_string()))??;
         let state = Arc::new(State::new(initial_status(&cfg, &settings, heights.len())));
-        let exporter = settings.export.clone().map(|e| {
-            Arc::new(exporter::Exporter::new(
+        let export_scheduler = settings.export.clone().map(|e| {
+            Arc::new(export_scheduler::ExportScheduler::new(
                 ops.clone(),
                 Arc::clone(&self.deps.open_store),
                 e,
@@ -276,7 +278,7 @@ impl Daemon {
                     .is_polled()
                     .then(|| settings.poll_interval * 2 + settings.source_timeout),
                 Arc::clone(&state),
-                Arc::clone(&self.carry),
+                Arc::clone(&self.ledger),
             ))
         });
         let scheduler = Arc::new(scheduler::Scheduler::new(
@@ -285,7 +287,7 @@ impl Daemon {
             settings.clone(),
             Arc::clone(&state),
             &heights,
-            exporter.clone(),
+            export_scheduler.clone(),
         ));
         let Some(poller) = start_poller(&settings, &state, &mut stop).await else {
             return Ok(());
@@ -312,7 +314,7 @@ impl Daemon {
 
         stop.wait().await;
         scheduler.stop().await;
-        if let Some(x) = &exporter {
+        if let Some(x) = &export_scheduler {
             x.stop();
         }
         let mut result = Ok(());

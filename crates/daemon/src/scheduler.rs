@@ -21,7 +21,7 @@ use btm::protocol::{Counters, LastSnapshot, NotifyReply, Outcome};
 use btm::volume::Label;
 use btm::{BtmCfg, Ops, SnapshotOptions, SnapshotOutcome};
 
-use super::exporter::Exporter;
+use super::export_scheduler::ExportScheduler;
 use super::poll::RateLimit;
 use super::state::State;
 
@@ -144,7 +144,7 @@ pub struct Scheduler {
     gate: tokio::sync::Mutex<Option<u64>>,
     stopping: AtomicBool,
     /// Starts exports after snapshots, when exports are configured.
-    exporter: Option<Arc<Exporter>>,
+    export_scheduler: Option<Arc<ExportScheduler>>,
     /// Refused heights are logged at most once a minute (a polled source
     /// repeats them every second).
     refusals: Mutex<RateLimit>,
@@ -213,7 +213,7 @@ impl Scheduler {
         settings: DaemonSettings,
         state: Arc<State>,
         heights: &[u64],
-        exporter: Option<Arc<Exporter>>,
+        export_scheduler: Option<Arc<ExportScheduler>>,
     ) -> Self {
         let newest = heights.first().copied();
         state.volume_seen(heights.len(), next_due(&settings, newest));
@@ -224,7 +224,7 @@ impl Scheduler {
             state,
             gate: tokio::sync::Mutex::new(newest),
             stopping: AtomicBool::new(false),
-            exporter,
+            export_scheduler,
             refusals: Mutex::new(RateLimit::default()),
             newest_hint: AtomicU64::new(newest.unwrap_or(NO_SNAPSHOT)),
         }
@@ -469,7 +469,7 @@ impl Scheduler {
             }
         };
         super::systemd::status(&self.state.summary());
-        if let Some(x) = &self.exporter {
+        if let Some(x) = &self.export_scheduler {
             x.consider(height);
         }
         NotifyReply {

@@ -17,7 +17,7 @@ use crate::format::head::{Decoded, Head};
 use crate::format::tree::Item;
 use crate::lease::LeaseError;
 use crate::map::ChunkMap;
-use crate::pool;
+use crate::pipeline::pool;
 use crate::store::{Id, Kind, Store, StoreError};
 use crate::{with_retry, BackupInfo, ChunkError};
 
@@ -31,7 +31,7 @@ use crate::{with_retry, BackupInfo, ChunkError};
 /// written (a pause inside the request) is handled the same way, and a
 /// head that then references what is gone is deleted again.
 pub(super) fn commit(shared: &Shared<'_>, name: &str, head: &Head) -> Result<(), ChunkError> {
-    let (store, lease) = (shared.store, shared.lease);
+    let (store, lease) = (shared.repo.store(), shared.lease);
     let cancel = &shared.opts.progress.cancel;
     let encoded = head.encode()?;
     if let Err(lost) = lease.confirm() {
@@ -94,12 +94,8 @@ fn verify_references(
     head: &Head,
     lost: &LeaseError,
 ) -> Result<(), ChunkError> {
-    let store = shared.store;
-    let connections = shared
-        .opts
-        .connections
-        .unwrap_or_else(|| super::default_connections(store))
-        .max(1);
+    let store = shared.repo.store();
+    let connections = shared.repo.read_connections();
     let gone = |(missing, example): (u64, String)| ChunkError::LeaseLost {
         cause: lost.to_string(),
         missing,
@@ -145,7 +141,7 @@ fn missing_chunks(
     head: &Head,
     connections: usize,
 ) -> Result<Option<(u64, String)>, ChunkError> {
-    let (store, cache) = (shared.store, shared.opts.cache.as_ref());
+    let (store, cache) = (shared.repo.store(), shared.repo.cache());
     let map = ChunkMap::load(store, cache, connections)?;
     let packs: HashSet<Id> = with_retry(|| store.list(Kind::Pack))
         .map_err(|e| ChunkError::store("listing packs", e))?

@@ -13,9 +13,9 @@
 //! [`SPOOL_MEMORY`](crate::spool::SPOOL_MEMORY) bytes and
 //! on disk beyond, so a multi-terabyte file does not grow the writer.
 
+use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::File;
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 
 use nix::sys::stat::FileStat;
@@ -23,9 +23,9 @@ use nix::sys::stat::FileStat;
 use super::super::format::head::Totals;
 use super::super::format::tree::{ChunkRef, Entry, Segment, TreeWriter};
 use super::super::spool::Spool;
-use super::super::{with_retry, ChunkError};
 use super::Shared;
 use crate::store::{Id, Kind};
+use crate::{with_retry, ChunkError};
 
 fn spool_err(e: std::io::Error) -> ChunkError {
     ChunkError::io(std::path::Path::new("(chunk spool)"), e)
@@ -126,22 +126,32 @@ pub struct Written {
     pub changed: u64,
 }
 
+/// A file the planner must read again, as attempt `attempt`.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    /// The planner's number for the file.
+    pub id: u64,
+    /// Which read this is (the first is 1).
+    pub attempt: u32,
+}
+
 /// Run the writer until the walk and every file are done. `retry` asks the
-/// planner to read a file again. `stored` are segments the store already
+/// planner to read a file again; it is dropped when the writer ends, which
+/// releases the planner. `stored` are segments the store already
 /// holds (the previous backup's): segments are cut by content, so those of
 /// an unchanged part of the tree come out identical and are not uploaded
 /// again.
 pub fn run(
     shared: &Shared<'_>,
     rx: Receiver<Msg>,
-    retry: Sender<Option<(u64, u32)>>,
+    retry: Sender<Retry>,
     stored: &HashSet<Id>,
 ) -> Result<Written, ChunkError> {
     std::thread::scope(|s| {
         // Segments upload on their own thread, so that a store's round
         // trip per segment does not hold up the writer (and with it the
         // whole pipeline); one waits while another uploads.
-        let (segments, to_upload) = mpsc::sync_channel::<Segment>(1);
+        let (segments, to_upload) = crossbeam_channel::bounded::<Segment>(1);
         let uploader = s.spawn(move || upload_segments(shared, to_upload));
         let mut w = Writer {
             shared,
@@ -156,7 +166,7 @@ pub fn run(
         };
         let result = w.receive(rx, &retry);
         // Whatever happened, release the planner.
-        let _ = retry.send(None);
+        drop(retry);
         let written = result.and_then(|()| {
             let tree = std::mem::replace(&mut w.tree, TreeWriter::new(3));
             let (last, totals) = tree.finish()?;
@@ -180,7 +190,7 @@ pub fn run(
 /// Put each segment (and cache it), until the writer hangs up or a put
 /// fails.
 fn upload_segments(shared: &Shared<'_>, segments: Receiver<Segment>) {
-    let store = shared.store;
+    let store = shared.repo.store();
     for seg in segments {
         let data = crate::store::Bytes::from(seg.data);
         let put = {
@@ -188,13 +198,13 @@ fn upload_segments(shared: &Shared<'_>, segments: Receiver<Segment>) {
             with_retry(|| store.put(Kind::Tree, &seg.id, data.clone()))
         };
         if let Err(e) = put {
-            shared.fail(ChunkError::store(
+            shared.pipeline.fail(ChunkError::store(
                 format!("uploading tree segment {}", seg.id),
                 e,
             ));
             return;
         }
-        if let Some(c) = &shared.opts.cache {
+        if let Some(c) = shared.repo.cache() {
             c.put(Kind::Tree, &seg.id, &data);
         }
     }
@@ -208,19 +218,15 @@ struct Writer<'s, 'a> {
     trees: Vec<Id>,
     trees_uploaded: u64,
     changed: u64,
-    segments: SyncSender<Segment>,
+    segments: Sender<Segment>,
     stored: &'s HashSet<Id>,
 }
 
 impl Writer<'_, '_> {
-    fn receive(
-        &mut self,
-        rx: Receiver<Msg>,
-        retry: &Sender<Option<(u64, u32)>>,
-    ) -> Result<(), ChunkError> {
+    fn receive(&mut self, rx: Receiver<Msg>, retry: &Sender<Retry>) -> Result<(), ChunkError> {
         let mut walk_done = false;
         for msg in rx {
-            if self.shared.aborted() {
+            if self.shared.pipeline.aborted() {
                 return Err(ChunkError::Aborted);
             }
             match msg {
@@ -258,30 +264,9 @@ impl Writer<'_, '_> {
                     index,
                     result,
                 } => {
-                    let Some(f) = self.files.get_mut(&id) else {
-                        continue;
-                    };
-                    if f.attempt != attempt {
-                        continue;
+                    if self.chunk(id, attempt, index, result)? {
+                        self.settle(id, retry)?;
                     }
-                    f.received += 1;
-                    match result {
-                        Ok(c) if index == f.next => {
-                            f.spool.push(&c).map_err(spool_err)?;
-                            f.next += 1;
-                            while let Some(c) = f.early.remove(&f.next) {
-                                f.spool.push(&c).map_err(spool_err)?;
-                                f.next += 1;
-                            }
-                        }
-                        Ok(c) => {
-                            f.early.insert(index, c);
-                        }
-                        // The whole read is redone; its chunks are dropped.
-                        Err(ChunkFail::Shrank) => f.shrank = true,
-                        Err(ChunkFail::Error(e)) => return Err(e),
-                    }
-                    self.settle(id, retry)?;
                 }
                 Msg::WalkDone => walk_done = true,
             }
@@ -290,15 +275,46 @@ impl Writer<'_, '_> {
                 return Ok(());
             }
         }
-        if self.shared.aborted() {
-            return Err(ChunkError::Aborted);
-        }
+        // Every sender is gone before the walk finished: the pipeline
+        // stopped.
         Err(ChunkError::Aborted)
+    }
+
+    /// Take in chunk `index` of read `attempt` of file `id`. `false` if it
+    /// belongs to no current read (a superseded attempt's).
+    fn chunk(
+        &mut self,
+        id: u64,
+        attempt: u32,
+        index: u64,
+        result: Result<ChunkRef, ChunkFail>,
+    ) -> Result<bool, ChunkError> {
+        let Some(f) = self.files.get_mut(&id).filter(|f| f.attempt == attempt) else {
+            return Ok(false);
+        };
+        f.received += 1;
+        match result {
+            Ok(c) if index == f.next => {
+                f.spool.push(&c).map_err(spool_err)?;
+                f.next += 1;
+                while let Some(c) = f.early.remove(&f.next) {
+                    f.spool.push(&c).map_err(spool_err)?;
+                    f.next += 1;
+                }
+            }
+            Ok(c) => {
+                f.early.insert(index, c);
+            }
+            // The whole read is redone; its chunks are dropped.
+            Err(ChunkFail::Shrank) => f.shrank = true,
+            Err(ChunkFail::Error(e)) => return Err(e),
+        }
+        Ok(true)
     }
 
     /// If every chunk of file `id` is in, check it did not change, and
     /// either mark it complete or ask for another read.
-    fn settle(&mut self, id: u64, retry: &Sender<Option<(u64, u32)>>) -> Result<(), ChunkError> {
+    fn settle(&mut self, id: u64, retry: &Sender<Retry>) -> Result<(), ChunkError> {
         let Some(f) = self.files.get_mut(&id) else {
             return Ok(());
         };
@@ -328,7 +344,7 @@ impl Writer<'_, '_> {
         let next = f.attempt + 1;
         f.attempt = next;
         f.complete = false;
-        let _ = retry.send(Some((id, next)));
+        let _ = retry.send(Retry { id, attempt: next });
         Ok(())
     }
 

@@ -23,6 +23,7 @@
 //! See `docs/format.md`, "Leases".
 
 pub mod holder;
+mod judge;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -31,8 +32,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::pipeline::Cancel;
 use crate::store::{Id, Marker, Store, StoreError};
-use holder::{Here, Holder, Identity};
+use holder::Identity;
+use judge::describe;
+pub use judge::{dead_holders, judge, Judged, State};
 
 /// How long a lease stays live after its holder's last refresh, by the
 /// store's clock, unless the holder records another TTL in its body.
@@ -288,7 +292,7 @@ impl Lease<'_> {
     /// may have started while the lease was lost). Then the lease protects
     /// again from now on; what was relied on while it was lost is the
     /// caller's to check again.
-    pub fn renew(&self, cancel: &AtomicBool) -> Result<(), LeaseError> {
+    pub fn renew(&self, cancel: &Cancel) -> Result<(), LeaseError> {
         acquire(self, cancel)?;
         *self.lost.lock().unwrap_or_else(|p| p.into_inner()) = None;
         Ok(())
@@ -414,125 +418,6 @@ impl Lease<'_> {
     }
 }
 
-/// Whether a lease marker still protects what its holder relies on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    /// Unexpired, and its holder not proven gone.
-    Live,
-    /// Older than its holder's TTL by the store's clock.
-    Expired,
-    /// Unexpired, but its holder is proven gone; why.
-    Gone(&'static str),
-}
-
-/// A lease marker, judged.
-#[derive(Debug, Clone)]
-pub struct Judged {
-    /// The marker as listed.
-    pub marker: Marker,
-    /// Its kind.
-    pub kind: LeaseKind,
-    /// Its state.
-    pub state: State,
-    /// Its body, when it was read (every lease that is not live has it
-    /// read, if it still can be).
-    pub info: Option<LeaseInfo>,
-}
-
-/// Judge the leases among `markers` (a listing of `locks/`) at store time
-/// `now` (without it, only proof can make a lease dead), from `here`.
-///
-/// A marker is expired once it is older than both this process's TTL
-/// ([`ttl`]) and the TTL its holder recorded; it is gone when its holder
-/// is proven gone ([`holder::judge`]). Bodies are read only where needed:
-/// for markers past this process's TTL, and for those of this host name
-/// (the only ones whose holder can be proven gone from here).
-pub fn judge(
-    store: &dyn Store,
-    markers: &[Marker],
-    now: Option<DateTime<Utc>>,
-    here: &Here,
-) -> Vec<Judged> {
-    let host = btm::host::name();
-    markers
-        .iter()
-        .filter_map(|m| {
-            let kind = LeaseKind::of(&m.name)?;
-            let age = now.map(|now| (now - m.modified).to_std().unwrap_or_default());
-            let mut info = None;
-            if let Some(age) = age.filter(|&a| a >= ttl()) {
-                info = body(store, m);
-                if info.as_ref().is_none_or(|i| age >= i.ttl()) {
-                    return Some(Judged {
-                        marker: m.clone(),
-                        kind,
-                        state: State::Expired,
-                        info,
-                    });
-                }
-            }
-            let maybe_here = holder_of(&m.name).is_none_or(|(h, _)| h == host);
-            if maybe_here {
-                if info.is_none() {
-                    info = body(store, m);
-                }
-                if let Some(i) = &info {
-                    if let Holder::Gone(why) =
-                        holder::judge(i.pid, &i.identity, here, holder::probe)
-                    {
-                        return Some(Judged {
-                            marker: m.clone(),
-                            kind,
-                            state: State::Gone(why),
-                            info,
-                        });
-                    }
-                }
-            }
-            Some(Judged {
-                marker: m.clone(),
-                kind,
-                state: State::Live,
-                info,
-            })
-        })
-        .collect()
-}
-
-/// Backup and sweep leases among `markers` whose holders are dead (expired
-/// at store time `now`, or proven gone) and left packs pending, with their
-/// bodies.
-pub fn dead_holders(
-    store: &dyn Store,
-    markers: &[Marker],
-    now: Option<DateTime<Utc>>,
-) -> Vec<(String, LeaseInfo)> {
-    judge(store, markers, now, holder::here())
-        .into_iter()
-        .filter(|j| j.state != State::Live)
-        .filter_map(|j| {
-            let info = j.info?;
-            (!info.pending.is_empty()).then_some((j.marker.name, info))
-        })
-        .collect()
-}
-
-/// The host and pid in a lease marker's name,
-/// `locks/<kind>-<host>-<pid>-<ns>-<seq>` (a host name may hold `-`).
-fn holder_of(name: &str) -> Option<(&str, u32)> {
-    let kind = LeaseKind::of(name)?;
-    let rest = &name[kind.prefix().len()..];
-    let mut parts = rest.rsplitn(4, '-');
-    let (_seq, _ns) = (parts.next()?, parts.next()?);
-    let pid = parts.next()?.parse().ok()?;
-    Some((parts.next()?, pid))
-}
-
-/// A lease marker's body, if it can be read.
-fn body(store: &dyn Store, m: &Marker) -> Option<LeaseInfo> {
-    serde_json::from_slice(&store.get_marker(&m.name).ok()?).ok()
-}
-
 /// "Now" by the store's clock: write a probe marker under `gc/`, read its
 /// listed time, delete it.
 pub fn store_now(store: &dyn Store) -> Result<DateTime<Utc>, StoreError> {
@@ -555,13 +440,6 @@ pub fn store_now(store: &dyn Store) -> Result<DateTime<Utc>, StoreError> {
     })
 }
 
-fn describe(j: &Judged) -> String {
-    match &j.info {
-        Some(i) => format!("{} on {} (pid {})", j.marker.name, i.host, i.pid),
-        None => j.marker.name.clone(),
-    }
-}
-
 /// Take a lease of `kind`, run `f` while a background thread refreshes
 /// it, and release it.
 ///
@@ -573,7 +451,7 @@ pub fn with_lease<T, E: From<LeaseError>>(
     store: &dyn Store,
     kind: LeaseKind,
     tag: Option<&str>,
-    cancel: &AtomicBool,
+    cancel: &Cancel,
     f: impl FnOnce(&Lease<'_>) -> Result<T, E>,
 ) -> Result<T, E> {
     let info = LeaseInfo {
@@ -631,7 +509,7 @@ pub fn with_lease<T, E: From<LeaseError>>(
     result
 }
 
-fn acquire(lease: &Lease<'_>, cancel: &AtomicBool) -> Result<(), LeaseError> {
+fn acquire(lease: &Lease<'_>, cancel: &Cancel) -> Result<(), LeaseError> {
     let started = std::time::Instant::now();
     let mut announced = false;
     loop {
@@ -656,11 +534,8 @@ fn acquire(lease: &Lease<'_>, cancel: &AtomicBool) -> Result<(), LeaseError> {
             tracing::info!(sweep = %who, "waiting for a garbage-collection sweep to finish");
             announced = true;
         }
-        for _ in 0..20 {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(LeaseError::Cancelled);
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        if cancel.sleep(Duration::from_secs(2)) {
+            return Err(LeaseError::Cancelled);
         }
     }
 }
@@ -720,6 +595,7 @@ fn run_refreshed<T, E>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use judge::holder_of;
 
     fn marker(name: &str, secs_ago: i64, now: DateTime<Utc>) -> Marker {
         Marker {
@@ -909,7 +785,7 @@ mod tests {
     #[test]
     fn a_lapse_sticks_until_the_lease_is_renewed() {
         let store = crate::store::MemStore::new();
-        let never = AtomicBool::new(false);
+        let never = Cancel::new();
         with_lease(&store, LeaseKind::Backup, Some("t"), &never, |lease| {
             lease.check()?;
             *lease.last_ok.lock().expect("lock") = clock().saturating_sub(safe_age());

@@ -15,6 +15,7 @@
 //!   directory the backup lacks is emptied entry by entry, keeping what
 //!   the rules keep, and removed only if that leaves it empty.
 
+use crate::Policy;
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -76,6 +77,8 @@ pub struct Scope<'a> {
     pub filter: Option<&'a regex::bytes::Regex>,
     /// Keep local signing state.
     pub keep_signing_state: bool,
+    /// What is key material and signing state.
+    pub policy: Policy,
 }
 
 /// The backup's paths, in walk order, whatever its format's order.
@@ -116,7 +119,7 @@ pub fn delete_extra(
     entries: Entries<'_>,
     scope: &Scope<'_>,
 ) -> Result<Deleted, ChunkError> {
-    let mut outside = Exclusions::outside_backup(index.excluded())?;
+    let mut outside = Exclusions::outside_backup(scope.policy.secrets, index.excluded())?;
     let mut wanted = match index {
         // Format 1 is not in walk order: its paths are read once, sorted.
         Decoded::V1(_) => {
@@ -169,7 +172,7 @@ pub fn delete_extra(
             });
             continue;
         }
-        if scope.keep_signing_state && btm::validator::is_signing_state(&w.rel).is_some() {
+        if scope.keep_signing_state && scope.policy.is_signing_state(&w.rel) {
             done.keep(&w.rel, "validator signing state");
             continue;
         }

@@ -87,6 +87,15 @@ pub struct Record {
     pub prefix: u64,
 }
 
+/// A file made durable, to be journalled: its path and its record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Durable {
+    /// The path, relative to the destination.
+    pub path: Vec<u8>,
+    /// What was durable.
+    pub record: Record,
+}
+
 /// What an earlier, unfinished run of the same restore made durable.
 #[derive(Debug, Default)]
 pub struct Prior {
@@ -213,12 +222,12 @@ impl Journal {
     /// Record files as durable: each path with its record, where a prefix
     /// of the whole size means complete. The caller made them durable
     /// first.
-    pub fn record(&mut self, done: &[(Vec<u8>, Record)]) -> Result<(), ChunkError> {
+    pub fn record(&mut self, done: &[Durable]) -> Result<(), ChunkError> {
         if done.is_empty() {
             return Ok(());
         }
         let mut buf = Vec::new();
-        for (path, r) in done {
+        for Durable { path, record: r } in done {
             let line = Line {
                 path: hex(path),
                 ino: r.stamp.ino,
@@ -267,20 +276,20 @@ mod tests {
         assert!(!prior.existed);
         let (a, b) = (stamp(7, 100, 5), stamp(8, 50, 6));
         j.record(&[
-            (
-                b"a/f".to_vec(),
-                Record {
+            Durable {
+                path: b"a/f".to_vec(),
+                record: Record {
                     stamp: a,
                     prefix: 100,
                 },
-            ),
-            (
-                vec![0xff, b'x'],
-                Record {
+            },
+            Durable {
+                path: vec![0xff, b'x'],
+                record: Record {
                     stamp: b,
                     prefix: 20,
                 },
-            ),
+            },
         ])
         .expect("record");
         drop(j);

@@ -9,7 +9,9 @@
 //! makes object and index writes wait until released, to catch work in
 //! flight, [`MemStore::age_marker`] moves a marker into the past, and
 //! [`MemStore::before_marker_put`] lets another party act at a chosen
-//! moment.
+//! moment, and [`MemStore::inject`] makes chosen requests fail, fail after
+//! their write landed, or wait: the faults of a real network, in
+//! milliseconds.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +21,49 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
 use super::{check_marker_name, Id, Kind, Marker, Store, StoreError};
+
+/// A fault a test injects into requests of a [`MemStore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The request fails before it acts, as on a reset connection (a
+    /// temporary error).
+    Fail,
+    /// The request acts, then its answer is lost (a temporary error after
+    /// the write landed): what a retry must cope with.
+    CommitThenFail,
+    /// The request waits this long first, as over a slow link.
+    Slow(std::time::Duration),
+}
+
+/// Which requests a fault applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Every request.
+    Any,
+    /// Puts of objects of this kind.
+    Put(Kind),
+    /// Reads (whole or ranged) of objects of this kind.
+    Get(Kind),
+    /// Listings of objects of this kind.
+    List(Kind),
+    /// Deletions of objects.
+    Delete,
+    /// Backup index creations.
+    PutIndex,
+    /// Backup index reads and listings.
+    GetIndex,
+    /// Marker writes.
+    PutMarker,
+}
+
+/// One injected fault: skip `skip` matching requests, then apply to the
+/// next `times`.
+struct Injected {
+    op: Request,
+    skip: u64,
+    times: u64,
+    fault: Fault,
+}
 
 /// An in-memory store; see the module documentation.
 #[derive(Clone, Default)]
@@ -56,6 +101,9 @@ struct Inner {
     /// Run once, before the next put of a marker under the prefix.
     #[allow(clippy::type_complexity)]
     before_put: Option<(String, Box<dyn FnOnce(&MemStore) + Send>)>,
+    faults: Vec<Injected>,
+    /// Requests that met an injected fault.
+    faulted: u64,
 }
 
 impl MemStore {
@@ -131,6 +179,97 @@ impl MemStore {
             .before_put = Some((prefix.to_owned(), Box::new(f)));
     }
 
+    /// Inject `fault` into requests `op` matches: the `nth` matching
+    /// request from now (1 for the next) and the `times - 1` after it.
+    pub fn inject(&self, op: Request, nth: u64, times: u64, fault: Fault) {
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .faults
+            .push(Injected {
+                op,
+                skip: nth.saturating_sub(1),
+                times,
+                fault,
+            });
+    }
+
+    /// Remove every injected fault not yet spent.
+    pub fn clear_faults(&self) {
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .faults
+            .clear();
+    }
+
+    /// How many requests met an injected fault so far.
+    pub fn faulted(&self) -> u64 {
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .faulted
+    }
+
+    /// Count a request `op` against the injected faults: waits for a slow
+    /// one, fails for a failing one, and returns whether the request must
+    /// fail after acting.
+    fn fault(&self, op: Request) -> Result<bool, StoreError> {
+        let hit = {
+            let mut g = self.shared.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let hit = g
+                .faults
+                .iter_mut()
+                .filter(|f| f.times > 0 && (f.op == Request::Any || f.op == op))
+                .find_map(|f| {
+                    if f.skip > 0 {
+                        f.skip -= 1;
+                        return None;
+                    }
+                    f.times -= 1;
+                    Some(f.fault)
+                });
+            g.faults.retain(|f| f.times > 0);
+            g.faulted += u64::from(hit.is_some());
+            hit
+        };
+        let lost = || StoreError::Temporary {
+            what: format!("{op:?}"),
+            detail: "connection reset by peer (injected)".into(),
+        };
+        match hit {
+            None => Ok(false),
+            Some(Fault::Slow(d)) => {
+                std::thread::sleep(d);
+                Ok(false)
+            }
+            Some(Fault::Fail) => Err(lost()),
+            Some(Fault::CommitThenFail) => Ok(true),
+        }
+    }
+
+    /// The answer of a request that acted: lost if its fault says so.
+    fn answer<T>(lose: bool, op: Request, value: T) -> Result<T, StoreError> {
+        match lose {
+            true => Err(StoreError::Temporary {
+                what: format!("{op:?}"),
+                detail: "the answer was lost after the write (injected)".into(),
+            }),
+            false => Ok(value),
+        }
+    }
+
+    fn read(&self, kind: Kind, id: &Id) -> Result<Bytes, StoreError> {
+        let g = self.inner()?;
+        g.objects
+            .get(&(kind, *id))
+            .cloned()
+            .ok_or_else(|| Self::not_found(kind, id))
+    }
+
     /// The store's lock, once writes are not held.
     fn writable(&self) -> Result<MutexGuard<'_, Inner>, StoreError> {
         let mut g = self.inner()?;
@@ -156,16 +295,15 @@ impl Store for MemStore {
     }
 
     fn put(&self, kind: Kind, id: &Id, data: Bytes) -> Result<(), StoreError> {
+        let lose = self.fault(Request::Put(kind))?;
         self.writable()?.objects.entry((kind, *id)).or_insert(data);
-        Ok(())
+        Self::answer(lose, Request::Put(kind), ())
     }
 
     fn get(&self, kind: Kind, id: &Id) -> Result<Bytes, StoreError> {
-        let g = self.inner()?;
-        g.objects
-            .get(&(kind, *id))
-            .cloned()
-            .ok_or_else(|| Self::not_found(kind, id))
+        let lose = self.fault(Request::Get(kind))?;
+        let data = self.read(kind, id)?;
+        Self::answer(lose, Request::Get(kind), data)
     }
 
     fn get_range_into(
@@ -176,7 +314,11 @@ impl Store for MemStore {
         len: u64,
         buf: &mut Vec<u8>,
     ) -> Result<(), StoreError> {
-        let whole = self.get(kind, id)?;
+        let lose = self.fault(Request::Get(kind))?;
+        let whole = self.read(kind, id)?;
+        if lose {
+            return Self::answer(lose, Request::Get(kind), ());
+        }
         let end = offset.checked_add(len).filter(|&e| e <= whole.len() as u64);
         match end {
             Some(end) => {
@@ -192,10 +334,11 @@ impl Store for MemStore {
     }
 
     fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError> {
-        Ok(self.get(kind, id)?.len() as u64)
+        Ok(self.read(kind, id)?.len() as u64)
     }
 
     fn list(&self, kind: Kind) -> Result<Vec<(Id, u64)>, StoreError> {
+        self.fault(Request::List(kind))?;
         let g = self.inner()?;
         Ok(g.objects
             .iter()
@@ -205,20 +348,23 @@ impl Store for MemStore {
     }
 
     fn delete(&self, kind: Kind, id: &Id) -> Result<(), StoreError> {
+        let lose = self.fault(Request::Delete)?;
         self.inner()?.objects.remove(&(kind, *id));
-        Ok(())
+        Self::answer(lose, Request::Delete, ())
     }
 
     fn create_index(&self, name: &str, data: &[u8]) -> Result<bool, StoreError> {
+        let lose = self.fault(Request::PutIndex)?;
         let mut g = self.writable()?;
-        if g.indexes.contains_key(name) {
-            return Ok(false);
+        let created = !g.indexes.contains_key(name);
+        if created {
+            g.indexes.insert(name.to_owned(), data.to_vec());
         }
-        g.indexes.insert(name.to_owned(), data.to_vec());
-        Ok(true)
+        Self::answer(lose, Request::PutIndex, created)
     }
 
     fn get_index(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        self.fault(Request::GetIndex)?;
         self.inner()?
             .indexes
             .get(name)
@@ -227,6 +373,7 @@ impl Store for MemStore {
     }
 
     fn list_indexes(&self) -> Result<Vec<String>, StoreError> {
+        self.fault(Request::GetIndex)?;
         Ok(self.inner()?.indexes.keys().cloned().collect())
     }
 
@@ -237,6 +384,7 @@ impl Store for MemStore {
 
     fn put_marker(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
         check_marker_name(name)?;
+        let lose = self.fault(Request::PutMarker)?;
         let hook = {
             let mut g = self.inner()?;
             match &g.before_put {
@@ -250,7 +398,7 @@ impl Store for MemStore {
         self.inner()?
             .markers
             .insert(name.to_owned(), (data.to_vec(), Utc::now()));
-        Ok(())
+        Self::answer(lose, Request::PutMarker, ())
     }
 
     fn get_marker(&self, name: &str) -> Result<Vec<u8>, StoreError> {

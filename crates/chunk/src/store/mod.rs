@@ -38,7 +38,7 @@ mod object;
 pub use bytes::Bytes;
 pub use id::{BadId, Id};
 pub use local::LocalStore;
-pub use mem::MemStore;
+pub use mem::{Fault, MemStore, Request};
 pub use object::ObjectStoreBackend;
 
 /// A store failure.

@@ -14,7 +14,7 @@ use btm_chunk::cache::Cache;
 use btm_chunk::format::tree::{EntryKind, Item};
 use btm_chunk::restore::RestoreOptions;
 use btm_chunk::store::Store;
-use btm_chunk::{catalog, BackupInfo};
+use btm_chunk::{catalog, BackupInfo, Repo};
 use btm_daemon::height::identity::ChainIdentity;
 use btm_daemon::settings::{ConfigError, DEFAULT_CONFIG};
 
@@ -58,17 +58,13 @@ impl StoreArgs {
         Ok(btm_chunk::store::open_existing(&self.url()?)?)
     }
 
-    /// The metadata cache to use.
-    pub(super) fn cache(&self) -> Option<Cache> {
+    /// `store` with the cache and the connections these flags ask for.
+    pub(super) fn repo<'s>(&self, store: &'s dyn Store) -> Repo<'s> {
+        let repo = Repo::new(store).with_connections(self.connections.map(|c| c as usize));
         match &self.cache {
-            Some(dir) => Some(Cache::new(dir.clone())),
-            None => Cache::default_dir().map(Cache::new),
+            Some(dir) => repo.with_cache(Some(Cache::new(dir.clone()))),
+            None => repo,
         }
-    }
-
-    /// Requests in flight, if given.
-    pub(super) fn connections(&self) -> Option<usize> {
-        self.connections.map(|c| c as usize)
     }
 
     /// The store: `-s`, else `$BTM_STORE`, else `[export] store` of
@@ -176,7 +172,7 @@ pub struct BackupArgs {
 
 pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
     let store = args.store.open()?;
-    let mut opts = BackupOptions::new(&args.tag);
+    let mut opts = BackupOptions::new(&args.tag, btm_daemon::node_policy());
     opts.meta = args.meta.unwrap_or_default();
     opts.filter = args.filter;
     opts.append_only = args.append_only;
@@ -192,15 +188,13 @@ pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
     }
     opts.force_read = args.force_read;
     opts.max_rate = args.max_rate;
-    opts.cache = args.store.cache();
-    opts.connections = args.store.connections();
     opts.workers = workers(args.workers)?;
     opts.zstd_level = args.level;
     let reporter = Reporter::start(
         format!("backing up {}", args.dir.display()),
         Arc::clone(&opts.progress),
     );
-    let result = btm_chunk::backup::backup(store.as_ref(), &args.dir, &opts);
+    let result = args.store.repo(store.as_ref()).backup(&args.dir, &opts);
     drop(reporter);
     let summary = result.with_context(|| {
         format!(
@@ -354,11 +348,8 @@ fn show(
 ) -> Result<()> {
     let idx = catalog::read_index(store, name)?;
     let info = BackupInfo::of(name, &idx);
-    let cache = args.cache();
-    let connections = args
-        .connections()
-        .unwrap_or_else(|| btm_chunk::restore::default_connections(store));
-    let mut entries = catalog::entries(store, cache.as_ref(), name, &idx, connections);
+    let repo = args.repo(store);
+    let mut entries = repo.entries(name, &idx);
     if json {
         show_json(&idx, &info, &mut entries, out)
     } else {
@@ -604,14 +595,13 @@ pub fn restore(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
     let opts = RestoreOptions {
         filter: args.filter,
         delete: args.delete,
-        cache: args.store.cache(),
         workers: workers(args.workers)?,
-        connections: args.store.connections(),
-        progress: Arc::default(),
         overwrite_signing_state: args.overwrite_signing_state,
+        ..RestoreOptions::new(btm_daemon::node_policy())
     };
     let reporter = Reporter::start(format!("restoring {name}"), Arc::clone(&opts.progress));
-    let result = btm_chunk::restore::restore(store.as_ref(), &name, &idx, &dir, &opts);
+    let repo = args.store.repo(store.as_ref());
+    let result = repo.restore(&name, &idx, &dir, &opts);
     drop(reporter);
     let summary = match result {
         // Refused before anything was changed: running it again cannot help.
@@ -686,16 +676,7 @@ pub struct CheckArgs {
 
 pub fn check(args: CheckArgs, out: &mut dyn Write) -> Result<()> {
     let store = args.store.open_existing()?;
-    let connections = args
-        .store
-        .connections()
-        .unwrap_or_else(|| btm_chunk::restore::default_connections(store.as_ref()));
-    let report = btm_chunk::check::check(
-        store.as_ref(),
-        args.read_data,
-        args.store.cache().as_ref(),
-        connections,
-    )?;
+    let report = args.store.repo(store.as_ref()).check(args.read_data)?;
     if args.json {
         print_json(out, &report)?;
     } else {
@@ -741,7 +722,9 @@ pub struct ForgetArgs {
 
 pub fn forget(args: ForgetArgs, out: &mut dyn Write) -> Result<()> {
     let store = args.store.open_existing()?;
-    catalog::forget(store.as_ref(), &args.name, args.dry_run)?;
+    args.store
+        .repo(store.as_ref())
+        .forget(&args.name, args.dry_run)?;
     if args.dry_run {
         writeln!(out, "would forget {}", args.name)?;
     } else {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use btm_chunk::gc::{self, GcOptions};
+use btm_chunk::gc::GcOptions;
 use btm_daemon::settings::parse_duration;
 
 use super::backup::StoreArgs;
@@ -34,13 +34,11 @@ pub fn run(args: GcArgs, out: &mut dyn Write) -> Result<()> {
     let opts = GcOptions {
         grace: args.grace,
         dry_run: args.dry_run,
-        connections: args
-            .store
-            .connections()
-            .unwrap_or_else(|| btm_chunk::restore::default_connections(store.as_ref())),
-        cache: args.store.cache(),
     };
-    let report = gc::gc(store.as_ref(), &opts)
+    let report = args
+        .store
+        .repo(store.as_ref())
+        .gc(&opts)
         .with_context(|| format!("garbage collection of {} failed", store.describe()))?;
     if args.json {
         print_json(out, &report)?;

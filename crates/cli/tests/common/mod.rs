@@ -983,20 +983,10 @@ impl Drop for Azurite {
     }
 }
 
-/// Deterministic, incompressible test bytes.
-pub fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+#[path = "../../../chunk/tests/common/noise.rs"]
+mod noise;
+#[allow(unused_imports)]
+pub use noise::noise;
 
 /// Run `btm ARGS` with extra environment (store credentials); panic
 /// unless it succeeds; return stdout.

@@ -256,7 +256,7 @@ pub fn rollback_behaviour(fx: &impl Fixture) {
     assert!(err.contains("no btm snapshots"), "{err}");
 }
 
-/// Issue 12: a rollback without flags keeps every validator signing-state
+/// A rollback without flags keeps every validator signing-state
 /// file it finds (CometBFT, and a Lighthouse datadir two levels down), names
 /// each in its plan, and `--no-preserve` rolls them back too.
 pub fn rollback_keeps_signing_state_by_default(fx: &impl Fixture) {
@@ -312,7 +312,7 @@ pub fn rollback_keeps_signing_state_by_default(fx: &impl Fixture) {
     assert_eq!(fx.read(lighthouse), "slashing db at 10");
 }
 
-/// Issue 10.2: `--preserve` resolves every component without following a
+/// `--preserve` resolves every component without following a
 /// symlink, on both sides. A `data` symlink in the target snapshot must not
 /// make the preserve write outside the volume; a `data` symlink in the live
 /// volume must not make it read a file from outside. Either is refused with
@@ -388,7 +388,7 @@ pub fn clean_keeps_newest(fx: &impl Fixture) {
     assert!(fx.btm(&["clean"]).ok().contains("destroyed 0"));
 }
 
-/// Issue 14.1: a protected snapshot is outside fair and fade pruning, in the
+/// A protected snapshot is outside fair and fade pruning, in the
 /// CLI and in the daemon, across a daemon restart; `clean` keeps it unless
 /// asked by label; `release` returns it to retention. On ZFS the label is a
 /// user property other tools see.

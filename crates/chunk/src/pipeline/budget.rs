@@ -2,15 +2,16 @@
 //! flight. Memory and descriptors are bounded by configuration, not by how
 //! fast one stage outruns another.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, Weak};
+
+use super::cancel::{Cancel, Wake};
 
 /// Units that can be taken and are given back when the [`Permit`] drops.
 pub struct Budget {
     total: u64,
     free: Mutex<u64>,
     freed: Condvar,
+    stop: Cancel,
 }
 
 /// Units taken from a [`Budget`], returned on drop.
@@ -20,37 +21,47 @@ pub struct Permit<'a> {
 }
 
 impl Budget {
-    /// A budget of `total` units (at least one).
-    pub fn new(total: u64) -> Self {
+    /// A budget of `total` units (at least one) whose waiters give up as
+    /// soon as `stop` is set.
+    pub fn new(total: u64, stop: &Cancel) -> Arc<Self> {
         let total = total.max(1);
-        Budget {
+        let budget = Arc::new(Budget {
             total,
             free: Mutex::new(total),
             freed: Condvar::new(),
-        }
+            stop: stop.clone(),
+        });
+        let weak: Weak<Budget> = Arc::downgrade(&budget);
+        stop.on_cancel(weak);
+        budget
     }
 
     /// Take `units`, waiting until they are free. A request larger than the
     /// whole budget takes all of it, so that it is never refused. `None`
-    /// once `abort` is set: a failed pipeline never leaves a taker waiting.
-    pub fn take(&self, units: u64, abort: &AtomicBool) -> Option<Permit<'_>> {
+    /// once the stop is set: a failed pipeline never leaves a taker
+    /// waiting.
+    pub fn take(&self, units: u64) -> Option<Permit<'_>> {
         let units = units.clamp(1, self.total);
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         while *free < units {
-            if abort.load(Ordering::Relaxed) {
+            // Checked under the lock `wake` takes: no stop is missed.
+            if self.stop.is_cancelled() {
                 return None;
             }
-            free = self
-                .freed
-                .wait_timeout(free, Duration::from_millis(20))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
         }
         *free -= units;
         Some(Permit {
             budget: self,
             units,
         })
+    }
+}
+
+impl Wake for Budget {
+    fn wake(&self) {
+        let _free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        self.freed.notify_all();
     }
 }
 
@@ -64,21 +75,21 @@ impl Drop for Permit<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
 
     #[test]
     fn never_more_than_the_total_is_out() {
-        let budget = Budget::new(10);
-        let abort = AtomicBool::new(false);
+        let budget = Budget::new(10, &Cancel::new());
         let out = AtomicU64::new(0);
         let peak = AtomicU64::new(0);
         std::thread::scope(|s| {
             for t in 0..8u64 {
-                let (budget, abort, out, peak) = (&budget, &abort, &out, &peak);
+                let (budget, out, peak) = (&budget, &out, &peak);
                 s.spawn(move || {
                     for i in 0..200u64 {
                         let n = (t + i) % 13 + 1;
-                        let p = budget.take(n, abort).expect("not aborted");
+                        let p = budget.take(n).expect("not stopped");
                         let now = out.fetch_add(p.units, Ordering::SeqCst) + p.units;
                         peak.fetch_max(now, Ordering::SeqCst);
                         out.fetch_sub(p.units, Ordering::SeqCst);
@@ -91,15 +102,20 @@ mod tests {
     }
 
     #[test]
-    fn abort_releases_a_waiting_taker() {
-        let budget = Budget::new(1);
-        let abort = AtomicBool::new(false);
-        let held = budget.take(1, &abort).expect("free");
+    fn a_stop_wakes_a_waiting_taker_at_once() {
+        let stop = Cancel::new();
+        let budget = Budget::new(1, &stop);
+        let held = budget.take(1).expect("free");
         std::thread::scope(|s| {
-            let waiter = s.spawn(|| budget.take(1, &abort).is_none());
-            std::thread::sleep(Duration::from_millis(50));
-            abort.store(true, Ordering::Relaxed);
-            assert!(waiter.join().expect("join"));
+            let waiter = s.spawn(|| {
+                let t = Instant::now();
+                (budget.take(1).is_none(), t.elapsed())
+            });
+            std::thread::sleep(Duration::from_millis(30));
+            stop.cancel();
+            let (refused, took) = waiter.join().expect("join");
+            assert!(refused);
+            assert!(took < Duration::from_secs(5), "{took:?}");
         });
         drop(held);
     }

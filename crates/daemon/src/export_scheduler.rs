@@ -1,6 +1,6 @@
-//! The daemon's export job: after each snapshot, decide whether it is due
-//! for export ([`crate::export::export_due`]) and, if so, run
-//! [`crate::export::export`] on a dedicated low-priority thread.
+//! The export scheduler: after each snapshot, decide whether it is due
+//! for export ([`crate::export::export_due`]) and, if so, run the export
+//! job ([`crate::export::export`]) on a dedicated low-priority thread.
 //!
 //! At most one export runs: a due export finding the previous one still
 //! running is skipped and logged, never queued. Snapshots go on being
@@ -8,9 +8,9 @@
 //! A failed export is retried at the next due height.
 //!
 //! The running export and the record of what was exported live in a
-//! [`Carry`] that outlives a generation: a reload (SIGHUP) lets a running
+//! [`ExportLedger`] that outlives a generation: a reload (SIGHUP) lets a running
 //! export finish, reporting to the new generation's status. Stopping the
-//! daemon cancels it ([`Carry::cancel`]); it then writes no index, and the
+//! daemon cancels it ([`ExportLedger::cancel`]); it then writes no index, and the
 //! chunks it uploaded are reused by the next export.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,9 +29,9 @@ use btm_chunk::{ChunkError, Progress};
 use super::state::State;
 
 /// Runs exports for one daemon generation.
-pub struct Exporter {
+pub struct ExportScheduler {
     ctx: Arc<Context>,
-    carry: Arc<Carry>,
+    ledger: Arc<ExportLedger>,
     stopping: AtomicBool,
 }
 
@@ -53,7 +53,7 @@ struct Context {
 
 /// Export state that outlives a daemon generation.
 #[derive(Default)]
-pub struct Carry {
+pub struct ExportLedger {
     jobs: Mutex<Jobs>,
     /// The status the running job reports to: the current generation's.
     state: Mutex<Option<Arc<State>>>,
@@ -77,7 +77,7 @@ struct Running {
     height: u64,
 }
 
-impl Carry {
+impl ExportLedger {
     fn jobs(&self) -> std::sync::MutexGuard<'_, Jobs> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -96,16 +96,16 @@ impl Carry {
     pub async fn cancel(&self) {
         let running = self.jobs().running.take();
         if let Some(r) = running {
-            r.progress.cancel.store(true, Ordering::SeqCst);
+            r.progress.cancel.cancel();
             let _ = tokio::task::spawn_blocking(move || r.handle.join()).await;
         }
     }
 }
 
-impl Exporter {
-    /// An exporter for the volume of `ops`; nothing runs until
-    /// [`Exporter::consider`].
-    /// A running export in `carry` (from before a reload) now reports to
+impl ExportScheduler {
+    /// An export_scheduler for the volume of `ops`; nothing runs until
+    /// [`ExportScheduler::consider`].
+    /// A running export in `ledger` (from before a reload) now reports to
     /// `state`.
     pub fn new(
         ops: Ops,
@@ -114,16 +114,16 @@ impl Exporter {
         lock_timeout: Duration,
         window_wait: Option<Duration>,
         state: Arc<State>,
-        carry: Arc<Carry>,
+        ledger: Arc<ExportLedger>,
     ) -> Self {
         {
-            let jobs = carry.jobs();
+            let jobs = ledger.jobs();
             if let Some(r) = jobs.running.as_ref().filter(|r| !r.handle.is_finished()) {
                 state.export_running(Some((r.height, Arc::clone(&r.progress))));
             }
-            *carry.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+            *ledger.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
         }
-        Exporter {
+        ExportScheduler {
             ctx: Arc::new(Context {
                 ops,
                 open_store,
@@ -131,7 +131,7 @@ impl Exporter {
                 lock_timeout,
                 window_wait,
             }),
-            carry,
+            ledger,
             stopping: AtomicBool::new(false),
         }
     }
@@ -139,7 +139,7 @@ impl Exporter {
     /// A snapshot at `height` exists now: start its export if it is due.
     #[tracing::instrument(skip(self))]
     pub fn consider(&self, height: u64) {
-        let mut jobs = self.carry.jobs();
+        let mut jobs = self.ledger.jobs();
         if self.stopping.load(Ordering::SeqCst) {
             return;
         }
@@ -155,7 +155,7 @@ impl Exporter {
                     "export due but the previous export is still running; skipped"
                 );
                 jobs.running = Some(r);
-                self.carry.report(|s| s.count(|c| c.exports_skipped += 1));
+                self.ledger.report(|s| s.count(|c| c.exports_skipped += 1));
                 return;
             }
             let _ = r.handle.join();
@@ -164,7 +164,7 @@ impl Exporter {
         let progress = Arc::new(Progress::default());
         let run = Run {
             ctx: Arc::clone(&self.ctx),
-            carry: Arc::clone(&self.carry),
+            ledger: Arc::clone(&self.ledger),
             progress: Arc::clone(&progress),
             height,
         };
@@ -181,7 +181,7 @@ impl Exporter {
             }
             Err(e) => {
                 tracing::error!(height, error = %e, "cannot start the export thread");
-                self.carry.report(|s| {
+                self.ledger.report(|s| {
                     s.error("export", &format!("cannot start the export thread: {e}"));
                     s.count(|c| c.export_failures += 1);
                 });
@@ -190,10 +190,10 @@ impl Exporter {
     }
 
     /// Start no more exports in this generation. A running one goes on
-    /// (see [`Carry::cancel`]).
+    /// (see [`ExportLedger::cancel`]).
     pub fn stop(&self) {
         // Taken under the jobs lock, so no `consider` is half-way through.
-        let _jobs = self.carry.jobs();
+        let _jobs = self.ledger.jobs();
         self.stopping.store(true, Ordering::SeqCst);
     }
 }
@@ -201,7 +201,7 @@ impl Exporter {
 /// One export, owned by its thread.
 struct Run {
     ctx: Arc<Context>,
-    carry: Arc<Carry>,
+    ledger: Arc<ExportLedger>,
     progress: Arc<Progress>,
     height: u64,
 }
@@ -212,17 +212,17 @@ impl Run {
         if let Err(e) = btm::sys::lower_thread_priority() {
             tracing::warn!(error = %e, "could not lower the export's CPU and IO priority");
         }
-        self.carry
+        self.ledger
             .report(|s| s.export_running(Some((height, Arc::clone(&self.progress)))));
         if let Some(wait) = self.ctx.window_wait {
             let deadline = std::time::Instant::now() + wait;
             let (dirs, name) = (self.ctx.ops.dirs(), self.ctx.ops.volume().name());
+            // The window file is another process's to write, so it is
+            // looked at now and then; cancellation ends the wait at once.
             while !btm::window::load(dirs, name).contains_key(&height)
                 && std::time::Instant::now() < deadline
-                && !self.progress.cancel.load(Ordering::Relaxed)
-            {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+                && !self.progress.cancel.sleep(Duration::from_millis(50))
+            {}
         }
         let result = (self.ctx.open_store)(&self.ctx.settings.store)
             .map_err(ExportError::Store)
@@ -236,7 +236,7 @@ impl Run {
                     self.ctx.lock_timeout,
                 )
             });
-        self.carry.report(|s| s.export_running(None));
+        self.ledger.report(|s| s.export_running(None));
         self.finished(result);
     }
 
@@ -245,13 +245,13 @@ impl Run {
         let height = self.height;
         match result {
             Ok(report) => {
-                self.carry.jobs().exported = Some(height);
+                self.ledger.jobs().exported = Some(height);
                 for w in &report.warnings {
                     tracing::warn!(height, warning = %w, "export finished with a warning");
-                    self.carry.report(|s| s.error("export", w));
+                    self.ledger.report(|s| s.error("export", w));
                 }
                 if report.gc_failed {
-                    self.carry.report(|s| s.count(|c| c.gc_failures += 1));
+                    self.ledger.report(|s| s.count(|c| c.gc_failures += 1));
                 }
                 let last = report.backup.as_ref().map(|b| LastExport {
                     height,
@@ -274,7 +274,7 @@ impl Run {
                         "export finished"
                     );
                 }
-                self.carry.report(|s| s.export_done(last));
+                self.ledger.report(|s| s.export_done(last));
             }
             Err(ExportError::Chunk(ChunkError::Cancelled)) => {
                 tracing::info!(
@@ -288,11 +288,11 @@ impl Run {
                     volume = %v,
                     "export skipped: another export of this volume (btm export?) is running"
                 );
-                self.carry.report(|s| s.count(|c| c.exports_skipped += 1));
+                self.ledger.report(|s| s.count(|c| c.exports_skipped += 1));
             }
             Err(e) => {
                 tracing::error!(height, store = %self.ctx.settings.store, error = %e, "export failed; will retry at the next due height");
-                self.carry.report(|s| {
+                self.ledger.report(|s| {
                     s.error("export", &format!("export of {height}: {e}"));
                     s.count(|c| c.export_failures += 1);
                 });
@@ -301,7 +301,7 @@ impl Run {
     }
 }
 
-/// The exporter on an in-memory volume and store: due heights, skipping
+/// The export_scheduler on an in-memory volume and store: due heights, skipping
 /// while one runs, cancellation, a store that is down. No root, no server.
 #[cfg(test)]
 mod tests {
@@ -310,8 +310,8 @@ mod tests {
     use btm_chunk::store::MemStore;
 
     struct Rig {
-        exporter: Exporter,
-        carry: Arc<Carry>,
+        export_scheduler: ExportScheduler,
+        ledger: Arc<ExportLedger>,
         ops: Ops,
         store: MemStore,
         state: Arc<State>,
@@ -338,19 +338,19 @@ mod tests {
             ..btm::BtmCfg::default()
         };
         let state = Arc::new(State::new(crate::initial_status(&cfg, &settings, 0)));
-        let carry = Arc::new(Carry::default());
-        let exporter = Exporter::new(
+        let ledger = Arc::new(ExportLedger::default());
+        let export_scheduler = ExportScheduler::new(
             ops.clone(),
             opener,
             settings.export.clone().expect("export"),
             Duration::from_secs(1),
             None,
             Arc::clone(&state),
-            Arc::clone(&carry),
+            Arc::clone(&ledger),
         );
         Rig {
-            exporter,
-            carry,
+            export_scheduler,
+            ledger,
             ops,
             store,
             state,
@@ -362,12 +362,12 @@ mod tests {
         fn snapshot_and_consider(&self, h: u64) {
             let only = btm::SnapshotOptions::unpruned(Duration::ZERO);
             self.ops.snapshot(h, &only).expect("snapshot");
-            self.exporter.consider(h);
+            self.export_scheduler.consider(h);
         }
 
         fn wait_idle(&self) {
             for _ in 0..1000 {
-                let jobs = self.carry.jobs();
+                let jobs = self.ledger.jobs();
                 if jobs.running.as_ref().is_none_or(|r| r.handle.is_finished()) {
                     return;
                 }
@@ -436,8 +436,8 @@ mod tests {
         r.store.hold_writes();
         r.snapshot_and_consider(20);
         r.wait_for_writes();
-        if let Some(running) = &r.carry.jobs().running {
-            running.progress.cancel.store(true, Ordering::SeqCst);
+        if let Some(running) = &r.ledger.jobs().running {
+            running.progress.cancel.cancel();
         }
         r.store.release_writes();
         r.wait_idle();
@@ -466,7 +466,7 @@ mod tests {
         assert!(s.recent_errors.iter().any(|e| e.kind == "export"), "{s:?}");
     }
 
-    /// A reload: the next generation's exporter takes over the carry, and
+    /// A reload: the next generation's export_scheduler takes over the ledger, and
     /// the export still running reports to the new generation's status.
     #[test]
     fn a_running_export_carries_over_a_reload() {
@@ -474,17 +474,17 @@ mod tests {
         r.store.hold_writes();
         r.snapshot_and_consider(20);
         r.wait_for_writes();
-        let settings = r.exporter.ctx.settings.clone();
+        let settings = r.export_scheduler.ctx.settings.clone();
         let state2 = Arc::new(State::new(r.state.status()));
-        r.exporter.stop();
-        let next = Exporter::new(
+        r.export_scheduler.stop();
+        let next = ExportScheduler::new(
             r.ops.clone(),
-            Arc::clone(&r.exporter.ctx.open_store),
+            Arc::clone(&r.export_scheduler.ctx.open_store),
             settings,
             Duration::from_secs(1),
             None,
             Arc::clone(&state2),
-            Arc::clone(&r.carry),
+            Arc::clone(&r.ledger),
         );
         assert_eq!(state2.status().export.map(|e| e.height), Some(20));
         // Not due again while it runs: skipped, not queued.
@@ -508,7 +508,7 @@ mod tests {
     #[test]
     fn a_stopped_exporter_starts_nothing() {
         let r = rig();
-        r.exporter.stop();
+        r.export_scheduler.stop();
         r.snapshot_and_consider(20);
         r.wait_idle();
         assert!(r.exported_heights().is_empty());

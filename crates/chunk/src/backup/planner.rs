@@ -1,0 +1,501 @@
+//! The planner stage (the calling thread): it walks the tree beside the
+//! previous backup, reuses what is unchanged without opening it, and
+//! hands the chunks to read to the workers ([`crate::plan::backup_step`]).
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
+use nix::fcntl::{openat, OFlag};
+use nix::sys::stat::{FileStat, Mode, SFlag};
+
+use super::walk::{Parent, Walked, Walker};
+use super::writer::{Msg, Retry, Signature};
+use super::{BackupSummary, Shared};
+use crate::exclude::Exclusions;
+use crate::format::tree::{ChunkRef, Entry, EntryKind};
+use crate::plan::{backup_step, BackupStep, FileRule};
+use crate::ChunkError;
+
+/// One chunk for a worker to read.
+pub(super) struct ReadTask {
+    pub(super) id: u64,
+    pub(super) attempt: u32,
+    pub(super) index: u64,
+    pub(super) file: Arc<File>,
+    pub(super) path: Arc<[u8]>,
+    pub(super) off: u64,
+    pub(super) len: u64,
+}
+
+pub(super) struct Planner<'s, 'a> {
+    pub(super) shared: &'s Shared<'a>,
+    pub(super) root: &'s Path,
+    pub(super) parent: Option<Parent<'s>>,
+    pub(super) work: Sender<ReadTask>,
+    pub(super) msgs: Sender<Msg>,
+    /// Files to read again; disconnected once the writer is done.
+    pub(super) retries: Receiver<Retry>,
+    pub(super) next_id: u64,
+    pub(super) summary: &'s mut BackupSummary,
+}
+
+/// One read of a file: the planner's number for it, which attempt, and
+/// what the previous backup recorded of it (its chunks then come from the
+/// parent stream).
+struct FileRead {
+    id: u64,
+    attempt: u32,
+    append_only: bool,
+    prev: Option<Recorded>,
+}
+
+/// What the previous backup recorded of a file.
+#[derive(Clone, Copy)]
+struct Recorded {
+    size: u64,
+    ino: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+/// A directory whose entry waits for a descendant that passes the filter.
+struct HeldDir {
+    entry: Entry,
+    depth: usize,
+    sent: bool,
+}
+
+fn entry_of(rel: Vec<u8>, kind: EntryKind, st: &FileStat) -> Entry {
+    Entry {
+        path: rel,
+        kind,
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
+        ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
+        ino: st.st_ino,
+        append_only: false,
+    }
+}
+
+/// Open a file for reading without following a symlink or updating its
+/// access time (where permitted).
+fn open_at(dir: &impl AsFd, name: &[u8]) -> nix::Result<File> {
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY;
+    let name = OsStr::from_bytes(name);
+    match openat(dir.as_fd(), name, flags | OFlag::O_NOATIME, Mode::empty()) {
+        Err(nix::errno::Errno::EPERM) => openat(dir.as_fd(), name, flags, Mode::empty()),
+        r => r,
+    }
+    .map(File::from)
+}
+
+impl Planner<'_, '_> {
+    pub(super) fn run(mut self) -> Result<(), ChunkError> {
+        let walked = self.walk();
+        if walked.is_err() {
+            // Stop the other stages now; the caller records the error.
+            self.shared.pipeline.stop().cancel();
+        }
+        let _ = self.msgs.send(Msg::WalkDone);
+        // Files may still need another read until the writer is done.
+        while let Ok(r) = self.retries.recv() {
+            if let Err(e) = self.reread(r) {
+                self.shared.pipeline.fail(e);
+            }
+        }
+        walked
+    }
+
+    fn walk(&mut self) -> Result<(), ChunkError> {
+        let mut walker = Walker::new(self.root)?;
+        let opts = self.shared.opts;
+        let secrets = if opts.include_secrets {
+            &[]
+        } else {
+            opts.policy.secrets
+        };
+        let mut exclusions = Exclusions::new(secrets, &opts.exclude)?;
+        let mut held: Vec<HeldDir> = Vec::new();
+        while let Some(w) = walker.next() {
+            let w = w?;
+            self.serve_retries()?;
+            if self.shared.pipeline.aborted() {
+                return Err(ChunkError::Aborted);
+            }
+            held.retain(|d| d.depth < w.depth);
+            let kind = w.kind();
+            if exclusions.excludes(&w.rel) {
+                if kind == SFlag::S_IFDIR {
+                    walker.skip_children(&w.rel);
+                }
+                continue;
+            }
+            let matches = self
+                .shared
+                .opts
+                .filter
+                .as_ref()
+                .is_none_or(|re| re.is_match(&w.rel));
+            match kind {
+                SFlag::S_IFDIR => {
+                    let entry = entry_of(w.rel.clone(), EntryKind::Dir, &w.stat);
+                    if self.shared.opts.filter.is_none() {
+                        self.send_entry(entry);
+                    } else {
+                        held.push(HeldDir {
+                            entry,
+                            depth: w.depth,
+                            sent: false,
+                        });
+                        if matches {
+                            self.release(&mut held);
+                        }
+                    }
+                }
+                SFlag::S_IFLNK | SFlag::S_IFREG if matches => {
+                    self.release(&mut held);
+                    if kind == SFlag::S_IFLNK {
+                        self.symlink(&w)?;
+                    } else {
+                        self.file(&w)?;
+                    }
+                }
+                SFlag::S_IFLNK | SFlag::S_IFREG => {}
+                _ => {
+                    tracing::warn!(path = %String::from_utf8_lossy(&w.rel), "skipping special file (socket, fifo or device)");
+                }
+            }
+        }
+        self.summary.excluded = exclusions.report();
+        Ok(())
+    }
+
+    /// Send the held directories that lead to an entry being sent.
+    fn release(&mut self, held: &mut [HeldDir]) {
+        for d in held.iter_mut().filter(|d| !d.sent) {
+            d.sent = true;
+            self.send_entry(d.entry.clone());
+        }
+    }
+
+    fn send_entry(&mut self, e: Entry) {
+        match e.kind {
+            EntryKind::Dir => self.summary.dirs += 1,
+            EntryKind::Symlink { .. } => self.summary.symlinks += 1,
+            EntryKind::File { .. } => {}
+        }
+        let _ = self.msgs.send(Msg::Entry(e));
+    }
+
+    fn serve_retries(&mut self) -> Result<(), ChunkError> {
+        loop {
+            match self.retries.try_recv() {
+                Ok(r) => self.reread(r)?,
+                Err(TryRecvError::Empty) => return Ok(()),
+                // The writer ended before the walk did: it failed.
+                Err(TryRecvError::Disconnected) => return Err(ChunkError::Aborted),
+            }
+        }
+    }
+
+    /// Wait for room to run ahead, serving retries meanwhile (the file the
+    /// writer waits for may be one that needs another read).
+    fn take_slot(&mut self) -> Result<(), ChunkError> {
+        let (tokens, stop) = (
+            &self.shared.lookahead.1,
+            self.shared.pipeline.stop().receiver(),
+        );
+        loop {
+            select! {
+                recv(tokens) -> t => return t.map_err(|_| ChunkError::Aborted),
+                recv(self.retries) -> r => match r {
+                    Ok(r) => self.reread(r)?,
+                    Err(_) => return Err(ChunkError::Aborted),
+                },
+                recv(stop) -> _ => return Err(ChunkError::Aborted),
+            }
+        }
+    }
+
+    fn symlink(&mut self, w: &Walked) -> Result<(), ChunkError> {
+        let target = nix::fcntl::readlinkat(w.dir.as_fd(), OsStr::from_bytes(&w.name))
+            .map_err(|e| ChunkError::io(&self.root.join(OsStr::from_bytes(&w.rel)), e.into()))?;
+        let entry = entry_of(
+            w.rel.clone(),
+            EntryKind::Symlink {
+                target: target.as_bytes().to_vec(),
+            },
+            &w.stat,
+        );
+        self.send_entry(entry);
+        Ok(())
+    }
+
+    fn file(&mut self, w: &Walked) -> Result<(), ChunkError> {
+        self.take_slot()?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let opts = self.shared.opts;
+        let append_only = opts.append_only.iter().any(|a| a.as_bytes() == &w.rel[..]);
+        let prev = match &mut self.parent {
+            Some(p) => p
+                .seek(&w.rel)?
+                .filter(|e| matches!(e.kind, EntryKind::File { .. })),
+            None => None,
+        };
+        let size = w.stat.st_size as u64;
+        self.summary.files += 1;
+        self.summary.bytes_scanned += size;
+        let unchanged = prev.as_ref().is_some_and(|p| {
+            !opts.force_read
+                && p.size() == size
+                && p.mtime_ns == w.stat.st_mtime * 1_000_000_000 + w.stat.st_mtime_nsec
+                && p.ctime_ns == w.stat.st_ctime * 1_000_000_000 + w.stat.st_ctime_nsec
+                && p.ino == w.stat.st_ino
+        });
+        if unchanged {
+            // Reused whole, without opening the file.
+            self.summary.files_unchanged += 1;
+            let mut entry = entry_of(w.rel.clone(), EntryKind::File { size }, &w.stat);
+            entry.append_only = append_only;
+            let n = size.div_ceil(opts.chunk_size);
+            let _ = self.msgs.send(Msg::File {
+                id,
+                attempt: 1,
+                entry,
+                chunks: n,
+                read: None,
+            });
+            for index in 0..n {
+                let c = self.parent_chunk()?.ok_or_else(|| {
+                    ChunkError::Invalid(format!(
+                        "the previous backup's record of {} is shorter than the file",
+                        String::from_utf8_lossy(&w.rel)
+                    ))
+                })?;
+                self.reused(id, 1, index, c);
+            }
+            return Ok(());
+        }
+        let file = match open_at(&w.dir, &w.name) {
+            Ok(f) => f,
+            // Gone since the walk saw it.
+            Err(nix::errno::Errno::ENOENT) => {
+                self.summary.files -= 1;
+                self.summary.bytes_scanned -= size;
+                self.shared.file_written();
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(ChunkError::io(
+                    &self.root.join(OsStr::from_bytes(&w.rel)),
+                    e.into(),
+                ))
+            }
+        };
+        let prev = prev.map(|p| Recorded {
+            size: p.size(),
+            ino: p.ino,
+            mtime_ns: p.mtime_ns,
+            ctime_ns: p.ctime_ns,
+        });
+        let read = FileRead {
+            id,
+            attempt: 1,
+            append_only,
+            prev,
+        };
+        self.read_file(read, w.rel.clone(), file)
+    }
+
+    fn parent_chunk(&mut self) -> Result<Option<ChunkRef>, ChunkError> {
+        match &mut self.parent {
+            Some(p) => p.next_chunk(),
+            None => Ok(None),
+        }
+    }
+
+    fn reused(&mut self, id: u64, attempt: u32, index: u64, c: ChunkRef) {
+        let counters = &self.shared.counters;
+        if c.hash.is_some() {
+            counters.reused.add(1);
+        } else {
+            counters.empty.add(1);
+        }
+        let _ = self.msgs.send(Msg::Chunk {
+            id,
+            attempt,
+            index,
+            result: Ok(c),
+        });
+    }
+
+    /// Plan and queue the reads of an open file, whose previous record's
+    /// chunks (`read.prev`) come from the parent stream.
+    fn read_file(&mut self, read: FileRead, rel: Vec<u8>, file: File) -> Result<(), ChunkError> {
+        let opts = self.shared.opts;
+        let full = self.root.join(OsStr::from_bytes(&rel));
+        let st = nix::sys::stat::fstat(&file).map_err(|e| ChunkError::io(&full, e.into()))?;
+        let size = st.st_size as u64;
+        let cs = opts.chunk_size;
+        let regions = (size > cs)
+            .then(|| crate::sparse::data_regions(&file, size))
+            .flatten();
+        let same = match (read.prev, &opts.parent) {
+            (Some(p), Some(parent_dir)) if !opts.force_read => {
+                shared_ranges(parent_dir, &rel, p, &file, size)
+            }
+            _ => Vec::new(),
+        };
+        let rule = FileRule {
+            size,
+            chunk_size: cs,
+            previous: read.prev.map(|p| (p.size, false)),
+            append_only: read.append_only,
+            same: &same,
+            regions: regions.as_deref(),
+        };
+        let mut entry = entry_of(rel.clone(), EntryKind::File { size }, &st);
+        entry.append_only = read.append_only;
+        let file = Arc::new(file);
+        self.shared
+            .reading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(read.id, rel.clone());
+        let _ = self.msgs.send(Msg::File {
+            id: read.id,
+            attempt: read.attempt,
+            entry,
+            chunks: size.div_ceil(cs),
+            read: Some((Arc::clone(&file), Signature::of(&st))),
+        });
+        self.queue_chunks(&read, &rule, &file, Arc::from(rel))
+    }
+
+    /// Decide each chunk of a file being read: reuse, hole, or read.
+    fn queue_chunks(
+        &mut self,
+        read: &FileRead,
+        rule: &FileRule<'_>,
+        file: &Arc<File>,
+        path: Arc<[u8]>,
+    ) -> Result<(), ChunkError> {
+        let (id, attempt) = (read.id, read.attempt);
+        let mut off = 0;
+        for index in 0..rule.size.div_ceil(rule.chunk_size) {
+            let len = rule.chunk_size.min(rule.size - off);
+            let prev_chunk = match read.prev {
+                Some(_) => self.parent_chunk()?,
+                None => None,
+            };
+            match backup_step(rule, off, len, prev_chunk.as_ref()) {
+                BackupStep::Reuse(c) => self.reused(id, attempt, index, c),
+                BackupStep::Hole { off, len } => {
+                    let hole = ChunkRef {
+                        off,
+                        len,
+                        hash: None,
+                    };
+                    self.reused(id, attempt, index, hole)
+                }
+                BackupStep::Read { off, len } => {
+                    self.shared
+                        .opts
+                        .progress
+                        .total
+                        .fetch_add(len, Ordering::Relaxed);
+                    let task = ReadTask {
+                        id,
+                        attempt,
+                        index,
+                        file: Arc::clone(file),
+                        path: Arc::clone(&path),
+                        off,
+                        len,
+                    };
+                    self.work.send(task).map_err(|_| ChunkError::Aborted)?;
+                }
+            }
+            off += len;
+        }
+        Ok(())
+    }
+
+    /// Read a file again, whole, as the writer asks.
+    fn reread(&mut self, r: Retry) -> Result<(), ChunkError> {
+        let Retry { id, attempt } = r;
+        let rel = self
+            .shared
+            .reading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+            .ok_or(ChunkError::Aborted)?;
+        let tree =
+            btm::confined::Tree::open(self.root).map_err(|e| ChunkError::Invalid(e.to_string()))?;
+        let file = tree
+            .open_file(Path::new(OsStr::from_bytes(&rel)))
+            .map_err(|e| {
+                ChunkError::Invalid(format!(
+                    "reading {} again: {e}",
+                    String::from_utf8_lossy(&rel)
+                ))
+            })?;
+        let append_only = self
+            .shared
+            .opts
+            .append_only
+            .iter()
+            .any(|a| a.as_bytes() == &rel[..]);
+        let read = FileRead {
+            id,
+            attempt,
+            append_only,
+            prev: None,
+        };
+        self.read_file(read, rel, file)
+    }
+}
+
+/// Byte ranges of `file` (now `size` bytes) that hold the same bytes as
+/// `rel` under `parent`, the file the previous index recorded as
+/// (size, inode, mtime, ctime). Empty when anything does not match or
+/// FIEMAP is unavailable (ZFS): the caller then reads, as it would have.
+fn shared_ranges(
+    parent: &Path,
+    rel: &[u8],
+    prev: Recorded,
+    file: &File,
+    size: u64,
+) -> Vec<(u64, u64)> {
+    let Ok(tree) = btm::confined::Tree::open(parent) else {
+        return Vec::new();
+    };
+    let Ok(old) = tree.open_file(Path::new(OsStr::from_bytes(rel))) else {
+        return Vec::new();
+    };
+    let Ok(om) = nix::sys::stat::fstat(&old) else {
+        return Vec::new();
+    };
+    let recorded = om.st_ino == prev.ino
+        && om.st_size as u64 == prev.size
+        && om.st_mtime * 1_000_000_000 + om.st_mtime_nsec == prev.mtime_ns
+        && om.st_ctime * 1_000_000_000 + om.st_ctime_nsec == prev.ctime_ns;
+    if !recorded {
+        return Vec::new();
+    }
+    match (btm::sys::fiemap(&old), btm::sys::fiemap(file)) {
+        (Ok(a), Ok(b)) => crate::plan::identical_ranges(&a, &b, prev.size.min(size)),
+        _ => Vec::new(),
+    }
+}

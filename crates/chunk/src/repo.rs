@@ -1,0 +1,130 @@
+//! A repository: an opened store with its metadata cache and its
+//! connection budget, the one handle every operation on a store takes.
+//! Operations used to receive the three separately and pass them down by
+//! hand; now they pass the handle.
+
+use std::path::Path;
+
+use crate::backup::{BackupOptions, BackupSummary};
+use crate::cache::Cache;
+use crate::check::CheckReport;
+use crate::format::head::Decoded;
+use crate::gc::{GcOptions, GcReport};
+use crate::restore::{RestoreOptions, RestoreSummary};
+use crate::store::Store;
+use crate::ChunkError;
+
+/// An opened store, its cache and how many requests it may have in flight.
+#[derive(Clone)]
+pub struct Repo<'s> {
+    store: &'s dyn Store,
+    cache: Option<Cache>,
+    connections: Option<usize>,
+}
+
+impl std::fmt::Debug for Repo<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repo")
+            .field("store", &self.store.describe())
+            .field("cache", &self.cache)
+            .field("connections", &self.connections)
+            .finish()
+    }
+}
+
+impl<'s> Repo<'s> {
+    /// `store` with the default cache (`~/.cache/btm`, if there is a home)
+    /// and each operation's default number of connections.
+    pub fn new(store: &'s dyn Store) -> Self {
+        Repo {
+            store,
+            cache: Cache::default_dir().map(Cache::new),
+            connections: None,
+        }
+    }
+
+    /// Use `cache` for metadata (`None`: no cache).
+    pub fn with_cache(mut self, cache: Option<Cache>) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    /// Keep at most `n` requests in flight (`None`: each operation's
+    /// default for this kind of store).
+    pub fn with_connections(mut self, n: Option<usize>) -> Self {
+        self.connections = n.map(|n| n.max(1));
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &'s dyn Store {
+        self.store
+    }
+
+    /// The metadata cache, if any.
+    pub fn cache(&self) -> Option<&Cache> {
+        self.cache.as_ref()
+    }
+
+    /// Requests in flight for uploads: packs are large, so few.
+    pub fn upload_connections(&self) -> usize {
+        let local = self.store.local_root().is_some();
+        self.connections.unwrap_or(if local { 2 } else { 4 })
+    }
+
+    /// Requests in flight for reads: small and cheap to have in flight,
+    /// so more than for uploads.
+    pub fn read_connections(&self) -> usize {
+        let local = self.store.local_root().is_some();
+        self.connections.unwrap_or(if local { 4 } else { 16 })
+    }
+
+    /// The entries of backup `name` (`index`), streamed and validated;
+    /// see [`crate::catalog::entries`].
+    pub fn entries<'a>(&'a self, name: &str, index: &Decoded) -> crate::catalog::Entries<'a> {
+        crate::catalog::entries(
+            self.store,
+            self.cache(),
+            name,
+            index,
+            self.read_connections(),
+        )
+    }
+
+    /// Back up `root`; see [`crate::backup`].
+    pub fn backup(&self, root: &Path, opts: &BackupOptions) -> Result<BackupSummary, ChunkError> {
+        crate::backup::backup(self, root, opts)
+    }
+
+    /// Restore backup `name` into `dest`; see [`crate::restore`].
+    pub fn restore(
+        &self,
+        name: &str,
+        index: &Decoded,
+        dest: &Path,
+        opts: &RestoreOptions,
+    ) -> Result<RestoreSummary, ChunkError> {
+        crate::restore::restore(self, name, index, dest, opts)
+    }
+
+    /// Check the store; see [`crate::check`].
+    pub fn check(&self, read_data: bool) -> Result<CheckReport, ChunkError> {
+        crate::check::check(self.store, read_data, self.cache(), self.read_connections())
+    }
+
+    /// Collect garbage; see [`crate::gc`].
+    pub fn gc(&self, opts: &GcOptions) -> Result<GcReport, ChunkError> {
+        crate::gc::gc(self, opts)
+    }
+
+    /// Forget backup `name` (its head only; GC frees its data).
+    pub fn forget(&self, name: &str, dry_run: bool) -> Result<(), ChunkError> {
+        crate::catalog::forget(self.store, name, dry_run)
+    }
+
+    /// Forget all but the newest `keep` backups of `tag`; the names
+    /// forgotten (or that would be, with `dry_run`).
+    pub fn prune(&self, tag: &str, keep: u64, dry_run: bool) -> Result<Vec<String>, ChunkError> {
+        crate::keep::prune_backups(self.store, tag, keep, dry_run)
+    }
+}

@@ -1,0 +1,107 @@
+//! The checkpoint stage: now and then, sync the destination's file
+//! system and journal what that made durable, so that an interrupted
+//! restore resumes without reading again what it finished.
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, Weak};
+use std::time::Instant;
+
+use super::journal::{Durable, Journal, Record, Stamp};
+use super::{Shared, CHECKPOINT_BYTES, CHECKPOINT_EVERY, CHECKPOINT_FILES};
+use crate::ChunkError;
+
+impl Shared<'_> {
+    /// Whether a checkpoint is due, the last one having been at `last`.
+    fn checkpoint_due(&self, last: Instant) -> bool {
+        last.elapsed() >= CHECKPOINT_EVERY
+            || self.since_checkpoint.load(Ordering::Relaxed) >= CHECKPOINT_BYTES
+            || self
+                .completed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len()
+                >= CHECKPOINT_FILES
+    }
+
+    /// Tell the checkpointer the restore is over (it returns without
+    /// another checkpoint; the end syncs once more itself).
+    pub(super) fn stop_checkpoints(&self) {
+        *self
+            .checkpoint_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = true;
+        self.checkpoint_now.notify_one();
+    }
+}
+
+/// Every 10 s, or 256 MiB: sync the filesystem, then journal the files
+/// (and prefixes of large files) that the sync made durable.
+pub(super) fn checkpointer(
+    shared: &Shared<'_>,
+    journal: &Mutex<Journal>,
+    dest: &OwnedFd,
+) -> Result<(), ChunkError> {
+    let mut last = Instant::now();
+    loop {
+        let stop = {
+            let guard = shared
+                .checkpoint_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            // The stop flag is read under the lock before waiting: a stop
+            // set during the previous checkpoint's sync is not missed (it
+            // cost every such restore up to ten idle seconds).
+            if *guard {
+                true
+            } else if shared.checkpoint_due(last) {
+                // Its trigger may have fired during the previous sync,
+                // when nobody waited.
+                false
+            } else {
+                let (guard, _) = shared
+                    .checkpoint_now
+                    .wait_timeout(guard, CHECKPOINT_EVERY.saturating_sub(last.elapsed()))
+                    .unwrap_or_else(|p| p.into_inner());
+                *guard
+            }
+        };
+        if stop || shared.pipeline.aborted() {
+            // The end of the restore syncs once more and drops the journal;
+            // an aborted one leaves what the last checkpoint recorded.
+            return Ok(());
+        }
+        if !shared.checkpoint_due(last) {
+            continue;
+        }
+        last = Instant::now();
+        shared.since_checkpoint.store(0, Ordering::Relaxed);
+        // What is claimed is taken before the sync: it is all on disk once
+        // the sync returns.
+        let mut records =
+            std::mem::take(&mut *shared.completed.lock().unwrap_or_else(|p| p.into_inner()));
+        {
+            let mut big = shared.big.lock().unwrap_or_else(|p| p.into_inner());
+            big.retain(|w| w.strong_count() > 0);
+            for job in big.iter().filter_map(Weak::upgrade) {
+                let prefix = job.prefix_bytes();
+                // Stamped before the sync: a write after it moves the
+                // change time, and the record is then not trusted.
+                let stamp = nix::sys::stat::fstat(&job.file).map(|st| Stamp::of(&st));
+                if let (Ok(stamp), true) = (stamp, prefix > 0 && prefix < job.size) {
+                    records.push(Durable {
+                        path: job.entry.path.clone(),
+                        record: Record { stamp, prefix },
+                    });
+                }
+            }
+        }
+        nix::unistd::syncfs(dest)
+            .map_err(|e| ChunkError::io(Path::new("(restore destination)"), e.into()))?;
+        journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(&records)?;
+    }
+}

@@ -1,0 +1,68 @@
+//! The metadata stage: owners, modes and times of what a restore wrote,
+//! through descriptors, never through paths.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use nix::sys::stat::Mode;
+
+use crate::format::tree::Entry;
+use crate::ChunkError;
+
+/// Owner and mode of a file as found when it was opened.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Found {
+    uid: u32,
+    gid: u32,
+    mode: u32,
+}
+
+impl Found {
+    pub(super) fn of(st: &nix::sys::stat::FileStat) -> Self {
+        Found {
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mode: st.st_mode & 0o7777,
+        }
+    }
+}
+
+/// Owner, mode and times of a restored file, through its descriptor (the
+/// mode after the owner: a chown clears setuid bits). `found` saves the
+/// calls that would change nothing, which is most of them in a tree of
+/// small files created by this restore. Setuid, setgid and sticky modes are
+/// always set again: writing to a file clears them.
+pub(super) fn apply_file_metadata(
+    file: &File,
+    e: &Entry,
+    found: Option<Found>,
+) -> std::io::Result<()> {
+    let owned = found.is_some_and(|f| f.uid == e.uid && f.gid == e.gid);
+    if !owned {
+        std::os::unix::fs::fchown(file, Some(e.uid), Some(e.gid))?;
+    }
+    let mode = e.mode & 0o7777;
+    let moded = owned && mode & 0o7000 == 0 && found.is_some_and(|f| f.mode == mode);
+    if !moded {
+        nix::sys::stat::fchmod(file, Mode::from_bits_truncate(e.mode))
+            .map_err(std::io::Error::from)?;
+    }
+    let ts = timespec(e.mtime_ns);
+    nix::sys::stat::futimens(file, &ts, &ts).map_err(std::io::Error::from)
+}
+
+pub(super) fn timespec(ns: i64) -> nix::sys::time::TimeSpec {
+    nix::sys::time::TimeSpec::new(ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000))
+}
+
+pub(super) fn apply_dir_metadata(tree: &btm::confined::Tree, e: &Entry) -> Result<(), ChunkError> {
+    let rel = Path::new(OsStr::from_bytes(&e.path));
+    let comps = btm::confined::components(rel).map_err(|x| ChunkError::Invalid(x.to_string()))?;
+    let fd = tree
+        .dir(&comps, false)
+        .map_err(|x| ChunkError::Invalid(x.to_string()))?;
+    let f = File::from(fd);
+    apply_file_metadata(&f, e, None).map_err(|x| ChunkError::io(&tree.root().join(rel), x))
+}

@@ -1,0 +1,204 @@
+//! The write stage: fetched chunks land in their files, sparse where
+//! they are zeros, and a file whose last chunk is right gets its metadata
+//! and joins the completed files the next checkpoint journals.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::fetch::FetchChunk;
+use super::journal::{Durable, Record, Stamp};
+use super::metadata::{apply_file_metadata, Found};
+use super::{Shared, CHECKPOINT_BYTES, CHECKPOINT_FILES};
+use crate::format::pack::{open_frame, FrameError};
+use crate::format::tree::Entry;
+use crate::pipeline::Permit;
+use crate::ChunkError;
+
+/// One file being restored, shared by everyone working on its chunks.
+pub(super) struct FileJob<'a> {
+    pub(super) entry: Entry,
+    pub(super) file: File,
+    pub(super) size: u64,
+    /// Its size before it was resized: bytes beyond are holes already.
+    pub(super) local_size: u64,
+    pub(super) chunk_size: u64,
+    /// Owner and mode when it was opened.
+    pub(super) found: Found,
+    /// Chunks not done yet, plus one held by the planner while it plans.
+    pub(super) remaining: AtomicU64,
+    /// Which chunks are written.
+    pub(super) prefix: Mutex<Prefix>,
+    pub(super) _open: Permit<'a>,
+}
+
+/// Which chunks of a file are written: all of the first `done`, and
+/// those in `beyond`.
+#[derive(Default)]
+pub(super) struct Prefix {
+    pub(super) done: u64,
+    pub(super) beyond: BTreeSet<u64>,
+}
+
+impl FileJob<'_> {
+    /// Bytes from the start known written.
+    pub(super) fn prefix_bytes(&self) -> u64 {
+        let p = self.prefix.lock().unwrap_or_else(|p| p.into_inner());
+        (p.done * self.chunk_size).min(self.size)
+    }
+}
+
+impl<'a> Shared<'a> {
+    /// Chunk `index` of `job` is right on disk now (not yet durable).
+    pub(super) fn chunk_done(&self, job: &Arc<FileJob<'a>>, index: u64, len: u64) {
+        {
+            let mut p = job.prefix.lock().unwrap_or_else(|p| p.into_inner());
+            if index == p.done {
+                let mut next = index + 1;
+                while p.beyond.remove(&next) {
+                    next += 1;
+                }
+                p.done = next;
+            } else {
+                p.beyond.insert(index);
+            }
+        }
+        self.opts.progress.done.fetch_add(len, Ordering::Relaxed);
+        self.release(job);
+    }
+
+    /// One of `job`'s pending counts is done; the last one finishes it.
+    pub(super) fn release(&self, job: &Arc<FileJob<'a>>) {
+        if job.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let stamp = apply_file_metadata(&job.file, &job.entry, Some(job.found)).and_then(|()| {
+            nix::sys::stat::fstat(&job.file)
+                .map(|st| Stamp::of(&st))
+                .map_err(std::io::Error::from)
+        });
+        let stamp = match stamp {
+            Ok(s) => s,
+            Err(e) => {
+                self.pipeline
+                    .fail(ChunkError::io(Path::new(&*job.entry.display()), e));
+                return;
+            }
+        };
+        let record = Record {
+            stamp,
+            prefix: job.size,
+        };
+        let pending = {
+            let mut completed = self.completed.lock().unwrap_or_else(|p| p.into_inner());
+            completed.push(Durable {
+                path: job.entry.path.clone(),
+                record,
+            });
+            completed.len()
+        };
+        if pending == CHECKPOINT_FILES {
+            self.checkpoint_now.notify_one();
+        }
+    }
+
+    pub(super) fn wrote(&self, n: u64) {
+        self.counters.written.add(n);
+        if self.since_checkpoint.fetch_add(n, Ordering::Relaxed) + n >= CHECKPOINT_BYTES {
+            self.checkpoint_now.notify_one();
+        }
+    }
+}
+
+/// Open each chunk of a read (`whole`: the read is the one chunk's object,
+/// not a range of frames) and write it where it is wanted.
+pub(super) fn write_fetched<'a>(
+    shared: &Shared<'a>,
+    chunks: Vec<FetchChunk<'a>>,
+    whole: bool,
+    data: &[u8],
+    dctx: &mut zstd::bulk::Decompressor<'static>,
+    out: &mut Vec<u8>,
+) -> Result<(), ChunkError> {
+    for FetchChunk {
+        hash,
+        raw_len,
+        at,
+        len,
+        wants,
+    } in chunks
+    {
+        let frame = if whole {
+            data
+        } else {
+            data.get(at as usize..(at + len) as usize).unwrap_or(&[])
+        };
+        if let Err(e) = open_frame(frame, &hash, raw_len, dctx, out) {
+            let w = &wants[0];
+            let detail = match e {
+                FrameError::Mismatch => "corrupt (content does not match its hash)".to_owned(),
+                FrameError::Decompress(d) => format!("corrupt (cannot decompress: {d})"),
+            };
+            return Err(ChunkError::Corrupt {
+                path: w.job.entry.display().into_owned(),
+                hash,
+                off: w.chunk.off,
+                detail,
+            });
+        }
+        shared.counters.fetched.add(1);
+        for w in wants {
+            let n = write_sparse(&w.job.file, w.chunk.off, out, w.job.local_size)
+                .map_err(|e| ChunkError::io(Path::new(&*w.job.entry.display()), e))?;
+            shared.wrote(n);
+            shared.chunk_done(&w.job, w.index, w.chunk.len);
+        }
+    }
+    Ok(())
+}
+
+/// Block size for keeping restored files as sparse as their originals.
+const SPARSE_BLOCK: usize = 4096;
+
+/// Write `data` at `off`, leaving all-zero 4 KiB blocks unallocated: they
+/// are skipped past the file's old end (already a hole after `set_len`) and
+/// punched below it (zeros written where punching is unsupported). Returns
+/// the bytes actually written.
+pub(super) fn write_sparse(
+    file: &File,
+    off: u64,
+    data: &[u8],
+    local_size: u64,
+) -> std::io::Result<u64> {
+    let mut written = 0;
+    let mut i = 0;
+    while i < data.len() {
+        let zero = |j: usize| {
+            data[j..(j + SPARSE_BLOCK).min(data.len())]
+                .iter()
+                .all(|&b| b == 0)
+        };
+        let is_zero = zero(i);
+        let mut j = i;
+        while j < data.len() && zero(j) == is_zero {
+            j += SPARSE_BLOCK;
+        }
+        let j = j.min(data.len());
+        let (run_off, run) = (off + i as u64, &data[i..j]);
+        if !is_zero {
+            file.write_all_at(run, run_off)?;
+            written += run.len() as u64;
+        } else if run_off < local_size {
+            let len = (run.len() as u64).min(local_size - run_off);
+            if !crate::sparse::punch_hole(file, run_off, len) {
+                file.write_all_at(&run[..len as usize], run_off)?;
+                written += len;
+            }
+        }
+        i = j;
+    }
+    Ok(written)
+}

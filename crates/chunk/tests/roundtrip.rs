@@ -1,0 +1,297 @@
+//! The engine end to end at library level, on the in-memory and local
+//! stores, without root: backup then restore gives the same tree; an
+//! incremental backup and restore move only what changed; an interrupted
+//! restore resumes; GC beside a running backup keeps what it needs; and
+//! the store's faults (a failed request, an answer lost after the write,
+//! a slow link) never cost a byte of the backup.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use btm_chunk::backup::BackupOptions;
+use btm_chunk::gc::GcOptions;
+use btm_chunk::restore::RestoreOptions;
+use btm_chunk::store::{Fault, Kind, LocalStore, MemStore, Request, Store};
+use btm_chunk::{catalog, ChunkError, Policy};
+use common::*;
+
+#[track_caller]
+fn check_clean(store: &dyn Store) {
+    let report = repo(store).check(true).expect("check");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+fn local_store(dir: &Path) -> LocalStore {
+    LocalStore::open(&dir.join("store").display().to_string()).expect("store")
+}
+
+#[test]
+fn a_backup_restores_exactly_from_memory_and_from_a_directory() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    node_tree(&src);
+    let local = local_store(t.path());
+    let mem = MemStore::new();
+    for (i, store) in [&mem as &dyn Store, &local].into_iter().enumerate() {
+        let b = backup(store, &src, "node").expect("backup");
+        assert_eq!(b.files, 202, "{b:?}");
+        assert!(b.chunks_empty > 0, "the hole is not stored: {b:?}");
+        let dest = t.path().join(format!("dest{i}"));
+        let r = restore(store, "node", &dest).expect("restore");
+        assert_eq!(r.files, 202);
+        assert_same_tree(&src, &dest);
+        check_clean(store);
+    }
+}
+
+#[test]
+fn an_incremental_backup_and_restore_move_only_what_changed() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    node_tree(&src);
+    let store = MemStore::new();
+    let first = backup(&store, &src, "node").expect("first");
+    let old = t.path().join("old");
+    restore(&store, "node", &old).expect("restore the first");
+    // Ten tables rewritten, one new, the log appended to.
+    for i in 0..10u64 {
+        write_tree(&src, &[(&format!("db/{i:06}.sst"), 5000 + i, 4 * KIB)]);
+    }
+    write_tree(&src, &[("db/new.sst", 9999, 10 * KIB)]);
+    let mut log = std::fs::read(src.join("blocks/log")).expect("log");
+    log.extend(noise(77, 100 * KIB));
+    std::fs::write(src.join("blocks/log"), &log).expect("append");
+
+    let second = backup(&store, &src, "node").expect("second");
+    assert!(second.files_unchanged >= 190, "{second:?}");
+    assert!(
+        second.bytes_uploaded * 20 < first.bytes_uploaded,
+        "uploads only the change: {} of {}",
+        second.bytes_uploaded,
+        first.bytes_uploaded
+    );
+    let r = restore(&store, "node", &old).expect("restore over the old copy");
+    assert_same_tree(&src, &old);
+    assert!(r.chunks_reused > 0, "{r:?}");
+    assert!(r.chunks_fetched <= 15, "fetches only what changed: {r:?}");
+    check_clean(&store);
+}
+
+#[test]
+fn an_interrupted_restore_resumes_and_fetches_less() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    write_tree(
+        &src,
+        &(0..24)
+            .map(|i| (format!("f{i:02}"), i as u64, 256 * KIB))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|(n, s, l)| (n.as_str(), *s, *l))
+            .collect::<Vec<_>>(),
+    );
+    let store = MemStore::new();
+    backup(&store, &src, "t").expect("backup");
+    let (name, index) = newest(&store, "t");
+    let dest = t.path().join("dest");
+    // Slow reads, and a stop once a third is written: an operator's
+    // Ctrl-C, or a machine that went away.
+    store.inject(
+        Request::Get(Kind::Pack),
+        1,
+        u64::MAX,
+        Fault::Slow(Duration::from_millis(20)),
+    );
+    let mut o = RestoreOptions::new(Policy::NONE);
+    o.workers = 2;
+    let progress = Arc::clone(&o.progress);
+    let r = std::thread::scope(|s| {
+        s.spawn(|| {
+            while progress.done.load(Ordering::Relaxed) < 2 * 1024 * 1024 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            progress.cancel.cancel();
+        });
+        repo(&store)
+            .with_connections(Some(2))
+            .restore(&name, &index, &dest, &o)
+    });
+    assert!(matches!(r, Err(ChunkError::Cancelled)), "{r:?}");
+    let again = restore(&store, "t", &dest).expect("resumed");
+    assert_same_tree(&src, &dest);
+    assert!(
+        again.chunks_reused > 0,
+        "what the first run wrote is kept: {again:?}"
+    );
+    assert!(again.chunks_fetched < 96, "{again:?}");
+}
+
+#[test]
+fn gc_beside_a_running_backup_keeps_what_it_needs() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    node_tree(&src);
+    let store = MemStore::new();
+    let old = backup(&store, &src, "node").expect("first");
+    write_tree(&src, &[("db/extra.sst", 4242, 300 * KIB)]);
+    store.hold_writes();
+    let now = GcOptions {
+        grace: Duration::ZERO,
+        dry_run: false,
+    };
+    let second = std::thread::scope(|s| {
+        let running = s.spawn(|| backup(&store, &src, "node"));
+        // The backup has its lease and is uploading (held).
+        while store.writes() == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The first backup is forgotten: everything the running one reuses
+        // from it is garbage to a GC that does not respect the lease.
+        repo(&store).forget(&old.name, false).expect("forget");
+        for _ in 0..2 {
+            let _ = repo(&store).gc(&now);
+        }
+        store.release_writes();
+        running.join().expect("join")
+    })
+    .expect("the backup completes");
+    assert!(second.chunks_reused > 0, "{second:?}");
+    check_clean(&store);
+    let dest = t.path().join("dest");
+    restore(&store, "node", &dest).expect("restore");
+    assert_same_tree(&src, &dest);
+    // And once nothing runs, GC frees what only the first backup held.
+    repo(&store).gc(&now).expect("mark");
+    repo(&store).gc(&now).expect("sweep");
+    check_clean(&store);
+}
+
+#[test]
+fn answers_lost_after_the_write_cost_nothing() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    node_tree(&src);
+    let store = MemStore::new();
+    store.inject(Request::Put(Kind::Pack), 2, 1, Fault::CommitThenFail);
+    store.inject(Request::Put(Kind::PackIndex), 1, 1, Fault::CommitThenFail);
+    store.inject(Request::PutIndex, 1, 1, Fault::CommitThenFail);
+    backup(&store, &src, "node").expect("retries find their writes landed");
+    assert_eq!(store.faulted(), 3);
+    assert_eq!(
+        catalog::list_backups(&store, Some("node"))
+            .expect("list")
+            .len(),
+        1
+    );
+    check_clean(&store);
+    let dest = t.path().join("dest");
+    restore(&store, "node", &dest).expect("restore");
+    assert_same_tree(&src, &dest);
+}
+
+#[test]
+fn a_store_that_keeps_failing_leaves_no_backup_and_the_next_one_works() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    node_tree(&src);
+    let store = MemStore::new();
+    // From the third pack on, every put fails: the retries run out.
+    store.inject(Request::Put(Kind::Pack), 3, u64::MAX, Fault::Fail);
+    let e = backup(&store, &src, "node").expect_err("fails");
+    assert!(e.to_string().contains("connection reset"), "{e}");
+    assert!(store.list_indexes().expect("list").is_empty(), "no head");
+    store.clear_faults();
+    let b = backup(&store, &src, "node").expect("the next one works");
+    assert!(b.chunks_reused > 0 || b.packs_uploaded > 0, "{b:?}");
+    check_clean(&store);
+    let dest = t.path().join("dest");
+    restore(&store, "node", &dest).expect("restore");
+    assert_same_tree(&src, &dest);
+}
+
+#[test]
+fn a_slow_store_is_only_slow() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    node_tree(&src);
+    let store = MemStore::new();
+    store.inject(
+        Request::Any,
+        1,
+        u64::MAX,
+        Fault::Slow(Duration::from_millis(2)),
+    );
+    backup(&store, &src, "node").expect("backup");
+    let dest = t.path().join("dest");
+    restore(&store, "node", &dest).expect("restore");
+    assert_same_tree(&src, &dest);
+}
+
+#[test]
+fn key_material_the_policy_names_stays_out_and_signing_state_stays_put() {
+    use btm::pathrule::Rule;
+    static KEY: Rule = Rule {
+        pattern: "config/node_key.json",
+        stack: "a node key",
+    };
+    static KEYS: [&Rule; 1] = [&KEY];
+    let policy = Policy {
+        secrets: &KEYS,
+        signing_state: |rel| rel == b"data/sign_state.json",
+    };
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    write_tree(
+        &src,
+        &[
+            ("config/node_key.json", 1, 100),
+            ("data/sign_state.json", 2, 100),
+            ("data/db", 3, 10 * KIB),
+        ],
+    );
+    let store = MemStore::new();
+    let o = BackupOptions::new("v", policy);
+    repo(&store).backup(&src, &o).expect("backup");
+    let (name, index) = newest(&store, "v");
+    let dest = t.path().join("dest");
+    write_tree(
+        &dest,
+        &[
+            ("data/sign_state.json", 9, 50),
+            ("config/node_key.json", 8, 10),
+        ],
+    );
+    let mut ro = RestoreOptions::new(policy);
+    ro.delete = true;
+    let r = repo(&store)
+        .restore(&name, &index, &dest, &ro)
+        .expect("restore");
+    assert_eq!(
+        r.signing_state_kept,
+        vec!["data/sign_state.json".to_owned()]
+    );
+    assert_eq!(
+        std::fs::read(dest.join("data/sign_state.json")).expect("kept"),
+        noise(9, 50)
+    );
+    assert_eq!(
+        std::fs::read(dest.join("config/node_key.json")).expect("kept"),
+        noise(8, 10)
+    );
+    assert_eq!(
+        std::fs::read(dest.join("data/db")).expect("db"),
+        noise(3, 10 * KIB)
+    );
+    let mut all = Vec::new();
+    let mut entries = catalog::entries(&store, None, &name, &index, 2);
+    while let Some(item) = entries.next_item().expect("item") {
+        if let btm_chunk::format::tree::Item::Entry(e) = item {
+            all.push(String::from_utf8_lossy(&e.path).into_owned());
+        }
+    }
+    assert!(!all.iter().any(|p| p.ends_with("node_key.json")), "{all:?}");
+}
