@@ -21,6 +21,13 @@
                                 512 MiB append-only file
   bench-data.py chunk-change DIR 20 rewrites of 256 KiB in place, 16 MiB
                                 appended, 5 new 4 MiB files
+  bench-data.py state DIR       a state database as MDBX or LMDB keep it:
+                                a 3.1 GiB sparse file holding 1.6 GiB of
+                                pages in 1 MiB extents (half random, half
+                                compressible), beside 200 MiB of other
+                                files: 3.5 GB apparent, 1.9 GB real
+  bench-data.py state-change DIR 400 pages of 16 KiB rewritten in place,
+                                8 MiB appended to the log
 
 Random bytes come from a seeded generator, compressible ones repeat a line,
 so btm and restic see exactly the same bytes in every run.
@@ -133,6 +140,39 @@ def chunk_change(d):
         write(f"{d}/files/new{i}", rnd(r, 4 * MIB))
 
 
+STATE_MIB = 3200
+STATE_EXTENTS = 1600
+
+
+def state_extent(i):
+    # 37 is coprime with 3200: the extents land all over the file.
+    return ((i * 37) % STATE_MIB) * MIB
+
+
+def state(d):
+    r = random.Random(8)
+    db = f"{d}/db/mdbx.dat"
+    os.makedirs(os.path.dirname(db), exist_ok=True)
+    with open(db, "wb") as f:
+        f.truncate(STATE_MIB * MIB)
+        for i in range(STATE_EXTENTS):
+            f.seek(state_extent(i))
+            f.write(rnd(r, MIB // 2) + compressible(r, MIB // 2, i))
+    for i in range(19):
+        write(f"{d}/snapshots/s{i:02d}", rnd(r, 10 * MIB))
+    write(f"{d}/log/wal", rnd(r, 10 * MIB))
+
+
+def state_change(d):
+    r = random.Random(9)
+    db = f"{d}/db/mdbx.dat"
+    for _ in range(400):
+        off = state_extent(r.randrange(STATE_EXTENTS)) + r.randrange(0, MIB // 16384) * 16384
+        write_at(db, off, rnd(r, 16384))
+    with open(f"{d}/log/wal", "ab") as f:
+        f.write(rnd(r, 8 * MIB))
+
+
 def main():
     what, d = sys.argv[1], sys.argv[2]
     if what == "node":
@@ -149,6 +189,10 @@ def main():
         chunk(d)
     elif what == "chunk-change":
         chunk_change(d)
+    elif what == "state":
+        state(d)
+    elif what == "state-change":
+        state_change(d)
     else:
         sys.exit(f"unknown dataset {what}")
 

@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # What the two engine benchmarks share, sourced by scripts/bench-chunk.sh
 # (local store) and scripts/bench-remote.sh (S3 behind a latency proxy):
-# btm and restic side by side in one run, on several dataset shapes
+# btm, restic and rustic (restic's Rust reimplementation, built from
+# crates.io) side by side in one run, on several dataset shapes
 # (scripts/bench-data.py).
 #
 # For each shape: full backup, the shape's incremental change, incremental
@@ -10,7 +11,9 @@
 # over the previous version, objects stored, peak RSS and the command's
 # own CPU time. The machine's floors come first: disk write, BLAKE3, zstd.
 #
-# Environment: BENCH_DIR (work directory), BENCH_META_FILES (100000).
+# Environment: BENCH_DIR (work directory), BENCH_META_FILES (100000),
+# RUSTIC (the rustic binary; built into /var/cache/btm-test/rustic with
+# `cargo install rustic-rs` when missing, which takes a while once).
 # Needs root (loop mounts), restic, GNU time, curl.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,6 +23,11 @@ for pkg in restic:restic time:/usr/bin/time e2fsprogs:mkfs.ext4 curl:curl; do
     cmd=${pkg#*:}
     command -v "$cmd" >/dev/null || { apt-get update -qq; apt-get install -y -qq "${pkg%%:*}" >/dev/null; }
 done
+rustic=${RUSTIC:-/var/cache/btm-test/rustic/bin/rustic}
+[ -x "$rustic" ] || {
+    cargo install --locked --quiet rustic-rs --version 0.11.4 --root /var/cache/btm-test/rustic
+    rustic=/var/cache/btm-test/rustic/bin/rustic
+}
 cargo build --release --locked --quiet --bin btm --example latency_proxy --example floors
 btm="$PWD/target/release/btm"
 work=${BENCH_DIR:-$(mktemp -d /var/tmp/btm-bench.XXXXXX)}
@@ -34,6 +42,15 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 mkdir -p "$mnt"
 export RESTIC_PASSWORD=bench RESTIC_CACHE_DIR="$work/restic-cache" BTM_CACHE_DIR="$work/btm-cache"
+export RUSTIC_PASSWORD=bench XDG_CONFIG_HOME="$work/xdg"
+# urustic USTORE ARGS...: rustic on USTORE, a directory, or profile:NAME
+# for a profile under $XDG_CONFIG_HOME/rustic (its S3 options).
+urustic() {
+    local ustore=$1; shift
+    local repo=(-r "$ustore")
+    [[ $ustore != profile:* ]] || repo=(-P "${ustore#profile:}")
+    "$rustic" "${repo[@]}" --no-progress --cache-dir "$work/rustic-cache" "$@"
+}
 
 # A fresh ext4 filesystem at $mnt, big enough for any shape.
 fresh_fs() {
@@ -84,24 +101,28 @@ make_shape() {
     case $shape in
         node) append=(--appendonly blocks/blocks.log) ;;
         chunk) append=(--appendonly blocks.log) ;;
+        state) append=(--appendonly log/wal) ;;
         *) append=() ;;
     esac
 }
 
-# run_shape WHERE SHAPE RSTORE BSTORE RDIR BDIR [AFTER_FULL]: one
-# side-by-side run of restic on RSTORE and btm on BSTORE, whose objects are
-# under RDIR and BDIR; WHERE (local or remote) labels it, and a local run
-# also measures the copy floors. AFTER_FULL, if given, is a floor measured
-# right after btm's full backup (the remote benchmark's fetch floor). The
-# last lines give btm's lead over restic and both restores as multiples of
-# the floor (the durable copy locally).
+# run_shape WHERE SHAPE RSTORE BSTORE USTORE RDIR BDIR UDIR [AFTER_FULL]:
+# one side-by-side run of restic on RSTORE, btm on BSTORE and rustic on
+# USTORE, whose objects are under RDIR, BDIR and UDIR; WHERE (local or
+# remote) labels it, and a local run also measures the copy floors.
+# AFTER_FULL, if given, measures floors right after btm's full backup (the
+# remote benchmark's: it sets put_floor, the upload floor, and its last
+# measure is the fetch floor). The last lines give btm's lead over each
+# peer, the restores as multiples of the floor (the durable copy locally),
+# and remotely btm's full backup over the upload floor.
 run_shape() {
-    local where=$1 shape=$2 rstore=$3 bstore=$4 rdir=$5 bdir=$6 after_full=${7:-}
+    local where=$1 shape=$2 rstore=$3 bstore=$4 ustore=$5 rdir=$6 bdir=$7 udir=$8 after_full=${9:-}
     local src="$work/src" prev="$work/prev"
-    rm -rf "$src" "$prev" "$work/restic-cache" "$work/btm-cache"
+    rm -rf "$src" "$prev" "$work/restic-cache" "$work/btm-cache" "$work/rustic-cache"
     make_shape "$shape" "$src"
-    results+=("## $shape, $where ($(du -sh --apparent-size "$src" | cut -f1) apparent, $(find "$src" -type f | wc -l) files)||")
+    results+=("## $shape, $where ($(du -sh --apparent-size "$src" | cut -f1) apparent, $(du -sh "$src" | cut -f1) real, $(find "$src" -type f | wc -l) files)||")
     restic init -q -r "$rstore" >/dev/null
+    urustic "$ustore" init >/dev/null 2>&1
     local floor=
     if [ "$where" = local ]; then
         fresh_fs
@@ -114,17 +135,23 @@ run_shape() {
         floor=$last_secs
     fi
     measure "restic full" restic -q -r "$rstore" backup "$src"; local rfull=$last_secs
+    measure "rustic full" urustic "$ustore" backup "$src"; local ufull=$last_secs
     measure "btm full" "$btm" backup "$src" -s "$bstore" "${append[@]}"; local bfull=$last_secs
+    put_floor=
     [ -z "$after_full" ] || { "$after_full"; floor=$last_secs; }
-    local r1 b1; r1=$(bytes "$rdir"); b1=$(bytes "$bdir")
+    local r1 b1 u1; r1=$(bytes "$rdir"); b1=$(bytes "$bdir"); u1=$(bytes "$udir")
     cp -a --sparse=always "$src" "$prev"
     python3 scripts/bench-data.py "$shape-change" "$src"
     measure "restic incremental" restic -q -r "$rstore" backup "$src"; local rincr=$last_secs
+    measure "rustic incremental" urustic "$ustore" backup "$src"; local uincr=$last_secs
     measure "btm incremental" "$btm" backup "$src" -s "$bstore" "${append[@]}"; local bincr=$last_secs
     note "store growth, restic" "$(mib $(( $(bytes "$rdir") - r1 ))) MiB"
+    note "store growth, rustic" "$(mib $(( $(bytes "$udir") - u1 ))) MiB"
     note "store growth, btm" "$(mib $(( $(bytes "$bdir") - b1 ))) MiB"
     fresh_fs
     measure "restic restore, empty fs" restic -q -r "$rstore" restore latest --target "$mnt/r"; local rrest=$last_secs
+    fresh_fs
+    measure "rustic restore, empty fs" urustic "$ustore" restore latest "$mnt/u"; local urest=$last_secs
     fresh_fs
     measure "btm restore, empty fs" "$btm" restore latest "$mnt/b" -s "$bstore"; local brest=$last_secs
     diff -r "$src" "$mnt/b" >/dev/null || { echo "btm's restore differs from the source" >&2; exit 1; }
@@ -133,14 +160,21 @@ run_shape() {
     mkdir -p "$mnt/r$(dirname "$src")"
     cp -a --sparse=always "$prev" "$mnt/r$src"
     measure "restic restore, over previous" restic -q -r "$rstore" restore latest --target "$mnt/r"
+    mkdir -p "$mnt/u$(dirname "$src")"
+    cp -a --sparse=always "$prev" "$mnt/u$src"
+    measure "rustic restore, over previous" urustic "$ustore" restore latest "$mnt/u"
     cp -a --sparse=always "$prev" "$mnt/b"
     measure "btm restore, over previous" "$btm" restore latest "$mnt/b" -s "$bstore"
     diff -r "$src" "$mnt/b" >/dev/null || { echo "btm's restore over the previous version differs" >&2; exit 1; }
     umount "$mnt"
     note "objects, restic" "$(find "$rdir" -type f | wc -l)"
+    note "objects, rustic" "$(find "$udir" -type f | wc -l)"
     note "objects, btm" "$(find "$bdir" -type f | wc -l)"
-    note "btm's lead: full / incremental / restore" \
+    note "btm's lead over restic: full / incr / restore" \
         "$(lead "$rfull" "$bfull") / $(lead "$rincr" "$bincr") / $(lead "$rrest" "$brest")"
+    note "btm's lead over rustic: full / incr / restore" \
+        "$(lead "$ufull" "$bfull") / $(lead "$uincr" "$bincr") / $(lead "$urest" "$brest")"
+    [ -z "$put_floor" ] || note "btm's full backup over the upload floor" "$(lead "$bfull" "$put_floor")"
     # Restores as multiples of the floor (the durable copy locally, the
     # fetch floor remotely): the best lead over restic any restore could
     # show here, and how far btm's restore is from it.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmark (not a test) of the chunk engine against restic on a real S3
+# Benchmark (not a test) of the chunk engine against restic and rustic on a real S3
 # server (s3s-fs) behind a proxy that adds a cloud round trip to every
 # request (crates/chunk/examples/latency_proxy.rs), side by side in one
 # run; see scripts/bench-lib.sh for what each run measures.
@@ -49,6 +49,7 @@ transfer_floors() {
         cd "$1" && find "$2/x/packs" -type f | xargs -P 4 -I{} curl -sSf -o /dev/null -T {} \
             -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" --aws-sigv4 aws:amz:us-east-1:s3 \
             --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" "$AWS_ENDPOINT_URL/$3/{}"' - "$work/s3" "$bucket" "put$bucket"
+    put_floor=$last_secs
     rm -rf "${work:?}/s3/put$bucket"
     # shellcheck disable=SC2016 # $1 and $2 are the inner shell's.
     measure "floor: GET btm's packs, 16 in flight (curl)" sh -c '
@@ -61,10 +62,23 @@ machine_floors
 start_s3
 for shape in "${shapes[@]}"; do
     echo "== $shape, s3s-fs with ${latency} ms per request"
-    bucket="b$RANDOM"
-    mkdir -p "$work/s3/r$bucket" "$work/s3/$bucket"
-    run_shape remote "$shape" "s3:$AWS_ENDPOINT_URL/r$bucket" "s3://$bucket/x" \
-        "$work/s3/r$bucket" "$work/s3/$bucket" transfer_floors
-    rm -rf "${work:?}/s3/r$bucket" "${work:?}/s3/$bucket"
+    bucket="b$((10000 + RANDOM))"
+    mkdir -p "$work/s3/r$bucket" "$work/s3/$bucket" "$work/s3/u$bucket" "$work/xdg/rustic"
+    # rustic reaches S3 through opendal, configured by a profile.
+    cat >"$work/xdg/rustic/bench.toml" <<EOF
+[repository]
+repository = "opendal:s3"
+
+[repository.options]
+bucket = "u$bucket"
+root = "/x"
+endpoint = "$AWS_ENDPOINT_URL"
+region = "$AWS_REGION"
+access_key_id = "$AWS_ACCESS_KEY_ID"
+secret_access_key = "$AWS_SECRET_ACCESS_KEY"
+EOF
+    run_shape remote "$shape" "s3:$AWS_ENDPOINT_URL/r$bucket" "s3://$bucket/x" profile:bench \
+        "$work/s3/r$bucket" "$work/s3/$bucket" "$work/s3/u$bucket" transfer_floors
+    rm -rf "${work:?}/s3/r$bucket" "${work:?}/s3/$bucket" "${work:?}/s3/u$bucket"
 done
 print_results

@@ -318,7 +318,53 @@ pub fn entries<'a>(
     }
 }
 
+/// Fetch the next batch of `head`'s segments (from `next`) into `fetched`.
+fn fetch_batch(
+    store: &dyn Store,
+    cache: Option<&Cache>,
+    head: &head::Head,
+    next: &mut usize,
+    fetched: &mut VecDeque<crate::store::Bytes>,
+    connections: usize,
+) -> Result<(), ChunkError> {
+    if *next >= head.trees.len() {
+        return Ok(());
+    }
+    let ahead = (connections * 2).min(SEGMENTS_AHEAD);
+    let batch = &head.trees[*next..(*next + ahead).min(head.trees.len())];
+    let got = crate::pipeline::pool::map(batch, connections, |id| fetch_tree(store, cache, id));
+    for g in got {
+        fetched.push_back(g?);
+    }
+    *next += batch.len();
+    Ok(())
+}
+
 impl Entries<'_> {
+    /// Fetch the first segments now, before the first item is asked for:
+    /// a caller with other round trips to wait for overlaps this one with
+    /// them. A failure is reported again by [`Entries::next_item`].
+    pub fn prefetch(&mut self) {
+        if let Inner::V2 {
+            store,
+            cache,
+            head,
+            next,
+            fetched,
+            connections,
+            ..
+        } = &mut self.inner
+        {
+            if fetched.is_empty() && *next == 0 {
+                let mut got = VecDeque::new();
+                let mut at = 0;
+                if fetch_batch(*store, *cache, head, &mut at, &mut got, *connections).is_ok() {
+                    (*fetched, *next) = (got, at);
+                }
+            }
+        }
+    }
+
     /// The next item; `None` at the end of the stream.
     pub fn next_item(&mut self) -> Result<Option<Item>, ChunkError> {
         let name = &self.name;
@@ -356,16 +402,8 @@ impl Entries<'_> {
                 if let Some(item) = reader.next_item().map_err(corrupt)? {
                     return Ok(Some(item));
                 }
-                if fetched.is_empty() && *next < head.trees.len() {
-                    let ahead = (*connections * 2).min(SEGMENTS_AHEAD);
-                    let batch = &head.trees[*next..(*next + ahead).min(head.trees.len())];
-                    let got = crate::pipeline::pool::map(batch, *connections, |id| {
-                        fetch_tree(*store, *cache, id)
-                    });
-                    for g in got {
-                        fetched.push_back(g?);
-                    }
-                    *next += batch.len();
+                if fetched.is_empty() {
+                    fetch_batch(*store, *cache, head, next, fetched, *connections)?;
                 }
                 match fetched.pop_front() {
                     Some(seg) => {

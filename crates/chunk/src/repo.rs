@@ -91,6 +91,15 @@ impl<'s> Repo<'s> {
         )
     }
 
+    /// Requests in flight for metadata (pack indexes, tree segments, pack
+    /// trailers): small objects whose cost is all round trip, so many at
+    /// once. A cold cache over a store of a few hundred pack indexes is
+    /// then a handful of round trips, not one per four indexes.
+    pub fn metadata_connections(&self) -> usize {
+        let local = self.store.local_root().is_some();
+        self.connections.unwrap_or(if local { 4 } else { 32 })
+    }
+
     /// Back up `root`; see [`crate::backup`].
     pub fn backup(&self, root: &Path, opts: &BackupOptions) -> Result<BackupSummary, ChunkError> {
         crate::backup::backup(self, root, opts)

@@ -30,11 +30,18 @@ use crate::{with_retry, BackupInfo, ChunkError};
 /// before the head is written. A loss noticed only once the head is
 /// written (a pause inside the request) is handled the same way, and a
 /// head that then references what is gone is deleted again.
-pub(super) fn commit(shared: &Shared<'_>, name: &str, head: &Head) -> Result<(), ChunkError> {
+/// `confirmed` is what [`crate::lease::Lease::confirm`] found once every pack was
+/// uploaded.
+pub(super) fn commit(
+    shared: &Shared<'_>,
+    name: &str,
+    head: &Head,
+    confirmed: Result<(), LeaseError>,
+) -> Result<(), ChunkError> {
     let (store, lease) = (shared.repo.store(), shared.lease);
     let cancel = &shared.opts.progress.cancel;
     let encoded = head.encode()?;
-    if let Err(lost) = lease.confirm() {
+    if let Err(lost) = confirmed {
         tracing::warn!(error = %lost, "checking that every chunk the backup references is still stored");
         lease.renew(cancel)?;
         verify_references(shared, name, head, &lost)?;
@@ -95,7 +102,7 @@ fn verify_references(
     lost: &LeaseError,
 ) -> Result<(), ChunkError> {
     let store = shared.repo.store();
-    let connections = shared.repo.read_connections();
+    let connections = shared.repo.metadata_connections();
     let gone = |(missing, example): (u64, String)| ChunkError::LeaseLost {
         cause: lost.to_string(),
         missing,

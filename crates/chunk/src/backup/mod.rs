@@ -48,6 +48,7 @@ use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 
 use super::buffers::Buffers;
+use super::catalog::{self, Entries};
 use super::format::head::{validate_tag, Decoded, Head, IndexName, FORMAT_VERSION};
 use super::format::pack::DEFAULT_TARGET;
 use super::format::packidx::PackEntry;
@@ -56,7 +57,7 @@ use super::lease::{Lease, LeaseKind};
 use super::map::KnownSet;
 use super::pipeline::{Budget, Counter, Pipeline};
 use super::throttle::Throttle;
-use super::{catalog, with_retry, ChunkError, Policy, Progress, Repo};
+use super::{with_retry, ChunkError, Policy, Progress, Repo};
 use crate::store::Id;
 use planner::Planner;
 use walk::Parent;
@@ -347,20 +348,15 @@ fn run(
 ) -> Result<BackupSummary, ChunkError> {
     let started = Utc::now();
     let name = IndexName::new(started, &opts.tag).to_string();
-    let (previous, known) = starting_point(repo, opts, lease, names)?;
-    let stored_trees: HashSet<Id> = match previous.as_ref().map(|p| &p.decoded) {
-        Some(Decoded::V2(h)) => h.trees.iter().copied().collect(),
-        _ => HashSet::new(),
-    };
+    let start = starting_point(repo, opts, lease, names)?;
     let shared = Shared::new(repo, opts, lease);
     let mut summary = BackupSummary {
         name: name.clone(),
         ..BackupSummary::default()
     };
-    let parent = previous
-        .as_ref()
-        .map(|p| Parent::new(repo.entries(&p.name, &p.decoded)));
-    let written = run_pipeline(&shared, root, &known, &stored_trees, parent, &mut summary);
+    let parent = start.parent.map(Parent::new);
+    let (known, stored) = (&start.known, &start.stored_trees);
+    let written = run_pipeline(&shared, root, known, stored, parent, &mut summary);
     shared.pipeline.outcome()?;
     let written = written.ok_or(ChunkError::Aborted)?;
     finish(&shared, &name, started, written, summary)
@@ -424,10 +420,14 @@ fn run_pipeline<'a>(
     })
 }
 
-/// The previous backup of a tag, which a new one builds on.
-struct Previous {
-    name: String,
-    decoded: Decoded,
+/// What a backup builds on.
+struct Start<'r> {
+    /// The previous backup's entries, their first segments fetched.
+    parent: Option<Entries<'r>>,
+    /// The previous backup's segments, which the store holds already.
+    stored_trees: HashSet<Id>,
+    /// The chunks the store has.
+    known: KnownSet,
 }
 
 /// What a backup builds on: the previous backup of its tag (one with the
@@ -437,17 +437,26 @@ struct Previous {
 /// The previous head is read under the lease, so its chunks are safe to
 /// rely on: a sweep that ran before the lease was taken read the heads
 /// before this read, when this head was already there (heads are never
-/// re-created), so it kept them; a later one sees the lease. The head and
-/// the chunk map load side by side.
-fn starting_point(
-    repo: &Repo<'_>,
+/// re-created), so it kept them; a later one sees the lease. The head, then
+/// its first segments, load beside the chunk map.
+fn starting_point<'r>(
+    repo: &'r Repo<'_>,
     opts: &BackupOptions,
     lease: &Lease<'_>,
     names: Vec<crate::IndexName>,
-) -> Result<(Option<Previous>, KnownSet), ChunkError> {
-    let (store, cache, connections) = (repo.store(), repo.cache(), repo.read_connections());
+) -> Result<Start<'r>, ChunkError> {
+    let (store, cache, connections) = (repo.store(), repo.cache(), repo.metadata_connections());
     let (previous, known) = std::thread::scope(|s| {
-        let previous = s.spawn(|| catalog::newest_readable(store, names, None));
+        let previous = s.spawn(|| {
+            let found = catalog::newest_readable(store, names, None)?.filter(
+                |(_, idx)| matches!(idx, Decoded::V2(h) if h.chunk_size == opts.chunk_size),
+            );
+            Ok::<_, ChunkError>(found.map(|(name, decoded)| {
+                let mut entries = repo.entries(&name, &decoded);
+                entries.prefetch();
+                (decoded, entries)
+            }))
+        });
         adopt::adopt_orphans(repo, lease);
         let known = KnownSet::load(store, cache, connections);
         let previous = previous
@@ -455,10 +464,15 @@ fn starting_point(
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
         (previous, known)
     });
-    let previous = previous?
-        .filter(|(_, idx)| matches!(idx, Decoded::V2(h) if h.chunk_size == opts.chunk_size))
-        .map(|(name, decoded)| Previous { name, decoded });
-    Ok((previous, known?))
+    let (stored_trees, parent) = match previous? {
+        Some((Decoded::V2(h), entries)) => (h.trees.iter().copied().collect(), Some(entries)),
+        _ => (HashSet::new(), None),
+    };
+    Ok(Start {
+        parent,
+        stored_trees,
+        known: known?,
+    })
 }
 
 /// After the pipeline: index the last packs, make the upload durable,
@@ -472,9 +486,20 @@ fn finish(
 ) -> Result<BackupSummary, ChunkError> {
     let (store, opts) = (shared.repo.store(), shared.opts);
     // Every pack durable, then named by a pack index, before the head.
+    // The lease is read back meanwhile (one round trip fewer): a loss
+    // after this reading is caught by the check after the head's put.
     let rest = std::mem::take(&mut *shared.unindexed.lock().unwrap_or_else(|p| p.into_inner()));
-    upload::write_pack_index(shared, rest)?;
-    with_retry(|| store.flush()).map_err(|e| ChunkError::store("making the upload durable", e))?;
+    let confirmed = std::thread::scope(|s| {
+        let confirming = s.spawn(|| shared.lease.confirm());
+        upload::write_pack_index(shared, rest)?;
+        with_retry(|| store.flush())
+            .map_err(|e| ChunkError::store("making the upload durable", e))?;
+        Ok::<_, ChunkError>(
+            confirming
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+        )
+    })?;
 
     shared.counters.fill(&mut summary);
     summary.files_changed = written.changed;
@@ -491,6 +516,6 @@ fn finish(
         totals: written.totals,
         excluded: summary.excluded.clone(),
     };
-    commit::commit(shared, name, &head)?;
+    commit::commit(shared, name, &head, confirmed)?;
     Ok(summary)
 }

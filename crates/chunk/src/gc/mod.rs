@@ -14,7 +14,9 @@
 //!    dead writers), or worth repacking, and not yet marked, goes into a
 //!    new mark.
 //!
-//! The decisions ([`plan`]) are pure; everything else carries them out.
+//! The decisions ([`plan()`], [`plan_sweep`]) are pure, in `gc/plan.rs`
+//! beside [`liveness`], which reads what they decide on; `gc/sweep.rs`
+//! and this module carry them out.
 //! Every step is idempotent, and the mark is deleted last, so a GC that
 //! dies half-way leaves a valid store and the next one finishes the job.
 
@@ -219,8 +221,8 @@ fn mark(
 ) -> Result<(), ChunkError> {
     let store = repo.store();
     let cache = repo.cache();
-    let map = ChunkMap::load(store, cache, repo.read_connections())?;
-    let l = liveness(store, cache, &map, repo.read_connections())?;
+    let map = ChunkMap::load(store, cache, repo.metadata_connections())?;
+    let l = liveness(store, cache, &map, repo.metadata_connections())?;
     let trees: Vec<Id> = list_ids(store, Kind::Tree)?;
     let v1_chunks: Vec<Id> = list_ids(store, Kind::Chunk)?;
     let locks = with_retry(|| store.list_markers("locks"))

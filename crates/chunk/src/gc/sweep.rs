@@ -70,8 +70,8 @@ fn sweep_under(
     let cache = repo.cache();
     // Read everything only now, under the lease: any backup that
     // finished before we took it has its head here.
-    let map = ChunkMap::load(store, cache, repo.read_connections())?;
-    let l = liveness(store, cache, &map, repo.read_connections())?;
+    let map = ChunkMap::load(store, cache, repo.metadata_connections())?;
+    let l = liveness(store, cache, &map, repo.metadata_connections())?;
     if let Some(first) = l.unreadable.first() {
         return Err(ChunkError::Lease(LeaseError::Conflict(format!(
             "{} backup index(es) cannot be read, so nothing can be deleted safely (first: {first}); fix them or forget them with `btm forget NAME`",

@@ -307,7 +307,7 @@ fn refetch<'a>(
         let mut m = shared.map.write().unwrap_or_else(|p| p.into_inner());
         if m.generation == before {
             let repo = shared.repo;
-            m.map = ChunkMap::load(repo.store(), repo.cache(), repo.read_connections())?;
+            m.map = ChunkMap::load(repo.store(), repo.cache(), repo.metadata_connections())?;
             m.generation += 1;
         }
     }

@@ -348,7 +348,7 @@ fn run(
 /// The chunk map, and proof that the store holds everything the backup
 /// needs, before anything local is touched.
 fn load_and_prove(repo: &Repo<'_>, name: &str, index: &Decoded) -> Result<ChunkMap, ChunkError> {
-    let (store, cache, connections) = (repo.store(), repo.cache(), repo.read_connections());
+    let (store, cache, connections) = (repo.store(), repo.cache(), repo.metadata_connections());
     // A version 1 backup names its chunks as objects: no map to load.
     // A pack index that cannot be read may hold nothing this backup needs:
     // the proof says which chunk is missing if it does.
