@@ -30,6 +30,11 @@
 //! The head is written last, after every pack, pack index and segment it
 //! depends on, by `commit`, which proves them all still stored if the
 //! lease was lost meanwhile.
+//!
+//! Each stage is one file: `walk.rs` and `planner.rs`, `workers.rs`,
+//! `upload.rs` (packer and uploaders), `writer.rs`, `commit.rs`, and
+//! `adopt.rs` for the packs of dead writers. What they share (the stop and
+//! first error, budgets, worker pools, counters) is [`crate::pipeline`].
 
 mod adopt;
 mod commit;

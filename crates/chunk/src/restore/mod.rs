@@ -28,6 +28,12 @@
 //!   filesystem and journals what that made durable ([`journal`]). The
 //!   restore reports success only after the last sync, with the journal
 //!   removed.
+//!
+//! Each stage is one file: `planner.rs`, `verify.rs`, `fetch.rs` (batcher
+//! and fetchers), `write.rs`, `metadata.rs`, `checkpoint.rs` with
+//! [`journal`], and [`delete`] for `--delete`; [`prove`] runs before any of
+//! them. What they share (the stop and first error, budgets, worker pools,
+//! counters) is [`crate::pipeline`].
 
 mod checkpoint;
 pub mod delete;
