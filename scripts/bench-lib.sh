@@ -43,13 +43,13 @@ trap 'exit 130' INT TERM
 mkdir -p "$mnt"
 export RESTIC_PASSWORD=bench RESTIC_CACHE_DIR="$work/restic-cache" BTM_CACHE_DIR="$work/btm-cache"
 export RUSTIC_PASSWORD=bench XDG_CONFIG_HOME="$work/xdg"
-# urustic USTORE ARGS...: rustic on USTORE, a directory, or profile:NAME
-# for a profile under $XDG_CONFIG_HOME/rustic (its S3 options).
-urustic() {
-    local ustore=$1; shift
-    local repo=(-r "$ustore")
-    [[ $ustore != profile:* ]] || repo=(-P "${ustore#profile:}")
-    "$rustic" "${repo[@]}" --no-progress --cache-dir "$work/rustic-cache" "$@"
+# rustic_on USTORE: sets ucmd, the rustic command line for USTORE, a
+# directory, or profile:NAME for a profile under $XDG_CONFIG_HOME/rustic
+# (its S3 options).
+rustic_on() {
+    local repo=(-r "$1")
+    [[ $1 != profile:* ]] || repo=(-P "${1#profile:}")
+    ucmd=("$rustic" "${repo[@]}" --no-progress --cache-dir "$work/rustic-cache")
 }
 
 # A fresh ext4 filesystem at $mnt, big enough for any shape.
@@ -122,7 +122,8 @@ run_shape() {
     make_shape "$shape" "$src"
     results+=("## $shape, $where ($(du -sh --apparent-size "$src" | cut -f1) apparent, $(du -sh "$src" | cut -f1) real, $(find "$src" -type f | wc -l) files)||")
     restic init -q -r "$rstore" >/dev/null
-    urustic "$ustore" init >/dev/null 2>&1
+    rustic_on "$ustore"
+    "${ucmd[@]}" init >/dev/null 2>&1
     local floor=
     if [ "$where" = local ]; then
         fresh_fs
@@ -135,7 +136,7 @@ run_shape() {
         floor=$last_secs
     fi
     measure "restic full" restic -q -r "$rstore" backup "$src"; local rfull=$last_secs
-    measure "rustic full" urustic "$ustore" backup "$src"; local ufull=$last_secs
+    measure "rustic full" "${ucmd[@]}" backup "$src"; local ufull=$last_secs
     measure "btm full" "$btm" backup "$src" -s "$bstore" "${append[@]}"; local bfull=$last_secs
     put_floor=
     [ -z "$after_full" ] || { "$after_full"; floor=$last_secs; }
@@ -143,7 +144,7 @@ run_shape() {
     cp -a --sparse=always "$src" "$prev"
     python3 scripts/bench-data.py "$shape-change" "$src"
     measure "restic incremental" restic -q -r "$rstore" backup "$src"; local rincr=$last_secs
-    measure "rustic incremental" urustic "$ustore" backup "$src"; local uincr=$last_secs
+    measure "rustic incremental" "${ucmd[@]}" backup "$src"; local uincr=$last_secs
     measure "btm incremental" "$btm" backup "$src" -s "$bstore" "${append[@]}"; local bincr=$last_secs
     note "store growth, restic" "$(mib $(( $(bytes "$rdir") - r1 ))) MiB"
     note "store growth, rustic" "$(mib $(( $(bytes "$udir") - u1 ))) MiB"
@@ -151,7 +152,7 @@ run_shape() {
     fresh_fs
     measure "restic restore, empty fs" restic -q -r "$rstore" restore latest --target "$mnt/r"; local rrest=$last_secs
     fresh_fs
-    measure "rustic restore, empty fs" urustic "$ustore" restore latest "$mnt/u"; local urest=$last_secs
+    measure "rustic restore, empty fs" "${ucmd[@]}" restore latest "$mnt/u"; local urest=$last_secs
     fresh_fs
     measure "btm restore, empty fs" "$btm" restore latest "$mnt/b" -s "$bstore"; local brest=$last_secs
     diff -r "$src" "$mnt/b" >/dev/null || { echo "btm's restore differs from the source" >&2; exit 1; }
@@ -162,7 +163,7 @@ run_shape() {
     measure "restic restore, over previous" restic -q -r "$rstore" restore latest --target "$mnt/r"
     mkdir -p "$mnt/u$(dirname "$src")"
     cp -a --sparse=always "$prev" "$mnt/u$src"
-    measure "rustic restore, over previous" urustic "$ustore" restore latest "$mnt/u"
+    measure "rustic restore, over previous" "${ucmd[@]}" restore latest "$mnt/u"
     cp -a --sparse=always "$prev" "$mnt/b"
     measure "btm restore, over previous" "$btm" restore latest "$mnt/b" -s "$bstore"
     diff -r "$src" "$mnt/b" >/dev/null || { echo "btm's restore over the previous version differs" >&2; exit 1; }
