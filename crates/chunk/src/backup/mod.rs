@@ -60,7 +60,7 @@ use super::format::packidx::PackEntry;
 use super::format::tree::MAX_CHUNK;
 use super::lease::{Lease, LeaseKind};
 use super::map::KnownSet;
-use super::pipeline::{Budget, Counter, Pipeline};
+use super::pipeline::{counters, Budget, Pipeline};
 use super::throttle::Throttle;
 use super::{with_retry, ChunkError, Policy, Progress, Repo};
 use crate::store::Id;
@@ -185,28 +185,17 @@ pub struct BackupSummary {
     pub excluded: Vec<super::format::head::Excluded>,
 }
 
-#[derive(Default)]
-struct Counters {
-    read: Counter,
-    hashed: Counter,
-    uploaded: Counter,
-    chunks_uploaded: Counter,
-    known: Counter,
-    reused: Counter,
-    empty: Counter,
-    packs: Counter,
-}
-
-impl Counters {
-    /// Copy the counts into the summary.
-    fn fill(&self, summary: &mut BackupSummary) {
-        summary.bytes_read = self.read.get();
-        summary.bytes_hashed = self.hashed.get();
-        summary.bytes_uploaded = self.uploaded.get();
-        summary.chunks_uploaded = self.chunks_uploaded.get();
-        summary.chunks_reused = self.reused.get() + self.known.get();
-        summary.chunks_empty = self.empty.get();
-        summary.packs_uploaded = self.packs.get();
+counters! {
+    /// What a backup counts, as its summary reports it. A chunk the store
+    /// had and one reused from the previous backup both count as reused.
+    struct Counters for BackupSummary {
+        bytes_read,
+        bytes_hashed,
+        bytes_uploaded,
+        chunks_uploaded,
+        chunks_reused,
+        chunks_empty,
+        packs_uploaded,
     }
 }
 

@@ -326,9 +326,9 @@ impl Planner<'_, '_> {
     fn reused(&mut self, id: u64, attempt: u32, index: u64, c: ChunkRef) {
         let counters = &self.shared.counters;
         if c.hash.is_some() {
-            counters.reused.add(1);
+            counters.chunks_reused.add(1);
         } else {
-            counters.empty.add(1);
+            counters.chunks_empty.add(1);
         }
         let _ = self.msgs.send(Msg::Chunk {
             id,

@@ -140,12 +140,12 @@ fn upload(shared: &Shared<'_>, sealed: SealedPack) -> Result<(), ChunkError> {
     if let Ok(data) = data.try_into_mut() {
         shared.pack_buffers.give(Vec::from(data));
     }
-    c.uploaded.add(bytes);
+    c.bytes_uploaded.add(bytes);
     progress
         .uploaded
         .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
     c.chunks_uploaded.add(blobs.len() as u64);
-    c.packs.add(1);
+    c.packs_uploaded.add(1);
     let batch = {
         let mut un = shared.unindexed.lock().unwrap_or_else(|p| p.into_inner());
         un.push(PackEntry {

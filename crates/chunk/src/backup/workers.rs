@@ -104,20 +104,20 @@ fn process(
             ChunkFail::Error(ChunkError::io(Path::new(OsStr::from_bytes(&task.path)), e))
         });
     }
-    c.read.add(task.len);
+    c.bytes_read.add(task.len);
     let chunk = |hash| ChunkRef {
         off: task.off,
         len: task.len,
         hash,
     };
     if buf.iter().all(|&b| b == 0) {
-        c.empty.add(1);
+        c.chunks_empty.add(1);
         return Ok(chunk(None));
     }
-    c.hashed.add(task.len);
+    c.bytes_hashed.add(task.len);
     let hash = Id::of(buf);
     if known.contains(&hash) {
-        c.known.add(1);
+        c.chunks_reused.add(1);
         return Ok(chunk(Some(hash)));
     }
     let mut frame = shared.frames.take();

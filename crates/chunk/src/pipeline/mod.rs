@@ -119,6 +119,26 @@ impl Pipeline {
     }
 }
 
+/// Declare a pipeline's counters: one [`Counter`] per field of its
+/// summary, named as the field, and `fill` to copy them into it.
+macro_rules! counters {
+    ($(#[$m:meta])* struct $name:ident for $summary:ty { $($field:ident),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Default)]
+        struct $name {
+            $($field: $crate::pipeline::Counter,)*
+        }
+
+        impl $name {
+            /// Copy the counts into the summary.
+            fn fill(&self, summary: &mut $summary) {
+                $(summary.$field = self.$field.get();)*
+            }
+        }
+    };
+}
+pub(crate) use counters;
+
 /// A count shared by a pipeline's threads.
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);

@@ -282,7 +282,7 @@ fn fetch_one<'a>(
             )),
         };
     }
-    shared.counters.downloaded.add(data.len() as u64);
+    shared.counters.bytes_downloaded.add(data.len() as u64);
     let whole = matches!(f.source, Source::Object(_));
     let written = write_fetched(shared, f.chunks, whole, &data, dctx, out);
     shared.buffers.give(data);

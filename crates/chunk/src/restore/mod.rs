@@ -59,7 +59,7 @@ use super::format::head::Decoded;
 use super::format::tree::Entry;
 use super::lease::{LeaseError, LeaseKind};
 use super::map::ChunkMap;
-use super::pipeline::{Budget, Counter, Pipeline};
+use super::pipeline::{counters, Budget, Pipeline};
 use super::{catalog, ChunkError, Policy, Progress, Repo};
 use journal::{Durable, Journal};
 
@@ -160,29 +160,17 @@ pub struct RestoreSummary {
     pub signing_state_kept: Vec<String>,
 }
 
-#[derive(Default)]
-struct Counters {
-    verified: Counter,
-    reused: Counter,
-    fetched: Counter,
-    downloaded: Counter,
-    requests: Counter,
-    written: Counter,
-    holes: Counter,
-    trusted: Counter,
-}
-
-impl Counters {
-    /// Copy the counts into the summary.
-    fn fill(&self, summary: &mut RestoreSummary) {
-        summary.files_trusted = self.trusted.get();
-        summary.bytes_verified = self.verified.get();
-        summary.chunks_reused = self.reused.get();
-        summary.chunks_fetched = self.fetched.get();
-        summary.bytes_downloaded = self.downloaded.get();
-        summary.requests = self.requests.get();
-        summary.bytes_written = self.written.get();
-        summary.holes = self.holes.get();
+counters! {
+    /// What a restore counts, as its summary reports it.
+    struct Counters for RestoreSummary {
+        files_trusted,
+        bytes_verified,
+        chunks_reused,
+        chunks_fetched,
+        bytes_downloaded,
+        requests,
+        bytes_written,
+        holes,
     }
 }
 

@@ -305,7 +305,7 @@ impl<'a> Planner<'_, 'a> {
         if journalled == size && local_size == size {
             // Complete, durable and untouched since an earlier run
             // recorded it, metadata included: not even read.
-            self.shared.counters.trusted.add(1);
+            self.shared.counters.files_trusted.add(1);
             self.shared
                 .opts
                 .progress
@@ -452,7 +452,7 @@ impl<'a> Planner<'_, 'a> {
         let shared = self.shared;
         match step {
             RestoreStep::Keep(c) => {
-                shared.counters.reused.add(1);
+                shared.counters.chunks_reused.add(1);
                 job.remaining.fetch_add(1, Ordering::Relaxed);
                 shared.chunk_done(job, index, c.len);
             }

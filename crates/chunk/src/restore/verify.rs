@@ -34,9 +34,9 @@ pub(super) fn verify<'a>(
         return;
     }
     buf[local_len as usize..].fill(0);
-    shared.counters.verified.add(local_len);
+    shared.counters.bytes_verified.add(local_len);
     if c.hash == Some(Id::of(buf)) {
-        shared.counters.reused.add(1);
+        shared.counters.chunks_reused.add(1);
         shared.chunk_done(&w.job, w.index, c.len);
     } else {
         // A closed batcher means the pipeline is stopping.

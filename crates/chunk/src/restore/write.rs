@@ -106,7 +106,7 @@ impl<'a> Shared<'a> {
     }
 
     pub(super) fn wrote(&self, n: u64) {
-        self.counters.written.add(n);
+        self.counters.bytes_written.add(n);
         if self.since_checkpoint.fetch_add(n, Ordering::Relaxed) + n >= CHECKPOINT_BYTES {
             self.checkpoint_now.notify_one();
         }
@@ -149,7 +149,7 @@ pub(super) fn write_fetched<'a>(
                 detail,
             });
         }
-        shared.counters.fetched.add(1);
+        shared.counters.chunks_fetched.add(1);
         for w in wants {
             let n = write_sparse(&w.job.file, w.chunk.off, out, w.job.local_size)
                 .map_err(|e| ChunkError::io(Path::new(&*w.job.entry.display()), e))?;
