@@ -293,19 +293,12 @@ fn silent_and_garbage_clients_do_not_wedge_the_socket() {
 #[test]
 fn sigterm_finishes_the_snapshot_in_flight() {
     let fx = Btrfs::new();
-    let conf = fx.scratch().join("btm.toml");
-    std::fs::write(
-        &conf,
-        format!(
+    let (_, mut d) = with_config(
+        &fx,
+        &format!(
             "volume = \"{}\"\n[hooks]\npre_snapshot = [\"sleep\", \"1\"]\ntimeout = \"10s\"\n",
             fx.volume()
         ),
-    )
-    .expect("write");
-    let mut d = DaemonProc::start(
-        fx.scratch(),
-        &["--config", conf.to_str().expect("utf8")],
-        &[],
     );
     let socket = d.socket.clone();
     let client = std::thread::spawn(move || {
@@ -330,21 +323,14 @@ fn sigterm_finishes_the_snapshot_in_flight() {
 #[test]
 fn hooks() {
     let fx = Btrfs::new();
-    let conf = fx.scratch().join("btm.toml");
     let marker = fx.scratch().join("post");
-    std::fs::write(
-        &conf,
-        format!(
+    let (_, d) = with_config(
+        &fx,
+        &format!(
             "volume = \"{}\"\n[hooks]\npre_snapshot = [\"sh\", \"-c\", \"test $BTM_HEIGHT != 20\"]\npost_snapshot = [\"sh\", \"-c\", \"echo $BTM_HEIGHT $BTM_VOLUME >> {}\"]\n",
             fx.volume(),
             marker.display()
         ),
-    )
-    .expect("write");
-    let d = DaemonProc::start(
-        fx.scratch(),
-        &["--config", conf.to_str().expect("utf8")],
-        &[],
     );
     assert_eq!(d.notify(10)["outcome"], "created");
     let r = d.notify(20);
@@ -402,20 +388,13 @@ fn a_failed_flush_skips_the_snapshot_and_a_short_one_is_recorded() {
             ),
         }
     });
-    let conf = fx.scratch().join("btm.toml");
-    std::fs::write(
-        &conf,
-        format!(
+    let (_, d) = with_config(
+        &fx,
+        &format!(
             "volume = \"{}\"\nrpc_url = \"{}\"\nrpc_kind = \"bitcoin\"\nrpc_user = \"u\"\nrpc_password = \"p\"\n[hooks]\ntimeout = \"1s\"\n",
             fx.volume(),
             rpc.url()
         ),
-    )
-    .expect("write");
-    let d = DaemonProc::start(
-        fx.scratch(),
-        &["--config", conf.to_str().expect("utf8")],
-        &[],
     );
     assert_eq!(d.notify(10)["outcome"], "created");
     for (m, h, why) in [(1, 20, "Verifying blocks"), (2, 30, "timed out")] {
@@ -846,14 +825,8 @@ fn notify_cli(socket: &std::path::Path, height: u64) -> (i32, Option<serde_json:
 #[test]
 fn a_reload_never_drops_or_fakes_a_notify() {
     let fx = Btrfs::new();
-    let conf = fx.scratch().join("btm.toml");
     let base = format!("volume = \"{}\"\nitv = 10\ncap = 100\n", fx.volume());
-    std::fs::write(&conf, &base).expect("write");
-    let mut d = DaemonProc::start(
-        fx.scratch(),
-        &["--config", conf.to_str().expect("utf8")],
-        &[],
-    );
+    let (conf, mut d) = with_config(&fx, &base);
     let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let storm = {
@@ -979,4 +952,17 @@ fn push_refuses_heights_that_go_backwards_or_are_absurd() {
     fx.btm(&["rollback", "-s", "150", "--yes"]).ok();
     assert_eq!(d.notify(160)["outcome"], "created");
     assert_eq!(fx.heights()[0], 160);
+}
+
+/// A daemon started with `toml` as its configuration file (returned, for
+/// tests that rewrite it).
+fn with_config(fx: &Btrfs, toml: &str) -> (std::path::PathBuf, DaemonProc) {
+    let conf = fx.scratch().join("btm.toml");
+    std::fs::write(&conf, toml).expect("write");
+    let d = DaemonProc::start(
+        fx.scratch(),
+        &["--config", conf.to_str().expect("utf8")],
+        &[],
+    );
+    (conf, d)
 }

@@ -1,6 +1,6 @@
 //! An in-memory-and-directory volume that honours the [`Volume`] contract,
 //! for unit tests of everything above the drivers (snapshots and pruning,
-//! rollback planning, the daemon's scheduler and exporter) without root, a
+//! rollback planning, the daemon's scheduler and export scheduler) without root, a
 //! pool or a loop device.
 //!
 //! The live contents are a plain directory; a snapshot copies it to a

@@ -1,7 +1,7 @@
 //! An in-memory [`Store`] that keeps the store contract (write-once
 //! objects, indexes created once, markers replaced atomically, the store's
 //! own clock on markers), for unit tests of what sits above the stores
-//! (backups, restores, GC, the daemon's exporter) in milliseconds.
+//! (backups, restores, GC, the daemon's export scheduler) in milliseconds.
 //!
 //! Clones share the same contents, so a test keeps one to inspect what the
 //! code under test wrote. Test hooks: [`MemStore::set_down`] makes every
