@@ -210,7 +210,9 @@ pub struct Shared<'a> {
     /// file, taken by the planner and given back when the writer is done
     /// with the file. A channel, so that the planner can wait for a token
     /// and for reads to retry at once.
-    lookahead: (Sender<()>, Receiver<()>),
+    lookahead: Receiver<()>,
+    /// Where the writer gives the planner's tokens back.
+    lookahead_back: Sender<()>,
     throttle: Option<Throttle>,
     /// Packs uploaded that no pack index names yet.
     unindexed: Mutex<Vec<PackEntry>>,
@@ -230,9 +232,9 @@ impl<'a> Shared<'a> {
     fn new(repo: &'a Repo<'a>, opts: &'a BackupOptions, lease: &'a Lease<'a>) -> Self {
         let upload_budget = upload::upload_budget(opts.pack_size, repo.upload_connections());
         let pipeline = Pipeline::new(&opts.progress.cancel);
-        let lookahead = crossbeam_channel::bounded(LOOKAHEAD_FILES);
+        let (lookahead_back, lookahead) = crossbeam_channel::bounded(LOOKAHEAD_FILES);
         for _ in 0..LOOKAHEAD_FILES {
-            let _ = lookahead.0.send(());
+            let _ = lookahead_back.send(());
         }
         Shared {
             repo,
@@ -240,6 +242,7 @@ impl<'a> Shared<'a> {
             lease,
             counters: Counters::default(),
             lookahead,
+            lookahead_back,
             throttle: opts.max_rate.map(Throttle::new),
             unindexed: Mutex::new(Vec::new()),
             reading: Mutex::new(HashMap::new()),
@@ -266,7 +269,7 @@ impl<'a> Shared<'a> {
 
     /// A file left the writer: the planner may run one further ahead.
     fn file_written(&self) {
-        let _ = self.lookahead.0.send(());
+        let _ = self.lookahead_back.send(());
     }
 }
 

@@ -210,7 +210,7 @@ impl Planner<'_, '_> {
     /// writer waits for may be one that needs another read).
     fn take_slot(&mut self) -> Result<(), ChunkError> {
         let (tokens, stop) = (
-            &self.shared.lookahead.1,
+            &self.shared.lookahead,
             self.shared.pipeline.stop().receiver(),
         );
         loop {
