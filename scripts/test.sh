@@ -25,6 +25,8 @@ command -v musl-gcc >/dev/null || missing+=(musl-tools)
 command -v dpkg-deb >/dev/null || missing+=(dpkg)
 # litecoind (with litecoin-cli): a real Bitcoin-Core-family full node.
 command -v litecoind >/dev/null || missing+=(litecoind)
+# Python's lmdb (Debian's), for the live-restore test's LMDB workload.
+/usr/bin/python3 -c 'import lmdb' 2>/dev/null || missing+=(python3-lmdb)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "== installing ${missing[*]}"
     apt-get update -qq

@@ -101,6 +101,12 @@ pub(crate) fn init_logging(level: Option<&str>, default: &str) {
         None => EnvFilter::try_from_default_env().ok(),
     }
     .unwrap_or_else(|| EnvFilter::new(default));
+    // fuser warns when its own unmount finds the mount gone: a live
+    // restore unmounts first, on purpose (docs/live-restore.md).
+    let filter = match "fuser=error".parse() {
+        Ok(d) => filter.add_directive(d),
+        Err(_) => filter,
+    };
     let journald = std::env::var_os("JOURNAL_STREAM")
         .and_then(|_| tracing_journald::layer().ok())
         .map(|l| l.with_field_prefix(None));

@@ -107,6 +107,13 @@ pub struct Prior {
 }
 
 impl Prior {
+    /// Whether a record says the whole file is right and nothing changed
+    /// it since (an empty file without a record is not: it may be one this
+    /// run just created, still without its owner, mode and times).
+    pub fn complete(&self, path: &[u8], now: &Stamp, size: u64) -> bool {
+        matches!(self.files.get(path), Some(r) if r.stamp == *now && now.size == size && r.prefix >= size)
+    }
+
     /// How many leading bytes of `path` (now `now`, to be restored at
     /// `size` bytes) are known right: those of its record, if the file is
     /// exactly as it was when the record was made.

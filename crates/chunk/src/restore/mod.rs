@@ -340,8 +340,13 @@ fn run(
 }
 
 /// The chunk map, and proof that the store holds everything the backup
-/// needs, before anything local is touched.
-fn load_and_prove(repo: &Repo<'_>, name: &str, index: &Decoded) -> Result<ChunkMap, ChunkError> {
+/// needs, before anything local is touched. A live restore calls it before
+/// it mounts anything; a restore calls it before it writes anything.
+pub fn load_and_prove(
+    repo: &Repo<'_>,
+    name: &str,
+    index: &Decoded,
+) -> Result<ChunkMap, ChunkError> {
     let (store, cache, connections) = (repo.store(), repo.cache(), repo.metadata_connections());
     // A version 1 backup names its chunks as objects: no map to load.
     // A pack index that cannot be read may hold nothing this backup needs:

@@ -301,8 +301,9 @@ impl<'a> Planner<'_, 'a> {
         let st = nix::sys::stat::fstat(&file).map_err(|x| self.io(&e, x))?;
         let (local_size, found) = (st.st_size as u64, Found::of(&st));
         let chunk_size = self.shared.chunk_size;
-        let journalled = self.prior.trusted(&e.path, &Stamp::of(&st), size);
-        if journalled == size && local_size == size {
+        let stamp = Stamp::of(&st);
+        let journalled = self.prior.trusted(&e.path, &stamp, size);
+        if self.prior.complete(&e.path, &stamp, size) {
             // Complete, durable and untouched since an earlier run
             // recorded it, metadata included: not even read.
             self.shared.counters.files_trusted.add(1);

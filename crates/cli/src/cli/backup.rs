@@ -570,6 +570,18 @@ pub struct RestoreArgs {
     /// Print the summary as JSON
     #[arg(long)]
     json: bool,
+    /// Serve the backup at DIR at once (a FUSE mount), fetching what is
+    /// read on demand and the rest in the background; DIR must be empty.
+    /// `btm live finish DIR` ends it (docs/live-restore.md)
+    #[arg(long, conflicts_with_all = ["filter", "delete", "overwrite_signing_state", "json"])]
+    live: bool,
+    /// With --live: how long a read waits for the store before it fails
+    /// with an I/O error
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration, requires = "live")]
+    read_timeout: std::time::Duration,
+    /// With --live: never use FUSE passthrough, even where the kernel has it
+    #[arg(long, requires = "live")]
+    no_passthrough: bool,
 }
 
 impl RestoreArgs {
@@ -590,6 +602,17 @@ impl RestoreArgs {
 
 pub fn restore(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
     let (wanted, dir) = args.name_and_dir()?;
+    if args.live {
+        return super::live::restore_live(super::live::LiveRestore {
+            wanted,
+            dir,
+            store: &args.store,
+            tag: &args.tag,
+            height: args.height,
+            read_timeout: args.read_timeout,
+            passthrough: !args.no_passthrough,
+        });
+    }
     let store = args.store.open_existing()?;
     let (name, idx) = find_backup(store.as_ref(), &wanted, &args.tag, args.height)?;
     let opts = RestoreOptions {

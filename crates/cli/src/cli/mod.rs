@@ -9,6 +9,7 @@ mod docs;
 mod export;
 mod gc;
 mod list;
+mod live;
 mod notify;
 mod progress;
 mod prune;
@@ -71,6 +72,8 @@ pub enum Command {
     Backups(backup::BackupsArgs),
     /// Restore a backup into a directory, in place
     Restore(backup::RestoreArgs),
+    /// Watch or finish a live restore (`btm restore --live`)
+    Live(live::LiveArgs),
     /// Verify a store: indexes parse and every chunk exists (or re-hashes)
     Check(backup::CheckArgs),
     /// Forget a backup: delete its index (its data goes at the next gc)
@@ -173,6 +176,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Backup(a) => backup::backup(a, out),
         Command::Backups(a) => backup::backups(a, out),
         Command::Restore(a) => backup::restore(a, out),
+        Command::Live(a) => live::run(a, out),
         Command::Check(a) => backup::check(a, out),
         Command::Forget(a) => backup::forget(a, out),
         Command::Export(a) => export::run(a, out),

@@ -42,6 +42,8 @@ struct Shared {
     upstream: u16,
     /// Bytes a second each connection may move each way; 0: no limit.
     rate: u64,
+    /// Added before every request is forwarded: a store far away.
+    latency: Duration,
     rules: Mutex<Vec<Rule>>,
     log: Mutex<Vec<String>>,
     stop: AtomicBool,
@@ -59,12 +61,18 @@ impl FaultProxy {
     /// port), throttled to `rate` bytes a second per connection and
     /// direction (0: not throttled).
     pub fn start(upstream: u16, rate: u64) -> Self {
+        Self::start_far(upstream, rate, Duration::ZERO)
+    }
+
+    /// As [`FaultProxy::start`], with `latency` added to every request.
+    pub fn start_far(upstream: u16, rate: u64, latency: Duration) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
         let port = listener.local_addr().expect("addr").port();
         let shared = Arc::new(Shared {
             upstream,
             rate,
+            latency,
             rules: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
@@ -331,6 +339,7 @@ fn serve(s: &Shared, client: TcpStream) -> std::io::Result<()> {
             }
             _ => {}
         }
+        sleep(s.latency);
         if upstream.is_none() {
             let up = TcpStream::connect(("127.0.0.1", s.upstream))?;
             let r = BufReader::new(up.try_clone()?);

@@ -1,0 +1,783 @@
+//! Live restore (`btm restore --live`) against the real thing: a FUSE
+//! mount served from s3s-fs behind a proxy that adds 20 ms per request and
+//! caps each connection's rate, so hydration is still running while the
+//! tests work on the mount.
+//!
+//! - a seeded random exerciser (writes, truncates, holes, renames, links,
+//!   mmap) on the live mount during hydration and on a plain restore ends
+//!   with identical trees and reads identical bytes; LMDB commits through
+//!   a shared writable mmap all survive `btm live finish`;
+//! - ganache on LevelDB serves and mines on a live restore with 1 GiB of
+//!   cold data beside it, survives a kill -9 of the server and a rerun,
+//!   and after `finish` restarts on the plain directory with every block,
+//!   verified against the export's chain identity;
+//! - the store taken down mid-hydration: EIO to readers, never wrong
+//!   bytes, and completion once it is back;
+//! - bad targets are refused with one line, and nothing is mounted.
+//!
+//! Needs root, /dev/fuse, s3s-fs, ganache and Debian's python3-lmdb
+//! (scripts/test.sh installs them). Fails, never skips, without them.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use common::http_faults::FaultProxy;
+
+const PYTHON: &str = "/usr/bin/python3";
+const MIB: u64 = 1 << 20;
+
+fn fsx() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/live_fsx.py")
+}
+
+/// A scratch directory on a disk file system (FUSE passthrough and xattrs
+/// need one; /tmp may be a tmpfs elsewhere), removed on drop.
+fn scratch() -> tempfile::TempDir {
+    std::fs::create_dir_all("/var/tmp/btm-live-tests").expect("scratch parent");
+    tempfile::tempdir_in("/var/tmp/btm-live-tests").expect("scratch")
+}
+
+/// A `btm restore --live` server, killed by PID and its mount cleared on
+/// drop.
+struct Server {
+    child: Child,
+    dir: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    fn start(scratch: &Path, dir: &Path, args: &[&str], env: &[(&str, String)]) -> Server {
+        let mut all = vec!["restore", "--live"];
+        all.extend_from_slice(args);
+        all.push(dir.to_str().expect("utf8"));
+        let mut cmd = common::btm_cmd(scratch, &all);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("btm runs");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let l = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut g = l.lock().expect("log");
+                g.push_str(&line);
+                g.push('\n');
+            }
+        });
+        let mut s = Server {
+            child,
+            dir: dir.to_path_buf(),
+            log,
+        };
+        let t = Instant::now();
+        while !s.log().contains("ready:") {
+            if let Ok(Some(code)) = s.child.try_wait() {
+                sleep(Duration::from_millis(100));
+                panic!(
+                    "the live restore exited ({code}) before it was ready: {}",
+                    s.log()
+                );
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "not ready: {}",
+                s.log()
+            );
+            sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().expect("log").clone()
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s.code();
+            }
+            sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn status(&self, scratch: &Path) -> serde_json::Value {
+        let out = common::btm(
+            scratch,
+            &["live", "status", "--json", self.dir.to_str().expect("utf8")],
+        )
+        .ok();
+        serde_json::from_str(&out).expect("status is JSON")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// `n` bytes of noise.
+fn noise(n: u64) -> Vec<u8> {
+    let mut v = vec![0u8; n as usize];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut v))
+        .expect("urandom");
+    v
+}
+
+fn write_noise(path: &Path, n: u64) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).expect("create");
+    let mut left = n;
+    while left > 0 {
+        let piece = left.min(64 * MIB);
+        f.write_all(&noise(piece)).expect("write");
+        left -= piece;
+    }
+}
+
+/// A node-like tree: `work/` (small and medium files, a subdirectory),
+/// `cold/` (one big file of `cold` bytes), `misc/` (a sparse file, a
+/// symlink, an empty file).
+fn make_tree(src: &Path, cold: u64) {
+    let work = src.join("work/sub");
+    std::fs::create_dir_all(&work).expect("work");
+    for i in 0..40u64 {
+        let dir = if i % 4 == 0 {
+            src.join("work/sub")
+        } else {
+            src.join("work")
+        };
+        write_noise(&dir.join(format!("f{i:02}")), (i * 37_123) % 2_500_000);
+    }
+    std::fs::create_dir_all(src.join("cold")).expect("cold");
+    write_noise(&src.join("cold/blocks.dat"), cold);
+    let misc = src.join("misc");
+    std::fs::create_dir_all(&misc).expect("misc");
+    let sparse = std::fs::File::create(misc.join("sparse")).expect("sparse");
+    sparse.set_len(20 * MIB).expect("len");
+    std::os::unix::fs::FileExt::write_all_at(&sparse, b"island", 9 * MIB).expect("island");
+    std::fs::write(misc.join("empty"), b"").expect("empty");
+    std::os::unix::fs::symlink("sparse", misc.join("link")).expect("symlink");
+}
+
+fn digest(root: &Path, t0: u128) -> String {
+    common::sh(
+        PYTHON,
+        &[
+            fsx().to_str().expect("utf8"),
+            "digest",
+            root.to_str().expect("utf8"),
+            &t0.to_string(),
+        ],
+    )
+}
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos()
+}
+
+fn env_pairs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+fn is_mount(dir: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let d = dir.to_str().expect("utf8");
+    info.lines().any(|l| l.split(' ').nth(4) == Some(d))
+}
+
+/// Python's lmdb: `op` is "fill N", "add FROM TO" (one committed,
+/// synced transaction each, through a shared writable map) or "count".
+fn lmdb(path: &Path, op: &str) -> String {
+    let script = r#"
+import lmdb, sys
+path, op, args = sys.argv[1], sys.argv[2], [int(a) for a in sys.argv[3:]]
+env = lmdb.open(path, map_size=256 << 20, writemap=True, metasync=True, sync=True)
+if op == "fill":
+    with env.begin(write=True) as t:
+        for i in range(args[0]):
+            t.put(b"old%06d" % i, (b"v%06d" % i) * 50)
+elif op == "add":
+    for i in range(args[0], args[1]):
+        with env.begin(write=True) as t:
+            t.put(b"new%06d" % i, (b"n%06d" % i) * 200)
+else:
+    with env.begin() as t:
+        old = sum(1 for k, v in t.cursor() if k.startswith(b"old") and v == (b"v" + k[3:]) * 50)
+        new = sum(1 for k, v in t.cursor() if k.startswith(b"new") and v == (b"n" + k[3:]) * 200)
+    print(old, new)
+"#;
+    let mut args = vec!["-c", script, path.to_str().expect("utf8")];
+    args.extend(op.split(' '));
+    common::sh(PYTHON, &args)
+}
+
+#[test]
+fn a_live_mount_behaves_as_a_local_file_system_during_hydration() {
+    let tmp = scratch();
+    let s = tmp.path();
+    let src = s.join("src");
+    make_tree(&src, 256 * MIB);
+    std::fs::create_dir_all(src.join("lmdb")).expect("lmdb dir");
+    lmdb(&src.join("lmdb"), "fill 3000");
+
+    let s3 = common::S3::start(&["btm"]);
+    let direct = s3.env();
+    let store = "s3://btm/live";
+    common::btm_env_ok(
+        s,
+        &[
+            "backup",
+            src.to_str().expect("utf8"),
+            "-s",
+            store,
+            "-t",
+            "a",
+        ],
+        &env_pairs(&direct),
+    );
+    let reference = s.join("ref");
+    common::btm_env_ok(
+        s,
+        &[
+            "restore",
+            "latest",
+            reference.to_str().expect("utf8"),
+            "-s",
+            store,
+            "-t",
+            "a",
+        ],
+        &env_pairs(&direct),
+    );
+
+    // 1 MB/s per connection: hydration of 256 MiB takes about 16 s.
+    let proxy = FaultProxy::start_far(s3.port, MIB, Duration::from_millis(20));
+    let far = s3.env_via(&proxy.url());
+    let live = s.join("live");
+    let server = Server::start(s, &live, &["-s", store, "-t", "a"], &far);
+    let st = server.status(s);
+    assert_eq!(st["state"], "hydrating", "{st}");
+    assert!(
+        st["present_bytes"].as_u64() < st["total_bytes"].as_u64(),
+        "{st}"
+    );
+
+    // The same seeded operations on the live mount and on a plain restore.
+    let t0 = now_ns();
+    let run = |root: &Path| {
+        common::sh(
+            PYTHON,
+            &[
+                fsx().to_str().expect("utf8"),
+                "run",
+                root.join("work").to_str().expect("utf8"),
+                "7",
+                "160",
+            ],
+        )
+    };
+    let on_live = run(&live);
+    let on_ref = run(&reference);
+    assert_eq!(
+        on_live, on_ref,
+        "reads through the live mount differ from a plain restore's"
+    );
+    assert!(
+        on_live.lines().filter(|l| l.contains(" read ")).count() > 10,
+        "{on_live}"
+    );
+    // LMDB: each transaction committed (and synced) through its map.
+    lmdb(&live.join("lmdb"), "add 0 150");
+    let st = server.status(s);
+    assert!(
+        st["demand_fetches"].as_u64().unwrap_or(0) > 0 || st["state"] == "hydrated",
+        "reads went through without fetching on demand: {st}"
+    );
+
+    let out = common::btm(s, &["live", "finish", live.to_str().expect("utf8")]).ok();
+    assert!(out.contains("finished"), "{out}");
+    let mut server = server;
+    assert_eq!(
+        server.wait_exit(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        server.log()
+    );
+    assert!(!is_mount(&live), "still mounted after finish");
+    assert!(!live.join(".btm-live").exists(), "state left behind");
+
+    assert_eq!(
+        lmdb(&live.join("lmdb"), "count").trim(),
+        "3000 150",
+        "LMDB lost a committed transaction"
+    );
+    for sub in ["work", "cold", "misc"] {
+        assert_eq!(
+            digest(&live.join(sub), t0),
+            digest(&reference.join(sub), t0),
+            "{sub} differs"
+        );
+    }
+    // Untouched data is exactly the source's, with its times.
+    assert_eq!(
+        digest(&live.join("cold"), t0),
+        digest(&src.join("cold"), t0)
+    );
+    drop(proxy);
+}
+
+/// A ganache node.
+struct Ganache {
+    child: Child,
+    port: u16,
+}
+
+impl Ganache {
+    fn start(db: &Path, block_time: &str) -> Ganache {
+        let bin = std::env::var_os("GANACHE_BIN").unwrap_or_else(|| "ganache".into());
+        let port = common::free_port();
+        let child = Command::new(&bin)
+            .args([
+                "--database.dbPath",
+                db.to_str().expect("utf8"),
+                "--miner.blockTime",
+                block_time,
+            ])
+            .args([
+                "--server.host",
+                "127.0.0.1",
+                "--server.port",
+                &port.to_string(),
+            ])
+            .args(["--logging.quiet", "--wallet.seed", "btm-live"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start ganache ({bin:?}): {e}; scripts/test.sh installs it")
+            });
+        let g = Ganache { child, port };
+        let t = Instant::now();
+        while g.rpc("eth_blockNumber", "[]").is_none() {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "ganache did not answer"
+            );
+            sleep(Duration::from_millis(50));
+        }
+        g
+    }
+
+    fn rpc(&self, method: &str, params: &str) -> Option<serde_json::Value> {
+        let body = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"{method}","params":{params}}}"#);
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-m",
+                "5",
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "--data",
+                &body,
+            ])
+            .arg(format!("http://127.0.0.1:{}", self.port))
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        Some(v["result"].clone()).filter(|r| !r.is_null())
+    }
+
+    fn height(&self) -> u64 {
+        let v = self.rpc("eth_blockNumber", "[]").expect("height");
+        u64::from_str_radix(v.as_str().expect("hex").trim_start_matches("0x"), 16).expect("number")
+    }
+
+    fn block(&self, n: u64) -> serde_json::Value {
+        self.rpc("eth_getBlockByNumber", &format!(r#"["0x{n:x}",false]"#))
+            .expect("block")
+    }
+
+    fn wait_height(&self, n: u64) {
+        let t = Instant::now();
+        while self.height() < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "ganache stuck below {n}"
+            );
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Ganache {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sha(path: &Path) -> String {
+    common::sh("sha256sum", &[path.to_str().expect("utf8")])
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[test]
+fn ganache_runs_on_a_live_restore_survives_a_kill_and_finishes_verified() {
+    let tmp = scratch();
+    let s = tmp.path();
+    let src = s.join("src");
+    std::fs::create_dir_all(src.join("cold")).expect("cold");
+    write_noise(&src.join("cold/archive.dat"), 1024 * MIB);
+    let node = Ganache::start(&src.join("ganache"), "0.05");
+    node.wait_height(40);
+    let node_url = format!("http://127.0.0.1:{}", node.port);
+    let h = node.height();
+    let block = node.block(h);
+    let hashes: Vec<String> = (0..=h)
+        .map(|n| node.block(n)["hash"].as_str().expect("hash").to_owned())
+        .collect();
+    node.stop();
+    let meta = serde_json::json!({
+        "height": h,
+        "chain": {"kind": "ethereum", "height": h, "block_hash": block["hash"], "state_hash": block["stateRoot"]},
+    });
+
+    let s3 = common::S3::start(&["btm"]);
+    let direct = s3.env();
+    let store = "s3://btm/node";
+    common::btm_env_ok(
+        s,
+        &[
+            "backup",
+            src.to_str().expect("utf8"),
+            "-s",
+            store,
+            "-t",
+            "node",
+            "-m",
+            &meta.to_string(),
+        ],
+        &env_pairs(&direct),
+    );
+
+    // 20 ms per request, 2 MB/s per connection: 1 GiB takes about half a
+    // minute to hydrate, and the node is up long before.
+    let proxy = FaultProxy::start_far(s3.port, 2 * MIB, Duration::from_millis(20));
+    let far = s3.env_via(&proxy.url());
+    let live = s.join("live");
+    let args = ["-s", store, "-t", "node"];
+    let started = Instant::now();
+    let mut server = Server::start(s, &live, &args, &far);
+    let node = Ganache::start(&live.join("ganache"), "0.1");
+    let first_answer = started.elapsed();
+    assert!(
+        node.height() >= h,
+        "the node restarted below the exported height"
+    );
+    node.wait_height(h + 10);
+    let st = server.status(s);
+    assert_eq!(
+        st["state"], "hydrating",
+        "hydration ended before the node even mined: {st}"
+    );
+    // Something the node writes and syncs.
+    let marker = live.join("ganache/fsynced-marker");
+    common::sh(PYTHON, &["-c", &format!("import os\nf=os.open('{}', os.O_CREAT|os.O_WRONLY)\nos.write(f, b'durable')\nos.fsync(f)", marker.display())]);
+    let partial = server.status(s);
+
+    // kill -9 mid-hydration: the node's reads fail, as on a lost disk.
+    server.kill9();
+    let read = std::fs::read(live.join("cold/archive.dat"));
+    assert!(read.is_err(), "a read after the server died succeeded");
+    drop(node);
+    drop(server);
+    // The same command again clears the dead mount and goes on.
+    let mut server = Server::start(s, &live, &args, &far);
+    assert_eq!(
+        std::fs::read(&marker).expect("marker"),
+        b"durable",
+        "an fsynced write was lost"
+    );
+    let node = Ganache::start(&live.join("ganache"), "0.1");
+    node.wait_height(h + 15);
+    node.stop();
+    let out = common::btm(s, &["live", "finish", live.to_str().expect("utf8")]).ok();
+    assert!(out.contains("finished"), "{out}");
+    assert_eq!(
+        server.wait_exit(Duration::from_secs(120)),
+        Some(0),
+        "{}",
+        server.log()
+    );
+    assert!(!is_mount(&live));
+
+    // The second run fetched what the first had not made durable, not all
+    // of it again.
+    let second = server.log();
+    assert!(second.contains("still to fetch"), "{second}");
+    let present_before = partial["present_bytes"].as_u64().expect("present");
+    assert!(present_before > 0, "{partial}");
+
+    assert_eq!(
+        sha(&live.join("cold/archive.dat")),
+        sha(&src.join("cold/archive.dat")),
+        "cold data differs"
+    );
+    let node = Ganache::start(&live.join("ganache"), "0");
+    assert!(
+        node.height() >= h + 15,
+        "blocks mined during the live restore are gone"
+    );
+    for n in [0, h / 2, h] {
+        assert_eq!(
+            node.block(n)["hash"].as_str(),
+            Some(hashes[n as usize].as_str()),
+            "block {n}"
+        );
+    }
+    let url = format!("http://127.0.0.1:{}", node.port);
+    let v = common::btm_env(
+        s,
+        &[
+            "verify",
+            "latest",
+            "-s",
+            store,
+            "-t",
+            "node",
+            "--rpc-url",
+            &url,
+        ],
+        &env_pairs(&direct),
+    )
+    .ok();
+    assert!(v.starts_with("verified: "), "{v}");
+    node.stop();
+    let _ = node_url;
+    eprintln!("first answer after {first_answer:?}");
+}
+
+#[test]
+fn a_store_that_goes_away_gives_eio_never_wrong_bytes_and_hydration_resumes() {
+    let tmp = scratch();
+    let s = tmp.path();
+    let src = s.join("src");
+    make_tree(&src, 96 * MIB);
+    let mut s3 = common::S3::start(&["btm"]);
+    let store = "s3://btm/down";
+    common::btm_env_ok(
+        s,
+        &["backup", src.to_str().expect("utf8"), "-s", store],
+        &env_pairs(&s3.env()),
+    );
+    let proxy = FaultProxy::start_far(s3.port, MIB / 2, Duration::from_millis(20));
+    let far = s3.env_via(&proxy.url());
+    let live = s.join("live");
+    let mut server = Server::start(s, &live, &["-s", store, "--read-timeout", "2s"], &far);
+    s3.stop();
+    // The end of the cold file comes late in hydration's order.
+    let cold = live.join("cold/blocks.dat");
+    let t = Instant::now();
+    let mut f = std::fs::File::open(&cold).expect("open");
+    let mut buf = vec![0u8; 4096];
+    let got = std::os::unix::fs::FileExt::read_exact_at(&mut f, &mut buf, 95 * MIB);
+    let err = got.expect_err("a read with the store gone succeeded");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "the read waited {:?}",
+        t.elapsed()
+    );
+    let t = Instant::now();
+    loop {
+        let st = server.status(s);
+        if st["waiting"].as_str().is_some_and(|w| w.contains("store")) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "status never said hydration waits: {st}"
+        );
+        sleep(Duration::from_millis(200));
+    }
+    s3.restart();
+    // A file still open on the mount keeps `finish` from unmounting under
+    // it; once closed, finish goes through.
+    let busy = common::btm(s, &["live", "finish", live.to_str().expect("utf8")]);
+    assert_eq!(busy.code, 1, "{}", busy.stderr);
+    let last = busy.stderr.trim().lines().last().unwrap_or("");
+    assert!(
+        last.contains("busy") && last.contains("stop the node"),
+        "{}",
+        busy.stderr
+    );
+    drop(f);
+    let out = common::btm(s, &["live", "finish", live.to_str().expect("utf8")]).ok();
+    assert!(out.contains("finished"), "{out}");
+    assert_eq!(
+        server.wait_exit(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        server.log()
+    );
+    assert_eq!(digest(&live, 0), digest(&src, 0));
+    drop(proxy);
+}
+
+#[test]
+fn bad_targets_are_refused_with_one_line_and_nothing_is_mounted() {
+    let tmp = scratch();
+    let s = tmp.path();
+    let src = s.join("src");
+    std::fs::create_dir_all(&src).expect("src");
+    std::fs::write(src.join("a"), b"data").expect("a");
+    let store = s.join("store");
+    let store = store.to_str().expect("utf8");
+    common::btm(s, &["backup", src.to_str().expect("utf8"), "-s", store]).ok();
+
+    let live = |dir: &Path, extra: &[&str]| {
+        let mut a = vec!["restore", "--live", "-s", store];
+        a.extend_from_slice(extra);
+        a.push(dir.to_str().expect("utf8"));
+        common::btm(s, &a)
+    };
+    // Not empty.
+    let e = live(&src, &[]).fails(1);
+    assert!(
+        e.contains("not empty") && e.contains("plain `btm restore`"),
+        "{e}"
+    );
+    // Already a mount point.
+    let mnt = s.join("mnt");
+    std::fs::create_dir_all(&mnt).expect("mnt");
+    common::sh(
+        "mount",
+        &["-t", "tmpfs", "tmpfs", mnt.to_str().expect("utf8")],
+    );
+    let _unmount = common::Guard::new({
+        let m = mnt.clone();
+        move || {
+            let _ = Command::new("umount").arg(&m).status();
+        }
+    });
+    let e = live(&mnt, &[]).fails(1);
+    assert!(e.contains("already a mount point"), "{e}");
+    // A backup that does not exist, a store that does not: nothing mounted.
+    let empty = s.join("empty");
+    let e = live(&empty, &["no-such-backup"]).fails(1);
+    assert!(e.contains("no-such-backup"), "{e}");
+    assert!(!is_mount(&empty));
+    let e = common::btm(
+        s,
+        &[
+            "restore",
+            "--live",
+            "-s",
+            &format!("{store}-missing"),
+            empty.to_str().expect("utf8"),
+        ],
+    )
+    .fails(1);
+    assert!(!is_mount(&empty), "{e}");
+    // Nothing serves a plain directory.
+    let e = common::btm(s, &["live", "status", empty.to_str().expect("utf8")]).fails(1);
+    assert!(e.contains("no live restore serves"), "{e}");
+}
+
+#[test]
+fn a_corrupt_chunk_is_never_served() {
+    let tmp = scratch();
+    let s = tmp.path();
+    let src = s.join("src");
+    std::fs::create_dir_all(&src).expect("src");
+    write_noise(&src.join("data"), 3 * MIB);
+    let store = s.join("store");
+    common::btm(
+        s,
+        &[
+            "backup",
+            src.to_str().expect("utf8"),
+            "-s",
+            store.to_str().expect("utf8"),
+        ],
+    )
+    .ok();
+    // Flip bytes in the middle of every pack: the frames no longer match
+    // their hashes (nothing checks pack contents before mounting).
+    let packs = common::sh(
+        "find",
+        &[store.join("packs").to_str().expect("utf8"), "-type", "f"],
+    );
+    for p in packs.lines() {
+        let mut bytes = std::fs::read(p).expect("pack");
+        let mid = bytes.len() / 2;
+        for b in &mut bytes[mid..mid + 64] {
+            *b ^= 0x5a;
+        }
+        std::fs::write(p, bytes).expect("corrupt");
+    }
+    let live = s.join("live");
+    let server = Server::start(
+        s,
+        &live,
+        &["-s", store.to_str().expect("utf8"), "--read-timeout", "5s"],
+        &[],
+    );
+    let t = Instant::now();
+    let got = std::fs::read(live.join("data"));
+    let err = got.expect_err("corrupt data was served");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    eprintln!("EIO after {:?}", t.elapsed());
+    let st = server.status(s);
+    assert!(
+        st["demand_failures"].as_u64().unwrap_or(0) > 0 || st["waiting"].is_string(),
+        "{st}"
+    );
+}

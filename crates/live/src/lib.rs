@@ -1,0 +1,113 @@
+//! Live restore: a node runs on a backup within seconds, whatever its
+//! size, while the backup streams in underneath it.
+//!
+//! `btm restore --live` makes the backup's tree in the target directory
+//! with every file a hole of its final size ([`skeleton`]), mounts a FUSE
+//! file system over it ([`fs`]), and says it is ready. From then on the
+//! node reads and writes through the mount: bytes already local come from
+//! the backing file, bytes not yet local are fetched on demand, checked,
+//! and written there first ([`files`]), while background hydration fetches
+//! the rest the way a restore does ([`hydrate`]). `btm live finish`
+//! unmounts once everything is local, and the directory is then a plain
+//! directory: the backing tree was the target directory all along.
+//!
+//! The layers: this crate depends on `btm-chunk` for the store, the chunk
+//! map and the format, and on `fuser` for the kernel protocol; the CLI
+//! depends on it. The pure decisions (which chunks a read, write or
+//! truncate needs: [`presence`]; the order of hydration: [`order`]) are
+//! property-tested on their own.
+
+pub mod control;
+pub mod files;
+pub mod fs;
+pub mod hydrate;
+pub mod journal;
+pub mod mount;
+pub mod order;
+pub mod presence;
+pub mod serve;
+pub mod skeleton;
+pub mod source;
+pub mod stats;
+
+pub use serve::{serve, LiveOptions};
+pub use stats::Status;
+
+/// Why a live restore cannot start or go on.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    /// The target holds something that is not an unfinished live restore.
+    #[error("{0} is not empty; a live restore needs an empty directory (a plain `btm restore` updates an existing node in place)")]
+    NotEmpty(String),
+    /// Something is mounted on the target already.
+    #[error("{0} is already a mount point; a live restore mounts over an empty directory (a plain `btm restore` updates an existing node in place)")]
+    Mounted(String),
+    /// FUSE is missing or not allowed.
+    #[error("{0}; a plain `btm restore` works without it")]
+    NoFuse(String),
+    /// The target holds an unfinished live restore of another backup.
+    #[error("{dir} holds an unfinished live restore of {found}, not {wanted}; run `btm restore --live {found} {dir}` to go on with it")]
+    OtherBackup {
+        /// The target.
+        dir: String,
+        /// The backup it holds.
+        found: String,
+        /// The backup asked for.
+        wanted: String,
+    },
+    /// The store or backup failed.
+    #[error(transparent)]
+    Chunk(#[from] btm_chunk::ChunkError),
+    /// A file system call on the target failed.
+    #[error("{path}")]
+    Io {
+        /// The entry, relative to the target.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The live restore's own state could not be read or written.
+    #[error("live restore state: {what}")]
+    State {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A backup file's chunks are not laid out as this version expects.
+    #[error("{0}: its chunks are not of the backup's chunk size; this backup cannot be served live (a plain `btm restore` can restore it)")]
+    Layout(String),
+    /// Mounting failed.
+    #[error("cannot mount {dir}")]
+    Mount {
+        /// The target.
+        dir: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Nothing serves the directory.
+    #[error("no live restore serves {0}")]
+    NotServing(String),
+    /// The control socket failed.
+    #[error("talking to the live restore of {dir}")]
+    Control {
+        /// The target.
+        dir: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The server refused or failed to finish.
+    #[error("{0}")]
+    Refused(String),
+    /// Stopped before everything was local.
+    #[error(
+        "stopped before the backup was wholly local ({0}); run the same command again to go on"
+    )]
+    Interrupted(&'static str),
+}
+
+impl LiveError {
+    pub(crate) fn state(what: &'static str, source: std::io::Error) -> Self {
+        LiveError::State { what, source }
+    }
+}
