@@ -35,6 +35,8 @@ mnt="$work/mnt"
 pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    # A script's own mounts under $work (bench-live.sh's), then ours.
+    ! declare -F bench_cleanup >/dev/null || bench_cleanup
     mountpoint -q "$mnt" && umount "$mnt"
     rm -rf "$work"
 }
@@ -81,6 +83,37 @@ note() { results+=("$1|$2||"); printf '  %-46s %8s\n' "$1" "$2"; }
 lead() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1fx", a / b }'; }
 bytes() { du -sb "$1" | cut -f1; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+
+# start_s3: s3s-fs on a random port, serving $work/s3 (a directory per
+# bucket), and the latency proxy (BENCH_LATENCY_MS, 20) one port above it;
+# exports the AWS_* variables that reach it through the proxy.
+start_s3() {
+    command -v s3s-fs >/dev/null || cargo install --locked s3s-fs --version 0.14.1 --features binary
+    latency=${BENCH_LATENCY_MS:-20}
+    mkdir -p "$work/s3"
+    local port=$((20000 + RANDOM % 20000))
+    s3s-fs --host 127.0.0.1 --port "$port" --access-key bench --secret-key benchsecret "$work/s3" >"$work/s3.log" 2>&1 &
+    pids+=($!)
+    ./target/release/examples/latency_proxy "127.0.0.1:$((port + 1))" "127.0.0.1:$port" "$latency" >"$work/proxy.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do
+        grep -q listening "$work/proxy.log" && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+        sleep 0.1
+    done
+    export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchsecret AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true
+    export AWS_ENDPOINT_URL="http://127.0.0.1:$((port + 1))"
+}
+
+# fetch_floor PREFIX: GET every pack under $work/s3/PREFIX/packs through
+# the proxy, 16 in flight (btm's restore default for a remote store),
+# bytes discarded: the floor of any restore of those packs here.
+fetch_floor() {
+    # shellcheck disable=SC2016 # $1 and $2 are the inner shell's.
+    measure "floor: GET btm's packs, 16 in flight (curl)" sh -c '
+        cd "$1" && find "$2/packs" -type f | xargs -P 16 -I{} curl -sSf -o /dev/null \
+            -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" --aws-sigv4 aws:amz:us-east-1:s3 \
+            --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" "$AWS_ENDPOINT_URL/{}"' - "$work/s3" "$1"
+}
 
 machine_floors() {
     echo "== machine floors"

@@ -18,24 +18,6 @@
 source "$(dirname "$0")/bench-lib.sh"
 shapes=("$@")
 [ ${#shapes[@]} -gt 0 ] || shapes=(node meta)
-latency=${BENCH_LATENCY_MS:-20}
-command -v s3s-fs >/dev/null || cargo install --locked s3s-fs --version 0.14.1 --features binary
-
-# Starts s3s-fs on a random port and the proxy one above it.
-start_s3() {
-    mkdir -p "$work/s3"
-    local port=$((20000 + RANDOM % 20000))
-    s3s-fs --host 127.0.0.1 --port "$port" --access-key bench --secret-key benchsecret "$work/s3" >"$work/s3.log" 2>&1 &
-    pids+=($!)
-    ./target/release/examples/latency_proxy "127.0.0.1:$((port + 1))" "127.0.0.1:$port" "$latency" >"$work/proxy.log" 2>&1 &
-    pids+=($!)
-    for _ in $(seq 1 100); do
-        grep -q listening "$work/proxy.log" && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-        sleep 0.1
-    done
-    export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchsecret AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true
-    export AWS_ENDPOINT_URL="http://127.0.0.1:$((port + 1))"
-}
 
 # The transfer floors, from btm's packs in $bucket, through the proxy:
 # PUT them all to a scratch bucket, 4 in flight (btm's backup default for a
@@ -52,10 +34,7 @@ transfer_floors() {
     put_floor=$last_secs
     rm -rf "${work:?}/s3/put$bucket"
     # shellcheck disable=SC2016 # $1 and $2 are the inner shell's.
-    measure "floor: GET btm's packs, 16 in flight (curl)" sh -c '
-        cd "$1" && find "$2/x/packs" -type f | xargs -P 16 -I{} curl -sSf -o /dev/null \
-            -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" --aws-sigv4 aws:amz:us-east-1:s3 \
-            --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" "$AWS_ENDPOINT_URL/{}"' - "$work/s3" "$bucket"
+    fetch_floor "$bucket/x"
 }
 
 machine_floors

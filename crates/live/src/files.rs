@@ -137,14 +137,28 @@ impl LiveFile {
         inner.unlinked && inner.opens == 0
     }
 
-    /// Claim every absent chunk, for hydration.
-    pub fn claim_absent(&self) -> Vec<u64> {
+    /// Queue every absent chunk for hydration.
+    pub fn queue_absent(&self) -> Vec<u64> {
         let mut inner = self.lock();
         if inner.unlinked {
             return Vec::new();
         }
         let n = self.chunks.len() as u64;
-        inner.presence.claim(0..n).mine
+        inner.presence.queue(0..n)
+    }
+
+    /// Hydration is about to ask for queued chunk `i`: whether it is still
+    /// hydration's (a reader may have taken it over).
+    pub fn start(&self, i: u64) -> bool {
+        self.lock().presence.start(i)
+    }
+
+    /// Hydration gives queued chunks up without asking for them.
+    pub fn unqueue(&self, chunks: &[u64]) {
+        let mut inner = self.lock();
+        for &i in chunks {
+            inner.presence.unqueue(i);
+        }
     }
 
     /// The chunk `i` as a store wants it.
@@ -473,7 +487,7 @@ impl Files {
         loop {
             let absent: Vec<u64> = range
                 .clone()
-                .filter(|&i| inner.presence.state(i) == crate::presence::State::Absent)
+                .filter(|&i| inner.presence.state(i) != crate::presence::State::Present)
                 .collect();
             if inner.presence.cover(range.clone()) {
                 inner.pending.extend(absent);

@@ -74,7 +74,7 @@ pub struct LiveFs {
     next_fh: AtomicU64,
     modes: Mutex<Modes>,
     files: Arc<Files>,
-    passthrough: AtomicBool,
+    passthrough: Arc<AtomicBool>,
     /// Whether to ask the kernel for passthrough (it may still refuse).
     want_passthrough: bool,
 }
@@ -165,7 +165,7 @@ impl LiveFs {
             next_fh: AtomicU64::new(1),
             modes: Mutex::new(Modes::default()),
             files,
-            passthrough: AtomicBool::new(false),
+            passthrough: Arc::default(),
             want_passthrough,
         })
     }
@@ -173,6 +173,12 @@ impl LiveFs {
     /// Whether the kernel agreed to passthrough.
     pub fn passthrough(&self) -> bool {
         self.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// What will say whether the kernel agreed to passthrough, once the
+    /// file system is mounted (and moved into its session).
+    pub fn passthrough_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.passthrough)
     }
 
     /// FUSE inode number of backing inode `st_ino` (and back: the swap is

@@ -146,10 +146,10 @@ fn pass(
         if f.abandoned() {
             continue;
         }
-        for i in f.claim_absent() {
+        for i in f.queue_absent() {
             claimed = true;
             let Some(w) = f.wanted(i) else {
-                f.release(&[i]);
+                f.unqueue(&[i]);
                 continue;
             };
             bytes += w.raw_len;
@@ -186,7 +186,7 @@ fn dispatch(
         Err(e) => {
             // A chunk missing from the map: reload it for the next pass.
             let _ = files.source().reload();
-            release_all(&wants);
+            unqueue_all(&wants);
             outstanding.add();
             outstanding.finish(Some(e.to_string()));
             return;
@@ -215,12 +215,22 @@ fn dispatch(
             wants: job_wants,
         };
         if let Err(e) = tx.send(job) {
-            release_all(&e.0.wants);
+            unqueue_all(&e.0.wants);
             outstanding.finish(None);
         }
     }
 }
 
+/// Give up chunks queued and not asked for.
+fn unqueue_all(wants: &[Vec<(Arc<LiveFile>, u64)>]) {
+    for w in wants {
+        for (f, i) in w {
+            f.unqueue(&[*i]);
+        }
+    }
+}
+
+/// Give back chunks asked for and not written.
 fn release_all(wants: &[Vec<(Arc<LiveFile>, u64)>]) {
     for w in wants {
         for (f, i) in w {
@@ -235,13 +245,22 @@ fn fetcher(files: &Files, rx: &Receiver<Job>, outstanding: &Outstanding) {
     let Ok(mut dctx) = zstd::bulk::Decompressor::new() else {
         // Without zstd nothing can be fetched: leave the work to others.
         for job in rx.iter() {
-            release_all(&job.wants);
+            unqueue_all(&job.wants);
             outstanding.finish(Some("cannot start zstd".into()));
         }
         return;
     };
     let (mut buf, mut out) = (Vec::new(), Vec::new());
-    for job in rx.iter() {
+    for mut job in rx.iter() {
+        // Only now are the chunks hydration's: a reader may have taken
+        // some over while the job waited.
+        for w in &mut job.wants {
+            w.retain(|(f, i)| f.start(*i));
+        }
+        if job.wants.iter().all(Vec::is_empty) {
+            outstanding.finish(None);
+            continue;
+        }
         let result = fetch(files, &job, &mut buf, &mut out, &mut dctx);
         if result.is_err() {
             release_all(&job.wants);
@@ -268,6 +287,9 @@ fn fetch(
         .background_end(got.is_ok().then_some(buf.len() as u64));
     got?;
     for c in &job.read.chunks {
+        if job.wants[c.slot].is_empty() {
+            continue;
+        }
         let w = &job.wanted[c.slot];
         source.open(w, frame(buf, &job.read, c), dctx, out)?;
         for (f, i) in &job.wants[c.slot] {

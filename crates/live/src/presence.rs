@@ -3,11 +3,14 @@
 //! what it makes local by overwriting it.
 //!
 //! A chunk is `Absent` (its bytes are still only in the store; the backing
-//! file has a hole there), `Fetching` (someone claimed it and will settle
-//! it), or `Present` (the backing file holds the right bytes: fetched, or
-//! written by the node). Only the claimer of a chunk writes it, and only
-//! while it is `Fetching`; nobody ever makes a `Present` chunk anything
-//! else. That is what keeps hydration from overwriting the node's writes.
+//! file has a hole there), `Queued` (hydration means to fetch it, but has
+//! not asked the store yet: a reader may take it over), `Fetching`
+//! (someone asked the store and will settle it), or `Present` (the backing
+//! file holds the right bytes: fetched, or written by the node). Only the
+//! claimer of a chunk writes it, and only while it is `Fetching`; nobody
+//! ever makes a `Present` chunk anything else. That is what keeps
+//! hydration from overwriting the node's writes, and `Queued` is what
+//! keeps a reader from waiting behind hydration's whole queue.
 
 use std::ops::Range;
 
@@ -16,6 +19,8 @@ use std::ops::Range;
 pub enum State {
     /// Only in the store.
     Absent,
+    /// Hydration will fetch it; a reader may claim it first.
+    Queued,
     /// Claimed; its claimer settles it.
     Fetching,
     /// Right in the backing file.
@@ -83,7 +88,7 @@ impl Presence {
 
     /// Whether every chunk is present.
     pub fn complete(&self) -> bool {
-        self.absent == 0 && !self.states.contains(&State::Fetching)
+        self.absent == 0 && self.states.iter().all(|s| *s == State::Present)
     }
 
     /// Chunks still `Absent`.
@@ -91,7 +96,8 @@ impl Presence {
         self.absent
     }
 
-    /// Claim the absent chunks among `chunks` for the caller.
+    /// Claim the absent (or only queued) chunks among `chunks` for the
+    /// caller, who fetches them now.
     pub fn claim(&mut self, chunks: Range<u64>) -> Claim {
         let mut claim = Claim::default();
         for i in chunks {
@@ -101,11 +107,49 @@ impl Presence {
                     self.absent -= 1;
                     claim.mine.push(i);
                 }
+                Some(s @ State::Queued) => {
+                    *s = State::Fetching;
+                    claim.mine.push(i);
+                }
                 Some(State::Fetching) => claim.wait = true,
                 Some(State::Present) | None => {}
             }
         }
         claim
+    }
+
+    /// Queue the absent chunks among `chunks` for hydration.
+    pub fn queue(&mut self, chunks: Range<u64>) -> Vec<u64> {
+        let mut queued = Vec::new();
+        for i in chunks {
+            if let Some(s @ State::Absent) = self.states.get_mut(i as usize) {
+                *s = State::Queued;
+                self.absent -= 1;
+                queued.push(i);
+            }
+        }
+        queued
+    }
+
+    /// Hydration is about to ask the store for queued chunk `i`: `true` if
+    /// it is still queued (and now hydration's to settle), `false` if a
+    /// reader or the node took it meanwhile.
+    pub fn start(&mut self, i: u64) -> bool {
+        match self.states.get_mut(i as usize) {
+            Some(s @ State::Queued) => {
+                *s = State::Fetching;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Hydration gives queued chunk `i` up without asking for it.
+    pub fn unqueue(&mut self, i: u64) {
+        if let Some(s @ State::Queued) = self.states.get_mut(i as usize) {
+            *s = State::Absent;
+            self.absent += 1;
+        }
     }
 
     /// The caller's claim on chunk `i` ends: `Present` if it wrote it,
@@ -134,9 +178,9 @@ impl Presence {
         }
         for s in &mut self.states[range] {
             if *s == State::Absent {
-                *s = State::Present;
                 self.absent -= 1;
             }
+            *s = State::Present;
         }
         true
     }
@@ -262,6 +306,24 @@ mod tests {
         assert!(p.complete());
     }
 
+    #[test]
+    fn a_reader_takes_over_what_hydration_only_queued() {
+        let mut p = Presence::new(3, |_| false);
+        assert_eq!(p.queue(0..3), vec![0, 1, 2]);
+        assert!(p.start(0), "hydration asks for chunk 0");
+        let reader = p.claim(0..2);
+        assert_eq!(reader.mine, vec![1], "the reader takes chunk 1 over");
+        assert!(reader.wait, "and waits for chunk 0, already asked for");
+        assert!(!p.start(1), "hydration skips what the reader took");
+        assert!(p.cover(2..3), "the node overwrites a queued chunk");
+        assert!(!p.start(2));
+        p.settle(0, true);
+        p.settle(1, true);
+        assert!(p.complete());
+        p.unqueue(2);
+        assert!(p.complete(), "unqueueing a present chunk changes nothing");
+    }
+
     proptest! {
         /// Edges and covered chunks are exactly the touched chunks; a
         /// covered chunk lies wholly inside the write (or its existing
@@ -301,7 +363,7 @@ mod tests {
         /// Whatever the sequence of claims, settles and covers, a present
         /// chunk stays present and the absent count matches the states.
         #[test]
-        fn present_is_forever(ops in prop::collection::vec((0u8..3, 0u64..12, 0u64..12, any::<bool>()), 0..60)) {
+        fn present_is_forever(ops in prop::collection::vec((0u8..6, 0u64..12, 0u64..12, any::<bool>()), 0..60)) {
             let mut p = Presence::new(10, |i| i % 4 == 0);
             for (op, a, b, ok) in ops {
                 let before = p.clone();
@@ -309,6 +371,9 @@ mod tests {
                 match op {
                     0 => { p.claim(r); }
                     1 => p.settle(a, ok),
+                    2 => { p.queue(r); }
+                    3 => { p.start(a); }
+                    4 => p.unqueue(a),
                     _ => { p.cover(r); }
                 }
                 for i in 0..10 {

@@ -46,6 +46,8 @@ use crate::LiveError;
 
 /// The session file in the state directory.
 const SESSION: &str = "session.json";
+/// How long `finish` waits for a busy mount to become idle.
+const BUSY_GRACE: Duration = Duration::from_secs(5);
 /// How often what is local is made durable and journalled.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
@@ -351,6 +353,7 @@ pub fn serve(
             source: e,
         }
     })?;
+    let passthrough = fs.passthrough_flag();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(mount::SOURCE.into()),
@@ -371,11 +374,16 @@ pub fn serve(
         source: e,
     })?;
     eprintln!(
-        "ready: {} serves {name} ({entries} entries, {} of data, {} still to fetch) after {:.1}s",
+        "ready: {} serves {name} ({entries} entries, {} of data, {} still to fetch) after {:.1}s; {}",
         dir.display(),
         human(total_bytes),
         human(files.absent_bytes()),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        if passthrough.load(Ordering::Relaxed) {
+            "local files are passed through to the kernel"
+        } else {
+            "no FUSE passthrough (Linux 6.9+ has it): every read goes through this server"
+        }
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
@@ -386,7 +394,17 @@ pub fn serve(
     let hydrator = {
         let (files, stop, tx) = (Arc::clone(&files), stop.clone(), tx.clone());
         std::thread::spawn(move || {
+            // The node comes first: hydration (and the fetchers it starts)
+            // gets what CPU and disk the node leaves.
+            if let Err(e) = btm::sys::lower_thread_priority() {
+                tracing::debug!(error = %e, "cannot lower hydration's priority");
+            }
             if crate::hydrate::hydrate(&files, &order, &stop) {
+                // Durable at once: files leave the live set, and opens from
+                // now on are passed through to the kernel.
+                if let Err(e) = files.checkpoint() {
+                    tracing::error!(error = %e, "checkpoint after hydration failed");
+                }
                 let _ = tx.send(Event::Hydrated);
             }
         })
@@ -517,7 +535,7 @@ fn main_loop(
         if let Err(e) = shared.files.checkpoint() {
             tracing::error!(error = %e, "checkpoint before finishing failed");
         }
-        match nix::mount::umount2(dir, nix::mount::MntFlags::empty()) {
+        match unmount_when_idle(dir) {
             Ok(()) => return Outcome::Finished(waiting),
             Err(e) => {
                 let why = if e == nix::errno::Errno::EBUSY {
@@ -536,6 +554,21 @@ fn main_loop(
                 }
                 shared.finishing.store(false, Ordering::Relaxed);
             }
+        }
+    }
+}
+
+/// Unmount `dir`, allowing processes that are exiting (the node just
+/// stopped) a few seconds to close what they had open; a mount still busy
+/// after that is left mounted.
+fn unmount_when_idle(dir: &Path) -> Result<(), nix::errno::Errno> {
+    let t = Instant::now();
+    loop {
+        match nix::mount::umount2(dir, nix::mount::MntFlags::empty()) {
+            Err(nix::errno::Errno::EBUSY) if t.elapsed() < BUSY_GRACE => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => return r,
         }
     }
 }
