@@ -17,6 +17,7 @@ ZSH_COMPLETION=/usr/local/share/zsh/site-functions/_btm
 FISH_COMPLETION=/usr/local/share/fish/vendor_completions.d/btm.fish
 UNIT_DIR=/etc/systemd/system
 UNIT_DEST=$UNIT_DIR/btm-daemon.service
+LIVE_UNIT_DEST=$UNIT_DIR/btm-live@.service
 DROPIN_DIR=$UNIT_DIR/btm-daemon.service.d
 CONFIG_DIR=/etc/btm
 CONFIG_DEST=$CONFIG_DIR/btm.toml
@@ -173,7 +174,7 @@ if [ "$uninstall" -eq 1 ]; then
     if have_systemd; then
         run systemctl disable --now "$SERVICE" || true
     fi
-    run rm -f "$BIN_DEST" "$UNIT_DEST" "$HOOK_DEST" "$MAN_DIR"/btm.1 "$MAN_DIR"/btm-*.1 \
+    run rm -f "$BIN_DEST" "$UNIT_DEST" "$LIVE_UNIT_DEST" "$HOOK_DEST" "$MAN_DIR"/btm.1 "$MAN_DIR"/btm-*.1 \
         "$BASH_COMPLETION" "$ZSH_COMPLETION" "$FISH_COMPLETION"
     run rm -rf "$DROPIN_DIR"
     if have_systemd; then
@@ -356,6 +357,10 @@ install_file() { # mode source destination
 
 install_file 0755 "$HERE/btm" "$BIN_DEST"
 install_file 0644 "$HERE/btm-daemon.service" "$UNIT_DEST"
+# The live-restore template (docs/live-restore.md); nothing starts it.
+if [ -f "$HERE/btm-live@.service" ]; then
+    install_file 0644 "$HERE/btm-live@.service" "$LIVE_UNIT_DEST"
+fi
 if [ -f "$HERE/btm-preupgrade.sh" ]; then
     install_file 0755 "$HERE/btm-preupgrade.sh" "$HOOK_DEST"
 fi

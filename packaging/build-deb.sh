@@ -26,6 +26,8 @@ install -D -m 0755 "$bin" "$root/usr/bin/btm"
 install -d "$root/lib/systemd/system"
 sed 's#/usr/local/bin/btm#/usr/bin/btm#g' systemd/btm-daemon.service >"$root/lib/systemd/system/btm-daemon.service"
 chmod 0644 "$root/lib/systemd/system/btm-daemon.service"
+sed 's#/usr/local/bin/btm#/usr/bin/btm#g' 'systemd/btm-live@.service' >"$root/lib/systemd/system/btm-live@.service"
+chmod 0644 "$root/lib/systemd/system/btm-live@.service"
 install -D -m 0644 btm.toml.example "$root/etc/btm/btm.toml"
 install -D -m 0755 packaging/cosmovisor/btm-preupgrade.sh "$root/usr/lib/btm/btm-preupgrade.sh"
 # Man pages and completions, generated from the binary's own flags.

@@ -29,6 +29,7 @@ mkdir "$pkg"
 install -m 0755 "$bin" "$pkg/btm"
 install -m 0755 install.sh "$pkg/install.sh"
 install -m 0644 systemd/btm-daemon.service "$pkg/btm-daemon.service"
+install -m 0644 'systemd/btm-live@.service' "$pkg/btm-live@.service"
 install -m 0644 btm.toml.example "$pkg/btm.toml.example"
 install -m 0755 packaging/cosmovisor/btm-preupgrade.sh "$pkg/btm-preupgrade.sh"
 # Man pages and completions, generated from the binary's own flags.

@@ -375,6 +375,8 @@ fn the_package_installs_and_runs_under_systemd() {
     );
     assert!(out.contains("active (running)"), "{out}");
     c.ok("systemd-analyze verify /etc/systemd/system/btm-daemon.service");
+    // The live-restore template is installed beside it, and valid.
+    c.ok("systemd-analyze verify btm-live@node.service");
     assert_eq!(c.show("Type"), "notify");
     assert_eq!(c.show("NotifyAccess"), "main");
     assert_eq!(c.show("ActiveState"), "active");

@@ -52,6 +52,74 @@ pub fn render(s: &Status) -> String {
     out
 }
 
+/// Live restores running on this machine (`btm restore --live`), one
+/// series per served directory.
+pub fn render_live(live: &[btm_live::Status]) -> String {
+    type Field = fn(&btm_live::Status) -> f64;
+    let metrics: [(&str, &str, &str, Field); 8] = [
+        (
+            "btm_live_present_bytes",
+            "Bytes of the backup local now.",
+            "gauge",
+            |s| s.present_bytes as f64,
+        ),
+        (
+            "btm_live_total_bytes",
+            "Bytes of the backup's data.",
+            "gauge",
+            |s| s.total_bytes as f64,
+        ),
+        (
+            "btm_live_files_left",
+            "Files not wholly local yet.",
+            "gauge",
+            |s| s.files_left as f64,
+        ),
+        (
+            "btm_live_demand_bytes_total",
+            "Bytes fetched on demand by reads through the mount.",
+            "counter",
+            |s| s.demand_bytes as f64,
+        ),
+        (
+            "btm_live_demand_latency_seconds_mean",
+            "Mean time an on-demand fetch took.",
+            "gauge",
+            |s| s.demand_latency_ms / 1000.0,
+        ),
+        (
+            "btm_live_demand_failures_total",
+            "Reads through the mount that failed with EIO.",
+            "counter",
+            |s| s.demand_failures as f64,
+        ),
+        (
+            "btm_live_background_bytes_total",
+            "Bytes fetched by background hydration.",
+            "counter",
+            |s| s.background_bytes as f64,
+        ),
+        (
+            "btm_live_waiting",
+            "1 while hydration waits for the store.",
+            "gauge",
+            |s| f64::from(u8::from(s.waiting.is_some())),
+        ),
+    ];
+    let mut out = String::new();
+    if live.is_empty() {
+        return out;
+    }
+    for (name, help, kind, f) in metrics {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for s in live {
+            let dir = s.dir.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(out, "{name}{{dir=\"{dir}\"}} {}", f(s));
+        }
+    }
+    out
+}
+
 /// One sample: name, help, type, and the value (none: not exported).
 type Metric = (&'static str, &'static str, &'static str, Option<f64>);
 
@@ -321,7 +389,14 @@ async fn answer(mut stream: TcpStream, state: Option<&State>) -> std::io::Result
     let request = String::from_utf8_lossy(&buf[..n]);
     let (status, body) = if request.starts_with("GET /metrics ") || request.starts_with("GET / ") {
         match state {
-            Some(state) => ("200 OK", render(&state.status())),
+            Some(state) => {
+                let live = tokio::task::spawn_blocking(btm_live::control::statuses)
+                    .await
+                    .unwrap_or_default();
+                let mut body = render(&state.status());
+                body.push_str(&render_live(&live));
+                ("200 OK", body)
+            }
             None => (
                 "503 Service Unavailable",
                 "the daemon is starting\n".to_owned(),
@@ -480,5 +555,27 @@ mod shipped_monitoring {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_restores_are_one_series_per_directory() {
+        assert_eq!(render_live(&[]), "");
+        let st = |dir: &str, present| btm_live::Status {
+            dir: dir.into(),
+            present_bytes: present,
+            total_bytes: 10,
+            waiting: Some("the store failed".into()),
+            ..btm_live::Status::default()
+        };
+        let out = render_live(&[st("/var/lib/node", 5), st("/data/a\"b", 10)]);
+        assert!(out.contains("btm_live_present_bytes{dir=\"/var/lib/node\"} 5\n"), "{out}");
+        assert!(out.contains("btm_live_present_bytes{dir=\"/data/a\\\"b\"} 10\n"), "{out}");
+        assert!(out.contains("btm_live_waiting{dir=\"/var/lib/node\"} 1\n"), "{out}");
+        assert_eq!(out.matches("# TYPE btm_live_total_bytes gauge").count(), 1);
     }
 }

@@ -110,6 +110,31 @@ pub fn status(dir: &Path) -> Result<Status, LiveError> {
     })
 }
 
+/// The status of every live restore running on this machine (those whose
+/// socket answers within a second), for the daemon's metrics.
+pub fn statuses() -> Vec<Status> {
+    let Ok(entries) = std::fs::read_dir(run_dir()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.filter_map(Result::ok) {
+        let Ok(mut s) = UnixStream::connect(e.path()) else {
+            continue;
+        };
+        let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(1)));
+        if writeln!(s, "status").is_err() {
+            continue;
+        }
+        let mut line = String::new();
+        if BufReader::new(s).read_line(&mut line).is_ok() {
+            if let Ok(st) = serde_json::from_str::<Status>(&line) {
+                out.push(st);
+            }
+        }
+    }
+    out
+}
+
 /// Read one request line.
 pub fn read_request(stream: &UnixStream) -> Option<String> {
     let mut l = String::new();

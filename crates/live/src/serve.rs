@@ -233,6 +233,7 @@ fn remove_children(dir: std::os::fd::BorrowedFd<'_>, top: bool) -> Result<(), ni
 /// What the threads of a run share.
 struct Shared {
     files: Arc<Files>,
+    dir: String,
     backup: String,
     hydrated: AtomicBool,
     finishing: AtomicBool,
@@ -249,6 +250,7 @@ impl Shared {
         };
         let files = &self.files;
         files.stats.status(
+            &self.dir,
             &self.backup,
             state,
             files.count() as u64,
@@ -341,6 +343,7 @@ pub fn serve(
     ));
     let shared = Arc::new(Shared {
         files: Arc::clone(&files),
+        dir: mount::absolute(&dir).display().to_string(),
         backup: name.to_owned(),
         hydrated: AtomicBool::new(false),
         finishing: AtomicBool::new(false),

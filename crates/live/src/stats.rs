@@ -43,6 +43,9 @@ struct Rates {
 /// What `btm live status` shows, as JSON.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Status {
+    /// The directory served.
+    #[serde(default)]
+    pub dir: String,
     /// The backup served.
     pub backup: String,
     /// `hydrating`, `hydrated` or `finishing`.
@@ -169,11 +172,19 @@ impl Stats {
 
     /// The figures now, `absent` bytes and `files_left` files still to
     /// fetch.
-    pub fn status(&self, backup: &str, state: &str, files_left: u64, absent: u64) -> Status {
+    pub fn status(
+        &self,
+        dir: &str,
+        backup: &str,
+        state: &str,
+        files_left: u64,
+        absent: u64,
+    ) -> Status {
         let r = self.rates.lock().unwrap_or_else(|p| p.into_inner());
         let fetches = self.demand_fetches.load(Ordering::Relaxed);
         let total = self.total_bytes.load(Ordering::Relaxed);
         Status {
+            dir: dir.to_owned(),
             backup: backup.to_owned(),
             state: state.to_owned(),
             present_bytes: total.saturating_sub(absent),
