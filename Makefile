@@ -37,6 +37,7 @@ bench:
 	./scripts/bench-sizes.sh
 	./scripts/bench-scale.sh
 	./scripts/bench-export.sh
+	./scripts/bench-live.sh
 
 clean:
 	$(CARGO) clean

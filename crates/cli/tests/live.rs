@@ -625,9 +625,9 @@ fn a_store_that_goes_away_gives_eio_never_wrong_bytes_and_hydration_resumes() {
     // The end of the cold file comes late in hydration's order.
     let cold = live.join("cold/blocks.dat");
     let t = Instant::now();
-    let mut f = std::fs::File::open(&cold).expect("open");
+    let f = std::fs::File::open(&cold).expect("open");
     let mut buf = vec![0u8; 4096];
-    let got = std::os::unix::fs::FileExt::read_exact_at(&mut f, &mut buf, 95 * MIB);
+    let got = std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 95 * MIB);
     let err = got.expect_err("a read with the store gone succeeded");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert!(
@@ -694,21 +694,12 @@ fn bad_targets_are_refused_with_one_line_and_nothing_is_mounted() {
         e.contains("not empty") && e.contains("plain `btm restore`"),
         "{e}"
     );
-    // Already a mount point.
-    let mnt = s.join("mnt");
-    std::fs::create_dir_all(&mnt).expect("mnt");
-    common::sh(
-        "mount",
-        &["-t", "tmpfs", "tmpfs", mnt.to_str().expect("utf8")],
-    );
-    let _unmount = common::Guard::new({
-        let m = mnt.clone();
-        move || {
-            let _ = Command::new("umount").arg(&m).status();
-        }
-    });
-    let e = live(&mnt, &[]).fails(1);
-    assert!(e.contains("already a mount point"), "{e}");
+    // Already served by a live restore.
+    let served = s.join("served");
+    let server = Server::start(s, &served, &["-s", store], &[]);
+    let e = live(&served, &[]).fails(1);
+    assert!(e.contains("already a FUSE mount"), "{e}");
+    drop(server);
     // A backup that does not exist, a store that does not: nothing mounted.
     let empty = s.join("empty");
     let e = live(&empty, &["no-such-backup"]).fails(1);
@@ -779,5 +770,62 @@ fn a_corrupt_chunk_is_never_served() {
     assert!(
         st["demand_failures"].as_u64().unwrap_or(0) > 0 || st["waiting"].is_string(),
         "{st}"
+    );
+}
+
+#[test]
+fn a_full_disk_gives_enospc_to_the_writer_and_corrupts_nothing() {
+    let tmp = scratch();
+    let s = tmp.path();
+    let src = s.join("src");
+    std::fs::create_dir_all(&src).expect("src");
+    write_noise(&src.join("data"), 16 * MIB);
+    let store = s.join("store");
+    let store = store.to_str().expect("utf8");
+    common::btm(s, &["backup", src.to_str().expect("utf8"), "-s", store]).ok();
+    // A 24 MiB file system: the backup's 16 MiB and the node's 16 MiB do
+    // not both fit.
+    let small = s.join("small");
+    std::fs::create_dir_all(&small).expect("small");
+    common::sh(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=24m",
+            "tmpfs",
+            small.to_str().expect("utf8"),
+        ],
+    );
+    let _unmount = common::Guard::new({
+        let m = small.clone();
+        move || {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&m)
+                .stderr(Stdio::null())
+                .status();
+        }
+    });
+    // The target is the file system's own mount point, as a dataset's is.
+    let live = small.clone();
+    let mut server = Server::start(s, &live, &["-s", store], &[]);
+    let big = live.join("node-file");
+    let err = std::fs::write(&big, noise(16 * MIB)).expect_err("16 MiB more fit in 24 MiB");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    std::fs::remove_file(&big).expect("remove");
+    let out = common::btm(s, &["live", "finish", live.to_str().expect("utf8")]).ok();
+    assert!(out.contains("finished"), "{out}");
+    assert_eq!(
+        server.wait_exit(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        server.log()
+    );
+    assert_eq!(
+        sha(&live.join("data")),
+        sha(&src.join("data")),
+        "the backup's data was damaged"
     );
 }

@@ -573,9 +573,18 @@ mod tests {
             ..btm_live::Status::default()
         };
         let out = render_live(&[st("/var/lib/node", 5), st("/data/a\"b", 10)]);
-        assert!(out.contains("btm_live_present_bytes{dir=\"/var/lib/node\"} 5\n"), "{out}");
-        assert!(out.contains("btm_live_present_bytes{dir=\"/data/a\\\"b\"} 10\n"), "{out}");
-        assert!(out.contains("btm_live_waiting{dir=\"/var/lib/node\"} 1\n"), "{out}");
+        assert!(
+            out.contains("btm_live_present_bytes{dir=\"/var/lib/node\"} 5\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("btm_live_present_bytes{dir=\"/data/a\\\"b\"} 10\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("btm_live_waiting{dir=\"/var/lib/node\"} 1\n"),
+            "{out}"
+        );
         assert_eq!(out.matches("# TYPE btm_live_total_bytes gauge").count(), 1);
     }
 }

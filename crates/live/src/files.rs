@@ -4,7 +4,7 @@
 //! Every path that touches a live file's bytes comes through here: a read
 //! through the mount ([`Files::ensure`]), a write, truncate or hole punch
 //! ([`Files::before_write`], [`Files::before_truncate`]), and background
-//! hydration ([`Files::fill`]). The rules of [`crate::presence`] keep them
+//! hydration ([`LiveFile::fill`]). The rules of [`crate::presence`] keep them
 //! apart: a chunk is written from the store only by whoever claimed it,
 //! and never once the node has overwritten it.
 //!
@@ -43,6 +43,15 @@ const DEMAND_GAP: u64 = 64 << 10;
 /// a hole there already).
 const SPARSE_BLOCK: usize = 4096;
 
+/// A backing file, open for reading and writing, and its inode number.
+#[derive(Debug)]
+pub struct Backing {
+    /// The file.
+    pub file: File,
+    /// Its inode number in the backing file system.
+    pub ino: u64,
+}
+
 /// One backup file not wholly local yet.
 pub struct LiveFile {
     /// Its place in the backup's stream of files: the journal's key.
@@ -76,28 +85,26 @@ struct Inner {
 }
 
 impl LiveFile {
-    /// A live file over backing `file` (inode `ino`), its chunks present
-    /// where `present` says so.
+    /// Backup file `id` (`path`, `chunks` of `chunk_size`) not local yet,
+    /// over `backing`; fills keep modification time `mtime`. Its empty
+    /// chunks are present from the start; an earlier run's journal adds
+    /// more ([`LiveFile::mark_present`]).
     pub fn new(
         id: u64,
         path: String,
         chunks: Vec<ChunkRef>,
         chunk_size: u64,
-        file: File,
-        ino: u64,
+        backing: Backing,
         mtime: TimeSpec,
-        present: impl Fn(u64) -> bool,
     ) -> Self {
-        let presence = Presence::new(chunks.len(), |i| {
-            chunks[i as usize].hash.is_none() || present(i)
-        });
+        let presence = Presence::new(chunks.len(), |i| chunks[i as usize].hash.is_none());
         LiveFile {
             id,
             path,
             chunks: chunks.into_boxed_slice(),
             chunk_size,
-            file,
-            ino,
+            file: backing.file,
+            ino: backing.ino,
             inner: Mutex::new(Inner {
                 presence,
                 pending: Vec::new(),

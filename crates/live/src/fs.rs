@@ -59,6 +59,16 @@ enum Handle {
     Dir(Vec<(u64, FileType, OsString)>),
 }
 
+/// What a `setattr` changes.
+struct Changes {
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    size: Option<u64>,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+}
+
 /// How an inode's opens are served: the kernel refuses to mix modes.
 #[derive(Default)]
 struct Modes {
@@ -409,18 +419,13 @@ impl LiveFs {
     fn setattr_inner(
         &self,
         ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
+        c: Changes,
         fh: Option<FileHandle>,
     ) -> Result<FileAttr, Errno> {
         let fd = self.node(ino)?;
         let path = proc_path(fd.as_fd());
         let live = self.files.get(self.swap(ino.0));
-        if let Some(size) = size {
+        if let Some(size) = c.size {
             if let Some(l) = &live {
                 self.files.before_truncate(l, size).map_err(errno)?;
             }
@@ -433,17 +438,17 @@ impl LiveFs {
                 _ => nix::unistd::truncate(path.as_c_str(), size as i64).map_err(errno)?,
             }
         }
-        if uid.is_some() || gid.is_some() {
+        if c.uid.is_some() || c.gid.is_some() {
             nix::unistd::fchownat(
                 fd.as_fd(),
                 "",
-                uid.map(Into::into),
-                gid.map(Into::into),
+                c.uid.map(Into::into),
+                c.gid.map(Into::into),
                 AtFlags::AT_EMPTY_PATH,
             )
             .map_err(errno)?;
         }
-        if let Some(mode) = mode {
+        if let Some(mode) = c.mode {
             nix::sys::stat::fchmodat(
                 nix::fcntl::AT_FDCWD,
                 path.as_c_str(),
@@ -452,10 +457,10 @@ impl LiveFs {
             )
             .map_err(errno)?;
         }
-        if atime.is_some() || mtime.is_some() {
+        if c.atime.is_some() || c.mtime.is_some() {
             let omit = nix::sys::time::TimeSpec::UTIME_OMIT;
-            let a = atime.map_or(omit, timespec_of);
-            let m = mtime.map_or(omit, timespec_of);
+            let a = c.atime.map_or(omit, timespec_of);
+            let m = c.mtime.map_or(omit, timespec_of);
             nix::sys::stat::utimensat(
                 nix::fcntl::AT_FDCWD,
                 path.as_c_str(),
@@ -553,7 +558,15 @@ impl Filesystem for LiveFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.setattr_inner(ino, mode, uid, gid, size, atime, mtime, fh) {
+        let changes = Changes {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        };
+        match self.setattr_inner(ino, changes, fh) {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(e),
         }

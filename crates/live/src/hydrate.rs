@@ -37,11 +37,14 @@ const READ_PATIENCE: Duration = Duration::from_secs(30);
 /// The longest wait between passes after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Who wants one chunk: live files and the chunk's index in each.
+type Wants = Vec<(Arc<LiveFile>, u64)>;
+
 /// The claims one read serves: for each chunk, who wants it.
 struct Job {
     read: Read,
     wanted: Vec<Wanted>,
-    wants: Vec<Vec<(Arc<LiveFile>, u64)>>,
+    wants: Vec<Wants>,
 }
 
 /// Reads sent and not yet done, and whether one failed in this pass.
@@ -136,7 +139,7 @@ fn pass(
     outstanding: &Outstanding,
     stop: &Cancel,
 ) -> bool {
-    let mut window: HashMap<Id, (Wanted, Vec<(Arc<LiveFile>, u64)>)> = HashMap::new();
+    let mut window: HashMap<Id, (Wanted, Wants)> = HashMap::new();
     let mut bytes = 0;
     let mut claimed = false;
     for f in order {
@@ -172,15 +175,14 @@ fn pass(
 /// released.
 fn dispatch(
     files: &Files,
-    window: HashMap<Id, (Wanted, Vec<(Arc<LiveFile>, u64)>)>,
+    window: HashMap<Id, (Wanted, Wants)>,
     tx: &Sender<Job>,
     outstanding: &Outstanding,
 ) {
     if window.is_empty() {
         return;
     }
-    let (wanted, mut wants): (Vec<Wanted>, Vec<Vec<(Arc<LiveFile>, u64)>>) =
-        window.into_values().unzip();
+    let (wanted, mut wants): (Vec<Wanted>, Vec<Wants>) = window.into_values().unzip();
     let reads = match files.source().plan(&wanted, MAX_GAP, MAX_RANGE) {
         Ok(r) => r,
         Err(e) => {
@@ -222,7 +224,7 @@ fn dispatch(
 }
 
 /// Give up chunks queued and not asked for.
-fn unqueue_all(wants: &[Vec<(Arc<LiveFile>, u64)>]) {
+fn unqueue_all(wants: &[Wants]) {
     for w in wants {
         for (f, i) in w {
             f.unqueue(&[*i]);
@@ -231,7 +233,7 @@ fn unqueue_all(wants: &[Vec<(Arc<LiveFile>, u64)>]) {
 }
 
 /// Give back chunks asked for and not written.
-fn release_all(wants: &[Vec<(Arc<LiveFile>, u64)>]) {
+fn release_all(wants: &[Wants]) {
     for w in wants {
         for (f, i) in w {
             f.release(&[*i]);

@@ -39,8 +39,8 @@ pub enum LiveError {
     /// The target holds something that is not an unfinished live restore.
     #[error("{0} is not empty; a live restore needs an empty directory (a plain `btm restore` updates an existing node in place)")]
     NotEmpty(String),
-    /// Something is mounted on the target already.
-    #[error("{0} is already a mount point; a live restore mounts over an empty directory (a plain `btm restore` updates an existing node in place)")]
+    /// A FUSE file system (another live restore, say) serves the target.
+    #[error("{0} is already a FUSE mount (is a live restore serving it? `btm live status` says); a live restore mounts over an empty directory (a plain `btm restore` updates an existing node in place)")]
     Mounted(String),
     /// FUSE is missing or not allowed.
     #[error("{0}; a plain `btm restore` works without it")]

@@ -1,6 +1,9 @@
-//! What is mounted where: a live restore refuses a target that is a mount
-//! point, except the dead mount a killed live restore left, which it
-//! clears and resumes under.
+//! What is mounted where. A target that is the mount point of a disk file
+//! system is the usual case (a ZFS dataset, an XFS volume): the live
+//! restore mounts over it and serves from it. A target that is already a
+//! FUSE mount (a live restore serving it, or anything else) is refused,
+//! except the dead mount a killed live restore left, which is cleared and
+//! resumed under.
 
 use std::path::{Path, PathBuf};
 
@@ -63,13 +66,17 @@ pub fn mounted_at(dir: &Path) -> Option<(String, String)> {
 
 /// Clear a dead live-restore mount at `dir` (its server was killed): the
 /// node's reads there fail anyway, and the backing tree under it holds
-/// everything needed to go on. Any other mount is refused.
+/// everything needed to go on. A live FUSE mount, or a dead one of
+/// something else, is refused; a disk file system's mount point is fine.
 pub fn clear_dead(dir: &Path) -> Result<bool, LiveError> {
     let Some((fstype, source)) = mounted_at(dir) else {
         return Ok(false);
     };
+    if !fstype.starts_with("fuse") {
+        return Ok(false);
+    }
     let dead = matches!(std::fs::symlink_metadata(dir), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
-    if !fstype.starts_with("fuse") || source != SOURCE || !dead {
+    if source != SOURCE || !dead {
         return Err(LiveError::Mounted(dir.display().to_string()));
     }
     nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH).map_err(|e| LiveError::Mount {

@@ -88,7 +88,7 @@ mod tests {
         /// early one.
         #[test]
         fn early_files_never_wait_for_late_ones(
-            files in prop::collection::vec((prop::collection::vec(b'a'..b'z', 1..8), 0u64..(4 << 20), any::<i64>()), 0..40)
+            files in prop::collection::vec((prop::collection::vec(b'a'..=b'z', 1..8), 0u64..(4 << 20), any::<i64>()), 0..40)
         ) {
             let cands: Vec<Candidate<'_>> = files
                 .iter()

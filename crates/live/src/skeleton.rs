@@ -21,7 +21,7 @@ use nix::fcntl::{openat, AtFlags, OFlag};
 use nix::sys::stat::{fstatat, Mode};
 use nix::sys::time::TimeSpec;
 
-use crate::files::{LiveFile, MARK};
+use crate::files::{Backing, LiveFile, MARK};
 use crate::journal::Replayed;
 use crate::LiveError;
 
@@ -263,10 +263,8 @@ fn finish_file(
         p.entry.display().into_owned(),
         p.chunks,
         chunk_size,
-        file,
-        ino,
+        Backing { file, ino },
         mtime,
-        |_| false,
     )));
     Ok(())
 }
