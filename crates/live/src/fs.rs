@@ -294,6 +294,31 @@ impl LiveFs {
         .map_err(errno)
     }
 
+    /// Make entry `name` in `parent` with `make`, give it the caller's
+    /// owner, and answer with it.
+    fn make(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: ReplyEntry,
+        make: impl FnOnce(BorrowedFd<'_>) -> nix::Result<()>,
+    ) {
+        let r = (|| {
+            if Self::hidden(parent, name) {
+                return Err(Errno::EPERM);
+            }
+            let pfd = self.node(parent)?;
+            make(pfd.as_fd()).map_err(errno)?;
+            self.own(req, pfd.as_fd(), name)?;
+            self.lookup_entry(parent, name)
+        })();
+        match r {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
     /// The backing inode `name` in `parent` refers to, if any.
     fn ino_at(parent: BorrowedFd<'_>, name: &OsStr) -> Option<u64> {
         fstatat(parent, name, AtFlags::AT_SYMLINK_NOFOLLOW)
@@ -592,27 +617,11 @@ impl Filesystem for LiveFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = (|| {
-            if Self::hidden(parent, name) {
-                return Err(Errno::EPERM);
-            }
-            let pfd = self.node(parent)?;
-            let kind = nix::sys::stat::SFlag::from_bits_truncate(mode & libc::S_IFMT);
-            nix::sys::stat::mknodat(
-                pfd.as_fd(),
-                name,
-                kind,
-                Mode::from_bits_truncate(mode & 0o7777),
-                u64::from(rdev),
-            )
-            .map_err(errno)?;
-            self.own(req, pfd.as_fd(), name)?;
-            self.lookup_entry(parent, name)
-        })();
-        match r {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        let kind = nix::sys::stat::SFlag::from_bits_truncate(mode & libc::S_IFMT);
+        let perm = Mode::from_bits_truncate(mode & 0o7777);
+        self.make(req, parent, name, reply, |pfd| {
+            nix::sys::stat::mknodat(pfd, name, kind, perm, u64::from(rdev))
+        });
     }
 
     fn mkdir(
@@ -624,20 +633,10 @@ impl Filesystem for LiveFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let r = (|| {
-            if Self::hidden(parent, name) {
-                return Err(Errno::EPERM);
-            }
-            let pfd = self.node(parent)?;
-            nix::sys::stat::mkdirat(pfd.as_fd(), name, Mode::from_bits_truncate(mode & 0o7777))
-                .map_err(errno)?;
-            self.own(req, pfd.as_fd(), name)?;
-            self.lookup_entry(parent, name)
-        })();
-        match r {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        let perm = Mode::from_bits_truncate(mode & 0o7777);
+        self.make(req, parent, name, reply, |pfd| {
+            nix::sys::stat::mkdirat(pfd, name, perm)
+        });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -683,19 +682,9 @@ impl Filesystem for LiveFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let r = (|| {
-            if Self::hidden(parent, link_name) {
-                return Err(Errno::EPERM);
-            }
-            let pfd = self.node(parent)?;
-            nix::unistd::symlinkat(target, pfd.as_fd(), link_name).map_err(errno)?;
-            self.own(req, pfd.as_fd(), link_name)?;
-            self.lookup_entry(parent, link_name)
-        })();
-        match r {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        self.make(req, parent, link_name, reply, |pfd| {
+            nix::unistd::symlinkat(target, pfd, link_name)
+        });
     }
 
     fn rename(

@@ -101,17 +101,15 @@ struct Pending {
     chunks: Vec<ChunkRef>,
 }
 
-/// Make the skeleton of `entries` under `root` (an empty directory).
-pub fn build(
-    root: BorrowedFd<'_>,
-    mut entries: Entries<'_>,
+/// Walk `entries`: `entry` handles each entry (given the next file id)
+/// and returns the file whose chunks follow, if any; each file, once its
+/// chunks are known, becomes live if it holds data ([`finish_file`]).
+fn stream(
+    entries: &mut Entries<'_>,
     chunk_size: u64,
+    found: &HashMap<u64, (File, u64)>,
+    mut entry: impl FnMut(Entry, u64) -> Result<Option<Pending>, LiveError>,
 ) -> Result<Built, LiveError> {
-    let mut stack = Stack {
-        root,
-        open: Vec::new(),
-    };
-    let mut dirs: Vec<Entry> = Vec::new();
     let mut built = Built {
         files: Vec::new(),
         total_bytes: 0,
@@ -128,70 +126,103 @@ pub fn build(
             }
             Item::Entry(e) => {
                 if let Some(p) = current.take() {
-                    finish_file(p, chunk_size, &mut built, &HashMap::new())?;
+                    finish_file(p, chunk_size, &mut built, found)?;
                 }
                 built.entries += 1;
-                let parent = stack.parent(&e.path)?;
-                let name = OsStr::from_bytes(split_name(&e.path).1);
-                match &e.kind {
-                    EntryKind::Dir => {
-                        nix::sys::stat::mkdirat(parent, name, Mode::from_bits_truncate(0o700))
-                            .map_err(|x| io(&e.path, x.into()))?;
-                        let fd = openat(parent, name, DIR_FLAGS, Mode::empty())
-                            .map_err(|x| io(&e.path, x.into()))?;
-                        stack.open.push((e.path.clone(), fd));
-                        dirs.push(e);
-                    }
-                    EntryKind::Symlink { target } => {
-                        nix::unistd::symlinkat(OsStr::from_bytes(target), parent, name)
-                            .map_err(|x| io(&e.path, x.into()))?;
-                        nix::unistd::fchownat(
-                            parent,
-                            name,
-                            Some(e.uid.into()),
-                            Some(e.gid.into()),
-                            AtFlags::AT_SYMLINK_NOFOLLOW,
-                        )
-                        .map_err(|x| io(&e.path, x.into()))?;
-                        let ts = timespec(e.mtime_ns);
-                        nix::sys::stat::utimensat(
-                            parent,
-                            name,
-                            &ts,
-                            &ts,
-                            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-                        )
-                        .map_err(|x| io(&e.path, x.into()))?;
-                    }
-                    EntryKind::File { size } => {
-                        let fd = openat(
-                            parent,
-                            name,
-                            OFlag::O_RDWR
-                                | OFlag::O_CREAT
-                                | OFlag::O_EXCL
-                                | OFlag::O_NOFOLLOW
-                                | OFlag::O_CLOEXEC,
-                            Mode::from_bits_truncate(0o600),
-                        )
-                        .map_err(|x| io(&e.path, x.into()))?;
-                        let file = File::from(fd);
-                        file.set_len(*size).map_err(|x| io(&e.path, x))?;
-                        current = Some(Pending {
-                            entry: e,
-                            id: next_id,
-                            file: Some(file),
-                            chunks: Vec::new(),
-                        });
-                        next_id += 1;
-                    }
+                let is_file = matches!(e.kind, EntryKind::File { .. });
+                current = entry(e, next_id)?;
+                if is_file {
+                    next_id += 1;
                 }
             }
         }
     }
     if let Some(p) = current.take() {
-        finish_file(p, chunk_size, &mut built, &HashMap::new())?;
+        finish_file(p, chunk_size, &mut built, found)?;
     }
+    Ok(built)
+}
+
+/// A symlink with its owner and times, never following it.
+fn make_symlink(
+    parent: BorrowedFd<'_>,
+    name: &OsStr,
+    e: &Entry,
+    target: &[u8],
+) -> Result<(), LiveError> {
+    nix::unistd::symlinkat(OsStr::from_bytes(target), parent, name)
+        .map_err(|x| io(&e.path, x.into()))?;
+    nix::unistd::fchownat(
+        parent,
+        name,
+        Some(e.uid.into()),
+        Some(e.gid.into()),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|x| io(&e.path, x.into()))?;
+    let ts = timespec(e.mtime_ns);
+    nix::sys::stat::utimensat(
+        parent,
+        name,
+        &ts,
+        &ts,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|x| io(&e.path, x.into()))
+}
+
+/// Make the skeleton of `entries` under `root` (an empty directory).
+pub fn build(
+    root: BorrowedFd<'_>,
+    mut entries: Entries<'_>,
+    chunk_size: u64,
+) -> Result<Built, LiveError> {
+    let mut stack = Stack {
+        root,
+        open: Vec::new(),
+    };
+    let mut dirs: Vec<Entry> = Vec::new();
+    let no_marks = HashMap::new();
+    let built = stream(&mut entries, chunk_size, &no_marks, |e, id| {
+        let parent = stack.parent(&e.path)?;
+        let name = OsStr::from_bytes(split_name(&e.path).1);
+        match &e.kind {
+            EntryKind::Dir => {
+                nix::sys::stat::mkdirat(parent, name, Mode::from_bits_truncate(0o700))
+                    .map_err(|x| io(&e.path, x.into()))?;
+                let fd = openat(parent, name, DIR_FLAGS, Mode::empty())
+                    .map_err(|x| io(&e.path, x.into()))?;
+                stack.open.push((e.path.clone(), fd));
+                dirs.push(e);
+                Ok(None)
+            }
+            EntryKind::Symlink { target } => {
+                make_symlink(parent, name, &e, target)?;
+                Ok(None)
+            }
+            EntryKind::File { size } => {
+                let fd = openat(
+                    parent,
+                    name,
+                    OFlag::O_RDWR
+                        | OFlag::O_CREAT
+                        | OFlag::O_EXCL
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC,
+                    Mode::from_bits_truncate(0o600),
+                )
+                .map_err(|x| io(&e.path, x.into()))?;
+                let file = File::from(fd);
+                file.set_len(*size).map_err(|x| io(&e.path, x))?;
+                Ok(Some(Pending {
+                    entry: e,
+                    id,
+                    file: Some(file),
+                    chunks: Vec::new(),
+                }))
+            }
+        }
+    })?;
     // Deepest first: making children changed their parents' times.
     dirs.sort_by_key(|e| std::cmp::Reverse(e.path.iter().filter(|&&c| c == b'/').count()));
     for e in &dirs {
@@ -257,7 +288,11 @@ fn finish_file(
     if data == 0 {
         return Ok(());
     }
-    let mtime = timespec(p.entry.mtime_ns);
+    // Fills keep the file's modification time: the backup's, or what the
+    // node left on a file an earlier run served.
+    let mtime = nix::sys::stat::fstat(&file)
+        .map(|st| TimeSpec::new(st.st_mtime, st.st_mtime_nsec))
+        .map_err(|x| io(&p.entry.path, x.into()))?;
     built.files.push(Arc::new(LiveFile::new(
         p.id,
         p.entry.display().into_owned(),
@@ -332,40 +367,14 @@ pub fn resume(
     replayed: &Replayed,
 ) -> Result<Built, LiveError> {
     let found = find_marked(root)?;
-    let mut built = Built {
-        files: Vec::new(),
-        total_bytes: 0,
-        entries: 0,
-    };
-    let mut current: Option<Pending> = None;
-    let mut next_id = 0u64;
-    while let Some(item) = entries.next_item()? {
-        match item {
-            Item::Chunks(chunks) => {
-                if let Some(p) = current.as_mut() {
-                    p.chunks.extend(chunks);
-                }
-            }
-            Item::Entry(e) => {
-                if let Some(p) = current.take() {
-                    finish_file(p, chunk_size, &mut built, &found)?;
-                }
-                built.entries += 1;
-                if let EntryKind::File { .. } = e.kind {
-                    current = Some(Pending {
-                        entry: e,
-                        id: next_id,
-                        file: None,
-                        chunks: Vec::new(),
-                    });
-                    next_id += 1;
-                }
-            }
-        }
-    }
-    if let Some(p) = current.take() {
-        finish_file(p, chunk_size, &mut built, &found)?;
-    }
+    let built = stream(&mut entries, chunk_size, &found, |e, id| {
+        Ok(matches!(e.kind, EntryKind::File { .. }).then(|| Pending {
+            entry: e,
+            id,
+            file: None,
+            chunks: Vec::new(),
+        }))
+    })?;
     for f in &built.files {
         if let Some(rs) = replayed.get(&f.id) {
             f.mark_present(rs);
