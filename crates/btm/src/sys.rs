@@ -6,7 +6,7 @@
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 
 /// Lowest CPU niceness.
@@ -42,19 +42,31 @@ pub fn rename_exchange(
     a: &std::ffi::OsStr,
     b: &std::ffi::OsStr,
 ) -> Result<(), nix::errno::Errno> {
-    let a = CString::new(a.as_bytes()).map_err(|_| nix::errno::Errno::EINVAL)?;
-    let b = CString::new(b.as_bytes()).map_err(|_| nix::errno::Errno::EINVAL)?;
-    let fd = dir.as_raw_fd();
+    renameat2(dir.as_fd(), a, dir.as_fd(), b, libc::RENAME_EXCHANGE)
+}
+
+/// `renameat2(2)`: rename `old` in `old_dir` to `new` in `new_dir`, with
+/// `flags` (`RENAME_NOREPLACE`, `RENAME_EXCHANGE`, `RENAME_WHITEOUT`).
+/// nix has it for glibc only; this works on musl too.
+pub fn renameat2(
+    old_dir: std::os::fd::BorrowedFd<'_>,
+    old: &std::ffi::OsStr,
+    new_dir: std::os::fd::BorrowedFd<'_>,
+    new: &std::ffi::OsStr,
+    flags: u32,
+) -> Result<(), nix::errno::Errno> {
+    let old = CString::new(old.as_bytes()).map_err(|_| nix::errno::Errno::EINVAL)?;
+    let new = CString::new(new.as_bytes()).map_err(|_| nix::errno::Errno::EINVAL)?;
     // SAFETY: both strings are valid and NUL-terminated for the call's
-    // duration; `fd` is an open directory borrowed from `dir`.
+    // duration; both descriptors are open directories borrowed for it.
     let r = unsafe {
         libc::syscall(
             libc::SYS_renameat2,
-            fd,
-            a.as_ptr(),
-            fd,
-            b.as_ptr(),
-            libc::RENAME_EXCHANGE,
+            old_dir.as_raw_fd(),
+            old.as_ptr(),
+            new_dir.as_raw_fd(),
+            new.as_ptr(),
+            flags,
         )
     };
     if r == 0 {

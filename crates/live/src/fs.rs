@@ -703,8 +703,7 @@ impl Filesystem for LiveFs {
             }
             let (pfd, npfd) = (self.node(parent)?, self.node(newparent)?);
             let replaced = Self::ino_at(npfd.as_fd(), newname);
-            let flags = nix::fcntl::RenameFlags::from_bits_truncate(flags.bits());
-            nix::fcntl::renameat2(pfd.as_fd(), name, npfd.as_fd(), newname, flags)
+            btm::sys::renameat2(pfd.as_fd(), name, npfd.as_fd(), newname, flags.bits())
                 .map_err(errno)?;
             if let Some(ino) = replaced {
                 self.files.maybe_unlinked(ino);
