@@ -811,6 +811,14 @@ fn a_full_disk_gives_enospc_to_the_writer_and_corrupts_nothing() {
     // The target is the file system's own mount point, as a dataset's is.
     let live = small.clone();
     let mut server = Server::start(s, &live, &["-s", store], &[]);
+    let t = Instant::now();
+    while server.status(s)["state"] != "hydrated" {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "hydration of 16 MiB from a local store stalled"
+        );
+        sleep(Duration::from_millis(50));
+    }
     let big = live.join("node-file");
     let err = std::fs::write(&big, noise(16 * MIB)).expect_err("16 MiB more fit in 24 MiB");
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
