@@ -327,7 +327,16 @@ fn a_store_failing_mid_restore_fails_clearly_and_a_rerun_completes() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    sleep(Duration::from_millis(300));
+    // Mid restore: once it writes files (a fixed delay, on a loaded
+    // machine, could stop the store before the restore even starts).
+    let t = std::time::Instant::now();
+    while fs::read_dir(d.p("dst/data")).map_or(0, |r| r.count()) < 10 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the restore never started writing"
+        );
+        sleep(Duration::from_millis(10));
+    }
     s3.stop();
     let out = child.wait_with_output().expect("restore");
     let err = String::from_utf8_lossy(&out.stderr);
