@@ -16,11 +16,11 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use btm_chunk::format::tree::ChunkRef;
+use btm_chunk::restore::write_sparse;
 use nix::errno::Errno;
 use nix::sys::time::TimeSpec;
 
@@ -39,9 +39,6 @@ pub const MARK: &str = "user.btm.live";
 const DEMAND_MAX_READ: u64 = 4 << 20;
 /// Frames this close share an on-demand read.
 const DEMAND_GAP: u64 = 64 << 10;
-/// Zeros are left unwritten in blocks of this size (the backing file has
-/// a hole there already).
-const SPARSE_BLOCK: usize = 4096;
 
 /// A backing file, open for reading and writing, and its inode number.
 #[derive(Debug)]
@@ -181,7 +178,8 @@ impl LiveFile {
     pub fn fill(&self, i: u64, data: &[u8]) -> std::io::Result<()> {
         let mut inner = self.lock();
         let off = self.chunks.get(i as usize).map_or(0, |c| c.off);
-        let written = write_sparse(&self.file, off, data).and_then(|()| {
+        // The backing file has a hole there: zeros need not be written.
+        let written = write_sparse(&self.file, off, data, 0).and_then(|_| {
             let omit = TimeSpec::UTIME_OMIT;
             nix::sys::stat::futimens(&self.file, &omit, &inner.mtime).map_err(std::io::Error::from)
         });
@@ -273,30 +271,6 @@ impl LiveFile {
     fn restore_pending(&self, chunks: Vec<u64>) {
         self.lock().pending.extend(chunks);
     }
-}
-
-/// Write `data` at `off` of `file`, leaving all-zero blocks unwritten (the
-/// backing file has a hole there).
-fn write_sparse(file: &File, off: u64, data: &[u8]) -> std::io::Result<()> {
-    let mut i = 0;
-    while i < data.len() {
-        let zero = |j: usize| {
-            data[j..(j + SPARSE_BLOCK).min(data.len())]
-                .iter()
-                .all(|&b| b == 0)
-        };
-        let is_zero = zero(i);
-        let mut j = i;
-        while j < data.len() && zero(j) == is_zero {
-            j += SPARSE_BLOCK;
-        }
-        let j = j.min(data.len());
-        if !is_zero {
-            file.write_all_at(&data[i..j], off + i as u64)?;
-        }
-        i = j;
-    }
-    Ok(())
 }
 
 /// Every live file, by backing inode, and what moves their chunks.

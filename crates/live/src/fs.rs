@@ -49,14 +49,17 @@ struct Node {
 
 /// An open file or directory.
 enum Handle {
-    File {
-        file: File,
-        ino: u64,
-        live: Option<Arc<LiveFile>>,
-        /// Opened in passthrough mode (the kernel does its I/O).
-        _backing: Option<Arc<BackingId>>,
-    },
+    File(Arc<OpenFile>),
     Dir(Vec<(u64, FileType, OsString)>),
+}
+
+/// An open regular file.
+struct OpenFile {
+    file: File,
+    ino: u64,
+    live: Option<Arc<LiveFile>>,
+    /// Opened in passthrough mode (the kernel does its I/O).
+    backing: Option<Arc<BackingId>>,
 }
 
 /// What a `setattr` changes.
@@ -390,19 +393,18 @@ impl LiveFs {
         } else {
             FopenFlags::empty()
         };
-        let fh = self.add_handle(Handle::File {
+        let fh = self.add_handle(Handle::File(Arc::new(OpenFile {
             file,
             ino,
             live,
-            _backing: backing.clone(),
-        });
+            backing: backing.clone(),
+        })));
         Ok((fh, flags, backing))
     }
 
-    fn file_of(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
-        let h = self.handle(fh)?;
-        match *h {
-            Handle::File { .. } => Ok(h),
+    fn file_of(&self, fh: FileHandle) -> Result<Arc<OpenFile>, Errno> {
+        match &*self.handle(fh)? {
+            Handle::File(f) => Ok(Arc::clone(f)),
             Handle::Dir(_) => Err(Errno::EISDIR),
         }
     }
@@ -455,11 +457,7 @@ impl LiveFs {
                 self.files.before_truncate(l, size).map_err(errno)?;
             }
             match fh.map(|fh| self.file_of(fh)) {
-                Some(Ok(h)) => {
-                    if let Handle::File { file, .. } = &*h {
-                        file.set_len(size).map_err(|e| io_errno(&e))?;
-                    }
-                }
+                Some(Ok(h)) => h.file.set_len(size).map_err(|e| io_errno(&e))?,
                 _ => nix::unistd::truncate(path.as_c_str(), size as i64).map_err(errno)?,
             }
         }
@@ -772,9 +770,7 @@ impl Filesystem for LiveFs {
     ) {
         let r = (|| {
             let h = self.file_of(fh)?;
-            let Handle::File { file, live, .. } = &*h else {
-                return Err(Errno::EISDIR);
-            };
+            let OpenFile { file, live, .. } = &*h;
             if let Some(l) = live {
                 self.files
                     .ensure(l, offset, u64::from(size))
@@ -813,9 +809,7 @@ impl Filesystem for LiveFs {
     ) {
         let r = (|| {
             let h = self.file_of(fh)?;
-            let Handle::File { file, live, .. } = &*h else {
-                return Err(Errno::EISDIR);
-            };
+            let OpenFile { file, live, .. } = &*h;
             if let Some(l) = live {
                 self.files
                     .before_write(l, offset, data.len() as u64)
@@ -860,14 +854,11 @@ impl Filesystem for LiveFs {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh.0);
         if let Some(h) = h {
-            if let Handle::File {
-                ino,
-                live,
-                _backing,
-                ..
-            } = &*h
-            {
-                if _backing.is_none() {
+            if let Handle::File(f) = &*h {
+                let OpenFile {
+                    ino, live, backing, ..
+                } = &**f;
+                if backing.is_none() {
                     let mut modes = self.modes.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(n) = modes.cached.get_mut(ino) {
                         *n -= 1;
@@ -896,9 +887,7 @@ impl Filesystem for LiveFs {
     ) {
         let r = (|| {
             let h = self.file_of(fh)?;
-            let Handle::File { file, live, .. } = &*h else {
-                return Err(Errno::EISDIR);
-            };
+            let OpenFile { file, live, .. } = &*h;
             match live {
                 Some(l) => self.files.sync_file(l, datasync).map_err(|e| {
                     tracing::error!(error = %e, "fsync failed");
@@ -1148,9 +1137,7 @@ impl Filesystem for LiveFs {
     ) {
         let r = (|| {
             let h = self.file_of(fh)?;
-            let Handle::File { file, live, .. } = &*h else {
-                return Err(Errno::EISDIR);
-            };
+            let OpenFile { file, live, .. } = &*h;
             if let Some(l) = live {
                 if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
                     self.files.before_write(l, offset, length).map_err(errno)?;

@@ -45,6 +45,8 @@ pub mod prove;
 mod verify;
 mod write;
 
+pub use write::write_sparse;
+
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::AtomicU64;

@@ -167,12 +167,7 @@ const SPARSE_BLOCK: usize = 4096;
 /// are skipped past the file's old end (already a hole after `set_len`) and
 /// punched below it (zeros written where punching is unsupported). Returns
 /// the bytes actually written.
-pub(super) fn write_sparse(
-    file: &File,
-    off: u64,
-    data: &[u8],
-    local_size: u64,
-) -> std::io::Result<u64> {
+pub fn write_sparse(file: &File, off: u64, data: &[u8], local_size: u64) -> std::io::Result<u64> {
     let mut written = 0;
     let mut i = 0;
     while i < data.len() {
