@@ -38,6 +38,7 @@ bench:
 	./scripts/bench-scale.sh
 	./scripts/bench-export.sh
 	./scripts/bench-live.sh
+	./scripts/bench-public.sh
 
 clean:
 	$(CARGO) clean

@@ -9,10 +9,17 @@
                                 256 KiB in place in the state file (4 KiB
                                 aligned), 16 MiB appended to the log, 5 new
                                 4 MiB tables
+  bench-data.py node-week DIR   a week of a node (bench-public.sh): 10% of
+                                the LSM files compacted away and as many
+                                new ones, 4 of the 40 tables rewritten, the
+                                state file's in-place rewrites, 32 MiB
+                                appended to the log
   bench-data.py meta DIR [N]    a metadata-heavy tree (a Solana accounts
                                 directory): N files (100,000) of 0.5-8 KiB in
                                 200 directories
   bench-data.py meta-change DIR one file rewritten
+  bench-data.py meta-week DIR   a week of accounts: 10% of the files
+                                rewritten
   bench-data.py tiny DIR [N]    N files (1,000,000) of 16-256 bytes in 1,000
                                 directories: memory against the file count
   bench-data.py chunk DIR       the chunk benchmark's dataset: a 2 GiB sparse
@@ -93,6 +100,28 @@ def node_change(d):
         f.write(rnd(r, 16 * MIB))
     for i in range(5):
         write(f"{d}/tables/new{i}.tbl", rnd(r, 4 * MIB))
+
+
+def node_week(d):
+    r = random.Random(5)
+    rewrite_state(d, f"{d}/state/state.db", r)
+    with open(f"{d}/blocks/blocks.log", "ab") as f:
+        f.write(rnd(r, 32 * MIB))
+    for i in range(0, 1200, 10):
+        os.remove(f"{d}/db/{i:06d}.sst")
+        size = r.randint(64, 512) * 1024
+        write(f"{d}/db/{1200 + i:06d}.sst", rnd(r, size // 2) + compressible(r, size - size // 2, i))
+    for i in range(0, 40, 10):
+        write(f"{d}/tables/{i:03d}.tbl", compressible(r, 4 * MIB, 1000 + i))
+
+
+def meta_week(d):
+    r = random.Random(6)
+    for sub in sorted(os.listdir(f"{d}/accounts")):
+        for name in sorted(os.listdir(f"{d}/accounts/{sub}")):
+            if int(name) % 10 == 3:
+                size = r.randint(512, 8192)
+                write(f"{d}/accounts/{sub}/{name}", rnd(r, size // 2) + compressible(r, size - size // 2, int(name)))
 
 
 def meta(d, n):
@@ -179,6 +208,10 @@ def main():
         node(d)
     elif what == "node-change":
         node_change(d)
+    elif what == "node-week":
+        node_week(d)
+    elif what == "meta-week":
+        meta_week(d)
     elif what == "meta":
         meta(d, int(sys.argv[3]) if len(sys.argv) > 3 else 100_000)
     elif what == "tiny":

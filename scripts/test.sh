@@ -25,6 +25,9 @@ command -v musl-gcc >/dev/null || missing+=(musl-tools)
 command -v dpkg-deb >/dev/null || missing+=(dpkg)
 # litecoind (with litecoin-cli): a real Bitcoin-Core-family full node.
 command -v litecoind >/dev/null || missing+=(litecoind)
+# nginx (Debian's), the static web server the published-store tests and
+# bench-public.sh read from (not started as a service: tests run their own).
+[ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 # Python's lmdb (Debian's), for the live-restore test's LMDB workload.
 /usr/bin/python3 -c 'import lmdb' 2>/dev/null || missing+=(python3-lmdb)
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -113,7 +116,7 @@ if ! command -v s3s-fs >/dev/null; then
     cargo install --locked --quiet s3s-fs --version 0.14.1 --features binary
 fi
 
-echo "== cargo test (unit, property, CLI, daemon, exports, ganache and litecoind chains, chunk engine, S3, Azure, real btrfs + zfs-fuse, live restore over FUSE, install.sh, real systemd)"
+echo "== cargo test (unit, property, CLI, daemon, exports, ganache and litecoind chains, chunk engine, S3, Azure, real btrfs + zfs-fuse, live restore over FUSE, published stores over nginx, install.sh, real systemd)"
 # A wedged filesystem must fail the run, not hang it until CI's limit.
 timeout --signal=KILL 1800 cargo test --locked --all-targets --no-fail-fast -- --test-threads=2
 cargo test --locked --doc

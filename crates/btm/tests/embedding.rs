@@ -105,12 +105,17 @@ fn the_chunk_engine_uses_only_the_low_level_pieces_and_known_crates() {
         .collect();
     let known = [
         "async-trait",
+        // Publishing: keys and signatures as text (crate::public).
+        "base64",
         "blake3",
         "btm",
         "bytes",
         "chrono",
         "crossbeam-channel",
+        // Publishing signs catalogs and heads with ed25519; getrandom makes keys.
+        "ed25519-dalek",
         "futures",
+        "getrandom",
         "http",
         "http-body",
         "humantime",

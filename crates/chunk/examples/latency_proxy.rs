@@ -10,12 +10,17 @@
 //! delayed acknowledgement, and every small GET took DELAY + 40 ms: an
 //! artefact of the emulation, not of a cloud round trip.
 //!
+//! With RATE_MB (MB/s, optional), each connection also moves at most that
+//! many bytes a second each way: one long-distance TCP flow is capped by
+//! its window over the round trip, so a single stream (a tarball over
+//! curl) cannot use the whole link, while parallel streams can.
+//!
 //! ```text
-//! cargo run --release --example latency_proxy -- LISTEN UPSTREAM DELAY_MS
+//! cargo run --release --example latency_proxy -- LISTEN UPSTREAM DELAY_MS [RATE_MB]
 //! cargo run --release --example latency_proxy -- 127.0.0.1:9001 127.0.0.1:9000 20
 //! ```
-//! Used by `scripts/bench-remote.sh` and `scripts/bench-sizes.sh`; it
-//! prints `listening` when ready.
+//! Used by `scripts/bench-remote.sh`, `scripts/bench-sizes.sh` and
+//! `scripts/bench-public.sh`; it prints `listening` when ready.
 
 use std::time::Duration;
 
@@ -28,7 +33,11 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     delay: Duration,
+    rate: Option<u64>,
 ) {
+    // When the link is next free, at `rate`: each piece leaves at its
+    // delay, or when the pieces before it have drained, whichever is later.
+    let mut free = Instant::now();
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     let writer = tokio::spawn(async move {
         while let Some((due, bytes)) = rx.recv().await {
@@ -53,10 +62,12 @@ async fn pump(
         match read {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if tx
-                    .send((Instant::now() + delay, buf[..n].to_vec()))
-                    .is_err()
-                {
+                let mut due = Instant::now() + delay;
+                if let Some(rate) = rate {
+                    due = due.max(free);
+                    free = due + Duration::from_nanos(n as u64 * 1_000_000_000 / rate);
+                }
+                if tx.send((due, buf[..n].to_vec())).is_err() {
                     break;
                 }
             }
@@ -69,15 +80,20 @@ async fn pump(
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let (listen, upstream, ms) = match &args[..] {
-        [_, l, u, d] => (
+    let number = |s: &str, what: &str| {
+        s.parse::<u64>()
+            .map_err(|e| std::io::Error::other(format!("{what}: {e}")))
+    };
+    let (listen, upstream, ms, rate) = match &args[..] {
+        [_, l, u, d] => (l.clone(), u.clone(), number(d, "DELAY_MS")?, None),
+        [_, l, u, d, r] => (
             l.clone(),
             u.clone(),
-            d.parse::<u64>()
-                .map_err(|e| std::io::Error::other(format!("DELAY_MS: {e}")))?,
+            number(d, "DELAY_MS")?,
+            Some(number(r, "RATE_MB")?.max(1) * 1_000_000),
         ),
         _ => {
-            eprintln!("usage: latency_proxy LISTEN UPSTREAM DELAY_MS");
+            eprintln!("usage: latency_proxy LISTEN UPSTREAM DELAY_MS [RATE_MB]");
             std::process::exit(2);
         }
     };
@@ -95,7 +111,7 @@ async fn main() -> std::io::Result<()> {
             let _ = server.set_nodelay(true);
             let (cr, cw) = client.into_split();
             let (sr, sw) = server.into_split();
-            tokio::join!(pump(cr, sw, half), pump(sr, cw, half));
+            tokio::join!(pump(cr, sw, half, rate), pump(sr, cw, half, rate));
         });
     }
 }

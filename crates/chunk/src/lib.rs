@@ -36,6 +36,7 @@ pub mod map;
 pub mod pipeline;
 pub mod plan;
 pub mod policy;
+pub mod public;
 pub mod repo;
 pub mod restore;
 pub mod sparse;

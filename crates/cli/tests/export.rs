@@ -639,3 +639,136 @@ fn exports_record_the_chain_identity_and_verify_checks_it() {
     .fails(1);
     assert!(e.contains("recorded no chain identity"), "{e}");
 }
+
+/// `[export] publish`: the daemon keeps the store's signed catalog after
+/// every export, and retention and GC sweeps (which replace pack indexes
+/// and delete packs) keep it right: it names exactly the heads and pack
+/// indexes the store has, and a reader trusting the key restores from it.
+#[test]
+fn the_daemon_publishes_each_export_and_gc_keeps_the_catalog_right() {
+    let fx = Btrfs::new();
+    tree(&fx.root(), &[("state.db", 61, MIB), ("small", 62, 1000)]);
+    let store = fx.scratch().join("store");
+    let store = store.to_str().expect("utf8").to_owned();
+    let key = fx.scratch().join("publisher.key");
+    let out = btm(
+        fx.scratch(),
+        &["key", "generate", key.to_str().expect("utf8")],
+    )
+    .ok();
+    let public = out.trim().lines().last().expect("public key").to_owned();
+    let vol = fx.volume();
+    let mut args = daemon_args(&fx, &vol, &store);
+    args.extend([
+        "--export-publish",
+        "--export-signing-key",
+        key.to_str().expect("utf8"),
+        "--export-gc-grace",
+        "1s",
+    ]);
+    let daemon = DaemonProc::start(fx.scratch(), &args, &[]);
+    let catalog_of = || -> btm_chunk::public::Catalog {
+        let data = std::fs::read(Path::new(&store).join("catalog")).expect("a catalog");
+        let trusted: btm_chunk::public::PublicKey = public.parse().expect("key");
+        btm_chunk::public::Catalog::decode(&data, &[trusted])
+            .expect("signed by the key")
+            .0
+    };
+    let names_in = |dir: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(Path::new(&store).join(dir))
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        v.sort();
+        v
+    };
+    let mut first_packidx = Vec::new();
+    for (i, h) in [10u64, 20, 40, 60, 80].into_iter().enumerate() {
+        // Each export rewrites the database: the old versions become
+        // garbage that GC marks, then sweeps a second later.
+        std::fs::write(fx.root().join("state.db"), noise(70 + i as u64, MIB)).expect("write");
+        daemon.notify(h);
+        daemon.wait_status_for(&format!("export of {h}"), Duration::from_secs(30), |s| {
+            s["last_export"]["height"] == h && s["export"].is_null()
+        });
+        // After every export the catalog is exactly the store.
+        let st = daemon.status().expect("status");
+        assert!(
+            Path::new(&store).join("catalog").exists(),
+            "no catalog after {h}: {st}"
+        );
+        let c = catalog_of();
+        let heads: Vec<String> = c.heads.iter().map(|e| e.name.clone()).collect();
+        assert_eq!(heads, names_in("indexes"), "after {h}");
+        let mut packidx: Vec<String> = c.packidx.iter().map(|p| p.id.to_hex()).collect();
+        packidx.sort();
+        assert_eq!(packidx, names_in("packidx"), "after {h}");
+        assert_eq!(c.heads.last().and_then(|e| e.height), Some(h), "after {h}");
+        if h == 10 {
+            first_packidx = names_in("packidx");
+        }
+        sleep(Duration::from_millis(1100));
+    }
+    let s = daemon.status().expect("status");
+    assert_eq!(s["counters"]["export_failures"], 0, "{s}");
+    drop(daemon);
+
+    // The GC swept: the first export's pack index is gone (replaced when
+    // its packs were), and the catalog never named it after (checked
+    // above, after every export).
+    let now = names_in("packidx");
+    assert!(
+        first_packidx.iter().all(|p| !now.contains(p)),
+        "{first_packidx:?} still in {now:?}"
+    );
+    let c = catalog_of();
+    assert_eq!(
+        c.heads.iter().map(|e| e.height).collect::<Vec<_>>(),
+        vec![Some(60), Some(80)]
+    );
+    let check = btm(
+        fx.scratch(),
+        &["check", "--read-data", "-s", &store, "--trust", &public],
+    )
+    .ok();
+    assert!(check.contains(" 0 problems"), "{check}");
+    let dst = fx.scratch().join("from-catalog");
+    btm(
+        fx.scratch(),
+        &[
+            "restore",
+            "latest",
+            "-t",
+            "node1",
+            dst.to_str().expect("utf8"),
+            "-s",
+            &store,
+            "--trust",
+            &public,
+        ],
+    )
+    .ok();
+    assert_eq!(
+        std::fs::read(dst.join("state.db")).expect("restored"),
+        std::fs::read(fx.root().join("state.db")).expect("source")
+    );
+    // Forgetting by hand needs the key, and keeps the catalog right.
+    let oldest = c.heads[0].name.clone();
+    let e = btm(fx.scratch(), &["forget", "-s", &store, &oldest]).fails(1);
+    assert!(e.contains("--signing-key"), "{e}");
+    btm(
+        fx.scratch(),
+        &[
+            "forget",
+            "-s",
+            &store,
+            &oldest,
+            "--signing-key",
+            key.to_str().expect("utf8"),
+        ],
+    )
+    .ok();
+    assert_eq!(catalog_of().heads.len(), 1);
+    assert_eq!(names_in("indexes").len(), 1);
+}

@@ -27,6 +27,7 @@ use btm_chunk::backup::{BackupOptions, BackupSummary};
 use btm_chunk::cache::Cache;
 use btm_chunk::format::head::Decoded;
 use btm_chunk::gc::{GcOptions, GcReport};
+use btm_chunk::public::{Publishing, SigningKey};
 use btm_chunk::store::{Store, StoreError};
 use btm_chunk::{ChunkError, Progress, Repo};
 
@@ -62,6 +63,9 @@ pub struct ExportSettings {
     pub include_secrets: bool,
     /// Run garbage collection after retention.
     pub gc: bool,
+    /// Publish after each export, signing with this key file
+    /// (docs/publishing.md); `None`: do not publish.
+    pub publish: Option<PathBuf>,
     /// The GC grace period.
     pub gc_grace: Duration,
     /// The node RPC asked for the chain's identity at the exported height
@@ -107,6 +111,9 @@ pub enum ExportError {
     /// The backup failed (no index was written).
     #[error(transparent)]
     Chunk(#[from] ChunkError),
+    /// The signing key of publishing cannot be used.
+    #[error(transparent)]
+    Key(#[from] btm_chunk::public::KeyError),
 }
 
 /// What an export did.
@@ -135,6 +142,9 @@ pub struct ExportReport {
     /// The chain's identity at the height, when the node's RPC told it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chain: Option<ChainIdentity>,
+    /// The store's catalog was written with this export (publishing).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub published: bool,
     /// Failures after the backup was safely written (retention, GC,
     /// removing the view): logged, not fatal.
     pub warnings: Vec<String>,
@@ -184,7 +194,16 @@ pub fn export(
         gc: None,
         gc_failed: false,
         chain: None,
+        published: false,
         warnings: Vec::new(),
+    };
+    // Loaded before anything is written: a publishing export with an
+    // unusable key fails whole rather than leave an unpublished backup.
+    let key = s.publish.as_deref().map(SigningKey::load).transpose()?;
+    let publishing = key.as_ref().map(|k| Publishing::new(store, k));
+    let store: &dyn Store = match &publishing {
+        Some(p) => p,
+        None => store,
     };
 
     // Read here only to decide whether to export and which snapshot to
@@ -226,7 +245,27 @@ pub fn export(
     }
     drop(parent_view);
     report.backup = Some(summary?);
-    maintain(&repo, s, &mut report);
+    // Deleting from a store someone published, without the key, would
+    // leave its catalog naming what is gone: skip the deletions instead.
+    let unkept =
+        publishing.is_none() && btm_chunk::public::writer::is_published(store).unwrap_or(false);
+    if unkept {
+        report.warnings.push(
+            "the store is published (it has a catalog) but this export does not publish: retention and garbage collection skipped so the catalog never names a deleted backup; set [export] publish = true and signing_key".into(),
+        );
+    } else {
+        maintain(&repo, s, &mut report);
+    }
+    if let Some(p) = &publishing {
+        // The new head and its pack indexes, in one read and one write of
+        // the catalog (retention may already have written it).
+        match p.commit() {
+            Ok(_) => report.published = true,
+            Err(e) => report.warnings.push(format!(
+                "publishing failed: {e}; the backup is safe, and `btm publish` or the next export publishes it"
+            )),
+        }
+    }
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
 }

@@ -261,6 +261,19 @@ options! {
               value_parser = parse_duration)]
         #[serde(default, deserialize_with = "de_duration")]
         pub gc_grace: Option<Duration>,
+        /// Publish the store after each export: keep its signed catalog so
+        /// anyone can restore from a web server or public bucket
+        /// (docs/publishing.md) [default: false]
+        #[arg(long = "export-publish", id = "export_publish", value_name = "BOOL",
+              num_args = 0..=1, default_missing_value = "true")]
+        pub publish: Option<bool>,
+        /// The key publishing signs with (`btm key generate FILE`)
+        #[arg(long = "export-signing-key", id = "export_signing_key", value_name = "FILE")]
+        pub signing_key: Option<PathBuf>,
+        /// Publisher keys whose signed snapshots `btm restore` and the other
+        /// readers accept (ed25519:…); repeatable
+        #[arg(long = "export-trust", id = "export_trust", value_name = "PUBKEY")]
+        pub trust: Option<Vec<String>>,
     }
 }
 
@@ -380,9 +393,28 @@ impl ExportOptions {
                 format!("must be between {chunk} bytes (the chunk size) and 1 GiB"),
             ));
         }
+        for k in self.trust.iter().flatten() {
+            k.parse::<btm_chunk::public::PublicKey>()
+                .map_err(|e| invalid("export.trust", e.to_string()))?;
+        }
+        let publish = match (self.publish.unwrap_or(false), self.signing_key) {
+            (false, _) => None,
+            (true, None) => {
+                return Err(ConfigError::Missing {
+                    key: "export.signing_key",
+                    hint: " when export.publish is true (make one with `btm key generate FILE`)",
+                })
+            }
+            (true, Some(path)) => {
+                btm_chunk::public::SigningKey::load(&path)
+                    .map_err(|e| invalid("export.signing_key", e.to_string()))?;
+                Some(path)
+            }
+        };
         Ok(ExportSettings {
             store,
             every,
+            publish,
             tag,
             keep,
             cache: self.cache,
@@ -1003,6 +1035,22 @@ mod tests {
             (
                 "volume = \"a\"\n[export]\nstore = \"/b\"\nstor = 1\n",
                 "stor",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\npublish = true\n",
+                "export.signing_key is required",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\npublish = true\nsigning_key = \"/nonexistent/key\"\n",
+                "export.signing_key",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\ntrust = [\"ed25519:nope\"]\n",
+                "export.trust",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"https://snapshots.example/x\"\n",
+                "read-only",
             ),
         ];
         for (text, needle) in cases {

@@ -250,6 +250,10 @@ pub fn restore(
         |_| run(repo, name, index, dest, opts),
     );
     match result {
+        // A published store read by URL or anonymously: no lease to take.
+        Err(ChunkError::Lease(LeaseError::Store(crate::store::StoreError::ReadOnly {
+            ..
+        }))) => run(repo, name, index, dest, opts),
         // The store cannot be written (read-only credentials): go on
         // without a lease, as the format allows.
         Err(ChunkError::Lease(LeaseError::Store(e))) => {

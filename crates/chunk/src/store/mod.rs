@@ -29,6 +29,7 @@
 //!   `Temporary` for what may work on retry, `Unreachable` for a store that
 //!   does not answer, `Permanent` for the rest.
 
+mod counting;
 mod http;
 mod id;
 mod local;
@@ -36,6 +37,7 @@ mod mem;
 mod object;
 
 pub use bytes::Bytes;
+pub use counting::Counting;
 pub use id::{BadId, Id};
 pub use local::LocalStore;
 pub use mem::{Fault, MemStore, Request};
@@ -78,6 +80,26 @@ pub enum StoreError {
         /// What was being done.
         what: String,
         /// The backend's message.
+        detail: String,
+    },
+    /// The store is read-only: a published store read by URL or without
+    /// credentials.
+    #[error(
+        "{store} is read-only (a published snapshot); {what} must go to the publisher's own store"
+    )]
+    ReadOnly {
+        /// The store.
+        store: String,
+        /// What was refused.
+        what: String,
+    },
+    /// An object failed a check of a published store (its catalog's
+    /// signature or hashes): tampered or damaged, or not trusted.
+    #[error("refusing {what}: {detail}")]
+    Refused {
+        /// The object.
+        what: String,
+        /// Why.
         detail: String,
     },
     /// The store URL cannot be used.
@@ -246,8 +268,15 @@ pub struct Marker {
     pub modified: chrono::DateTime<chrono::Utc>,
 }
 
-/// Check a marker name: `locks/` or `gc/` then `[A-Za-z0-9._-/]`, no `..`.
+/// The marker name of a published store's catalog (`docs/format.md`).
+pub const CATALOG: &str = "catalog";
+
+/// Check a marker name: [`CATALOG`], or `locks/` or `gc/` then
+/// `[A-Za-z0-9._-/]`, no `..`.
 pub(crate) fn check_marker_name(name: &str) -> Result<(), StoreError> {
+    if name == CATALOG {
+        return Ok(());
+    }
     let ok = (name.starts_with("locks/") || name.starts_with("gc/"))
         && !name.ends_with('/')
         && name
@@ -285,10 +314,31 @@ pub fn check_url(url: &str) -> Result<(), StoreError> {
                 Ok(())
             }
         }
+        Some(("http" | "https", _)) => Err(invalid(
+            "a web server is read-only to btm; write to the directory or bucket it serves, and publish that (docs/publishing.md)",
+        )),
         Some((scheme, _)) => Err(invalid(&format!(
             "unknown scheme '{scheme}://' (use a path, file://, s3://, gs:// or az://)"
         ))),
     }
+}
+
+/// Whether `url` names a web server (`http://`, `https://`): a store that
+/// can only be read, through its catalog.
+pub fn is_web(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
+}
+
+/// Open `url` to read it only: everything [`open_existing`] opens, and
+/// web servers (`https://host/prefix`, `http://…`). With `anonymous`,
+/// buckets are read without credentials (`--no-sign-request`). A web
+/// server or an anonymous bucket cannot be listed: read it through its
+/// catalog (`crate::public`).
+pub fn open_readonly(url: &str, anonymous: bool) -> Result<Box<dyn Store>, StoreError> {
+    if is_web(url) || (anonymous && url.contains("://") && !url.starts_with("file://")) {
+        return Ok(Box::new(ObjectStoreBackend::open_anonymous(url)?));
+    }
+    open_existing(url)
 }
 
 /// [`open`] for commands that only read or prune an existing store: a
@@ -326,9 +376,7 @@ pub fn open(url: &str) -> Result<Box<dyn Store>, StoreError> {
         url: url.to_owned(),
         detail: detail.to_owned(),
     };
-    if url.is_empty() {
-        return Err(invalid("it is empty"));
-    }
+    check_url(url)?;
     if let Some(path) = url.strip_prefix("file://") {
         return Ok(Box::new(LocalStore::open(path)?));
     }

@@ -147,6 +147,18 @@ impl ObjectStoreBackend {
     /// Open `s3://bucket/prefix`, `gs://bucket/prefix` or
     /// `az://container/prefix` with credentials from the environment.
     pub fn open(url: &str) -> Result<Self, StoreError> {
+        Self::open_with(url, false)
+    }
+
+    /// Open a store to read it without credentials: a web server
+    /// (`https://host/prefix`, `http://…`) or a public bucket (`s3://`,
+    /// `gs://`, `az://`, with unsigned requests). Only reads are sent;
+    /// writers refuse such a store above this layer.
+    pub fn open_anonymous(url: &str) -> Result<Self, StoreError> {
+        Self::open_with(url, true)
+    }
+
+    fn open_with(url: &str, anonymous: bool) -> Result<Self, StoreError> {
         let invalid = |detail: String| StoreError::InvalidUrl {
             url: url.to_owned(),
             detail,
@@ -156,17 +168,34 @@ impl ObjectStoreBackend {
             .ok_or_else(|| invalid("no scheme".into()))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
-            return Err(invalid("no bucket or container name".into()));
+            return Err(invalid("no bucket, container or host name".into()));
         }
         let stall = request_timeout();
         let retry = retry_config(stall);
         let http = super::http::ProgressConnector { stall };
-        let inner: Arc<dyn ObjectStore> = match scheme {
+        let (inner, prefix): (Arc<dyn ObjectStore>, &str) = match scheme {
+            // The whole URL is the root: object_store's HTTP store
+            // appends object paths to it and reads with GET and Range.
+            "http" | "https" => (
+                Arc::new(
+                    object_store::http::HttpBuilder::new()
+                        .with_url(url.trim_end_matches('/'))
+                        .with_http_connector(http)
+                        .with_retry(retry)
+                        .with_client_options(
+                            object_store::ClientOptions::new().with_allow_http(true),
+                        )
+                        .build()
+                        .map_err(|e| invalid(e.to_string()))?,
+                ),
+                "",
+            ),
             "s3" => {
                 let mut b = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .with_http_connector(http)
-                    .with_retry(retry);
+                    .with_retry(retry)
+                    .with_skip_signature(anonymous);
                 let endpoint = std::env::var("AWS_ENDPOINT_URL")
                     .or_else(|_| std::env::var("AWS_ENDPOINT"))
                     .unwrap_or_default();
@@ -177,23 +206,34 @@ impl ObjectStoreBackend {
                 if unsigned_by_default(&endpoint, explicit) {
                     b = b.with_unsigned_payload(true);
                 }
-                Arc::new(b.build().map_err(|e| invalid(e.to_string()))?)
+                (
+                    Arc::new(b.build().map_err(|e| invalid(e.to_string()))?),
+                    prefix,
+                )
             }
-            "gs" => Arc::new(
-                object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_bucket_name(bucket)
-                    .with_http_connector(http)
-                    .with_retry(retry.clone())
-                    .build()
-                    .map_err(|e| invalid(e.to_string()))?,
+            "gs" => (
+                Arc::new(
+                    object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                        .with_bucket_name(bucket)
+                        .with_http_connector(http)
+                        .with_retry(retry.clone())
+                        .with_skip_signature(anonymous)
+                        .build()
+                        .map_err(|e| invalid(e.to_string()))?,
+                ),
+                prefix,
             ),
-            "az" => Arc::new(
-                object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_container_name(bucket)
-                    .with_http_connector(http)
-                    .with_retry(retry.clone())
-                    .build()
-                    .map_err(|e| invalid(e.to_string()))?,
+            "az" => (
+                Arc::new(
+                    object_store::azure::MicrosoftAzureBuilder::from_env()
+                        .with_container_name(bucket)
+                        .with_http_connector(http)
+                        .with_retry(retry.clone())
+                        .with_skip_signature(anonymous)
+                        .build()
+                        .map_err(|e| invalid(e.to_string()))?,
+                ),
+                prefix,
             ),
             other => return Err(invalid(format!("unknown scheme '{other}'"))),
         };

@@ -12,6 +12,7 @@ use regex::bytes::Regex;
 use btm_chunk::backup::{BackupOptions, DEFAULT_CHUNK_SIZE};
 use btm_chunk::cache::Cache;
 use btm_chunk::format::tree::{EntryKind, Item};
+use btm_chunk::public::{Access, Publishing, SigningKey};
 use btm_chunk::restore::RestoreOptions;
 use btm_chunk::store::Store;
 use btm_chunk::{catalog, BackupInfo, Repo};
@@ -45,6 +46,50 @@ pub(super) struct StoreArgs {
     /// [default: $BTM_CACHE_DIR, /var/cache/btm as root, else ~/.cache/btm]
     #[arg(long, value_name = "DIR", global = true)]
     cache: Option<PathBuf>,
+    /// Accept only snapshots this publisher key signed (ed25519:…, as `btm
+    /// key generate` prints), read through the store's catalog; repeatable
+    /// [default for stores read by URL or anonymously: [export] trust of
+    /// /etc/btm/btm.toml]
+    // The brackets are clap's help text, not a rustdoc link.
+    #[allow(rustdoc::broken_intra_doc_links)]
+    #[arg(long, value_name = "PUBKEY", global = true, value_parser = parse_public_key)]
+    trust: Vec<btm_chunk::public::PublicKey>,
+    /// Read an s3://, gs:// or az:// bucket anonymously, as a public
+    /// snapshot (through its catalog)
+    #[arg(long, global = true)]
+    no_sign_request: bool,
+    /// The publisher's signing key: keeps a published store's catalog
+    /// right as backups are forgotten and garbage is collected
+    #[arg(long, value_name = "FILE", global = true, env = "BTM_SIGNING_KEY")]
+    signing_key: Option<PathBuf>,
+}
+
+fn parse_public_key(s: &str) -> Result<btm_chunk::public::PublicKey, String> {
+    s.parse()
+        .map_err(|e: btm_chunk::public::KeyError| e.to_string())
+}
+
+/// A store opened to change, with the signing key that keeps its catalog
+/// right when it is published.
+pub(super) struct Writable {
+    store: Box<dyn Store>,
+    key: Option<SigningKey>,
+}
+
+impl Writable {
+    /// Run `f` on the store: through [`Publishing`] when a key was given,
+    /// committing what it changed.
+    pub(super) fn with<T>(&self, f: impl FnOnce(&dyn Store) -> Result<T>) -> Result<T> {
+        match &self.key {
+            Some(key) => {
+                let publishing = Publishing::new(self.store.as_ref(), key);
+                let out = f(&publishing)?;
+                publishing.commit()?;
+                Ok(out)
+            }
+            None => f(self.store.as_ref()),
+        }
+    }
 }
 
 impl StoreArgs {
@@ -53,9 +98,83 @@ impl StoreArgs {
         Ok(btm_chunk::store::open(&self.url()?)?)
     }
 
-    /// Open a store that must already exist (listing, restore, check, gc).
-    pub(super) fn open_existing(&self) -> Result<Box<dyn Store>> {
-        Ok(btm_chunk::store::open_existing(&self.url()?)?)
+    /// Open a store to read it (listing, restore, check, verify): a store
+    /// of the operator's, or a published one (a web server, a public
+    /// bucket, or any store with trusted keys), read through its catalog.
+    /// Reading a published store with no trusted key warns that nothing
+    /// read is authenticated.
+    pub(super) fn open_reader(&self) -> Result<Box<dyn Store>> {
+        let url = self.url()?;
+        // `--trust` reads any store through its catalog; the keys of the
+        // configuration apply to published stores only, so the operator's
+        // own unpublished store still reads as it is.
+        let public = self.no_sign_request || btm_chunk::store::is_web(&url);
+        let trust = match (self.trust.is_empty(), public) {
+            (false, _) => self.trust.clone(),
+            (true, true) => self.configured_trust()?,
+            (true, false) => Vec::new(),
+        };
+        let access = Access {
+            anonymous: self.no_sign_request,
+            trust,
+        };
+        let opened = btm_chunk::public::open(&url, &access)?;
+        if opened.unauthenticated {
+            eprintln!(
+                "warning: {url} is not your store and no key is trusted: this snapshot is unauthenticated (give --trust PUBKEY, the publisher's key)"
+            );
+        }
+        Ok(opened.store)
+    }
+
+    /// Open a store that must already exist, to delete from it (forget,
+    /// gc). A published store needs the signing key, so that its catalog
+    /// never names what is deleted.
+    pub(super) fn open_writable(&self) -> Result<Writable> {
+        let store = self.open_own()?;
+        let url = store.describe();
+        let key = match &self.signing_key {
+            Some(path) => Some(SigningKey::load(path)?),
+            None => None,
+        };
+        if key.is_none() && btm_chunk::public::writer::is_published(store.as_ref())? {
+            bail!("{url} is published (it has a catalog): give --signing-key FILE so the catalog stays right as backups are forgotten and garbage is collected");
+        }
+        Ok(Writable { store, key })
+    }
+
+    /// Open the operator's own store, which must exist, to change it (a
+    /// published store read by URL or anonymously is read-only).
+    pub(super) fn open_own(&self) -> Result<Box<dyn Store>> {
+        let url = self.url()?;
+        if self.no_sign_request || btm_chunk::store::is_web(&url) {
+            bail!("{url} is read-only to btm (a published snapshot); run this on the directory or bucket it is published from");
+        }
+        Ok(btm_chunk::store::open_existing(&url)?)
+    }
+
+    /// The keys `[export] trust` of the configuration names.
+    fn configured_trust(&self) -> Result<Vec<btm_chunk::public::PublicKey>> {
+        let keys = match super::daemon::load_file(None) {
+            Ok(f) => f.export.and_then(|e| e.trust).unwrap_or_default(),
+            // A broken configuration is reported by whatever needs it; the
+            // reader then trusts nothing and says so.
+            Err(_) => Vec::new(),
+        };
+        keys.iter()
+            .map(|k| {
+                k.parse()
+                    .with_context(|| format!("[export] trust in {DEFAULT_CONFIG}"))
+            })
+            .collect()
+    }
+
+    /// The signing key, required.
+    pub(super) fn signing_key(&self) -> Result<SigningKey> {
+        let path = self.signing_key.as_ref().context(
+            "publishing needs --signing-key FILE (make one with `btm key generate FILE`)",
+        )?;
+        Ok(SigningKey::load(path)?)
     }
 
     /// `store` with the cache and the connections these flags ask for.
@@ -168,6 +287,11 @@ pub struct BackupArgs {
     /// Print the summary as JSON
     #[arg(long)]
     json: bool,
+    /// Publish the store as the backup is written, as the daemon's
+    /// `[export] publish` does: its signed catalog gains the new backup
+    /// (needs --signing-key)
+    #[arg(long)]
+    publish: bool,
 }
 
 pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
@@ -194,7 +318,19 @@ pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
         format!("backing up {}", args.dir.display()),
         Arc::clone(&opts.progress),
     );
-    let result = args.store.repo(store.as_ref()).backup(&args.dir, &opts);
+    let key = if args.publish {
+        Some(args.store.signing_key()?)
+    } else {
+        None
+    };
+    // Counted, so the report says what publishing added.
+    let counted = btm_chunk::store::Counting::new(store.as_ref());
+    let publishing = key.as_ref().map(|k| Publishing::new(&counted, k));
+    let target: &dyn Store = match &publishing {
+        Some(p) => p,
+        None => store.as_ref(),
+    };
+    let result = args.store.repo(target).backup(&args.dir, &opts);
     drop(reporter);
     let summary = result.with_context(|| {
         format!(
@@ -202,12 +338,47 @@ pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
             args.dir.display()
         )
     })?;
+    let published = match &publishing {
+        Some(p) => {
+            let (before, started) = (counted.requests(), std::time::Instant::now());
+            p.commit().with_context(|| {
+                format!(
+                    "backup {} is written, but publishing it failed; `btm publish` retries",
+                    summary.name
+                )
+            })?;
+            Some(Published {
+                requests: counted.requests() - before,
+                ms: started.elapsed().as_millis() as u64,
+            })
+        }
+        None => None,
+    };
     if args.json {
-        return print_json(out, &summary);
+        let mut v = serde_json::to_value(&summary)?;
+        if let (Some(m), Some(p)) = (v.as_object_mut(), &published) {
+            m.insert("published".into(), serde_json::to_value(p)?);
+        }
+        return print_json(out, &v);
     }
     writeln!(out, "{}", summary.name)?;
     print_summary(&summary);
+    if let Some(p) = published {
+        eprintln!(
+            "published: the catalog names it ({} requests, {} ms)",
+            p.requests, p.ms
+        );
+    }
     Ok(())
+}
+
+/// What publishing added to a backup.
+#[derive(serde::Serialize)]
+struct Published {
+    /// Store requests.
+    requests: u64,
+    /// Milliseconds.
+    ms: u64,
 }
 
 /// The one-line human summary of a backup, on stderr.
@@ -269,7 +440,7 @@ pub enum BackupsCommand {
 }
 
 pub fn backups(args: BackupsArgs, out: &mut dyn Write) -> Result<()> {
-    let store = args.store.open_existing()?;
+    let store = args.store.open_reader()?;
     if let Some(BackupsCommand::Show { name, json }) = &args.show {
         return show(store.as_ref(), &args.store, name, *json, out);
     }
@@ -613,7 +784,7 @@ pub fn restore(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
             passthrough: !args.no_passthrough,
         });
     }
-    let store = args.store.open_existing()?;
+    let store = args.store.open_reader()?;
     let (name, idx) = find_backup(store.as_ref(), &wanted, &args.tag, args.height)?;
     let opts = RestoreOptions {
         filter: args.filter,
@@ -698,7 +869,7 @@ pub struct CheckArgs {
 }
 
 pub fn check(args: CheckArgs, out: &mut dyn Write) -> Result<()> {
-    let store = args.store.open_existing()?;
+    let store = args.store.open_reader()?;
     let report = args.store.repo(store.as_ref()).check(args.read_data)?;
     if args.json {
         print_json(out, &report)?;
@@ -744,10 +915,8 @@ pub struct ForgetArgs {
 }
 
 pub fn forget(args: ForgetArgs, out: &mut dyn Write) -> Result<()> {
-    let store = args.store.open_existing()?;
-    args.store
-        .repo(store.as_ref())
-        .forget(&args.name, args.dry_run)?;
+    let store = args.store.open_writable()?;
+    store.with(|s| Ok(args.store.repo(s).forget(&args.name, args.dry_run)?))?;
     if args.dry_run {
         writeln!(out, "would forget {}", args.name)?;
     } else {

@@ -30,16 +30,17 @@ pub struct GcArgs {
 }
 
 pub fn run(args: GcArgs, out: &mut dyn Write) -> Result<()> {
-    let store = args.store.open_existing()?;
+    let store = args.store.open_writable()?;
     let opts = GcOptions {
         grace: args.grace,
         dry_run: args.dry_run,
     };
-    let report = args
-        .store
-        .repo(store.as_ref())
-        .gc(&opts)
-        .with_context(|| format!("garbage collection of {} failed", store.describe()))?;
+    let report = store.with(|s| {
+        args.store
+            .repo(s)
+            .gc(&opts)
+            .with_context(|| format!("garbage collection of {} failed", s.describe()))
+    })?;
     if args.json {
         print_json(out, &report)?;
     } else {

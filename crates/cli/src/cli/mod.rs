@@ -8,11 +8,13 @@ mod daemon;
 mod docs;
 mod export;
 mod gc;
+mod key;
 mod list;
 mod live;
 mod notify;
 mod progress;
 mod prune;
+mod publish;
 mod release;
 mod rollback;
 mod simulate;
@@ -82,6 +84,11 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Delete chunks no backup references (two-phase, safe alongside exports)
     Gc(gc::GcArgs),
+    /// Publish a store: write its signed catalog, so anyone can restore
+    /// from it through a web server or a public bucket
+    Publish(publish::PublishArgs),
+    /// Make or show the ed25519 key publishing signs with
+    Key(key::KeyArgs),
     /// Check that a node running on restored data is on the exported chain
     /// at the exported height (block hash and app hash or state root)
     Verify(verify::VerifyArgs),
@@ -181,6 +188,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Forget(a) => backup::forget(a, out),
         Command::Export(a) => export::run(a, out),
         Command::Gc(a) => gc::run(a, out),
+        Command::Publish(a) => publish::run(a, out),
+        Command::Key(a) => key::run(a, out),
         Command::Verify(a) => verify::run(a, out),
         Command::Completions(a) => docs::completions(a, out),
         Command::Manpages(a) => docs::manpages(a, out),

@@ -82,7 +82,7 @@ pub fn run(args: VerifyArgs, out: &mut dyn Write) -> Result<()> {
             args.rpc_url
         );
     }
-    let store = args.store.open_existing()?;
+    let store = args.store.open_reader()?;
     let (name, idx) = find_backup(store.as_ref(), &args.backup, &args.tag, None)?;
     let recorded: ChainIdentity = match idx.meta().get("chain") {
         None => bail!(

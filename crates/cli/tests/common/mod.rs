@@ -610,6 +610,12 @@ pub struct FakeRpc {
 
 impl FakeRpc {
     pub fn start(respond: impl Fn(&str) -> (u16, String) + Send + 'static) -> Self {
+        Self::start_with_body(move |first, _| respond(first))
+    }
+
+    /// As [`FakeRpc::start`], answering from the first line and the body
+    /// (a JSON-RPC method).
+    pub fn start_with_body(respond: impl Fn(&str, &str) -> (u16, String) + Send + 'static) -> Self {
         use std::io::{BufRead, BufReader, Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
@@ -639,7 +645,7 @@ impl FakeRpc {
                 }
                 let mut body = vec![0; len];
                 let _ = reader.read_exact(&mut body);
-                let (code, text) = respond(first.trim());
+                let (code, text) = respond(first.trim(), &String::from_utf8_lossy(&body));
                 let mut w = &stream;
                 let _ = write!(
                     w,

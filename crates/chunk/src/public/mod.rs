@@ -1,0 +1,309 @@
+//! Published stores: a store that strangers read from a static web server,
+//! a CDN or a public bucket, with no listing and no credentials, and trust
+//! because its catalog and heads are signed (`docs/publishing.md`; the
+//! catalog's format is in `docs/format.md`).
+//!
+//! - [`key`]: ed25519 signing and public keys, as text;
+//! - [`catalog`]: the catalog's encoding and checks (pure);
+//! - [`reader`]: a read-only store over the catalog, for readers;
+//! - [`writer`]: building the catalog and keeping it right as writers add
+//!   and delete.
+
+pub mod catalog;
+pub mod key;
+pub mod reader;
+pub mod writer;
+
+pub use catalog::Catalog;
+pub use key::{KeyError, PublicKey, SigningKey};
+pub use reader::CatalogStore;
+pub use writer::{publish, PublishReport, Publishing};
+
+use crate::store::{Store, StoreError};
+
+/// How a reader opens a store.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// Read buckets without credentials (`--no-sign-request`).
+    pub anonymous: bool,
+    /// Accept only what these keys signed (`--trust`, `trust = [...]`).
+    pub trust: Vec<PublicKey>,
+}
+
+/// A store opened to be read.
+pub struct Opened {
+    /// The store.
+    pub store: Box<dyn Store>,
+    /// Read through its catalog, and with no trusted key: a caller warns
+    /// that what it reads is unauthenticated.
+    pub unauthenticated: bool,
+}
+
+/// Open `url` for reading. A web server, an anonymous bucket, or any
+/// store when keys are trusted, is read through its catalog
+/// ([`CatalogStore`]); anything else is the operator's own store, read
+/// as it is.
+pub fn open(url: &str, access: &Access) -> Result<Opened, StoreError> {
+    let inner = crate::store::open_readonly(url, access.anonymous)?;
+    let public = crate::store::is_web(url) || access.anonymous;
+    if !public && access.trust.is_empty() {
+        return Ok(Opened {
+            store: inner,
+            unauthenticated: false,
+        });
+    }
+    Ok(Opened {
+        store: Box::new(CatalogStore::open(inner, access.trust.clone())?),
+        unauthenticated: access.trust.is_empty(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::head::{Head, IndexName, Totals};
+    use crate::store::{Bytes, Id, Kind, MemStore, CATALOG};
+    use proptest::prelude::*;
+
+    fn head_bytes(height: u64) -> Vec<u8> {
+        Head {
+            format: 2,
+            created: chrono::DateTime::from_timestamp(1_800_000_000 + height as i64, 0)
+                .expect("must succeed"),
+            tag: "t".into(),
+            chunk_size: 1 << 20,
+            meta: serde_json::json!({"height": height})
+                .as_object()
+                .expect("must succeed")
+                .clone(),
+            trees: Vec::new(),
+            totals: Totals::default(),
+            excluded: Vec::new(),
+        }
+        .encode()
+        .expect("must succeed")
+    }
+
+    fn name(height: u64) -> String {
+        IndexName::new(
+            chrono::DateTime::from_timestamp(1_800_000_000 + height as i64, 0)
+                .expect("must succeed"),
+            "t",
+        )
+        .to_string()
+    }
+
+    /// The catalog as a reader trusting `key` sees it.
+    fn read(store: &MemStore, key: &SigningKey) -> Catalog {
+        Catalog::decode(
+            &store.get_marker(CATALOG).expect("must succeed"),
+            &[key.public()],
+        )
+        .expect("must succeed")
+        .0
+    }
+
+    /// Whether the catalog names only objects the store has.
+    fn names_only_what_exists(store: &MemStore, key: &SigningKey) -> bool {
+        let Ok(data) = store.get_marker(CATALOG) else {
+            return true;
+        };
+        let c = Catalog::decode(&data, &[key.public()])
+            .expect("must succeed")
+            .0;
+        let heads = store.list_indexes().expect("must succeed");
+        let packidx: Vec<Id> = store
+            .list(Kind::PackIndex)
+            .expect("must succeed")
+            .into_iter()
+            .map(|p| p.0)
+            .collect();
+        c.heads.iter().all(|h| heads.contains(&h.name))
+            && c.packidx.iter().all(|p| packidx.contains(&p.id))
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Backup(u64),
+        ForgetOldest,
+        ReplacePackIndex,
+        Commit,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u64..1000).prop_map(Op::Backup),
+            Just(Op::ForgetOldest),
+            Just(Op::ReplacePackIndex),
+            Just(Op::Commit),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever writers do through [`Publishing`] (backups, retention,
+        /// a GC sweep replacing pack indexes), a reader never finds a
+        /// catalog entry whose object is gone, and after a commit the
+        /// catalog is exactly the store.
+        #[test]
+        fn the_catalog_never_names_what_is_gone(ops in prop::collection::vec(op(), 1..24)) {
+            let store = MemStore::new();
+            let key = SigningKey::from_seed([9; 32]);
+            let publishing = Publishing::new(&store, &key);
+            for (i, op) in ops.iter().enumerate() {
+                match op {
+                    Op::Backup(h) => {
+                        let data = Bytes::from(format!("packidx {i}").into_bytes());
+                        publishing.put(Kind::PackIndex, &Id::of(&data), data).expect("must succeed");
+                        publishing.put_index(&name(*h + 1000 * i as u64), &head_bytes(*h)).expect("must succeed");
+                    }
+                    Op::ForgetOldest => {
+                        let mut names = store.list_indexes().expect("must succeed");
+                        names.sort();
+                        if let Some(n) = names.first() {
+                            publishing.delete_index(n).expect("must succeed");
+                        }
+                    }
+                    Op::ReplacePackIndex => {
+                        let all = store.list(Kind::PackIndex).expect("must succeed");
+                        if let Some((old, _)) = all.first() {
+                            let data = Bytes::from(format!("merged {i}").into_bytes());
+                            publishing.put(Kind::PackIndex, &Id::of(&data), data).expect("must succeed");
+                            publishing.delete(Kind::PackIndex, old).expect("must succeed");
+                        }
+                    }
+                    Op::Commit => {
+                        publishing.commit().expect("must succeed");
+                        let c = read(&store, &key);
+                        let mut heads = store.list_indexes().expect("must succeed");
+                        heads.sort();
+                        prop_assert_eq!(c.heads.iter().map(|h| h.name.clone()).collect::<Vec<_>>(), heads);
+                        let mut packidx: Vec<Id> = store.list(Kind::PackIndex).expect("must succeed").into_iter().map(|p| p.0).collect();
+                        packidx.sort();
+                        prop_assert_eq!(c.packidx.iter().map(|p| p.id).collect::<Vec<_>>(), packidx);
+                    }
+                }
+                prop_assert!(names_only_what_exists(&store, &key), "after {:?}", op);
+            }
+        }
+    }
+
+    #[test]
+    fn a_reader_lists_from_the_catalog_checks_heads_and_follows_a_sweep() {
+        let store = MemStore::new();
+        let key = SigningKey::from_seed([4; 32]);
+        let p = Publishing::new(&store, &key);
+        let a = Bytes::from_static(b"packidx a");
+        p.put(Kind::PackIndex, &Id::of(&a), a.clone())
+            .expect("must succeed");
+        p.put_index(&name(1), &head_bytes(1)).expect("must succeed");
+        // A head nobody published: on the store, not in the catalog.
+        p.commit().expect("must succeed");
+        store
+            .put_index(&name(2), &head_bytes(2))
+            .expect("must succeed");
+
+        let shared = std::sync::Arc::new(store);
+        let reader = CatalogStore::open(Box::new(SharedStore(shared.clone())), vec![key.public()])
+            .expect("must succeed");
+        assert_eq!(reader.list_indexes().expect("must succeed"), vec![name(1)]);
+        assert!(reader.get_index(&name(1)).is_ok());
+        assert!(matches!(
+            reader.get_index(&name(2)),
+            Err(crate::store::StoreError::NotFound(_))
+        ));
+        assert_eq!(
+            reader.list(Kind::PackIndex).expect("must succeed"),
+            vec![(Id::of(&a), a.len() as u64)]
+        );
+        let e = reader
+            .put(Kind::Pack, &Id::of(b"x"), Bytes::new())
+            .expect_err("must fail");
+        assert!(e.to_string().contains("read-only"), "{e}");
+
+        // A sweep replaces the pack index: the reader's next read of the
+        // old one misses, and its next listing reads the catalog again.
+        let b = Bytes::from_static(b"packidx b");
+        let p = Publishing::new(shared.as_ref(), &key);
+        p.put(Kind::PackIndex, &Id::of(&b), b.clone())
+            .expect("must succeed");
+        p.delete(Kind::PackIndex, &Id::of(&a))
+            .expect("must succeed");
+        assert!(reader.get(Kind::PackIndex, &Id::of(&a)).is_err());
+        assert_eq!(
+            reader.list(Kind::PackIndex).expect("must succeed"),
+            vec![(Id::of(&b), b.len() as u64)]
+        );
+
+        // A head replaced under its name (only by tampering) is refused.
+        shared.delete_index(&name(1)).expect("must succeed");
+        shared
+            .put_index(&name(1), &head_bytes(5))
+            .expect("must succeed");
+        let e = reader.get_index(&name(1)).expect_err("must fail");
+        assert!(
+            e.to_string()
+                .contains("does not match the hash the catalog signed"),
+            "{e}"
+        );
+    }
+
+    /// A store shared between the test and a reader that owns its store.
+    struct SharedStore(std::sync::Arc<MemStore>);
+
+    impl Store for SharedStore {
+        fn describe(&self) -> String {
+            self.0.describe()
+        }
+        fn put(&self, k: Kind, id: &Id, d: Bytes) -> Result<(), StoreError> {
+            self.0.put(k, id, d)
+        }
+        fn get(&self, k: Kind, id: &Id) -> Result<Bytes, StoreError> {
+            self.0.get(k, id)
+        }
+        fn get_range_into(
+            &self,
+            k: Kind,
+            id: &Id,
+            o: u64,
+            l: u64,
+            b: &mut Vec<u8>,
+        ) -> Result<(), StoreError> {
+            self.0.get_range_into(k, id, o, l, b)
+        }
+        fn size(&self, k: Kind, id: &Id) -> Result<u64, StoreError> {
+            self.0.size(k, id)
+        }
+        fn list(&self, k: Kind) -> Result<Vec<(Id, u64)>, StoreError> {
+            self.0.list(k)
+        }
+        fn delete(&self, k: Kind, id: &Id) -> Result<(), StoreError> {
+            self.0.delete(k, id)
+        }
+        fn create_index(&self, n: &str, d: &[u8]) -> Result<bool, StoreError> {
+            self.0.create_index(n, d)
+        }
+        fn get_index(&self, n: &str) -> Result<Vec<u8>, StoreError> {
+            self.0.get_index(n)
+        }
+        fn list_indexes(&self) -> Result<Vec<String>, StoreError> {
+            self.0.list_indexes()
+        }
+        fn delete_index(&self, n: &str) -> Result<(), StoreError> {
+            self.0.delete_index(n)
+        }
+        fn put_marker(&self, n: &str, d: &[u8]) -> Result<(), StoreError> {
+            self.0.put_marker(n, d)
+        }
+        fn get_marker(&self, n: &str) -> Result<Vec<u8>, StoreError> {
+            self.0.get_marker(n)
+        }
+        fn list_markers(&self, d: &str) -> Result<Vec<crate::store::Marker>, StoreError> {
+            self.0.list_markers(d)
+        }
+        fn delete_marker(&self, n: &str) -> Result<(), StoreError> {
+            self.0.delete_marker(n)
+        }
+    }
+}
