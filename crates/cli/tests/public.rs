@@ -555,6 +555,7 @@ fn anonymous_bucket_reads_send_no_credentials() {
     )
     .fails(1);
     assert!(e.contains("Signature is required"), "{e}");
+    assert!(e.contains("does the bucket allow anonymous reads?"), "{e}");
     assert!(!scratch.path().join("dst").exists());
     // And an anonymous store is read-only.
     let e = common::btm_env(

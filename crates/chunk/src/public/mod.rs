@@ -52,8 +52,19 @@ pub fn open(url: &str, access: &Access) -> Result<Opened, StoreError> {
             unauthenticated: false,
         });
     }
+    let store = CatalogStore::open(inner, access.trust.clone()).map_err(|e| match e {
+        // The first request of an anonymous read: a refusal here is most
+        // often a bucket that does not allow them.
+        StoreError::Permanent { what, detail } if access.anonymous => StoreError::Permanent {
+            what,
+            detail: format!(
+                "{detail} (does the bucket allow anonymous reads? see docs/publishing.md)"
+            ),
+        },
+        e => e,
+    })?;
     Ok(Opened {
-        store: Box::new(CatalogStore::open(inner, access.trust.clone())?),
+        store: Box::new(store),
         unauthenticated: access.trust.is_empty(),
     })
 }
