@@ -23,13 +23,13 @@ struct State {
 }
 
 /// A read-only store over its catalog (`docs/format.md`, "Catalog").
-pub struct CatalogStore {
-    inner: Box<dyn Store>,
+pub struct CatalogStore<'s> {
+    inner: Box<dyn Store + 's>,
     trust: Vec<PublicKey>,
     state: Mutex<State>,
 }
 
-impl std::fmt::Debug for CatalogStore {
+impl std::fmt::Debug for CatalogStore<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CatalogStore")
             .field("store", &self.inner.describe())
@@ -54,11 +54,11 @@ fn load(store: &dyn Store, trust: &[PublicKey]) -> Result<(Catalog, PublicKey), 
     })
 }
 
-impl CatalogStore {
+impl<'s> CatalogStore<'s> {
     /// Read the catalog of `inner` (one request) and check it: signed by
     /// one of `trust`, or, with `trust` empty, by the key it names
     /// (unauthenticated: the caller says so).
-    pub fn open(inner: Box<dyn Store>, trust: Vec<PublicKey>) -> Result<Self, StoreError> {
+    pub fn open(inner: Box<dyn Store + 's>, trust: Vec<PublicKey>) -> Result<Self, StoreError> {
         let (catalog, signer) = load(inner.as_ref(), &trust)?;
         Ok(CatalogStore {
             inner,
@@ -95,16 +95,6 @@ impl CatalogStore {
         Ok(st.catalog.clone())
     }
 
-    /// The key that signed the catalog.
-    pub fn signer(&self) -> PublicKey {
-        self.state().signer.clone()
-    }
-
-    /// Whether the signer is one the reader trusts.
-    pub fn trusted(&self) -> bool {
-        !self.trust.is_empty()
-    }
-
     fn noting_missing<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
         if let Err(StoreError::NotFound(_)) = &r {
             self.state().stale = true;
@@ -120,7 +110,7 @@ impl CatalogStore {
     }
 }
 
-impl Store for CatalogStore {
+impl Store for CatalogStore<'_> {
     fn describe(&self) -> String {
         self.inner.describe()
     }

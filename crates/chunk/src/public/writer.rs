@@ -103,8 +103,7 @@ pub fn publish(
     key: &SigningKey,
     now: DateTime<Utc>,
 ) -> Result<PublishReport, ChunkError> {
-    let (catalog, report) = rebuild(store, key, now)?;
-    let mut catalog = catalog;
+    let (mut catalog, report) = rebuild(store, key, now)?;
     put_catalog(store, &mut catalog, key, now)?;
     Ok(report)
 }

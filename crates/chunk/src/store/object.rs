@@ -173,22 +173,22 @@ impl ObjectStoreBackend {
         let stall = request_timeout();
         let retry = retry_config(stall);
         let http = super::http::ProgressConnector { stall };
-        let (inner, prefix): (Arc<dyn ObjectStore>, &str) = match scheme {
-            // The whole URL is the root: object_store's HTTP store
-            // appends object paths to it and reads with GET and Range.
-            "http" | "https" => (
-                Arc::new(
-                    object_store::http::HttpBuilder::new()
-                        .with_url(url.trim_end_matches('/'))
-                        .with_http_connector(http)
-                        .with_retry(retry)
-                        .with_client_options(
-                            object_store::ClientOptions::new().with_allow_http(true),
-                        )
-                        .build()
-                        .map_err(|e| invalid(e.to_string()))?,
-                ),
-                "",
+        // A web server's root is the whole URL: object_store's HTTP store
+        // appends object paths to it and reads with GET and Range.
+        let prefix = if scheme.starts_with("http") {
+            ""
+        } else {
+            prefix
+        };
+        let inner: Arc<dyn ObjectStore> = match scheme {
+            "http" | "https" => Arc::new(
+                object_store::http::HttpBuilder::new()
+                    .with_url(url.trim_end_matches('/'))
+                    .with_http_connector(http)
+                    .with_retry(retry)
+                    .with_client_options(object_store::ClientOptions::new().with_allow_http(true))
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?,
             ),
             "s3" => {
                 let mut b = object_store::aws::AmazonS3Builder::from_env()
@@ -206,34 +206,25 @@ impl ObjectStoreBackend {
                 if unsigned_by_default(&endpoint, explicit) {
                     b = b.with_unsigned_payload(true);
                 }
-                (
-                    Arc::new(b.build().map_err(|e| invalid(e.to_string()))?),
-                    prefix,
-                )
+                Arc::new(b.build().map_err(|e| invalid(e.to_string()))?)
             }
-            "gs" => (
-                Arc::new(
-                    object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                        .with_bucket_name(bucket)
-                        .with_http_connector(http)
-                        .with_retry(retry.clone())
-                        .with_skip_signature(anonymous)
-                        .build()
-                        .map_err(|e| invalid(e.to_string()))?,
-                ),
-                prefix,
+            "gs" => Arc::new(
+                object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_http_connector(http)
+                    .with_retry(retry.clone())
+                    .with_skip_signature(anonymous)
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?,
             ),
-            "az" => (
-                Arc::new(
-                    object_store::azure::MicrosoftAzureBuilder::from_env()
-                        .with_container_name(bucket)
-                        .with_http_connector(http)
-                        .with_retry(retry.clone())
-                        .with_skip_signature(anonymous)
-                        .build()
-                        .map_err(|e| invalid(e.to_string()))?,
-                ),
-                prefix,
+            "az" => Arc::new(
+                object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(bucket)
+                    .with_http_connector(http)
+                    .with_retry(retry.clone())
+                    .with_skip_signature(anonymous)
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?,
             ),
             other => return Err(invalid(format!("unknown scheme '{other}'"))),
         };
