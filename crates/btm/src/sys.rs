@@ -1,8 +1,9 @@
 //! The few system calls btm needs that no safe wrapper offers on every
-//! target (nix has no `setpriority`, `ioprio_set` or `FS_IOC_FIEMAP`, and
-//! offers `renameat2` only with glibc, not musl), and the one `pre_exec`
-//! hook (a parent-death signal for operator commands). This is the only module allowed `unsafe`;
-//! each call passes integers or NUL-terminated strings that outlive it.
+//! target (nix has no `setpriority`, `ioprio_set`, `FS_IOC_FIEMAP` or file
+//! handles, and offers `renameat2` only with glibc, not musl), and the one
+//! `pre_exec` hook (a parent-death signal for operator commands). This is
+//! the only module allowed `unsafe`; each call passes integers,
+//! NUL-terminated strings or buffers that outlive it.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -198,6 +199,122 @@ pub fn fiemap(file: &std::fs::File) -> std::io::Result<Vec<Extent>> {
     }
 }
 
+/// A file handle (`name_to_handle_at(2)`): what reaches an inode again,
+/// across renames and restarts, without a path and without holding a
+/// descriptor. The kernel refuses a handle whose inode is gone (`ESTALE`),
+/// also when its number was reused.
+///
+/// Its bytes are the handle type (4 bytes, little-endian) and the file
+/// system's opaque handle: one small allocation, so that millions of them
+/// stay cheap.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct FileHandle(Box<[u8]>);
+
+/// The largest opaque handle a file system gives (`MAX_HANDLE_SZ`).
+const MAX_HANDLE: usize = 128;
+
+/// `struct file_handle` with room for the largest handle.
+#[repr(C)]
+struct RawHandle {
+    handle_bytes: libc::c_uint,
+    handle_type: libc::c_int,
+    f_handle: [u8; MAX_HANDLE],
+}
+
+impl FileHandle {
+    /// The handle as bytes, for storing it ([`FileHandle::from_bytes`]
+    /// takes them back).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// A handle stored with [`FileHandle::as_bytes`]; `None` if the bytes
+    /// cannot be one.
+    pub fn from_bytes(b: &[u8]) -> Option<FileHandle> {
+        (b.len() > 4 && b.len() <= 4 + MAX_HANDLE).then(|| FileHandle(b.into()))
+    }
+
+    fn raw(&self) -> RawHandle {
+        let mut raw = RawHandle {
+            handle_bytes: (self.0.len() - 4) as libc::c_uint,
+            handle_type: i32::from_le_bytes([self.0[0], self.0[1], self.0[2], self.0[3]]),
+            f_handle: [0; MAX_HANDLE],
+        };
+        raw.f_handle[..self.0.len() - 4].copy_from_slice(&self.0[4..]);
+        raw
+    }
+}
+
+impl std::fmt::Debug for FileHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FileHandle(")?;
+        for b in self.0.iter() {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// The handle of the inode `fd` refers to (any kind of descriptor,
+/// `O_PATH` included; a symlink's own handle). `EOPNOTSUPP` where the file
+/// system cannot give handles.
+pub fn handle_of(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<FileHandle> {
+    let mut raw = RawHandle {
+        handle_bytes: MAX_HANDLE as libc::c_uint,
+        handle_type: 0,
+        f_handle: [0; MAX_HANDLE],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `raw` is a writable `struct file_handle` with room for
+    // `handle_bytes` bytes, `mount_id` a writable int, the path an empty
+    // NUL-terminated string; all outlive the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            &mut raw as *mut RawHandle,
+            &mut mount_id as *mut libc::c_int,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let n = (raw.handle_bytes as usize).min(MAX_HANDLE);
+    let mut bytes = Vec::with_capacity(4 + n);
+    bytes.extend_from_slice(&raw.handle_type.to_le_bytes());
+    bytes.extend_from_slice(&raw.f_handle[..n]);
+    Ok(FileHandle(bytes.into_boxed_slice()))
+}
+
+/// Open the inode `handle` names, on the file system `mount` (any
+/// descriptor on it) is on, with `flags` (`O_PATH` included; `O_CREAT` is
+/// meaningless). Needs `CAP_DAC_READ_SEARCH`: `EPERM` without it.
+pub fn open_by_handle(
+    mount: std::os::fd::BorrowedFd<'_>,
+    handle: &FileHandle,
+    flags: nix::fcntl::OFlag,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let mut raw = handle.raw();
+    // SAFETY: `raw` is a valid `struct file_handle` that outlives the
+    // call; integers otherwise.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount.as_raw_fd(),
+            &mut raw as *mut RawHandle,
+            flags.bits() | libc::O_CLOEXEC,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as libc::c_int) })
+}
+
 /// The calling thread's (niceness, ioprio) as the kernel reports them.
 pub fn thread_priority() -> std::io::Result<(i32, i32)> {
     let tid = nix::unistd::gettid().as_raw();
@@ -233,6 +350,31 @@ mod tests {
             super::rename_exchange(&d, "a".as_ref(), "missing".as_ref()),
             Err(nix::errno::Errno::ENOENT)
         );
+    }
+
+    #[test]
+    fn a_handle_reopens_its_inode_across_a_rename_until_it_is_gone() {
+        use nix::fcntl::OFlag;
+        use std::os::fd::AsFd;
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(dir.path().join("a"), "A").expect("w");
+        let d = std::fs::File::open(dir.path()).expect("open");
+        let f = std::fs::File::open(dir.path().join("a")).expect("open");
+        let h = super::handle_of(f.as_fd()).expect("handle");
+        drop(f);
+        assert_eq!(
+            super::FileHandle::from_bytes(h.as_bytes()).as_ref(),
+            Some(&h)
+        );
+        assert!(super::FileHandle::from_bytes(&[1, 0, 0, 0]).is_none());
+        std::fs::rename(dir.path().join("a"), dir.path().join("b")).expect("mv");
+        let fd = super::open_by_handle(d.as_fd(), &h, OFlag::O_RDONLY).expect("by handle");
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut s).expect("read");
+        assert_eq!(s, "A");
+        std::fs::remove_file(dir.path().join("b")).expect("rm");
+        let gone = super::open_by_handle(d.as_fd(), &h, OFlag::O_PATH).expect_err("gone");
+        assert_eq!(gone.raw_os_error(), Some(libc::ESTALE));
     }
 
     #[test]

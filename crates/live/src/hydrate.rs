@@ -1,19 +1,25 @@
 //! Background hydration: every chunk no read has asked for yet, fetched
 //! the way a restore fetches (chunks of many files grouped into ranged
-//! reads of their packs, `connections` reads in flight), in the order of
-//! [`crate::order`], until every live file is wholly local.
+//! reads of their packs, `connections` reads in flight), in the order the
+//! skeleton recorded ([`crate::order`]), until every live file is wholly
+//! local.
 //!
 //! ```text
 //! planner ──claims, a window at a time──▶ reads ──▶ fetchers ──fill──▶ backing files
 //!    ▲                                                  │ failed: claims released
-//!    └──── next pass (after a backoff if the store failed) ◀┘
+//!    └──── next pass (after a backoff, or once the disk has room) ◀┘
 //! ```
 //!
 //! A read through the mount never waits for this queue: it claims its own
 //! chunks and fetches them itself. A chunk hydration claimed is waited for
-//! by a reader, not fetched twice. A store that fails releases the claims;
-//! the next pass, after a backoff that grows to 30 s, tries again, and
-//! `btm live status` says why it waits.
+//! by a reader, not fetched twice. The window is bounded in bytes and in
+//! chunks, so a tree of a million small files or a file of a million
+//! chunks costs no more memory than a few large files.
+//!
+//! What stops a pass says how to go on: a store that fails is tried again
+//! after a backoff that grows to 30 s; a disk that is full (`ENOSPC`,
+//! `EDQUOT`) is waited on until it has room again. `btm live status` says
+//! which, and why.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
@@ -32,10 +38,17 @@ const MAX_GAP: u64 = 256 << 10;
 const MAX_RANGE: u64 = 4 << 20;
 /// Bytes of chunks claimed before they are grouped into reads.
 const WINDOW: u64 = 64 << 20;
+/// Chunks claimed before they are grouped into reads.
+const WINDOW_CHUNKS: usize = 8192;
+/// Slots of the order read at once.
+const ORDER_BLOCK: u32 = 16384;
 /// How long one background read may keep retrying.
 const READ_PATIENCE: Duration = Duration::from_secs(30);
 /// The longest wait between passes after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The longest wait between passes that found nothing to claim (files
+/// waiting for their checkpoint, or that the node holds open unlinked).
+const MAX_IDLE: Duration = Duration::from_secs(5);
 
 /// Who wants one chunk: live files and the chunk's index in each.
 type Wants = Vec<(Arc<LiveFile>, u64)>;
@@ -47,10 +60,35 @@ struct Job {
     wants: Vec<Wants>,
 }
 
-/// Reads sent and not yet done, and whether one failed in this pass.
+/// Why a pass could not do all it claimed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The store failed, or a chunk could not be located.
+    Store(String),
+    /// The backing file system is full.
+    DiskFull(String),
+    /// A backing file could not be written for another reason.
+    Disk(String),
+}
+
+impl Failure {
+    fn of(e: &SourceError) -> Failure {
+        match e {
+            SourceError::Write(io)
+                if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+            {
+                Failure::DiskFull(io.to_string())
+            }
+            SourceError::Write(io) => Failure::Disk(io.to_string()),
+            e => Failure::Store(e.to_string()),
+        }
+    }
+}
+
+/// Reads sent and not yet done, and the last failure in this pass.
 #[derive(Default)]
 struct Outstanding {
-    count: Mutex<(usize, Option<String>)>,
+    count: Mutex<(usize, Option<Failure>)>,
     done: Condvar,
 }
 
@@ -59,7 +97,7 @@ impl Outstanding {
         self.count.lock().unwrap_or_else(|p| p.into_inner()).0 += 1;
     }
 
-    fn finish(&self, failure: Option<String>) {
+    fn finish(&self, failure: Option<Failure>) {
         let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
         c.0 -= 1;
         if failure.is_some() {
@@ -70,7 +108,7 @@ impl Outstanding {
     }
 
     /// Wait for every read sent; the last failure, if any, taken.
-    fn drain(&self) -> Option<String> {
+    fn drain(&self) -> Option<Failure> {
         let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
         while c.0 > 0 {
             c = self.done.wait(c).unwrap_or_else(|p| p.into_inner());
@@ -79,9 +117,9 @@ impl Outstanding {
     }
 }
 
-/// Hydrate `order` (live files, most wanted first) until none lacks a
-/// chunk or `stop` is cancelled. Returns whether everything is local.
-pub fn hydrate(files: &Files, order: &[Arc<LiveFile>], stop: &Cancel) -> bool {
+/// Hydrate every live file until none lacks a chunk or `stop` is
+/// cancelled. Returns whether everything is local.
+pub fn hydrate(files: &Files, stop: &Cancel) -> bool {
     let connections = files.source().connections().max(1);
     let outstanding = Outstanding::default();
     std::thread::scope(|s| {
@@ -92,97 +130,216 @@ pub fn hydrate(files: &Files, order: &[Arc<LiveFile>], stop: &Cancel) -> bool {
             s.spawn(move || fetcher(files, &rx, outstanding));
         }
         drop(rx);
-        let mut backoff = Duration::from_secs(1);
-        let complete = loop {
-            if stop.is_cancelled() {
-                break false;
-            }
-            let claimed = pass(files, order, &tx, &outstanding, stop);
-            let failure = outstanding.drain();
-            let left = order.iter().any(|f| !f.abandoned() && f.absent_bytes() > 0);
-            match failure {
-                None if !left => {
-                    files.stats.set_waiting(None);
-                    break true;
-                }
-                None => {
-                    files.stats.set_waiting(None);
-                    backoff = Duration::from_secs(1);
-                    if !claimed && stop.sleep(Duration::from_millis(200)) {
-                        break false;
-                    }
-                }
-                Some(why) => {
-                    files.stats.set_waiting(Some(format!(
-                        "the store failed ({why}); trying again in {}s",
-                        backoff.as_secs()
-                    )));
-                    tracing::warn!(error = %why, retry_in = ?backoff, "hydration is waiting for the store");
-                    if stop.sleep(backoff) {
-                        break false;
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-            }
-        };
+        let complete = run(files, &tx, &outstanding, stop);
         drop(tx);
         complete
     })
 }
 
-/// Claim every absent chunk of `order`, a window at a time, and send the
-/// reads. Returns whether anything was claimed.
-fn pass(
-    files: &Files,
-    order: &[Arc<LiveFile>],
-    tx: &Sender<Job>,
-    outstanding: &Outstanding,
-    stop: &Cancel,
-) -> bool {
-    let mut window: HashMap<Id, (Wanted, Wants)> = HashMap::new();
-    let mut bytes = 0;
-    let mut claimed = false;
-    for f in order {
+/// Passes until done or stopped, waiting between them as their outcome
+/// says.
+fn run(files: &Files, tx: &Sender<Job>, outstanding: &Outstanding, stop: &Cancel) -> bool {
+    let mut backoff = Duration::from_secs(1);
+    let mut idle = Duration::from_millis(200);
+    loop {
         if stop.is_cancelled() {
-            break;
+            return false;
         }
-        if f.abandoned() {
-            continue;
-        }
-        for i in f.queue_absent() {
-            claimed = true;
-            let Some(w) = f.wanted(i) else {
-                f.unqueue(&[i]);
-                continue;
-            };
-            bytes += w.raw_len;
-            window
-                .entry(w.hash)
-                .or_insert_with(|| (w, Vec::new()))
-                .1
-                .push((Arc::clone(f), i));
-        }
-        if bytes >= WINDOW {
-            dispatch(files, std::mem::take(&mut window), tx, outstanding);
-            bytes = 0;
+        let claimed = pass(files, tx, outstanding, stop);
+        let failure = outstanding.drain();
+        match failure {
+            None if files.missing_chunks() == 0 => {
+                files.stats.set_waiting(None);
+                return true;
+            }
+            None => {
+                files.stats.set_waiting(None);
+                backoff = Duration::from_secs(1);
+                if claimed {
+                    idle = Duration::from_millis(200);
+                } else {
+                    if stop.sleep(idle) {
+                        return false;
+                    }
+                    idle = (idle * 2).min(MAX_IDLE);
+                }
+            }
+            Some(Failure::DiskFull(why)) => {
+                if wait_for_room(files, &why, stop) {
+                    return false;
+                }
+            }
+            Some(Failure::Store(why) | Failure::Disk(why)) => {
+                files.stats.set_waiting(Some(format!(
+                    "{why}; trying again in {}s",
+                    backoff.as_secs()
+                )));
+                tracing::warn!(error = %why, retry_in = ?backoff, "hydration is waiting");
+                if stop.sleep(backoff) {
+                    return false;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
         }
     }
-    dispatch(files, window, tx, outstanding);
+}
+
+/// Free bytes on the backing file system.
+fn free_bytes(files: &Files) -> u64 {
+    nix::sys::statvfs::fstatvfs(files.backing().root())
+        .map(|s| s.blocks_available() * s.fragment_size())
+        .unwrap_or(0)
+}
+
+/// The disk is full: say so, and wait until it has room for a few chunks
+/// more than when it filled (or a minute has passed: space may come back
+/// without showing, as on a thin pool). Whether `stop` came first.
+fn wait_for_room(files: &Files, why: &str, stop: &Cancel) -> bool {
+    let full_at = free_bytes(files);
+    let want = full_at + 4 * files.table().head.chunk_size;
+    let started = Instant::now();
+    tracing::warn!(error = %why, "hydration is waiting for room on the disk");
+    loop {
+        let free = free_bytes(files);
+        if free >= want || started.elapsed() >= Duration::from_secs(60) {
+            files.stats.set_waiting(None);
+            return false;
+        }
+        files.stats.set_waiting(Some(format!(
+            "the disk is full ({why}): {} of the backup still to fetch, {} free; hydration goes on once space is freed",
+            crate::human(files.absent_bytes()),
+            crate::human(free)
+        )));
+        if stop.sleep(Duration::from_secs(1)) {
+            return true;
+        }
+    }
+}
+
+/// The chunks claimed and not yet sent, grouped by hash.
+#[derive(Default)]
+struct Window {
+    by_hash: HashMap<Id, (Wanted, Wants)>,
+    bytes: u64,
+    chunks: usize,
+}
+
+impl Window {
+    fn room(&self) -> usize {
+        WINDOW_CHUNKS.saturating_sub(self.chunks)
+    }
+
+    fn full(&self) -> bool {
+        self.bytes >= WINDOW || self.chunks >= WINDOW_CHUNKS
+    }
+
+    fn add(&mut self, w: Wanted, f: &Arc<LiveFile>, i: u64) {
+        self.bytes += w.raw_len;
+        self.chunks += 1;
+        self.by_hash
+            .entry(w.hash)
+            .or_insert_with(|| (w, Vec::new()))
+            .1
+            .push((Arc::clone(f), i));
+    }
+}
+
+/// Claim every absent chunk, in the recorded order, a window at a time,
+/// and send the reads. Returns whether anything was claimed.
+fn pass(files: &Files, tx: &Sender<Job>, outstanding: &Outstanding, stop: &Cancel) -> bool {
+    let mut window = Window::default();
+    let mut claimed = false;
+    let n = files.table().head.files;
+    let mut at = 0;
+    while at < n && !stop.is_cancelled() {
+        let slots = match files.table().order(at, ORDER_BLOCK) {
+            Ok(s) => s,
+            Err(e) => {
+                outstanding.add();
+                outstanding.finish(Some(Failure::Disk(format!(
+                    "cannot read the live files' table: {e}"
+                ))));
+                break;
+            }
+        };
+        at += ORDER_BLOCK;
+        for slot in slots {
+            if stop.is_cancelled() {
+                break;
+            }
+            claimed |= claim_file(files, slot, &mut window, tx, outstanding);
+        }
+    }
+    dispatch(files, std::mem::take(&mut window), tx, outstanding);
+    claimed
+}
+
+/// Claim the absent chunks of live file `slot` into `window`, sending it
+/// whenever it fills. Whether anything was claimed.
+fn claim_file(
+    files: &Files,
+    slot: u32,
+    window: &mut Window,
+    tx: &Sender<Job>,
+    outstanding: &Outstanding,
+) -> bool {
+    if files.is_done(slot) {
+        return false;
+    }
+    let f = match files.live(slot) {
+        Ok(Some(f)) => f,
+        Ok(None) => return false,
+        Err(e) => {
+            tracing::warn!(slot, error = %e, "cannot read a live file's entry");
+            return false;
+        }
+    };
+    // Nothing to claim, or a file whose names are all gone (the node still
+    // holds it open; its reads fetch what they need).
+    if f.complete() || files.unlinked(&f) {
+        return false;
+    }
+    let mut claimed = false;
+    let mut from = 0;
+    loop {
+        let (queued, next) = f.queue(from, window.room().max(1));
+        if queued.is_empty() {
+            break;
+        }
+        claimed = true;
+        from = next;
+        match files.wanted(&f, &queued) {
+            Ok(wanted) => {
+                for (&i, w) in queued.iter().zip(wanted) {
+                    match w {
+                        Some(w) => window.add(w, &f, i),
+                        None => f.unqueue(&[i]),
+                    }
+                }
+            }
+            Err(e) => {
+                f.unqueue(&queued);
+                outstanding.add();
+                outstanding.finish(Some(Failure::Disk(format!(
+                    "cannot read the live files' table: {e}"
+                ))));
+                break;
+            }
+        }
+        if window.full() {
+            dispatch(files, std::mem::take(window), tx, outstanding);
+        }
+    }
     claimed
 }
 
 /// Group a window into reads and send them; what cannot be planned is
 /// released.
-fn dispatch(
-    files: &Files,
-    window: HashMap<Id, (Wanted, Wants)>,
-    tx: &Sender<Job>,
-    outstanding: &Outstanding,
-) {
-    if window.is_empty() {
+fn dispatch(files: &Files, window: Window, tx: &Sender<Job>, outstanding: &Outstanding) {
+    if window.by_hash.is_empty() {
         return;
     }
-    let (wanted, mut wants): (Vec<Wanted>, Vec<Wants>) = window.into_values().unzip();
+    let (wanted, mut wants): (Vec<Wanted>, Vec<Wants>) = window.by_hash.into_values().unzip();
     let reads = match files.source().plan(&wanted, MAX_GAP, MAX_RANGE) {
         Ok(r) => r,
         Err(e) => {
@@ -190,7 +347,7 @@ fn dispatch(
             let _ = files.source().reload();
             unqueue_all(&wants);
             outstanding.add();
-            outstanding.finish(Some(e.to_string()));
+            outstanding.finish(Some(Failure::Store(e.to_string())));
             return;
         }
     };
@@ -248,7 +405,7 @@ fn fetcher(files: &Files, rx: &Receiver<Job>, outstanding: &Outstanding) {
         // Without zstd nothing can be fetched: leave the work to others.
         for job in rx.iter() {
             unqueue_all(&job.wants);
-            outstanding.finish(Some("cannot start zstd".into()));
+            outstanding.finish(Some(Failure::Store("cannot start zstd".into())));
         }
         return;
     };
@@ -263,20 +420,22 @@ fn fetcher(files: &Files, rx: &Receiver<Job>, outstanding: &Outstanding) {
             outstanding.finish(None);
             continue;
         }
-        let result = fetch(files, &job, &mut buf, &mut out, &mut dctx);
+        let result = fetch(files, &mut job, &mut buf, &mut out, &mut dctx);
         if result.is_err() {
             release_all(&job.wants);
         }
-        outstanding.finish(result.err().map(|e| e.to_string()));
+        outstanding.finish(result.err().map(|e| Failure::of(&e)));
         if buf.capacity() > 2 * MAX_RANGE as usize {
             buf = Vec::new();
         }
     }
 }
 
+/// Make `job`'s read and fill what it brings; what was filled leaves the
+/// job, so that a failure gives back only the rest.
 fn fetch(
     files: &Files,
-    job: &Job,
+    job: &mut Job,
     buf: &mut Vec<u8>,
     out: &mut Vec<u8>,
     dctx: &mut zstd::bulk::Decompressor<'static>,
@@ -294,9 +453,29 @@ fn fetch(
         }
         let w = &job.wanted[c.slot];
         source.open(w, frame(buf, &job.read, c), dctx, out)?;
-        for (f, i) in &job.wants[c.slot] {
-            f.fill(*i, out).map_err(SourceError::Write)?;
+        while let Some((f, i)) = job.wants[c.slot].pop() {
+            if let Err(e) = files.fill(&f, i, out) {
+                // `fill` settled this claim itself.
+                return Err(SourceError::Write(e));
+            }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_told_apart_from_a_failing_store() {
+        let full = SourceError::Write(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert!(matches!(Failure::of(&full), Failure::DiskFull(_)));
+        let quota = SourceError::Write(std::io::Error::from_raw_os_error(libc::EDQUOT));
+        assert!(matches!(Failure::of(&quota), Failure::DiskFull(_)));
+        let eio = SourceError::Write(std::io::Error::from_raw_os_error(libc::EIO));
+        assert!(matches!(Failure::of(&eio), Failure::Disk(_)));
+        let store = SourceError::TimedOut(Duration::from_secs(1));
+        assert!(matches!(Failure::of(&store), Failure::Store(_)));
+    }
 }

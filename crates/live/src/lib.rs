@@ -17,11 +17,13 @@
 //! truncate needs: [`presence`]; the order of hydration: [`order`]) are
 //! property-tested on their own.
 
+pub mod backing;
 pub mod control;
+pub mod durable;
 pub mod files;
 pub mod fs;
 pub mod hydrate;
-pub mod journal;
+pub mod lru;
 pub mod mount;
 pub mod order;
 pub mod presence;
@@ -29,9 +31,12 @@ pub mod serve;
 pub mod skeleton;
 pub mod source;
 pub mod stats;
+pub mod table;
+pub mod target;
 
 pub use serve::{serve, LiveOptions};
 pub use stats::Status;
+pub use target::open_target;
 
 /// Why a live restore cannot start or go on.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +50,21 @@ pub enum LiveError {
     /// FUSE is missing or not allowed.
     #[error("{0}; a plain `btm restore` works without it")]
     NoFuse(String),
+    /// The target's file system, or this process, lacks what a live
+    /// restore needs.
+    #[error("{0}; a plain `btm restore` works without it")]
+    Unsupported(String),
+    /// The descriptor limit is too low even raised to its hard limit.
+    #[error("this process may open only {0} files (ulimit -n); a live restore needs at least 256 whatever the tree's size: raise the hard limit (LimitNOFILE= in a unit, ulimit -Hn in a shell)")]
+    Limit(u64),
+    /// The target holds an unfinished live restore of another version.
+    #[error("{dir} holds an unfinished live restore made by an earlier btm (state layout {version}); finish it with that version, or empty {dir} and start again")]
+    OldState {
+        /// The target.
+        dir: String,
+        /// The layout found.
+        version: u32,
+    },
     /// The target holds an unfinished live restore of another backup.
     #[error("{dir} holds an unfinished live restore of {found}, not {wanted}; run `btm restore --live {found} {dir}` to go on with it")]
     OtherBackup {
@@ -109,5 +129,21 @@ pub enum LiveError {
 impl LiveError {
     pub(crate) fn state(what: &'static str, source: std::io::Error) -> Self {
         LiveError::State { what, source }
+    }
+}
+
+/// Bytes for people: `1.5 GiB`.
+pub(crate) fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }

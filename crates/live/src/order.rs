@@ -6,23 +6,14 @@
 //! `OPTIONS-*`), then the newest data (the newest SST files and block
 //! files, the head of an append-only log). So: small files and manifests
 //! first, then everything else from the newest to the oldest. Pure: it
-//! sees only what the backup recorded.
+//! sees only what the backup recorded, one 16-byte key a file, so that a
+//! tree of millions of files is ordered once, when the skeleton is made,
+//! and the order kept on disk ([`crate::table`]).
 
 use std::cmp::Reverse;
 
 /// Files at most this size come first.
 pub const SMALL: u64 = 1 << 20;
-
-/// What ordering needs to know of a file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate<'a> {
-    /// Its path in the backup.
-    pub path: &'a [u8],
-    /// Bytes still to fetch.
-    pub bytes: u64,
-    /// Its modification time in the backup.
-    pub mtime_ns: i64,
-}
 
 /// Whether a file is one a node reads whole at start, whatever its size.
 pub fn is_manifest(path: &[u8]) -> bool {
@@ -32,17 +23,35 @@ pub fn is_manifest(path: &[u8]) -> bool {
     PREFIXES.iter().any(|p| name.starts_with(p)) || SUFFIXES.iter().any(|s| name.ends_with(s))
 }
 
-/// The order to hydrate `files` in, as indexes into it: small files and
-/// manifests first, then the rest; each group newest first, then by path
-/// (so the order is total and the same on every run).
-pub fn hydration_order(files: &[Candidate<'_>]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..files.len()).collect();
-    order.sort_by_key(|&i| {
-        let f = &files[i];
-        let early = f.bytes <= SMALL || is_manifest(f.path);
-        (!early, Reverse(f.mtime_ns), f.path)
-    });
-    order
+/// Where one file goes in the order: keys sort in hydration order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Key {
+    /// Not one of the files that come first.
+    late: bool,
+    /// Newest first.
+    mtime: Reverse<i64>,
+    /// The file's place in the live files' table, which follows the
+    /// backup's walk order (by path): the order is total and the same on
+    /// every run.
+    pub slot: u32,
+}
+
+impl Key {
+    /// The key of live file `slot` at `path`, with `bytes` of data and
+    /// modification time `mtime_ns` in the backup.
+    pub fn new(slot: u32, path: &[u8], bytes: u64, mtime_ns: i64) -> Key {
+        Key {
+            late: !(bytes <= SMALL || is_manifest(path)),
+            mtime: Reverse(mtime_ns),
+            slot,
+        }
+    }
+}
+
+/// Sort `keys` into hydration order: small files and manifests first,
+/// then the rest; each group newest first, then in the backup's order.
+pub fn hydration_order(keys: &mut [Key]) {
+    keys.sort_unstable();
 }
 
 #[cfg(test)]
@@ -52,55 +61,50 @@ mod tests {
 
     #[test]
     fn manifests_and_small_files_first_then_newest() {
-        let files = [
-            Candidate {
-                path: b"db/000010.ldb",
-                bytes: 8 << 20,
-                mtime_ns: 10,
-            },
-            Candidate {
-                path: b"db/000011.ldb",
-                bytes: 8 << 20,
-                mtime_ns: 20,
-            },
-            Candidate {
-                path: b"db/MANIFEST-000004",
-                bytes: 4 << 20,
-                mtime_ns: 1,
-            },
-            Candidate {
-                path: b"db/CURRENT",
-                bytes: 16,
-                mtime_ns: 2,
-            },
-            Candidate {
-                path: b"cold.bin",
-                bytes: 1 << 30,
-                mtime_ns: 1,
-            },
+        let files: [(&[u8], u64, i64); 5] = [
+            (b"db/000010.ldb", 8 << 20, 10),
+            (b"db/000011.ldb", 8 << 20, 20),
+            (b"db/MANIFEST-000004", 4 << 20, 1),
+            (b"db/CURRENT", 16, 2),
+            (b"cold.bin", 1 << 30, 1),
         ];
-        let order = hydration_order(&files);
+        let mut keys: Vec<Key> = files
+            .iter()
+            .enumerate()
+            .map(|(i, (p, b, m))| Key::new(i as u32, p, *b, *m))
+            .collect();
+        hydration_order(&mut keys);
+        let order: Vec<u32> = keys.iter().map(|k| k.slot).collect();
         assert_eq!(order, vec![3, 2, 1, 0, 4]);
     }
 
     proptest! {
-        /// The order is a permutation, and no late file comes before an
-        /// early one.
+        /// The order is a permutation, no late file comes before an early
+        /// one, and each group is newest first.
         #[test]
         fn early_files_never_wait_for_late_ones(
             files in prop::collection::vec((prop::collection::vec(b'a'..=b'z', 1..8), 0u64..(4 << 20), any::<i64>()), 0..40)
         ) {
-            let cands: Vec<Candidate<'_>> = files
+            let mut keys: Vec<Key> = files
                 .iter()
-                .map(|(p, b, m)| Candidate { path: p, bytes: *b, mtime_ns: *m })
+                .enumerate()
+                .map(|(i, (p, b, m))| Key::new(i as u32, p, *b, *m))
                 .collect();
-            let order = hydration_order(&cands);
-            let mut sorted = order.clone();
-            sorted.sort_unstable();
-            prop_assert_eq!(sorted, (0..cands.len()).collect::<Vec<_>>());
-            let early = |i: usize| cands[i].bytes <= SMALL || is_manifest(cands[i].path);
-            let first_late = order.iter().position(|&i| !early(i)).unwrap_or(order.len());
-            prop_assert!(order[first_late..].iter().all(|&i| !early(i)));
+            hydration_order(&mut keys);
+            let mut slots: Vec<u32> = keys.iter().map(|k| k.slot).collect();
+            slots.sort_unstable();
+            prop_assert_eq!(slots, (0..files.len() as u32).collect::<Vec<_>>());
+            let early = |s: u32| {
+                let (p, b, _) = &files[s as usize];
+                *b <= SMALL || is_manifest(p)
+            };
+            let first_late = keys.iter().position(|k| !early(k.slot)).unwrap_or(keys.len());
+            prop_assert!(keys[first_late..].iter().all(|k| !early(k.slot)));
+            for w in keys.windows(2) {
+                if early(w[0].slot) == early(w[1].slot) {
+                    prop_assert!(files[w[0].slot as usize].2 >= files[w[1].slot as usize].2);
+                }
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
-//! Which chunks of a file are local, and the pure decisions about them:
-//! what a read must fetch first, what a write or truncate must fetch and
-//! what it makes local by overwriting it.
+//! Which chunks of the backup's files are local, and the pure decisions
+//! about them: what a read must fetch first, what a write or truncate must
+//! fetch and what it makes local by overwriting it.
 //!
 //! A chunk is `Absent` (its bytes are still only in the store; the backing
 //! file has a hole there), `Queued` (hydration means to fetch it, but has
@@ -11,8 +11,16 @@
 //! ever makes a `Present` chunk anything else. That is what keeps
 //! hydration from overwriting the node's writes, and `Queued` is what
 //! keeps a reader from waiting behind hydration's whole queue.
+//!
+//! The states of every chunk of every live file are one array of two bits
+//! a chunk ([`States`]), indexed by a chunk's place in the live files'
+//! table ([`crate::table`]): a million files or a terabyte of 1 MiB chunks
+//! cost 256 KiB, whatever is open. A file sees its own window of it
+//! ([`FileChunks`]), and every change to a window is made under that
+//! file's lock, which is what makes a claim atomic.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The state of one chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,17 +35,120 @@ pub enum State {
     Present,
 }
 
-/// The states of one file's chunks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Presence {
-    states: Vec<State>,
-    absent: usize,
+impl State {
+    fn bits(self) -> u64 {
+        match self {
+            State::Absent => 0,
+            State::Queued => 1,
+            State::Fetching => 2,
+            State::Present => 3,
+        }
+    }
+
+    fn of(bits: u64) -> State {
+        match bits & 3 {
+            0 => State::Absent,
+            1 => State::Queued,
+            2 => State::Fetching,
+            _ => State::Present,
+        }
+    }
+}
+
+/// Chunks per word of [`States`].
+const PER_WORD: u64 = 32;
+
+/// The states of every chunk of the live files, two bits each, and how
+/// many are not present.
+#[derive(Debug)]
+pub struct States {
+    words: Box<[AtomicU64]>,
+    len: u64,
+    missing: AtomicU64,
+}
+
+impl States {
+    /// `len` chunks, those for which `present` says so already local (holes,
+    /// or what an earlier run made durable), the others absent.
+    pub fn new(len: u64, present: impl Fn(u64) -> bool) -> Self {
+        let mut words = Vec::with_capacity(len.div_ceil(PER_WORD) as usize);
+        let mut missing = 0;
+        for w in 0..len.div_ceil(PER_WORD) {
+            let mut word = 0u64;
+            for g in w * PER_WORD..((w + 1) * PER_WORD).min(len) {
+                if present(g) {
+                    word |= State::Present.bits() << ((g % PER_WORD) * 2);
+                } else {
+                    missing += 1;
+                }
+            }
+            words.push(AtomicU64::new(word));
+        }
+        States {
+            words: words.into_boxed_slice(),
+            len,
+            missing: AtomicU64::new(missing),
+        }
+    }
+
+    /// The number of chunks.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Chunks not present, over every file.
+    pub fn missing(&self) -> u64 {
+        self.missing.load(Ordering::Relaxed)
+    }
+
+    /// The state of chunk `g` (chunks past the end are present).
+    pub fn get(&self, g: u64) -> State {
+        if g >= self.len {
+            return State::Present;
+        }
+        let word = self.words[(g / PER_WORD) as usize].load(Ordering::Acquire);
+        State::of(word >> ((g % PER_WORD) * 2))
+    }
+
+    /// Set chunk `g` to `s`, leaving the other chunks of its word alone
+    /// (they may belong to another file, changed at the same time).
+    fn set(&self, g: u64, s: State) {
+        let shift = (g % PER_WORD) * 2;
+        let word = &self.words[(g / PER_WORD) as usize];
+        let mut cur = word.load(Ordering::Acquire);
+        loop {
+            let new = (cur & !(3 << shift)) | (s.bits() << shift);
+            match word.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        if s == State::Present {
+            self.missing.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The window of one file: chunks `range`. The caller holds that
+    /// file's lock for as long as it uses the window.
+    pub fn file(&self, range: Range<u64>) -> FileChunks<'_> {
+        FileChunks {
+            states: self,
+            first: range.start,
+            n: range.end.saturating_sub(range.start),
+        }
+    }
 }
 
 /// What a claim over some chunks found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Claim {
-    /// Chunks that were `Absent` and are now `Fetching` for the caller.
+    /// Chunks that were `Absent` (or only `Queued`) and are now `Fetching`
+    /// for the caller.
     pub mine: Vec<u64>,
     /// Whether some chunk is being fetched by someone else: wait for it.
     pub wait: bool,
@@ -50,157 +161,147 @@ impl Claim {
     }
 }
 
-impl Presence {
-    /// `n` chunks, those for which `present` says so already local (holes,
-    /// or what an earlier run journalled).
-    pub fn new(n: usize, present: impl Fn(u64) -> bool) -> Self {
-        let states: Vec<State> = (0..n as u64)
-            .map(|i| {
-                if present(i) {
-                    State::Present
-                } else {
-                    State::Absent
-                }
-            })
-            .collect();
-        let absent = states.iter().filter(|s| **s == State::Absent).count();
-        Presence { states, absent }
-    }
+/// One file's chunks, numbered from 0: a window of [`States`].
+#[derive(Debug)]
+pub struct FileChunks<'a> {
+    states: &'a States,
+    first: u64,
+    n: u64,
+}
 
+impl FileChunks<'_> {
     /// The number of chunks.
-    pub fn len(&self) -> usize {
-        self.states.len()
+    pub fn len(&self) -> u64 {
+        self.n
     }
 
     /// Whether the file has no chunks.
     pub fn is_empty(&self) -> bool {
-        self.states.is_empty()
+        self.n == 0
     }
 
     /// The state of chunk `i` (chunks past the end are present: the node
     /// made them).
     pub fn state(&self, i: u64) -> State {
-        self.states
-            .get(i as usize)
-            .copied()
-            .unwrap_or(State::Present)
+        if i >= self.n {
+            return State::Present;
+        }
+        self.states.get(self.first + i)
+    }
+
+    fn set(&self, i: u64, s: State) {
+        self.states.set(self.first + i, s);
+    }
+
+    fn within(&self, chunks: Range<u64>) -> Range<u64> {
+        chunks.start.min(self.n)..chunks.end.min(self.n)
     }
 
     /// Whether every chunk is present.
     pub fn complete(&self) -> bool {
-        self.absent == 0 && self.states.iter().all(|s| *s == State::Present)
-    }
-
-    /// Chunks still `Absent`.
-    pub fn absent(&self) -> usize {
-        self.absent
+        (0..self.n).all(|i| self.state(i) == State::Present)
     }
 
     /// Claim the absent (or only queued) chunks among `chunks` for the
     /// caller, who fetches them now.
-    pub fn claim(&mut self, chunks: Range<u64>) -> Claim {
+    pub fn claim(&self, chunks: Range<u64>) -> Claim {
         let mut claim = Claim::default();
-        for i in chunks {
-            match self.states.get_mut(i as usize) {
-                Some(s @ State::Absent) => {
-                    *s = State::Fetching;
-                    self.absent -= 1;
+        for i in self.within(chunks) {
+            match self.state(i) {
+                State::Absent | State::Queued => {
+                    self.set(i, State::Fetching);
                     claim.mine.push(i);
                 }
-                Some(s @ State::Queued) => {
-                    *s = State::Fetching;
-                    claim.mine.push(i);
-                }
-                Some(State::Fetching) => claim.wait = true,
-                Some(State::Present) | None => {}
+                State::Fetching => claim.wait = true,
+                State::Present => {}
             }
         }
         claim
     }
 
-    /// Queue the absent chunks among `chunks` for hydration.
-    pub fn queue(&mut self, chunks: Range<u64>) -> Vec<u64> {
+    /// Queue up to `max` absent chunks from `from` on for hydration, and
+    /// say where to go on next time.
+    pub fn queue(&self, from: u64, max: usize) -> (Vec<u64>, u64) {
         let mut queued = Vec::new();
-        for i in chunks {
-            if let Some(s @ State::Absent) = self.states.get_mut(i as usize) {
-                *s = State::Queued;
-                self.absent -= 1;
+        let mut i = from;
+        while i < self.n && queued.len() < max {
+            if self.state(i) == State::Absent {
+                self.set(i, State::Queued);
                 queued.push(i);
             }
+            i += 1;
         }
-        queued
+        (queued, i)
     }
 
     /// Hydration is about to ask the store for queued chunk `i`: `true` if
     /// it is still queued (and now hydration's to settle), `false` if a
     /// reader or the node took it meanwhile.
-    pub fn start(&mut self, i: u64) -> bool {
-        match self.states.get_mut(i as usize) {
-            Some(s @ State::Queued) => {
-                *s = State::Fetching;
-                true
-            }
-            _ => false,
+    pub fn start(&self, i: u64) -> bool {
+        let queued = self.state(i) == State::Queued;
+        if queued {
+            self.set(i, State::Fetching);
         }
+        queued
     }
 
     /// Hydration gives queued chunk `i` up without asking for it.
-    pub fn unqueue(&mut self, i: u64) {
-        if let Some(s @ State::Queued) = self.states.get_mut(i as usize) {
-            *s = State::Absent;
-            self.absent += 1;
+    pub fn unqueue(&self, i: u64) {
+        if self.state(i) == State::Queued {
+            self.set(i, State::Absent);
         }
     }
 
     /// The caller's claim on chunk `i` ends: `Present` if it wrote it,
-    /// `Absent` again if it could not.
-    pub fn settle(&mut self, i: u64, written: bool) {
-        if let Some(s @ State::Fetching) = self.states.get_mut(i as usize) {
-            if written {
-                *s = State::Present;
-            } else {
-                *s = State::Absent;
-                self.absent += 1;
-            }
+    /// `Absent` again if it could not. Whether it became present.
+    pub fn settle(&self, i: u64, written: bool) -> bool {
+        if self.state(i) != State::Fetching {
+            return false;
         }
+        self.set(
+            i,
+            if written {
+                State::Present
+            } else {
+                State::Absent
+            },
+        );
+        written
     }
 
     /// Make chunks `chunks` present because the node overwrites them
-    /// whole. `false` if one of them is being fetched: wait, then ask
-    /// again (the fetch must not land after the node's bytes).
-    pub fn cover(&mut self, chunks: Range<u64>) -> bool {
-        let range = chunks.start as usize..(chunks.end as usize).min(self.states.len());
-        if range.start >= range.end {
-            return true;
+    /// whole: the chunks that were not present yet, or `None` (nothing
+    /// changed) if one of them is being fetched: wait, then ask again (the
+    /// fetch must not land after the node's bytes).
+    pub fn cover(&self, chunks: Range<u64>) -> Option<Vec<u64>> {
+        let range = self.within(chunks);
+        if range.clone().any(|i| self.state(i) == State::Fetching) {
+            return None;
         }
-        if self.states[range.clone()].contains(&State::Fetching) {
-            return false;
-        }
-        for s in &mut self.states[range] {
-            if *s == State::Absent {
-                self.absent -= 1;
+        let mut made = Vec::new();
+        for i in range {
+            if self.state(i) != State::Present {
+                self.set(i, State::Present);
+                made.push(i);
             }
-            *s = State::Present;
         }
-        true
+        Some(made)
     }
 
-    /// The chunks not present (absent, or being fetched), in order.
+    /// Give chunk `i`, made present by [`FileChunks::cover`] for a change
+    /// of the node's that then failed, back to the backup: absent again.
+    /// The one way a present chunk stops being one, and only for its
+    /// coverer, before anything recorded it.
+    pub fn uncover(&self, i: u64) {
+        if i < self.n && self.state(i) == State::Present {
+            self.set(i, State::Absent);
+            self.states.missing.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The chunks not present (absent, queued or being fetched), in order.
     pub fn missing_chunks(&self) -> impl Iterator<Item = u64> + '_ {
-        self.states
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| **s != State::Present)
-            .map(|(i, _)| i as u64)
-    }
-
-    /// The absent chunks, in order.
-    pub fn absent_chunks(&self) -> impl Iterator<Item = u64> + '_ {
-        self.states
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| **s == State::Absent)
-            .map(|(i, _)| i as u64)
+        (0..self.n).filter(|&i| self.state(i) != State::Present)
     }
 }
 
@@ -287,41 +388,65 @@ mod tests {
 
     #[test]
     fn claims_settle_and_cover() {
-        let mut p = Presence::new(4, |i| i == 3);
-        assert_eq!(p.absent(), 3);
+        let states = States::new(4, |g| g == 3);
+        let p = states.file(0..4);
+        assert_eq!(states.missing(), 3);
         let c = p.claim(0..2);
         assert_eq!(c.mine, vec![0, 1]);
         assert!(!c.wait);
         let again = p.claim(0..4);
         assert_eq!(again.mine, vec![2]);
         assert!(again.wait);
-        assert!(!p.cover(1..3), "a chunk being fetched is not overwritten");
-        p.settle(0, true);
-        p.settle(1, false);
-        p.settle(2, true);
-        assert!(p.cover(1..2));
+        assert_eq!(
+            p.cover(1..3),
+            None,
+            "a chunk being fetched is not overwritten"
+        );
+        assert!(p.settle(0, true));
+        assert!(!p.settle(1, false));
+        assert!(p.settle(2, true));
+        assert_eq!(p.cover(1..2), Some(vec![1]));
         assert!(p.complete());
+        assert_eq!(states.missing(), 0);
         // A settle of a chunk nobody claims changes nothing.
-        p.settle(1, false);
+        assert!(!p.settle(1, false));
         assert!(p.complete());
     }
 
     #[test]
     fn a_reader_takes_over_what_hydration_only_queued() {
-        let mut p = Presence::new(3, |_| false);
-        assert_eq!(p.queue(0..3), vec![0, 1, 2]);
+        let states = States::new(3, |_| false);
+        let p = states.file(0..3);
+        assert_eq!(p.queue(0, 2), (vec![0, 1], 2));
+        assert_eq!(p.queue(2, 8), (vec![2], 3));
         assert!(p.start(0), "hydration asks for chunk 0");
         let reader = p.claim(0..2);
         assert_eq!(reader.mine, vec![1], "the reader takes chunk 1 over");
         assert!(reader.wait, "and waits for chunk 0, already asked for");
         assert!(!p.start(1), "hydration skips what the reader took");
-        assert!(p.cover(2..3), "the node overwrites a queued chunk");
+        assert_eq!(
+            p.cover(2..3),
+            Some(vec![2]),
+            "the node overwrites a queued chunk"
+        );
         assert!(!p.start(2));
         p.settle(0, true);
         p.settle(1, true);
         assert!(p.complete());
         p.unqueue(2);
         assert!(p.complete(), "unqueueing a present chunk changes nothing");
+    }
+
+    #[test]
+    fn neighbours_in_one_word_keep_their_states() {
+        let states = States::new(70, |g| g % 2 == 0);
+        let (a, b) = (states.file(0..33), states.file(33..70));
+        assert_eq!(a.claim(0..33).mine.len(), 16);
+        assert_eq!(b.cover(0..37).map(|m| m.len()), Some(19));
+        assert!(b.complete());
+        assert_eq!(a.state(32), State::Present);
+        assert_eq!(a.state(31), State::Fetching);
+        assert_eq!(states.missing(), 16);
     }
 
     proptest! {
@@ -360,28 +485,32 @@ mod tests {
             prop_assert_eq!(p.dropped.start, kept);
         }
 
-        /// Whatever the sequence of claims, settles and covers, a present
-        /// chunk stays present and the absent count matches the states.
+        /// Whatever the sequence of claims, settles and covers on two files
+        /// sharing words, a present chunk stays present, the other file is
+        /// untouched, and the missing count matches the states.
         #[test]
         fn present_is_forever(ops in prop::collection::vec((0u8..6, 0u64..12, 0u64..12, any::<bool>()), 0..60)) {
-            let mut p = Presence::new(10, |i| i % 4 == 0);
+            let states = States::new(40, |g| g % 4 == 0);
+            let (p, other) = (states.file(5..15), states.file(15..40));
+            let untouched: Vec<State> = (0..25).map(|i| other.state(i)).collect();
             for (op, a, b, ok) in ops {
-                let before = p.clone();
+                let before: Vec<State> = (0..10).map(|i| p.state(i)).collect();
                 let r = a.min(b)..a.max(b);
                 match op {
                     0 => { p.claim(r); }
-                    1 => p.settle(a, ok),
-                    2 => { p.queue(r); }
+                    1 => { p.settle(a, ok); }
+                    2 => { p.queue(a, b as usize); }
                     3 => { p.start(a); }
                     4 => p.unqueue(a),
                     _ => { p.cover(r); }
                 }
-                for i in 0..10 {
-                    if before.state(i) == State::Present {
-                        prop_assert_eq!(p.state(i), State::Present);
+                for (i, s) in before.iter().enumerate() {
+                    if *s == State::Present {
+                        prop_assert_eq!(p.state(i as u64), State::Present);
                     }
                 }
-                prop_assert_eq!(p.absent(), (0..10).filter(|&i| p.state(i) == State::Absent).count());
+                prop_assert_eq!(&(0..25).map(|i| other.state(i)).collect::<Vec<_>>(), &untouched);
+                prop_assert_eq!(states.missing(), (0..40).filter(|&g| states.get(g) != State::Present).count() as u64);
             }
         }
     }

@@ -10,17 +10,13 @@
 //! ```
 //!
 //! Nothing is mounted until the store and the backup have passed the
-//! same proof a restore makes. The state directory (`.btm-live`: the
-//! session and the journal) lives in the target itself, on the same file
-//! system as the data, so `syncfs` covers both; finishing removes it.
+//! same proof a restore makes, and the target has passed its checks
+//! ([`crate::target`]).
 
-use std::ffi::OsStr;
-use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,26 +25,25 @@ use btm_chunk::format::head::Decoded;
 use btm_chunk::pipeline::Cancel;
 use btm_chunk::Repo;
 use crossbeam_channel::{Receiver, Sender};
-use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::Mode;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+use crate::backing::Backing;
 use crate::control::{self, FinishLine, Finished};
-use crate::files::{Files, LiveFile};
+use crate::files::{Files, Loaded};
 use crate::fs::LiveFs;
-use crate::journal::{self, Journal};
 use crate::mount;
-use crate::order::{hydration_order, Candidate};
-use crate::skeleton::{self, Built, STATE_DIR};
+use crate::skeleton;
 use crate::source::Source;
 use crate::stats::Stats;
-use crate::LiveError;
+use crate::target::{
+    clear_tree, remove_state, state_dir, write_session, SessionFile, Target, STATE_VERSION,
+};
+use crate::{human, LiveError};
 
-/// The session file in the state directory.
-const SESSION: &str = "session.json";
 /// How long `finish` waits for a busy mount to become idle.
 const BUSY_GRACE: Duration = Duration::from_secs(5);
-/// How often what is local is made durable and journalled.
+/// How often what is local is made durable and recorded.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
 /// How a live restore serves.
@@ -71,163 +66,6 @@ impl Default for LiveOptions {
             threads: 8,
         }
     }
-}
-
-/// What the state directory says of the run it belongs to.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct SessionFile {
-    /// The backup served.
-    pub backup: String,
-    /// Whether the skeleton is complete and durable.
-    pub skeleton: bool,
-}
-
-/// A target directory checked and opened before anything is mounted on it.
-#[derive(Debug)]
-pub struct Target {
-    dir: PathBuf,
-    root: OwnedFd,
-    resume: Option<SessionFile>,
-}
-
-impl Target {
-    /// The backup an unfinished live restore here serves: a rerun goes on
-    /// with it, whatever `latest` means now.
-    pub fn unfinished(&self) -> Option<&str> {
-        self.resume.as_ref().map(|s| s.backup.as_str())
-    }
-}
-
-fn io(dir: &Path, e: impl Into<std::io::Error>) -> LiveError {
-    LiveError::Io {
-        path: dir.display().to_string(),
-        source: e.into(),
-    }
-}
-
-/// Check `dir` for a live restore: FUSE usable, no mount on it (a dead
-/// live-restore mount is cleared), and empty or holding an unfinished live
-/// restore. Created if missing.
-pub fn open_target(dir: &Path) -> Result<Target, LiveError> {
-    mount::check_fuse()?;
-    mount::clear_dead(dir)?;
-    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-    let root = nix::fcntl::open(
-        dir,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| io(dir, e))?;
-    let mut names = Vec::new();
-    let mut d = nix::dir::Dir::from_fd(root.try_clone().map_err(|e| io(dir, e))?)
-        .map_err(|e| io(dir, e))?;
-    for e in d.iter() {
-        let e = e.map_err(|e| io(dir, e))?;
-        let n = e.file_name().to_bytes();
-        if n != b"." && n != b".." {
-            names.push(n.to_vec());
-        }
-    }
-    let resume = if names.iter().any(|n| n == STATE_DIR.as_bytes()) {
-        let session =
-            read_session(&root).ok_or_else(|| LiveError::NotEmpty(dir.display().to_string()))?;
-        Some(session)
-    } else if names.is_empty() {
-        None
-    } else {
-        return Err(LiveError::NotEmpty(dir.display().to_string()));
-    };
-    Ok(Target {
-        dir: dir.to_path_buf(),
-        root,
-        resume,
-    })
-}
-
-fn state_dir(root: &OwnedFd, create: bool) -> Result<OwnedFd, LiveError> {
-    if create {
-        match nix::sys::stat::mkdirat(root.as_fd(), STATE_DIR, Mode::from_bits_truncate(0o700)) {
-            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
-            Err(e) => return Err(LiveError::state("making the state directory", e.into())),
-        }
-    }
-    openat(
-        root.as_fd(),
-        STATE_DIR,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| LiveError::state("opening the state directory", e.into()))
-}
-
-fn read_session(root: &OwnedFd) -> Option<SessionFile> {
-    let state = state_dir(root, false).ok()?;
-    let fd = openat(
-        state.as_fd(),
-        SESSION,
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .ok()?;
-    serde_json::from_reader(File::from(fd)).ok()
-}
-
-/// Replace the session file, durably.
-fn write_session(state: &OwnedFd, s: &SessionFile) -> Result<(), LiveError> {
-    let err = |e: std::io::Error| LiveError::state("writing the session file", e);
-    let tmp = "session.json.tmp";
-    let fd = openat(
-        state.as_fd(),
-        tmp,
-        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_CLOEXEC,
-        Mode::from_bits_truncate(0o600),
-    )
-    .map_err(|e| err(e.into()))?;
-    let mut f = File::from(fd);
-    let json = serde_json::to_vec(s).map_err(|e| err(e.into()))?;
-    f.write_all(&json)
-        .and_then(|()| f.sync_all())
-        .map_err(err)?;
-    nix::fcntl::renameat(state.as_fd(), tmp, state.as_fd(), SESSION).map_err(|e| err(e.into()))?;
-    nix::unistd::fsync(state.as_fd()).map_err(|e| err(e.into()))
-}
-
-/// Remove everything under `root` but the state directory (a skeleton
-/// that a killed run left half made; nothing was served from it).
-fn clear_tree(root: &OwnedFd) -> Result<(), LiveError> {
-    remove_children(root.as_fd(), true)
-        .map_err(|e| LiveError::state("clearing a half-made skeleton", e.into()))
-}
-
-fn remove_children(dir: std::os::fd::BorrowedFd<'_>, top: bool) -> Result<(), nix::errno::Errno> {
-    let mut d = nix::dir::Dir::from_fd(
-        dir.try_clone_to_owned()
-            .map_err(|_| nix::errno::Errno::EBADF)?,
-    )?;
-    let names: Vec<Vec<u8>> = d
-        .iter()
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_bytes().to_vec())
-        .filter(|n| n != b"." && n != b".." && !(top && n == STATE_DIR.as_bytes()))
-        .collect();
-    for n in names {
-        let name = OsStr::from_bytes(&n);
-        let st = nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)?;
-        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-            let sub = openat(
-                dir,
-                name,
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )?;
-            remove_children(sub.as_fd(), false)?;
-            nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::RemoveDir)?;
-        } else {
-            nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir)?;
-        }
-    }
-    Ok(())
 }
 
 /// What the threads of a run share.
@@ -253,7 +91,7 @@ impl Shared {
             &self.dir,
             &self.backup,
             state,
-            files.count() as u64,
+            files.files_left(),
             files.absent_bytes(),
         )
     }
@@ -290,57 +128,24 @@ pub fn serve(
     // restored whole.
     let map = btm_chunk::restore::load_and_prove(&repo, name, index)?;
     let listener = control::listen(&dir)?;
-    let root = target.root;
-    let state = state_dir(&root, true)?;
-    let (journal, replayed) = Journal::open(&state)?;
-    let chunk_size = index.chunk_size().max(1);
     let started = Instant::now();
-    let built = match &target.resume {
-        Some(s) if s.skeleton => skeleton::resume(
-            root.as_fd(),
-            repo.entries(name, index),
-            chunk_size,
-            &replayed,
-        )?,
-        resume => {
-            if resume.is_some() {
-                clear_tree(&root)?;
-            }
-            let mut session = SessionFile {
-                backup: name.to_owned(),
-                skeleton: false,
-            };
-            write_session(&state, &session)?;
-            let built = skeleton::build(root.as_fd(), repo.entries(name, index), chunk_size)?;
-            nix::unistd::syncfs(root.as_fd())
-                .map_err(|e| LiveError::state("syncing the skeleton", e.into()))?;
-            session.skeleton = true;
-            write_session(&state, &session)?;
-            built
-        }
-    };
-    let Built {
-        files: live,
-        total_bytes,
-        entries,
-    } = built;
-    // Modes and owners come from the requests, not from this process.
-    nix::sys::stat::umask(Mode::empty());
-    let order = order_of(&live);
-    let stats = Stats::default();
-    stats.total_bytes.store(total_bytes, Ordering::Relaxed);
-    let v1 = matches!(index, Decoded::V1(_));
-    let root_for_fs = root
+    let root_for_fs = target
+        .root
         .try_clone()
         .map_err(|e| LiveError::state("duplicating the target's descriptor", e))?;
+    let loaded = skeleton_of(&target, &repo, name, index)?;
+    let entries = loaded.table.head.entries;
+    // Modes and owners come from the requests, not from this process.
+    nix::sys::stat::umask(Mode::empty());
+    let backing = Arc::new(Backing::new(target.root, target.open_files));
+    let v1 = matches!(index, Decoded::V1(_));
     let files = Arc::new(Files::new(
-        live,
+        loaded,
+        Arc::clone(&backing),
         Source::new(repo, map, v1),
-        journal,
-        root,
         opts.read_timeout,
-        stats,
-    ));
+        Stats::default(),
+    )?);
     let shared = Arc::new(Shared {
         files: Arc::clone(&files),
         dir: mount::absolute(&dir).display().to_string(),
@@ -348,41 +153,15 @@ pub fn serve(
         hydrated: AtomicBool::new(false),
         finishing: AtomicBool::new(false),
     });
-
     let signals = block_signals();
-    let fs = LiveFs::new(&root_for_fs, Arc::clone(&files), opts.passthrough).map_err(|e| {
-        LiveError::Mount {
-            dir: dir.display().to_string(),
-            source: e,
-        }
-    })?;
-    let passthrough = fs.passthrough_flag();
-    let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        fuser::MountOption::FSName(mount::SOURCE.into()),
-        fuser::MountOption::Subtype(mount::SOURCE.into()),
-        fuser::MountOption::DefaultPermissions,
-        fuser::MountOption::Dev,
-        fuser::MountOption::Suid,
-    ];
-    config.acl = fuser::SessionACL::All;
-    config.n_threads = Some(opts.threads.max(1));
-    config.clone_fd = true;
-    let session = fuser::Session::new(fs, &dir, &config).map_err(|e| LiveError::Mount {
-        dir: dir.display().to_string(),
-        source: e,
-    })?;
-    let bg = session.spawn().map_err(|e| LiveError::Mount {
-        dir: dir.display().to_string(),
-        source: e,
-    })?;
+    let (bg, passthrough) = mount(&dir, backing, Arc::clone(&files), opts)?;
     eprintln!(
         "ready: {} serves {name} ({entries} entries, {} of data, {} still to fetch) after {:.1}s; {}",
         dir.display(),
-        human(total_bytes),
+        human(files.stats.total_bytes.load(Ordering::Relaxed)),
         human(files.absent_bytes()),
         started.elapsed().as_secs_f64(),
-        if passthrough.load(Ordering::Relaxed) {
+        if passthrough {
             "local files are passed through to the kernel"
         } else {
             "no FUSE passthrough (Linux 6.9+ has it): every read goes through this server"
@@ -394,65 +173,18 @@ pub fn serve(
     spawn_signal_waiter(signals, tx.clone());
     spawn_control(listener, Arc::clone(&shared), tx.clone());
     let stop = Cancel::new();
-    let hydrator = {
-        let (files, stop, tx) = (Arc::clone(&files), stop.clone(), tx.clone());
-        std::thread::spawn(move || {
-            // The node comes first: hydration (and the fetchers it starts)
-            // gets what CPU and disk the node leaves.
-            if let Err(e) = btm::sys::lower_thread_priority() {
-                tracing::debug!(error = %e, "cannot lower hydration's priority");
-            }
-            if crate::hydrate::hydrate(&files, &order, &stop) {
-                // Durable at once: files leave the live set, and opens from
-                // now on are passed through to the kernel.
-                if let Err(e) = files.checkpoint() {
-                    tracing::error!(error = %e, "checkpoint after hydration failed");
-                }
-                let _ = tx.send(Event::Hydrated);
-            }
-        })
-    };
-    let checkpointer = {
-        let (files, stop) = (Arc::clone(&files), stop.clone());
-        std::thread::spawn(move || checkpoints(&files, &stop))
-    };
-    drop(tx);
+    let workers = spawn_workers(&files, &stop, tx);
     let outcome = main_loop(&dir, &shared, &rx, &bg);
     stop.cancel();
-    let _ = hydrator.join();
-    let _ = checkpointer.join();
+    for w in workers {
+        let _ = w.join();
+    }
     let last = files.checkpoint();
     let _ = std::fs::remove_file(control::socket_path(&dir));
     match outcome {
         Outcome::Finished(streams) => {
             let _ = bg.join();
-            let cleaned = last.and_then(|left| {
-                if left > 0 {
-                    return Err(LiveError::Refused(format!(
-                        "{left} files are still not local"
-                    )));
-                }
-                remove_state(&root_for_fs)
-            });
-            let line = match &cleaned {
-                Ok(()) => Finished {
-                    done: true,
-                    error: None,
-                },
-                Err(e) => Finished {
-                    done: false,
-                    error: Some(e.to_string()),
-                },
-            };
-            for mut s in streams {
-                let _ = send_line(&mut s, &FinishLine::Finished(line.clone()));
-            }
-            cleaned.map(|()| {
-                eprintln!(
-                    "finished: {} is a plain directory holding {name} and what the node wrote",
-                    dir.display()
-                );
-            })
+            finished(&dir, name, &root_for_fs, last, streams)
         }
         Outcome::Stopped(why) => {
             if let Err(e) = last {
@@ -470,22 +202,141 @@ pub fn serve(
     }
 }
 
-/// Live files in the order hydration should fetch them.
-fn order_of(live: &[Arc<LiveFile>]) -> Vec<Arc<LiveFile>> {
-    let bytes: Vec<u64> = live.iter().map(|f| f.absent_bytes()).collect();
-    let cands: Vec<Candidate<'_>> = live
-        .iter()
-        .zip(&bytes)
-        .map(|(f, b)| Candidate {
-            path: f.path.as_bytes(),
-            bytes: *b,
-            mtime_ns: f.mtime_ns(),
+/// The skeleton and the live files' table: made now (the state directory
+/// first, a half-made skeleton of a killed run cleared), or picked up.
+fn skeleton_of(
+    target: &Target,
+    repo: &Repo<'static>,
+    name: &str,
+    index: &Decoded,
+) -> Result<Loaded, LiveError> {
+    let root = &target.root;
+    let state = state_dir(root, true)?;
+    let chunk_size = index.chunk_size().max(1);
+    if let Some(s) = &target.resume {
+        if s.skeleton {
+            return skeleton::resume(state.as_fd(), chunk_size);
+        }
+        clear_tree(root)?;
+    }
+    let mut session = SessionFile {
+        backup: name.to_owned(),
+        skeleton: false,
+        version: STATE_VERSION,
+    };
+    write_session(&state, &session)?;
+    let walk_ordered = !matches!(index, Decoded::V1(_));
+    let loaded = skeleton::build(
+        root.as_fd(),
+        state.as_fd(),
+        repo.entries(name, index),
+        chunk_size,
+        walk_ordered,
+    )?;
+    nix::unistd::syncfs(root.as_fd())
+        .map_err(|e| LiveError::state("syncing the skeleton", e.into()))?;
+    session.skeleton = true;
+    write_session(&state, &session)?;
+    Ok(loaded)
+}
+
+/// Mount the file system over `dir` and serve it on its own threads;
+/// whether the kernel agreed to passthrough.
+fn mount(
+    dir: &Path,
+    backing: Arc<Backing>,
+    files: Arc<Files>,
+    opts: &LiveOptions,
+) -> Result<(fuser::BackgroundSession, bool), LiveError> {
+    let mount_err = |source| LiveError::Mount {
+        dir: dir.display().to_string(),
+        source,
+    };
+    let fs = LiveFs::new(backing, files, opts.passthrough).map_err(mount_err)?;
+    let passthrough = fs.passthrough_flag();
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(mount::SOURCE.into()),
+        fuser::MountOption::Subtype(mount::SOURCE.into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::Dev,
+        fuser::MountOption::Suid,
+    ];
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+    let session = fuser::Session::new(fs, dir, &config).map_err(mount_err)?;
+    let bg = session.spawn().map_err(mount_err)?;
+    Ok((bg, passthrough.load(Ordering::Relaxed)))
+}
+
+/// Hydration and the checkpointer, on their own threads.
+fn spawn_workers(
+    files: &Arc<Files>,
+    stop: &Cancel,
+    tx: Sender<Event>,
+) -> [std::thread::JoinHandle<()>; 2] {
+    let hydrator = {
+        let (files, stop) = (Arc::clone(files), stop.clone());
+        std::thread::spawn(move || {
+            // The node comes first: hydration (and the fetchers it starts)
+            // gets what CPU and disk the node leaves.
+            if let Err(e) = btm::sys::lower_thread_priority() {
+                tracing::debug!(error = %e, "cannot lower hydration's priority");
+            }
+            if crate::hydrate::hydrate(&files, &stop) {
+                // Durable at once: files leave the live set, and opens from
+                // now on are passed through to the kernel.
+                if let Err(e) = files.checkpoint() {
+                    tracing::error!(error = %e, "checkpoint after hydration failed");
+                }
+                let _ = tx.send(Event::Hydrated);
+            }
         })
-        .collect();
-    hydration_order(&cands)
-        .into_iter()
-        .map(|i| Arc::clone(&live[i]))
-        .collect()
+    };
+    let checkpointer = {
+        let (files, stop) = (Arc::clone(files), stop.clone());
+        std::thread::spawn(move || checkpoints(&files, &stop))
+    };
+    [hydrator, checkpointer]
+}
+
+/// `finish` unmounted the directory: remove the state directory once every
+/// file is local and durable, and tell the clients that wait.
+fn finished(
+    dir: &Path,
+    name: &str,
+    root: &OwnedFd,
+    last: Result<u64, LiveError>,
+    streams: Vec<UnixStream>,
+) -> Result<(), LiveError> {
+    let cleaned = last.and_then(|left| {
+        if left > 0 {
+            return Err(LiveError::Refused(format!(
+                "{left} files are still not local"
+            )));
+        }
+        remove_state(root)
+    });
+    let line = match &cleaned {
+        Ok(()) => Finished {
+            done: true,
+            error: None,
+        },
+        Err(e) => Finished {
+            done: false,
+            error: Some(e.to_string()),
+        },
+    };
+    for mut s in streams {
+        let _ = send_line(&mut s, &FinishLine::Finished(line.clone()));
+    }
+    cleaned.map(|()| {
+        eprintln!(
+            "finished: {} is a plain directory holding {name} and what the node wrote",
+            dir.display()
+        );
+    })
 }
 
 /// How the main loop ended.
@@ -646,39 +497,4 @@ fn spawn_signal_waiter(set: nix::sys::signal::SigSet, tx: Sender<Event>) {
             let _ = tx.send(Event::Signal(sig as i32));
         }
     });
-}
-
-/// Remove the state directory: the target is a plain directory again.
-fn remove_state(root: &OwnedFd) -> Result<(), LiveError> {
-    let err = |e: nix::errno::Errno| LiveError::state("removing the state directory", e.into());
-    let state = state_dir(root, false)?;
-    for name in [journal::NAME, SESSION] {
-        match nix::unistd::unlinkat(state.as_fd(), name, nix::unistd::UnlinkatFlags::NoRemoveDir) {
-            Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => return Err(err(e)),
-        }
-    }
-    drop(state);
-    nix::unistd::unlinkat(
-        root.as_fd(),
-        STATE_DIR,
-        nix::unistd::UnlinkatFlags::RemoveDir,
-    )
-    .map_err(err)?;
-    nix::unistd::syncfs(root.as_fd()).map_err(err)
-}
-
-fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }

@@ -13,14 +13,15 @@ use crate::ChunkError;
 
 /// Owner and mode of a file as found when it was opened.
 #[derive(Debug, Clone, Copy, Default)]
-pub(super) struct Found {
+pub struct Found {
     uid: u32,
     gid: u32,
     mode: u32,
 }
 
 impl Found {
-    pub(super) fn of(st: &nix::sys::stat::FileStat) -> Self {
+    /// What `st` says.
+    pub fn of(st: &nix::sys::stat::FileStat) -> Self {
         Found {
             uid: st.st_uid,
             gid: st.st_gid,
@@ -34,11 +35,7 @@ impl Found {
 /// calls that would change nothing, which is most of them in a tree of
 /// small files created by this restore. Setuid, setgid and sticky modes are
 /// always set again: writing to a file clears them.
-pub(super) fn apply_file_metadata(
-    file: &File,
-    e: &Entry,
-    found: Option<Found>,
-) -> std::io::Result<()> {
+pub fn apply_file_metadata(file: &File, e: &Entry, found: Option<Found>) -> std::io::Result<()> {
     let owned = found.is_some_and(|f| f.uid == e.uid && f.gid == e.gid);
     if !owned {
         std::os::unix::fs::fchown(file, Some(e.uid), Some(e.gid))?;
@@ -53,7 +50,8 @@ pub(super) fn apply_file_metadata(
     nix::sys::stat::futimens(file, &ts, &ts).map_err(std::io::Error::from)
 }
 
-pub(super) fn timespec(ns: i64) -> nix::sys::time::TimeSpec {
+/// Nanoseconds since the epoch as a `timespec` (negative times too).
+pub fn timespec(ns: i64) -> nix::sys::time::TimeSpec {
     nix::sys::time::TimeSpec::new(ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000))
 }
 

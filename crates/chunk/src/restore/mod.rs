@@ -45,6 +45,7 @@ pub mod prove;
 mod verify;
 mod write;
 
+pub use metadata::{apply_file_metadata, timespec};
 pub use write::write_sparse;
 
 use std::os::fd::OwnedFd;
@@ -265,15 +266,21 @@ pub fn restore(
     }
 }
 
-/// Let this process open as many files as its hard limit allows, and
-/// return how many the restore may keep open at once.
-fn open_file_budget() -> usize {
+/// Let this process open as many files as its hard limit allows (raise
+/// the soft limit to the hard one), and return the soft limit now.
+pub fn raise_open_file_limit() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (mut soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
     if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
         soft = hard;
     }
-    ((soft / 2) as usize).clamp(64, 4096)
+    soft
+}
+
+/// How many files the restore may keep open at once, the limit raised
+/// first.
+fn open_file_budget() -> usize {
+    ((raise_open_file_limit() / 2) as usize).clamp(64, 4096)
 }
 
 /// The destination, opened without following symlinks, and a descriptor

@@ -28,7 +28,7 @@ pub(super) struct LiveRestore<'a> {
 
 /// Serve a backup live at a directory until `btm live finish`.
 pub(super) fn restore_live(r: LiveRestore<'_>) -> Result<()> {
-    let target = btm_live::serve::open_target(&r.dir)?;
+    let target = btm_live::open_target(&r.dir)?;
     // The server runs until the process exits: its store lives as long.
     let store: &'static dyn btm_chunk::store::Store = Box::leak(r.store.open_reader()?);
     // A rerun goes on with the backup it started, whatever `latest` is now.
