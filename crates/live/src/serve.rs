@@ -133,10 +133,11 @@ pub fn serve(
         .root
         .try_clone()
         .map_err(|e| LiveError::state("duplicating the target's descriptor", e))?;
+    // Modes come from the backup and from the node's requests, not from
+    // this process.
+    nix::sys::stat::umask(Mode::empty());
     let loaded = skeleton_of(&target, &repo, name, index)?;
     let entries = loaded.table.head.entries;
-    // Modes and owners come from the requests, not from this process.
-    nix::sys::stat::umask(Mode::empty());
     let backing = Arc::new(Backing::new(target.root, target.open_files));
     let v1 = matches!(index, Decoded::V1(_));
     let files = Arc::new(Files::new(

@@ -18,7 +18,7 @@ use std::os::unix::ffi::OsStrExt;
 
 use btm_chunk::catalog::Entries;
 use btm_chunk::format::tree::{ChunkRef, Entry, EntryKind, Item};
-use btm_chunk::restore::{apply_file_metadata, timespec};
+use btm_chunk::restore::{apply_file_metadata, timespec, Found};
 use nix::fcntl::{openat, AtFlags, OFlag};
 use nix::sys::stat::Mode;
 
@@ -242,7 +242,9 @@ impl Walk<'_> {
             xattr::FileExt::set_xattr(&p.file, MARK, &u64::from(slot).to_le_bytes())
                 .map_err(|x| io(&p.entry.path, x))?;
         }
-        set_metadata(&p.file, &p.entry).map_err(|x| io(&p.entry.path, x))
+        // Made with its mode by this process: only what differs is set.
+        apply_file_metadata(&p.file, &p.entry, Some(Found::made(p.entry.mode & 0o777)))
+            .map_err(|x| io(&p.entry.path, x))
     }
 
     fn entry(&mut self, stack: &mut Stack<'_>, e: Entry) -> Result<(), LiveError> {
@@ -268,7 +270,8 @@ impl Walk<'_> {
                         | OFlag::O_EXCL
                         | OFlag::O_NOFOLLOW
                         | OFlag::O_CLOEXEC,
-                    Mode::from_bits_truncate(0o600),
+                    // Its final permissions (the umask is 0): one call fewer.
+                    Mode::from_bits_truncate(e.mode & 0o777),
                 )
                 .map_err(|x| io(&e.path, x.into()))?;
                 let file = File::from(fd);
@@ -298,7 +301,8 @@ impl Walk<'_> {
 
 /// Make the skeleton of `entries` (of `chunk_size` chunks, in walk order
 /// if `walk_ordered`) under `root` (an empty directory but for the state
-/// directory `state`), and the live files' table in `state`.
+/// directory `state`), and the live files' table in `state`. The process's
+/// umask must be 0: files are made with their permissions.
 pub fn build(
     root: BorrowedFd<'_>,
     state: BorrowedFd<'_>,

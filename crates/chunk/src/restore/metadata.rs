@@ -20,6 +20,16 @@ pub struct Found {
 }
 
 impl Found {
+    /// A file this process just made with `mode`: its owner is this
+    /// process's effective user and group.
+    pub fn made(mode: u32) -> Self {
+        Found {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+            mode: mode & 0o7777,
+        }
+    }
+
     /// What `st` says.
     pub fn of(st: &nix::sys::stat::FileStat) -> Self {
         Found {

@@ -45,7 +45,7 @@ pub mod prove;
 mod verify;
 mod write;
 
-pub use metadata::{apply_file_metadata, timespec};
+pub use metadata::{apply_file_metadata, timespec, Found};
 pub use write::write_sparse;
 
 use std::os::fd::OwnedFd;

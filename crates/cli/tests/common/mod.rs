@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod http_faults;
+pub mod live;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -90,14 +90,6 @@ impl LiveFile {
         self.changed.notify_all();
     }
 
-    /// Bytes of the backup this file still lacks.
-    pub fn absent_bytes(&self) -> u64 {
-        let (_g, c) = self.lock();
-        c.missing_chunks()
-            .map(|i| self.extent.chunk_len(self.chunk_size, i))
-            .sum()
-    }
-
     /// Claim over chunks `range`, or wait (until `deadline`) while others
     /// fetch them.
     pub(super) fn claim_or_wait(
