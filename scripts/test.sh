@@ -116,7 +116,7 @@ if ! command -v s3s-fs >/dev/null; then
     cargo install --locked --quiet s3s-fs --version 0.14.1 --features binary
 fi
 
-echo "== cargo test (unit, property, CLI, daemon, exports, ganache and litecoind chains, chunk engine, S3, Azure, real btrfs + zfs-fuse, live restore over FUSE, published stores over nginx, install.sh, real systemd)"
+echo "== cargo test (unit, property, CLI, daemon, exports, ganache and litecoind chains, chunk engine, S3, Azure, real btrfs + zfs-fuse, live restore over FUSE (also at a million files and under descriptor limits of 1024 and 256), published stores over nginx, install.sh, real systemd)"
 # A wedged filesystem must fail the run, not hang it until CI's limit.
 timeout --signal=KILL 1800 cargo test --locked --all-targets --no-fail-fast -- --test-threads=2
 cargo test --locked --doc

@@ -530,3 +530,104 @@ fn the_package_installs_and_runs_under_systemd() {
     );
     assert_eq!(snapshots(&c), ["data@50", "data@60"]);
 }
+
+/// `n` small files under `dir`, in directories of 500.
+fn small_tree(dir: &Path, n: usize) {
+    for i in 0..n {
+        let sub = dir.join(format!("d{:02}", i / 500));
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        std::fs::write(
+            sub.join(format!("f{i:05}")),
+            format!("file {i}\n").repeat(3),
+        )
+        .expect("w");
+    }
+}
+
+#[test]
+fn the_live_restore_unit_serves_under_systemd_at_a_limit_of_1024() {
+    let c = Container::boot();
+    let scratch = c.dir.path().to_owned();
+    // The backup, made on the host into a store the container sees at
+    // /srv/store: 3,000 files, more than the limit of 1024 descriptors.
+    let src = scratch.join("src");
+    small_tree(&src.join("state"), 3000);
+    std::fs::write(src.join("blocks.dat"), vec![7u8; 3 << 20]).expect("w");
+    let store = c.root().join("srv/store");
+    common::btm(
+        &scratch,
+        &[
+            "backup",
+            src.to_str().expect("utf8"),
+            "-s",
+            store.to_str().expect("utf8"),
+            "-t",
+            "node",
+        ],
+    )
+    .ok();
+    // The package's binary and template, as install.sh lays them out.
+    std::fs::copy(package(&scratch), c.root().join("root/btm_package.tar.gz")).expect("copy");
+    c.ok("cd /root && tar -xzf btm_package.tar.gz && \
+         install -m 0755 btm_package/btm /usr/local/bin/btm && \
+         install -m 0644 'btm_package/btm-live@.service' /etc/systemd/system/");
+    c.ok(
+        "mkdir -p /etc/btm/live && printf 'BTM_STORE=/srv/store\\nBTM_LIVE_DIR=/srv/node\\nBTM_LIVE_TAG=node\\n' > /etc/btm/live/node.env",
+    );
+    // Whatever the unit asks for, a limit of 1024, soft and hard: the
+    // server depends on neither.
+    c.ok(
+        "mkdir -p /etc/systemd/system/btm-live@node.service.d && \
+         printf '[Service]\\nLimitNOFILE=1024\\n' > /etc/systemd/system/btm-live@node.service.d/limit.conf && \
+         systemctl daemon-reload",
+    );
+    let show = |p: &str| {
+        c.ok(&format!("systemctl show -P {p} btm-live@node"))
+            .trim()
+            .to_owned()
+    };
+    // Type=notify: `start` returns once the mount serves the whole tree.
+    c.ok("systemctl start btm-live@node");
+    assert_eq!(show("ActiveState"), "active");
+    assert_eq!(show("LimitNOFILE"), "1024");
+    let pid = show("MainPID");
+    let limits = c.ok(&format!("grep 'open files' /proc/{pid}/limits"));
+    assert!(
+        limits.split_whitespace().filter(|w| *w == "1024").count() == 2,
+        "{limits}"
+    );
+    c.ok("mountpoint -q /srv/node && test \"$(find /srv/node/state -type f | wc -l)\" = 3000");
+    assert_eq!(
+        c.ok("cat /srv/node/state/d05/f02999"),
+        "file 2999\n".repeat(3)
+    );
+    let fds = c.ok(&format!("ls /proc/{pid}/fd | wc -l"));
+    assert!(fds.trim().parse::<u32>().expect("count") < 1024, "{fds}");
+    let status = c.ok("btm live status /srv/node");
+    assert!(status.contains("serves"), "{status}");
+    c.ok("btm live finish /srv/node");
+    c.wait_for(
+        "the unit to end after finish",
+        Duration::from_secs(30),
+        "! systemctl is-active --quiet btm-live@node",
+    );
+    assert_eq!(
+        show("Result"),
+        "success",
+        "{}",
+        c.ok("journalctl -u btm-live@node --no-pager | tail -20")
+    );
+    c.ok("! mountpoint -q /srv/node && test ! -e /srv/node/.btm-live");
+    let same = Command::new("diff")
+        .arg("-r")
+        .arg(&src)
+        .arg(c.root().join("srv/node"))
+        .status()
+        .expect("diff");
+    assert!(same.success(), "the finished tree differs from the source");
+    // Finished: a later start of the unit is skipped, not failed, and the
+    // node starts on its plain directory.
+    c.ok("systemctl start btm-live@node");
+    assert_eq!(show("ActiveState"), "inactive");
+    assert_ne!(show("Result"), "exit-code");
+}

@@ -56,7 +56,7 @@ pub fn render(s: &Status) -> String {
 /// series per served directory.
 pub fn render_live(live: &[btm_live::Status]) -> String {
     type Field = fn(&btm_live::Status) -> f64;
-    let metrics: [(&str, &str, &str, Field); 8] = [
+    let metrics: [(&str, &str, &str, Field); 10] = [
         (
             "btm_live_present_bytes",
             "Bytes of the backup local now.",
@@ -101,9 +101,21 @@ pub fn render_live(live: &[btm_live::Status]) -> String {
         ),
         (
             "btm_live_waiting",
-            "1 while hydration waits for the store.",
+            "1 while hydration waits (for the store, or for room on a full disk).",
             "gauge",
             |s| f64::from(u8::from(s.waiting.is_some())),
+        ),
+        (
+            "btm_live_resident_bytes",
+            "The live-restore server's resident memory.",
+            "gauge",
+            |s| s.rss_bytes as f64,
+        ),
+        (
+            "btm_live_open_files",
+            "Descriptors the live-restore server holds.",
+            "gauge",
+            |s| s.open_files as f64,
         ),
     ];
     let mut out = String::new();

@@ -11,9 +11,14 @@
 //! unmounts once everything is local, and the directory is then a plain
 //! directory: the backing tree was the target directory all along.
 //!
+//! Neither memory nor descriptors grow with the tree: what the server
+//! knows of each file not yet local is a table on disk beside it
+//! ([`table`]), in memory are two bits a chunk ([`presence`]), and backing
+//! files are reached by file handle through bounded caches ([`backing`]).
+//!
 //! The layers: this crate depends on `btm-chunk` for the store, the chunk
-//! map and the format, and on `fuser` for the kernel protocol; the CLI
-//! depends on it. The pure decisions (which chunks a read, write or
+//! map and the format, and on `fuser` for the kernel protocol; the daemon
+//! (for its metrics) and the CLI depend on it. The pure decisions (which chunks a read, write or
 //! truncate needs: [`presence`]; the order of hydration: [`order`]) are
 //! property-tested on their own.
 
@@ -55,7 +60,7 @@ pub enum LiveError {
     #[error("{0}; a plain `btm restore` works without it")]
     Unsupported(String),
     /// The descriptor limit is too low even raised to its hard limit.
-    #[error("this process may open only {0} files (ulimit -n); a live restore needs at least 256 whatever the tree's size: raise the hard limit (LimitNOFILE= in a unit, ulimit -Hn in a shell)")]
+    #[error("this process may open only {0} files (ulimit -n); a live restore needs at least {min} whatever the tree's size: raise the hard limit (LimitNOFILE= in a unit, ulimit -Hn in a shell)", min = backing::MIN_OPEN_FILES)]
     Limit(u64),
     /// The target holds an unfinished live restore of another version.
     #[error("{dir} holds an unfinished live restore made by an earlier btm (state layout {version}); finish it with that version, or empty {dir} and start again")]

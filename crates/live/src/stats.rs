@@ -79,6 +79,9 @@ pub struct Status {
     pub waiting: Option<String>,
     /// The server's resident memory.
     pub rss_bytes: u64,
+    /// Descriptors the server holds.
+    #[serde(default)]
+    pub open_files: u64,
 }
 
 impl Stats {
@@ -206,6 +209,7 @@ impl Stats {
             background_rate: r.background_rate,
             waiting: self.waiting(),
             rss_bytes: rss_bytes(),
+            open_files: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64),
         }
     }
 }

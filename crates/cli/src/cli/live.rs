@@ -124,7 +124,12 @@ fn print_status(out: &mut dyn Write, dir: &std::path::Path, st: &btm_live::Statu
     if let Some(w) = &st.waiting {
         writeln!(out, "  waiting: {w}")?;
     }
-    writeln!(out, "  server memory: {}", human_bytes(st.rss_bytes))?;
+    writeln!(
+        out,
+        "  server: {} of memory, {} descriptors",
+        human_bytes(st.rss_bytes),
+        st.open_files
+    )?;
     Ok(())
 }
 
