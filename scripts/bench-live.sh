@@ -19,12 +19,25 @@
 #   each;
 # - the server's peak RSS.
 #
-# Environment: BENCH_DIR, BENCH_LATENCY_MS (20), GANACHE_BIN. Needs root,
-# s3s-fs, ganache (npm), python3, curl, /dev/fuse.
+# Then for trees of many small files beside the node (BENCH_LIVE_FILES,
+# default 100000 1000000: the metadata-heavy "meta" shape for 100,000,
+# the "tiny" shape for more, scripts/bench-data.py), served under
+# `ulimit -Sn 1024` (hard 4096):
+# - time to ready and to the node's first answer, beside the node's own
+#   start on a local copy;
+# - the server's peak RSS and the most descriptors it held, against the
+#   tree's size;
+# - hydration from the command, beside a plain `btm restore` of the same
+#   backup and the fetch floor.
+#
+# Environment: BENCH_DIR, BENCH_LATENCY_MS (20), BENCH_LIVE_FILES,
+# GANACHE_BIN. Needs root, s3s-fs, ganache (npm), python3, curl, prlimit,
+# /dev/fuse.
 # shellcheck source=scripts/bench-lib.sh
 source "$(dirname "$0")/bench-lib.sh"
 sizes=("$@")
 [ ${#sizes[@]} -gt 0 ] || sizes=(1 8)
+read -r -a many <<<"${BENCH_LIVE_FILES:-100000 1000000}"
 ganache=${GANACHE_BIN:-/var/cache/btm-test/npm/node_modules/.bin/ganache}
 if [ ! -x "$ganache" ]; then
     mkdir -p /var/cache/btm-test/npm
@@ -92,6 +105,59 @@ print(f"{lat[len(lat) // 2]:.2f} {lat[-1]:.2f} {sum(lat):.0f}")
 PYEOF
 }
 
+# peak_fds PID FILE: the most descriptors PID holds, written to FILE
+# until PID ends (run it in the background).
+peak_fds() {
+    local peak=0 n
+    while kill -0 "$1" 2>/dev/null; do
+        n=$(find "/proc/$1/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
+        [ "$n" -le "$peak" ] || { peak=$n; echo "$peak" >"$2"; }
+        sleep 0.05
+    done
+}
+
+# live_many N: N small files beside a ganache node, exported and served
+# live under ulimit -Sn 1024.
+live_many() {
+    local n=$1 shape=meta
+    [ "$n" -le 100000 ] || shape=tiny
+    echo "== $n files ($shape) beside ganache, s3s-fs with ${latency} ms per request, ulimit -Sn 1024"
+    local src="$work/many$n" live="$work/livemany$n" plain="$work/plainmany$n"
+    python3 scripts/bench-data.py "$shape" "$src/state" "$n"
+    make_node "$src" 0
+    results+=("## $n files ($shape, $(du -sh --apparent-size "$src" | cut -f1)) beside ganache, S3 with ${latency} ms per request, ulimit -Sn 1024||")
+    mkdir -p "$work/s3/many$n"
+    AWS_ENDPOINT_URL=$direct "$btm" backup "$src" -s "s3://many$n/x" -t node >/dev/null
+    local port=$((40000 + RANDOM % 10000)) t0 ready first hydration
+    t0=$(now); start_node "$src/ganache" "$port"; wait_answer "$port"; note "node's own start (local copy)" "$(since "$t0") s"; stop_node
+    drop_caches
+    t0=$(now)
+    prlimit --nofile=1024:4096 -- "$btm" restore --live -s "s3://many$n/x" -t node "$live" 2>"$work/live.log" &
+    server=$!
+    pids+=("$server")
+    peak_fds "$server" "$work/fds" &
+    until grep -q '^ready' "$work/live.log"; do sleep 0.01; done
+    ready=$(since "$t0")
+    start_node "$live/ganache" "$port"; wait_answer "$port"; first=$(since "$t0")
+    note "live: ready (mount shows the whole tree)" "$ready s"
+    note "live: time to the node's first answer" "$first s"
+    until grep -q '^hydrated' "$work/live.log"; do sleep 0.1; done
+    hydration=$(since "$t0")
+    note "live: hydration, from the command" "$hydration s"
+    note "live: server peak RSS" "$(awk '/VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$server/status") MiB"
+    note "live: most descriptors held" "$(cat "$work/fds")"
+    stop_node
+    "$btm" live finish "$live" >/dev/null
+    wait "$server"
+    diff -r "$src/state" "$live/state" >/dev/null || { echo "live restore differs from the source" >&2; exit 1; }
+    measure "btm restore, empty directory" "$btm" restore latest "$plain" -s "s3://many$n/x" -t node
+    local restore=$last_secs
+    fetch_floor "many$n/x"
+    note "ready / plain restore" "$(lead "$restore" "$ready") sooner"
+    note "hydration / restore over the fetch floor" "$(lead "$hydration" "$last_secs") / $(lead "$restore" "$last_secs")"
+    rm -rf "$src" "$live" "$plain" "${work:?}/s3/many$n"
+}
+
 machine_floors
 start_s3
 direct=${AWS_ENDPOINT_URL%:*}:$((${AWS_ENDPOINT_URL##*:} - 1))
@@ -157,5 +223,8 @@ for gib in "${sizes[@]}"; do
     floor=$last_secs
     note "hydration / restore over the fetch floor" "$(lead "$hydration" "$floor") / $(lead "$restore" "$floor")"
     rm -rf "$src" "$live" "$plain" "${work:?}/s3/live$gib"
+done
+for n in "${many[@]}"; do
+    live_many "$n"
 done
 print_results

@@ -104,6 +104,9 @@ fn a_live_mount_behaves_as_a_local_file_system_during_hydration() {
         st["present_bytes"].as_u64() < st["total_bytes"].as_u64(),
         "{st}"
     );
+    // The node holds a file open from before it is local.
+    let cold = live.join("cold/blocks.dat");
+    let held = std::fs::File::open(&cold).expect("open");
 
     // The same seeded operations on the live mount and on a plain restore.
     let t0 = now_ns();
@@ -136,6 +139,47 @@ fn a_live_mount_behaves_as_a_local_file_system_during_hydration() {
         st["demand_fetches"].as_u64().unwrap_or(0) > 0 || st["state"] == "hydrated",
         "reads went through without fetching on demand: {st}"
     );
+
+    // The kernel fixes an open's mode when it opens and refuses to mix
+    // them: an open beside the one from before hydration is served too;
+    // once those close, the next open is passed through to the kernel.
+    server.wait_hydrated(s, Duration::from_secs(120));
+    let opens = || {
+        let st = server.status(s);
+        (
+            st["opens_served"].as_u64().expect("served"),
+            st["opens_passed_through"].as_u64().expect("passed through"),
+        )
+    };
+    let before = opens();
+    let beside = std::fs::File::open(&cold).expect("open");
+    assert_eq!(opens(), (before.0 + 1, before.1), "beside an earlier open");
+    drop((held, beside));
+    let t = Instant::now();
+    let reopened = loop {
+        let before = opens();
+        let f = std::fs::File::open(&cold).expect("open");
+        // The kernel tells of a close after close(2) returns.
+        match opens() {
+            (_, p) if p == before.1 + 1 => break f,
+            _ => {
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "never passed through: {:?}",
+                    opens()
+                );
+                drop(f);
+                sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    let mut got = vec![0u8; 1 << 20];
+    std::os::unix::fs::FileExt::read_exact_at(&reopened, &mut got, 200 * MIB).expect("read");
+    let mut want = vec![0u8; 1 << 20];
+    let src_cold = std::fs::File::open(src.join("cold/blocks.dat")).expect("open");
+    std::os::unix::fs::FileExt::read_exact_at(&src_cold, &mut want, 200 * MIB).expect("read");
+    assert!(got == want, "a passed-through read differs");
+    drop(reopened);
 
     let out = common::btm(s, &["live", "finish", live.to_str().expect("utf8")]).ok();
     assert!(out.contains("finished"), "{out}");

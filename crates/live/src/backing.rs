@@ -126,7 +126,8 @@ impl Backing {
     }
 
     /// Descriptors the caches hold.
-    pub fn cached(&self) -> usize {
+    #[cfg(test)]
+    fn cached(&self) -> usize {
         self.files.len() + self.nodes.len()
     }
 }

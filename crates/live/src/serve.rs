@@ -249,7 +249,8 @@ fn mount(
     files: Arc<Files>,
     opts: &LiveOptions,
 ) -> Result<(fuser::BackgroundSession, bool), LiveError> {
-    let mount_err = |source: std::io::Error| match source.raw_os_error() {
+    let mount_err = |source: std::io::Error| {
+        match source.raw_os_error() {
         Some(libc::EPERM | libc::EACCES) => LiveError::Unsupported(format!(
             "cannot mount {} ({source}): a live restore must run as root (CAP_SYS_ADMIN); in a container, give it /dev/fuse and that capability",
             dir.display()
@@ -258,6 +259,7 @@ fn mount(
             dir: dir.display().to_string(),
             source,
         },
+    }
     };
     let fs = LiveFs::new(backing, files, opts.passthrough).map_err(mount_err)?;
     let passthrough = fs.passthrough_flag();

@@ -22,6 +22,8 @@ pub struct Stats {
     background_bytes: AtomicU64,
     background_requests: AtomicU64,
     background_inflight: AtomicU64,
+    opens_served: AtomicU64,
+    opens_passed_through: AtomicU64,
     /// When hydration last heard from the store (or started waiting).
     background_answer: Mutex<Option<Instant>>,
     rates: Mutex<Rates>,
@@ -82,6 +84,13 @@ pub struct Status {
     /// Descriptors the server holds.
     #[serde(default)]
     pub open_files: u64,
+    /// Opens of files whose reads and writes go through the server (not
+    /// local yet, or opened before they were).
+    #[serde(default)]
+    pub opens_served: u64,
+    /// Opens passed through to the kernel (FUSE passthrough).
+    #[serde(default)]
+    pub opens_passed_through: u64,
 }
 
 impl Stats {
@@ -98,6 +107,16 @@ impl Stats {
     pub fn demand_failed(&self, e: &dyn std::fmt::Display) {
         self.demand_failures.fetch_add(1, Ordering::Relaxed);
         self.set_waiting(Some(format!("a read through the mount failed: {e}")));
+    }
+
+    /// The node opened a file: served by this process, or passed through.
+    pub fn opened(&self, passed_through: bool) {
+        let c = if passed_through {
+            &self.opens_passed_through
+        } else {
+            &self.opens_served
+        };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A hydration request starts.
@@ -210,6 +229,8 @@ impl Stats {
             waiting: self.waiting(),
             rss_bytes: rss_bytes(),
             open_files: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64),
+            opens_served: self.opens_served.load(Ordering::Relaxed),
+            opens_passed_through: self.opens_passed_through.load(Ordering::Relaxed),
         }
     }
 }

@@ -68,22 +68,19 @@ fn io(dir: &Path, e: impl Into<std::io::Error>) -> LiveError {
     }
 }
 
-/// The names in directory `root`, but `.` and `..`.
-fn names(root: &OwnedFd, dir: &Path) -> Result<Vec<Vec<u8>>, LiveError> {
-    let mut names = Vec::new();
-    let mut d = nix::dir::Dir::from_fd(root.try_clone().map_err(|e| io(dir, e))?)
+/// Whether directory `root` holds an entry other than `.`, `..` and the
+/// state directory (reading no further than the first).
+fn holds_other(root: &OwnedFd, dir: &Path) -> Result<bool, LiveError> {
+    let d = nix::dir::Dir::from_fd(root.try_clone().map_err(|e| io(dir, e))?)
         .map_err(|e| io(dir, e))?;
-    for e in d.iter() {
+    for e in d {
         let e = e.map_err(|e| io(dir, e))?;
         let n = e.file_name().to_bytes();
-        if n != b"." && n != b".." {
-            names.push(n.to_vec());
-        }
-        if names.len() > 1 {
-            break;
+        if n != b"." && n != b".." && n != STATE_DIR.as_bytes() {
+            return Ok(true);
         }
     }
-    Ok(names)
+    Ok(false)
 }
 
 /// Check `dir` for a live restore: a descriptor limit it can run under,
@@ -105,8 +102,13 @@ pub fn open_target(dir: &Path) -> Result<Target, LiveError> {
         Mode::empty(),
     )
     .map_err(|e| io(dir, e))?;
-    let names = names(&root, dir)?;
-    let resume = if names.iter().any(|n| n == STATE_DIR.as_bytes()) {
+    let has_state = nix::sys::stat::fstatat(
+        root.as_fd(),
+        STATE_DIR,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .is_ok();
+    let resume = if has_state {
         let session =
             read_session(&root).ok_or_else(|| LiveError::NotEmpty(dir.display().to_string()))?;
         if session.version != STATE_VERSION {
@@ -117,11 +119,11 @@ pub fn open_target(dir: &Path) -> Result<Target, LiveError> {
         }
         probe(state_dir(&root, false)?.as_fd(), dir)?;
         Some(session)
-    } else if names.is_empty() {
+    } else if holds_other(&root, dir)? {
+        return Err(LiveError::NotEmpty(dir.display().to_string()));
+    } else {
         probe(root.as_fd(), dir)?;
         None
-    } else {
-        return Err(LiveError::NotEmpty(dir.display().to_string()));
     };
     Ok(Target {
         dir: dir.to_path_buf(),
@@ -247,6 +249,31 @@ pub(crate) fn remove_state(root: &OwnedFd) -> Result<(), LiveError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn session(dir: &Path, version: u32) {
+        std::fs::create_dir_all(dir.join(STATE_DIR)).expect("state");
+        let s = format!(r#"{{"backup":"b","skeleton":true,"version":{version}}}"#);
+        std::fs::write(dir.join(STATE_DIR).join(SESSION), s).expect("session");
+    }
+
+    #[test]
+    fn an_unfinished_live_restore_is_found_whatever_else_the_directory_holds() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("node");
+        std::fs::create_dir(&dir).expect("dir");
+        let t = open_target(&dir).expect("an empty directory");
+        assert!(t.unfinished().is_none() && t.open_files >= MIN_OPEN_FILES);
+        for i in 0..300 {
+            std::fs::write(dir.join(format!("f{i}")), b"x").expect("w");
+        }
+        assert!(matches!(open_target(&dir), Err(LiveError::NotEmpty(_))));
+        session(&dir, STATE_VERSION);
+        let t = open_target(&dir).expect("an unfinished live restore");
+        assert_eq!(t.unfinished(), Some("b"));
+        session(&dir, 1);
+        let e = open_target(&dir).expect_err("an earlier layout");
+        assert!(e.to_string().contains("earlier btm"), "{e}");
+    }
 
     #[test]
     fn a_session_of_the_first_layout_reads_as_version_1() {

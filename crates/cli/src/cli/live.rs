@@ -121,6 +121,11 @@ fn print_status(out: &mut dyn Write, dir: &std::path::Path, st: &btm_live::Statu
         st.demand_latency_max_ms,
         st.demand_failures
     )?;
+    writeln!(
+        out,
+        "  opens: {} passed through to the kernel, {} through this server",
+        st.opens_passed_through, st.opens_served
+    )?;
     if let Some(w) = &st.waiting {
         writeln!(out, "  waiting: {w}")?;
     }

@@ -310,7 +310,15 @@ impl Files {
     /// is left, so hydrating it is pointless.
     pub fn unlinked(&self, f: &LiveFile) -> bool {
         match self.backing.file(f.slot, &f.handle) {
-            Ok(file) => nix::sys::stat::fstat(&*file).is_ok_and(|st| st.st_nlink == 0),
+            Ok(file) => match nix::sys::stat::fstat(&*file) {
+                // Not cached: a deleted file's space is freed once the node
+                // closes it.
+                Ok(st) if st.st_nlink == 0 => {
+                    self.backing.forget_inode(st.st_ino);
+                    true
+                }
+                _ => false,
+            },
             Err(e) if e.raw_os_error() == Some(libc::ESTALE) => {
                 self.gone(f);
                 true

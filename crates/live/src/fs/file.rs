@@ -76,6 +76,7 @@ impl LiveFs {
             *modes.cached.entry(ino).or_default() += 1;
         }
         drop(modes);
+        self.files.stats.opened(backing.is_some());
         let flags = if backing.is_some() {
             FopenFlags::FOPEN_PASSTHROUGH
         } else {
@@ -198,13 +199,14 @@ impl LiveFs {
         }
     }
 
-    /// Inode `ino` as a regular file open for writing, with the live file
+    /// Inode `ino` as a regular file open with `flags`, with the live file
     /// it is, if any (through `fh` if the kernel gave one); `None` for what
     /// is not a regular file.
-    pub(super) fn writable(
+    pub(super) fn regular(
         &self,
         ino: INodeNo,
         fh: Option<FileHandle>,
+        flags: OFlag,
     ) -> Result<Option<Arc<OpenFile>>, Errno> {
         if let Some(Ok(h)) = fh.map(|fh| self.file_of(fh)) {
             return Ok(Some(h));
@@ -217,7 +219,7 @@ impl LiveFs {
         let handle = self.nodes.handle(ino)?;
         let file = File::from(
             self.backing
-                .open(&handle, OFlag::O_RDWR)
+                .open(&handle, flags)
                 .map_err(|e| io_errno(&e))?,
         );
         let live = self.files.live_of(&file).map_err(|e| io_errno(&e))?;

@@ -230,16 +230,8 @@ impl LiveFs {
         fh: Option<FileHandle>,
     ) -> Result<FileAttr, Errno> {
         let fd = self.nodes.fd(ino)?;
-        // A size or times change of a live file goes through its rules.
-        let target = if c.size.is_some() || c.atime.is_some() || c.mtime.is_some() {
-            self.writable(ino, fh)?
-        } else {
-            None
-        };
         if let Some(size) = c.size {
-            let Some(h) = &target else {
-                return Err(Errno::EISDIR);
-            };
+            let h = self.regular(ino, fh, OFlag::O_RDWR)?.ok_or(Errno::EISDIR)?;
             let cut = || h.file.set_len(size);
             match &h.live {
                 Some(l) => self
@@ -283,7 +275,13 @@ impl LiveFs {
                 )
                 .map_err(std::io::Error::from)
             };
-            match target.as_deref() {
+            // Fills of a live file keep the times the node sets.
+            let live = if self.files.files_left() > 0 {
+                self.regular(ino, fh, OFlag::O_RDONLY)?
+            } else {
+                None
+            };
+            match live.as_deref() {
                 Some(OpenFile {
                     file,
                     live: Some(l),
@@ -353,11 +351,6 @@ impl LiveFs {
         )
         .map_err(errno)?;
         nix::unistd::fsync(d.as_fd()).map_err(errno)
-    }
-
-    /// Inodes the kernel knows and descriptors cached, for the figures.
-    pub fn counts(&self) -> (usize, usize) {
-        (self.nodes.len(), self.backing.cached())
     }
 }
 

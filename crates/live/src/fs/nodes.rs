@@ -138,9 +138,4 @@ impl Nodes {
             }
         }
     }
-
-    /// How many inodes the kernel knows.
-    pub(super) fn len(&self) -> usize {
-        self.map.read().unwrap_or_else(|p| p.into_inner()).len()
-    }
 }
