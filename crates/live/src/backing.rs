@@ -25,6 +25,9 @@ use nix::sys::stat::Mode;
 use crate::lru::Lru;
 use crate::LiveError;
 
+/// The probe file [`probe`] makes and removes.
+pub const PROBE: &str = ".btm-live.probe";
+
 /// The least descriptor limit a live restore runs under: the caches'
 /// floor, the store's connections, the FUSE channels and room for the
 /// node's own opens.
@@ -137,7 +140,6 @@ impl Backing {
 /// handles that reopen, and user extended attributes. A probe file is made
 /// there and removed. Each failure names what to change.
 pub fn probe(state: BorrowedFd<'_>, dir: &std::path::Path) -> Result<(), LiveError> {
-    const PROBE: &str = ".btm-live.probe";
     let unsupported = |what: &str, e: std::io::Error| {
         LiveError::Unsupported(format!(
             "the file system under {} {what} ({e})",

@@ -70,6 +70,9 @@ pub enum LiveError {
         /// The layout found.
         version: u32,
     },
+    /// The target holds a live restore's state made on another tree.
+    #[error("{0} holds the state of a live restore made in another directory or on another file system (copied or restored from an image?); its file handles are not good here: empty {0} and start again")]
+    Moved(String),
     /// The target holds an unfinished live restore of another backup.
     #[error("{dir} holds an unfinished live restore of {found}, not {wanted}; run `btm restore --live {found} {dir}` to go on with it")]
     OtherBackup {

@@ -37,7 +37,8 @@ use crate::skeleton;
 use crate::source::Source;
 use crate::stats::Stats;
 use crate::target::{
-    clear_tree, remove_state, state_dir, write_session, SessionFile, Target, STATE_VERSION,
+    clear_tree, remove_state, root_handle, state_dir, write_session, SessionFile, Target,
+    STATE_VERSION,
 };
 use crate::{human, LiveError};
 
@@ -224,6 +225,7 @@ fn skeleton_of(
         backup: name.to_owned(),
         skeleton: false,
         version: STATE_VERSION,
+        root: Some(root_handle(root)?),
     };
     write_session(&state, &session)?;
     let walk_ordered = !matches!(index, Decoded::V1(_));

@@ -49,8 +49,6 @@ const FILES: &str = "files";
 const CHUNKS: &str = "chunks";
 const NAMES: &str = "names";
 const ORDER: &str = "order";
-/// The table's files in the state directory.
-pub const NAMES_OF_FILES: [&str; 4] = [FILES, CHUNKS, NAMES, ORDER];
 
 /// What the table holds, from its header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,9 +17,9 @@ use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::Mode;
 use serde::{Deserialize, Serialize};
 
-use crate::backing::{probe, MIN_OPEN_FILES};
+use crate::backing::{probe, MIN_OPEN_FILES, PROBE};
 use crate::skeleton::STATE_DIR;
-use crate::{durable, mount, table, LiveError};
+use crate::{mount, LiveError};
 
 /// The session file in the state directory.
 const SESSION: &str = "session.json";
@@ -37,6 +37,17 @@ pub struct SessionFile {
     /// The state directory's layout (1: before the live files' table).
     #[serde(default = "first_version")]
     pub version: u32,
+    /// The file handle of the target directory, in hex: the table's
+    /// handles are good only on the tree they were made on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
+}
+
+/// The file handle of directory `root`, in hex.
+pub(crate) fn root_handle(root: &OwnedFd) -> Result<String, LiveError> {
+    let h = btm::sys::handle_of(root.as_fd())
+        .map_err(|e| LiveError::state("reading the target's file handle", e))?;
+    Ok(h.as_bytes().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn first_version() -> u32 {
@@ -76,7 +87,7 @@ fn holds_other(root: &OwnedFd, dir: &Path) -> Result<bool, LiveError> {
     for e in d {
         let e = e.map_err(|e| io(dir, e))?;
         let n = e.file_name().to_bytes();
-        if n != b"." && n != b".." && n != STATE_DIR.as_bytes() {
+        if n != b"." && n != b".." && n != STATE_DIR.as_bytes() && n != PROBE.as_bytes() {
             return Ok(true);
         }
     }
@@ -116,6 +127,9 @@ pub fn open_target(dir: &Path) -> Result<Target, LiveError> {
                 dir: dir.display().to_string(),
                 version: session.version,
             });
+        }
+        if session.root.as_deref() != Some(root_handle(&root)?.as_str()) {
+            return Err(LiveError::Moved(dir.display().to_string()));
         }
         probe(state_dir(&root, false)?.as_fd(), dir)?;
         Some(session)
@@ -219,23 +233,12 @@ fn remove_children(dir: BorrowedFd<'_>, top: bool) -> Result<(), nix::errno::Err
     Ok(())
 }
 
-/// Remove the state directory: the target is a plain directory again.
+/// Remove the state directory, whatever a killed run left in it: the
+/// target is a plain directory again.
 pub(crate) fn remove_state(root: &OwnedFd) -> Result<(), LiveError> {
     let err = |e: nix::errno::Errno| LiveError::state("removing the state directory", e.into());
     let state = state_dir(root, false)?;
-    for name in table::NAMES_OF_FILES
-        .iter()
-        .chain(&[durable::NAME, SESSION])
-    {
-        match nix::unistd::unlinkat(
-            state.as_fd(),
-            *name,
-            nix::unistd::UnlinkatFlags::NoRemoveDir,
-        ) {
-            Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => return Err(err(e)),
-        }
-    }
+    remove_children(state.as_fd(), false).map_err(err)?;
     drop(state);
     nix::unistd::unlinkat(
         root.as_fd(),
@@ -252,7 +255,10 @@ mod tests {
 
     fn session(dir: &Path, version: u32) {
         std::fs::create_dir_all(dir.join(STATE_DIR)).expect("state");
-        let s = format!(r#"{{"backup":"b","skeleton":true,"version":{version}}}"#);
+        let root = nix::fcntl::open(dir, OFlag::O_RDONLY, Mode::empty()).expect("open");
+        let handle = root_handle(&root).expect("handle");
+        let s =
+            format!(r#"{{"backup":"b","skeleton":true,"version":{version},"root":"{handle}"}}"#);
         std::fs::write(dir.join(STATE_DIR).join(SESSION), s).expect("session");
     }
 
@@ -270,6 +276,18 @@ mod tests {
         session(&dir, STATE_VERSION);
         let t = open_target(&dir).expect("an unfinished live restore");
         assert_eq!(t.unfinished(), Some("b"));
+        // Its state copied to another directory: the table's handles are
+        // not good there.
+        let copy = tmp.path().join("copy");
+        std::fs::create_dir(&copy).expect("dir");
+        std::fs::create_dir(copy.join(STATE_DIR)).expect("state");
+        std::fs::copy(
+            dir.join(STATE_DIR).join(SESSION),
+            copy.join(STATE_DIR).join(SESSION),
+        )
+        .expect("copy");
+        let e = open_target(&copy).expect_err("moved");
+        assert!(e.to_string().contains("another"), "{e}");
         session(&dir, 1);
         let e = open_target(&dir).expect_err("an earlier layout");
         assert!(e.to_string().contains("earlier btm"), "{e}");
@@ -284,6 +302,7 @@ mod tests {
             backup: "b".into(),
             skeleton: false,
             version: STATE_VERSION,
+            root: Some("0100".into()),
         };
         let back: SessionFile =
             serde_json::from_str(&serde_json::to_string(&new).expect("json")).expect("parse");
