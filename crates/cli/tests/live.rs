@@ -181,15 +181,8 @@ fn a_live_mount_behaves_as_a_local_file_system_during_hydration() {
     assert!(got == want, "a passed-through read differs");
     drop(reopened);
 
-    let out = common::btm(s, &["live", "finish", live.to_str().expect("utf8")]).ok();
-    assert!(out.contains("finished"), "{out}");
     let mut server = server;
-    assert_eq!(
-        server.wait_exit(Duration::from_secs(60)),
-        Some(0),
-        "{}",
-        server.log()
-    );
+    server.finish(s);
     assert!(!is_mount(&live), "still mounted after finish");
     assert!(!live.join(".btm-live").exists(), "state left behind");
 
@@ -293,14 +286,7 @@ fn ganache_runs_on_a_live_restore_survives_a_kill_and_finishes_verified() {
     let node = Ganache::start(&live.join("ganache"), "0.1");
     node.wait_height(h + 15);
     node.stop();
-    let out = common::btm(s, &["live", "finish", live.to_str().expect("utf8")]).ok();
-    assert!(out.contains("finished"), "{out}");
-    assert_eq!(
-        server.wait_exit(Duration::from_secs(120)),
-        Some(0),
-        "{}",
-        server.log()
-    );
+    server.finish(s);
     assert!(!is_mount(&live));
 
     // The second run fetched what the first had not made durable, not all
@@ -404,14 +390,7 @@ fn a_store_that_goes_away_gives_eio_never_wrong_bytes_and_hydration_resumes() {
         busy.stderr
     );
     drop(f);
-    let out = common::btm(s, &["live", "finish", live.to_str().expect("utf8")]).ok();
-    assert!(out.contains("finished"), "{out}");
-    assert_eq!(
-        server.wait_exit(Duration::from_secs(60)),
-        Some(0),
-        "{}",
-        server.log()
-    );
+    server.finish(s);
     assert_eq!(digest(&live, 0), digest(&src, 0));
     drop(proxy);
 }
@@ -568,14 +547,7 @@ fn a_full_disk_gives_enospc_to_the_writer_and_corrupts_nothing() {
     let err = std::fs::write(&big, noise(16 * MIB)).expect_err("16 MiB more fit in 24 MiB");
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
     std::fs::remove_file(&big).expect("remove");
-    let out = common::btm(s, &["live", "finish", live.to_str().expect("utf8")]).ok();
-    assert!(out.contains("finished"), "{out}");
-    assert_eq!(
-        server.wait_exit(Duration::from_secs(60)),
-        Some(0),
-        "{}",
-        server.log()
-    );
+    server.finish(s);
     assert_eq!(
         sha(&live.join("data")),
         sha(&src.join("data")),

@@ -186,14 +186,7 @@ fn serve_under_limit(files: usize, nofile: (u64, u64)) {
         first_answer
     });
     let peak_rss = server.peak_rss();
-    let out = common::btm(s, &["live", "finish", live.to_str().expect("utf8")]).ok();
-    assert!(out.contains("finished"), "{out}");
-    assert_eq!(
-        server.wait_exit(Duration::from_secs(300)),
-        Some(0),
-        "{}",
-        server.log()
-    );
+    server.finish(s);
     assert!(
         peak_fds < nofile.0 as usize,
         "the server held {peak_fds} descriptors, at or over the soft limit {} it started with",
@@ -263,14 +256,7 @@ fn a_million_files_serve_within_128_mib() {
     server.wait_hydrated(s, Duration::from_secs(900));
     let hydrated = started.elapsed();
     let (peak_rss, fds) = (server.peak_rss(), server.open_files());
-    let out = common::btm(s, &["live", "finish", live.to_str().expect("utf8")]).ok();
-    assert!(out.contains("finished"), "{out}");
-    assert_eq!(
-        server.wait_exit(Duration::from_secs(300)),
-        Some(0),
-        "{}",
-        server.log()
-    );
+    server.finish(s);
     eprintln!(
         "1,000,000 files: ready after {:.1}s, hydrated after {:.1}s, peak RSS {:.1} MiB, {fds} descriptors once hydrated",
         ready.as_secs_f64(),
@@ -367,14 +353,7 @@ fn hydration_that_fills_the_disk_waits_says_so_and_goes_on_once_space_is_freed()
     assert_eq!(server.status(s)["state"], "hydrating");
     std::fs::remove_file(&other).expect("free space");
     server.wait_hydrated(s, Duration::from_secs(120));
-    let out = common::btm(s, &["live", "finish", live.to_str().expect("utf8")]).ok();
-    assert!(out.contains("finished"), "{out}");
-    assert_eq!(
-        server.wait_exit(Duration::from_secs(60)),
-        Some(0),
-        "{}",
-        server.log()
-    );
+    server.finish(s);
     for i in 0..4 {
         let name = format!("part{i}");
         assert_eq!(sha(&live.join(&name)), sha(&src.join(&name)), "{name}");

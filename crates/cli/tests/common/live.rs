@@ -130,6 +130,22 @@ impl Server {
             * 1024
     }
 
+    /// `btm live finish`, and the server's exit 0 after it.
+    pub fn finish(&mut self, scratch: &Path) {
+        let out = super::btm(
+            scratch,
+            &["live", "finish", self.dir.to_str().expect("utf8")],
+        )
+        .ok();
+        assert!(out.contains("finished"), "{out}");
+        assert_eq!(
+            self.wait_exit(Duration::from_secs(300)),
+            Some(0),
+            "{}",
+            self.log()
+        );
+    }
+
     /// Wait until `btm live status` says every byte is local.
     pub fn wait_hydrated(&self, scratch: &Path, limit: Duration) {
         let t = Instant::now();

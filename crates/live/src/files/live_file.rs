@@ -90,21 +90,18 @@ impl LiveFile {
         self.changed.notify_all();
     }
 
-    /// Claim over chunks `range`, or wait (until `deadline`) while others
-    /// fetch them.
-    pub(super) fn claim_or_wait(
+    /// Decide about the file's chunks with `decide` under its lock, again
+    /// each time they change, until it decides (`Some`) or `deadline`
+    /// passes (`EIO`).
+    pub(super) fn decide<T>(
         &self,
-        range: Range<u64>,
         deadline: Instant,
-    ) -> Result<Claim, Errno> {
+        mut decide: impl FnMut(&FileChunks<'_>) -> Option<T>,
+    ) -> Result<T, Errno> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let claim = self
-                .states
-                .file(self.extent.range(self.chunk_size))
-                .claim(range.clone());
-            if !claim.wait || !claim.mine.is_empty() {
-                return Ok(claim);
+            if let Some(t) = decide(&self.states.file(self.extent.range(self.chunk_size))) {
+                return Ok(t);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -116,6 +113,19 @@ impl LiveFile {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// Claim over chunks `range`, or wait (until `deadline`) while others
+    /// fetch them.
+    pub(super) fn claim_or_wait(
+        &self,
+        range: Range<u64>,
+        deadline: Instant,
+    ) -> Result<Claim, Errno> {
+        self.decide(deadline, |c| {
+            let claim = c.claim(range.clone());
+            (!claim.wait || !claim.mine.is_empty()).then_some(claim)
+        })
     }
 
     /// Run `change`, the node's change to the file's bytes or times

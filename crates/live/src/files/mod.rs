@@ -548,23 +548,9 @@ impl Files {
     /// Make chunks `range` of `f` present for the node, waiting while one
     /// of them is being fetched; the chunks that were not present.
     fn cover(&self, f: &LiveFile, range: Range<u64>) -> Result<Vec<u64>, Errno> {
-        let deadline = Instant::now() + self.read_timeout;
-        let mut g = f.inner.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            let chunks = self.states.file(f.extent.range(self.chunk_size));
-            if let Some(made) = chunks.cover(range.clone()) {
-                return Ok(made);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(Errno::EIO);
-            }
-            g = f
-                .changed
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        f.decide(Instant::now() + self.read_timeout, |c| {
+            c.cover(range.clone())
+        })
     }
 
     fn take_pending(&self, slot: Option<u32>) -> Vec<(u32, Range<u64>)> {
