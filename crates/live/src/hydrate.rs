@@ -13,8 +13,10 @@
 //! A read through the mount never waits for this queue: it claims its own
 //! chunks and fetches them itself. A chunk hydration claimed is waited for
 //! by a reader, not fetched twice. The window is bounded in bytes and in
-//! chunks, so a tree of a million small files or a file of a million
-//! chunks costs no more memory than a few large files.
+//! chunks, and the reads in memory by the restore's in-flight budget
+//! (`IN_FLIGHT_BYTES`), whatever the number of connections: a tree of a
+//! million small files or a file of a million chunks costs no more memory
+//! than a few large files.
 //!
 //! What stops a pass says how to go on: a store that fails is tried again
 //! after a backoff that grows to 30 s; a disk that is full (`ENOSPC`,
@@ -25,12 +27,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use btm_chunk::pipeline::Cancel;
+use btm_chunk::pipeline::{Budget, Cancel};
+use btm_chunk::restore::IN_FLIGHT_BYTES;
 use btm_chunk::store::Id;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::files::{Files, LiveFile};
-use crate::source::{frame, Read, SourceError, Wanted};
+use crate::source::{frame, Object, Read, SourceError, Wanted};
 
 /// Frames of one pack closer than this share a read.
 const MAX_GAP: u64 = 256 << 10;
@@ -49,6 +52,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The longest wait between passes that found nothing to claim (files
 /// waiting for their checkpoint, or that the node holds open unlinked).
 const MAX_IDLE: Duration = Duration::from_secs(5);
+/// A fetcher keeps a buffer between reads only up to this size.
+const KEEP_BUFFER: usize = 1 << 20;
 
 /// Who wants one chunk: live files and the chunk's index in each.
 type Wants = Vec<(Arc<LiveFile>, u64)>;
@@ -122,12 +127,13 @@ impl Outstanding {
 pub fn hydrate(files: &Files, stop: &Cancel) -> bool {
     let connections = files.source().connections().max(1);
     let outstanding = Outstanding::default();
+    let budget = Budget::new(IN_FLIGHT_BYTES, stop);
     std::thread::scope(|s| {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(connections);
         for _ in 0..connections {
             let rx: Receiver<Job> = rx.clone();
-            let outstanding = &outstanding;
-            s.spawn(move || fetcher(files, &rx, outstanding));
+            let (outstanding, budget) = (&outstanding, &*budget);
+            s.spawn(move || fetcher(files, &rx, outstanding, budget));
         }
         drop(rx);
         let complete = run(files, &tx, &outstanding, stop);
@@ -398,9 +404,9 @@ fn release_all(wants: &[Wants]) {
     }
 }
 
-/// A fetcher: make each read, check and write each chunk; on failure give
-/// the claims back.
-fn fetcher(files: &Files, rx: &Receiver<Job>, outstanding: &Outstanding) {
+/// A fetcher: make each read (once `budget` has room for it), check and
+/// write each chunk; on failure give the claims back.
+fn fetcher(files: &Files, rx: &Receiver<Job>, outstanding: &Outstanding, budget: &Budget) {
     let Ok(mut dctx) = zstd::bulk::Decompressor::new() else {
         // Without zstd nothing can be fetched: leave the work to others.
         for job in rx.iter() {
@@ -420,14 +426,30 @@ fn fetcher(files: &Files, rx: &Receiver<Job>, outstanding: &Outstanding) {
             outstanding.finish(None);
             continue;
         }
+        // The bytes the read brings (a version 1 chunk object's size is
+        // known only once read: its raw size stands in).
+        let units = match job.read.object {
+            Object::Range { len, .. } => len,
+            Object::Chunk(_) => job.wanted.iter().map(|w| w.raw_len).sum(),
+        };
+        let Some(permit) = budget.take(units) else {
+            // Stopped: the claims go back untouched.
+            release_all(&job.wants);
+            outstanding.finish(None);
+            continue;
+        };
         let result = fetch(files, &mut job, &mut buf, &mut out, &mut dctx);
         if result.is_err() {
             release_all(&job.wants);
         }
         outstanding.finish(result.err().map(|e| Failure::of(&e)));
-        if buf.capacity() > 2 * MAX_RANGE as usize {
-            buf = Vec::new();
+        // Memory follows the budget, not the number of fetchers.
+        for b in [&mut buf, &mut out] {
+            if b.capacity() > KEEP_BUFFER {
+                *b = Vec::new();
+            }
         }
+        drop(permit);
     }
 }
 

@@ -1,14 +1,23 @@
 //! The order background hydration fetches files in: what a node reads
 //! first when it starts comes first.
 //!
-//! A node opening its database reads its small files whole (LevelDB's
-//! `CURRENT`, `MANIFEST-*`, `LOG`, config and genesis files, RocksDB's
-//! `OPTIONS-*`), then the newest data (the newest SST files and block
-//! files, the head of an append-only log). So: small files and manifests
-//! first, then everything else from the newest to the oldest. Pure: it
-//! sees only what the backup recorded, one 16-byte key a file, so that a
-//! tree of millions of files is ordered once, when the skeleton is made,
-//! and the order kept on disk ([`crate::table`]).
+//! A node opening its database reads its manifests and small files whole
+//! (LevelDB's `CURRENT`, `MANIFEST-*`, `LOG`, config and genesis files,
+//! RocksDB's `OPTIONS-*`), then the newest data (the newest SST files and
+//! block files, the head of an append-only log). So: manifests first,
+//! newest first; then small files; then everything else from the newest
+//! to the oldest.
+//!
+//! Small files come in the backup's own order, not by age: that is the
+//! order their chunks lie in the packs, so hydration reads them densely.
+//! Newest first would jump across the packs (an accounts directory written
+//! round-robin over 200 subdirectories puts consecutive files 200 entries
+//! apart), and each read would bring mostly bytes nobody asked for. A node
+//! reads such a directory whole anyway.
+//!
+//! Pure: it sees only what the backup recorded, one 16-byte key a file, so
+//! that a tree of millions of files is ordered once, when the skeleton is
+//! made, and the order kept on disk ([`crate::table`]).
 
 use std::cmp::Reverse;
 
@@ -23,12 +32,22 @@ pub fn is_manifest(path: &[u8]) -> bool {
     PREFIXES.iter().any(|p| name.starts_with(p)) || SUFFIXES.iter().any(|s| name.ends_with(s))
 }
 
+/// The groups files are hydrated in, first to last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Group {
+    /// Manifests, newest first.
+    Manifest,
+    /// Other files of at most [`SMALL`] bytes, in the backup's order.
+    Small,
+    /// Everything else, newest first.
+    Large,
+}
+
 /// Where one file goes in the order: keys sort in hydration order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Key {
-    /// Not one of the files that come first.
-    late: bool,
-    /// Newest first.
+    group: Group,
+    /// Newest first (0 where age does not count).
     mtime: Reverse<i64>,
     /// The file's place in the live files' table, which follows the
     /// backup's walk order (by path): the order is total and the same on
@@ -40,16 +59,24 @@ impl Key {
     /// The key of live file `slot` at `path`, with `bytes` of data and
     /// modification time `mtime_ns` in the backup.
     pub fn new(slot: u32, path: &[u8], bytes: u64, mtime_ns: i64) -> Key {
+        let group = if is_manifest(path) {
+            Group::Manifest
+        } else if bytes <= SMALL {
+            Group::Small
+        } else {
+            Group::Large
+        };
         Key {
-            late: !(bytes <= SMALL || is_manifest(path)),
-            mtime: Reverse(mtime_ns),
+            group,
+            mtime: Reverse(if group == Group::Small { 0 } else { mtime_ns }),
             slot,
         }
     }
 }
 
-/// Sort `keys` into hydration order: small files and manifests first,
-/// then the rest; each group newest first, then in the backup's order.
+/// Sort `keys` into hydration order: manifests, then small files, then
+/// the rest; manifests and the rest newest first, and everything in the
+/// backup's order otherwise.
 pub fn hydration_order(keys: &mut [Key]) {
     keys.sort_unstable();
 }
@@ -78,9 +105,28 @@ mod tests {
         assert_eq!(order, vec![3, 2, 1, 0, 4]);
     }
 
+    #[test]
+    fn small_files_come_in_the_backups_order_whatever_their_age() {
+        let mut keys: Vec<Key> = (0..6u32)
+            .map(|i| {
+                Key::new(
+                    i,
+                    format!("accounts/{}/{i}", i % 3).as_bytes(),
+                    200,
+                    i64::from(i),
+                )
+            })
+            .collect();
+        keys.push(Key::new(6, b"db/CURRENT", 16, 0));
+        hydration_order(&mut keys);
+        let order: Vec<u32> = keys.iter().map(|k| k.slot).collect();
+        assert_eq!(order, vec![6, 0, 1, 2, 3, 4, 5]);
+    }
+
     proptest! {
-        /// The order is a permutation, no late file comes before an early
-        /// one, and each group is newest first.
+        /// The order is a permutation; manifests, then small files, then
+        /// the rest; manifests and large files newest first, small files
+        /// in the backup's order.
         #[test]
         fn early_files_never_wait_for_late_ones(
             files in prop::collection::vec((prop::collection::vec(b'a'..=b'z', 1..8), 0u64..(4 << 20), any::<i64>()), 0..40)
@@ -94,15 +140,17 @@ mod tests {
             let mut slots: Vec<u32> = keys.iter().map(|k| k.slot).collect();
             slots.sort_unstable();
             prop_assert_eq!(slots, (0..files.len() as u32).collect::<Vec<_>>());
-            let early = |s: u32| {
+            let group = |s: u32| {
                 let (p, b, _) = &files[s as usize];
-                *b <= SMALL || is_manifest(p)
+                if is_manifest(p) { 0 } else if *b <= SMALL { 1 } else { 2 }
             };
-            let first_late = keys.iter().position(|k| !early(k.slot)).unwrap_or(keys.len());
-            prop_assert!(keys[first_late..].iter().all(|k| !early(k.slot)));
             for w in keys.windows(2) {
-                if early(w[0].slot) == early(w[1].slot) {
-                    prop_assert!(files[w[0].slot as usize].2 >= files[w[1].slot as usize].2);
+                let (a, b) = (w[0].slot, w[1].slot);
+                prop_assert!(group(a) <= group(b));
+                if group(a) == group(b) && group(a) == 1 {
+                    prop_assert!(a < b);
+                } else if group(a) == group(b) {
+                    prop_assert!(files[a as usize].2 >= files[b as usize].2);
                 }
             }
         }

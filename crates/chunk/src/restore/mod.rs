@@ -71,8 +71,9 @@ const MAX_GAP: u64 = 256 << 10;
 /// The longest ranged read.
 const MAX_RANGE: u64 = 4 << 20;
 /// Stored bytes being fetched or written at once, whatever the number of
-/// connections: a restore's memory does not grow with its parallelism.
-const IN_FLIGHT_BYTES: u64 = 40 << 20;
+/// connections: a restore's memory does not grow with its parallelism
+/// (live restore's hydration keeps to it too).
+pub const IN_FLIGHT_BYTES: u64 = 40 << 20;
 /// Read buffers kept for reuse: as many ranged reads of [`MAX_RANGE`] as
 /// the in-flight budget allows at once, so pooling adds nothing to the
 /// peak.
