@@ -116,14 +116,12 @@ pub fn serve(
     opts: &LiveOptions,
 ) -> Result<(), LiveError> {
     let dir = target.dir.clone();
-    if let Some(s) = &target.resume {
-        if s.backup != name {
-            return Err(LiveError::OtherBackup {
-                dir: dir.display().to_string(),
-                found: s.backup.clone(),
-                wanted: name.to_owned(),
-            });
-        }
+    if let Some(s) = target.resume.as_ref().filter(|s| s.backup != name) {
+        return Err(LiveError::OtherBackup {
+            dir: dir.display().to_string(),
+            found: s.backup.clone(),
+            wanted: name.to_owned(),
+        });
     }
     // Proof first: nothing is made or mounted for a backup that cannot be
     // restored whole.
@@ -157,19 +155,7 @@ pub fn serve(
     });
     let signals = block_signals();
     let (bg, passthrough) = mount(&dir, backing, Arc::clone(&files), opts)?;
-    eprintln!(
-        "ready: {} serves {name} ({entries} entries, {} of data, {} still to fetch) after {:.1}s; {}",
-        dir.display(),
-        human(files.stats.total_bytes.load(Ordering::Relaxed)),
-        human(files.absent_bytes()),
-        started.elapsed().as_secs_f64(),
-        if passthrough {
-            "local files are passed through to the kernel"
-        } else {
-            "no FUSE passthrough (Linux 6.9+ has it): every read goes through this server"
-        }
-    );
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    announce_ready(&dir, name, entries, &files, started, passthrough);
 
     let (tx, rx) = crossbeam_channel::unbounded();
     spawn_signal_waiter(signals, tx.clone());
@@ -188,20 +174,52 @@ pub fn serve(
             let _ = bg.join();
             finished(&dir, name, &root_for_fs, last, streams)
         }
-        Outcome::Stopped(why) => {
-            if let Err(e) = last {
-                tracing::error!(error = %e, "the last checkpoint failed");
-            }
-            // A stopped server leaves no mount behind when it can help it;
-            // one the node still uses is detached (its reads then fail, as
-            // on a lost disk).
-            if nix::mount::umount2(&dir, nix::mount::MntFlags::empty()).is_err() {
-                let _ = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH);
-            }
-            drop(bg);
-            Err(LiveError::Interrupted(why))
-        }
+        Outcome::Stopped(why) => stopped(&dir, why, last, bg),
     }
+}
+
+/// Say on stderr, and to systemd, that `dir` serves backup `name`.
+fn announce_ready(
+    dir: &Path,
+    name: &str,
+    entries: u64,
+    files: &Files,
+    started: Instant,
+    passthrough: bool,
+) {
+    eprintln!(
+        "ready: {} serves {name} ({entries} entries, {} of data, {} still to fetch) after {:.1}s; {}",
+        dir.display(),
+        human(files.stats.total_bytes.load(Ordering::Relaxed)),
+        human(files.absent_bytes()),
+        started.elapsed().as_secs_f64(),
+        if passthrough {
+            "local files are passed through to the kernel"
+        } else {
+            "no FUSE passthrough (Linux 6.9+ has it): every read goes through this server"
+        }
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+}
+
+/// Stopped before `finish` (a signal, an unmount from outside): leave no
+/// mount behind if it can be helped.
+fn stopped(
+    dir: &Path,
+    why: &'static str,
+    last: Result<u64, LiveError>,
+    bg: fuser::BackgroundSession,
+) -> Result<(), LiveError> {
+    if let Err(e) = last {
+        tracing::error!(error = %e, "the last checkpoint failed");
+    }
+    // One the node still uses is detached (its reads then fail, as on a
+    // lost disk).
+    if nix::mount::umount2(dir, nix::mount::MntFlags::empty()).is_err() {
+        let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
+    }
+    drop(bg);
+    Err(LiveError::Interrupted(why))
 }
 
 /// The skeleton and the live files' table: made now (the state directory
