@@ -3,7 +3,7 @@
 //!
 //! Every path that touches a live file's bytes comes through here: a read
 //! through the mount ([`Files::ensure`]), a write, truncate or hole punch
-//! ([`Files::before_write`], [`Files::before_truncate`]), and background
+//! ([`Files::node_write`], [`Files::node_truncate`]), and background
 //! hydration ([`Files::fill`]). The rules of [`crate::presence`] keep them
 //! apart: a chunk is written from the store only by whoever claimed it,
 //! and never once the node has overwritten it.

@@ -3,8 +3,8 @@
 //!
 //! Every request is passed to the backing tree through descriptors, never
 //! a path, since the backing tree's own path is covered by this mount. The
-//! inodes the kernel knows are reached by file handle ([`nodes`]), and a
-//! directory is listed as the kernel reads it ([`dir`]): memory and
+//! inodes the kernel knows are reached by file handle (`nodes.rs`), and a
+//! directory is listed as the kernel reads it (`dir.rs`): memory and
 //! descriptors stay bounded whatever the tree and whatever the node walks.
 //! The state directory is hidden, and so is the [`MARK`] attribute.
 //!
@@ -13,7 +13,7 @@
 //! part local and takes those it covers whole, an `fsync` records. A file
 //! with nothing left to fetch is opened with FUSE passthrough where the
 //! kernel has it: the kernel then reads and writes the backing file
-//! itself ([`file`]).
+//! itself (`file.rs`).
 
 mod attr;
 mod dir;
