@@ -288,6 +288,19 @@ impl FileChunks<'_> {
         Some(made)
     }
 
+    /// The file is gone (no name and no open keeps it): make every chunk
+    /// nobody is fetching present, as nothing will ever read it, calling
+    /// `each` with each one; a chunk being fetched is settled by its
+    /// claimer.
+    pub fn abandon(&self, mut each: impl FnMut(u64)) {
+        for i in 0..self.n {
+            if matches!(self.state(i), State::Absent | State::Queued) {
+                self.set(i, State::Present);
+                each(i);
+            }
+        }
+    }
+
     /// Give chunk `i`, made present by [`FileChunks::cover`] for a change
     /// of the node's that then failed, back to the backup: absent again.
     /// The one way a present chunk stops being one, and only for its
@@ -502,6 +515,7 @@ mod tests {
                     2 => { p.queue(a, b as usize); }
                     3 => { p.start(a); }
                     4 => p.unqueue(a),
+                    5 if ok && a == 0 => p.abandon(|_| {}),
                     _ => { p.cover(r); }
                 }
                 for (i, s) in before.iter().enumerate() {

@@ -41,7 +41,7 @@ pub use live_file::LiveFile;
 
 use crate::backing::Backing;
 use crate::durable::Durable;
-use crate::presence::{plan_truncate, plan_write, touched, State, States};
+use crate::presence::{plan_truncate, plan_write, touched, States};
 use crate::source::{frame, Source, SourceError, Wanted};
 use crate::stats::Stats;
 use crate::table::Table;
@@ -117,18 +117,16 @@ impl Files {
         for item in table.extents() {
             let (slot, ext) =
                 item.map_err(|e| LiveError::state("reading the live files' table", e))?;
-            let missing: Vec<u64> = ext
-                .range(head.chunk_size)
-                .filter(|&g| !durable.contains(g))
-                .collect();
-            if missing.is_empty() {
+            let (mut missing, mut bytes) = (0u64, 0u64);
+            for g in ext.range(head.chunk_size).filter(|&g| !durable.contains(g)) {
+                missing += 1;
+                bytes += ext.chunk_len(head.chunk_size, g - ext.first);
+            }
+            if missing == 0 {
                 done.set(slot);
             } else {
                 files_left += 1;
-                absent += missing
-                    .iter()
-                    .map(|&g| ext.chunk_len(head.chunk_size, g - ext.first))
-                    .sum::<u64>();
+                absent += bytes;
             }
         }
         stats.total_bytes.store(head.total_bytes, Ordering::Relaxed);
@@ -287,16 +285,8 @@ impl Files {
     fn gone(&self, f: &LiveFile) {
         {
             let (_g, c) = f.lock();
-            let lost: u64 = c
-                .missing_chunks()
-                .filter(|&i| c.state(i) != State::Fetching)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .map(|i| {
-                    c.cover(i..i + 1);
-                    f.extent.chunk_len(self.chunk_size, i)
-                })
-                .sum();
+            let mut lost = 0;
+            c.abandon(|i| lost += f.extent.chunk_len(self.chunk_size, i));
             self.absent_bytes.fetch_sub(lost, Ordering::Relaxed);
         }
         f.changed.notify_all();
