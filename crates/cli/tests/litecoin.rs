@@ -31,8 +31,40 @@ struct Litecoind {
 }
 
 impl Litecoind {
+    /// Start a node and wait for its RPC. A port taken between
+    /// `free_port` and the node's bind is retried on another; any other
+    /// early exit fails with the node's own last words from debug.log.
     fn start(datadir: &Path) -> Self {
         std::fs::create_dir_all(datadir).expect("datadir");
+        for _attempt in 0..3 {
+            let mut node = Self::spawn(datadir);
+            let started = Instant::now();
+            loop {
+                if node.try_cli(&["getblockcount"]).is_some() {
+                    return node;
+                }
+                let child = node.child.as_mut().expect("a child");
+                if let Ok(Some(status)) = child.try_wait() {
+                    node.child = None;
+                    let log = node.log_tail();
+                    if log.contains("Unable to bind") {
+                        break;
+                    }
+                    panic!("litecoind exited ({status}) before it answered:\n{log}");
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(120),
+                    "litecoind did not answer on port {}:\n{}",
+                    node.rpc_port,
+                    node.log_tail()
+                );
+                sleep(Duration::from_millis(100));
+            }
+        }
+        panic!("litecoind found its RPC port taken three times")
+    }
+
+    fn spawn(datadir: &Path) -> Self {
         let rpc_port = common::free_port();
         let child = Command::new("litecoind")
             .arg("-regtest")
@@ -50,20 +82,19 @@ impl Litecoind {
             .stderr(Stdio::null())
             .spawn()
             .expect("litecoind not found: run scripts/test.sh, which installs it");
-        let node = Litecoind {
+        Litecoind {
             child: Some(child),
             datadir: datadir.to_owned(),
             rpc_port,
-        };
-        let started = Instant::now();
-        while node.try_cli(&["getblockcount"]).is_none() {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "litecoind did not answer on port {rpc_port}"
-            );
-            sleep(Duration::from_millis(100));
         }
-        node
+    }
+
+    /// The last lines of the node's debug.log, to say why it failed.
+    fn log_tail(&self) -> String {
+        let log =
+            std::fs::read_to_string(self.datadir.join("regtest/debug.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     fn url(&self) -> String {
