@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use crate::dirs::Dirs;
 use crate::error::Error;
-use crate::ops::{Ops, PreparedRollback, SnapshotOptions, SnapshotReport};
+use crate::ops::{Ops, SnapshotOptions, SnapshotReport};
 use crate::retention::{Algo, Plan, Policy};
 use crate::volume::{self, DestroyReport, SnapMode, Snapshot};
 
@@ -128,22 +128,18 @@ impl BtmCfg {
     }
 
     /// Roll back to `target` (`None`: the latest snapshot). Non-strict picks
-    /// the closest height at or below `target`. No files are preserved; use
-    /// [`BtmCfg::prepare_rollback`] for that and to see the effects first.
+    /// the closest height at or below `target`. Destroys nothing: the line
+    /// left is kept as a branch (`btm rollback --undo`). No files are
+    /// carried across; use [`Ops::prepare_switch`] for that and to see the
+    /// effects first.
     pub fn rollback(&self, target: Option<u64>, strict: bool) -> Result<u64, Error> {
-        let prepared = self.prepare_rollback(target, strict)?;
-        let h = prepared.effects().target;
-        prepared.execute(&[])?;
+        let ask = crate::rollback::Ask::Rollback { target, strict };
+        let prepared = self
+            .ops()?
+            .prepare_switch(&ask, None, Vec::new(), chrono::Utc::now())?;
+        let h = prepared.switch().fork;
+        prepared.execute(None)?;
         Ok(h)
-    }
-
-    /// See [`Ops::prepare_rollback`].
-    pub fn prepare_rollback(
-        &self,
-        target: Option<u64>,
-        strict: bool,
-    ) -> Result<PreparedRollback, Error> {
-        self.ops()?.prepare_rollback(target, strict)
     }
 
     /// Destroy every btm snapshot except the newest `kept` (`0`: all) and

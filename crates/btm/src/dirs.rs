@@ -119,6 +119,13 @@ impl Dirs {
         )))
     }
 
+    /// The journal of a switch (rollback, undo) of `volume` in progress.
+    pub fn switch_journal(&self, volume: &str) -> PathBuf {
+        self.state
+            .join("switches")
+            .join(format!("{}.json", escape(volume)))
+    }
+
     /// The file recording the height windows of `volume`'s snapshots.
     pub fn window_file(&self, volume: &str) -> PathBuf {
         self.state

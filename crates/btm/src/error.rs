@@ -53,6 +53,21 @@ pub enum Error {
     /// Non-strict rollback: nothing at or below the target.
     #[error("no snapshot at or below height {0}")]
     NothingAtOrBelow(u64),
+    /// A rollback or undo was left half done: only the same command may
+    /// run until it is finished.
+    #[error("a switch was left half done on this volume; run `{command}` again to finish it")]
+    HalfDone {
+        /// The command that started it.
+        command: String,
+    },
+    /// The journal of a switch cannot be read back.
+    #[error("{}: unreadable switch journal ({detail}); look at it, and remove it only once the volume is as you want it", path.display())]
+    BadJournal {
+        /// The journal file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
 }
 
 impl Error {

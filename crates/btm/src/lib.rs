@@ -27,7 +27,7 @@
 //! it has no async runtime and no cloud SDK. Inside it, each module depends
 //! only on those listed after it: [`config`] (the [`BtmCfg`] façade) →
 //! [`ops`] (the operations handle, with its volume and directories passed
-//! in) → [`pruner`], [`retention`] (pure) → [`volume`] (drivers, one command
+//! in) and [`rollback`] (switches between lines, their journal) → [`pruner`], [`retention`] (pure) → [`volume`] (drivers, one command
 //! wrapper) → [`pin`], [`lock`], [`preserve`], [`validator`], [`window`],
 //! [`exec`] → [`family`], [`confined`], [`dirs`], [`sys`] (the only `unsafe`).
 //! [`client`] and [`protocol`] let a node talk to a running daemon.
@@ -52,6 +52,7 @@ pub mod preserve;
 pub mod protocol;
 pub mod pruner;
 pub mod retention;
+pub mod rollback;
 pub mod sys;
 pub mod validator;
 pub mod volume;
@@ -69,7 +70,9 @@ pub struct ReadmeDoctests;
 pub struct LibraryDoctests;
 
 pub use config::BtmCfg;
+pub use dirs::Dirs;
 pub use error::Error;
-pub use ops::{Ops, PreparedRollback, SnapshotOptions, SnapshotReport};
+pub use ops::{Ops, SnapshotOptions, SnapshotReport};
 pub use retention::{Algo as SnapAlgo, Plan, Policy};
+pub use rollback::{Ask, PreparedSwitch};
 pub use volume::{SnapMode, Snapshot, SnapshotOutcome};

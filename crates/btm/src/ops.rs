@@ -17,11 +17,8 @@ use serde::Serialize;
 use crate::dirs::Dirs;
 use crate::error::Error;
 use crate::lock::{self, VolumeLock};
-use crate::preserve::RelPath;
 use crate::retention::{Plan, Policy};
-use crate::volume::{
-    self, DestroyReport, Label, RollbackEffects, Snapshot, SnapshotOutcome, Volume,
-};
+use crate::volume::{DestroyReport, Label, Snapshot, SnapshotOutcome, Volume};
 use crate::{pin, pruner};
 
 /// Operations on one opened volume.
@@ -236,38 +233,6 @@ impl Ops {
         Ok(snaps)
     }
 
-    /// Resolve the rollback target and compute what the rollback would do,
-    /// holding the volume's lock until the result is executed or dropped,
-    /// so nothing changes between showing the effects and acting.
-    pub fn prepare_rollback(
-        &self,
-        target: Option<u64>,
-        strict: bool,
-    ) -> Result<PreparedRollback, Error> {
-        let vol = self.volume.as_ref();
-        let lock = self.lock(lock::DEFAULT_WAIT)?;
-        let heights = vol.heights()?;
-        let h = resolve_target(&heights, target, strict).map_err(|e| match e {
-            Error::NoSnapshots(_) => Error::NoSnapshots(vol.name().to_owned()),
-            e => e,
-        })?;
-        let effects = vol.rollback_effects(h)?;
-        self.refuse_pinned(&effects.destroys)?;
-        self.refuse_protected(&effects.destroys)?;
-        if !effects.foreign_blockers.is_empty() {
-            return Err(volume::Error::ForeignSnapshots {
-                target: h,
-                names: effects.foreign_blockers,
-            }
-            .into());
-        }
-        Ok(PreparedRollback {
-            volume: Arc::clone(&self.volume),
-            effects,
-            _lock: lock,
-        })
-    }
-
     /// What [`Ops::clean`] would destroy (newest first): every btm snapshot
     /// but the newest `kept`, protected ones left out unless their label is
     /// in `labels`. Only reads.
@@ -292,21 +257,8 @@ impl Ops {
         Ok(self.volume.destroy(&doomed))
     }
 
-    /// Fail, touching nothing, if any of `doomed` is protected.
-    fn refuse_protected(&self, doomed: &[u64]) -> Result<(), Error> {
-        let protected = self.volume.protections()?;
-        let hit: Vec<(u64, String)> = doomed
-            .iter()
-            .filter_map(|h| protected.get(h).map(|l| (*h, l.clone())))
-            .collect();
-        match hit.is_empty() {
-            true => Ok(()),
-            false => Err(Error::Protected(hit)),
-        }
-    }
-
     /// Fail, touching nothing, if any of `doomed` is pinned by an export.
-    fn refuse_pinned(&self, doomed: &[u64]) -> Result<(), Error> {
+    pub(crate) fn refuse_pinned(&self, doomed: &[u64]) -> Result<(), Error> {
         let pinned = pin::pinned(&self.dirs, self.volume.name())?;
         let hit: Vec<u64> = doomed
             .iter()
@@ -358,44 +310,6 @@ pub fn resolve_target(heights: &[u64], target: Option<u64>, strict: bool) -> Res
             .filter(|&h| h <= t)
             .max()
             .ok_or(Error::NothingAtOrBelow(t)),
-    }
-}
-
-/// A rollback whose target and effects are known, waiting to be executed.
-/// Holds the volume's lock.
-pub struct PreparedRollback {
-    volume: Arc<dyn Volume>,
-    effects: RollbackEffects,
-    _lock: VolumeLock,
-}
-
-impl std::fmt::Debug for PreparedRollback {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PreparedRollback")
-            .field("volume", &self.volume.name())
-            .field("effects", &self.effects)
-            .finish()
-    }
-}
-
-impl PreparedRollback {
-    /// What executing will do.
-    pub fn effects(&self) -> &RollbackEffects {
-        &self.effects
-    }
-
-    /// The volume being rolled back.
-    pub fn volume(&self) -> &dyn Volume {
-        self.volume.as_ref()
-    }
-
-    /// Roll back, carrying the current content of `preserve` across.
-    pub fn execute(self, preserve: &[RelPath]) -> Result<(), Error> {
-        let target = self.effects.target;
-        nix::unistd::sync();
-        self.volume.rollback(target, preserve)?;
-        tracing::info!(volume = self.volume.name(), height = target, "rolled back");
-        Ok(())
     }
 }
 
@@ -470,46 +384,6 @@ mod tests {
         drop(pin);
         assert_eq!(ops.clean(0, &[]).expect("clean").destroyed, vec![30, 10]);
     }
-
-    #[test]
-    fn rollback_planning_names_what_it_destroys_and_refuses_foreign_snapshots() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let (ops, vol) = fake(&dir);
-        let live = vol.root().expect("root");
-        let state = live.join("data/priv_validator_state.json");
-        std::fs::create_dir_all(state.parent().expect("parent")).expect("mkdir");
-        let only = SnapshotOptions::unpruned(Duration::ZERO);
-        for h in [100, 200, 300] {
-            std::fs::write(live.join("db"), format!("state at {h}")).expect("write");
-            std::fs::write(&state, format!("signed up to {h}")).expect("write");
-            ops.snapshot(h, &only).expect("snapshot");
-        }
-        std::fs::write(&state, "signed up to 310").expect("write");
-        // Non-strict: the closest height at or below.
-        let prepared = ops.prepare_rollback(Some(250), false).expect("plan");
-        assert_eq!(prepared.effects().target, 200);
-        assert_eq!(prepared.effects().destroys, vec![300]);
-        // The volume stays locked while the plan is shown.
-        assert!(ops.lock(Duration::ZERO).is_err());
-        let keep: RelPath = "data/priv_validator_state.json".parse().expect("path");
-        prepared.execute(&[keep]).expect("rollback");
-        assert_eq!(
-            std::fs::read_to_string(live.join("db")).expect("db"),
-            "state at 200"
-        );
-        assert_eq!(
-            std::fs::read_to_string(&state).expect("state"),
-            "signed up to 310"
-        );
-        assert_eq!(vol.heights().expect("heights"), vec![200, 100]);
-        assert!(matches!(
-            ops.prepare_rollback(Some(150), true),
-            Err(Error::NoExactSnapshot(150))
-        ));
-        vol.add_foreign("tank/chain@manual");
-        let e = ops.prepare_rollback(None, false).expect_err("foreign");
-        assert!(e.to_string().contains("tank/chain@manual"), "{e}");
-    }
 }
 
 #[cfg(test)]
@@ -555,27 +429,6 @@ mod protection_tests {
         );
         assert!(vol.protections().expect("protections").is_empty());
         assert_eq!(ops.clean(0, &[]).expect("clean").destroyed, vec![20]);
-    }
-
-    #[test]
-    fn a_rollback_that_would_destroy_a_protected_snapshot_is_refused() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let (ops, vol) = super::tests::fake(&dir);
-        let only = SnapshotOptions::unpruned(Duration::ZERO);
-        for h in [10, 20, 30] {
-            ops.snapshot(h, &only).expect("snapshot");
-        }
-        ops.protect(30, &label("upgrade-7")).expect("protect");
-        let e = ops.prepare_rollback(Some(10), true).expect_err("refused");
-        assert!(e.to_string().contains("30 (upgrade-7)"), "{e}");
-        assert_eq!(vol.heights().expect("heights"), vec![30, 20, 10]);
-        // clean by label takes it too.
-        assert_eq!(
-            ops.clean(0, &[label("upgrade-7")])
-                .expect("clean")
-                .destroyed,
-            vec![30, 20, 10]
-        );
     }
 
     #[test]

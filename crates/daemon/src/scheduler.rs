@@ -535,6 +535,13 @@ fn take_blocking(
             }
         }
     }
+    // Branches expire at the pace of snapshots; the active line is all
+    // the daemon snapshots and prunes.
+    if outcome.is_ok() {
+        if let Err(e) = ops.expire_branches(chrono::Utc::now(), settings.keep_branches, true) {
+            tracing::warn!(error = %e, "could not expire branches");
+        }
+    }
     let post_hook_error = match (&settings.post_snapshot, &outcome) {
         (Some(argv), Ok(_)) => btm::exec::run(argv, &env, settings.hook_timeout).err(),
         _ => None,

@@ -179,6 +179,24 @@ fn de_algo<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Algo>, D::Error> {
         .map_err(serde::de::Error::custom)
 }
 
+fn de_keep<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    parse_keep(&String::deserialize(d)?)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// How long branches are kept: a duration such as `7d` or `12h`, or `0`.
+pub fn parse_keep(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("'{s}' is not a duration like 7d, 12h or 0 ({e})"))
+}
+
+/// How long branches are kept when nothing says: a week.
+pub const DEFAULT_KEEP_BRANCHES: Duration = Duration::from_secs(7 * 86_400);
+
 /// A positive duration such as `1s`, `500ms`, `2m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s.trim())
@@ -540,6 +558,12 @@ options! {
         /// signing state it finds by itself (relative to the volume root).
         #[arg(skip)]
         pub preserve: Option<Vec<String>>,
+        /// How long a branch kept by a rollback lives before the daemon
+        /// and `btm prune` drop it, e.g. 7d; 0 drops it at once (but never
+        /// the only way back within an hour of its rollback) [default: 7d]
+        #[arg(long, value_name = "DURATION", value_parser = parse_keep)]
+        #[serde(default, deserialize_with = "de_keep")]
+        pub keep_branches: Option<Duration>,
     }
 }
 
@@ -659,6 +683,7 @@ impl DaemonOptions {
             poll_interval: self.poll_interval.unwrap_or(Duration::from_secs(1)),
             source_timeout,
             lock_timeout: self.lock_timeout.unwrap_or(Duration::from_secs(60)),
+            keep_branches: self.keep_branches.unwrap_or(DEFAULT_KEEP_BRANCHES),
             command_timeout: self
                 .command_timeout
                 .unwrap_or(btm::volume::cmd::DEFAULT_LIMIT),
@@ -916,6 +941,8 @@ pub struct DaemonSettings {
     pub post_snapshot: Option<Vec<String>>,
     /// Hook timeout.
     pub hook_timeout: Duration,
+    /// How long a rollback's branch is kept.
+    pub keep_branches: Duration,
     /// Periodic export, when configured.
     pub export: Option<ExportSettings>,
     /// Where locks, pins and height windows live: `$BTM_RUNTIME_DIR` and

@@ -5,10 +5,12 @@
 //! parent directory (no command needed just for heights); details come from
 //! `btrfs subvolume show`, and space used from quota groups when enabled.
 //!
-//! Rollback never leaves the volume path missing: a writable snapshot of the
-//! target is prepared beside the live subvolume, preserved files are copied
-//! into it, and the two are swapped with one atomic
-//! `renameat2(RENAME_EXCHANGE)` before the old live subvolume is deleted.
+//! A rollback never leaves the volume path missing and destroys nothing: a
+//! writable snapshot of the target is prepared beside the live subvolume,
+//! the two are swapped with one atomic `renameat2(RENAME_EXCHANGE)`, and
+//! the old live subvolume is kept read-only as a branch with the newer
+//! snapshots, renamed beside it to `<name>.btm-branch.<branch>`
+//! ([`super::lines`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
@@ -17,12 +19,13 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 
+use super::branch::{Branch, BranchName, Enter, Progress, Switch, SwitchEffects};
 use super::cmd::{self, CmdError, CmdErrorKind};
+use super::lines::{self, Trees};
 use super::{
-    parse_height, DestroyReport, Error, Label, RollbackEffects, SnapMode, Snapshot,
-    SnapshotOutcome, SnapshotView, Volume,
+    parse_height, DestroyReport, Error, Label, SnapMode, Snapshot, SnapshotOutcome, SnapshotView,
+    Volume,
 };
-use crate::preserve::{self, RelPath};
 
 /// The inode number of every btrfs subvolume's root directory.
 const SUBVOLUME_ROOT_INO: u64 = 256;
@@ -111,8 +114,7 @@ impl BtrfsVolume {
     /// protection label (btrfs has no user properties on subvolumes that
     /// other tools would read).
     fn protection_record(&self, height: u64) -> PathBuf {
-        self.parent
-            .join(format!("{}@{height}.btm-protect", self.base))
+        lines::record_of(&self.snapshot_path(height))
     }
 
     fn is_subvolume(path: &Path) -> Option<bool> {
@@ -147,6 +149,41 @@ impl BtrfsVolume {
             })
             .collect()
     }
+}
+
+/// Whether `path` is where a file system is mounted (`/proc/self/mountinfo`,
+/// whose fifth field escapes space, tab, newline and backslash as octal).
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let unescape = |f: &str| {
+        let mut out = Vec::with_capacity(f.len());
+        let b = f.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            let octal = b.get(i + 1..i + 4).and_then(|d| {
+                std::str::from_utf8(d)
+                    .ok()
+                    .and_then(|d| u8::from_str_radix(d, 8).ok())
+            });
+            match (b[i], octal) {
+                (b'\\', Some(c)) => {
+                    out.push(c);
+                    i += 4;
+                }
+                (c, _) => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        out
+    };
+    let want = path.as_os_str().as_encoded_bytes();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|mp| unescape(mp) == want)
 }
 
 /// Parse `btrfs subvolume show` output into (creation time, subvolume id).
@@ -321,63 +358,71 @@ impl Volume for BtrfsVolume {
         report
     }
 
-    fn rollback_effects(&self, target: u64) -> Result<RollbackEffects, Error> {
-        let heights = self.heights()?;
-        if !heights.contains(&target) {
-            return Err(Error::NoSuchSnapshot(target));
+    fn switch_effects(&self, enter: &Enter) -> Result<SwitchEffects, Error> {
+        if is_mount_point(&self.path) {
+            return Err(Error::WrongType {
+                volume: self.name.clone(),
+                mode: SnapMode::Btrfs,
+                detail: "it is a mount point, so it cannot be swapped for the rolled-back \
+                         subvolume; mount its parent and use the subvolume below it"
+                    .into(),
+            });
         }
-        Ok(RollbackEffects {
-            target,
-            destroys: heights.into_iter().filter(|&h| h > target).collect(),
-            foreign_blockers: Vec::new(),
+        match Self::is_subvolume(&self.rollback_scratch()) {
+            Some(false) => Err(Error::Obstructed(self.rollback_scratch())),
+            _ => lines::effects(self, enter),
+        }
+    }
+
+    fn switch(&self, sw: &mut Switch, progress: &mut dyn Progress) -> Result<(), Error> {
+        lines::switch(self, sw, progress).map_err(|e| match e {
+            Error::Io { cause, .. } if cause.raw_os_error() == Some(libc::EBUSY) => {
+                Error::WrongType {
+                    volume: self.name.clone(),
+                    mode: SnapMode::Btrfs,
+                    detail: "it is a mount point, so it cannot be swapped for the rolled-back \
+                             subvolume; mount its parent and use the subvolume below it"
+                        .into(),
+                }
+            }
+            e => e,
         })
     }
 
-    fn rollback(&self, target: u64, preserve: &[RelPath]) -> Result<(), Error> {
-        let effects = self.rollback_effects(target)?;
-        preserve::check_sources(&self.path, preserve)?;
-        let scratch = self.rollback_scratch();
-        let scratch_s = path_str(&scratch)?.to_owned();
-        match Self::is_subvolume(&scratch) {
-            // Left by an interrupted rollback; the name is reserved for btm.
-            Some(true) => Self::delete_subvolumes(&[&scratch_s])?,
-            Some(false) => return Err(Error::Obstructed(scratch)),
-            None => {}
-        }
-        let source = self.snapshot_path(target);
-        btrfs(&["subvolume", "snapshot", path_str(&source)?, &scratch_s])?;
-        let swap = preserve::copy_into(&self.path, &scratch, preserve)
-            .map_err(Error::from)
-            .and_then(|()| {
-                let dir = File::open(&self.parent).map_err(|e| Error::io(&self.parent, e))?;
-                let new_name = scratch.file_name().unwrap_or_default();
-                crate::sys::rename_exchange(&dir, new_name, self.base.as_ref()).map_err(|errno| {
-                    match errno {
-                        nix::errno::Errno::EBUSY => Error::WrongType {
-                            volume: self.name.clone(),
-                            mode: SnapMode::Btrfs,
-                            detail: "it is a mount point, so it cannot be swapped for the \
-                                 rolled-back subvolume; mount its parent and use the \
-                                 subvolume below it"
-                                .into(),
-                        },
-                        errno => Error::io(&self.path, std::io::Error::from(errno)),
+    fn switch_steps(&self) -> &'static [&'static str] {
+        lines::STEPS
+    }
+
+    fn branches(&self) -> Result<Vec<Branch>, Error> {
+        let mut bs = lines::branches(self)?;
+        let exclusive = if bs.is_empty() {
+            HashMap::new()
+        } else {
+            self.qgroup_exclusive()
+        };
+        if !exclusive.is_empty() {
+            for b in &mut bs {
+                let dir = PathBuf::from(&b.location);
+                let mut sum = 0;
+                let mut trees = vec![dir.join("live")];
+                trees.extend(
+                    b.heights
+                        .iter()
+                        .map(|h| dir.join(format!("{}@{h}", self.base))),
+                );
+                for t in trees {
+                    if let Some(id) = self.id(&t)?.and_then(|id| id.parse::<u64>().ok()) {
+                        sum += exclusive.get(&id).copied().unwrap_or(0);
                     }
-                })
-            });
-        if let Err(e) = swap {
-            let _ = Self::delete_subvolumes(&[&scratch_s]);
-            return Err(e);
+                }
+                b.used = Some(sum);
+            }
         }
-        // The scratch name now holds the pre-rollback contents.
-        if let Err(e) = Self::delete_subvolumes(&[&scratch_s]) {
-            tracing::warn!(error = %e, path = %scratch.display(), "rolled back, but the previous live subvolume could not be deleted; it will be removed by the next rollback");
-        }
-        let report = self.destroy(&effects.destroys);
-        for (h, e) in &report.failed {
-            tracing::warn!(height = h, error = %e, "rolled back, but a newer snapshot could not be destroyed");
-        }
-        Ok(())
+        Ok(bs)
+    }
+
+    fn drop_branch(&self, name: &BranchName) -> Result<(), Error> {
+        lines::drop_branch(self, name)
     }
 
     fn view(&self, height: u64) -> Result<SnapshotView, Error> {
@@ -386,6 +431,45 @@ impl Volume for BtrfsVolume {
             Some(true) => Ok(SnapshotView::borrowed(path)),
             _ => Err(Error::NoSuchSnapshot(height)),
         }
+    }
+}
+
+impl Trees for BtrfsVolume {
+    fn home(&self) -> PathBuf {
+        self.parent.clone()
+    }
+
+    fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn active_heights(&self) -> Result<Vec<u64>, Error> {
+        self.heights()
+    }
+
+    /// The subvolume ID: stable across mounts, never reused.
+    fn id(&self, path: &Path) -> Result<Option<String>, Error> {
+        if Self::is_subvolume(path) != Some(true) {
+            return Ok(None);
+        }
+        let out = btrfs(&["inspect-internal", "rootid", path_str(path)?])?;
+        Ok(Some(out.trim().to_owned()))
+    }
+
+    fn writable_copy(&self, from: &Path, to: &Path) -> Result<(), Error> {
+        btrfs(&["subvolume", "snapshot", path_str(from)?, path_str(to)?])?;
+        Ok(())
+    }
+
+    fn set_readonly(&self, path: &Path, readonly: bool) -> Result<(), Error> {
+        let value = if readonly { "true" } else { "false" };
+        btrfs(&["property", "set", "-ts", path_str(path)?, "ro", value])?;
+        Ok(())
+    }
+
+    fn delete_tree(&self, path: &Path) -> Result<(), Error> {
+        Self::delete_subvolumes(&[path_str(path)?])?;
+        Ok(())
     }
 }
 

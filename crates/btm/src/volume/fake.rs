@@ -5,23 +5,28 @@
 //!
 //! The live contents are a plain directory; a snapshot copies it to a
 //! sibling directory, so views read real files and a rollback really
-//! restores them (carrying preserved paths across, as the drivers do).
-//! Failures can be injected: the next snapshots fail, some heights cannot
-//! be destroyed, foreign snapshots block rollbacks.
+//! restores them. Switching lines (rollback, undo) runs the same steps as
+//! btrfs ([`super::lines`]), with directories for subvolumes, so failures
+//! injected after each step test the real executor without root. Other
+//! failures can be injected too: the next snapshots fail, some heights
+//! cannot be destroyed, foreign snapshots block rollbacks.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
+use super::branch::{Branch, BranchName, Enter, Progress, Switch, SwitchEffects};
+use super::lines::{self, Trees};
 use super::{
-    DestroyReport, Error, Label, RollbackEffects, SnapMode, Snapshot, SnapshotOutcome,
-    SnapshotView, Volume,
+    parse_height, DestroyReport, Error, Label, SnapMode, Snapshot, SnapshotOutcome, SnapshotView,
+    Volume,
 };
-use crate::preserve::RelPath;
 
-/// A fake volume: `<base>/live` holds the contents, `<base>/snaps/<h>` the
-/// snapshots.
+/// A fake volume: `<base>/live` holds the contents, `<base>/live@<h>` the
+/// snapshots (with `live@<h>.btm-protect` beside a protected one), and
+/// `<base>/live.btm-branch.<name>` the kept branches.
 pub struct FakeVolume {
     name: String,
     mode: SnapMode,
@@ -31,11 +36,9 @@ pub struct FakeVolume {
 
 #[derive(Default)]
 struct State {
-    heights: BTreeSet<u64>,
     foreign: Vec<String>,
     fail_snapshots: u32,
     undestroyable: BTreeSet<u64>,
-    protected: BTreeMap<u64, String>,
     taken: u64,
 }
 
@@ -44,7 +47,6 @@ impl FakeVolume {
     /// (created; `base` should be a fresh temporary directory).
     pub fn new(name: &str, mode: SnapMode, base: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(base.join("live"))?;
-        std::fs::create_dir_all(base.join("snaps"))?;
         Ok(FakeVolume {
             name: name.to_owned(),
             mode,
@@ -58,7 +60,7 @@ impl FakeVolume {
     }
 
     fn snap_dir(&self, height: u64) -> PathBuf {
-        self.base.join("snaps").join(height.to_string())
+        self.base.join(format!("live@{height}"))
     }
 
     /// The next `n` snapshots fail with an I/O error.
@@ -75,6 +77,10 @@ impl FakeVolume {
     /// `zfs rollback -r` would destroy it).
     pub fn add_foreign(&self, name: &str) {
         self.state().foreign.push(name.to_owned());
+    }
+
+    fn has(&self, height: u64) -> bool {
+        self.snap_dir(height).is_dir()
     }
 
     /// How many snapshots were created since the volume was made.
@@ -119,7 +125,21 @@ impl Volume for FakeVolume {
     }
 
     fn heights(&self) -> Result<Vec<u64>, Error> {
-        Ok(self.state().heights.iter().rev().copied().collect())
+        let dir = &self.base;
+        let mut hs = Vec::new();
+        for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let e = e.map_err(|e| Error::io(dir, e))?;
+            if let Some(h) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("live@"))
+                .and_then(parse_height)
+            {
+                hs.push(h);
+            }
+        }
+        hs.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(hs)
     }
 
     fn list(&self) -> Result<Vec<Snapshot>, Error> {
@@ -139,23 +159,22 @@ impl Volume for FakeVolume {
     }
 
     fn snapshot(&self, height: u64) -> Result<SnapshotOutcome, Error> {
-        let mut st = self.state();
-        if st.heights.contains(&height) {
+        if self.has(height) {
             return Ok(SnapshotOutcome::AlreadyExists);
         }
+        let mut st = self.state();
         if st.fail_snapshots > 0 {
             st.fail_snapshots -= 1;
             return Err(injected(&self.snap_dir(height), "snapshot"));
         }
         let dir = self.snap_dir(height);
         copy_tree(&self.base.join("live"), &dir).map_err(|e| Error::io(&dir, e))?;
-        st.heights.insert(height);
         st.taken += 1;
         Ok(SnapshotOutcome::Created)
     }
 
     fn destroy(&self, heights: &[u64]) -> DestroyReport {
-        let mut st = self.state();
+        let st = self.state();
         let mut report = DestroyReport::default();
         for &h in heights {
             if st.undestroyable.contains(&h) {
@@ -168,78 +187,95 @@ impl Volume for FakeVolume {
                 report.failed.push((h, Error::io(self.snap_dir(h), e)));
                 continue;
             }
-            st.heights.remove(&h);
-            st.protected.remove(&h);
+            let _ = std::fs::remove_file(lines::record_of(&self.snap_dir(h)));
             report.destroyed.push(h);
         }
         report
     }
 
-    fn rollback_effects(&self, target: u64) -> Result<RollbackEffects, Error> {
-        let st = self.state();
-        if !st.heights.contains(&target) {
-            return Err(Error::NoSuchSnapshot(target));
+    fn switch_effects(&self, enter: &Enter) -> Result<SwitchEffects, Error> {
+        let mut fx = lines::effects(self, enter)?;
+        if matches!(enter, Enter::Snapshot { .. }) {
+            fx.foreign_blockers = self.state().foreign.clone();
         }
-        Ok(RollbackEffects {
-            target,
-            destroys: st.heights.range(target + 1..).rev().copied().collect(),
-            foreign_blockers: st.foreign.clone(),
-        })
+        Ok(fx)
     }
 
-    fn rollback(&self, target: u64, preserve: &[RelPath]) -> Result<(), Error> {
-        let effects = self.rollback_effects(target)?;
-        let live = self.base.join("live");
-        let stash = self.base.join("stash");
-        let io = |p: &Path| {
-            let p = p.to_owned();
-            move |e| Error::io(p, e)
-        };
-        // Carry the current content of each preserved path across.
-        let _ = std::fs::remove_dir_all(&stash);
-        for p in preserve {
-            let (from, to) = (live.join(p.as_path()), stash.join(p.as_path()));
-            if from.exists() {
-                std::fs::create_dir_all(to.parent().unwrap_or(&stash)).map_err(io(&stash))?;
-                std::fs::copy(&from, &to).map_err(io(&from))?;
-            }
-        }
-        std::fs::remove_dir_all(&live).map_err(io(&live))?;
-        copy_tree(&self.snap_dir(target), &live).map_err(io(&live))?;
-        for p in preserve {
-            let (from, to) = (stash.join(p.as_path()), live.join(p.as_path()));
-            if from.exists() {
-                std::fs::create_dir_all(to.parent().unwrap_or(&live)).map_err(io(&live))?;
-                std::fs::copy(&from, &to).map_err(io(&to))?;
-            }
-        }
-        let report = self.destroy(&effects.destroys);
-        match report.failed.into_iter().next() {
-            Some((_, e)) => Err(e),
-            None => Ok(()),
-        }
+    fn switch(&self, sw: &mut Switch, progress: &mut dyn Progress) -> Result<(), Error> {
+        lines::switch(self, sw, progress)
+    }
+
+    fn switch_steps(&self) -> &'static [&'static str] {
+        lines::STEPS
+    }
+
+    fn branches(&self) -> Result<Vec<Branch>, Error> {
+        lines::branches(self)
+    }
+
+    fn drop_branch(&self, name: &BranchName) -> Result<(), Error> {
+        lines::drop_branch(self, name)
     }
 
     fn protections(&self) -> Result<BTreeMap<u64, String>, Error> {
-        Ok(self.state().protected.clone())
+        let mut out = BTreeMap::new();
+        for h in self.heights()? {
+            if let Ok(label) = std::fs::read_to_string(lines::record_of(&self.snap_dir(h))) {
+                out.insert(h, label);
+            }
+        }
+        Ok(out)
     }
 
     fn set_protection(&self, height: u64, label: Option<&Label>) -> Result<(), Error> {
-        let mut st = self.state();
-        if !st.heights.contains(&height) {
+        if !self.has(height) {
             return Err(Error::NoSuchSnapshot(height));
         }
+        let record = lines::record_of(&self.snap_dir(height));
         match label {
-            Some(l) => st.protected.insert(height, l.to_string()),
-            None => st.protected.remove(&height),
-        };
-        Ok(())
+            Some(l) => std::fs::write(&record, l.as_str()),
+            None => std::fs::remove_file(&record).or(Ok(())),
+        }
+        .map_err(|e| Error::io(&record, e))
     }
 
     fn view(&self, height: u64) -> Result<SnapshotView, Error> {
-        if !self.state().heights.contains(&height) {
+        if !self.has(height) {
             return Err(Error::NoSuchSnapshot(height));
         }
         Ok(SnapshotView::borrowed(self.snap_dir(height)))
+    }
+}
+
+impl Trees for FakeVolume {
+    fn home(&self) -> PathBuf {
+        self.base.clone()
+    }
+
+    fn base(&self) -> &str {
+        "live"
+    }
+
+    fn active_heights(&self) -> Result<Vec<u64>, Error> {
+        self.heights()
+    }
+
+    fn id(&self, path: &Path) -> Result<Option<String>, Error> {
+        Ok(std::fs::symlink_metadata(path)
+            .ok()
+            .filter(|m| m.is_dir())
+            .map(|m| m.ino().to_string()))
+    }
+
+    fn writable_copy(&self, from: &Path, to: &Path) -> Result<(), Error> {
+        copy_tree(from, to).map_err(|e| Error::io(to, e))
+    }
+
+    fn set_readonly(&self, _: &Path, _: bool) -> Result<(), Error> {
+        Ok(())
+    }
+
+    fn delete_tree(&self, path: &Path) -> Result<(), Error> {
+        std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))
     }
 }

@@ -6,9 +6,11 @@
 //! other tools are never touched. Opening a volume only reads: nothing is
 //! created or changed to "help" a mistyped name along.
 
+pub mod branch;
 pub mod btrfs;
 pub mod cmd;
 pub mod fake;
+mod lines;
 pub mod zfs;
 
 use std::collections::BTreeMap;
@@ -19,6 +21,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+pub use branch::{Branch, BranchName, Enter, Progress, Switch, SwitchEffects};
 pub use cmd::{CmdError, CmdErrorKind};
 
 /// Which filesystem holds the volume.
@@ -104,18 +107,6 @@ impl DestroyReport {
     }
 }
 
-/// What rolling back to a height would do, computed before acting.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct RollbackEffects {
-    /// The snapshot the volume will be returned to.
-    pub target: u64,
-    /// btm snapshots newer than the target that the rollback destroys.
-    pub destroys: Vec<u64>,
-    /// Snapshots not made by btm that stand in the way; a rollback is
-    /// refused while this is non-empty, because it would destroy them.
-    pub foreign_blockers: Vec<String>,
-}
-
 /// Errors from the volume layer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -157,14 +148,50 @@ pub enum Error {
     /// Something that looks like a snapshot is in the way.
     #[error("'{0}' exists but is not a btrfs snapshot subvolume; refusing to touch it")]
     Obstructed(PathBuf),
-    /// A rollback would destroy snapshots btm did not make.
-    #[error("rolling back to height {target} would destroy snapshots not made by btm: {}; move or destroy them first", names.join(", "))]
+    /// A rollback would move snapshots btm did not make into a branch.
+    #[error("rolling back to height {target} would move snapshots not made by btm into a branch: {}; move or destroy them first", names.join(", "))]
     ForeignSnapshots {
         /// The requested rollback height.
         target: u64,
         /// The foreign snapshots in the way.
         names: Vec<String>,
     },
+    /// No kept branch has this name.
+    #[error("no branch named '{0}' (see `btm branches`)")]
+    NoSuchBranch(BranchName),
+    /// `--undo` with nothing to go back to.
+    #[error("there is no branch to go back to: no rollback has kept one (see `btm branches`)")]
+    NoBranches,
+    /// A branch's live state was removed by hand: it cannot be entered.
+    #[error("branch '{name}' cannot be entered: {location} was removed by hand; drop it with `btm branches drop {name}`")]
+    BranchDamaged {
+        /// The branch.
+        name: BranchName,
+        /// What is missing.
+        location: String,
+    },
+    /// The name asked for the kept branch is taken.
+    #[error("a branch named '{0}' already exists; choose another with --keep-as")]
+    BranchExists(BranchName),
+    /// The pool cannot hold even the metadata of a clone.
+    #[error("'{volume}' has {available} bytes available, too few for the branch a rollback keeps; free space first")]
+    NoSpace {
+        /// The volume.
+        volume: String,
+        /// What the file system reports available.
+        available: u64,
+    },
+    /// Something about the volume's layout keeps a switch from being safe.
+    #[error("cannot keep branches of '{volume}': {detail}")]
+    Unbranchable {
+        /// The volume.
+        volume: String,
+        /// What is in the way.
+        detail: String,
+    },
+    /// A switch stopped after a step because a test asked it to.
+    #[error("stopped after step '{0}' (BTM_CRASH_AFTER); run the same command again to finish")]
+    Interrupted(&'static str),
     /// An external command failed.
     #[error(transparent)]
     Command(#[from] CmdError),
@@ -288,12 +315,26 @@ pub trait Volume: Send + Sync {
     /// Destroy the snapshots at `heights`: one command for the batch where
     /// the tool allows, else (or on failure) one at a time, reporting each.
     fn destroy(&self, heights: &[u64]) -> DestroyReport;
-    /// What a rollback to `target` would do. Errors if `target` is missing.
-    fn rollback_effects(&self, target: u64) -> Result<RollbackEffects, Error>;
-    /// Return the live volume to the snapshot at `target`, destroying the
-    /// newer btm snapshots listed by [`Volume::rollback_effects`] and
-    /// carrying the current content of each `preserve` path across.
-    fn rollback(&self, target: u64, preserve: &[crate::preserve::RelPath]) -> Result<(), Error>;
+    /// What switching to `enter` would do, without acting; refuses (with
+    /// the reason) a switch the volume cannot make safely. Errors if the
+    /// snapshot or branch is missing.
+    fn switch_effects(&self, enter: &Enter) -> Result<SwitchEffects, Error>;
+    /// Switch the volume's name to another line, keeping the line it
+    /// leaves as branch `sw.keep_as` (its live state and its snapshots in
+    /// `sw.moves_out`), and carrying `sw.carry` across. Destroys nothing.
+    ///
+    /// Crash safety: every step is written so that, interrupted at any
+    /// point, calling this again with the same `sw` (as recorded through
+    /// `progress`) finishes the switch, and the volume's name is on the
+    /// old line or the new one between steps.
+    fn switch(&self, sw: &mut Switch, progress: &mut dyn Progress) -> Result<(), Error>;
+    /// The steps [`Volume::switch`] reports, in order (for failure
+    /// injection in tests).
+    fn switch_steps(&self) -> &'static [&'static str];
+    /// The kept branches, oldest first.
+    fn branches(&self) -> Result<Vec<Branch>, Error>;
+    /// Destroy a branch: its live state and its snapshots.
+    fn drop_branch(&self, name: &BranchName) -> Result<(), Error>;
     /// A read-only path to the contents of the snapshot at `height`.
     fn view(&self, height: u64) -> Result<SnapshotView, Error>;
     /// The labels of protected snapshots, by height: no retention policy
@@ -418,10 +459,22 @@ pub fn open(
     dirs: &crate::dirs::Dirs,
 ) -> Result<Box<dyn Volume>, Error> {
     validate_name(volume)?;
-    match mode {
-        Some(SnapMode::Zfs) => Ok(Box::new(zfs::ZfsVolume::open(volume, dirs)?)),
-        Some(SnapMode::Btrfs) => Ok(Box::new(btrfs::BtrfsVolume::open(volume)?)),
+    let opened = match mode {
+        Some(SnapMode::Zfs) => zfs::ZfsVolume::open(volume, dirs).map(|v| Box::new(v) as _),
+        Some(SnapMode::Btrfs) => btrfs::BtrfsVolume::open(volume).map(|v| Box::new(v) as _),
         None => detect(volume, dirs),
+    };
+    match opened {
+        // A ZFS switch stopped between its two renames: the name is on
+        // neither line until the same command finishes it.
+        Err(Error::NotFound(_) | Error::RelativeUndetected { .. })
+            if mode != Some(SnapMode::Btrfs)
+                && !Path::new(volume).is_absolute()
+                && dirs.switch_journal(volume).exists() =>
+        {
+            Ok(Box::new(zfs::ZfsVolume::unchecked(volume, dirs)))
+        }
+        other => other,
     }
 }
 

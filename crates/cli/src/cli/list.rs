@@ -23,11 +23,30 @@ struct Listing<'a> {
     volume: &'a str,
     mode: btm::SnapMode,
     snapshots: &'a [btm::Snapshot],
+    /// Kept lines, apart from the active one (`btm branches`).
+    branches: &'a [btm::volume::Branch],
+    /// The command to run again to finish a half-done switch.
+    half_done: Option<String>,
 }
 
 pub fn run(args: ListArgs, out: &mut dyn Write) -> Result<()> {
     let cfg = args.volume.plain_cfg()?;
-    let snaps = cfg.list_snapshots()?;
+    let ops = cfg.ops()?;
+    let half_done = ops.pending_switch()?.map(|p| p.command);
+    let listed = ops.list().and_then(|s| Ok((s, ops.branches()?)));
+    let (snaps, branches) = match (listed, &half_done) {
+        (Ok(l), _) => l,
+        // Stopped between a ZFS switch's two renames: the name is on
+        // neither line until the switch is finished.
+        (Err(e), Some(c)) => {
+            writeln!(
+                out,
+                "WARNING: a rollback or undo was left half done; run `{c}` again to finish it ({e})"
+            )?;
+            return Ok(());
+        }
+        (Err(e), None) => return Err(e.into()),
+    };
     if args.json {
         return print_json(
             out,
@@ -35,8 +54,25 @@ pub fn run(args: ListArgs, out: &mut dyn Write) -> Result<()> {
                 volume: &cfg.volume,
                 mode: cfg.mode,
                 snapshots: &snaps,
+                branches: &branches,
+                half_done,
             },
         );
+    }
+    if let Some(c) = &half_done {
+        writeln!(
+            out,
+            "WARNING: a rollback or undo was left half done; run `{c}` again to finish it"
+        )?;
+    }
+    if !branches.is_empty() {
+        let names: Vec<&str> = branches.iter().map(|b| b.name.as_str()).collect();
+        writeln!(
+            out,
+            "{} branch(es) kept apart from this line: {} (see `btm branches`)",
+            names.len(),
+            names.join(", ")
+        )?;
     }
     if snaps.is_empty() {
         writeln!(out, "no btm snapshots on {} ({})", cfg.volume, cfg.mode)?;

@@ -3,6 +3,7 @@
 //! (`-p/--volume`, `$BTM_VOLUME`, `-m`, `-i`, `-c`, `-a`, `-s`, `-S`, `-k`).
 
 mod backup;
+mod branches;
 mod clean;
 mod daemon;
 mod docs;
@@ -56,6 +57,8 @@ pub enum Command {
     Prune(prune::PruneArgs),
     /// Roll the volume back to a snapshot
     Rollback(rollback::RollbackArgs),
+    /// List the branches rollbacks kept, or drop them
+    Branches(branches::BranchesArgs),
     /// Return snapshots protected with a label to normal retention
     Release(release::ReleaseArgs),
     /// Destroy all btm snapshots except the newest KEPT
@@ -177,6 +180,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Snapshot(a) => snapshot::run(a, out),
         Command::Prune(a) => prune::run(a, out),
         Command::Rollback(a) => rollback::run(a, out),
+        Command::Branches(a) => branches::run(a, out),
         Command::Release(a) => release::run(a, out),
         Command::Clean(a) => clean::run(a, out),
         Command::Simulate(a) => simulate::run(a, out),

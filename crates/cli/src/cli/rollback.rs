@@ -1,17 +1,18 @@
-//! `btm rollback`: return the volume to a snapshot. Shows what it will do
-//! first (including the newer snapshots that are destroyed), asks on a
-//! terminal, and needs `--yes` anywhere else.
-
+//! `btm rollback`: switch the volume to a snapshot (`-s`), back to the
+//! line the last rollback left (`--undo`), or to any kept branch
+//! (`--branch`). Destroys nothing: the line left becomes a branch. Shows
+//! the plan first, asks on a terminal, and needs `--yes` anywhere else.
 use std::io::{self, BufRead, IsTerminal, Write};
 
 use anyhow::{bail, Result};
 use clap::Args;
 
 use btm::preserve::{self, RelPath};
-use btm::volume::Label;
-use btm::SnapMode;
+use btm::rollback::Ask;
+use btm::volume::branch::Carry;
+use btm::volume::{BranchName, Enter, Label};
 
-use super::VolumeArgs;
+use super::{human_bytes, VolumeArgs};
 
 /// Arguments of `btm rollback`.
 #[derive(Debug, Args)]
@@ -28,6 +29,16 @@ pub struct RollbackArgs {
     /// before it: the way back from a failed upgrade)
     #[arg(long, value_name = "LABEL", conflicts_with_all = ["snapshot_id", "strict"])]
     to_protected: Option<Label>,
+    /// Go back to the line the newest rollback left (itself kept as a
+    /// branch, so undo can be undone)
+    #[arg(long, conflicts_with_all = ["snapshot_id", "strict", "to_protected", "branch"])]
+    undo: bool,
+    /// Make the kept branch NAME the active line (see `btm branches`)
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["snapshot_id", "strict", "to_protected"])]
+    branch: Option<BranchName>,
+    /// Name the branch the line being left becomes [default: the time, 20261206T120000Z]
+    #[arg(long, value_name = "NAME")]
+    keep_as: Option<BranchName>,
     /// Do not ask for confirmation
     #[arg(short = 'y', long)]
     yes: bool,
@@ -58,27 +69,28 @@ fn protected_height(ops: &btm::Ops, label: &Label) -> Result<u64> {
     }
 }
 
-/// What a rollback carries across, and why each.
-fn carried(args: &RollbackArgs, root: &std::path::Path) -> Result<Vec<(RelPath, String)>> {
+/// What a switch carries across, why each, and whether it is signing
+/// state (carried only when not older than the entering copy).
+fn carried(args: &RollbackArgs, root: &std::path::Path) -> Result<Vec<(RelPath, String, bool)>> {
     if args.no_preserve {
         return Ok(Vec::new());
     }
-    let mut out: Vec<(RelPath, String)> = Vec::new();
+    let mut out: Vec<(RelPath, String, bool)> = Vec::new();
     for found in btm::validator::find_signing_state(root)? {
-        out.push((found.path, found.stack.to_owned()));
+        out.push((found.path, found.stack.to_owned(), true));
     }
     let file = super::daemon::load_file(args.config.as_deref())?;
     for p in file.preserve.iter().flatten() {
         let rel: RelPath = p
             .parse()
             .map_err(|e: preserve::Error| anyhow::anyhow!("config key preserve: {e}"))?;
-        out.push((rel, "preserve in the configuration".into()));
+        out.push((rel, "preserve in the configuration".into(), false));
     }
     for p in &args.preserve {
-        out.push((p.clone(), "--preserve".into()));
+        out.push((p.clone(), "--preserve".into(), false));
     }
     let mut seen = std::collections::HashSet::new();
-    out.retain(|(p, _)| seen.insert(p.clone()));
+    out.retain(|(p, _, _)| seen.insert(p.clone()));
     Ok(out)
 }
 
@@ -86,68 +98,126 @@ fn parse_relpath(s: &str) -> Result<RelPath, String> {
     s.parse().map_err(|e: preserve::Error| e.to_string())
 }
 
+fn heights(hs: &[u64]) -> String {
+    match hs {
+        [] => "none".into(),
+        [one] => one.to_string(),
+        [newest, .., oldest] if hs.len() > 6 => format!("{oldest} … {newest} ({})", hs.len()),
+        _ => hs
+            .iter()
+            .rev()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
 pub fn run(args: RollbackArgs, out: &mut dyn Write) -> Result<()> {
     let ops = args.volume.plain_cfg()?.ops()?;
-    let (target, strict) = match &args.to_protected {
-        Some(label) => (Some(protected_height(&ops, label)?), true),
-        None => (u64::try_from(args.snapshot_id).ok(), args.strict),
-    };
-    let prepared = ops.prepare_rollback(target, strict)?;
-    let vol = prepared.volume();
-    let carry = carried(&args, &vol.root()?)?;
-    let paths: Vec<RelPath> = carry.iter().map(|(p, _)| p.clone()).collect();
-    preserve::check_sources(&vol.root()?, &paths)?;
-    let fx = prepared.effects();
-
-    match target {
-        Some(t) if t != fx.target => writeln!(
-            out,
-            "No snapshot at height {t}; the closest below is {}.",
-            fx.target
-        )?,
-        _ => {}
-    }
-    writeln!(
-        out,
-        "Roll back {} ({}) to height {}.",
-        vol.name(),
-        vol.mode(),
-        fx.target
-    )?;
-    let record = btm::window::records(ops.dirs(), vol.name())
-        .get(&fx.target)
-        .copied()
-        .unwrap_or_default();
-    if let Some(d) = record.durable.filter(|d| *d != fx.target) {
-        writeln!(
-            out,
-            "WARNING: the snapshot labelled {} holds the node's state at height {d} (the write forced before it said so): the node will restart at {d}.",
-            fx.target
-        )?;
-    }
-    if vol.mode() == SnapMode::Btrfs {
-        writeln!(
-            out,
-            "The live subvolume is replaced by a writable snapshot of {}@{}.",
-            vol.name(),
-            fx.target
-        )?;
-    }
-    if fx.destroys.is_empty() {
-        writeln!(out, "No snapshots are destroyed.")?;
+    let ask = if args.undo {
+        Ask::Undo
+    } else if let Some(b) = &args.branch {
+        Ask::Branch(b.clone())
     } else {
-        let list: Vec<String> = fx.destroys.iter().map(u64::to_string).collect();
-        writeln!(
-            out,
-            "This destroys {} newer snapshot(s): {}",
-            list.len(),
-            list.join(" ")
-        )?;
+        match &args.to_protected {
+            Some(label) => Ask::Rollback {
+                target: Some(protected_height(&ops, label)?),
+                strict: true,
+            },
+            None => Ask::Rollback {
+                target: u64::try_from(args.snapshot_id).ok(),
+                strict: args.strict,
+            },
+        }
+    };
+    let pending = ops.pending_switch()?;
+    let carry = match &pending {
+        Some(_) => Vec::new(),
+        None => carried(&args, &ops.volume().root()?)?,
+    };
+    let paths: Vec<RelPath> = carry.iter().map(|(p, _, _)| p.clone()).collect();
+    if pending.is_none() {
+        preserve::check_sources(&ops.volume().root()?, &paths)?;
     }
-    for (p, why) in &carry {
+    let journal_carry = carry
+        .iter()
+        .map(|(p, _, signing)| Carry {
+            path: p.as_path().display().to_string(),
+            newest_wins: *signing,
+        })
+        .collect();
+    let prepared = ops.prepare_switch(
+        &ask,
+        args.keep_as.clone(),
+        journal_carry,
+        chrono::Utc::now(),
+    )?;
+    let vol = prepared.volume();
+    let sw = prepared.switch().clone();
+
+    match prepared.effects() {
+        None => writeln!(
+            out,
+            "Finishing `{}`, left half done: {} ({}) is kept as branch {}.",
+            sw.command,
+            vol.name(),
+            sw.reason,
+            sw.keep_as
+        )?,
+        Some(fx) => {
+            match (&ask, &fx.enter) {
+                (
+                    Ask::Rollback {
+                        target: Some(t), ..
+                    },
+                    Enter::Snapshot { height },
+                ) if t != height => writeln!(
+                    out,
+                    "No snapshot at height {t}; the closest below is {height}."
+                )?,
+                _ => {}
+            }
+            match &fx.enter {
+                Enter::Snapshot { height } => {
+                    writeln!(out, "Roll back {} ({}) to height {height}.", vol.name(), vol.mode())?;
+                    let record = btm::window::records(ops.dirs(), vol.name())
+                        .get(height)
+                        .copied()
+                        .unwrap_or_default();
+                    if let Some(d) = record.durable.filter(|d| d != height) {
+                        writeln!(
+                            out,
+                            "WARNING: the snapshot labelled {height} holds the node's state at height {d} (the write forced before it said so): the node will restart at {d}.",
+                        )?;
+                    }
+                }
+                Enter::Branch { name } => writeln!(
+                    out,
+                    "Make branch {name} the active line of {} ({}): its live state, with its snapshots {}.",
+                    vol.name(),
+                    vol.mode(),
+                    heights(&fx.moves_in)
+                )?,
+            }
+            let space = fx.kept_bytes.map_or("unknown".to_owned(), human_bytes);
+            writeln!(
+                out,
+                "Kept as branch {}: the current live state and {} newer snapshot(s) ({}); space it holds: {space}. Nothing is destroyed; `btm rollback --undo` comes back.",
+                sw.keep_as,
+                fx.moves_out.len(),
+                heights(&fx.moves_out),
+            )?;
+        }
+    }
+    for (p, why, signing) in &carry {
+        let how = if *signing {
+            ", unless the entering copy is newer"
+        } else {
+            ""
+        };
         writeln!(
             out,
-            "Current content kept: {} ({why})",
+            "Current content kept: {} ({why}{how})",
             p.as_path().display()
         )?;
     }
@@ -171,8 +241,18 @@ pub fn run(args: RollbackArgs, out: &mut dyn Write) -> Result<()> {
             bail!("not rolling back: not confirmed");
         }
     }
-    let h = fx.target;
-    prepared.execute(&paths)?;
-    writeln!(out, "rolled back to height {h}")?;
+    // A testing aid: stop after the named step, as a crash would.
+    let crash = std::env::var("BTM_CRASH_AFTER").ok();
+    prepared.execute(crash.as_deref())?;
+    match &sw.enter {
+        Enter::Snapshot { height } => writeln!(
+            out,
+            "rolled back to height {height}; kept branch {}",
+            sw.keep_as
+        )?,
+        Enter::Branch { name } => {
+            writeln!(out, "switched to branch {name}; kept branch {}", sw.keep_as)?
+        }
+    }
     Ok(())
 }

@@ -18,6 +18,8 @@ macro_rules! all_scenarios {
             rollback_behaviour,
             rollback_preserve_never_follows_symlinks,
             rollback_keeps_signing_state_by_default,
+            rollback_keeps_a_branch_and_undo_returns_to_it,
+            a_switch_stopped_after_any_step_is_finished_by_a_rerun,
             clean_keeps_newest,
             protected_snapshots_survive_pruning_and_a_daemon_restart,
             destroy_failures_are_reported_one_by_one,
@@ -233,7 +235,7 @@ pub fn rollback_behaviour(fx: &impl Fixture) {
         .btm(&["rollback", "-s", "25", "--yes", "--preserve", state])
         .ok();
     assert!(out.contains("closest below is 20"), "{out}");
-    assert!(out.contains("destroys 1 newer snapshot(s): 30"), "{out}");
+    assert!(out.contains("1 newer snapshot(s) (30)"), "{out}");
     assert_eq!(fx.read("f"), "v20");
     assert_eq!(fx.read(state), "{\"height\":\"31\",\"round\":0}");
     let mode = std::fs::metadata(fx.root().join(state))
@@ -251,6 +253,9 @@ pub fn rollback_behaviour(fx: &impl Fixture) {
     assert_eq!(fx.read("f"), "v10");
     assert_eq!(fx.heights(), vec![10]);
 
+    // Kept branches hold what they were cloned from (ZFS); dropped, the
+    // snapshots are free to go.
+    fx.btm(&["branches", "drop", "--all", "--yes"]).ok();
     fx.btm(&["clean"]).ok();
     let err = fx.btm(&["rollback", "--yes"]).fails(1);
     assert!(err.contains("no btm snapshots"), "{err}");
@@ -275,7 +280,7 @@ pub fn rollback_keeps_signing_state_by_default(fx: &impl Fixture) {
     let out = fx.btm(&["rollback", "-s", "10", "-S", "--yes"]).ok();
     assert!(
         out.contains(&format!(
-            "Current content kept: {state} (CometBFT/Tendermint signing state)"
+            "Current content kept: {state} (CometBFT/Tendermint signing state"
         )),
         "{out}"
     );
@@ -556,4 +561,185 @@ pub fn lock_serialises_processes(fx: &impl Fixture) {
     drop(held);
     assert!(child.wait().expect("wait").success());
     assert!(fx.has_snapshot("20"));
+}
+
+const STATE: &str = "data/priv_validator_state.json";
+
+fn branches_json(fx: &impl Fixture) -> serde_json::Value {
+    serde_json::from_str(&fx.btm(&["branches", "--json"]).ok()).expect("branches --json")
+}
+
+fn branch_heights(v: &serde_json::Value, i: usize) -> Vec<u64> {
+    v["branches"][i]["heights"]
+        .as_array()
+        .expect("heights")
+        .iter()
+        .map(|h| h.as_u64().expect("height"))
+        .collect()
+}
+
+/// Snapshots 10 … 100, each with its content and signing state, then
+/// writes after 100.
+fn history(fx: &impl Fixture) {
+    for h in (10..=100).step_by(10) {
+        fx.write("f", &format!("v{h}"));
+        fx.write(STATE, &format!("{{\"height\":\"{h}\"}}"));
+        snapshot(fx, h);
+    }
+    fx.write("f", "live");
+    fx.write(STATE, "{\"height\":\"105\"}");
+}
+
+fn pool_used(fx: &impl Fixture) -> u64 {
+    let vol = fx.volume();
+    let pool = vol.split('/').next().expect("pool");
+    sh("zfs", &["get", "-Hp", "-o", "value", "used", pool])
+        .trim()
+        .parse()
+        .expect("used")
+}
+
+/// The plan: roll back to 50, a new 60, undo, drop.
+pub fn rollback_keeps_a_branch_and_undo_returns_to_it(fx: &impl Fixture) {
+    history(fx);
+    let err = fx.btm(&["rollback", "--undo", "--yes"]).fails(1);
+    assert!(err.contains("no branch to go back to"), "{err}");
+    let out = fx.btm(&["rollback", "-s", "50", "-S", "--yes"]).ok();
+    assert!(
+        out.contains("5 newer snapshot(s) (60 70 80 90 100)"),
+        "{out}"
+    );
+    assert!(out.contains("Nothing is destroyed"), "{out}");
+    assert_eq!(fx.read("f"), "v50");
+    assert_eq!(fx.read(STATE), "{\"height\":\"105\"}", "signing state kept");
+    assert_eq!(fx.heights(), vec![50, 40, 30, 20, 10]);
+    let b = branches_json(fx);
+    assert_eq!(b["branches"].as_array().expect("list").len(), 1, "{b}");
+    assert_eq!(branch_heights(&b, 0), vec![100, 90, 80, 70, 60]);
+    assert_eq!(b["branches"][0]["fork"], 50);
+    let list: serde_json::Value =
+        serde_json::from_str(&fx.btm(&["list", "--json"]).ok()).expect("json");
+    assert_eq!(list["branches"].as_array().expect("branches").len(), 1);
+
+    // The new line takes its own 60; the validator state advances.
+    fx.write("f", "new60");
+    fx.write(STATE, "{\"height\":\"110\"}");
+    snapshot(fx, 60);
+    assert_eq!(fx.heights(), vec![60, 50, 40, 30, 20, 10]);
+    // Weight on the new line, so its branch holds space.
+    let big: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(fx.root().join("big"), &big).expect("big");
+    sh("sync", &[]);
+
+    let out = fx.btm(&["rollback", "--undo", "--yes"]).ok();
+    assert!(out.contains("switched to branch"), "{out}");
+    assert_eq!(fx.read("f"), "live", "the exact pre-rollback content");
+    assert!(!fx.root().join("big").exists());
+    assert_eq!(
+        fx.read(STATE),
+        "{\"height\":\"110\"}",
+        "the newest signing state"
+    );
+    assert_eq!(fx.heights(), vec![100, 90, 80, 70, 60, 50, 40, 30, 20, 10]);
+    let b = branches_json(fx);
+    assert_eq!(b["branches"].as_array().expect("list").len(), 1, "{b}");
+    assert_eq!(branch_heights(&b, 0), vec![60], "the new line's 60 is kept");
+    let name = b["branches"][0]["name"].as_str().expect("name").to_owned();
+
+    // Bad input, one line each, nothing changed.
+    let err = fx.btm(&["rollback", "--branch", "nope", "--yes"]).fails(1);
+    assert!(err.contains("no branch named 'nope'"), "{err}");
+    let err = fx
+        .btm(&["rollback", "-s", "90", "--keep-as", &name, "--yes"])
+        .fails(1);
+    assert!(err.contains("already exists"), "{err}");
+    let err = fx.btm(&["branches", "drop", "--all"]).fails(1);
+    assert!(err.contains("--yes"), "{err}");
+    assert_eq!(fx.read("f"), "live");
+
+    let before = (fx.mode() == "zfs").then(|| pool_used(fx));
+    let out = fx.btm(&["branches", "drop", "--all", "--yes"]).ok();
+    assert!(out.contains(&format!("dropped branch {name}")), "{out}");
+    assert!(branches_json(fx)["branches"]
+        .as_array()
+        .expect("list")
+        .is_empty());
+    if let Some(before) = before {
+        let after = pool_used(fx);
+        assert!(
+            after + (6 << 20) < before,
+            "dropping freed {before} -> {after}"
+        );
+    }
+    assert_eq!(fx.heights(), vec![100, 90, 80, 70, 60, 50, 40, 30, 20, 10]);
+}
+
+/// A rollback and an undo each stopped after every step, then run again:
+/// the end state is the uninterrupted one.
+pub fn a_switch_stopped_after_any_step_is_finished_by_a_rerun(fx: &impl Fixture) {
+    history(fx);
+    let steps: &[&str] = if fx.mode() == "zfs" {
+        &[
+            "stash",
+            "clone",
+            "promote",
+            "mark",
+            "unmount",
+            "rename-out",
+            "rename-in",
+            "mount",
+            "carry",
+        ]
+    } else {
+        &[
+            "incoming", "carry", "exchange", "keep", "move-out", "move-in",
+        ]
+    };
+    let vol = fx.volume();
+    let with_volume = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["-p", &vol, "-m", fx.mode()]);
+        all.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    for step in steps {
+        for (cmd, f, heights) in [
+            (
+                &["rollback", "-s", "50", "--yes"][..],
+                "v50",
+                vec![50u64, 40, 30, 20, 10],
+            ),
+            (
+                &["rollback", "--undo", "--yes"][..],
+                "live",
+                vec![100, 90, 80, 70, 60, 50, 40, 30, 20, 10],
+            ),
+        ] {
+            let args = with_volume(cmd);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let err =
+                crate::common::btm_env(fx.scratch(), &args, &[("BTM_CRASH_AFTER", step)]).fails(1);
+            assert!(
+                err.contains(&format!("stopped after step '{step}'")),
+                "{step}: {err}"
+            );
+            let list = fx.btm(&["list"]).ok();
+            assert!(list.contains("left half done"), "{step}: {list}");
+            let err = fx.btm(&["rollback", "-s", "10", "--yes"]).fails(1);
+            assert!(err.contains("half done"), "{step}: {err}");
+            let out = fx.btm(cmd).ok();
+            assert!(out.contains("Finishing"), "{step}: {out}");
+            assert_eq!(fx.read("f"), f, "{step} {cmd:?}");
+            assert_eq!(fx.read(STATE), "{\"height\":\"105\"}", "{step}");
+            assert_eq!(fx.heights(), heights, "{step} {cmd:?}");
+        }
+    }
+    // Every switch kept its line: one branch per switch, none lost.
+    let b = branches_json(fx);
+    assert_eq!(
+        b["branches"].as_array().expect("list").len(),
+        steps.len(),
+        "{b}"
+    );
 }
