@@ -10,7 +10,7 @@
 //! the two are swapped with one atomic `renameat2(RENAME_EXCHANGE)`, and
 //! the old live subvolume is kept read-only as a branch with the newer
 //! snapshots, renamed beside it to `<name>.btm-branch.<branch>`
-//! ([`super::lines`]).
+//! (`volume::lines`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};

@@ -6,7 +6,7 @@
 //! The live contents are a plain directory; a snapshot copies it to a
 //! sibling directory, so views read real files and a rollback really
 //! restores them. Switching lines (rollback, undo) runs the same steps as
-//! btrfs ([`super::lines`]), with directories for subvolumes, so failures
+//! btrfs (`volume::lines`), with directories for subvolumes, so failures
 //! injected after each step test the real executor without root. Other
 //! failures can be injected too: the next snapshots fail, some heights
 //! cannot be destroyed, foreign snapshots block rollbacks.
