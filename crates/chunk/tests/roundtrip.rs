@@ -153,10 +153,18 @@ fn gc_beside_a_running_backup_keeps_what_it_needs() {
         grace: Duration::ZERO,
         dry_run: false,
     };
+    let mut opts = BackupOptions::new("node", Policy::NONE);
+    opts.chunk_size = 64 * KIB as u64;
+    opts.pack_size = 256 * KIB;
+    opts.workers = 2;
+    let progress = Arc::clone(&opts.progress);
     let second = std::thread::scope(|s| {
-        let running = s.spawn(|| backup(&store, &src, "node"));
-        // The backup has its lease and is uploading (held).
-        while store.writes() == 0 {
+        let running = s.spawn(|| repo(&store).backup(&src, &opts));
+        // The backup has its lease, has read its parent (its pipeline
+        // reads files) and is uploading (held). Waiting for a write alone
+        // is not enough: on a loaded machine the first held write can come
+        // before the parent is read, and the forget below would take it.
+        while store.writes() == 0 || progress.done.load(Ordering::Relaxed) == 0 {
             std::thread::sleep(Duration::from_millis(5));
         }
         // The first backup is forgotten: everything the running one reuses
