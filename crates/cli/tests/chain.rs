@@ -1,7 +1,8 @@
 //! A real chain: ganache (an Ethereum node) persists into the snapshotted
 //! volume while the daemon polls `eth_blockNumber`. After stopping the node
-//! and rolling back to one of the snapshots, the restarted node's height
-//! must lie inside the window recorded for that snapshot.
+//! and rolling back to one of the snapshots, daemon running, the restarted
+//! node's height must lie inside the window recorded for that snapshot;
+//! after `--undo` it is exactly where it was.
 //!
 //! Needs root and ganache (`$GANACHE_BIN`, or `ganache` on PATH; installed
 //! by scripts/test.sh). Fails, never skips, when either is missing.
@@ -41,7 +42,15 @@ impl Ganache {
 
     /// A node of another chain: the same software with another wallet seed.
     fn start_seeded(db: &Path, block_time: &str, seed: &str) -> Self {
-        let port = common::free_port();
+        Self::start_at(db, block_time, seed, common::free_port())
+    }
+
+    /// Restarted where its daemon polls it.
+    fn restart(db: &Path, block_time: &str, port: u16) -> Self {
+        Self::start_at(db, block_time, "btm-test", port)
+    }
+
+    fn start_at(db: &Path, block_time: &str, seed: &str, port: u16) -> Self {
         let child = Command::new(ganache_bin())
             .args(["--database.dbPath", db.to_str().expect("utf8")])
             .args(["--miner.blockTime", block_time])
@@ -170,8 +179,13 @@ fn polling_daemon(
     DaemonProc::start(fx.scratch(), &args, env)
 }
 
-fn rollback_lands_in_the_recorded_window(fx: &impl Fixture) {
+/// Roll the node back with its daemon running: it restarts inside the
+/// snapshot's recorded window and goes on with a new line the daemon
+/// follows; `--undo`, daemon still running, brings back the exact height
+/// it had before the rollback, with the old line's snapshots.
+fn rollback_and_undo_with_the_daemon_running(fx: &impl Fixture) {
     let (db, node) = chain_in_volume(fx);
+    let port = node.port;
     let mut daemon = polling_daemon(fx, &node, &[], &[]);
     for _ in 0..300 {
         if fx.heights().len() >= 4 {
@@ -179,8 +193,13 @@ fn rollback_lands_in_the_recorded_window(fx: &impl Fixture) {
         }
         sleep(Duration::from_millis(100));
     }
-    assert_eq!(daemon.stop(), Some(0));
     node.stop();
+    // The height the node's own files hold, read without mining.
+    let node = Ganache::start(&db, "0");
+    let before = node.block_number().expect("block number");
+    let before_hash = node.block_hash(before).expect("hash");
+    node.stop();
+    let old_line = fx.heights();
 
     let listing: serde_json::Value =
         serde_json::from_str(&fx.btm(&["list", "--json"]).ok()).expect("json");
@@ -191,31 +210,59 @@ fn rollback_lands_in_the_recorded_window(fx: &impl Fixture) {
         daemon.log_text()
     );
     // A snapshot from the middle, with its window.
-    let target = &snaps[1];
+    let target = &snaps[2];
     let h = target["height"].as_u64().expect("height");
     let after = target["height_after"].as_u64().expect("window recorded");
     assert!(after >= h);
 
     fx.btm(&["rollback", "-s", &h.to_string(), "-S", "--yes"])
         .ok();
-    // Restart without automatic mining, so the height is what was restored.
-    let node = Ganache::start(&db, "0");
+    let node = Ganache::restart(&db, "0.2", port);
     let n = node.block_number().expect("block number");
     assert!(
         (h..=after).contains(&n),
         "restored node at {n}, outside the recorded window [{h}, {after}]"
     );
+    // The daemon follows the new line: a snapshot above the target.
+    let mut new_line = Vec::new();
+    for _ in 0..300 {
+        new_line = fx.heights();
+        if new_line.first().is_some_and(|&top| top > h) {
+            break;
+        }
+        sleep(Duration::from_millis(100));
+    }
+    assert!(
+        new_line.first().is_some_and(|&top| top > h),
+        "the daemon took no snapshot on the new line: {new_line:?}\n{}",
+        daemon.log_text()
+    );
     node.stop();
+
+    fx.btm(&["rollback", "--undo", "--yes"]).ok();
+    let node = Ganache::start(&db, "0");
+    let n = node.block_number().expect("block number");
+    assert_eq!(n, before, "undo restarts the node where it was");
+    assert_eq!(node.block_hash(n).expect("hash"), before_hash);
+    node.stop();
+    let heights = fx.heights();
+    assert!(
+        old_line.iter().all(|h| heights.contains(h)),
+        "the old line's snapshots are back: {old_line:?} vs {heights:?}"
+    );
+    let status = daemon.status().expect("status");
+    assert!(status.get("error").is_none(), "{status}");
+    assert_eq!(daemon.stop(), Some(0));
 }
 
 #[test]
 fn ganache_on_btrfs() {
-    rollback_lands_in_the_recorded_window(&Btrfs::new());
+    rollback_and_undo_with_the_daemon_running(&Btrfs::new());
 }
 
 #[test]
 fn ganache_on_zfs() {
-    rollback_lands_in_the_recorded_window(&Zfs::new());
+    rollback_and_undo_with_the_daemon_running(&Zfs::new());
 }
 
 /// The mission end to end: the daemon polls a live chain, snapshots it and
