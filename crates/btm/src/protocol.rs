@@ -309,6 +309,16 @@ pub struct Status {
     /// Of those, the protected ones (outside retention).
     #[serde(default)]
     pub protected_count: usize,
+    /// Branches kept by rollbacks, apart from the active line (known at
+    /// start and after each snapshot).
+    #[serde(default)]
+    pub branch_count: usize,
+    /// The bytes they hold, where the file system tells.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch_bytes: Option<u64>,
+    /// A rollback or undo left half done: the command that finishes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub half_done: Option<String>,
     /// The next height at which a snapshot is due.
     pub next_due: Option<u64>,
     /// The export store, when exports are configured.

@@ -237,6 +237,11 @@ fn rollback_and_undo_with_the_daemon_running(fx: &impl Fixture) {
         "the daemon took no snapshot on the new line: {new_line:?}\n{}",
         daemon.log_text()
     );
+    let status = daemon.status().expect("status");
+    assert_eq!(
+        status["branch_count"], 1,
+        "the old line is counted: {status}"
+    );
     node.stop();
 
     fx.btm(&["rollback", "--undo", "--yes"]).ok();

@@ -267,6 +267,15 @@ impl Daemon {
         };
         let (cfg, ops, heights) = opened.map_err(|e| DaemonError::Internal(e.to_string()))??;
         let state = Arc::new(State::new(initial_status(&cfg, &settings, heights.len())));
+        let census = {
+            let ops = ops.clone();
+            tokio::task::spawn_blocking(move || scheduler::branch_census(&ops))
+        };
+        match stop.until(census).await {
+            None => return Ok(()),
+            Some(Ok(c)) => state.branches_seen(c),
+            Some(Err(e)) => tracing::warn!(error = %e, "could not count branches"),
+        }
         let export_scheduler = settings.export.clone().map(|e| {
             Arc::new(export_scheduler::ExportScheduler::new(
                 ops.clone(),
@@ -411,6 +420,9 @@ fn initial_status(cfg: &BtmCfg, settings: &DaemonSettings, snapshots: usize) -> 
         volume_stalled_since: None,
         snapshot_count: snapshots,
         protected_count: 0,
+        branch_count: 0,
+        branch_bytes: None,
+        half_done: None,
         next_due: None,
         export_store: settings.export.as_ref().map(|e| e.store.clone()),
         export_every: settings.export.as_ref().map(|e| e.every),

@@ -184,6 +184,24 @@ fn source_and_snapshot_metrics(s: &Status) -> Vec<Metric> {
             Some(s.protected_count as f64),
         ),
         (
+            "btm_branches",
+            "Branches kept by rollbacks, apart from the active line.",
+            "gauge",
+            Some(s.branch_count as f64),
+        ),
+        (
+            "btm_branch_bytes",
+            "Bytes the branches hold, where the file system tells.",
+            "gauge",
+            s.branch_bytes.map(|b| b as f64),
+        ),
+        (
+            "btm_switch_half_done",
+            "1 while a rollback or undo is left half done.",
+            "gauge",
+            Some(if s.half_done.is_some() { 1.0 } else { 0.0 }),
+        ),
+        (
             "btm_snapshot_cap",
             "Most snapshots retention keeps, protected ones aside.",
             "gauge",

@@ -186,9 +186,47 @@ impl TakeError {
 type Count = fn(&mut Counters);
 
 /// What the blocking part of a take produced.
+/// What the daemon knows of the volume's branches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BranchCensus {
+    /// How many.
+    pub count: usize,
+    /// The bytes they hold, when the file system tells for every one.
+    pub bytes: Option<u64>,
+    /// The command that finishes a switch left half done.
+    pub half_done: Option<String>,
+}
+
+/// Count the volume's branches (a failure to is logged and counts none).
+pub fn branch_census(ops: &Ops) -> BranchCensus {
+    let half_done = ops.pending_switch().ok().flatten().map(|p| p.command);
+    if let Some(c) = &half_done {
+        tracing::warn!(
+            command = c,
+            "a rollback or undo was left half done; run the command again to finish it"
+        );
+    }
+    match ops.branches() {
+        Ok(bs) => BranchCensus {
+            count: bs.len(),
+            bytes: bs.iter().map(|b| b.used).sum(),
+            half_done,
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list branches");
+            BranchCensus {
+                half_done,
+                ..BranchCensus::default()
+            }
+        }
+    }
+}
+
 struct Took {
     outcome: Result<btm::SnapshotReport, TakeError>,
     heights: Vec<u64>,
+    /// The branches after expiry (only after a snapshot).
+    branches: Option<BranchCensus>,
     post_hook_error: Option<btm::exec::ExecError>,
     /// The height a forced write made durable right before the snapshot.
     durable: Option<u64>,
@@ -199,6 +237,7 @@ impl Took {
         Took {
             outcome: Err(e),
             heights: Vec::new(),
+            branches: None,
             post_hook_error: None,
             durable: None,
         }
@@ -427,6 +466,9 @@ impl Scheduler {
             Err(e) => return self.not_taken(height, e, duration_ms),
         };
         self.state.protected_seen(report.protected);
+        if let Some(c) = took.branches {
+            self.state.branches_seen(c);
+        }
         self.state.count(|c| {
             c.snapshot_ms_total += report.snapshot_ms;
             c.prune_ms_total += report.prune_ms;
@@ -537,11 +579,12 @@ fn take_blocking(
     }
     // Branches expire at the pace of snapshots; the active line is all
     // the daemon snapshots and prunes.
-    if outcome.is_ok() {
+    let branches = outcome.is_ok().then(|| {
         if let Err(e) = ops.expire_branches(chrono::Utc::now(), settings.keep_branches, true) {
             tracing::warn!(error = %e, "could not expire branches");
         }
-    }
+        branch_census(ops)
+    });
     let post_hook_error = match (&settings.post_snapshot, &outcome) {
         (Some(argv), Ok(_)) => btm::exec::run(argv, &env, settings.hook_timeout).err(),
         _ => None,
@@ -549,6 +592,7 @@ fn take_blocking(
     Took {
         outcome,
         heights,
+        branches,
         post_hook_error,
         durable,
     }

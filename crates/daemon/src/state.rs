@@ -189,6 +189,15 @@ impl State {
         });
     }
 
+    /// The branches the volume keeps, and a switch left half done.
+    pub fn branches_seen(&self, census: crate::scheduler::BranchCensus) {
+        self.with(|i| {
+            i.status.branch_count = census.count;
+            i.status.branch_bytes = census.bytes;
+            i.status.half_done = census.half_done;
+        });
+    }
+
     /// The volume holds `count` protected snapshots (known at each prune).
     pub fn protected_seen(&self, count: usize) {
         self.with(|i| i.status.protected_count = count);

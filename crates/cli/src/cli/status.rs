@@ -105,6 +105,21 @@ pub fn run(args: StatusArgs, out: &mut dyn Write) -> Result<()> {
         s.snapshot_count,
         opt(s.next_due)
     )?;
+    if s.branch_count > 0 {
+        writeln!(
+            out,
+            "branches:       {} kept by rollbacks, holding {} (btm branches)",
+            s.branch_count,
+            s.branch_bytes
+                .map_or("an unknown amount".to_owned(), super::human_bytes)
+        )?;
+    }
+    if let Some(c) = &s.half_done {
+        writeln!(
+            out,
+            "WARNING:        a rollback or undo was left half done; run `{c}` again to finish it"
+        )?;
+    }
     print_exports(out, &s)?;
     print_counters(out, &s)
 }
