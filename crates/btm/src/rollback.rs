@@ -162,6 +162,51 @@ fn read_journal(path: &Path) -> Result<Option<Switch>, Error> {
     }
 }
 
+/// Carried files are written into the line entered once the switch has
+/// begun: check now, in the target snapshot, that no symlink would take
+/// them elsewhere, so a refusal changes nothing.
+fn check_destinations(vol: &dyn Volume, enter: &Enter, carry: &[Carry]) -> Result<(), Error> {
+    let Enter::Snapshot { height } = enter else {
+        return Ok(());
+    };
+    let paths = carry
+        .iter()
+        .map(|c| c.path.parse())
+        .collect::<Result<Vec<crate::preserve::RelPath>, _>>()
+        .map_err(volume::Error::from)?;
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let view = vol.view(*height)?;
+    let checked = crate::preserve::check_destination(view.path(), &paths);
+    view.close()?;
+    Ok(checked.map_err(volume::Error::from)?)
+}
+
+/// The name of the branch a switch keeps: `asked` unless taken, else the
+/// time, numbered if a branch of the same second exists.
+fn branch_name(
+    asked: Option<BranchName>,
+    branches: &[Branch],
+    now: DateTime<Utc>,
+) -> Result<BranchName, Error> {
+    let taken = |n: &BranchName| branches.iter().any(|b| &b.name == n);
+    match asked {
+        Some(n) if taken(&n) => Err(volume::Error::BranchExists(n).into()),
+        Some(n) => Ok(n),
+        None => {
+            let base = BranchName::stamped(now);
+            let mut name = base.clone();
+            let mut n = 2;
+            while taken(&name) {
+                name = base.numbered(n);
+                n += 1;
+            }
+            Ok(name)
+        }
+    }
+}
+
 impl Ops {
     fn journal_path(&self) -> PathBuf {
         self.dirs().switch_journal(self.volume().name())
@@ -201,39 +246,7 @@ impl Ops {
             });
         }
         let branches = vol.branches()?;
-        let enter = match ask {
-            Ask::Rollback { target, strict } => {
-                let heights = vol.heights()?;
-                let h = resolve_target(&heights, *target, *strict).map_err(|e| match e {
-                    Error::NoSnapshots(_) => Error::NoSnapshots(vol.name().to_owned()),
-                    e => e,
-                })?;
-                Enter::Snapshot { height: h }
-            }
-            Ask::Undo => {
-                let newest = branches
-                    .iter()
-                    .max_by_key(|b| b.made)
-                    .ok_or(volume::Error::NoBranches)?;
-                Enter::Branch {
-                    name: newest.name.clone(),
-                }
-            }
-            Ask::Branch(name) => Enter::Branch { name: name.clone() },
-        };
-        if let Enter::Branch { name } = &enter {
-            match branches.iter().find(|b| &b.name == name) {
-                None => return Err(volume::Error::NoSuchBranch(name.clone()).into()),
-                Some(b) if !b.intact => {
-                    return Err(volume::Error::BranchDamaged {
-                        name: name.clone(),
-                        location: b.location.clone(),
-                    }
-                    .into())
-                }
-                Some(_) => {}
-            }
-        }
+        let enter = self.resolve(ask, &branches)?;
         let effects = vol.switch_effects(&enter)?;
         if !effects.foreign_blockers.is_empty() {
             return Err(volume::Error::ForeignSnapshots {
@@ -243,37 +256,8 @@ impl Ops {
             .into());
         }
         self.refuse_pinned(&effects.moves_out)?;
-        // Carried files are written into the line entered once the switch
-        // has begun: check now, in the target snapshot, that no symlink
-        // would take them elsewhere, so a refusal changes nothing.
-        if let Enter::Snapshot { height } = &enter {
-            let paths = carry
-                .iter()
-                .map(|c| c.path.parse())
-                .collect::<Result<Vec<crate::preserve::RelPath>, _>>()
-                .map_err(volume::Error::from)?;
-            if !paths.is_empty() {
-                let view = vol.view(*height)?;
-                let checked = crate::preserve::check_destination(view.path(), &paths);
-                view.close()?;
-                checked.map_err(volume::Error::from)?;
-            }
-        }
-        let taken = |n: &BranchName| branches.iter().any(|b| &b.name == n);
-        let keep_as = match keep_as {
-            Some(n) if taken(&n) => return Err(volume::Error::BranchExists(n).into()),
-            Some(n) => n,
-            None => {
-                let base = BranchName::stamped(now);
-                let mut name = base.clone();
-                let mut n = 2;
-                while taken(&name) {
-                    name = base.numbered(n);
-                    n += 1;
-                }
-                name
-            }
-        };
+        check_destinations(vol.as_ref(), &enter, &carry)?;
+        let keep_as = branch_name(keep_as, &branches, now)?;
         let reason = match &enter {
             Enter::Snapshot { height } => format!("rollback to {height}"),
             Enter::Branch { name } if *ask == Ask::Undo => format!("undo (back to branch {name})"),
@@ -299,6 +283,37 @@ impl Ops {
             journal,
             _lock: lock,
         })
+    }
+
+    /// Where `ask` goes: the snapshot it resolves to, or an intact branch.
+    fn resolve(&self, ask: &Ask, branches: &[Branch]) -> Result<Enter, Error> {
+        let vol = self.volume();
+        let name = match ask {
+            Ask::Rollback { target, strict } => {
+                let heights = vol.heights()?;
+                let h = resolve_target(&heights, *target, *strict).map_err(|e| match e {
+                    Error::NoSnapshots(_) => Error::NoSnapshots(vol.name().to_owned()),
+                    e => e,
+                })?;
+                return Ok(Enter::Snapshot { height: h });
+            }
+            Ask::Undo => branches
+                .iter()
+                .max_by_key(|b| b.made)
+                .ok_or(volume::Error::NoBranches)?
+                .name
+                .clone(),
+            Ask::Branch(name) => name.clone(),
+        };
+        match branches.iter().find(|b| b.name == name) {
+            None => Err(volume::Error::NoSuchBranch(name).into()),
+            Some(b) if !b.intact => Err(volume::Error::BranchDamaged {
+                name,
+                location: b.location.clone(),
+            }
+            .into()),
+            Some(_) => Ok(Enter::Branch { name }),
+        }
     }
 
     /// The kept branches, oldest first.

@@ -22,6 +22,7 @@ pub fn render(s: &Status) -> String {
     let mut out = String::new();
     let all = source_and_snapshot_metrics(s)
         .into_iter()
+        .chain(branch_metrics(s))
         .chain(export_metrics(s));
     for (name, help, kind, value) in all {
         if let Some(v) = value {
@@ -135,6 +136,30 @@ pub fn render_live(live: &[btm_live::Status]) -> String {
 /// One sample: name, help, type, and the value (none: not exported).
 type Metric = (&'static str, &'static str, &'static str, Option<f64>);
 
+/// The branches rollbacks kept, and a switch left half done.
+fn branch_metrics(s: &Status) -> Vec<Metric> {
+    vec![
+        (
+            "btm_branches",
+            "Branches kept by rollbacks, apart from the active line.",
+            "gauge",
+            Some(s.branch_count as f64),
+        ),
+        (
+            "btm_branch_bytes",
+            "Bytes the branches hold, where the file system tells.",
+            "gauge",
+            s.branch_bytes.map(|b| b as f64),
+        ),
+        (
+            "btm_switch_half_done",
+            "1 while a rollback or undo is left half done.",
+            "gauge",
+            Some(if s.half_done.is_some() { 1.0 } else { 0.0 }),
+        ),
+    ]
+}
+
 fn source_and_snapshot_metrics(s: &Status) -> Vec<Metric> {
     let c = &s.counters;
     let last = s.last_snapshot.as_ref();
@@ -182,24 +207,6 @@ fn source_and_snapshot_metrics(s: &Status) -> Vec<Metric> {
             "Protected snapshots on the volume (outside retention).",
             "gauge",
             Some(s.protected_count as f64),
-        ),
-        (
-            "btm_branches",
-            "Branches kept by rollbacks, apart from the active line.",
-            "gauge",
-            Some(s.branch_count as f64),
-        ),
-        (
-            "btm_branch_bytes",
-            "Bytes the branches hold, where the file system tells.",
-            "gauge",
-            s.branch_bytes.map(|b| b as f64),
-        ),
-        (
-            "btm_switch_half_done",
-            "1 while a rollback or undo is left half done.",
-            "gauge",
-            Some(if s.half_done.is_some() { 1.0 } else { 0.0 }),
         ),
         (
             "btm_snapshot_cap",

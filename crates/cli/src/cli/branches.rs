@@ -1,6 +1,6 @@
 //! `btm branches`: the lines of history rollbacks kept, and dropping them.
 
-use std::io::{self, BufRead, IsTerminal, Write};
+use std::io::Write;
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
@@ -146,17 +146,7 @@ fn drop(args: DropArgs, out: &mut dyn Write) -> Result<()> {
         writeln!(out, "  {}", describe(b))?;
     }
     out.flush()?;
-    if !args.yes {
-        if !io::stdin().is_terminal() {
-            bail!("not dropping: no terminal to confirm on; pass --yes to confirm");
-        }
-        eprint!("Proceed? [y/N] ");
-        let mut answer = String::new();
-        io::stdin().lock().read_line(&mut answer)?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
-            bail!("not dropping: not confirmed");
-        }
-    }
+    super::confirm(args.yes, "dropping")?;
     for b in doomed {
         ops.drop_branch(&b.name)?;
         writeln!(out, "dropped branch {}", b.name)?;

@@ -200,6 +200,25 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Ask on the terminal before an irreversible or large change; `yes`
+/// (`--yes`) answers for the operator. Without a terminal, refuses.
+fn confirm(yes: bool, what: &str) -> Result<()> {
+    use std::io::{BufRead, IsTerminal};
+    if yes {
+        return Ok(());
+    }
+    if !io::stdin().is_terminal() {
+        anyhow::bail!("not {what}: no terminal to confirm on; pass --yes to confirm");
+    }
+    eprint!("Proceed? [y/N] ");
+    let mut answer = String::new();
+    io::stdin().lock().read_line(&mut answer)?;
+    if !matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+        anyhow::bail!("not {what}: not confirmed");
+    }
+    Ok(())
+}
+
 /// Print a value as one line of JSON.
 fn print_json(out: &mut dyn Write, value: &impl serde::Serialize) -> Result<()> {
     serde_json::to_writer(&mut *out, value)?;

@@ -2,7 +2,7 @@
 //! line the last rollback left (`--undo`), or to any kept branch
 //! (`--branch`). Destroys nothing: the line left becomes a branch. Shows
 //! the plan first, asks on a terminal, and needs `--yes` anywhere else.
-use std::io::{self, BufRead, IsTerminal, Write};
+use std::io::Write;
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -112,6 +112,111 @@ fn heights(hs: &[u64]) -> String {
     }
 }
 
+/// Where the switch goes and the branch it keeps.
+fn print_effects(
+    out: &mut dyn Write,
+    ops: &btm::Ops,
+    ask: &Ask,
+    vol: &dyn btm::volume::Volume,
+    sw: &btm::volume::Switch,
+    fx: &btm::volume::SwitchEffects,
+) -> Result<()> {
+    match (ask, &fx.enter) {
+        (
+            Ask::Rollback {
+                target: Some(t), ..
+            },
+            Enter::Snapshot { height },
+        ) if t != height => writeln!(
+            out,
+            "No snapshot at height {t}; the closest below is {height}."
+        )?,
+        _ => {}
+    }
+    match &fx.enter {
+        Enter::Snapshot { height } => {
+            writeln!(
+                out,
+                "Roll back {} ({}) to height {height}.",
+                vol.name(),
+                vol.mode()
+            )?;
+            let record = btm::window::records(ops.dirs(), vol.name())
+                .get(height)
+                .copied()
+                .unwrap_or_default();
+            if let Some(d) = record.durable.filter(|d| d != height) {
+                writeln!(
+                    out,
+                    "WARNING: the snapshot labelled {height} holds the node's state at height {d} (the write forced before it said so): the node will restart at {d}.",
+                )?;
+            }
+        }
+        Enter::Branch { name } => writeln!(
+            out,
+            "Make branch {name} the active line of {} ({}): its live state, with its snapshots {}.",
+            vol.name(),
+            vol.mode(),
+            heights(&fx.moves_in)
+        )?,
+    }
+    let space = fx.kept_bytes.map_or("unknown".to_owned(), human_bytes);
+    writeln!(
+        out,
+        "Kept as branch {}: the current live state and {} newer snapshot(s) ({}); space it holds: {space}. Nothing is destroyed; `btm rollback --undo` comes back.",
+        sw.keep_as,
+        fx.moves_out.len(),
+        heights(&fx.moves_out),
+    )?;
+    Ok(())
+}
+
+/// What the switch will do, before asking.
+fn print_plan(
+    out: &mut dyn Write,
+    ops: &btm::Ops,
+    ask: &Ask,
+    prepared: &btm::PreparedSwitch,
+    carry: &[(RelPath, String, bool)],
+    no_preserve: bool,
+) -> Result<()> {
+    let vol = prepared.volume();
+    let sw = prepared.switch();
+    match prepared.effects() {
+        None => writeln!(
+            out,
+            "Finishing `{}`, left half done: {} ({}) is kept as branch {}.",
+            sw.command,
+            vol.name(),
+            sw.reason,
+            sw.keep_as
+        )?,
+        Some(fx) => print_effects(out, ops, ask, vol, sw, fx)?,
+    }
+    for (p, why, signing) in carry {
+        let how = if *signing {
+            ", unless the entering copy is newer"
+        } else {
+            ""
+        };
+        writeln!(
+            out,
+            "Current content kept: {} ({why}{how})",
+            p.as_path().display()
+        )?;
+    }
+    if no_preserve {
+        writeln!(
+            out,
+            "--no-preserve: validator signing state is rolled back too; a validator restarted on it can double-sign."
+        )?;
+    }
+    writeln!(out, "Stop the node using this volume before rolling back.")?;
+    out.flush()?;
+
+    Ok(())
+}
+
 pub fn run(args: RollbackArgs, out: &mut dyn Write) -> Result<()> {
     let ops = args.volume.plain_cfg()?.ops()?;
     let ask = if args.undo {
@@ -152,95 +257,9 @@ pub fn run(args: RollbackArgs, out: &mut dyn Write) -> Result<()> {
         journal_carry,
         chrono::Utc::now(),
     )?;
-    let vol = prepared.volume();
     let sw = prepared.switch().clone();
-
-    match prepared.effects() {
-        None => writeln!(
-            out,
-            "Finishing `{}`, left half done: {} ({}) is kept as branch {}.",
-            sw.command,
-            vol.name(),
-            sw.reason,
-            sw.keep_as
-        )?,
-        Some(fx) => {
-            match (&ask, &fx.enter) {
-                (
-                    Ask::Rollback {
-                        target: Some(t), ..
-                    },
-                    Enter::Snapshot { height },
-                ) if t != height => writeln!(
-                    out,
-                    "No snapshot at height {t}; the closest below is {height}."
-                )?,
-                _ => {}
-            }
-            match &fx.enter {
-                Enter::Snapshot { height } => {
-                    writeln!(out, "Roll back {} ({}) to height {height}.", vol.name(), vol.mode())?;
-                    let record = btm::window::records(ops.dirs(), vol.name())
-                        .get(height)
-                        .copied()
-                        .unwrap_or_default();
-                    if let Some(d) = record.durable.filter(|d| d != height) {
-                        writeln!(
-                            out,
-                            "WARNING: the snapshot labelled {height} holds the node's state at height {d} (the write forced before it said so): the node will restart at {d}.",
-                        )?;
-                    }
-                }
-                Enter::Branch { name } => writeln!(
-                    out,
-                    "Make branch {name} the active line of {} ({}): its live state, with its snapshots {}.",
-                    vol.name(),
-                    vol.mode(),
-                    heights(&fx.moves_in)
-                )?,
-            }
-            let space = fx.kept_bytes.map_or("unknown".to_owned(), human_bytes);
-            writeln!(
-                out,
-                "Kept as branch {}: the current live state and {} newer snapshot(s) ({}); space it holds: {space}. Nothing is destroyed; `btm rollback --undo` comes back.",
-                sw.keep_as,
-                fx.moves_out.len(),
-                heights(&fx.moves_out),
-            )?;
-        }
-    }
-    for (p, why, signing) in &carry {
-        let how = if *signing {
-            ", unless the entering copy is newer"
-        } else {
-            ""
-        };
-        writeln!(
-            out,
-            "Current content kept: {} ({why}{how})",
-            p.as_path().display()
-        )?;
-    }
-    if args.no_preserve {
-        writeln!(
-            out,
-            "--no-preserve: validator signing state is rolled back too; a validator restarted on it can double-sign."
-        )?;
-    }
-    writeln!(out, "Stop the node using this volume before rolling back.")?;
-    out.flush()?;
-
-    if !args.yes {
-        if !io::stdin().is_terminal() {
-            bail!("not rolling back: no terminal to confirm on; pass --yes to confirm");
-        }
-        eprint!("Proceed? [y/N] ");
-        let mut answer = String::new();
-        io::stdin().lock().read_line(&mut answer)?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
-            bail!("not rolling back: not confirmed");
-        }
-    }
+    print_plan(out, &ops, &ask, &prepared, &carry, args.no_preserve)?;
+    super::confirm(args.yes, "rolling back")?;
     // A testing aid: stop after the named step, as a crash would.
     let crash = std::env::var("BTM_CRASH_AFTER").ok();
     prepared.execute(crash.as_deref())?;

@@ -105,6 +105,13 @@ pub fn run(args: StatusArgs, out: &mut dyn Write) -> Result<()> {
         s.snapshot_count,
         opt(s.next_due)
     )?;
+    print_branches(out, &s)?;
+    print_exports(out, &s)?;
+    print_counters(out, &s)
+}
+
+/// The branches line, when rollbacks kept some, and a half-done switch.
+fn print_branches(out: &mut dyn Write, s: &btm::protocol::Status) -> Result<()> {
     if s.branch_count > 0 {
         writeln!(
             out,
@@ -120,8 +127,7 @@ pub fn run(args: StatusArgs, out: &mut dyn Write) -> Result<()> {
             "WARNING:        a rollback or undo was left half done; run `{c}` again to finish it"
         )?;
     }
-    print_exports(out, &s)?;
-    print_counters(out, &s)
+    Ok(())
 }
 
 /// The export lines, when exports are configured.
