@@ -88,3 +88,50 @@ fn rollback_of_a_mounted_subvolume_is_refused_cleanly() {
     );
     assert!(parent.join("data@10").exists());
 }
+
+/// A branch's space is its subvolumes' exclusive bytes when quotas are on;
+/// one whose live subvolume was deleted by hand is shown damaged, cannot be
+/// entered, and can still be dropped.
+#[test]
+fn branch_space_with_quotas_and_a_branch_removed_by_hand() {
+    use common::{sh, Fixture};
+    let fx = common::Btrfs::new();
+    let root = fx.root();
+    sh("btrfs", &["quota", "enable", root.to_str().expect("utf8")]);
+    fx.write("f", "v10");
+    fx.btm(&["snapshot", "--height", "10"]).ok();
+    fx.write("only-live", &"y".repeat(2 << 20));
+    fx.btm(&["rollback", "-s", "10", "--keep-as", "mine", "--yes"])
+        .ok();
+    sh(
+        "btrfs",
+        &["quota", "rescan", "-w", root.to_str().expect("utf8")],
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&fx.btm(&["branches", "--json"]).ok()).expect("json");
+    let used = v["branches"][0]["used"]
+        .as_u64()
+        .expect("used with quotas on");
+    assert!(
+        used >= 2 << 20,
+        "{v}\n{}",
+        sh(
+            "btrfs",
+            &["qgroup", "show", "--raw", root.to_str().expect("utf8")]
+        )
+    );
+
+    let branch = root.with_file_name("data.btm-branch.mine");
+    sh(
+        "btrfs",
+        &["subvolume", "delete", branch.to_str().expect("utf8")],
+    );
+    let listed = fx.btm(&["branches"]).ok();
+    assert!(listed.contains("DAMAGED"), "{listed}");
+    let err = fx.btm(&["rollback", "--branch", "mine", "--yes"]).fails(1);
+    assert!(err.contains("removed by hand"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(fx.read("f"), "v10");
+    fx.btm(&["branches", "drop", "mine", "--yes"]).ok();
+    assert!(fx.btm(&["branches"]).ok().contains("no branches"));
+}

@@ -402,13 +402,14 @@ impl Volume for BtrfsVolume {
         };
         if !exclusive.is_empty() {
             for b in &mut bs {
-                let dir = PathBuf::from(&b.location);
+                // The branch's live subvolume and its snapshots beside it.
+                let live = PathBuf::from(&b.location);
                 let mut sum = 0;
-                let mut trees = vec![dir.join("live")];
+                let mut trees = vec![live.clone()];
                 trees.extend(
                     b.heights
                         .iter()
-                        .map(|h| dir.join(format!("{}@{h}", self.base))),
+                        .map(|h| PathBuf::from(format!("{}@{h}", live.display()))),
                 );
                 for t in trees {
                     if let Some(id) = self.id(&t)?.and_then(|id| id.parse::<u64>().ok()) {
