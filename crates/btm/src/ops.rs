@@ -18,7 +18,7 @@ use crate::dirs::Dirs;
 use crate::error::Error;
 use crate::lock::{self, VolumeLock};
 use crate::retention::{Plan, Policy};
-use crate::volume::{DestroyReport, Label, Snapshot, SnapshotOutcome, Volume};
+use crate::volume::{BranchName, DestroyReport, Label, Snapshot, SnapshotOutcome, Volume};
 use crate::{pin, pruner};
 
 /// Operations on one opened volume.
@@ -198,15 +198,35 @@ impl Ops {
         Ok(heights)
     }
 
-    /// Return every snapshot protected with `label` to normal retention;
-    /// the heights released (none is an error).
-    pub fn release(&self, label: &Label) -> Result<Vec<u64>, Error> {
+    /// Return every snapshot protected with `label` to normal retention,
+    /// on the active line and in the branches rollbacks kept (where it
+    /// held the branch from expiring): each released snapshot, with the
+    /// branch it is in.
+    pub fn release(&self, label: &Label) -> Result<Vec<(Option<BranchName>, u64)>, Error> {
         let _lock = self.lock(lock::DEFAULT_WAIT)?;
-        let heights = self.protected_with(label)?;
-        for &h in &heights {
-            self.volume.set_protection(h, None)?;
+        let mut released = Vec::new();
+        match self.protected_with(label) {
+            Ok(heights) => {
+                for h in heights {
+                    self.volume.set_protection(h, None)?;
+                    released.push((None, h));
+                }
+            }
+            Err(Error::NoSuchLabel(_)) => {}
+            Err(e) => return Err(e),
         }
-        Ok(heights)
+        for b in self.volume.branches()? {
+            for (&h, l) in &b.protected {
+                if l == label.as_str() {
+                    self.volume.release_in_branch(&b.name, h)?;
+                    released.push((Some(b.name.clone()), h));
+                }
+            }
+        }
+        if released.is_empty() {
+            return Err(Error::NoSuchLabel(label.to_string()));
+        }
+        Ok(released)
     }
 
     /// Apply `policy` under the lock: the plan and what was destroyed.
@@ -425,7 +445,7 @@ mod protection_tests {
         ));
         assert_eq!(
             ops.release(&label("v2-upgrade")).expect("release"),
-            vec![20]
+            vec![(None, 20)]
         );
         assert!(vol.protections().expect("protections").is_empty());
         assert_eq!(ops.clean(0, &[]).expect("clean").destroyed, vec![20]);

@@ -598,4 +598,34 @@ mod tests {
             vec![80, 70, 60, 50, 40, 30, 20, 10]
         );
     }
+
+    #[test]
+    fn a_protected_snapshot_keeps_its_branch_until_released() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (ops, vol) = setup(&dir);
+        history(&ops, &vol);
+        let upgrade: crate::volume::Label = "v2-upgrade".parse().expect("label");
+        ops.protect(80, &upgrade).expect("protect");
+        let back = Ask::Rollback {
+            target: Some(50),
+            strict: true,
+        };
+        switch(&ops, &back, at(0), None).expect("rollback");
+        let bs = ops.branches().expect("branches");
+        assert_eq!(
+            bs[0].protected.get(&80).map(String::as_str),
+            Some("v2-upgrade")
+        );
+        let later = at(30 * 86_400);
+        let plan = ops
+            .expire_branches(later, Duration::ZERO, true)
+            .expect("expire");
+        assert!(matches!(plan[0].1, Expiry::Protected { .. }), "{plan:?}");
+        assert_eq!(ops.branches().expect("b").len(), 1);
+        let released = ops.release(&upgrade).expect("release");
+        assert_eq!(released, vec![(Some(bs[0].name.clone()), 80)]);
+        ops.expire_branches(later, Duration::ZERO, true)
+            .expect("expire");
+        assert!(ops.branches().expect("b").is_empty());
+    }
 }

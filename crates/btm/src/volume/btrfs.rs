@@ -426,6 +426,10 @@ impl Volume for BtrfsVolume {
         lines::drop_branch(self, name)
     }
 
+    fn release_in_branch(&self, name: &BranchName, height: u64) -> Result<(), Error> {
+        lines::release(self, name, height)
+    }
+
     fn view(&self, height: u64) -> Result<SnapshotView, Error> {
         let path = self.snapshot_path(height);
         match Self::is_subvolume(&path) {

@@ -217,6 +217,10 @@ impl Volume for FakeVolume {
         lines::drop_branch(self, name)
     }
 
+    fn release_in_branch(&self, name: &BranchName, height: u64) -> Result<(), Error> {
+        lines::release(self, name, height)
+    }
+
     fn protections(&self) -> Result<BTreeMap<u64, String>, Error> {
         let mut out = BTreeMap::new();
         for h in self.heights()? {

@@ -383,6 +383,15 @@ pub(crate) fn drop_branch(t: &dyn Trees, name: &BranchName) -> Result<(), Error>
     }
 }
 
+/// Remove the protection of branch `name`'s snapshot at `height`.
+pub(crate) fn release(t: &dyn Trees, name: &BranchName, height: u64) -> Result<(), Error> {
+    let record = record_of(&Names(t).branch_snapshot(name, height));
+    match fs::remove_file(&record) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&record, e)),
+        _ => Ok(()),
+    }
+}
+
 /// Whether `leaf` is `<prefix><height>` with a canonical height.
 pub(crate) fn height_after(leaf: &str, prefix: &str) -> Option<u64> {
     leaf.strip_prefix(prefix).and_then(parse_height)

@@ -335,6 +335,9 @@ pub trait Volume: Send + Sync {
     fn branches(&self) -> Result<Vec<Branch>, Error>;
     /// Destroy a branch: its live state and its snapshots.
     fn drop_branch(&self, name: &BranchName) -> Result<(), Error>;
+    /// Return the snapshot at `height` of branch `name` to the branch's
+    /// normal expiry (`btm release` of a snapshot a rollback moved there).
+    fn release_in_branch(&self, name: &BranchName, height: u64) -> Result<(), Error>;
     /// A read-only path to the contents of the snapshot at `height`.
     fn view(&self, height: u64) -> Result<SnapshotView, Error>;
     /// The labels of protected snapshots, by height: no retention policy

@@ -21,11 +21,17 @@ pub struct ReleaseArgs {
 
 pub fn run(args: ReleaseArgs, out: &mut dyn Write) -> Result<()> {
     let released = args.volume.plain_cfg()?.ops()?.release(&args.label)?;
-    let list: Vec<String> = released.iter().map(u64::to_string).collect();
+    let list: Vec<String> = released
+        .iter()
+        .map(|(branch, h)| match branch {
+            None => h.to_string(),
+            Some(b) => format!("{h} in branch {b}"),
+        })
+        .collect();
     writeln!(
         out,
-        "released {} ({}); retention applies to it again",
-        list.join(" "),
+        "released {} ({}); retention (or a branch's expiry) applies to it again",
+        list.join(", "),
         args.label
     )?;
     Ok(())

@@ -190,7 +190,7 @@ impl ZfsVolume {
         Ok(())
     }
 
-    fn branch_ds(&self, name: &BranchName) -> String {
+    pub(super) fn branch_ds(&self, name: &BranchName) -> String {
         format!("{}{BRANCH_INFIX}{name}", self.dataset)
     }
 

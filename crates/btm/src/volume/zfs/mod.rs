@@ -426,6 +426,12 @@ impl Volume for ZfsVolume {
         self.drop_kept(name)
     }
 
+    fn release_in_branch(&self, name: &BranchName, height: u64) -> Result<(), Error> {
+        let snap = format!("{}@{height}", self.branch_ds(name));
+        zfs(&["inherit", PROTECT_PROPERTY, &snap])?;
+        Ok(())
+    }
+
     fn cleanup_stale_views(&self) -> Result<(), Error> {
         self.sweep_stale_views()
     }
