@@ -182,7 +182,7 @@ fn de_algo<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Algo>, D::Error> {
 fn de_keep<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     parse_keep(&String::deserialize(d)?)
         .map(Some)
-        .map_err(serde::de::Error::custom)
+        .map_err(|e| serde::de::Error::custom(format!("keep_branches: {e}")))
 }
 
 /// How long branches are kept: a duration such as `7d` or `12h`, or `0`.
@@ -1035,6 +1035,7 @@ mod tests {
                 "export.exclude",
             ),
             ("volume = \"a\"\npreserve = [\"../x\"]\n", "preserve"),
+            ("volume = \"a\"\nkeep_branches = \"a week\"\n", "keep_branches"),
             (
                 "volume = \"a\"\n[export]\nstore = \"/b\"\ntag = \"a/b\"\n",
                 "export.tag",
@@ -1222,6 +1223,13 @@ mod tests {
             .resolve()
             .expect("example valid");
         assert_eq!(s.volume, "tank/chain");
+        assert_eq!(s.keep_branches, DEFAULT_KEEP_BRANCHES);
+        assert_eq!(
+            parse("volume = \"a\"\nkeep_branches = \"0\"\n")
+                .expect("valid")
+                .keep_branches,
+            Duration::ZERO
+        );
         let e = s.export.expect("the example exports");
         assert_eq!((e.every, e.keep, e.max_rate), (1000, 7, Some(100 << 20)));
         assert!(e.gc);

@@ -262,7 +262,14 @@ pub fn run(args: RollbackArgs, out: &mut dyn Write) -> Result<()> {
     super::confirm(args.yes, "rolling back")?;
     // A testing aid: stop after the named step, as a crash would.
     let crash = std::env::var("BTM_CRASH_AFTER").ok();
-    prepared.execute(crash.as_deref())?;
+    let command = sw.command.clone();
+    prepared.execute(crash.as_deref()).map_err(|e| match e {
+        // It says so itself.
+        btm::Error::Volume(btm::volume::Error::Interrupted(_)) => anyhow::Error::from(e),
+        e => anyhow::Error::from(e).context(format!(
+            "the rollback stopped part way, destroying nothing; once the cause is fixed, `{command}` finishes it"
+        )),
+    })?;
     match &sw.enter {
         Enter::Snapshot { height } => writeln!(
             out,
