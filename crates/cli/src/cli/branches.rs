@@ -62,8 +62,7 @@ fn describe(b: &Branch) -> String {
     });
     let heights = match b.heights.as_slice() {
         [] => "no snapshots".to_owned(),
-        [one] => format!("snapshot {one}"),
-        [newest, .., oldest] => format!("snapshots {oldest} … {newest} ({})", b.heights.len()),
+        hs => format!("snapshots {}", super::height_list(hs)),
     };
     let used = b.used.map_or("unknown".to_owned(), human_bytes);
     let mut line = format!(

@@ -219,6 +219,22 @@ fn confirm(yes: bool, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Heights for a sentence, oldest first: all of a few, the ends of many.
+fn height_list(newest_first: &[u64]) -> String {
+    match newest_first {
+        [] => "none".into(),
+        [newest, .., oldest] if newest_first.len() > 6 => {
+            format!("{oldest} … {newest} ({})", newest_first.len())
+        }
+        hs => hs
+            .iter()
+            .rev()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
 /// Print a value as one line of JSON.
 fn print_json(out: &mut dyn Write, value: &impl serde::Serialize) -> Result<()> {
     serde_json::to_writer(&mut *out, value)?;

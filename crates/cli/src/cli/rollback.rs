@@ -98,20 +98,6 @@ fn parse_relpath(s: &str) -> Result<RelPath, String> {
     s.parse().map_err(|e: preserve::Error| e.to_string())
 }
 
-fn heights(hs: &[u64]) -> String {
-    match hs {
-        [] => "none".into(),
-        [one] => one.to_string(),
-        [newest, .., oldest] if hs.len() > 6 => format!("{oldest} … {newest} ({})", hs.len()),
-        _ => hs
-            .iter()
-            .rev()
-            .map(u64::to_string)
-            .collect::<Vec<_>>()
-            .join(" "),
-    }
-}
-
 /// Where the switch goes and the branch it keeps.
 fn print_effects(
     out: &mut dyn Write,
@@ -157,16 +143,21 @@ fn print_effects(
             "Make branch {name} the active line of {} ({}): its live state, with its snapshots {}.",
             vol.name(),
             vol.mode(),
-            heights(&fx.moves_in)
+            super::height_list(&fx.moves_in)
         )?,
     }
     let space = fx.kept_bytes.map_or("unknown".to_owned(), human_bytes);
+    let newer = match fx.moves_out.len() {
+        0 => "no newer snapshots".to_owned(),
+        n => format!(
+            "{n} newer snapshot(s) ({})",
+            super::height_list(&fx.moves_out)
+        ),
+    };
     writeln!(
         out,
-        "Kept as branch {}: the current live state and {} newer snapshot(s) ({}); space it holds: {space}. Nothing is destroyed; `btm rollback --undo` comes back.",
+        "Kept as branch {}: the current live state and {newer}; space it holds: {space}. Nothing is destroyed; `btm rollback --undo` comes back.",
         sw.keep_as,
-        fx.moves_out.len(),
-        heights(&fx.moves_out),
     )?;
     Ok(())
 }
