@@ -33,7 +33,7 @@ pub const STEPS: &[&str] = &[
     "incoming", "carry", "exchange", "keep", "move-out", "move-in",
 ];
 
-/// A branch's own record, `branch.json`.
+/// A branch's own record, `.<base>.btm-branch.<name>.json`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Record {
