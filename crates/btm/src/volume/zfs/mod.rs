@@ -6,7 +6,7 @@
 //! comma-separated batch destroy and no `.zfs` directory); each fallback is
 //! exercised by the test suite on zfs-fuse.
 //!
-//! A rollback destroys nothing: see [`branches`].
+//! A rollback destroys nothing: see `volume::zfs::branches`.
 
 mod branches;
 

@@ -9,15 +9,20 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use crate::export::ExportSettings;
+use crate::height::NodeRpc;
 use crate::height::SourceSpec;
-use crate::height::{Auth, NodeRpc};
 use btm::dirs::Dirs;
-use btm::family::Dialect;
 use btm::retention::Algo;
 use btm::volume::{self, SnapMode};
+
+mod source;
+mod values;
+
+use source::{resolve_auth, resolve_source, Rpc};
+pub use values::*;
 
 /// Where the daemon looks for its file when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/btm/btm.toml";
@@ -132,81 +137,6 @@ leaves!(
     HookOptions
 );
 
-/// A command's argument vector: a list in the file, a string split on
-/// whitespace on the command line.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Argv(pub Vec<String>);
-
-fn parse_argv(s: &str) -> Result<Argv, String> {
-    Ok(Argv(s.split_whitespace().map(str::to_owned).collect()))
-}
-
-/// A volume name, checked as every operation checks it.
-pub fn parse_volume(s: &str) -> Result<String, String> {
-    volume::validate_name(s).map_err(|e| e.to_string())?;
-    Ok(s.to_owned())
-}
-
-/// `zfs` or `btrfs`, case-insensitive.
-pub fn parse_mode(s: &str) -> Result<SnapMode, String> {
-    s.parse()
-}
-
-/// `fair` or `fade`, case-insensitive.
-pub fn parse_algo(s: &str) -> Result<Algo, String> {
-    s.parse()
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s)
-        .map(Some)
-        .map_err(serde::de::Error::custom)
-}
-
-fn de_mode<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SnapMode>, D::Error> {
-    String::deserialize(d)?
-        .parse()
-        .map(Some)
-        .map_err(serde::de::Error::custom)
-}
-
-fn de_algo<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Algo>, D::Error> {
-    String::deserialize(d)?
-        .parse()
-        .map(Some)
-        .map_err(serde::de::Error::custom)
-}
-
-fn de_keep<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    parse_keep(&String::deserialize(d)?)
-        .map(Some)
-        .map_err(|e| serde::de::Error::custom(format!("keep_branches: {e}")))
-}
-
-/// How long branches are kept: a duration such as `7d` or `12h`, or `0`.
-pub fn parse_keep(s: &str) -> Result<Duration, String> {
-    if s.trim() == "0" {
-        return Ok(Duration::ZERO);
-    }
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("'{s}' is not a duration like 7d, 12h or 0 ({e})"))
-}
-
-/// How long branches are kept when nothing says: a week.
-pub const DEFAULT_KEEP_BRANCHES: Duration = Duration::from_secs(7 * 86_400);
-
-/// A positive duration such as `1s`, `500ms`, `2m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim())
-        .map_err(|e| format!("'{s}' is not a duration like 1s, 500ms or 2m ({e})"))?;
-    if d.is_zero() {
-        return Err(format!("'{s}' must be longer than zero"));
-    }
-    Ok(d)
-}
-
 /// Snapshot hooks: commands run around each snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -293,63 +223,6 @@ options! {
         #[arg(long = "export-trust", id = "export_trust", value_name = "PUBKEY")]
         pub trust: Option<Vec<String>>,
     }
-}
-
-fn de_size<'de, D: Deserializer<'de>>(d: D, key: &str) -> Result<Option<u64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum NumOrStr {
-        Num(u64),
-        Str(String),
-    }
-    let n = match NumOrStr::deserialize(d)? {
-        NumOrStr::Num(n) => n,
-        NumOrStr::Str(s) => {
-            parse_size(&s).map_err(|e| serde::de::Error::custom(format!("{key}: {e}")))?
-        }
-    };
-    if n == 0 {
-        return Err(serde::de::Error::custom(format!(
-            "{key} must be at least 1 byte"
-        )));
-    }
-    Ok(Some(n))
-}
-
-fn de_max_rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    de_size(d, "max_rate")
-}
-
-fn de_pack_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    de_size(d, "pack_size")
-}
-
-/// A byte size: a number with an optional K/M/G (powers of 1024, with or
-/// without "iB") or KB/MB/GB (powers of 1000) suffix.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size like 50MiB or 1000000"))?;
-    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1,
-        "K" | "KIB" => 1 << 10,
-        "M" | "MIB" => 1 << 20,
-        "G" | "GIB" => 1 << 30,
-        "KB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        _ => {
-            return Err(format!(
-                "'{s}' has an unknown unit (use K, M, G, KiB, MB, …)"
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .filter(|v| *v > 0)
-        .ok_or_else(|| format!("'{s}' must be between 1 byte and 16 EiB"))
 }
 
 impl ExportOptions {
@@ -742,157 +615,6 @@ fn resolve_metrics_listen(addr: Option<&str>) -> Result<Option<SocketAddr>, Conf
     .transpose()
 }
 
-/// The RPC keys, as given.
-struct Rpc<'a> {
-    url: Option<String>,
-    kind: Option<&'a str>,
-    auth: Auth,
-    timeout: Duration,
-}
-
-/// `rpc_cookie`, or `rpc_user` with `rpc_password`, or neither.
-fn resolve_auth(
-    cookie: Option<PathBuf>,
-    user: Option<String>,
-    password: Option<String>,
-) -> Result<Auth, ConfigError> {
-    match (cookie, user, password) {
-        (None, None, None) => Ok(Auth::None),
-        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err(invalid(
-            "rpc_cookie",
-            "set rpc_cookie, or rpc_user and rpc_password, not both",
-        )),
-        (Some(path), None, None) => Ok(Auth::Cookie(path)),
-        (None, Some(user), Some(password)) => {
-            if user.contains(':') {
-                return Err(invalid("rpc_user", "must not contain ':'"));
-            }
-            Ok(Auth::UserPassword { user, password })
-        }
-        (None, Some(_), None) => Err(ConfigError::Missing {
-            key: "rpc_password",
-            hint: " with rpc_user (in the configuration file)",
-        }),
-        (None, None, Some(_)) => Err(ConfigError::Missing {
-            key: "rpc_user",
-            hint: " with rpc_password",
-        }),
-    }
-}
-
-/// The height source, and the node RPC that can name the chain at a
-/// height and force a write (the source's own RPC, or `rpc_url` with
-/// `rpc_kind` beside another source).
-fn resolve_source(
-    kind: &str,
-    rpc: Rpc<'_>,
-    height_file: Option<PathBuf>,
-    height_command: Option<Vec<String>>,
-) -> Result<(SourceSpec, Option<NodeRpc>), ConfigError> {
-    let unused = |key: &'static str| {
-        invalid(
-            key,
-            format!("is set, but source is '{kind}', which does not use it"),
-        )
-    };
-    if height_file.is_some() && kind != "file" {
-        return Err(unused("height_file"));
-    }
-    if height_command.is_some() && kind != "command" {
-        return Err(unused("height_command"));
-    }
-    let spec = match kind {
-        "push" => SourceSpec::Push,
-        "file" => SourceSpec::File {
-            path: height_file.ok_or(ConfigError::Missing {
-                key: "height_file",
-                hint: " for source 'file' (--height-file)",
-            })?,
-        },
-        "command" => {
-            let argv = height_command.ok_or(ConfigError::Missing {
-                key: "height_command",
-                hint: " for source 'command' (--height-command)",
-            })?;
-            if argv.first().is_none_or(|p| p.is_empty()) {
-                return Err(invalid("height_command", "the command is empty"));
-            }
-            SourceSpec::Command { argv }
-        }
-        other => match Dialect::parse(other) {
-            Some(dialect) => {
-                if rpc.kind.is_some_and(|k| k != other) {
-                    return Err(invalid(
-                        "rpc_kind",
-                        format!("differs from source '{other}', which already names the RPC kind"),
-                    ));
-                }
-                SourceSpec::Rpc(NodeRpc {
-                    dialect,
-                    url: check_rpc_url(rpc.url.clone())?,
-                    auth: rpc.auth.clone(),
-                    timeout: rpc.timeout,
-                })
-            }
-            None => {
-                return Err(invalid(
-                    "source",
-                    format!(
-                    "unknown source '{other}' (expected push, file, command, or a node RPC: {})",
-                    Dialect::names()
-                ),
-                ))
-            }
-        },
-    };
-    let node = match (&spec, rpc.kind) {
-        (SourceSpec::Rpc(n), _) => Some(n.clone()),
-        (_, Some(k)) => Some(NodeRpc {
-            dialect: Dialect::parse(k).ok_or_else(|| {
-                invalid(
-                    "rpc_kind",
-                    format!("unknown RPC kind '{k}' (expected {})", Dialect::names()),
-                )
-            })?,
-            url: check_rpc_url(rpc.url)?,
-            auth: rpc.auth,
-            timeout: rpc.timeout,
-        }),
-        (_, None) if rpc.url.is_some() => {
-            return Err(ConfigError::Missing {
-                key: "rpc_kind",
-                hint: " (the RPC's dialect) when rpc_url is set beside a push, file or command source",
-            })
-        }
-        (_, None) if rpc.auth.is_set() => {
-            return Err(invalid(
-                "rpc_cookie",
-                "credentials are set, but there is no node RPC (an RPC source, or rpc_url with rpc_kind)",
-            ))
-        }
-        (_, None) => None,
-    };
-    Ok((spec, node))
-}
-
-/// `rpc_url`: present, and a plain http:// URL.
-fn check_rpc_url(rpc_url: Option<String>) -> Result<String, ConfigError> {
-    let url = rpc_url.ok_or(ConfigError::Missing {
-        key: "rpc_url",
-        hint: " for this source (--rpc-url)",
-    })?;
-    if url.starts_with("https://") {
-        return Err(invalid(
-            "rpc_url",
-            "https is not supported: the daemon runs on the node's machine; use the node's local http:// endpoint",
-        ));
-    }
-    if !url.starts_with("http://") || url.len() <= "http://".len() {
-        return Err(invalid("rpc_url", format!("'{url}' is not an http:// URL")));
-    }
-    Ok(url)
-}
-
 /// The daemon's resolved, validated settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DaemonSettings {
@@ -954,6 +676,8 @@ pub struct DaemonSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::height::Auth;
+    use btm::family::Dialect;
 
     fn parse(text: &str) -> Result<DaemonSettings, ConfigError> {
         DaemonOptions::from_toml(text, Path::new("t.toml"))?.resolve()
