@@ -428,6 +428,25 @@ impl Scheduler {
         r
     }
 
+    /// What a snapshot's report and the branch census say of the volume:
+    /// protected snapshots, branches, pruning.
+    fn record_volume(&self, report: &btm::SnapshotReport, branches: Option<BranchCensus>) {
+        self.state.protected_seen(report.protected);
+        if let Some(c) = branches {
+            self.state.branches_seen(c);
+        }
+        self.state.count(|c| {
+            c.snapshot_ms_total += report.snapshot_ms;
+            c.prune_ms_total += report.prune_ms;
+            c.prunes += 1;
+        });
+        for (h, e) in &report.prune_failures {
+            self.state
+                .error("prune", &format!("could not prune {h}: {e}"));
+            self.state.count(|c| c.prune_failures += 1);
+        }
+    }
+
     async fn take_plausible(
         &self,
         height: u64,
@@ -465,20 +484,7 @@ impl Scheduler {
             Ok(r) => r,
             Err(e) => return self.not_taken(height, e, duration_ms),
         };
-        self.state.protected_seen(report.protected);
-        if let Some(c) = took.branches {
-            self.state.branches_seen(c);
-        }
-        self.state.count(|c| {
-            c.snapshot_ms_total += report.snapshot_ms;
-            c.prune_ms_total += report.prune_ms;
-            c.prunes += 1;
-        });
-        for (h, e) in &report.prune_failures {
-            self.state
-                .error("prune", &format!("could not prune {h}: {e}"));
-            self.state.count(|c| c.prune_failures += 1);
-        }
+        self.record_volume(&report, took.branches);
         let snapshot = format!("{}@{height}", self.cfg.volume);
         let outcome = match report.outcome {
             SnapshotOutcome::Created => {
