@@ -93,6 +93,15 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 /// with structured fields (`HEIGHT`, `VOLUME`, `SNAPSHOT`, `DURATION_MS`);
 /// otherwise to stderr in human-readable form. `level` (from `--log-level`
 /// or the config file) wins over `RUST_LOG`, which wins over `default`.
+/// Colour only for a person at a terminal: a pipe, a file, CI or a log
+/// shipper gets plain text, and `NO_COLOR` (any value but empty) turns it
+/// off everywhere (<https://no-color.org>).
+fn colour() -> bool {
+    use std::io::IsTerminal;
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    !no_color && io::stderr().is_terminal()
+}
+
 pub(crate) fn init_logging(level: Option<&str>, default: &str) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -117,6 +126,7 @@ pub(crate) fn init_logging(level: Option<&str>, default: &str) {
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_writer(io::stderr)
+                    .with_ansi(colour())
                     .with_target(false),
             )
             .init(),

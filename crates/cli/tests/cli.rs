@@ -299,3 +299,26 @@ fn notify_and_status_without_a_daemon_fail_cleanly() {
     btm(dir.path(), &["status", "--socket", s]).fails(1);
     btm(dir.path(), &["notify", "--height", "ten"]).fails(2);
 }
+
+/// Logs written to a pipe (CI, `2>file`, cron mail, a log shipper) carry no
+/// terminal escape codes.
+#[test]
+fn logs_to_a_pipe_are_plain_text() {
+    let dir = scratch();
+    let vol = dir.path().join("plain");
+    std::fs::create_dir_all(&vol).expect("mkdir");
+    let r = btm(
+        dir.path(),
+        &[
+            "--log-level",
+            "debug",
+            "list",
+            "-p",
+            vol.to_str().expect("utf8"),
+            "-m",
+            "btrfs",
+        ],
+    );
+    assert!(r.stderr.contains("DEBUG"), "{}", r.stderr);
+    assert!(!r.stderr.contains('\u{1b}'), "{:?}", r.stderr);
+}
