@@ -15,7 +15,7 @@ use super::format::head::Decoded;
 use super::format::pack::{self, open_frame};
 use super::format::tree::Item;
 use super::map::ChunkMap;
-use super::{catalog, with_retry, ChunkError};
+use super::{inventory, with_retry, ChunkError};
 use crate::store::{Id, Kind, Store};
 
 /// What `check` found.
@@ -58,7 +58,7 @@ pub fn check(
         v1_refs: HashSet::new(),
         v1_present: None,
     };
-    for name in catalog::list_backups(store, None)? {
+    for name in inventory::list_backups(store, None)? {
         report.indexes += 1;
         check_backup(
             store,
@@ -127,7 +127,7 @@ fn check_backup(
     refs: &mut Refs,
     report: &mut CheckReport,
 ) -> Result<(), ChunkError> {
-    let idx = match catalog::read_index(store, name) {
+    let idx = match inventory::read_index(store, name) {
         Ok(i) => i,
         Err(e @ (ChunkError::Index(_) | ChunkError::NoBackup(_))) => {
             report.problems.push(e.to_string());
@@ -145,7 +145,7 @@ fn check_backup(
                 .collect(),
         );
     }
-    let mut entries = catalog::entries(store, cache, name, &idx, connections);
+    let mut entries = inventory::entries(store, cache, name, &idx, connections);
     let mut file = String::new();
     loop {
         let item = match entries.next_item() {

@@ -2,8 +2,8 @@
 //! rest. Deleting an index only makes its chunks unreferenced; the garbage
 //! collector ([`super::gc`]) removes them later, safely.
 
-use super::catalog::list_backups;
 use super::format::head::IndexName;
+use super::inventory::list_backups;
 use super::with_retry;
 use super::ChunkError;
 use crate::store::Store;

@@ -10,7 +10,7 @@
 //! The parts, from the store up:
 //! - [`cache`] keeps store metadata (pack indexes, tree segments) locally;
 //! - [`map`] is the chunk map: which chunks the store holds, and where;
-//! - [`catalog`] lists, reads, selects and forgets backups, and streams
+//! - [`inventory`] lists, reads, selects and forgets backups, and streams
 //!   their entries through the format's validator;
 //! - [`plan`] holds the pure decisions (what to read, reuse, fetch, how to
 //!   group fetches); [`backup`] and [`restore`] execute them;
@@ -25,11 +25,11 @@
 pub mod backup;
 pub mod buffers;
 pub mod cache;
-pub mod catalog;
 pub mod check;
 pub mod exclude;
 pub mod format;
 pub mod gc;
+pub mod inventory;
 pub mod keep;
 pub mod lease;
 pub mod map;
@@ -49,8 +49,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::store::{Id, StoreError};
 
-pub use catalog::BackupInfo;
 pub use format::head::{IndexError, IndexName};
+pub use inventory::BackupInfo;
 pub use policy::Policy;
 pub use repo::Repo;
 

@@ -80,9 +80,9 @@ impl<'s> Repo<'s> {
     }
 
     /// The entries of backup `name` (`index`), streamed and validated;
-    /// see [`crate::catalog::entries`].
-    pub fn entries<'a>(&'a self, name: &str, index: &Decoded) -> crate::catalog::Entries<'a> {
-        crate::catalog::entries(
+    /// see [`crate::inventory::entries`].
+    pub fn entries<'a>(&'a self, name: &str, index: &Decoded) -> crate::inventory::Entries<'a> {
+        crate::inventory::entries(
             self.store,
             self.cache(),
             name,
@@ -128,7 +128,7 @@ impl<'s> Repo<'s> {
 
     /// Forget backup `name` (its head only; GC frees its data).
     pub fn forget(&self, name: &str, dry_run: bool) -> Result<(), ChunkError> {
-        crate::catalog::forget(self.store, name, dry_run)
+        crate::inventory::forget(self.store, name, dry_run)
     }
 
     /// Forget all but the newest `keep` backups of `tag`; the names

@@ -16,7 +16,7 @@ use btm_chunk::backup::BackupOptions;
 use btm_chunk::gc::GcOptions;
 use btm_chunk::restore::RestoreOptions;
 use btm_chunk::store::{Fault, Kind, LocalStore, MemStore, Request, Store};
-use btm_chunk::{catalog, ChunkError, Policy};
+use btm_chunk::{inventory, ChunkError, Policy};
 use common::*;
 
 #[track_caller]
@@ -200,7 +200,7 @@ fn answers_lost_after_the_write_cost_nothing() {
     backup(&store, &src, "node").expect("retries find their writes landed");
     assert_eq!(store.faulted(), 3);
     assert_eq!(
-        catalog::list_backups(&store, Some("node"))
+        inventory::list_backups(&store, Some("node"))
             .expect("list")
             .len(),
         1
@@ -297,7 +297,7 @@ fn key_material_the_policy_names_stays_out_and_signing_state_stays_put() {
         noise(3, 10 * KIB)
     );
     let mut all = Vec::new();
-    let mut entries = catalog::entries(&store, None, &name, &index, 2);
+    let mut entries = inventory::entries(&store, None, &name, &index, 2);
     while let Some(item) = entries.next_item().expect("item") {
         if let btm_chunk::format::tree::Item::Entry(e) = item {
             all.push(String::from_utf8_lossy(&e.path).into_owned());

@@ -955,11 +955,11 @@ fn resegmented(
     use btm_chunk::format::head::{Decoded, Head, IndexName, Totals};
     use btm_chunk::format::tree::{Item, TreeWriter};
     use btm_chunk::store::{Kind, Store};
-    let Decoded::V2(old) = btm_chunk::catalog::read_index(store, name).expect("read") else {
+    let Decoded::V2(old) = btm_chunk::inventory::read_index(store, name).expect("read") else {
         panic!("a version 2 backup");
     };
     let idx = Decoded::V2(old.clone());
-    let mut entries = btm_chunk::catalog::entries(store, None, name, &idx, 2);
+    let mut entries = btm_chunk::inventory::entries(store, None, name, &idx, 2);
     let (mut segments, mut totals) = (Vec::new(), Totals::default());
     let mut writer: Option<TreeWriter> = None;
     let mut close = |w: TreeWriter, segments: &mut Vec<_>| {

@@ -478,7 +478,7 @@ fn a_leaseless_restore_follows_chunks_a_repack_moved() {
         let swept = gc(inner, &gc_now()).expect("gc beside the restore");
         *seen.lock().expect("lock") = Some(marked.packs_repacked + swept.packs_repacked);
     }));
-    let index = btm_chunk::catalog::read_index(&faulty, &kept.name).expect("head");
+    let index = btm_chunk::inventory::read_index(&faulty, &kept.name).expect("head");
     let dst = dir.path().join("restored");
     let ropts = btm_chunk::restore::RestoreOptions::new(Policy::NONE);
     let r = Repo::new(&faulty)
@@ -559,7 +559,7 @@ fn repack_gc_is_safe_beside_concurrent_backups() {
         "no sweep ever ran"
     );
     check_clean(&store);
-    let left: Vec<String> = btm_chunk::catalog::list_backups(&store, None)
+    let left: Vec<String> = btm_chunk::inventory::list_backups(&store, None)
         .expect("list")
         .iter()
         .map(ToString::to_string)

@@ -210,7 +210,7 @@ pub fn export(
     // compare with. The backup reads the parent index again on purpose:
     // it relies on the parent's chunks, which is safe only for an index
     // read under its lease (see btm_chunk::lease).
-    let parent = btm_chunk::catalog::latest(store, &s.tag, None)?;
+    let parent = btm_chunk::inventory::latest(store, &s.tag, None)?;
     if let Some(name) = already_exported(parent.as_ref(), which, s.every, height) {
         tracing::info!(height, backup = %name, "already exported; skipping");
         report.already_exported = Some(name);

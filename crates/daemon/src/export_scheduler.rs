@@ -378,11 +378,11 @@ mod tests {
         }
 
         fn exported_heights(&self) -> Vec<u64> {
-            btm_chunk::catalog::list_backups(&self.store, None)
+            btm_chunk::inventory::list_backups(&self.store, None)
                 .expect("list")
                 .into_iter()
                 .map(|n| {
-                    btm_chunk::catalog::read_index(&self.store, &n.to_string())
+                    btm_chunk::inventory::read_index(&self.store, &n.to_string())
                         .expect("index")
                         .height()
                         .expect("height")

@@ -16,8 +16,8 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
-use btm_chunk::catalog::Entries;
 use btm_chunk::format::tree::{ChunkRef, Entry, EntryKind, Item};
+use btm_chunk::inventory::Entries;
 use btm_chunk::restore::{apply_file_metadata, timespec, Found};
 use nix::fcntl::{openat, AtFlags, OFlag};
 use nix::sys::stat::Mode;

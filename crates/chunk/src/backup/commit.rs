@@ -12,9 +12,9 @@
 use std::collections::HashSet;
 
 use super::Shared;
-use crate::catalog;
 use crate::format::head::{Decoded, Head};
 use crate::format::tree::Item;
+use crate::inventory;
 use crate::lease::LeaseError;
 use crate::map::ChunkMap;
 use crate::pipeline::pool;
@@ -69,7 +69,7 @@ fn put_head(store: &dyn Store, name: &str, encoded: &[u8]) -> Result<(), ChunkEr
     match with_retry(|| store.put_index(name, encoded)) {
         Ok(()) => Ok(()),
         Err(e @ StoreError::Conflict { .. }) => {
-            let there = match catalog::read_index(store, name) {
+            let there = match inventory::read_index(store, name) {
                 Ok(idx) => {
                     let info = BackupInfo::of(name, &idx);
                     format!(
@@ -160,7 +160,7 @@ fn missing_chunks(
             .is_some_and(|l| packs.contains(&map.packs()[l.pack as usize].id))
     };
     let decoded = Decoded::V2(head.clone());
-    let mut entries = catalog::entries(store, cache, name, &decoded, connections);
+    let mut entries = inventory::entries(store, cache, name, &decoded, connections);
     let (mut path, mut missing, mut example) = (Vec::new(), 0u64, None);
     while let Some(item) = entries.next_item()? {
         match item {

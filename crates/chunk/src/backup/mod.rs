@@ -53,11 +53,11 @@ use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 
 use super::buffers::Buffers;
-use super::catalog::{self, Entries};
 use super::format::head::{validate_tag, Decoded, Head, IndexName, FORMAT_VERSION};
 use super::format::pack::DEFAULT_TARGET;
 use super::format::packidx::PackEntry;
 use super::format::tree::MAX_CHUNK;
+use super::inventory::{self, Entries};
 use super::lease::{Lease, LeaseKind};
 use super::map::KnownSet;
 use super::pipeline::{counters, Budget, Pipeline};
@@ -313,7 +313,7 @@ pub fn backup(
     // while the lease is taken: one round trip fewer to a remote store.
     // The previous head itself is read under the lease (see `run`).
     std::thread::scope(|s| {
-        let listing = s.spawn(|| catalog::list_backups(store, Some(&opts.tag)));
+        let listing = s.spawn(|| inventory::list_backups(store, Some(&opts.tag)));
         super::lease::with_lease(
             store,
             LeaseKind::Backup,
@@ -445,7 +445,7 @@ fn starting_point<'r>(
     let (store, cache, connections) = (repo.store(), repo.cache(), repo.metadata_connections());
     let (previous, known) = std::thread::scope(|s| {
         let previous = s.spawn(|| {
-            let found = catalog::newest_readable(store, names, None)?.filter(
+            let found = inventory::newest_readable(store, names, None)?.filter(
                 |(_, idx)| matches!(idx, Decoded::V2(h) if h.chunk_size == opts.chunk_size),
             );
             Ok::<_, ChunkError>(found.map(|(name, decoded)| {

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use nix::fcntl::{openat, AtFlags, OFlag};
 use nix::sys::stat::{fstatat, FileStat, Mode, SFlag};
 
-use super::super::catalog::Entries;
 use super::super::format::tree::{walk_order, ChunkRef, Entry, Item};
+use super::super::inventory::Entries;
 use super::super::ChunkError;
 
 /// One entry found by the walk.

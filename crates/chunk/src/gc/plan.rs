@@ -13,7 +13,7 @@ use crate::format::head::Decoded;
 use crate::format::tree::Item;
 use crate::map::ChunkMap;
 use crate::store::{Id, Marker, Store};
-use crate::{catalog, ChunkError};
+use crate::{inventory, ChunkError};
 
 /// Which chunks, segments and v1 chunks the backups present reference.
 pub struct Liveness {
@@ -43,9 +43,9 @@ pub fn liveness(
         unreadable: Vec::new(),
         indexes: 0,
     };
-    for name in catalog::list_backups(store, None)? {
+    for name in inventory::list_backups(store, None)? {
         let name = name.to_string();
-        let idx = match catalog::read_index(store, &name) {
+        let idx = match inventory::read_index(store, &name) {
             Ok(i) => i,
             // Forgotten since the listing (a retention prune beside us):
             // it references nothing any more.
@@ -62,7 +62,7 @@ pub fn liveness(
             l.trees.extend(h.trees.iter().copied());
         }
         let v1 = matches!(idx, Decoded::V1(_));
-        let mut entries = catalog::entries(store, cache, &name, &idx, connections);
+        let mut entries = inventory::entries(store, cache, &name, &idx, connections);
         loop {
             match entries.next_item() {
                 Ok(Some(Item::Chunks(chunks))) => {

@@ -27,10 +27,10 @@ use nix::unistd::UnlinkatFlags;
 use serde::Serialize;
 
 use super::super::backup::walk::Walker;
-use super::super::catalog::Entries;
 use super::super::exclude::Exclusions;
 use super::super::format::head::Decoded;
 use super::super::format::tree::{walk_order, Item};
+use super::super::inventory::Entries;
 use super::super::ChunkError;
 use super::journal;
 

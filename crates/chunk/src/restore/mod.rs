@@ -63,7 +63,7 @@ use super::format::tree::Entry;
 use super::lease::{LeaseError, LeaseKind};
 use super::map::ChunkMap;
 use super::pipeline::{counters, Budget, Pipeline};
-use super::{catalog, ChunkError, Policy, Progress, Repo};
+use super::{inventory, ChunkError, Policy, Progress, Repo};
 use journal::{Durable, Journal};
 
 /// Frames of one pack closer than this are fetched in one read.
@@ -394,7 +394,7 @@ fn run_pipeline<'a>(
     dest: &Dest<'_>,
     prior: &journal::Prior,
     journal: &Mutex<Journal>,
-    entries: catalog::Entries<'_>,
+    entries: inventory::Entries<'_>,
     dirs: &mut Vec<Entry>,
     summary: &mut RestoreSummary,
 ) {

@@ -20,8 +20,8 @@ use super::journal::{Prior, Stamp};
 use super::metadata::{timespec, Found};
 use super::write::FileJob;
 use super::{RestoreSummary, Shared, BIG_FILE_CHUNKS};
-use crate::catalog;
 use crate::format::tree::{ChunkRef, Entry, EntryKind, Item};
+use crate::inventory;
 use crate::pipeline::Budget;
 use crate::plan::{append_trusted_end, restore_step, RestoreStep};
 use crate::spool::Spool;
@@ -116,7 +116,7 @@ impl<'a> Planner<'_, 'a> {
         Ok(Arc::new(fd))
     }
 
-    pub(super) fn run(&mut self, mut entries: catalog::Entries<'_>) -> Result<(), ChunkError> {
+    pub(super) fn run(&mut self, mut entries: inventory::Entries<'_>) -> Result<(), ChunkError> {
         let mut current: Option<Current<'a>> = None;
         let mut append: Option<AppendCheck> = None;
         loop {

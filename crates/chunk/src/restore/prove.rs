@@ -18,9 +18,9 @@
 use std::collections::HashSet;
 
 use super::super::cache::Cache;
-use super::super::catalog;
 use super::super::format::head::Decoded;
 use super::super::format::tree::Item;
+use super::super::inventory;
 use super::super::map::ChunkMap;
 use super::super::{with_retry, ChunkError};
 use crate::store::{Id, Kind, Store};
@@ -66,7 +66,7 @@ pub fn prove(
         Some(set) => set.contains(hash),
         None => map.find(hash).is_some(),
     };
-    let mut entries = catalog::entries(store, cache, name, index, connections);
+    let mut entries = inventory::entries(store, cache, name, index, connections);
     let mut path = Vec::new();
     loop {
         let item = match entries.next_item() {

@@ -10,7 +10,7 @@ use btm_chunk::backup::{BackupOptions, BackupSummary};
 use btm_chunk::format::head::Decoded;
 use btm_chunk::restore::{RestoreOptions, RestoreSummary};
 use btm_chunk::store::Store;
-use btm_chunk::{catalog, ChunkError, Policy, Repo};
+use btm_chunk::{inventory, ChunkError, Policy, Repo};
 
 mod noise;
 pub use noise::noise;
@@ -104,9 +104,9 @@ pub fn backup(store: &dyn Store, src: &Path, tag: &str) -> Result<BackupSummary,
 
 /// The newest backup of `tag` and its index.
 pub fn newest(store: &dyn Store, tag: &str) -> (String, Decoded) {
-    let names = catalog::list_backups(store, Some(tag)).expect("list");
+    let names = inventory::list_backups(store, Some(tag)).expect("list");
     let name = names.first().expect("a backup").to_string();
-    let index = catalog::read_index(store, &name).expect("index");
+    let index = inventory::read_index(store, &name).expect("index");
     (name, index)
 }
 

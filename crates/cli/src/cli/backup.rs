@@ -15,7 +15,7 @@ use btm_chunk::format::tree::{EntryKind, Item};
 use btm_chunk::public::{Access, Publishing, SigningKey};
 use btm_chunk::restore::RestoreOptions;
 use btm_chunk::store::Store;
-use btm_chunk::{catalog, BackupInfo, Repo};
+use btm_chunk::{inventory, BackupInfo, Repo};
 use btm_daemon::height::identity::ChainIdentity;
 use btm_daemon::settings::{ConfigError, DEFAULT_CONFIG};
 
@@ -444,7 +444,7 @@ pub fn backups(args: BackupsArgs, out: &mut dyn Write) -> Result<()> {
     if let Some(BackupsCommand::Show { name, json }) = &args.show {
         return show(store.as_ref(), &args.store, name, *json, out);
     }
-    let mut names = catalog::list_backups(store.as_ref(), args.tag.as_deref())?;
+    let mut names = inventory::list_backups(store.as_ref(), args.tag.as_deref())?;
     if let Some(n) = args.limit {
         names.truncate(n);
     }
@@ -457,7 +457,7 @@ pub fn backups(args: BackupsArgs, out: &mut dyn Write) -> Result<()> {
     let mut infos = Vec::new();
     for n in names {
         let name = n.to_string();
-        match catalog::read_index(store.as_ref(), &name) {
+        match inventory::read_index(store.as_ref(), &name) {
             Ok(idx) => infos.push(BackupInfo::of(&name, &idx)),
             // One unreadable index is shown as such; the others still are.
             Err(e @ btm_chunk::ChunkError::Index(_)) => infos.push(BackupInfo::unreadable(&n, &e)),
@@ -517,7 +517,7 @@ fn show(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let idx = catalog::read_index(store, name)?;
+    let idx = inventory::read_index(store, name)?;
     let info = BackupInfo::of(name, &idx);
     let repo = args.repo(store);
     let mut entries = repo.entries(name, &idx);
@@ -533,7 +533,7 @@ fn show(
 fn show_json(
     idx: &btm_chunk::format::head::Decoded,
     info: &BackupInfo,
-    entries: &mut catalog::Entries<'_>,
+    entries: &mut inventory::Entries<'_>,
     out: &mut dyn Write,
 ) -> Result<()> {
     write!(out, "{{\"backup\":")?;
@@ -600,7 +600,7 @@ fn show_text(
     name: &str,
     idx: &btm_chunk::format::head::Decoded,
     info: &BackupInfo,
-    entries: &mut catalog::Entries<'_>,
+    entries: &mut inventory::Entries<'_>,
     out: &mut dyn Write,
 ) -> Result<()> {
     writeln!(
@@ -694,7 +694,7 @@ pub(super) fn find_backup(
     height: Option<u64>,
 ) -> Result<(String, btm_chunk::format::head::Decoded)> {
     if wanted == "latest" {
-        return catalog::latest(store, tag, height)?.ok_or_else(|| {
+        return inventory::latest(store, tag, height)?.ok_or_else(|| {
             anyhow::anyhow!(
                 "no backup with tag '{tag}'{} in {}",
                 height.map_or(String::new(), |h| format!(" at height {h} or below")),
@@ -705,7 +705,7 @@ pub(super) fn find_backup(
     if height.is_some() {
         bail!("--height only applies to `latest`");
     }
-    Ok((wanted.to_owned(), catalog::read_index(store, wanted)?))
+    Ok((wanted.to_owned(), inventory::read_index(store, wanted)?))
 }
 
 /// Arguments of `btm restore`.
