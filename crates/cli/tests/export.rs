@@ -411,9 +411,15 @@ fn a_store_that_is_down_fails_exports_but_never_snapshots() {
     // A path under a regular file can never be created.
     let store = "/dev/null/btm-store";
     let daemon = DaemonProc::start(fx.scratch(), &daemon_args(&fx, &vol, store), &[]);
-    for h in [10, 20, 30, 40] {
+    // Exports are due at 10, 20 and 40. Each is let fail before the next
+    // is due: on a loaded machine one still running would skip the next
+    // (that is tested apart).
+    for (h, failed) in [(10, 1), (20, 2), (30, 2), (40, 3)] {
         let reply = daemon.notify(h);
         assert_eq!(reply["outcome"], "created", "{reply}");
+        daemon.wait_status("the due export to fail", |s| {
+            s["counters"]["export_failures"].as_u64() == Some(failed)
+        });
     }
     daemon.wait_status("export failures", |s| {
         s["counters"]["export_failures"].as_u64() == Some(3) && s["export"].is_null()
