@@ -27,14 +27,17 @@
 //! it has no async runtime and no cloud SDK. Inside it, each module depends
 //! only on those listed after it: [`config`] (the [`BtmCfg`] façade) →
 //! [`ops`] (the operations handle, with its volume and directories passed
-//! in) and [`rollback`] (switches between lines, their journal) → [`pruner`], [`retention`] (pure) → [`volume`] (drivers, one command
+//! in) and [`rollback`] (switches between lines, their journal) →
+//! [`pruner`], [`retention`] (pure) → [`volume`] (drivers, one command
 //! wrapper) → [`pin`], [`lock`], [`preserve`], [`validator`], [`window`],
 //! [`exec`] → [`family`], [`confined`], [`dirs`], [`sys`] (the only `unsafe`).
 //! [`client`] and [`protocol`] let a node talk to a running daemon.
 //!
 //! Above it: `btm-chunk` (the sparse chunk engine and its stores), then
-//! `btm-daemon` (height sources, scheduler, exports, settings), then
-//! `btm-cli`, the only crate that builds the `btm` binary.
+//! `btm-live` (live restore's FUSE server), then `btm-daemon` (height
+//! sources, scheduler, exports, settings; it reads live restores' figures
+//! for its metrics), then `btm-cli`, the only crate that builds the `btm`
+//! binary.
 
 pub mod client;
 pub mod config;

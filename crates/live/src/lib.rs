@@ -17,9 +17,10 @@
 //! files are reached by file handle through bounded caches ([`backing`]).
 //!
 //! The layers: this crate depends on `btm-chunk` for the store, the chunk
-//! map and the format, and on `fuser` for the kernel protocol; the daemon
-//! (for its metrics) and the CLI depend on it. The pure decisions (which chunks a read, write or
-//! truncate needs: [`presence`]; the order of hydration: [`order`]) are
+//! map and the format, and on `fuser` for the kernel protocol. Above it,
+//! `btm-daemon` reads running live restores' figures for its metrics and
+//! `btm-cli` serves them. The pure decisions (which chunks a read, write
+//! or truncate needs: [`presence`]; the order of hydration: [`order`]) are
 //! property-tested on their own.
 
 pub mod backing;
