@@ -117,7 +117,9 @@ fn kind_of(mode: u32) -> Kind {
     }
 }
 
-const DIR_FLAGS: OFlag = OFlag::O_RDONLY
+/// How a directory below the root is opened: read-only, never through a
+/// symlink, closed on exec.
+pub const DIR_FLAGS: OFlag = OFlag::O_RDONLY
     .union(OFlag::O_DIRECTORY)
     .union(OFlag::O_NOFOLLOW)
     .union(OFlag::O_CLOEXEC);

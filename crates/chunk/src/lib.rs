@@ -32,6 +32,7 @@ pub mod gc;
 pub mod inventory;
 pub mod keep;
 pub mod lease;
+pub mod localfs;
 pub mod map;
 pub mod pipeline;
 pub mod plan;

@@ -18,8 +18,10 @@ use std::os::unix::ffi::OsStrExt;
 
 use btm_chunk::format::tree::{ChunkRef, Entry, EntryKind, Item};
 use btm_chunk::inventory::Entries;
-use btm_chunk::restore::{apply_file_metadata, timespec, Found};
-use nix::fcntl::{openat, AtFlags, OFlag};
+use btm_chunk::localfs::{
+    apply_file_metadata, split_name, symlink_owner_and_times, Found, DIR_FLAGS,
+};
+use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::Mode;
 
 use crate::durable::Durable;
@@ -30,18 +32,6 @@ use crate::LiveError;
 /// The state directory's name at the backing tree's root; the mount hides
 /// it.
 pub const STATE_DIR: &str = ".btm-live";
-
-const DIR_FLAGS: OFlag = OFlag::O_RDONLY
-    .union(OFlag::O_DIRECTORY)
-    .union(OFlag::O_NOFOLLOW)
-    .union(OFlag::O_CLOEXEC);
-
-fn split_name(path: &[u8]) -> (&[u8], &[u8]) {
-    match path.iter().rposition(|&c| c == b'/') {
-        Some(i) => (&path[..i], &path[i + 1..]),
-        None => (&[][..], path),
-    }
-}
 
 fn io(path: &[u8], e: std::io::Error) -> LiveError {
     LiveError::Io {
@@ -132,23 +122,7 @@ fn make_symlink(
 ) -> Result<(), LiveError> {
     nix::unistd::symlinkat(OsStr::from_bytes(target), parent, name)
         .map_err(|x| io(&e.path, x.into()))?;
-    nix::unistd::fchownat(
-        parent,
-        name,
-        Some(e.uid.into()),
-        Some(e.gid.into()),
-        AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .map_err(|x| io(&e.path, x.into()))?;
-    let ts = timespec(e.mtime_ns);
-    nix::sys::stat::utimensat(
-        parent,
-        name,
-        &ts,
-        &ts,
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )
-    .map_err(|x| io(&e.path, x.into()))
+    symlink_owner_and_times(parent, name, e).map_err(|x| io(&e.path, x.into()))
 }
 
 /// A file made, whose chunks are streaming by.

@@ -54,10 +54,7 @@ pub struct Walker {
     stack: Vec<Frame>,
 }
 
-const DIR_FLAGS: OFlag = OFlag::O_RDONLY
-    .union(OFlag::O_DIRECTORY)
-    .union(OFlag::O_NOFOLLOW)
-    .union(OFlag::O_CLOEXEC);
+use crate::localfs::DIR_FLAGS;
 
 fn read_names(dir: &OwnedFd) -> std::io::Result<Vec<Vec<u8>>> {
     let dup = dir.try_clone()?;

@@ -30,7 +30,7 @@
 //!   removed.
 //!
 //! Each stage is one file: `planner.rs`, `verify.rs`, `fetch.rs` (batcher
-//! and fetchers), `write.rs`, `metadata.rs`, `checkpoint.rs` with
+//! and fetchers), `write.rs`, `checkpoint.rs` (owners, modes and times: [`crate::localfs`]) with
 //! [`journal`], and [`delete`] for `--delete`; [`prove`] runs before any of
 //! them. What they share (the stop and first error, budgets, worker pools,
 //! counters) is [`crate::pipeline`].
@@ -39,13 +39,11 @@ mod checkpoint;
 pub mod delete;
 mod fetch;
 pub mod journal;
-mod metadata;
 mod planner;
 pub mod prove;
 mod verify;
 mod write;
 
-pub use metadata::{apply_file_metadata, timespec, Found};
 pub use write::write_sparse;
 
 use std::os::fd::OwnedFd;
@@ -340,7 +338,7 @@ fn run(
     // Directories last, deepest first: creating children changes mtimes.
     dirs.sort_by_key(|e| std::cmp::Reverse(e.path.iter().filter(|&&c| c == b'/').count()));
     dirs.iter()
-        .try_for_each(|e| metadata::apply_dir_metadata(&tree, e))?;
+        .try_for_each(|e| crate::localfs::apply_dir_metadata(&tree, e))?;
     if opts.delete {
         delete_extra(&repo, name, index, dest.path, opts, &mut summary)?;
     }

@@ -17,11 +17,11 @@ use nix::sys::stat::{fstatat, Mode, SFlag};
 
 use super::fetch::{BatchMsg, Want};
 use super::journal::{Prior, Stamp};
-use super::metadata::{timespec, Found};
 use super::write::FileJob;
 use super::{RestoreSummary, Shared, BIG_FILE_CHUNKS};
 use crate::format::tree::{ChunkRef, Entry, EntryKind, Item};
 use crate::inventory;
+use crate::localfs::{split_name, symlink_owner_and_times, Found, DIR_FLAGS};
 use crate::pipeline::Budget;
 use crate::plan::{append_trusted_end, restore_step, RestoreStep};
 use crate::spool::Spool;
@@ -56,18 +56,6 @@ struct Current<'a> {
     next: u64,
     trusted: u64,
 }
-
-fn split_name(path: &[u8]) -> (&[u8], &[u8]) {
-    match path.iter().rposition(|&c| c == b'/') {
-        Some(i) => (&path[..i], &path[i + 1..]),
-        None => (&[][..], path),
-    }
-}
-
-const DIR_FLAGS: OFlag = OFlag::O_RDONLY
-    .union(OFlag::O_DIRECTORY)
-    .union(OFlag::O_NOFOLLOW)
-    .union(OFlag::O_CLOEXEC);
 
 impl<'a> Planner<'_, 'a> {
     fn refused(&self, e: &Entry, detail: impl Into<String>) -> ChunkError {
@@ -218,23 +206,7 @@ impl<'a> Planner<'_, 'a> {
             nix::unistd::symlinkat(OsStr::from_bytes(target), parent.as_fd(), name)
                 .map_err(|x| self.io(e, x))?;
         }
-        nix::unistd::fchownat(
-            parent.as_fd(),
-            name,
-            Some(e.uid.into()),
-            Some(e.gid.into()),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .map_err(|x| self.io(e, x))?;
-        let ts = timespec(e.mtime_ns);
-        nix::sys::stat::utimensat(
-            parent.as_fd(),
-            name,
-            &ts,
-            &ts,
-            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-        )
-        .map_err(|x| self.io(e, x))?;
+        symlink_owner_and_times(parent.as_fd(), name, e).map_err(|x| self.io(e, x))?;
         Ok(())
     }
 

@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex};
 
 use super::fetch::FetchChunk;
 use super::journal::{Durable, Record, Stamp};
-use super::metadata::{apply_file_metadata, Found};
 use super::{Shared, CHECKPOINT_BYTES, CHECKPOINT_FILES};
 use crate::format::pack::{open_frame, FrameError};
 use crate::format::tree::Entry;
+use crate::localfs::{apply_file_metadata, Found};
 use crate::pipeline::Permit;
 use crate::ChunkError;
 

@@ -56,7 +56,7 @@ pub(super) fn timespec_of(t: TimeOrNow) -> TimeSpec {
             Ok(d) => TimeSpec::new(d.as_secs() as i64, i64::from(d.subsec_nanos())),
             Err(e) => {
                 let ns = -(e.duration().as_nanos() as i64);
-                btm_chunk::restore::timespec(ns)
+                btm_chunk::localfs::timespec(ns)
             }
         },
     }

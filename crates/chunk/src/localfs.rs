@@ -1,12 +1,21 @@
-//! The metadata stage: owners, modes and times of what a restore wrote,
-//! through descriptors, never through paths.
+//! How restore and live restore touch a local tree, written once: the flags
+//! directories are opened with, splitting a path into parent and name,
+//! times as the kernel takes them, and owners, modes and times set through
+//! descriptors (a symlink's through its parent), never through paths.
 
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use std::os::fd::BorrowedFd;
+
+use nix::fcntl::AtFlags;
 use nix::sys::stat::Mode;
+
+/// How every directory below a root is opened: never through a symlink
+/// (see [`btm::confined`]).
+pub use btm::confined::DIR_FLAGS;
 
 use crate::format::tree::Entry;
 use crate::ChunkError;
@@ -65,7 +74,37 @@ pub fn timespec(ns: i64) -> nix::sys::time::TimeSpec {
     nix::sys::time::TimeSpec::new(ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000))
 }
 
-pub(super) fn apply_dir_metadata(tree: &btm::confined::Tree, e: &Entry) -> Result<(), ChunkError> {
+/// `path` as its parent directory and its last component (`a/b/c` →
+/// `a/b`, `c`; a name alone has an empty parent).
+pub fn split_name(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&c| c == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&[][..], path),
+    }
+}
+
+/// Give symlink `name` in `parent` the entry's owner and time, never
+/// following it.
+pub fn symlink_owner_and_times(parent: BorrowedFd<'_>, name: &OsStr, e: &Entry) -> nix::Result<()> {
+    nix::unistd::fchownat(
+        parent,
+        name,
+        Some(e.uid.into()),
+        Some(e.gid.into()),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    )?;
+    let ts = timespec(e.mtime_ns);
+    nix::sys::stat::utimensat(
+        parent,
+        name,
+        &ts,
+        &ts,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+}
+
+/// Owner, mode and times of the directory `e` names below `tree`.
+pub fn apply_dir_metadata(tree: &btm::confined::Tree, e: &Entry) -> Result<(), ChunkError> {
     let rel = Path::new(OsStr::from_bytes(&e.path));
     let comps = btm::confined::components(rel).map_err(|x| ChunkError::Invalid(x.to_string()))?;
     let fd = tree
