@@ -10,8 +10,8 @@ use clap::Args;
 use btm_chunk::gc::GcOptions;
 use btm_daemon::settings::parse_duration;
 
-use super::backup::StoreArgs;
 use super::print_json;
+use super::store::StoreArgs;
 
 /// Arguments of `btm gc`.
 #[derive(Debug, Args)]

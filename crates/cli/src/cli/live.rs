@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use btm_live::control::{self, FinishLine};
 use btm_live::LiveOptions;
 
-use super::backup::{find_backup, StoreArgs};
+use super::store::{find_backup, StoreArgs};
 use super::{human_bytes, print_json};
 
 /// What `restore --live` needs from `restore`'s arguments.

@@ -3,11 +3,14 @@
 //! (`-p/--volume`, `$BTM_VOLUME`, `-m`, `-i`, `-c`, `-a`, `-s`, `-S`, `-k`).
 
 mod backup;
+mod backups;
 mod branches;
+mod check;
 mod clean;
 mod daemon;
 mod docs;
 mod export;
+mod forget;
 mod gc;
 mod key;
 mod list;
@@ -17,10 +20,12 @@ mod progress;
 mod prune;
 mod publish;
 mod release;
+mod restore;
 mod rollback;
 mod simulate;
 mod snapshot;
 mod status;
+mod store;
 mod verify;
 
 use std::io::{self, Write};
@@ -74,15 +79,15 @@ pub enum Command {
     /// Back up a directory to a chunk store (sparse, incremental)
     Backup(backup::BackupArgs),
     /// List the backups in a store, or show one
-    Backups(backup::BackupsArgs),
+    Backups(backups::BackupsArgs),
     /// Restore a backup into a directory, in place
-    Restore(backup::RestoreArgs),
+    Restore(restore::RestoreArgs),
     /// Watch or finish a live restore (`btm restore --live`)
     Live(live::LiveArgs),
     /// Verify a store: indexes parse and every chunk exists (or re-hashes)
-    Check(backup::CheckArgs),
+    Check(check::CheckArgs),
     /// Forget a backup: delete its index (its data goes at the next gc)
-    Forget(backup::ForgetArgs),
+    Forget(forget::ForgetArgs),
     /// Export a snapshot to the export store now (what the daemon does periodically)
     Export(export::ExportArgs),
     /// Delete chunks no backup references (two-phase, safe alongside exports)
@@ -185,11 +190,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Clean(a) => clean::run(a, out),
         Command::Simulate(a) => simulate::run(a, out),
         Command::Backup(a) => backup::backup(a, out),
-        Command::Backups(a) => backup::backups(a, out),
-        Command::Restore(a) => backup::restore(a, out),
+        Command::Backups(a) => backups::run(a, out),
+        Command::Restore(a) => restore::run(a, out),
         Command::Live(a) => live::run(a, out),
-        Command::Check(a) => backup::check(a, out),
-        Command::Forget(a) => backup::forget(a, out),
+        Command::Check(a) => check::run(a, out),
+        Command::Forget(a) => forget::run(a, out),
         Command::Export(a) => export::run(a, out),
         Command::Gc(a) => gc::run(a, out),
         Command::Publish(a) => publish::run(a, out),

@@ -7,8 +7,8 @@ use std::io::Write;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::backup::StoreArgs;
 use super::print_json;
+use super::store::StoreArgs;
 
 /// Arguments of `btm publish`.
 #[derive(Debug, Args)]

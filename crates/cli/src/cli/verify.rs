@@ -14,8 +14,8 @@ use serde::Serialize;
 use btm_daemon::height::identity::{self, ChainIdentity};
 use btm_daemon::height::{Auth, NodeRpc};
 
-use super::backup::{find_backup, StoreArgs};
 use super::print_json;
+use super::store::{find_backup, StoreArgs};
 
 /// Arguments of `btm verify`.
 #[derive(Debug, Args)]

@@ -1,0 +1,163 @@
+//! `btm restore`: a backup into a directory, in place (`--live`: see
+//! [`super::live`]).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use regex::bytes::Regex;
+
+use btm_chunk::restore::RestoreOptions;
+
+use super::progress::Reporter;
+use super::store::{find_backup, parse_regex, workers, StoreArgs};
+use super::{human_bytes, print_json};
+
+/// Arguments of `btm restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// [NAME|latest] DIR: a backup name, or `latest` (the default: the
+    /// newest with --tag, at most --height), then the directory to restore
+    /// into (created if missing; restored in place)
+    #[arg(value_name = "NAME|latest> <DIR", num_args = 1..=2, required = true)]
+    target: Vec<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// With `latest`: the tag, matched exactly
+    #[arg(short = 't', long, default_value = "default")]
+    tag: String,
+    /// With `latest`: the newest backup whose metadata height is at most H
+    #[arg(long, value_name = "H")]
+    height: Option<u64>,
+    /// Only restore paths matching this regular expression
+    #[arg(long, value_parser = parse_regex)]
+    filter: Option<Regex>,
+    /// Remove local files that are not in the backup
+    #[arg(long)]
+    delete: bool,
+    /// Overwrite local validator signing state (data/priv_validator_state.json,
+    /// slashing-protection databases) with the backup's copy, which may be
+    /// older: a validator restarted on it can double-sign
+    #[arg(long)]
+    overwrite_signing_state: bool,
+    /// Worker threads [default: twice the cores, 4 to 8]
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Print the summary as JSON
+    #[arg(long)]
+    json: bool,
+    /// Serve the backup at DIR at once (a FUSE mount), fetching what is
+    /// read on demand and the rest in the background; DIR must be empty.
+    /// `btm live finish DIR` ends it (docs/live-restore.md)
+    #[arg(long, conflicts_with_all = ["filter", "delete", "overwrite_signing_state", "json"])]
+    live: bool,
+    /// With --live: how long a read waits for the store before it fails
+    /// with an I/O error
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration, requires = "live")]
+    read_timeout: std::time::Duration,
+    /// With --live: never use FUSE passthrough, even where the kernel has it
+    #[arg(long, requires = "live")]
+    no_passthrough: bool,
+}
+
+impl RestoreArgs {
+    /// (name, dir): one argument is the directory, with `latest` implied.
+    fn name_and_dir(&self) -> Result<(String, PathBuf)> {
+        match self.target.as_slice() {
+            [dir] => Ok(("latest".to_owned(), dir.clone())),
+            [name, dir] => Ok((
+                name.to_str()
+                    .context("the backup name is not valid UTF-8")?
+                    .to_owned(),
+                dir.clone(),
+            )),
+            _ => bail!("restore takes [NAME|latest] DIR"),
+        }
+    }
+}
+
+pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
+    let (wanted, dir) = args.name_and_dir()?;
+    if args.live {
+        return super::live::restore_live(super::live::LiveRestore {
+            wanted,
+            dir,
+            store: &args.store,
+            tag: &args.tag,
+            height: args.height,
+            read_timeout: args.read_timeout,
+            passthrough: !args.no_passthrough,
+        });
+    }
+    let store = args.store.open_reader()?;
+    let (name, idx) = find_backup(store.as_ref(), &wanted, &args.tag, args.height)?;
+    let opts = RestoreOptions {
+        filter: args.filter,
+        delete: args.delete,
+        workers: workers(args.workers)?,
+        overwrite_signing_state: args.overwrite_signing_state,
+        ..RestoreOptions::new(btm_daemon::node_policy())
+    };
+    let reporter = Reporter::start(format!("restoring {name}"), Arc::clone(&opts.progress));
+    let repo = args.store.repo(store.as_ref());
+    let result = repo.restore(&name, &idx, &dir, &opts);
+    drop(reporter);
+    let summary = match result {
+        // Refused before anything was changed: running it again cannot help.
+        Err(e @ btm_chunk::ChunkError::Unrestorable { .. }) => return Err(e.into()),
+        r => r.with_context(|| {
+            format!(
+                "restore of {name} into {} failed; run it again to finish it",
+                dir.display()
+            )
+        })?,
+    };
+    if args.json {
+        return print_json(
+            out,
+            &serde_json::json!({ "name": name, "summary": summary }),
+        );
+    }
+    writeln!(
+        out,
+        "restored {name}: {} files{}, {} scanned, {} chunks already right, {} fetched in {} requests ({} downloaded), {} written, {} holes{}",
+        summary.files,
+        if summary.files_trusted > 0 {
+            format!(" ({} completed by an earlier run)", summary.files_trusted)
+        } else {
+            String::new()
+        },
+        human_bytes(summary.bytes_scanned),
+        summary.chunks_reused,
+        summary.chunks_fetched,
+        summary.requests,
+        human_bytes(summary.bytes_downloaded),
+        human_bytes(summary.bytes_written),
+        summary.holes,
+        if summary.deleted > 0 { format!(", {} removed", summary.deleted) } else { String::new() }
+    )?;
+    for p in &summary.signing_state_kept {
+        writeln!(
+            out,
+            "kept the local validator signing state {p}, whatever the backup holds (--overwrite-signing-state replaces it)"
+        )?;
+    }
+    if summary.not_deleted > 0 {
+        writeln!(
+            out,
+            "--delete kept {} local entr{} that the backup left out on purpose:",
+            summary.not_deleted,
+            if summary.not_deleted == 1 { "y" } else { "ies" }
+        )?;
+        for k in &summary.not_deleted_named {
+            writeln!(out, "  kept {} ({})", k.path, k.why)?;
+        }
+        let unnamed = summary.not_deleted - summary.not_deleted_named.len() as u64;
+        if unnamed > 0 {
+            writeln!(out, "  and {unnamed} more (--json lists the first hundred)")?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! What the engine's verbs share: which store (`-s`, `BTM_STORE`, its
+//! keys and trust), how fast and with how many workers, and finding the
+//! backup a command names.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use regex::bytes::Regex;
+
+use btm_chunk::cache::Cache;
+use btm_chunk::public::{Access, Publishing, SigningKey};
+use btm_chunk::store::Store;
+use btm_chunk::{inventory, Repo};
+use btm_daemon::settings::{ConfigError, DEFAULT_CONFIG};
+
+/// Which store to use.
+#[derive(Debug, Args)]
+pub(super) struct StoreArgs {
+    /// Store: a path, file://…, s3://bucket/prefix, gs://bucket/prefix or
+    /// az://container/prefix [default: $BTM_STORE, else [export] store of
+    /// /etc/btm/btm.toml]
+    // The brackets are clap's help text, not a rustdoc link.
+    #[allow(rustdoc::broken_intra_doc_links)]
+    #[arg(
+        short = 's',
+        long,
+        env = "BTM_STORE",
+        value_name = "STORE",
+        global = true
+    )]
+    store: Option<String>,
+    /// Store requests in flight [default: 2 to 4 for a local store, 4 to 16
+    /// for a bucket; see docs/performance.md]
+    #[arg(long, value_name = "N", global = true, value_parser = clap::value_parser!(u64).range(1..=256))]
+    connections: Option<u64>,
+    /// Local cache of store metadata (pack indexes, tree segments)
+    /// [default: $BTM_CACHE_DIR, /var/cache/btm as root, else ~/.cache/btm]
+    #[arg(long, value_name = "DIR", global = true)]
+    cache: Option<PathBuf>,
+    /// Accept only snapshots this publisher key signed (ed25519:…, as `btm
+    /// key generate` prints), read through the store's catalog; repeatable
+    /// [default for stores read by URL or anonymously: [export] trust of
+    /// /etc/btm/btm.toml]
+    // The brackets are clap's help text, not a rustdoc link.
+    #[allow(rustdoc::broken_intra_doc_links)]
+    #[arg(long, value_name = "PUBKEY", global = true, value_parser = parse_public_key)]
+    trust: Vec<btm_chunk::public::PublicKey>,
+    /// Read an s3://, gs:// or az:// bucket anonymously, as a public
+    /// snapshot (through its catalog)
+    #[arg(long, global = true)]
+    no_sign_request: bool,
+    /// The publisher's signing key: keeps a published store's catalog
+    /// right as backups are forgotten and garbage is collected
+    #[arg(long, value_name = "FILE", global = true, env = "BTM_SIGNING_KEY")]
+    signing_key: Option<PathBuf>,
+}
+
+pub(super) fn parse_public_key(s: &str) -> Result<btm_chunk::public::PublicKey, String> {
+    s.parse()
+        .map_err(|e: btm_chunk::public::KeyError| e.to_string())
+}
+
+/// A store opened to change, with the signing key that keeps its catalog
+/// right when it is published.
+pub(super) struct Writable {
+    store: Box<dyn Store>,
+    key: Option<SigningKey>,
+}
+
+impl Writable {
+    /// Run `f` on the store: through [`Publishing`] when a key was given,
+    /// committing what it changed.
+    pub(super) fn with<T>(&self, f: impl FnOnce(&dyn Store) -> Result<T>) -> Result<T> {
+        match &self.key {
+            Some(key) => {
+                let publishing = Publishing::new(self.store.as_ref(), key);
+                let out = f(&publishing)?;
+                publishing.commit()?;
+                Ok(out)
+            }
+            None => f(self.store.as_ref()),
+        }
+    }
+}
+
+impl StoreArgs {
+    /// Open the store to write to it (created if it is a new directory).
+    pub(super) fn open(&self) -> Result<Box<dyn Store>> {
+        Ok(btm_chunk::store::open(&self.url()?)?)
+    }
+
+    /// Open a store to read it (listing, restore, check, verify): a store
+    /// of the operator's, or a published one (a web server, a public
+    /// bucket, or any store with trusted keys), read through its catalog.
+    /// Reading a published store with no trusted key warns that nothing
+    /// read is authenticated.
+    pub(super) fn open_reader(&self) -> Result<Box<dyn Store>> {
+        let url = self.url()?;
+        // `--trust` reads any store through its catalog; the keys of the
+        // configuration apply to published stores only, so the operator's
+        // own unpublished store still reads as it is.
+        let public = self.no_sign_request || btm_chunk::store::is_web(&url);
+        let trust = match (self.trust.is_empty(), public) {
+            (false, _) => self.trust.clone(),
+            (true, true) => self.configured_trust()?,
+            (true, false) => Vec::new(),
+        };
+        let access = Access {
+            anonymous: self.no_sign_request,
+            trust,
+        };
+        let opened = btm_chunk::public::open(&url, &access)?;
+        if opened.unauthenticated {
+            eprintln!(
+                "warning: {url} is not your store and no key is trusted: this snapshot is unauthenticated (give --trust PUBKEY, the publisher's key)"
+            );
+        }
+        Ok(opened.store)
+    }
+
+    /// Open a store that must already exist, to delete from it (forget,
+    /// gc). A published store needs the signing key, so that its catalog
+    /// never names what is deleted.
+    pub(super) fn open_writable(&self) -> Result<Writable> {
+        let store = self.open_own()?;
+        let url = store.describe();
+        let key = match &self.signing_key {
+            Some(path) => Some(SigningKey::load(path)?),
+            None => None,
+        };
+        if key.is_none() && btm_chunk::public::writer::is_published(store.as_ref())? {
+            bail!("{url} is published (it has a catalog): give --signing-key FILE so the catalog stays right as backups are forgotten and garbage is collected");
+        }
+        Ok(Writable { store, key })
+    }
+
+    /// Open the operator's own store, which must exist, to change it (a
+    /// published store read by URL or anonymously is read-only).
+    pub(super) fn open_own(&self) -> Result<Box<dyn Store>> {
+        let url = self.url()?;
+        if self.no_sign_request || btm_chunk::store::is_web(&url) {
+            bail!("{url} is read-only to btm (a published snapshot); run this on the directory or bucket it is published from");
+        }
+        Ok(btm_chunk::store::open_existing(&url)?)
+    }
+
+    /// The keys `[export] trust` of the configuration names.
+    fn configured_trust(&self) -> Result<Vec<btm_chunk::public::PublicKey>> {
+        let keys = match super::daemon::load_file(None) {
+            Ok(f) => f.export.and_then(|e| e.trust).unwrap_or_default(),
+            // A broken configuration is reported by whatever needs it; the
+            // reader then trusts nothing and says so.
+            Err(_) => Vec::new(),
+        };
+        keys.iter()
+            .map(|k| {
+                k.parse()
+                    .with_context(|| format!("[export] trust in {DEFAULT_CONFIG}"))
+            })
+            .collect()
+    }
+
+    /// The signing key, required.
+    pub(super) fn signing_key(&self) -> Result<SigningKey> {
+        let path = self.signing_key.as_ref().context(
+            "publishing needs --signing-key FILE (make one with `btm key generate FILE`)",
+        )?;
+        Ok(SigningKey::load(path)?)
+    }
+
+    /// `store` with the cache and the connections these flags ask for.
+    pub(super) fn repo<'s>(&self, store: &'s dyn Store) -> Repo<'s> {
+        let repo = Repo::new(store).with_connections(self.connections.map(|c| c as usize));
+        match &self.cache {
+            Some(dir) => repo.with_cache(Some(Cache::new(dir.clone()))),
+            None => repo,
+        }
+    }
+
+    /// The store: `-s`, else `$BTM_STORE`, else `[export] store` of
+    /// /etc/btm/btm.toml. A configuration file that exists but cannot be
+    /// read is an error, not "no store".
+    fn url(&self) -> Result<String> {
+        if let Some(url) = &self.store {
+            return Ok(url.clone());
+        }
+        let file = match super::daemon::load_file(None) {
+            Ok(f) => f,
+            Err(e @ (ConfigError::Read { .. } | ConfigError::Parse { .. })) => {
+                return Err(e).context("no store given (-s, $BTM_STORE), and the configuration that could name one is broken")
+            }
+            Err(e) => return Err(e.into()),
+        };
+        file.export.and_then(|e| e.store).with_context(|| {
+            format!("no store given: use -s STORE, set $BTM_STORE, or set [export] store in {DEFAULT_CONFIG}")
+        })
+    }
+}
+
+pub(super) fn parse_size(s: &str) -> Result<u64, String> {
+    btm_daemon::settings::parse_size(s)
+}
+
+pub(super) fn parse_rate(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err("a rate of 0 would never finish; leave --max-rate out for no limit".into()),
+        n => Ok(n),
+    }
+}
+
+pub(super) fn workers(n: Option<usize>) -> Result<usize> {
+    match n {
+        Some(0) => bail!("--workers must be at least 1"),
+        Some(n) => Ok(n),
+        None => Ok(btm_chunk::default_workers()),
+    }
+}
+
+/// The backup `wanted` names: itself, or with `latest` the newest with
+/// `tag` (whose metadata height is at most `height`).
+pub(super) fn find_backup(
+    store: &dyn Store,
+    wanted: &str,
+    tag: &str,
+    height: Option<u64>,
+) -> Result<(String, btm_chunk::format::head::Decoded)> {
+    if wanted == "latest" {
+        return inventory::latest(store, tag, height)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "no backup with tag '{tag}'{} in {}",
+                height.map_or(String::new(), |h| format!(" at height {h} or below")),
+                store.describe()
+            )
+        });
+    }
+    if height.is_some() {
+        bail!("--height only applies to `latest`");
+    }
+    Ok((wanted.to_owned(), inventory::read_index(store, wanted)?))
+}
+
+/// A regular expression given on the command line (`--exclude`).
+pub(super) fn parse_regex(s: &str) -> Result<Regex, String> {
+    Regex::new(s).map_err(|e| format!("bad regular expression: {e}"))
+}
