@@ -219,12 +219,30 @@ pub fn export(
     }
 
     let meta = export_meta(ops, height, s.chain.as_ref(), &mut report);
-    let mut opts = backup_options(s, meta, progress);
+    let opts = backup_options(s, meta, progress);
+    let repo = repo_of(store, s);
+    let summary = back_up_snapshot(ops, &repo, s, height, parent.as_ref(), opts, &mut report);
+    report.backup = Some(summary?);
+    maintain_and_publish(&repo, store, s, publishing.as_ref(), &mut report);
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// Back up the snapshot at `height` through a view of it.
+fn back_up_snapshot(
+    ops: &Ops,
+    repo: &Repo<'_>,
+    s: &ExportSettings,
+    height: u64,
+    parent: Option<&(String, Decoded)>,
+    mut opts: BackupOptions,
+    report: &mut ExportReport,
+) -> Result<BackupSummary, ExportError> {
+    let vol = ops.volume().as_ref();
     // On btrfs the previous export's snapshot, if still there, lets changed
     // files be compared extent by extent instead of read whole. Pinned so
     // it stays while we compare; any doubt about it only costs reads.
     let parent_view = parent
-        .as_ref()
         .and_then(|(_, idx)| parent_snapshot(idx, vol.name()))
         .filter(|&h| h != height && vol.mode() == btm::volume::SnapMode::Btrfs)
         .and_then(|h| {
@@ -235,8 +253,8 @@ pub fn export(
     opts.parent = parent_view.as_ref().map(|(_, v)| v.path().to_owned());
 
     let view = vol.view(height).map_err(btm::Error::from)?;
+    let snapshot = format!("{}@{height}", vol.name());
     tracing::info!(height, snapshot = %snapshot, path = %view.path().display(), store = %s.store, "export started");
-    let repo = repo_of(store, s);
     let summary = repo.backup(view.path(), &opts);
     if let Err(e) = view.close() {
         report
@@ -244,7 +262,19 @@ pub fn export(
             .push(format!("could not remove the snapshot view: {e}"));
     }
     drop(parent_view);
-    report.backup = Some(summary?);
+    Ok(summary?)
+}
+
+/// After the backup: retention and garbage collection (unless the store is
+/// someone's published store and this export does not publish), then the
+/// catalog.
+fn maintain_and_publish(
+    repo: &Repo<'_>,
+    store: &dyn Store,
+    s: &ExportSettings,
+    publishing: Option<&Publishing<'_>>,
+    report: &mut ExportReport,
+) {
     // Deleting from a store someone published, without the key, would
     // leave its catalog naming what is gone: skip the deletions instead.
     let unkept =
@@ -254,9 +284,9 @@ pub fn export(
             "the store is published (it has a catalog) but this export does not publish: retention and garbage collection skipped so the catalog never names a deleted backup; set [export] publish = true and signing_key".into(),
         );
     } else {
-        maintain(&repo, s, &mut report);
+        maintain(repo, s, report);
     }
-    if let Some(p) = &publishing {
+    if let Some(p) = publishing {
         // The new head and its pack indexes, in one read and one write of
         // the catalog (retention may already have written it).
         match p.commit() {
@@ -266,8 +296,6 @@ pub fn export(
             )),
         }
     }
-    report.duration_ms = started.elapsed().as_millis() as u64;
-    Ok(report)
 }
 
 /// The snapshot `which` names, pinned so pruning keeps it while it is read.

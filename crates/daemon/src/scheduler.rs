@@ -447,6 +447,48 @@ impl Scheduler {
         }
     }
 
+    /// Record a snapshot taken (or found) at `height` and what its forced
+    /// write made durable.
+    fn record_outcome(
+        &self,
+        report: &btm::SnapshotReport,
+        height: u64,
+        snapshot: &str,
+        durable: Option<u64>,
+        duration_ms: u64,
+    ) -> Outcome {
+        match report.outcome {
+            SnapshotOutcome::Created => {
+                tracing::info!(height, volume = %self.cfg.volume, snapshot = %snapshot, duration_ms, pruned = ?report.pruned, "snapshot taken");
+                self.state.snapshot_taken(LastSnapshot {
+                    height,
+                    height_after: None,
+                    durable_height: durable,
+                    at: Utc::now(),
+                    duration_ms,
+                });
+                match durable {
+                    Some(d) if d == height => self.state.height_matched(height),
+                    Some(d) => self.state.height_mismatch(
+                        height,
+                        d,
+                        "flush",
+                        format!(
+                            "snapshot {height} holds the node's state at height {d}: the write forced before it made {d} durable, so a rollback to it restarts the node at {d}"
+                        ),
+                    ),
+                    None => {}
+                }
+                Outcome::Created
+            }
+            SnapshotOutcome::AlreadyExists => {
+                tracing::info!(height, snapshot = %snapshot, "snapshot already exists; left as it is");
+                self.state.count(|c| c.skipped += 1);
+                Outcome::Exists
+            }
+        }
+    }
+
     async fn take_plausible(
         &self,
         height: u64,
@@ -486,36 +528,7 @@ impl Scheduler {
         };
         self.record_volume(&report, took.branches);
         let snapshot = format!("{}@{height}", self.cfg.volume);
-        let outcome = match report.outcome {
-            SnapshotOutcome::Created => {
-                tracing::info!(height, volume = %self.cfg.volume, snapshot = %snapshot, duration_ms, pruned = ?report.pruned, "snapshot taken");
-                self.state.snapshot_taken(LastSnapshot {
-                    height,
-                    height_after: None,
-                    durable_height: took.durable,
-                    at: Utc::now(),
-                    duration_ms,
-                });
-                match took.durable {
-                    Some(d) if d == height => self.state.height_matched(height),
-                    Some(d) => self.state.height_mismatch(
-                        height,
-                        d,
-                        "flush",
-                        format!(
-                            "snapshot {height} holds the node's state at height {d}: the write forced before it made {d} durable, so a rollback to it restarts the node at {d}"
-                        ),
-                    ),
-                    None => {}
-                }
-                Outcome::Created
-            }
-            SnapshotOutcome::AlreadyExists => {
-                tracing::info!(height, snapshot = %snapshot, "snapshot already exists; left as it is");
-                self.state.count(|c| c.skipped += 1);
-                Outcome::Exists
-            }
-        };
+        let outcome = self.record_outcome(&report, height, &snapshot, took.durable, duration_ms);
         super::systemd::status(&self.state.summary());
         if let Some(x) = &self.export_scheduler {
             x.consider(height);

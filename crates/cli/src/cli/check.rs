@@ -6,7 +6,6 @@ use std::io::Write;
 use anyhow::{bail, Result};
 use clap::Args;
 
-
 use super::print_json;
 use super::store::StoreArgs;
 
