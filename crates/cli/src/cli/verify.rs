@@ -74,6 +74,43 @@ fn auth(args: &VerifyArgs) -> Result<Auth> {
     })
 }
 
+/// The node has not reached the backup's height yet: say so (and how far
+/// it is), as JSON too when asked.
+fn behind(
+    args: &VerifyArgs,
+    out: &mut dyn Write,
+    name: &str,
+    recorded: &ChainIdentity,
+    tip: &btm_daemon::height::Tip,
+) -> Result<()> {
+    if args.json {
+        print_json(
+            out,
+            &Verdict {
+                backup: name,
+                verified: false,
+                recorded,
+                behind_at: Some(tip.height),
+                found: None,
+                mismatches: Vec::new(),
+            },
+        )?;
+    }
+    bail!(
+        "behind: at {}, expected {}: the node at {} has not reached {} {} of backup {name} yet{}",
+        tip.height,
+        recorded.height,
+        args.rpc_url,
+        recorded.kind.unit(),
+        recorded.height,
+        if tip.syncing {
+            " (it says it is still syncing)"
+        } else {
+            ""
+        }
+    );
+}
+
 pub fn run(args: VerifyArgs, out: &mut dyn Write) -> Result<()> {
     // Plain http only, as the daemon: btm asks the node's local endpoint.
     if !args.rpc_url.starts_with("http://") || args.rpc_url.len() <= "http://".len() {
@@ -105,32 +142,7 @@ pub fn run(args: VerifyArgs, out: &mut dyn Write) -> Result<()> {
         )
     })?;
     if tip.height < recorded.height {
-        if args.json {
-            print_json(
-                out,
-                &Verdict {
-                    backup: &name,
-                    verified: false,
-                    recorded: &recorded,
-                    behind_at: Some(tip.height),
-                    found: None,
-                    mismatches: Vec::new(),
-                },
-            )?;
-        }
-        bail!(
-            "behind: at {}, expected {}: the node at {} has not reached {} {} of backup {name} yet{}",
-            tip.height,
-            recorded.height,
-            args.rpc_url,
-            recorded.kind.unit(),
-            recorded.height,
-            if tip.syncing {
-                " (it says it is still syncing)"
-            } else {
-                ""
-            }
-        );
+        return behind(&args, out, &name, &recorded, &tip);
     }
     let found = rpc.identity(recorded.height).with_context(|| {
         format!(
