@@ -120,6 +120,15 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
             &serde_json::json!({ "name": name, "summary": summary }),
         );
     }
+    print_summary(out, &name, &summary)
+}
+
+/// What a restore did, for a person.
+fn print_summary(
+    out: &mut dyn Write,
+    name: &str,
+    summary: &btm_chunk::restore::RestoreSummary,
+) -> Result<()> {
     writeln!(
         out,
         "restored {name}: {} files{}, {} scanned, {} chunks already right, {} fetched in {} requests ({} downloaded), {} written, {} holes{}",
