@@ -288,18 +288,7 @@ impl<'a> Planner<'_, 'a> {
         }
         let mut trusted = if local_size == size { journalled } else { 0 };
         if trusted == 0 && !self.prior.existed && e.append_only {
-            // The node's own block log: trusted to its first hole, once the
-            // last trusted chunk checks out (see `AppendCheck`).
-            let hole = first_hole(&file, local_size);
-            let end = append_trusted_end(local_size, hole, size, chunk_size);
-            if end > 0 {
-                *append = Some(AppendCheck {
-                    end,
-                    spool: Spool::new(),
-                    decided: None,
-                });
-                trusted = end;
-            }
+            trusted = append_trust(&file, local_size, size, chunk_size, append);
         }
         if local_size != size {
             file.set_len(size).map_err(|x| self.io(&e, x))?;
@@ -528,4 +517,26 @@ fn make_hole(job: &FileJob<'_>, c: &ChunkRef) -> std::io::Result<()> {
         job.file.write_all_at(&buf, c.off)?;
     }
     Ok(())
+}
+
+/// The node's own block log: trusted to its first hole, once the last
+/// trusted chunk checks out (see `AppendCheck`). The bytes trusted, `0`
+/// for none.
+fn append_trust(
+    file: &File,
+    local_size: u64,
+    size: u64,
+    chunk_size: u64,
+    append: &mut Option<AppendCheck>,
+) -> u64 {
+    let hole = first_hole(file, local_size);
+    let end = append_trusted_end(local_size, hole, size, chunk_size);
+    if end > 0 {
+        *append = Some(AppendCheck {
+            end,
+            spool: Spool::new(),
+            decided: None,
+        });
+    }
+    end
 }
