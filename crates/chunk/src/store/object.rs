@@ -42,6 +42,33 @@ pub struct ObjectStoreBackend {
     conditional_put: AtomicBool,
 }
 
+/// An S3 client for `bucket` from the usual environment (`AWS_*`): plain
+/// http allowed for an `http://` endpoint, and unsigned payloads where the
+/// endpoint is not AWS's (or `AWS_UNSIGNED_PAYLOAD` says so).
+fn s3_builder(
+    bucket: &str,
+    http: super::http::ProgressConnector,
+    retry: object_store::RetryConfig,
+    anonymous: bool,
+) -> object_store::aws::AmazonS3Builder {
+    let mut b = object_store::aws::AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_http_connector(http)
+        .with_retry(retry)
+        .with_skip_signature(anonymous);
+    let endpoint = std::env::var("AWS_ENDPOINT_URL")
+        .or_else(|_| std::env::var("AWS_ENDPOINT"))
+        .unwrap_or_default();
+    if endpoint.starts_with("http://") {
+        b = b.with_allow_http(true);
+    }
+    let explicit = std::env::var_os("AWS_UNSIGNED_PAYLOAD").is_some();
+    if unsigned_by_default(&endpoint, explicit) {
+        b = b.with_unsigned_payload(true);
+    }
+    b
+}
+
 /// How long a request may go without progress (no byte sent or
 /// received): `$BTM_STORE_TIMEOUT` (a duration like `30s`), else 60 s.
 pub fn request_timeout() -> Duration {
@@ -190,24 +217,11 @@ impl ObjectStoreBackend {
                     .build()
                     .map_err(|e| invalid(e.to_string()))?,
             ),
-            "s3" => {
-                let mut b = object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .with_http_connector(http)
-                    .with_retry(retry)
-                    .with_skip_signature(anonymous);
-                let endpoint = std::env::var("AWS_ENDPOINT_URL")
-                    .or_else(|_| std::env::var("AWS_ENDPOINT"))
-                    .unwrap_or_default();
-                if endpoint.starts_with("http://") {
-                    b = b.with_allow_http(true);
-                }
-                let explicit = std::env::var_os("AWS_UNSIGNED_PAYLOAD").is_some();
-                if unsigned_by_default(&endpoint, explicit) {
-                    b = b.with_unsigned_payload(true);
-                }
-                Arc::new(b.build().map_err(|e| invalid(e.to_string()))?)
-            }
+            "s3" => Arc::new(
+                s3_builder(bucket, http, retry, anonymous)
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?,
+            ),
             "gs" => Arc::new(
                 object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_bucket_name(bucket)
