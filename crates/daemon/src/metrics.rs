@@ -22,8 +22,10 @@ pub fn render(s: &Status) -> String {
     let mut out = String::new();
     let all = source_and_snapshot_metrics(s)
         .into_iter()
+        .chain(volume_metrics(s))
         .chain(branch_metrics(s))
-        .chain(export_metrics(s));
+        .chain(export_metrics(s))
+        .chain(export_count_metrics(s));
     for (name, help, kind, value) in all {
         if let Some(v) = value {
             let _ = writeln!(
@@ -161,7 +163,6 @@ fn branch_metrics(s: &Status) -> Vec<Metric> {
 }
 
 fn source_and_snapshot_metrics(s: &Status) -> Vec<Metric> {
-    let c = &s.counters;
     let last = s.last_snapshot.as_ref();
     let secs = |ms: u64| ms as f64 / 1000.0;
     vec![
@@ -196,6 +197,14 @@ fn source_and_snapshot_metrics(s: &Status) -> Vec<Metric> {
             "gauge",
             last.map(|l| secs(l.duration_ms)),
         ),
+    ]
+}
+
+/// The volume's snapshots, retention and health.
+fn volume_metrics(s: &Status) -> Vec<Metric> {
+    let c = &s.counters;
+    let secs = |ms: u64| ms as f64 / 1000.0;
+    vec![
         (
             "btm_snapshots",
             "btm snapshots on the volume.",
@@ -270,7 +279,6 @@ fn source_and_snapshot_metrics(s: &Status) -> Vec<Metric> {
 }
 
 fn export_metrics(s: &Status) -> Vec<Metric> {
-    let c = &s.counters;
     let le = s.last_export.as_ref();
     let running = s.export.as_ref();
     vec![
@@ -330,6 +338,13 @@ fn export_metrics(s: &Status) -> Vec<Metric> {
             "gauge",
             running.map(|r| r.bytes_uploaded as f64),
         ),
+    ]
+}
+
+/// Exports counted since start, and the export interval.
+fn export_count_metrics(s: &Status) -> Vec<Metric> {
+    let c = &s.counters;
+    vec![
         (
             "btm_exports_total",
             "Exports finished since start.",
