@@ -271,37 +271,12 @@ impl ExportOptions {
                 ));
             }
         }
-        if self.connections.is_some_and(|c| !(1..=256).contains(&c)) {
-            return Err(invalid("export.connections", "must be between 1 and 256"));
-        }
-        let chunk = btm_chunk::backup::DEFAULT_CHUNK_SIZE;
-        if self
-            .pack_size
-            .is_some_and(|p| !(chunk..=1 << 30).contains(&p))
-        {
-            return Err(invalid(
-                "export.pack_size",
-                format!("must be between {chunk} bytes (the chunk size) and 1 GiB"),
-            ));
-        }
+        check_transfer(self.connections, self.pack_size)?;
         for k in self.trust.iter().flatten() {
             k.parse::<btm_chunk::public::PublicKey>()
                 .map_err(|e| invalid("export.trust", e.to_string()))?;
         }
-        let publish = match (self.publish.unwrap_or(false), self.signing_key) {
-            (false, _) => None,
-            (true, None) => {
-                return Err(ConfigError::Missing {
-                    key: "export.signing_key",
-                    hint: " when export.publish is true (make one with `btm key generate FILE`)",
-                })
-            }
-            (true, Some(path)) => {
-                btm_chunk::public::SigningKey::load(&path)
-                    .map_err(|e| invalid("export.signing_key", e.to_string()))?;
-                Some(path)
-            }
-        };
+        let publish = resolve_publish(self.publish.unwrap_or(false), self.signing_key)?;
         Ok(ExportSettings {
             store,
             every,
@@ -321,6 +296,43 @@ impl ExportOptions {
             chain: None,
         })
     }
+}
+
+/// `export.connections` and `export.pack_size`, within their bounds.
+fn check_transfer(connections: Option<usize>, pack_size: Option<u64>) -> Result<(), ConfigError> {
+    if connections.is_some_and(|c| !(1..=256).contains(&c)) {
+        return Err(invalid("export.connections", "must be between 1 and 256"));
+    }
+    let chunk = btm_chunk::backup::DEFAULT_CHUNK_SIZE;
+    if pack_size.is_some_and(|p| !(chunk..=1 << 30).contains(&p)) {
+        return Err(invalid(
+            "export.pack_size",
+            format!("must be between {chunk} bytes (the chunk size) and 1 GiB"),
+        ));
+    }
+    Ok(())
+}
+
+/// `export.publish` needs a signing key that loads: checked now, so a
+/// daemon never fails its first publishing export on a bad key.
+fn resolve_publish(
+    publish: bool,
+    signing_key: Option<PathBuf>,
+) -> Result<Option<PathBuf>, ConfigError> {
+    Ok(match (publish, signing_key) {
+        (false, _) => None,
+        (true, None) => {
+            return Err(ConfigError::Missing {
+                key: "export.signing_key",
+                hint: " when export.publish is true (make one with `btm key generate FILE`)",
+            })
+        }
+        (true, Some(path)) => {
+            btm_chunk::public::SigningKey::load(&path)
+                .map_err(|e| invalid("export.signing_key", e.to_string()))?;
+            Some(path)
+        }
+    })
 }
 
 options! {
@@ -497,25 +509,7 @@ impl DaemonOptions {
             self.height_file,
             self.height_command.map(|a| a.0),
         )?;
-        let flush = match (self.flush, &node) {
-            (Some(true), Some(n)) if !n.can_flush() => {
-                return Err(invalid(
-                    "flush",
-                    format!(
-                    "the {} dialect has no call that writes the node's state; see docs/nodes.md",
-                    n.dialect.name()
-                ),
-                ))
-            }
-            (Some(true), None) => {
-                return Err(invalid(
-                    "flush",
-                    "needs a node RPC (an RPC source, or rpc_url with rpc_kind)",
-                ))
-            }
-            (f, Some(n)) => f.unwrap_or(true) && n.can_flush(),
-            (_, None) => false,
-        };
+        let flush = resolve_flush(self.flush, node.as_ref())?;
         let socket_mode = resolve_socket_mode(self.socket_mode.as_deref())?;
         check_socket_group(self.socket_group.as_deref())?;
         let metrics_listen = resolve_metrics_listen(self.metrics_listen.as_deref())?;
@@ -524,17 +518,7 @@ impl DaemonOptions {
                 .map_err(|e| invalid("log_level", format!("'{level}': {e}")))?;
         }
         let hooks = self.hooks.unwrap_or_default();
-        for (key, argv) in [
-            ("hooks.pre_snapshot", &hooks.pre_snapshot),
-            ("hooks.post_snapshot", &hooks.post_snapshot),
-        ] {
-            if argv
-                .as_ref()
-                .is_some_and(|a| a.first().is_none_or(|p| p.is_empty()))
-            {
-                return Err(invalid(key, "the command is empty"));
-            }
-        }
+        check_hooks(&hooks)?;
         let export = match self.export {
             Some(e) => Some(ExportSettings {
                 chain: node.clone(),
@@ -573,6 +557,42 @@ impl DaemonOptions {
             hook_timeout: hooks.timeout.unwrap_or(Duration::from_secs(30)),
         })
     }
+}
+
+/// `flush`: on by default where the node's dialect can write its state;
+/// asked for where it cannot, an error.
+fn resolve_flush(flush: Option<bool>, node: Option<&NodeRpc>) -> Result<bool, ConfigError> {
+    match (flush, node) {
+        (Some(true), Some(n)) if !n.can_flush() => Err(invalid(
+            "flush",
+            format!(
+                "the {} dialect has no call that writes the node's state; see docs/nodes.md",
+                n.dialect.name()
+            ),
+        )),
+        (Some(true), None) => Err(invalid(
+            "flush",
+            "needs a node RPC (an RPC source, or rpc_url with rpc_kind)",
+        )),
+        (f, Some(n)) => Ok(f.unwrap_or(true) && n.can_flush()),
+        (_, None) => Ok(false),
+    }
+}
+
+/// Hooks, when given, name a command.
+fn check_hooks(hooks: &HookOptions) -> Result<(), ConfigError> {
+    for (key, argv) in [
+        ("hooks.pre_snapshot", &hooks.pre_snapshot),
+        ("hooks.post_snapshot", &hooks.post_snapshot),
+    ] {
+        if argv
+            .as_ref()
+            .is_some_and(|a| a.first().is_none_or(|p| p.is_empty()))
+        {
+            return Err(invalid(key, "the command is empty"));
+        }
+    }
+    Ok(())
 }
 
 /// `socket_mode`: octal permission bits, 0660 by default.

@@ -112,7 +112,14 @@ pub(super) fn resolve_source(
             }
         },
     };
-    let node = match (&spec, rpc.kind) {
+    let node = node_rpc(&spec, rpc)?;
+    Ok((spec, node))
+}
+
+/// The node RPC beside the source: the source's own, or `rpc_url` with
+/// `rpc_kind`; credentials or a URL with no RPC to use them are errors.
+fn node_rpc(spec: &SourceSpec, rpc: Rpc<'_>) -> Result<Option<NodeRpc>, ConfigError> {
+    Ok(match (spec, rpc.kind) {
         (SourceSpec::Rpc(n), _) => Some(n.clone()),
         (_, Some(k)) => Some(NodeRpc {
             dialect: Dialect::parse(k).ok_or_else(|| {
@@ -138,8 +145,7 @@ pub(super) fn resolve_source(
             ))
         }
         (_, None) => None,
-    };
-    Ok((spec, node))
+    })
 }
 
 /// `rpc_url`: present, and a plain http:// URL.
