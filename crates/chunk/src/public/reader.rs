@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::catalog::Catalog;
 use super::key::PublicKey;
 use crate::format::packidx;
-use crate::store::{Bytes, Id, Kind, Marker, Store, StoreError, CATALOG};
+use crate::store::{Bytes, Id, Kind, Layer, Marker, Store, StoreError, CATALOG};
 use crate::with_retry;
 
 /// What the reader knows of the catalog.
@@ -110,9 +110,9 @@ impl<'s> CatalogStore<'s> {
     }
 }
 
-impl Store for CatalogStore<'_> {
-    fn describe(&self) -> String {
-        self.inner.describe()
+impl Layer for CatalogStore<'_> {
+    fn inner(&self) -> &dyn Store {
+        self.inner.as_ref()
     }
 
     fn put(&self, kind: Kind, id: &Id, _data: Bytes) -> Result<(), StoreError> {
@@ -147,7 +147,7 @@ impl Store for CatalogStore<'_> {
             Kind::Pack => {
                 let mut packs = Vec::new();
                 for p in &catalog.packidx {
-                    let data = self.get(Kind::PackIndex, &p.id)?;
+                    let data = Layer::get(self, Kind::PackIndex, &p.id)?;
                     let what = Kind::PackIndex.describe(&p.id);
                     let entries =
                         packidx::decode(&data, &what).map_err(|e| StoreError::Permanent {
@@ -206,10 +206,6 @@ impl Store for CatalogStore<'_> {
 
     fn put_marker(&self, name: &str, _data: &[u8]) -> Result<(), StoreError> {
         self.read_only(format!("writing {name}"))
-    }
-
-    fn get_marker(&self, name: &str) -> Result<Vec<u8>, StoreError> {
-        self.inner.get_marker(name)
     }
 
     /// Nothing: leases and GC marks are the publisher's business, and a

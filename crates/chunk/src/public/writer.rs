@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::catalog::{head_message, Catalog, HeadEntry, PackIndexEntry};
 use super::key::{PublicKey, SigningKey};
 use crate::format::head::{self, Decoded};
-use crate::store::{Bytes, Id, Kind, Marker, Store, StoreError, CATALOG};
+use crate::store::{Bytes, Id, Kind, Layer, Store, StoreError, CATALOG};
 use crate::{with_retry, ChunkError};
 
 /// What [`publish`] did.
@@ -233,9 +233,9 @@ impl<'s> Publishing<'s> {
     }
 }
 
-impl Store for Publishing<'_> {
-    fn describe(&self) -> String {
-        self.inner.describe()
+impl Layer for Publishing<'_> {
+    fn inner(&self) -> &dyn Store {
+        self.inner
     }
 
     fn put(&self, kind: Kind, id: &Id, data: Bytes) -> Result<(), StoreError> {
@@ -247,29 +247,6 @@ impl Store for Publishing<'_> {
                 .push(PackIndexEntry { id: *id, size });
         }
         Ok(())
-    }
-
-    fn get(&self, kind: Kind, id: &Id) -> Result<Bytes, StoreError> {
-        self.inner.get(kind, id)
-    }
-
-    fn get_range_into(
-        &self,
-        kind: Kind,
-        id: &Id,
-        offset: u64,
-        len: u64,
-        buf: &mut Vec<u8>,
-    ) -> Result<(), StoreError> {
-        self.inner.get_range_into(kind, id, offset, len, buf)
-    }
-
-    fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError> {
-        self.inner.size(kind, id)
-    }
-
-    fn list(&self, kind: Kind) -> Result<Vec<(Id, u64)>, StoreError> {
-        self.inner.list(kind)
     }
 
     fn delete(&self, kind: Kind, id: &Id) -> Result<(), StoreError> {
@@ -293,43 +270,11 @@ impl Store for Publishing<'_> {
         Ok(())
     }
 
-    fn get_index(&self, name: &str) -> Result<Vec<u8>, StoreError> {
-        self.inner.get_index(name)
-    }
-
-    fn list_indexes(&self) -> Result<Vec<String>, StoreError> {
-        self.inner.list_indexes()
-    }
-
     fn delete_index(&self, name: &str) -> Result<(), StoreError> {
         self.before_delete(&format!("backup {name}"), |c| {
             c.heads.retain(|h| h.name != name)
         })?;
         self.inner.delete_index(name)
-    }
-
-    fn put_marker(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
-        self.inner.put_marker(name, data)
-    }
-
-    fn get_marker(&self, name: &str) -> Result<Vec<u8>, StoreError> {
-        self.inner.get_marker(name)
-    }
-
-    fn list_markers(&self, dir: &str) -> Result<Vec<Marker>, StoreError> {
-        self.inner.list_markers(dir)
-    }
-
-    fn delete_marker(&self, name: &str) -> Result<(), StoreError> {
-        self.inner.delete_marker(name)
-    }
-
-    fn local_root(&self) -> Option<&std::path::Path> {
-        self.inner.local_root()
-    }
-
-    fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush()
     }
 }
 

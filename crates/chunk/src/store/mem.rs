@@ -54,6 +54,8 @@ pub enum Request {
     GetIndex,
     /// Marker writes.
     PutMarker,
+    /// Marker reads and listings.
+    GetMarker,
 }
 
 /// One injected fault: skip `skip` matching requests, then apply to the

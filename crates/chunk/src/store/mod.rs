@@ -32,6 +32,7 @@
 mod counting;
 mod http;
 mod id;
+mod layer;
 mod local;
 mod mem;
 mod object;
@@ -39,6 +40,7 @@ mod object;
 pub use bytes::Bytes;
 pub use counting::Counting;
 pub use id::{BadId, Id};
+pub use layer::Layer;
 pub use local::LocalStore;
 pub use mem::{Fault, MemStore, Request};
 pub use object::ObjectStoreBackend;
@@ -220,18 +222,7 @@ pub trait Store: Send + Sync {
         if self.create_index(name, data)? {
             return Ok(());
         }
-        let there = self.get_index(name)?;
-        if there == data {
-            return Ok(());
-        }
-        Err(StoreError::Conflict {
-            what: format!("index {name}"),
-            detail: format!(
-                "{} other bytes are stored under this name ({} were to be written)",
-                there.len(),
-                data.len()
-            ),
-        })
+        same_index(name, &self.get_index(name)?, data)
     }
     /// The bytes of index `name`.
     fn get_index(&self, name: &str) -> Result<Vec<u8>, StoreError>;
@@ -256,6 +247,22 @@ pub trait Store: Send + Sync {
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }
+}
+
+/// `Ok` if the index `there` under `name` holds exactly `data` (an earlier
+/// attempt committed), else a [`StoreError::Conflict`].
+pub(crate) fn same_index(name: &str, there: &[u8], data: &[u8]) -> Result<(), StoreError> {
+    if there == data {
+        return Ok(());
+    }
+    Err(StoreError::Conflict {
+        what: format!("index {name}"),
+        detail: format!(
+            "{} other bytes are stored under this name ({} were to be written)",
+            there.len(),
+            data.len()
+        ),
+    })
 }
 
 /// A marker as listed: its name relative to the store root, and when the

@@ -721,19 +721,22 @@ fn spend(
     Ok(())
 }
 
-use btm_chunk::store::{Bytes, Id, Kind, StoreError};
+use btm_chunk::store::{Bytes, Id, Kind, Store as _, StoreError};
 
-impl btm_chunk::store::Store for FaultyStore {
+impl btm_chunk::store::Layer for FaultyStore {
+    fn inner(&self) -> &dyn btm_chunk::store::Store {
+        &self.inner
+    }
+
     fn describe(&self) -> String {
         "faulty".into()
     }
+
     fn put(&self, kind: Kind, id: &Id, d: Bytes) -> Result<(), StoreError> {
         spend(&self.puts_left, kind.describe(id))?;
         self.inner.put(kind, id, d)
     }
-    fn get(&self, kind: Kind, id: &Id) -> Result<Bytes, StoreError> {
-        self.inner.get(kind, id)
-    }
+
     fn get_range_into(
         &self,
         kind: Kind,
@@ -750,19 +753,12 @@ impl btm_chunk::store::Store for FaultyStore {
         }
         self.inner.get_range_into(kind, id, off, len, buf)
     }
-    fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError> {
-        self.inner.size(kind, id)
-    }
-    fn list(&self, kind: Kind) -> Result<Vec<(Id, u64)>, StoreError> {
-        self.inner.list(kind)
-    }
+
     fn delete(&self, kind: Kind, id: &Id) -> Result<(), StoreError> {
         spend(&self.deletes_left, kind.describe(id))?;
         self.inner.delete(kind, id)
     }
-    fn create_index(&self, n: &str, d: &[u8]) -> Result<bool, StoreError> {
-        self.inner.create_index(n, d)
-    }
+
     fn get_index(&self, n: &str) -> Result<Vec<u8>, StoreError> {
         let forget = self.forget_when_read.lock().expect("lock").as_deref() == Some(n);
         if forget {
@@ -770,12 +766,7 @@ impl btm_chunk::store::Store for FaultyStore {
         }
         self.inner.get_index(n)
     }
-    fn list_indexes(&self) -> Result<Vec<String>, StoreError> {
-        self.inner.list_indexes()
-    }
-    fn delete_index(&self, n: &str) -> Result<(), StoreError> {
-        self.inner.delete_index(n)
-    }
+
     fn put_marker(&self, n: &str, d: &[u8]) -> Result<(), StoreError> {
         if n.starts_with("locks/") && self.locks_denied.load(Ordering::SeqCst) {
             return Err(StoreError::Permanent {
@@ -784,21 +775,6 @@ impl btm_chunk::store::Store for FaultyStore {
             });
         }
         self.inner.put_marker(n, d)
-    }
-    fn get_marker(&self, n: &str) -> Result<Vec<u8>, StoreError> {
-        self.inner.get_marker(n)
-    }
-    fn list_markers(&self, dir: &str) -> Result<Vec<btm_chunk::store::Marker>, StoreError> {
-        self.inner.list_markers(dir)
-    }
-    fn delete_marker(&self, n: &str) -> Result<(), StoreError> {
-        self.inner.delete_marker(n)
-    }
-    fn local_root(&self) -> Option<&Path> {
-        self.inner.local_root()
-    }
-    fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush()
     }
 }
 
