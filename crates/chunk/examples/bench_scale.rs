@@ -95,7 +95,10 @@ fn run() -> Result<(), String> {
         [step, url, ..] => (step.as_str(), url.as_str()),
         _ => return Err("usage: bench_scale fill|known|map STORE [CHUNKS]".into()),
     };
-    let store = btm_chunk::store::open(url).map_err(|e| e.to_string())?;
+    let store = url
+        .parse()
+        .and_then(|l| btm_chunk::store::open(&l, btm_chunk::store::Open::Write))
+        .map_err(|e| e.to_string())?;
     let counting = Counting {
         inner: store.as_ref(),
         calls: Mutex::new(BTreeMap::new()),

@@ -111,7 +111,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: trace_requests STORE SRC TAG".into());
     };
     let store = Traced {
-        inner: btm_chunk::store::open(url)?,
+        inner: btm_chunk::store::open(&url.parse()?, btm_chunk::store::Open::Write)?,
         start: Instant::now(),
         log: Mutex::new(Vec::new()),
     };

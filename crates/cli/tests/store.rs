@@ -23,9 +23,12 @@ fn s3_store_meets_the_contract_and_round_trips_a_backup() {
         std::env::set_var(k, v);
     }
     contract(
-        btm_chunk::store::open("s3://btm/suite")
-            .expect("open s3")
-            .as_ref(),
+        btm_chunk::store::open(
+            &"s3://btm/suite".parse().expect("url"),
+            btm_chunk::store::Open::Write,
+        )
+        .expect("open s3")
+        .as_ref(),
     );
 
     round_trip_through_cli("s3://btm/backups", &s3.env());
@@ -92,9 +95,12 @@ fn azure_store_meets_the_contract_and_round_trips_a_backup() {
         std::env::set_var(k, v);
     }
     contract(
-        btm_chunk::store::open("az://btm/suite")
-            .expect("open azure")
-            .as_ref(),
+        btm_chunk::store::open(
+            &"az://btm/suite".parse().expect("url"),
+            btm_chunk::store::Open::Write,
+        )
+        .expect("open azure")
+        .as_ref(),
     );
     round_trip_through_cli("az://btm/backups", &az.env());
 }

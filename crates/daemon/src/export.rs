@@ -37,8 +37,8 @@ pub const DEFAULT_KEEP: u64 = 7;
 /// How and where exports go (`[export]` in btm.toml).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportSettings {
-    /// Store URL (a path, `file://`, `s3://`, `gs://`, `az://`).
-    pub store: String,
+    /// Where the store is (a path, `file://`, `s3://`, `gs://`, `az://`).
+    pub store: btm_chunk::store::Location,
     /// Export when the height enters a new multiple of this many blocks.
     pub every: u64,
     /// Backup tag; the host name by default.

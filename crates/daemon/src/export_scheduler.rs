@@ -23,7 +23,7 @@ use chrono::Utc;
 use crate::export::{self, ExportError, ExportSettings, Which};
 use btm::protocol::LastExport;
 use btm::Ops;
-use btm_chunk::store::{Store, StoreError};
+use btm_chunk::store::{Location, Store, StoreError};
 use btm_chunk::{ChunkError, Progress};
 
 use super::state::State;
@@ -38,7 +38,7 @@ pub struct ExportScheduler {
 /// Opens the export store by URL for each export: lazily, so a store
 /// that is down fails that export, never the daemon. Tests pass one that
 /// returns an in-memory store.
-pub type StoreOpener = Arc<dyn Fn(&str) -> Result<Box<dyn Store>, StoreError> + Send + Sync>;
+pub type StoreOpener = Arc<dyn Fn(&Location) -> Result<Box<dyn Store>, StoreError> + Send + Sync>;
 
 /// What the exports of one generation need, shared with their thread.
 struct Context {
@@ -331,7 +331,8 @@ mod tests {
         let store = MemStore::new();
         let opener = {
             let store = store.clone();
-            Arc::new(move |_: &str| Ok(Box::new(store.clone()) as Box<dyn Store>)) as StoreOpener
+            Arc::new(move |_: &Location| Ok(Box::new(store.clone()) as Box<dyn Store>))
+                as StoreOpener
         };
         let cfg = btm::BtmCfg {
             volume: "tank/chain".into(),

@@ -143,7 +143,9 @@ impl Default for Deps {
     fn default() -> Self {
         Deps {
             open_volume: Arc::new(open_volume),
-            open_store: Arc::new(|url: &str| btm_chunk::store::open(url)),
+            open_store: Arc::new(|l: &btm_chunk::store::Location| {
+                btm_chunk::store::open(l, btm_chunk::store::Open::Write)
+            }),
         }
     }
 }
@@ -394,7 +396,7 @@ fn log_ready(cfg: &BtmCfg, settings: &DaemonSettings) {
         cap = cfg.cap,
         algo = %cfg.algo,
         socket = %settings.socket.display(),
-        export_store = settings.export.as_ref().map(|e| e.store.as_str()),
+        export_store = settings.export.as_ref().map(|e| e.store.to_string()),
         export_every = settings.export.as_ref().map(|e| e.every),
         "btm daemon ready"
     );
@@ -424,7 +426,7 @@ fn initial_status(cfg: &BtmCfg, settings: &DaemonSettings, snapshots: usize) -> 
         branch_bytes: None,
         half_done: None,
         next_due: None,
-        export_store: settings.export.as_ref().map(|e| e.store.clone()),
+        export_store: settings.export.as_ref().map(|e| e.store.to_string()),
         export_every: settings.export.as_ref().map(|e| e.every),
         last_export: None,
         export: None,

@@ -19,7 +19,7 @@ pub use key::{KeyError, PublicKey, SigningKey};
 pub use reader::CatalogStore;
 pub use writer::{publish, PublishReport, Publishing};
 
-use crate::store::{Store, StoreError};
+use crate::store::{Location, Open, Store, StoreError};
 
 /// How a reader opens a store.
 #[derive(Debug, Clone, Default)]
@@ -39,13 +39,16 @@ pub struct Opened {
     pub unauthenticated: bool,
 }
 
-/// Open `url` for reading. A web server, an anonymous bucket, or any
+/// Open `location` for reading. A web server, an anonymous bucket, or any
 /// store when keys are trusted, is read through its catalog
 /// ([`CatalogStore`]); anything else is the operator's own store, read
 /// as it is.
-pub fn open(url: &str, access: &Access) -> Result<Opened, StoreError> {
-    let inner = crate::store::open_readonly(url, access.anonymous)?;
-    let public = crate::store::is_web(url) || access.anonymous;
+pub fn open(location: &Location, access: &Access) -> Result<Opened, StoreError> {
+    let how = Open::Read {
+        anonymous: access.anonymous,
+    };
+    let inner = crate::store::open(location, how)?;
+    let public = location.is_web() || access.anonymous;
     if !public && access.trust.is_empty() {
         return Ok(Opened {
             store: inner,

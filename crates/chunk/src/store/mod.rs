@@ -34,6 +34,7 @@ mod http;
 mod id;
 mod layer;
 mod local;
+mod location;
 mod mem;
 mod object;
 
@@ -42,6 +43,7 @@ pub use counting::Counting;
 pub use id::{BadId, Id};
 pub use layer::Layer;
 pub use local::LocalStore;
+pub use location::{Cloud, Location, Open};
 pub use mem::{Fault, MemStore, Request};
 pub use object::ObjectStoreBackend;
 
@@ -302,96 +304,45 @@ pub(crate) fn check_marker_name(name: &str) -> Result<(), StoreError> {
     }
 }
 
-/// Check the form of a store URL without opening it (no network, no
-/// runtime): what [`open`] would reject for its syntax.
-pub fn check_url(url: &str) -> Result<(), StoreError> {
-    let invalid = |detail: &str| StoreError::InvalidUrl {
-        url: url.to_owned(),
-        detail: detail.to_owned(),
-    };
-    if url.is_empty() {
-        return Err(invalid("it is empty"));
-    }
-    match url.split_once("://") {
-        None | Some(("file", _)) => Ok(()),
-        Some(("s3" | "gs" | "az", rest)) => {
-            if rest.split('/').next().is_none_or(str::is_empty) {
-                Err(invalid("no bucket or container name"))
-            } else {
-                Ok(())
+/// Open the store at `location` for `how` (see [`Open`]). Cloud
+/// credentials come from the usual environment variables (`AWS_*`,
+/// `GOOGLE_*`, `AZURE_*`); `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT`) points
+/// S3 at a compatible server. A web server or an anonymous bucket cannot
+/// be listed: read it through its catalog ([`crate::public::open`]).
+pub fn open(location: &Location, how: Open) -> Result<Box<dyn Store>, StoreError> {
+    match (location, how) {
+        (Location::Web(url), Open::Read { .. })
+        | (Location::Bucket { url, .. }, Open::Read { anonymous: true }) => {
+            Ok(Box::new(ObjectStoreBackend::open_anonymous(url)?))
+        }
+        (Location::Web(url), _) => Err(StoreError::InvalidUrl {
+            url: url.clone(),
+            detail: location::WEB_IS_READ_ONLY.into(),
+        }),
+        (Location::Bucket { url, .. }, _) => Ok(Box::new(ObjectStoreBackend::open(url)?)),
+        (Location::Local(path), Open::Write) => Ok(Box::new(LocalStore::open(&path_str(path)?)?)),
+        (Location::Local(path), _) => {
+            let detail = match std::fs::metadata(path) {
+                Ok(m) if m.is_dir() => None,
+                Ok(_) => Some("it is a file, not a store directory"),
+                Err(_) => Some("no such directory"),
+            };
+            if let Some(detail) = detail {
+                return Err(StoreError::InvalidUrl {
+                    url: location.to_string(),
+                    detail: detail.into(),
+                });
             }
-        }
-        Some(("http" | "https", _)) => Err(invalid(
-            "a web server is read-only to btm; write to the directory or bucket it serves, and publish that (docs/publishing.md)",
-        )),
-        Some((scheme, _)) => Err(invalid(&format!(
-            "unknown scheme '{scheme}://' (use a path, file://, s3://, gs:// or az://)"
-        ))),
-    }
-}
-
-/// Whether `url` names a web server (`http://`, `https://`): a store that
-/// can only be read, through its catalog.
-pub fn is_web(url: &str) -> bool {
-    url.starts_with("http://") || url.starts_with("https://")
-}
-
-/// Open `url` to read it only: everything [`open_existing`] opens, and
-/// web servers (`https://host/prefix`, `http://…`). With `anonymous`,
-/// buckets are read without credentials (`--no-sign-request`). A web
-/// server or an anonymous bucket cannot be listed: read it through its
-/// catalog (`crate::public`).
-pub fn open_readonly(url: &str, anonymous: bool) -> Result<Box<dyn Store>, StoreError> {
-    if is_web(url) || (anonymous && url.contains("://") && !url.starts_with("file://")) {
-        return Ok(Box::new(ObjectStoreBackend::open_anonymous(url)?));
-    }
-    open_existing(url)
-}
-
-/// [`open`] for commands that only read or prune an existing store: a
-/// local store that does not exist is an error (a mistyped path must not
-/// look like an empty store), not something created on first write.
-pub fn open_existing(url: &str) -> Result<Box<dyn Store>, StoreError> {
-    let local = match url.split_once("://") {
-        None => Some(url),
-        Some(("file", path)) => Some(path),
-        Some(_) => None,
-    };
-    if let Some(path) = local.filter(|p| !p.is_empty()) {
-        let detail = match std::fs::metadata(path) {
-            Ok(m) if m.is_dir() => None,
-            Ok(_) => Some("it is a file, not a store directory"),
-            Err(_) => Some("no such directory"),
-        };
-        if let Some(detail) = detail {
-            return Err(StoreError::InvalidUrl {
-                url: url.to_owned(),
-                detail: detail.into(),
-            });
+            Ok(Box::new(LocalStore::open(&path_str(path)?)?))
         }
     }
-    open(url)
 }
 
-/// Open the store named by `url`: a path or `file://…` (local), or
-/// `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`.
-/// Cloud credentials come from the usual environment variables
-/// (`AWS_*`, `GOOGLE_*`, `AZURE_*`); `AWS_ENDPOINT_URL` (or
-/// `AWS_ENDPOINT`) points S3 at a compatible server.
-pub fn open(url: &str) -> Result<Box<dyn Store>, StoreError> {
-    let invalid = |detail: &str| StoreError::InvalidUrl {
-        url: url.to_owned(),
-        detail: detail.to_owned(),
-    };
-    check_url(url)?;
-    if let Some(path) = url.strip_prefix("file://") {
-        return Ok(Box::new(LocalStore::open(path)?));
-    }
-    match url.split_once("://") {
-        None => Ok(Box::new(LocalStore::open(url)?)),
-        Some(("s3" | "gs" | "az", _)) => Ok(Box::new(ObjectStoreBackend::open(url)?)),
-        Some((scheme, _)) => Err(invalid(&format!(
-            "unknown scheme '{scheme}://' (use a path, file://, s3://, gs:// or az://)"
-        ))),
-    }
+fn path_str(path: &std::path::Path) -> Result<String, StoreError> {
+    path.to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| StoreError::InvalidUrl {
+            url: path.display().to_string(),
+            detail: "the path is not valid UTF-8".into(),
+        })
 }

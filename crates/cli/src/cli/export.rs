@@ -59,7 +59,7 @@ pub fn run(args: ExportArgs, out: &mut dyn Write) -> Result<()> {
         format!("exporting {}", settings.volume),
         Arc::clone(&progress),
     );
-    let store = btm_chunk::store::open(&export.store)?;
+    let store = btm_chunk::store::open(&export.store, btm_chunk::store::Open::Write)?;
     let result = export::export(
         &ops,
         store.as_ref(),

@@ -10,7 +10,7 @@ use regex::bytes::Regex;
 
 use btm_chunk::cache::Cache;
 use btm_chunk::public::{Access, Publishing, SigningKey};
-use btm_chunk::store::Store;
+use btm_chunk::store::{Location, Open, Store};
 use btm_chunk::{inventory, Repo};
 use btm_daemon::settings::{ConfigError, DEFAULT_CONFIG};
 
@@ -87,7 +87,8 @@ impl Writable {
 impl StoreArgs {
     /// Open the store to write to it (created if it is a new directory).
     pub(super) fn open(&self) -> Result<Box<dyn Store>> {
-        Ok(btm_chunk::store::open(&self.url()?)?)
+        let location = self.location()?.for_writing()?;
+        Ok(btm_chunk::store::open(&location, Open::Write)?)
     }
 
     /// Open a store to read it (listing, restore, check, verify): a store
@@ -96,11 +97,11 @@ impl StoreArgs {
     /// Reading a published store with no trusted key warns that nothing
     /// read is authenticated.
     pub(super) fn open_reader(&self) -> Result<Box<dyn Store>> {
-        let url = self.url()?;
+        let location = self.location()?;
         // `--trust` reads any store through its catalog; the keys of the
         // configuration apply to published stores only, so the operator's
         // own unpublished store still reads as it is.
-        let public = self.no_sign_request || btm_chunk::store::is_web(&url);
+        let public = self.no_sign_request || location.is_web();
         let trust = match (self.trust.is_empty(), public) {
             (false, _) => self.trust.clone(),
             (true, true) => self.configured_trust()?,
@@ -110,10 +111,10 @@ impl StoreArgs {
             anonymous: self.no_sign_request,
             trust,
         };
-        let opened = btm_chunk::public::open(&url, &access)?;
+        let opened = btm_chunk::public::open(&location, &access)?;
         if opened.unauthenticated {
             eprintln!(
-                "warning: {url} is not your store and no key is trusted: this snapshot is unauthenticated (give --trust PUBKEY, the publisher's key)"
+                "warning: {location} is not your store and no key is trusted: this snapshot is unauthenticated (give --trust PUBKEY, the publisher's key)"
             );
         }
         Ok(opened.store)
@@ -138,11 +139,11 @@ impl StoreArgs {
     /// Open the operator's own store, which must exist, to change it (a
     /// published store read by URL or anonymously is read-only).
     pub(super) fn open_own(&self) -> Result<Box<dyn Store>> {
-        let url = self.url()?;
-        if self.no_sign_request || btm_chunk::store::is_web(&url) {
-            bail!("{url} is read-only to btm (a published snapshot); run this on the directory or bucket it is published from");
+        let location = self.location()?;
+        if self.no_sign_request || location.is_web() {
+            bail!("{location} is read-only to btm (a published snapshot); run this on the directory or bucket it is published from");
         }
-        Ok(btm_chunk::store::open_existing(&url)?)
+        Ok(btm_chunk::store::open(&location, Open::Existing)?)
     }
 
     /// The keys `[export] trust` of the configuration names.
@@ -181,6 +182,12 @@ impl StoreArgs {
     /// The store: `-s`, else `$BTM_STORE`, else `[export] store` of
     /// /etc/btm/btm.toml. A configuration file that exists but cannot be
     /// read is an error, not "no store".
+    /// Where the store is: `-s`, `$BTM_STORE`, else `[export] store` of
+    /// the configuration, parsed once.
+    fn location(&self) -> Result<Location> {
+        Ok(self.url()?.parse()?)
+    }
+
     fn url(&self) -> Result<String> {
         if let Some(url) = &self.store {
             return Ok(url.clone());

@@ -236,9 +236,10 @@ impl ExportOptions {
                 key: "export.store",
                 hint: " when [export] is configured (--export-store)",
             })?;
-        if let Err(e) = btm_chunk::store::check_url(&store) {
-            return Err(invalid("export.store", e.to_string()));
-        }
+        let store = store
+            .parse::<btm_chunk::store::Location>()
+            .and_then(btm_chunk::store::Location::for_writing)
+            .map_err(|e| invalid("export.store", e.to_string()))?;
         let every = self.every.unwrap_or(itv.saturating_mul(100));
         if every == 0 || every % itv != 0 {
             return Err(invalid(
@@ -1000,7 +1001,7 @@ mod tests {
             .export
             .expect("export");
         assert_eq!(
-            (e.store.as_str(), e.every, e.keep, e.max_rate),
+            (e.store.to_string().as_str(), e.every, e.keep, e.max_rate),
             ("/b", 50, 3, Some(1000))
         );
         let none = parse("volume = \"a\"\n").expect("valid");
