@@ -243,24 +243,12 @@ impl ZfsVolume {
         let Ok(parent) = self.parent() else {
             return Ok(Vec::new());
         };
-        let out = zfs(&[
-            "list",
-            "-H",
-            "-o",
-            "name,origin",
-            "-t",
-            "filesystem",
-            "-d",
-            "1",
-            parent,
-        ])?;
         let prefix = format!("{}{BRANCH_INFIX}", self.dataset);
-        Ok(out
-            .lines()
-            .filter_map(|l| l.split_once('\t'))
+        Ok(super::origins_below(parent)?
+            .into_iter()
             .filter_map(|(name, origin)| {
                 let branch = name.strip_prefix(&prefix)?;
-                Some((self.height_of(origin.trim())?, branch.to_owned()))
+                Some((self.height_of(&origin)?, branch.to_owned()))
             })
             .collect())
     }

@@ -258,22 +258,9 @@ impl ZfsVolume {
     /// processes, and anything whose origin is not one of this dataset's
     /// btm snapshots, are left alone.
     pub fn sweep_stale_views(&self) -> Result<(), Error> {
-        let out = zfs(&[
-            "list",
-            "-H",
-            "-o",
-            "name,origin",
-            "-t",
-            "filesystem",
-            "-d",
-            "1",
-            self.pool(),
-        ])?;
         let prefix = self.view_clone_prefix();
-        for line in out.lines() {
-            let Some((name, origin)) = line.split_once('\t') else {
-                continue;
-            };
+        for (name, origin) in origins_below(self.pool())? {
+            let (name, origin) = (name.as_str(), origin.as_str());
             let Some(rest) = name.strip_prefix(&prefix) else {
                 continue;
             };
@@ -294,6 +281,27 @@ impl ZfsVolume {
         }
         Ok(())
     }
+}
+
+/// The filesystems directly below `parent`, with their origins (`-` for
+/// a dataset that is not a clone).
+fn origins_below(parent: &str) -> Result<Vec<(String, String)>, Error> {
+    let out = zfs(&[
+        "list",
+        "-H",
+        "-o",
+        "name,origin",
+        "-t",
+        "filesystem",
+        "-d",
+        "1",
+        parent,
+    ])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(n, o)| (n.trim().to_owned(), o.trim().to_owned()))
+        .collect())
 }
 
 /// Destroy a view clone, retrying while it is busy.
