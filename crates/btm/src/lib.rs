@@ -77,5 +77,5 @@ pub use dirs::Dirs;
 pub use error::Error;
 pub use ops::{Ops, SnapshotOptions, SnapshotReport};
 pub use retention::{Algo as SnapAlgo, Plan, Policy};
-pub use rollback::{Ask, PreparedSwitch};
+pub use rollback::{Ask, ExpiryReport, PreparedSwitch};
 pub use volume::{SnapMode, Snapshot, SnapshotOutcome};

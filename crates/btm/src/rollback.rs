@@ -20,6 +20,15 @@ use crate::ops::{resolve_target, Ops};
 use crate::volume::branch::{self, Carry, Expiry};
 use crate::volume::{self, Branch, BranchName, Enter, Progress, Switch, SwitchEffects, Volume};
 
+/// What [`Ops::expire_branches`] decided and did.
+#[derive(Debug, Default)]
+pub struct ExpiryReport {
+    /// Each branch's verdict, and why dropping it failed if it did.
+    pub verdicts: Vec<(BranchName, Expiry, Option<String>)>,
+    /// The branches still there afterwards.
+    pub kept: Vec<Branch>,
+}
+
 /// What the operator asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ask {
@@ -331,21 +340,22 @@ impl Ops {
     }
 
     /// Which branches expire at `now` when each is kept for `keep` (see
-    /// [`branch::expiry`]); with `act`, drop them. A failure to drop one
-    /// is reported, never raised, like a failed prune.
+    /// [`branch::expiry`]); with `act`, drop them (not while a switch is
+    /// half done). A failure to drop one is reported, never raised, like a
+    /// failed prune. The report also holds the branches left, so a caller
+    /// need not list them again.
     pub fn expire_branches(
         &self,
         now: DateTime<Utc>,
         keep: Duration,
         act: bool,
-    ) -> Result<Vec<(BranchName, Expiry, Option<String>)>, Error> {
+    ) -> Result<ExpiryReport, Error> {
         let _lock = self.lock(lock::DEFAULT_WAIT)?;
-        if act && self.pending_switch()?.is_some() {
-            return Ok(Vec::new());
-        }
-        let plan = branch::expiry(&self.volume().branches()?, now, keep);
-        let mut out = Vec::with_capacity(plan.len());
-        for (name, e) in plan {
+        let act = act && self.pending_switch()?.is_none();
+        let branches = self.volume().branches()?;
+        let plan = branch::expiry(&branches, now, keep);
+        let mut report = ExpiryReport::default();
+        for (b, (name, e)) in branches.into_iter().zip(plan) {
             let failed = if act && e.drops() {
                 match self.volume().drop_branch(&name) {
                     Ok(()) => {
@@ -360,9 +370,12 @@ impl Ops {
             } else {
                 None
             };
-            out.push((name, e, failed));
+            if !(act && e.drops() && failed.is_none()) {
+                report.kept.push(b);
+            }
+            report.verdicts.push((name, e, failed));
         }
-        Ok(out)
+        Ok(report)
     }
 
     fn refuse_half_done(&self) -> Result<(), Error> {
@@ -575,9 +588,11 @@ mod tests {
         switch(&ops, &back(90), at(0), None).expect("first");
         switch(&ops, &back(80), at(10), None).expect("second");
         let week = Duration::from_secs(7 * 86_400);
-        let plan = ops
+        let report = ops
             .expire_branches(at(20), Duration::ZERO, true)
             .expect("expire");
+        assert_eq!(report.kept, ops.branches().expect("b"), "what is left");
+        let plan = report.verdicts;
         let dropped: Vec<_> = plan.iter().filter(|p| p.1.drops()).collect();
         assert_eq!(
             dropped.len(),
@@ -588,6 +603,7 @@ mod tests {
         assert!(ops
             .expire_branches(at(600), week, true)
             .expect("expire")
+            .verdicts
             .iter()
             .all(|p| !p.1.drops()));
         ops.expire_branches(at(10 + 3_600), Duration::ZERO, true)
@@ -619,7 +635,8 @@ mod tests {
         let later = at(30 * 86_400);
         let plan = ops
             .expire_branches(later, Duration::ZERO, true)
-            .expect("expire");
+            .expect("expire")
+            .verdicts;
         assert!(matches!(plan[0].1, Expiry::Protected { .. }), "{plan:?}");
         assert_eq!(ops.branches().expect("b").len(), 1);
         let released = ops.release(&upgrade).expect("release");

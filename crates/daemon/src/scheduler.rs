@@ -197,29 +197,32 @@ pub struct BranchCensus {
     pub half_done: Option<String>,
 }
 
-/// Count the volume's branches (a failure to is logged and counts none).
-pub fn branch_census(ops: &Ops) -> BranchCensus {
-    let half_done = ops.pending_switch().ok().flatten().map(|p| p.command);
-    if let Some(c) = &half_done {
-        tracing::warn!(
-            command = c,
-            "a rollback or undo was left half done; run the command again to finish it"
-        );
-    }
-    match ops.branches() {
-        Ok(bs) => BranchCensus {
-            count: bs.len(),
-            bytes: bs.iter().map(|b| b.used).sum(),
+impl BranchCensus {
+    /// What `branches` and a switch journal say.
+    fn of(branches: &[btm::volume::Branch], ops: &Ops) -> Self {
+        let half_done = ops.pending_switch().ok().flatten().map(|p| p.command);
+        if let Some(c) = &half_done {
+            tracing::warn!(
+                command = c,
+                "a rollback or undo was left half done; run the command again to finish it"
+            );
+        }
+        BranchCensus {
+            count: branches.len(),
+            bytes: branches.iter().map(|b| b.used).sum(),
             half_done,
-        },
-        Err(e) => {
-            tracing::warn!(error = %e, "could not list branches");
-            BranchCensus {
-                half_done,
-                ..BranchCensus::default()
-            }
         }
     }
+}
+
+/// Count the volume's branches (a failure to list them is logged and
+/// counts none).
+pub fn branch_census(ops: &Ops) -> BranchCensus {
+    let branches = ops.branches().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "could not list branches");
+        Vec::new()
+    });
+    BranchCensus::of(&branches, ops)
 }
 
 struct Took {
@@ -599,10 +602,13 @@ fn take_blocking(
     // Branches expire at the pace of snapshots; the active line is all
     // the daemon snapshots and prunes.
     let branches = outcome.is_ok().then(|| {
-        if let Err(e) = ops.expire_branches(chrono::Utc::now(), settings.keep_branches, true) {
-            tracing::warn!(error = %e, "could not expire branches");
+        match ops.expire_branches(chrono::Utc::now(), settings.keep_branches, true) {
+            Ok(report) => BranchCensus::of(&report.kept, ops),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not expire branches");
+                branch_census(ops)
+            }
         }
-        branch_census(ops)
     });
     let post_hook_error = match (&settings.post_snapshot, &outcome) {
         (Some(argv), Ok(_)) => btm::exec::run(argv, &env, settings.hook_timeout).err(),

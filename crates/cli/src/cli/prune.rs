@@ -42,7 +42,8 @@ pub fn run(args: PruneArgs, out: &mut dyn Write) -> Result<()> {
     };
     let expiry = cfg
         .ops()?
-        .expire_branches(chrono::Utc::now(), keep, !args.dry_run)?;
+        .expire_branches(chrono::Utc::now(), keep, !args.dry_run)?
+        .verdicts;
     if args.json {
         print_json(out, &plan)?;
     } else {
