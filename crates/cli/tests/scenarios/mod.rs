@@ -680,23 +680,13 @@ pub fn rollback_keeps_a_branch_and_undo_returns_to_it(fx: &impl Fixture) {
 /// the end state is the uninterrupted one.
 pub fn a_switch_stopped_after_any_step_is_finished_by_a_rerun(fx: &impl Fixture) {
     history(fx);
-    let steps: &[&str] = if fx.mode() == "zfs" {
-        &[
-            "stash",
-            "clone",
-            "promote",
-            "mark",
-            "unmount",
-            "rename-out",
-            "rename-in",
-            "mount",
-            "carry",
-        ]
-    } else {
-        &[
-            "incoming", "carry", "exchange", "keep", "move-out", "move-in",
-        ]
-    };
+    // Every step the driver reports, as the driver names them.
+    let dirs = btm::dirs::Dirs::under(fx.scratch());
+    let mode = fx.mode().parse().expect("mode");
+    let steps = btm::volume::open(&fx.volume(), Some(mode), &dirs)
+        .expect("open")
+        .switch_steps();
+    assert!(steps.len() >= 6, "{steps:?}");
     let vol = fx.volume();
     let with_volume = |args: &[&str]| {
         let mut all = args.to_vec();
