@@ -48,7 +48,7 @@ pub fn check(
     })?;
     report.problems = problems;
     report.packs = map.packs().len() as u64;
-    let present: HashMap<Id, u64> = with_retry(|| store.list(Kind::Pack))
+    let present: HashMap<Id, u64> = with_retry(store, || store.list(Kind::Pack))
         .map_err(|e| ChunkError::store("listing packs", e))?
         .into_iter()
         .collect();
@@ -138,7 +138,7 @@ fn check_backup(
     let v1 = matches!(idx, Decoded::V1(_));
     if v1 && refs.v1_present.is_none() {
         refs.v1_present = Some(
-            with_retry(|| store.list(Kind::Chunk))
+            with_retry(store, || store.list(Kind::Chunk))
                 .map_err(|e| ChunkError::store("listing version 1 chunks", e))?
                 .into_iter()
                 .map(|(id, _)| id)
@@ -207,7 +207,7 @@ fn verify_packs(
     let results = crate::pipeline::pool::map(&numbers, connections, |&n| {
         let info = map.packs()[n as usize];
         let what = format!("pack {}", info.id);
-        let data = match with_retry(|| store.get(Kind::Pack, &info.id)) {
+        let data = match with_retry(store, || store.get(Kind::Pack, &info.id)) {
             Ok(d) => d,
             Err(e) => return (0, vec![format!("{what}: {e}")]),
         };
@@ -266,8 +266,8 @@ fn verify_v1(
         .copied()
         .collect();
     let results = crate::pipeline::pool::map(&wanted, connections, |h| -> Result<(), String> {
-        let data =
-            with_retry(|| store.get(Kind::Chunk, h)).map_err(|e| format!("chunk {h}: {e}"))?;
+        let data = with_retry(store, || store.get(Kind::Chunk, h))
+            .map_err(|e| format!("chunk {h}: {e}"))?;
         match zstd::stream::decode_all(&data[..]) {
             Ok(raw) if Id::of(&raw) == *h => Ok(()),
             Ok(_) => Err(format!("chunk {h}: content does not match its hash")),

@@ -153,7 +153,7 @@ impl BackupInfo {
 /// Index names in the store, newest first, optionally only those with
 /// exactly `tag`. Objects that are not index names are ignored.
 pub fn list_backups(store: &dyn Store, tag: Option<&str>) -> Result<Vec<IndexName>, ChunkError> {
-    let mut names: Vec<IndexName> = with_retry(|| store.list_indexes())
+    let mut names: Vec<IndexName> = with_retry(store, || store.list_indexes())
         .map_err(|e| ChunkError::store("listing backups", e))?
         .iter()
         .filter_map(|n| IndexName::parse(n))
@@ -165,7 +165,7 @@ pub fn list_backups(store: &dyn Store, tag: Option<&str>) -> Result<Vec<IndexNam
 
 /// Read and decode one index.
 pub fn read_index(store: &dyn Store, name: &str) -> Result<Decoded, ChunkError> {
-    let data = with_retry(|| store.get_index(name)).map_err(|e| match e {
+    let data = with_retry(store, || store.get_index(name)).map_err(|e| match e {
         StoreError::NotFound(_) => {
             ChunkError::NoBackup(format!("no backup named {name} in {}", store.describe()))
         }
@@ -214,7 +214,7 @@ pub fn newest_readable(
 /// Delete the index of backup `name` (its data goes at the next GC). With
 /// `dry_run`, only check that it exists.
 pub fn forget(store: &dyn Store, name: &str, dry_run: bool) -> Result<(), ChunkError> {
-    let exists = with_retry(|| store.list_indexes())
+    let exists = with_retry(store, || store.list_indexes())
         .map_err(|e| ChunkError::store("listing backups", e))?
         .iter()
         .any(|n| n == name);
@@ -225,7 +225,7 @@ pub fn forget(store: &dyn Store, name: &str, dry_run: bool) -> Result<(), ChunkE
         )));
     }
     if !dry_run {
-        with_retry(|| store.delete_index(name))
+        with_retry(store, || store.delete_index(name))
             .map_err(|e| ChunkError::store(format!("deleting backup {name}"), e))?;
     }
     Ok(())
@@ -241,7 +241,7 @@ pub fn fetch_tree(
     if let Some(data) = cache.and_then(|c| c.get(Kind::Tree, id)) {
         return Ok(data);
     }
-    let data = with_retry(|| store.get(Kind::Tree, id))
+    let data = with_retry(store, || store.get(Kind::Tree, id))
         .map_err(|e| ChunkError::store(format!("reading tree segment {id}"), e))?;
     if Id::of(&data) != *id {
         return Err(ChunkError::Format(super::format::FormatError::new(

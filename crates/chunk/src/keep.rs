@@ -34,7 +34,7 @@ pub fn prune_backups(
         .collect();
     if !dry_run {
         for name in &doomed {
-            with_retry(|| store.delete_index(name))?;
+            with_retry(store, || store.delete_index(name))?;
         }
     }
     Ok(doomed)

@@ -237,20 +237,10 @@ impl From<format::FormatError> for ChunkError {
     }
 }
 
-/// Retry a store call on temporary failures: 5 attempts, backoff from
-/// 200 ms.
-pub(crate) fn with_retry<T>(mut f: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
-    let mut delay = std::time::Duration::from_millis(200);
-    let mut attempt = 1;
-    loop {
-        match f() {
-            Err(e) if e.is_temporary() && attempt < 5 => {
-                tracing::warn!(error = %e, attempt, "store call failed; retrying");
-                std::thread::sleep(delay);
-                delay *= 2;
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
+/// A call to `store` made under its [`store::RetryPolicy`].
+pub(crate) fn with_retry<T>(
+    store: &dyn store::Store,
+    f: impl FnMut() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    store.retry_policy().run(f)
 }

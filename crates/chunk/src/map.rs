@@ -91,7 +91,7 @@ pub(crate) fn each_pack_index_or(
     mut f: impl FnMut(Id, Vec<PackEntry>),
     mut bad: impl FnMut(Id, ChunkError) -> Result<(), ChunkError>,
 ) -> Result<(), ChunkError> {
-    let mut ids: Vec<Id> = with_retry(|| store.list(Kind::PackIndex))
+    let mut ids: Vec<Id> = with_retry(store, || store.list(Kind::PackIndex))
         .map_err(|e| ChunkError::store("listing pack indexes", e))?
         .into_iter()
         .map(|(id, _)| id)
@@ -106,7 +106,7 @@ pub(crate) fn each_pack_index_or(
                 if let Some(data) = cache.and_then(|c| c.get(Kind::PackIndex, id)) {
                     return Ok(data);
                 }
-                let data = with_retry(|| store.get(Kind::PackIndex, id))
+                let data = with_retry(store, || store.get(Kind::PackIndex, id))
                     .map_err(|e| ChunkError::store(format!("reading pack index {id}"), e))?;
                 if Id::of(&data) != *id {
                     return Err(ChunkError::Format(super::format::FormatError::new(

@@ -15,8 +15,8 @@ use std::time::Duration;
 use btm_chunk::backup::BackupOptions;
 use btm_chunk::gc::GcOptions;
 use btm_chunk::restore::RestoreOptions;
-use btm_chunk::store::{Fault, Kind, LocalStore, MemStore, Request, Store};
-use btm_chunk::{inventory, ChunkError, Policy};
+use btm_chunk::store::{Fault, Kind, LocalStore, MemStore, Request, RetryPolicy, Store};
+use btm_chunk::{inventory, ChunkError, Policy, Repo};
 use common::*;
 
 #[track_caller]
@@ -223,6 +223,40 @@ fn a_store_that_keeps_failing_leaves_no_backup_and_the_next_one_works() {
     let b = backup(&store, &src, "node").expect("the next one works");
     assert_eq!(b.files, 202, "{b:?}");
     restores_exactly(&store, &src, t.path());
+}
+
+/// A call that keeps failing makes the store's attempts and no more, on
+/// the write path and the read path alike: nothing retries on top of the
+/// policy.
+#[test]
+fn a_failing_call_makes_the_policys_attempts_once() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    write_tree(&src, &[("a", 1, 100 * KIB)]);
+    let store = MemStore::new();
+    let attempts = u64::from(store.retry_policy().attempts);
+    assert_eq!(attempts, u64::from(RetryPolicy::ATTEMPTS));
+    let mut o = BackupOptions::new("node", Policy::NONE);
+    o.workers = 1;
+    store.inject(Request::Put(Kind::Pack), 1, u64::MAX, Fault::Fail);
+    let backing_up = Repo::new(&store).with_cache(None).with_connections(Some(1));
+    let e = backing_up.backup(&src, &o).expect_err("fails");
+    assert!(
+        e.to_string().contains(&format!("{attempts} attempts")),
+        "{e}"
+    );
+    assert_eq!(store.faulted(), attempts);
+
+    store.clear_faults();
+    backup(&store, &src, "node").expect("backup");
+    store.inject(Request::Get(Kind::Pack), 1, u64::MAX, Fault::Fail);
+    let e = restore(&store, "node", &t.path().join("dest")).expect_err("fails");
+    assert!(
+        e.to_string().contains(&format!("{attempts} attempts")),
+        "{e}"
+    );
+    // One pack, so one read that fails.
+    assert_eq!(store.faulted(), 2 * attempts);
 }
 
 #[test]

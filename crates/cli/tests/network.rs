@@ -217,3 +217,82 @@ fn s3_transient_failures_are_retried_and_a_committed_head_is_a_success() {
 fn azure_transient_failures_are_retried_and_a_committed_head_is_a_success() {
     transient_failures_are_retried("azure");
 }
+
+/// Attempts the proxy saw per object, for requests with `method` under
+/// `path`.
+fn attempts_per_object(proxy: &FaultProxy, method: &str, path: &str) -> Vec<usize> {
+    let mut per: std::collections::BTreeMap<String, usize> = Default::default();
+    for line in proxy.injected() {
+        let mut words = line.split_whitespace();
+        let (_, m, target) = (words.next(), words.next(), words.next());
+        if m == Some(method) {
+            if let Some(t) = target.filter(|t| t.contains(path)) {
+                *per.entry(t.split('?').next().unwrap_or(t).to_owned())
+                    .or_default() += 1;
+            }
+        }
+    }
+    per.into_values().collect()
+}
+
+/// A store that keeps failing one kind of request (`fault` on `method`
+/// under `packs/`): the command fails, naming the attempts, and each
+/// object was asked for exactly the policy's attempts: the HTTP client
+/// under the policy repeats nothing (object_store's own retries are off).
+fn a_failing_call_makes_the_policys_attempts_once(kind: &str, method: &'static str, fault: Fault) {
+    let server = Server::start(kind);
+    let proxy = FaultProxy::start(server.port(), 0);
+    let dir = tempfile::tempdir().expect("tmp");
+    let src = dir.path().join("src");
+    tree(&src, &[("a", 300_000)]);
+    let (store, env) = server.through(&proxy, "failing", "10s");
+    if method == "GET" {
+        run(
+            dir.path(),
+            &["backup", src.to_str().expect("utf8"), "-t", "net"],
+            &store,
+            &env,
+        )
+        .ok();
+    }
+    proxy.add(Rule {
+        method,
+        path: "packs/",
+        fault,
+        times: u32::MAX,
+    });
+    let dst = dir.path().join("dst");
+    let args: &[&str] = match method {
+        "GET" => &[
+            "restore",
+            "latest",
+            dst.to_str().expect("utf8"),
+            "-t",
+            "net",
+        ],
+        _ => &["backup", src.to_str().expect("utf8"), "-t", "net"],
+    };
+    let failed = run(dir.path(), args, &store, &env);
+    let attempts = btm_chunk::store::RetryPolicy::ATTEMPTS as usize;
+    let last = failed.stderr.trim().lines().last().unwrap_or_default();
+    assert!(failed.code != 0, "{}", failed.stderr);
+    assert!(
+        last.starts_with("btm: error: ") && last.contains(&format!("{attempts} attempts")),
+        "{}",
+        failed.stderr
+    );
+    assert_eq!(
+        attempts_per_object(&proxy, method, "packs/"),
+        vec![attempts]
+    );
+}
+
+#[test]
+fn s3_a_failing_get_makes_the_policys_attempts_once() {
+    a_failing_call_makes_the_policys_attempts_once("s3", "GET", Fault::Reset);
+}
+
+#[test]
+fn azure_a_failing_put_makes_the_policys_attempts_once() {
+    a_failing_call_makes_the_policys_attempts_once("azure", "PUT", Fault::Answer(503));
+}

@@ -467,6 +467,28 @@ mod tests {
         assert!(s.recent_errors.iter().any(|e| e.kind == "export"), "{s:?}");
     }
 
+    /// An export whose store keeps failing makes one call's attempts (the
+    /// store's one policy) and fails; the scheduler does not repeat the
+    /// call, and tries a new export only at the next due height.
+    #[test]
+    fn a_failing_store_costs_one_calls_attempts_per_due_export() {
+        use btm_chunk::store::{Fault, Request, RetryPolicy};
+        let r = rig();
+        r.store.inject(Request::Any, 1, u64::MAX, Fault::Fail);
+        r.snapshot_and_consider(20);
+        r.wait_idle();
+        let attempts = u64::from(RetryPolicy::ATTEMPTS);
+        assert_eq!(r.store.faulted(), attempts);
+        r.snapshot_and_consider(30);
+        r.wait_idle();
+        assert_eq!(r.store.faulted(), attempts);
+        r.snapshot_and_consider(40);
+        r.wait_idle();
+        assert_eq!(r.store.faulted(), 2 * attempts);
+        let c = r.state.status().counters;
+        assert_eq!((c.exports, c.export_failures), (0, 2));
+    }
+
     /// A reload: the next generation's export_scheduler takes over the ledger, and
     /// the export still running reports to the new generation's status.
     #[test]

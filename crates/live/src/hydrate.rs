@@ -45,10 +45,6 @@ const WINDOW: u64 = 64 << 20;
 const WINDOW_CHUNKS: usize = 8192;
 /// Slots of the order read at once.
 const ORDER_BLOCK: u32 = 16384;
-/// How long one background read may keep retrying.
-const READ_PATIENCE: Duration = Duration::from_secs(30);
-/// The longest wait between passes after failures.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The longest wait between passes that found nothing to claim (files
 /// waiting for their checkpoint, or that the node holds open unlinked).
 const MAX_IDLE: Duration = Duration::from_secs(5);
@@ -143,9 +139,12 @@ pub fn hydrate(files: &Files, stop: &Cancel) -> bool {
 }
 
 /// Passes until done or stopped, waiting between them as their outcome
-/// says.
+/// says. A read has made its call's attempts when it fails (the store's
+/// one [`btm_chunk::store::RetryPolicy`]); the pass that met it is not repeated at once,
+/// but the next comes after the policy's wait for as many failed passes
+/// in a row, for as long as it takes: the mount must finish.
 fn run(files: &Files, tx: &Sender<Job>, outstanding: &Outstanding, stop: &Cancel) -> bool {
-    let mut backoff = Duration::from_secs(1);
+    let mut failed: u32 = 0;
     let mut idle = Duration::from_millis(200);
     loop {
         if stop.is_cancelled() {
@@ -160,7 +159,7 @@ fn run(files: &Files, tx: &Sender<Job>, outstanding: &Outstanding, stop: &Cancel
             }
             None => {
                 files.stats.set_waiting(None);
-                backoff = Duration::from_secs(1);
+                failed = 0;
                 if claimed {
                     idle = Duration::from_millis(200);
                 } else {
@@ -176,15 +175,16 @@ fn run(files: &Files, tx: &Sender<Job>, outstanding: &Outstanding, stop: &Cancel
                 }
             }
             Some(Failure::Store(why) | Failure::Disk(why)) => {
+                failed += 1;
+                let wait = files.source().retry_policy().wait(failed);
                 files.stats.set_waiting(Some(format!(
-                    "{why}; trying again in {}s",
-                    backoff.as_secs()
+                    "{why}; trying again in {:.1}s",
+                    wait.as_secs_f64()
                 )));
-                tracing::warn!(error = %why, retry_in = ?backoff, "hydration is waiting");
-                if stop.sleep(backoff) {
+                tracing::warn!(error = %why, retry_in = ?wait, "hydration is waiting");
+                if stop.sleep(wait) {
                     return false;
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
@@ -464,7 +464,7 @@ fn fetch(
 ) -> Result<(), SourceError> {
     let source = files.source();
     files.stats.background_start();
-    let got = source.get_until(&job.read, buf, Instant::now() + READ_PATIENCE);
+    let got = source.get_until(&job.read, buf, None);
     files
         .stats
         .background_end(got.is_ok().then_some(buf.len() as u64));

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use btm_chunk::format::pack::{open_frame, FrameError};
 use btm_chunk::map::ChunkMap;
 use btm_chunk::plan::{coalesce, Need};
-use btm_chunk::store::{Id, Kind, Store, StoreError};
+use btm_chunk::store::{Id, Kind, RetryPolicy, Store, StoreError};
 use btm_chunk::Repo;
 
 /// A chunk wanted from the store.
@@ -183,42 +183,28 @@ impl Source {
         }
     }
 
-    /// Make `read` into `buf`, retrying what may pass until `deadline`.
+    /// Make `read` into `buf` under the store's one retry policy, giving
+    /// up early rather than wait past `deadline` (a node waiting on it).
     /// A pack that is gone (a GC repacked its chunks) reloads the map once
     /// and fails with [`SourceError::Missing`]: the caller plans again.
     pub fn get_until(
         &self,
         read: &Read,
         buf: &mut Vec<u8>,
-        deadline: Instant,
+        deadline: Option<Instant>,
     ) -> Result<(), SourceError> {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match self.get(read, buf) {
-                Ok(()) => return Ok(()),
-                Err(StoreError::NotFound(_)) => {
-                    self.reload()?;
-                    let hash = match read.object {
-                        Object::Chunk(h) => h,
-                        Object::Range { pack, .. } => pack,
-                    };
-                    return Err(SourceError::Missing(hash));
-                }
-                Err(e)
-                    if matches!(
-                        e,
-                        StoreError::Temporary { .. } | StoreError::Unreachable { .. }
-                    ) =>
-                {
-                    let now = Instant::now();
-                    if now + delay >= deadline {
-                        return Err(SourceError::Store(e));
-                    }
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(SourceError::Store(e)),
+        let policy = self.repo.store().retry_policy();
+        match policy.run_until(deadline, || self.get(read, buf)) {
+            Ok(()) => Ok(()),
+            Err(StoreError::NotFound(_)) => {
+                self.reload()?;
+                let hash = match read.object {
+                    Object::Chunk(h) => h,
+                    Object::Range { pack, .. } => pack,
+                };
+                Err(SourceError::Missing(hash))
             }
+            Err(e) => Err(SourceError::Store(e)),
         }
     }
 
@@ -247,6 +233,11 @@ impl Source {
             .map_err(|why| SourceError::Corrupt { hash: w.hash, why })
     }
 
+    /// How calls to the store are tried again.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.repo.store().retry_policy()
+    }
+
     /// Read connections for background hydration.
     pub fn connections(&self) -> usize {
         self.repo.read_connections()
@@ -260,5 +251,46 @@ pub fn frame<'d>(data: &'d [u8], read: &Read, c: &InRead) -> &'d [u8] {
         Object::Range { .. } => data
             .get(c.at as usize..(c.at + c.len) as usize)
             .unwrap_or(&[]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use btm_chunk::store::{Fault, MemStore, Request};
+
+    /// A read the store keeps failing: through hydration (no deadline) it
+    /// makes the policy's attempts, once; for a node waiting on it, no
+    /// more than its deadline allows.
+    #[test]
+    fn a_failing_read_makes_the_policys_attempts_once() {
+        let store: &'static MemStore = Box::leak(Box::new(MemStore::new()));
+        let repo = Repo::new(store).with_cache(None);
+        let map = ChunkMap::load(store, None, 1).expect("empty map");
+        let source = Source::new(repo, map, false);
+        let read = Read {
+            object: Object::Range {
+                pack: Id::of(b"a pack"),
+                start: 0,
+                len: 10,
+            },
+            chunks: Vec::new(),
+        };
+        store.inject(Request::Get(Kind::Pack), 1, u64::MAX, Fault::Fail);
+        let mut buf = Vec::new();
+        let e = source
+            .get_until(&read, &mut buf, None)
+            .expect_err("must fail");
+        assert!(
+            matches!(e, SourceError::Store(StoreError::Temporary { .. })),
+            "{e}"
+        );
+        let attempts = u64::from(RetryPolicy::ATTEMPTS);
+        assert_eq!(store.faulted(), attempts);
+        let soon = Instant::now() + Duration::from_micros(1);
+        source
+            .get_until(&read, &mut buf, Some(soon))
+            .expect_err("must fail");
+        assert_eq!(store.faulted(), attempts + 1);
     }
 }

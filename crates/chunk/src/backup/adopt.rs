@@ -37,7 +37,7 @@ pub(super) fn adopt_orphans(repo: &Repo<'_>, lease: &Lease<'_>) {
         .and_then(|data| {
             let data = crate::store::Bytes::from(data);
             let id = Id::of(&data);
-            with_retry(|| store.put(Kind::PackIndex, &id, data.clone()))
+            with_retry(store, || store.put(Kind::PackIndex, &id, data.clone()))
                 .map_err(|e| ChunkError::store("indexing packs of an interrupted backup", e))?;
             if let Some(c) = cache {
                 c.put(Kind::PackIndex, &id, &data);
@@ -65,16 +65,20 @@ pub(super) fn adopt_orphans(repo: &Repo<'_>, lease: &Lease<'_>) {
 fn read_trailer(store: &dyn Store, id: &Id) -> Result<PackEntry, ChunkError> {
     use crate::format::pack::{parse_footer, parse_trailer, FOOTER_LEN};
     let what = format!("pack {id}");
-    let len = with_retry(|| store.size(Kind::Pack, id))?;
+    let len = with_retry(store, || store.size(Kind::Pack, id))?;
     let foot_at = len
         .checked_sub(FOOTER_LEN as u64)
         .ok_or_else(|| ChunkError::Invalid(format!("{what} is too short")))?;
-    let footer = with_retry(|| store.get_range(Kind::Pack, id, foot_at, FOOTER_LEN as u64))?;
+    let footer = with_retry(store, || {
+        store.get_range(Kind::Pack, id, foot_at, FOOTER_LEN as u64)
+    })?;
     let (tlen, count) = parse_footer(&footer, &what)?;
     let frames = foot_at
         .checked_sub(u64::from(tlen))
         .ok_or_else(|| ChunkError::Invalid(format!("{what}: trailer longer than the pack")))?;
-    let trailer = with_retry(|| store.get_range(Kind::Pack, id, frames, u64::from(tlen)))?;
+    let trailer = with_retry(store, || {
+        store.get_range(Kind::Pack, id, frames, u64::from(tlen))
+    })?;
     let blobs = parse_trailer(&trailer, count, frames, &what)?;
     Ok(PackEntry {
         id: *id,

@@ -54,7 +54,7 @@ pub(super) fn commit(
             .map_err(ChunkError::from)
             .and_then(|()| verify_references(shared, name, head, &lost));
         if let Err(e) = verified {
-            let _ = with_retry(|| store.delete_index(name));
+            let _ = with_retry(store, || store.delete_index(name));
             return Err(e);
         }
     }
@@ -66,7 +66,7 @@ pub(super) fn commit(
 /// (see [`Store::put_index`]). Other bytes there are another backup, which
 /// the error describes.
 fn put_head(store: &dyn Store, name: &str, encoded: &[u8]) -> Result<(), ChunkError> {
-    match with_retry(|| store.put_index(name, encoded)) {
+    match with_retry(store, || store.put_index(name, encoded)) {
         Ok(()) => Ok(()),
         Err(e @ StoreError::Conflict { .. }) => {
             let there = match inventory::read_index(store, name) {
@@ -125,7 +125,7 @@ fn missing_segments(
     connections: usize,
 ) -> Result<Option<(u64, String)>, ChunkError> {
     let sizes = pool::map(trees, connections, |id| {
-        with_retry(|| store.size(Kind::Tree, id))
+        with_retry(store, || store.size(Kind::Tree, id))
     });
     let mut missing = Vec::new();
     for (id, r) in trees.iter().zip(sizes) {
@@ -150,7 +150,7 @@ fn missing_chunks(
 ) -> Result<Option<(u64, String)>, ChunkError> {
     let (store, cache) = (shared.repo.store(), shared.repo.cache());
     let map = ChunkMap::load(store, cache, connections)?;
-    let packs: HashSet<Id> = with_retry(|| store.list(Kind::Pack))
+    let packs: HashSet<Id> = with_retry(store, || store.list(Kind::Pack))
         .map_err(|e| ChunkError::store("listing packs", e))?
         .into_iter()
         .map(|(id, _)| id)

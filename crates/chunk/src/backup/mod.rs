@@ -489,7 +489,7 @@ fn finish(
     let confirmed = std::thread::scope(|s| {
         let confirming = s.spawn(|| shared.lease.confirm());
         upload::write_pack_index(shared, rest)?;
-        with_retry(|| store.flush())
+        with_retry(store, || store.flush())
             .map_err(|e| ChunkError::store("making the upload durable", e))?;
         Ok::<_, ChunkError>(
             confirming

@@ -130,8 +130,10 @@ fn upload(shared: &Shared<'_>, sealed: SealedPack) -> Result<(), ChunkError> {
     }
     {
         let _req = progress.request();
-        with_retry(|| store.put(Kind::Pack, &sealed.id, sealed.data.clone()))
-            .map_err(|e| ChunkError::store(what, e))?;
+        with_retry(store, || {
+            store.put(Kind::Pack, &sealed.id, sealed.data.clone())
+        })
+        .map_err(|e| ChunkError::store(what, e))?;
     }
     let c = &shared.counters;
     let bytes = sealed.data.len() as u64;
@@ -174,10 +176,11 @@ pub(super) fn write_pack_index(
     }
     let store = shared.repo.store();
     let _req = shared.opts.progress.request();
-    with_retry(|| store.flush()).map_err(|e| ChunkError::store("making packs durable", e))?;
+    with_retry(store, || store.flush())
+        .map_err(|e| ChunkError::store("making packs durable", e))?;
     let data = crate::store::Bytes::from(packidx::encode(&packs)?);
     let id = Id::of(&data);
-    with_retry(|| store.put(Kind::PackIndex, &id, data.clone()))
+    with_retry(store, || store.put(Kind::PackIndex, &id, data.clone()))
         .map_err(|e| ChunkError::store(format!("writing pack index {id}"), e))?;
     if let Some(c) = shared.repo.cache() {
         c.put(Kind::PackIndex, &id, &data);

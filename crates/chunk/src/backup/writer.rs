@@ -195,7 +195,7 @@ fn upload_segments(shared: &Shared<'_>, segments: Receiver<Segment>) {
         let data = crate::store::Bytes::from(seg.data);
         let put = {
             let _req = shared.opts.progress.request();
-            with_retry(|| store.put(Kind::Tree, &seg.id, data.clone()))
+            with_retry(store, || store.put(Kind::Tree, &seg.id, data.clone()))
         };
         if let Err(e) = put {
             shared.pipeline.fail(ChunkError::store(

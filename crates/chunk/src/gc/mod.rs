@@ -146,7 +146,7 @@ const MARKS: &str = "gc/marks";
 
 pub(super) fn read_mark(store: &dyn Store, name: &str) -> Result<Mark, ChunkError> {
     let bad = |detail: String| ChunkError::Invalid(format!("GC mark {name}: {detail}"));
-    let data = with_retry(|| store.get_marker(name))
+    let data = with_retry(store, || store.get_marker(name))
         .map_err(|e| ChunkError::store(format!("reading GC mark {name}"), e))?;
     let raw = zstd::stream::decode_all(&data[..]).map_err(|e| bad(e.to_string()))?;
     let mark: Mark = serde_json::from_slice(&raw).map_err(|e| bad(e.to_string()))?;
@@ -178,11 +178,11 @@ fn delete_dead_leases(store: &dyn Store, dead: &[(Marker, Vec<Id>)]) -> Result<(
     if dead.is_empty() {
         return Ok(());
     }
-    let now = with_retry(|| store.list_markers("locks"))
+    let now = with_retry(store, || store.list_markers("locks"))
         .map_err(|e| ChunkError::store("listing leases", e))?;
     for (m, _) in dead {
         if now.iter().any(|n| n == m) {
-            let _ = with_retry(|| store.delete_marker(&m.name));
+            let _ = with_retry(store, || store.delete_marker(&m.name));
         } else {
             tracing::info!(lease = %m.name, "an expired lease was refreshed since; kept");
         }
@@ -194,7 +194,7 @@ fn delete_dead_leases(store: &dyn Store, dead: &[(Marker, Vec<Id>)]) -> Result<(
 pub fn gc(repo: &Repo<'_>, opts: &GcOptions) -> Result<GcReport, ChunkError> {
     let store = repo.store();
     let mut report = GcReport::default();
-    let marks = with_retry(|| store.list_markers(MARKS))
+    let marks = with_retry(store, || store.list_markers(MARKS))
         .map_err(|e| ChunkError::store("listing GC marks", e))?;
     let mut swept = HashSet::new();
     if !marks.is_empty() {
@@ -225,12 +225,12 @@ fn mark(
     let l = liveness(store, cache, &map, repo.metadata_connections())?;
     let trees: Vec<Id> = list_ids(store, Kind::Tree)?;
     let v1_chunks: Vec<Id> = list_ids(store, Kind::Chunk)?;
-    let locks = with_retry(|| store.list_markers("locks"))
+    let locks = with_retry(store, || store.list_markers("locks"))
         .map_err(|e| ChunkError::store("listing leases", e))?;
     let now = if locks.is_empty() {
         Utc::now()
     } else {
-        with_retry(|| lease::store_now(store))
+        with_retry(store, || lease::store_now(store))
             .map_err(|e| ChunkError::store("reading the store's clock", e))?
     };
     let dead = dead_leases(store, &locks, now);
@@ -285,7 +285,7 @@ fn mark(
 }
 
 fn list_ids(store: &dyn Store, kind: Kind) -> Result<Vec<Id>, ChunkError> {
-    Ok(with_retry(|| store.list(kind))
+    Ok(with_retry(store, || store.list(kind))
         .map_err(|e| ChunkError::store(format!("listing {}", kind.dir()), e))?
         .into_iter()
         .map(|(id, _)| id)
@@ -304,7 +304,7 @@ pub(super) fn write_mark(store: &dyn Store, mark: &Mark) -> Result<(), ChunkErro
         std::process::id(),
         MARK_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
-    with_retry(|| store.put_marker(&name, &data))
+    with_retry(store, || store.put_marker(&name, &data))
         .map_err(|e| ChunkError::store("writing a GC mark", e))
 }
 

@@ -116,7 +116,7 @@ fn sweep_under(
     let mut swept = HashSet::new();
     for (name, _) in &due_marks {
         if !opts.dry_run {
-            with_retry(|| store.delete_marker(name))
+            with_retry(store, || store.delete_marker(name))
                 .map_err(|e| ChunkError::store(format!("deleting GC mark {name}"), e))?;
         }
         report.marks_swept += 1;
@@ -210,7 +210,7 @@ fn delete_packs(
     for id in doomed {
         lease.check()?;
         if !opts.dry_run {
-            with_retry(|| store.delete(Kind::Pack, id))
+            with_retry(store, || store.delete(Kind::Pack, id))
                 .map_err(|e| ChunkError::store(format!("deleting pack {id}"), e))?;
         }
         report.bytes_freed += sizes.get(id).copied().unwrap_or(0);
@@ -234,7 +234,7 @@ fn delete_dead_objects(
         for id in ids {
             lease.check()?;
             if !opts.dry_run {
-                with_retry(|| store.delete(kind, id))
+                with_retry(store, || store.delete(kind, id))
                     .map_err(|e| ChunkError::store(format!("deleting {}", kind.describe(id)), e))?;
                 if let (Kind::Tree, Some(c)) = (kind, repo.cache()) {
                     c.forget(Kind::Tree, id);
@@ -271,8 +271,10 @@ fn repack_live(
         lease
             .add_pending(sealed.id)
             .map_err(|e| ChunkError::store("recording a repacked pack in the lease", e))?;
-        with_retry(|| store.put(Kind::Pack, &sealed.id, sealed.data.clone()))
-            .map_err(|e| ChunkError::store(format!("writing pack {}", sealed.id), e))?;
+        with_retry(store, || {
+            store.put(Kind::Pack, &sealed.id, sealed.data.clone())
+        })
+        .map_err(|e| ChunkError::store(format!("writing pack {}", sealed.id), e))?;
         written.push(PackEntry {
             id: sealed.id,
             len: sealed.data.len() as u64,
@@ -282,7 +284,7 @@ fn repack_live(
     };
     for (n, entries) in by_pack {
         let info = map.packs()[n as usize];
-        let data = with_retry(|| store.get(Kind::Pack, &info.id))
+        let data = with_retry(store, || store.get(Kind::Pack, &info.id))
             .map_err(|e| ChunkError::store(format!("reading pack {} to repack it", info.id), e))?;
         for i in entries {
             let e = map.entries()[i];
@@ -336,13 +338,14 @@ fn rewrite_pack_indexes(
     for id in &affected {
         let data = match repo.cache().and_then(|c| c.get(Kind::PackIndex, id)) {
             Some(d) => d,
-            None => with_retry(|| store.get(Kind::PackIndex, id))
+            None => with_retry(store, || store.get(Kind::PackIndex, id))
                 .map_err(|e| ChunkError::store(format!("reading pack index {id}"), e))?,
         };
         let packs = packidx::decode(&data, &format!("pack index {id}"))?;
         keep.extend(packs.into_iter().filter(|p| !doomed.contains(&p.id)));
     }
-    with_retry(|| store.flush()).map_err(|e| ChunkError::store("making packs durable", e))?;
+    with_retry(store, || store.flush())
+        .map_err(|e| ChunkError::store("making packs durable", e))?;
     let mut batch = Vec::new();
     let mut count = 0;
     let put_batch = |batch: &mut Vec<PackEntry>| -> Result<(), ChunkError> {
@@ -351,7 +354,7 @@ fn rewrite_pack_indexes(
         }
         let data = crate::store::Bytes::from(packidx::encode(batch)?);
         let id = Id::of(&data);
-        with_retry(|| store.put(Kind::PackIndex, &id, data.clone()))
+        with_retry(store, || store.put(Kind::PackIndex, &id, data.clone()))
             .map_err(|e| ChunkError::store(format!("writing pack index {id}"), e))?;
         if let Some(c) = repo.cache() {
             c.put(Kind::PackIndex, &id, &data);
@@ -372,7 +375,7 @@ fn rewrite_pack_indexes(
     put_batch(&mut batch)?;
     for id in &affected {
         lease.check()?;
-        with_retry(|| store.delete(Kind::PackIndex, id))
+        with_retry(store, || store.delete(Kind::PackIndex, id))
             .map_err(|e| ChunkError::store(format!("deleting pack index {id}"), e))?;
         if let Some(c) = repo.cache() {
             c.forget(Kind::PackIndex, id);

@@ -40,7 +40,7 @@ impl std::fmt::Debug for CatalogStore<'_> {
 
 /// Read and check the catalog of `store`.
 fn load(store: &dyn Store, trust: &[PublicKey]) -> Result<(Catalog, PublicKey), StoreError> {
-    let data = with_retry(|| store.get_marker(CATALOG)).map_err(|e| match e {
+    let data = with_retry(store, || store.get_marker(CATALOG)).map_err(|e| match e {
         StoreError::NotFound(_) => StoreError::Permanent {
             what: format!("reading {}", store.describe()),
             detail: "it has no catalog: it was never published (btm publish), or the URL is wrong"

@@ -59,7 +59,7 @@ pub fn head_entry(
 /// The catalog of `store` if it has one that `key` signed; `Ok(None)` if
 /// it has none, or one that is damaged or another key's (rebuilt then).
 fn current(store: &dyn Store, key: &PublicKey) -> Result<Option<Catalog>, StoreError> {
-    match with_retry(|| store.get_marker(CATALOG)) {
+    match with_retry(store, || store.get_marker(CATALOG)) {
         Ok(data) => match Catalog::decode(&data, std::slice::from_ref(key)) {
             Ok((c, _)) => Ok(Some(c)),
             Err(e) => {
@@ -75,7 +75,7 @@ fn current(store: &dyn Store, key: &PublicKey) -> Result<Option<Catalog>, StoreE
 /// Whether `store` is published: it has a catalog, which writers that
 /// delete must keep right.
 pub fn is_published(store: &dyn Store) -> Result<bool, StoreError> {
-    match with_retry(|| store.get_marker(CATALOG)) {
+    match with_retry(store, || store.get_marker(CATALOG)) {
         Ok(_) => Ok(true),
         Err(StoreError::NotFound(_)) => Ok(false),
         Err(e) => Err(e),
@@ -91,7 +91,7 @@ fn put_catalog(
     catalog.normalize();
     catalog.published = now;
     let data = catalog.encode(key);
-    with_retry(|| store.put_marker(CATALOG, &data))
+    with_retry(store, || store.put_marker(CATALOG, &data))
         .map_err(|e| ChunkError::store("writing the catalog", e))
 }
 
@@ -115,11 +115,11 @@ fn rebuild(
 ) -> Result<(Catalog, PublishReport), ChunkError> {
     let old =
         current(store, &key.public()).map_err(|e| ChunkError::store("reading the catalog", e))?;
-    let mut names =
-        with_retry(|| store.list_indexes()).map_err(|e| ChunkError::store("listing backups", e))?;
+    let mut names = with_retry(store, || store.list_indexes())
+        .map_err(|e| ChunkError::store("listing backups", e))?;
     names.retain(|n| head::IndexName::parse(n).is_some());
     names.sort();
-    let packidx = with_retry(|| store.list(Kind::PackIndex))
+    let packidx = with_retry(store, || store.list(Kind::PackIndex))
         .map_err(|e| ChunkError::store("listing pack indexes", e))?;
     let mut catalog = Catalog::new(now);
     let mut report = PublishReport {
@@ -134,7 +134,7 @@ fn rebuild(
             catalog.heads.push(e.clone());
             continue;
         }
-        let data = match with_retry(|| store.get_index(&name)) {
+        let data = match with_retry(store, || store.get_index(&name)) {
             Ok(d) => d,
             // Forgotten since the listing.
             Err(StoreError::NotFound(_)) => continue,

@@ -219,7 +219,7 @@ fn get(shared: &Shared<'_>, source: &Source, buf: &mut Vec<u8>) -> Result<(), St
     let store = shared.repo.store();
     let _req = shared.opts.progress.request();
     shared.counters.requests.add(1);
-    with_retry(|| match *source {
+    with_retry(store, || match *source {
         Source::Range { pack, start, len } => {
             store.get_range_into(Kind::Pack, &pack, start, len, buf)
         }

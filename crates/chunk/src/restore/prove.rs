@@ -54,7 +54,7 @@ pub fn prove(
     };
     let objects: Option<HashSet<Id>> = match index {
         Decoded::V1(_) => Some(
-            with_retry(|| store.list(Kind::Chunk))
+            with_retry(store, || store.list(Kind::Chunk))
                 .map_err(|e| ChunkError::store("listing version 1 chunks", e))?
                 .into_iter()
                 .map(|(id, _)| id)

@@ -19,8 +19,11 @@
 //!   watches the link meanwhile. A request without a body gets `S`.
 //! - **Receiving.** A byte of the answer must arrive every `S`.
 //!
-//! A timed-out request is retried like any other transient failure
-//! (`object_store`'s retries, then the engine's).
+//! A timed-out request fails as a transport timeout, and an answer that
+//! says the server is busy or failing for now (5xx, 429, 408) fails as a
+//! transport error carrying that answer ([`Busy`]), so that `object_store`,
+//! which retries nothing here, hands both up as they are and
+//! [`super::RetryPolicy`] alone decides what is tried again.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -172,6 +175,40 @@ fn kind_of(e: &reqwest::Error) -> HttpErrorKind {
     }
 }
 
+/// An answer that says the server is busy or failing for now: its
+/// status, and what its body says.
+#[derive(Debug, thiserror::Error)]
+#[error("the server answered {status}{}", if .says.is_empty() { String::new() } else { format!(": {}", .says) })]
+pub struct Busy {
+    /// The status.
+    pub status: http::StatusCode,
+    /// The start of the body, on one line.
+    pub says: String,
+}
+
+/// Whether an answer with `status` may be different if asked again.
+fn passing(status: http::StatusCode) -> bool {
+    status.is_server_error()
+        || status == http::StatusCode::TOO_MANY_REQUESTS
+        || status == http::StatusCode::REQUEST_TIMEOUT
+}
+
+/// The error of a [`passing`] answer, with what its body says if it comes
+/// within the stall limit.
+async fn busy(response: reqwest::Response, stall: Duration) -> HttpError {
+    let status = response.status();
+    let body = tokio::time::timeout(stall, response.text())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    let mut says: String = body.split_whitespace().collect::<Vec<_>>().join(" ");
+    if let Some((cut, _)) = says.char_indices().nth(200) {
+        says.truncate(cut);
+    }
+    HttpError::new(HttpErrorKind::Unknown, Busy { status, says })
+}
+
 fn http_error(e: reqwest::Error) -> HttpError {
     HttpError::new(kind_of(&e), e.without_url())
 }
@@ -217,6 +254,9 @@ impl HttpService for ProgressService {
                 }
             }
         };
+        if passing(response.status()) {
+            return Err(busy(response, self.stall).await);
+        }
         let (parts, body) = http::Response::<reqwest::Body>::from(response).into_parts();
         let body = Receiving {
             body,

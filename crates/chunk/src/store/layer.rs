@@ -6,7 +6,7 @@
 //! its inner store, overrides what it changes, and may see every request
 //! before it goes ([`Layer::before`]). Every `Layer` is a [`Store`].
 
-use super::{Bytes, Id, Kind, Marker, Request, Store, StoreError};
+use super::{Bytes, Id, Kind, Marker, Request, RetryPolicy, Store, StoreError};
 
 /// A store that passes what it does not override to [`Layer::inner`].
 pub trait Layer: Send + Sync {
@@ -124,6 +124,10 @@ pub trait Layer: Send + Sync {
     fn flush(&self) -> Result<(), StoreError> {
         self.inner().flush()
     }
+    /// See [`Store::retry_policy`].
+    fn retry_policy(&self) -> RetryPolicy {
+        self.inner().retry_policy()
+    }
 }
 
 impl<L: Layer> Store for L {
@@ -190,5 +194,8 @@ impl<L: Layer> Store for L {
     }
     fn flush(&self) -> Result<(), StoreError> {
         Layer::flush(self)
+    }
+    fn retry_policy(&self) -> RetryPolicy {
+        Layer::retry_policy(self)
     }
 }

@@ -11,7 +11,9 @@
 //! [`MemStore::before_marker_put`] lets another party act at a chosen
 //! moment, and [`MemStore::inject`] makes chosen requests fail, fail after
 //! their write landed, or wait: the faults of a real network, in
-//! milliseconds.
+//! milliseconds. Its [`RetryPolicy`] makes the standard number of attempts
+//! but waits a millisecond or two between them, so a test counts a call's
+//! attempts without waiting out a real store's patience.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +22,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
-use super::{check_marker_name, Id, Kind, Marker, Store, StoreError};
+use super::{check_marker_name, Id, Kind, Marker, RetryPolicy, Store, StoreError};
 
 /// A fault a test injects into requests of a [`MemStore`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,6 +296,14 @@ impl MemStore {
 impl Store for MemStore {
     fn describe(&self) -> String {
         format!("mem://{}", self.shared.serial)
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            first_wait: std::time::Duration::from_millis(1),
+            max_wait: std::time::Duration::from_millis(2),
+            ..*RetryPolicy::standard()
+        }
     }
 
     fn put(&self, kind: Kind, id: &Id, data: Bytes) -> Result<(), StoreError> {

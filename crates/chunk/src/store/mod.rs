@@ -28,6 +28,9 @@
 //! - **Typed failures.** [`StoreError::NotFound`] for a missing object,
 //!   `Temporary` for what may work on retry, `Unreachable` for a store that
 //!   does not answer, `Permanent` for the rest.
+//! - **One attempt per call.** A backend does not retry; callers make
+//!   every call through [`RetryPolicy`], which tries the first two kinds
+//!   again.
 
 mod counting;
 mod http;
@@ -37,6 +40,7 @@ mod local;
 mod location;
 mod mem;
 mod object;
+mod retry;
 
 pub use bytes::Bytes;
 pub use counting::Counting;
@@ -46,6 +50,7 @@ pub use local::LocalStore;
 pub use location::{Cloud, Location, Open};
 pub use mem::{Fault, MemStore, Request};
 pub use object::ObjectStoreBackend;
+pub use retry::RetryPolicy;
 
 /// A store failure.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -117,9 +122,9 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether retrying may help.
+    /// Whether retrying may help (see [`RetryPolicy::may_pass`]).
     pub fn is_temporary(&self) -> bool {
-        matches!(self, StoreError::Temporary { .. })
+        RetryPolicy::may_pass(self)
     }
 }
 
@@ -248,6 +253,12 @@ pub trait Store: Send + Sync {
     /// put already; the default does nothing.
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+    /// How calls to this store are tried again: every caller makes its
+    /// calls through it, and the store itself never retries. The default
+    /// is [`RetryPolicy::standard`].
+    fn retry_policy(&self) -> RetryPolicy {
+        *RetryPolicy::standard()
     }
 }
 

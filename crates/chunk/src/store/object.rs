@@ -6,11 +6,11 @@
 //!
 //! A store that does not answer must not look like slow progress forever,
 //! and a slow link must not look like a dead store: a request fails once it
-//! makes no progress for [`request_timeout`] ([`super::http`]), however
-//! long it has run. Transient failures (5xx answers such as 503 SlowDown,
-//! timeouts, connections reset or cut short) are retried with backoff, here
-//! by `object_store` and above by the engine; a store still not answering
-//! then fails as [`StoreError::Unreachable`].
+//! makes no progress for the stall limit ([`super::http`]), however long
+//! it has run. Each call here is one request: passing failures (5xx
+//! answers such as 503 SlowDown, 429, timeouts, connections reset or cut
+//! short) come back typed, and [`super::RetryPolicy`] alone tries them
+//! again.
 //!
 //! Create-if-absent uses the service's conditional put where it has one.
 //! Where it does not (S3 without conditional-put support, most S3-compatible
@@ -21,8 +21,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-
-use std::time::Duration;
 
 use futures::TryStreamExt;
 use object_store::client::{HttpError, HttpErrorKind};
@@ -69,86 +67,43 @@ fn s3_builder(
     b
 }
 
-/// How long a request may go without progress (no byte sent or
-/// received): `$BTM_STORE_TIMEOUT` (a duration like `30s`), else 60 s.
-pub fn request_timeout() -> Duration {
-    std::env::var("BTM_STORE_TIMEOUT")
-        .ok()
-        .and_then(|s| humantime::parse_duration(s.trim()).ok())
-        .filter(|d| !d.is_zero())
-        .unwrap_or(Duration::from_secs(60))
-}
-
-/// object_store's own retries: 5xx answers (503 SlowDown included) and
-/// transport failures of idempotent requests, with backoff from 100 ms to
-/// 15 s, for up to six retries or `stall` times six, whichever ends first.
-fn retry_config(stall: Duration) -> RetryConfig {
+/// object_store's own retries: none. Every attempt of a call is made by
+/// [`super::RetryPolicy`], above this backend, so that a call makes at
+/// most its attempts and not its attempts times object_store's; the HTTP
+/// client answers a 5xx or 429 as a failure ([`super::http`]) so that
+/// object_store hands it up unrepeated.
+fn retry_config() -> RetryConfig {
     RetryConfig {
-        max_retries: 6,
-        retry_timeout: stall * 6,
+        max_retries: 0,
         ..RetryConfig::default()
     }
 }
 
-/// What kind of transport failure `e` is, if it is one.
-fn transport(e: &object_store::Error) -> Option<HttpErrorKind> {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+/// `e` as a store error. What may pass if tried again is `Temporary`: the
+/// server said it is busy or failing for now, or the connection broke
+/// (every store call may be repeated: objects are named by their content,
+/// index puts compare what they find). A request that made no progress,
+/// or a server that could not be connected to, is `Unreachable`, tried
+/// again as well. The rest is final.
+fn classify(what: &str, e: object_store::Error) -> StoreError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(c) = cause {
         if let Some(http) = c.downcast_ref::<HttpError>() {
-            return Some(http.kind());
+            return match http.kind() {
+                HttpErrorKind::Timeout | HttpErrorKind::Connect => StoreError::Unreachable {
+                    what: what.to_owned(),
+                    detail: e.to_string(),
+                },
+                _ => StoreError::Temporary {
+                    what: what.to_owned(),
+                    detail: e.to_string(),
+                },
+            };
         }
         cause = c.source();
     }
-    None
-}
-
-/// [`classify_as`] for a call object_store repeats itself after a timeout.
-fn classify(what: &str, e: object_store::Error) -> StoreError {
-    classify_as(what, e, false)
-}
-
-/// [`classify_as`] for a create-if-absent put, which object_store does not
-/// repeat after a timeout (it cannot know it is safe). It is here: a
-/// repeated create finds a pack it wrote (named by its content) or an
-/// index it wrote (compared by [`Store::put_index`]).
-fn classify_create(what: &str, e: object_store::Error) -> StoreError {
-    classify_as(what, e, true)
-}
-
-/// `e` as a store error; a timeout is [`StoreError::Temporary`] when
-/// `timeout_retried_here`, else the store is unreachable (object_store
-/// already tried again). A store that cannot be connected to is
-/// unreachable either way.
-fn classify_as(what: &str, e: object_store::Error, timeout_retried_here: bool) -> StoreError {
-    match transport(&e) {
-        Some(HttpErrorKind::Timeout) if timeout_retried_here => {}
-        // The server did not answer, after object_store's own retries.
-        Some(HttpErrorKind::Timeout | HttpErrorKind::Connect) => {
-            return StoreError::Unreachable {
-                what: what.to_owned(),
-                detail: format!("no progress within {:?}: {e}", request_timeout()),
-            }
-        }
-        // A connection reset or cut short, or an answer that could not be
-        // read: object_store retries these only for requests it may repeat
-        // blindly; every store call here may be repeated (objects are
-        // named by their content, index puts compare what they find).
-        Some(_) => {}
-        None => return final_error(what, e),
-    }
-    StoreError::Temporary {
-        what: what.to_owned(),
-        detail: e.to_string(),
-    }
-}
-
-/// What object_store returned after its own retries, not a transport
-/// failure.
-fn final_error(what: &str, e: object_store::Error) -> StoreError {
     match e {
         object_store::Error::NotFound { .. } => StoreError::NotFound(what.to_owned()),
-        // object_store has already retried 5xx answers with backoff before
-        // returning; what reaches us is final.
         object_store::Error::Generic { source, .. } => StoreError::Permanent {
             what: what.to_owned(),
             detail: source.to_string(),
@@ -197,9 +152,10 @@ impl ObjectStoreBackend {
         if bucket.is_empty() {
             return Err(invalid("no bucket, container or host name".into()));
         }
-        let stall = request_timeout();
-        let retry = retry_config(stall);
-        let http = super::http::ProgressConnector { stall };
+        let retry = retry_config();
+        let http = super::http::ProgressConnector {
+            stall: super::RetryPolicy::standard().stall,
+        };
         // A web server's root is the whole URL: object_store's HTTP store
         // appends object paths to it and reads with GET and Range.
         let prefix = if scheme.starts_with("http") {
@@ -293,7 +249,7 @@ impl ObjectStoreBackend {
                 | Err(object_store::Error::NotSupported { .. }) => {
                     self.conditional_put.store(false, Ordering::Relaxed);
                 }
-                Err(e) => return Err(classify_create(what, e)),
+                Err(e) => return Err(classify(what, e)),
             }
         }
         if self.exists(&path, what)? {
@@ -302,7 +258,7 @@ impl ObjectStoreBackend {
         self.runtime
             .block_on(self.inner.put(&path, PutPayload::from(data)))
             .map(|_| true)
-            .map_err(|e| classify_create(what, e))
+            .map_err(|e| classify(what, e))
     }
 
     fn list_metas(&self, dir: &str) -> Result<Vec<object_store::ObjectMeta>, StoreError> {

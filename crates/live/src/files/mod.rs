@@ -447,7 +447,7 @@ impl Files {
             if Instant::now() >= deadline {
                 return Err(SourceError::TimedOut(self.read_timeout));
             }
-            self.source.get_until(read, &mut buf, deadline)?;
+            self.source.get_until(read, &mut buf, Some(deadline))?;
             bytes += buf.len() as u64;
             for c in &read.chunks {
                 let (i, w) = &wanted[c.slot];
