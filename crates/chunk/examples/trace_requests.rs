@@ -11,7 +11,7 @@
 //! incremental (see `docs/performance.md`).
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use btm_chunk::backup::BackupOptions;
@@ -19,7 +19,7 @@ use btm_chunk::store::{Bytes, Id, Kind, Marker, Store, StoreError};
 use btm_chunk::{Policy, Repo};
 
 struct Traced {
-    inner: Box<dyn Store>,
+    inner: Arc<dyn Store>,
     start: Instant,
     log: Mutex<Vec<(f64, f64, String)>>,
 }
@@ -110,15 +110,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let [_, url, src, tag] = &args[..] else {
         return Err("usage: trace_requests STORE SRC TAG".into());
     };
-    let store = Traced {
+    let store = Arc::new(Traced {
         inner: btm_chunk::store::open(&url.parse()?, btm_chunk::store::Open::Write)?,
         start: Instant::now(),
         log: Mutex::new(Vec::new()),
-    };
-    let summary =
-        Repo::new(&store).backup(Path::new(src), &BackupOptions::new(tag, Policy::NONE))?;
+    });
+    let summary = Repo::new(Arc::clone(&store) as Arc<dyn Store>)
+        .backup(Path::new(src), &BackupOptions::new(tag, Policy::NONE))?;
     let total = store.start.elapsed().as_secs_f64() * 1e3;
-    let mut log = store.log.into_inner().map_err(|_| "poisoned")?;
+    let mut log = std::mem::take(&mut *store.log.lock().map_err(|_| "poisoned")?);
     log.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut sequential = 0;
     let mut busy_until = f64::MIN;

@@ -4,6 +4,7 @@
 //! hand; now they pass the handle.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::backup::{BackupOptions, BackupSummary};
 use crate::cache::Cache;
@@ -16,13 +17,13 @@ use crate::ChunkError;
 
 /// An opened store, its cache and how many requests it may have in flight.
 #[derive(Clone)]
-pub struct Repo<'s> {
-    store: &'s dyn Store,
+pub struct Repo {
+    store: Arc<dyn Store>,
     cache: Option<Cache>,
     connections: Option<usize>,
 }
 
-impl std::fmt::Debug for Repo<'_> {
+impl std::fmt::Debug for Repo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Repo")
             .field("store", &self.store.describe())
@@ -32,10 +33,10 @@ impl std::fmt::Debug for Repo<'_> {
     }
 }
 
-impl<'s> Repo<'s> {
+impl Repo {
     /// `store` with the default cache (`~/.cache/btm`, if there is a home)
     /// and each operation's default number of connections.
-    pub fn new(store: &'s dyn Store) -> Self {
+    pub fn new(store: Arc<dyn Store>) -> Self {
         Repo {
             store,
             cache: Cache::default_dir().map(Cache::new),
@@ -57,8 +58,14 @@ impl<'s> Repo<'s> {
     }
 
     /// The store.
-    pub fn store(&self) -> &'s dyn Store {
-        self.store
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    /// The store, shared: for what outlives this handle's borrow (a live
+    /// restore's server threads).
+    pub fn shared_store(&self) -> Arc<dyn Store> {
+        Arc::clone(&self.store)
     }
 
     /// The metadata cache, if any.
@@ -83,7 +90,7 @@ impl<'s> Repo<'s> {
     /// see [`crate::inventory::entries`].
     pub fn entries<'a>(&'a self, name: &str, index: &Decoded) -> crate::inventory::Entries<'a> {
         crate::inventory::entries(
-            self.store,
+            self.store(),
             self.cache(),
             name,
             index,
@@ -118,7 +125,12 @@ impl<'s> Repo<'s> {
 
     /// Check the store; see [`crate::check`].
     pub fn check(&self, read_data: bool) -> Result<CheckReport, ChunkError> {
-        crate::check::check(self.store, read_data, self.cache(), self.read_connections())
+        crate::check::check(
+            self.store(),
+            read_data,
+            self.cache(),
+            self.read_connections(),
+        )
     }
 
     /// Collect garbage; see [`crate::gc`].
@@ -128,12 +140,12 @@ impl<'s> Repo<'s> {
 
     /// Forget backup `name` (its head only; GC frees its data).
     pub fn forget(&self, name: &str, dry_run: bool) -> Result<(), ChunkError> {
-        crate::inventory::forget(self.store, name, dry_run)
+        crate::inventory::forget(self.store(), name, dry_run)
     }
 
     /// Forget all but the newest `keep` backups of `tag`; the names
     /// forgotten (or that would be, with `dry_run`).
     pub fn prune(&self, tag: &str, keep: u64, dry_run: bool) -> Result<Vec<String>, ChunkError> {
-        crate::keep::prune_backups(self.store, tag, keep, dry_run)
+        crate::keep::prune_backups(self.store(), tag, keep, dry_run)
     }
 }

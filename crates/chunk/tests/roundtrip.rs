@@ -20,7 +20,7 @@ use btm_chunk::{inventory, ChunkError, Policy, Repo};
 use common::*;
 
 #[track_caller]
-fn check_clean(store: &dyn Store) {
+fn check_clean<S: Store + Clone + 'static>(store: &S) {
     let report = repo(store).check(true).expect("check");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
@@ -28,15 +28,15 @@ fn check_clean(store: &dyn Store) {
 /// The store checks clean, and its newest backup of `node` restores into
 /// `dir/dest` as exactly `src`.
 #[track_caller]
-fn restores_exactly(store: &dyn Store, src: &Path, dir: &Path) {
+fn restores_exactly<S: Store + Clone + 'static>(store: &S, src: &Path, dir: &Path) {
     check_clean(store);
     let dest = dir.join("dest");
     restore(store, "node", &dest).expect("restore");
     assert_same_tree(src, &dest);
 }
 
-fn local_store(dir: &Path) -> LocalStore {
-    LocalStore::open(&dir.join("store").display().to_string()).expect("store")
+fn local_store(dir: &Path) -> Arc<LocalStore> {
+    Arc::new(LocalStore::open(&dir.join("store").display().to_string()).expect("store"))
 }
 
 #[test]
@@ -44,18 +44,17 @@ fn a_backup_restores_exactly_from_memory_and_from_a_directory() {
     let t = tempfile::tempdir().expect("tmp");
     let src = t.path().join("src");
     node_tree(&src);
-    let local = local_store(t.path());
-    let mem = MemStore::new();
-    for (i, store) in [&mem as &dyn Store, &local].into_iter().enumerate() {
-        let b = backup(store, &src, "node").expect("backup");
+    fn round_trip<S: Store + Clone + 'static>(store: &S, src: &Path, dest: &Path) {
+        let b = backup(store, src, "node").expect("backup");
         assert_eq!(b.files, 202, "{b:?}");
         assert!(b.chunks_empty > 0, "the hole is not stored: {b:?}");
-        let dest = t.path().join(format!("dest{i}"));
-        let r = restore(store, "node", &dest).expect("restore");
+        let r = restore(store, "node", dest).expect("restore");
         assert_eq!(r.files, 202);
-        assert_same_tree(&src, &dest);
+        assert_same_tree(src, dest);
         check_clean(store);
     }
+    round_trip(&MemStore::new(), &src, &t.path().join("dest0"));
+    round_trip(&local_store(t.path()), &src, &t.path().join("dest1"));
 }
 
 #[test]
@@ -239,7 +238,9 @@ fn a_failing_call_makes_the_policys_attempts_once() {
     let mut o = BackupOptions::new("node", Policy::NONE);
     o.workers = 1;
     store.inject(Request::Put(Kind::Pack), 1, u64::MAX, Fault::Fail);
-    let backing_up = Repo::new(&store).with_cache(None).with_connections(Some(1));
+    let backing_up = Repo::new(Arc::new(store.clone()))
+        .with_cache(None)
+        .with_connections(Some(1));
     let e = backing_up.backup(&src, &o).expect_err("fails");
     assert!(
         e.to_string().contains(&format!("{attempts} attempts")),

@@ -540,7 +540,7 @@ fn a_failing_store_leaves_no_index() {
         let flaky = common::FaultyStore::new(Path::new(&t.store()), budget, i64::MAX);
         let mut opts = btm_chunk::backup::BackupOptions::new("prod", btm_chunk::Policy::NONE);
         opts.chunk_size = MB;
-        let err = btm_chunk::Repo::new(&flaky)
+        let err = btm_chunk::Repo::new(flaky.clone())
             .with_cache(None)
             .backup(&t.src(), &opts)
             .expect_err("must fail");

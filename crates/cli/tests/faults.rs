@@ -542,7 +542,7 @@ fn a_file_changing_during_backup_is_never_stored_torn() {
     let file = d.p("src/state.db");
     write_generation(&file, 16 * MIB, 0);
     let store = btm_chunk::store::LocalStore::open(&d.s("store")).expect("store");
-    let store = btm_chunk::Repo::new(&store).with_cache(None);
+    let store = btm_chunk::Repo::new(std::sync::Arc::new(store)).with_cache(None);
     let mut opts = BackupOptions::new("live", btm_chunk::Policy::NONE);
     opts.max_rate = Some(8 * MIB as u64);
     // Rewrite the file for 1.5 s, then leave it alone.

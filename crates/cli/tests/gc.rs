@@ -27,8 +27,8 @@ fn tree(dir: &Path, files: &[(&str, u64, usize)]) {
     }
 }
 
-fn store_at(dir: &Path) -> LocalStore {
-    LocalStore::open(dir.to_str().expect("utf8")).expect("store")
+fn store_at(dir: &Path) -> Arc<LocalStore> {
+    Arc::new(LocalStore::open(dir.to_str().expect("utf8")).expect("store"))
 }
 
 fn opts(tag: &str) -> BackupOptions {
@@ -37,16 +37,22 @@ fn opts(tag: &str) -> BackupOptions {
     o
 }
 
-/// `store` without a cache, two requests in flight.
-fn repo(store: &dyn Store) -> Repo<'_> {
-    Repo::new(store).with_cache(None).with_connections(Some(2))
+/// `store` (a shared handle) without a cache, two requests in flight.
+fn repo<S: Store + 'static>(store: &Arc<S>) -> Repo {
+    Repo::new(Arc::clone(store) as Arc<dyn Store>)
+        .with_cache(None)
+        .with_connections(Some(2))
 }
 
-fn backup(store: &dyn Store, src: &Path, o: &BackupOptions) -> Result<BackupSummary, ChunkError> {
+fn backup<S: Store + 'static>(
+    store: &Arc<S>,
+    src: &Path,
+    o: &BackupOptions,
+) -> Result<BackupSummary, ChunkError> {
     repo(store).backup(src, o)
 }
 
-fn gc(store: &dyn Store, o: &GcOptions) -> Result<GcReport, ChunkError> {
+fn gc<S: Store + 'static>(store: &Arc<S>, o: &GcOptions) -> Result<GcReport, ChunkError> {
     repo(store).gc(o)
 }
 
@@ -59,7 +65,7 @@ fn gc_now() -> GcOptions {
 }
 
 #[track_caller]
-fn check_clean(store: &dyn Store) {
+fn check_clean<S: Store + 'static>(store: &Arc<S>) {
     let r = repo(store).check(true).expect("check");
     assert!(r.problems.is_empty(), "{:?}", r.problems);
 }
@@ -481,7 +487,7 @@ fn a_leaseless_restore_follows_chunks_a_repack_moved() {
     let index = btm_chunk::inventory::read_index(&faulty, &kept.name).expect("head");
     let dst = dir.path().join("restored");
     let ropts = btm_chunk::restore::RestoreOptions::new(Policy::NONE);
-    let r = Repo::new(&faulty)
+    let r = repo(&faulty)
         .with_cache(None)
         .restore(&kept.name, &index, &dst, &ropts)
         .expect("the restore follows the moved chunk");

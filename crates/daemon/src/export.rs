@@ -168,7 +168,7 @@ pub enum Which {
 /// (held only while picking and pinning the snapshot).
 pub fn export(
     ops: &Ops,
-    store: &dyn Store,
+    store: Arc<dyn Store>,
     which: Which,
     s: &ExportSettings,
     progress: Arc<Progress>,
@@ -200,9 +200,11 @@ pub fn export(
     // Loaded before anything is written: a publishing export with an
     // unusable key fails whole rather than leave an unpublished backup.
     let key = s.publish.as_deref().map(SigningKey::load).transpose()?;
-    let publishing = key.as_ref().map(|k| Publishing::new(store, k));
-    let store: &dyn Store = match &publishing {
-        Some(p) => p,
+    let publishing = key
+        .as_ref()
+        .map(|k| Arc::new(Publishing::new(Arc::clone(&store), k)));
+    let store: Arc<dyn Store> = match &publishing {
+        Some(p) => Arc::clone(p) as Arc<dyn Store>,
         None => store,
     };
 
@@ -210,7 +212,7 @@ pub fn export(
     // compare with. The backup reads the parent index again on purpose:
     // it relies on the parent's chunks, which is safe only for an index
     // read under its lease (see btm_chunk::lease).
-    let parent = btm_chunk::inventory::latest(store, &s.tag, None)?;
+    let parent = btm_chunk::inventory::latest(store.as_ref(), &s.tag, None)?;
     if let Some(name) = already_exported(parent.as_ref(), which, s.every, height) {
         tracing::info!(height, backup = %name, "already exported; skipping");
         report.already_exported = Some(name);
@@ -220,10 +222,10 @@ pub fn export(
 
     let meta = export_meta(ops, height, s.chain.as_ref(), &mut report);
     let opts = backup_options(s, meta, progress);
-    let repo = repo_of(store, s);
+    let repo = repo_of(Arc::clone(&store), s);
     let summary = back_up_snapshot(ops, &repo, s, height, parent.as_ref(), opts, &mut report);
     report.backup = Some(summary?);
-    maintain_and_publish(&repo, store, s, publishing.as_ref(), &mut report);
+    maintain_and_publish(&repo, s, publishing.as_deref(), &mut report);
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
 }
@@ -231,7 +233,7 @@ pub fn export(
 /// Back up the snapshot at `height` through a view of it.
 fn back_up_snapshot(
     ops: &Ops,
-    repo: &Repo<'_>,
+    repo: &Repo,
     s: &ExportSettings,
     height: u64,
     parent: Option<&(String, Decoded)>,
@@ -269,16 +271,15 @@ fn back_up_snapshot(
 /// someone's published store and this export does not publish), then the
 /// catalog.
 fn maintain_and_publish(
-    repo: &Repo<'_>,
-    store: &dyn Store,
+    repo: &Repo,
     s: &ExportSettings,
-    publishing: Option<&Publishing<'_>>,
+    publishing: Option<&Publishing>,
     report: &mut ExportReport,
 ) {
     // Deleting from a store someone published, without the key, would
     // leave its catalog naming what is gone: skip the deletions instead.
-    let unkept =
-        publishing.is_none() && btm_chunk::public::writer::is_published(store).unwrap_or(false);
+    let unkept = publishing.is_none()
+        && btm_chunk::public::writer::is_published(repo.store()).unwrap_or(false);
     if unkept {
         report.warnings.push(
             "the store is published (it has a catalog) but this export does not publish: retention and garbage collection skipped so the catalog never names a deleted backup; set [export] publish = true and signing_key".into(),
@@ -423,7 +424,7 @@ fn backup_options(
 
 /// The export store as its settings open it: their cache (else the
 /// default one) and their connections.
-fn repo_of<'s>(store: &'s dyn Store, s: &ExportSettings) -> Repo<'s> {
+fn repo_of(store: Arc<dyn Store>, s: &ExportSettings) -> Repo {
     let repo = Repo::new(store).with_connections(s.connections);
     match &s.cache {
         Some(dir) => repo.with_cache(Some(Cache::new(dir.clone()))),
@@ -433,7 +434,7 @@ fn repo_of<'s>(store: &'s dyn Store, s: &ExportSettings) -> Repo<'s> {
 
 /// After a written backup: the tag's retention, then garbage collection.
 /// Both failures are warnings; the backup is safe either way.
-fn maintain(repo: &Repo<'_>, s: &ExportSettings, report: &mut ExportReport) {
+fn maintain(repo: &Repo, s: &ExportSettings, report: &mut ExportReport) {
     match repo.prune(&s.tag, s.keep, false) {
         Ok(pruned) => report.pruned = pruned,
         Err(e) => report

@@ -38,7 +38,7 @@ pub struct ExportScheduler {
 /// Opens the export store by URL for each export: lazily, so a store
 /// that is down fails that export, never the daemon. Tests pass one that
 /// returns an in-memory store.
-pub type StoreOpener = Arc<dyn Fn(&Location) -> Result<Box<dyn Store>, StoreError> + Send + Sync>;
+pub type StoreOpener = Arc<dyn Fn(&Location) -> Result<Arc<dyn Store>, StoreError> + Send + Sync>;
 
 /// What the exports of one generation need, shared with their thread.
 struct Context {
@@ -229,7 +229,7 @@ impl Run {
             .and_then(|store| {
                 export::export(
                     &self.ctx.ops,
-                    store.as_ref(),
+                    store,
                     Which::DueHeight(height),
                     &self.ctx.settings,
                     Arc::clone(&self.progress),
@@ -331,7 +331,7 @@ mod tests {
         let store = MemStore::new();
         let opener = {
             let store = store.clone();
-            Arc::new(move |_: &Location| Ok(Box::new(store.clone()) as Box<dyn Store>))
+            Arc::new(move |_: &Location| Ok(Arc::new(store.clone()) as Arc<dyn Store>))
                 as StoreOpener
         };
         let cfg = btm::BtmCfg {

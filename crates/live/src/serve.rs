@@ -110,7 +110,7 @@ enum Event {
 /// again to go on).
 pub fn serve(
     target: Target,
-    repo: Repo<'static>,
+    repo: Repo,
     name: &str,
     index: &Decoded,
     opts: &LiveOptions,
@@ -226,7 +226,7 @@ fn stopped(
 /// first, a half-made skeleton of a killed run cleared), or picked up.
 fn skeleton_of(
     target: &Target,
-    repo: &Repo<'static>,
+    repo: &Repo,
     name: &str,
     index: &Decoded,
 ) -> Result<Loaded, LiveError> {

@@ -94,7 +94,7 @@ pub enum SourceError {
 
 /// The store and where each chunk is in it.
 pub struct Source {
-    repo: Repo<'static>,
+    repo: Repo,
     map: RwLock<ChunkMap>,
     v1: bool,
 }
@@ -102,7 +102,7 @@ pub struct Source {
 impl Source {
     /// Chunks of `repo`, located by `map`; `v1` for a format 1 backup
     /// (one object per chunk, no map).
-    pub fn new(repo: Repo<'static>, map: ChunkMap, v1: bool) -> Self {
+    pub fn new(repo: Repo, map: ChunkMap, v1: bool) -> Self {
         Source {
             repo,
             map: RwLock::new(map),
@@ -111,7 +111,7 @@ impl Source {
     }
 
     /// The store.
-    pub fn store(&self) -> &'static dyn Store {
+    pub fn store(&self) -> &dyn Store {
         self.repo.store()
     }
 
@@ -264,9 +264,9 @@ mod tests {
     /// more than its deadline allows.
     #[test]
     fn a_failing_read_makes_the_policys_attempts_once() {
-        let store: &'static MemStore = Box::leak(Box::new(MemStore::new()));
-        let repo = Repo::new(store).with_cache(None);
-        let map = ChunkMap::load(store, None, 1).expect("empty map");
+        let store = MemStore::new();
+        let repo = Repo::new(std::sync::Arc::new(store.clone())).with_cache(None);
+        let map = ChunkMap::load(&store, None, 1).expect("empty map");
         let source = Source::new(repo, map, false);
         let read = Read {
             object: Object::Range {

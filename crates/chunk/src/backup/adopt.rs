@@ -13,7 +13,7 @@ use crate::{with_retry, ChunkError, Repo};
 /// (footer and trailer) before a pack index names it; adopting the pack of
 /// a writer that is in fact alive only lists its chunks twice, which the
 /// format allows. Failures only cost re-uploads, so they are logged.
-pub(super) fn adopt_orphans(repo: &Repo<'_>, lease: &Lease<'_>) {
+pub(super) fn adopt_orphans(repo: &Repo, lease: &Lease<'_>) {
     let (store, cache, connections) = (repo.store(), repo.cache(), repo.metadata_connections());
     let dead = crate::lease::dead_holders(store, &lease.others_listed(), lease.store_now());
     let mut adopted = Vec::new();

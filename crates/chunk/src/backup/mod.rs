@@ -201,7 +201,7 @@ counters! {
 
 /// What every thread of one backup shares.
 pub struct Shared<'a> {
-    repo: &'a Repo<'a>,
+    repo: &'a Repo,
     opts: &'a BackupOptions,
     lease: &'a Lease<'a>,
     pipeline: Pipeline,
@@ -229,7 +229,7 @@ pub struct Shared<'a> {
 }
 
 impl<'a> Shared<'a> {
-    fn new(repo: &'a Repo<'a>, opts: &'a BackupOptions, lease: &'a Lease<'a>) -> Self {
+    fn new(repo: &'a Repo, opts: &'a BackupOptions, lease: &'a Lease<'a>) -> Self {
         let upload_budget = upload::upload_budget(opts.pack_size, repo.upload_connections());
         let pipeline = Pipeline::new(&opts.progress.cancel);
         let (lookahead_back, lookahead) = crossbeam_channel::bounded(LOOKAHEAD_FILES);
@@ -274,11 +274,7 @@ impl<'a> Shared<'a> {
 }
 
 /// Back up `root` into `store`. Returns once the head is written.
-pub fn backup(
-    repo: &Repo<'_>,
-    root: &Path,
-    opts: &BackupOptions,
-) -> Result<BackupSummary, ChunkError> {
+pub fn backup(repo: &Repo, root: &Path, opts: &BackupOptions) -> Result<BackupSummary, ChunkError> {
     validate_tag(&opts.tag).map_err(|e| ChunkError::Invalid(e.to_string()))?;
     if !(4096..=MAX_CHUNK).contains(&opts.chunk_size) {
         return Err(ChunkError::Invalid(format!(
@@ -337,7 +333,7 @@ pub fn backup(
 /// the head is written (see [`super::lease`]). `names` lists the tag's
 /// backups, newest first.
 fn run(
-    repo: &Repo<'_>,
+    repo: &Repo,
     root: &Path,
     opts: &BackupOptions,
     lease: &Lease<'_>,
@@ -437,7 +433,7 @@ struct Start<'r> {
 /// re-created), so it kept them; a later one sees the lease. The head, then
 /// its first segments, load beside the chunk map.
 fn starting_point<'r>(
-    repo: &'r Repo<'_>,
+    repo: &'r Repo,
     opts: &BackupOptions,
     lease: &Lease<'_>,
     names: Vec<crate::IndexName>,

@@ -191,7 +191,7 @@ fn delete_dead_leases(store: &dyn Store, dead: &[(Marker, Vec<Id>)]) -> Result<(
 }
 
 /// Run both phases (see the module documentation).
-pub fn gc(repo: &Repo<'_>, opts: &GcOptions) -> Result<GcReport, ChunkError> {
+pub fn gc(repo: &Repo, opts: &GcOptions) -> Result<GcReport, ChunkError> {
     let store = repo.store();
     let mut report = GcReport::default();
     let marks = with_retry(store, || store.list_markers(MARKS))
@@ -213,7 +213,7 @@ pub fn gc(repo: &Repo<'_>, opts: &GcOptions) -> Result<GcReport, ChunkError> {
 
 /// The mark phase.
 fn mark(
-    repo: &Repo<'_>,
+    repo: &Repo,
     opts: &GcOptions,
     marks: &[Marker],
     swept: &HashSet<String>,
@@ -365,7 +365,7 @@ mod tests {
         store.before_marker_put("gc/marks/", move |s| {
             s.put_marker(paused, refreshed.as_bytes()).expect("refresh");
         });
-        let repo = Repo::new(&store).with_cache(None);
+        let repo = Repo::new(std::sync::Arc::new(store.clone())).with_cache(None);
         let report = gc(&repo, &GcOptions::default()).expect("gc");
         assert_eq!(
             report.marked, 1,

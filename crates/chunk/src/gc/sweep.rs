@@ -17,7 +17,7 @@ use crate::{with_retry, ChunkError, Repo};
 /// The sweep phase over `marks`; returns the names of the marks it
 /// processed (and deleted).
 pub(super) fn sweep(
-    repo: &Repo<'_>,
+    repo: &Repo,
     opts: &GcOptions,
     marks: &[Marker],
     report: &mut GcReport,
@@ -55,7 +55,7 @@ fn hand_over(store: &dyn Store, lease: &Lease<'_>) {
 }
 
 fn sweep_under(
-    repo: &Repo<'_>,
+    repo: &Repo,
     opts: &GcOptions,
     marks: &[Marker],
     report: &mut GcReport,
@@ -198,7 +198,7 @@ impl StillDead {
 /// Delete `doomed` packs (counting their bytes), checking the lease first
 /// each time.
 fn delete_packs(
-    repo: &Repo<'_>,
+    repo: &Repo,
     opts: &GcOptions,
     lease: &Lease<'_>,
     map: &ChunkMap,
@@ -220,7 +220,7 @@ fn delete_packs(
 
 /// Delete dead tree segments and version 1 chunks.
 fn delete_dead_objects(
-    repo: &Repo<'_>,
+    repo: &Repo,
     opts: &GcOptions,
     lease: &Lease<'_>,
     now_dead: &Mark,
@@ -249,7 +249,7 @@ fn delete_dead_objects(
 /// Read the live chunks of `packs` and write them into new packs; returns
 /// the new packs for a pack index.
 fn repack_live(
-    repo: &Repo<'_>,
+    repo: &Repo,
     opts: &GcOptions,
     lease: &Lease<'_>,
     map: &ChunkMap,
@@ -315,7 +315,7 @@ fn repack_live(
 /// delete the old ones. Old and new may coexist after a crash: a chunk
 /// listed twice is fine.
 fn rewrite_pack_indexes(
-    repo: &Repo<'_>,
+    repo: &Repo,
     lease: &Lease<'_>,
     map: &ChunkMap,
     doomed: &HashSet<Id>,

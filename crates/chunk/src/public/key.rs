@@ -93,7 +93,9 @@ impl PublicKey {
     }
 }
 
-/// A key that signs.
+/// A key that signs. Cloned only into the store that publishes with it
+/// ([`crate::public::Publishing`]), which lives as long as the command.
+#[derive(Clone)]
 pub struct SigningKey(ed25519_dalek::SigningKey);
 
 impl std::fmt::Debug for SigningKey {

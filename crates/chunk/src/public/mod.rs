@@ -19,6 +19,8 @@ pub use key::{KeyError, PublicKey, SigningKey};
 pub use reader::CatalogStore;
 pub use writer::{publish, PublishReport, Publishing};
 
+use std::sync::Arc;
+
 use crate::store::{Location, Open, Store, StoreError};
 
 /// How a reader opens a store.
@@ -33,7 +35,7 @@ pub struct Access {
 /// A store opened to be read.
 pub struct Opened {
     /// The store.
-    pub store: Box<dyn Store>,
+    pub store: Arc<dyn Store>,
     /// Read through its catalog, and with no trusted key: a caller warns
     /// that what it reads is unauthenticated.
     pub unauthenticated: bool,
@@ -67,7 +69,7 @@ pub fn open(location: &Location, access: &Access) -> Result<Opened, StoreError> 
         e => e,
     })?;
     Ok(Opened {
-        store: Box::new(store),
+        store: Arc::new(store),
         unauthenticated: access.trust.is_empty(),
     })
 }
@@ -164,7 +166,7 @@ mod tests {
         fn the_catalog_never_names_what_is_gone(ops in prop::collection::vec(op(), 1..24)) {
             let store = MemStore::new();
             let key = SigningKey::from_seed([9; 32]);
-            let publishing = Publishing::new(&store, &key);
+            let publishing = Publishing::new(Arc::new(store.clone()), &key);
             for (i, op) in ops.iter().enumerate() {
                 match op {
                     Op::Backup(h) => {
@@ -207,7 +209,7 @@ mod tests {
     fn a_reader_lists_from_the_catalog_checks_heads_and_follows_a_sweep() {
         let store = MemStore::new();
         let key = SigningKey::from_seed([4; 32]);
-        let p = Publishing::new(&store, &key);
+        let p = Publishing::new(Arc::new(store.clone()), &key);
         let a = Bytes::from_static(b"packidx a");
         p.put(Kind::PackIndex, &Id::of(&a), a.clone())
             .expect("must succeed");
@@ -218,10 +220,10 @@ mod tests {
             .put_index(&name(2), &head_bytes(2))
             .expect("must succeed");
 
-        // The reader borrows the store the test keeps writing to.
+        // The reader shares the store the test keeps writing to.
         let shared = &store;
         let reader = CatalogStore::open(
-            Box::new(crate::store::Counting::new(shared)),
+            Arc::new(crate::store::Counting::new(Arc::new(shared.clone()))),
             vec![key.public()],
         )
         .expect("must succeed");
@@ -243,7 +245,7 @@ mod tests {
         // A sweep replaces the pack index: the reader's next read of the
         // old one misses, and its next listing reads the catalog again.
         let b = Bytes::from_static(b"packidx b");
-        let p = Publishing::new(shared, &key);
+        let p = Publishing::new(Arc::new(shared.clone()), &key);
         p.put(Kind::PackIndex, &Id::of(&b), b.clone())
             .expect("must succeed");
         p.delete(Kind::PackIndex, &Id::of(&a))

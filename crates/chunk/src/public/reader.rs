@@ -23,13 +23,13 @@ struct State {
 }
 
 /// A read-only store over its catalog (`docs/format.md`, "Catalog").
-pub struct CatalogStore<'s> {
-    inner: Box<dyn Store + 's>,
+pub struct CatalogStore {
+    inner: Arc<dyn Store>,
     trust: Vec<PublicKey>,
     state: Mutex<State>,
 }
 
-impl std::fmt::Debug for CatalogStore<'_> {
+impl std::fmt::Debug for CatalogStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CatalogStore")
             .field("store", &self.inner.describe())
@@ -54,11 +54,11 @@ fn load(store: &dyn Store, trust: &[PublicKey]) -> Result<(Catalog, PublicKey), 
     })
 }
 
-impl<'s> CatalogStore<'s> {
+impl CatalogStore {
     /// Read the catalog of `inner` (one request) and check it: signed by
     /// one of `trust`, or, with `trust` empty, by the key it names
     /// (unauthenticated: the caller says so).
-    pub fn open(inner: Box<dyn Store + 's>, trust: Vec<PublicKey>) -> Result<Self, StoreError> {
+    pub fn open(inner: Arc<dyn Store>, trust: Vec<PublicKey>) -> Result<Self, StoreError> {
         let (catalog, signer) = load(inner.as_ref(), &trust)?;
         Ok(CatalogStore {
             inner,
@@ -110,7 +110,7 @@ impl<'s> CatalogStore<'s> {
     }
 }
 
-impl Layer for CatalogStore<'_> {
+impl Layer for CatalogStore {
     fn inner(&self) -> &dyn Store {
         self.inner.as_ref()
     }

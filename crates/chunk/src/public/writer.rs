@@ -7,7 +7,7 @@
 //! the catalog after the objects are stored, and deletions before the
 //! objects go.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -168,18 +168,18 @@ struct Changes {
 /// the catalog (with whatever is pending) before it is deleted. A store
 /// without a catalog gets one, built from its listings, at the first
 /// commit.
-pub struct Publishing<'s> {
-    inner: &'s dyn Store,
-    key: &'s SigningKey,
+pub struct Publishing {
+    inner: Arc<dyn Store>,
+    key: SigningKey,
     pending: Mutex<Changes>,
 }
 
-impl<'s> Publishing<'s> {
+impl Publishing {
     /// Publish what is written to `inner`, signed with `key`.
-    pub fn new(inner: &'s dyn Store, key: &'s SigningKey) -> Self {
+    pub fn new(inner: Arc<dyn Store>, key: &SigningKey) -> Self {
         Publishing {
             inner,
-            key,
+            key: key.clone(),
             pending: Mutex::new(Changes::default()),
         }
     }
@@ -199,13 +199,13 @@ impl<'s> Publishing<'s> {
     fn update(&self, edit: impl FnOnce(&mut Catalog)) -> Result<bool, ChunkError> {
         let mut pending = self.pending();
         let now = Utc::now();
-        let (mut catalog, rebuilt) = match current(self.inner, &self.key.public())
+        let (mut catalog, rebuilt) = match current(self.inner.as_ref(), &self.key.public())
             .map_err(|e| ChunkError::store("reading the catalog", e))?
         {
             Some(c) => (c, false),
             // First publish (or a catalog to repair): from the listings,
             // which already show what is pending.
-            None => (rebuild(self.inner, self.key, now)?.0, true),
+            None => (rebuild(self.inner.as_ref(), &self.key, now)?.0, true),
         };
         let before = catalog.clone();
         catalog.heads.extend(pending.heads.iter().cloned());
@@ -216,7 +216,7 @@ impl<'s> Publishing<'s> {
             *pending = Changes::default();
             return Ok(false);
         }
-        put_catalog(self.inner, &mut catalog, self.key, now)?;
+        put_catalog(self.inner.as_ref(), &mut catalog, &self.key, now)?;
         *pending = Changes::default();
         Ok(true)
     }
@@ -233,9 +233,9 @@ impl<'s> Publishing<'s> {
     }
 }
 
-impl Layer for Publishing<'_> {
+impl Layer for Publishing {
     fn inner(&self) -> &dyn Store {
-        self.inner
+        self.inner.as_ref()
     }
 
     fn put(&self, kind: Kind, id: &Id, data: Bytes) -> Result<(), StoreError> {
@@ -278,9 +278,9 @@ impl Layer for Publishing<'_> {
     }
 }
 
-impl Publishing<'_> {
+impl Publishing {
     fn record_head(&self, name: &str, data: &[u8]) {
-        match head_entry(name, data, self.key) {
+        match head_entry(name, data, &self.key) {
             Ok(Some(e)) => self.pending().heads.push(e),
             Ok(None) => {}
             // The writer just encoded it; a failure here is a bug, and the

@@ -185,7 +185,7 @@ struct LoadedMap {
 
 /// What every thread of one restore shares.
 struct Shared<'a> {
-    repo: &'a Repo<'a>,
+    repo: &'a Repo,
     opts: &'a RestoreOptions,
     pipeline: Pipeline,
     v1: bool,
@@ -212,7 +212,7 @@ struct Shared<'a> {
 }
 
 impl<'a> Shared<'a> {
-    fn new(repo: &'a Repo<'a>, opts: &'a RestoreOptions, index: &Decoded, map: ChunkMap) -> Self {
+    fn new(repo: &'a Repo, opts: &'a RestoreOptions, index: &Decoded, map: ChunkMap) -> Self {
         let pipeline = Pipeline::new(&opts.progress.cancel);
         Shared {
             repo,
@@ -236,7 +236,7 @@ impl<'a> Shared<'a> {
 
 /// Restore backup `name` (`index`) from `repo` into `dest`.
 pub fn restore(
-    repo: &Repo<'_>,
+    repo: &Repo,
     name: &str,
     index: &Decoded,
     dest: &Path,
@@ -294,7 +294,7 @@ fn open_dest(dest: &Path) -> Result<(btm::confined::Tree, OwnedFd), ChunkError> 
 }
 
 fn run(
-    repo: &Repo<'_>,
+    repo: &Repo,
     name: &str,
     index: &Decoded,
     dest: &Path,
@@ -354,11 +354,7 @@ fn run(
 /// The chunk map, and proof that the store holds everything the backup
 /// needs, before anything local is touched. A live restore calls it before
 /// it mounts anything; a restore calls it before it writes anything.
-pub fn load_and_prove(
-    repo: &Repo<'_>,
-    name: &str,
-    index: &Decoded,
-) -> Result<ChunkMap, ChunkError> {
+pub fn load_and_prove(repo: &Repo, name: &str, index: &Decoded) -> Result<ChunkMap, ChunkError> {
     let (store, cache, connections) = (repo.store(), repo.cache(), repo.metadata_connections());
     // A version 1 backup names its chunks as objects: no map to load.
     // A pack index that cannot be read may hold nothing this backup needs:
@@ -449,7 +445,7 @@ fn run_pipeline<'a>(
 
 /// `--delete`: remove what the backup lacks, within the restore's scope.
 fn delete_extra(
-    repo: &Repo<'_>,
+    repo: &Repo,
     name: &str,
     index: &Decoded,
     dest: &Path,

@@ -3,19 +3,20 @@
 //! requests publishing added, which `scripts/bench-public.sh` prints).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use super::{Layer, Request, Store, StoreError};
 
 /// `inner`, counting every call (one call is one request to a remote
 /// store, retries aside).
-pub struct Counting<'s> {
-    inner: &'s dyn Store,
+pub struct Counting {
+    inner: Arc<dyn Store>,
     requests: AtomicU64,
 }
 
-impl<'s> Counting<'s> {
+impl Counting {
     /// Count the requests made to `inner` from now on.
-    pub fn new(inner: &'s dyn Store) -> Self {
+    pub fn new(inner: Arc<dyn Store>) -> Self {
         Counting {
             inner,
             requests: AtomicU64::new(0),
@@ -28,9 +29,9 @@ impl<'s> Counting<'s> {
     }
 }
 
-impl Layer for Counting<'_> {
+impl Layer for Counting {
     fn inner(&self) -> &dyn Store {
-        self.inner
+        self.inner.as_ref()
     }
 
     fn before(&self, _request: Request) -> Result<(), StoreError> {

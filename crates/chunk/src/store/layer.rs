@@ -6,6 +6,8 @@
 //! its inner store, overrides what it changes, and may see every request
 //! before it goes ([`Layer::before`]). Every `Layer` is a [`Store`].
 
+use std::sync::Arc;
+
 use super::{Bytes, Id, Kind, Marker, Request, RetryPolicy, Store, StoreError};
 
 /// A store that passes what it does not override to [`Layer::inner`].
@@ -127,6 +129,15 @@ pub trait Layer: Send + Sync {
     /// See [`Store::retry_policy`].
     fn retry_policy(&self) -> RetryPolicy {
         self.inner().retry_policy()
+    }
+}
+
+/// A shared store is a store: what an [`Arc`] holds answers for it, so a
+/// caller that keeps a store (a test's fake, a command's report counter)
+/// can hand a [`crate::Repo`] a clone of its handle.
+impl<S: Store> Layer for Arc<S> {
+    fn inner(&self) -> &dyn Store {
+        self.as_ref()
     }
 }
 

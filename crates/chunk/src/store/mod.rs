@@ -32,6 +32,8 @@
 //!   every call through [`RetryPolicy`], which tries the first two kinds
 //!   again.
 
+use std::sync::Arc;
+
 mod counting;
 mod http;
 mod id;
@@ -320,18 +322,18 @@ pub(crate) fn check_marker_name(name: &str) -> Result<(), StoreError> {
 /// `GOOGLE_*`, `AZURE_*`); `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT`) points
 /// S3 at a compatible server. A web server or an anonymous bucket cannot
 /// be listed: read it through its catalog ([`crate::public::open`]).
-pub fn open(location: &Location, how: Open) -> Result<Box<dyn Store>, StoreError> {
+pub fn open(location: &Location, how: Open) -> Result<Arc<dyn Store>, StoreError> {
     match (location, how) {
         (Location::Web(url), Open::Read { .. })
         | (Location::Bucket { url, .. }, Open::Read { anonymous: true }) => {
-            Ok(Box::new(ObjectStoreBackend::open_anonymous(url)?))
+            Ok(Arc::new(ObjectStoreBackend::open_anonymous(url)?))
         }
         (Location::Web(url), _) => Err(StoreError::InvalidUrl {
             url: url.clone(),
             detail: location::WEB_IS_READ_ONLY.into(),
         }),
-        (Location::Bucket { url, .. }, _) => Ok(Box::new(ObjectStoreBackend::open(url)?)),
-        (Location::Local(path), Open::Write) => Ok(Box::new(LocalStore::open(&path_str(path)?)?)),
+        (Location::Bucket { url, .. }, _) => Ok(Arc::new(ObjectStoreBackend::open(url)?)),
+        (Location::Local(path), Open::Write) => Ok(Arc::new(LocalStore::open(&path_str(path)?)?)),
         (Location::Local(path), _) => {
             let detail = match std::fs::metadata(path) {
                 Ok(m) if m.is_dir() => None,
@@ -344,7 +346,7 @@ pub fn open(location: &Location, how: Open) -> Result<Box<dyn Store>, StoreError
                     detail: detail.into(),
                 });
             }
-            Ok(Box::new(LocalStore::open(&path_str(path)?)?))
+            Ok(Arc::new(LocalStore::open(&path_str(path)?)?))
         }
     }
 }

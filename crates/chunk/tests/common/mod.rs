@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use btm_chunk::backup::{BackupOptions, BackupSummary};
 use btm_chunk::format::head::Decoded;
@@ -86,15 +87,21 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
     }
 }
 
-/// `store` without a cache (each test sees only its store) and with a
-/// few requests in flight.
-pub fn repo(store: &dyn Store) -> Repo<'_> {
-    Repo::new(store).with_cache(None).with_connections(Some(4))
+/// `store` (a handle the test keeps a clone of) without a cache (each
+/// test sees only its store) and with a few requests in flight.
+pub fn repo<S: Store + Clone + 'static>(store: &S) -> Repo {
+    Repo::new(Arc::new(store.clone()))
+        .with_cache(None)
+        .with_connections(Some(4))
 }
 
 /// Back up `src` under `tag` with small chunks and packs, so that a small
 /// tree still spans many packs.
-pub fn backup(store: &dyn Store, src: &Path, tag: &str) -> Result<BackupSummary, ChunkError> {
+pub fn backup<S: Store + Clone + 'static>(
+    store: &S,
+    src: &Path,
+    tag: &str,
+) -> Result<BackupSummary, ChunkError> {
     let mut o = BackupOptions::new(tag, Policy::NONE);
     o.chunk_size = 64 * KIB as u64;
     o.pack_size = 256 * KIB;
@@ -111,7 +118,11 @@ pub fn newest(store: &dyn Store, tag: &str) -> (String, Decoded) {
 }
 
 /// Restore the newest backup of `tag` into `dest`.
-pub fn restore(store: &dyn Store, tag: &str, dest: &Path) -> Result<RestoreSummary, ChunkError> {
+pub fn restore<S: Store + Clone + 'static>(
+    store: &S,
+    tag: &str,
+    dest: &Path,
+) -> Result<RestoreSummary, ChunkError> {
     let (name, index) = newest(store, tag);
     let mut o = RestoreOptions::new(Policy::NONE);
     o.delete = true;

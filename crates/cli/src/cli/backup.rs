@@ -111,13 +111,15 @@ pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
         None
     };
     // Counted, so the report says what publishing added.
-    let counted = btm_chunk::store::Counting::new(store.as_ref());
-    let publishing = key.as_ref().map(|k| Publishing::new(&counted, k));
-    let target: &dyn Store = match &publishing {
-        Some(p) => p,
-        None => store.as_ref(),
+    let counted = Arc::new(btm_chunk::store::Counting::new(Arc::clone(&store)));
+    let publishing = key
+        .as_ref()
+        .map(|k| Arc::new(Publishing::new(Arc::clone(&counted) as Arc<dyn Store>, k)));
+    let target: Arc<dyn Store> = match &publishing {
+        Some(p) => Arc::clone(p) as Arc<dyn Store>,
+        None => Arc::clone(&store),
     };
-    let result = args.store.repo(target).backup(&args.dir, &opts);
+    let result = args.store.repo(&target).backup(&args.dir, &opts);
     drop(reporter);
     let summary = result.with_context(|| {
         format!(

@@ -1,6 +1,7 @@
 //! `btm backups`: the backups in a store, and `btm backups show NAME`.
 
 use std::io::Write;
+use std::sync::Arc;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -50,7 +51,7 @@ pub enum BackupsCommand {
 pub fn run(args: BackupsArgs, out: &mut dyn Write) -> Result<()> {
     let store = args.store.open_reader()?;
     if let Some(BackupsCommand::Show { name, json }) = &args.show {
-        return show(store.as_ref(), &args.store, name, *json, out);
+        return show(&store, &args.store, name, *json, out);
     }
     let mut names = inventory::list_backups(store.as_ref(), args.tag.as_deref())?;
     if let Some(n) = args.limit {
@@ -119,13 +120,13 @@ pub fn run(args: BackupsArgs, out: &mut dyn Write) -> Result<()> {
 
 /// `btm backups show NAME`: the backup's entries, streamed.
 fn show(
-    store: &dyn Store,
+    store: &Arc<dyn Store>,
     args: &StoreArgs,
     name: &str,
     json: bool,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let idx = inventory::read_index(store, name)?;
+    let idx = inventory::read_index(store.as_ref(), name)?;
     let info = BackupInfo::of(name, &idx);
     let repo = args.repo(store);
     let mut entries = repo.entries(name, &idx);

@@ -24,7 +24,7 @@ pub struct CheckArgs {
 
 pub fn run(args: CheckArgs, out: &mut dyn Write) -> Result<()> {
     let store = args.store.open_reader()?;
-    let report = args.store.repo(store.as_ref()).check(args.read_data)?;
+    let report = args.store.repo(&store).check(args.read_data)?;
     if args.json {
         print_json(out, &report)?;
     } else {

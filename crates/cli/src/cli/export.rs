@@ -60,14 +60,7 @@ pub fn run(args: ExportArgs, out: &mut dyn Write) -> Result<()> {
         Arc::clone(&progress),
     );
     let store = btm_chunk::store::open(&export.store, btm_chunk::store::Open::Write)?;
-    let result = export::export(
-        &ops,
-        store.as_ref(),
-        which,
-        &export,
-        progress,
-        settings.lock_timeout,
-    );
+    let result = export::export(&ops, store, which, &export, progress, settings.lock_timeout);
     drop(reporter);
     let report = result.context("export failed; no backup was written")?;
     for w in &report.warnings {

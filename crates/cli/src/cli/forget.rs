@@ -22,7 +22,7 @@ pub struct ForgetArgs {
 
 pub fn run(args: ForgetArgs, out: &mut dyn Write) -> Result<()> {
     let store = args.store.open_writable()?;
-    store.with(|s| Ok(args.store.repo(s).forget(&args.name, args.dry_run)?))?;
+    store.with(|s| Ok(args.store.repo(&s).forget(&args.name, args.dry_run)?))?;
     if args.dry_run {
         writeln!(out, "would forget {}", args.name)?;
     } else {

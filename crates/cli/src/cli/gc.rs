@@ -37,7 +37,7 @@ pub fn run(args: GcArgs, out: &mut dyn Write) -> Result<()> {
     };
     let report = store.with(|s| {
         args.store
-            .repo(s)
+            .repo(&s)
             .gc(&opts)
             .with_context(|| format!("garbage collection of {} failed", s.describe()))
     })?;

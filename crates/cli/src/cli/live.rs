@@ -29,8 +29,7 @@ pub(super) struct LiveRestore<'a> {
 /// Serve a backup live at a directory until `btm live finish`.
 pub(super) fn restore_live(r: LiveRestore<'_>) -> Result<()> {
     let target = btm_live::open_target(&r.dir)?;
-    // The server runs until the process exits: its store lives as long.
-    let store: &'static dyn btm_chunk::store::Store = Box::leak(r.store.open_reader()?);
+    let store = r.store.open_reader()?;
     // A rerun goes on with the backup it started, whatever `latest` is now.
     let wanted = match target.unfinished() {
         Some(b) if r.wanted == "latest" => b.to_owned(),
@@ -41,8 +40,8 @@ pub(super) fn restore_live(r: LiveRestore<'_>) -> Result<()> {
     } else {
         r.height
     };
-    let (name, index) = find_backup(store, &wanted, r.tag, height)?;
-    let repo = r.store.repo(store);
+    let (name, index) = find_backup(store.as_ref(), &wanted, r.tag, height)?;
+    let repo = r.store.repo(&store);
     let opts = LiveOptions {
         read_timeout: r.read_timeout,
         passthrough: r.passthrough,

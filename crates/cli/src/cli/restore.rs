@@ -101,7 +101,7 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
         ..RestoreOptions::new(btm_daemon::node_policy())
     };
     let reporter = Reporter::start(format!("restoring {name}"), Arc::clone(&opts.progress));
-    let repo = args.store.repo(store.as_ref());
+    let repo = args.store.repo(&store);
     let result = repo.restore(&name, &idx, &dir, &opts);
     drop(reporter);
     let summary = match result {

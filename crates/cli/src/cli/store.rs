@@ -3,6 +3,7 @@
 //! backup a command names.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -64,29 +65,29 @@ pub(super) fn parse_public_key(s: &str) -> Result<btm_chunk::public::PublicKey, 
 /// A store opened to change, with the signing key that keeps its catalog
 /// right when it is published.
 pub(super) struct Writable {
-    store: Box<dyn Store>,
+    store: Arc<dyn Store>,
     key: Option<SigningKey>,
 }
 
 impl Writable {
     /// Run `f` on the store: through [`Publishing`] when a key was given,
     /// committing what it changed.
-    pub(super) fn with<T>(&self, f: impl FnOnce(&dyn Store) -> Result<T>) -> Result<T> {
+    pub(super) fn with<T>(&self, f: impl FnOnce(Arc<dyn Store>) -> Result<T>) -> Result<T> {
         match &self.key {
             Some(key) => {
-                let publishing = Publishing::new(self.store.as_ref(), key);
-                let out = f(&publishing)?;
+                let publishing = Arc::new(Publishing::new(Arc::clone(&self.store), key));
+                let out = f(Arc::clone(&publishing) as Arc<dyn Store>)?;
                 publishing.commit()?;
                 Ok(out)
             }
-            None => f(self.store.as_ref()),
+            None => f(Arc::clone(&self.store)),
         }
     }
 }
 
 impl StoreArgs {
     /// Open the store to write to it (created if it is a new directory).
-    pub(super) fn open(&self) -> Result<Box<dyn Store>> {
+    pub(super) fn open(&self) -> Result<Arc<dyn Store>> {
         let location = self.location()?.for_writing()?;
         Ok(btm_chunk::store::open(&location, Open::Write)?)
     }
@@ -96,7 +97,7 @@ impl StoreArgs {
     /// bucket, or any store with trusted keys), read through its catalog.
     /// Reading a published store with no trusted key warns that nothing
     /// read is authenticated.
-    pub(super) fn open_reader(&self) -> Result<Box<dyn Store>> {
+    pub(super) fn open_reader(&self) -> Result<Arc<dyn Store>> {
         let location = self.location()?;
         // `--trust` reads any store through its catalog; the keys of the
         // configuration apply to published stores only, so the operator's
@@ -138,7 +139,7 @@ impl StoreArgs {
 
     /// Open the operator's own store, which must exist, to change it (a
     /// published store read by URL or anonymously is read-only).
-    pub(super) fn open_own(&self) -> Result<Box<dyn Store>> {
+    pub(super) fn open_own(&self) -> Result<Arc<dyn Store>> {
         let location = self.location()?;
         if self.no_sign_request || location.is_web() {
             bail!("{location} is read-only to btm (a published snapshot); run this on the directory or bucket it is published from");
@@ -171,8 +172,9 @@ impl StoreArgs {
     }
 
     /// `store` with the cache and the connections these flags ask for.
-    pub(super) fn repo<'s>(&self, store: &'s dyn Store) -> Repo<'s> {
-        let repo = Repo::new(store).with_connections(self.connections.map(|c| c as usize));
+    pub(super) fn repo(&self, store: &Arc<dyn Store>) -> Repo {
+        let repo =
+            Repo::new(Arc::clone(store)).with_connections(self.connections.map(|c| c as usize));
         match &self.cache {
             Some(dir) => repo.with_cache(Some(Cache::new(dir.clone()))),
             None => repo,

@@ -685,26 +685,28 @@ impl Drop for FakeRpc {
 /// credentials). `gc_before_pack_read` runs once, on the inner store, just
 /// before the first ranged read of a pack, as a GC beside the reader.
 pub struct FaultyStore {
-    pub inner: btm_chunk::store::LocalStore,
+    pub inner: std::sync::Arc<btm_chunk::store::LocalStore>,
     pub puts_left: std::sync::atomic::AtomicI64,
     pub deletes_left: std::sync::atomic::AtomicI64,
     pub forget_when_read: std::sync::Mutex<Option<String>>,
     pub locks_denied: std::sync::atomic::AtomicBool,
     #[allow(clippy::type_complexity)]
-    pub gc_before_pack_read:
-        std::sync::Mutex<Option<Box<dyn FnOnce(&dyn btm_chunk::store::Store) + Send>>>,
+    pub gc_before_pack_read: std::sync::Mutex<
+        Option<Box<dyn FnOnce(&std::sync::Arc<btm_chunk::store::LocalStore>) + Send>>,
+    >,
 }
 
 impl FaultyStore {
-    pub fn new(path: &Path, puts: i64, deletes: i64) -> Self {
-        FaultyStore {
-            inner: btm_chunk::store::LocalStore::open(path.to_str().expect("utf8")).expect("open"),
+    pub fn new(path: &Path, puts: i64, deletes: i64) -> std::sync::Arc<Self> {
+        let inner = btm_chunk::store::LocalStore::open(path.to_str().expect("utf8")).expect("open");
+        std::sync::Arc::new(FaultyStore {
+            inner: std::sync::Arc::new(inner),
             puts_left: puts.into(),
             deletes_left: deletes.into(),
             forget_when_read: std::sync::Mutex::new(None),
             locks_denied: false.into(),
             gc_before_pack_read: std::sync::Mutex::new(None),
-        }
+        })
     }
 }
 
@@ -721,20 +723,30 @@ fn spend(
     Ok(())
 }
 
-use btm_chunk::store::{Bytes, Id, Kind, Store as _, StoreError};
+use btm_chunk::store::{Bytes, Id, Kind, StoreError};
 
 impl btm_chunk::store::Layer for FaultyStore {
     fn inner(&self) -> &dyn btm_chunk::store::Store {
-        &self.inner
+        self.inner.as_ref()
     }
 
     fn describe(&self) -> String {
         "faulty".into()
     }
 
+    /// The standard attempts, with waits of a millisecond: a test counts
+    /// what fails without waiting out a real store's patience.
+    fn retry_policy(&self) -> btm_chunk::store::RetryPolicy {
+        btm_chunk::store::RetryPolicy {
+            first_wait: std::time::Duration::from_millis(1),
+            max_wait: std::time::Duration::from_millis(2),
+            ..*btm_chunk::store::RetryPolicy::standard()
+        }
+    }
+
     fn put(&self, kind: Kind, id: &Id, d: Bytes) -> Result<(), StoreError> {
         spend(&self.puts_left, kind.describe(id))?;
-        self.inner.put(kind, id, d)
+        self.inner().put(kind, id, d)
     }
 
     fn get_range_into(
@@ -751,20 +763,20 @@ impl btm_chunk::store::Layer for FaultyStore {
                 gc(&self.inner);
             }
         }
-        self.inner.get_range_into(kind, id, off, len, buf)
+        self.inner().get_range_into(kind, id, off, len, buf)
     }
 
     fn delete(&self, kind: Kind, id: &Id) -> Result<(), StoreError> {
         spend(&self.deletes_left, kind.describe(id))?;
-        self.inner.delete(kind, id)
+        self.inner().delete(kind, id)
     }
 
     fn get_index(&self, n: &str) -> Result<Vec<u8>, StoreError> {
         let forget = self.forget_when_read.lock().expect("lock").as_deref() == Some(n);
         if forget {
-            self.inner.delete_index(n)?;
+            self.inner().delete_index(n)?;
         }
-        self.inner.get_index(n)
+        self.inner().get_index(n)
     }
 
     fn put_marker(&self, n: &str, d: &[u8]) -> Result<(), StoreError> {
@@ -774,7 +786,7 @@ impl btm_chunk::store::Layer for FaultyStore {
                 detail: "access denied (injected)".into(),
             });
         }
-        self.inner.put_marker(n, d)
+        self.inner().put_marker(n, d)
     }
 }
 
