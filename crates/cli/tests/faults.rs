@@ -849,6 +849,10 @@ fn a_frozen_store_times_out_with_a_clear_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("did not answer"), "{err}");
+    // A store that leaves requests unanswered is down, not busy: the call
+    // gives up after the policy's unanswered attempts.
+    let unanswered = btm_chunk::store::RetryPolicy::UNANSWERED;
+    assert!(err.contains(&format!("; {unanswered} attempts")), "{err}");
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "{:?}",

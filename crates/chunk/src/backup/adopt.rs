@@ -51,7 +51,7 @@ pub(super) fn adopt_orphans(repo: &Repo, lease: &Lease<'_>) {
                 "reusing packs uploaded by an interrupted backup"
             );
             for name in done_leases {
-                let _ = store.delete_marker(&name);
+                let _ = with_retry(store, || store.delete_marker(&name));
             }
         }
         Err(e) => {

@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use super::holder::{self, Here, Holder};
 use super::{ttl, LeaseInfo, LeaseKind};
 use crate::store::{Marker, Store};
+use crate::with_retry;
 
 /// Whether a lease marker still protects what its holder relies on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,7 +125,7 @@ pub(super) fn holder_of(name: &str) -> Option<(&str, u32)> {
 
 /// A lease marker's body, if it can be read.
 fn body(store: &dyn Store, m: &Marker) -> Option<LeaseInfo> {
-    serde_json::from_slice(&store.get_marker(&m.name).ok()?).ok()
+    serde_json::from_slice(&with_retry(store, || store.get_marker(&m.name)).ok()?).ok()
 }
 
 pub(super) fn describe(j: &Judged) -> String {

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::pipeline::Cancel;
 use crate::store::{Id, Marker, Store, StoreError};
+use crate::with_retry;
 use holder::Identity;
 use judge::describe;
 pub use judge::{dead_holders, judge, Judged, State};
@@ -319,7 +320,7 @@ impl Lease<'_> {
                 p.generation,
             )
         };
-        self.store.put_marker(&self.name, &body)?;
+        with_retry(self.store, || self.store.put_marker(&self.name, &body))?;
         *written = generation;
         *self.last_ok.lock().unwrap_or_else(|p| p.into_inner()) = started;
         Ok(())
@@ -340,7 +341,9 @@ impl Lease<'_> {
     /// Read the marker back; if another party removed it, the lease is
     /// lost ([`Lease::check`] says so).
     fn note_if_taken(&self) {
-        if let Err(StoreError::NotFound(_)) = self.store.get_marker(&self.name) {
+        if let Err(StoreError::NotFound(_)) =
+            with_retry(self.store, || self.store.get_marker(&self.name))
+        {
             self.lose(Lost::Taken);
         }
     }
@@ -399,7 +402,7 @@ impl Lease<'_> {
     /// marker's store time.
     fn blocking_others(&self) -> Result<Vec<Judged>, StoreError> {
         self.write()?;
-        let markers = self.store.list_markers("locks")?;
+        let markers = with_retry(self.store, || self.store.list_markers("locks"))?;
         let now = markers
             .iter()
             .find(|m| m.name == self.name)
@@ -419,7 +422,8 @@ impl Lease<'_> {
 }
 
 /// "Now" by the store's clock: write a probe marker under `gc/`, read its
-/// listed time, delete it.
+/// listed time, delete it. Three calls made once each: a caller retries
+/// the whole probe (a retried put alone would list an older time).
 pub fn store_now(store: &dyn Store) -> Result<DateTime<Utc>, StoreError> {
     let name = format!(
         "gc/clock-{}-{}-{}",
@@ -503,7 +507,7 @@ pub fn with_lease<T, E: From<LeaseError>>(
             tracing::warn!(lease = %lease.name, error = %e, "could not record unindexed packs in the lease");
         }
         tracing::warn!(lease = %lease.name, packs = unindexed, "leaving the lease to expire, so that garbage collection finds the packs this run wrote but did not index");
-    } else if let Err(e) = store.delete_marker(&lease.name) {
+    } else if let Err(e) = with_retry(store, || store.delete_marker(&lease.name)) {
         tracing::warn!(lease = %lease.name, error = %e, "could not remove lease marker; it will expire");
     }
     result

@@ -9,7 +9,8 @@
 //! that outlives a failed call (the daemon's next export, live hydration's
 //! next pass) schedules new work, it does not repeat the call. So a call
 //! makes at most [`RetryPolicy::ATTEMPTS`] requests, whichever path made
-//! it. `docs/stores.md` states the numbers for operators.
+//! it, and no more than [`RetryPolicy::UNANSWERED`] that the store left
+//! unanswered (each of those may have waited the whole stall limit). `docs/stores.md` states the numbers for operators.
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::OnceLock;
@@ -22,6 +23,11 @@ use super::StoreError;
 pub struct RetryPolicy {
     /// The most attempts one call makes, the first included.
     pub attempts: u32,
+    /// The most of them the store may leave unanswered
+    /// ([`StoreError::Unreachable`]: no connection, or no progress for the
+    /// stall limit) before the call gives up: a store that did not answer
+    /// that often is down, not busy.
+    pub unanswered: u32,
     /// The wait after the first failed attempt; each later wait doubles.
     pub first_wait: Duration,
     /// The longest wait between two attempts.
@@ -35,15 +41,20 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     /// The attempts of one call under [`RetryPolicy::standard`].
     pub const ATTEMPTS: u32 = 10;
+    /// The unanswered attempts of one call under
+    /// [`RetryPolicy::standard`].
+    pub const UNANSWERED: u32 = 3;
 
     /// The policy every store call follows: [`RetryPolicy::ATTEMPTS`]
-    /// attempts, waits from 250 ms doubling up to 15 s (about a minute in
-    /// all), and the stall limit of `$BTM_STORE_TIMEOUT` (a duration like
-    /// `30s`; 60 s if unset). Read once per process.
+    /// attempts ([`RetryPolicy::UNANSWERED`] of them unanswered), waits
+    /// from 250 ms doubling up to 15 s (about a minute in all), and the
+    /// stall limit of `$BTM_STORE_TIMEOUT` (a duration like `30s`; 60 s if
+    /// unset). Read once per process.
     pub fn standard() -> &'static RetryPolicy {
         static POLICY: OnceLock<RetryPolicy> = OnceLock::new();
         POLICY.get_or_init(|| RetryPolicy {
             attempts: Self::ATTEMPTS,
+            unanswered: Self::UNANSWERED,
             first_wait: Duration::from_millis(250),
             max_wait: Duration::from_secs(15),
             stall: stall_from_env(),
@@ -78,8 +89,9 @@ impl RetryPolicy {
     }
 
     /// Make `call` until it succeeds, fails for good, or has made
-    /// [`RetryPolicy::attempts`] attempts; the last failure is returned,
-    /// saying how many attempts were made.
+    /// [`RetryPolicy::attempts`] attempts ([`RetryPolicy::unanswered`]
+    /// unanswered ones); the last failure is returned, saying how many
+    /// attempts were made.
     pub fn run<T>(&self, call: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
         self.run_until(None, call)
     }
@@ -91,16 +103,17 @@ impl RetryPolicy {
         deadline: Option<Instant>,
         mut call: impl FnMut() -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut failed = 0;
+        let (mut failed, mut unanswered) = (0, 0);
         loop {
             let e = match call() {
                 Err(e) if Self::may_pass(&e) => e,
                 other => return other,
             };
             failed += 1;
+            unanswered += u32::from(matches!(e, StoreError::Unreachable { .. }));
             let wait = self.wait(failed);
             let late = deadline.is_some_and(|d| Instant::now() + wait >= d);
-            if failed >= self.attempts || late {
+            if failed >= self.attempts || unanswered >= self.unanswered || late {
                 return Err(gave_up(e, failed));
             }
             tracing::warn!(error = %e, attempt = failed, retry_in = ?wait, "store call failed; trying again");
@@ -145,6 +158,7 @@ mod tests {
     fn fast(attempts: u32) -> RetryPolicy {
         RetryPolicy {
             attempts,
+            unanswered: 2,
             first_wait: Duration::from_millis(1),
             max_wait: Duration::from_millis(2),
             stall: Duration::from_secs(1),
@@ -169,13 +183,32 @@ mod tests {
             .expect_err("must fail");
         assert_eq!(n.get(), 4);
         assert!(e.to_string().ends_with("503; 4 attempts"), "{e}");
+    }
+
+    #[test]
+    fn a_store_that_does_not_answer_gets_fewer_attempts_than_a_busy_one() {
+        let unanswered = || StoreError::Unreachable {
+            what: "GET x".into(),
+            detail: "no progress".into(),
+        };
+        let n = Cell::new(0);
+        let e = fast(4)
+            .run(|| -> Result<(), _> {
+                n.set(n.get() + 1);
+                Err(unanswered())
+            })
+            .expect_err("must fail");
+        assert_eq!(n.get(), 2);
+        assert!(e.to_string().contains("2 attempts"), "{e}");
+        // Busy answers between them do not count as unanswered.
         let n = Cell::new(0);
         fast(4)
             .run(|| -> Result<(), _> {
                 n.set(n.get() + 1);
-                Err(StoreError::Unreachable {
-                    what: "GET x".into(),
-                    detail: "no progress".into(),
+                Err(if n.get() == 2 {
+                    unanswered()
+                } else {
+                    temporary()
                 })
             })
             .expect_err("must fail");
