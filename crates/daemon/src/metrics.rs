@@ -1,15 +1,19 @@
 //! The optional Prometheus text endpoint (`metrics_listen`): `GET /metrics`
-//! renders the daemon's state in the text exposition format. Deliberately a
-//! few lines over a TCP socket rather than an HTTP framework: one route,
-//! read-only, bounded request size and time.
+//! renders the daemon's state in the text exposition format. The format
+//! is written by the `prometheus` crate from a registry built per scrape
+//! (names, help texts and labels exactly as below, which the shipped
+//! alert rules and dashboard use); the endpoint is a few lines over a TCP
+//! socket rather than an HTTP framework: one route, read-only, bounded
+//! request size and time.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use btm::protocol::Status;
 use chrono::Utc;
+use prometheus::core::Collector;
+use prometheus::{Counter, CounterVec, Encoder, Gauge, GaugeVec, Opts, Registry, TextEncoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -19,7 +23,7 @@ use super::{Current, DaemonError};
 
 /// Render `s` in the Prometheus text format.
 pub fn render(s: &Status) -> String {
-    let mut out = String::new();
+    let x = Exposition::default();
     let all = source_and_snapshot_metrics(s)
         .into_iter()
         .chain(volume_metrics(s))
@@ -28,18 +32,11 @@ pub fn render(s: &Status) -> String {
         .chain(export_count_metrics(s));
     for (name, help, kind, value) in all {
         if let Some(v) = value {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
+            x.series(name, help, kind, None, [(String::new(), v)]);
         }
     }
     let c = &s.counters;
-    let _ = writeln!(
-        out,
-        "# HELP btm_errors_total Errors since start, by kind.\n# TYPE btm_errors_total counter"
-    );
-    for (kind, n) in [
+    let errors = [
         ("source", c.source_errors),
         ("snapshot", c.snapshot_failures),
         ("prune", c.prune_failures),
@@ -49,94 +46,167 @@ pub fn render(s: &Status) -> String {
         ("gc", c.gc_failures),
         ("volume_timeout", c.volume_timeouts),
         ("flush", c.flush_failures),
-    ] {
-        let _ = writeln!(out, "btm_errors_total{{kind=\"{kind}\"}} {n}");
-    }
-    out
+    ];
+    x.series(
+        "btm_errors_total",
+        "Errors since start, by kind.",
+        Kind::Counter,
+        Some("kind"),
+        errors.map(|(kind, n)| (kind.to_owned(), n as f64)),
+    );
+    x.text()
 }
 
 /// Live restores running on this machine (`btm restore --live`), one
 /// series per served directory.
 pub fn render_live(live: &[btm_live::Status]) -> String {
     type Field = fn(&btm_live::Status) -> f64;
-    let metrics: [(&str, &str, &str, Field); 10] = [
+    let metrics: [(&str, &str, Kind, Field); 10] = [
         (
             "btm_live_present_bytes",
             "Bytes of the backup local now.",
-            "gauge",
+            Kind::Gauge,
             |s| s.present_bytes as f64,
         ),
         (
             "btm_live_total_bytes",
             "Bytes of the backup's data.",
-            "gauge",
+            Kind::Gauge,
             |s| s.total_bytes as f64,
         ),
         (
             "btm_live_files_left",
             "Files not wholly local yet.",
-            "gauge",
+            Kind::Gauge,
             |s| s.files_left as f64,
         ),
         (
             "btm_live_demand_bytes_total",
             "Bytes fetched on demand by reads through the mount.",
-            "counter",
+            Kind::Counter,
             |s| s.demand_bytes as f64,
         ),
         (
             "btm_live_demand_latency_seconds_mean",
             "Mean time an on-demand fetch took.",
-            "gauge",
+            Kind::Gauge,
             |s| s.demand_latency_ms / 1000.0,
         ),
         (
             "btm_live_demand_failures_total",
             "Reads through the mount that failed with EIO.",
-            "counter",
+            Kind::Counter,
             |s| s.demand_failures as f64,
         ),
         (
             "btm_live_background_bytes_total",
             "Bytes fetched by background hydration.",
-            "counter",
+            Kind::Counter,
             |s| s.background_bytes as f64,
         ),
         (
             "btm_live_waiting",
             "1 while hydration waits (for the store, or for room on a full disk).",
-            "gauge",
+            Kind::Gauge,
             |s| f64::from(u8::from(s.waiting.is_some())),
         ),
         (
             "btm_live_resident_bytes",
             "The live-restore server's resident memory.",
-            "gauge",
+            Kind::Gauge,
             |s| s.rss_bytes as f64,
         ),
         (
             "btm_live_open_files",
             "Descriptors the live-restore server holds.",
-            "gauge",
+            Kind::Gauge,
             |s| s.open_files as f64,
         ),
     ];
-    let mut out = String::new();
     if live.is_empty() {
-        return out;
+        return String::new();
     }
+    let x = Exposition::default();
     for (name, help, kind, f) in metrics {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for s in live {
-            let dir = s.dir.replace('\\', "\\\\").replace('"', "\\\"");
-            let _ = writeln!(out, "{name}{{dir=\"{dir}\"}} {}", f(s));
+        let series = live.iter().map(|s| (s.dir.clone(), f(s)));
+        x.series(name, help, kind, Some("dir"), series);
+    }
+    x.text()
+}
+
+/// What a metric is to Prometheus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A value that goes up and down.
+    Gauge,
+    /// A total since start: only goes up.
+    Counter,
+}
+
+/// The metrics of one scrape: registered, then written out.
+#[derive(Default)]
+struct Exposition(Registry);
+
+impl Exposition {
+    /// Metric `name` with one series per `(label value, value)`; with no
+    /// `label`, one series without labels (its label value unused).
+    fn series(
+        &self,
+        name: &str,
+        help: &str,
+        kind: Kind,
+        label: Option<&str>,
+        values: impl IntoIterator<Item = (String, f64)>,
+    ) {
+        let opts = Opts::new(name, help);
+        let labels: Vec<&str> = label.into_iter().collect();
+        let registered = match kind {
+            Kind::Gauge => GaugeVec::new(opts, &labels).and_then(|m| {
+                for (v, x) in values {
+                    gauge(&m, label.map(|_| v.as_str()))?.set(x);
+                }
+                self.register(m)
+            }),
+            Kind::Counter => CounterVec::new(opts, &labels).and_then(|m| {
+                for (v, x) in values {
+                    counter(&m, label.map(|_| v.as_str()))?.inc_by(x.max(0.0));
+                }
+                self.register(m)
+            }),
+        };
+        // Names and labels are this file's constants, checked by the tests
+        // below; a bad one loses that metric, not the scrape.
+        if let Err(e) = registered {
+            tracing::warn!(metric = name, error = %e, "cannot export a metric");
         }
     }
-    out
+
+    fn register(&self, m: impl Collector + 'static) -> prometheus::Result<()> {
+        self.0.register(Box::new(m))
+    }
+
+    /// The text exposition of everything registered.
+    fn text(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.0.gather(), &mut out) {
+            tracing::warn!(error = %e, "cannot encode the metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// The series of `m` for `label` (none: the one without labels).
+fn gauge(m: &GaugeVec, label: Option<&str>) -> prometheus::Result<Gauge> {
+    m.get_metric_with_label_values(&label.into_iter().collect::<Vec<_>>())
+}
+
+/// The series of `m` for `label` (none: the one without labels).
+fn counter(m: &CounterVec, label: Option<&str>) -> prometheus::Result<Counter> {
+    m.get_metric_with_label_values(&label.into_iter().collect::<Vec<_>>())
 }
 
 /// One sample: name, help, type, and the value (none: not exported).
-type Metric = (&'static str, &'static str, &'static str, Option<f64>);
+type Metric = (&'static str, &'static str, Kind, Option<f64>);
 
 /// The branches rollbacks kept, and a switch left half done.
 fn branch_metrics(s: &Status) -> Vec<Metric> {
@@ -144,19 +214,19 @@ fn branch_metrics(s: &Status) -> Vec<Metric> {
         (
             "btm_branches",
             "Branches kept by rollbacks, apart from the active line.",
-            "gauge",
+            Kind::Gauge,
             Some(s.branch_count as f64),
         ),
         (
             "btm_branch_bytes",
             "Bytes the branches hold, where the file system tells.",
-            "gauge",
+            Kind::Gauge,
             s.branch_bytes.map(|b| b as f64),
         ),
         (
             "btm_switch_half_done",
             "1 while a rollback or undo is left half done.",
-            "gauge",
+            Kind::Gauge,
             Some(if s.half_done.is_some() { 1.0 } else { 0.0 }),
         ),
     ]
@@ -169,32 +239,32 @@ fn source_and_snapshot_metrics(s: &Status) -> Vec<Metric> {
         (
             "btm_last_height",
             "Last block height seen from the source.",
-            "gauge",
+            Kind::Gauge,
             s.last_height.map(|h| h as f64),
         ),
         (
             "btm_source_lag_seconds",
             "Seconds since the source last gave a height.",
-            "gauge",
+            Kind::Gauge,
             s.last_height_at
                 .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0),
         ),
         (
             "btm_last_snapshot_height",
             "Height of the last snapshot taken.",
-            "gauge",
+            Kind::Gauge,
             last.map(|l| l.height as f64),
         ),
         (
             "btm_last_snapshot_timestamp_seconds",
             "Unix time of the last snapshot taken.",
-            "gauge",
+            Kind::Gauge,
             last.map(|l| l.at.timestamp() as f64),
         ),
         (
             "btm_last_snapshot_duration_seconds",
             "Duration of the last snapshot, with hooks and pruning.",
-            "gauge",
+            Kind::Gauge,
             last.map(|l| secs(l.duration_ms)),
         ),
     ]
@@ -208,67 +278,67 @@ fn volume_metrics(s: &Status) -> Vec<Metric> {
         (
             "btm_snapshots",
             "btm snapshots on the volume.",
-            "gauge",
+            Kind::Gauge,
             Some(s.snapshot_count as f64),
         ),
         (
             "btm_snapshots_protected",
             "Protected snapshots on the volume (outside retention).",
-            "gauge",
+            Kind::Gauge,
             Some(s.protected_count as f64),
         ),
         (
             "btm_snapshot_cap",
             "Most snapshots retention keeps, protected ones aside.",
-            "gauge",
+            Kind::Gauge,
             Some(s.cap as f64),
         ),
         (
             "btm_snapshot_interval_blocks",
             "Blocks between snapshots (itv).",
-            "gauge",
+            Kind::Gauge,
             Some(s.itv as f64),
         ),
         (
             "btm_snapshots_taken_total",
             "Snapshots taken since start.",
-            "counter",
+            Kind::Counter,
             Some(c.snapshots as f64),
         ),
         (
             "btm_snapshot_duration_seconds_sum",
             "Total time spent taking snapshots.",
-            "counter",
+            Kind::Counter,
             Some(secs(c.snapshot_ms_total)),
         ),
         (
             "btm_prune_duration_seconds_sum",
             "Total time spent pruning.",
-            "counter",
+            Kind::Counter,
             Some(secs(c.prune_ms_total)),
         ),
         (
             "btm_prunes_total",
             "Prune runs since start.",
-            "counter",
+            Kind::Counter,
             Some(c.prunes as f64),
         ),
         (
             "btm_volume_stalled",
             "1 while the volume's zfs or btrfs commands time out (a suspended pool, a frozen filesystem).",
-            "gauge",
+            Kind::Gauge,
             Some(if s.volume_stalled_since.is_some() { 1.0 } else { 0.0 }),
         ),
         (
             "btm_height_mismatches_total",
             "Snapshots found to hold another height than their label.",
-            "counter",
+            Kind::Counter,
             Some(c.height_mismatches as f64),
         ),
         (
             "btm_height_mismatch_blocks",
             "How far the latest mismatched snapshot's state is below its label (negative: above); 0 when none stands.",
-            "gauge",
+            Kind::Gauge,
             Some(
                 s.height_mismatch
                     .as_ref()
@@ -285,37 +355,37 @@ fn export_metrics(s: &Status) -> Vec<Metric> {
         (
             "btm_last_export_height",
             "Height of the last successful export.",
-            "gauge",
+            Kind::Gauge,
             le.map(|l| l.height as f64),
         ),
         (
             "btm_last_export_timestamp_seconds",
             "Unix time of the last successful export.",
-            "gauge",
+            Kind::Gauge,
             le.map(|l| l.at.timestamp() as f64),
         ),
         (
             "btm_last_export_duration_seconds",
             "Duration of the last successful export.",
-            "gauge",
+            Kind::Gauge,
             le.map(|l| l.duration_ms as f64 / 1000.0),
         ),
         (
             "btm_last_export_read_bytes",
             "Bytes read by the last successful export.",
-            "gauge",
+            Kind::Gauge,
             le.map(|l| l.bytes_read as f64),
         ),
         (
             "btm_last_export_uploaded_bytes",
             "Bytes uploaded by the last successful export.",
-            "gauge",
+            Kind::Gauge,
             le.map(|l| l.bytes_uploaded as f64),
         ),
         (
             "btm_export_running",
             "1 while an export runs.",
-            "gauge",
+            Kind::Gauge,
             s.export_store
                 .as_ref()
                 .map(|_| f64::from(u8::from(running.is_some()))),
@@ -323,19 +393,19 @@ fn export_metrics(s: &Status) -> Vec<Metric> {
         (
             "btm_export_progress_read_bytes",
             "Bytes read so far by the running export.",
-            "gauge",
+            Kind::Gauge,
             running.map(|r| r.bytes_read as f64),
         ),
         (
             "btm_export_progress_total_bytes",
             "Bytes the running export plans to read.",
-            "gauge",
+            Kind::Gauge,
             running.map(|r| r.bytes_total as f64),
         ),
         (
             "btm_export_progress_uploaded_bytes",
             "Bytes uploaded so far by the running export.",
-            "gauge",
+            Kind::Gauge,
             running.map(|r| r.bytes_uploaded as f64),
         ),
     ]
@@ -348,19 +418,19 @@ fn export_count_metrics(s: &Status) -> Vec<Metric> {
         (
             "btm_exports_total",
             "Exports finished since start.",
-            "counter",
+            Kind::Counter,
             Some(c.exports as f64),
         ),
         (
             "btm_export_every_blocks",
             "Blocks between exports.",
-            "gauge",
+            Kind::Gauge,
             s.export_every.map(|e| e as f64),
         ),
         (
             "btm_exports_skipped_total",
             "Due exports skipped because one was still running.",
-            "counter",
+            Kind::Counter,
             Some(c.exports_skipped as f64),
         ),
     ]
