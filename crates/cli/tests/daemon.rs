@@ -532,7 +532,10 @@ fn metrics_endpoint() {
     let checked = check.wait_with_output().expect("promtool");
     let said = String::from_utf8_lossy(&checked.stderr).into_owned()
         + &String::from_utf8_lossy(&checked.stdout);
-    let kept = ["btm_snapshot_duration_seconds_sum ", "btm_prune_duration_seconds_sum "];
+    let kept = [
+        "btm_snapshot_duration_seconds_sum ",
+        "btm_prune_duration_seconds_sum ",
+    ];
     for line in said.lines().filter(|l| !l.trim().is_empty()) {
         assert!(
             kept.iter().any(|k| line.starts_with(k)) && line.contains("suffix"),

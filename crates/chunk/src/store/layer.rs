@@ -4,14 +4,15 @@
 //! through a signed catalog, injecting faults in tests) changes a few
 //! calls and passes the rest through. It implements [`Layer`]: it names
 //! its inner store, overrides what it changes, and may see every request
-//! before it goes ([`Layer::before`]). Every `Layer` is a [`Store`].
+//! before it goes ([`Layer::before`]) or around it ([`Layer::around`],
+//! to time it). Every `Layer` is a [`Store`].
 
 use std::sync::Arc;
 
 use super::{Bytes, Id, Kind, Marker, Request, RetryPolicy, Store, StoreError};
 
 /// A store that passes what it does not override to [`Layer::inner`].
-pub trait Layer: Send + Sync {
+pub trait Layer: Send + Sync + Sized {
     /// The store underneath.
     fn inner(&self) -> &dyn Store;
 
@@ -21,19 +22,28 @@ pub trait Layer: Send + Sync {
         Ok(())
     }
 
+    /// Makes every request passed through (`call`): [`Layer::before`],
+    /// then the call. A layer that must see a request end overrides this.
+    fn around<T>(
+        &self,
+        request: Request,
+        call: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.before(request)?;
+        call()
+    }
+
     /// See [`Store::describe`].
     fn describe(&self) -> String {
         self.inner().describe()
     }
     /// See [`Store::put`].
     fn put(&self, kind: Kind, id: &Id, data: Bytes) -> Result<(), StoreError> {
-        self.before(Request::Put(kind))?;
-        self.inner().put(kind, id, data)
+        self.around(Request::Put(kind), || self.inner().put(kind, id, data))
     }
     /// See [`Store::get`].
     fn get(&self, kind: Kind, id: &Id) -> Result<Bytes, StoreError> {
-        self.before(Request::Get(kind))?;
-        self.inner().get(kind, id)
+        self.around(Request::Get(kind), || self.inner().get(kind, id))
     }
     /// See [`Store::get_range`]: through [`Layer::get_range_into`], as the
     /// store's own default.
@@ -51,28 +61,25 @@ pub trait Layer: Send + Sync {
         len: u64,
         buf: &mut Vec<u8>,
     ) -> Result<(), StoreError> {
-        self.before(Request::Get(kind))?;
-        self.inner().get_range_into(kind, id, offset, len, buf)
+        self.around(Request::Get(kind), || {
+            self.inner().get_range_into(kind, id, offset, len, buf)
+        })
     }
     /// See [`Store::size`].
     fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError> {
-        self.before(Request::Get(kind))?;
-        self.inner().size(kind, id)
+        self.around(Request::Get(kind), || self.inner().size(kind, id))
     }
     /// See [`Store::list`].
     fn list(&self, kind: Kind) -> Result<Vec<(Id, u64)>, StoreError> {
-        self.before(Request::List(kind))?;
-        self.inner().list(kind)
+        self.around(Request::List(kind), || self.inner().list(kind))
     }
     /// See [`Store::delete`].
     fn delete(&self, kind: Kind, id: &Id) -> Result<(), StoreError> {
-        self.before(Request::Delete)?;
-        self.inner().delete(kind, id)
+        self.around(Request::Delete, || self.inner().delete(kind, id))
     }
     /// See [`Store::create_index`].
     fn create_index(&self, name: &str, data: &[u8]) -> Result<bool, StoreError> {
-        self.before(Request::PutIndex)?;
-        self.inner().create_index(name, data)
+        self.around(Request::PutIndex, || self.inner().create_index(name, data))
     }
     /// See [`Store::put_index`]: through this layer's
     /// [`Layer::create_index`] and [`Layer::get_index`], as the store's
@@ -85,38 +92,31 @@ pub trait Layer: Send + Sync {
     }
     /// See [`Store::get_index`].
     fn get_index(&self, name: &str) -> Result<Vec<u8>, StoreError> {
-        self.before(Request::GetIndex)?;
-        self.inner().get_index(name)
+        self.around(Request::GetIndex, || self.inner().get_index(name))
     }
     /// See [`Store::list_indexes`].
     fn list_indexes(&self) -> Result<Vec<String>, StoreError> {
-        self.before(Request::GetIndex)?;
-        self.inner().list_indexes()
+        self.around(Request::GetIndex, || self.inner().list_indexes())
     }
     /// See [`Store::delete_index`].
     fn delete_index(&self, name: &str) -> Result<(), StoreError> {
-        self.before(Request::Delete)?;
-        self.inner().delete_index(name)
+        self.around(Request::Delete, || self.inner().delete_index(name))
     }
     /// See [`Store::put_marker`].
     fn put_marker(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
-        self.before(Request::PutMarker)?;
-        self.inner().put_marker(name, data)
+        self.around(Request::PutMarker, || self.inner().put_marker(name, data))
     }
     /// See [`Store::get_marker`].
     fn get_marker(&self, name: &str) -> Result<Vec<u8>, StoreError> {
-        self.before(Request::GetMarker)?;
-        self.inner().get_marker(name)
+        self.around(Request::GetMarker, || self.inner().get_marker(name))
     }
     /// See [`Store::list_markers`].
     fn list_markers(&self, dir: &str) -> Result<Vec<Marker>, StoreError> {
-        self.before(Request::GetMarker)?;
-        self.inner().list_markers(dir)
+        self.around(Request::GetMarker, || self.inner().list_markers(dir))
     }
     /// See [`Store::delete_marker`].
     fn delete_marker(&self, name: &str) -> Result<(), StoreError> {
-        self.before(Request::Delete)?;
-        self.inner().delete_marker(name)
+        self.around(Request::Delete, || self.inner().delete_marker(name))
     }
     /// See [`Store::local_root`].
     fn local_root(&self) -> Option<&std::path::Path> {
