@@ -158,19 +158,9 @@ impl ZfsVolume {
         // Lines that share history with this one through its snapshots
         // take that history over first, so destroying it takes nothing
         // from them.
-        let out = zfs(&[
-            "list",
-            "-H",
-            "-o",
-            "name,origin",
-            "-t",
-            "filesystem",
-            "-r",
-            self.pool(),
-        ])?;
         let origin_prefix = format!("{b}@");
-        for (dep, origin) in out.lines().filter_map(|l| l.split_once('\t')) {
-            if !origin.trim().starts_with(&origin_prefix) {
+        for (dep, origin) in super::origins(&["-r", self.pool()])? {
+            if !origin.starts_with(&origin_prefix) {
                 continue;
             }
             let ours =
@@ -179,12 +169,11 @@ impl ZfsVolume {
                 return Err(Error::Unbranchable {
                     volume: self.dataset.clone(),
                     detail: format!(
-                        "branch '{name}' cannot be dropped while {dep} (not a branch) is a clone of its snapshot {}",
-                        origin.trim()
+                        "branch '{name}' cannot be dropped while {dep} (not a branch) is a clone of its snapshot {origin}"
                     ),
                 });
             }
-            zfs(&["promote", dep])?;
+            zfs(&["promote", &dep])?;
         }
         zfs(&["destroy", "-r", &b])?;
         Ok(())

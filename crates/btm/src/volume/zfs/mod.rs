@@ -286,17 +286,15 @@ impl ZfsVolume {
 /// The filesystems directly below `parent`, with their origins (`-` for
 /// a dataset that is not a clone).
 fn origins_below(parent: &str) -> Result<Vec<(String, String)>, Error> {
-    let out = zfs(&[
-        "list",
-        "-H",
-        "-o",
-        "name,origin",
-        "-t",
-        "filesystem",
-        "-d",
-        "1",
-        parent,
-    ])?;
+    origins(&["-d", "1", parent])
+}
+
+/// The filesystems `scope` names (`-d 1 PARENT`, `-r POOL`), each with
+/// its origin (`-` for a dataset that is not a clone).
+pub(super) fn origins(scope: &[&str]) -> Result<Vec<(String, String)>, Error> {
+    let mut args = vec!["list", "-H", "-o", "name,origin", "-t", "filesystem"];
+    args.extend_from_slice(scope);
+    let out = zfs(&args)?;
     Ok(out
         .lines()
         .filter_map(|l| l.split_once('\t'))
