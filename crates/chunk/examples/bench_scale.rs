@@ -15,42 +15,18 @@
 //! runs against the same store. The synthetic packs do not exist: only their
 //! index entries do, which is all the steps measured here read.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::Instant;
 
 use btm_chunk::format::pack::Blob;
 use btm_chunk::format::packidx::{self, PackEntry};
 use btm_chunk::map::{ChunkMap, KnownSet};
-use btm_chunk::store::{Bytes, Id, Kind, Layer, Request, Store, StoreError};
+use btm_chunk::store::{Bytes, Counting, Id, Kind, Store};
 
 /// Chunks per synthetic pack: 16 MiB packs of 1 MiB chunks.
 const PER_PACK: u64 = 16;
 /// Packs per pack index, as a backup writes them.
 const PACKS_PER_INDEX: u64 = 64;
-
-/// Counts the requests made through it, by request and kind (the
-/// library's `Counting` counts them all together).
-struct Counting<'a> {
-    inner: &'a dyn Store,
-    calls: Mutex<BTreeMap<String, u64>>,
-}
-
-impl Layer for Counting<'_> {
-    fn inner(&self) -> &dyn Store {
-        self.inner
-    }
-
-    fn before(&self, request: Request) -> Result<(), StoreError> {
-        *self
-            .calls
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(format!("{request:?}"))
-            .or_default() += 1;
-        Ok(())
-    }
-}
 
 fn fill(store: &dyn Store, chunks: u64) -> Result<(), String> {
     let packs = chunks.div_ceil(PER_PACK);
@@ -99,10 +75,7 @@ fn run() -> Result<(), String> {
         .parse()
         .and_then(|l| btm_chunk::store::open(&l, btm_chunk::store::Open::Write))
         .map_err(|e| e.to_string())?;
-    let counting = Counting {
-        inner: store.as_ref(),
-        calls: Mutex::new(BTreeMap::new()),
-    };
+    let counting = Counting::new(Arc::clone(&store));
     let t = Instant::now();
     match step {
         "fill" => {
@@ -127,12 +100,7 @@ fn run() -> Result<(), String> {
         other => return Err(format!("unknown step {other:?}")),
     }
     println!("  time: {:.2} s", t.elapsed().as_secs_f64());
-    for (what, n) in counting
-        .calls
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-    {
+    for (what, n) in counting.by_request() {
         println!("  requests: {what}: {n}");
     }
     Ok(())

@@ -1,9 +1,11 @@
 //! A store that counts the requests made through it: how a command
 //! reports what one of its steps cost (`btm backup --publish` reports the
-//! requests publishing added, which `scripts/bench-public.sh` prints).
+//! requests publishing added, which `scripts/bench-public.sh` prints), and
+//! what a benchmark reports by request (`examples/bench_scale.rs`).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::{Layer, Request, Store, StoreError};
 
@@ -12,6 +14,7 @@ use super::{Layer, Request, Store, StoreError};
 pub struct Counting {
     inner: Arc<dyn Store>,
     requests: AtomicU64,
+    by_request: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Counting {
@@ -20,12 +23,20 @@ impl Counting {
         Counting {
             inner,
             requests: AtomicU64::new(0),
+            by_request: Mutex::new(BTreeMap::new()),
         }
     }
 
     /// Requests so far.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests so far by what they were (`Get(Pack)`, `PutIndex`, …),
+    /// in name order.
+    pub fn by_request(&self) -> Vec<(String, u64)> {
+        let counts = self.by_request.lock().unwrap_or_else(|p| p.into_inner());
+        counts.iter().map(|(r, n)| (r.clone(), *n)).collect()
     }
 }
 
@@ -34,8 +45,14 @@ impl Layer for Counting {
         self.inner.as_ref()
     }
 
-    fn before(&self, _request: Request) -> Result<(), StoreError> {
+    fn before(&self, request: Request) -> Result<(), StoreError> {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        *self
+            .by_request
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(format!("{request:?}"))
+            .or_default() += 1;
         Ok(())
     }
 }
