@@ -62,12 +62,6 @@ impl Repo {
         self.store.as_ref()
     }
 
-    /// The store, shared: for what outlives this handle's borrow (a live
-    /// restore's server threads).
-    pub fn shared_store(&self) -> Arc<dyn Store> {
-        Arc::clone(&self.store)
-    }
-
     /// The metadata cache, if any.
     pub fn cache(&self) -> Option<&Cache> {
         self.cache.as_ref()

@@ -222,7 +222,7 @@ pub fn export(
 
     let meta = export_meta(ops, height, s.chain.as_ref(), &mut report);
     let opts = backup_options(s, meta, progress);
-    let repo = repo_of(Arc::clone(&store), s);
+    let repo = repo_of(store, s);
     let summary = back_up_snapshot(ops, &repo, s, height, parent.as_ref(), opts, &mut report);
     report.backup = Some(summary?);
     maintain_and_publish(&repo, s, publishing.as_deref(), &mut report);

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use super::{Layer, Request, Store, StoreError};
 
-/// `inner`, counting every call (one call is one request to a remote
-/// store, retries aside).
+/// `inner`, counting every call made through it (one call is one request
+/// to a remote store; callers retry above it, so each attempt counts).
 pub struct Counting {
     inner: Arc<dyn Store>,
     requests: AtomicU64,
