@@ -182,7 +182,18 @@ pub fn latest(
     tag: &str,
     max_height: Option<u64>,
 ) -> Result<Option<(String, Decoded)>, ChunkError> {
-    newest_readable(store, list_backups(store, Some(tag))?, max_height)
+    latest_where(store, tag, max_height, |_| true)
+}
+
+/// [`latest`] among the backups `keep` accepts (`latest --chain`: those
+/// of one chain).
+pub fn latest_where(
+    store: &dyn Store,
+    tag: &str,
+    max_height: Option<u64>,
+    keep: impl Fn(&Decoded) -> bool,
+) -> Result<Option<(String, Decoded)>, ChunkError> {
+    newest_where(store, list_backups(store, Some(tag))?, max_height, keep)
 }
 
 /// [`latest`] among `names`, a listing already made (newest first). A
@@ -191,6 +202,16 @@ pub fn newest_readable(
     store: &dyn Store,
     names: Vec<IndexName>,
     max_height: Option<u64>,
+) -> Result<Option<(String, Decoded)>, ChunkError> {
+    newest_where(store, names, max_height, |_| true)
+}
+
+/// [`newest_readable`] among the backups `keep` accepts.
+fn newest_where(
+    store: &dyn Store,
+    names: Vec<IndexName>,
+    max_height: Option<u64>,
+    keep: impl Fn(&Decoded) -> bool,
 ) -> Result<Option<(String, Decoded)>, ChunkError> {
     for name in names {
         let name = name.to_string();
@@ -205,6 +226,7 @@ pub fn newest_readable(
         };
         match max_height {
             Some(h) if idx.height().is_none_or(|ih| ih > h) => continue,
+            _ if !keep(&idx) => continue,
             _ => return Ok(Some((name, idx))),
         }
     }

@@ -1081,3 +1081,82 @@ fn restore_delete_never_follows_a_directory_swapped_for_a_symlink() {
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// A restore never lays one chain over another. A directory restored from
+/// a backup of chain A, or a CometBFT home whose genesis.json says A,
+/// refuses a backup of chain B with one line, and nothing in it changes;
+/// `--allow-other-chain` restores anyway, and the record follows. `latest
+/// --chain` picks among the backups of one tag by chain.
+#[test]
+fn a_restore_refuses_to_lay_one_chain_over_another() {
+    let t = Tree::new();
+    let other = t.p("other");
+    fs::create_dir_all(&other).expect("mkdir");
+    fs::write(other.join("state"), random(100_000, 77)).expect("w");
+    let (src, oth) = (t.src(), other.display().to_string());
+    let src = src.to_str().expect("utf8");
+    t.btm(&["backup", src, "-t", "a", "--chain", "net-a"]).ok();
+    t.btm(&["backup", &oth, "-t", "b", "--chain", "net-b"]).ok();
+    let dst = t.p("dst");
+    let d = dst.to_str().expect("utf8");
+    t.btm(&["restore", "-t", "a", d]).ok();
+    assert_same_tree(&t.src(), &dst);
+
+    let e = t.btm(&["restore", "-t", "b", d]).fails(1);
+    for want in [
+        "refusing to restore",
+        "(chain net-b)",
+        "holds chain net-a",
+        "restored from",
+        "chain id differs",
+        "nothing was written",
+    ] {
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    assert_same_tree(&t.src(), &dst);
+    let e = t.btm(&["restore", "-t", "b", d, "--delete"]).fails(1);
+    assert!(e.contains("refusing"), "{e}");
+    assert_same_tree(&t.src(), &dst);
+
+    t.btm(&["restore", "-t", "b", d, "--delete", "--allow-other-chain"])
+        .ok();
+    assert_same_tree(&other, &dst);
+    let e = t.btm(&["restore", "-t", "a", d]).fails(1);
+    assert!(e.contains("holds chain net-b"), "{e}");
+
+    // A CometBFT home says its chain in its genesis.json.
+    let home = t.p("home");
+    fs::create_dir_all(home.join("config")).expect("mkdir");
+    fs::write(
+        home.join("config/genesis.json"),
+        r#"{"genesis_time":"2024-01-01T00:00:00Z","chain_id":"net-a","app_state":{}}"#,
+    )
+    .expect("genesis");
+    let h = home.to_str().expect("utf8");
+    let e = t.btm(&["restore", "-t", "b", h]).fails(1);
+    assert!(
+        e.contains("genesis.json") && e.contains("holds chain net-a"),
+        "{e}"
+    );
+    assert!(!home.join("state").exists());
+
+    // latest --chain, among the backups of one tag.
+    t.btm(&["backup", src, "-t", "mixed", "--chain", "net-a"])
+        .ok();
+    t.btm(&["backup", &oth, "-t", "mixed", "--chain", "net-b"])
+        .ok();
+    let pick = t.p("pick");
+    let p = pick.to_str().expect("utf8");
+    t.btm(&["restore", "-t", "mixed", "--chain", "net-a", p])
+        .ok();
+    assert_same_tree(&t.src(), &pick);
+    let e = t
+        .btm(&["restore", "-t", "mixed", "--chain", "net-z", p])
+        .fails(1);
+    assert!(
+        e.contains("no backup with tag 'mixed' of chain net-z"),
+        "{e}"
+    );
+    let e = t.btm(&["backup", src, "--chain", "two words"]).fails(2);
+    assert!(e.contains("chain id"), "{e}");
+}

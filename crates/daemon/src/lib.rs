@@ -25,6 +25,7 @@
 //! snapshot to a chunk store). It sits above `btm-chunk` and the `btm`
 //! library, which know nothing of it.
 
+pub mod chain;
 mod control;
 pub mod export;
 mod export_scheduler;

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use regex::bytes::Regex;
 
@@ -24,6 +24,16 @@ fn parse_meta(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, Str
     }
 }
 
+/// A chain id given by hand: printable, no spaces, at most 100 bytes.
+fn parse_chain(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty() && s.len() <= 100 && s.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("a chain id is 1 to 100 printable characters without spaces, like cosmoshub-4".into())
+    }
+}
+
 /// Arguments of `btm backup`.
 #[derive(Debug, Args)]
 pub struct BackupArgs {
@@ -37,6 +47,11 @@ pub struct BackupArgs {
     /// Metadata, a JSON object stored in the index (e.g. '{"height":120}')
     #[arg(short = 'm', long = "meta", value_name = "JSON", value_parser = parse_meta)]
     meta: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The chain the directory holds (its chain id, e.g. `cosmoshub-4`),
+    /// recorded as `chain_id` in the metadata: a restore then never lays
+    /// it over a node of another chain, and `latest --chain` finds it
+    #[arg(long, value_name = "ID", value_parser = parse_chain)]
+    chain: Option<String>,
     /// Only back up paths matching this regular expression
     #[arg(long, value_parser = parse_regex)]
     filter: Option<Regex>,
@@ -85,6 +100,16 @@ pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
     let store = args.store.open()?;
     let mut opts = BackupOptions::new(&args.tag, btm_daemon::node_policy());
     opts.meta = args.meta.unwrap_or_default();
+    if let Some(id) = args.chain {
+        if opts
+            .meta
+            .get("chain_id")
+            .is_some_and(|v| v.as_str() != Some(&id))
+        {
+            bail!("--chain {id} and the chain_id in --meta disagree; give one");
+        }
+        opts.meta.insert("chain_id".into(), id.into());
+    }
     opts.filter = args.filter;
     opts.append_only = args.append_only;
     opts.exclude = args

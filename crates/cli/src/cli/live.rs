@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use btm_live::control::{self, FinishLine};
 use btm_live::LiveOptions;
 
-use super::store::{find_backup, StoreArgs};
+use super::store::{find_backup_of, StoreArgs};
 use super::{human_bytes, print_json};
 
 /// What `restore --live` needs from `restore`'s arguments.
@@ -22,6 +22,7 @@ pub(super) struct LiveRestore<'a> {
     pub(super) store: &'a StoreArgs,
     pub(super) tag: &'a str,
     pub(super) height: Option<u64>,
+    pub(super) chain: Option<&'a str>,
     pub(super) read_timeout: Duration,
     pub(super) passthrough: bool,
 }
@@ -35,12 +36,12 @@ pub(super) fn restore_live(r: LiveRestore<'_>) -> Result<()> {
         Some(b) if r.wanted == "latest" => b.to_owned(),
         _ => r.wanted,
     };
-    let height = if target.unfinished().is_some() {
-        None
+    let (height, chain) = if target.unfinished().is_some() {
+        (None, None)
     } else {
-        r.height
+        (r.height, r.chain)
     };
-    let (name, index) = find_backup(store.as_ref(), &wanted, r.tag, height)?;
+    let (name, index) = find_backup_of(store.as_ref(), &wanted, r.tag, height, chain)?;
     let repo = r.store.repo(&store);
     let opts = LiveOptions {
         read_timeout: r.read_timeout,

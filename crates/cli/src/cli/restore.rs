@@ -12,7 +12,9 @@ use regex::bytes::Regex;
 use btm_chunk::restore::RestoreOptions;
 
 use super::progress::Reporter;
-use super::store::{find_backup, parse_regex, workers, StoreArgs};
+use btm_daemon::chain::{self, Chain};
+
+use super::store::{find_backup_of, parse_regex, workers, StoreArgs};
 use super::{human_bytes, print_json};
 
 /// Arguments of `btm restore`.
@@ -31,6 +33,15 @@ pub struct RestoreArgs {
     /// With `latest`: the newest backup whose metadata height is at most H
     #[arg(long, value_name = "H")]
     height: Option<u64>,
+    /// With `latest`: the newest backup of this chain (the chain id or
+    /// genesis hash its metadata records)
+    #[arg(long, value_name = "ID")]
+    chain: Option<String>,
+    /// Restore even into a directory known to hold another chain than the
+    /// backup's (by btm's record of the last restore into it, or its
+    /// CometBFT genesis.json)
+    #[arg(long)]
+    allow_other_chain: bool,
     /// Only restore paths matching this regular expression
     #[arg(long, value_parser = parse_regex)]
     filter: Option<Regex>,
@@ -87,12 +98,24 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
             store: &args.store,
             tag: &args.tag,
             height: args.height,
+            chain: args.chain.as_deref(),
             read_timeout: args.read_timeout,
             passthrough: !args.no_passthrough,
         });
     }
     let store = args.store.open_reader()?;
-    let (name, idx) = find_backup(store.as_ref(), &wanted, &args.tag, args.height)?;
+    let (name, idx) = find_backup_of(
+        store.as_ref(),
+        &wanted,
+        &args.tag,
+        args.height,
+        args.chain.as_deref(),
+    )?;
+    let records = chain::records_dir();
+    let backup_chain = Chain::of_meta(idx.meta());
+    if !args.allow_other_chain {
+        refuse_other_chain(&name, backup_chain.as_ref(), &dir, records.as_deref())?;
+    }
     let opts = RestoreOptions {
         filter: args.filter,
         delete: args.delete,
@@ -114,6 +137,17 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
             )
         })?,
     };
+    // What the directory now holds, for the next restore into it.
+    if let Some(records) = &records {
+        let holds = backup_chain.unwrap_or_default();
+        if let Err(e) = chain::record(records, &dir, &name, &holds) {
+            eprintln!(
+                "warning: cannot record which chain {} holds in {}: {e}",
+                dir.display(),
+                records.display()
+            );
+        }
+    }
     if args.json {
         return print_json(
             out,
@@ -121,6 +155,32 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
         );
     }
     print_summary(out, &name, &summary)
+}
+
+/// Refuse to restore backup `name` of `theirs` into `dir` when `dir` is
+/// known to hold another chain; nothing is written then.
+fn refuse_other_chain(
+    name: &str,
+    theirs: Option<&Chain>,
+    dir: &std::path::Path,
+    records: Option<&std::path::Path>,
+) -> Result<()> {
+    let Some(theirs) = theirs else {
+        return Ok(());
+    };
+    let Some((ours, known)) = chain::of_directory(dir, records) else {
+        return Ok(());
+    };
+    if let Some(d) = ours.differs(theirs) {
+        bail!(
+            "refusing to restore {name} ({}) into {}, which holds {} ({known}): the {} differs; nothing was written (--allow-other-chain restores it anyway)",
+            theirs.describe(),
+            dir.display(),
+            ours.describe(),
+            d.field
+        );
+    }
+    Ok(())
 }
 
 /// What a restore did, for a person.

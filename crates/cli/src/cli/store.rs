@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use btm_daemon::chain::Chain;
 use clap::Args;
 use regex::bytes::Regex;
 
@@ -234,17 +235,33 @@ pub(super) fn find_backup(
     tag: &str,
     height: Option<u64>,
 ) -> Result<(String, btm_chunk::format::head::Decoded)> {
+    find_backup_of(store, wanted, tag, height, None)
+}
+
+/// [`find_backup`], with `latest` only among the backups of `chain` (a
+/// chain id or genesis hash their metadata records).
+pub(super) fn find_backup_of(
+    store: &dyn Store,
+    wanted: &str,
+    tag: &str,
+    height: Option<u64>,
+    chain: Option<&str>,
+) -> Result<(String, btm_chunk::format::head::Decoded)> {
     if wanted == "latest" {
-        return inventory::latest(store, tag, height)?.ok_or_else(|| {
+        let of_chain = |idx: &btm_chunk::format::head::Decoded| {
+            chain.is_none_or(|c| Chain::of_meta(idx.meta()).is_some_and(|k| k.is(c)))
+        };
+        return inventory::latest_where(store, tag, height, of_chain)?.ok_or_else(|| {
             anyhow::anyhow!(
-                "no backup with tag '{tag}'{} in {}",
+                "no backup with tag '{tag}'{}{} in {}",
+                chain.map_or(String::new(), |c| format!(" of chain {c}")),
                 height.map_or(String::new(), |h| format!(" at height {h} or below")),
                 store.describe()
             )
         });
     }
-    if height.is_some() {
-        bail!("--height only applies to `latest`");
+    if height.is_some() || chain.is_some() {
+        bail!("--height and --chain only apply to `latest`");
     }
     Ok((wanted.to_owned(), inventory::read_index(store, wanted)?))
 }
