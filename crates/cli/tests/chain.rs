@@ -342,6 +342,12 @@ fn a_destroyed_node_is_rebuilt_from_the_store(fx: &impl Fixture) {
     // RPC); the product itself proves the rebuilt node is on that chain.
     assert_eq!(meta["chain"]["kind"], "ethereum", "{meta}");
     assert_eq!(meta["chain"]["block_hash"], hashes[h as usize].as_str());
+    // What chain and client: ganache's default chain id, its block 0, and
+    // its own name for itself.
+    assert_eq!(meta["chain"]["chain_id"], "1337", "{meta}");
+    assert_eq!(meta["chain"]["genesis_hash"], hashes[0].as_str(), "{meta}");
+    let client = meta["chain"]["client"].as_str().unwrap_or_default();
+    assert!(client.to_lowercase().contains("ganache"), "{meta}");
     let verify = |url: &str| {
         common::btm_env(
             fx.scratch(),
@@ -373,7 +379,7 @@ fn a_destroyed_node_is_rebuilt_from_the_store(fx: &impl Fixture) {
     }
     let e = verify(&other.url()).fails(1);
     assert!(
-        e.contains("NOT verified") && e.contains("block hash"),
+        e.contains("NOT verified") && e.contains("block hash") && e.contains("genesis hash"),
         "{e}"
     );
     other.stop();

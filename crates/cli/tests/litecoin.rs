@@ -270,7 +270,7 @@ fn litecoind_on_btrfs_rolls_back_and_rebuilds_at_its_labels() {
     for s in list["snapshots"].as_array().expect("snapshots") {
         assert_eq!(s["durable_height"], s["height"], "{s}");
     }
-    let original: Vec<(u64, String)> = [200, 250, 300]
+    let original: Vec<(u64, String)> = [0, 200, 250, 300]
         .into_iter()
         .map(|h| (h, node.hash(h)))
         .collect();
@@ -316,6 +316,10 @@ fn litecoind_on_btrfs_rolls_back_and_rebuilds_at_its_labels() {
         assert_eq!(meta["chain"]["kind"], "bitcoin", "{meta}");
         assert_eq!(meta["chain"]["chain_id"], "regtest", "{meta}");
         assert_eq!(meta["chain"]["block_hash"], hash_of(h).as_str(), "{meta}");
+        assert_eq!(meta["chain"]["genesis_hash"], hash_of(0).as_str(), "{meta}");
+        assert_eq!(meta["chain"]["pruned"], false, "{meta}");
+        let client = meta["chain"]["client"].as_str().unwrap_or_default();
+        assert!(client.contains("LitecoinCore"), "{meta}");
     }
 
     // The wallet stayed home: left out by the secrets rules, nothing of it
@@ -378,6 +382,25 @@ fn litecoind_on_btrfs_rolls_back_and_rebuilds_at_its_labels() {
     assert!(ok.starts_with("verified: "), "{ok}");
     assert!(ok.contains("chain regtest"), "{ok}");
     node.stop();
+
+    // The rebuilt directory is known to hold regtest: a backup of another
+    // chain is refused over it, and nothing of it is written.
+    let mainnet = fx.scratch().join("mainnet");
+    std::fs::create_dir_all(mainnet.join("litecoin")).expect("mkdir");
+    std::fs::write(mainnet.join("litecoin/from-mainnet"), b"x").expect("w");
+    let m = mainnet.to_str().expect("utf8");
+    plain(
+        &fx,
+        &["backup", m, "-s", &store_s, "-t", "main", "--chain", "main"],
+    )
+    .ok();
+    let e = plain(
+        &fx,
+        &["restore", "latest", rebuilt_s, "-s", &store_s, "-t", "main"],
+    )
+    .fails(1);
+    assert!(e.contains("holds chain regtest, genesis"), "{e}");
+    assert!(!rebuilt.join("litecoin/from-mainnet").exists());
 
     // A node rebuilt from the older export is behind the latest one.
     let older = fx.scratch().join("older");

@@ -151,6 +151,13 @@ pub fn run(args: VerifyArgs, out: &mut dyn Write) -> Result<()> {
         )
     })?;
     let mismatches = identity::compare(&recorded, &found);
+    // Another client version can read the same chain: a warning, not a
+    // failure (an incompatible one shows as a node that will not start).
+    if let (Some(was), Some(now)) = (&recorded.client, &found.client) {
+        if was != now {
+            eprintln!("warning: the export was made from {was}; the node runs {now}");
+        }
+    }
     if args.json {
         print_json(
             out,

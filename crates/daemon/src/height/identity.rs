@@ -36,6 +36,19 @@ pub struct ChainIdentity {
     /// the genesis validators root (beacon).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chain_id: Option<String>,
+    /// The hash of the chain's block 0, where the node tells.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub genesis_hash: Option<String>,
+    /// The node's client and version, as it names them
+    /// (`Geth/v1.14.0-stable/linux-amd64/go1.22`, `/Satoshi:27.0.0/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// Whether the node prunes old blocks, where it tells.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruned: Option<bool>,
+    /// The lowest block a pruned node still has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune_height: Option<u64>,
 }
 
 impl ChainIdentity {
@@ -49,7 +62,23 @@ impl ChainIdentity {
         if let Some(c) = &self.chain_id {
             out.push_str(&format!(", chain {c}"));
         }
+        if let Some(c) = &self.client {
+            out.push_str(&format!(", client {c}"));
+        }
+        if self.pruned == Some(true) {
+            let from = self.prune_height.map(|h| format!(" from {h}"));
+            out.push_str(&format!(", pruned{}", from.unwrap_or_default()));
+        }
         out
+    }
+
+    /// The chain this identity names, for a restore's check
+    /// ([`crate::chain`]).
+    pub fn chain(&self) -> crate::chain::Chain {
+        crate::chain::Chain {
+            id: self.chain_id.clone(),
+            genesis: self.genesis_hash.clone(),
+        }
     }
 
     /// What the state hash is called in this dialect.
@@ -107,6 +136,9 @@ pub fn compare(recorded: &ChainIdentity, found: &ChainIdentity) -> Vec<Mismatch>
     }
     if let (Some(a), Some(b)) = (&recorded.chain_id, &found.chain_id) {
         field("chain id", a, b);
+    }
+    if let (Some(a), Some(b)) = (&recorded.genesis_hash, &found.genesis_hash) {
+        field("genesis hash", a, b);
     }
     field("block hash", &recorded.block_hash, &found.block_hash);
     if let (Some(a), Some(b)) = (&recorded.state_hash, &found.state_hash) {

@@ -49,7 +49,8 @@ impl NodeRpc {
     }
 
     /// Which block the node has at `height`. Blocking, bounded by the
-    /// timeout (per request; a dialect makes at most three).
+    /// timeout (per request; a dialect makes at most five, the last ones
+    /// only to describe the chain and the client).
     pub fn identity(&self, height: u64) -> Result<ChainIdentity, HeightError> {
         let http = self.client();
         let url = self.url.as_str();

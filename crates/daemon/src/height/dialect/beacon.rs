@@ -69,6 +69,10 @@ pub fn parse_identity(
     same_height(SRC, slot, decimal(SRC, "slot", message.get("slot"))?)?;
     Ok(ChainIdentity {
         kind: Dialect::Beacon,
+        genesis_hash: None,
+        client: None,
+        pruned: None,
+        prune_height: None,
         height: slot,
         block_hash: hex_hash(SRC, "root", str_at(data, &["root"]))?,
         state_hash: Some(hex_hash(

@@ -35,7 +35,13 @@ pub(in super::super) fn identity(
 ) -> Result<ChainIdentity, HeightError> {
     let hash = http.json_rpc(SRC, url, "getblockhash", json!([height]))?;
     let info = http.json_rpc(SRC, url, "getblockchaininfo", json!([]))?;
-    parse_identity(&hash, &info, height)
+    let mut id = parse_identity(&hash, &info, height)?;
+    let ask = |method: &str, params: Value| super::ask(http, SRC, url, method, params);
+    id.genesis_hash = ask("getblockhash", json!([0]))
+        .and_then(|v| hex_hash(SRC, "getblockhash result", v.as_str()).ok());
+    id.client =
+        ask("getnetworkinfo", json!([])).and_then(|v| super::client_name(v.get("subversion")?));
+    Ok(id)
 }
 
 /// Write the chainstate and block index to disk; the height written.
@@ -80,6 +86,10 @@ pub fn parse_identity(
         block_hash,
         state_hash: None,
         chain_id: Some(chain.to_owned()),
+        genesis_hash: None,
+        client: None,
+        pruned: info.get("pruned").and_then(Value::as_bool),
+        prune_height: info.get("pruneheight").and_then(Value::as_u64),
     })
 }
 
@@ -127,6 +137,10 @@ mod tests {
         let id = parse_identity(&hash, &info, 5).expect("parses");
         assert_eq!(id.chain_id.as_deref(), Some("regtest"));
         assert_eq!(id.state_hash, None);
+        assert_eq!((id.pruned, id.prune_height), (None, None));
+        let pruned = json!({"chain": "main", "pruned": true, "pruneheight": 800000});
+        let id = parse_identity(&hash, &pruned, 5).expect("parses");
+        assert_eq!((id.pruned, id.prune_height), (Some(true), Some(800_000)));
         assert!(
             parse_identity(&json!("abcd"), &info, 5).is_err(),
             "short hash"

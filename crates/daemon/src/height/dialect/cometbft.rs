@@ -68,6 +68,10 @@ pub fn parse_block(body: &str, height: u64) -> Result<ChainIdentity, HeightError
     }
     Ok(ChainIdentity {
         kind: Dialect::Cometbft,
+        genesis_hash: None,
+        client: None,
+        pruned: None,
+        prune_height: None,
         height,
         block_hash: hex_hash(SRC, "block_id.hash", str_at(r, &["block_id", "hash"]))?,
         state_hash: Some(hex_hash(

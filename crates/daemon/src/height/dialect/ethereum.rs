@@ -1,6 +1,8 @@
 //! Ethereum execution JSON-RPC (geth, reth, Erigon, Nethermind, Besu):
 //! `eth_blockNumber` for the tip, `eth_getBlockByNumber` for the block
-//! hash and state root. Quantities are `0x`-prefixed hex.
+//! hash and state root; what the chain and the node are (`eth_chainId`,
+//! block 0's hash, `web3_clientVersion`) where the node answers. Quantities
+//! are `0x`-prefixed hex.
 
 use btm::family::Dialect;
 use serde_json::{json, Value};
@@ -8,7 +10,7 @@ use serde_json::{json, Value};
 use super::super::http::Http;
 use super::super::identity::ChainIdentity;
 use super::super::{bad, HeightError};
-use super::{hex_hash, hex_quantity, same_height, str_at, Tip};
+use super::{client_name, hex_hash, hex_quantity, same_height, str_at, Tip};
 
 const SRC: &str = "ethereum";
 
@@ -28,7 +30,19 @@ pub(in super::super) fn identity(
         "eth_getBlockByNumber",
         json!([format!("0x{height:x}"), false]),
     )?;
-    parse_block(&v, height)
+    let mut id = parse_block(&v, height)?;
+    let ask = |method: &str, params: Value| super::ask(http, SRC, url, method, params);
+    id.chain_id = ask("eth_chainId", json!([])).and_then(|v| parse_chain_id(&v).ok());
+    id.genesis_hash = ask("eth_getBlockByNumber", json!(["0x0", false]))
+        .and_then(|v| parse_block(&v, 0).ok())
+        .map(|genesis| genesis.block_hash);
+    id.client = ask("web3_clientVersion", json!([])).and_then(|v| client_name(&v));
+    Ok(id)
+}
+
+/// The chain id in an `eth_chainId` result, in decimal (`1` for mainnet).
+pub fn parse_chain_id(result: &Value) -> Result<String, HeightError> {
+    Ok(hex_quantity(SRC, "eth_chainId result", result.as_str())?.to_string())
 }
 
 /// The tip in an `eth_blockNumber` result.
@@ -58,6 +72,10 @@ pub fn parse_block(block: &Value, height: u64) -> Result<ChainIdentity, HeightEr
         block_hash: hex_hash(SRC, "hash", str_at(block, &["hash"]))?,
         state_hash: Some(hex_hash(SRC, "stateRoot", str_at(block, &["stateRoot"]))?),
         chain_id: None,
+        genesis_hash: None,
+        client: None,
+        pruned: None,
+        prune_height: None,
     })
 }
 
@@ -102,6 +120,22 @@ pub(crate) mod tests {
             "garbage",
         ] {
             assert!(number(broken).is_err(), "{broken:?}");
+        }
+    }
+
+    #[test]
+    fn chain_and_client() {
+        assert_eq!(parse_chain_id(&json!("0x1")), Ok("1".to_owned()));
+        assert_eq!(parse_chain_id(&json!("0x539")), Ok("1337".to_owned()));
+        for broken in [json!("1"), json!(1), json!(null), json!("0x")] {
+            assert!(parse_chain_id(&broken).is_err(), "{broken}");
+        }
+        assert_eq!(
+            client_name(&json!("Geth/v1.14.0-stable/linux-amd64/go1.22.2")).as_deref(),
+            Some("Geth/v1.14.0-stable/linux-amd64/go1.22.2")
+        );
+        for broken in [json!(""), json!(7), json!("a\nb"), json!("x".repeat(201))] {
+            assert_eq!(client_name(&broken), None, "{broken}");
         }
     }
 

@@ -27,6 +27,29 @@ pub(super) fn str_at<'a>(v: &'a serde_json::Value, path: &[&str]) -> Option<&'a 
     path.iter().try_fold(v, |v, k| v.get(k))?.as_str()
 }
 
+/// A client's name and version as a node printed it: one line of at most
+/// 200 printable characters.
+pub(super) fn client_name(result: &serde_json::Value) -> Option<String> {
+    let s = result.as_str()?.trim();
+    let ok = !s.is_empty() && s.len() <= 200 && !s.chars().any(char::is_control);
+    ok.then(|| s.to_owned())
+}
+
+/// A JSON-RPC call whose answer only describes the node or its chain: an
+/// export is still good without it (a node without that namespace), so a
+/// failure is logged and answered `None`.
+pub(super) fn ask(
+    http: &super::http::Http,
+    source: &str,
+    url: &str,
+    method: &str,
+    params: serde_json::Value,
+) -> Option<serde_json::Value> {
+    http.json_rpc(source, url, method, params)
+        .map_err(|e| tracing::debug!(method, error = %e, "the node did not say"))
+        .ok()
+}
+
 /// A hex hash as the node printed it (`0x`-prefixed or not).
 pub(super) fn hex_hash(source: &str, what: &str, s: Option<&str>) -> Result<String, HeightError> {
     let s = s.ok_or_else(|| bad(source, format!("no {what} in the answer")))?;

@@ -50,6 +50,7 @@ pub fn parse_identity(
             format!("a block whose parent is slot {parent}"),
         ));
     }
+    let genesis = base58_hash(SRC, "genesis hash", genesis.as_str())?;
     Ok(ChainIdentity {
         kind: Dialect::Solana,
         height: slot,
@@ -59,7 +60,11 @@ pub fn parse_identity(
             block.get("blockhash").and_then(Value::as_str),
         )?,
         state_hash: None,
-        chain_id: Some(base58_hash(SRC, "genesis hash", genesis.as_str())?),
+        chain_id: Some(genesis.clone()),
+        genesis_hash: Some(genesis),
+        client: None,
+        pruned: None,
+        prune_height: None,
     })
 }
 

@@ -66,7 +66,11 @@ pub fn parse_identity(
         height,
         block_hash: hash,
         state_hash: Some(state_root),
-        chain_id: Some(genesis),
+        chain_id: Some(genesis.clone()),
+        genesis_hash: Some(genesis),
+        client: None,
+        pruned: None,
+        prune_height: None,
     })
 }
 
