@@ -22,6 +22,9 @@ enum Mode {
     WrongHeight,
     Garbage,
     Silent,
+    /// Answers what a height needs and nothing that describes the node
+    /// (an RPC without the web3, system or version namespaces).
+    Bare,
 }
 
 /// The height the fake node's tip is at (when synced), and the height the
@@ -151,6 +154,26 @@ fn answer(dialect: Dialect, mode: Mode, req: &Request) -> (u16, String) {
     let rpc: Value = serde_json::from_str(&req.body).unwrap_or(Value::Null);
     let method = rpc["method"].as_str().unwrap_or("");
     let params = &rpc["params"];
+    let describing = [
+        "eth_chainId",
+        "web3_clientVersion",
+        "getnetworkinfo",
+        "system_name",
+        "system_version",
+        "getVersion",
+    ]
+    .contains(&method)
+        || req.path.starts_with("/abci_info")
+        || req.path == "/eth/v1/node/version";
+    if mode == Mode::Bare && describing {
+        return match dialect {
+            Dialect::Cometbft | Dialect::Beacon => (404, "not found".into()),
+            _ => (
+                200,
+                json!({"jsonrpc":"2.0","id":1,"error":{"code":-32601,"message":"the method does not exist"}}).to_string(),
+            ),
+        };
+    }
     let ok = |result: Value| {
         (
             200,
@@ -166,9 +189,16 @@ fn answer(dialect: Dialect, mode: Mode, req: &Request) -> (u16, String) {
     match dialect {
         Dialect::Cometbft => {
             if req.path.starts_with("/status") {
-                return ok(json!({"sync_info": {
+                let mut status = json!({"sync_info": {
                     "latest_block_height": tip.to_string(),
-                    "catching_up": mode == Mode::Syncing}}));
+                    "catching_up": mode == Mode::Syncing}});
+                if mode != Mode::Bare {
+                    status["node_info"] = json!({"network": "test-1", "version": "0.38.12"});
+                }
+                return ok(status);
+            }
+            if req.path.starts_with("/abci_info") {
+                return ok(json!({"response": {"data": "GaiaApp", "version": "v19.0.0"}}));
             }
             let h: u64 = req
                 .path
@@ -189,6 +219,8 @@ fn answer(dialect: Dialect, mode: Mode, req: &Request) -> (u16, String) {
         }
         Dialect::Ethereum => match method {
             "eth_blockNumber" => ok(json!(format!("0x{tip:x}"))),
+            "eth_chainId" => ok(json!("0x1")),
+            "web3_clientVersion" => ok(json!("Geth/v1.14.0-stable/linux-amd64/go1.22.2")),
             "eth_getBlockByNumber" => {
                 let h = u64::from_str_radix(
                     params[0].as_str().unwrap_or("0x0").trim_start_matches("0x"),
@@ -219,6 +251,7 @@ fn answer(dialect: Dialect, mode: Mode, req: &Request) -> (u16, String) {
                 ok(json!(format!("{:064x}", about(h))))
             }
             "getblockchaininfo" => ok(json!({"chain":"regtest","blocks":tip})),
+            "getnetworkinfo" => ok(json!({"subversion":"/Satoshi:27.0.0/","version":270000})),
             "gettxoutsetinfo" => ok(json!({"height": tip, "bestblock": format!("{tip:064x}")})),
             _ => err(-32601, "Method not found".into()),
         },
@@ -234,6 +267,8 @@ fn answer(dialect: Dialect, mode: Mode, req: &Request) -> (u16, String) {
                     json!({"number":format!("0x{h:x}"),"stateRoot":hex32(h + 7),"parentHash":hex32(h.saturating_sub(1))}),
                 )
             }
+            "system_name" => ok(json!("Parity Polkadot")),
+            "system_version" => ok(json!("1.14.0-7049c3c9883")),
             "chain_getBlockHash" => {
                 let h = params[0].as_u64().unwrap_or(0);
                 if h > tip {
@@ -246,6 +281,7 @@ fn answer(dialect: Dialect, mode: Mode, req: &Request) -> (u16, String) {
         Dialect::Solana => match method {
             "getSlot" => ok(json!(tip)),
             "getGenesisHash" => ok(json!(base58(1))),
+            "getVersion" => ok(json!({"solana-core": "1.18.22", "feature-set": 3469865029u64})),
             "getBlock" => {
                 let slot = params[0].as_u64().unwrap_or(0);
                 if slot > tip {
@@ -267,6 +303,13 @@ fn answer(dialect: Dialect, mode: Mode, req: &Request) -> (u16, String) {
                 return (
                     200,
                     json!({"data":{"head_slot":tip.to_string(),"sync_distance":"0","is_syncing":mode == Mode::Syncing}})
+                        .to_string(),
+                );
+            }
+            if req.path == "/eth/v1/node/version" {
+                return (
+                    200,
+                    json!({"data":{"version":"Lighthouse/v5.3.0-d6ba8c3/x86_64-linux"}})
                         .to_string(),
                 );
             }
@@ -447,4 +490,45 @@ fn a_node_that_wants_credentials_says_which_keys_to_set() {
     let seen = server.join().expect("server");
     assert_eq!(seen[0], None);
     assert_eq!(seen[1].as_deref(), Some("Basic dTp3cm9uZw=="));
+}
+
+/// Every dialect says what client the node runs, and the genesis hash
+/// where the chain is named by it or the node tells; a node that answers
+/// only what a height needs still gives the block's identity.
+#[test]
+fn every_dialect_describes_the_chain_and_the_client() {
+    let want = |d: Dialect| match d {
+        Dialect::Cometbft => "GaiaApp v19.0.0 (CometBFT 0.38.12)",
+        Dialect::Ethereum => "Geth/v1.14.0-stable/linux-amd64/go1.22.2",
+        Dialect::Bitcoin => "/Satoshi:27.0.0/",
+        Dialect::Substrate => "Parity Polkadot 1.14.0-7049c3c9883",
+        Dialect::Solana => "solana-core 1.18.22",
+        Dialect::Beacon => "Lighthouse/v5.3.0-d6ba8c3/x86_64-linux",
+    };
+    for d in Dialect::ALL {
+        let node = FakeNode::start(d, Mode::Normal);
+        let id = node
+            .rpc(d)
+            .identity(ASKED)
+            .unwrap_or_else(|e| panic!("{}: {e}", d.name()));
+        assert_eq!(id.client.as_deref(), Some(want(d)), "{}", d.name());
+        let genesis = match d {
+            Dialect::Ethereum | Dialect::Substrate => Some(hex32(0)),
+            Dialect::Bitcoin => Some(format!("{:064x}", 0)),
+            Dialect::Solana => Some(base58(1)),
+            Dialect::Cometbft | Dialect::Beacon => None,
+        };
+        assert_eq!(id.genesis_hash, genesis, "{}", d.name());
+        if d == Dialect::Ethereum {
+            assert_eq!(id.chain_id.as_deref(), Some("1"));
+        }
+
+        let bare = FakeNode::start(d, Mode::Bare);
+        let id = bare
+            .rpc(d)
+            .identity(ASKED)
+            .unwrap_or_else(|e| panic!("{} bare: {e}", d.name()));
+        assert_eq!(id.client, None, "{}", d.name());
+        assert_eq!(id.height, ASKED);
+    }
 }

@@ -36,7 +36,15 @@ pub(in super::super) fn identity(
         return Err(HeightError::Status { url, status });
     }
     let genesis = http.call(&format!("{base}/eth/v1/beacon/genesis"), None)?;
-    parse_identity(&header, &genesis, slot)
+    let mut id = parse_identity(&header, &genesis, slot)?;
+    id.client =
+        super::ask_get(http, &format!("{base}/eth/v1/node/version")).and_then(|v| parse_client(&v));
+    Ok(id)
+}
+
+/// The client from `/eth/v1/node/version`: `Lighthouse/v5.3.0-…`.
+pub fn parse_client(version: &Value) -> Option<String> {
+    super::client_name(version.get("data")?.get("version")?)
 }
 
 /// The head slot and sync state in a `/eth/v1/node/syncing` body.

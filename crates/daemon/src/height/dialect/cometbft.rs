@@ -3,6 +3,7 @@
 //! strings; older Tendermint without the `result` wrapper is accepted.
 
 use btm::family::Dialect;
+use serde_json::Value;
 
 use super::super::http::Http;
 use super::super::identity::ChainIdentity;
@@ -27,7 +28,35 @@ pub(in super::super) fn identity(
     if status != 200 && !body.trim_start().starts_with('{') {
         return Err(HeightError::Status { url, status });
     }
-    parse_block(&body, height)
+    let mut id = parse_block(&body, height)?;
+    let base = url_base(&url);
+    let node = super::ask_get(http, &format!("{base}/status"));
+    let app = super::ask_get(http, &format!("{base}/abci_info"));
+    id.client = node.as_ref().and_then(|n| parse_client(n, app.as_ref()));
+    Ok(id)
+}
+
+/// The node's address in a `/block?height=` URL.
+fn url_base(block_url: &str) -> &str {
+    block_url
+        .rsplit_once("/block?")
+        .map_or(block_url, |(b, _)| b)
+}
+
+/// The client from `/status` (CometBFT's version) and `/abci_info` (the
+/// application's name and version): `GaiaApp v19.0.0 (CometBFT 0.38.12)`.
+pub fn parse_client(status: &Value, abci: Option<&Value>) -> Option<String> {
+    let engine = str_at(status, &["result", "node_info", "version"])?;
+    let app = abci.and_then(|a| {
+        let name = str_at(a, &["result", "response", "data"]).filter(|n| !n.is_empty())?;
+        let version = str_at(a, &["result", "response", "version"]).unwrap_or_default();
+        Some(format!("{name} {version}").trim_end().to_owned())
+    });
+    let text = match app {
+        Some(app) => format!("{app} (CometBFT {engine})"),
+        None => format!("CometBFT {engine}"),
+    };
+    super::client_name(&Value::String(text))
 }
 
 /// `result.sync_info.latest_block_height` and `catching_up` from a

@@ -50,6 +50,14 @@ pub(super) fn ask(
         .ok()
 }
 
+/// [`ask`] for a REST endpoint: the JSON body of a GET of `url`.
+pub(super) fn ask_get(http: &super::http::Http, url: &str) -> Option<serde_json::Value> {
+    http.call(url, None)
+        .map_err(|e| tracing::debug!(url, error = %e, "the node did not say"))
+        .ok()
+        .and_then(|body| serde_json::from_str(&body).ok())
+}
+
 /// A hex hash as the node printed it (`0x`-prefixed or not).
 pub(super) fn hex_hash(source: &str, what: &str, s: Option<&str>) -> Result<String, HeightError> {
     let s = s.ok_or_else(|| bad(source, format!("no {what} in the answer")))?;

@@ -28,7 +28,15 @@ pub(in super::super) fn identity(
     let opts = json!({"transactionDetails": "none", "rewards": false, "maxSupportedTransactionVersion": 0});
     let block = http.json_rpc(SRC, url, "getBlock", json!([slot, opts]))?;
     let genesis = http.json_rpc(SRC, url, "getGenesisHash", json!([]))?;
-    parse_identity(&block, &genesis, slot)
+    let mut id = parse_identity(&block, &genesis, slot)?;
+    id.client = super::ask(http, SRC, url, "getVersion", json!([])).and_then(|v| parse_client(&v));
+    Ok(id)
+}
+
+/// The client from `getVersion`: `solana-core 1.18.22`.
+pub fn parse_client(version: &Value) -> Option<String> {
+    let core = version.get("solana-core")?.as_str()?;
+    super::client_name(&Value::String(format!("solana-core {core}")))
 }
 
 /// The identity in a `getBlock` result and a `getGenesisHash` result.

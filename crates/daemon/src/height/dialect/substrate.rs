@@ -30,7 +30,20 @@ pub(in super::super) fn identity(
     let header = http.json_rpc(SRC, url, "chain_getHeader", json!([hash]))?;
     let genesis = http.json_rpc(SRC, url, "chain_getBlockHash", json!([0]))?;
     let genesis = block_hash(&genesis, 0)?;
-    parse_identity(hash, &header, genesis, height)
+    let mut id = parse_identity(hash, &header, genesis, height)?;
+    let ask = |method: &str| super::ask(http, SRC, url, method, json!([]));
+    id.client = match (ask("system_name"), ask("system_version")) {
+        (Some(name), Some(version)) => parse_client(&name, &version),
+        _ => None,
+    };
+    Ok(id)
+}
+
+/// The client from `system_name` and `system_version`: `Parity Polkadot
+/// 1.14.0-…`.
+pub fn parse_client(name: &Value, version: &Value) -> Option<String> {
+    let text = format!("{} {}", name.as_str()?, version.as_str()?);
+    super::client_name(&Value::String(text))
 }
 
 /// A `chain_getBlockHash` result: `null` when the node has no such block.
