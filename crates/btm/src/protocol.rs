@@ -163,6 +163,10 @@ pub struct LastExport {
     pub bytes_uploaded: u64,
     /// Files reused from the previous backup without reading.
     pub files_unchanged: u64,
+    /// The chain and node it was exported from, in one line (`block hash
+    /// 0x…, chain 1, client Geth/v1.14.0…`), when the node said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<String>,
 }
 
 /// An export in progress.

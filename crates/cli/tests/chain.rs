@@ -294,6 +294,13 @@ fn a_destroyed_node_is_rebuilt_from_the_store(fx: &impl Fixture) {
     daemon.wait_status_for("two exports", Duration::from_secs(90), |s| {
         s["counters"]["exports"].as_u64().unwrap_or(0) >= 2 && s["export"].is_null()
     });
+    // The status says which chain and client the last export came from.
+    let s = daemon.status().expect("status");
+    let from = s["last_export"]["chain"].as_str().unwrap_or_default();
+    assert!(
+        from.contains("chain 1337") && from.to_lowercase().contains("ganache"),
+        "{s}"
+    );
     assert_eq!(daemon.stop(), Some(0));
     let tip = node.block_number().expect("height");
     let hashes: Vec<String> = (0..=tip)

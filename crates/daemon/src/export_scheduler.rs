@@ -261,6 +261,7 @@ impl Run {
                     bytes_read: b.bytes_read,
                     bytes_uploaded: b.bytes_uploaded,
                     files_unchanged: b.files_unchanged,
+                    chain: report.chain.as_ref().map(|c| c.describe()),
                 });
                 if let Some(b) = &report.backup {
                     tracing::info!(

@@ -572,6 +572,7 @@ mod shipped_monitoring {
             bytes_read: 1,
             bytes_uploaded: 1,
             files_unchanged: 0,
+            chain: None,
         });
         s.export = Some(RunningExport {
             height: 120,

@@ -148,6 +148,9 @@ fn print_exports(out: &mut dyn Write, s: &btm::protocol::Status) -> Result<()> {
             )?,
             None => writeln!(out, "last export:    none since start")?,
         }
+        if let Some(chain) = s.last_export.as_ref().and_then(|l| l.chain.as_ref()) {
+            writeln!(out, "exported from:  {chain}")?;
+        }
         if let Some(r) = &s.export {
             writeln!(
                 out,
