@@ -657,3 +657,53 @@ impl Drop for LiveServer {
         }
     }
 }
+
+/// Freshness, over a real web server: a catalog older than one a reader
+/// already accepted (the store swapped for an older signed copy of
+/// itself) is refused, as is one past the expiry its publisher signed in,
+/// or one older than `--max-age`; each in one line, with nothing written.
+#[test]
+fn old_expired_and_too_old_catalogs_are_refused() {
+    let w = World::new();
+    let src = w.dir("src");
+    node(&src, 1);
+    w.export(&src, 100);
+    let old = std::fs::read(w.store.join("catalog")).expect("catalog");
+    let dst = w.dir("dst");
+    w.read(&["backups"]).ok();
+    node(&src, 2);
+    w.export(&src, 200);
+    w.read(&["backups"]).ok();
+
+    // The web server now serves the older copy: still validly signed.
+    std::fs::write(w.store.join("catalog"), &old).expect("roll back");
+    let e = w
+        .read(&["restore", "latest", s(&dst), "-t", "node"])
+        .fails(1);
+    assert!(e.contains("older than the one already seen"), "{e}");
+    assert!(!dst.exists(), "something was written");
+
+    // An expiry signed in: read before it, refused after.
+    let publish = |extra: &[&str]| {
+        let mut args = vec!["publish", "-s", s(&w.store), "--signing-key", s(&w.key)];
+        args.extend(extra);
+        w.btm(&args).ok();
+    };
+    publish(&["--expires", "2s"]);
+    w.read(&["backups"]).ok();
+    std::thread::sleep(Duration::from_millis(2100));
+    let e = w
+        .read(&["restore", "latest", s(&dst), "-t", "node"])
+        .fails(1);
+    assert!(e.contains("expired at"), "{e}");
+    assert!(!dst.exists(), "something was written");
+    // Renewed, it reads again.
+    publish(&["--expires", "1h"]);
+    w.read(&["backups"]).ok();
+
+    // --max-age: the catalog is a second old at least.
+    std::thread::sleep(Duration::from_millis(1100));
+    let e = w.read(&["backups", "--max-age", "1s"]).fails(1);
+    assert!(e.contains("older than --max-age 1s"), "{e}");
+    w.read(&["backups", "--max-age", "1h"]).ok();
+}

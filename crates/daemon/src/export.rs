@@ -66,6 +66,8 @@ pub struct ExportSettings {
     /// Publish after each export, signing with this key file
     /// (docs/publishing.md); `None`: do not publish.
     pub publish: Option<PathBuf>,
+    /// How long each published catalog stays valid (`publish_expires`).
+    pub publish_expires: Option<Duration>,
     /// The GC grace period.
     pub gc_grace: Duration,
     /// The node RPC asked for the chain's identity at the exported height
@@ -202,7 +204,8 @@ pub fn export(
     let key = s.publish.as_deref().map(SigningKey::load).transpose()?;
     let publishing = key
         .as_ref()
-        .map(|k| Arc::new(Publishing::new(Arc::clone(&store), k)));
+        .map(|k| Publishing::new(Arc::clone(&store), k).with_expiry(s.publish_expires))
+        .map(Arc::new);
     let store: Arc<dyn Store> = match &publishing {
         Some(p) => Arc::clone(p) as Arc<dyn Store>,
         None => store,

@@ -49,8 +49,11 @@ pub struct PackIndexEntry {
 pub struct Catalog {
     /// [`FORMAT`].
     pub format: u32,
-    /// When it was written (informational).
+    /// When it was written; only grows ([`next_published`]).
     pub published: DateTime<Utc>,
+    /// When readers stop accepting it, if the publisher set a limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<DateTime<Utc>>,
     /// The heads, sorted by name.
     pub heads: Vec<HeadEntry>,
     /// Every pack index.
@@ -73,6 +76,61 @@ pub enum CatalogError {
     /// A head entry whose signature does not verify.
     #[error("head {0} is not signed by the catalog's key: refused")]
     UnsignedHead(String),
+    /// Older than a catalog of the same store and key already accepted: a
+    /// mirror or cache serving an old copy.
+    #[error("catalog published {published} is older than the one already seen from this store ({seen}): an old copy (a stale mirror or cache, or a rollback)")]
+    Older {
+        /// This catalog's time.
+        published: DateTime<Utc>,
+        /// The newest seen.
+        seen: DateTime<Utc>,
+    },
+    /// Past the expiry its publisher signed into it.
+    #[error("catalog published {published} expired at {expires}: the publisher has not renewed it (a frozen mirror, or a publisher that stopped)")]
+    Expired {
+        /// This catalog's time.
+        published: DateTime<Utc>,
+        /// Its expiry.
+        expires: DateTime<Utc>,
+    },
+    /// Older than the reader allows (`--max-age`).
+    #[error("catalog published {published} is older than --max-age {max_age}")]
+    TooOld {
+        /// This catalog's time.
+        published: DateTime<Utc>,
+        /// The limit, as given.
+        max_age: String,
+    },
+}
+
+/// The `published` time of a catalog replacing one published at
+/// `previous`: `now`, or just after `previous` if that is not earlier (a
+/// publisher whose clock is behind another's), so that readers always see
+/// it grow.
+pub fn next_published(previous: Option<DateTime<Utc>>, now: DateTime<Utc>) -> DateTime<Utc> {
+    match previous {
+        Some(p) if p >= now => p + chrono::Duration::microseconds(1),
+        _ => now,
+    }
+}
+
+/// The expiry of a catalog published at `published`: `asked` after it, or,
+/// when the writer asks for none, the same interval the catalog it
+/// replaces had (`before`: its published time and expiry), so one
+/// publisher without `--expires` does not drop another's policy.
+pub fn next_expiry(
+    published: DateTime<Utc>,
+    asked: Option<std::time::Duration>,
+    before: Option<(DateTime<Utc>, DateTime<Utc>)>,
+) -> Option<DateTime<Utc>> {
+    let interval = match asked {
+        Some(d) => chrono::Duration::from_std(d).ok()?,
+        None => {
+            let (p, e) = before?;
+            e - p
+        }
+    };
+    published.checked_add_signed(interval)
 }
 
 /// The bytes a head's signature covers.
@@ -92,6 +150,7 @@ impl Catalog {
         Catalog {
             format: FORMAT,
             published: now,
+            expires: None,
             heads: Vec::new(),
             packidx: Vec::new(),
         }
@@ -156,6 +215,34 @@ impl Catalog {
         Ok((catalog, key))
     }
 
+    /// Whether a reader may accept this catalog at `now`: not older than
+    /// `seen` (the newest it accepted before from this store and key), not
+    /// expired, and not published longer than `max_age` ago.
+    pub fn check_fresh(
+        &self,
+        seen: Option<DateTime<Utc>>,
+        max_age: Option<std::time::Duration>,
+        now: DateTime<Utc>,
+    ) -> Result<(), CatalogError> {
+        let published = self.published;
+        if let Some(seen) = seen.filter(|s| published < *s) {
+            return Err(CatalogError::Older { published, seen });
+        }
+        if let Some(expires) = self.expires.filter(|e| *e <= now) {
+            return Err(CatalogError::Expired { published, expires });
+        }
+        let too_old = |m: std::time::Duration| {
+            chrono::Duration::from_std(m).is_ok_and(|d| now - published > d)
+        };
+        if let Some(m) = max_age.filter(|m| too_old(*m)) {
+            return Err(CatalogError::TooOld {
+                published,
+                max_age: humantime::format_duration(m).to_string(),
+            });
+        }
+        Ok(())
+    }
+
     /// The entry of head `name`.
     pub fn head(&self, name: &str) -> Option<&HeadEntry> {
         self.heads
@@ -169,6 +256,65 @@ impl Catalog {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::<Utc>::from_timestamp(1_800_000_000 + secs, 0).expect("time")
+    }
+
+    #[test]
+    fn a_catalog_older_than_seen_expired_or_past_max_age_is_refused() {
+        let mut c = Catalog::new(at(100));
+        assert_eq!(c.check_fresh(None, None, at(100_000)), Ok(()));
+        assert_eq!(c.check_fresh(Some(at(100)), None, at(200)), Ok(()));
+        let e = c
+            .check_fresh(Some(at(101)), None, at(200))
+            .expect_err("older");
+        assert!(matches!(e, CatalogError::Older { .. }), "{e}");
+        assert!(
+            e.to_string().contains("older than the one already seen"),
+            "{e}"
+        );
+        c.expires = Some(at(160));
+        assert_eq!(c.check_fresh(None, None, at(159)), Ok(()));
+        let e = c.check_fresh(None, None, at(160)).expect_err("expired");
+        assert!(e.to_string().contains("expired at"), "{e}");
+        let day = std::time::Duration::from_secs(86_400);
+        assert_eq!(c.check_fresh(None, Some(day), at(150)), Ok(()));
+        c.expires = None;
+        let e = c
+            .check_fresh(None, Some(day), at(100 + 86_401))
+            .expect_err("old");
+        assert_eq!(
+            e.to_string(),
+            format!("catalog published {} is older than --max-age 1day", at(100))
+        );
+    }
+
+    #[test]
+    fn an_expiry_is_asked_for_or_kept_from_the_catalog_replaced() {
+        let week = std::time::Duration::from_secs(7 * 86_400);
+        assert_eq!(next_expiry(at(0), Some(week), None), Some(at(7 * 86_400)));
+        assert_eq!(
+            next_expiry(at(50), None, Some((at(0), at(30)))),
+            Some(at(80))
+        );
+        assert_eq!(next_expiry(at(50), None, None), None);
+        assert_eq!(
+            next_expiry(at(50), Some(week), Some((at(0), at(30)))),
+            Some(at(50 + 7 * 86_400))
+        );
+    }
+
+    proptest! {
+        /// Whatever the writers' clocks say, a catalog is published after
+        /// the one it replaces.
+        #[test]
+        fn published_times_only_grow(previous in -1000i64..1000, now in -1000i64..1000) {
+            let next = next_published(Some(at(previous)), at(now));
+            prop_assert!(next > at(previous));
+            prop_assert!(next >= at(now));
+        }
+    }
 
     fn sample(key: &SigningKey, names: &[String], packs: &[u64]) -> Catalog {
         let mut c =

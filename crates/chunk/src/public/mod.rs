@@ -12,6 +12,7 @@
 pub mod catalog;
 pub mod key;
 pub mod reader;
+mod seen;
 pub mod writer;
 
 pub use catalog::Catalog;
@@ -30,6 +31,12 @@ pub struct Access {
     pub anonymous: bool,
     /// Accept only what these keys signed (`--trust`, `trust = [...]`).
     pub trust: Vec<PublicKey>,
+    /// Refuse a catalog published longer ago than this (`--max-age`).
+    pub max_age: Option<std::time::Duration>,
+    /// Where the newest catalog accepted from each store and key is
+    /// remembered, to refuse an older one (`<cache>/catalogs`); `None`
+    /// remembers nothing.
+    pub seen: Option<std::path::PathBuf>,
 }
 
 /// A store opened to be read.
@@ -57,7 +64,7 @@ pub fn open(location: &Location, access: &Access) -> Result<Opened, StoreError> 
             unauthenticated: false,
         });
     }
-    let store = CatalogStore::open(inner, access.trust.clone()).map_err(|e| match e {
+    let store = CatalogStore::open(inner, access).map_err(|e| match e {
         // The first request of an anonymous read: a refusal here is most
         // often a bucket that does not allow them.
         StoreError::Permanent { what, detail } if access.anonymous => StoreError::Permanent {
@@ -205,6 +212,52 @@ mod tests {
         }
     }
 
+    /// A reader remembers the newest catalog it accepted from a store: an
+    /// older signed copy put back (a stale mirror, a rollback) is refused,
+    /// while a newer one is taken.
+    #[test]
+    fn a_reader_refuses_a_catalog_older_than_one_it_saw() {
+        let store = MemStore::new();
+        let key = SigningKey::from_seed([5; 32]);
+        let seen = tempfile::tempdir().expect("tmp");
+        let access = Access {
+            trust: vec![key.public()],
+            seen: Some(seen.path().to_owned()),
+            ..Access::default()
+        };
+        let shared: Arc<dyn Store> = Arc::new(store.clone());
+        let t0 = chrono::Utc::now();
+        crate::public::publish(&store, &key, t0, None).expect("publish");
+        let old = store.get_marker(CATALOG).expect("catalog");
+        CatalogStore::open(Arc::clone(&shared), &access).expect("first read");
+        let p = Publishing::new(Arc::clone(&shared), &key);
+        p.put_index(&name(1), &head_bytes(1)).expect("head");
+        p.commit().expect("commit");
+        let reader = CatalogStore::open(Arc::clone(&shared), &access).expect("newer");
+        assert_eq!(reader.list_indexes().expect("list"), vec![name(1)]);
+        store.put_marker(CATALOG, &old).expect("roll back");
+        let e = CatalogStore::open(Arc::clone(&shared), &access).expect_err("older");
+        assert!(
+            e.to_string().contains("older than the one already seen"),
+            "{e}"
+        );
+        // Another reader, with no memory, takes it: what the cache is for.
+        let fresh = Access {
+            seen: None,
+            ..access.clone()
+        };
+        assert!(CatalogStore::open(Arc::clone(&shared), &fresh).is_ok());
+        // A publisher's expiry is signed in, and kept by the next writer.
+        let day = std::time::Duration::from_secs(86_400);
+        crate::public::publish(&store, &key, chrono::Utc::now(), Some(day)).expect("publish");
+        let p = Publishing::new(Arc::clone(&shared), &key);
+        p.put_index(&name(2), &head_bytes(2)).expect("head");
+        p.commit().expect("commit");
+        let (c, _) = Catalog::decode(&store.get_marker(CATALOG).expect("c"), &[]).expect("decode");
+        let left = c.expires.expect("expiry kept") - c.published;
+        assert_eq!(left, chrono::Duration::days(1));
+    }
+
     #[test]
     fn a_reader_lists_from_the_catalog_checks_heads_and_follows_a_sweep() {
         let store = MemStore::new();
@@ -224,7 +277,10 @@ mod tests {
         let shared = &store;
         let reader = CatalogStore::open(
             Arc::new(crate::store::Counting::new(Arc::new(shared.clone()))),
-            vec![key.public()],
+            &Access {
+                trust: vec![key.public()],
+                ..Access::default()
+            },
         )
         .expect("must succeed");
         assert_eq!(reader.list_indexes().expect("must succeed"), vec![name(1)]);

@@ -6,8 +6,11 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use chrono::Utc;
+
 use super::catalog::Catalog;
 use super::key::PublicKey;
+use super::{seen, Access};
 use crate::format::packidx;
 use crate::store::{Bytes, Id, Kind, Layer, Marker, Store, StoreError, CATALOG};
 use crate::with_retry;
@@ -25,7 +28,7 @@ struct State {
 /// A read-only store over its catalog (`docs/format.md`, "Catalog").
 pub struct CatalogStore {
     inner: Arc<dyn Store>,
-    trust: Vec<PublicKey>,
+    access: Access,
     state: Mutex<State>,
 }
 
@@ -33,13 +36,15 @@ impl std::fmt::Debug for CatalogStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CatalogStore")
             .field("store", &self.inner.describe())
-            .field("trust", &self.trust)
+            .field("trust", &self.access.trust)
             .finish()
     }
 }
 
-/// Read and check the catalog of `store`.
-fn load(store: &dyn Store, trust: &[PublicKey]) -> Result<(Catalog, PublicKey), StoreError> {
+/// Read and check the catalog of `store`: signed as `access` trusts, and
+/// fresh (not older than one seen before, not expired, not older than
+/// `access.max_age`); the newest accepted is remembered.
+fn load(store: &dyn Store, access: &Access) -> Result<(Catalog, PublicKey), StoreError> {
     let data = with_retry(store, || store.get_marker(CATALOG)).map_err(|e| match e {
         StoreError::NotFound(_) => StoreError::Permanent {
             what: format!("reading {}", store.describe()),
@@ -48,21 +53,34 @@ fn load(store: &dyn Store, trust: &[PublicKey]) -> Result<(Catalog, PublicKey), 
         },
         e => e,
     })?;
-    Catalog::decode(&data, trust).map_err(|e| StoreError::Refused {
+    let refused = |e: super::catalog::CatalogError| StoreError::Refused {
         what: format!("the catalog of {}", store.describe()),
         detail: e.to_string(),
-    })
+    };
+    let (catalog, signer) = Catalog::decode(&data, &access.trust).map_err(refused)?;
+    let url = store.describe();
+    let seen_dir = access.seen.as_deref();
+    let seen = seen_dir.and_then(|d| seen::newest(d, &url, &signer));
+    catalog
+        .check_fresh(seen, access.max_age, Utc::now())
+        .map_err(refused)?;
+    if let Some(dir) = seen_dir.filter(|_| seen.is_none_or(|s| catalog.published > s)) {
+        if let Err(e) = seen::remember(dir, &url, &signer, catalog.published) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remember the catalog's time; an older copy would not be caught next time");
+        }
+    }
+    Ok((catalog, signer))
 }
 
 impl CatalogStore {
     /// Read the catalog of `inner` (one request) and check it: signed by
     /// one of `trust`, or, with `trust` empty, by the key it names
     /// (unauthenticated: the caller says so).
-    pub fn open(inner: Arc<dyn Store>, trust: Vec<PublicKey>) -> Result<Self, StoreError> {
-        let (catalog, signer) = load(inner.as_ref(), &trust)?;
+    pub fn open(inner: Arc<dyn Store>, access: &Access) -> Result<Self, StoreError> {
+        let (catalog, signer) = load(inner.as_ref(), access)?;
         Ok(CatalogStore {
             inner,
-            trust,
+            access: access.clone(),
             state: Mutex::new(State {
                 catalog: Arc::new(catalog),
                 signer,
@@ -79,7 +97,7 @@ impl CatalogStore {
     pub fn catalog(&self) -> Result<Arc<Catalog>, StoreError> {
         let mut st = self.state();
         if st.stale {
-            let (catalog, signer) = load(self.inner.as_ref(), &self.trust)?;
+            let (catalog, signer) = load(self.inner.as_ref(), &self.access)?;
             if signer != st.signer {
                 return Err(StoreError::Refused {
                     what: format!("the catalog of {}", self.inner.describe()),

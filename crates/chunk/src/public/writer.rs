@@ -8,11 +8,14 @@
 //! objects go.
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::catalog::{head_message, Catalog, HeadEntry, PackIndexEntry};
+use super::catalog::{
+    head_message, next_expiry, next_published, Catalog, HeadEntry, PackIndexEntry,
+};
 use super::key::{PublicKey, SigningKey};
 use crate::format::head::{self, Decoded};
 use crate::store::{Bytes, Id, Kind, Layer, Store, StoreError, CATALOG};
@@ -87,24 +90,30 @@ fn put_catalog(
     catalog: &mut Catalog,
     key: &SigningKey,
     now: DateTime<Utc>,
+    expires_in: Option<Duration>,
 ) -> Result<(), ChunkError> {
     catalog.normalize();
-    catalog.published = now;
+    // `catalog` is the one it replaces, edited: its times are the old ones.
+    let before = catalog.expires.map(|e| (catalog.published, e));
+    catalog.published = next_published(Some(catalog.published), now);
+    catalog.expires = next_expiry(catalog.published, expires_in, before);
     let data = catalog.encode(key);
     with_retry(store, || store.put_marker(CATALOG, &data))
         .map_err(|e| ChunkError::store("writing the catalog", e))
 }
 
 /// Build the catalog of `store` from its listings, sign it with `key` and
-/// write it. Heads already in the previous catalog (signed by `key`) are
-/// not read again: heads are write-once.
+/// write it, valid for `expires_in` if given (else as long as the catalog
+/// it replaces allowed). Heads already in the previous catalog (signed by
+/// `key`) are not read again: heads are write-once.
 pub fn publish(
     store: &dyn Store,
     key: &SigningKey,
     now: DateTime<Utc>,
+    expires_in: Option<Duration>,
 ) -> Result<PublishReport, ChunkError> {
     let (mut catalog, report) = rebuild(store, key, now)?;
-    put_catalog(store, &mut catalog, key, now)?;
+    put_catalog(store, &mut catalog, key, now, expires_in)?;
     Ok(report)
 }
 
@@ -121,7 +130,9 @@ fn rebuild(
     names.sort();
     let packidx = with_retry(store, || store.list(Kind::PackIndex))
         .map_err(|e| ChunkError::store("listing pack indexes", e))?;
-    let mut catalog = Catalog::new(now);
+    // The times of the catalog it replaces, which the new one follows.
+    let mut catalog = Catalog::new(old.as_ref().map_or(now, |o| o.published));
+    catalog.expires = old.as_ref().and_then(|o| o.expires);
     let mut report = PublishReport {
         heads: 0,
         pack_indexes: packidx.len(),
@@ -171,6 +182,7 @@ struct Changes {
 pub struct Publishing {
     inner: Arc<dyn Store>,
     key: SigningKey,
+    expires_in: Option<Duration>,
     pending: Mutex<Changes>,
 }
 
@@ -180,8 +192,16 @@ impl Publishing {
         Publishing {
             inner,
             key: key.clone(),
+            expires_in: None,
             pending: Mutex::new(Changes::default()),
         }
+    }
+
+    /// Sign each catalog written valid for `expires_in` (`--expires`),
+    /// instead of as long as the one it replaces allowed.
+    pub fn with_expiry(mut self, expires_in: Option<Duration>) -> Self {
+        self.expires_in = expires_in;
+        self
     }
 
     fn pending(&self) -> MutexGuard<'_, Changes> {
@@ -216,7 +236,13 @@ impl Publishing {
             *pending = Changes::default();
             return Ok(false);
         }
-        put_catalog(self.inner.as_ref(), &mut catalog, &self.key, now)?;
+        put_catalog(
+            self.inner.as_ref(),
+            &mut catalog,
+            &self.key,
+            now,
+            self.expires_in,
+        )?;
         *pending = Changes::default();
         Ok(true)
     }

@@ -139,7 +139,8 @@ pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
     let counted = Arc::new(btm_chunk::store::Counting::new(Arc::clone(&store)));
     let publishing = key
         .as_ref()
-        .map(|k| Arc::new(Publishing::new(Arc::clone(&counted) as Arc<dyn Store>, k)));
+        .map(|k| Publishing::new(Arc::clone(&counted) as Arc<dyn Store>, k))
+        .map(|p| Arc::new(p.with_expiry(args.store.expires)));
     let target: Arc<dyn Store> = match &publishing {
         Some(p) => Arc::clone(p) as Arc<dyn Store>,
         None => Arc::clone(&store),

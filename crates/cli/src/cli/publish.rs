@@ -23,7 +23,8 @@ pub struct PublishArgs {
 pub fn run(args: PublishArgs, out: &mut dyn Write) -> Result<()> {
     let key = args.store.signing_key()?;
     let store = args.store.open_own()?;
-    let report = btm_chunk::public::publish(store.as_ref(), &key, chrono::Utc::now())
+    let now = chrono::Utc::now();
+    let report = btm_chunk::public::publish(store.as_ref(), &key, now, args.store.expires)
         .with_context(|| format!("publishing {} failed", store.describe()))?;
     if args.json {
         return print_json(out, &report);

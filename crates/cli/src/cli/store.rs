@@ -56,6 +56,17 @@ pub(super) struct StoreArgs {
     /// right as backups are forgotten and garbage is collected
     #[arg(long, value_name = "FILE", global = true, env = "BTM_SIGNING_KEY")]
     signing_key: Option<PathBuf>,
+    /// Sign the catalogs written valid for this long (e.g. `7d`): readers
+    /// refuse one older, so a mirror frozen on an old copy is caught
+    /// [default: as long as the catalog replaced allowed; none at first]
+    // The brackets are clap's help text, not a rustdoc link.
+    #[allow(rustdoc::broken_intra_doc_links)]
+    #[arg(long, value_name = "DURATION", global = true, value_parser = humantime::parse_duration)]
+    pub(super) expires: Option<std::time::Duration>,
+    /// Refuse a published store's catalog published longer ago than this
+    /// (e.g. `2d`)
+    #[arg(long, value_name = "DURATION", global = true, value_parser = humantime::parse_duration)]
+    max_age: Option<std::time::Duration>,
 }
 
 pub(super) fn parse_public_key(s: &str) -> Result<btm_chunk::public::PublicKey, String> {
@@ -68,6 +79,7 @@ pub(super) fn parse_public_key(s: &str) -> Result<btm_chunk::public::PublicKey, 
 pub(super) struct Writable {
     store: Arc<dyn Store>,
     key: Option<SigningKey>,
+    expires: Option<std::time::Duration>,
 }
 
 impl Writable {
@@ -76,7 +88,8 @@ impl Writable {
     pub(super) fn with<T>(&self, f: impl FnOnce(Arc<dyn Store>) -> Result<T>) -> Result<T> {
         match &self.key {
             Some(key) => {
-                let publishing = Arc::new(Publishing::new(Arc::clone(&self.store), key));
+                let publishing = Publishing::new(Arc::clone(&self.store), key);
+                let publishing = Arc::new(publishing.with_expiry(self.expires));
                 let out = f(Arc::clone(&publishing) as Arc<dyn Store>)?;
                 publishing.commit()?;
                 Ok(out)
@@ -112,6 +125,14 @@ impl StoreArgs {
         let access = Access {
             anonymous: self.no_sign_request,
             trust,
+            max_age: self.max_age,
+            // The newest catalog accepted from each store, to refuse an
+            // older copy later: beside the metadata cache.
+            seen: self
+                .cache
+                .clone()
+                .or_else(Cache::default_dir)
+                .map(|c| c.join("catalogs")),
         };
         let opened = btm_chunk::public::open(&location, &access)?;
         if opened.unauthenticated {
@@ -135,7 +156,11 @@ impl StoreArgs {
         if key.is_none() && btm_chunk::public::writer::is_published(store.as_ref())? {
             bail!("{url} is published (it has a catalog): give --signing-key FILE so the catalog stays right as backups are forgotten and garbage is collected");
         }
-        Ok(Writable { store, key })
+        Ok(Writable {
+            store,
+            key,
+            expires: self.expires,
+        })
     }
 
     /// Open the operator's own store, which must exist, to change it (a

@@ -218,6 +218,13 @@ options! {
         /// The key publishing signs with (`btm key generate FILE`)
         #[arg(long = "export-signing-key", id = "export_signing_key", value_name = "FILE")]
         pub signing_key: Option<PathBuf>,
+        /// Sign each published catalog valid for this long, e.g. 7d: readers
+        /// refuse it once expired, so a frozen mirror is caught
+        /// [default: no expiry]
+        #[arg(long = "export-publish-expires", id = "export_publish_expires",
+              value_name = "DURATION", value_parser = parse_duration)]
+        #[serde(default, deserialize_with = "de_duration")]
+        pub publish_expires: Option<Duration>,
         /// Publisher keys whose signed snapshots `btm restore` and the other
         /// readers accept (ed25519:…); repeatable
         #[arg(long = "export-trust", id = "export_trust", value_name = "PUBKEY")]
@@ -278,10 +285,17 @@ impl ExportOptions {
                 .map_err(|e| invalid("export.trust", e.to_string()))?;
         }
         let publish = resolve_publish(self.publish.unwrap_or(false), self.signing_key)?;
+        if self.publish_expires.is_some() && publish.is_none() {
+            return Err(invalid(
+                "export.publish_expires",
+                "needs publish = true (it signs the published catalog)",
+            ));
+        }
         Ok(ExportSettings {
             store,
             every,
             publish,
+            publish_expires: self.publish_expires,
             tag,
             keep,
             cache: self.cache,
@@ -820,6 +834,14 @@ mod tests {
             (
                 "volume = \"a\"\n[export]\nstore = \"/b\"\ntrust = [\"ed25519:nope\"]\n",
                 "export.trust",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\npublish_expires = \"7d\"\n",
+                "export.publish_expires",
+            ),
+            (
+                "volume = \"a\"\n[export]\nstore = \"/b\"\npublish_expires = \"soon\"\n",
+                "line 4: 'soon' is not a duration",
             ),
             (
                 "volume = \"a\"\n[export]\nstore = \"https://snapshots.example/x\"\n",
