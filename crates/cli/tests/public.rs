@@ -707,3 +707,58 @@ fn old_expired_and_too_old_catalogs_are_refused() {
     assert!(e.contains("older than --max-age 1s"), "{e}");
     w.read(&["backups", "--max-age", "1h"]).ok();
 }
+
+/// Two publishers of one store at once, 20 backups each under their own
+/// tags, each `--publish`: the catalog ends up listing all 40 (every
+/// catalog write is a compare-and-swap; a writer that loses redoes its
+/// change on the new catalog).
+fn two_publishers_lose_nothing(store: &str, env: &[(&'static str, String)]) {
+    let scratch = tempfile::tempdir().expect("tmp");
+    let key = scratch.path().join("publisher.key");
+    let out = btm(scratch.path(), &["key", "generate", s(&key)]).ok();
+    let public = out.trim().lines().last().expect("public key").to_owned();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    std::thread::scope(|t| {
+        for who in ["a", "b"] {
+            let (scratch, key, env) = (scratch.path(), &key, &env);
+            t.spawn(move || {
+                let src = scratch.join(format!("src-{who}"));
+                std::fs::create_dir_all(&src).expect("mkdir");
+                for i in 0..20u64 {
+                    std::fs::write(src.join("state"), noise(i, 10_000)).expect("w");
+                    let tag = format!("node-{who}");
+                    let args = [
+                        "backup",
+                        s(&src),
+                        "-s",
+                        store,
+                        "-t",
+                        &tag,
+                        "--publish",
+                        "--signing-key",
+                        s(key),
+                    ];
+                    common::btm_env_ok(scratch, &args, env);
+                }
+            });
+        }
+    });
+    // Read through the catalog alone: what a stranger sees.
+    let args = ["backups", "-s", store, "--json", "--trust", &public];
+    let listed: serde_json::Value =
+        serde_json::from_str(&common::btm_env_ok(scratch.path(), &args, &env)).expect("json");
+    let n = listed.as_array().map_or(0, Vec::len);
+    assert_eq!(n, 40, "{listed}");
+}
+
+#[test]
+fn two_publishers_of_a_local_store_lose_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    two_publishers_lose_nothing(s(&dir.path().join("store")), &[]);
+}
+
+#[test]
+fn two_publishers_of_an_s3_store_lose_nothing() {
+    let server = common::S3::start(&["pub"]);
+    two_publishers_lose_nothing("s3://pub/x", &server.env());
+}

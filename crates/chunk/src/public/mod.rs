@@ -212,6 +212,31 @@ mod tests {
         }
     }
 
+    /// Two publishers of one store: the one whose catalog write comes
+    /// second finds the catalog replaced since it read it, reads it again,
+    /// and adds its head on top; neither update is lost.
+    #[test]
+    fn a_publisher_that_loses_the_race_redoes_its_change_on_the_new_catalog() {
+        let store = MemStore::new();
+        let key = SigningKey::from_seed([6; 32]);
+        let shared: Arc<dyn Store> = Arc::new(store.clone());
+        crate::public::publish(&store, &key, chrono::Utc::now(), None).expect("publish");
+        let a = Publishing::new(Arc::clone(&shared), &key);
+        a.put_index(&name(1), &head_bytes(1)).expect("head a");
+        // Just before A writes its catalog, B publishes its own backup.
+        let other = Arc::clone(&shared);
+        let b_key = SigningKey::from_seed([6; 32]);
+        store.before_marker_put(CATALOG, move |_| {
+            let b = Publishing::new(other, &b_key);
+            b.put_index(&name(2), &head_bytes(2)).expect("head b");
+            b.commit().expect("b commits first");
+        });
+        assert!(a.commit().expect("a commits after"));
+        let (c, _) = Catalog::decode(&store.get_marker(CATALOG).expect("c"), &[]).expect("decode");
+        let names: Vec<&str> = c.heads.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, [name(1), name(2)]);
+    }
+
     /// A reader remembers the newest catalog it accepted from a store: an
     /// older signed copy put back (a stale mirror, a rollback) is refused,
     /// while a newer one is taken.

@@ -226,6 +226,15 @@ impl Layer for CatalogStore {
         self.read_only(format!("writing {name}"))
     }
 
+    fn replace_marker_if(
+        &self,
+        name: &str,
+        _expected: Option<&[u8]>,
+        _data: &[u8],
+    ) -> Result<bool, StoreError> {
+        self.read_only(format!("writing {name}"))
+    }
+
     /// Nothing: leases and GC marks are the publisher's business, and a
     /// reader cannot list them.
     fn list_markers(&self, _dir: &str) -> Result<Vec<Marker>, StoreError> {

@@ -59,20 +59,56 @@ pub fn head_entry(
     }))
 }
 
-/// The catalog of `store` if it has one that `key` signed; `Ok(None)` if
-/// it has none, or one that is damaged or another key's (rebuilt then).
-fn current(store: &dyn Store, key: &PublicKey) -> Result<Option<Catalog>, StoreError> {
+/// The catalog object of `store` as it is now (`None`: there is none),
+/// the bytes a replacement must find to succeed.
+type Read = Option<Vec<u8>>;
+
+/// The catalog of `store`: its bytes, and the catalog if `key` signed it
+/// (`None` if there is none, or one that is damaged or another key's:
+/// rebuilt then).
+fn current(store: &dyn Store, key: &PublicKey) -> Result<(Read, Option<Catalog>), StoreError> {
     match with_retry(store, || store.get_marker(CATALOG)) {
         Ok(data) => match Catalog::decode(&data, std::slice::from_ref(key)) {
-            Ok((c, _)) => Ok(Some(c)),
+            Ok((c, _)) => Ok((Some(data), Some(c))),
             Err(e) => {
                 tracing::warn!(error = %e, "the store's catalog is not one this key signed; rebuilding it from the store");
-                Ok(None)
+                Ok((Some(data), None))
             }
         },
-        Err(StoreError::NotFound(_)) => Ok(None),
+        Err(StoreError::NotFound(_)) => Ok((None, None)),
         Err(e) => Err(e),
     }
+}
+
+/// How many times a writer redoes its change on a catalog that another
+/// writer replaced meanwhile before it gives up.
+const CATALOG_RACES: u32 = 50;
+
+/// A short random wait before a writer that lost a race tries again, so
+/// that racing writers spread out.
+fn after_race(lost: u32) {
+    let wait = std::time::Duration::from_millis(5 * u64::from(lost.min(20)));
+    std::thread::sleep(
+        crate::store::RetryPolicy {
+            first_wait: wait,
+            max_wait: wait,
+            ..*crate::store::RetryPolicy::standard()
+        }
+        .wait(1),
+    );
+}
+
+/// The error of a writer that lost [`CATALOG_RACES`] races in a row.
+fn too_contended() -> ChunkError {
+    ChunkError::store(
+        "writing the catalog",
+        StoreError::Temporary {
+            what: CATALOG.into(),
+            detail: format!(
+                "other publishers replaced it {CATALOG_RACES} times while this one tried; run `btm publish` when they are done"
+            ),
+        },
+    )
 }
 
 /// Whether `store` is published: it has a catalog, which writers that
@@ -85,21 +121,36 @@ pub fn is_published(store: &dyn Store) -> Result<bool, StoreError> {
     }
 }
 
+/// Sign `catalog` and write it in place of `replacing` (the bytes read):
+/// `Ok(false)` if another writer replaced those meanwhile. A store that
+/// cannot write conditionally is said so, once, and written anyway.
 fn put_catalog(
     store: &dyn Store,
     catalog: &mut Catalog,
     key: &SigningKey,
     now: DateTime<Utc>,
     expires_in: Option<Duration>,
-) -> Result<(), ChunkError> {
+    replacing: Option<&[u8]>,
+) -> Result<bool, ChunkError> {
     catalog.normalize();
     // `catalog` is the one it replaces, edited: its times are the old ones.
     let before = catalog.expires.map(|e| (catalog.published, e));
     catalog.published = next_published(Some(catalog.published), now);
     catalog.expires = next_expiry(catalog.published, expires_in, before);
     let data = catalog.encode(key);
-    with_retry(store, || store.put_marker(CATALOG, &data))
-        .map_err(|e| ChunkError::store("writing the catalog", e))
+    let written = with_retry(store, || store.replace_marker_if(CATALOG, replacing, &data));
+    let failed = |e| ChunkError::store("writing the catalog", e);
+    match written {
+        Err(StoreError::Unsupported { store: url, what }) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(store = %url, "{url} cannot {what}: the catalog is replaced unconditionally, and two publishers at once may lose an update (btm publish repairs it)");
+            });
+            with_retry(store, || store.put_marker(CATALOG, &data)).map_err(failed)?;
+            Ok(true)
+        }
+        other => other.map_err(failed),
+    }
 }
 
 /// Build the catalog of `store` from its listings, sign it with `key` and
@@ -112,18 +163,26 @@ pub fn publish(
     now: DateTime<Utc>,
     expires_in: Option<Duration>,
 ) -> Result<PublishReport, ChunkError> {
-    let (mut catalog, report) = rebuild(store, key, now)?;
-    put_catalog(store, &mut catalog, key, now, expires_in)?;
-    Ok(report)
+    for lost in 0..CATALOG_RACES {
+        let (read, old) = current(store, &key.public())
+            .map_err(|e| ChunkError::store("reading the catalog", e))?;
+        let (mut catalog, report) = rebuild(store, key, now, old)?;
+        if put_catalog(store, &mut catalog, key, now, expires_in, read.as_deref())? {
+            return Ok(report);
+        }
+        after_race(lost + 1);
+    }
+    Err(too_contended())
 }
 
+/// The catalog of `store` from its listings, reusing what `old` (the
+/// catalog it replaces, if this key signed it) says of heads.
 fn rebuild(
     store: &dyn Store,
     key: &SigningKey,
     now: DateTime<Utc>,
+    old: Option<Catalog>,
 ) -> Result<(Catalog, PublishReport), ChunkError> {
-    let old =
-        current(store, &key.public()).map_err(|e| ChunkError::store("reading the catalog", e))?;
     let mut names = with_retry(store, || store.list_indexes())
         .map_err(|e| ChunkError::store("listing backups", e))?;
     names.retain(|n| head::IndexName::parse(n).is_some());
@@ -216,39 +275,44 @@ impl Publishing {
 
     /// Apply pending changes and `edit` to the catalog and write it. The
     /// pending changes stay pending if the write fails.
-    fn update(&self, edit: impl FnOnce(&mut Catalog)) -> Result<bool, ChunkError> {
+    ///
+    /// Another writer may replace the catalog between this one's read and
+    /// its write: the write then fails (compare-and-swap), and the change
+    /// is made again on the catalog as it is now.
+    fn update(&self, edit: impl Fn(&mut Catalog)) -> Result<bool, ChunkError> {
         let mut pending = self.pending();
-        let now = Utc::now();
-        let (mut catalog, rebuilt) = match current(self.inner.as_ref(), &self.key.public())
-            .map_err(|e| ChunkError::store("reading the catalog", e))?
-        {
-            Some(c) => (c, false),
-            // First publish (or a catalog to repair): from the listings,
-            // which already show what is pending.
-            None => (rebuild(self.inner.as_ref(), &self.key, now)?.0, true),
-        };
-        let before = catalog.clone();
-        catalog.heads.extend(pending.heads.iter().cloned());
-        catalog.packidx.extend(pending.packidx.iter().copied());
-        edit(&mut catalog);
-        catalog.normalize();
-        if !rebuilt && catalog.heads == before.heads && catalog.packidx == before.packidx {
-            *pending = Changes::default();
-            return Ok(false);
+        let store = self.inner.as_ref();
+        for lost in 0..CATALOG_RACES {
+            let now = Utc::now();
+            let (read, found) = current(store, &self.key.public())
+                .map_err(|e| ChunkError::store("reading the catalog", e))?;
+            let (mut catalog, rebuilt) = match found {
+                Some(c) => (c, false),
+                // First publish (or a catalog to repair): from the
+                // listings, which already show what is pending.
+                None => (rebuild(store, &self.key, now, None)?.0, true),
+            };
+            let before = catalog.clone();
+            catalog.heads.extend(pending.heads.iter().cloned());
+            catalog.packidx.extend(pending.packidx.iter().copied());
+            edit(&mut catalog);
+            catalog.normalize();
+            if !rebuilt && catalog.heads == before.heads && catalog.packidx == before.packidx {
+                *pending = Changes::default();
+                return Ok(false);
+            }
+            let (key, expires) = (&self.key, self.expires_in);
+            if put_catalog(store, &mut catalog, key, now, expires, read.as_deref())? {
+                *pending = Changes::default();
+                return Ok(true);
+            }
+            after_race(lost + 1);
         }
-        put_catalog(
-            self.inner.as_ref(),
-            &mut catalog,
-            &self.key,
-            now,
-            self.expires_in,
-        )?;
-        *pending = Changes::default();
-        Ok(true)
+        Err(too_contended())
     }
 
     /// [`StoreError`] from a catalog update before a deletion.
-    fn before_delete(&self, what: &str, edit: impl FnOnce(&mut Catalog)) -> Result<(), StoreError> {
+    fn before_delete(&self, what: &str, edit: impl Fn(&mut Catalog)) -> Result<(), StoreError> {
         self.update(edit).map(|_| ()).map_err(|e| match e {
             ChunkError::Store { cause, .. } => cause,
             e => StoreError::Permanent {

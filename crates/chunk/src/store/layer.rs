@@ -110,6 +110,17 @@ pub trait Layer: Send + Sync + Sized {
     fn get_marker(&self, name: &str) -> Result<Vec<u8>, StoreError> {
         self.around(Request::GetMarker, || self.inner().get_marker(name))
     }
+    /// See [`Store::replace_marker_if`].
+    fn replace_marker_if(
+        &self,
+        name: &str,
+        expected: Option<&[u8]>,
+        data: &[u8],
+    ) -> Result<bool, StoreError> {
+        self.around(Request::PutMarker, || {
+            self.inner().replace_marker_if(name, expected, data)
+        })
+    }
     /// See [`Store::list_markers`].
     fn list_markers(&self, dir: &str) -> Result<Vec<Marker>, StoreError> {
         self.around(Request::GetMarker, || self.inner().list_markers(dir))
@@ -193,6 +204,14 @@ impl<L: Layer> Store for L {
     }
     fn get_marker(&self, name: &str) -> Result<Vec<u8>, StoreError> {
         Layer::get_marker(self, name)
+    }
+    fn replace_marker_if(
+        &self,
+        name: &str,
+        expected: Option<&[u8]>,
+        data: &[u8],
+    ) -> Result<bool, StoreError> {
+        Layer::replace_marker_if(self, name, expected, data)
     }
     fn list_markers(&self, dir: &str) -> Result<Vec<Marker>, StoreError> {
         Layer::list_markers(self, dir)

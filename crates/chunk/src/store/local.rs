@@ -290,6 +290,41 @@ impl Store for LocalStore {
         self.read(name)
     }
 
+    /// Under an exclusive `flock` of `.<name>.lock` beside the marker, so
+    /// that two writers (two processes, or two machines on one NFS
+    /// export) compare and replace one after the other.
+    fn replace_marker_if(
+        &self,
+        name: &str,
+        expected: Option<&[u8]>,
+        data: &[u8],
+    ) -> Result<bool, StoreError> {
+        check_marker_name(name)?;
+        let dest = self.root.join(name);
+        let dir = dest.parent().unwrap_or(&self.root).to_owned();
+        let file = dest.file_name().map(|f| f.to_string_lossy().into_owned());
+        let lock_path = dir.join(format!(".{}.lock", file.unwrap_or_default()));
+        fs::create_dir_all(&dir).map_err(|e| io_err(name, e))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io_err(name, e))?;
+        let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| io_err(name, std::io::Error::from(e)))?;
+        let holds = match self.read(name) {
+            Ok(d) => Some(d.to_vec()),
+            Err(StoreError::NotFound(_)) => None,
+            Err(e) => return Err(e),
+        };
+        if holds.as_deref() != expected {
+            return Ok(false);
+        }
+        self.put_marker(name, data)?;
+        Ok(true)
+    }
+
     fn list_markers(&self, dir: &str) -> Result<Vec<Marker>, StoreError> {
         let mut out = Vec::new();
         let mut pending = vec![dir.trim_end_matches('/').to_owned()];

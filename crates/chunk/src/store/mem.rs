@@ -288,6 +288,21 @@ impl MemStore {
         Ok(g)
     }
 
+    /// Run the hook [`MemStore::before_marker_put`] set for `name`, once.
+    fn before_put(&self, name: &str) -> Result<(), StoreError> {
+        let hook = {
+            let mut g = self.inner()?;
+            match &g.before_put {
+                Some((prefix, _)) if name.starts_with(prefix.as_str()) => g.before_put.take(),
+                _ => None,
+            }
+        };
+        if let Some((_, f)) = hook {
+            f(self);
+        }
+        Ok(())
+    }
+
     fn not_found(kind: Kind, id: &Id) -> StoreError {
         StoreError::NotFound(kind.describe(id))
     }
@@ -397,20 +412,31 @@ impl Store for MemStore {
     fn put_marker(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
         check_marker_name(name)?;
         let lose = self.fault(Request::PutMarker)?;
-        let hook = {
-            let mut g = self.inner()?;
-            match &g.before_put {
-                Some((prefix, _)) if name.starts_with(prefix.as_str()) => g.before_put.take(),
-                _ => None,
-            }
-        };
-        if let Some((_, f)) = hook {
-            f(self);
-        }
+        self.before_put(name)?;
         self.inner()?
             .markers
             .insert(name.to_owned(), (data.to_vec(), Utc::now()));
         Self::answer(lose, Request::PutMarker, ())
+    }
+
+    fn replace_marker_if(
+        &self,
+        name: &str,
+        expected: Option<&[u8]>,
+        data: &[u8],
+    ) -> Result<bool, StoreError> {
+        check_marker_name(name)?;
+        let lose = self.fault(Request::PutMarker)?;
+        self.before_put(name)?;
+        let mut g = self.inner()?;
+        let holds = g.markers.get(name).map(|(d, _)| d.as_slice());
+        let swapped = holds == expected;
+        if swapped {
+            g.markers
+                .insert(name.to_owned(), (data.to_vec(), Utc::now()));
+        }
+        drop(g);
+        Self::answer(lose, Request::PutMarker, swapped)
     }
 
     fn get_marker(&self, name: &str) -> Result<Vec<u8>, StoreError> {

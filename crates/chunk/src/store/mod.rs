@@ -113,6 +113,15 @@ pub enum StoreError {
         /// Why.
         detail: String,
     },
+    /// The store cannot do what was asked (a conditional write on a
+    /// server without `If-Match`).
+    #[error("{store} cannot {what}")]
+    Unsupported {
+        /// The store.
+        store: String,
+        /// What it cannot do.
+        what: String,
+    },
     /// The store URL cannot be used.
     #[error("invalid store '{url}': {detail}")]
     InvalidUrl {
@@ -243,6 +252,18 @@ pub trait Store: Send + Sync {
     fn put_marker(&self, name: &str, data: &[u8]) -> Result<(), StoreError>;
     /// The bytes of marker `name`.
     fn get_marker(&self, name: &str) -> Result<Vec<u8>, StoreError>;
+    /// Replace marker `name` with `data` only if it still holds exactly
+    /// `expected` (`None`: only if it is absent), atomically with respect
+    /// to other callers of this method: `Ok(true)` if written, `Ok(false)`
+    /// if it holds something else now (read it again, redo the change,
+    /// retry). [`StoreError::Unsupported`] where the store cannot write
+    /// conditionally.
+    fn replace_marker_if(
+        &self,
+        name: &str,
+        expected: Option<&[u8]>,
+        data: &[u8],
+    ) -> Result<bool, StoreError>;
     /// Markers whose name starts with `dir` + `/`, with their store times.
     fn list_markers(&self, dir: &str) -> Result<Vec<Marker>, StoreError>;
     /// Delete marker `name`; absent is not an error.

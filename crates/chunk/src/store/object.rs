@@ -405,6 +405,64 @@ impl Store for ObjectStoreBackend {
         self.read(name, name.to_owned()).map(|b| b.to_vec())
     }
 
+    /// The marker is read with its ETag and written back with `If-Match`
+    /// on it (`If-None-Match: *` when it must be absent): the service
+    /// refuses the write if anyone replaced it in between.
+    fn replace_marker_if(
+        &self,
+        name: &str,
+        expected: Option<&[u8]>,
+        data: &[u8],
+    ) -> Result<bool, StoreError> {
+        check_marker_name(name)?;
+        let path = self.path(name);
+        let unsupported = || StoreError::Unsupported {
+            store: self.url.clone(),
+            what: format!("replace {name} conditionally (no If-Match)"),
+        };
+        let mode = match expected {
+            None => PutMode::Create,
+            Some(expected) => {
+                let read = self.runtime.block_on(async {
+                    let got = self.inner.get(&path).await?;
+                    let meta = got.meta.clone();
+                    Ok::<_, object_store::Error>((meta, got.bytes().await?))
+                });
+                let (meta, holds) = match read {
+                    Ok(r) => r,
+                    Err(object_store::Error::NotFound { .. }) => return Ok(false),
+                    Err(e) => return Err(classify(name, e)),
+                };
+                if holds.as_ref() != expected {
+                    return Ok(false);
+                }
+                let e_tag = meta.e_tag.ok_or_else(unsupported)?;
+                PutMode::Update(object_store::UpdateVersion {
+                    e_tag: Some(e_tag),
+                    version: meta.version,
+                })
+            }
+        };
+        let opts = PutOptions {
+            mode,
+            ..PutOptions::default()
+        };
+        let payload = PutPayload::from(data.to_vec());
+        match self
+            .runtime
+            .block_on(self.inner.put_opts(&path, payload, opts))
+        {
+            Ok(_) => Ok(true),
+            // Replaced meanwhile (S3 may also answer a concurrent If-Match
+            // with 409).
+            Err(object_store::Error::Precondition { .. })
+            | Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(object_store::Error::NotImplemented { .. })
+            | Err(object_store::Error::NotSupported { .. }) => Err(unsupported()),
+            Err(e) => Err(classify(name, e)),
+        }
+    }
+
     fn list_markers(&self, dir: &str) -> Result<Vec<Marker>, StoreError> {
         let strip = if self.prefix.is_empty() {
             String::new()

@@ -168,6 +168,21 @@ pub fn contract(store: &dyn Store) {
     for bad in ["indexes/x", "locks/../packs/x", "locks/", "gc/a b"] {
         assert!(store.put_marker(bad, b"x").is_err(), "{bad}");
     }
+    // Compare-and-swap on a marker's bytes (how publishers replace the
+    // catalog): only over what was read, or over nothing when absent.
+    let cas = |expected: Option<&[u8]>, data: &[u8]| {
+        store
+            .replace_marker_if("catalog", expected, data)
+            .expect("replace_marker_if")
+    };
+    assert!(cas(None, b"v1"), "created when absent");
+    assert!(!cas(None, b"v1 again"), "refused: it exists");
+    assert!(!cas(Some(b"v0"), b"v2"), "refused: it holds v1");
+    assert!(cas(Some(b"v1"), b"v2"), "replaced what was read");
+    assert!(!cas(Some(b"v1"), b"v3"), "refused: v1 is gone");
+    assert_eq!(store.get_marker("catalog").expect("get"), b"v2");
+    store.delete_marker("catalog").expect("delete");
+    assert!(!cas(Some(b"v2"), b"v3"), "refused: it was deleted");
     store.delete_marker("locks/export-a").expect("delete");
     store.delete_marker("locks/export-a").expect("twice");
     store.delete_marker("gc/marks/m1").expect("delete");
