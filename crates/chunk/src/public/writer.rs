@@ -84,18 +84,17 @@ fn current(store: &dyn Store, key: &PublicKey) -> Result<(Read, Option<Catalog>)
 /// writer replaced meanwhile before it gives up.
 const CATALOG_RACES: u32 = 50;
 
-/// A short random wait before a writer that lost a race tries again, so
-/// that racing writers spread out.
+/// A short random wait before a writer that lost `lost` races in a row
+/// tries again, so that racing writers spread out: between half and all of
+/// 5 ms per race lost, at most 100 ms (the retry policy's jitter).
 fn after_race(lost: u32) {
-    let wait = std::time::Duration::from_millis(5 * u64::from(lost.min(20)));
-    std::thread::sleep(
-        crate::store::RetryPolicy {
-            first_wait: wait,
-            max_wait: wait,
-            ..*crate::store::RetryPolicy::standard()
-        }
-        .wait(1),
-    );
+    let most = Duration::from_millis(5 * u64::from(lost.min(20)));
+    let jittered = crate::store::RetryPolicy {
+        first_wait: most,
+        max_wait: most,
+        ..*crate::store::RetryPolicy::standard()
+    };
+    std::thread::sleep(jittered.wait(1));
 }
 
 /// The error of a writer that lost [`CATALOG_RACES`] races in a row.
