@@ -141,14 +141,30 @@ impl std::fmt::Display for Known {
 struct Record {
     /// The directory, as restored into.
     dir: PathBuf,
-    /// Its device and inode then: a directory removed and made again is
-    /// not the one restored into.
+    /// Its device, inode and birth time (where the file system keeps
+    /// one) then: a directory removed and made again is not the one
+    /// restored into, even when it gets the same inode back.
     dev: u64,
     ino: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    born: Option<u128>,
     /// The backup restored.
     backup: String,
     /// Its chain.
     chain: Chain,
+}
+
+/// Which directory `meta` is: device, inode, and birth time in
+/// nanoseconds where the file system records one.
+fn identity(meta: &std::fs::Metadata) -> (u64, u64, Option<u128>) {
+    let born = meta
+        .created()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        // ext4 with small inodes answers 0: no birth time kept.
+        .filter(|n| *n > 0);
+    (meta.dev(), meta.ino(), born)
 }
 
 /// Where the records of restores are kept: `$BTM_STATE_DIR/restored` for
@@ -183,7 +199,7 @@ pub fn of_directory(dir: &Path, records: Option<&Path>) -> Option<(Chain, Known)
     let recorded = records
         .and_then(|r| std::fs::read(record_path(r, &canonical)).ok())
         .and_then(|data| serde_json::from_slice::<Record>(&data).ok())
-        .filter(|r| r.dir == canonical && r.dev == meta.dev() && r.ino == meta.ino());
+        .filter(|r| r.dir == canonical && (r.dev, r.ino, r.born) == identity(&meta));
     // A record of a backup that named no chain says nothing.
     if let Some(r) = recorded.filter(|r| r.chain.is_known()) {
         return Some((r.chain, Known::Restored { backup: r.backup }));
@@ -227,10 +243,12 @@ fn genesis_chain_id(path: &Path) -> Option<String> {
 pub fn record(records: &Path, dir: &Path, backup: &str, chain: &Chain) -> std::io::Result<()> {
     let canonical = dir.canonicalize()?;
     let meta = std::fs::metadata(&canonical)?;
+    let (dev, ino, born) = identity(&meta);
     let r = Record {
         dir: canonical.clone(),
-        dev: meta.dev(),
-        ino: meta.ino(),
+        dev,
+        ino,
+        born,
         backup: backup.to_owned(),
         chain: chain.clone(),
     };
@@ -307,7 +325,11 @@ mod tests {
 
     #[test]
     fn a_directory_is_known_by_its_record_or_its_genesis() {
-        let t = tempfile::tempdir().expect("tmp");
+        // tmpfs keeps birth times, which tell a directory made again apart
+        // from the one restored into even when its inode comes back.
+        let t = tempfile::tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::tempdir())
+            .expect("tmp");
         let records = t.path().join("records");
         let dir = t.path().join("node");
         std::fs::create_dir_all(dir.join("config")).expect("mkdir");
@@ -325,11 +347,17 @@ mod tests {
         let (c, known) = of_directory(&dir, Some(&records)).expect("record");
         assert_eq!(c, chain(Some("osmosis-1"), None));
         assert_eq!(known.to_string(), "restored from b1");
-        // The directory removed and made again is not the one restored.
+        // The directory removed and made again is not the one restored,
+        // even with its inode back: its birth time differs (on file
+        // systems that keep one, as ext4, btrfs, XFS and tmpfs do).
         std::fs::remove_dir_all(&dir).expect("rm");
+        std::thread::sleep(std::time::Duration::from_millis(2));
         std::fs::create_dir_all(&dir).expect("mkdir");
         std::fs::write(dir.join("f"), b"x").expect("f");
-        assert_eq!(of_directory(&dir, Some(&records)), None);
+        let meta = std::fs::metadata(&dir).expect("stat");
+        if identity(&meta).2.is_some() {
+            assert_eq!(of_directory(&dir, Some(&records)), None);
+        }
     }
 
     #[test]
