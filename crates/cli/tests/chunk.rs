@@ -1157,6 +1157,21 @@ fn a_restore_refuses_to_lay_one_chain_over_another() {
         e.contains("no backup with tag 'mixed' of chain net-z"),
         "{e}"
     );
+    // backups --chain lists only that chain's.
+    let listed = t.btm(&["backups", "--chain", "net-a"]).ok();
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    assert!(
+        listed
+            .lines()
+            .all(|l| l.ends_with("--a") || l.ends_with("--mixed")),
+        "{listed}"
+    );
+    let listed = t
+        .btm(&["backups", "--chain", "net-b", "-t", "mixed", "--json"])
+        .ok();
+    let listed: serde_json::Value = serde_json::from_str(&listed).expect("json");
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["meta"]["chain_id"], "net-b");
     let e = t.btm(&["backup", src, "--chain", "two words"]).fails(2);
     assert!(e.contains("chain id"), "{e}");
 }

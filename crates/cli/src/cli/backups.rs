@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use btm_chunk::format::tree::{EntryKind, Item};
 use btm_chunk::store::Store;
 use btm_chunk::{inventory, BackupInfo};
+use btm_daemon::chain::Chain;
 use btm_daemon::height::identity::ChainIdentity;
 
 use super::store::StoreArgs;
@@ -24,6 +25,10 @@ pub struct BackupsArgs {
     /// Only backups with exactly this tag
     #[arg(short = 't', long)]
     tag: Option<String>,
+    /// Only backups of this chain (the chain id or genesis hash their
+    /// metadata records)
+    #[arg(long, value_name = "ID")]
+    chain: Option<String>,
     /// At most this many, newest first
     #[arg(long)]
     limit: Option<usize>,
@@ -54,23 +59,27 @@ pub fn run(args: BackupsArgs, out: &mut dyn Write) -> Result<()> {
         return show(&store, &args.store, name, *json, out);
     }
     let mut names = inventory::list_backups(store.as_ref(), args.tag.as_deref())?;
-    if let Some(n) = args.limit {
-        names.truncate(n);
-    }
-    if !args.long && !args.json {
-        for n in names {
-            writeln!(out, "{n}")?;
+    if args.chain.is_none() {
+        if let Some(n) = args.limit {
+            names.truncate(n);
         }
-        return Ok(());
+        if !args.long && !args.json {
+            for n in names {
+                writeln!(out, "{n}")?;
+            }
+            return Ok(());
+        }
     }
-    let mut infos = Vec::new();
-    for n in names {
-        let name = n.to_string();
-        match inventory::read_index(store.as_ref(), &name) {
-            Ok(idx) => infos.push(BackupInfo::of(&name, &idx)),
-            // One unreadable index is shown as such; the others still are.
-            Err(e @ btm_chunk::ChunkError::Index(_)) => infos.push(BackupInfo::unreadable(&n, &e)),
-            Err(e) => return Err(e.into()),
+    let mut infos = read_infos(store.as_ref(), names)?;
+    if let Some(chain) = &args.chain {
+        let of_chain = |i: &BackupInfo| Chain::of_meta(&i.meta).is_some_and(|c| c.is(chain));
+        infos.retain(of_chain);
+        infos.truncate(args.limit.unwrap_or(usize::MAX));
+        if !args.long && !args.json {
+            for i in infos {
+                writeln!(out, "{}", i.name)?;
+            }
+            return Ok(());
         }
     }
     if args.json {
@@ -116,6 +125,24 @@ pub fn run(args: BackupsArgs, out: &mut dyn Write) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the indexes `names` say; one that cannot be read is shown as such,
+/// and the others still are.
+fn read_infos(
+    store: &dyn Store,
+    names: Vec<btm_chunk::format::head::IndexName>,
+) -> Result<Vec<BackupInfo>> {
+    let mut infos = Vec::new();
+    for n in names {
+        let name = n.to_string();
+        match inventory::read_index(store, &name) {
+            Ok(idx) => infos.push(BackupInfo::of(&name, &idx)),
+            Err(e @ btm_chunk::ChunkError::Index(_)) => infos.push(BackupInfo::unreadable(&n, &e)),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(infos)
 }
 
 /// `btm backups show NAME`: the backup's entries, streamed.
