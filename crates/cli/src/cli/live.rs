@@ -48,8 +48,11 @@ pub(super) fn restore_live(r: LiveRestore<'_>) -> Result<()> {
         passthrough: r.passthrough,
         ..LiveOptions::default()
     };
+    let holds = btm_daemon::chain::Chain::of_meta(index.meta());
     btm_live::serve(target, repo, &name, &index, &opts)
-        .with_context(|| format!("live restore of {name} at {}", r.dir.display()))
+        .with_context(|| format!("live restore of {name} at {}", r.dir.display()))?;
+    super::store::remember_chain(&r.dir, &name, holds);
+    Ok(())
 }
 
 /// Arguments of `btm live`.

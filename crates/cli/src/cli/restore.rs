@@ -137,17 +137,7 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
             )
         })?,
     };
-    // What the directory now holds, for the next restore into it.
-    if let Some(records) = &records {
-        let holds = backup_chain.unwrap_or_default();
-        if let Err(e) = chain::record(records, &dir, &name, &holds) {
-            eprintln!(
-                "warning: cannot record which chain {} holds in {}: {e}",
-                dir.display(),
-                records.display()
-            );
-        }
-    }
+    super::store::remember_chain(&dir, &name, backup_chain);
     if args.json {
         return print_json(
             out,

@@ -295,3 +295,19 @@ pub(super) fn find_backup_of(
 pub(super) fn parse_regex(s: &str) -> Result<Regex, String> {
     Regex::new(s).map_err(|e| format!("bad regular expression: {e}"))
 }
+
+/// Record that `dir` now holds backup `name` of `chain` (unknown: a record
+/// that says nothing, so an older one no longer speaks for it), for the
+/// next restore into it. A failure is a warning: the restore is done.
+pub(super) fn remember_chain(dir: &std::path::Path, name: &str, chain: Option<Chain>) {
+    let Some(records) = btm_daemon::chain::records_dir() else {
+        return;
+    };
+    if let Err(e) = btm_daemon::chain::record(&records, dir, name, &chain.unwrap_or_default()) {
+        eprintln!(
+            "warning: cannot record which chain {} holds in {}: {e}",
+            dir.display(),
+            records.display()
+        );
+    }
+}
