@@ -47,6 +47,10 @@ struct Shared {
     rules: Mutex<Vec<Rule>>,
     log: Mutex<Vec<String>>,
     stop: AtomicBool,
+    /// PUTs to paths containing one of these go upstream one at a time,
+    /// each with its answer, under `serial`.
+    one_at_a_time: Mutex<Vec<&'static str>>,
+    serial: Mutex<()>,
 }
 
 /// The proxy, stopped on drop.
@@ -76,6 +80,8 @@ impl FaultProxy {
             rules: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
+            one_at_a_time: Mutex::new(Vec::new()),
+            serial: Mutex::new(()),
         });
         let s = Arc::clone(&shared);
         let thread = std::thread::spawn(move || {
@@ -102,6 +108,13 @@ impl FaultProxy {
     /// Add a rule; rules are tried in the order added.
     pub fn add(&self, rule: Rule) {
         self.shared.rules.lock().expect("rules").push(rule);
+    }
+
+    /// Forward PUTs to paths containing `path` one at a time, each until
+    /// its answer: a server whose conditional write checks and then
+    /// writes (s3s-fs) is then as atomic as S3 itself.
+    pub fn one_put_at_a_time(&self, path: &'static str) {
+        self.shared.one_at_a_time.lock().expect("paths").push(path);
     }
 
     /// The faults injected so far, one line each ("Reset GET /btm/...").
@@ -348,6 +361,14 @@ fn serve(s: &Shared, client: TcpStream) -> std::io::Result<()> {
         let Some((up, up_reader)) = upstream.as_mut() else {
             return Ok(());
         };
+        let serialized = method == "PUT"
+            && s.one_at_a_time
+                .lock()
+                .expect("paths")
+                .iter()
+                .any(|p| target.contains(p));
+        // Held until this request's answer is forwarded, below.
+        let _one = serialized.then(|| s.serial.lock().unwrap_or_else(|p| p.into_inner()));
         up.write_all(&req.raw)?;
         copy_body(
             &req,

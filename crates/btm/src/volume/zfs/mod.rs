@@ -319,7 +319,9 @@ fn zfs_retrying(args: &[&str]) -> Result<(), Error> {
     loop {
         match zfs(args) {
             Ok(_) => return Ok(()),
-            Err(e) if e.kind.is_temporary() && attempt < 12 => {
+            // About 40 s in all: zfs-fuse on a loaded machine has kept a
+            // dataset busy for over 15 s after a rename.
+            Err(e) if e.kind.is_temporary() && attempt < 24 => {
                 tracing::debug!(?args, attempt, "dataset busy, retrying");
                 sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(2));
