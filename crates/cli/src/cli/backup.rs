@@ -96,11 +96,11 @@ pub struct BackupArgs {
     publish: bool,
 }
 
-pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
-    let store = args.store.open()?;
+/// The engine's options `args` ask for.
+fn options(args: &BackupArgs) -> Result<BackupOptions> {
     let mut opts = BackupOptions::new(&args.tag, btm_daemon::node_policy());
-    opts.meta = args.meta.unwrap_or_default();
-    if let Some(id) = args.chain {
+    opts.meta = args.meta.clone().unwrap_or_default();
+    if let Some(id) = args.chain.clone() {
         if opts
             .meta
             .get("chain_id")
@@ -110,12 +110,12 @@ pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
         }
         opts.meta.insert("chain_id".into(), id.into());
     }
-    opts.filter = args.filter;
-    opts.append_only = args.append_only;
+    opts.filter = args.filter.clone();
+    opts.append_only = args.append_only.clone();
     opts.exclude = args
         .exclude
-        .into_iter()
-        .map(|g| (g, "--exclude".to_owned()))
+        .iter()
+        .map(|g| (g.clone(), "--exclude".to_owned()))
         .collect();
     opts.include_secrets = args.include_secrets;
     opts.chunk_size = args.chunk_size;
@@ -126,6 +126,12 @@ pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
     opts.max_rate = args.max_rate;
     opts.workers = workers(args.workers)?;
     opts.zstd_level = args.level;
+    Ok(opts)
+}
+
+pub fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
+    let store = args.store.open()?;
+    let opts = options(&args)?;
     let reporter = Reporter::start(
         format!("backing up {}", args.dir.display()),
         Arc::clone(&opts.progress),

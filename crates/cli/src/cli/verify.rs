@@ -111,6 +111,17 @@ fn behind(
     );
 }
 
+/// Another client version than the export's can read the same chain: a
+/// warning, not a failure (an incompatible one shows as a node that will
+/// not start).
+fn warn_other_client(recorded: &ChainIdentity, found: &ChainIdentity) {
+    if let (Some(was), Some(now)) = (&recorded.client, &found.client) {
+        if was != now {
+            eprintln!("warning: the export was made from {was}; the node runs {now}");
+        }
+    }
+}
+
 pub fn run(args: VerifyArgs, out: &mut dyn Write) -> Result<()> {
     // Plain http only, as the daemon: btm asks the node's local endpoint.
     if !args.rpc_url.starts_with("http://") || args.rpc_url.len() <= "http://".len() {
@@ -151,13 +162,7 @@ pub fn run(args: VerifyArgs, out: &mut dyn Write) -> Result<()> {
         )
     })?;
     let mismatches = identity::compare(&recorded, &found);
-    // Another client version can read the same chain: a warning, not a
-    // failure (an incompatible one shows as a node that will not start).
-    if let (Some(was), Some(now)) = (&recorded.client, &found.client) {
-        if was != now {
-            eprintln!("warning: the export was made from {was}; the node runs {now}");
-        }
-    }
+    warn_other_client(&recorded, &found);
     if args.json {
         print_json(
             out,
