@@ -74,10 +74,13 @@ impl Repo {
     }
 
     /// Requests in flight for reads: small and cheap to have in flight,
-    /// so more than for uploads.
+    /// so more than for uploads; as many per place serving the store
+    /// ([`Store::sources`]: a restore's mirrors).
     pub fn read_connections(&self) -> usize {
         let local = self.store.local_root().is_some();
-        self.connections.unwrap_or(if local { 4 } else { 16 })
+        let sources = self.store.sources().max(1);
+        self.connections
+            .unwrap_or(if local { 4 } else { 16 } * sources)
     }
 
     /// The entries of backup `name` (`index`), streamed and validated;

@@ -708,6 +708,179 @@ fn old_expired_and_too_old_catalogs_are_refused() {
     w.read(&["backups", "--max-age", "1h"]).ok();
 }
 
+/// One store served three ways by nginx: through a proxy that flips every
+/// byte of pack answers (`-s`), one that serves two pack reads and then
+/// stalls, and a good one. The restore draws on all three, sets the first
+/// two aside for the rest of the run, and is exact; the summary names
+/// them. A mirror of another store (another key) is set aside at once;
+/// a mirror list signed into the catalog is used without `--mirror`.
+#[test]
+fn a_restore_from_three_mirrors_sets_aside_the_bad_and_the_stalled() {
+    use common::http_faults::{Fault, Rule};
+    let w = World::new();
+    let src = w.dir("src");
+    node(&src, 1);
+    // Small packs: many reads to spread.
+    w.btm(&[
+        "backup",
+        s(&src),
+        "-s",
+        s(&w.store),
+        "-t",
+        "node",
+        "--pack-size",
+        "1MiB",
+    ])
+    .ok();
+    w.btm(&["publish", "-s", s(&w.store), "--signing-key", s(&w.key)])
+        .ok();
+    let port = w._nginx.port;
+    let flipping = FaultProxy::start_far(port, 0, Duration::from_millis(5));
+    flipping.add(Rule {
+        method: "GET",
+        path: "/packs/",
+        fault: Fault::Flip,
+        times: u32::MAX,
+    });
+    let stalling = FaultProxy::start_far(port, 0, Duration::from_millis(5));
+    stalling.add(Rule {
+        method: "GET",
+        path: "/packs/",
+        fault: Fault::Pass,
+        times: 2,
+    });
+    let stall = Fault::Stall(Duration::from_secs(30));
+    stalling.add(Rule {
+        method: "GET",
+        path: "/packs/",
+        fault: stall,
+        times: u32::MAX,
+    });
+    let dst = w.dir("dst");
+    let (bad, slow, good) = (flipping.url(), stalling.url(), w.url());
+    let args = [
+        "restore",
+        "latest",
+        s(&dst),
+        "-t",
+        "node",
+        "-s",
+        &bad,
+        "--mirror",
+        &slow,
+        "--mirror",
+        &good,
+        "--trust",
+        &w.public,
+    ];
+    let env = [("BTM_STORE_TIMEOUT", "2s")];
+    let out = common::btm_env_ok(w.scratch.path(), &args, &env);
+    // Everything but key material, which is never exported.
+    let mut want = snapshot(&src);
+    want.retain(|(p, _)| !p.ends_with("config/priv_validator_key.json"));
+    assert_eq!(snapshot(&dst).len(), want.len());
+    for ((a, x), (b, y)) in want.iter().zip(snapshot(&dst).iter()) {
+        assert_eq!(a.strip_prefix(&src).ok(), b.strip_prefix(&dst).ok());
+        assert!(x == y, "{} differs", a.display());
+    }
+    assert!(flipping.injected().iter().any(|l| l.starts_with("Flip")));
+    assert!(
+        stalling.injected().iter().any(|l| l.starts_with("Stall")),
+        "{:?}",
+        stalling.injected()
+    );
+    let aside = |url: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("mirror {url}")))
+            .unwrap_or_else(|| panic!("{url} not in {out}"))
+            .to_owned()
+    };
+    assert!(
+        aside(&bad).contains("set aside") && aside(&bad).contains("do not match their hash"),
+        "{out}"
+    );
+    assert!(
+        aside(&slow).contains("set aside") && aside(&slow).contains("did not answer"),
+        "{out}"
+    );
+    assert!(!aside(&good).contains("set aside"), "{out}");
+
+    // Another store (another key) as a mirror: set aside at once.
+    let other = w.dir("other");
+    let other_key = w.dir("other.key");
+    w.btm(&["key", "generate", s(&other_key)]).ok();
+    w.btm(&[
+        "backup",
+        s(&src),
+        "-s",
+        s(&other),
+        "-t",
+        "node",
+        "--publish",
+        "--signing-key",
+        s(&other_key),
+    ])
+    .ok();
+    let dst2 = w.dir("dst2");
+    let other_url = other.display().to_string();
+    let out = w
+        .read(&[
+            "restore",
+            "latest",
+            s(&dst2),
+            "-t",
+            "node",
+            "--mirror",
+            &other_url,
+        ])
+        .ok();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("mirror {other_url} set aside")))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("not a trusted key"), "{out}");
+
+    // A mirror list signed into the catalog: used without --mirror.
+    let bad_mirror = format!("{bad}/");
+    w.btm(&[
+        "publish",
+        "-s",
+        s(&w.store),
+        "--signing-key",
+        s(&w.key),
+        "--mirror-list",
+        &bad_mirror,
+    ])
+    .ok();
+    let dst3 = w.dir("dst3");
+    let out = w.read(&["restore", "latest", s(&dst3), "-t", "node"]).ok();
+    assert!(out.contains(&format!("mirror {bad_mirror}")), "{out}");
+    let out = w
+        .read(&[
+            "restore",
+            "latest",
+            s(&w.dir("dst4")),
+            "-t",
+            "node",
+            "--no-listed-mirrors",
+        ])
+        .ok();
+    assert!(!out.contains("mirror "), "{out}");
+    // A bad list is refused, one line.
+    let e = w
+        .btm(&[
+            "publish",
+            "-s",
+            s(&w.store),
+            "--signing-key",
+            s(&w.key),
+            "--mirror-list",
+            "/srv/x",
+        ])
+        .fails(2);
+    assert!(e.contains("a local path means nothing"), "{e}");
+}
+
 /// Two publishers of one store at once, 20 backups each under their own
 /// tags, each `--publish`: the catalog ends up listing all 40 (every
 /// catalog write is a compare-and-swap; a writer that loses redoes its

@@ -58,6 +58,10 @@ pub struct Catalog {
     pub heads: Vec<HeadEntry>,
     /// Every pack index.
     pub packidx: Vec<PackIndexEntry>,
+    /// Other places serving copies of this store, which readers restoring
+    /// from it also draw on (`docs/format.md`, "Several mirrors").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<String>,
 }
 
 /// Why a catalog is refused. Each names what is wrong in one line.
@@ -153,6 +157,7 @@ impl Catalog {
             expires: None,
             heads: Vec::new(),
             packidx: Vec::new(),
+            mirrors: Vec::new(),
         }
     }
 

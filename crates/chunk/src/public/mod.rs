@@ -11,12 +11,14 @@
 
 pub mod catalog;
 pub mod key;
+pub mod mirrors;
 pub mod reader;
 mod seen;
 pub mod writer;
 
 pub use catalog::Catalog;
 pub use key::{KeyError, PublicKey, SigningKey};
+pub use mirrors::Mirrors;
 pub use reader::CatalogStore;
 pub use writer::{publish, PublishReport, Publishing};
 
@@ -64,9 +66,19 @@ pub fn open(location: &Location, access: &Access) -> Result<Opened, StoreError> 
             unauthenticated: false,
         });
     }
-    let store = CatalogStore::open(inner, access).map_err(|e| match e {
-        // The first request of an anonymous read: a refusal here is most
-        // often a bucket that does not allow them.
+    let store = CatalogStore::open(inner, access).map_err(|e| explain_first_read(e, access))?;
+    Ok(Opened {
+        store: Arc::new(store),
+        unauthenticated: access.trust.is_empty(),
+    })
+}
+
+/// An error of the first request of a read (the catalog's), said in
+/// terms of what most often causes it.
+fn explain_first_read(e: StoreError, access: &Access) -> StoreError {
+    match e {
+        // A refusal of an anonymous read is most often a bucket that does
+        // not allow them.
         StoreError::Permanent { what, detail } if access.anonymous => StoreError::Permanent {
             what,
             detail: format!(
@@ -74,11 +86,7 @@ pub fn open(location: &Location, access: &Access) -> Result<Opened, StoreError> 
             ),
         },
         e => e,
-    })?;
-    Ok(Opened {
-        store: Arc::new(store),
-        unauthenticated: access.trust.is_empty(),
-    })
+    }
 }
 
 #[cfg(test)]
@@ -220,7 +228,7 @@ mod tests {
         let store = MemStore::new();
         let key = SigningKey::from_seed([6; 32]);
         let shared: Arc<dyn Store> = Arc::new(store.clone());
-        crate::public::publish(&store, &key, chrono::Utc::now(), None).expect("publish");
+        crate::public::publish(&store, &key, chrono::Utc::now(), None, None).expect("publish");
         let a = Publishing::new(Arc::clone(&shared), &key);
         a.put_index(&name(1), &head_bytes(1)).expect("head a");
         // Just before A writes its catalog, B publishes its own backup.
@@ -252,7 +260,7 @@ mod tests {
         };
         let shared: Arc<dyn Store> = Arc::new(store.clone());
         let t0 = chrono::Utc::now();
-        crate::public::publish(&store, &key, t0, None).expect("publish");
+        crate::public::publish(&store, &key, t0, None, None).expect("publish");
         let old = store.get_marker(CATALOG).expect("catalog");
         CatalogStore::open(Arc::clone(&shared), &access).expect("first read");
         let p = Publishing::new(Arc::clone(&shared), &key);
@@ -274,7 +282,7 @@ mod tests {
         assert!(CatalogStore::open(Arc::clone(&shared), &fresh).is_ok());
         // A publisher's expiry is signed in, and kept by the next writer.
         let day = std::time::Duration::from_secs(86_400);
-        crate::public::publish(&store, &key, chrono::Utc::now(), Some(day)).expect("publish");
+        crate::public::publish(&store, &key, chrono::Utc::now(), Some(day), None).expect("publish");
         let p = Publishing::new(Arc::clone(&shared), &key);
         p.put_index(&name(2), &head_bytes(2)).expect("head");
         p.commit().expect("commit");

@@ -89,6 +89,11 @@ impl CatalogStore {
         })
     }
 
+    /// The key that signed the catalog.
+    pub fn signer(&self) -> PublicKey {
+        self.state().signer.clone()
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -154,18 +154,23 @@ fn put_catalog(
 
 /// Build the catalog of `store` from its listings, sign it with `key` and
 /// write it, valid for `expires_in` if given (else as long as the catalog
-/// it replaces allowed). Heads already in the previous catalog (signed by
-/// `key`) are not read again: heads are write-once.
+/// it replaces allowed), listing `mirrors` if given (else those the
+/// catalog it replaces listed). Heads already in the previous catalog
+/// (signed by `key`) are not read again: heads are write-once.
 pub fn publish(
     store: &dyn Store,
     key: &SigningKey,
     now: DateTime<Utc>,
     expires_in: Option<Duration>,
+    mirrors: Option<&[String]>,
 ) -> Result<PublishReport, ChunkError> {
     for lost in 0..CATALOG_RACES {
         let (read, old) = current(store, &key.public())
             .map_err(|e| ChunkError::store("reading the catalog", e))?;
         let (mut catalog, report) = rebuild(store, key, now, old)?;
+        if let Some(m) = mirrors {
+            catalog.mirrors = m.to_vec();
+        }
         if put_catalog(store, &mut catalog, key, now, expires_in, read.as_deref())? {
             return Ok(report);
         }
@@ -191,6 +196,7 @@ fn rebuild(
     // The times of the catalog it replaces, which the new one follows.
     let mut catalog = Catalog::new(old.as_ref().map_or(now, |o| o.published));
     catalog.expires = old.as_ref().and_then(|o| o.expires);
+    catalog.mirrors = old.as_ref().map(|o| o.mirrors.clone()).unwrap_or_default();
     let mut report = PublishReport {
         heads: 0,
         pack_indexes: packidx.len(),

@@ -3,13 +3,13 @@
 //! the write stage. A pack that vanished under the restore (a GC moved its
 //! chunks) is looked up again in a reloaded chunk map.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use super::write::{write_fetched, FileJob};
+use super::write::{write_fetched, FileJob, Unwritten};
 use super::{Shared, MAX_GAP, MAX_RANGE, WINDOW};
 use crate::format::tree::ChunkRef;
 use crate::map::ChunkMap;
@@ -214,20 +214,69 @@ impl Fetcher {
     }
 }
 
-/// Read `source` into `buf`.
-fn get(shared: &Shared<'_>, source: &Source, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+/// Read `source` into `buf`, and write the chunks of `f` that it brings:
+/// bytes that fail a chunk's hash are read again from another place where
+/// the store has several ([`crate::store::Store::get_range_checked`]). A
+/// store error is returned as such (`Ok(Err)`); a chunk that could not be
+/// written, or whose bytes were wrong in every place, as the chunk error.
+fn get_and_write<'a>(
+    shared: &Shared<'a>,
+    source: &Source,
+    chunks: &mut VecDeque<FetchChunk<'a>>,
+    buf: &mut Vec<u8>,
+    dctx: &mut zstd::bulk::Decompressor<'static>,
+    out: &mut Vec<u8>,
+) -> Result<Result<(), StoreError>, ChunkError> {
     let store = shared.repo.store();
     let _req = shared.opts.progress.request();
-    shared.counters.requests.add(1);
-    with_retry(store, || match *source {
-        Source::Range { pack, start, len } => {
-            store.get_range_into(Kind::Pack, &pack, start, len, buf)
+    if let (Some(t), Source::Range { len, .. }) = (&shared.throttle, source) {
+        t.take(*len);
+    }
+    // The first failure to write, and whether it was the bytes' fault.
+    let mut unwritten: Option<Unwritten> = None;
+    let read = with_retry(store, || {
+        shared.counters.requests.add(1);
+        match *source {
+            Source::Range { pack, start, len } => {
+                let mut check = |data: &[u8]| {
+                    shared.counters.bytes_downloaded.add(data.len() as u64);
+                    match write_fetched(shared, chunks, false, data, dctx, out) {
+                        Ok(()) => Ok(()),
+                        Err(Unwritten::Bytes(e)) => {
+                            let why = e.to_string();
+                            unwritten = Some(Unwritten::Bytes(e));
+                            Err(why)
+                        }
+                        // Not the bytes' fault: no other copy helps.
+                        Err(Unwritten::Local(e)) => {
+                            unwritten = Some(Unwritten::Local(e));
+                            Ok(())
+                        }
+                    }
+                };
+                store.get_range_checked(Kind::Pack, &pack, start, len, buf, &mut check)
+            }
+            Source::Object(id) => store.get(Kind::Chunk, &id).map(|data| {
+                buf.clear();
+                buf.extend_from_slice(&data);
+            }),
         }
-        Source::Object(id) => store.get(Kind::Chunk, &id).map(|data| {
-            buf.clear();
-            buf.extend_from_slice(&data);
-        }),
-    })
+    });
+    if let Source::Object(_) = source {
+        if read.is_ok() {
+            shared.counters.bytes_downloaded.add(buf.len() as u64);
+            if let Err(Unwritten::Bytes(e) | Unwritten::Local(e)) =
+                write_fetched(shared, chunks, true, buf, dctx, out)
+            {
+                return Err(e);
+            }
+        }
+    }
+    match (read, unwritten) {
+        (_, Some(Unwritten::Local(e))) => Err(e),
+        (Err(StoreError::Refused { .. }), Some(Unwritten::Bytes(e))) => Err(e),
+        (read, _) => Ok(read),
+    }
 }
 
 /// What a read does when its object is gone from the store.
@@ -255,38 +304,43 @@ fn fetch_one<'a>(
         return Err(ChunkError::Aborted);
     };
     let mut data = shared.buffers.take();
-    if let Err(e) = get(shared, &f.source, &mut data) {
-        shared.buffers.give(data);
-        let FetchChunk { hash, wants, .. } = &f.chunks[0];
-        return match (e, missing) {
-            (StoreError::NotFound(_), Missing::Relocate) if !shared.v1 => {
-                // Its own reads take from the budget again.
-                drop(permit);
-                refetch(shared, f, dctx, out)
-            }
-            (StoreError::NotFound(_), missing) => Err(ChunkError::Corrupt {
-                path: wants[0].job.entry.display().into_owned(),
-                hash: *hash,
-                off: wants[0].chunk.off,
-                detail: match missing {
-                    Missing::Fail(detail) => detail.into(),
-                    Missing::Relocate => "missing from the store".into(),
-                },
-            }),
-            (e, _) => Err(ChunkError::store(
-                format!(
-                    "file {}: fetching chunk {hash}",
-                    wants[0].job.entry.display()
-                ),
-                e,
-            )),
-        };
-    }
-    shared.counters.bytes_downloaded.add(data.len() as u64);
-    let whole = matches!(f.source, Source::Object(_));
-    let written = write_fetched(shared, f.chunks, whole, &data, dctx, out);
+    let mut chunks: VecDeque<FetchChunk<'a>> = f.chunks.into();
+    let read = get_and_write(shared, &f.source, &mut chunks, &mut data, dctx, out);
     shared.buffers.give(data);
-    written
+    let e = match read? {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    let Some(FetchChunk { hash, wants, .. }) = chunks.front() else {
+        return Ok(());
+    };
+    match (e, missing) {
+        (StoreError::NotFound(_), Missing::Relocate) if !shared.v1 => {
+            // Its own reads take from the budget again.
+            drop(permit);
+            let rest = Fetch {
+                source: f.source,
+                chunks: chunks.into(),
+            };
+            refetch(shared, rest, dctx, out)
+        }
+        (StoreError::NotFound(_), missing) => Err(ChunkError::Corrupt {
+            path: wants[0].job.entry.display().into_owned(),
+            hash: *hash,
+            off: wants[0].chunk.off,
+            detail: match missing {
+                Missing::Fail(detail) => detail.into(),
+                Missing::Relocate => "missing from the store".into(),
+            },
+        }),
+        (e, _) => Err(ChunkError::store(
+            format!(
+                "file {}: fetching chunk {hash}",
+                wants[0].job.entry.display()
+            ),
+            e,
+        )),
+    }
 }
 
 /// A pack vanished under the restore (a GC moved its chunks; a restore

@@ -107,6 +107,8 @@ pub struct RestoreOptions {
     /// Overwrite signing state that exists locally. Off by default: a
     /// restore never lowers a validator's record of what it signed.
     pub overwrite_signing_state: bool,
+    /// Download at most this many bytes per second (`--max-rate`).
+    pub max_rate: Option<u64>,
 }
 
 impl RestoreOptions {
@@ -120,6 +122,7 @@ impl RestoreOptions {
             progress: Arc::default(),
             policy,
             overwrite_signing_state: false,
+            max_rate: None,
         }
     }
 }
@@ -209,6 +212,8 @@ struct Shared<'a> {
     /// [`crate::buffers`]). Each has room for any ranged read: growing one
     /// would fault in fresh pages again.
     buffers: Buffers,
+    /// The download limit, if any.
+    throttle: Option<crate::throttle::Throttle>,
 }
 
 impl<'a> Shared<'a> {
@@ -229,6 +234,7 @@ impl<'a> Shared<'a> {
             in_flight: pipeline.budget(IN_FLIGHT_BYTES),
             open_files: pipeline.budget(open_file_budget() as u64),
             buffers: Buffers::new(POOLED_BUFFERS, MAX_RANGE as usize, MAX_RANGE as usize),
+            throttle: opts.max_rate.map(crate::throttle::Throttle::new),
             pipeline,
         }
     }

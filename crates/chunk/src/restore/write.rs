@@ -2,7 +2,7 @@
 //! they are zeros, and a file whose last chunk is right gets its metadata
 //! and joins the completed files the next checkpoint journals.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -113,46 +113,55 @@ impl<'a> Shared<'a> {
     }
 }
 
+/// Why the chunks of a read were not all written.
+pub(super) enum Unwritten {
+    /// The bytes read are wrong (a chunk fails its hash or does not
+    /// decompress): another copy of them may be right.
+    Bytes(ChunkError),
+    /// Writing them failed here.
+    Local(ChunkError),
+}
+
 /// Open each chunk of a read (`whole`: the read is the one chunk's object,
-/// not a range of frames) and write it where it is wanted.
+/// not a range of frames) and write it where it is wanted, taking each
+/// from the front of `chunks` once it is written: after a failure,
+/// `chunks` holds the chunk that failed and those after it.
 pub(super) fn write_fetched<'a>(
     shared: &Shared<'a>,
-    chunks: Vec<FetchChunk<'a>>,
+    chunks: &mut VecDeque<FetchChunk<'a>>,
     whole: bool,
     data: &[u8],
     dctx: &mut zstd::bulk::Decompressor<'static>,
     out: &mut Vec<u8>,
-) -> Result<(), ChunkError> {
-    for FetchChunk {
-        hash,
-        raw_len,
-        at,
-        len,
-        wants,
-    } in chunks
-    {
+) -> Result<(), Unwritten> {
+    while let Some(c) = chunks.front() {
         let frame = if whole {
             data
         } else {
-            data.get(at as usize..(at + len) as usize).unwrap_or(&[])
+            data.get(c.at as usize..(c.at + c.len) as usize)
+                .unwrap_or(&[])
         };
-        if let Err(e) = open_frame(frame, &hash, raw_len, dctx, out) {
-            let w = &wants[0];
+        if let Err(e) = open_frame(frame, &c.hash, c.raw_len, dctx, out) {
+            let w = &c.wants[0];
             let detail = match e {
                 FrameError::Mismatch => "corrupt (content does not match its hash)".to_owned(),
                 FrameError::Decompress(d) => format!("corrupt (cannot decompress: {d})"),
             };
-            return Err(ChunkError::Corrupt {
+            return Err(Unwritten::Bytes(ChunkError::Corrupt {
                 path: w.job.entry.display().into_owned(),
-                hash,
+                hash: c.hash,
                 off: w.chunk.off,
                 detail,
-            });
+            }));
         }
+        let Some(FetchChunk { wants, .. }) = chunks.pop_front() else {
+            break;
+        };
         shared.counters.chunks_fetched.add(1);
         for w in wants {
-            let n = write_sparse(&w.job.file, w.chunk.off, out, w.job.local_size)
-                .map_err(|e| ChunkError::io(Path::new(&*w.job.entry.display()), e))?;
+            let n = write_sparse(&w.job.file, w.chunk.off, out, w.job.local_size).map_err(|e| {
+                Unwritten::Local(ChunkError::io(Path::new(&*w.job.entry.display()), e))
+            })?;
             shared.wrote(n);
             shared.chunk_done(&w.job, w.index, w.chunk.len);
         }

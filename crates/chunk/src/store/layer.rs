@@ -65,6 +65,28 @@ pub trait Layer: Send + Sync + Sized {
             self.inner().get_range_into(kind, id, offset, len, buf)
         })
     }
+    /// See [`Store::get_range_checked`]: read through this layer's own
+    /// [`Layer::get_range_into`] (so an override of it applies), then
+    /// check.
+    fn get_range_checked(
+        &self,
+        kind: Kind,
+        id: &Id,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+        check: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<(), StoreError> {
+        Layer::get_range_into(self, kind, id, offset, len, buf)?;
+        check(buf).map_err(|detail| StoreError::Refused {
+            what: format!("{} from {}", kind.describe(id), Layer::describe(self)),
+            detail,
+        })
+    }
+    /// See [`Store::sources`].
+    fn sources(&self) -> usize {
+        self.inner().sources()
+    }
     /// See [`Store::size`].
     fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError> {
         self.around(Request::Get(kind), || self.inner().size(kind, id))
@@ -174,6 +196,20 @@ impl<L: Layer> Store for L {
         buf: &mut Vec<u8>,
     ) -> Result<(), StoreError> {
         Layer::get_range_into(self, kind, id, offset, len, buf)
+    }
+    fn get_range_checked(
+        &self,
+        kind: Kind,
+        id: &Id,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+        check: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<(), StoreError> {
+        Layer::get_range_checked(self, kind, id, offset, len, buf, check)
+    }
+    fn sources(&self) -> usize {
+        Layer::sources(self)
     }
     fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError> {
         Layer::size(self, kind, id)

@@ -222,6 +222,33 @@ pub trait Store: Send + Sync {
         len: u64,
         buf: &mut Vec<u8>,
     ) -> Result<(), StoreError>;
+    /// [`Store::get_range_into`], keeping only bytes that pass `check`
+    /// (the caller's check of what it read, a chunk's hash): `check` sees
+    /// the bytes of each read that succeeded, and its `Err` (why they are
+    /// wrong) makes the call fail with [`StoreError::Refused`]. A store
+    /// with several sources of the same objects ([`crate::public::Mirrors`])
+    /// instead sets aside the source that served bad bytes and reads the
+    /// range again from another, so `check` may see several reads.
+    fn get_range_checked(
+        &self,
+        kind: Kind,
+        id: &Id,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+        check: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<(), StoreError> {
+        self.get_range_into(kind, id, offset, len, buf)?;
+        check(buf).map_err(|detail| StoreError::Refused {
+            what: format!("{} from {}", kind.describe(id), self.describe()),
+            detail,
+        })
+    }
+    /// How many independent places serve this store (1, or a restore's
+    /// mirrors): readers keep that many times the requests in flight.
+    fn sources(&self) -> usize {
+        1
+    }
     /// The size of one object (a HEAD request).
     fn size(&self, kind: Kind, id: &Id) -> Result<u64, StoreError>;
     /// Every object of `kind` with its size (one listing, not one request

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use regex::bytes::Regex;
 
+use btm_chunk::public::mirrors::PlaceReport;
 use btm_chunk::restore::RestoreOptions;
 
 use super::progress::Reporter;
@@ -53,6 +54,18 @@ pub struct RestoreArgs {
     /// older: a validator restarted on it can double-sign
     #[arg(long)]
     overwrite_signing_state: bool,
+    /// Also read the store from this URL, a mirror serving a copy of it
+    /// (repeatable): reads are spread over every place in proportion to
+    /// its speed, and one that fails, stalls or serves bad bytes is set
+    /// aside. Each is checked against the same signed catalog
+    #[arg(long, value_name = "URL")]
+    mirror: Vec<String>,
+    /// Do not use the mirrors the store's catalog lists
+    #[arg(long)]
+    no_listed_mirrors: bool,
+    /// Download at most SIZE a second (e.g. 50M) [default: no limit]
+    #[arg(long, value_name = "SIZE", value_parser = super::store::parse_rate)]
+    max_rate: Option<u64>,
     /// Worker threads [default: twice the cores, 4 to 8]
     #[arg(long)]
     workers: Option<usize>,
@@ -62,7 +75,7 @@ pub struct RestoreArgs {
     /// Serve the backup at DIR at once (a FUSE mount), fetching what is
     /// read on demand and the rest in the background; DIR must be empty.
     /// `btm live finish DIR` ends it (docs/live-restore.md)
-    #[arg(long, conflicts_with_all = ["filter", "delete", "overwrite_signing_state", "json"])]
+    #[arg(long, conflicts_with_all = ["filter", "delete", "overwrite_signing_state", "json", "mirror", "max_rate"])]
     live: bool,
     /// With --live: how long a read waits for the store before it fails
     /// with an I/O error
@@ -103,7 +116,9 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
             passthrough: !args.no_passthrough,
         });
     }
-    let store = args.store.open_reader()?;
+    let (store, mirrors) = args
+        .store
+        .open_mirrored(&args.mirror, !args.no_listed_mirrors)?;
     let (name, idx) = find_backup_of(
         store.as_ref(),
         &wanted,
@@ -121,19 +136,22 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
         delete: args.delete,
         workers: workers(args.workers)?,
         overwrite_signing_state: args.overwrite_signing_state,
+        max_rate: args.max_rate,
         ..RestoreOptions::new(btm_daemon::node_policy())
     };
     let reporter = Reporter::start(format!("restoring {name}"), Arc::clone(&opts.progress));
     let repo = args.store.repo(&store);
     let result = repo.restore(&name, &idx, &dir, &opts);
     drop(reporter);
+    let places = mirrors.map(|m| m.report()).unwrap_or_default();
     let summary = match result {
         // Refused before anything was changed: running it again cannot help.
         Err(e @ btm_chunk::ChunkError::Unrestorable { .. }) => return Err(e.into()),
         r => r.with_context(|| {
             format!(
-                "restore of {name} into {} failed; run it again to finish it",
-                dir.display()
+                "restore of {name} into {} failed{}; run it again to finish it",
+                dir.display(),
+                set_aside(&places)
             )
         })?,
     };
@@ -141,10 +159,49 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
     if args.json {
         return print_json(
             out,
-            &serde_json::json!({ "name": name, "summary": summary }),
+            &serde_json::json!({ "name": name, "summary": summary, "mirrors": places }),
         );
     }
-    print_summary(out, &name, &summary)
+    print_summary(out, &name, &summary)?;
+    print_places(out, &places)
+}
+
+/// " (set aside: URL (why), ...)" for the places a failed run set aside.
+fn set_aside(places: &[PlaceReport]) -> String {
+    let aside: Vec<String> = places
+        .iter()
+        .filter_map(|p| Some(format!("{} ({})", p.url, p.set_aside.as_deref()?)))
+        .collect();
+    if aside.is_empty() {
+        return String::new();
+    }
+    format!(" (mirrors set aside: {})", aside.join(", "))
+}
+
+/// With several places: what each served, and which were set aside.
+fn print_places(out: &mut dyn Write, places: &[PlaceReport]) -> Result<()> {
+    if places.len() < 2 {
+        return Ok(());
+    }
+    for p in places {
+        match &p.set_aside {
+            None => writeln!(
+                out,
+                "mirror {}: {} in {} requests",
+                p.url,
+                human_bytes(p.bytes),
+                p.requests
+            )?,
+            Some(why) => writeln!(
+                out,
+                "mirror {} set aside after {} in {} requests: {why}",
+                p.url,
+                human_bytes(p.bytes),
+                p.requests
+            )?,
+        }
+    }
+    Ok(())
 }
 
 /// Refuse to restore backup `name` of `theirs` into `dir` when `dir` is

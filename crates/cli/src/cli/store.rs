@@ -11,7 +11,7 @@ use clap::Args;
 use regex::bytes::Regex;
 
 use btm_chunk::cache::Cache;
-use btm_chunk::public::{Access, Publishing, SigningKey};
+use btm_chunk::public::{Access, Mirrors, Publishing, SigningKey};
 use btm_chunk::store::{Location, Open, Store};
 use btm_chunk::{inventory, Repo};
 use btm_daemon::settings::{ConfigError, DEFAULT_CONFIG};
@@ -74,6 +74,9 @@ pub(super) fn parse_public_key(s: &str) -> Result<btm_chunk::public::PublicKey, 
         .map_err(|e: btm_chunk::public::KeyError| e.to_string())
 }
 
+/// The places a store is read from, to report on after a restore.
+pub(super) type Places = Arc<Mirrors>;
+
 /// A store opened to change, with the signing key that keeps its catalog
 /// right when it is published.
 pub(super) struct Writable {
@@ -113,6 +116,43 @@ impl StoreArgs {
     /// read is authenticated.
     pub(super) fn open_reader(&self) -> Result<Arc<dyn Store>> {
         let location = self.location()?;
+        let access = self.access(&location)?;
+        let opened = btm_chunk::public::open(&location, &access)?;
+        if opened.unauthenticated {
+            warn_unauthenticated(&location);
+        }
+        Ok(opened.store)
+    }
+
+    /// [`StoreArgs::open_reader`] for a restore, which may read a
+    /// published store from several places at once: `-s` and each of
+    /// `mirrors`, and with `listed` the mirrors its catalog lists. The
+    /// places, when the store is read through its catalog, to report on.
+    pub(super) fn open_mirrored(
+        &self,
+        mirrors: &[String],
+        listed: bool,
+    ) -> Result<(Arc<dyn Store>, Option<Places>)> {
+        let location = self.location()?;
+        let access = self.access(&location)?;
+        let public = location.is_web() || access.anonymous || !access.trust.is_empty();
+        if mirrors.is_empty() && !public {
+            return Ok((self.open_reader()?, None));
+        }
+        let mut places = vec![location.clone()];
+        for m in mirrors {
+            places.push(m.parse().with_context(|| format!("--mirror {m}"))?);
+        }
+        let opened = Arc::new(Mirrors::open(&places, &access, listed)?);
+        if access.trust.is_empty() {
+            warn_unauthenticated(&location);
+        }
+        Ok((Arc::clone(&opened) as Arc<dyn Store>, Some(opened)))
+    }
+
+    /// How to read `location`: the keys to trust, and where the newest
+    /// catalogs accepted are remembered.
+    fn access(&self, location: &Location) -> Result<Access> {
         // `--trust` reads any store through its catalog; the keys of the
         // configuration apply to published stores only, so the operator's
         // own unpublished store still reads as it is.
@@ -122,7 +162,7 @@ impl StoreArgs {
             (true, true) => self.configured_trust()?,
             (true, false) => Vec::new(),
         };
-        let access = Access {
+        Ok(Access {
             anonymous: self.no_sign_request,
             trust,
             max_age: self.max_age,
@@ -133,14 +173,7 @@ impl StoreArgs {
                 .clone()
                 .or_else(Cache::default_dir)
                 .map(|c| c.join("catalogs")),
-        };
-        let opened = btm_chunk::public::open(&location, &access)?;
-        if opened.unauthenticated {
-            eprintln!(
-                "warning: {location} is not your store and no key is trusted: this snapshot is unauthenticated (give --trust PUBKEY, the publisher's key)"
-            );
-        }
-        Ok(opened.store)
+        })
     }
 
     /// Open a store that must already exist, to delete from it (forget,
@@ -231,6 +264,12 @@ impl StoreArgs {
             format!("no store given: use -s STORE, set $BTM_STORE, or set [export] store in {DEFAULT_CONFIG}")
         })
     }
+}
+
+fn warn_unauthenticated(location: &Location) {
+    eprintln!(
+        "warning: {location} is not your store and no key is trusted: this snapshot is unauthenticated (give --trust PUBKEY, the publisher's key)"
+    );
 }
 
 pub(super) fn parse_size(s: &str) -> Result<u64, String> {

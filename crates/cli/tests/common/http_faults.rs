@@ -26,6 +26,12 @@ pub enum Fault {
     Truncate,
     /// Read no more than its head, wait this long, and close.
     Stall(Duration),
+    /// Forward it and its answer untouched (a rule that lets the first
+    /// requests through before the next rule applies).
+    Pass,
+    /// Forward it, and flip every byte of the answer's body (a mirror
+    /// serving damaged copies).
+    Flip,
 }
 
 /// A fault for the next `times` requests with this method whose path
@@ -405,6 +411,21 @@ fn serve(s: &Shared, client: TcpStream) -> std::io::Result<()> {
                     0,
                 )?;
                 answer(&mut writer, code)?;
+            }
+            Some(Fault::Flip) => {
+                writer.write_all(&head.raw)?;
+                let mut body = Vec::new();
+                copy_body(
+                    &head,
+                    until_close,
+                    up_reader,
+                    &mut body,
+                    &mut Pace::new(0),
+                    u64::MAX,
+                )?;
+                body.iter_mut().for_each(|b| *b ^= 0xff);
+                writer.write_all(&body)?;
+                writer.flush()?;
             }
             Some(Fault::Truncate) => {
                 writer.write_all(&head.raw)?;
