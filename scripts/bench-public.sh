@@ -12,7 +12,8 @@
 # sparse state file and block log; meta, 100,000 small account files),
 # in one run:
 # - full restore into an empty file system: `btm restore` over http://,
-#   ranged GETs in parallel, beside the tarball pipeline, the fetch floor
+#   ranged GETs in parallel (and from two mirrors, each behind its own
+#   proxy, `--mirror`), beside the tarball pipeline, the fetch floor
 #   (every pack GET, 16 in flight, bytes discarded), the tarball's own
 #   floor (one GET of it, bytes discarded) and the file-creation floor (the
 #   tarball pipeline from a local file, no network);
@@ -72,6 +73,11 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 url="http://127.0.0.1:$((port + 1))"
+# A second mirror: the same server behind a proxy of its own, as far away.
+./target/release/examples/latency_proxy "127.0.0.1:$((port + 2))" "127.0.0.1:$port" "$latency" "$rate" >"$work/proxy2.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do grep -q listening "$work/proxy2.log" && break; sleep 0.1; done
+url2="http://127.0.0.1:$((port + 2))"
 "$btm" key generate "$work/publisher.key" >"$work/key.out"
 trust=$(tail -1 "$work/key.out")
 echo "== nginx behind a proxy: +$latency ms per request, $rate MB/s per connection"
@@ -107,6 +113,11 @@ for shape in "${shapes[@]}"; do
     measure "floor: the tarball pipeline from a local file" sh -c 'mkdir -p "$2" && zstd -dcq "$1" | tar -x -C "$2"' - "$www/$shape.tar.zst" "$mnt/local"
     rm -rf "$mnt/local"
     note "full restore: btm's lead over the tarball" "$(lead "$tar_full" "$btm_full")"
+    drop_caches
+    measure "btm restore (full, two mirrors)" "$btm" restore latest "$mnt/two" -s "$url/$shape" --mirror "$url2/$shape" --trust "$trust" -t "$shape"
+    diff -r --no-dereference "$src" "$mnt/two" >/dev/null || { echo "btm's two-mirror restore differs from the source" >&2; exit 1; }
+    rm -rf "$mnt/two"
+    note "full restore: two mirrors over one" "$(lead "$btm_full" "$last_secs")"
 
     # A week later.
     python3 scripts/bench-data.py "$shape-week" "$src"

@@ -708,6 +708,70 @@ fn old_expired_and_too_old_catalogs_are_refused() {
     w.read(&["backups", "--max-age", "1h"]).ok();
 }
 
+/// A node a week behind, its page cache dropped: the restore knows from
+/// its record what each file of the last restore still holds, reads none
+/// of the unchanged ones, fetches only what changed, and still catches a
+/// file changed in place at the same size since.
+#[test]
+fn a_week_behind_from_a_cold_cache_reads_only_what_changed() {
+    let w = World::new();
+    let src = w.dir("src");
+    node(&src, 1);
+    w.export(&src, 100);
+    let (dst, cache) = (w.dir("dst"), w.dir("cache"));
+    let restore = || {
+        let json = w
+            .read(&[
+                "restore",
+                "latest",
+                s(&dst),
+                "-t",
+                "node",
+                "--delete",
+                "--json",
+                "--cache",
+                s(&cache),
+            ])
+            .ok();
+        let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+        v["summary"].clone()
+    };
+    let first = restore();
+    assert_eq!(first["files_known"], 0, "{first}");
+    node(&src, 2);
+    w.export(&src, 200);
+    // Changed here since, in place and at the same size.
+    let local = dst.join("data/db/005.sst");
+    let mut bytes = std::fs::read(&local).expect("read");
+    bytes[10] ^= 0xff;
+    std::fs::write(&local, &bytes).expect("write");
+    std::process::Command::new("sync").status().expect("sync");
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop caches (root)");
+    let second = restore();
+    let mut want = snapshot(&src);
+    want.retain(|(p, _)| {
+        !p.ends_with("config/priv_validator_key.json") && !p.ends_with("priv_validator_state.json")
+    });
+    let mut got = snapshot(&dst);
+    got.retain(|(p, _)| !p.ends_with("priv_validator_state.json"));
+    assert_eq!(want.len(), got.len());
+    for ((a, x), (_, y)) in want.iter().zip(got.iter()) {
+        assert!(x == y, "{} differs", a.display());
+    }
+    // Every file but the one changed here (and the signing state, kept
+    // unopened) is known; only it is read.
+    let files = second["files"].as_u64().expect("files");
+    assert_eq!(second["files_known"].as_u64(), Some(files - 2), "{second}");
+    assert!(
+        second["bytes_verified"].as_u64() <= Some(200_000),
+        "{second}"
+    );
+    assert!(
+        second["bytes_downloaded"].as_u64() < Some(2_000_000),
+        "{second}"
+    );
+}
+
 /// One store served three ways by nginx: through a proxy that flips every
 /// byte of pack answers (`-s`), one that serves two pack reads and then
 /// stalls, and a good one. The restore draws on all three, sets the first

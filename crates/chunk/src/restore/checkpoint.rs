@@ -93,6 +93,7 @@ pub(super) fn checkpointer(
                     records.push(Durable {
                         path: job.entry.path.clone(),
                         record: Record { stamp, prefix },
+                        chunks: None,
                     });
                 }
             }

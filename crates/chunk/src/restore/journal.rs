@@ -8,7 +8,10 @@
 //! in hex. A torn last line (a crash while appending) is ignored. The
 //! journal is deleted once the whole restore is durable, and its absence
 //! then means that nothing in the destination was touched by an unfinished
-//! restore.
+//! restore. A copy of it is kept outside the destination first, as the
+//! restore record: lines of complete files carry their chunk lists, so
+//! the next restore into the same directory knows what each file still
+//! holds without reading it ([`Prior::known`]).
 //!
 //! A record is trusted only while the file is provably untouched since: the
 //! same inode and size, and the modification and change times it had when
@@ -21,12 +24,15 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
 use std::path::Path;
+use std::sync::Arc;
 
 use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::Mode;
 use serde::{Deserialize, Serialize};
 
 use super::super::ChunkError;
+use crate::format::tree::ChunkRef;
+use crate::store::Id;
 
 /// The journal's name in the destination.
 pub const NAME: &str = ".btm-restore";
@@ -50,6 +56,9 @@ struct Line {
     ctime: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     prefix: Option<u64>,
+    /// The chunks of a complete file (`docs/format.md`, "Restore").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    chunks: Option<String>,
 }
 
 /// A file as `fstat` shows it: what a record must still match.
@@ -94,6 +103,48 @@ pub struct Durable {
     pub path: Vec<u8>,
     /// What was durable.
     pub record: Record,
+    /// A complete file's chunks, as the backup's tree has them.
+    pub chunks: Option<Arc<[ChunkRef]>>,
+}
+
+/// What a file held when a record was made of it: its stamp then, and its
+/// chunks.
+#[derive(Debug, Clone)]
+pub struct Known {
+    /// The file when the record was made.
+    pub stamp: Stamp,
+    /// Exactly its content then.
+    pub chunks: Arc<[ChunkRef]>,
+}
+
+/// `chunks` as a line holds them: per chunk, its length (8 bytes,
+/// big-endian) and its hash (32 zero bytes for an empty chunk), in hex.
+fn encode_chunks(chunks: &[ChunkRef]) -> String {
+    let mut raw = Vec::with_capacity(chunks.len() * 40);
+    for c in chunks {
+        raw.extend_from_slice(&c.len.to_be_bytes());
+        raw.extend_from_slice(c.hash.as_ref().map_or(&[0u8; 32], |h| &h.0));
+    }
+    hex(&raw)
+}
+
+/// The chunks of a line, offsets implied; `None` if malformed.
+fn decode_chunks(text: &str) -> Option<Vec<ChunkRef>> {
+    let raw = unhex(text)?;
+    if raw.len() % 40 != 0 {
+        return None;
+    }
+    let mut off = 0u64;
+    raw.chunks_exact(40)
+        .map(|c| {
+            let len = u64::from_be_bytes(c[..8].try_into().ok()?);
+            let hash: [u8; 32] = c[8..].try_into().ok()?;
+            let hash = (hash != [0u8; 32]).then_some(Id(hash));
+            let r = ChunkRef { off, len, hash };
+            off = off.checked_add(len)?;
+            Some(r)
+        })
+        .collect()
 }
 
 /// What an earlier, unfinished run of the same restore made durable.
@@ -104,6 +155,9 @@ pub struct Prior {
     pub existed: bool,
     /// The last record of each path.
     pub files: HashMap<Vec<u8>, Record>,
+    /// What complete files held when recorded, by this restore's journal
+    /// or the record of the last restore that completed (of any backup).
+    pub known: HashMap<Vec<u8>, Known>,
 }
 
 impl Prior {
@@ -122,6 +176,83 @@ impl Prior {
             Some(r) if r.stamp == *now && now.size == size => r.prefix.min(size),
             _ => 0,
         }
+    }
+
+    /// The chunks `path` (now `now`) holds, if a record says so and the
+    /// file is exactly as it was when the record was made.
+    pub fn known(&self, path: &[u8], now: &Stamp) -> Option<Arc<[ChunkRef]>> {
+        self.known
+            .get(path)
+            .filter(|k| k.stamp == *now)
+            .map(|k| Arc::clone(&k.chunks))
+    }
+}
+
+/// The lines of a journal after its header: each path's last record, and
+/// what complete files with chunks held. `None` if a line other than the
+/// last is malformed (a record that does not parse is ignored whole).
+fn read_lines(
+    lines: impl Iterator<Item = std::io::Result<String>>,
+) -> (HashMap<Vec<u8>, Record>, HashMap<Vec<u8>, Known>) {
+    let (mut files, mut known) = (HashMap::new(), HashMap::new());
+    for line in lines {
+        let Ok(line) = line else { break };
+        // A torn last line: what follows it was never claimed.
+        let Ok(l) = serde_json::from_str::<Line>(&line) else {
+            break;
+        };
+        let Some(p) = unhex(&l.path) else { break };
+        let stamp = Stamp {
+            ino: l.ino,
+            size: l.size,
+            mtime_ns: l.mtime,
+            ctime_ns: l.ctime,
+        };
+        let prefix = l.prefix.unwrap_or(l.size);
+        let chunks = l.chunks.as_deref().and_then(decode_chunks);
+        match chunks {
+            Some(c) if prefix == l.size && c.iter().map(|c| c.len).sum::<u64>() == l.size => {
+                known.insert(
+                    p.clone(),
+                    Known {
+                        stamp,
+                        chunks: c.into(),
+                    },
+                );
+            }
+            _ => {
+                known.remove(&p);
+            }
+        }
+        files.insert(p, Record { stamp, prefix });
+    }
+    (files, known)
+}
+
+/// What the record of the last completed restore (at `record`) knows;
+/// it is removed once a new journal exists (see [`Journal::open`]).
+fn read_record(record: Option<&Path>) -> HashMap<Vec<u8>, Known> {
+    let Some(Ok(f)) = record.map(File::open) else {
+        return HashMap::new();
+    };
+    let mut lines = BufReader::new(f).lines();
+    let header = lines
+        .next()
+        .and_then(|l| l.ok())
+        .and_then(|l| serde_json::from_str::<Header>(&l).ok());
+    if header.is_none_or(|h| h.v != VERSION) {
+        return HashMap::new();
+    }
+    read_lines(lines).1
+}
+
+/// Remove the record of the last completed restore: the journal now says
+/// what may be trusted, and the record would go stale as this restore
+/// changes files (harmlessly: a file changed since has another stamp).
+fn forget_record(record: Option<&Path>) -> std::io::Result<()> {
+    match record.map(std::fs::remove_file) {
+        Some(Err(e)) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -148,10 +279,13 @@ pub struct Journal {
 impl Journal {
     /// Read what an earlier run of restoring `backup` into `dest` (open as
     /// `dir`) left, then start (or continue) the journal for this run.
+    /// `record`: where the record of the last restore into `dest` that
+    /// completed is kept, if anywhere (outside `dest`).
     pub fn open(
         dest: &Path,
         dir: &impl AsFd,
         backup: &str,
+        record: Option<&Path>,
     ) -> Result<(Journal, Prior), ChunkError> {
         let path = dest.join(NAME);
         let io = |e: std::io::Error| ChunkError::io(&path, e);
@@ -163,36 +297,29 @@ impl Journal {
         };
         let mut prior = Prior {
             existed: existing.is_some(),
+            known: read_record(record),
             ..Prior::default()
         };
         if let Some(f) = existing {
             let mut lines = BufReader::new(&f).lines();
-            let same = lines
+            let header = lines
                 .next()
                 .and_then(|l| l.ok())
                 .and_then(|l| serde_json::from_str::<Header>(&l).ok())
-                .is_some_and(|h| h.v == VERSION && h.backup == backup);
-            if same {
-                for line in lines {
-                    let Ok(line) = line else { break };
-                    // A torn last line: what follows it was never claimed.
-                    let Ok(l) = serde_json::from_str::<Line>(&line) else {
-                        break;
-                    };
-                    let Some(p) = unhex(&l.path) else { break };
-                    let stamp = Stamp {
-                        ino: l.ino,
-                        size: l.size,
-                        mtime_ns: l.mtime,
-                        ctime_ns: l.ctime,
-                    };
-                    let prefix = l.prefix.unwrap_or(l.size);
-                    prior.files.insert(p, Record { stamp, prefix });
+                .filter(|h| h.v == VERSION);
+            if let Some(h) = header {
+                let (files, known) = read_lines(lines);
+                // What complete files held is true whichever backup was
+                // being restored; prefixes only for the same one.
+                prior.known.extend(known);
+                if h.backup == backup {
+                    prior.files = files;
+                    // Continue this journal: its records stay valid.
+                    let mut file = f;
+                    std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(io)?;
+                    forget_record(record).map_err(io)?;
+                    return Ok((Journal { file, path }, prior));
                 }
-                // Continue this journal: its records stay valid.
-                let mut file = f;
-                std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(io)?;
-                return Ok((Journal { file, path }, prior));
             }
         }
         // A new journal, durable before anything in `dest` changes.
@@ -223,6 +350,7 @@ impl Journal {
         nix::fcntl::renameat(dir.as_fd(), tmp.as_str(), dir.as_fd(), NAME)
             .map_err(|e| io(e.into()))?;
         nix::unistd::fsync(dir.as_fd()).map_err(|e| io(e.into()))?;
+        forget_record(record).map_err(io)?;
         Ok((Journal { file, path }, prior))
     }
 
@@ -234,7 +362,12 @@ impl Journal {
             return Ok(());
         }
         let mut buf = Vec::new();
-        for Durable { path, record: r } in done {
+        for Durable {
+            path,
+            record: r,
+            chunks,
+        } in done
+        {
             let line = Line {
                 path: hex(path),
                 ino: r.stamp.ino,
@@ -242,6 +375,7 @@ impl Journal {
                 mtime: r.stamp.mtime_ns,
                 ctime: r.stamp.ctime_ns,
                 prefix: (r.prefix != r.stamp.size).then_some(r.prefix),
+                chunks: chunks.as_deref().map(encode_chunks),
             };
             serde_json::to_writer(&mut buf, &line)
                 .map_err(|e| ChunkError::io(&self.path, std::io::Error::other(e)))?;
@@ -253,12 +387,32 @@ impl Journal {
             .map_err(|e| ChunkError::io(&self.path, e))
     }
 
-    /// The restore is complete and durable: remove the journal, durably.
-    pub fn finish(self, dir: &impl AsFd) -> Result<(), ChunkError> {
+    /// The restore is complete and durable: keep the journal as the
+    /// restore record at `record` (a failure is a warning: the next
+    /// restore then compares what it finds), then remove it, durably.
+    pub fn finish(mut self, dir: &impl AsFd, record: Option<&Path>) -> Result<(), ChunkError> {
+        if let Some(record) = record {
+            if let Err(e) = self.keep_as(record) {
+                tracing::warn!(record = %record.display(), error = %e, "cannot keep the restore record; the next restore into this directory compares every file");
+            }
+        }
         let io = |e: nix::errno::Errno| ChunkError::io(&self.path, e.into());
         nix::unistd::unlinkat(dir.as_fd(), NAME, nix::unistd::UnlinkatFlags::NoRemoveDir)
             .map_err(io)?;
         nix::unistd::fsync(dir.as_fd()).map_err(io)
+    }
+
+    /// Copy the journal to `record`, atomically.
+    fn keep_as(&mut self, record: &Path) -> std::io::Result<()> {
+        if let Some(parent) = record.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let tmp = record.with_extension(format!("{}.tmp", std::process::id()));
+        std::io::Seek::seek(&mut self.file, std::io::SeekFrom::Start(0))?;
+        let mut out = File::create(&tmp)?;
+        std::io::copy(&mut self.file, &mut out)?;
+        out.sync_all()?;
+        std::fs::rename(&tmp, record)
     }
 }
 
@@ -279,7 +433,7 @@ mod tests {
     fn records_survive_a_rerun_and_a_torn_line_is_ignored() {
         let t = tempfile::tempdir().expect("tmp");
         let dir = File::open(t.path()).expect("dir");
-        let (mut j, prior) = Journal::open(t.path(), &dir, "b1").expect("open");
+        let (mut j, prior) = Journal::open(t.path(), &dir, "b1", None).expect("open");
         assert!(!prior.existed);
         let (a, b) = (stamp(7, 100, 5), stamp(8, 50, 6));
         j.record(&[
@@ -289,6 +443,7 @@ mod tests {
                     stamp: a,
                     prefix: 100,
                 },
+                chunks: None,
             },
             Durable {
                 path: vec![0xff, b'x'],
@@ -296,6 +451,7 @@ mod tests {
                     stamp: b,
                     prefix: 20,
                 },
+                chunks: None,
             },
         ])
         .expect("record");
@@ -306,7 +462,7 @@ mod tests {
             .open(t.path().join(NAME))
             .and_then(|mut f| f.write_all(b"{\"path\":\"6162\",\"ino\""))
             .expect("append");
-        let (_, prior) = Journal::open(t.path(), &dir, "b1").expect("reopen");
+        let (_, prior) = Journal::open(t.path(), &dir, "b1", None).expect("reopen");
         assert!(prior.existed);
         assert_eq!(prior.trusted(b"a/f", &a, 100), 100);
         assert_eq!(
@@ -317,10 +473,12 @@ mod tests {
         assert_eq!(prior.trusted(&[0xff, b'x'], &b, 50), 20);
         assert_eq!(prior.files.len(), 2);
         // Another backup's journal trusts nothing, but says one existed.
-        let (j, prior) = Journal::open(t.path(), &dir, "b2").expect("other");
+        let (j, prior) = Journal::open(t.path(), &dir, "b2", None).expect("other");
         assert!(prior.existed && prior.files.is_empty());
-        j.finish(&dir).expect("finish");
+        let record = t.path().join("records/r");
+        j.finish(&dir, Some(&record)).expect("finish");
         assert!(!t.path().join(NAME).exists());
+        assert!(record.exists(), "kept as the record");
     }
 
     /// A file changed in place at the same size since
@@ -361,7 +519,7 @@ mod tests {
         )
         .expect("w");
         let dir = File::open(t.path()).expect("dir");
-        let (_, prior) = Journal::open(t.path(), &dir, "b1").expect("open");
+        let (_, prior) = Journal::open(t.path(), &dir, "b1", None).expect("open");
         assert!(prior.existed && prior.files.is_empty());
     }
 }

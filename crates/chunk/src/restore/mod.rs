@@ -109,6 +109,10 @@ pub struct RestoreOptions {
     pub overwrite_signing_state: bool,
     /// Download at most this many bytes per second (`--max-rate`).
     pub max_rate: Option<u64>,
+    /// Where restore records are kept (one per destination, outside it):
+    /// what the last completed restore into a directory wrote, so that
+    /// the next need not read files unchanged since. `None`: none kept.
+    pub records: Option<std::path::PathBuf>,
 }
 
 impl RestoreOptions {
@@ -123,6 +127,7 @@ impl RestoreOptions {
             policy,
             overwrite_signing_state: false,
             max_rate: None,
+            records: None,
         }
     }
 }
@@ -134,7 +139,11 @@ pub struct RestoreSummary {
     pub files: u64,
     /// Files an earlier, interrupted run had already completed (not read).
     pub files_trusted: u64,
-    /// Logical bytes of those files.
+    /// Files unchanged since the last restore into the destination
+    /// recorded what they hold: their chunks compared with the record,
+    /// not read.
+    pub files_known: u64,
+    /// Logical bytes of all files.
     pub bytes_scanned: u64,
     /// Local bytes read to compare.
     pub bytes_verified: u64,
@@ -169,6 +178,7 @@ counters! {
     /// What a restore counts, as its summary reports it.
     struct Counters for RestoreSummary {
         files_trusted,
+        files_known,
         bytes_verified,
         chunks_reused,
         chunks_fetched,
@@ -320,7 +330,11 @@ fn run(
     let map = load_and_prove(&repo, name, index)?;
     std::fs::create_dir_all(dest).map_err(|e| ChunkError::io(dest, e))?;
     let (tree, dest_fd) = open_dest(dest)?;
-    let (journal, prior) = Journal::open(dest, &dest_fd, name)?;
+    let record = opts
+        .records
+        .as_deref()
+        .and_then(|dir| record_path(dir, dest, &dest_fd));
+    let (journal, prior) = Journal::open(dest, &dest_fd, name, record.as_deref())?;
     let journal = Mutex::new(journal);
     let shared = Shared::new(&repo, opts, index, map);
     let mut summary = RestoreSummary::default();
@@ -349,12 +363,31 @@ fn run(
         delete_extra(&repo, name, index, dest.path, opts, &mut summary)?;
     }
     nix::unistd::syncfs(&dest_fd).map_err(|e| ChunkError::io(dest.path, e.into()))?;
-    journal
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner())
-        .finish(&dest_fd)?;
+    let mut journal = journal.into_inner().unwrap_or_else(|p| p.into_inner());
+    if record.is_some() {
+        // The files completed since the last checkpoint, durable now: the
+        // record is to name every file.
+        let rest = std::mem::take(&mut *shared.completed.lock().unwrap_or_else(|p| p.into_inner()));
+        journal.record(&rest)?;
+    }
+    journal.finish(&dest_fd, record.as_deref())?;
     shared.counters.fill(&mut summary);
     Ok(summary)
+}
+
+/// The restore record of `dest` (open as `fd`) in `dir`: named by the
+/// directory's device and inode and its canonical path, so a directory
+/// replaced or moved starts without one.
+fn record_path(dir: &Path, dest: &Path, fd: &OwnedFd) -> Option<std::path::PathBuf> {
+    let st = nix::sys::stat::fstat(fd).ok()?;
+    let canonical = std::fs::canonicalize(dest).ok()?;
+    let path_hash = crate::store::Id::of(canonical.as_os_str().as_encoded_bytes()).to_hex();
+    Some(dir.join(format!(
+        "{:x}-{:x}-{}",
+        st.st_dev,
+        st.st_ino,
+        &path_hash[..16]
+    )))
 }
 
 /// The chunk map, and proof that the store holds everything the backup

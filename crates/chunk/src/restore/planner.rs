@@ -55,6 +55,11 @@ struct Current<'a> {
     job: Arc<FileJob<'a>>,
     next: u64,
     trusted: u64,
+    /// What the local file holds, if a record says so: chunks that are
+    /// the same are kept unread, the others fetched without comparing.
+    known: Option<Arc<[ChunkRef]>>,
+    /// Its chunks so far, journalled with it once complete.
+    chunks: Vec<ChunkRef>,
 }
 
 impl<'a> Planner<'_, 'a> {
@@ -118,7 +123,13 @@ impl<'a> Planner<'_, 'a> {
                 Item::Chunks(chunks) => {
                     if let Some(f) = current.as_mut() {
                         for c in chunks {
-                            self.chunk(&f.job, f.next, c, f.trusted, &mut append)?;
+                            f.chunks.push(c);
+                            if let Some(known) = &f.known {
+                                let step = known_step(known, f.next, c);
+                                self.step(&f.job, f.next, step)?;
+                            } else {
+                                self.chunk(&f.job, f.next, c, f.trusted, &mut append)?;
+                            }
                             f.next += 1;
                         }
                     }
@@ -287,7 +298,10 @@ impl<'a> Planner<'_, 'a> {
             return Ok(None);
         }
         let mut trusted = if local_size == size { journalled } else { 0 };
-        if trusted == 0 && !self.prior.existed && e.append_only {
+        let known = (trusted == 0)
+            .then(|| self.prior.known(&e.path, &stamp))
+            .flatten();
+        if trusted == 0 && known.is_none() && !self.prior.existed && e.append_only {
             trusted = append_trust(&file, local_size, size, chunk_size, append);
         }
         if local_size != size {
@@ -302,6 +316,7 @@ impl<'a> Planner<'_, 'a> {
             found,
             remaining: AtomicU64::new(1),
             prefix: Mutex::new(Default::default()),
+            chunks: std::sync::OnceLock::new(),
             _open: open,
         });
         if size.div_ceil(chunk_size) >= BIG_FILE_CHUNKS {
@@ -311,10 +326,15 @@ impl<'a> Planner<'_, 'a> {
                 .unwrap_or_else(|p| p.into_inner())
                 .push(Arc::downgrade(&job));
         }
+        if known.is_some() {
+            self.shared.counters.files_known.add(1);
+        }
         Ok(Some(Current {
             job,
             next: 0,
             trusted,
+            known,
+            chunks: Vec::new(),
         }))
     }
 
@@ -456,7 +476,10 @@ impl<'a> Planner<'_, 'a> {
         current: Option<Current<'a>>,
         append: &mut Option<AppendCheck>,
     ) -> Result<(), ChunkError> {
-        if let Some(Current { job, .. }) = current {
+        if let Some(Current { job, chunks, .. }) = current {
+            // Set before the planner's hold is released: whoever completes
+            // the file journals them.
+            let _ = job.chunks.set(chunks.into());
             if append.as_ref().is_some_and(|a| a.decided.is_none()) {
                 // The stream ended before the trusted end (cannot happen
                 // with a valid stream): verify what was spooled.
@@ -478,6 +501,20 @@ struct AppendCheck {
     end: u64,
     spool: Spool,
     decided: Option<bool>,
+}
+
+/// What to do with chunk `index` (`c`) of a file known to hold `known`:
+/// keep it where it is the same chunk at the same place, else write it.
+fn known_step(known: &[ChunkRef], index: u64, c: ChunkRef) -> RestoreStep {
+    let same = usize::try_from(index)
+        .ok()
+        .and_then(|i| known.get(i))
+        .is_some_and(|k| *k == c);
+    match (same, c.hash) {
+        (true, _) => RestoreStep::Keep(c),
+        (false, None) => RestoreStep::Empty(c),
+        (false, Some(_)) => RestoreStep::Fetch(c),
+    }
 }
 
 fn kind(mode: u32) -> SFlag {

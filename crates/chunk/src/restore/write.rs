@@ -13,7 +13,7 @@ use super::fetch::FetchChunk;
 use super::journal::{Durable, Record, Stamp};
 use super::{Shared, CHECKPOINT_BYTES, CHECKPOINT_FILES};
 use crate::format::pack::{open_frame, FrameError};
-use crate::format::tree::Entry;
+use crate::format::tree::{ChunkRef, Entry};
 use crate::localfs::{apply_file_metadata, Found};
 use crate::pipeline::Permit;
 use crate::ChunkError;
@@ -32,6 +32,9 @@ pub(super) struct FileJob<'a> {
     pub(super) remaining: AtomicU64,
     /// Which chunks are written.
     pub(super) prefix: Mutex<Prefix>,
+    /// All its chunks, once the planner has seen them: journalled with
+    /// the complete file, so the next restore knows what it holds.
+    pub(super) chunks: std::sync::OnceLock<Arc<[ChunkRef]>>,
     pub(super) _open: Permit<'a>,
 }
 
@@ -97,6 +100,7 @@ impl<'a> Shared<'a> {
             completed.push(Durable {
                 path: job.entry.path.clone(),
                 record,
+                chunks: job.chunks.get().cloned(),
             });
             completed.len()
         };

@@ -137,6 +137,7 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
         workers: workers(args.workers)?,
         overwrite_signing_state: args.overwrite_signing_state,
         max_rate: args.max_rate,
+        records: args.store.records_dir(),
         ..RestoreOptions::new(btm_daemon::node_policy())
     };
     let reporter = Reporter::start(format!("restoring {name}"), Arc::clone(&opts.progress));
@@ -240,10 +241,11 @@ fn print_summary(
         out,
         "restored {name}: {} files{}, {} scanned, {} chunks already right, {} fetched in {} requests ({} downloaded), {} written, {} holes{}",
         summary.files,
-        if summary.files_trusted > 0 {
-            format!(" ({} completed by an earlier run)", summary.files_trusted)
-        } else {
-            String::new()
+        match (summary.files_trusted, summary.files_known) {
+            (0, 0) => String::new(),
+            (t, 0) => format!(" ({t} completed by an earlier run)"),
+            (0, k) => format!(" ({k} known from the last restore, not read)"),
+            (t, k) => format!(" ({t} completed by an earlier run, {k} known from the last restore, not read)"),
         },
         human_bytes(summary.bytes_scanned),
         summary.chunks_reused,

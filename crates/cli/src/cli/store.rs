@@ -230,6 +230,15 @@ impl StoreArgs {
         Ok(SigningKey::load(path)?)
     }
 
+    /// Where restores keep their records of what they wrote (beside the
+    /// metadata cache, per user).
+    pub(super) fn records_dir(&self) -> Option<PathBuf> {
+        self.cache
+            .clone()
+            .or_else(Cache::default_dir)
+            .map(|c| c.join("restored"))
+    }
+
     /// `store` with the cache and the connections these flags ask for.
     pub(super) fn repo(&self, store: &Arc<dyn Store>) -> Repo {
         let repo =
