@@ -245,6 +245,60 @@ mod tests {
         assert_eq!(names, [name(1), name(2)]);
     }
 
+    /// A store without conditional writes (an S3-compatible server that
+    /// ignores `If-Match`, as btm finds out from its answer).
+    struct NoConditional(MemStore);
+
+    impl crate::store::Layer for NoConditional {
+        fn inner(&self) -> &dyn Store {
+            &self.0
+        }
+        fn replace_marker_if(
+            &self,
+            _: &str,
+            _: Option<&[u8]>,
+            _: &[u8],
+        ) -> Result<bool, StoreError> {
+            Err(StoreError::Unsupported {
+                store: "test".into(),
+                what: "write conditionally".into(),
+            })
+        }
+    }
+
+    /// Two publishers of a store that cannot write conditionally, five
+    /// backups each: the lock object keeps every update, and is gone after.
+    #[test]
+    fn without_conditional_writes_a_lock_object_keeps_every_update() {
+        let store = MemStore::new();
+        let key = SigningKey::from_seed([8; 32]);
+        let shared: Arc<dyn Store> = Arc::new(NoConditional(store.clone()));
+        std::thread::scope(|t| {
+            for who in 0..2u64 {
+                let (shared, key) = (Arc::clone(&shared), &key);
+                t.spawn(move || {
+                    for i in 0..5u64 {
+                        let p = Publishing::new(Arc::clone(&shared), key);
+                        let h = 100 * who + i;
+                        p.put_index(&name(h), &head_bytes(h)).expect("head");
+                        p.commit().expect("commit");
+                    }
+                });
+            }
+        });
+        let (c, _) = Catalog::decode(&store.get_marker(CATALOG).expect("c"), &[]).expect("decode");
+        assert_eq!(
+            c.heads.len(),
+            10,
+            "{:?}",
+            c.heads.iter().map(|h| &h.name).collect::<Vec<_>>()
+        );
+        assert!(matches!(
+            store.get_marker(crate::public::writer::CATALOG_LOCK),
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
     /// A reader remembers the newest catalog it accepted from a store: an
     /// older signed copy put back (a stale mirror, a rollback) is refused,
     /// while a newer one is taken.

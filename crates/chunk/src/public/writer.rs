@@ -143,12 +143,76 @@ fn put_catalog(
         Err(StoreError::Unsupported { store: url, what }) => {
             static SAID: std::sync::Once = std::sync::Once::new();
             SAID.call_once(|| {
-                tracing::warn!(store = %url, "{url} cannot {what}: the catalog is replaced unconditionally, and two publishers at once may lose an update (btm publish repairs it)");
+                tracing::warn!(store = %url, "{url} cannot {what}: the catalog is replaced under a lock object ({CATALOG_LOCK}) instead");
             });
-            with_retry(store, || store.put_marker(CATALOG, &data)).map_err(failed)?;
-            Ok(true)
+            put_under_lock(store, replacing, &data).map_err(failed)
         }
         other => other.map_err(failed),
+    }
+}
+
+/// The lock object a publisher holds while it replaces the catalog of a
+/// store that cannot write conditionally (`docs/format.md`, "Catalog").
+pub const CATALOG_LOCK: &str = "locks/catalog-writer";
+/// How long a catalog lock is honoured after it was written, by the
+/// store's clock: a holder that died frees it then.
+const LOCK_TTL: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
+/// How long a writer waits after writing the lock before reading it back:
+/// another writer that wrote it at about the same time has overwritten it
+/// by then, and exactly one of them finds its own token.
+const LOCK_SETTLE: Duration = Duration::from_millis(300);
+
+/// Replace the catalog with `data` if it still holds `replacing`, holding
+/// [`CATALOG_LOCK`]: wait while another writer's fresh lock is there,
+/// write a token of our own, let it settle, and go on only if the token
+/// read back is ours. `Ok(false)`: the catalog changed, or another writer
+/// took the lock; read again and retry.
+fn put_under_lock(
+    store: &dyn Store,
+    replacing: Option<&[u8]>,
+    data: &[u8],
+) -> Result<bool, StoreError> {
+    wait_for_lock(store)?;
+    let mut token = [0u8; 16];
+    getrandom::getrandom(&mut token).map_err(|e| StoreError::Permanent {
+        what: CATALOG_LOCK.into(),
+        detail: format!("no randomness for a lock token: {e}"),
+    })?;
+    let token = format!("{} {}", std::process::id(), Id::of(&token).to_hex());
+    with_retry(store, || store.put_marker(CATALOG_LOCK, token.as_bytes()))?;
+    std::thread::sleep(LOCK_SETTLE);
+    let read_back = with_retry(store, || store.get_marker(CATALOG_LOCK));
+    if !matches!(&read_back, Ok(b) if b == token.as_bytes()) {
+        return Ok(false);
+    }
+    let replaced = match with_retry(store, || store.get_marker(CATALOG)) {
+        Ok(now) if Some(now.as_slice()) == replacing => {
+            with_retry(store, || store.put_marker(CATALOG, data)).map(|()| true)
+        }
+        Err(StoreError::NotFound(_)) if replacing.is_none() => {
+            with_retry(store, || store.put_marker(CATALOG, data)).map(|()| true)
+        }
+        Ok(_) | Err(StoreError::NotFound(_)) => Ok(false),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = with_retry(store, || store.delete_marker(CATALOG_LOCK)) {
+        tracing::warn!(error = %e, "cannot remove the catalog lock; other publishers wait until it expires");
+    }
+    replaced
+}
+
+/// Wait while [`CATALOG_LOCK`] is another writer's and fresh.
+fn wait_for_lock(store: &dyn Store) -> Result<(), StoreError> {
+    loop {
+        let listed = with_retry(store, || store.list_markers("locks"))?;
+        let Some(lock) = listed.into_iter().find(|m| m.name == CATALOG_LOCK) else {
+            return Ok(());
+        };
+        let now = with_retry(store, || crate::lease::store_now(store))?;
+        if now - lock.modified >= LOCK_TTL {
+            return Ok(());
+        }
+        after_race(10);
     }
 }
 

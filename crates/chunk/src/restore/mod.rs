@@ -70,8 +70,12 @@ const MAX_GAP: u64 = 256 << 10;
 const MAX_RANGE: u64 = 4 << 20;
 /// Stored bytes being fetched or written at once, whatever the number of
 /// connections: a restore's memory does not grow with its parallelism
-/// (live restore's hydration keeps to it too).
+/// (live restore's hydration keeps to it too). A restore from several
+/// mirrors has this much per mirror, up to [`MAX_SOURCES`]: each mirror
+/// is a pipe of its own to keep full.
 pub const IN_FLIGHT_BYTES: u64 = 40 << 20;
+/// The most mirrors whose reads add to the in-flight budget.
+const MAX_SOURCES: u64 = 2;
 /// Read buffers kept for reuse: as many ranged reads of [`MAX_RANGE`] as
 /// the in-flight budget allows at once, so pooling adds nothing to the
 /// peak.
@@ -241,7 +245,8 @@ impl<'a> Shared<'a> {
             since_checkpoint: AtomicU64::new(0),
             checkpoint_now: Condvar::new(),
             checkpoint_lock: Mutex::new(false),
-            in_flight: pipeline.budget(IN_FLIGHT_BYTES),
+            in_flight: pipeline
+                .budget(IN_FLIGHT_BYTES * (repo.store().sources() as u64).clamp(1, MAX_SOURCES)),
             open_files: pipeline.budget(open_file_budget() as u64),
             buffers: Buffers::new(POOLED_BUFFERS, MAX_RANGE as usize, MAX_RANGE as usize),
             throttle: opts.max_rate.map(crate::throttle::Throttle::new),
