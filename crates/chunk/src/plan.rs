@@ -224,6 +224,18 @@ pub fn restore_step(c: &ChunkRef, local_size: u64, trusted_end: u64) -> RestoreS
     }
 }
 
+/// What to do with chunk `c` of a file a restore record says holds
+/// `recorded` (its chunk at the same index, if it has one): keep it if it
+/// is the same chunk (offset, length and hash), else write it, without
+/// comparing (the record says the local bytes are others).
+pub fn restore_step_known(c: &ChunkRef, recorded: Option<&ChunkRef>) -> RestoreStep {
+    match (recorded == Some(c), c.hash) {
+        (true, _) => RestoreStep::Keep(*c),
+        (false, None) => RestoreStep::Empty(*c),
+        (false, Some(_)) => RestoreStep::Fetch(*c),
+    }
+}
+
 /// How much of a local append-only file is trusted when there is no restore
 /// journal (the node's own block log): whole chunks of the backup's file
 /// that lie inside the local file and before its first hole. The caller
@@ -507,6 +519,37 @@ mod tests {
                     RestoreStep::Fetch(f) => prop_assert!(f.off >= local && f.hash.is_some() && f.off + f.len > trusted),
                     RestoreStep::Verify(v) => prop_assert!(v.off < local && v.hash.is_some() && v.off + v.len > trusted),
                     RestoreStep::Empty(e) => prop_assert!(e.hash.is_none() && e.off + e.len > trusted),
+                }
+            }
+        }
+
+        /// A recorded file keeps exactly the chunks recorded at the same
+        /// index with the same offset, length and hash, and never reads
+        /// to compare.
+        #[test]
+        fn a_record_keeps_only_the_same_chunks(
+            size in 0u64..400,
+            cs in 1u64..64,
+            changed in prop::collection::vec(0u8..4, 0..20),
+            shorter in 0usize..3,
+        ) {
+            let new = full(size, cs);
+            let mut old = new.clone();
+            for (c, how) in old.iter_mut().zip(&changed) {
+                match how {
+                    1 => c.hash = Some(Id::of(&c.off.to_le_bytes())),
+                    2 => c.hash = None,
+                    _ => {}
+                }
+            }
+            old.truncate(old.len().saturating_sub(shorter));
+            for (i, c) in new.iter().enumerate() {
+                let recorded = old.get(i);
+                match restore_step_known(c, recorded) {
+                    RestoreStep::Keep(k) => prop_assert_eq!(Some(&k), recorded),
+                    RestoreStep::Fetch(f) => prop_assert!(f.hash.is_some() && Some(&f) != recorded),
+                    RestoreStep::Empty(e) => prop_assert!(e.hash.is_none() && Some(&e) != recorded),
+                    RestoreStep::Verify(_) => prop_assert!(false, "a recorded file is never read to compare"),
                 }
             }
         }

@@ -67,7 +67,7 @@ use journal::{Durable, Journal};
 /// Frames of one pack closer than this are fetched in one read.
 const MAX_GAP: u64 = 256 << 10;
 /// The longest ranged read.
-const MAX_RANGE: u64 = 4 << 20;
+const MAX_RANGE: u64 = 2 << 20;
 /// Stored bytes being fetched or written at once, whatever the number of
 /// connections: a restore's memory does not grow with its parallelism
 /// (live restore's hydration keeps to it too). A restore from several
@@ -75,7 +75,7 @@ const MAX_RANGE: u64 = 4 << 20;
 /// is a pipe of its own to keep full.
 pub const IN_FLIGHT_BYTES: u64 = 40 << 20;
 /// The most mirrors whose reads add to the in-flight budget.
-const MAX_SOURCES: u64 = 2;
+const MAX_SOURCES: u64 = 1;
 /// Read buffers kept for reuse: as many ranged reads of [`MAX_RANGE`] as
 /// the in-flight budget allows at once, so pooling adds nothing to the
 /// peak.

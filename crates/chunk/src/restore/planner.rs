@@ -23,7 +23,7 @@ use crate::format::tree::{ChunkRef, Entry, EntryKind, Item};
 use crate::inventory;
 use crate::localfs::{split_name, symlink_owner_and_times, Found, DIR_FLAGS};
 use crate::pipeline::Budget;
-use crate::plan::{append_trusted_end, restore_step, RestoreStep};
+use crate::plan::{append_trusted_end, restore_step, restore_step_known, RestoreStep};
 use crate::spool::Spool;
 use crate::store::Id;
 use crate::ChunkError;
@@ -60,7 +60,29 @@ struct Current<'a> {
     known: Option<Arc<[ChunkRef]>>,
     /// Its chunks so far, journalled with it once complete.
     chunks: Vec<ChunkRef>,
+    /// It has more than [`RECORDED_CHUNKS`]: journalled without them.
+    unrecorded: bool,
 }
+
+impl Current<'_> {
+    /// Keep chunk `c` for the journal, up to [`RECORDED_CHUNKS`].
+    fn note(&mut self, c: ChunkRef) {
+        if self.unrecorded {
+            return;
+        }
+        if self.chunks.len() < RECORDED_CHUNKS {
+            self.chunks.push(c);
+        } else {
+            self.chunks = Vec::new();
+            self.unrecorded = true;
+        }
+    }
+}
+
+/// The most chunks a journal line lists (64 GiB of 1 MiB chunks: 2.5 MiB
+/// in memory, 5 MiB of line): a larger file is compared by reading it,
+/// as without a record.
+const RECORDED_CHUNKS: usize = 1 << 16;
 
 impl<'a> Planner<'_, 'a> {
     fn refused(&self, e: &Entry, detail: impl Into<String>) -> ChunkError {
@@ -123,10 +145,11 @@ impl<'a> Planner<'_, 'a> {
                 Item::Chunks(chunks) => {
                     if let Some(f) = current.as_mut() {
                         for c in chunks {
-                            f.chunks.push(c);
+                            f.note(c);
                             if let Some(known) = &f.known {
-                                let step = known_step(known, f.next, c);
-                                self.step(&f.job, f.next, step)?;
+                                let recorded =
+                                    usize::try_from(f.next).ok().and_then(|i| known.get(i));
+                                self.step(&f.job, f.next, restore_step_known(&c, recorded))?;
                             } else {
                                 self.chunk(&f.job, f.next, c, f.trusted, &mut append)?;
                             }
@@ -335,6 +358,7 @@ impl<'a> Planner<'_, 'a> {
             trusted,
             known,
             chunks: Vec::new(),
+            unrecorded: false,
         }))
     }
 
@@ -476,10 +500,18 @@ impl<'a> Planner<'_, 'a> {
         current: Option<Current<'a>>,
         append: &mut Option<AppendCheck>,
     ) -> Result<(), ChunkError> {
-        if let Some(Current { job, chunks, .. }) = current {
+        if let Some(Current {
+            job,
+            chunks,
+            unrecorded,
+            ..
+        }) = current
+        {
             // Set before the planner's hold is released: whoever completes
             // the file journals them.
-            let _ = job.chunks.set(chunks.into());
+            if !unrecorded {
+                let _ = job.chunks.set(chunks.into());
+            }
             if append.as_ref().is_some_and(|a| a.decided.is_none()) {
                 // The stream ended before the trusted end (cannot happen
                 // with a valid stream): verify what was spooled.
@@ -501,20 +533,6 @@ struct AppendCheck {
     end: u64,
     spool: Spool,
     decided: Option<bool>,
-}
-
-/// What to do with chunk `index` (`c`) of a file known to hold `known`:
-/// keep it where it is the same chunk at the same place, else write it.
-fn known_step(known: &[ChunkRef], index: u64, c: ChunkRef) -> RestoreStep {
-    let same = usize::try_from(index)
-        .ok()
-        .and_then(|i| known.get(i))
-        .is_some_and(|k| *k == c);
-    match (same, c.hash) {
-        (true, _) => RestoreStep::Keep(c),
-        (false, None) => RestoreStep::Empty(c),
-        (false, Some(_)) => RestoreStep::Fetch(c),
-    }
 }
 
 fn kind(mode: u32) -> SFlag {
