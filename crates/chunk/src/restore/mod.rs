@@ -67,15 +67,11 @@ use journal::{Durable, Journal};
 /// Frames of one pack closer than this are fetched in one read.
 const MAX_GAP: u64 = 256 << 10;
 /// The longest ranged read.
-const MAX_RANGE: u64 = 2 << 20;
+const MAX_RANGE: u64 = 4 << 20;
 /// Stored bytes being fetched or written at once, whatever the number of
 /// connections: a restore's memory does not grow with its parallelism
-/// (live restore's hydration keeps to it too). A restore from several
-/// mirrors has this much per mirror, up to [`MAX_SOURCES`]: each mirror
-/// is a pipe of its own to keep full.
+/// (live restore's hydration keeps to it too), nor with its mirrors.
 pub const IN_FLIGHT_BYTES: u64 = 40 << 20;
-/// The most mirrors whose reads add to the in-flight budget.
-const MAX_SOURCES: u64 = 1;
 /// Read buffers kept for reuse: as many ranged reads of [`MAX_RANGE`] as
 /// the in-flight budget allows at once, so pooling adds nothing to the
 /// peak.
@@ -245,8 +241,7 @@ impl<'a> Shared<'a> {
             since_checkpoint: AtomicU64::new(0),
             checkpoint_now: Condvar::new(),
             checkpoint_lock: Mutex::new(false),
-            in_flight: pipeline
-                .budget(IN_FLIGHT_BYTES * (repo.store().sources() as u64).clamp(1, MAX_SOURCES)),
+            in_flight: pipeline.budget(IN_FLIGHT_BYTES),
             open_files: pipeline.budget(open_file_budget() as u64),
             buffers: Buffers::new(POOLED_BUFFERS, MAX_RANGE as usize, MAX_RANGE as usize),
             throttle: opts.max_rate.map(crate::throttle::Throttle::new),
