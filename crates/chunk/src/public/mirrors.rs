@@ -41,8 +41,9 @@ pub struct Load {
 /// The places not set aside, best first: the one expected to answer a
 /// new read first, which is the one with the fewest requests in flight
 /// per byte per second it delivers (so reads spread in proportion to
-/// speed). A place not measured yet counts as fast as the fastest, so it
-/// gets tried; ties go to the fewer in flight, then to the earlier place.
+/// speed). A place not measured yet counts as fast as the fastest, and
+/// goes first among equals, so it gets measured; other ties go to the
+/// fewer in flight, then to the earlier place.
 pub fn order(places: &[Load]) -> Vec<usize> {
     let fastest = places
         .iter()
@@ -57,6 +58,7 @@ pub fn order(places: &[Load]) -> Vec<usize> {
     healthy.sort_by(|&a, &b| {
         cost(&places[a])
             .total_cmp(&cost(&places[b]))
+            .then(places[a].rate.is_some().cmp(&places[b].rate.is_some()))
             .then(places[a].in_flight.cmp(&places[b].in_flight))
             .then(a.cmp(&b))
     });
@@ -371,8 +373,12 @@ impl Mirrors {
                     h.strikes = 0;
                     h.requests += 1;
                     h.bytes += bytes;
-                    let rate = *bytes as f64 / secs;
-                    h.rate = Some(h.rate.map_or(rate, |r| 0.8 * r + 0.2 * rate));
+                    // Only reads of data measure speed: a listing or a
+                    // head says nothing of it (and would read as 0 B/s).
+                    if *bytes > 0 {
+                        let rate = *bytes as f64 / secs;
+                        h.rate = Some(h.rate.map_or(rate, |r| 0.8 * r + 0.2 * rate));
+                    }
                 }
             }
             match r {
@@ -607,10 +613,10 @@ mod tests {
         }
     }
 
-    /// A place whose pack reads stop answering after the first.
-    struct Stalling(MemStore, std::sync::atomic::AtomicU32);
+    /// A place that serves its catalog, then never answers a pack read.
+    struct Stalled(MemStore);
 
-    impl Layer for Stalling {
+    impl Layer for Stalled {
         fn inner(&self) -> &dyn Store {
             &self.0
         }
@@ -622,7 +628,7 @@ mod tests {
             len: u64,
             buf: &mut Vec<u8>,
         ) -> Result<(), StoreError> {
-            if kind == Kind::Pack && self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 1 {
+            if kind == Kind::Pack {
                 return Err(StoreError::Unreachable {
                     what: "reading".into(),
                     detail: "no answer for 60s".into(),
@@ -676,7 +682,7 @@ mod tests {
         let open = |l: &Location| -> Result<Arc<dyn Store>, StoreError> {
             Ok(match l.to_string().as_str() {
                 u if u.contains("flip") => Arc::new(Flipping(store.clone())),
-                u if u.contains("stall") => Arc::new(Stalling(store.clone(), Default::default())),
+                u if u.contains("stall") => Arc::new(Stalled(store.clone())),
                 u if u.contains("other") => Arc::new(other.clone()),
                 _ => Arc::new(store.clone()),
             })
@@ -688,7 +694,7 @@ mod tests {
             "{:?}",
             mirrors.report()
         );
-        let repo = Repo::new(Arc::clone(&mirrors) as Arc<dyn Store>).with_connections(Some(1));
+        let repo = Repo::new(Arc::clone(&mirrors) as Arc<dyn Store>).with_connections(Some(4));
         let (name, idx) = crate::inventory::latest(repo.store(), "t", None)
             .expect("latest")
             .expect("a backup");
@@ -713,6 +719,40 @@ mod tests {
             "{report:?}"
         );
         assert_eq!(Store::sources(mirrors.as_ref()), 1);
+    }
+
+    /// Two good places share the reads, even one read at a time: the
+    /// second is tried as soon as the first is measured.
+    #[test]
+    fn two_good_places_both_serve() {
+        let t = tempfile::tempdir().expect("tmp");
+        let key = SigningKey::from_seed([3; 32]);
+        let store = published(&key, &t.path().join("src"));
+        let access = Access {
+            trust: vec![key.public()],
+            ..Access::default()
+        };
+        let open =
+            |_: &Location| -> Result<Arc<dyn Store>, StoreError> { Ok(Arc::new(store.clone())) };
+        let mirrors = Arc::new(
+            Mirrors::open_with(&[url("a"), url("b")], &access, false, &open).expect("open"),
+        );
+        let repo = Repo::new(Arc::clone(&mirrors) as Arc<dyn Store>).with_connections(Some(1));
+        let (name, idx) = crate::inventory::latest(repo.store(), "t", None)
+            .expect("latest")
+            .expect("a backup");
+        repo.restore(
+            &name,
+            &idx,
+            &t.path().join("dst"),
+            &RestoreOptions::new(Policy::NONE),
+        )
+        .expect("restore");
+        let report = mirrors.report();
+        assert!(
+            report.iter().all(|p| p.bytes > 0 && p.set_aside.is_none()),
+            "{report:?}"
+        );
     }
 
     /// The last place left is never set aside: its failure is the read's.
