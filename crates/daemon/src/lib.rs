@@ -276,7 +276,8 @@ impl Daemon {
         };
         match stop.until(census).await {
             None => return Ok(()),
-            Some(Ok(c)) => state.branches_seen(c),
+            Some(Ok(Some(c))) => state.branches_seen(c),
+            Some(Ok(None)) => {}
             Some(Err(e)) => tracing::warn!(error = %e, "could not count branches"),
         }
         let export_scheduler = settings.export.clone().map(|e| {

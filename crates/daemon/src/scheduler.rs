@@ -215,14 +215,16 @@ impl BranchCensus {
     }
 }
 
-/// Count the volume's branches (a failure to list them is logged and
-/// counts none).
-pub fn branch_census(ops: &Ops) -> BranchCensus {
-    let branches = ops.branches().unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "could not list branches");
-        Vec::new()
-    });
-    BranchCensus::of(&branches, ops)
+/// Count the volume's branches; `None` if they could not be listed
+/// (logged): the status then keeps the last count rather than say none.
+pub fn branch_census(ops: &Ops) -> Option<BranchCensus> {
+    match ops.branches() {
+        Ok(branches) => Some(BranchCensus::of(&branches, ops)),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list branches");
+            None
+        }
+    }
 }
 
 struct Took {
@@ -603,13 +605,14 @@ fn take_blocking(
     // the daemon snapshots and prunes.
     let branches = outcome.is_ok().then(|| {
         match ops.expire_branches(chrono::Utc::now(), settings.keep_branches, true) {
-            Ok(report) => BranchCensus::of(&report.kept, ops),
+            Ok(report) => Some(BranchCensus::of(&report.kept, ops)),
             Err(e) => {
                 tracing::warn!(error = %e, "could not expire branches");
                 branch_census(ops)
             }
         }
     });
+    let branches = branches.flatten();
     let post_hook_error = match (&settings.post_snapshot, &outcome) {
         (Some(argv), Ok(_)) => btm::exec::run(argv, &env, settings.hook_timeout).err(),
         _ => None,
