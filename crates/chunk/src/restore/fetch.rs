@@ -234,8 +234,8 @@ fn get_and_write<'a>(
     }
     // The first failure to write, and whether it was the bytes' fault.
     let mut unwritten: Option<Unwritten> = None;
+    shared.counters.requests.add(1);
     let read = with_retry(store, || {
-        shared.counters.requests.add(1);
         match *source {
             Source::Range { pack, start, len } => {
                 let mut check = |data: &[u8]| {
