@@ -359,11 +359,11 @@ impl ZfsVolume {
         }
         progress.step("unmount")?;
         if out_name == ds {
-            zfs_retrying(&["rename", &ds, &kept])?;
+            super::rename(&ds, &kept)?;
         }
         progress.step("rename-out")?;
         if in_name != ds {
-            zfs_retrying(&["rename", &in_name, &ds])?;
+            super::rename(&in_name, &ds)?;
         }
         progress.step("rename-in")?;
         self.settle(&kept, sw.notes.get("canmount").map_or("on", String::as_str))?;

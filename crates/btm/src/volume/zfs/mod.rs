@@ -332,6 +332,27 @@ fn zfs_retrying(args: &[&str]) -> Result<(), Error> {
     }
 }
 
+/// Rename dataset `from` to `to` (retrying while busy), and return once
+/// `to` can be opened: zfs-fuse on a loaded machine has answered "dataset
+/// does not exist" for the new name just after the rename returned.
+fn rename(from: &str, to: &str) -> Result<(), Error> {
+    zfs_retrying(&["rename", from, to])?;
+    let mut delay = Duration::from_millis(50);
+    let mut attempt = 1;
+    loop {
+        match zfs(&["list", "-H", "-o", "name", to]) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind == CmdErrorKind::NotFound && attempt < 24 => {
+                tracing::debug!(to, attempt, "renamed dataset not visible yet, waiting");
+                sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(2));
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 fn epoch(s: &str) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(s.trim().parse().ok()?, 0)
 }
