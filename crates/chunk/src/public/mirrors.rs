@@ -469,10 +469,11 @@ impl Store for Mirrors {
     ) -> Result<(), StoreError> {
         self.each(false, |s| {
             s.get_range_into(kind, id, offset, len, buf)?;
-            check(buf).map_err(|detail| StoreError::Refused {
-                what: format!("{} from {}", kind.describe(id), s.describe()),
-                detail: format!("{detail}: it served bytes that do not match their hash"),
-            })?;
+            let mut blamed = |data: &[u8]| {
+                check(data)
+                    .map_err(|d| format!("{d}: it served bytes that do not match their hash"))
+            };
+            crate::store::checked(kind, id, &s.describe(), buf, &mut blamed)?;
             Ok(((), len))
         })
     }

@@ -78,10 +78,7 @@ pub trait Layer: Send + Sync + Sized {
         check: &mut dyn FnMut(&[u8]) -> Result<(), String>,
     ) -> Result<(), StoreError> {
         Layer::get_range_into(self, kind, id, offset, len, buf)?;
-        check(buf).map_err(|detail| StoreError::Refused {
-            what: format!("{} from {}", kind.describe(id), Layer::describe(self)),
-            detail,
-        })
+        super::checked(kind, id, &Layer::describe(self), buf, check)
     }
     /// See [`Store::sources`].
     fn sources(&self) -> usize {

@@ -239,10 +239,7 @@ pub trait Store: Send + Sync {
         check: &mut dyn FnMut(&[u8]) -> Result<(), String>,
     ) -> Result<(), StoreError> {
         self.get_range_into(kind, id, offset, len, buf)?;
-        check(buf).map_err(|detail| StoreError::Refused {
-            what: format!("{} from {}", kind.describe(id), self.describe()),
-            detail,
-        })
+        checked(kind, id, &self.describe(), buf, check)
     }
     /// How many independent places serve this store (1, or a restore's
     /// mirrors): readers keep that many times the requests in flight.
@@ -310,6 +307,22 @@ pub trait Store: Send + Sync {
     fn retry_policy(&self) -> RetryPolicy {
         *RetryPolicy::standard()
     }
+}
+
+/// What `check` says of `buf`, bytes of object `id` of `kind` read from
+/// `store` (as it describes itself): its `Err` (why they are wrong) as
+/// [`StoreError::Refused`].
+pub(crate) fn checked(
+    kind: Kind,
+    id: &Id,
+    store: &str,
+    buf: &[u8],
+    check: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+) -> Result<(), StoreError> {
+    check(buf).map_err(|detail| StoreError::Refused {
+        what: format!("{} from {store}", kind.describe(id)),
+        detail,
+    })
 }
 
 /// `Ok` if the index `there` under `name` holds exactly `data` (an earlier
