@@ -20,6 +20,34 @@ pub use btm::confined::DIR_FLAGS;
 use crate::format::tree::Entry;
 use crate::ChunkError;
 
+/// Whose files a restore makes: tar's convention. Root restores the
+/// backup's owners; anyone else cannot, and gets files of their own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Owners {
+    /// The backup's owners, exactly: a file whose owner cannot be set
+    /// fails the restore (root's default, and `--same-owner`).
+    #[default]
+    Recorded,
+    /// Owners are not set: files belong to the restoring user, and to the
+    /// group the kernel gives new files (a setgid directory's, such as a
+    /// Kubernetes volume's `fsGroup`). Content, modes and times are still
+    /// exact (an ordinary user's default, and `--no-same-owner`).
+    Restorer,
+}
+
+impl Owners {
+    /// tar's default for this process: [`Owners::Recorded`] for root,
+    /// [`Owners::Restorer`] for anyone else.
+    pub fn for_this_process() -> Self {
+        if nix::unistd::geteuid().is_root() {
+            Owners::Recorded
+        } else {
+            Owners::Restorer
+        }
+    }
+}
+
 /// Owner and mode of a file as found when it was opened.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Found {
@@ -53,10 +81,19 @@ impl Found {
 /// mode after the owner: a chown clears setuid bits). `found` saves the
 /// calls that would change nothing, which is most of them in a tree of
 /// small files created by this restore. Setuid, setgid and sticky modes are
-/// always set again: writing to a file clears them.
-pub fn apply_file_metadata(file: &File, e: &Entry, found: Option<Found>) -> std::io::Result<()> {
-    let owned = found.is_some_and(|f| f.uid == e.uid && f.gid == e.gid);
-    if !owned {
+/// always set again: writing to a file clears them. Under
+/// [`Owners::Restorer`] the owner is left as it is.
+pub fn apply_file_metadata(
+    file: &File,
+    e: &Entry,
+    found: Option<Found>,
+    owners: Owners,
+) -> std::io::Result<()> {
+    let owned = match owners {
+        Owners::Recorded => found.is_some_and(|f| f.uid == e.uid && f.gid == e.gid),
+        Owners::Restorer => found.is_some(),
+    };
+    if !owned && owners == Owners::Recorded {
         std::os::unix::fs::fchown(file, Some(e.uid), Some(e.gid))?;
     }
     let mode = e.mode & 0o7777;
@@ -83,16 +120,23 @@ pub fn split_name(path: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-/// Give symlink `name` in `parent` the entry's owner and time, never
-/// following it.
-pub fn symlink_owner_and_times(parent: BorrowedFd<'_>, name: &OsStr, e: &Entry) -> nix::Result<()> {
-    nix::unistd::fchownat(
-        parent,
-        name,
-        Some(e.uid.into()),
-        Some(e.gid.into()),
-        AtFlags::AT_SYMLINK_NOFOLLOW,
-    )?;
+/// Give symlink `name` in `parent` the entry's owner (as `owners` says)
+/// and time, never following it.
+pub fn symlink_owner_and_times(
+    parent: BorrowedFd<'_>,
+    name: &OsStr,
+    e: &Entry,
+    owners: Owners,
+) -> nix::Result<()> {
+    if owners == Owners::Recorded {
+        nix::unistd::fchownat(
+            parent,
+            name,
+            Some(e.uid.into()),
+            Some(e.gid.into()),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )?;
+    }
     let ts = timespec(e.mtime_ns);
     nix::sys::stat::utimensat(
         parent,
@@ -103,13 +147,18 @@ pub fn symlink_owner_and_times(parent: BorrowedFd<'_>, name: &OsStr, e: &Entry) 
     )
 }
 
-/// Owner, mode and times of the directory `e` names below `tree`.
-pub fn apply_dir_metadata(tree: &btm::confined::Tree, e: &Entry) -> Result<(), ChunkError> {
+/// Owner (as `owners` says), mode and times of the directory `e` names
+/// below `tree`.
+pub fn apply_dir_metadata(
+    tree: &btm::confined::Tree,
+    e: &Entry,
+    owners: Owners,
+) -> Result<(), ChunkError> {
     let rel = Path::new(OsStr::from_bytes(&e.path));
     let comps = btm::confined::components(rel).map_err(|x| ChunkError::Invalid(x.to_string()))?;
     let fd = tree
         .dir(&comps, false)
         .map_err(|x| ChunkError::Invalid(x.to_string()))?;
     let f = File::from(fd);
-    apply_file_metadata(&f, e, None).map_err(|x| ChunkError::io(&tree.root().join(rel), x))
+    apply_file_metadata(&f, e, None, owners).map_err(|x| ChunkError::io(&tree.root().join(rel), x))
 }

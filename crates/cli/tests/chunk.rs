@@ -1175,3 +1175,105 @@ fn a_restore_refuses_to_lay_one_chain_over_another() {
     let e = t.btm(&["backup", src, "--chain", "two words"]).fails(2);
     assert!(e.contains("chain id"), "{e}");
 }
+
+/// Run `btm ARGS -s STORE` as `uid`:`uid` with supplementary group
+/// `group` (as a Kubernetes pod's `runAsUser` and `fsGroup`), its cache
+/// in `cache`.
+fn btm_as(t: &Tree, uid: u32, group: u32, cache: &Path, args: &[&str]) -> common::Run {
+    let store = t.store();
+    std::process::Command::new("setpriv")
+        .args([
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            format!("--groups={group}"),
+            "--".into(),
+            env!("CARGO_BIN_EXE_btm").into(),
+        ])
+        .args(args)
+        .args(["-s", &store])
+        .env("BTM_CACHE_DIR", cache)
+        .env("HOME", cache)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map(common::Run::from)
+        .expect("setpriv runs btm")
+}
+
+/// tar's convention: an ordinary user restoring a root-owned backup gets
+/// files of its own (and the setgid volume's group, as a pod's `fsGroup`
+/// gives), content, modes and times exact, and is told once; a rerun is
+/// a no-op; `--same-owner` refuses in one line instead of half-restoring.
+#[test]
+fn a_restore_by_an_ordinary_user_gives_it_the_files_with_exact_modes_and_times() {
+    let t = Tree::new();
+    let zeros = t.src().join("data/zeros");
+    std::os::unix::fs::lchown(&zeros, Some(1234), Some(5678)).expect("chown");
+    fs::set_permissions(&zeros, fs::Permissions::from_mode(0o4750)).expect("chmod");
+    t.backup(&[]);
+    let (uid, fs_group) = (65534, 4242);
+    // Readable by that user: the store and the binary's way to it.
+    common::sh("chmod", &["-R", "a+rX", &t.store()]);
+    fs::set_permissions(t.dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let cache = t.p("cache-of-user");
+    let vol = t.p("vol");
+    for (d, mode) in [(&cache, 0o700), (&vol, 0o2775)] {
+        fs::create_dir(d).expect("mkdir");
+        std::os::unix::fs::chown(d, Some(if mode == 0o700 { uid } else { 0 }), Some(fs_group))
+            .expect("chown");
+        fs::set_permissions(d, fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    let dst = vol.join("data");
+    let dst_s = dst.to_str().expect("utf8");
+    let run = btm_as(&t, uid, fs_group, &cache, &["restore", "latest", dst_s]).ok();
+    assert_eq!(run.matches("owners not restored").count(), 1, "{run}");
+    assert_same_tree(&t.src(), &dst);
+    for entry in walk(&dst) {
+        let m = fs::symlink_metadata(&entry).expect("m");
+        assert_eq!((m.uid(), m.gid()), (uid, fs_group), "{}", entry.display());
+    }
+    let zeros_mode = fs::metadata(dst.join("data/zeros")).expect("m").mode() & 0o7777;
+    assert_eq!(zeros_mode, 0o4750, "the setuid bit is the owner's to set");
+
+    // Again: everything is trusted from the journal's record, nothing read.
+    let again = btm_as(
+        &t,
+        uid,
+        fs_group,
+        &cache,
+        &["restore", "latest", dst_s, "--json"],
+    )
+    .ok();
+    let v: serde_json::Value = serde_json::from_str(&again).expect("json");
+    assert_eq!(v["summary"]["chunks_fetched"], 0, "{again}");
+    assert_eq!(v["summary"]["owners"], "restorer", "{again}");
+    assert_same_tree(&t.src(), &dst);
+
+    // Asking for owners it cannot give fails in one line, and says why.
+    let other = vol.join("other");
+    let err = btm_as(
+        &t,
+        uid,
+        fs_group,
+        &cache,
+        &[
+            "restore",
+            "latest",
+            other.to_str().expect("utf8"),
+            "--same-owner",
+        ],
+    );
+    assert_eq!(err.code, 1, "{}", err.stdout);
+    let err = err.stderr.lines().last().unwrap_or_default().to_owned();
+    assert!(
+        err.contains("only root can give files the backup's owners"),
+        "{err}"
+    );
+
+    // Root restores the owners exactly, as before.
+    let as_root = t.p("as-root");
+    t.btm(&["restore", "latest", as_root.to_str().expect("utf8")])
+        .ok();
+    let m = fs::metadata(as_root.join("data/zeros")).expect("m");
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1234, 5678, 0o4750));
+}

@@ -19,7 +19,7 @@ use std::os::unix::ffi::OsStrExt;
 use btm_chunk::format::tree::{ChunkRef, Entry, EntryKind, Item};
 use btm_chunk::inventory::Entries;
 use btm_chunk::localfs::{
-    apply_file_metadata, split_name, symlink_owner_and_times, Found, DIR_FLAGS,
+    apply_file_metadata, split_name, symlink_owner_and_times, Found, Owners, DIR_FLAGS,
 };
 use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::Mode;
@@ -110,7 +110,7 @@ impl Stack<'_> {
 
 /// Owner, then mode (a chown clears setuid bits), then times.
 fn set_metadata(f: &File, e: &Entry) -> std::io::Result<()> {
-    apply_file_metadata(f, e, None)
+    apply_file_metadata(f, e, None, Owners::Recorded)
 }
 
 /// A symlink with its owner and times, never following it.
@@ -122,7 +122,7 @@ fn make_symlink(
 ) -> Result<(), LiveError> {
     nix::unistd::symlinkat(OsStr::from_bytes(target), parent, name)
         .map_err(|x| io(&e.path, x.into()))?;
-    symlink_owner_and_times(parent, name, e).map_err(|x| io(&e.path, x.into()))
+    symlink_owner_and_times(parent, name, e, Owners::Recorded).map_err(|x| io(&e.path, x.into()))
 }
 
 /// A file made, whose chunks are streaming by.
@@ -217,8 +217,13 @@ impl Walk<'_> {
                 .map_err(|x| io(&p.entry.path, x))?;
         }
         // Made with its mode by this process: only what differs is set.
-        apply_file_metadata(&p.file, &p.entry, Some(Found::made(p.entry.mode & 0o777)))
-            .map_err(|x| io(&p.entry.path, x))
+        apply_file_metadata(
+            &p.file,
+            &p.entry,
+            Some(Found::made(p.entry.mode & 0o777)),
+            Owners::Recorded,
+        )
+        .map_err(|x| io(&p.entry.path, x))
     }
 
     fn entry(&mut self, stack: &mut Stack<'_>, e: Entry) -> Result<(), LiveError> {

@@ -113,6 +113,9 @@ pub struct RestoreOptions {
     /// what the last completed restore into a directory wrote, so that
     /// the next need not read files unchanged since. `None`: none kept.
     pub records: Option<std::path::PathBuf>,
+    /// Whose files it makes (tar's convention by default: the backup's
+    /// owners for root, the restoring user's for anyone else).
+    pub owners: crate::localfs::Owners,
 }
 
 impl RestoreOptions {
@@ -128,6 +131,7 @@ impl RestoreOptions {
             overwrite_signing_state: false,
             max_rate: None,
             records: None,
+            owners: crate::localfs::Owners::for_this_process(),
         }
     }
 }
@@ -172,6 +176,8 @@ pub struct RestoreSummary {
     /// backup holds.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub signing_state_kept: Vec<String>,
+    /// Whose files it made.
+    pub owners: crate::localfs::Owners,
 }
 
 counters! {
@@ -337,7 +343,10 @@ fn run(
     let (journal, prior) = Journal::open(dest, &dest_fd, name, record.as_deref())?;
     let journal = Mutex::new(journal);
     let shared = Shared::new(&repo, opts, index, map);
-    let mut summary = RestoreSummary::default();
+    let mut summary = RestoreSummary {
+        owners: opts.owners,
+        ..RestoreSummary::default()
+    };
     let mut dirs: Vec<Entry> = Vec::new();
     let entries = repo.entries(name, index);
     let dest = Dest {
@@ -358,7 +367,7 @@ fn run(
     // Directories last, deepest first: creating children changes mtimes.
     dirs.sort_by_key(|e| std::cmp::Reverse(e.path.iter().filter(|&&c| c == b'/').count()));
     dirs.iter()
-        .try_for_each(|e| crate::localfs::apply_dir_metadata(&tree, e))?;
+        .try_for_each(|e| crate::localfs::apply_dir_metadata(&tree, e, opts.owners))?;
     if opts.delete {
         delete_extra(&repo, name, index, dest.path, opts, &mut summary)?;
     }

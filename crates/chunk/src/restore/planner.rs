@@ -240,7 +240,8 @@ impl<'a> Planner<'_, 'a> {
             nix::unistd::symlinkat(OsStr::from_bytes(target), parent.as_fd(), name)
                 .map_err(|x| self.io(e, x))?;
         }
-        symlink_owner_and_times(parent.as_fd(), name, e).map_err(|x| self.io(e, x))?;
+        symlink_owner_and_times(parent.as_fd(), name, e, self.shared.opts.owners)
+            .map_err(|x| self.io(e, x))?;
         Ok(())
     }
 

@@ -78,11 +78,12 @@ impl<'a> Shared<'a> {
         if job.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
-        let stamp = apply_file_metadata(&job.file, &job.entry, Some(job.found)).and_then(|()| {
-            nix::sys::stat::fstat(&job.file)
-                .map(|st| Stamp::of(&st))
-                .map_err(std::io::Error::from)
-        });
+        let stamp = apply_file_metadata(&job.file, &job.entry, Some(job.found), self.opts.owners)
+            .and_then(|()| {
+                nix::sys::stat::fstat(&job.file)
+                    .map(|st| Stamp::of(&st))
+                    .map_err(std::io::Error::from)
+            });
         let stamp = match stamp {
             Ok(s) => s,
             Err(e) => {

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use regex::bytes::Regex;
 
+use btm_chunk::localfs::Owners;
 use btm_chunk::public::mirrors::PlaceReport;
 use btm_chunk::restore::RestoreOptions;
 
@@ -66,6 +67,15 @@ pub struct RestoreArgs {
     /// Download at most SIZE a second (e.g. 50M) [default: no limit]
     #[arg(long, value_name = "SIZE", value_parser = super::store::parse_rate)]
     max_rate: Option<u64>,
+    /// Give files the backup's owners even when not run as root, and fail
+    /// if that cannot be done [default: as root only; anyone else gets
+    /// files of their own, content, modes and times exact, as tar does]
+    #[arg(long, conflicts_with = "no_same_owner")]
+    same_owner: bool,
+    /// Leave files to the restoring user (and the directory's group), even
+    /// as root
+    #[arg(long)]
+    no_same_owner: bool,
     /// Worker threads [default: twice the cores, 4 to 8]
     #[arg(long)]
     workers: Option<usize>,
@@ -75,7 +85,7 @@ pub struct RestoreArgs {
     /// Serve the backup at DIR at once (a FUSE mount), fetching what is
     /// read on demand and the rest in the background; DIR must be empty.
     /// `btm live finish DIR` ends it (docs/live-restore.md)
-    #[arg(long, conflicts_with_all = ["filter", "delete", "overwrite_signing_state", "json", "mirror", "max_rate"])]
+    #[arg(long, conflicts_with_all = ["filter", "delete", "overwrite_signing_state", "json", "mirror", "max_rate", "same_owner", "no_same_owner"])]
     live: bool,
     /// With --live: how long a read waits for the store before it fails
     /// with an I/O error
@@ -138,6 +148,7 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
         overwrite_signing_state: args.overwrite_signing_state,
         max_rate: args.max_rate,
         records: args.store.records_dir(),
+        owners: owners(args.same_owner, args.no_same_owner),
         ..RestoreOptions::new(btm_daemon::node_policy())
     };
     let reporter = Reporter::start(format!("restoring {name}"), Arc::clone(&opts.progress));
@@ -148,6 +159,11 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
     let summary = match result {
         // Refused before anything was changed: running it again cannot help.
         Err(e @ btm_chunk::ChunkError::Unrestorable { .. }) => return Err(e.into()),
+        // Neither can it when this user may not give files their owners.
+        Err(e) if opts.owners == Owners::Recorded && not_permitted(&e) => bail!(
+            "restore of {name} into {} stopped: --same-owner, but only root can give files the backup's owners (without it they become this user's): {e}",
+            dir.display()
+        ),
         r => r.with_context(|| {
             format!(
                 "restore of {name} into {} failed{}; run it again to finish it",
@@ -165,6 +181,23 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
     }
     print_summary(out, &name, &summary)?;
     print_places(out, &places)
+}
+
+/// Whether `e` comes of an operation this (non-root) user is not
+/// permitted.
+fn not_permitted(e: &btm_chunk::ChunkError) -> bool {
+    matches!(e, btm_chunk::ChunkError::Io { cause, .. } if cause.raw_os_error() == Some(libc::EPERM))
+        && !nix::unistd::geteuid().is_root()
+}
+
+/// Whose files the restore makes: `--same-owner`, `--no-same-owner`, else
+/// tar's rule (the backup's owners for root only).
+fn owners(same: bool, not_same: bool) -> Owners {
+    match (same, not_same) {
+        (true, _) => Owners::Recorded,
+        (_, true) => Owners::Restorer,
+        _ => Owners::for_this_process(),
+    }
 }
 
 /// " (set aside: URL (why), ...)" for the places a failed run set aside.
@@ -256,6 +289,13 @@ fn print_summary(
         summary.holes,
         if summary.deleted > 0 { format!(", {} removed", summary.deleted) } else { String::new() }
     )?;
+    if summary.owners == Owners::Restorer {
+        writeln!(
+            out,
+            "owners not restored: the files belong to uid {} and the group new files get here (as root, or with --same-owner, they get the backup's)",
+            nix::unistd::geteuid()
+        )?;
+    }
     for p in &summary.signing_state_kept {
         writeln!(
             out,
