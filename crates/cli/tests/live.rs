@@ -554,3 +554,46 @@ fn a_full_disk_gives_enospc_to_the_writer_and_corrupts_nothing() {
         "the backup's data was damaged"
     );
 }
+
+/// `--finish-on-stop` (a Kubernetes sidecar's stop, after the node's): a
+/// SIGTERM before every byte is local stops the server to resume later;
+/// a SIGTERM once hydrated, with nothing using the directory, finishes it
+/// as `btm live finish` would: exit 0, no mount, no state, exact data.
+#[test]
+fn a_hydrated_server_told_to_finish_on_stop_finishes_on_sigterm() {
+    let tmp = scratch();
+    let s = tmp.path();
+    let src = s.join("src");
+    std::fs::create_dir_all(src.join("d")).expect("src");
+    write_noise(&src.join("d/big"), 8 << 20);
+    std::fs::write(src.join("small"), b"small").expect("small");
+    let store = s.join("store");
+    let store = store.to_str().expect("utf8");
+    common::btm(s, &["backup", src.to_str().expect("utf8"), "-s", store]).ok();
+    let dir = s.join("served");
+    let sigterm = |server: &Server| {
+        let pid = nix::unistd::Pid::from_raw(server.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill");
+    };
+
+    let mut server = Server::start(s, &dir, &["-s", store, "--finish-on-stop"], &[]);
+    server.wait_hydrated(s, Duration::from_secs(120));
+    sigterm(&server);
+    assert_eq!(server.wait_exit(Duration::from_secs(60)), Some(0), "{}", server.log());
+    assert!(server.log().contains("finished:"), "{}", server.log());
+    assert!(!is_mount(&dir));
+    assert!(!dir.join(".btm-live").exists(), "the state is gone");
+    assert_eq!(sha(&dir.join("d/big")), sha(&src.join("d/big")));
+    assert_eq!(std::fs::read(dir.join("small")).expect("small"), b"small");
+
+    // Busy (a reader holds a file open): stopped, to resume, not finished.
+    let busy = s.join("busy");
+    let mut server = Server::start(s, &busy, &["-s", store, "--finish-on-stop"], &[]);
+    server.wait_hydrated(s, Duration::from_secs(120));
+    let held = std::fs::File::open(busy.join("small")).expect("open");
+    sigterm(&server);
+    assert_ne!(server.wait_exit(Duration::from_secs(60)), Some(0), "{}", server.log());
+    drop(held);
+    assert!(!is_mount(&busy), "{}", server.log());
+    assert!(busy.join(".btm-live").exists(), "kept to resume: {}", server.log());
+}

@@ -57,6 +57,11 @@ pub struct LiveOptions {
     pub passthrough: bool,
     /// Threads serving FUSE requests.
     pub threads: usize,
+    /// On SIGTERM or SIGINT with every byte local, finish as `btm live
+    /// finish` would, once the node has let go of the directory (a
+    /// Kubernetes sidecar is stopped after the node). Otherwise a signal
+    /// stops the server, and a rerun resumes.
+    pub finish_on_stop: bool,
 }
 
 impl Default for LiveOptions {
@@ -65,6 +70,7 @@ impl Default for LiveOptions {
             read_timeout: Duration::from_secs(30),
             passthrough: true,
             threads: 8,
+            finish_on_stop: false,
         }
     }
 }
@@ -162,7 +168,7 @@ pub fn serve(
     spawn_control(listener, Arc::clone(&shared), tx.clone());
     let stop = Cancel::new();
     let workers = spawn_workers(&files, &stop, tx);
-    let outcome = main_loop(&dir, &shared, &rx, &bg);
+    let outcome = main_loop(&dir, &shared, &rx, &bg, opts.finish_on_stop);
     stop.cancel();
     for w in workers {
         let _ = w.join();
@@ -381,6 +387,7 @@ fn main_loop(
     shared: &Shared,
     rx: &Receiver<Event>,
     bg: &fuser::BackgroundSession,
+    finish_on_stop: bool,
 ) -> Outcome {
     let mut waiting: Vec<UnixStream> = Vec::new();
     let mut last_progress = Instant::now();
@@ -389,6 +396,10 @@ fn main_loop(
             Ok(Event::Finish(s)) => {
                 shared.finishing.store(true, Ordering::Relaxed);
                 waiting.push(s);
+            }
+            Ok(Event::Signal(sig)) if finish_on_stop && shared.hydrated.load(Ordering::Relaxed) => {
+                tracing::info!(signal = sig, "every byte is local: finishing");
+                return finish_now(dir, shared);
             }
             Ok(Event::Signal(sig)) => {
                 tracing::warn!(signal = sig, "stopping the live restore");
@@ -437,6 +448,23 @@ fn main_loop(
                 }
                 shared.finishing.store(false, Ordering::Relaxed);
             }
+        }
+    }
+}
+
+/// Finish without a client asking (`finish_on_stop`): make everything
+/// durable and unmount, or stop as on any signal if that cannot be done.
+fn finish_now(dir: &Path, shared: &Shared) -> Outcome {
+    shared.finishing.store(true, Ordering::Relaxed);
+    if let Err(e) = shared.files.checkpoint() {
+        tracing::error!(error = %e, "checkpoint before finishing failed");
+        return Outcome::Stopped("stopped by a signal");
+    }
+    match unmount_when_idle(dir) {
+        Ok(()) => Outcome::Finished(Vec::new()),
+        Err(e) => {
+            tracing::warn!(error = %e, "the directory is still in use: stopped without finishing");
+            Outcome::Stopped("stopped by a signal")
         }
     }
 }

@@ -42,7 +42,7 @@ pub struct BackupArgs {
     #[command(flatten)]
     store: StoreArgs,
     /// Tag; `latest` and incremental backups match it exactly
-    #[arg(short = 't', long, default_value = "default")]
+    #[arg(short = 't', long, env = "BTM_TAG", default_value = "default")]
     tag: String,
     /// Metadata, a JSON object stored in the index (e.g. '{"height":120}')
     #[arg(short = 'm', long = "meta", value_name = "JSON", value_parser = parse_meta)]
@@ -50,8 +50,24 @@ pub struct BackupArgs {
     /// The chain the directory holds (its chain id, e.g. `cosmoshub-4`),
     /// recorded as `chain_id` in the metadata: a restore then never lays
     /// it over a node of another chain, and `latest --chain` finds it
-    #[arg(long, value_name = "ID", value_parser = parse_chain)]
+    #[arg(long, value_name = "ID", env = "BTM_CHAIN", value_parser = parse_chain)]
     chain: Option<String>,
+    /// The height of the chain the directory holds, recorded as `height`
+    /// in the metadata (`restore latest --height` finds it)
+    #[arg(long, value_name = "H", env = "BTM_HEIGHT")]
+    height: Option<u64>,
+    /// Ask this node RPC (http://…) which block it has at --height, and
+    /// record it as the backup's chain identity: `btm verify` then proves a
+    /// node restored from it, and a restore never lays it over another
+    /// chain
+    #[arg(long, value_name = "URL", env = "BTM_RPC_URL", requires_all = ["height", "rpc_kind"])]
+    rpc_url: Option<String>,
+    /// The RPC's dialect: cometbft, ethereum, bitcoin, substrate, solana or
+    /// beacon
+    #[arg(long, value_name = "KIND", env = "BTM_RPC_KIND", requires = "rpc_url", value_parser = super::rpc::parse_dialect)]
+    rpc_kind: Option<btm::family::Dialect>,
+    #[command(flatten)]
+    rpc: super::rpc::RpcAuthArgs,
     /// Only back up paths matching this regular expression
     #[arg(long, value_parser = parse_regex)]
     filter: Option<Regex>,
@@ -109,6 +125,21 @@ fn options(args: &BackupArgs) -> Result<BackupOptions> {
             bail!("--chain {id} and the chain_id in --meta disagree; give one");
         }
         opts.meta.insert("chain_id".into(), id.into());
+    }
+    if let Some(h) = args.height {
+        if opts.meta.get("height").is_some_and(|v| v.as_u64() != Some(h)) {
+            bail!("--height {h} and the height in --meta disagree; give one");
+        }
+        opts.meta.insert("height".into(), h.into());
+    }
+    if let (Some(url), Some(kind), Some(h)) = (&args.rpc_url, args.rpc_kind, args.height) {
+        let identity = args
+            .rpc
+            .node(kind, url)?
+            .identity(h)
+            .with_context(|| format!("the {} RPC at {url} did not say which block it has at {h}", kind.name()))?;
+        opts.meta
+            .insert("chain".into(), serde_json::to_value(identity)?);
     }
     opts.filter = args.filter.clone();
     opts.append_only = args.append_only.clone();

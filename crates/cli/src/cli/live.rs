@@ -25,6 +25,7 @@ pub(super) struct LiveRestore<'a> {
     pub(super) chain: Option<&'a str>,
     pub(super) read_timeout: Duration,
     pub(super) passthrough: bool,
+    pub(super) finish_on_stop: bool,
 }
 
 /// Serve a backup live at a directory until `btm live finish`.
@@ -46,6 +47,7 @@ pub(super) fn restore_live(r: LiveRestore<'_>) -> Result<()> {
     let opts = LiveOptions {
         read_timeout: r.read_timeout,
         passthrough: r.passthrough,
+        finish_on_stop: r.finish_on_stop,
         ..LiveOptions::default()
     };
     let holds = btm_daemon::chain::Chain::of_meta(index.meta());

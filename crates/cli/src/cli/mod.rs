@@ -22,6 +22,7 @@ mod publish;
 mod release;
 mod restore;
 mod rollback;
+mod rpc;
 mod simulate;
 mod snapshot;
 mod status;
@@ -36,6 +37,19 @@ use clap::{Args, Parser, Subcommand};
 use btm::retention::Algo;
 use btm::volume::SnapMode;
 use btm::BtmCfg;
+
+/// Treat a `BTM_*` variable set to the empty string as unset: a container
+/// given its options by a ConfigMap (`BTM_HEIGHT: ""`) means none, not an
+/// empty height. Called before anything else runs, on one thread.
+pub fn forget_empty_env() {
+    let empty: Vec<_> = std::env::vars_os()
+        .filter(|(k, v)| v.is_empty() && k.as_encoded_bytes().starts_with(b"BTM_"))
+        .map(|(k, _)| k)
+        .collect();
+    for k in empty {
+        std::env::remove_var(k);
+    }
+}
 
 /// Blockchain Time Machine: block-height snapshots of a node's ZFS or btrfs
 /// volume, with fair/fade retention and rollback.

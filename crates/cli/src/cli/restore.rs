@@ -30,14 +30,14 @@ pub struct RestoreArgs {
     #[command(flatten)]
     store: StoreArgs,
     /// With `latest`: the tag, matched exactly
-    #[arg(short = 't', long, default_value = "default")]
+    #[arg(short = 't', long, env = "BTM_TAG", default_value = "default")]
     tag: String,
     /// With `latest`: the newest backup whose metadata height is at most H
-    #[arg(long, value_name = "H")]
+    #[arg(long, value_name = "H", env = "BTM_HEIGHT")]
     height: Option<u64>,
     /// With `latest`: the newest backup of this chain (the chain id or
     /// genesis hash its metadata records)
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", env = "BTM_CHAIN")]
     chain: Option<String>,
     /// Restore even into a directory known to hold another chain than the
     /// backup's (by btm's record of the last restore into it, or its
@@ -65,7 +65,7 @@ pub struct RestoreArgs {
     #[arg(long)]
     no_listed_mirrors: bool,
     /// Download at most SIZE a second (e.g. 50M) [default: no limit]
-    #[arg(long, value_name = "SIZE", value_parser = super::store::parse_rate)]
+    #[arg(long, value_name = "SIZE", env = "BTM_MAX_RATE", value_parser = super::store::parse_rate)]
     max_rate: Option<u64>,
     /// Give files the backup's owners even when not run as root, and fail
     /// if that cannot be done [default: as root only; anyone else gets
@@ -94,6 +94,11 @@ pub struct RestoreArgs {
     /// With --live: never use FUSE passthrough, even where the kernel has it
     #[arg(long, requires = "live")]
     no_passthrough: bool,
+    /// With --live: on SIGTERM with every byte local, finish (as `btm live
+    /// finish`) once nothing uses the directory, instead of stopping to
+    /// resume later; a Kubernetes sidecar is stopped after its node
+    #[arg(long, requires = "live")]
+    finish_on_stop: bool,
 }
 
 impl RestoreArgs {
@@ -124,6 +129,7 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
             chain: args.chain.as_deref(),
             read_timeout: args.read_timeout,
             passthrough: !args.no_passthrough,
+            finish_on_stop: args.finish_on_stop,
         });
     }
     let (store, mirrors) = args

@@ -46,7 +46,7 @@ pub(super) struct StoreArgs {
     /// /etc/btm/btm.toml]
     // The brackets are clap's help text, not a rustdoc link.
     #[allow(rustdoc::broken_intra_doc_links)]
-    #[arg(long, value_name = "PUBKEY", global = true, value_parser = parse_public_key)]
+    #[arg(long, value_name = "PUBKEY", global = true, env = "BTM_TRUST", value_delimiter = ',', value_parser = parse_public_key)]
     trust: Vec<btm_chunk::public::PublicKey>,
     /// Read an s3://, gs:// or az:// bucket anonymously, as a public
     /// snapshot (through its catalog)

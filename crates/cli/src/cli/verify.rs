@@ -5,16 +5,15 @@
 //! height yet is "behind", not verified.
 
 use std::io::Write;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 
 use btm_daemon::height::identity::{self, ChainIdentity};
-use btm_daemon::height::{Auth, NodeRpc};
 
 use super::print_json;
+use super::rpc::RpcAuthArgs;
 use super::store::{find_backup, StoreArgs};
 
 /// Arguments of `btm verify`.
@@ -32,15 +31,8 @@ pub struct VerifyArgs {
     /// the dialect the export recorded
     #[arg(long, value_name = "URL")]
     rpc_url: String,
-    /// The node's RPC cookie file (Bitcoin Core's `.cookie`)
-    #[arg(long, value_name = "PATH", conflicts_with = "rpc_user")]
-    rpc_cookie: Option<std::path::PathBuf>,
-    /// The node's RPC user; the password is read from $BTM_RPC_PASSWORD
-    #[arg(long, value_name = "USER")]
-    rpc_user: Option<String>,
-    /// Bound on the request to the node, in seconds
-    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    timeout: u64,
+    #[command(flatten)]
+    rpc: RpcAuthArgs,
     /// Print the result as JSON (and still exit non-zero unless verified)
     #[arg(long)]
     json: bool,
@@ -58,20 +50,6 @@ struct Verdict<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     found: Option<&'a ChainIdentity>,
     mismatches: Vec<String>,
-}
-
-/// The credentials the flags and `$BTM_RPC_PASSWORD` give.
-fn auth(args: &VerifyArgs) -> Result<Auth> {
-    Ok(match (&args.rpc_cookie, &args.rpc_user) {
-        (Some(path), _) => Auth::Cookie(path.clone()),
-        (None, Some(user)) => Auth::UserPassword {
-            user: user.clone(),
-            password: std::env::var("BTM_RPC_PASSWORD").map_err(|_| {
-                anyhow::anyhow!("--rpc-user needs the password in $BTM_RPC_PASSWORD")
-            })?,
-        },
-        (None, None) => Auth::None,
-    })
 }
 
 /// The node has not reached the backup's height yet: say so (and how far
@@ -123,13 +101,8 @@ fn warn_other_client(recorded: &ChainIdentity, found: &ChainIdentity) {
 }
 
 pub fn run(args: VerifyArgs, out: &mut dyn Write) -> Result<()> {
-    // Plain http only, as the daemon: btm asks the node's local endpoint.
-    if !args.rpc_url.starts_with("http://") || args.rpc_url.len() <= "http://".len() {
-        bail!(
-            "--rpc-url '{}' is not an http:// URL (https is not supported; ask the node's local endpoint)",
-            args.rpc_url
-        );
-    }
+    // Checked before the store is opened: a bad URL is a usage error.
+    args.rpc.node(btm::family::Dialect::Bitcoin, &args.rpc_url)?;
     let store = args.store.open_reader()?;
     let (name, idx) = find_backup(store.as_ref(), &args.backup, &args.tag, None)?;
     let recorded: ChainIdentity = match idx.meta().get("chain") {
@@ -139,12 +112,7 @@ pub fn run(args: VerifyArgs, out: &mut dyn Write) -> Result<()> {
         Some(v) => serde_json::from_value(v.clone())
             .with_context(|| format!("backup {name} has an unreadable chain identity"))?,
     };
-    let rpc = NodeRpc {
-        dialect: recorded.kind,
-        url: args.rpc_url.clone(),
-        auth: auth(&args)?,
-        timeout: Duration::from_secs(args.timeout),
-    };
+    let rpc = args.rpc.node(recorded.kind, &args.rpc_url)?;
     let tip = rpc.tip().with_context(|| {
         format!(
             "cannot verify backup {name}: the {} RPC at {} did not say its height",
