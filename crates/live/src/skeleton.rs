@@ -233,8 +233,11 @@ impl Walk<'_> {
         let name = OsStr::from_bytes(split_name(&e.path).1);
         match &e.kind {
             EntryKind::Dir => {
-                nix::sys::stat::mkdirat(parent, name, Mode::from_bits_truncate(0o700))
-                    .map_err(|x| io(&e.path, x.into()))?;
+                match nix::sys::stat::mkdirat(parent, name, Mode::from_bits_truncate(0o700)) {
+                    // The file system's own lost+found, at the top.
+                    Err(nix::errno::Errno::EEXIST) if e.path == crate::target::FS_ROOT_DIR.as_bytes() => {}
+                    r => r.map_err(|x| io(&e.path, x.into()))?,
+                }
                 let fd = openat(parent, name, DIR_FLAGS, Mode::empty())
                     .map_err(|x| io(&e.path, x.into()))?;
                 stack.open.push((e.path.clone(), fd, Some(e)));

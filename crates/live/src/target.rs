@@ -82,17 +82,35 @@ fn io(dir: &Path, e: impl Into<std::io::Error>) -> LiveError {
 /// Whether directory `root` holds an entry other than `.`, `..` and the
 /// state directory (reading no further than the first).
 fn holds_other(root: &OwnedFd, dir: &Path) -> Result<bool, LiveError> {
+    let empty_dir = |name: &std::ffi::CStr| {
+        openat(
+            root.as_fd(),
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .and_then(nix::dir::Dir::from_fd)
+        .is_ok_and(|mut d| d.iter().filter_map(Result::ok).count() <= 2)
+    };
     let d = nix::dir::Dir::from_fd(root.try_clone().map_err(|e| io(dir, e))?)
         .map_err(|e| io(dir, e))?;
     for e in d {
         let e = e.map_err(|e| io(dir, e))?;
         let n = e.file_name().to_bytes();
-        if n != b"." && n != b".." && n != STATE_DIR.as_bytes() && n != PROBE.as_bytes() {
-            return Ok(true);
+        let ours = [&b"."[..], b"..", STATE_DIR.as_bytes(), PROBE.as_bytes()];
+        if ours.contains(&n) || (n == FS_ROOT_DIR.as_bytes() && empty_dir(e.file_name())) {
+            continue;
         }
+        return Ok(true);
     }
     Ok(false)
 }
+
+/// The directory ext4 (and e2fsck) keeps at the top of a file system: a
+/// volume's root holds it from the start. Empty, it does not make a
+/// directory unfit for a live restore, and clearing a half-made skeleton
+/// leaves it.
+pub const FS_ROOT_DIR: &str = "lost+found";
 
 /// Check `dir` for a live restore: a descriptor limit it can run under,
 /// FUSE usable, no mount on it (a dead live-restore mount is cleared),
@@ -212,7 +230,9 @@ fn remove_children(dir: BorrowedFd<'_>, top: bool) -> Result<(), nix::errno::Err
         .iter()
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_bytes().to_vec())
-        .filter(|n| n != b"." && n != b".." && !(top && n == STATE_DIR.as_bytes()))
+        .filter(|n| {
+            n != b"." && n != b".." && !(top && (n == STATE_DIR.as_bytes() || n == FS_ROOT_DIR.as_bytes()))
+        })
         .collect();
     for n in names {
         let name = OsStr::from_bytes(&n);
@@ -260,6 +280,23 @@ mod tests {
         let s =
             format!(r#"{{"backup":"b","skeleton":true,"version":{version},"root":"{handle}"}}"#);
         std::fs::write(dir.join(STATE_DIR).join(SESSION), s).expect("session");
+    }
+
+    /// A fresh ext4 volume's root holds lost+found: empty, it is no
+    /// obstacle, and clearing a half-made skeleton keeps it; with anything
+    /// in it, the directory is not empty.
+    #[test]
+    fn an_empty_lost_and_found_is_the_file_systems_not_the_nodes() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("volume");
+        std::fs::create_dir_all(dir.join(FS_ROOT_DIR)).expect("dir");
+        open_target(&dir).expect("a volume's root with an empty lost+found");
+        std::fs::write(dir.join("half-made"), b"x").expect("w");
+        let root = nix::fcntl::open(&dir, OFlag::O_RDONLY, Mode::empty()).expect("open");
+        clear_tree(&root).expect("clear");
+        assert!(dir.join(FS_ROOT_DIR).is_dir() && !dir.join("half-made").exists());
+        std::fs::write(dir.join(FS_ROOT_DIR).join("#1234"), b"x").expect("w");
+        assert!(matches!(open_target(&dir), Err(LiveError::NotEmpty(_))));
     }
 
     #[test]

@@ -43,7 +43,9 @@ spec:
       containers:
         - name: btm-export
           image: $IMAGE
-          args: ["backup", "/data", "--json", "--exclude", ".btm/**"]
+          # lost+found: the file system's (root's, unreadable to the node's
+          # user); .btm/: a restore's cache and journal.
+          args: ["backup", "/data", "--json", "--exclude", "lost+found", "--exclude", ".btm/**"]
           env:
             - {name: BTM_STORE, value: "$STORE"}
             - {name: BTM_TAG, value: "$TAG"}
