@@ -1,11 +1,11 @@
 # btm: `make` (= `make pack`) builds btm_package.tar.gz; also build, deb,
-# test, lint, demo, bench, clean. `make test` and `make demo` need root
-# (loop devices, zfs-fuse, a systemd container) and install their
-# prerequisites themselves.
+# image (the OCI image btm-image.tar), test, lint, demo, bench, clean.
+# `make test` and `make demo` need root (loop devices, zfs-fuse, a systemd
+# container, podman) and install their prerequisites themselves.
 
 CARGO ?= cargo
 
-.PHONY: all pack deb build test lint demo bench clean
+.PHONY: all pack deb image build test lint demo bench clean
 
 all: pack
 
@@ -14,6 +14,9 @@ pack:
 
 deb:
 	./packaging/build-deb.sh
+
+image:
+	./scripts/image.sh
 
 build:
 	$(CARGO) build --release --locked
@@ -26,6 +29,7 @@ lint:
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --locked --quiet --no-deps --workspace --document-private-items
 	shellcheck install.sh scripts/*.sh packaging/*.sh packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm .ci/run
+	shellcheck -s sh deploy/kubernetes/examples/export-job/cronjob/export.sh
 
 demo:
 	./scripts/demo.sh
@@ -42,4 +46,4 @@ bench:
 
 clean:
 	$(CARGO) clean
-	rm -f btm_package.tar.gz btm_*.deb
+	rm -f btm_package.tar.gz btm_*.deb btm-image.tar

@@ -30,6 +30,16 @@ command -v litecoind >/dev/null || missing+=(litecoind)
 [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 # Python's lmdb (Debian's), for the live-restore test's LMDB workload.
 /usr/bin/python3 -c 'import lmdb' 2>/dev/null || missing+=(python3-lmdb)
+# Kubernetes without a cluster: podman with runc (crun fails on hybrid
+# cgroups) and catatonit (its pause image), buildah for the images, skopeo
+# to read their archives, kubectl for kustomize, PyYAML for the pod shim.
+command -v podman >/dev/null || missing+=(podman)
+command -v runc >/dev/null || missing+=(runc)
+command -v catatonit >/dev/null || missing+=(catatonit)
+command -v buildah >/dev/null || missing+=(buildah)
+command -v skopeo >/dev/null || missing+=(skopeo)
+command -v kubectl >/dev/null || missing+=(kubectl)
+/usr/bin/python3 -c 'import yaml' 2>/dev/null || missing+=(python3-yaml)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "== installing ${missing[*]}"
     apt-get update -qq
@@ -86,6 +96,17 @@ make --no-print-directory deb >/dev/null
 export BTM_PACKAGE="$PWD/btm_package.tar.gz"
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
 export BTM_DEB="$PWD/btm_${version}_amd64.deb"
+echo "== make image"
+make --no-print-directory image >/dev/null
+export BTM_IMAGE="$PWD/btm-image.tar"
+# The node image the Kubernetes tests run (litecoind from Debian's packages),
+# built once and cached.
+export BTM_TEST_NODE_IMAGE=${BTM_TEST_NODE_IMAGE:-/var/cache/btm-test/litecoind-image-1.tar}
+if [ ! -f "$BTM_TEST_NODE_IMAGE" ]; then
+    echo "== building the litecoind test image into $BTM_TEST_NODE_IMAGE"
+    mkdir -p "$(dirname "$BTM_TEST_NODE_IMAGE")"
+    scripts/test-node-image.sh "$BTM_TEST_NODE_IMAGE"
+fi
 
 started_pid=""
 stop_zfs_fuse() {
@@ -116,7 +137,7 @@ if ! command -v s3s-fs >/dev/null; then
     cargo install --locked --quiet s3s-fs --version 0.14.1 --features binary
 fi
 
-echo "== cargo test (unit, property, CLI, daemon, exports, ganache and litecoind chains, chunk engine, S3, Azure, real btrfs + zfs-fuse, live restore over FUSE (also at a million files and under descriptor limits of 1024 and 256), published stores over nginx, install.sh, real systemd)"
+echo "== cargo test (unit, property, CLI, daemon, exports, ganache and litecoind chains, chunk engine, S3, Azure, real btrfs + zfs-fuse, live restore over FUSE (also at a million files and under descriptor limits of 1024 and 256), published stores over nginx, install.sh, real systemd, Kubernetes manifests under podman)"
 # A wedged filesystem must fail the run, not hang it until CI's limit.
 timeout --signal=KILL 1800 cargo test --locked --all-targets --no-fail-fast -- --test-threads=2
 cargo test --locked --doc

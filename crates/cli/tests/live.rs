@@ -579,7 +579,12 @@ fn a_hydrated_server_told_to_finish_on_stop_finishes_on_sigterm() {
     let mut server = Server::start(s, &dir, &["-s", store, "--finish-on-stop"], &[]);
     server.wait_hydrated(s, Duration::from_secs(120));
     sigterm(&server);
-    assert_eq!(server.wait_exit(Duration::from_secs(60)), Some(0), "{}", server.log());
+    assert_eq!(
+        server.wait_exit(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        server.log()
+    );
     assert!(server.log().contains("finished:"), "{}", server.log());
     assert!(!is_mount(&dir));
     assert!(!dir.join(".btm-live").exists(), "the state is gone");
@@ -592,8 +597,17 @@ fn a_hydrated_server_told_to_finish_on_stop_finishes_on_sigterm() {
     server.wait_hydrated(s, Duration::from_secs(120));
     let held = std::fs::File::open(busy.join("small")).expect("open");
     sigterm(&server);
-    assert_ne!(server.wait_exit(Duration::from_secs(60)), Some(0), "{}", server.log());
+    assert_ne!(
+        server.wait_exit(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        server.log()
+    );
     drop(held);
     assert!(!is_mount(&busy), "{}", server.log());
-    assert!(busy.join(".btm-live").exists(), "kept to resume: {}", server.log());
+    assert!(
+        busy.join(".btm-live").exists(),
+        "kept to resume: {}",
+        server.log()
+    );
 }

@@ -235,7 +235,8 @@ impl Walk<'_> {
             EntryKind::Dir => {
                 match nix::sys::stat::mkdirat(parent, name, Mode::from_bits_truncate(0o700)) {
                     // The file system's own lost+found, at the top.
-                    Err(nix::errno::Errno::EEXIST) if e.path == crate::target::FS_ROOT_DIR.as_bytes() => {}
+                    Err(nix::errno::Errno::EEXIST)
+                        if e.path == crate::target::FS_ROOT_DIR.as_bytes() => {}
                     r => r.map_err(|x| io(&e.path, x.into()))?,
                 }
                 let fd = openat(parent, name, DIR_FLAGS, Mode::empty())

@@ -231,7 +231,9 @@ fn remove_children(dir: BorrowedFd<'_>, top: bool) -> Result<(), nix::errno::Err
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_bytes().to_vec())
         .filter(|n| {
-            n != b"." && n != b".." && !(top && (n == STATE_DIR.as_bytes() || n == FS_ROOT_DIR.as_bytes()))
+            n != b"."
+                && n != b".."
+                && !(top && (n == STATE_DIR.as_bytes() || n == FS_ROOT_DIR.as_bytes()))
         })
         .collect();
     for n in names {

@@ -21,6 +21,7 @@ use super::super::inventory::Entries;
 use super::super::ChunkError;
 
 /// One entry found by the walk.
+#[derive(Clone)]
 pub struct Walked {
     /// Path relative to the root, raw bytes.
     pub rel: Vec<u8>,
@@ -52,6 +53,10 @@ struct Frame {
 pub struct Walker {
     root: std::path::PathBuf,
     stack: Vec<Frame>,
+    /// The directory just returned, opened only when the walk goes on
+    /// into it: one the caller skips (an `--exclude`) is never opened, so
+    /// an excluded directory this user cannot read is no error.
+    pending: Option<Walked>,
 }
 
 use crate::localfs::DIR_FLAGS;
@@ -90,7 +95,28 @@ impl Walker {
                 names,
                 next: 0,
             }],
+            pending: None,
         })
+    }
+
+    /// Open the directory returned last and go into it.
+    fn descend(&mut self, dir: Walked) -> Result<(), ChunkError> {
+        let fd = openat(
+            dir.dir.as_fd(),
+            OsStr::from_bytes(&dir.name),
+            DIR_FLAGS,
+            Mode::empty(),
+        )
+        .map_err(std::io::Error::from)
+        .map_err(|e| ChunkError::io(&self.full(&dir.rel), e))?;
+        let names = read_names(&fd).map_err(|e| ChunkError::io(&self.full(&dir.rel), e))?;
+        self.stack.push(Frame {
+            dir: Arc::new(fd),
+            rel: dir.rel,
+            names,
+            next: 0,
+        });
+        Ok(())
     }
 
     fn full(&self, rel: &[u8]) -> std::path::PathBuf {
@@ -99,8 +125,8 @@ impl Walker {
 
     /// Do not descend into the directory just returned.
     pub fn skip_children(&mut self, of: &[u8]) {
-        if self.stack.last().is_some_and(|f| f.rel == of) {
-            self.stack.pop();
+        if self.pending.as_ref().is_some_and(|d| d.rel == of) {
+            self.pending = None;
         }
     }
 }
@@ -109,6 +135,11 @@ impl Iterator for Walker {
     type Item = Result<Walked, ChunkError>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        if let Some(dir) = self.pending.take() {
+            if let Err(e) = self.descend(dir) {
+                return Some(Err(e));
+            }
+        }
         loop {
             let depth = self.stack.len().checked_sub(1)?;
             let frame = self.stack.last_mut()?;
@@ -134,30 +165,14 @@ impl Iterator for Walker {
                 Err(e) => return Some(Err(ChunkError::io(&self.full(&rel), e.into()))),
             };
             let walked = Walked {
-                rel: rel.clone(),
-                name: name.clone(),
-                dir: Arc::clone(&dir),
+                rel,
+                name,
+                dir,
                 stat,
                 depth,
             };
             if walked.kind() == SFlag::S_IFDIR {
-                let opened = openat(
-                    dir.as_fd(),
-                    OsStr::from_bytes(&name),
-                    DIR_FLAGS,
-                    Mode::empty(),
-                )
-                .map_err(std::io::Error::from)
-                .and_then(|fd| read_names(&fd).map(|n| (fd, n)));
-                match opened {
-                    Ok((fd, names)) => self.stack.push(Frame {
-                        dir: Arc::new(fd),
-                        rel,
-                        names,
-                        next: 0,
-                    }),
-                    Err(e) => return Some(Err(ChunkError::io(&self.full(&walked.rel), e))),
-                }
+                self.pending = Some(walked.clone());
             }
             return Some(Ok(walked));
         }
@@ -261,5 +276,34 @@ impl<'a> Parent<'a> {
                 return Ok(None);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory is opened only when the walk goes into it: one skipped
+    /// (an `--exclude`) is never opened, so one this user cannot read, or
+    /// one gone by then, is no error; one not skipped is walked.
+    #[test]
+    fn a_skipped_directory_is_never_opened() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        for d in ["a/inner", "skipped/inner"] {
+            std::fs::create_dir_all(tmp.path().join(d)).expect("mkdir");
+        }
+        std::fs::write(tmp.path().join("a/inner/f"), b"x").expect("w");
+        let mut w = Walker::new(tmp.path()).expect("walk");
+        let mut seen = Vec::new();
+        while let Some(e) = w.next() {
+            let e = e.expect("no error");
+            if e.rel == b"skipped" {
+                // Gone before the walk would have read it.
+                std::fs::remove_dir_all(tmp.path().join("skipped")).expect("rm");
+                w.skip_children(&e.rel);
+            }
+            seen.push(String::from_utf8(e.rel).expect("utf8"));
+        }
+        assert_eq!(seen, ["a", "a/inner", "a/inner/f", "skipped"]);
     }
 }

@@ -127,17 +127,22 @@ fn options(args: &BackupArgs) -> Result<BackupOptions> {
         opts.meta.insert("chain_id".into(), id.into());
     }
     if let Some(h) = args.height {
-        if opts.meta.get("height").is_some_and(|v| v.as_u64() != Some(h)) {
+        if opts
+            .meta
+            .get("height")
+            .is_some_and(|v| v.as_u64() != Some(h))
+        {
             bail!("--height {h} and the height in --meta disagree; give one");
         }
         opts.meta.insert("height".into(), h.into());
     }
     if let (Some(url), Some(kind), Some(h)) = (&args.rpc_url, args.rpc_kind, args.height) {
-        let identity = args
-            .rpc
-            .node(kind, url)?
-            .identity(h)
-            .with_context(|| format!("the {} RPC at {url} did not say which block it has at {h}", kind.name()))?;
+        let identity = args.rpc.node(kind, url)?.identity(h).with_context(|| {
+            format!(
+                "the {} RPC at {url} did not say which block it has at {h}",
+                kind.name()
+            )
+        })?;
         opts.meta
             .insert("chain".into(), serde_json::to_value(identity)?);
     }

@@ -14,7 +14,12 @@ use btm_daemon::height::{Auth, NodeRpc};
 #[derive(Debug, Args)]
 pub(super) struct RpcAuthArgs {
     /// The node's RPC cookie file (Bitcoin Core's `.cookie`)
-    #[arg(long, value_name = "PATH", env = "BTM_RPC_COOKIE", conflicts_with = "rpc_user")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "BTM_RPC_COOKIE",
+        conflicts_with = "rpc_user"
+    )]
     rpc_cookie: Option<std::path::PathBuf>,
     /// The node's RPC user; the password is read from $BTM_RPC_PASSWORD
     #[arg(long, value_name = "USER", env = "BTM_RPC_USER")]

@@ -102,7 +102,8 @@ fn warn_other_client(recorded: &ChainIdentity, found: &ChainIdentity) {
 
 pub fn run(args: VerifyArgs, out: &mut dyn Write) -> Result<()> {
     // Checked before the store is opened: a bad URL is a usage error.
-    args.rpc.node(btm::family::Dialect::Bitcoin, &args.rpc_url)?;
+    args.rpc
+        .node(btm::family::Dialect::Bitcoin, &args.rpc_url)?;
     let store = args.store.open_reader()?;
     let (name, idx) = find_backup(store.as_ref(), &args.backup, &args.tag, None)?;
     let recorded: ChainIdentity = match idx.meta().get("chain") {
