@@ -1,7 +1,8 @@
 //! The few system calls btm needs that no safe wrapper offers on every
 //! target (nix has no `setpriority`, `ioprio_set`, `FS_IOC_FIEMAP` or file
 //! handles, and offers `renameat2` only with glibc, not musl), and the one
-//! `pre_exec` hook (a parent-death signal for operator commands). This is
+//! `pre_exec` hook (a parent-death signal for operator commands), and a
+//! handler that makes SIGTERM reach a container's PID 1. This is
 //! the only module allowed `unsafe`; each call passes integers,
 //! NUL-terminated strings or buffers that outlive it.
 #![allow(unsafe_code)]
@@ -9,6 +10,53 @@
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
+
+/// Where [`stop_signal_pipe`]'s handler writes: the pipe's write end, or -1.
+static STOP_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Route SIGTERM and SIGINT to a pipe: each one writes its number (one
+/// byte) to it, and the returned end reads them. A handler, not `sigwait`:
+/// as PID 1 of a PID namespace (a container's entrypoint) the kernel drops
+/// a signal whose action is the default before it is queued, so `podman
+/// stop` or a Kubernetes pod's end would go unheard until SIGKILL; and a
+/// handler runs on whichever thread takes the signal, including threads
+/// started before the caller could block it. Syscalls it interrupts are
+/// restarted. Call once.
+pub fn stop_signal_pipe() -> std::io::Result<std::fs::File> {
+    extern "C" fn on_stop(sig: libc::c_int) {
+        let fd = STOP_PIPE.load(std::sync::atomic::Ordering::Relaxed);
+        if fd >= 0 {
+            let byte = sig as u8;
+            // SAFETY: write(2) is async-signal-safe; the byte outlives the
+            // call. A full pipe drops the byte: one is enough to stop.
+            let _ = unsafe { libc::write(fd, (&byte as *const u8).cast(), 1) };
+        }
+    }
+    let (read, write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+            .map_err(std::io::Error::from)?;
+    // The write end lives as long as the process: the handler may run at
+    // any time.
+    STOP_PIPE.store(
+        std::os::fd::IntoRawFd::into_raw_fd(write),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: a zeroed sigaction is valid once sigemptyset has run;
+        // the handler is async-signal-safe and lives for the whole program.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_stop as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        sa.sa_flags = libc::SA_RESTART;
+        let r = unsafe {
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(std::fs::File::from(read))
+}
 
 /// Lowest CPU niceness.
 const NICE_LOW: libc::c_int = 19;

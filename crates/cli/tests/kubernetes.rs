@@ -14,9 +14,9 @@
 //!   `kube/to_pods.py` plays their pod templates as Pods (their claims as
 //!   volumes), unchanged; and podman 4.3 does not resolve a Secret in
 //!   `envFrom` (podman#16623), so the overlay gives the same keys from a
-//!   ConfigMap. podman does not apply `fsGroup`; it gives a named volume
-//!   to the pod's `runAsUser`, as the kubelet's `fsGroup` would let it
-//!   write;
+//!   ConfigMap. podman does not apply `fsGroup`: it gives a new volume to
+//!   the user of the first container that mounts it, and where that is not
+//!   the pod's user the test does what the kubelet's `fsGroup` would;
 //! - a real node: litecoind (a Bitcoin-Core-family node, from Debian's
 //!   packages in an image the suite builds) on a volume the init container
 //!   restores from s3s-fs on the host, as the pod's user, resumed after the
@@ -25,7 +25,9 @@
 //!   unreachable store, an empty store, and a ConfigMap without the store
 //!   each leave the node container never started, with the reason as the
 //!   init container's last log line;
-//! - the export Job backs up a volume (a snapshot's clone) at its height.
+//! - the export Job backs up a volume (a snapshot's clone) at its height;
+//! - the live variant's sidecar serves at once and finishes on the pod's
+//!   stop (see its test for what podman cannot run of it).
 //!
 //! Needs root, podman, buildah's image archives (`BTM_IMAGE`,
 //! `BTM_TEST_NODE_IMAGE`), kubectl, litecoind, s3s-fs and python3-yaml:
@@ -103,11 +105,20 @@ fn render(base: &str, body: &str) -> String {
 
 /// What `podman kube play` can run of `rendered` (see `kube/to_pods.py`).
 fn playable(rendered: &str, with_claims: bool) -> String {
+    playable_with(
+        rendered,
+        if with_claims {
+            &[]
+        } else {
+            &["--without-claims"]
+        },
+    )
+}
+
+/// The same, with `kube/to_pods.py`'s `options`.
+fn playable_with(rendered: &str, options: &[&str]) -> String {
     let mut cmd = Command::new("/usr/bin/python3");
-    cmd.arg(kube_script("to_pods.py"));
-    if !with_claims {
-        cmd.arg("--without-claims");
-    }
+    cmd.arg(kube_script("to_pods.py")).args(options);
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -232,6 +243,17 @@ impl Podman {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         )
+    }
+
+    /// Make the directory podman keeps named volumes in a shared mount, as
+    /// a kubelet's is (systemd makes `/` shared): a mount a container makes
+    /// on a volume with Bidirectional propagation then reaches the host and
+    /// the pod's other containers.
+    fn share_volumes(&self) {
+        let v = self.dir.path().join("storage/volumes");
+        std::fs::create_dir_all(&v).expect("volumes");
+        run(Command::new("mount").arg("--bind").arg(&v).arg(&v));
+        run(Command::new("mount").arg("--make-rshared").arg(&v));
     }
 
     fn volume_dir(&self, name: &str) -> PathBuf {
@@ -1029,4 +1051,144 @@ patches:
         .filter(|p| !p.starts_with("lost+found") && !p.starts_with("regtest/wallets"))
         .collect();
     assert_eq!(entries(&back), kept);
+}
+
+/// The live variant of the bitcoin-core example (components/btm-live) under
+/// podman, as far as podman 4.3 runs it. It refuses an init container with
+/// a probe, so the native sidecar runs as an ordinary container of the pod
+/// (`--sidecars-as-containers`): what is not exercised is Kubernetes
+/// holding the node back until the startup probe passes. What is: the
+/// sidecar's own spec (root, privileged, /dev/fuse, Bidirectional
+/// propagation) serves the backup at once; the mount reaches the host's
+/// volume and the node's container (HostToContainer); the probe's command
+/// answers; on the pod's stop the sidecar, PID 1 of its container, gets
+/// SIGTERM and, hydrated, finishes: a plain directory, exact. The plain
+/// example's init container then finds the data complete and fetches
+/// nothing.
+#[test]
+fn the_live_sidecar_serves_at_once_and_finishes_when_the_pod_stops() {
+    let s3 = S3::start(&["live"]);
+    let dir = tempfile::tempdir().expect("tmp");
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("blocks")).expect("mkdir");
+    common::live::write_noise(&src.join("blocks/blk00000.dat"), 24 << 20);
+    std::fs::write(src.join("settings.json"), b"{}").expect("w");
+    // Exported by the node's user (as the export Job does): its files.
+    run(Command::new("chown").args(["-R", "1000:1000"]).arg(&src));
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let src_s = src.to_str().expect("utf8");
+    common::btm_env(
+        dir.path(),
+        &["backup", src_s, "-s", "s3://live", "-t", "node"],
+        &env,
+    )
+    .ok();
+    let credentials: Vec<String> = s3.env().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let overlay = |node: &str, annotate: bool| {
+        format!(
+            r#"images:
+  - {{name: docker.io/bitcoin/bitcoin, newName: localhost/btm-test-litecoind, newTag: "1"}}
+configMapGenerator:
+  - name: btm-restore
+    behavior: replace
+    literals: [store=s3://live, tag=node]
+  - name: btm-test-credentials
+    literals: [{credentials}]
+patches:
+  - target: {{kind: StatefulSet, name: bitcoin}}
+    patch: |
+      - {{op: add, path: /spec/template/spec/hostNetwork, value: true}}
+      - {{op: remove, path: /spec/template/spec/containers/0/ports}}
+      - {{op: replace, path: /spec/template/spec/containers/0/command, value: [sh, -c]}}
+      - {{op: replace, path: /spec/template/spec/containers/0/args, value: ["{node}"]}}
+      - {{op: replace, path: /spec/template/spec/initContainers/0/envFrom/0, value: {{configMapRef: {{name: btm-test-credentials}}}}}}
+{annotation}"#,
+            credentials = credentials.join(", "),
+            annotation = if annotate {
+                "      - {op: add, path: /spec/template/metadata/annotations, value: {io.podman.annotations.init.container.type: always}}\n"
+            } else {
+                ""
+            },
+        )
+    };
+    // A node that stops when told.
+    let node = "trap 'exit 0' TERM; while :; do sleep 0.2; done";
+    let podman = Podman::new();
+    podman.share_volumes();
+    let live = render("examples/bitcoin-core/live", &overlay(node, false));
+    let out = podman.play(&playable_with(&live, &["--sidecars-as-containers"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sidecar = "bitcoin-0-btm-live";
+    wait_for("the live restore to serve", Duration::from_secs(60), || {
+        podman.logs(sidecar).contains("ready: /data serves")
+    });
+    let volume = podman.volume_dir(VOLUME);
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.contains(volume.to_str().expect("utf8")) && l.contains(" fuse")),
+        "the mount did not reach the host: {mounts}"
+    );
+    let want = common::live::sha(&src.join("blocks/blk00000.dat"));
+    let seen = podman.ok(&["exec", NODE, "sha256sum", "/data/blocks/blk00000.dat"]);
+    assert!(seen.starts_with(&want), "the node reads {seen}, not {want}");
+    // The startup probe's command, as the kubelet would run it.
+    let status = podman.ok(&["exec", sidecar, "btm", "live", "status", "/data"]);
+    assert!(status.contains("/data serves"), "{status}");
+    wait_for("hydration", Duration::from_secs(120), || {
+        podman
+            .ok(&["exec", sidecar, "btm", "live", "status", "/data"])
+            .contains("(hydrated)")
+    });
+
+    podman.ok(&["pod", "stop", "-t", "30", POD]);
+    assert_eq!(
+        podman.state(sidecar).map(|s| s.1),
+        Some(0),
+        "{}",
+        podman.logs(sidecar)
+    );
+    assert!(
+        podman
+            .logs(sidecar)
+            .contains("finished: /data is a plain directory"),
+        "{}",
+        podman.logs(sidecar)
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
+    assert!(
+        !mounts.contains(volume.to_str().expect("utf8")),
+        "still mounted: {mounts}"
+    );
+    assert!(!volume.join(".btm-live").exists());
+    assert_restored(&src, &volume, (1000, 1000));
+    podman.remove_pod(POD);
+
+    // Switched to the plain example: its init container finds it complete.
+    // The kubelet gives the volume's root to the pod's fsGroup on mount
+    // (group-writable, setgid); podman does not, and left it to whichever
+    // container mounted it first: done here as the kubelet would.
+    run(Command::new("chown").arg("0:1000").arg(&volume));
+    run(Command::new("chmod").arg("2775").arg(&volume));
+    let plain = render("examples/bitcoin-core", &overlay(node, true));
+    let out = podman.play(&playable(&plain, false));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        podman.logs(INIT)
+    );
+    let s = summary(&podman);
+    assert_eq!(
+        (s["chunks_fetched"].as_u64(), s["bytes_downloaded"].as_u64()),
+        (Some(0), Some(0)),
+        "{s}"
+    );
+    podman.remove_pod(POD);
 }

@@ -538,7 +538,8 @@ fn spawn_control(
 }
 
 /// Block SIGINT and SIGTERM in this thread and every thread it starts
-/// from now on; one thread waits for them instead.
+/// from now on (the FUSE and hydration threads are never interrupted);
+/// one thread takes them instead (see [`spawn_signal_waiter`]).
 fn block_signals() -> nix::sys::signal::SigSet {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
@@ -548,10 +549,31 @@ fn block_signals() -> nix::sys::signal::SigSet {
     set
 }
 
+/// The thread that hears SIGINT and SIGTERM, through
+/// [`btm::sys::stop_signal_pipe`]: it alone (of the threads started since
+/// [`block_signals`]) takes them, so they are heard as a container's PID 1
+/// too. Without the pipe, the signals stay blocked and a stop is a kill.
 fn spawn_signal_waiter(set: nix::sys::signal::SigSet, tx: Sender<Event>) {
+    let pipe = match btm::sys::stop_signal_pipe() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot hear stop signals");
+            return;
+        }
+    };
     std::thread::spawn(move || {
-        if let Ok(sig) = set.wait() {
-            let _ = tx.send(Event::Signal(sig as i32));
+        let _ = set.thread_unblock();
+        let fd = std::os::fd::AsFd::as_fd(&pipe);
+        let mut poll = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+        loop {
+            if nix::poll::poll(&mut poll, nix::poll::PollTimeout::NONE).is_err() {
+                continue;
+            }
+            let mut byte = [0u8; 1];
+            if let Ok(1) = nix::unistd::read(fd, &mut byte) {
+                let _ = tx.send(Event::Signal(i32::from(byte[0])));
+                return;
+            }
         }
     });
 }

@@ -9,19 +9,35 @@ otherwise for a Job. Nothing else in the pod spec is changed: the containers,
 their init containers, environment, security contexts and mounts are the
 manifests' own. Services are dropped (podman has no use for them).
 
-usage: python3 to_pods.py [--without-claims] < rendered.yaml > playable.yaml
+usage: python3 to_pods.py [--without-claims] [--sidecars-as-containers] < rendered.yaml > playable.yaml
 
 --without-claims leaves the claims out, to play a pod again on the volumes
 an earlier play made (podman refuses a claim whose volume exists), as a
 restarted pod finds its PersistentVolumeClaims.
+
+--sidecars-as-containers moves native sidecars (init containers with
+restartPolicy: Always, Kubernetes 1.29) into the pod's containers, as they
+ran before 1.29: podman 4.3 refuses an init container with a probe, and
+would wait for a sidecar to exit before starting the node. What is lost is
+the ordering (the node no longer waits for the sidecar's startup probe).
 """
 import sys
 
 import yaml
 
 
+SIDECARS_AS_CONTAINERS = "--sidecars-as-containers" in sys.argv[1:]
+
+
 def pod(name, template, restart):
     spec = dict(template["spec"])
+    if SIDECARS_AS_CONTAINERS:
+        inits = spec.get("initContainers", [])
+        sidecars = [dict(c) for c in inits if c.get("restartPolicy") == "Always"]
+        for c in sidecars:
+            del c["restartPolicy"]
+        spec["initContainers"] = [c for c in inits if c.get("restartPolicy") != "Always"]
+        spec["containers"] = sidecars + spec["containers"]
     spec.setdefault("restartPolicy", restart)
     meta = dict(template.get("metadata") or {})
     meta["name"] = name
