@@ -43,6 +43,7 @@ bench:
 	./scripts/bench-export.sh
 	./scripts/bench-live.sh
 	./scripts/bench-public.sh
+	./scripts/bench-kube.sh
 
 clean:
 	$(CARGO) clean

@@ -89,11 +89,12 @@ pub fn apply_file_metadata(
     found: Option<Found>,
     owners: Owners,
 ) -> std::io::Result<()> {
+    // Whether the owner is already as wanted (under `Restorer`, any is).
     let owned = match owners {
         Owners::Recorded => found.is_some_and(|f| f.uid == e.uid && f.gid == e.gid),
-        Owners::Restorer => found.is_some(),
+        Owners::Restorer => true,
     };
-    if !owned && owners == Owners::Recorded {
+    if !owned {
         std::os::unix::fs::fchown(file, Some(e.uid), Some(e.gid))?;
     }
     let mode = e.mode & 0o7777;

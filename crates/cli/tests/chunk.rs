@@ -1277,3 +1277,55 @@ fn a_restore_by_an_ordinary_user_gives_it_the_files_with_exact_modes_and_times()
     let m = fs::metadata(as_root.join("data/zeros")).expect("m");
     assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1234, 5678, 0o4750));
 }
+
+/// `backup --height` records the height; `--rpc-url` asks a node which
+/// block it has there and records it, and a node that does not answer is
+/// one line and no backup; a height that disagrees with `--meta`, a URL
+/// without a height, and an unknown RPC kind are refused before anything
+/// is read.
+#[test]
+fn backup_height_and_chain_identity_are_checked() {
+    let t = Tree::new();
+    let src = t.src();
+    let s = src.to_str().expect("utf8");
+    t.backup(&["--height", "120"]);
+    let listed = json(t.btm(&["backups", "--json"]));
+    assert_eq!(listed[0]["meta"]["height"], 120, "{listed}");
+    let e = t
+        .btm(&["backup", s, "--height", "5", "--meta", r#"{"height":6}"#])
+        .fails(1);
+    assert!(e.contains("disagree"), "{e}");
+    let closed = format!("http://127.0.0.1:{}", common::free_port());
+    let e = t
+        .btm(&[
+            "backup",
+            s,
+            "--height",
+            "5",
+            "--rpc-url",
+            &closed,
+            "--rpc-kind",
+            "bitcoin",
+        ])
+        .fails(1);
+    assert!(e.contains("did not say which block it has at 5"), "{e}");
+    let e = t
+        .btm(&["backup", s, "--rpc-url", &closed, "--rpc-kind", "bitcoin"])
+        .fails(2);
+    assert!(e.contains("--height"), "{e}");
+    let e = t
+        .btm(&[
+            "backup",
+            s,
+            "--height",
+            "5",
+            "--rpc-url",
+            &closed,
+            "--rpc-kind",
+            "nope",
+        ])
+        .fails(2);
+    assert!(e.contains("not an RPC kind"), "{e}");
+    let listed = json(t.btm(&["backups", "--json"]));
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+}

@@ -847,8 +847,9 @@ fn a_litecoind_pod_bootstraps_as_its_user_resumes_and_starts_verified() {
 
 /// Each bad setting stops the pod at its init container: the node
 /// container is made but never started, the volume holds none of the
-/// node's data, and the init container's last log line says why. A
-/// ConfigMap without the store stops the pod before anything runs.
+/// node's data (or, holding one chain, none of another's), and the init
+/// container's last log line says why. A ConfigMap without the store stops
+/// the pod before anything runs.
 #[test]
 fn a_bad_or_missing_snapshot_stops_the_pod_before_the_node_starts() {
     let chain = Chain::start();
@@ -936,6 +937,54 @@ fn a_bad_or_missing_snapshot_stops_the_pod_before_the_node_starts() {
         podman.remove_pod(POD);
         podman.ok(&["volume", "rm", "-f", VOLUME]);
     }
+    // A volume that holds this chain, told to take another's backup:
+    // refused as on the host, by the record the last restore left on it.
+    let other = chain.dir.path().join("other-chain");
+    std::fs::create_dir_all(&other).expect("mkdir");
+    std::fs::write(other.join("state"), b"another chain").expect("w");
+    let other_s = other.to_str().expect("utf8");
+    chain
+        .btm(&[
+            "backup", other_s, "-s", "s3://ltc", "-t", "main", "--chain", "main",
+        ])
+        .ok();
+    let restore = |tag: &str, first: bool| {
+        let tag = format!("tag={tag}");
+        playable(
+            &render(
+                "examples/bitcoin-core",
+                &node_overlay(&chain, s3, &["store=s3://ltc", &tag], NodeRuns::Nothing),
+            ),
+            first,
+        )
+    };
+    assert!(
+        podman.play(&restore("ltc", true)).status.success(),
+        "{}",
+        podman.logs(INIT)
+    );
+    podman.remove_pod(POD);
+    let out = podman.play(&restore("main", false));
+    assert!(!out.status.success(), "another chain's backup was restored");
+    assert_eq!(
+        podman.state(NODE).map(|s| s.0).as_deref(),
+        Some("created"),
+        "the node ran"
+    );
+    let logs = podman.logs(INIT);
+    let last = logs.lines().last().unwrap_or_default();
+    eprintln!("another chain: {last}");
+    assert!(
+        last.contains("refusing to restore") && last.contains("holds chain regtest"),
+        "{logs}"
+    );
+    assert!(
+        !podman.volume_dir(VOLUME).join("state").exists(),
+        "written over"
+    );
+    podman.remove_pod(POD);
+    podman.ok(&["volume", "rm", "-f", VOLUME]);
+
     // No store in the ConfigMap: refused before any container runs, naming
     // the key.
     let yaml = playable(
