@@ -1296,35 +1296,18 @@ fn backup_height_and_chain_identity_are_checked() {
         .fails(1);
     assert!(e.contains("disagree"), "{e}");
     let closed = format!("http://127.0.0.1:{}", common::free_port());
-    let e = t
-        .btm(&[
-            "backup",
-            s,
-            "--height",
-            "5",
-            "--rpc-url",
-            &closed,
-            "--rpc-kind",
-            "bitcoin",
-        ])
-        .fails(1);
+    let with_rpc = |kind: &str, height: Option<&str>| {
+        let mut a = vec!["backup", s, "--rpc-url", &closed, "--rpc-kind", kind];
+        if let Some(h) = height {
+            a.extend(["--height", h]);
+        }
+        t.btm(&a)
+    };
+    let e = with_rpc("bitcoin", Some("5")).fails(1);
     assert!(e.contains("did not say which block it has at 5"), "{e}");
-    let e = t
-        .btm(&["backup", s, "--rpc-url", &closed, "--rpc-kind", "bitcoin"])
-        .fails(2);
+    let e = with_rpc("bitcoin", None).fails(2);
     assert!(e.contains("--height"), "{e}");
-    let e = t
-        .btm(&[
-            "backup",
-            s,
-            "--height",
-            "5",
-            "--rpc-url",
-            &closed,
-            "--rpc-kind",
-            "nope",
-        ])
-        .fails(2);
+    let e = with_rpc("nope", Some("5")).fails(2);
     assert!(e.contains("not an RPC kind"), "{e}");
     let listed = json(t.btm(&["backups", "--json"]));
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");

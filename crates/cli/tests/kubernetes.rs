@@ -376,19 +376,12 @@ impl Chain {
     }
 
     fn try_cli(&self, port: u16, args: &[&str]) -> Option<String> {
-        let out = Command::new("litecoin-cli")
-            .args([
-                "-regtest",
-                "-rpcuser=btm",
-                &format!("-rpcpassword={RPC_PASSWORD}"),
-            ])
-            .arg(format!("-rpcport={port}"))
-            .args(args)
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        let options = [
+            "-rpcuser=btm".to_owned(),
+            format!("-rpcpassword={RPC_PASSWORD}"),
+            format!("-rpcport={port}"),
+        ];
+        common::litecoin_cli(&options, args)
     }
 
     #[track_caller]
@@ -453,6 +446,31 @@ fn node_overlay(chain: &Chain, s3_port: u16, restore: &[&str], node: NodeRuns) -
         ),
         NodeRuns::Nothing => ("[sleep]".to_owned(), "[infinity]".to_owned()),
     };
+    overlay_body(
+        &restore.join(", "),
+        &chain.credentials(s3_port),
+        &command,
+        &args,
+        true,
+    )
+}
+
+/// The test overlay's body: `restore` and `credentials` as ConfigMap
+/// literals, the node container's `command` and `args` (YAML lists), and
+/// with `keep_inits` the annotation that keeps init containers (and their
+/// logs) after they exit.
+fn overlay_body(
+    restore: &str,
+    credentials: &str,
+    command: &str,
+    args: &str,
+    keep_inits: bool,
+) -> String {
+    let keep = if keep_inits {
+        "      - {op: add, path: /spec/template/metadata/annotations, value: {io.podman.annotations.init.container.type: always}}\n"
+    } else {
+        ""
+    };
     format!(
         r#"images:
   - {{name: docker.io/bitcoin/bitcoin, newName: localhost/btm-test-litecoind, newTag: "1"}}
@@ -469,11 +487,8 @@ patches:
       - {{op: remove, path: /spec/template/spec/containers/0/ports}}
       - {{op: replace, path: /spec/template/spec/containers/0/command, value: {command}}}
       - {{op: replace, path: /spec/template/spec/containers/0/args, value: {args}}}
-      - {{op: add, path: /spec/template/metadata/annotations, value: {{io.podman.annotations.init.container.type: always}}}}
       - {{op: replace, path: /spec/template/spec/initContainers/0/envFrom/0, value: {{configMapRef: {{name: btm-test-credentials}}}}}}
-"#,
-        restore = restore.join(", "),
-        credentials = chain.credentials(s3_port),
+{keep}"#
     )
 }
 
@@ -845,6 +860,24 @@ fn a_litecoind_pod_bootstraps_as_its_user_resumes_and_starts_verified() {
     podman.remove_pod(POD);
 }
 
+/// Play `yaml` and check that the pod stopped at its init container: it
+/// failed, the node container was made but never started, and the init
+/// container's last log line is an error, which is returned.
+#[track_caller]
+fn stopped_at_init(podman: &Podman, yaml: &str, what: &str) -> String {
+    let out = podman.play(yaml);
+    assert!(!out.status.success(), "{what}: the pod started");
+    let (status, code) = podman.state(INIT).expect("the init container ran");
+    assert!(status == "exited" && code != 0, "{what}: {status} {code}");
+    let node = podman.state(NODE).map(|s| s.0);
+    assert_eq!(node.as_deref(), Some("created"), "{what}: the node ran");
+    let logs = podman.logs(INIT);
+    let last = logs.lines().last().unwrap_or_default().to_owned();
+    eprintln!("{what}: {last}");
+    assert!(last.starts_with("btm: error: "), "{what}: {logs}");
+    last
+}
+
 /// Each bad setting stops the pod at its init container: the node
 /// container is made but never started, the volume holds none of the
 /// node's data (or, holding one chain, none of another's), and the init
@@ -914,22 +947,8 @@ fn a_bad_or_missing_snapshot_stops_the_pod_before_the_node_starts() {
             ),
             true,
         );
-        let out = podman.play(&yaml);
-        assert!(!out.status.success(), "{what}: the pod started");
-        let (status, code) = podman.state(INIT).expect("the init container ran");
-        assert!(status == "exited" && code != 0, "{what}: {status} {code}");
-        assert_eq!(
-            podman.state(NODE).map(|s| s.0).as_deref(),
-            Some("created"),
-            "{what}: the node ran"
-        );
-        let logs = podman.logs(INIT);
-        let last = logs.lines().last().unwrap_or_default();
-        eprintln!("{what}: {last}");
-        assert!(
-            last.starts_with("btm: error: ") && last.contains(why),
-            "{what}: {logs}"
-        );
+        let last = stopped_at_init(&podman, &yaml, what);
+        assert!(last.contains(why), "{what}: {last}");
         assert!(
             !podman.volume_dir(VOLUME).join("regtest").exists(),
             "{what}: data written"
@@ -964,19 +983,10 @@ fn a_bad_or_missing_snapshot_stops_the_pod_before_the_node_starts() {
         podman.logs(INIT)
     );
     podman.remove_pod(POD);
-    let out = podman.play(&restore("main", false));
-    assert!(!out.status.success(), "another chain's backup was restored");
-    assert_eq!(
-        podman.state(NODE).map(|s| s.0).as_deref(),
-        Some("created"),
-        "the node ran"
-    );
-    let logs = podman.logs(INIT);
-    let last = logs.lines().last().unwrap_or_default();
-    eprintln!("another chain: {last}");
+    let last = stopped_at_init(&podman, &restore("main", false), "another chain");
     assert!(
         last.contains("refusing to restore") && last.contains("holds chain regtest"),
-        "{logs}"
+        "{last}"
     );
     assert!(
         !podman.volume_dir(VOLUME).join("state").exists(),
@@ -1134,31 +1144,14 @@ fn the_live_sidecar_serves_at_once_and_finishes_when_the_pod_stops() {
     )
     .ok();
     let credentials: Vec<String> = s3.env().iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let overlay = |node: &str, annotate: bool| {
-        format!(
-            r#"images:
-  - {{name: docker.io/bitcoin/bitcoin, newName: localhost/btm-test-litecoind, newTag: "1"}}
-configMapGenerator:
-  - name: btm-restore
-    behavior: replace
-    literals: [store=s3://live, tag=node]
-  - name: btm-test-credentials
-    literals: [{credentials}]
-patches:
-  - target: {{kind: StatefulSet, name: bitcoin}}
-    patch: |
-      - {{op: add, path: /spec/template/spec/hostNetwork, value: true}}
-      - {{op: remove, path: /spec/template/spec/containers/0/ports}}
-      - {{op: replace, path: /spec/template/spec/containers/0/command, value: [sh, -c]}}
-      - {{op: replace, path: /spec/template/spec/containers/0/args, value: ["{node}"]}}
-      - {{op: replace, path: /spec/template/spec/initContainers/0/envFrom/0, value: {{configMapRef: {{name: btm-test-credentials}}}}}}
-{annotation}"#,
-            credentials = credentials.join(", "),
-            annotation = if annotate {
-                "      - {op: add, path: /spec/template/metadata/annotations, value: {io.podman.annotations.init.container.type: always}}\n"
-            } else {
-                ""
-            },
+    let overlay = |node: &str, keep_inits: bool| {
+        let args = format!("[\"{node}\"]");
+        overlay_body(
+            "store=s3://live, tag=node",
+            &credentials.join(", "),
+            "[sh, -c]",
+            &args,
+            keep_inits,
         )
     };
     // A node that stops when told.

@@ -106,16 +106,11 @@ impl Litecoind {
     }
 
     fn try_cli(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new("litecoin-cli")
-            .arg("-regtest")
-            .arg(format!("-datadir={}", self.datadir.display()))
-            .arg(format!("-rpcport={}", self.rpc_port))
-            .args(args)
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        let options = [
+            format!("-datadir={}", self.datadir.display()),
+            format!("-rpcport={}", self.rpc_port),
+        ];
+        common::litecoin_cli(&options, args)
     }
 
     #[track_caller]

@@ -111,6 +111,20 @@ impl Run {
     }
 }
 
+/// `litecoin-cli -regtest OPTIONS ARGS`: its trimmed output if it
+/// succeeded.
+pub fn litecoin_cli(options: &[String], args: &[&str]) -> Option<String> {
+    let out = Command::new("litecoin-cli")
+        .arg("-regtest")
+        .args(options)
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 /// Run the `btm` binary with a private runtime and state directory.
 pub fn btm(runtime: &Path, args: &[&str]) -> Run {
     btm_cmd(runtime, args)
