@@ -237,7 +237,16 @@ fn rollback_and_undo_with_the_daemon_running(fx: &impl Fixture) {
         "the daemon took no snapshot on the new line: {new_line:?}\n{}",
         daemon.log_text()
     );
-    let status = daemon.status().expect("status");
+    // The snapshot is listed before the daemon has counted the branches
+    // after it (a zfs-fuse listing takes a while): wait for its count.
+    let mut status = daemon.status().expect("status");
+    for _ in 0..300 {
+        if status["branch_count"] == 1 && status["in_progress"].is_null() {
+            break;
+        }
+        sleep(Duration::from_millis(100));
+        status = daemon.status().expect("status");
+    }
     assert_eq!(
         status["branch_count"], 1,
         "the old line is counted: {status}"
