@@ -22,9 +22,10 @@
 //!   restores from s3s-fs on the host, as the pod's user, resumed after the
 //!   pod is killed mid-restore, exact, and proven by `btm verify`;
 //! - fail closed: another publisher's key, a height no backup has, an
-//!   unreachable store, an empty store, and a ConfigMap without the store
-//!   each leave the node container never started, with the reason as the
-//!   init container's last log line;
+//!   unreachable store, an empty store, another chain's backup over a
+//!   volume holding this one, and a ConfigMap without the store each leave
+//!   the node container never started, with the reason as the init
+//!   container's last log line (or podman's, naming the missing key);
 //! - the export Job backs up a volume (a snapshot's clone) at its height;
 //! - the live variant's sidecar serves at once and finishes on the pod's
 //!   stop (see its test for what podman cannot run of it).
