@@ -319,9 +319,12 @@ fn zfs_retrying(args: &[&str]) -> Result<(), Error> {
     loop {
         match zfs(args) {
             Ok(_) => return Ok(()),
-            // About 40 s in all: zfs-fuse on a loaded machine has kept a
-            // dataset busy for over 15 s after a rename.
-            Err(e) if e.kind.is_temporary() && attempt < 24 => {
+            // About 90 s in all: zfs-fuse on a loaded machine has kept a
+            // dataset busy for over 40 s after a rename (a full test run,
+            // a rollback's switch renaming the branch back). A failure
+            // here is safe (the switch stops half done, and a rerun
+            // finishes it), but it is a failed rollback.
+            Err(e) if e.kind.is_temporary() && attempt < 48 => {
                 tracing::debug!(?args, attempt, "dataset busy, retrying");
                 sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(2));
