@@ -63,22 +63,49 @@ fresh_fs() {
     mount -o loop "$work/fs.img" "$mnt"
 }
 
-# measure LABEL CMD...: runs CMD, records "LABEL|seconds|peak MiB|CPU
-# seconds" (user + system of the command itself: against the S3 server the
-# server and the proxy share this machine's two cores with the client, and
-# the client's own CPU is what a real remote store would leave it).
+# The servers a benchmark runs beside the client (s3s-fs, the latency
+# proxy, nginx): their CPU during each measure is reported with it.
+servers=()
+cores=$(nproc)
+ticks=$(getconf CLK_TCK)
+
+# server_ticks: CPU ticks (user + system) the servers and their children
+# have used so far.
+server_ticks() {
+    local p all=() t=0
+    for p in "${servers[@]}"; do
+        all+=("$p")
+        mapfile -t -O "${#all[@]}" all < <(pgrep -P "$p" || true)
+    done
+    for p in "${all[@]}"; do
+        # Fields 14 and 15 of /proc/PID/stat, counted after the command
+        # name (which may hold spaces) closes.
+        t=$((t + $(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }' || echo 0)))
+    done
+    echo "$t"
+}
+
+# measure LABEL CMD...: runs CMD, records "LABEL|seconds|peak MiB|user
+# s|system s|servers' CPU s|busy", where busy is all the CPU used (the
+# command's and the servers') over what the cores had in that time: near
+# 100 % the run was CPU-bound on this machine, and a ratio to a floor is
+# to be read against that.
 results=()
 measure() {
     local label=$1; shift
     sync
+    local s0; s0=$(server_ticks)
     /usr/bin/time -f "%e %M %U %S" -o "$work/time" "$@" >/dev/null 2>"$work/err" || { cat "$work/err"; exit 1; }
-    local secs kb user sys cpu; read -r secs kb user sys < "$work/time"
-    cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')
-    results+=("$label|$secs|$((kb / 1024))|$cpu")
+    local s1; s1=$(server_ticks)
+    local secs kb user sys srv busy; read -r secs kb user sys < "$work/time"
+    srv=$(awk -v a="$s0" -v b="$s1" -v t="$ticks" 'BEGIN { printf "%.2f", (b - a) / t }')
+    busy=$(awk -v u="$user" -v s="$sys" -v v="$srv" -v c="$cores" -v w="$secs" \
+        'BEGIN { b = (w > 0) ? 100 * (u + s + v) / (c * w) : 0; tag = (b >= 90) ? " CPU-bound" : ""; printf "%.0f%%%s", b, tag }')
+    results+=("$label|$secs|$((kb / 1024))|$user|$sys|$srv|$busy")
     last_secs=$secs
-    printf '  %-46s %8s s %6s MiB %7s s CPU\n' "$label" "$secs" "$((kb / 1024))" "$cpu"
+    printf '  %-46s %8s s %6s MiB %6s user %6s sys %6s servers %s\n' "$label" "$secs" "$((kb / 1024))" "$user" "$sys" "$srv" "$busy"
 }
-note() { results+=("$1|$2||"); printf '  %-46s %8s\n' "$1" "$2"; }
+note() { results+=("$1|$2||||"); printf '  %-46s %8s\n' "$1" "$2"; }
 # lead A B: how many times faster B's seconds are than A's.
 lead() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1fx", a / b }'; }
 bytes() { du -sb "$1" | cut -f1; }
@@ -94,8 +121,10 @@ start_s3() {
     local port=$((20000 + RANDOM % 20000))
     s3s-fs --host 127.0.0.1 --port "$port" --access-key bench --secret-key benchsecret "$work/s3" >"$work/s3.log" 2>&1 &
     pids+=($!)
+    servers+=($!)
     ./target/release/examples/latency_proxy "127.0.0.1:$((port + 1))" "127.0.0.1:$port" "$latency" >"$work/proxy.log" 2>&1 &
     pids+=($!)
+    servers+=($!)
     for _ in $(seq 1 100); do
         grep -q listening "$work/proxy.log" && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
         sleep 0.1
@@ -218,12 +247,14 @@ run_shape() {
 
 print_results() {
     echo
-    printf '%-46s %10s %12s %10s\n' "operation" "seconds" "peak RSS MiB" "CPU s"
-    local r label secs mb cpu
+    echo "CPU: the command's user and system seconds; servers: what the servers"
+    echo "(s3s-fs, the proxy, nginx) used meanwhile; busy: all of it over $cores cores x wall."
+    printf '%-46s %9s %8s %7s %7s %8s %s\n' "operation" "seconds" "RSS MiB" "user s" "sys s" "servers" "busy"
+    local r label secs mb user sys srv busy
     for r in "${results[@]}"; do
-        IFS='|' read -r label secs mb cpu <<<"$r"
+        IFS='|' read -r label secs mb user sys srv busy <<<"$r"
         if [[ $label == "##"* ]]; then echo; echo "${label#\#\# }"; continue; fi
-        printf '%-46s %10s %12s %10s\n' "$label" "$secs" "$mb" "$cpu"
+        printf '%-46s %9s %8s %7s %7s %8s %s\n' "$label" "$secs" "$mb" "$user" "$sys" "$srv" "$busy"
     done
     echo
     echo "restic's restore over the previous version writes every file again; btm's"

@@ -66,8 +66,10 @@ http {
 CONF
 /usr/sbin/nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" &
 pids+=($!)
+servers+=($!)
 ./target/release/examples/latency_proxy "127.0.0.1:$((port + 1))" "127.0.0.1:$port" "$latency" "$rate" >"$work/proxy.log" 2>&1 &
 pids+=($!)
+servers+=($!)
 for _ in $(seq 1 100); do
     grep -q listening "$work/proxy.log" && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
     sleep 0.1
@@ -76,6 +78,7 @@ url="http://127.0.0.1:$((port + 1))"
 # A second mirror: the same server behind a proxy of its own, as far away.
 ./target/release/examples/latency_proxy "127.0.0.1:$((port + 2))" "127.0.0.1:$port" "$latency" "$rate" >"$work/proxy2.log" 2>&1 &
 pids+=($!)
+servers+=($!)
 for _ in $(seq 1 100); do grep -q listening "$work/proxy2.log" && break; sleep 0.1; done
 url2="http://127.0.0.1:$((port + 2))"
 "$btm" key generate "$work/publisher.key" >"$work/key.out"

@@ -75,6 +75,28 @@ impl Found {
             mode: st.st_mode & 0o7777,
         }
     }
+
+    /// Whether the owner is as `e` wants it (under [`Owners::Restorer`],
+    /// any owner is).
+    pub fn owned(&self, e: &Entry, owners: Owners) -> bool {
+        match owners {
+            Owners::Recorded => self.uid == e.uid && self.gid == e.gid,
+            Owners::Restorer => true,
+        }
+    }
+
+    /// Whether the mode is as `e` wants it. Never for setuid, setgid and
+    /// sticky modes, which a write or a chown clears: they are always set
+    /// again.
+    pub fn moded(&self, e: &Entry) -> bool {
+        let mode = e.mode & 0o7777;
+        mode & 0o7000 == 0 && self.mode == mode
+    }
+
+    /// Whether nothing is left to set: owner and mode as `e` wants them.
+    pub fn matches(&self, e: &Entry, owners: Owners) -> bool {
+        self.owned(e, owners) && self.moded(e)
+    }
 }
 
 /// Owner, mode and times of a restored file, through its descriptor (the
@@ -89,16 +111,13 @@ pub fn apply_file_metadata(
     found: Option<Found>,
     owners: Owners,
 ) -> std::io::Result<()> {
-    // Whether the owner is already as wanted (under `Restorer`, any is).
-    let owned = match owners {
-        Owners::Recorded => found.is_some_and(|f| f.uid == e.uid && f.gid == e.gid),
-        Owners::Restorer => true,
-    };
+    let owned = found.is_some_and(|f| f.owned(e, owners));
     if !owned {
-        std::os::unix::fs::fchown(file, Some(e.uid), Some(e.gid))?;
+        if let Owners::Recorded = owners {
+            std::os::unix::fs::fchown(file, Some(e.uid), Some(e.gid))?;
+        }
     }
-    let mode = e.mode & 0o7777;
-    let moded = owned && mode & 0o7000 == 0 && found.is_some_and(|f| f.mode == mode);
+    let moded = owned && found.is_some_and(|f| f.moded(e));
     if !moded {
         nix::sys::stat::fchmod(file, Mode::from_bits_truncate(e.mode))
             .map_err(std::io::Error::from)?;

@@ -456,6 +456,7 @@ fn entry(path: &str, kind: EntryKind) -> Entry {
         ctime_ns: 0,
         ino: 0,
         append_only: false,
+        linked: false,
     }
 }
 
@@ -1311,4 +1312,119 @@ fn backup_height_and_chain_identity_are_checked() {
     assert!(e.contains("not an RPC kind"), "{e}");
     let listed = json(t.btm(&["backups", "--json"]));
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+}
+
+/// The inode numbers of `paths` under `root`.
+fn inodes(root: &Path, paths: &[&str]) -> Vec<u64> {
+    paths
+        .iter()
+        .map(|p| fs::symlink_metadata(root.join(p)).expect("m").ino())
+        .collect()
+}
+
+#[test]
+fn hard_links_stay_links_like_a_rocksdb_checkpoint() {
+    let t = Tree::new();
+    // A RocksDB-like database and a checkpoint of it that hard-links its
+    // table files; the manifest also has a name outside the backup.
+    let db = t.src().join("data/db");
+    let ck = t.src().join("data/checkpoint");
+    fs::create_dir_all(&db).expect("mkdir");
+    fs::create_dir_all(&ck).expect("mkdir");
+    for i in 1..=3u64 {
+        let name = format!("00000{i}.sst");
+        fs::write(db.join(&name), random(700_000 * i as usize, 40 + i)).expect("w");
+        fs::hard_link(db.join(&name), ck.join(&name)).expect("link");
+    }
+    fs::write(db.join("MANIFEST-000004"), b"manifest").expect("w");
+    fs::hard_link(db.join("MANIFEST-000004"), t.p("outside-name")).expect("link");
+    let backup = t.backup(&[]);
+    assert_eq!(backup["links"], 3, "{backup}");
+
+    // Shown as links, in a format 3 backup.
+    let name = backup["name"].as_str().expect("name");
+    let show = t.btm(&["backups", "show", name]).ok();
+    assert!(show.contains("format 3"), "{show}");
+    assert!(
+        show.contains("data/db/000002.sst => data/checkpoint/000002.sst (hard link)"),
+        "{show}"
+    );
+
+    let dst = t.p("dst");
+    let dst_s = dst.to_str().expect("utf8");
+    let run = json(t.btm(&["restore", "latest", dst_s, "--json"]));
+    assert_eq!(run["summary"]["links"], 3, "{run}");
+    assert_same_tree(&t.src(), &dst);
+    let pairs = |root: &Path| {
+        (1..=3)
+            .map(|i| {
+                let n = format!("00000{i}.sst");
+                let ino = inodes(
+                    root,
+                    &[&format!("data/db/{n}"), &format!("data/checkpoint/{n}")],
+                );
+                let m = fs::metadata(root.join(format!("data/db/{n}"))).expect("m");
+                (ino[0] == ino[1], m.nlink())
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(pairs(&dst), vec![(true, 2); 3], "one inode per table file");
+    let manifest = fs::metadata(dst.join("data/db/MANIFEST-000004")).expect("m");
+    assert_eq!(manifest.nlink(), 1, "its other name is not in the backup");
+
+    // Into a tree where they are separate files (a restore before links
+    // were kept), and one link replaced by other bytes: made links again,
+    // and the bytes are the backup's.
+    fs::remove_file(dst.join("data/checkpoint/000001.sst")).expect("rm");
+    fs::copy(
+        dst.join("data/db/000001.sst"),
+        dst.join("data/checkpoint/000001.sst"),
+    )
+    .expect("copy");
+    fs::remove_file(dst.join("data/db/000003.sst")).expect("rm");
+    fs::write(dst.join("data/db/000003.sst"), b"other").expect("w");
+    let again = json(t.btm(&["restore", "latest", dst_s, "--json"]));
+    assert_same_tree(&t.src(), &dst);
+    assert_eq!(pairs(&dst), vec![(true, 2); 3], "{again}");
+    assert_eq!(
+        again["summary"]["chunks_fetched"], 0,
+        "nothing to fetch: {again}"
+    );
+
+    // A filter that selects a link but not its target stops, naming both.
+    let err = t.btm(&[
+        "restore",
+        "latest",
+        t.p("part").to_str().expect("utf8"),
+        "--filter",
+        "^data/db/",
+    ]);
+    assert_eq!(err.code, 1, "{}", err.stdout);
+    let last = err.stderr.lines().last().unwrap_or_default().to_owned();
+    assert!(
+        last.contains("data/db/000001.sst") && last.contains("data/checkpoint/000001.sst"),
+        "{last}"
+    );
+
+    // Unchanged links are reused by the next backup, and a new name of a
+    // file joins its group.
+    fs::hard_link(db.join("000001.sst"), db.join("000001.sst.bak")).expect("link");
+    let next = t.backup(&[]);
+    assert_eq!(next["links"], 4, "{next}");
+    let dst2 = t.p("dst2");
+    t.btm(&["restore", "latest", dst2.to_str().expect("utf8")])
+        .ok();
+    assert_eq!(
+        inodes(
+            &dst2,
+            &[
+                "data/checkpoint/000001.sst",
+                "data/db/000001.sst",
+                "data/db/000001.sst.bak"
+            ]
+        )
+        .windows(2)
+        .all(|w| w[0] == w[1]),
+        true
+    );
 }

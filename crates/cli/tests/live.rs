@@ -20,6 +20,7 @@
 
 mod common;
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread::sleep;
@@ -62,6 +63,26 @@ fn a_live_mount_behaves_as_a_local_file_system_during_hydration() {
     make_tree(&src, 256 * MIB);
     std::fs::create_dir_all(src.join("lmdb")).expect("lmdb dir");
     lmdb(&src.join("lmdb"), "fill 3000");
+    // A checkpoint-like directory of hard links: one inode per file, on
+    // the mount as after it.
+    std::fs::create_dir_all(src.join("ck")).expect("ck");
+    for (at, to) in [
+        ("cold/blocks.dat", "ck/blocks.dat"),
+        ("misc/sparse", "ck/sparse"),
+    ] {
+        std::fs::hard_link(src.join(at), src.join(to)).expect("link");
+    }
+    let same_inode = |root: &Path| {
+        ["blocks.dat", "sparse"].map(|n| {
+            let a = std::fs::metadata(root.join("ck").join(n)).expect("m");
+            let b = std::fs::metadata(
+                root.join(if n == "sparse" { "misc" } else { "cold" })
+                    .join(n),
+            )
+            .expect("m");
+            (a.ino() == b.ino(), a.nlink())
+        })
+    };
 
     let s3 = common::S3::start(&["btm"]);
     let direct = s3.env();
@@ -104,6 +125,22 @@ fn a_live_mount_behaves_as_a_local_file_system_during_hydration() {
         st["present_bytes"].as_u64() < st["total_bytes"].as_u64(),
         "{st}"
     );
+    assert_eq!(same_inode(&live), [(true, 2); 2], "links on the mount");
+    let mut through_link = vec![0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(live.join("ck/blocks.dat")).expect("open"),
+        &mut through_link,
+        100 * MIB,
+    )
+    .expect("read");
+    let mut want_there = vec![0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(src.join("cold/blocks.dat")).expect("open"),
+        &mut want_there,
+        100 * MIB,
+    )
+    .expect("read");
+    assert!(through_link == want_there, "a read through a link differs");
     // The node holds a file open from before it is local.
     let cold = live.join("cold/blocks.dat");
     let held = std::fs::File::open(&cold).expect("open");
@@ -185,6 +222,7 @@ fn a_live_mount_behaves_as_a_local_file_system_during_hydration() {
     server.finish(s);
     assert!(!is_mount(&live), "still mounted after finish");
     assert!(!live.join(".btm-live").exists(), "state left behind");
+    assert_eq!(same_inode(&live), [(true, 2); 2], "links after finishing");
 
     assert_eq!(
         lmdb(&live.join("lmdb"), "count").trim(),

@@ -244,6 +244,26 @@ impl Walk<'_> {
                 stack.open.push((e.path.clone(), fd, Some(e)));
             }
             EntryKind::Symlink { target } => make_symlink(parent, name, &e, target)?,
+            EntryKind::Link { target } => {
+                // Another name of a file made earlier: the same inode, so
+                // its slot, mark and hydration are shared (the mount's
+                // inodes are the backing inodes).
+                let (dir, file) = split_name(target);
+                let from = match dir {
+                    [] => None,
+                    dir => Some(open_path(stack.root, dir)?),
+                };
+                let from = from.as_ref().map_or(stack.root, |fd| fd.as_fd());
+                let parent = stack.parent(&e.path)?;
+                nix::unistd::linkat(
+                    from,
+                    OsStr::from_bytes(file),
+                    parent,
+                    name,
+                    nix::fcntl::AtFlags::empty(),
+                )
+                .map_err(|x| io(&e.path, x.into()))?;
+            }
             EntryKind::File { size } => {
                 let fd = openat(
                     parent,

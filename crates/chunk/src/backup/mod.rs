@@ -38,6 +38,7 @@
 
 mod adopt;
 mod commit;
+mod links;
 mod planner;
 mod upload;
 pub mod walk;
@@ -53,7 +54,7 @@ use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 
 use super::buffers::Buffers;
-use super::format::head::{validate_tag, Decoded, Head, IndexName, FORMAT_VERSION};
+use super::format::head::{format_for, validate_tag, Decoded, Head, IndexName};
 use super::format::pack::DEFAULT_TARGET;
 use super::format::packidx::PackEntry;
 use super::format::tree::MAX_CHUNK;
@@ -156,6 +157,8 @@ pub struct BackupSummary {
     pub dirs: u64,
     /// Symlinks recorded.
     pub symlinks: u64,
+    /// Hard links recorded: other names of files recorded once.
+    pub links: u64,
     /// Files reused whole from the previous backup without reading.
     pub files_unchanged: u64,
     /// Files read again because they changed while they were read.
@@ -216,8 +219,9 @@ pub struct Shared<'a> {
     throttle: Option<Throttle>,
     /// Packs uploaded that no pack index names yet.
     unindexed: Mutex<Vec<PackEntry>>,
-    /// Files being read, by the planner's number: what a retry reopens.
-    reading: Mutex<HashMap<u64, Vec<u8>>>,
+    /// Files being read, by the planner's number: what a retry reopens,
+    /// and whether hard links name it.
+    reading: Mutex<HashMap<u64, (Vec<u8>, bool)>>,
     /// Bytes of packs in memory, being filled or uploaded
     /// ([`upload::upload_budget`]).
     packs_in_memory: Arc<Budget>,
@@ -403,6 +407,7 @@ fn run_pipeline<'a>(
             msgs: msg_tx,
             retries: retry_rx,
             next_id: 0,
+            links: links::Links::default(),
             summary,
         }
         .run();
@@ -500,7 +505,7 @@ fn finish(
     summary.trees_uploaded = written.trees_uploaded;
 
     let head = Head {
-        format: FORMAT_VERSION,
+        format: format_for(&written.totals),
         created: started,
         tag: opts.tag.clone(),
         chunk_size: opts.chunk_size,

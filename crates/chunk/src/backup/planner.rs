@@ -14,6 +14,7 @@ use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
 use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag};
 
+use super::links::{Links, Name};
 use super::walk::{Parent, Walked, Walker};
 use super::writer::{Msg, Retry, Signature};
 use super::{BackupSummary, Shared};
@@ -42,6 +43,8 @@ pub(super) struct Planner<'s, 'a> {
     /// Files to read again; disconnected once the writer is done.
     pub(super) retries: Receiver<Retry>,
     pub(super) next_id: u64,
+    /// Inodes whose other names may come later.
+    pub(super) links: Links,
     pub(super) summary: &'s mut BackupSummary,
 }
 
@@ -52,6 +55,8 @@ struct FileRead {
     id: u64,
     attempt: u32,
     append_only: bool,
+    /// Hard links later in the backup may name it.
+    linked: bool,
     prev: Option<Recorded>,
 }
 
@@ -82,6 +87,7 @@ fn entry_of(rel: Vec<u8>, kind: EntryKind, st: &FileStat) -> Entry {
         ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
         ino: st.st_ino,
         append_only: false,
+        linked: false,
     }
 }
 
@@ -190,6 +196,7 @@ impl Planner<'_, '_> {
         match e.kind {
             EntryKind::Dir => self.summary.dirs += 1,
             EntryKind::Symlink { .. } => self.summary.symlinks += 1,
+            EntryKind::Link { .. } => self.summary.links += 1,
             EntryKind::File { .. } => {}
         }
         let _ = self.msgs.send(Msg::Entry(e));
@@ -240,6 +247,15 @@ impl Planner<'_, '_> {
     }
 
     fn file(&mut self, w: &Walked) -> Result<(), ChunkError> {
+        let linked = match self.links.see(&w.rel, &w.stat) {
+            Name::LinkTo(target) => {
+                let entry = entry_of(w.rel.clone(), EntryKind::Link { target }, &w.stat);
+                self.send_entry(entry);
+                return Ok(());
+            }
+            Name::First => true,
+            Name::Only => false,
+        };
         self.take_slot()?;
         let id = self.next_id;
         self.next_id += 1;
@@ -266,6 +282,7 @@ impl Planner<'_, '_> {
             self.summary.files_unchanged += 1;
             let mut entry = entry_of(w.rel.clone(), EntryKind::File { size }, &w.stat);
             entry.append_only = append_only;
+            entry.linked = linked;
             let n = size.div_ceil(opts.chunk_size);
             let _ = self.msgs.send(Msg::File {
                 id,
@@ -289,6 +306,7 @@ impl Planner<'_, '_> {
             Ok(f) => f,
             // Gone since the walk saw it.
             Err(nix::errno::Errno::ENOENT) => {
+                self.links.gone(&w.rel, &w.stat);
                 self.summary.files -= 1;
                 self.summary.bytes_scanned -= size;
                 self.shared.file_written();
@@ -311,6 +329,7 @@ impl Planner<'_, '_> {
             id,
             attempt: 1,
             append_only,
+            linked,
             prev,
         };
         self.read_file(read, w.rel.clone(), file)
@@ -365,12 +384,13 @@ impl Planner<'_, '_> {
         };
         let mut entry = entry_of(rel.clone(), EntryKind::File { size }, &st);
         entry.append_only = read.append_only;
+        entry.linked = read.linked;
         let file = Arc::new(file);
         self.shared
             .reading
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(read.id, rel.clone());
+            .insert(read.id, (rel.clone(), read.linked));
         let _ = self.msgs.send(Msg::File {
             id: read.id,
             attempt: read.attempt,
@@ -433,7 +453,7 @@ impl Planner<'_, '_> {
     /// Read a file again, whole, as the writer asks.
     fn reread(&mut self, r: Retry) -> Result<(), ChunkError> {
         let Retry { id, attempt } = r;
-        let rel = self
+        let (rel, linked) = self
             .shared
             .reading
             .lock()
@@ -461,6 +481,7 @@ impl Planner<'_, '_> {
             id,
             attempt,
             append_only,
+            linked,
             prev: None,
         };
         self.read_file(read, rel, file)

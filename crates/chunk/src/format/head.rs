@@ -10,8 +10,21 @@ use serde::{Deserialize, Serialize};
 use super::FormatError;
 use crate::store::Id;
 
-/// The format version of heads this code writes.
+/// The format version of heads this code writes for a tree without hard
+/// links (read by every btm since version 2 trees).
 pub const FORMAT_VERSION: u32 = 2;
+/// The format version of heads of trees with hard links: an older btm
+/// refuses those rather than restore them without their links.
+pub const LINKS_FORMAT_VERSION: u32 = 3;
+
+/// The format version for a head of a tree with these totals.
+pub fn format_for(totals: &Totals) -> u32 {
+    if totals.links > 0 {
+        LINKS_FORMAT_VERSION
+    } else {
+        FORMAT_VERSION
+    }
+}
 /// The largest decoded head accepted.
 const LIMIT: usize = 64 << 20;
 
@@ -90,10 +103,17 @@ pub struct Totals {
     pub dirs: u64,
     /// Symbolic links.
     pub symlinks: u64,
+    /// Hard links: names of files counted once in `files` (format 3).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub links: u64,
     /// Sum of file sizes.
     pub bytes: u64,
     /// Sum of the lengths of non-empty chunks.
     pub stored_bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Something a backup left out on purpose.
@@ -166,7 +186,9 @@ pub enum IndexError {
         detail: String,
     },
     /// Written by a newer btm.
-    #[error("backup {name} has format {found}; this btm reads formats 1 and {FORMAT_VERSION}")]
+    #[error(
+        "backup {name} has format {found}; this btm reads formats 1 to {LINKS_FORMAT_VERSION}"
+    )]
     Version {
         /// The index name.
         name: String,
@@ -193,9 +215,15 @@ pub fn decode(name: &str, data: &[u8]) -> Result<Decoded, IndexError> {
             idx.validate().map_err(corrupt)?;
             Ok(Decoded::V1(Box::new(idx)))
         }
-        Some(2) => {
+        Some(2 | 3) => {
             let head: Head = serde_json::from_value(probe).map_err(|e| corrupt(e.to_string()))?;
             validate_tag(&head.tag).map_err(|e| corrupt(e.to_string()))?;
+            if head.format != format_for(&head.totals) {
+                return Err(corrupt(format!(
+                    "format {} does not match its {} hard links",
+                    head.format, head.totals.links
+                )));
+            }
             if !(1..=super::tree::MAX_CHUNK).contains(&head.chunk_size) {
                 return Err(corrupt(format!(
                     "chunk size {} out of range",
@@ -278,5 +306,42 @@ mod tests {
             decode("n", &extra),
             Err(IndexError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn hard_links_make_a_format_3_head_and_only_they_do() {
+        let head = |format: u32, links: u64| Head {
+            format,
+            created: Utc::now(),
+            tag: "t".into(),
+            chunk_size: 1 << 20,
+            meta: serde_json::Map::new(),
+            trees: vec![],
+            totals: Totals {
+                links,
+                ..Totals::default()
+            },
+            excluded: Vec::new(),
+        };
+        assert_eq!(format_for(&head(0, 0).totals), FORMAT_VERSION);
+        assert_eq!(format_for(&head(0, 2).totals), LINKS_FORMAT_VERSION);
+        let decoded = |h: Head| decode("n", &h.encode().expect("encode"));
+        assert!(matches!(decoded(head(3, 2)), Ok(Decoded::V2(h)) if h.totals.links == 2));
+        // A head without links keeps version 2, and writes no `links`, so
+        // an earlier btm reads it.
+        let json = String::from_utf8(
+            zstd::bulk::decompress(&head(2, 0).encode().expect("encode"), 1 << 20).expect("zstd"),
+        )
+        .expect("utf8");
+        assert!(!json.contains("\"links\""), "{json}");
+        for (format, links) in [(2, 1), (3, 0)] {
+            assert!(
+                matches!(
+                    decoded(head(format, links)),
+                    Err(IndexError::Corrupt { .. })
+                ),
+                "format {format} with {links} links"
+            );
+        }
     }
 }

@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
+use std::collections::HashSet;
 
 use super::head::Totals;
 use super::{put_varint, put_zigzag, Cursor, FormatError};
@@ -47,6 +48,11 @@ pub enum EntryKind {
         /// The target, as raw bytes.
         target: Vec<u8>,
     },
+    /// Another name of a file earlier in the stream (format 3): one inode.
+    Link {
+        /// The full path of that file's entry.
+        target: Vec<u8>,
+    },
 }
 
 /// One entry of a backed-up tree.
@@ -70,6 +76,9 @@ pub struct Entry {
     pub ino: u64,
     /// Backed up as append-only.
     pub append_only: bool,
+    /// A file that had more than one link when it was backed up: later
+    /// [`EntryKind::Link`] entries may name it.
+    pub linked: bool,
 }
 
 impl Entry {
@@ -227,8 +236,9 @@ impl TreeWriter {
             EntryKind::File { .. } => 1,
             EntryKind::Dir => 2,
             EntryKind::Symlink { .. } => 3,
+            EntryKind::Link { .. } => 4,
         });
-        b.push(u8::from(e.append_only));
+        b.push(u8::from(e.append_only) | u8::from(e.linked) << 1);
         put_varint(b, u64::from(e.mode));
         put_varint(b, u64::from(e.uid));
         put_varint(b, u64::from(e.gid));
@@ -247,6 +257,11 @@ impl TreeWriter {
                 put_varint(b, target.len() as u64);
                 b.extend_from_slice(target);
                 self.totals.symlinks += 1;
+            }
+            EntryKind::Link { target } => {
+                put_varint(b, target.len() as u64);
+                b.extend_from_slice(target);
+                self.totals.links += 1;
             }
         }
         self.prev_path.clear();
@@ -355,6 +370,8 @@ pub struct TreeReader {
     dirs: Vec<Vec<u8>>,
     /// The current file's path, size, and bytes covered by chunks so far.
     file: Option<(Vec<u8>, u64, u64)>,
+    /// Paths of the files so far that hard links may name (flag bit 1).
+    linked: HashSet<Vec<u8>>,
     totals: Totals,
 }
 
@@ -370,6 +387,7 @@ impl TreeReader {
             last: None,
             dirs: Vec::new(),
             file: None,
+            linked: HashSet::new(),
             totals: Totals::default(),
         }
     }
@@ -509,8 +527,20 @@ impl TreeReader {
                 self.totals.files += 1;
                 self.totals.bytes += size;
                 self.file = Some((e.path.clone(), *size, 0));
+                if e.linked {
+                    self.linked.insert(e.path.clone());
+                }
             }
             EntryKind::Symlink { .. } => self.totals.symlinks += 1,
+            EntryKind::Link { target } => {
+                if !self.linked.contains(target) {
+                    return Err(self.entry_bad(
+                        &e.path,
+                        "a hard link to something that is not an earlier file with links",
+                    ));
+                }
+                self.totals.links += 1;
+            }
         }
         Ok(())
     }
@@ -540,7 +570,7 @@ fn read_entry(c: &mut Cursor<'_>, prev: &[u8]) -> Result<Entry, &'static str> {
     path.extend_from_slice(c.bytes(suffix_len).map_err(t)?);
     let kind = c.u8().map_err(t)?;
     let flags = c.u8().map_err(t)?;
-    if flags & !1 != 0 {
+    if flags & !3 != 0 {
         return Err("unknown flags");
     }
     let small = |v: u64| u32::try_from(v).map_err(|_| "value out of range");
@@ -555,13 +585,17 @@ fn read_entry(c: &mut Cursor<'_>, prev: &[u8]) -> Result<Entry, &'static str> {
             size: c.varint().map_err(t)?,
         },
         2 => EntryKind::Dir,
-        3 => {
+        3 | 4 => {
             let n = c.varint().map_err(t)? as usize;
             if n > MAX_NAME {
-                return Err("symlink target too long");
+                return Err("link target too long");
             }
-            EntryKind::Symlink {
-                target: c.bytes(n).map_err(t)?.to_vec(),
+            let target = c.bytes(n).map_err(t)?.to_vec();
+            if kind == 3 {
+                EntryKind::Symlink { target }
+            } else {
+                check_path(&target)?;
+                EntryKind::Link { target }
             }
         }
         _ => return Err("unknown entry kind"),
@@ -569,8 +603,8 @@ fn read_entry(c: &mut Cursor<'_>, prev: &[u8]) -> Result<Entry, &'static str> {
     if mode > 0o7777 {
         return Err("mode out of range");
     }
-    if flags & 1 == 1 && !matches!(kind, EntryKind::File { .. }) {
-        return Err("append-only flag on a non-file");
+    if flags != 0 && !matches!(kind, EntryKind::File { .. }) {
+        return Err("a file's flag on a non-file");
     }
     Ok(Entry {
         path,
@@ -582,6 +616,7 @@ fn read_entry(c: &mut Cursor<'_>, prev: &[u8]) -> Result<Entry, &'static str> {
         ctime_ns,
         ino,
         append_only: flags & 1 == 1,
+        linked: flags & 2 == 2,
     })
 }
 

@@ -125,6 +125,7 @@ impl Index {
                     ctime_ns: e.ctime_ns,
                     ino: e.ino,
                     append_only: e.append_only,
+                    linked: false,
                 },
                 chunks,
             )
@@ -163,7 +164,8 @@ impl Index {
                         return Err(bad("its chunks do not cover the file"));
                     }
                 }
-                EntryKind::Symlink { .. } => {}
+                // Version 1 has no hard links.
+                EntryKind::Symlink { .. } | EntryKind::Link { .. } => {}
             }
         }
         Ok(())

@@ -141,6 +141,9 @@ impl RestoreOptions {
 pub struct RestoreSummary {
     /// Files restored (checked or written).
     pub files: u64,
+    /// Hard links made or found in place: other names of files restored
+    /// once.
+    pub links: u64,
     /// Files an earlier, interrupted run had already completed (not read).
     pub files_trusted: u64,
     /// Files unchanged since the last restore into the destination
@@ -336,6 +339,8 @@ fn run(
     let map = load_and_prove(&repo, name, index)?;
     std::fs::create_dir_all(dest).map_err(|e| ChunkError::io(dest, e))?;
     let (tree, dest_fd) = open_dest(dest)?;
+    // Read before the journal is made in it.
+    let fresh = holds_nothing(dest);
     let record = opts
         .records
         .as_deref()
@@ -353,6 +358,7 @@ fn run(
         tree: &tree,
         fd: &dest_fd,
         path: dest,
+        fresh,
     };
     run_pipeline(
         &shared,
@@ -427,6 +433,23 @@ struct Dest<'d> {
     tree: &'d btm::confined::Tree,
     fd: &'d OwnedFd,
     path: &'d Path,
+    /// It held nothing when the restore began (see [`holds_nothing`]).
+    fresh: bool,
+}
+
+/// Whether `dest` holds nothing (an empty `lost+found`, which a new
+/// volume has, aside): a new node's restore then creates every entry
+/// without looking first. Only a hint, see `planner::OpenDir::fresh`.
+fn holds_nothing(dest: &Path) -> bool {
+    let Ok(mut list) = std::fs::read_dir(dest) else {
+        return false;
+    };
+    list.all(|e| {
+        e.is_ok_and(|e| {
+            e.file_name() == "lost+found"
+                && std::fs::read_dir(e.path()).is_ok_and(|mut l| l.next().is_none())
+        })
+    })
 }
 
 /// Run the stages of the header's diagram until the planner has planned
@@ -474,6 +497,8 @@ fn run_pipeline<'a>(
             verify: verify_tx,
             batch: batch_tx.clone(),
             stack: Vec::new(),
+            root_fresh: dest.fresh,
+            left_out: Default::default(),
             dirs,
             summary,
         };

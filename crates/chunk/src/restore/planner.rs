@@ -2,6 +2,7 @@
 //! entries, makes directories and symlinks, opens and sizes each file, and
 //! decides per chunk what to do with it ([`crate::plan::restore_step`]).
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -17,12 +18,12 @@ use nix::sys::stat::{fstatat, Mode, SFlag};
 
 use super::fetch::{BatchMsg, Want};
 use super::journal::{Prior, Stamp};
-use super::write::FileJob;
+use super::write::{FileJob, Origin};
 use super::{RestoreSummary, Shared, BIG_FILE_CHUNKS};
 use crate::format::tree::{ChunkRef, Entry, EntryKind, Item};
 use crate::inventory;
 use crate::localfs::{split_name, symlink_owner_and_times, Found, DIR_FLAGS};
-use crate::pipeline::Budget;
+use crate::pipeline::{Budget, Permit};
 use crate::plan::{append_trusted_end, restore_step, restore_step_known, RestoreStep};
 use crate::spool::Spool;
 use crate::store::Id;
@@ -39,6 +40,11 @@ pub(super) struct Planner<'p, 'a> {
     pub(super) batch: Sender<BatchMsg<'a>>,
     /// The directories on the path to the current entry, open.
     pub(super) stack: Vec<OpenDir>,
+    /// The destination held nothing when the restore began (see
+    /// [`OpenDir::fresh`]).
+    pub(super) root_fresh: bool,
+    /// Files that hard links may name and the filter left out.
+    pub(super) left_out: HashSet<Vec<u8>>,
     pub(super) dirs: &'p mut Vec<Entry>,
     pub(super) summary: &'p mut RestoreSummary,
 }
@@ -47,6 +53,11 @@ pub(super) struct Planner<'p, 'a> {
 pub(super) struct OpenDir {
     path: Vec<u8>,
     fd: Arc<OwnedFd>,
+    /// This restore made it (or found the destination empty): its
+    /// entries are created with `O_EXCL` and nothing is looked at first.
+    /// Only a hint: an entry someone else put there meanwhile makes
+    /// `O_EXCL` fail, and that entry then takes the careful path.
+    fresh: bool,
 }
 
 /// The file whose chunks are being planned: its job, the index of its
@@ -96,17 +107,18 @@ impl<'a> Planner<'_, 'a> {
         ChunkError::io(&self.dest.join(OsStr::from_bytes(&e.path)), err.into())
     }
 
-    /// The open directory that holds `path`.
-    fn parent(&mut self, e: &Entry) -> Result<Arc<OwnedFd>, ChunkError> {
+    /// The open directory that holds `path`, and whether it is fresh
+    /// ([`OpenDir::fresh`]).
+    fn parent(&mut self, e: &Entry) -> Result<(Arc<OwnedFd>, bool), ChunkError> {
         let (parent, _) = split_name(&e.path);
         if parent.is_empty() {
             self.stack.clear();
-            return Ok(Arc::new(
-                self.tree
-                    .fd()
-                    .try_clone_to_owned()
-                    .map_err(|x| self.io(e, x))?,
-            ));
+            let fd = self
+                .tree
+                .fd()
+                .try_clone_to_owned()
+                .map_err(|x| self.io(e, x))?;
+            return Ok((Arc::new(fd), self.root_fresh));
         }
         while let Some(d) = self.stack.last() {
             let p = &d.path;
@@ -117,7 +129,7 @@ impl<'a> Planner<'_, 'a> {
         }
         if let Some(d) = self.stack.last() {
             if d.path == parent {
-                return Ok(Arc::clone(&d.fd));
+                return Ok((Arc::clone(&d.fd), d.fresh));
             }
         }
         // Not on the way (format 1 lists entries in any parent-first
@@ -128,7 +140,7 @@ impl<'a> Planner<'_, 'a> {
             .tree
             .dir(&comps, false)
             .map_err(|x| self.refused(e, x.to_string()))?;
-        Ok(Arc::new(fd))
+        Ok((Arc::new(fd), false))
     }
 
     pub(super) fn run(&mut self, mut entries: inventory::Entries<'_>) -> Result<(), ChunkError> {
@@ -164,11 +176,15 @@ impl<'a> Planner<'_, 'a> {
                             re.is_match(&e.path) || matches!(e.kind, EntryKind::Dir)
                         });
                     if !selected {
+                        if e.linked {
+                            self.left_out.insert(e.path);
+                        }
                         continue;
                     }
                     match &e.kind {
                         EntryKind::Dir => self.dir(e)?,
                         EntryKind::Symlink { target } => self.symlink(&e, target)?,
+                        EntryKind::Link { target } => self.link(&e, target)?,
                         EntryKind::File { size } => {
                             let size = *size;
                             current = self.file(e, size, &mut append)?;
@@ -181,29 +197,35 @@ impl<'a> Planner<'_, 'a> {
     }
 
     fn dir(&mut self, e: Entry) -> Result<(), ChunkError> {
-        let parent = self.parent(&e)?;
+        let (parent, parent_fresh) = self.parent(&e)?;
         let (_, name) = split_name(&e.path);
         let name = OsStr::from_bytes(name);
-        match fstatat(parent.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Ok(st) if kind(st.st_mode) == SFlag::S_IFDIR => {}
-            Ok(_) => {
-                // A file or symlink where the backup has a directory: the
-                // link itself goes, never what it points to.
-                nix::unistd::unlinkat(
-                    parent.as_fd(),
-                    name,
-                    nix::unistd::UnlinkatFlags::NoRemoveDir,
-                )
-                .map_err(|x| self.io(&e, x))?;
-                nix::sys::stat::mkdirat(parent.as_fd(), name, Mode::from_bits_truncate(0o700))
+        let mkdir =
+            || nix::sys::stat::mkdirat(parent.as_fd(), name, Mode::from_bits_truncate(0o700));
+        // In a fresh directory there is nothing to look at first: make it,
+        // and take the careful path only if something is there after all.
+        let made = parent_fresh && mkdir().is_ok();
+        let fresh = made
+            || match fstatat(parent.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(st) if kind(st.st_mode) == SFlag::S_IFDIR => false,
+                Ok(_) => {
+                    // A file or symlink where the backup has a directory: the
+                    // link itself goes, never what it points to.
+                    nix::unistd::unlinkat(
+                        parent.as_fd(),
+                        name,
+                        nix::unistd::UnlinkatFlags::NoRemoveDir,
+                    )
                     .map_err(|x| self.io(&e, x))?;
-            }
-            Err(nix::errno::Errno::ENOENT) => {
-                nix::sys::stat::mkdirat(parent.as_fd(), name, Mode::from_bits_truncate(0o700))
-                    .map_err(|x| self.io(&e, x))?
-            }
-            Err(x) => return Err(self.io(&e, x)),
-        }
+                    mkdir().map_err(|x| self.io(&e, x))?;
+                    true
+                }
+                Err(nix::errno::Errno::ENOENT) => {
+                    mkdir().map_err(|x| self.io(&e, x))?;
+                    true
+                }
+                Err(x) => return Err(self.io(&e, x)),
+            };
         let fd = openat(parent.as_fd(), name, DIR_FLAGS, Mode::empty()).map_err(|x| match x {
             nix::errno::Errno::ELOOP => self.refused(&e, "a symlink appeared in its place"),
             x => self.io(&e, x),
@@ -211,13 +233,14 @@ impl<'a> Planner<'_, 'a> {
         self.stack.push(OpenDir {
             path: e.path.clone(),
             fd: Arc::new(fd),
+            fresh,
         });
         self.dirs.push(e);
         Ok(())
     }
 
     fn symlink(&mut self, e: &Entry, target: &[u8]) -> Result<(), ChunkError> {
-        let parent = self.parent(e)?;
+        let (parent, _) = self.parent(e)?;
         let (_, name) = split_name(&e.path);
         let name = OsStr::from_bytes(name);
         let current = nix::fcntl::readlinkat(parent.as_fd(), name).ok();
@@ -243,6 +266,61 @@ impl<'a> Planner<'_, 'a> {
         symlink_owner_and_times(parent.as_fd(), name, e, self.shared.opts.owners)
             .map_err(|x| self.io(e, x))?;
         Ok(())
+    }
+
+    /// Make `e` a hard link to the file restored at `target` (one inode),
+    /// unless it already is one.
+    fn link(&mut self, e: &Entry, target: &[u8]) -> Result<(), ChunkError> {
+        if self.left_out.contains(target) {
+            return Err(self.refused(
+                e,
+                format!(
+                    "it is a hard link to {}, which the filter leaves out; select that too",
+                    String::from_utf8_lossy(target)
+                ),
+            ));
+        }
+        let (parent, fresh) = self.parent(e)?;
+        let name = OsStr::from_bytes(split_name(&e.path).1);
+        let (target_dir, target_name) = split_name(target);
+        let comps = btm::confined::components(Path::new(OsStr::from_bytes(target_dir)))
+            .map_err(|x| self.refused(e, x.to_string()))?;
+        let from = self
+            .tree
+            .dir(&comps, false)
+            .map_err(|x| self.refused(e, x.to_string()))?;
+        let target_name = OsStr::from_bytes(target_name);
+        let make = || {
+            nix::unistd::linkat(
+                from.as_fd(),
+                target_name,
+                parent.as_fd(),
+                name,
+                AtFlags::empty(),
+            )
+        };
+        self.summary.links += 1;
+        if fresh && make().is_ok() {
+            return Ok(());
+        }
+        let here = fstatat(parent.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW);
+        let there = fstatat(from.as_fd(), target_name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(|x| self.io(e, x))?;
+        if here.is_ok_and(|h| (h.st_dev, h.st_ino) == (there.st_dev, there.st_ino)) {
+            return Ok(());
+        }
+        if !self.make_room(parent.as_fd(), name, e)? {
+            return Ok(());
+        }
+        match nix::unistd::unlinkat(
+            parent.as_fd(),
+            name,
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        ) {
+            Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(x) => return Err(self.io(e, x)),
+        }
+        make().map_err(|x| self.io(e, x))
     }
 
     /// Clear the way for a regular file at `name`: refuse a directory,
@@ -295,15 +373,23 @@ impl<'a> Planner<'_, 'a> {
             .progress
             .total
             .fetch_add(size, Ordering::Relaxed);
-        let parent = self.parent(&e)?;
+        let (parent, fresh) = self.parent(&e)?;
         let (_, name) = split_name(&e.path);
         let name = OsStr::from_bytes(name);
-        if !self.make_room(parent.as_fd(), name, &e)? {
-            return Ok(None);
-        }
         let Some(open) = self.open_files.take(1) else {
             return Err(ChunkError::Aborted);
         };
+        if fresh {
+            match self.create_file(parent.as_fd(), name, &e) {
+                Ok(file) => return self.created(e, size, file, open).map(Some),
+                // Someone put it there after all: the careful path.
+                Err(nix::errno::Errno::EEXIST) => {}
+                Err(x) => return Err(self.open_error(&e, x)),
+            }
+        }
+        if !self.make_room(parent.as_fd(), name, &e)? {
+            return Ok(None);
+        }
         let file = self.open_file(parent.as_fd(), name, &e)?;
         let st = nix::sys::stat::fstat(&file).map_err(|x| self.io(&e, x))?;
         let (local_size, found) = (st.st_size as u64, Found::of(&st));
@@ -331,13 +417,65 @@ impl<'a> Planner<'_, 'a> {
         if local_size != size {
             file.set_len(size).map_err(|x| self.io(&e, x))?;
         }
+        if known.is_some() {
+            self.shared.counters.files_known.add(1);
+        }
+        let job = self.job(e, size, file, local_size, Origin::Found(found), open);
+        Ok(Some(Current {
+            job,
+            next: 0,
+            trusted,
+            known,
+            chunks: Vec::new(),
+            unrecorded: false,
+        }))
+    }
+
+    /// A file this restore just created, empty: every chunk is fetched
+    /// (or left a hole), with nothing to trust or compare. Only a file
+    /// large enough for prefix records is sized now, so that a resumed
+    /// restore finds it at its size; the others are sized, if their last
+    /// bytes are zeros, once complete.
+    fn created(
+        &mut self,
+        e: Entry,
+        size: u64,
+        file: File,
+        open: Permit<'a>,
+    ) -> Result<Current<'a>, ChunkError> {
+        let big = size.div_ceil(self.shared.chunk_size) >= BIG_FILE_CHUNKS;
+        if big {
+            file.set_len(size).map_err(|x| self.io(&e, x))?;
+        }
+        let job = self.job(e, size, file, 0, Origin::Created, open);
+        Ok(Current {
+            job,
+            next: 0,
+            trusted: 0,
+            known: None,
+            chunks: Vec::new(),
+            unrecorded: false,
+        })
+    }
+
+    /// The shared job of a file opened to be restored.
+    fn job(
+        &self,
+        entry: Entry,
+        size: u64,
+        file: File,
+        local_size: u64,
+        origin: Origin,
+        open: Permit<'a>,
+    ) -> Arc<FileJob<'a>> {
+        let chunk_size = self.shared.chunk_size;
         let job = Arc::new(FileJob {
-            entry: e,
+            entry,
             file,
             size,
             local_size,
             chunk_size,
-            found,
+            origin,
             remaining: AtomicU64::new(1),
             prefix: Mutex::new(Default::default()),
             chunks: std::sync::OnceLock::new(),
@@ -350,17 +488,30 @@ impl<'a> Planner<'_, 'a> {
                 .unwrap_or_else(|p| p.into_inner())
                 .push(Arc::downgrade(&job));
         }
-        if known.is_some() {
-            self.shared.counters.files_known.add(1);
+        job
+    }
+
+    /// Create the file of entry `e`, which must not exist, for writing.
+    fn create_file(
+        &self,
+        parent: std::os::fd::BorrowedFd<'_>,
+        name: &OsStr,
+        e: &Entry,
+    ) -> nix::Result<File> {
+        let fd = openat(
+            parent,
+            name,
+            OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(e.mode & 0o777),
+        )?;
+        Ok(File::from(fd))
+    }
+
+    fn open_error(&self, e: &Entry, x: nix::errno::Errno) -> ChunkError {
+        match x {
+            nix::errno::Errno::ELOOP => self.refused(e, "a symlink appeared in its place"),
+            x => self.io(e, x),
         }
-        Ok(Some(Current {
-            job,
-            next: 0,
-            trusted,
-            known,
-            chunks: Vec::new(),
-            unrecorded: false,
-        }))
     }
 
     /// Open (or create) the file of entry `e`, never through a symlink.
@@ -377,10 +528,7 @@ impl<'a> Planner<'_, 'a> {
             // Its final permission bits, less the umask: usually no chmod.
             Mode::from_bits_truncate(e.mode & 0o777),
         )
-        .map_err(|x| match x {
-            nix::errno::Errno::ELOOP => self.refused(e, "a symlink appeared in its place"),
-            x => self.io(e, x),
-        })?;
+        .map_err(|x| self.open_error(e, x))?;
         Ok(File::from(fd))
     }
 

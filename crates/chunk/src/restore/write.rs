@@ -14,7 +14,7 @@ use super::journal::{Durable, Record, Stamp};
 use super::{Shared, CHECKPOINT_BYTES, CHECKPOINT_FILES};
 use crate::format::pack::{open_frame, FrameError};
 use crate::format::tree::{ChunkRef, Entry};
-use crate::localfs::{apply_file_metadata, Found};
+use crate::localfs::{apply_file_metadata, timespec, Found, Owners};
 use crate::pipeline::Permit;
 use crate::ChunkError;
 
@@ -26,8 +26,8 @@ pub(super) struct FileJob<'a> {
     /// Its size before it was resized: bytes beyond are holes already.
     pub(super) local_size: u64,
     pub(super) chunk_size: u64,
-    /// Owner and mode when it was opened.
-    pub(super) found: Found,
+    /// Whether it was there or this restore created it.
+    pub(super) origin: Origin,
     /// Chunks not done yet, plus one held by the planner while it plans.
     pub(super) remaining: AtomicU64,
     /// Which chunks are written.
@@ -36,6 +36,17 @@ pub(super) struct FileJob<'a> {
     /// the complete file, so the next restore knows what it holds.
     pub(super) chunks: std::sync::OnceLock<Arc<[ChunkRef]>>,
     pub(super) _open: Permit<'a>,
+}
+
+/// Where a file being restored came from.
+#[derive(Clone, Copy)]
+pub(super) enum Origin {
+    /// It was there: its owner and mode when it was opened, so that
+    /// calls that would change nothing are saved.
+    Found(Found),
+    /// This restore created it (`O_EXCL`, so nothing was there): see
+    /// [`finish_created`].
+    Created,
 }
 
 /// Which chunks of a file are written: all of the first `done`, and
@@ -78,12 +89,12 @@ impl<'a> Shared<'a> {
         if job.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
-        let stamp = apply_file_metadata(&job.file, &job.entry, Some(job.found), self.opts.owners)
-            .and_then(|()| {
-                nix::sys::stat::fstat(&job.file)
-                    .map(|st| Stamp::of(&st))
-                    .map_err(std::io::Error::from)
-            });
+        let owners = self.opts.owners;
+        let stamp = match job.origin {
+            Origin::Found(found) => apply_file_metadata(&job.file, &job.entry, Some(found), owners)
+                .and_then(|()| stamp_of(&job.file)),
+            Origin::Created => finish_created(&job.file, &job.entry, job.size, owners),
+        };
         let stamp = match stamp {
             Ok(s) => s,
             Err(e) => {
@@ -116,6 +127,37 @@ impl<'a> Shared<'a> {
             self.checkpoint_now.notify_one();
         }
     }
+}
+
+fn stamp_of(file: &File) -> std::io::Result<Stamp> {
+    nix::sys::stat::fstat(file)
+        .map(|st| Stamp::of(&st))
+        .map_err(std::io::Error::from)
+}
+
+/// Finish a file this restore created: its times, then the one `fstat`
+/// the journal needs anyway, which also says whether anything else is
+/// left. Usually nothing is: the file was created with its permission
+/// bits by this process, which is its owner under [`Owners::Restorer`]
+/// and usually the recorded one as root. Where a umask, a default ACL, a
+/// setgid directory, a recorded owner or a special mode made it differ,
+/// or where its last bytes are zeros (never written, so the file is
+/// short), that is set, and it is stamped again: exact either way, and
+/// as few calls as tar makes in the common case.
+fn finish_created(file: &File, e: &Entry, size: u64, owners: Owners) -> std::io::Result<Stamp> {
+    let ts = timespec(e.mtime_ns);
+    nix::sys::stat::futimens(file, &ts, &ts).map_err(std::io::Error::from)?;
+    let st = nix::sys::stat::fstat(file).map_err(std::io::Error::from)?;
+    let found = Found::of(&st);
+    if st.st_size as u64 == size && found.matches(e, owners) {
+        return Ok(Stamp::of(&st));
+    }
+    if (st.st_size as u64) < size {
+        file.set_len(size)?;
+    }
+    // Sets the times again: resizing moved them.
+    apply_file_metadata(file, e, Some(found), owners)?;
+    stamp_of(file)
 }
 
 /// Why the chunks of a read were not all written.

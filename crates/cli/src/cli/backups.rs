@@ -202,6 +202,10 @@ fn show_json(
                         "symlink",
                         serde_json::json!({ "target": String::from_utf8_lossy(target) }),
                     ),
+                    EntryKind::Link { target } => (
+                        "hardlink",
+                        serde_json::json!({ "target": String::from_utf8_lossy(target) }),
+                    ),
                 };
                 let mut v = serde_json::json!({
                     "path": e.display(), "type": kind, "mode": e.mode, "uid": e.uid,
@@ -315,6 +319,15 @@ fn print_entry(
             "{:>10} {:>10}  link  {} -> {}",
             "-",
             "-",
+            e.display(),
+            String::from_utf8_lossy(target)
+        ),
+        EntryKind::Link { target } => writeln!(
+            out,
+            "{:>10} {:>10}  {:o}  {} => {} (hard link)",
+            "-",
+            "-",
+            e.mode,
             e.display(),
             String::from_utf8_lossy(target)
         ),

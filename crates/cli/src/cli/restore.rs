@@ -278,13 +278,17 @@ fn print_summary(
 ) -> Result<()> {
     writeln!(
         out,
-        "restored {name}: {} files{}, {} scanned, {} chunks already right, {} fetched in {} requests ({} downloaded), {} written, {} holes{}",
+        "restored {name}: {} files{}{}, {} scanned, {} chunks already right, {} fetched in {} requests ({} downloaded), {} written, {} holes{}",
         summary.files,
         match (summary.files_trusted, summary.files_known) {
             (0, 0) => String::new(),
             (t, 0) => format!(" ({t} completed by an earlier run)"),
             (0, k) => format!(" ({k} known from the last restore, not read)"),
             (t, k) => format!(" ({t} completed by an earlier run, {k} known from the last restore, not read)"),
+        },
+        match summary.links {
+            0 => String::new(),
+            n => format!(" and {n} hard links to them"),
         },
         human_bytes(summary.bytes_scanned),
         summary.chunks_reused,

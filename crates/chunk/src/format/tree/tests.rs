@@ -12,6 +12,7 @@ fn entry(path: &str, kind: EntryKind) -> Entry {
         ctime_ns: 7,
         ino: 9,
         append_only: false,
+        linked: false,
     }
 }
 
@@ -180,4 +181,70 @@ fn non_utf8_names_round_trip() {
     e.path = vec![b'n', 0xff, 0x80];
     let segs = write(&[(e.clone(), vec![])]);
     assert_eq!(read(&segs, 16).expect("read"), vec![(e, vec![])]);
+}
+
+#[test]
+fn hard_links_round_trip_and_must_name_an_earlier_linked_file() {
+    let linked = |path: &str| Entry {
+        linked: true,
+        ..entry(path, EntryKind::File { size: 0 })
+    };
+    let link = |path: &str, target: &str| {
+        entry(
+            path,
+            EntryKind::Link {
+                target: target.as_bytes().to_vec(),
+            },
+        )
+    };
+    let good = vec![
+        (entry("ck", EntryKind::Dir), vec![]),
+        (linked("ck/1.sst"), vec![]),
+        (entry("db", EntryKind::Dir), vec![]),
+        (link("db/1.sst", "ck/1.sst"), vec![]),
+    ];
+    let segs = write(&good);
+    assert_eq!(read(&segs, 4).expect("read"), good);
+    let mut w = TreeWriter::new(1);
+    for (e, _) in &good {
+        w.entry(e).expect("entry");
+    }
+    let (_, totals) = w.finish().expect("finish");
+    assert_eq!((totals.files, totals.links), (1, 1));
+
+    let bad: Vec<Vec<(Entry, Vec<ChunkRef>)>> = vec![
+        // A target that is not flagged as having links.
+        vec![
+            (entry("a", EntryKind::File { size: 0 }), vec![]),
+            (link("b", "a"), vec![]),
+        ],
+        // A target that comes later, or never.
+        vec![(link("a", "b"), vec![]), (linked("b"), vec![])],
+        // A target that is a directory or a link.
+        vec![
+            (entry("a", EntryKind::Dir), vec![]),
+            (link("b", "a"), vec![]),
+        ],
+        vec![
+            (linked("a"), vec![]),
+            (link("b", "a"), vec![]),
+            (link("c", "b"), vec![]),
+        ],
+        // A target outside the tree.
+        vec![(link("a", "../etc/passwd"), vec![])],
+        // The file flag on a link.
+        vec![
+            (linked("a"), vec![]),
+            (
+                Entry {
+                    linked: true,
+                    ..link("b", "a")
+                },
+                vec![],
+            ),
+        ],
+    ];
+    for case in bad {
+        assert!(read(&write(&case), 4).is_err(), "{case:?}");
+    }
 }
