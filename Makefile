@@ -40,6 +40,7 @@ bench:
 	./scripts/bench-remote.sh
 	./scripts/bench-sizes.sh
 	./scripts/bench-scale.sh
+	./scripts/bench-files.sh
 	./scripts/bench-export.sh
 	./scripts/bench-live.sh
 	./scripts/bench-public.sh

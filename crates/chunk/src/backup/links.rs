@@ -48,8 +48,7 @@ impl Links {
                 Name::LinkTo(target)
             }
             None => {
-                self.first
-                    .insert(key, (rel.to_vec(), u64::from(st.st_nlink) - 1));
+                self.first.insert(key, (rel.to_vec(), st.st_nlink - 1));
                 Name::First
             }
         }

@@ -58,16 +58,17 @@ enum Source {
 /// Collect wanted chunks into windows and turn each into reads.
 pub(super) fn batcher<'a>(shared: &Shared<'a>, rx: Receiver<BatchMsg<'a>>, tx: Sender<Fetch<'a>>) {
     let mut window: HashMap<Id, Vec<Want<'a>>> = HashMap::new();
-    let mut bytes = 0u64;
+    let (mut bytes, mut wants) = (0u64, 0usize);
     loop {
         let msg = rx.recv_timeout(Duration::from_millis(5));
         let flush = match msg {
             Ok(BatchMsg::Want(w)) => {
                 if let Some(h) = w.chunk.hash {
                     bytes += w.chunk.len;
+                    wants += 1;
                     window.entry(h).or_default().push(w);
                 }
-                bytes >= WINDOW
+                bytes >= WINDOW || wants >= shared.window_wants
             }
             Err(RecvTimeoutError::Timeout) => !window.is_empty(),
             Ok(BatchMsg::Done) | Err(RecvTimeoutError::Disconnected) => {
@@ -80,7 +81,7 @@ pub(super) fn batcher<'a>(shared: &Shared<'a>, rx: Receiver<BatchMsg<'a>>, tx: S
             }
         };
         if flush {
-            bytes = 0;
+            (bytes, wants) = (0, 0);
             if !dispatch(shared, std::mem::take(&mut window), &tx) {
                 return;
             }

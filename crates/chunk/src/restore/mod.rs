@@ -24,7 +24,7 @@
 //!   read a range, decompress and verify each chunk, and write it where it
 //!   belongs, leaving zero blocks unallocated.
 //! - A file whose last chunk is written gets its owner, mode and times; the
-//!   **checkpointer** then, every 256 MiB, 131,072 files or 10 s, syncs the
+//!   **checkpointer** then, every 256 MiB, 65,536 files or 10 s, syncs the
 //!   filesystem and journals what that made durable ([`journal`]). The
 //!   restore reports success only after the last sync, with the journal
 //!   removed.
@@ -83,10 +83,12 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 /// Bytes written that trigger a checkpoint sooner.
 const CHECKPOINT_BYTES: u64 = 256 << 20;
 /// Files completed that trigger a checkpoint sooner. Their journal records
-/// wait in memory for the sync (about 80 bytes each): without this a tree
-/// of tiny files on a fast disk completes hundreds of thousands of them in
-/// ten seconds, and the restore's memory would follow the disk's speed.
-const CHECKPOINT_FILES: usize = 128 << 10;
+/// wait in memory for the sync (about 180 bytes each, with the file's
+/// chunk list for the restore record): without this a tree of tiny files
+/// on a fast disk completes hundreds of thousands of them in ten seconds,
+/// and the restore's memory would follow the disk's speed. At 131,072 a
+/// million-file restore peaked at 125 MiB, a 150,000-file one at 129.
+const CHECKPOINT_FILES: usize = 64 << 10;
 /// Files with at least this many chunks get prefix records in the journal.
 const BIG_FILE_CHUNKS: u64 = 64;
 
@@ -227,6 +229,12 @@ struct Shared<'a> {
     in_flight: Arc<Budget>,
     /// Files open at once (see [`open_file_budget`]).
     open_files: Arc<Budget>,
+    /// Wanted chunks a window is sent at, whatever its bytes: half the
+    /// files that may be open, so that the planner, which waits for a
+    /// file to close before it opens another, never waits on a window
+    /// that waits for it (many small files came in bursts, a window per
+    /// budget of files after a 5 ms lull).
+    window_wants: usize,
     /// Read buffers to reuse, at most [`POOLED_BUFFERS`] (see
     /// [`crate::buffers`]). Each has room for any ranged read: growing one
     /// would fault in fresh pages again.
@@ -238,6 +246,7 @@ struct Shared<'a> {
 impl<'a> Shared<'a> {
     fn new(repo: &'a Repo, opts: &'a RestoreOptions, index: &Decoded, map: ChunkMap) -> Self {
         let pipeline = Pipeline::new(&opts.progress.cancel);
+        let open_files = open_file_budget();
         Shared {
             repo,
             opts,
@@ -251,7 +260,8 @@ impl<'a> Shared<'a> {
             checkpoint_now: Condvar::new(),
             checkpoint_lock: Mutex::new(false),
             in_flight: pipeline.budget(IN_FLIGHT_BYTES),
-            open_files: pipeline.budget(open_file_budget() as u64),
+            open_files: pipeline.budget(open_files as u64),
+            window_wants: open_files / 2,
             buffers: Buffers::new(POOLED_BUFFERS, MAX_RANGE as usize, MAX_RANGE as usize),
             throttle: opts.max_rate.map(crate::throttle::Throttle::new),
             pipeline,
