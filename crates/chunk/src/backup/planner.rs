@@ -278,29 +278,10 @@ impl Planner<'_, '_> {
                 && p.ino == w.stat.st_ino
         });
         if unchanged {
-            // Reused whole, without opening the file.
-            self.summary.files_unchanged += 1;
             let mut entry = entry_of(w.rel.clone(), EntryKind::File { size }, &w.stat);
             entry.append_only = append_only;
             entry.linked = linked;
-            let n = size.div_ceil(opts.chunk_size);
-            let _ = self.msgs.send(Msg::File {
-                id,
-                attempt: 1,
-                entry,
-                chunks: n,
-                read: None,
-            });
-            for index in 0..n {
-                let c = self.parent_chunk()?.ok_or_else(|| {
-                    ChunkError::Invalid(format!(
-                        "the previous backup's record of {} is shorter than the file",
-                        String::from_utf8_lossy(&w.rel)
-                    ))
-                })?;
-                self.reused(id, 1, index, c);
-            }
-            return Ok(());
+            return self.reuse_whole(id, entry, &w.rel);
         }
         let file = match open_at(&w.dir, &w.name) {
             Ok(f) => f,
@@ -333,6 +314,30 @@ impl Planner<'_, '_> {
             prev,
         };
         self.read_file(read, w.rel.clone(), file)
+    }
+
+    /// File `id` at `rel`, unchanged since the previous backup: reused
+    /// whole, with that backup's chunks, without opening it.
+    fn reuse_whole(&mut self, id: u64, entry: Entry, rel: &[u8]) -> Result<(), ChunkError> {
+        self.summary.files_unchanged += 1;
+        let n = entry.size().div_ceil(self.shared.opts.chunk_size);
+        let _ = self.msgs.send(Msg::File {
+            id,
+            attempt: 1,
+            entry,
+            chunks: n,
+            read: None,
+        });
+        for index in 0..n {
+            let c = self.parent_chunk()?.ok_or_else(|| {
+                ChunkError::Invalid(format!(
+                    "the previous backup's record of {} is shorter than the file",
+                    String::from_utf8_lossy(rel)
+                ))
+            })?;
+            self.reused(id, 1, index, c);
+        }
+        Ok(())
     }
 
     fn parent_chunk(&mut self) -> Result<Option<ChunkRef>, ChunkError> {
