@@ -14,6 +14,15 @@
                                 new ones, 4 of the 40 tables rewritten, the
                                 state file's in-place rewrites, 32 MiB
                                 appended to the log
+  bench-data.py churn DIR       a node shaped unlike the others: 2,500 LSM
+                                files of 16-128 KiB, 24 tables of 4 MiB, a
+                                2 GiB sparse state file holding 256 MiB in
+                                extents of 1-4 MiB, a 128 MiB log
+  bench-data.py churn-change DIR scattered in-place rewrites of 4 KiB to
+                                1 MiB (60 of them, 4 KiB aligned) in the
+                                state file, 10% of the LSM files compacted
+                                away and as many new ones, 16 MiB appended
+                                to the log
   bench-data.py meta DIR [N]    a metadata-heavy tree (a Solana accounts
                                 directory): N files (100,000) of 0.5-8 KiB in
                                 200 directories
@@ -115,6 +124,49 @@ def node_week(d):
         write(f"{d}/tables/{i:03d}.tbl", compressible(r, 4 * MIB, 1000 + i))
 
 
+CHURN_STATE = 2048 * MIB
+
+
+def churn_extents():
+    # 64 extents of 1-4 MiB spread over the file (fixed, so the change
+    # knows where the data is).
+    r = random.Random(11)
+    return [(i * 32 * MIB, r.randint(1, 4) * MIB) for i in range(64)]
+
+
+def churn(d):
+    r = random.Random(10)
+    for i in range(2500):
+        size = r.randint(16, 128) * 1024
+        write(f"{d}/db/{i:06d}.sst", rnd(r, size // 2) + compressible(r, size - size // 2, i))
+    for i in range(24):
+        write(f"{d}/tables/{i:03d}.tbl", compressible(r, 4 * MIB, i))
+    state = f"{d}/state/state.db"
+    os.makedirs(os.path.dirname(state), exist_ok=True)
+    with open(state, "wb") as f:
+        f.truncate(CHURN_STATE)
+    for off, size in churn_extents():
+        write_at(state, off, rnd(r, size))
+    write(f"{d}/log/wal.log", rnd(r, 128 * MIB))
+
+
+def churn_change(d):
+    r = random.Random(12)
+    state = f"{d}/state/state.db"
+    extents = churn_extents()
+    for _ in range(60):
+        base, size = r.choice(extents)
+        n = min(r.choice([4096, 16384, 65536, 262144, MIB]), size)
+        off = base + r.randrange(0, (size - n) // 4096 + 1) * 4096
+        write_at(state, off, rnd(r, n))
+    for i in range(0, 2500, 10):
+        os.remove(f"{d}/db/{i + 3:06d}.sst")
+        size = r.randint(16, 128) * 1024
+        write(f"{d}/db/{2500 + i:06d}.sst", rnd(r, size // 2) + compressible(r, size - size // 2, i))
+    with open(f"{d}/log/wal.log", "ab") as f:
+        f.write(rnd(r, 16 * MIB))
+
+
 def meta_week(d):
     r = random.Random(6)
     for sub in sorted(os.listdir(f"{d}/accounts")):
@@ -212,6 +264,10 @@ def main():
         node_week(d)
     elif what == "meta-week":
         meta_week(d)
+    elif what == "churn":
+        churn(d)
+    elif what == "churn-change":
+        churn_change(d)
     elif what == "meta":
         meta(d, int(sys.argv[3]) if len(sys.argv) > 3 else 100_000)
     elif what == "tiny":

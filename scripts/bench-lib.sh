@@ -164,6 +164,7 @@ make_shape() {
         node) append=(--appendonly blocks/blocks.log) ;;
         chunk) append=(--appendonly blocks.log) ;;
         state) append=(--appendonly log/wal) ;;
+        churn) append=(--appendonly log/wal.log) ;;
         *) append=() ;;
     esac
 }

@@ -4,7 +4,7 @@
 # request (crates/chunk/examples/latency_proxy.rs), side by side in one
 # run; see scripts/bench-lib.sh for what each run measures.
 #
-#   scripts/bench-remote.sh [SHAPE...]     default: node meta
+#   scripts/bench-remote.sh [SHAPE...]     default: node meta churn
 #
 # The server and the proxy share this machine's two cores with the client,
 # so the script measures that setting's own floors beside each shape: every
@@ -17,7 +17,7 @@
 # shellcheck source=scripts/bench-lib.sh
 source "$(dirname "$0")/bench-lib.sh"
 shapes=("$@")
-[ ${#shapes[@]} -gt 0 ] || shapes=(node meta)
+[ ${#shapes[@]} -gt 0 ] || shapes=(node meta churn)
 
 # The transfer floors, from btm's packs in $bucket, through the proxy:
 # PUT them all to a scratch bucket, 4 in flight (btm's backup default for a

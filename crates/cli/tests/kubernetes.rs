@@ -296,6 +296,49 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// litecoind on regtest in `datadir`, its RPC answering: the process and
+/// its RPC port, or `None` if it exited first (its port taken).
+fn start_litecoind(datadir: &Path) -> Option<(Child, u16)> {
+    let rpc_port = common::free_port();
+    let mut node = Command::new("litecoind")
+        .args([
+            "-regtest",
+            "-server",
+            "-listen=0",
+            "-daemon=0",
+            "-printtoconsole=0",
+        ])
+        .arg(format!("-datadir={}", datadir.display()))
+        .arg(format!("-rpcport={rpc_port}"))
+        .args(["-rpcuser=btm", &format!("-rpcpassword={RPC_PASSWORD}")])
+        .arg("-fallbackfee=0.0001")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("litecoind not found: scripts/test.sh installs it");
+    let options = [
+        "-rpcuser=btm".to_owned(),
+        format!("-rpcpassword={RPC_PASSWORD}"),
+        format!("-rpcport={rpc_port}"),
+    ];
+    let t = Instant::now();
+    loop {
+        if common::litecoin_cli(&options, &["getblockcount"]).is_some() {
+            return Some((node, rpc_port));
+        }
+        if let Ok(Some(_)) = node.try_wait() {
+            return None;
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            let _ = node.kill();
+            let _ = node.wait();
+            panic!("litecoind's RPC: not within 120 s");
+        }
+        sleep(Duration::from_millis(200));
+    }
+}
+
 /// The host side: s3s-fs holding an export of a real litecoind chain at
 /// height 120, and the node that made it, still running (its RPC says
 /// which block it has at 120).
@@ -312,33 +355,17 @@ impl Chain {
         let dir = tempfile::tempdir().expect("tmp");
         let datadir = dir.path().join("node");
         std::fs::create_dir(&datadir).expect("datadir");
-        let rpc_port = common::free_port();
-        let node = Command::new("litecoind")
-            .args([
-                "-regtest",
-                "-server",
-                "-listen=0",
-                "-daemon=0",
-                "-printtoconsole=0",
-            ])
-            .arg(format!("-datadir={}", datadir.display()))
-            .arg(format!("-rpcport={rpc_port}"))
-            .args(["-rpcuser=btm", &format!("-rpcpassword={RPC_PASSWORD}")])
-            .arg("-fallbackfee=0.0001")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("litecoind not found: scripts/test.sh installs it");
+        // A port another test takes between its probe and litecoind's bind
+        // makes litecoind exit at once: it is started again on another.
+        let (node, rpc_port) = (1..=3)
+            .find_map(|_| start_litecoind(&datadir))
+            .expect("litecoind exited at start three times");
         let chain = Chain {
             s3,
             dir,
             node,
             rpc_port,
         };
-        wait_for("litecoind's RPC", Duration::from_secs(120), || {
-            chain.try_cli(rpc_port, &["getblockcount"]).is_some()
-        });
         chain.cli(&["createwallet", "w"]);
         let addr = chain.cli(&["getnewaddress"]);
         chain.cli(&["generatetoaddress", "120", &addr]);
