@@ -77,17 +77,26 @@ def write_at(path, off, data):
         f.write(data)
 
 
+def sst(r, path, lo_kib, hi_kib, tag):
+    # An LSM table: half random, half compressible.
+    size = r.randint(lo_kib, hi_kib) * 1024
+    write(path, rnd(r, size // 2) + compressible(r, size - size // 2, tag))
+
+
+def sparse(path, size):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
 def node(d):
     r = random.Random(1)
     for i in range(1200):
-        size = r.randint(64, 512) * 1024
-        write(f"{d}/db/{i:06d}.sst", rnd(r, size // 2) + compressible(r, size - size // 2, i))
+        sst(r, f"{d}/db/{i:06d}.sst", 64, 512, i)
     for i in range(40):
         write(f"{d}/tables/{i:03d}.tbl", compressible(r, 4 * MIB, i))
     state = f"{d}/state/state.db"
-    os.makedirs(os.path.dirname(state), exist_ok=True)
-    with open(state, "wb") as f:
-        f.truncate(1024 * MIB)
+    sparse(state, 1024 * MIB)
     for i in range(32):
         write_at(state, ((i * 37) % 256) * 4 * MIB, rnd(r, 4 * MIB))
     write(f"{d}/blocks/blocks.log", rnd(r, 256 * MIB))
@@ -118,8 +127,7 @@ def node_week(d):
         f.write(rnd(r, 32 * MIB))
     for i in range(0, 1200, 10):
         os.remove(f"{d}/db/{i:06d}.sst")
-        size = r.randint(64, 512) * 1024
-        write(f"{d}/db/{1200 + i:06d}.sst", rnd(r, size // 2) + compressible(r, size - size // 2, i))
+        sst(r, f"{d}/db/{1200 + i:06d}.sst", 64, 512, i)
     for i in range(0, 40, 10):
         write(f"{d}/tables/{i:03d}.tbl", compressible(r, 4 * MIB, 1000 + i))
 
@@ -137,14 +145,11 @@ def churn_extents():
 def churn(d):
     r = random.Random(10)
     for i in range(2500):
-        size = r.randint(16, 128) * 1024
-        write(f"{d}/db/{i:06d}.sst", rnd(r, size // 2) + compressible(r, size - size // 2, i))
+        sst(r, f"{d}/db/{i:06d}.sst", 16, 128, i)
     for i in range(24):
         write(f"{d}/tables/{i:03d}.tbl", compressible(r, 4 * MIB, i))
     state = f"{d}/state/state.db"
-    os.makedirs(os.path.dirname(state), exist_ok=True)
-    with open(state, "wb") as f:
-        f.truncate(CHURN_STATE)
+    sparse(state, CHURN_STATE)
     for off, size in churn_extents():
         write_at(state, off, rnd(r, size))
     write(f"{d}/log/wal.log", rnd(r, 128 * MIB))
@@ -161,8 +166,7 @@ def churn_change(d):
         write_at(state, off, rnd(r, n))
     for i in range(0, 2500, 10):
         os.remove(f"{d}/db/{i + 3:06d}.sst")
-        size = r.randint(16, 128) * 1024
-        write(f"{d}/db/{2500 + i:06d}.sst", rnd(r, size // 2) + compressible(r, size - size // 2, i))
+        sst(r, f"{d}/db/{2500 + i:06d}.sst", 16, 128, i)
     with open(f"{d}/log/wal.log", "ab") as f:
         f.write(rnd(r, 16 * MIB))
 
