@@ -89,12 +89,17 @@ def sparse(path, size):
         f.truncate(size)
 
 
+def lsm(d, r, files, lo_kib, hi_kib, tables):
+    # A node's LSM tree (db/) and its 4 MiB tables (tables/).
+    for i in range(files):
+        sst(r, f"{d}/db/{i:06d}.sst", lo_kib, hi_kib, i)
+    for i in range(tables):
+        write(f"{d}/tables/{i:03d}.tbl", compressible(r, 4 * MIB, i))
+
+
 def node(d):
     r = random.Random(1)
-    for i in range(1200):
-        sst(r, f"{d}/db/{i:06d}.sst", 64, 512, i)
-    for i in range(40):
-        write(f"{d}/tables/{i:03d}.tbl", compressible(r, 4 * MIB, i))
+    lsm(d, r, 1200, 64, 512, 40)
     state = f"{d}/state/state.db"
     sparse(state, 1024 * MIB)
     for i in range(32):
@@ -144,10 +149,7 @@ def churn_extents():
 
 def churn(d):
     r = random.Random(10)
-    for i in range(2500):
-        sst(r, f"{d}/db/{i:06d}.sst", 16, 128, i)
-    for i in range(24):
-        write(f"{d}/tables/{i:03d}.tbl", compressible(r, 4 * MIB, i))
+    lsm(d, r, 2500, 16, 128, 24)
     state = f"{d}/state/state.db"
     sparse(state, CHURN_STATE)
     for off, size in churn_extents():

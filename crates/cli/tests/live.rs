@@ -126,21 +126,21 @@ fn a_live_mount_behaves_as_a_local_file_system_during_hydration() {
         "{st}"
     );
     assert_eq!(same_inode(&live), [(true, 2); 2], "links on the mount");
-    let mut through_link = vec![0u8; 4096];
-    std::os::unix::fs::FileExt::read_exact_at(
-        &std::fs::File::open(live.join("ck/blocks.dat")).expect("open"),
-        &mut through_link,
-        100 * MIB,
-    )
-    .expect("read");
-    let mut want_there = vec![0u8; 4096];
-    std::os::unix::fs::FileExt::read_exact_at(
-        &std::fs::File::open(src.join("cold/blocks.dat")).expect("open"),
-        &mut want_there,
-        100 * MIB,
-    )
-    .expect("read");
-    assert!(through_link == want_there, "a read through a link differs");
+    let page_at_100_mib = |path: &Path| {
+        let mut page = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(
+            &std::fs::File::open(path).expect("open"),
+            &mut page,
+            100 * MIB,
+        )
+        .expect("read");
+        page
+    };
+    assert!(
+        page_at_100_mib(&live.join("ck/blocks.dat"))
+            == page_at_100_mib(&src.join("cold/blocks.dat")),
+        "a read through a link differs"
+    );
     // The node holds a file open from before it is local.
     let cold = live.join("cold/blocks.dat");
     let held = std::fs::File::open(&cold).expect("open");
