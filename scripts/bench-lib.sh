@@ -85,27 +85,37 @@ server_ticks() {
     echo "$t"
 }
 
+# machine_ticks: "busy total" CPU ticks of the whole machine so far
+# (/proc/stat), kernel threads included: the loop device and writeback
+# a restore's writes cost run there, counted by no process.
+machine_ticks() { awk '/^cpu / { b = $2 + $3 + $4 + $7 + $8; print b, b + $5 + $6; exit }' /proc/stat; }
+
 # measure LABEL CMD...: runs CMD, records "LABEL|seconds|peak MiB|user
-# s|system s|servers' CPU s|busy", where busy is all the CPU used (the
-# command's and the servers') over what the cores had in that time: near
-# 100 % the run was CPU-bound on this machine, and a ratio to a floor is
-# to be read against that.
+# s|system s|servers' CPU s|busy|machine", where busy is the CPU of the
+# command and the servers over what the cores had in that time, and
+# machine the whole machine's (kernel threads too): near 100 % the run was
+# CPU-bound here, and a ratio to a floor is to be read against that. Sets
+# last_secs, and last_cpu: the machine's busy CPU seconds meanwhile.
 results=()
 measure() {
     local label=$1; shift
     sync
-    local s0; s0=$(server_ticks)
-    /usr/bin/time -f "%e %M %U %S" -o "$work/time" "$@" >/dev/null 2>"$work/err" || { cat "$work/err"; exit 1; }
-    local s1; s1=$(server_ticks)
-    local secs kb user sys srv busy; read -r secs kb user sys < "$work/time"
+    local s0 m0 t0; s0=$(server_ticks); read -r m0 t0 < <(machine_ticks)
+    /usr/bin/time -f "%e %M %U %S" -o "$work/time" "$@" >"$work/out" 2>"$work/err" || { cat "$work/err"; exit 1; }
+    local s1 m1 t1; s1=$(server_ticks); read -r m1 t1 < <(machine_ticks)
+    local secs kb user sys srv busy machine; read -r secs kb user sys < "$work/time"
     srv=$(awk -v a="$s0" -v b="$s1" -v t="$ticks" 'BEGIN { printf "%.2f", (b - a) / t }')
     busy=$(awk -v u="$user" -v s="$sys" -v v="$srv" -v c="$cores" -v w="$secs" \
-        'BEGIN { b = (w > 0) ? 100 * (u + s + v) / (c * w) : 0; tag = (b >= 90) ? " CPU-bound" : ""; printf "%.0f%%%s", b, tag }')
-    results+=("$label|$secs|$((kb / 1024))|$user|$sys|$srv|$busy")
+        'BEGIN { printf "%.0f%%", (w > 0) ? 100 * (u + s + v) / (c * w) : 0 }')
+    machine=$(awk -v b=$((m1 - m0)) -v t=$((t1 - t0)) \
+        'BEGIN { m = (t > 0) ? 100 * b / t : 0; printf "%.0f%%%s", m, (m >= 90) ? " CPU-bound" : "" }')
+    last_cpu=$(awk -v b=$((m1 - m0)) -v t="$ticks" 'BEGIN { printf "%.2f", b / t }')
+    results+=("$label|$secs|$((kb / 1024))|$user|$sys|$srv|$busy|$machine")
     last_secs=$secs
-    printf '  %-46s %8s s %6s MiB %6s user %6s sys %6s servers %s\n' "$label" "$secs" "$((kb / 1024))" "$user" "$sys" "$srv" "$busy"
+    printf '  %-46s %8s s %6s MiB %6s user %6s sys %6s servers %5s busy, machine %s\n' \
+        "$label" "$secs" "$((kb / 1024))" "$user" "$sys" "$srv" "$busy" "$machine"
 }
-note() { results+=("$1|$2||||"); printf '  %-46s %8s\n' "$1" "$2"; }
+note() { results+=("$1|$2|||||"); printf '  %-46s %8s\n' "$1" "$2"; }
 # lead A B: how many times faster B's seconds are than A's.
 lead() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1fx", a / b }'; }
 bytes() { du -sb "$1" | cut -f1; }
@@ -135,13 +145,15 @@ start_s3() {
 
 # fetch_floor PREFIX: GET every pack under $work/s3/PREFIX/packs through
 # the proxy, 16 in flight (btm's restore default for a remote store),
-# bytes discarded: the floor of any restore of those packs here.
+# bytes discarded: the floor of any restore of those packs here. Sets
+# floor_bytes, the bytes fetched.
 fetch_floor() {
     # shellcheck disable=SC2016 # $1 and $2 are the inner shell's.
     measure "floor: GET btm's packs, 16 in flight (curl)" sh -c '
         cd "$1" && find "$2/packs" -type f | xargs -P 16 -I{} curl -sSf -o /dev/null \
             -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" --aws-sigv4 aws:amz:us-east-1:s3 \
             --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" "$AWS_ENDPOINT_URL/{}"' - "$work/s3" "$1"
+    floor_bytes=$(bytes "$work/s3/$1/packs")
 }
 
 machine_floors() {
@@ -169,17 +181,23 @@ make_shape() {
     esac
 }
 
-# run_shape WHERE SHAPE RSTORE BSTORE USTORE RDIR BDIR UDIR [AFTER_FULL]:
-# one side-by-side run of restic on RSTORE, btm on BSTORE and rustic on
-# USTORE, whose objects are under RDIR, BDIR and UDIR; WHERE (local or
-# remote) labels it, and a local run also measures the copy floors.
-# AFTER_FULL, if given, measures floors right after btm's full backup (the
-# remote benchmark's: it sets put_floor, the upload floor, and its last
-# measure is the fetch floor). The last lines give btm's lead over each
-# peer, the restores as multiples of the floor (the durable copy locally),
+# run_shape WHERE SHAPE RSTORE BSTORE USTORE RDIR BDIR UDIR [AFTER_FULL
+# BEFORE_RESTORE]: one side-by-side run of restic on RSTORE, btm on BSTORE
+# and rustic on USTORE, whose objects are under RDIR, BDIR and UDIR; WHERE
+# (local or remote) labels it, and a local run also measures the copy
+# floors. The remote benchmark's hooks: AFTER_FULL measures the upload
+# floor right after btm's full backup (it sets put_floor), BEFORE_RESTORE
+# the fetch floor right before btm's restore (fetch_floor: its seconds and
+# floor_bytes), so that each is compared with a floor of the same minute
+# on this noisy machine. The last lines give btm's lead over each peer,
+# the restores as multiples of the floor (the durable copy locally; the
+# fetch floor for the bytes btm's restore downloaded remotely), btm's
+# restore over its CPU floor (the machine's CPU it kept busy, spread over
+# every core: where that is near the wall time, only less work is faster),
 # and remotely btm's full backup over the upload floor.
 run_shape() {
-    local where=$1 shape=$2 rstore=$3 bstore=$4 ustore=$5 rdir=$6 bdir=$7 udir=$8 after_full=${9:-}
+    local where=$1 shape=$2 rstore=$3 bstore=$4 ustore=$5 rdir=$6 bdir=$7 udir=$8
+    local after_full=${9:-} before_restore=${10:-}
     local src="$work/src" prev="$work/prev"
     rm -rf "$src" "$prev" "$work/restic-cache" "$work/btm-cache" "$work/rustic-cache"
     make_shape "$shape" "$src"
@@ -202,7 +220,7 @@ run_shape() {
     measure "rustic full" "${ucmd[@]}" backup "$src"; local ufull=$last_secs
     measure "btm full" "$btm" backup "$src" -s "$bstore" "${append[@]}"; local bfull=$last_secs
     put_floor=
-    [ -z "$after_full" ] || { "$after_full"; floor=$last_secs; }
+    [ -z "$after_full" ] || "$after_full"
     local r1 b1 u1; r1=$(bytes "$rdir"); b1=$(bytes "$bdir"); u1=$(bytes "$udir")
     cp -a --sparse=always "$src" "$prev"
     python3 scripts/bench-data.py "$shape-change" "$src"
@@ -217,7 +235,21 @@ run_shape() {
     fresh_fs
     measure "rustic restore, empty fs" "${ucmd[@]}" restore latest "$mnt/u"; local urest=$last_secs
     fresh_fs
-    measure "btm restore, empty fs" "$btm" restore latest "$mnt/b" -s "$bstore"; local brest=$last_secs
+    local raw_floor=
+    if [ -n "$before_restore" ]; then
+        "$before_restore"
+        raw_floor=$last_secs
+    fi
+    measure "btm restore, empty fs" "$btm" restore latest "$mnt/b" -s "$bstore" --json
+    local brest=$last_secs brest_cpu=$last_cpu
+    if [ -n "$raw_floor" ]; then
+        # GET every pack is more than this restore needs (the change
+        # replaced some of the full backup's bytes): the floor for the
+        # bytes it downloaded, at the rate the GETs had.
+        local got; got=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["summary"]["bytes_downloaded"])' <"$work/out")
+        floor=$(awk -v f="$raw_floor" -v g="$got" -v b="$floor_bytes" 'BEGIN { printf "%.2f", f * g / b }')
+        note "fetch floor for btm's $(mib "$got") of $(mib "$floor_bytes") MiB" "$floor s"
+    fi
     diff -r "$src" "$mnt/b" >/dev/null || { echo "btm's restore differs from the source" >&2; exit 1; }
     fresh_fs
     # restic restores the source's absolute path under its target.
@@ -245,19 +277,23 @@ run_shape() {
     # fetch floor remotely): the best lead over restic any restore could
     # show here, and how far btm's restore is from it.
     [ -z "$floor" ] || note "restic's restore over the floor; btm's" "$(lead "$rrest" "$floor") / $(lead "$brest" "$floor")"
+    note "btm's restore over its CPU floor ($brest_cpu CPU s / $cores)" \
+        "$(awk -v w="$brest" -v c="$brest_cpu" -v n="$cores" 'BEGIN { printf "%.2fx", (c > 0) ? w * n / c : 0 }')"
     rm -rf "$prev"
 }
 
 print_results() {
     echo
     echo "CPU: the command's user and system seconds; servers: what the servers"
-    echo "(s3s-fs, the proxy, nginx) used meanwhile; busy: all of it over $cores cores x wall."
-    printf '%-46s %9s %8s %7s %7s %8s %s\n' "operation" "seconds" "RSS MiB" "user s" "sys s" "servers" "busy"
-    local r label secs mb user sys srv busy
+    echo "(s3s-fs, the proxy, nginx) used meanwhile; busy: the command's and the"
+    echo "servers' CPU over $cores cores x wall; machine: all the machine's CPU"
+    echo "(kernel threads too: a loop device's writes, writeback) over the same."
+    printf '%-46s %9s %8s %7s %7s %8s %5s %s\n' "operation" "seconds" "RSS MiB" "user s" "sys s" "servers" "busy" "machine"
+    local r label secs mb user sys srv busy machine
     for r in "${results[@]}"; do
-        IFS='|' read -r label secs mb user sys srv busy <<<"$r"
+        IFS='|' read -r label secs mb user sys srv busy machine <<<"$r"
         if [[ $label == "##"* ]]; then echo; echo "${label#\#\# }"; continue; fi
-        printf '%-46s %9s %8s %7s %7s %8s %s\n' "$label" "$secs" "$mb" "$user" "$sys" "$srv" "$busy"
+        printf '%-46s %9s %8s %7s %7s %8s %5s %s\n' "$label" "$secs" "$mb" "$user" "$sys" "$srv" "$busy" "$machine"
     done
     echo
     echo "restic's restore over the previous version writes every file again; btm's"

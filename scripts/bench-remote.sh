@@ -8,9 +8,11 @@
 #
 # The server and the proxy share this machine's two cores with the client,
 # so the script measures that setting's own floors beside each shape: every
-# pack of btm's full backup uploaded, then fetched, through the proxy by
-# curl, with as many requests in flight as btm's backup and restore use.
-# No backup or restore of those bytes, by any tool, can beat them here.
+# pack of btm's full backup uploaded right after that backup, and every
+# pack in the store fetched right before btm's restore, through the proxy
+# by curl, with as many requests in flight as btm's backup and restore
+# use. No backup or restore of those bytes, by any tool, can beat them
+# here.
 #
 # Environment: BENCH_DIR, BENCH_LATENCY_MS (20), BENCH_META_FILES (100000).
 # Needs s3s-fs (cargo install s3s-fs) besides what bench-lib.sh needs.
@@ -19,12 +21,12 @@ source "$(dirname "$0")/bench-lib.sh"
 shapes=("$@")
 [ ${#shapes[@]} -gt 0 ] || shapes=(node meta churn)
 
-# The transfer floors, from btm's packs in $bucket, through the proxy:
-# PUT them all to a scratch bucket, 4 in flight (btm's backup default for a
-# remote store), then GET them all, 16 in flight (its restore default),
-# bytes discarded. The GET is measured last: run_shape takes it as the
-# floor its restores are compared with.
-transfer_floors() {
+# The transfer floors, from btm's packs in $bucket, through the proxy.
+# put_floors, right after btm's full backup: PUT them all to a scratch
+# bucket, 4 in flight (btm's backup default for a remote store).
+# get_floor, right before btm's restore: GET every pack in the store then,
+# 16 in flight (its restore default), bytes discarded.
+put_floors() {
     mkdir -p "$work/s3/put$bucket"
     # shellcheck disable=SC2016 # $1, $2 and $3 are the inner shell's.
     measure "floor: PUT btm's packs, 4 in flight (curl)" sh -c '
@@ -33,9 +35,8 @@ transfer_floors() {
             --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" "$AWS_ENDPOINT_URL/$3/{}"' - "$work/s3" "$bucket" "put$bucket"
     put_floor=$last_secs
     rm -rf "${work:?}/s3/put$bucket"
-    # shellcheck disable=SC2016 # $1 and $2 are the inner shell's.
-    fetch_floor "$bucket/x"
 }
+get_floor() { fetch_floor "$bucket/x"; }
 
 machine_floors
 start_s3
@@ -57,7 +58,7 @@ access_key_id = "$AWS_ACCESS_KEY_ID"
 secret_access_key = "$AWS_SECRET_ACCESS_KEY"
 EOF
     run_shape remote "$shape" "s3:$AWS_ENDPOINT_URL/r$bucket" "s3://$bucket/x" profile:bench \
-        "$work/s3/r$bucket" "$work/s3/$bucket" "$work/s3/u$bucket" transfer_floors
+        "$work/s3/r$bucket" "$work/s3/$bucket" "$work/s3/u$bucket" put_floors get_floor
     rm -rf "${work:?}/s3/r$bucket" "${work:?}/s3/$bucket" "${work:?}/s3/u$bucket"
 done
 print_results

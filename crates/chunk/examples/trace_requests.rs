@@ -1,20 +1,22 @@
-//! Every store request of one backup, on a timeline: what a remote
-//! incremental waits for. Prints each request (start and duration in ms,
+//! Every store request of one backup or restore, on a timeline: what a
+//! remote run waits for. Prints each request (start and duration in ms,
 //! what it was), then the count, and the waits on the critical path: how
 //! many times no request overlapped the one before, the sequential round
 //! trips a faraway store turns into latency.
 //!
 //! ```text
-//! cargo run --release --example trace_requests -- STORE SRC TAG
+//! cargo run --release --example trace_requests -- backup STORE SRC TAG
+//! cargo run --release --example trace_requests -- restore STORE TAG DEST [CACHE]
 //! ```
 //! Used to count the round trips of `scripts/bench-remote.sh`'s
-//! incremental (see `docs/performance.md`).
+//! incremental and restore (see `docs/performance.md`).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use btm_chunk::backup::BackupOptions;
+use btm_chunk::restore::RestoreOptions;
 use btm_chunk::store::{Layer, Request, Store, StoreError};
 use btm_chunk::{Policy, Repo};
 
@@ -48,16 +50,55 @@ impl Layer for Traced {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, url, src, tag] = &args[..] else {
-        return Err("usage: trace_requests STORE SRC TAG".into());
+    let (url, rest) = match &args[1..] {
+        [what, url, rest @ ..] if what == "backup" || what == "restore" => (url, rest),
+        _ => {
+            return Err(
+                "usage: trace_requests backup STORE SRC TAG | restore STORE TAG DEST [CACHE]"
+                    .into(),
+            )
+        }
+    };
+    let open = if args[1] == "backup" {
+        btm_chunk::store::Open::Write
+    } else {
+        btm_chunk::store::Open::Read { anonymous: false }
     };
     let store = Arc::new(Traced {
-        inner: btm_chunk::store::open(&url.parse()?, btm_chunk::store::Open::Write)?,
+        inner: btm_chunk::store::open(&url.parse()?, open)?,
         start: Instant::now(),
         log: Mutex::new(Vec::new()),
     });
-    let summary = Repo::new(Arc::clone(&store) as Arc<dyn Store>)
-        .backup(Path::new(src), &BackupOptions::new(tag, Policy::NONE))?;
+    let repo = Repo::new(Arc::clone(&store) as Arc<dyn Store>);
+    let what = match (args[1].as_str(), rest) {
+        ("backup", [src, tag]) => {
+            let s = repo.backup(Path::new(src), &BackupOptions::new(tag, Policy::NONE))?;
+            format!("{} files, {} uploaded", s.files, s.bytes_uploaded)
+        }
+        ("restore", [tag, dest, cache @ ..]) => {
+            let repo = repo.with_cache(cache.first().map(btm_chunk::cache::Cache::new));
+            let (name, index) =
+                btm_chunk::inventory::latest_where(store.as_ref(), tag, None, |_| true)?
+                    .ok_or("no backup with that tag")?;
+            let found = store.start.elapsed().as_secs_f64() * 1e3;
+            let s = repo.restore(
+                &name,
+                &index,
+                Path::new(dest),
+                &RestoreOptions::new(Policy::NONE),
+            )?;
+            format!(
+                "backup found at {found:.0} ms; {} files, {} chunks fetched in {} reads",
+                s.files, s.chunks_fetched, s.requests
+            )
+        }
+        _ => {
+            return Err(
+                "usage: trace_requests backup STORE SRC TAG | restore STORE TAG DEST [CACHE]"
+                    .into(),
+            )
+        }
+    };
     let total = store.start.elapsed().as_secs_f64() * 1e3;
     let mut log = std::mem::take(&mut *store.log.lock().map_err(|_| "poisoned")?);
     log.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -70,10 +111,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("{t:9.1} {d:7.1} {} {what}", if waited { '|' } else { ' ' });
     }
     println!(
-        "{} requests, {sequential} on the critical path (| above), {total:.0} ms in all; {} files, {} uploaded",
+        "{} requests, {sequential} on the critical path (| above), {total:.0} ms in all; {what}",
         log.len(),
-        summary.files,
-        summary.bytes_uploaded
     );
     Ok(())
 }

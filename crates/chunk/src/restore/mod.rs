@@ -47,6 +47,7 @@ mod write;
 pub use write::write_sparse;
 
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
@@ -220,6 +221,9 @@ struct Shared<'a> {
     counters: Counters,
     /// Files complete since the last checkpoint.
     completed: Mutex<Vec<Durable>>,
+    /// Files complete with other names (hard links), as recorded: see
+    /// [`restamp_linked`].
+    linked: Mutex<Vec<Durable>>,
     /// Files large enough for prefix records.
     big: Mutex<Vec<Weak<write::FileJob<'a>>>>,
     since_checkpoint: AtomicU64,
@@ -255,6 +259,7 @@ impl<'a> Shared<'a> {
             map: RwLock::new(LoadedMap { generation: 0, map }),
             counters: Counters::default(),
             completed: Mutex::new(Vec::new()),
+            linked: Mutex::new(Vec::new()),
             big: Mutex::new(Vec::new()),
             since_checkpoint: AtomicU64::new(0),
             checkpoint_now: Condvar::new(),
@@ -390,6 +395,7 @@ fn run(
     nix::unistd::syncfs(&dest_fd).map_err(|e| ChunkError::io(dest.path, e.into()))?;
     let mut journal = journal.into_inner().unwrap_or_else(|p| p.into_inner());
     if record.is_some() {
+        restamp_linked(&shared, &tree);
         // The files completed since the last checkpoint, durable now: the
         // record is to name every file.
         let rest = std::mem::take(&mut *shared.completed.lock().unwrap_or_else(|p| p.into_inner()));
@@ -398,6 +404,47 @@ fn run(
     journal.finish(&dest_fd, record.as_deref())?;
     shared.counters.fill(&mut summary);
     Ok(summary)
+}
+
+/// Making a hard link changes its target's change time, so a target that
+/// was complete, and stamped, before a link to it was made would no
+/// longer match its record, and the next restore would read it again to
+/// compare. Once every link is made, each such file is stamped again: the
+/// same inode, size and modification time, only a later change time.
+/// Anything else changed means someone else wrote it: it keeps its first
+/// record (and is compared next time). A file that cannot be looked at
+/// now keeps it too; it was already journalled, nothing is lost.
+fn restamp_linked(shared: &Shared<'_>, tree: &btm::confined::Tree) {
+    let linked = std::mem::take(&mut *shared.linked.lock().unwrap_or_else(|p| p.into_inner()));
+    let again: Vec<Durable> = linked
+        .into_iter()
+        .filter_map(|d| {
+            let (dir, name) = crate::localfs::split_name(&d.path);
+            let comps =
+                btm::confined::components(Path::new(std::ffi::OsStr::from_bytes(dir))).ok()?;
+            let parent = tree.dir(&comps, false).ok()?;
+            let st = nix::sys::stat::fstatat(
+                &parent,
+                std::ffi::OsStr::from_bytes(name),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .ok()?;
+            let (now, was) = (journal::Stamp::of(&st), d.record.stamp);
+            let same = |s: &journal::Stamp| (s.ino, s.size, s.mtime_ns);
+            (now != was && same(&now) == same(&was)).then_some(Durable {
+                record: journal::Record {
+                    stamp: now,
+                    ..d.record
+                },
+                ..d
+            })
+        })
+        .collect();
+    shared
+        .completed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(again);
 }
 
 /// The restore record of `dest` (open as `fd`) in `dir`: named by the

@@ -107,13 +107,21 @@ impl<'a> Shared<'a> {
             stamp,
             prefix: job.size,
         };
+        let durable = Durable {
+            path: job.entry.path.clone(),
+            record,
+            chunks: job.chunks.get().cloned(),
+        };
+        if job.entry.linked {
+            // Its links may be made after this stamp (see `restamp_linked`).
+            self.linked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(durable.clone());
+        }
         let pending = {
             let mut completed = self.completed.lock().unwrap_or_else(|p| p.into_inner());
-            completed.push(Durable {
-                path: job.entry.path.clone(),
-                record,
-                chunks: job.chunks.get().cloned(),
-            });
+            completed.push(durable);
             completed.len()
         };
         if pending == CHECKPOINT_FILES {

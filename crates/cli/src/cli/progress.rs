@@ -5,7 +5,8 @@
 //! ends.
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,9 +16,15 @@ use super::human_bytes;
 
 /// Shows `progress` until dropped.
 pub struct Reporter {
-    stop: Arc<AtomicBool>,
+    /// Dropped to stop the thread: its wait between updates ends at once,
+    /// so a command does not end up to one interval late (an average
+    /// 50 ms on every backup and restore, 7 % of a remote incremental).
+    stop: Option<Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// How often the bar is redrawn.
+const TICK: Duration = Duration::from_millis(100);
 
 /// How long without progress before the store is said to be slow.
 const STALL: Duration = Duration::from_secs(10);
@@ -25,8 +32,7 @@ const STALL: Duration = Duration::from_secs(10);
 impl Reporter {
     /// Start showing `progress`, described as `what`.
     pub fn start(what: String, progress: Arc<Progress>) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
+        let (stop, stopped) = channel::<()>();
         let thread = std::thread::spawn(move || {
             let tty = std::io::stderr().is_terminal();
             let bar = if tty {
@@ -43,7 +49,7 @@ impl Reporter {
             };
             let mut last_line = Instant::now();
             let (mut last_done, mut moved) = (0, Instant::now());
-            while !flag.load(Ordering::Relaxed) {
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(TICK) {
                 let done = progress.done.load(Ordering::Relaxed)
                     + progress.uploaded.load(Ordering::Relaxed);
                 let total = progress.total.load(Ordering::Relaxed);
@@ -72,12 +78,11 @@ impl Reporter {
                     }
                     last_line = Instant::now();
                 }
-                std::thread::sleep(Duration::from_millis(100));
             }
             bar.finish_and_clear();
         });
         Reporter {
-            stop,
+            stop: Some(stop),
             thread: Some(thread),
         }
     }
@@ -85,7 +90,7 @@ impl Reporter {
 
 impl Drop for Reporter {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
