@@ -195,6 +195,14 @@ def tiny(d, n):
         write(f"{d}/t/{i % 1000:03d}/{i:07d}", r.randbytes(r.randint(16, 256)))
 
 
+def sixty(d, n):
+    """Issue 37's million-file shape: 1,000 directories of 1,000 files of
+    about 60 bytes (40 to 80), each a chunk of its own."""
+    r = random.Random(8)
+    for i in range(n):
+        write(f"{d}/s/{i // 1000:03d}/{i:07d}", r.randbytes(r.randint(40, 80)))
+
+
 def meta_change(d):
     r = random.Random(4)
     write(f"{d}/accounts/007/0000007", rnd(r, 4096))
@@ -278,6 +286,8 @@ def main():
         meta(d, int(sys.argv[3]) if len(sys.argv) > 3 else 100_000)
     elif what == "tiny":
         tiny(d, int(sys.argv[3]) if len(sys.argv) > 3 else 1_000_000)
+    elif what == "sixty":
+        sixty(d, int(sys.argv[3]) if len(sys.argv) > 3 else 1_000_000)
     elif what == "meta-change":
         meta_change(d)
     elif what == "chunk":
