@@ -20,6 +20,8 @@ use btm_chunk::restore::RestoreOptions;
 use btm_chunk::store::{Layer, Request, Store, StoreError};
 use btm_chunk::{Policy, Repo};
 
+const USAGE: &str = "usage: trace_requests backup STORE SRC TAG | restore STORE TAG DEST [CACHE]";
+
 struct Traced {
     inner: Arc<dyn Store>,
     start: Instant,
@@ -52,12 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let (url, rest) = match &args[1..] {
         [what, url, rest @ ..] if what == "backup" || what == "restore" => (url, rest),
-        _ => {
-            return Err(
-                "usage: trace_requests backup STORE SRC TAG | restore STORE TAG DEST [CACHE]"
-                    .into(),
-            )
-        }
+        _ => return Err(USAGE.into()),
     };
     let open = if args[1] == "backup" {
         btm_chunk::store::Open::Write
@@ -92,12 +89,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 s.files, s.chunks_fetched, s.requests
             )
         }
-        _ => {
-            return Err(
-                "usage: trace_requests backup STORE SRC TAG | restore STORE TAG DEST [CACHE]"
-                    .into(),
-            )
-        }
+        _ => return Err(USAGE.into()),
     };
     let total = store.start.elapsed().as_secs_f64() * 1e3;
     let mut log = std::mem::take(&mut *store.log.lock().map_err(|_| "poisoned")?);
