@@ -112,8 +112,9 @@ impl<'a> Shared<'a> {
             record,
             chunks: job.chunks.get().cloned(),
         };
-        if job.entry.linked {
-            // Its links may be made after this stamp (see `restamp_linked`).
+        if job.entry.linked && self.opts.records.is_some() {
+            // Its links may be made after this stamp (see `restamp_linked`);
+            // only a kept restore record needs it stamped again.
             self.linked
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
