@@ -531,6 +531,93 @@ fn write_generation(path: &Path, len: usize, generation: u8) {
     }
 }
 
+/// Small files go to the workers many at once (the chunks of up to 64
+/// files a batch) and their results come back together: files rewritten
+/// while such a batch is read are read again one by one, and none is
+/// stored torn or with another file's chunks. Each restored file is one
+/// whole generation of itself, at its own length; a backup once they hold
+/// still is exact.
+#[test]
+fn small_files_changing_during_a_batched_backup_are_never_stored_torn() {
+    let d = Dir::new();
+    let len = |i: usize| 700 + (i * 37) % 7000;
+    let path = |i: usize| d.p(&format!("src/{:02}/{i:05}", i % 30));
+    let write = |i: usize, generation: u8, torn: bool| {
+        use std::io::Write;
+        let mut f = fs::File::create(path(i)).expect("create");
+        let half = vec![generation; len(i) / 2];
+        f.write_all(&half).expect("write");
+        if torn {
+            std::thread::yield_now();
+        }
+        f.write_all(&vec![generation; len(i) - half.len()])
+            .expect("write");
+    };
+    let files = 3000;
+    for i in 0..files {
+        if i < 30 {
+            fs::create_dir_all(d.p(&format!("src/{i:02}"))).expect("mkdir");
+        }
+        write(i, 1, false);
+    }
+    let store = btm_chunk::store::LocalStore::open(&d.s("store")).expect("store");
+    let store = btm_chunk::Repo::new(std::sync::Arc::new(store)).with_cache(None);
+    let mut opts = BackupOptions::new("small", btm_chunk::Policy::NONE);
+    // About 2 s to read the 11 MB, over the 0.9 s of rewriting.
+    opts.max_rate = Some(6 * MIB as u64);
+    let summary = std::thread::scope(|s| {
+        s.spawn(|| {
+            // Six rounds 150 ms apart: a file changes between a batch's
+            // planning and its reading, but not at every read again.
+            for g in 2..8 {
+                for i in (0..files).step_by(7) {
+                    write(i, g, true);
+                }
+                sleep(Duration::from_millis(150));
+            }
+        });
+        store.backup(&d.p("src"), &opts)
+    })
+    .expect("the backup reads changed files again until they hold still");
+    assert_eq!(summary.files, files as u64, "{summary:?}");
+    assert!(
+        summary.files_changed >= 1,
+        "nothing was read again: {summary:?}"
+    );
+    let restore = |to: &str| {
+        d.btm(&[
+            "restore",
+            "latest",
+            &d.s(to),
+            "-s",
+            &d.s("store"),
+            "-t",
+            "small",
+        ])
+        .ok();
+    };
+    restore("dst");
+    for i in 0..files {
+        let rel = format!("{:02}/{i:05}", i % 30);
+        let got = fs::read(d.p(&format!("dst/{rel}"))).expect("restored");
+        assert_eq!(got.len(), len(i), "{rel} has another file's length");
+        assert!(
+            got.iter().all(|&b| b == got[0] && b != 0),
+            "{rel} was stored torn"
+        );
+        if i % 7 != 0 {
+            assert_eq!(got[0], 1, "{rel} was never rewritten");
+        }
+    }
+    // Still now: the next backup records every file as it is.
+    store.backup(&d.p("src"), &opts).expect("backup");
+    restore("dst2");
+    for i in 0..files {
+        let rel = format!("{:02}/{i:05}", i % 30);
+        same_file(&d.p(&format!("src/{rel}")), &d.p(&format!("dst2/{rel}")));
+    }
+}
+
 /// A file rewritten while it is read is read again, and a
 /// backup never records a mix of two generations; the summary counts it.
 /// One that never stops changing fails the backup, naming it; one that

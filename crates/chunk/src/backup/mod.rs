@@ -12,11 +12,12 @@
 //! - The **planner** (the calling thread) walks the tree in walk order
 //!   beside the previous backup of the tag ([`walk`]), decides per chunk
 //!   what to do ([`crate::plan::backup_step`]), and hands chunks to
-//!   read to the workers. Files unchanged since the previous backup are not
-//!   even opened.
+//!   read to the workers, in batches (a large chunk alone, the chunks of
+//!   up to 64 small files at once). Files unchanged since the previous
+//!   backup are not even opened.
 //! - **Workers** (`workers`, CPU-bound) read a chunk with `pread`, skip it
 //!   if all zeros, hash it, and unless the store has it compress it, check
-//!   the round trip, and pass it on.
+//!   the round trip, and pass a batch's new chunks on in one buffer.
 //! - The **packer** drops chunks already packed in this backup and fills
 //!   packs; **uploaders** (`connections`, requests in flight, independent
 //!   of cores) list each pack in the lease's `pending`, put it, and every
@@ -25,8 +26,9 @@
 //!   segments, re-reading files that changed while read.
 //!
 //! Memory is bounded by configuration: `(connections + 1) × pack_size` for
-//! packs, `workers × 3 × chunk_size` for chunk buffers, the known-chunk set
-//! (32 bytes per chunk in the store), and a bounded look-ahead of files.
+//! packs, `workers × 3 × (chunk_size + 256 KiB)` for the batches' chunk
+//! buffers, the known-chunk set (32 bytes per chunk in the store), and a
+//! bounded look-ahead of files.
 //! The head is written last, after every pack, pack index and segment it
 //! depends on, by `commit`, which proves them all still stored if the
 //! lease was lost meanwhile.
@@ -252,12 +254,12 @@ impl<'a> Shared<'a> {
             reading: Mutex::new(HashMap::new()),
             packs_in_memory: pipeline.budget(upload_budget),
             pipeline,
-            // As many as are in flight at once: on the channel to the
-            // packer and in the workers' hands.
+            // A batch's frames each; as many as are in flight at once: on
+            // the channel to the packer and in the workers' hands.
             frames: Buffers::new(
                 opts.workers * 3,
                 0,
-                zstd::zstd_safe::compress_bound(opts.chunk_size as usize),
+                workers::frames_capacity(opts.chunk_size),
             ),
             // As many as the budget lets exist. A sealed pack is larger
             // than the target by its trailer (40 bytes a chunk before
@@ -370,7 +372,11 @@ fn run_pipeline<'a>(
     summary: &mut BackupSummary,
 ) -> Option<writer::Written> {
     let opts = shared.opts;
-    let (work_tx, work_rx) = crossbeam_channel::bounded(opts.workers * 4);
+    // Batches of chunks (see `planner`), so a chunk each when they are
+    // large.
+    let (work_tx, work_rx) = crossbeam_channel::bounded(opts.workers * 2);
+    // Second reads (few): never blocking the planner, taken first.
+    let (urgent_tx, urgent_rx) = crossbeam_channel::unbounded();
     let (blob_tx, blob_rx) = crossbeam_channel::bounded(opts.workers * 2);
     let (pack_tx, pack_rx) = crossbeam_channel::bounded(0);
     let (msg_tx, msg_rx) = crossbeam_channel::unbounded();
@@ -382,14 +388,15 @@ fn run_pipeline<'a>(
                 .ok()
         });
         let msgs = msg_tx.clone();
-        shared.pipeline.spawn_workers(
+        shared.pipeline.spawn_workers_urgent(
             s,
             opts.workers,
+            &urgent_rx,
             &work_rx,
             || workers::Scratch::new(opts.zstd_level),
             move |scratch, task| workers::work(shared, known, scratch, task, &blob_tx, &msgs),
         );
-        drop(work_rx);
+        drop((work_rx, urgent_rx));
         s.spawn(move || upload::packer(shared, blob_rx, pack_tx));
         shared.pipeline.spawn_workers(
             s,
@@ -404,7 +411,9 @@ fn run_pipeline<'a>(
             root,
             parent,
             work: work_tx,
+            urgent: urgent_tx,
             msgs: msg_tx,
+            batch: planner::Batch::default(),
             retries: retry_rx,
             next_id: 0,
             links: links::Links::default(),

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::workers::Blob;
+use super::workers::Blobs;
 use super::{Shared, BLOBS_PER_INDEX, PACKS_PER_INDEX};
 use crate::format::pack::{PackBuilder, SealedPack};
 use crate::format::packidx::{self, PackEntry};
@@ -52,7 +52,7 @@ pub(super) fn upload_budget(pack_size: usize, connections: usize) -> u64 {
 }
 
 /// Fill packs with the chunks not packed yet, and seal each full one.
-pub(super) fn packer<'a>(shared: &'a Shared<'_>, rx: Receiver<Blob>, tx: Sender<Packed<'a>>) {
+pub(super) fn packer<'a>(shared: &'a Shared<'_>, rx: Receiver<Blobs>, tx: Sender<Packed<'a>>) {
     let target = shared.opts.pack_size;
     let mut packed = PackedSet {
         sorted: Vec::new(),
@@ -79,30 +79,31 @@ pub(super) fn packer<'a>(shared: &'a Shared<'_>, rx: Receiver<Blob>, tx: Sender<
         }
     };
     let mut current: Option<(PackBuilder, Permit<'a>)> = None;
-    for blob in rx {
+    for blobs in rx {
         if shared.pipeline.aborted() {
             continue;
         }
-        if !packed.insert(blob.hash) {
-            shared.frames.give(blob.frame);
-            continue;
-        }
-        if let Some((pack, _)) = &current {
-            if pack.len() + blob.frame.len() > target {
-                let full = current.take().filter(|(p, _)| !p.is_empty());
-                if full.is_some_and(|full| !seal(full)) {
-                    return;
+        for (hash, raw_len, frame) in blobs.iter() {
+            if !packed.insert(hash) {
+                continue;
+            }
+            if let Some((pack, _)) = &current {
+                if pack.len() + frame.len() > target {
+                    let full = current.take().filter(|(p, _)| !p.is_empty());
+                    if full.is_some_and(|full| !seal(full)) {
+                        return;
+                    }
                 }
             }
+            if current.is_none() {
+                current = start();
+            }
+            let Some((pack, _)) = &mut current else {
+                return;
+            };
+            pack.push(hash, raw_len, frame);
         }
-        if current.is_none() {
-            current = start();
-        }
-        let Some((pack, _)) = &mut current else {
-            return;
-        };
-        pack.push(blob.hash, blob.raw_len, &blob.frame);
-        shared.frames.give(blob.frame);
+        shared.frames.give(blobs.frames);
     }
     if let Some(last) = current.filter(|(p, _)| !p.is_empty()) {
         if !shared.pipeline.aborted() {

@@ -94,6 +94,10 @@ pub enum Msg {
     },
     /// The walk is over; retried files may still come.
     WalkDone,
+    /// Several of the above, in order: one hand-off for many small files
+    /// (a message each would wake the writer per file, and waking threads
+    /// cost more than the writer's work on a file of a few KiB).
+    Batch(Vec<Msg>),
 }
 
 struct FileState {
@@ -229,47 +233,7 @@ impl Writer<'_, '_> {
             if self.shared.pipeline.aborted() {
                 return Err(ChunkError::Aborted);
             }
-            match msg {
-                Msg::Entry(e) => self.order.push_back(Slot::Ready(e)),
-                Msg::File {
-                    id,
-                    attempt,
-                    entry,
-                    chunks,
-                    read,
-                } => {
-                    if attempt == 1 {
-                        self.order.push_back(Slot::File(id));
-                    }
-                    self.files.insert(
-                        id,
-                        FileState {
-                            attempt,
-                            entry,
-                            expected: chunks,
-                            next: 0,
-                            early: BTreeMap::new(),
-                            spool: Spool::new(),
-                            read,
-                            received: 0,
-                            shrank: false,
-                            complete: false,
-                        },
-                    );
-                    self.settle(id, retry)?;
-                }
-                Msg::Chunk {
-                    id,
-                    attempt,
-                    index,
-                    result,
-                } => {
-                    if self.chunk(id, attempt, index, result)? {
-                        self.settle(id, retry)?;
-                    }
-                }
-                Msg::WalkDone => walk_done = true,
-            }
+            walk_done |= self.take(msg, retry)?;
             self.drain()?;
             if walk_done && self.order.is_empty() {
                 return Ok(());
@@ -278,6 +242,59 @@ impl Writer<'_, '_> {
         // Every sender is gone before the walk finished: the pipeline
         // stopped.
         Err(ChunkError::Aborted)
+    }
+
+    /// Take in one message; `true` if it says the walk is over.
+    fn take(&mut self, msg: Msg, retry: &Sender<Retry>) -> Result<bool, ChunkError> {
+        match msg {
+            Msg::Entry(e) => self.order.push_back(Slot::Ready(e)),
+            Msg::File {
+                id,
+                attempt,
+                entry,
+                chunks,
+                read,
+            } => {
+                if attempt == 1 {
+                    self.order.push_back(Slot::File(id));
+                }
+                self.files.insert(
+                    id,
+                    FileState {
+                        attempt,
+                        entry,
+                        expected: chunks,
+                        next: 0,
+                        early: BTreeMap::new(),
+                        spool: Spool::new(),
+                        read,
+                        received: 0,
+                        shrank: false,
+                        complete: false,
+                    },
+                );
+                self.settle(id, retry)?;
+            }
+            Msg::Chunk {
+                id,
+                attempt,
+                index,
+                result,
+            } => {
+                if self.chunk(id, attempt, index, result)? {
+                    self.settle(id, retry)?;
+                }
+            }
+            Msg::WalkDone => return Ok(true),
+            Msg::Batch(msgs) => {
+                let mut done = false;
+                for m in msgs {
+                    done |= self.take(m, retry)?;
+                }
+                return Ok(done);
+            }
+        }
+        Ok(false)
     }
 
     /// Take in chunk `index` of read `attempt` of file `id`. `false` if it

@@ -102,20 +102,60 @@ impl Pipeline {
         I: Fn() -> Result<S, ChunkError> + Send + Clone + 'scope,
         W: Fn(&mut S, T) + Send + Clone + 'scope,
     {
+        self.spawn_workers_urgent(s, n, &crossbeam_channel::never(), rx, init, work);
+    }
+
+    /// [`Pipeline::spawn_workers`], where an item waiting in `urgent` is
+    /// always taken before one in `rx`: work that must not queue behind
+    /// the rest (a backup's second read of a file that changed while
+    /// read). Both channels' senders must be dropped together: a worker
+    /// ends once `rx` is disconnected and `urgent` empty.
+    pub fn spawn_workers_urgent<'scope, 'env, T, S, I, W>(
+        &'env self,
+        s: &'scope Scope<'scope, 'env>,
+        n: usize,
+        urgent: &Receiver<T>,
+        rx: &Receiver<T>,
+        init: I,
+        work: W,
+    ) where
+        T: Send + 'scope,
+        I: Fn() -> Result<S, ChunkError> + Send + Clone + 'scope,
+        W: Fn(&mut S, T) + Send + Clone + 'scope,
+    {
         for _ in 0..n.max(1) {
-            let (rx, init, work) = (rx.clone(), init.clone(), work.clone());
+            let (urgent, rx, init, work) = (urgent.clone(), rx.clone(), init.clone(), work.clone());
             s.spawn(move || {
                 let mut state = match init() {
                     Ok(state) => state,
                     Err(e) => return self.fail(e),
                 };
-                for item in rx.iter() {
+                while let Some(item) = next_item(&urgent, &rx) {
                     if !self.aborted() {
                         work(&mut state, item);
                     }
                 }
             });
         }
+    }
+}
+
+/// The next item, from `urgent` if it has one; `None` once `rx` is
+/// disconnected and `urgent` empty.
+fn next_item<T>(urgent: &Receiver<T>, rx: &Receiver<T>) -> Option<T> {
+    if let Ok(item) = urgent.try_recv() {
+        return Some(item);
+    }
+    crossbeam_channel::select! {
+        recv(urgent) -> item => match item {
+            Ok(item) => Some(item),
+            // Its senders are gone: only `rx` is left.
+            Err(_) => rx.recv().ok(),
+        },
+        recv(rx) -> item => match item {
+            Ok(item) => Some(item),
+            Err(_) => urgent.try_recv().ok(),
+        },
     }
 }
 
@@ -205,5 +245,32 @@ mod tests {
         p.fail(ChunkError::Invalid("x".into()));
         p.fail(ChunkError::Invalid("y".into()));
         assert!(matches!(p.outcome(), Err(ChunkError::Invalid(m)) if m == "x"));
+    }
+
+    #[test]
+    fn urgent_items_go_first_and_workers_end_with_both_channels() {
+        let (utx, urx) = crossbeam_channel::unbounded::<u32>();
+        let (tx, rx) = crossbeam_channel::unbounded::<u32>();
+        for i in 0..3 {
+            tx.send(i).expect("send");
+        }
+        utx.send(100).expect("send");
+        assert_eq!(next_item(&urx, &rx), Some(100));
+        assert_eq!(next_item(&urx, &rx), Some(0));
+        utx.send(101).expect("send");
+        assert_eq!(next_item(&urx, &rx), Some(101));
+        // Disconnected together: what is left is still handed out, urgent
+        // first, then the end.
+        utx.send(102).expect("send");
+        drop((utx, tx));
+        let rest: Vec<u32> = std::iter::from_fn(|| next_item(&urx, &rx)).collect();
+        assert_eq!(rest, vec![102, 1, 2]);
+        // Without urgent work (`never`), the end of `rx` ends the worker.
+        let (tx, rx) = crossbeam_channel::unbounded::<u32>();
+        tx.send(7).expect("send");
+        drop(tx);
+        let never = crossbeam_channel::never();
+        assert_eq!(next_item(&never, &rx), Some(7));
+        assert_eq!(next_item(&never, &rx), None);
     }
 }
