@@ -74,18 +74,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         ("restore", [tag, dest, cache @ ..]) => {
             let repo = repo.with_cache(cache.first().map(btm_chunk::cache::Cache::new));
-            let (name, index) =
+            // As `btm restore latest` does: the lookup beside the lease.
+            let find = || {
                 btm_chunk::inventory::latest_where(store.as_ref(), tag, None, |_| true)?
-                    .ok_or("no backup with that tag")?;
-            let found = store.start.elapsed().as_secs_f64() * 1e3;
-            let s = repo.restore(
-                &name,
-                &index,
+                    .ok_or_else(|| btm_chunk::ChunkError::Invalid("no backup with that tag".into()))
+            };
+            let found = btm_chunk::restore::restore_found(
+                &repo,
+                find,
                 Path::new(dest),
                 &RestoreOptions::new(Policy::NONE),
-            )?;
+            );
+            let s = found.result?;
             format!(
-                "backup found at {found:.0} ms; {} files, {} chunks fetched in {} reads",
+                "{} files, {} chunks fetched in {} reads",
                 s.files, s.chunks_fetched, s.requests
             )
         }

@@ -404,3 +404,63 @@ fn key_material_the_policy_names_stays_out_and_signing_state_stays_put() {
     }
     assert!(!all.iter().any(|p| p.ends_with("node_key.json")), "{all:?}");
 }
+
+/// `restore_found` looks its backup up while the lease is taken (the
+/// lookup here waits until the restore's lease marker is in the store,
+/// so a restore that took the lease only after the lookup would never
+/// start), restores it exactly and says which it was; a lookup that
+/// fails or refuses fails the restore before anything is written.
+#[test]
+fn a_restore_looks_its_backup_up_while_the_lease_is_taken() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    node_tree(&src);
+    let store = MemStore::new();
+    backup(&store, &src, "node").expect("backup");
+    let lease_taken = |store: &MemStore| {
+        store
+            .list_markers("locks")
+            .expect("list")
+            .iter()
+            .any(|m| m.name.starts_with("locks/restore-"))
+    };
+    let find = || {
+        let started = std::time::Instant::now();
+        while !lease_taken(&store) {
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err(ChunkError::Invalid("the lease was never taken".into()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(newest(&store, "node"))
+    };
+    let dest = t.path().join("dest");
+    let found = btm_chunk::restore::restore_found(
+        &repo(&store),
+        find,
+        &dest,
+        &RestoreOptions::new(Policy::NONE),
+    );
+    let summary = found.result.expect("restored");
+    assert_eq!(summary.files, 202);
+    assert_same_tree(&src, &dest);
+    let (name, _) = found.backup.expect("the backup found");
+    assert_eq!(name, newest(&store, "node").0);
+    assert!(!lease_taken(&store), "the lease is released");
+
+    let dest = t.path().join("refused");
+    let found = btm_chunk::restore::restore_found(
+        &repo(&store),
+        || Err(ChunkError::Invalid("not this one".into())),
+        &dest,
+        &RestoreOptions::new(Policy::NONE),
+    );
+    assert!(
+        matches!(&found.result, Err(ChunkError::Invalid(m)) if m == "not this one"),
+        "{:?}",
+        found.result.err()
+    );
+    assert!(found.backup.is_none());
+    assert!(!dest.exists(), "nothing written for a refused lookup");
+    assert!(!lease_taken(&store), "the lease is released");
+}

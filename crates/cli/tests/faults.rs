@@ -542,15 +542,22 @@ fn small_files_changing_during_a_batched_backup_are_never_stored_torn() {
     let d = Dir::new();
     let len = |i: usize| 700 + (i * 37) % 7000;
     let path = |i: usize| d.p(&format!("src/{:02}/{i:05}", i % 30));
+    // In place, one half then the other: between the two the file is
+    // torn (two generations), which no backup may record.
     let write = |i: usize, generation: u8, torn: bool| {
-        use std::io::Write;
-        let mut f = fs::File::create(path(i)).expect("create");
-        let half = vec![generation; len(i) / 2];
-        f.write_all(&half).expect("write");
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path(i))
+            .expect("open");
+        let half = len(i) / 2;
+        f.write_all_at(&vec![generation; half], 0).expect("write");
         if torn {
             std::thread::yield_now();
         }
-        f.write_all(&vec![generation; len(i) - half.len()])
+        f.write_all_at(&vec![generation; len(i) - half], half as u64)
             .expect("write");
     };
     let files = 3000;

@@ -282,23 +282,100 @@ pub fn restore(
     dest: &Path,
     opts: &RestoreOptions,
 ) -> Result<RestoreSummary, ChunkError> {
+    restore_with(repo, || Ok((name, index)), dest, opts)
+}
+
+/// What [`restore_found`] found and did.
+pub struct Found {
+    /// The backup `find` found, if it got that far: its name and index.
+    pub backup: Option<(String, Decoded)>,
+    /// How the restore went (a lookup failure included).
+    pub result: Result<RestoreSummary, ChunkError>,
+}
+
+/// Restore into `dest` the backup `find` looks up (`latest`, a name), the
+/// lookup made while the restore's lease is taken: both are round trips
+/// to a remote store (a listing and a head's read; a marker's write and a
+/// listing), and the lookup needs no lease, because heads are never
+/// re-created (`docs/format.md`, "Backup lease"). `find` runs before
+/// anything is written, so it may also refuse the backup it found.
+pub fn restore_found(
+    repo: &Repo,
+    find: impl FnOnce() -> Result<(String, Decoded), ChunkError> + Send,
+    dest: &Path,
+    opts: &RestoreOptions,
+) -> Found {
+    std::thread::scope(|s| {
+        let lookup = Lookup {
+            pending: Mutex::new(Some(s.spawn(find))),
+            found: std::sync::OnceLock::new(),
+        };
+        let result = restore_with(repo, || lookup.get(), dest, opts);
+        // Finished even if the lease could not be waited for.
+        let _ = lookup.get();
+        Found {
+            backup: lookup.found.into_inner(),
+            result,
+        }
+    })
+}
+
+/// A lookup running on a thread of its own, joined once.
+struct Lookup<'scope> {
+    pending: Mutex<Option<ScopedLookup<'scope>>>,
+    found: std::sync::OnceLock<(String, Decoded)>,
+}
+
+type ScopedLookup<'scope> =
+    std::thread::ScopedJoinHandle<'scope, Result<(String, Decoded), ChunkError>>;
+
+impl Lookup<'_> {
+    /// What the lookup found, waiting for it the first time; its error
+    /// only the first time (then [`ChunkError::Aborted`]).
+    fn get(&self) -> Result<(&str, &Decoded), ChunkError> {
+        let handle = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = handle {
+            let found = h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+            let _ = self.found.set(found);
+        }
+        let (name, index) = self.found.get().ok_or(ChunkError::Aborted)?;
+        Ok((name, index))
+    }
+}
+
+/// [`restore`] of the backup `found` gives, asked for once the lease is
+/// taken (or found not to be needed).
+fn restore_with<'a>(
+    repo: &Repo,
+    found: impl Fn() -> Result<(&'a str, &'a Decoded), ChunkError>,
+    dest: &Path,
+    opts: &RestoreOptions,
+) -> Result<RestoreSummary, ChunkError> {
+    let run_found = || {
+        let (name, index) = found()?;
+        run(repo, name, index, dest, opts)
+    };
     let result = super::lease::with_lease(
         repo.store(),
         LeaseKind::Restore,
         None,
         &opts.progress.cancel,
-        |_| run(repo, name, index, dest, opts),
+        |_| run_found(),
     );
     match result {
         // A published store read by URL or anonymously: no lease to take.
         Err(ChunkError::Lease(LeaseError::Store(crate::store::StoreError::ReadOnly {
             ..
-        }))) => run(repo, name, index, dest, opts),
+        }))) => run_found(),
         // The store cannot be written (read-only credentials): go on
         // without a lease, as the format allows.
         Err(ChunkError::Lease(LeaseError::Store(e))) => {
             tracing::warn!(error = %e, "cannot take a restore lease; restoring without one");
-            run(repo, name, index, dest, opts)
+            run_found()
         }
         Err(ChunkError::Lease(LeaseError::Cancelled)) => Err(ChunkError::Cancelled),
         r => r,
@@ -467,19 +544,33 @@ fn record_path(dir: &Path, dest: &Path, fd: &OwnedFd) -> Option<std::path::PathB
 /// it mounts anything; a restore calls it before it writes anything.
 pub fn load_and_prove(repo: &Repo, name: &str, index: &Decoded) -> Result<ChunkMap, ChunkError> {
     let (store, cache, connections) = (repo.store(), repo.cache(), repo.metadata_connections());
+    let mut entries = inventory::entries(store, cache, name, index, connections);
     // A version 1 backup names its chunks as objects: no map to load.
     // A pack index that cannot be read may hold nothing this backup needs:
     // the proof says which chunk is missing if it does.
     let mut unreadable = None;
-    let map = match index {
-        Decoded::V1(_) => ChunkMap::default(),
-        Decoded::V2(_) => ChunkMap::load_or(store, cache, connections, |id, e| {
-            tracing::debug!(pack_index = %id, error = %e, "a pack index cannot be read");
-            unreadable.get_or_insert_with(|| e.to_string());
-            Ok(())
-        })?,
-    };
-    prove::prove(store, cache, name, index, &map, connections)
+    let (map, entries) = std::thread::scope(|s| {
+        // The first tree segments are fetched while the map loads: one
+        // round trip fewer before the first write.
+        let prefetching = s.spawn(move || {
+            entries.prefetch();
+            entries
+        });
+        let map = match index {
+            Decoded::V1(_) => Ok(ChunkMap::default()),
+            Decoded::V2(_) => ChunkMap::load_or(store, cache, connections, |id, e| {
+                tracing::debug!(pack_index = %id, error = %e, "a pack index cannot be read");
+                unreadable.get_or_insert_with(|| e.to_string());
+                Ok(())
+            }),
+        };
+        let entries = prefetching
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (map, entries)
+    });
+    let map = map?;
+    prove::prove(store, entries, name, index, &map)
         .map_err(|e| prove::with_hint(e, unreadable.as_deref()))?;
     Ok(map)
 }

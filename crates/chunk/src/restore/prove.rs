@@ -17,10 +17,9 @@
 
 use std::collections::HashSet;
 
-use super::super::cache::Cache;
 use super::super::format::head::Decoded;
 use super::super::format::tree::Item;
-use super::super::inventory;
+use super::super::inventory::Entries;
 use super::super::map::ChunkMap;
 use super::super::{with_retry, ChunkError};
 use crate::store::{Id, Kind, Store};
@@ -37,16 +36,16 @@ pub fn with_hint(e: ChunkError, unreadable: Option<&str>) -> ChunkError {
     }
 }
 
-/// Read backup `name` (`index`) through the validator, and check that
-/// every chunk it references is in `map` (format 2) or stored as an
-/// object (format 1). Any failure is [`ChunkError::Unrestorable`].
+/// Read backup `name` (`index`) through the validator, as `entries`
+/// streams it, and check that every chunk it references is in `map`
+/// (format 2) or stored as an object (format 1). Any failure is
+/// [`ChunkError::Unrestorable`].
 pub fn prove(
     store: &dyn Store,
-    cache: Option<&Cache>,
+    mut entries: Entries<'_>,
     name: &str,
     index: &Decoded,
     map: &ChunkMap,
-    connections: usize,
 ) -> Result<(), ChunkError> {
     let refuse = |detail: String| ChunkError::Unrestorable {
         name: name.to_owned(),
@@ -66,7 +65,6 @@ pub fn prove(
         Some(set) => set.contains(hash),
         None => map.find(hash).is_some(),
     };
-    let mut entries = inventory::entries(store, cache, name, index, connections);
     let mut path = Vec::new();
     loop {
         let item = match entries.next_item() {

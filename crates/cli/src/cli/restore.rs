@@ -135,18 +135,7 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
     let (store, mirrors) = args
         .store
         .open_mirrored(&args.mirror, !args.no_listed_mirrors)?;
-    let (name, idx) = find_backup_of(
-        store.as_ref(),
-        &wanted,
-        &args.tag,
-        args.height,
-        args.chain.as_deref(),
-    )?;
     let records = chain::records_dir();
-    let backup_chain = Chain::of_meta(idx.meta());
-    if !args.allow_other_chain {
-        refuse_other_chain(&name, backup_chain.as_ref(), &dir, records.as_deref())?;
-    }
     let opts = RestoreOptions {
         filter: args.filter,
         delete: args.delete,
@@ -157,12 +146,42 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
         owners: owners(args.same_owner, args.no_same_owner),
         ..RestoreOptions::new(btm_daemon::node_policy())
     };
-    let reporter = Reporter::start(format!("restoring {name}"), Arc::clone(&opts.progress));
+    // The lookup runs while the restore's lease is taken (two round trips
+    // each to a remote store); its own errors are kept here, whole.
+    let refused = std::sync::Mutex::new(None);
+    let find = || {
+        let found = find_backup_of(
+            store.as_ref(),
+            &wanted,
+            &args.tag,
+            args.height,
+            args.chain.as_deref(),
+        )
+        .and_then(|(name, idx)| {
+            if !args.allow_other_chain {
+                let backup_chain = Chain::of_meta(idx.meta());
+                refuse_other_chain(&name, backup_chain.as_ref(), &dir, records.as_deref())?;
+            }
+            Ok((name, idx))
+        });
+        found.map_err(|e| {
+            *refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            btm_chunk::ChunkError::Cancelled
+        })
+    };
+    let reporter = Reporter::start(format!("restoring {wanted}"), Arc::clone(&opts.progress));
     let repo = args.store.repo(&store);
-    let result = repo.restore(&name, &idx, &dir, &opts);
+    let found = btm_chunk::restore::restore_found(&repo, find, &dir, &opts);
     drop(reporter);
+    if let Some(e) = refused.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let (name, backup_chain) = match &found.backup {
+        Some((name, idx)) => (name.clone(), Chain::of_meta(idx.meta())),
+        None => (wanted, None),
+    };
     let places = mirrors.map(|m| m.report()).unwrap_or_default();
-    let summary = match result {
+    let summary = match found.result {
         // Refused before anything was changed: running it again cannot help.
         Err(e @ btm_chunk::ChunkError::Unrestorable { .. }) => return Err(e.into()),
         // Neither can it when this user may not give files their owners.
