@@ -117,7 +117,7 @@ impl RestoreArgs {
     }
 }
 
-pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
+pub fn run(mut args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
     let (wanted, dir) = args.name_and_dir()?;
     if args.live {
         return super::live::restore_live(super::live::LiveRestore {
@@ -137,7 +137,7 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
         .open_mirrored(&args.mirror, !args.no_listed_mirrors)?;
     let records = chain::records_dir();
     let opts = RestoreOptions {
-        filter: args.filter,
+        filter: args.filter.take(),
         delete: args.delete,
         workers: workers(args.workers)?,
         overwrite_signing_state: args.overwrite_signing_state,
@@ -150,21 +150,7 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
     // each to a remote store); its own errors are kept here, whole.
     let refused = std::sync::Mutex::new(None);
     let find = || {
-        let found = find_backup_of(
-            store.as_ref(),
-            &wanted,
-            &args.tag,
-            args.height,
-            args.chain.as_deref(),
-        )
-        .and_then(|(name, idx)| {
-            if !args.allow_other_chain {
-                let backup_chain = Chain::of_meta(idx.meta());
-                refuse_other_chain(&name, backup_chain.as_ref(), &dir, records.as_deref())?;
-            }
-            Ok((name, idx))
-        });
-        found.map_err(|e| {
+        find_for(&args, store.as_ref(), &wanted, &dir, records.as_deref()).map_err(|e| {
             *refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
             btm_chunk::ChunkError::Cancelled
         })
@@ -206,6 +192,22 @@ pub fn run(args: RestoreArgs, out: &mut dyn Write) -> Result<()> {
     }
     print_summary(out, &name, &summary)?;
     print_places(out, &places)
+}
+
+/// The backup `wanted` names, refused if `dir` is known to hold another
+/// chain than the backup's (unless `--allow-other-chain`).
+fn find_for(
+    args: &RestoreArgs,
+    store: &dyn btm_chunk::store::Store,
+    wanted: &str,
+    dir: &std::path::Path,
+    records: Option<&std::path::Path>,
+) -> Result<(String, btm_chunk::format::head::Decoded)> {
+    let (name, idx) = find_backup_of(store, wanted, &args.tag, args.height, args.chain.as_deref())?;
+    if !args.allow_other_chain {
+        refuse_other_chain(&name, Chain::of_meta(idx.meta()).as_ref(), dir, records)?;
+    }
+    Ok((name, idx))
 }
 
 /// Whether `e` comes of an operation this (non-root) user is not
