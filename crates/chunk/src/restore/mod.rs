@@ -297,7 +297,7 @@ pub struct Found {
 /// lookup made while the restore's lease is taken: both are round trips
 /// to a remote store (a listing and a head's read; a marker's write and a
 /// listing), and the lookup needs no lease, because heads are never
-/// re-created (`docs/format.md`, "Backup lease"). `find` runs before
+/// re-created (`docs/format.md`, "Restore lease"). `find` runs before
 /// anything is written, so it may also refuse the backup it found.
 pub fn restore_found(
     repo: &Repo,
