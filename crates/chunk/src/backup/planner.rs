@@ -15,7 +15,7 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
@@ -44,10 +44,53 @@ pub(super) struct ReadTask {
     pub(super) id: u64,
     pub(super) attempt: u32,
     pub(super) index: u64,
-    pub(super) file: Arc<File>,
-    pub(super) path: Arc<[u8]>,
+    pub(super) opened: Arc<Opened>,
     pub(super) off: u64,
     pub(super) len: u64,
+}
+
+/// A file opened to be read, shared by the reads of its chunks. Whichever
+/// read ends last checks at once that the file did not change since it
+/// was opened, so the check spans the reading and nothing after it: a
+/// check made when the writer got to the file would also span the queues
+/// behind it, and a file rewritten every few hundred milliseconds (a
+/// validator's state, a log) would then seem to change at every read.
+pub(super) struct Opened {
+    pub(super) file: File,
+    pub(super) path: Box<[u8]>,
+    /// The file's signature when it was opened, which its entry records.
+    before: Signature,
+    /// Reads not yet ended, plus one the planner holds until it has queued
+    /// them all (so that reads done early do not end it early).
+    pending: AtomicU64,
+}
+
+impl Opened {
+    fn new(file: File, path: &[u8], before: Signature) -> Self {
+        Opened {
+            file,
+            path: path.into(),
+            before,
+            pending: AtomicU64::new(1),
+        }
+    }
+
+    /// One more read of a chunk is queued.
+    fn begin(&self) {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A read (or the planner's hold) ended. If it was the last, whether
+    /// the file changed since it was opened (it did, if it cannot be
+    /// stat'ed).
+    pub(super) fn end(&self) -> Option<bool> {
+        // AcqRel: the last to end comes after every other read.
+        (self.pending.fetch_sub(1, Ordering::AcqRel) == 1).then(|| {
+            nix::sys::stat::fstat(&self.file)
+                .map(|st| Signature::of(&st) != self.before)
+                .unwrap_or(true)
+        })
+    }
 }
 
 pub(super) struct Planner<'s, 'a> {
@@ -406,7 +449,7 @@ impl Planner<'_, '_> {
             attempt: 1,
             entry,
             chunks: n,
-            read: None,
+            checked: false,
         });
         for index in 0..n {
             let c = self.parent_chunk()?.ok_or_else(|| {
@@ -470,20 +513,30 @@ impl Planner<'_, '_> {
         let mut entry = entry_of(rel.clone(), EntryKind::File { size }, &st);
         entry.append_only = read.append_only;
         entry.linked = read.linked;
-        let file = Arc::new(file);
+        let opened = Arc::new(Opened::new(file, &rel, Signature::of(&st)));
         self.shared
             .reading
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(read.id, (rel.clone(), read.linked));
+            .insert(read.id, (rel, read.linked));
         self.send(Msg::File {
             id: read.id,
             attempt: read.attempt,
             entry,
             chunks: size.div_ceil(cs),
-            read: Some((Arc::clone(&file), Signature::of(&st))),
+            checked: true,
         });
-        self.queue_chunks(&read, &rule, &file, Arc::from(rel))
+        self.queue_chunks(&read, &rule, &opened)?;
+        // Every read already ended, or none was needed: the check is the
+        // planner's.
+        if let Some(changed) = opened.end() {
+            self.send(Msg::Checked {
+                id: read.id,
+                attempt: read.attempt,
+                changed,
+            });
+        }
+        Ok(())
     }
 
     /// Decide each chunk of a file being read: reuse, hole, or read.
@@ -491,8 +544,7 @@ impl Planner<'_, '_> {
         &mut self,
         read: &FileRead,
         rule: &FileRule<'_>,
-        file: &Arc<File>,
-        path: Arc<[u8]>,
+        opened: &Arc<Opened>,
     ) -> Result<(), ChunkError> {
         let (id, attempt) = (read.id, read.attempt);
         let mut off = 0;
@@ -518,12 +570,12 @@ impl Planner<'_, '_> {
                         .progress
                         .total
                         .fetch_add(len, Ordering::Relaxed);
+                    opened.begin();
                     let task = ReadTask {
                         id,
                         attempt,
                         index,
-                        file: Arc::clone(file),
-                        path: Arc::clone(&path),
+                        opened: Arc::clone(opened),
                         off,
                         len,
                     };
@@ -609,5 +661,46 @@ fn shared_ranges(
     match (btm::sys::fiemap(&old), btm::sys::fiemap(file)) {
         (Ok(a), Ok(b)) => crate::plan::identical_ranges(&a, &b, prev.size.min(size)),
         _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn opened(dir: &Path) -> (Opened, File) {
+        let path = dir.join("f");
+        let mut w = File::create(&path).expect("create");
+        w.write_all(b"first").expect("write");
+        let file = File::open(&path).expect("open");
+        let st = nix::sys::stat::fstat(&file).expect("fstat");
+        (Opened::new(file, b"f", Signature::of(&st)), w)
+    }
+
+    #[test]
+    fn only_the_last_read_to_end_checks_and_the_planner_holds_one() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (o, _w) = opened(dir.path());
+        o.begin();
+        o.begin();
+        // Both reads end before the planner has queued them all: neither
+        // is the last.
+        assert_eq!(o.end(), None);
+        assert_eq!(o.end(), None);
+        assert_eq!(o.end(), Some(false), "the planner's hold is the last");
+    }
+
+    #[test]
+    fn a_change_before_the_last_read_ends_is_seen() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (o, mut w) = opened(dir.path());
+        o.begin();
+        assert_eq!(o.end(), None);
+        // Between the first read's end and the last's.
+        w.write_all(b" and more").expect("write");
+        o.begin();
+        assert_eq!(o.end(), None);
+        assert_eq!(o.end(), Some(true), "it grew before its check");
     }
 }

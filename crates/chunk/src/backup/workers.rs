@@ -99,7 +99,16 @@ pub(super) fn work(
         if let Some(t) = &shared.throttle {
             t.take(task.len);
         }
-        let result = process(shared, known, &task, scratch, &mut new);
+        let read = read(shared, &task, scratch);
+        // At once: a check made later would span more than the reading.
+        if let Some(changed) = task.opened.end() {
+            results.push(Msg::Checked {
+                id: task.id,
+                attempt: task.attempt,
+                changed,
+            });
+        }
+        let result = read.and_then(|()| process(shared, known, &task, scratch, &mut new));
         shared
             .opts
             .progress
@@ -134,6 +143,27 @@ pub(super) fn work(
     });
 }
 
+/// Read the task's chunk into `scratch.read`.
+fn read(shared: &Shared<'_>, task: &ReadTask, scratch: &mut Scratch) -> Result<(), ChunkFail> {
+    let buf = &mut scratch.read;
+    buf.resize(task.len as usize, 0);
+    let opened = &task.opened;
+    if let Err(e) = opened.file.read_exact_at(buf, task.off) {
+        return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ChunkFail::Shrank
+        } else {
+            ChunkFail::Error(ChunkError::io(
+                Path::new(OsStr::from_bytes(&opened.path)),
+                e,
+            ))
+        });
+    }
+    shared.counters.bytes_read.add(task.len);
+    Ok(())
+}
+
+/// Hash the chunk read and, unless the store has it, compress it into
+/// `new`.
 fn process(
     shared: &Shared<'_>,
     known: &KnownSet,
@@ -142,16 +172,7 @@ fn process(
     new: &mut Blobs,
 ) -> Result<ChunkRef, ChunkFail> {
     let c = &shared.counters;
-    let buf = &mut scratch.read;
-    buf.resize(task.len as usize, 0);
-    if let Err(e) = task.file.read_exact_at(buf, task.off) {
-        return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            ChunkFail::Shrank
-        } else {
-            ChunkFail::Error(ChunkError::io(Path::new(OsStr::from_bytes(&task.path)), e))
-        });
-    }
-    c.bytes_read.add(task.len);
+    let buf = &scratch.read;
     let chunk = |hash| ChunkRef {
         off: task.off,
         len: task.len,

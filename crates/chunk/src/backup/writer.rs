@@ -3,11 +3,12 @@
 //! tree segments in walk order.
 //!
 //! A file read for this backup is written only once all its chunks are in
-//! *and* a second `fstat` shows that it did not change while it was read
-//! (size, mtime, ctime). If it did (or it shrank under a read), its chunks
-//! are thrown away and the planner reads it again, up to
-//! [`MAX_ATTEMPTS`] times; then the backup fails, naming it. So a backup
-//! of a live directory never records a state of a file that never existed.
+//! *and* a second `fstat`, made as soon as the last of its reads ended,
+//! shows that it did not change while it was read (size, mtime, ctime). If
+//! it did (or it shrank under a read), its chunks are thrown away and the
+//! planner reads it again, up to [`MAX_ATTEMPTS`] times; then the backup
+//! fails, naming it. So a backup of a live directory never records a state
+//! of a file that never existed.
 //!
 //! A file's chunk list is kept in memory up to
 //! [`SPOOL_MEMORY`](crate::spool::SPOOL_MEMORY) bytes and
@@ -15,8 +16,6 @@
 
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::fs::File;
-use std::sync::Arc;
 
 use nix::sys::stat::FileStat;
 
@@ -66,9 +65,9 @@ pub enum ChunkFail {
 pub enum Msg {
     /// A directory or symlink, complete.
     Entry(Entry),
-    /// A file whose `chunks` results follow (attempt `attempt`). `read`
-    /// is the open file and its signature before reading, when any chunk
-    /// is read; a file reused whole has none.
+    /// A file whose `chunks` results follow (attempt `attempt`), and a
+    /// [`Msg::Checked`] if `checked`: a file reused whole is not read, so
+    /// not checked.
     File {
         /// The planner's number for the file.
         id: u64,
@@ -78,8 +77,19 @@ pub enum Msg {
         entry: Entry,
         /// How many chunk results to expect.
         chunks: u64,
-        /// The open file and its signature before the read.
-        read: Option<(Arc<File>, Signature)>,
+        /// Whether a [`Msg::Checked`] follows.
+        checked: bool,
+    },
+    /// Whether file `id` changed while read `attempt` of it went on,
+    /// found when the last of its chunks' reads ended (before or after
+    /// their results).
+    Checked {
+        /// The file.
+        id: u64,
+        /// The read it checked.
+        attempt: u32,
+        /// Its size, mtime or ctime is not what it was when opened.
+        changed: bool,
     },
     /// The result of chunk `index` of file `id`.
     Chunk {
@@ -107,10 +117,21 @@ struct FileState {
     next: u64,
     early: BTreeMap<u64, ChunkRef>,
     spool: Spool,
-    read: Option<(Arc<File>, Signature)>,
+    check: Check,
     received: u64,
     shrank: bool,
     complete: bool,
+}
+
+/// What is known of whether a file changed while it was read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// Nothing of it is read (reused whole): nothing to check.
+    None,
+    /// Its [`Msg::Checked`] has not come yet.
+    Awaited,
+    Unchanged,
+    Changed,
 }
 
 enum Slot {
@@ -253,7 +274,7 @@ impl Writer<'_, '_> {
                 attempt,
                 entry,
                 chunks,
-                read,
+                checked,
             } => {
                 if attempt == 1 {
                     self.order.push_back(Slot::File(id));
@@ -267,7 +288,7 @@ impl Writer<'_, '_> {
                         next: 0,
                         early: BTreeMap::new(),
                         spool: Spool::new(),
-                        read,
+                        check: if checked { Check::Awaited } else { Check::None },
                         received: 0,
                         shrank: false,
                         complete: false,
@@ -282,6 +303,20 @@ impl Writer<'_, '_> {
                 result,
             } => {
                 if self.chunk(id, attempt, index, result)? {
+                    self.settle(id, retry)?;
+                }
+            }
+            Msg::Checked {
+                id,
+                attempt,
+                changed,
+            } => {
+                if let Some(f) = self.files.get_mut(&id).filter(|f| f.attempt == attempt) {
+                    f.check = if changed {
+                        Check::Changed
+                    } else {
+                        Check::Unchanged
+                    };
                     self.settle(id, retry)?;
                 }
             }
@@ -329,25 +364,17 @@ impl Writer<'_, '_> {
         Ok(true)
     }
 
-    /// If every chunk of file `id` is in, check it did not change, and
-    /// either mark it complete or ask for another read.
+    /// If every chunk of file `id` is in and its check too, either mark it
+    /// complete or, if it changed, ask for another read.
     fn settle(&mut self, id: u64, retry: &Sender<Retry>) -> Result<(), ChunkError> {
         let Some(f) = self.files.get_mut(&id) else {
             return Ok(());
         };
-        if f.complete || f.received < f.expected {
+        if f.complete || f.received < f.expected || f.check == Check::Awaited {
             return Ok(());
         }
-        let changed = f.shrank
-            || match &f.read {
-                Some((file, before)) => nix::sys::stat::fstat(file)
-                    .map(|st| Signature::of(&st) != *before)
-                    .unwrap_or(true),
-                None => false,
-            };
-        if !changed {
+        if !f.shrank && f.check != Check::Changed {
             f.complete = true;
-            f.read = None;
             return Ok(());
         }
         self.changed += 1;
