@@ -339,29 +339,49 @@ pub fn handle_of(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<FileHandle>
 /// Open the inode `handle` names, on the file system `mount` (any
 /// descriptor on it) is on, with `flags` (`O_PATH` included; `O_CREAT` is
 /// meaningless). Needs `CAP_DAC_READ_SEARCH`: `EPERM` without it.
+/// `ESTALE` once the inode is gone.
+///
+/// An inode that is gone can also answer `ENOMEM` for a moment: when its
+/// number is being given to a file created that instant, ext4's lookup
+/// finds the new inode still being set up and reports that as a failed
+/// allocation (seen under a full test run). `ENOMEM` is tried again a few
+/// times, a millisecond apart, by which time the new inode is set up and
+/// the answer is `ESTALE`; an `ENOMEM` that lasts is returned as such.
 pub fn open_by_handle(
     mount: std::os::fd::BorrowedFd<'_>,
     handle: &FileHandle,
     flags: nix::fcntl::OFlag,
 ) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
-    let mut raw = handle.raw();
-    // SAFETY: `raw` is a valid `struct file_handle` that outlives the
-    // call; integers otherwise.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_open_by_handle_at,
-            mount.as_raw_fd(),
-            &mut raw as *mut RawHandle,
-            flags.bits() | libc::O_CLOEXEC,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
+    let mut tries = 0;
+    loop {
+        let mut raw = handle.raw();
+        // SAFETY: `raw` is a valid `struct file_handle` that outlives the
+        // call; integers otherwise.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_open_by_handle_at,
+                mount.as_raw_fd(),
+                &mut raw as *mut RawHandle,
+                flags.bits() | libc::O_CLOEXEC,
+            )
+        };
+        if r >= 0 {
+            // SAFETY: the kernel returned a new descriptor that nothing
+            // else owns.
+            return Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as libc::c_int) });
+        }
+        let e = std::io::Error::last_os_error();
+        tries += 1;
+        if e.raw_os_error() != Some(libc::ENOMEM) || tries == OPEN_BY_HANDLE_TRIES {
+            return Err(e);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    // SAFETY: the kernel returned a new descriptor that nothing else owns.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as libc::c_int) })
 }
+
+/// Attempts of [`open_by_handle`] while the kernel answers `ENOMEM`.
+const OPEN_BY_HANDLE_TRIES: u32 = 5;
 
 /// The calling thread's (niceness, ioprio) as the kernel reports them.
 pub fn thread_priority() -> std::io::Result<(i32, i32)> {
