@@ -676,67 +676,6 @@ pub fn rollback_keeps_a_branch_and_undo_returns_to_it(fx: &impl Fixture) {
     assert_eq!(fx.heights(), vec![100, 90, 80, 70, 60, 50, 40, 30, 20, 10]);
 }
 
-/// Run `cmd`, the rerun that finishes a half-done switch, and return its
-/// output. zfs-fuse, late in a full test run, has kept a dataset "busy"
-/// for a rename past the volume's own 90 s of retries (four full runs in
-/// eight; never with this test binary alone, eight times in a row under
-/// load): the switch then stops half done again, as it must, and the
-/// documented remedy is to run it again. So does this, twice at most, and
-/// only for that error.
-fn finish_past_busy(fx: &impl Fixture, cmd: &[&str]) -> String {
-    for _ in 0..2 {
-        let run = fx.btm(cmd);
-        if run.code == 0 || !zfs_fuse_busy(fx, &run.stderr) {
-            return run.ok();
-        }
-        eprintln!(
-            "zfs-fuse kept a dataset busy; running the switch again: {}{}",
-            run.stderr,
-            zfs_state(fx)
-        );
-        std::thread::sleep(std::time::Duration::from_secs(5));
-    }
-    fx.btm(cmd).ok()
-}
-
-/// Whether `stderr` is a switch that zfs-fuse stopped with "dataset is
-/// busy" (see [`finish_past_busy`]).
-fn zfs_fuse_busy(fx: &impl Fixture, stderr: &str) -> bool {
-    fx.mode() == "zfs" && stderr.contains("dataset is busy")
-}
-
-/// The pool's file systems (mounted, origin, canmount), its mounts and its
-/// command history, to tell what holds a dataset zfs-fuse calls busy.
-fn zfs_state(fx: &impl Fixture) -> String {
-    let volume = fx.volume();
-    let pool = volume.split('/').next().unwrap_or_default();
-    let list = std::process::Command::new("zfs")
-        .args([
-            "list",
-            "-H",
-            "-t",
-            "filesystem",
-            "-o",
-            "name,mounted,origin,canmount",
-            "-r",
-            pool,
-        ])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    let history = std::process::Command::new("zpool")
-        .args(["history", pool])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let mounts: Vec<&str> = mounts.lines().filter(|l| l.contains(pool)).collect();
-    format!(
-        "\nzfs list:\n{list}mounts:\n{}\nzpool history:\n{history}",
-        mounts.join("\n")
-    )
-}
-
 /// A rollback and an undo each stopped after every step, then run again:
 /// the end state is the uninterrupted one.
 pub fn a_switch_stopped_after_any_step_is_finished_by_a_rerun(fx: &impl Fixture) {
@@ -771,26 +710,15 @@ pub fn a_switch_stopped_after_any_step_is_finished_by_a_rerun(fx: &impl Fixture)
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let err =
                 crate::common::btm_env(fx.scratch(), &args, &[("BTM_CRASH_AFTER", step)]).fails(1);
-            if zfs_fuse_busy(fx, &err) {
-                // Stopped half done by zfs-fuse at this step or before
-                // it, not by the crash: an interruption all the same,
-                // which the rerun below must finish.
-                assert!(err.contains("stopped part way"), "{step}: {err}");
-                eprintln!(
-                    "zfs-fuse kept a dataset busy before step '{step}': {err}{}",
-                    zfs_state(fx)
-                );
-            } else {
-                assert!(
-                    err.contains(&format!("stopped after step '{step}'")),
-                    "{step}: {err}"
-                );
-            }
+            assert!(
+                err.contains(&format!("stopped after step '{step}'")),
+                "{step}: {err}"
+            );
             let list = fx.btm(&["list"]).ok();
             assert!(list.contains("left half done"), "{step}: {list}");
             let err = fx.btm(&["rollback", "-s", "10", "--yes"]).fails(1);
             assert!(err.contains("half done"), "{step}: {err}");
-            let out = finish_past_busy(fx, cmd);
+            let out = fx.btm(cmd).ok();
             assert!(out.contains("Finishing"), "{step}: {out}");
             assert_eq!(fx.read("f"), f, "{step} {cmd:?}");
             assert_eq!(fx.read(STATE), "{\"height\":\"105\"}", "{step}");

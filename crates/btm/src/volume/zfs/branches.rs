@@ -200,29 +200,37 @@ impl ZfsVolume {
     }
 
     /// This dataset's siblings and itself, with their guids.
+    ///
+    /// Exact guids (`get -p`): without it older ZFS (zfs-fuse's pool
+    /// version 23 among them) prints a guid as "5.95E", three digits, and
+    /// two lines of a volume with a few branches then share one often
+    /// enough that a switch took a branch for its incoming line. `zfs list`
+    /// there has no `-p`; `zfs get` has, and `-d 1` from the parent gives
+    /// the siblings and the parent's snapshots, left out here.
     fn siblings(&self) -> Result<Vec<(String, String)>, Error> {
         let out = zfs(&[
-            "list",
+            "get",
             "-H",
+            "-p",
             "-o",
-            "name,guid",
-            "-t",
-            "filesystem",
+            "name,value",
             "-d",
             "1",
+            "guid",
             self.parent()?,
         ])?;
         let prefix = self.dataset.as_str();
         Ok(out
             .lines()
             .filter_map(|l| l.split_once('\t'))
-            .filter(|(n, _)| n.starts_with(prefix))
+            .filter(|(n, _)| n.starts_with(prefix) && !n.contains('@'))
             .map(|(n, g)| (n.to_owned(), g.trim().to_owned()))
             .collect())
     }
 
+    /// Property `prop` of `ds`; numbers exact (`-p`), guids among them.
     fn get(&self, ds: &str, prop: &str) -> Result<String, Error> {
-        Ok(zfs(&["get", "-H", "-o", "value", prop, ds])?
+        Ok(zfs(&["get", "-H", "-p", "-o", "value", prop, ds])?
             .trim()
             .to_owned())
     }

@@ -319,11 +319,14 @@ fn zfs_retrying(args: &[&str]) -> Result<(), Error> {
     loop {
         match zfs(args) {
             Ok(_) => return Ok(()),
-            // About 90 s in all: zfs-fuse on a loaded machine has kept a
-            // dataset busy for over 40 s after a rename (a full test run,
-            // a rollback's switch renaming the branch back). A failure
-            // here is safe (the switch stops half done, and a rerun
-            // finishes it), but it is a failed rollback.
+            // About 90 s in all, for a hold that outlasts a moment (a
+            // mount being torn down, another command's look at the
+            // dataset). A failure here is safe (the switch stops half
+            // done, and a rerun finishes it), but it is a failed
+            // rollback. (The holds that once lasted past it, in full test
+            // runs on zfs-fuse, were a switch's own: it had taken a branch
+            // for its incoming line, whose three-digit guid it shared, and
+            // left the real one mounted; guids are now read exactly.)
             Err(e) if e.kind.is_temporary() && attempt < 48 => {
                 tracing::debug!(?args, attempt, "dataset busy, retrying");
                 sleep(delay);
