@@ -29,6 +29,7 @@ pub mod check;
 pub mod exclude;
 pub mod format;
 pub mod gc;
+pub mod hex;
 pub mod inventory;
 pub mod keep;
 pub mod lease;

@@ -47,7 +47,7 @@ pub struct SessionFile {
 pub(crate) fn root_handle(root: &OwnedFd) -> Result<String, LiveError> {
     let h = btm::sys::handle_of(root.as_fd())
         .map_err(|e| LiveError::state("reading the target's file handle", e))?;
-    Ok(h.as_bytes().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(btm_chunk::hex::encode(h.as_bytes()))
 }
 
 fn first_version() -> u32 {

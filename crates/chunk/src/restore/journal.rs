@@ -120,17 +120,17 @@ pub struct Known {
 /// `chunks` as a line holds them: per chunk, its length (8 bytes,
 /// big-endian) and its hash (32 zero bytes for an empty chunk), in hex.
 fn encode_chunks(chunks: &[ChunkRef]) -> String {
-    let mut raw = Vec::with_capacity(chunks.len() * 40);
+    let mut text = String::with_capacity(chunks.len() * 80);
     for c in chunks {
-        raw.extend_from_slice(&c.len.to_be_bytes());
-        raw.extend_from_slice(c.hash.as_ref().map_or(&[0u8; 32], |h| &h.0));
+        crate::hex::encode_into(&mut text, &c.len.to_be_bytes());
+        crate::hex::encode_into(&mut text, c.hash.as_ref().map_or(&[0u8; 32], |h| &h.0));
     }
-    hex(&raw)
+    text
 }
 
 /// The chunks of a line, offsets implied; `None` if malformed.
 fn decode_chunks(text: &str) -> Option<Vec<ChunkRef>> {
-    let raw = unhex(text)?;
+    let raw = crate::hex::decode(text)?;
     if raw.len() % 40 != 0 {
         return None;
     }
@@ -201,7 +201,9 @@ fn read_lines(
         let Ok(l) = serde_json::from_str::<Line>(&line) else {
             break;
         };
-        let Some(p) = unhex(&l.path) else { break };
+        let Some(p) = crate::hex::decode(&l.path) else {
+            break;
+        };
         let stamp = Stamp {
             ino: l.ino,
             size: l.size,
@@ -231,7 +233,7 @@ fn read_lines(
 
 /// What the record of the last completed restore (at `record`) knows;
 /// it is removed once a new journal exists (see [`Journal::open`]).
-fn read_record(record: Option<&Path>) -> HashMap<Vec<u8>, Known> {
+fn read_known(record: Option<&Path>) -> HashMap<Vec<u8>, Known> {
     let Some(Ok(f)) = record.map(File::open) else {
         return HashMap::new();
     };
@@ -256,20 +258,6 @@ fn forget_record(record: Option<&Path>) -> std::io::Result<()> {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 /// The journal of a running restore.
 pub struct Journal {
     file: File,
@@ -280,12 +268,16 @@ impl Journal {
     /// Read what an earlier run of restoring `backup` into `dest` (open as
     /// `dir`) left, then start (or continue) the journal for this run.
     /// `record`: where the record of the last restore into `dest` that
-    /// completed is kept, if anywhere (outside `dest`).
+    /// completed is kept, if anywhere (outside `dest`). `read_record`:
+    /// whether to read it. A destination that holds nothing has none of
+    /// the files it names, and a record of a million files costs seconds
+    /// and a hundred MiB to load; it is removed all the same.
     pub fn open(
         dest: &Path,
         dir: &impl AsFd,
         backup: &str,
         record: Option<&Path>,
+        read_record: bool,
     ) -> Result<(Journal, Prior), ChunkError> {
         let path = dest.join(NAME);
         let io = |e: std::io::Error| ChunkError::io(&path, e);
@@ -297,7 +289,7 @@ impl Journal {
         };
         let mut prior = Prior {
             existed: existing.is_some(),
-            known: read_record(record),
+            known: read_record.then(|| read_known(record)).unwrap_or_default(),
             ..Prior::default()
         };
         if let Some(f) = existing {
@@ -369,7 +361,7 @@ impl Journal {
         } in done
         {
             let line = Line {
-                path: hex(path),
+                path: crate::hex::encode(path),
                 ino: r.stamp.ino,
                 size: r.stamp.size,
                 mtime: r.stamp.mtime_ns,
@@ -433,7 +425,7 @@ mod tests {
     fn records_survive_a_rerun_and_a_torn_line_is_ignored() {
         let t = tempfile::tempdir().expect("tmp");
         let dir = File::open(t.path()).expect("dir");
-        let (mut j, prior) = Journal::open(t.path(), &dir, "b1", None).expect("open");
+        let (mut j, prior) = Journal::open(t.path(), &dir, "b1", None, true).expect("open");
         assert!(!prior.existed);
         let (a, b) = (stamp(7, 100, 5), stamp(8, 50, 6));
         j.record(&[
@@ -462,7 +454,7 @@ mod tests {
             .open(t.path().join(NAME))
             .and_then(|mut f| f.write_all(b"{\"path\":\"6162\",\"ino\""))
             .expect("append");
-        let (_, prior) = Journal::open(t.path(), &dir, "b1", None).expect("reopen");
+        let (_, prior) = Journal::open(t.path(), &dir, "b1", None, true).expect("reopen");
         assert!(prior.existed);
         assert_eq!(prior.trusted(b"a/f", &a, 100), 100);
         assert_eq!(
@@ -473,12 +465,66 @@ mod tests {
         assert_eq!(prior.trusted(&[0xff, b'x'], &b, 50), 20);
         assert_eq!(prior.files.len(), 2);
         // Another backup's journal trusts nothing, but says one existed.
-        let (j, prior) = Journal::open(t.path(), &dir, "b2", None).expect("other");
+        let (j, prior) = Journal::open(t.path(), &dir, "b2", None, true).expect("other");
         assert!(prior.existed && prior.files.is_empty());
         let record = t.path().join("records/r");
         j.finish(&dir, Some(&record)).expect("finish");
         assert!(!t.path().join(NAME).exists());
         assert!(record.exists(), "kept as the record");
+    }
+
+    /// A record's chunk lists come back as written, for the next restore
+    /// into a directory that still holds the files; one into a directory
+    /// that holds nothing does not read it, and removes it all the same.
+    #[test]
+    fn a_record_is_read_only_where_files_remain() {
+        let t = tempfile::tempdir().expect("tmp");
+        let dir = File::open(t.path()).expect("dir");
+        let record = t.path().join("records/r");
+        let chunks: Arc<[ChunkRef]> = vec![
+            ChunkRef {
+                off: 0,
+                len: 4096,
+                hash: Some(Id::of(b"one")),
+            },
+            ChunkRef {
+                off: 4096,
+                len: 10,
+                hash: None,
+            },
+        ]
+        .into();
+        let file = stamp(7, 4106, 5);
+        let done = [Durable {
+            path: vec![b'd', b'/', 0xfe],
+            record: Record {
+                stamp: file,
+                prefix: 4106,
+            },
+            chunks: Some(Arc::clone(&chunks)),
+        }];
+        let (mut j, _) = Journal::open(t.path(), &dir, "b1", Some(&record), true).expect("open");
+        j.record(&done).expect("record");
+        j.finish(&dir, Some(&record)).expect("finish");
+        let (mut j, prior) =
+            Journal::open(t.path(), &dir, "b2", Some(&record), true).expect("again");
+        assert_eq!(
+            prior.known(&[b'd', b'/', 0xfe], &file).as_deref(),
+            Some(&chunks[..])
+        );
+        assert!(
+            prior
+                .known(&[b'd', b'/', 0xfe], &stamp(7, 4106, 6))
+                .is_none(),
+            "touched"
+        );
+        assert!(!record.exists(), "the journal now says what to trust");
+        j.record(&done).expect("record");
+        j.finish(&dir, Some(&record)).expect("finish");
+        assert!(record.exists());
+        let (_, prior) = Journal::open(t.path(), &dir, "b2", Some(&record), false).expect("fresh");
+        assert!(prior.known.is_empty(), "not read");
+        assert!(!record.exists(), "removed all the same");
     }
 
     /// A file changed in place at the same size since
@@ -519,7 +565,7 @@ mod tests {
         )
         .expect("w");
         let dir = File::open(t.path()).expect("dir");
-        let (_, prior) = Journal::open(t.path(), &dir, "b1", None).expect("open");
+        let (_, prior) = Journal::open(t.path(), &dir, "b1", None, true).expect("open");
         assert!(prior.existed && prior.files.is_empty());
     }
 }

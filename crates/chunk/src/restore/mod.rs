@@ -437,7 +437,7 @@ fn run(
         .records
         .as_deref()
         .and_then(|dir| record_path(dir, dest, &dest_fd));
-    let (journal, prior) = Journal::open(dest, &dest_fd, name, record.as_deref())?;
+    let (journal, prior) = Journal::open(dest, &dest_fd, name, record.as_deref(), !fresh)?;
     let journal = Mutex::new(journal);
     let shared = Shared::new(&repo, opts, index, map);
     let mut summary = RestoreSummary {

@@ -41,13 +41,7 @@ impl Id {
 
     /// Lowercase hex, 64 characters.
     pub fn to_hex(&self) -> String {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut s = String::with_capacity(64);
-        for b in self.0 {
-            s.push(HEX[usize::from(b >> 4)] as char);
-            s.push(HEX[usize::from(b & 15)] as char);
-        }
-        s
+        crate::hex::encode(&self.0)
     }
 }
 
@@ -66,19 +60,8 @@ impl fmt::Display for Id {
 impl FromStr for Id {
     type Err = BadId;
     fn from_str(s: &str) -> Result<Self, BadId> {
-        let bad = || BadId(s.to_owned());
-        if s.len() != 64 {
-            return Err(bad());
-        }
-        let digit = |c: u8| match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        };
         let mut out = [0u8; 32];
-        for (i, pair) in s.as_bytes().chunks_exact(2).enumerate() {
-            out[i] = (digit(pair[0]).ok_or_else(bad)? << 4) | digit(pair[1]).ok_or_else(bad)?;
-        }
+        crate::hex::decode_into(s.as_bytes(), &mut out).ok_or_else(|| BadId(s.to_owned()))?;
         Ok(Id(out))
     }
 }
