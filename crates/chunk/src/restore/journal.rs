@@ -289,7 +289,11 @@ impl Journal {
         };
         let mut prior = Prior {
             existed: existing.is_some(),
-            known: read_record.then(|| read_known(record)).unwrap_or_default(),
+            known: if read_record {
+                read_known(record)
+            } else {
+                HashMap::new()
+            },
             ..Prior::default()
         };
         if let Some(f) = existing {
