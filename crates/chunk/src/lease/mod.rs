@@ -223,6 +223,9 @@ pub struct Lease<'s> {
     /// The markers that check listed, so that a caller looking for dead
     /// holders need not list `locks/` again.
     listed: Mutex<Vec<Marker>>,
+    /// Given up early ([`Lease::release`]): the marker is gone and is
+    /// never written again. Changed only under `writing`.
+    released: AtomicBool,
 }
 
 /// The lease's body and a generation counter: bumped at each change, so a
@@ -299,11 +302,27 @@ impl Lease<'_> {
         Ok(())
     }
 
+    /// Give the lease up before [`with_lease`] returns: for a holder that
+    /// needs the store no more but has local work left (a restore whose
+    /// reads are done, while its last sync runs). The marker is deleted,
+    /// as `with_lease` would delete it, and never written again. A lease
+    /// that lists pending packs is kept: its marker is their only record.
+    pub fn release(&self) {
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.pending().is_empty() || self.released.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = with_retry(self.store, || self.store.delete_marker(&self.name)) {
+            tracing::warn!(lease = %self.name, error = %e, "could not remove lease marker; it will expire");
+        }
+    }
+
     /// Write the marker with the current body; if another write since the
-    /// body reached generation `at_least` already did, do nothing.
+    /// body reached generation `at_least` already did, do nothing. Once the
+    /// lease is released, nothing is written.
     fn write_from(&self, at_least: u64) -> Result<(), StoreError> {
         let mut written = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-        if *written >= at_least && at_least > 0 {
+        if (*written >= at_least && at_least > 0) || self.released.load(Ordering::Relaxed) {
             return Ok(());
         }
         let started = clock();
@@ -334,6 +353,9 @@ impl Lease<'_> {
     /// (another party that judged us dead may have removed it), then
     /// rewrite it.
     fn refresh(&self) -> Result<(), StoreError> {
+        if self.released.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         self.note_if_taken();
         self.write()
     }
@@ -489,6 +511,7 @@ pub fn with_lease<T, E: From<LeaseError>>(
         lost: Mutex::new(None),
         store_now: Mutex::new(None),
         listed: Mutex::new(Vec::new()),
+        released: AtomicBool::new(false),
     };
     let result = acquire(&lease, cancel)
         .map_err(E::from)
@@ -507,8 +530,8 @@ pub fn with_lease<T, E: From<LeaseError>>(
             tracing::warn!(lease = %lease.name, error = %e, "could not record unindexed packs in the lease");
         }
         tracing::warn!(lease = %lease.name, packs = unindexed, "leaving the lease to expire, so that garbage collection finds the packs this run wrote but did not index");
-    } else if let Err(e) = with_retry(store, || store.delete_marker(&lease.name)) {
-        tracing::warn!(lease = %lease.name, error = %e, "could not remove lease marker; it will expire");
+    } else {
+        lease.release();
     }
     result
 }

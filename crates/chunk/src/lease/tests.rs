@@ -212,3 +212,35 @@ fn a_lapse_sticks_until_the_lease_is_renewed() {
     })
     .expect("the lease works");
 }
+
+/// A lease released early is gone from the store at once, is not written
+/// again by a refresh, and `with_lease` does not fail for its absence; one
+/// that lists pending packs is kept, since its marker is their record.
+#[test]
+fn a_released_lease_stays_released_and_a_pending_one_is_kept() {
+    let store = crate::store::MemStore::new();
+    let never = Cancel::new();
+    let listed = |store: &crate::store::MemStore| store.list_markers("locks").expect("list").len();
+    with_lease(&store, LeaseKind::Restore, None, &never, |lease| {
+        assert_eq!(listed(&store), 1);
+        lease.release();
+        assert_eq!(listed(&store), 0, "released: the marker is deleted");
+        lease.refresh()?;
+        lease.write()?;
+        assert_eq!(listed(&store), 0, "a refresh after release writes nothing");
+        lease.check()?;
+        lease.release();
+        Ok::<(), LeaseError>(())
+    })
+    .expect("a released lease ends cleanly");
+    assert_eq!(listed(&store), 0);
+    with_lease(&store, LeaseKind::Backup, None, &never, |lease| {
+        lease.add_pending(Id::of(b"pack"))?;
+        lease.release();
+        assert_eq!(listed(&store), 1, "pending packs keep the marker");
+        lease.settle(&[Id::of(b"pack")]);
+        Ok::<(), LeaseError>(())
+    })
+    .expect("the lease works");
+    assert_eq!(listed(&store), 0, "settled, it is removed at the end");
+}

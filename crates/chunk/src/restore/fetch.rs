@@ -4,6 +4,7 @@
 //! chunks) is looked up again in a reloaded chunk map.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -105,7 +106,10 @@ fn dispatch<'a>(
         ranges(shared, window)
     };
     match fetches {
-        Ok(fetches) => fetches.into_iter().all(|f| tx.send(f).is_ok()),
+        Ok(fetches) => fetches.into_iter().all(|f| {
+            shared.reads_left.fetch_add(1, Ordering::Relaxed);
+            tx.send(f).is_ok()
+        }),
         Err(e) => {
             shared.pipeline.fail(e);
             false
@@ -211,6 +215,9 @@ impl Fetcher {
     pub(super) fn fetch<'a>(&mut self, shared: &Shared<'a>, f: Fetch<'a>) {
         if let Err(e) = fetch_one(shared, f, Missing::Relocate, &mut self.dctx, &mut self.out) {
             shared.pipeline.fail(e);
+        }
+        if shared.reads_left.fetch_sub(1, Ordering::Relaxed) == 1 {
+            shared.checkpoint_now.notify_one();
         }
     }
 }

@@ -25,9 +25,11 @@
 //!   belongs, leaving zero blocks unallocated.
 //! - A file whose last chunk is written gets its owner, mode and times; the
 //!   **checkpointer** then, every 256 MiB, 65,536 files or 10 s, syncs the
-//!   filesystem and journals what that made durable ([`journal`]). The
-//!   restore reports success only after the last sync, with the journal
-//!   removed.
+//!   filesystem and journals what that made durable ([`journal`]); once
+//!   every read is handed out, it syncs each 4 MiB the last reads write,
+//!   so that the restore's own last sync has little left. The restore
+//!   reports success only after that last sync, with the journal removed;
+//!   its lease is given up beside it.
 //!
 //! Each stage is one file: `planner.rs`, `verify.rs`, `fetch.rs` (batcher
 //! and fetchers), `write.rs`, `checkpoint.rs` (owners, modes and times: [`crate::localfs`]) with
@@ -49,7 +51,7 @@ pub use write::write_sparse;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -59,7 +61,7 @@ use super::buffers::Buffers;
 use super::cache::Cache;
 use super::format::head::Decoded;
 use super::format::tree::Entry;
-use super::lease::{LeaseError, LeaseKind};
+use super::lease::{Lease, LeaseError, LeaseKind};
 use super::map::ChunkMap;
 use super::pipeline::{counters, Budget, Pipeline};
 use super::{inventory, ChunkError, Policy, Progress, Repo};
@@ -227,6 +229,9 @@ struct Shared<'a> {
     /// Files large enough for prefix records.
     big: Mutex<Vec<Weak<write::FileJob<'a>>>>,
     since_checkpoint: AtomicU64,
+    /// Reads handed to the fetchers and not yet finished: once every read
+    /// is handed out, the checkpointer syncs while this is above zero.
+    reads_left: AtomicUsize,
     checkpoint_now: Condvar,
     checkpoint_lock: Mutex<bool>,
     /// Bytes of ranged reads in memory, see [`IN_FLIGHT_BYTES`].
@@ -262,6 +267,7 @@ impl<'a> Shared<'a> {
             linked: Mutex::new(Vec::new()),
             big: Mutex::new(Vec::new()),
             since_checkpoint: AtomicU64::new(0),
+            reads_left: AtomicUsize::new(0),
             checkpoint_now: Condvar::new(),
             checkpoint_lock: Mutex::new(false),
             in_flight: pipeline.budget(IN_FLIGHT_BYTES),
@@ -355,27 +361,27 @@ fn restore_with<'a>(
     dest: &Path,
     opts: &RestoreOptions,
 ) -> Result<RestoreSummary, ChunkError> {
-    let run_found = || {
+    let run_found = |lease: Option<&Lease<'_>>| {
         let (name, index) = found()?;
-        run(repo, name, index, dest, opts)
+        run(repo, name, index, dest, opts, lease)
     };
     let result = super::lease::with_lease(
         repo.store(),
         LeaseKind::Restore,
         None,
         &opts.progress.cancel,
-        |_| run_found(),
+        |lease| run_found(Some(lease)),
     );
     match result {
         // A published store read by URL or anonymously: no lease to take.
         Err(ChunkError::Lease(LeaseError::Store(crate::store::StoreError::ReadOnly {
             ..
-        }))) => run_found(),
+        }))) => run_found(None),
         // The store cannot be written (read-only credentials): go on
         // without a lease, as the format allows.
         Err(ChunkError::Lease(LeaseError::Store(e))) => {
             tracing::warn!(error = %e, "cannot take a restore lease; restoring without one");
-            run_found()
+            run_found(None)
         }
         Err(ChunkError::Lease(LeaseError::Cancelled)) => Err(ChunkError::Cancelled),
         r => r,
@@ -410,12 +416,15 @@ fn open_dest(dest: &Path) -> Result<(btm::confined::Tree, OwnedFd), ChunkError> 
     Ok((tree, fd))
 }
 
+/// [`restore`] under `lease`, if one was taken: it is given up once the
+/// last read is done.
 fn run(
     repo: &Repo,
     name: &str,
     index: &Decoded,
     dest: &Path,
     opts: &RestoreOptions,
+    lease: Option<&Lease<'_>>,
 ) -> Result<RestoreSummary, ChunkError> {
     // The backup's segments are read twice (see `prove`): the second time
     // from a cache, a temporary one if there is no other.
@@ -462,25 +471,34 @@ fn run(
         &mut summary,
     );
     shared.pipeline.outcome()?;
-    // Directories last, deepest first: creating children changes mtimes.
-    dirs.sort_by_key(|e| std::cmp::Reverse(e.path.iter().filter(|&&c| c == b'/').count()));
-    dirs.iter()
-        .try_for_each(|e| crate::localfs::apply_dir_metadata(&tree, e, opts.owners))?;
-    if opts.delete {
-        delete_extra(&repo, name, index, dest.path, opts, &mut summary)?;
-    }
-    nix::unistd::syncfs(&dest_fd).map_err(|e| ChunkError::io(dest.path, e.into()))?;
-    let mut journal = journal.into_inner().unwrap_or_else(|p| p.into_inner());
-    if record.is_some() {
-        restamp_linked(&shared, &tree);
-        // The files completed since the last checkpoint, durable now: the
-        // record is to name every file.
-        let rest = std::mem::take(&mut *shared.completed.lock().unwrap_or_else(|p| p.into_inner()));
-        journal.record(&rest)?;
-    }
-    journal.finish(&dest_fd, record.as_deref())?;
-    shared.counters.fill(&mut summary);
-    Ok(summary)
+    std::thread::scope(|s| {
+        // Every read is done: the lease's round trip runs beside the last
+        // sync instead of after it. What follows reads only tree segments,
+        // which no sweep removes while their head exists.
+        if let Some(lease) = lease {
+            s.spawn(|| lease.release());
+        }
+        // Directories last, deepest first: creating children changes mtimes.
+        dirs.sort_by_key(|e| std::cmp::Reverse(e.path.iter().filter(|&&c| c == b'/').count()));
+        dirs.iter()
+            .try_for_each(|e| crate::localfs::apply_dir_metadata(&tree, e, opts.owners))?;
+        if opts.delete {
+            delete_extra(&repo, name, index, dest.path, opts, &mut summary)?;
+        }
+        nix::unistd::syncfs(&dest_fd).map_err(|e| ChunkError::io(dest.path, e.into()))?;
+        let mut journal = journal.into_inner().unwrap_or_else(|p| p.into_inner());
+        if record.is_some() {
+            restamp_linked(&shared, &tree);
+            // The files completed since the last checkpoint, durable now:
+            // the record is to name every file.
+            let rest =
+                std::mem::take(&mut *shared.completed.lock().unwrap_or_else(|p| p.into_inner()));
+            journal.record(&rest)?;
+        }
+        journal.finish(&dest_fd, record.as_deref())?;
+        shared.counters.fill(&mut summary);
+        Ok(summary)
+    })
 }
 
 /// Making a hard link changes its target's change time, so a target that
