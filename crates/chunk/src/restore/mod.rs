@@ -478,27 +478,46 @@ fn run(
         if let Some(lease) = lease {
             s.spawn(|| lease.release());
         }
-        // Directories last, deepest first: creating children changes mtimes.
-        dirs.sort_by_key(|e| std::cmp::Reverse(e.path.iter().filter(|&&c| c == b'/').count()));
-        dirs.iter()
-            .try_for_each(|e| crate::localfs::apply_dir_metadata(&tree, e, opts.owners))?;
+        stamp_dirs(&tree, &mut dirs, opts.owners)?;
         if opts.delete {
             delete_extra(&repo, name, index, dest.path, opts, &mut summary)?;
         }
-        nix::unistd::syncfs(&dest_fd).map_err(|e| ChunkError::io(dest.path, e.into()))?;
-        let mut journal = journal.into_inner().unwrap_or_else(|p| p.into_inner());
-        if record.is_some() {
-            restamp_linked(&shared, &tree);
-            // The files completed since the last checkpoint, durable now:
-            // the record is to name every file.
-            let rest =
-                std::mem::take(&mut *shared.completed.lock().unwrap_or_else(|p| p.into_inner()));
-            journal.record(&rest)?;
-        }
-        journal.finish(&dest_fd, record.as_deref())?;
+        let journal = journal.into_inner().unwrap_or_else(|p| p.into_inner());
+        make_durable(&shared, &dest, journal, record.as_deref())?;
         shared.counters.fill(&mut summary);
         Ok(summary)
     })
+}
+
+/// Give directories their metadata last, deepest first: creating their
+/// children changed their times.
+fn stamp_dirs(
+    tree: &btm::confined::Tree,
+    dirs: &mut [Entry],
+    owners: crate::localfs::Owners,
+) -> Result<(), ChunkError> {
+    dirs.sort_by_key(|e| std::cmp::Reverse(e.path.iter().filter(|&&c| c == b'/').count()));
+    dirs.iter()
+        .try_for_each(|e| crate::localfs::apply_dir_metadata(tree, e, owners))
+}
+
+/// The restore's last sync, then the restore record (if one is kept) and
+/// the journal's removal: after this the restore may report success.
+fn make_durable(
+    shared: &Shared<'_>,
+    dest: &Dest<'_>,
+    mut journal: Journal,
+    record: Option<&Path>,
+) -> Result<(), ChunkError> {
+    nix::unistd::syncfs(dest.fd).map_err(|e| ChunkError::io(dest.path, e.into()))?;
+    if record.is_some() {
+        restamp_linked(shared, dest.tree);
+        // The files completed since the last checkpoint, durable now: the
+        // record is to name every file.
+        let rest = std::mem::take(&mut *shared.completed.lock().unwrap_or_else(|p| p.into_inner()));
+        journal.record(&rest)?;
+    }
+    journal.finish(dest.fd, record)
 }
 
 /// Making a hard link changes its target's change time, so a target that
