@@ -3,6 +3,8 @@
 //! object_store is async; the chunk engine's I/O threads are plain threads,
 //! so this backend owns a small tokio runtime and blocks on it per call,
 //! which lets as many requests be in flight as there are calling threads.
+//! A read runs whole as a task on the runtime's threads, beside the
+//! connection receiving its body, and wakes its caller once at the end.
 //!
 //! A store that does not answer must not look like slow progress forever,
 //! and a slow link must not look like a dead store: a request fails once it
@@ -291,12 +293,12 @@ impl ObjectStoreBackend {
     }
 
     /// Run `request` as a task on the runtime's threads and wait for it.
-    /// A body arrives in pieces of about 16 KiB, each received by the
+    /// A body arrives in pieces (tens of KiB), each received by the
     /// connection's task on those threads: a future blocked on from the
-    /// calling thread would be woken for each piece (a switch between
-    /// threads each time, a sixth of a remote restore's CPU), while a task
-    /// beside the connection takes each piece where it lands and wakes
-    /// the caller once, at the end.
+    /// calling thread would be woken for each piece, a switch between
+    /// threads each time (28,700 of them in a restore of 560 MiB, against
+    /// 9,100 this way), while a task beside the connection takes each
+    /// piece where it lands and wakes the caller once, at the end.
     fn on_runtime<T: Send + 'static>(
         &self,
         what: &str,
