@@ -259,19 +259,18 @@ run_shape() {
         note "fetch floor for btm's $(mib "$got") of $(mib "$floor_bytes") MiB" "$floor s"
     fi
     diff -r "$src" "$mnt/b" >/dev/null || { echo "btm's restore differs from the source" >&2; exit 1; }
+    # Each pair of fetch floor (scaled) and btm's restore, "floor:restore".
     local pairs=''
     if [ -n "$raw_floor" ]; then
-        # One pair of fetch floor and restore swings by a fifth on this VM:
-        # two more pairs, and the median of the three ratios.
-        local ratios; ratios=$(awk -v b="$brest" -v f="$floor" 'BEGIN { printf "%.2f", b / f }')
+        # One pair swings by a fifth on this VM: two more, and medians.
+        pairs="$floor:$brest"
         for _ in 2 3; do
             fresh_fs
             "$before_restore"
-            local f2; f2=$(awk -v f="$last_secs" -v g="$got" -v b="$floor_bytes" 'BEGIN { printf "%.4f", f * g / b }')
+            local f2; f2=$(awk -v f="$last_secs" -v g="$got" -v b="$floor_bytes" 'BEGIN { printf "%.2f", f * g / b }')
             measure "btm restore, empty fs (again)" "$btm" restore latest "$mnt/b" -s "$bstore"
-            ratios="$ratios $(awk -v b="$last_secs" -v f="$f2" 'BEGIN { printf "%.2f", b / f }')"
+            pairs="$pairs $f2:$last_secs"
         done
-        pairs="$ratios; median $(echo "$ratios" | tr ' ' '\n' | sort -n | sed -n 2p)x"
     fi
     fresh_fs
     # restic restores the source's absolute path under its target.
@@ -299,14 +298,22 @@ run_shape() {
     # fetch floor remotely): the best lead over restic any restore could
     # show here, and how far btm's restore is from it.
     [ -z "$floor" ] || note "restic's restore over the floor; btm's" "$(lead "$rrest" "$floor") / $(lead "$brest" "$floor")"
-    [ -z "$pairs" ] || note "btm's restore over the fetch floor, 3 pairs" "$pairs"
-    if [ -n "$copy_floor" ]; then
-        local slower; slower=$(awk -v a="$floor" -v b="$copy_floor" 'BEGIN { print (a > b) ? a : b }')
-        note "btm's restore over the slower floor (fetch, durable copy)" "$(lead "$brest" "$slower")"
+    if [ -n "$pairs" ]; then
+        note "btm's restore over the fetch floor, 3 pairs" "$(over_floors "$pairs" 0)"
+        note "btm's restore over the slower floor (fetch, durable copy)" "$(over_floors "$pairs" "$copy_floor")"
     fi
     note "btm's restore over its CPU floor ($brest_cpu CPU s / $cores)" \
         "$(awk -v w="$brest" -v c="$brest_cpu" -v n="$cores" 'BEGIN { printf "%.2fx", (c > 0) ? w * n / c : 0 }')"
     rm -rf "$prev"
+}
+
+# over_floors "F:R F:R F:R" COPY: each restore R over the slower of its
+# fetch floor F and the durable copy COPY (0: none), and their median.
+over_floors() {
+    local ratios
+    ratios=$(echo "$1" | tr ' ' '\n' | awk -F: -v c="$2" '{ f = ($1 > c) ? $1 : c; printf "%.2f\n", $2 / f }')
+    local mid=$(( ($(echo "$ratios" | wc -l) + 1) / 2 ))
+    echo "$(echo "$ratios" | sed 's/$/x/' | tr '\n' ' ')(median $(echo "$ratios" | sort -n | sed -n "${mid}p")x)"
 }
 
 print_results() {
