@@ -255,7 +255,7 @@ run_shape() {
         # replaced some of the full backup's bytes): the floor for the
         # bytes it downloaded, at the rate the GETs had.
         local got; got=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["summary"]["bytes_downloaded"])' <"$work/out")
-        floor=$(awk -v f="$raw_floor" -v g="$got" -v b="$floor_bytes" 'BEGIN { printf "%.2f", f * g / b }')
+        floor=$(scaled_floor "$raw_floor" "$got")
         note "fetch floor for btm's $(mib "$got") of $(mib "$floor_bytes") MiB" "$floor s"
     fi
     diff -r "$src" "$mnt/b" >/dev/null || { echo "btm's restore differs from the source" >&2; exit 1; }
@@ -267,7 +267,7 @@ run_shape() {
         for _ in 2 3; do
             fresh_fs
             "$before_restore"
-            local f2; f2=$(awk -v f="$last_secs" -v g="$got" -v b="$floor_bytes" 'BEGIN { printf "%.2f", f * g / b }')
+            local f2; f2=$(scaled_floor "$last_secs" "$got")
             measure "btm restore, empty fs (again)" "$btm" restore latest "$mnt/b" -s "$bstore"
             pairs="$pairs $f2:$last_secs"
         done
@@ -305,6 +305,12 @@ run_shape() {
     note "btm's restore over its CPU floor ($brest_cpu CPU s / $cores)" \
         "$(awk -v w="$brest" -v c="$brest_cpu" -v n="$cores" 'BEGIN { printf "%.2fx", (c > 0) ? w * n / c : 0 }')"
     rm -rf "$prev"
+}
+
+# scaled_floor SECS BYTES: a fetch floor of SECS for $floor_bytes, scaled
+# to the BYTES a restore downloaded, at the rate the GETs had.
+scaled_floor() {
+    awk -v f="$1" -v g="$2" -v b="$floor_bytes" 'BEGIN { printf "%.2f", f * g / b }'
 }
 
 # over_floors "F:R F:R F:R" COPY: each restore R over the slower of its
