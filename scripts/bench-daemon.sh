@@ -34,6 +34,11 @@ daemon_pid=$!
 for _ in $(seq 100); do "$btm" status >/dev/null 2>&1 && break; sleep 0.05; done
 sleep 1
 rss() { awk '/VmRSS/{print $2}' "/proc/$daemon_pid/status"; }
+# shellcheck source=scripts/bench-cpu.sh
+source scripts/bench-cpu.sh
+# daemon_ticks: the daemon's CPU ticks (user + system) so far (fields 14
+# and 15 of /proc/PID/stat, counted after the command name closes).
+daemon_ticks() { sed 's/.*) //' "/proc/$daemon_pid/stat" | awk '{ print $12 + $13 }'; }
 rss_start=$(rss)
 
 now() { date +%s%N; }
@@ -61,10 +66,12 @@ fds_before=$(fds)
 # Soak: many more heights (and status calls); memory and open files must
 # stay flat.
 soak=${BENCH_SOAK:-1000}
+soak_d0=$(daemon_ticks); read -r soak_m0 soak_t0 < <(machine_ticks); soak_s0=$(date +%s%N)
 for i in $(seq $((2 * n + 1)) $((2 * n + soak))); do
     "$btm" notify --height "$i" >/dev/null
     [ $((i % 100)) -eq 0 ] && "$btm" status >/dev/null
 done
+soak_d1=$(daemon_ticks); read -r soak_m1 soak_t1 < <(machine_ticks); soak_s1=$(date +%s%N)
 sleep 2
 rss_soak=$(rss); fds_after=$(fds)
 
@@ -83,4 +90,7 @@ echo "  btm notify:                      $(stats "${push[@]}")"
 awk -v b="$mb" -v p="$mp" 'BEGIN {printf "  overhead (median):               %+.1f%%\n", (p-b)*100/b}'
 echo "daemon RSS after start:            $((rss_start / 1024)).$(( (rss_start % 1024) * 10 / 1024 )) MiB"
 echo "daemon RSS idle after $((2 * n)) snapshots: $((rss_idle / 1024)).$(( (rss_idle % 1024) * 10 / 1024 )) MiB (target: under 20 MB)"
+awk -v d=$((soak_d1 - soak_d0)) -v t="$ticks" -v n="$soak" -v w=$((soak_s1 - soak_s0)) \
+    'BEGIN { printf "daemon CPU over the soak:          %.2f s in %.1f s, %.2f ms a snapshot", d / t, w / 1e9, 1000 * d / t / n }'
+echo ", machine $(machine_busy "$soak_m0" "$soak_t0" "$soak_m1" "$soak_t1")"
 echo "after $soak more snapshots:        RSS $((rss_soak / 1024)).$(( (rss_soak % 1024) * 10 / 1024 )) MiB, open fds $fds_before -> $fds_after"

@@ -47,15 +47,19 @@ tag = "bench"
 append_only = ["blocks/log"]
 TOML
 
+# shellcheck source=scripts/bench-cpu.sh
+source scripts/bench-cpu.sh
+
 export_once() {
-    "$btm" export --config "$work/btm.toml" --json | python3 -c '
+    timed "$work/export.json" "$work/err" "$btm" export --config "$work/btm.toml" --json
+    echo "$(python3 -c '
 import json, sys
 r = json.load(sys.stdin)
 b = r["backup"]
 mib = 2 ** 20
 print("height %d: %.2f s, read %.1f MiB, uploaded %.1f MiB, %d of %d files unchanged (not read)" % (
     r["height"], r["duration_ms"] / 1000, b["bytes_read"] / mib, b["bytes_uploaded"] / mib,
-    b["files_unchanged"], b["files"]))'
+    b["files_unchanged"], b["files"]))' <"$work/export.json"); $(cpu_columns)"
 }
 
 "$btm" snapshot -p "$vol" --height 100 >/dev/null

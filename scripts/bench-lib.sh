@@ -63,11 +63,12 @@ fresh_fs() {
     mount -o loop "$work/fs.img" "$mnt"
 }
 
+# shellcheck source=scripts/bench-cpu.sh
+source scripts/bench-cpu.sh
+
 # The servers a benchmark runs beside the client (s3s-fs, the latency
 # proxy, nginx): their CPU during each measure is reported with it.
 servers=()
-cores=$(nproc)
-ticks=$(getconf CLK_TCK)
 
 # server_ticks: CPU ticks (user + system) the servers and their children
 # have used so far.
@@ -85,11 +86,6 @@ server_ticks() {
     echo "$t"
 }
 
-# machine_ticks: "busy total" CPU ticks of the whole machine so far
-# (/proc/stat), kernel threads included: the loop device and writeback
-# a restore's writes cost run there, counted by no process.
-machine_ticks() { awk '/^cpu / { b = $2 + $3 + $4 + $7 + $8; print b, b + $5 + $6; exit }' /proc/stat; }
-
 # measure LABEL CMD...: runs CMD, records "LABEL|seconds|peak MiB|user
 # s|system s|servers' CPU s|busy|machine", where busy is the CPU of the
 # command and the servers over what the cores had in that time, and
@@ -100,16 +96,14 @@ results=()
 measure() {
     local label=$1; shift
     sync
-    local s0 m0 t0; s0=$(server_ticks); read -r m0 t0 < <(machine_ticks)
-    /usr/bin/time -f "%e %M %U %S" -o "$work/time" "$@" >"$work/out" 2>"$work/err" || { cat "$work/err"; exit 1; }
-    local s1 m1 t1; s1=$(server_ticks); read -r m1 t1 < <(machine_ticks)
-    local secs kb user sys srv busy machine; read -r secs kb user sys < "$work/time"
+    local s0 s1; s0=$(server_ticks)
+    timed "$work/out" "$work/err" "$@"
+    s1=$(server_ticks)
+    local secs=$t_secs kb=$t_kb user=$t_user sys=$t_sys machine=$t_machine srv busy
     srv=$(awk -v a="$s0" -v b="$s1" -v t="$ticks" 'BEGIN { printf "%.2f", (b - a) / t }')
     busy=$(awk -v u="$user" -v s="$sys" -v v="$srv" -v c="$cores" -v w="$secs" \
         'BEGIN { printf "%.0f%%", (w > 0) ? 100 * (u + s + v) / (c * w) : 0 }')
-    machine=$(awk -v b=$((m1 - m0)) -v t=$((t1 - t0)) \
-        'BEGIN { m = (t > 0) ? 100 * b / t : 0; printf "%.0f%%%s", m, (m >= 90) ? " CPU-bound" : "" }')
-    last_cpu=$(awk -v b=$((m1 - m0)) -v t="$ticks" 'BEGIN { printf "%.2f", b / t }')
+    last_cpu=$t_cpu
     results+=("$label|$secs|$((kb / 1024))|$user|$sys|$srv|$busy|$machine")
     last_secs=$secs
     printf '  %-46s %8s s %6s MiB %6s user %6s sys %6s servers %5s busy, machine %s\n' \

@@ -8,7 +8,7 @@
 #      incremental), `restore` and `gc --dry-run` against that store.
 #   2. Trees of 1,000,000 small files, two shapes: backup, unchanged
 #      backup, one file changed, and restore.
-# Prints peak RSS beside each; the targets are 256 MiB for (1) and 128 MiB
+# Prints peak RSS and CPU (bench-cpu.sh) beside each; the targets are 256 MiB for (1) and 128 MiB
 # for (2). Environment: BENCH_DIR, BENCH_CHUNKS (2000000), BENCH_FILES
 # (1000000). Needs GNU time, and root (a loop-mounted ext4 for each
 # million-file restore).
@@ -27,11 +27,13 @@ export BTM_CACHE_DIR="$work/cache"
 chunks=${BENCH_CHUNKS:-2000000}
 files=${BENCH_FILES:-1000000}
 
-row() { # LABEL CMD...: one line with seconds and peak RSS
+# shellcheck source=scripts/bench-cpu.sh
+source scripts/bench-cpu.sh
+
+row() { # LABEL CMD...: one line with seconds, peak RSS and CPU
     local label=$1; shift
-    /usr/bin/time -f "%e %M" -o "$work/time" "$@" >"$work/out" 2>"$work/err" || { cat "$work/err"; exit 1; }
-    local secs kb; read -r secs kb < "$work/time"
-    printf '%-52s %8s s %6s MiB\n' "$label" "$secs" "$((kb / 1024))"
+    timed "$work/out" "$work/err" "$@"
+    printf '%-52s %8s s %6s MiB %s\n' "$label" "$t_secs" "$((t_kb / 1024))" "$(cpu_columns)"
     grep -E '^  requests' "$work/out" || true
 }
 

@@ -25,7 +25,13 @@ export RESTIC_PASSWORD=bench RESTIC_CACHE_DIR="$work/restic-cache" BTM_CACHE_DIR
 python3 scripts/bench-data.py node "$work/v1"
 cp -a --sparse=always "$work/v1" "$work/v2"
 python3 scripts/bench-data.py node-change "$work/v2"
-secs() { /usr/bin/time -f "%e" -o "$work/time" "$@" >"$work/out" 2>"$work/err" || { cat "$work/err"; exit 1; }; cat "$work/time"; }
+# shellcheck source=scripts/bench-cpu.sh
+source scripts/bench-cpu.sh
+# secs CMD...: "seconds/CPU seconds (user + system)".
+secs() {
+    timed "$work/out" "$work/err" "$@"
+    awk -v w="$t_secs" -v u="$t_user" -v s="$t_sys" 'BEGIN { printf "%s/%.2f", w, u + s }'
+}
 growth() { echo $(( ($(du -sb "$1" | cut -f1) - $2) / 1024 )); }
 
 # Both tools back up the same path, first v1 then v2 in its place.
@@ -39,7 +45,8 @@ restic -q -r "$work/restic" backup "$src" >/dev/null
 echo "restic: incremental store growth $(growth "$work/restic" "$before") KiB"
 
 echo
-printf '%-8s %10s %10s %16s\n' chunk "full s" "incr s" "incr growth KiB"
+echo "(seconds/CPU seconds of btm, user + system)"
+printf '%-8s %12s %12s %16s\n' chunk "full s" "incr s" "incr growth KiB"
 for cs in 256KiB 512KiB 1MiB 2MiB 4MiB; do
     rm -rf "$work/btm" "$work/btm-cache" "$src"
     cp -a --sparse=always "$work/v1" "$src"
@@ -47,7 +54,7 @@ for cs in 256KiB 512KiB 1MiB 2MiB 4MiB; do
     before=$(du -sb "$work/btm" | cut -f1)
     rm -rf "$src"; cp -a --sparse=always "$work/v2" "$src"
     incr=$(secs "$btm" backup "$src" -s "$work/btm" --chunk-size "$cs" --appendonly blocks/blocks.log)
-    printf '%-8s %10s %10s %16s\n' "$cs" "$full" "$incr" "$(growth "$work/btm" "$before")"
+    printf '%-8s %12s %12s %16s\n' "$cs" "$full" "$incr" "$(growth "$work/btm" "$before")"
 done
 
 port=$((20000 + RANDOM % 20000))
@@ -60,12 +67,11 @@ for _ in $(seq 1 100); do grep -q listening "$work/proxy.log" && (exec 3<>"/dev/
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchsecret AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true
 export AWS_ENDPOINT_URL="http://127.0.0.1:$((port + 1))"
 echo
-printf '%-8s %10s %12s %10s %8s\n' pack "full s" "restore s" "peak MiB" objects
+printf '%-8s %12s %12s %10s %8s %s\n' pack "full s" "restore s" "peak MiB" objects "restore CPU"
 for ps in 16MiB 32MiB 64MiB; do
     bucket="p${ps%MiB}"; mkdir -p "$work/s3/$bucket"
     rm -rf "$work/btm-cache" "$work/r"
     full=$(secs "$btm" backup "$work/v1" -s "s3://$bucket/x" --pack-size "$ps")
-    /usr/bin/time -f "%e %M" -o "$work/time" "$btm" restore latest "$work/r" -s "s3://$bucket/x" >/dev/null 2>"$work/err" || { cat "$work/err"; exit 1; }
-    read -r rs kb < "$work/time"
-    printf '%-8s %10s %12s %10s %8s\n' "$ps" "$full" "$rs" "$((kb / 1024))" "$(find "$work/s3/$bucket" -type f | wc -l)"
+    timed /dev/null "$work/err" "$btm" restore latest "$work/r" -s "s3://$bucket/x"
+    printf '%-8s %12s %12s %10s %8s %s\n' "$ps" "$full" "$t_secs" "$((t_kb / 1024))" "$(find "$work/s3/$bucket" -type f | wc -l)" "$(cpu_columns)"
 done
