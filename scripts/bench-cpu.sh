@@ -12,6 +12,11 @@ ticks=$(getconf CLK_TCK)
 # a restore's writes cost run there, counted by no process.
 machine_ticks() { awk '/^cpu / { b = $2 + $3 + $4 + $7 + $8; print b, b + $5 + $6; exit }' /proc/stat; }
 
+# pid_ticks PID: the CPU ticks (user + system) process PID has used so
+# far, 0 if it is gone: fields 14 and 15 of /proc/PID/stat, counted after
+# the command name (which may hold spaces) closes.
+pid_ticks() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{ t = $12 + $13 } END { print t + 0 }'; }
+
 # machine_busy M0 T0 M1 T1: the machine's busy share between two
 # machine_ticks readings, tagged "CPU-bound" at 90 % or more.
 machine_busy() {

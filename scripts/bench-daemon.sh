@@ -36,9 +36,7 @@ sleep 1
 rss() { awk '/VmRSS/{print $2}' "/proc/$daemon_pid/status"; }
 # shellcheck source=scripts/bench-cpu.sh
 source scripts/bench-cpu.sh
-# daemon_ticks: the daemon's CPU ticks (user + system) so far (fields 14
-# and 15 of /proc/PID/stat, counted after the command name closes).
-daemon_ticks() { sed 's/.*) //' "/proc/$daemon_pid/stat" | awk '{ print $12 + $13 }'; }
+daemon_ticks() { pid_ticks "$daemon_pid"; }
 rss_start=$(rss)
 
 now() { date +%s%N; }

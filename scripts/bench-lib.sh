@@ -79,9 +79,7 @@ server_ticks() {
         mapfile -t -O "${#all[@]}" all < <(pgrep -P "$p" || true)
     done
     for p in "${all[@]}"; do
-        # Fields 14 and 15 of /proc/PID/stat, counted after the command
-        # name (which may hold spaces) closes.
-        t=$((t + $(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }' || echo 0)))
+        t=$((t + $(pid_ticks "$p")))
     done
     echo "$t"
 }
