@@ -275,14 +275,27 @@ pub struct ReadRange {
 /// Group `needs` into ranged reads: needs of one pack whose frames are
 /// adjacent, or separated by at most `max_gap` unneeded bytes, share one
 /// read, as long as the read stays within `max_len` (a single frame longer
-/// than that gets a read of its own).
-pub fn coalesce(mut needs: Vec<Need>, max_gap: u64, max_len: u64) -> Vec<ReadRange> {
+/// than that gets a read of its own) and serves at most `max_needs`.
+///
+/// `max_needs` bounds the work one read brings: a read of a few MiB of
+/// tiny files is a few thousand files to create, done by the one thread
+/// that made the read, and the last such read of a restore is done alone.
+pub fn coalesce(
+    mut needs: Vec<Need>,
+    max_gap: u64,
+    max_len: u64,
+    max_needs: usize,
+) -> Vec<ReadRange> {
     needs.sort_unstable_by_key(|n| (n.pack, n.offset));
     let mut out: Vec<ReadRange> = Vec::new();
     for n in needs {
         let (start, end) = (u64::from(n.offset), u64::from(n.offset) + u64::from(n.len));
         if let Some(r) = out.last_mut() {
-            if r.pack == n.pack && start <= r.end + max_gap && end.max(r.end) - r.start <= max_len {
+            if r.pack == n.pack
+                && start <= r.end + max_gap
+                && end.max(r.end) - r.start <= max_len
+                && r.needs.len() < max_needs
+            {
                 r.end = r.end.max(end);
                 r.needs.push(n);
                 continue;
@@ -568,18 +581,20 @@ mod tests {
         /// Every need is served by exactly one read that contains its
         /// frame; reads of one pack never overlap; a read only joins frames
         /// at most `gap` apart and stays within `max` unless one frame is
-        /// larger.
+        /// larger, and serves at most `most` needs.
         #[test]
         fn coalescing_serves_every_need_once(
             frames in prop::collection::vec((0u32..4, 0u32..2000, 1u32..300), 0..60),
             gap in 0u64..200,
             max in 1u64..2000,
+            most in 1usize..8,
         ) {
             let needs: Vec<Need> = frames.iter().enumerate().map(|(slot, &(pack, offset, len))| Need { pack, offset, len, slot }).collect();
-            let reads = coalesce(needs.clone(), gap, max);
+            let reads = coalesce(needs.clone(), gap, max, most);
             let mut served = vec![0; needs.len()];
             for r in &reads {
                 prop_assert!(r.end - r.start <= max || r.needs.len() == 1);
+                prop_assert!(!r.needs.is_empty() && r.needs.len() <= most);
                 // Each frame joins the read within `gap` of what came before.
                 let mut reach = u64::from(r.needs[0].offset);
                 for n in &r.needs {

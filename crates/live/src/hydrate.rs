@@ -39,6 +39,10 @@ use crate::source::{frame, Object, Read, SourceError, Wanted};
 const MAX_GAP: u64 = 256 << 10;
 /// The longest read.
 const MAX_RANGE: u64 = 4 << 20;
+/// The most chunks one read serves: the thread that made it writes them
+/// all, so this bounds what the last reads leave to one core (a read of
+/// 4 MiB of small files is thousands of them).
+const MAX_READ_CHUNKS: usize = 256;
 /// Bytes of chunks claimed before they are grouped into reads.
 const WINDOW: u64 = 64 << 20;
 /// Chunks claimed before they are grouped into reads.
@@ -346,7 +350,10 @@ fn dispatch(files: &Files, window: Window, tx: &Sender<Job>, outstanding: &Outst
         return;
     }
     let (wanted, mut wants): (Vec<Wanted>, Vec<Wants>) = window.by_hash.into_values().unzip();
-    let reads = match files.source().plan(&wanted, MAX_GAP, MAX_RANGE) {
+    let reads = match files
+        .source()
+        .plan(&wanted, MAX_GAP, MAX_RANGE, MAX_READ_CHUNKS)
+    {
         Ok(r) => r,
         Err(e) => {
             // A chunk missing from the map: reload it for the next pass.

@@ -116,12 +116,14 @@ impl Source {
     }
 
     /// Ranged reads that bring `wanted`, frames of one pack at most
-    /// `max_gap` apart sharing a read of at most `max_len` bytes.
+    /// `max_gap` apart sharing a read of at most `max_len` bytes and at
+    /// most `max_chunks` chunks ([`coalesce`]).
     pub fn plan(
         &self,
         wanted: &[Wanted],
         max_gap: u64,
         max_len: u64,
+        max_chunks: usize,
     ) -> Result<Vec<Read>, SourceError> {
         if self.v1 {
             return Ok(wanted
@@ -148,7 +150,7 @@ impl Source {
                 slot,
             });
         }
-        Ok(coalesce(needs, max_gap, max_len)
+        Ok(coalesce(needs, max_gap, max_len, max_chunks)
             .into_iter()
             .map(|r| Read {
                 object: Object::Range {

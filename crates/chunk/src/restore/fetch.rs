@@ -11,7 +11,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::write::{write_fetched, FileJob, Unwritten};
-use super::{Shared, MAX_GAP, MAX_RANGE, WINDOW};
+use super::{Shared, MAX_GAP, MAX_RANGE, MAX_READ_CHUNKS, WINDOW};
 use crate::format::tree::ChunkRef;
 use crate::map::ChunkMap;
 use crate::plan::{coalesce, Need, ReadRange};
@@ -162,7 +162,7 @@ fn ranges<'a>(
         });
         slots.push(Some((hash, wants)));
     }
-    let reads: Vec<ReadRange> = coalesce(needs, MAX_GAP, MAX_RANGE);
+    let reads: Vec<ReadRange> = coalesce(needs, MAX_GAP, MAX_RANGE, MAX_READ_CHUNKS);
     let packs: Vec<Id> = reads
         .iter()
         .map(|r| map.packs()[r.pack as usize].id)

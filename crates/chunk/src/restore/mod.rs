@@ -71,6 +71,10 @@ use journal::{Durable, Journal};
 const MAX_GAP: u64 = 256 << 10;
 /// The longest ranged read.
 const MAX_RANGE: u64 = 4 << 20;
+/// The most chunks one ranged read serves: the files they complete are
+/// written by the fetcher that made the read, so this bounds the work the
+/// restore's last reads leave to one core.
+const MAX_READ_CHUNKS: usize = 256;
 /// Stored bytes being fetched or written at once, whatever the number of
 /// connections: a restore's memory does not grow with its parallelism
 /// (live restore's hydration keeps to it too), nor with its mirrors.

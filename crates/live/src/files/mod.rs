@@ -432,7 +432,12 @@ impl Files {
         let just: Vec<Wanted> = wanted.iter().map(|(_, w)| *w).collect();
         let mut attempt = 0;
         let reads = loop {
-            match self.source.plan(&just, DEMAND_GAP, DEMAND_MAX_READ) {
+            // Not capped in chunks: they are all the node's to wait for,
+            // and more reads would only add round trips to its wait.
+            match self
+                .source
+                .plan(&just, DEMAND_GAP, DEMAND_MAX_READ, usize::MAX)
+            {
                 Err(SourceError::Missing(_)) if attempt == 0 => {
                     attempt += 1;
                     self.source.reload()?;
