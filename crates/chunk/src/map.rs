@@ -5,6 +5,11 @@
 //! sorted arrays, not hash maps: at two million chunks that is the
 //! difference between 64 MiB and several hundred.
 //!
+//! A lookup first reads a [`Fanout`] table by the hash's first bits, then
+//! searches the few entries under it: a binary search of the whole array
+//! would miss the cache at each of its last dozen steps, and a restore
+//! looks up every chunk twice (proof, then reads).
+//!
 //! Pack indexes are listed (one object per backup or GC, never one per
 //! chunk or pack), read from the local cache when there, fetched
 //! `connections` at a time otherwise, and decoded one batch at a time.
@@ -46,28 +51,81 @@ pub struct Located {
 pub struct ChunkMap {
     packs: Vec<PackInfo>,
     entries: Vec<Located>,
+    fanout: Fanout,
     files: Vec<(Id, Vec<u32>)>,
     numbers: HashMap<Id, u32>,
 }
 
 /// The hashes of every chunk in the store.
 #[derive(Debug, Default)]
-pub struct KnownSet(Vec<Id>);
+pub struct KnownSet {
+    hashes: Vec<Id>,
+    fanout: Fanout,
+}
 
 impl KnownSet {
     /// Whether the store holds `hash`.
     pub fn contains(&self, hash: &Id) -> bool {
-        self.0.binary_search_by(|h| h.cmp_fast(hash)).is_ok()
+        self.hashes
+            .get(self.fanout.bucket(hash))
+            .is_some_and(|b| b.binary_search_by(|h| h.cmp_fast(hash)).is_ok())
     }
 
     /// How many chunks.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.hashes.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.hashes.is_empty()
+    }
+}
+
+/// Where the entries of a sorted array of hashes begin for each value of
+/// the hashes' first `bits` bits: bucket `b` is `starts[b]..starts[b + 1]`.
+/// Hashes are uniform, so a bucket holds about eight entries; the table is
+/// at most 2^17 buckets (1 MiB), beside the map's 48 bytes a chunk.
+#[derive(Debug, Default)]
+struct Fanout {
+    /// 64 minus the bits used: a hash's bucket is its prefix shifted by it.
+    shift: u32,
+    /// One more than the buckets; empty for an empty array.
+    starts: Vec<usize>,
+}
+
+impl Fanout {
+    /// The table for `n` sorted hashes whose `i`th prefix
+    /// ([`Id::prefix`]) is `prefix(i)`.
+    fn new(n: usize, prefix: impl Fn(usize) -> u64) -> Fanout {
+        if n == 0 {
+            return Fanout::default();
+        }
+        let bits = (usize::BITS - n.leading_zeros()).saturating_sub(3).min(17);
+        let shift = 64 - bits;
+        let mut starts = vec![0usize; (1 << bits) + 1];
+        for i in 0..n {
+            starts[Self::index(shift, prefix(i)) + 1] += 1;
+        }
+        for b in 1..starts.len() {
+            starts[b] += starts[b - 1];
+        }
+        Fanout { shift, starts }
+    }
+
+    /// The bucket of a prefix (`u64 >> 64` would overflow: no bits, one
+    /// bucket).
+    fn index(shift: u32, prefix: u64) -> usize {
+        prefix.checked_shr(shift).unwrap_or(0) as usize
+    }
+
+    /// The range of the array where `hash` is, if anywhere.
+    fn bucket(&self, hash: &Id) -> std::ops::Range<usize> {
+        let b = Self::index(self.shift, hash.prefix());
+        match (self.starts.get(b), self.starts.get(b + 1)) {
+            (Some(&start), Some(&end)) => start..end,
+            _ => 0..0,
+        }
     }
 }
 
@@ -197,6 +255,7 @@ impl ChunkMap {
             .sort_unstable_by_key(|e| (e.hash, e.pack, e.offset));
         self.entries.dedup_by_key(|e| e.hash);
         self.entries.shrink_to_fit();
+        self.fanout = Fanout::new(self.entries.len(), |i| self.entries[i].hash.prefix());
     }
 
     fn number(&mut self, id: Id, len: u64) -> u32 {
@@ -216,9 +275,13 @@ impl ChunkMap {
 
     /// The index of `hash` in [`ChunkMap::entries`].
     pub fn position(&self, hash: &Id) -> Option<usize> {
-        self.entries
+        let bucket = self.fanout.bucket(hash);
+        let base = bucket.start;
+        let within = self.entries.get(bucket)?;
+        within
             .binary_search_by(|e| e.hash.cmp_fast(hash))
             .ok()
+            .map(|i| base + i)
     }
 
     /// Every chunk, sorted by hash.
@@ -258,7 +321,58 @@ impl KnownSet {
         hashes.sort_unstable();
         hashes.dedup();
         hashes.shrink_to_fit();
-        Ok(KnownSet(hashes))
+        let fanout = Fanout::new(hashes.len(), |i| hashes[i].prefix());
+        Ok(KnownSet { hashes, fanout })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Through the fan-out, every hash in the array is found where it
+        /// is and no other is, at every size (none, one, uneven buckets).
+        #[test]
+        fn the_fanout_finds_what_a_search_of_the_whole_array_finds(
+            seeds in prop::collection::vec(any::<u64>(), 0..300),
+            others in prop::collection::vec(any::<u64>(), 0..50),
+            clustered in any::<bool>(),
+        ) {
+            // Clustered hashes share their first bytes: most buckets empty.
+            let id = |s: u64| {
+                let mut id = Id::of(&s.to_le_bytes());
+                if clustered {
+                    id.0[..2].copy_from_slice(&[0x7f, 0xff]);
+                }
+                id
+            };
+            let mut hashes: Vec<Id> = seeds.iter().map(|&s| id(s)).collect();
+            hashes.sort_unstable();
+            hashes.dedup();
+            let fanout = Fanout::new(hashes.len(), |i| hashes[i].prefix());
+            let set = KnownSet { hashes: hashes.clone(), fanout };
+            let located = |h: &Id| Located { hash: *h, pack: 0, offset: 0, stored_len: 1, raw_len: 1 };
+            let map = ChunkMap::from_pack_indexes(vec![(
+                Id::of(b"index"),
+                vec![PackEntry {
+                    id: Id::of(b"pack"),
+                    len: 1,
+                    blobs: hashes.iter().map(|h| crate::format::pack::Blob { hash: *h, offset: 0, stored_len: 1, raw_len: 1 }).collect(),
+                }],
+            )]);
+            for (i, h) in hashes.iter().enumerate() {
+                prop_assert!(set.contains(h));
+                prop_assert_eq!(map.position(h), Some(i));
+                prop_assert_eq!(map.find(h), Some(&located(h)));
+            }
+            for h in others.iter().map(|&s| id(s ^ 0x5555)) {
+                let there = hashes.binary_search(&h).ok();
+                prop_assert_eq!(set.contains(&h), there.is_some());
+                prop_assert_eq!(map.position(&h), there);
+            }
+        }
     }
 }
 
