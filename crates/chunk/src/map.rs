@@ -137,24 +137,32 @@ fn each_pack_index(
     connections: usize,
     f: impl FnMut(Id, Vec<PackEntry>),
 ) -> Result<(), ChunkError> {
-    each_pack_index_or(store, cache, connections, f, |_, e| Err(e))
+    let ids = list_pack_indexes(store)?;
+    each_listed_pack_index(store, cache, connections, ids, f, |_, e| Err(e))
 }
 
-/// [`each_pack_index`], with `bad` deciding what an unreadable pack index
-/// means: `Ok(())` to go on without it, or the error.
-pub(crate) fn each_pack_index_or(
-    store: &dyn Store,
-    cache: Option<&Cache>,
-    connections: usize,
-    mut f: impl FnMut(Id, Vec<PackEntry>),
-    mut bad: impl FnMut(Id, ChunkError) -> Result<(), ChunkError>,
-) -> Result<(), ChunkError> {
+/// The ids of every pack index in `store`, sorted.
+pub fn list_pack_indexes(store: &dyn Store) -> Result<Vec<Id>, ChunkError> {
     let mut ids: Vec<Id> = with_retry(store, || store.list(Kind::PackIndex))
         .map_err(|e| ChunkError::store("listing pack indexes", e))?
         .into_iter()
         .map(|(id, _)| id)
         .collect();
     ids.sort_unstable();
+    Ok(ids)
+}
+
+/// [`each_pack_index`] over the pack indexes `ids`, listed earlier, with
+/// `bad` deciding what an unreadable pack index means: `Ok(())` to go on
+/// without it, or the error.
+fn each_listed_pack_index(
+    store: &dyn Store,
+    cache: Option<&Cache>,
+    connections: usize,
+    ids: Vec<Id>,
+    mut f: impl FnMut(Id, Vec<PackEntry>),
+    mut bad: impl FnMut(Id, ChunkError) -> Result<(), ChunkError>,
+) -> Result<(), ChunkError> {
     let batch = connections.max(1) * 4;
     for part in ids.chunks(batch) {
         let fetched = crate::pipeline::pool::map(
@@ -208,11 +216,25 @@ impl ChunkMap {
         connections: usize,
         bad: impl FnMut(Id, ChunkError) -> Result<(), ChunkError>,
     ) -> Result<ChunkMap, ChunkError> {
+        Self::load_listed_or(store, cache, connections, list_pack_indexes(store)?, bad)
+    }
+
+    /// [`ChunkMap::load_or`] from the pack indexes `ids`, listed earlier
+    /// ([`list_pack_indexes`]): what a listing that old can miss is the
+    /// caller's to judge.
+    pub fn load_listed_or(
+        store: &dyn Store,
+        cache: Option<&Cache>,
+        connections: usize,
+        ids: Vec<Id>,
+        bad: impl FnMut(Id, ChunkError) -> Result<(), ChunkError>,
+    ) -> Result<ChunkMap, ChunkError> {
         let mut map = ChunkMap::default();
-        each_pack_index_or(
+        each_listed_pack_index(
             store,
             cache,
             connections,
+            ids,
             |file, packs| map.add(file, packs),
             bad,
         )?;

@@ -251,6 +251,113 @@ fn gc_beside_a_running_backup_keeps_what_it_needs() {
     check_clean(&store);
 }
 
+/// A restore lists the pack indexes while it takes its lease, and trusts
+/// that listing only as far as it proves the backup (`docs/format.md`,
+/// "Restore lease"). Here a sweep runs, and ends, after that listing and
+/// before the restore's lease is written: it deletes the pack index the
+/// listing named and writes the one holding the repacked chunks. The
+/// restore must list again, under its lease, and restore exactly; with no
+/// sweep, it lists once.
+#[test]
+fn a_sweep_ending_while_the_restore_lease_is_taken_costs_a_listing_not_the_restore() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    write_tree(&src, &[("a.sst", 1, MIB), ("b.sst", 2, MIB)]);
+    let store = MemStore::new();
+    let old = backup(&store, &src, "node").expect("first");
+    // Only a.sst's first chunk is still used: its pack is a repack
+    // candidate, the others are dead.
+    let mut kept = std::fs::read(src.join("a.sst")).expect("read");
+    kept[64 * KIB..].copy_from_slice(&noise(3, MIB - 64 * KIB));
+    std::fs::write(src.join("a.sst"), kept).expect("write");
+    std::fs::remove_file(src.join("b.sst")).expect("rm");
+    backup(&store, &src, "node").expect("second");
+    repo(&store).forget(&old.name, false).expect("forget");
+    let now = GcOptions {
+        grace: Duration::ZERO,
+        dry_run: false,
+    };
+    repo(&store).gc(&now).expect("mark");
+
+    // Each listing of pack indexes meets a (harmless) injected fault, so
+    // that `faulted` counts them.
+    let count_listings = |store: &MemStore| {
+        store.inject(
+            Request::List(Kind::PackIndex),
+            1,
+            100,
+            Fault::Slow(Duration::ZERO),
+        );
+    };
+    let after_sweep = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+    let seen = Arc::clone(&after_sweep);
+    store.before_marker_put("locks/restore-", move |s| {
+        // The early listing is made beside the lease: it is done (or
+        // running) before the lease's marker is written.
+        let started = std::time::Instant::now();
+        while s.faulted() == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the pack indexes were not listed while the lease was taken"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        s.clear_faults();
+        let swept = repo(s).gc(&GcOptions {
+            grace: Duration::ZERO,
+            dry_run: false,
+        });
+        let swept = swept.expect("sweep");
+        assert!(
+            swept.packs_deleted > 0 && swept.packs_repacked > 0,
+            "{swept:?}"
+        );
+        count_listings(s);
+        seen.store(s.faulted(), Ordering::SeqCst);
+    });
+    count_listings(&store);
+    let dest = t.path().join("dest");
+    restore(&store, "node", &dest).expect("restore");
+    assert_same_tree(&src, &dest);
+    let before = after_sweep.load(Ordering::SeqCst);
+    assert_ne!(before, u64::MAX, "the sweep ran");
+    assert_eq!(
+        store.faulted() - before,
+        1,
+        "listed again, once, under the lease"
+    );
+    check_clean(&store);
+
+    // Nothing in between: one listing.
+    store.clear_faults();
+    count_listings(&store);
+    let before = store.faulted();
+    let dest = t.path().join("again");
+    restore(&store, "node", &dest).expect("restore");
+    assert_same_tree(&src, &dest);
+    assert_eq!(store.faulted() - before, 1, "listed once");
+
+    // A restore that waited for a sweep drops its early listing: whatever
+    // the sweep did, the map is listed again under the lease.
+    store
+        .put_marker("locks/sweep-othernode-1-1-0", b"{}")
+        .expect("marker");
+    let before = store.faulted();
+    let dest = t.path().join("after-waiting");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(2500));
+            store
+                .delete_marker("locks/sweep-othernode-1-1-0")
+                .expect("delete");
+        });
+        restore(&store, "node", &dest).expect("restore");
+    });
+    assert_same_tree(&src, &dest);
+    assert_eq!(store.faulted() - before, 2, "listed early, then again");
+}
+
 #[test]
 fn answers_lost_after_the_write_cost_nothing() {
     let t = tempfile::tempdir().expect("tmp");

@@ -226,6 +226,8 @@ pub struct Lease<'s> {
     /// Given up early ([`Lease::release`]): the marker is gone and is
     /// never written again. Changed only under `writing`.
     released: AtomicBool,
+    /// Taking it waited for a sweep: see [`Lease::waited`].
+    waited: AtomicBool,
 }
 
 /// The lease's body and a generation counter: bumped at each change, so a
@@ -239,6 +241,12 @@ impl Lease<'_> {
     /// The marker's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether taking the lease waited for a sweep: what was read from the
+    /// store before then may be out of date.
+    pub fn waited(&self) -> bool {
+        self.waited.load(Ordering::Relaxed)
     }
 
     /// "Now" by the store's clock, as of taking the lease: our marker's
@@ -512,6 +520,7 @@ pub fn with_lease<T, E: From<LeaseError>>(
         store_now: Mutex::new(None),
         listed: Mutex::new(Vec::new()),
         released: AtomicBool::new(false),
+        waited: AtomicBool::new(false),
     };
     let result = acquire(&lease, cancel)
         .map_err(E::from)
@@ -560,6 +569,7 @@ fn acquire(lease: &Lease<'_>, cancel: &Cancel) -> Result<(), LeaseError> {
         if !announced {
             tracing::info!(sweep = %who, "waiting for a garbage-collection sweep to finish");
             announced = true;
+            lease.waited.store(true, Ordering::Relaxed);
         }
         if cancel.sleep(Duration::from_secs(2)) {
             return Err(LeaseError::Cancelled);

@@ -64,6 +64,7 @@ use super::format::tree::Entry;
 use super::lease::{Lease, LeaseError, LeaseKind};
 use super::map::ChunkMap;
 use super::pipeline::{counters, Budget, Pipeline};
+use super::store::Id;
 use super::{inventory, ChunkError, Policy, Progress, Repo};
 use journal::{Durable, Journal};
 
@@ -358,17 +359,36 @@ impl Lookup<'_> {
 }
 
 /// [`restore`] of the backup `found` gives, asked for once the lease is
-/// taken (or found not to be needed).
+/// taken (or found not to be needed). The pack indexes are listed while
+/// the lease is being taken (`docs/format.md`, "Restore lease"): one round
+/// trip fewer before the first pack read.
 fn restore_with<'a>(
     repo: &Repo,
     found: impl Fn() -> Result<(&'a str, &'a Decoded), ChunkError>,
     dest: &Path,
     opts: &RestoreOptions,
 ) -> Result<RestoreSummary, ChunkError> {
-    let run_found = |lease: Option<&Lease<'_>>| {
-        let (name, index) = found()?;
-        run(repo, name, index, dest, opts, lease)
-    };
+    std::thread::scope(|s| {
+        let early = EarlyListing(Mutex::new(Some(
+            s.spawn(|| crate::map::list_pack_indexes(repo.store())),
+        )));
+        let run_found = |lease: Option<&Lease<'_>>| {
+            let (name, index) = found()?;
+            // A sweep it waited for may have changed what was listed.
+            let listed = early.take().filter(|_| !lease.is_some_and(Lease::waited));
+            run(repo, name, index, dest, opts, lease, listed)
+        };
+        with_restore_lease(repo, opts, &run_found)
+    })
+}
+
+/// Run `run_found` under a restore lease, or without one where the store
+/// cannot hold one.
+fn with_restore_lease(
+    repo: &Repo,
+    opts: &RestoreOptions,
+    run_found: &dyn Fn(Option<&Lease<'_>>) -> Result<RestoreSummary, ChunkError>,
+) -> Result<RestoreSummary, ChunkError> {
     let result = super::lease::with_lease(
         repo.store(),
         LeaseKind::Restore,
@@ -389,6 +409,30 @@ fn restore_with<'a>(
         }
         Err(ChunkError::Lease(LeaseError::Cancelled)) => Err(ChunkError::Cancelled),
         r => r,
+    }
+}
+
+/// The pack indexes, listed on a thread of their own while the lease is
+/// taken; taken once.
+struct EarlyListing<'scope>(Mutex<Option<ScopedListing<'scope>>>);
+
+type ScopedListing<'scope> = std::thread::ScopedJoinHandle<'scope, Result<Vec<Id>, ChunkError>>;
+
+impl EarlyListing<'_> {
+    /// The listing, or `None` if it failed (the map is then listed again,
+    /// and that listing's error reported) or was taken before.
+    fn take(&self) -> Option<Vec<Id>> {
+        let handle = self.0.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        match handle
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        {
+            Ok(ids) => Some(ids),
+            Err(e) => {
+                tracing::debug!(error = %e, "listing the pack indexes early failed; listing them again");
+                None
+            }
+        }
     }
 }
 
@@ -429,6 +473,7 @@ fn run(
     dest: &Path,
     opts: &RestoreOptions,
     lease: Option<&Lease<'_>>,
+    listed: Option<Vec<Id>>,
 ) -> Result<RestoreSummary, ChunkError> {
     // The backup's segments are read twice (see `prove`): the second time
     // from a cache, a temporary one if there is no other.
@@ -441,7 +486,7 @@ fn run(
             repo.clone().with_cache(Some(Cache::new(scratch.path())))
         }
     };
-    let map = load_and_prove(&repo, name, index)?;
+    let map = load_and_prove_listed(&repo, name, index, listed)?;
     std::fs::create_dir_all(dest).map_err(|e| ChunkError::io(dest, e))?;
     let (tree, dest_fd) = open_dest(dest)?;
     // Read before the journal is made in it.
@@ -571,7 +616,7 @@ fn restamp_linked(shared: &Shared<'_>, tree: &btm::confined::Tree) {
 fn record_path(dir: &Path, dest: &Path, fd: &OwnedFd) -> Option<std::path::PathBuf> {
     let st = nix::sys::stat::fstat(fd).ok()?;
     let canonical = std::fs::canonicalize(dest).ok()?;
-    let path_hash = crate::store::Id::of(canonical.as_os_str().as_encoded_bytes()).to_hex();
+    let path_hash = Id::of(canonical.as_os_str().as_encoded_bytes()).to_hex();
     Some(dir.join(format!(
         "{:x}-{:x}-{}",
         st.st_dev,
@@ -584,6 +629,38 @@ fn record_path(dir: &Path, dest: &Path, fd: &OwnedFd) -> Option<std::path::PathB
 /// needs, before anything local is touched. A live restore calls it before
 /// it mounts anything; a restore calls it before it writes anything.
 pub fn load_and_prove(repo: &Repo, name: &str, index: &Decoded) -> Result<ChunkMap, ChunkError> {
+    load_and_prove_listed(repo, name, index, None)
+}
+
+/// [`load_and_prove`], the map loaded from the pack indexes `listed`
+/// before the lease was taken, if given. That listing may miss what a
+/// sweep ending meanwhile wrote (`docs/format.md`, "Restore lease"), so a
+/// backup it does not prove restorable is proved again from a new listing,
+/// and only that second answer counts.
+fn load_and_prove_listed(
+    repo: &Repo,
+    name: &str,
+    index: &Decoded,
+    listed: Option<Vec<Id>>,
+) -> Result<ChunkMap, ChunkError> {
+    if let Some(ids) = listed {
+        match load_and_prove_from(repo, name, index, Some(ids)) {
+            Err(e @ ChunkError::Unrestorable { .. }) => {
+                tracing::debug!(error = %e, "not proved from the early listing; listing again");
+            }
+            r => return r,
+        }
+    }
+    load_and_prove_from(repo, name, index, None)
+}
+
+/// [`load_and_prove`] from `listed`, or from a listing made now.
+fn load_and_prove_from(
+    repo: &Repo,
+    name: &str,
+    index: &Decoded,
+    listed: Option<Vec<Id>>,
+) -> Result<ChunkMap, ChunkError> {
     let (store, cache, connections) = (repo.store(), repo.cache(), repo.metadata_connections());
     let mut entries = inventory::entries(store, cache, name, index, connections);
     // A version 1 backup names its chunks as objects: no map to load.
@@ -599,11 +676,17 @@ pub fn load_and_prove(repo: &Repo, name: &str, index: &Decoded) -> Result<ChunkM
         });
         let map = match index {
             Decoded::V1(_) => Ok(ChunkMap::default()),
-            Decoded::V2(_) => ChunkMap::load_or(store, cache, connections, |id, e| {
-                tracing::debug!(pack_index = %id, error = %e, "a pack index cannot be read");
-                unreadable.get_or_insert_with(|| e.to_string());
-                Ok(())
-            }),
+            Decoded::V2(_) => {
+                let bad = |id: Id, e: ChunkError| {
+                    tracing::debug!(pack_index = %id, error = %e, "a pack index cannot be read");
+                    unreadable.get_or_insert_with(|| e.to_string());
+                    Ok(())
+                };
+                match listed {
+                    Some(ids) => ChunkMap::load_listed_or(store, cache, connections, ids, bad),
+                    None => ChunkMap::load_or(store, cache, connections, bad),
+                }
+            }
         };
         let entries = prefetching
             .join()
