@@ -135,16 +135,26 @@ start_s3() {
     export AWS_ENDPOINT_URL="http://127.0.0.1:$((port + 1))"
 }
 
-# fetch_floor PREFIX: GET every pack under $work/s3/PREFIX/packs through
-# the proxy, 16 in flight (btm's restore default for a remote store),
-# bytes discarded: the floor of any restore of those packs here. Sets
-# floor_bytes, the bytes fetched.
+# fetch_floor PREFIX [DIR]: GET every pack under $work/s3/PREFIX/packs
+# through the proxy, 16 in flight (btm's restore default for a remote
+# store), bytes discarded: the floor of any restore of those packs here.
+# With DIR, each pack is written to a file in DIR instead and the whole
+# synced: fetching the bytes and storing them durably, as a restore must
+# (its own bytes are more, once decompressed). Sets floor_bytes, the bytes
+# fetched.
 fetch_floor() {
-    # shellcheck disable=SC2016 # $1 and $2 are the inner shell's.
-    measure "floor: GET btm's packs, 16 in flight (curl)" sh -c '
-        cd "$1" && find "$2/packs" -type f | xargs -P 16 -I{} curl -sSf -o /dev/null \
+    local out=/dev/null label="floor: GET btm's packs, 16 in flight (curl)"
+    if [ -n "${2:-}" ]; then
+        mkdir -p "$2"
+        out="$2/{}"
+        label="floor: the same GETs into files, then sync"
+    fi
+    # shellcheck disable=SC2016 # $1, $2 and $3 are the inner shell's.
+    measure "$label" sh -c '
+        cd "$1" && find "$2/packs" -type f | xargs -P 16 -I{} curl -sSf --create-dirs -o "$3" \
             -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" --aws-sigv4 aws:amz:us-east-1:s3 \
-            --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" "$AWS_ENDPOINT_URL/{}"' - "$work/s3" "$1"
+            --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" "$AWS_ENDPOINT_URL/{}" &&
+        if [ "$3" != /dev/null ]; then sync; fi' - "$work/s3" "$1" "$out"
     floor_bytes=$(bytes "$work/s3/$1/packs")
 }
 
@@ -179,11 +189,13 @@ make_shape() {
 # (local or remote) labels it, and a local run also measures the copy
 # floors. The remote benchmark's hooks: AFTER_FULL measures the upload
 # floor right after btm's full backup (it sets put_floor), BEFORE_RESTORE
-# the fetch floor right before btm's restore (fetch_floor: its seconds and
-# floor_bytes), so that each is compared with a floor of the same minute
-# on this noisy machine. The last lines give btm's lead over each peer,
-# the restores as multiples of the floor (the durable copy locally; the
-# fetch floor for the bytes btm's restore downloaded remotely), btm's
+# [DIR] the fetch floor right before btm's restore (fetch_floor: its
+# seconds and floor_bytes; with DIR, fetched and stored), so that each is
+# compared with a floor of the same minute on this noisy machine. The last
+# lines give btm's lead over each peer, the restores as multiples of the
+# floor (the durable copy locally; remotely the fetch floor for the bytes
+# btm's restore downloaded, then the slowest of it, the durable copy and
+# fetching and storing the same bytes), btm's
 # restore over its CPU floor (the machine's CPU it kept busy, spread over
 # every core: where that is near the wall time, only less work is faster),
 # and remotely btm's full backup over the upload floor.
@@ -227,7 +239,7 @@ run_shape() {
     fresh_fs
     measure "rustic restore, empty fs" "${ucmd[@]}" restore latest "$mnt/u"; local urest=$last_secs
     fresh_fs
-    local raw_floor='' copy_floor=''
+    local raw_floor='' copy_floor='' stored_floor=''
     if [ -n "$before_restore" ]; then
         # A restore can be no faster than fetching its bytes, nor than
         # making the same tree durable from memory (files created,
@@ -236,6 +248,10 @@ run_shape() {
         # shellcheck disable=SC2016 # $1 and $2 are the inner shell's.
         measure "floor: cp -a --sparse=always, then sync" sh -c 'cp -a --sparse=always "$1" "$2" && sync' - "$src" "$mnt/copy"
         copy_floor=$last_secs
+        # And no faster than fetching its bytes and storing them.
+        fresh_fs
+        "$before_restore" "$mnt/fetched"
+        stored_floor=$last_secs
         fresh_fs
         "$before_restore"
         raw_floor=$last_secs
@@ -249,6 +265,8 @@ run_shape() {
         local got; got=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["summary"]["bytes_downloaded"])' <"$work/out")
         floor=$(scaled_floor "$raw_floor" "$got")
         note "fetch floor for btm's $(mib "$got") of $(mib "$floor_bytes") MiB" "$floor s"
+        stored_floor=$(scaled_floor "$stored_floor" "$got")
+        note "fetch-and-store floor for the same" "$stored_floor s"
     fi
     diff -r "$src" "$mnt/b" >/dev/null || { echo "btm's restore differs from the source" >&2; exit 1; }
     # Each pair of fetch floor (scaled) and btm's restore, "floor:restore".
@@ -293,6 +311,8 @@ run_shape() {
     if [ -n "$pairs" ]; then
         note "btm's restore over the fetch floor, 3 pairs" "$(over_floors "$pairs" 0)"
         note "btm's restore over the slower floor (fetch, durable copy)" "$(over_floors "$pairs" "$copy_floor")"
+        note "btm's restore over the slowest (and fetch and store)" \
+            "$(over_floors "$pairs" "$(awk -v a="$copy_floor" -v b="$stored_floor" 'BEGIN { print (a > b) ? a : b }')")"
     fi
     note "btm's restore over its CPU floor ($brest_cpu CPU s / $cores)" \
         "$(awk -v w="$brest" -v c="$brest_cpu" -v n="$cores" 'BEGIN { printf "%.2fx", (c > 0) ? w * n / c : 0 }')"

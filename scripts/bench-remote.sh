@@ -11,7 +11,8 @@
 # pack of btm's full backup uploaded right after that backup, and every
 # pack in the store fetched right before btm's restore, through the proxy
 # by curl, with as many requests in flight as btm's backup and restore
-# use. No backup or restore of those bytes, by any tool, can beat them
+# use, and the same GETs written into files of a fresh file system and
+# synced. No backup or restore of those bytes, by any tool, can beat them
 # here.
 #
 # Environment: BENCH_DIR, BENCH_LATENCY_MS (20), BENCH_META_FILES (100000).
@@ -24,8 +25,9 @@ shapes=("$@")
 # The transfer floors, from btm's packs in $bucket, through the proxy.
 # put_floors, right after btm's full backup: PUT them all to a scratch
 # bucket, 4 in flight (btm's backup default for a remote store).
-# get_floor, right before btm's restore: GET every pack in the store then,
-# 16 in flight (its restore default), bytes discarded.
+# get_floor [DIR], right before btm's restore: GET every pack in the store
+# then, 16 in flight (its restore default), bytes discarded (or stored in
+# DIR and synced).
 put_floors() {
     mkdir -p "$work/s3/put$bucket"
     # shellcheck disable=SC2016 # $1, $2 and $3 are the inner shell's.
@@ -36,7 +38,7 @@ put_floors() {
     put_floor=$last_secs
     rm -rf "${work:?}/s3/put$bucket"
 }
-get_floor() { fetch_floor "$bucket/x"; }
+get_floor() { fetch_floor "$bucket/x" "$@"; }
 
 machine_floors
 start_s3
