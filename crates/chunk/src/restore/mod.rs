@@ -46,6 +46,7 @@ pub mod prove;
 mod verify;
 mod write;
 
+pub use prove::load_and_prove;
 pub use write::write_sparse;
 
 use std::os::fd::OwnedFd;
@@ -486,7 +487,7 @@ fn run(
             repo.clone().with_cache(Some(Cache::new(scratch.path())))
         }
     };
-    let map = load_and_prove_listed(&repo, name, index, listed)?;
+    let map = prove::load_and_prove_listed(&repo, name, index, listed)?;
     std::fs::create_dir_all(dest).map_err(|e| ChunkError::io(dest, e))?;
     let (tree, dest_fd) = open_dest(dest)?;
     // Read before the journal is made in it.
@@ -623,80 +624,6 @@ fn record_path(dir: &Path, dest: &Path, fd: &OwnedFd) -> Option<std::path::PathB
         st.st_ino,
         &path_hash[..16]
     )))
-}
-
-/// The chunk map, and proof that the store holds everything the backup
-/// needs, before anything local is touched. A live restore calls it before
-/// it mounts anything; a restore calls it before it writes anything.
-pub fn load_and_prove(repo: &Repo, name: &str, index: &Decoded) -> Result<ChunkMap, ChunkError> {
-    load_and_prove_listed(repo, name, index, None)
-}
-
-/// [`load_and_prove`], the map loaded from the pack indexes `listed`
-/// before the lease was taken, if given. That listing may miss what a
-/// sweep ending meanwhile wrote (`docs/format.md`, "Restore lease"), so a
-/// backup it does not prove restorable is proved again from a new listing,
-/// and only that second answer counts.
-fn load_and_prove_listed(
-    repo: &Repo,
-    name: &str,
-    index: &Decoded,
-    listed: Option<Vec<Id>>,
-) -> Result<ChunkMap, ChunkError> {
-    if let Some(ids) = listed {
-        match load_and_prove_from(repo, name, index, Some(ids)) {
-            Err(e @ ChunkError::Unrestorable { .. }) => {
-                tracing::debug!(error = %e, "not proved from the early listing; listing again");
-            }
-            r => return r,
-        }
-    }
-    load_and_prove_from(repo, name, index, None)
-}
-
-/// [`load_and_prove`] from `listed`, or from a listing made now.
-fn load_and_prove_from(
-    repo: &Repo,
-    name: &str,
-    index: &Decoded,
-    listed: Option<Vec<Id>>,
-) -> Result<ChunkMap, ChunkError> {
-    let (store, cache, connections) = (repo.store(), repo.cache(), repo.metadata_connections());
-    let mut entries = inventory::entries(store, cache, name, index, connections);
-    // A version 1 backup names its chunks as objects: no map to load.
-    // A pack index that cannot be read may hold nothing this backup needs:
-    // the proof says which chunk is missing if it does.
-    let mut unreadable = None;
-    let (map, entries) = std::thread::scope(|s| {
-        // The first tree segments are fetched while the map loads: one
-        // round trip fewer before the first write.
-        let prefetching = s.spawn(move || {
-            entries.prefetch();
-            entries
-        });
-        let map = match index {
-            Decoded::V1(_) => Ok(ChunkMap::default()),
-            Decoded::V2(_) => {
-                let bad = |id: Id, e: ChunkError| {
-                    tracing::debug!(pack_index = %id, error = %e, "a pack index cannot be read");
-                    unreadable.get_or_insert_with(|| e.to_string());
-                    Ok(())
-                };
-                match listed {
-                    Some(ids) => ChunkMap::load_listed_or(store, cache, connections, ids, bad),
-                    None => ChunkMap::load_or(store, cache, connections, bad),
-                }
-            }
-        };
-        let entries = prefetching
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        (map, entries)
-    });
-    let map = map?;
-    prove::prove(store, entries, name, index, &map)
-        .map_err(|e| prove::with_hint(e, unreadable.as_deref()))?;
-    Ok(map)
 }
 
 /// Where a restore writes: the destination open, a descriptor of it for
