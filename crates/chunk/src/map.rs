@@ -5,10 +5,10 @@
 //! sorted arrays, not hash maps: at two million chunks that is the
 //! difference between 64 MiB and several hundred.
 //!
-//! A lookup first reads a [`Fanout`] table by the hash's first bits, then
-//! searches the few entries under it: a binary search of the whole array
-//! would miss the cache at each of its last dozen steps, and a restore
-//! looks up every chunk twice (proof, then reads).
+//! A lookup first reads a fan-out table (`Fanout`) by the hash's first
+//! bits, then searches the few entries under it: a binary search of the
+//! whole array would miss the cache at each of its last dozen steps, and
+//! a restore looks up every chunk twice (proof, then reads).
 //!
 //! Pack indexes are listed (one object per backup or GC, never one per
 //! chunk or pack), read from the local cache when there, fetched
