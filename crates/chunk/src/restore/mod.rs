@@ -73,10 +73,13 @@ use journal::{Durable, Journal};
 const MAX_GAP: u64 = 256 << 10;
 /// The longest ranged read.
 const MAX_RANGE: u64 = 4 << 20;
-/// The most chunks one ranged read serves: the files they complete are
-/// written by the fetcher that made the read, so this bounds the work the
-/// restore's last reads leave to one core.
-const MAX_READ_CHUNKS: usize = 256;
+/// The most chunks one ranged read serves. Not capped: a cap of 256 let
+/// meta's last reads share their files between both cores (3.60-3.87 s
+/// against 3.48-4.18 s), but at a million files of 170 bytes it turned
+/// each 4 MiB read into a hundred of 44 KiB and the restore's peak RSS
+/// rose from 125 to 129-134 MiB, over the 128 MiB bound
+/// (`docs/performance.md`, stop 48).
+const MAX_READ_CHUNKS: usize = usize::MAX;
 /// Stored bytes being fetched or written at once, whatever the number of
 /// connections: a restore's memory does not grow with its parallelism
 /// (live restore's hydration keeps to it too), nor with its mirrors.
