@@ -387,14 +387,14 @@ fn run_pipeline<'a>(
                 .map_err(|e| shared.pipeline.fail(e))
                 .ok()
         });
-        let msgs = msg_tx.clone();
+        let (msgs, blobs) = (msg_tx.clone(), blob_tx.clone());
         shared.pipeline.spawn_workers_urgent(
             s,
             opts.workers,
             &urgent_rx,
             &work_rx,
             || workers::Scratch::new(opts.zstd_level),
-            move |scratch, task| workers::work(shared, known, scratch, task, &blob_tx, &msgs),
+            move |scratch, task| workers::work(shared, known, scratch, task, &blobs, &msgs),
         );
         drop((work_rx, urgent_rx));
         s.spawn(move || upload::packer(shared, blob_rx, pack_tx));
@@ -413,6 +413,9 @@ fn run_pipeline<'a>(
             work: work_tx,
             urgent: urgent_tx,
             msgs: msg_tx,
+            known,
+            blobs: blob_tx,
+            scratch: None,
             batch: planner::Batch::default(),
             retries: retry_rx,
             next_id: 0,

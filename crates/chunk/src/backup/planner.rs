@@ -24,10 +24,12 @@ use nix::sys::stat::{FileStat, Mode, SFlag};
 
 use super::links::{Links, Name};
 use super::walk::{Parent, Walked, Walker};
+use super::workers::{work, Blobs, Scratch};
 use super::writer::{Msg, Retry, Signature};
 use super::{BackupSummary, Shared};
 use crate::exclude::Exclusions;
 use crate::format::tree::{ChunkRef, Entry, EntryKind};
+use crate::map::KnownSet;
 use crate::plan::{backup_step, BackupStep, FileRule};
 use crate::ChunkError;
 
@@ -47,6 +49,9 @@ pub(super) struct ReadTask {
     pub(super) opened: Arc<Opened>,
     pub(super) off: u64,
     pub(super) len: u64,
+    /// The planner paid the rate limit for this read before it opened the
+    /// file ([`Planner::reread`]); the worker reads at once.
+    pub(super) paid: bool,
 }
 
 /// A file opened to be read, shared by the reads of its chunks. Whichever
@@ -103,6 +108,12 @@ pub(super) struct Planner<'s, 'a> {
     /// after the queue (when it may well have changed again).
     pub(super) urgent: Sender<Vec<ReadTask>>,
     pub(super) msgs: Sender<Msg>,
+    /// The store's chunks and the packer's queue, for the second reads the
+    /// planner makes itself ([`Route::Inline`]).
+    pub(super) known: &'s KnownSet,
+    pub(super) blobs: Sender<Blobs>,
+    /// Made at the first such read.
+    pub(super) scratch: Option<Scratch>,
     /// What goes to the writer and to the workers next ([`Planner::flush`]).
     pub(super) batch: Batch,
     /// Files to read again; disconnected once the writer is done.
@@ -120,8 +131,21 @@ pub(super) struct Batch {
     msgs: Vec<Msg>,
     tasks: Vec<ReadTask>,
     bytes: u64,
-    /// The tasks are a second read's, for [`Planner::urgent`].
-    urgent: bool,
+    route: Route,
+}
+
+/// Where a batch's tasks go.
+#[derive(Clone, Copy, Default)]
+enum Route {
+    /// To the workers, in walk order.
+    #[default]
+    Work,
+    /// A large file's second read: to the workers, ahead of the queue.
+    Urgent,
+    /// A small file's second read: the planner reads it itself, at once
+    /// ([`Planner::reread`]), having paid the rate limit for its first
+    /// `paid` bytes (all of them, unless it grew since).
+    Inline { paid: u64 },
 }
 
 /// One read of a file: the planner's number for it, which attempt, and
@@ -309,15 +333,31 @@ impl Planner<'_, '_> {
         }
         self.batch.bytes = 0;
         let tasks = std::mem::take(&mut self.batch.tasks);
-        if !tasks.is_empty() {
-            let to = if self.batch.urgent {
-                &self.urgent
-            } else {
-                &self.work
-            };
-            to.send(tasks).map_err(|_| ChunkError::Aborted)?;
+        if tasks.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let to = match self.batch.route {
+            Route::Work => &self.work,
+            Route::Urgent => &self.urgent,
+            Route::Inline { .. } => {
+                let scratch = match &mut self.scratch {
+                    Some(s) => s,
+                    None => self
+                        .scratch
+                        .insert(Scratch::new(self.shared.opts.zstd_level)?),
+                };
+                work(
+                    self.shared,
+                    self.known,
+                    scratch,
+                    tasks,
+                    &self.blobs,
+                    &self.msgs,
+                );
+                return Ok(());
+            }
+        };
+        to.send(tasks).map_err(|_| ChunkError::Aborted)
     }
 
     fn serve_retries(&mut self) -> Result<(), ChunkError> {
@@ -578,6 +618,7 @@ impl Planner<'_, '_> {
                         opened: Arc::clone(opened),
                         off,
                         len,
+                        paid: matches!(self.batch.route, Route::Inline { paid } if off + len <= paid),
                     };
                     self.queue(task)?;
                 }
@@ -588,6 +629,15 @@ impl Planner<'_, '_> {
     }
 
     /// Read a file again, whole, as the writer asks.
+    ///
+    /// It changed while it was read, so it is read again with as short a
+    /// window as can be between its signature and the check after its
+    /// read: a small one (up to [`BATCH_BYTES`]) is read by the planner
+    /// itself, its rate-limit slot paid before it is opened, rather than
+    /// waiting behind a worker's batch, or its slot, after it was opened.
+    /// A file rewritten every few hundred milliseconds is then caught
+    /// between two writes, not across one. A larger file's chunks go to
+    /// the workers ahead of their queue.
     fn reread(&mut self, r: Retry) -> Result<(), ChunkError> {
         let Retry { id, attempt } = r;
         let (rel, linked) = self
@@ -598,6 +648,9 @@ impl Planner<'_, '_> {
             .get(&id)
             .cloned()
             .ok_or(ChunkError::Aborted)?;
+        // What is held back goes first, on the ordinary queue, before the
+        // file is opened: sending may wait for the workers.
+        self.flush()?;
         let tree =
             btm::confined::Tree::open(self.root).map_err(|e| ChunkError::Invalid(e.to_string()))?;
         let file = tree
@@ -608,6 +661,16 @@ impl Planner<'_, '_> {
                     String::from_utf8_lossy(&rel)
                 ))
             })?;
+        // The signature is taken in `read_file`, after this wait.
+        let size = nix::sys::stat::fstat(&file).map_or(u64::MAX, |st| st.st_size as u64);
+        let route = if size <= BATCH_BYTES {
+            if let Some(t) = &self.shared.throttle {
+                t.take(size);
+            }
+            Route::Inline { paid: size }
+        } else {
+            Route::Urgent
+        };
         let append_only = self
             .shared
             .opts
@@ -621,12 +684,9 @@ impl Planner<'_, '_> {
             linked,
             prev: None,
         };
-        // What is held back goes first, on the ordinary queue; this read's
-        // chunks then go ahead of that queue.
-        self.flush()?;
-        self.batch.urgent = true;
+        self.batch.route = route;
         let queued = self.read_file(read, rel, file).and_then(|()| self.flush());
-        self.batch.urgent = false;
+        self.batch.route = Route::Work;
         queued
     }
 }

@@ -96,7 +96,7 @@ pub(super) fn work(
     };
     let mut results = Vec::with_capacity(tasks.len());
     for task in tasks {
-        if let Some(t) = &shared.throttle {
+        if let (Some(t), false) = (&shared.throttle, task.paid) {
             t.take(task.len);
         }
         let read = read(shared, &task, scratch);
