@@ -5,7 +5,7 @@
 //! trips a faraway store turns into latency.
 //!
 //! ```text
-//! cargo run --release --example trace_requests -- backup STORE SRC TAG
+//! cargo run --release --example trace_requests -- backup STORE SRC TAG [CACHE [APPEND_ONLY...]]
 //! cargo run --release --example trace_requests -- restore STORE TAG DEST [CACHE]
 //! ```
 //! Used to count the round trips of `scripts/bench-remote.sh`'s
@@ -20,7 +20,7 @@ use btm_chunk::restore::RestoreOptions;
 use btm_chunk::store::{Layer, Request, Store, StoreError};
 use btm_chunk::{Policy, Repo};
 
-const USAGE: &str = "usage: trace_requests backup STORE SRC TAG | restore STORE TAG DEST [CACHE]";
+const USAGE: &str = "usage: trace_requests backup STORE SRC TAG [CACHE [APPEND_ONLY...]] | restore STORE TAG DEST [CACHE]";
 
 struct Traced {
     inner: Arc<dyn Store>,
@@ -68,8 +68,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let repo = Repo::new(Arc::clone(&store) as Arc<dyn Store>);
     let what = match (args[1].as_str(), rest) {
-        ("backup", [src, tag]) => {
-            let s = repo.backup(Path::new(src), &BackupOptions::new(tag, Policy::NONE))?;
+        ("backup", [src, tag, rest @ ..]) => {
+            // As `btm backup` does: with the cache and `--appendonly`.
+            let (cache, append_only) = rest
+                .split_first()
+                .map_or((None, &[][..]), |(c, a)| (Some(c), a));
+            let repo = repo.with_cache(cache.map(btm_chunk::cache::Cache::new));
+            let mut opts = BackupOptions::new(tag, Policy::NONE);
+            opts.append_only = append_only.iter().map(Into::into).collect();
+            let s = repo.backup(Path::new(src), &opts)?;
             format!("{} files, {} uploaded", s.files, s.bytes_uploaded)
         }
         ("restore", [tag, dest, cache @ ..]) => {
