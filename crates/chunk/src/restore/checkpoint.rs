@@ -37,7 +37,7 @@ impl Shared<'_> {
     /// [`DRAIN_SYNC_BYTES`], until none is left, and returns. Those syncs
     /// overlap the last reads, so the restore's own last sync has little
     /// left but what the last read wrote: it waited for everything written
-    /// since the last checkpoint (up to 256 MiB, then what the reads in
+    /// since the last checkpoint (up to 64 MiB, then what the reads in
     /// flight at the hand-out wrote, 160 MiB on a node) with the cores
     /// idle.
     pub(super) fn stop_checkpoints(&self) {
@@ -49,7 +49,7 @@ impl Shared<'_> {
     }
 }
 
-/// Every 10 s, 256 MiB or 65,536 files, make a [`checkpoint`]; once every
+/// Every 10 s, 64 MiB or 65,536 files, make a [`checkpoint`]; once every
 /// read is handed out, [`drain`].
 pub(super) fn checkpointer(
     shared: &Shared<'_>,

@@ -24,7 +24,7 @@
 //!   read a range, decompress and verify each chunk, and write it where it
 //!   belongs, leaving zero blocks unallocated.
 //! - A file whose last chunk is written gets its owner, mode and times; the
-//!   **checkpointer** then, every 256 MiB, 65,536 files or 10 s, syncs the
+//!   **checkpointer** then, every 64 MiB, 65,536 files or 10 s, syncs the
 //!   filesystem and journals what that made durable ([`journal`]); once
 //!   every read is handed out, it syncs each 4 MiB the last reads write,
 //!   so that the restore's own last sync has little left. The restore
@@ -92,8 +92,14 @@ const POOLED_BUFFERS: usize = (IN_FLIGHT_BYTES / MAX_RANGE) as usize;
 const WINDOW: u64 = 64 << 20;
 /// How often, at most, progress is made durable and journalled.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
-/// Bytes written that trigger a checkpoint sooner.
-const CHECKPOINT_BYTES: u64 = 256 << 20;
+/// Bytes written that trigger a checkpoint sooner. Each sync starts the
+/// disk on what the restore wrote while it is still fetching, rather than
+/// leaving it all to the end: at 256 MiB, 100,000 files of 2.4 KiB (meta,
+/// S3 behind 20 ms) waited on the disk at the end, and took 3.91-4.67 s
+/// at a 105-109 MiB peak, against 3.64-4.08 s at 77-88 MiB at 64 MiB (four
+/// rounds each, interleaved); node and churn were unchanged. A million
+/// files of 16-256 bytes reach [`CHECKPOINT_FILES`] first, as before.
+const CHECKPOINT_BYTES: u64 = 64 << 20;
 /// Files completed that trigger a checkpoint sooner. Their journal records
 /// wait in memory for the sync (about 180 bytes each, with the file's
 /// chunk list for the restore record): without this a tree of tiny files
