@@ -90,10 +90,10 @@ fn kill_restore_after_a_checkpoint(d: &Dir, dst: &str) {
     // Run the restore in 3 ms slices with stops in between, until its
     // journal records a complete file (a checkpoint, every 64 MiB written
     // and synced, after one finished: the first may hold only the big
-    // files' prefixes); then kill it while it is stopped. Unthrottled, a fast disk
-    // finishes the whole restore during the first checkpoint's sync, and
-    // there is no moment to kill it in; stopped, it writes nothing new
-    // while the kernel's sync catches up. A busy machine can still let it
+    // files' prefixes); then kill it while it is stopped. Unthrottled, a
+    // fast disk finishes the whole restore during the first checkpoint's
+    // sync, and there is no moment to kill it in; stopped, it writes
+    // nothing new while the kernel's sync catches up. A busy machine can still let it
     // finish first: then start again with longer stops.
     let mut killed = false;
     for stop_ms in [20, 80, 250] {
